@@ -1,0 +1,134 @@
+"""The catalog: an SQLite index of a root's stubs, the objects on each remote, uses and pins.
+
+It is an index, not the truth: the stubs' own metadata is. ``rebuild`` recreates the stub
+table from a scan, so a ``mv`` of a stub, or a lost catalog, costs nothing but a scan.
+Paths are stored as bytes relative to the root (names need not be UTF-8).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stubs (
+    path BLOB PRIMARY KEY,
+    oid TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    stashed_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stubs_oid ON stubs(oid);
+CREATE TABLE IF NOT EXISTS locations (
+    oid TEXT NOT NULL,
+    remote TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (oid, remote)
+);
+CREATE TABLE IF NOT EXISTS uses (
+    path BLOB PRIMARY KEY,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pins (
+    path BLOB PRIMARY KEY
+);
+"""
+
+
+def _b(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def _s(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+class Catalog:
+    def __init__(self, db_path: Path):
+        self.db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def transaction(self):
+        return _Tx(self.db)
+
+    # -- stubs ----------------------------------------------------------------------------
+    def add_stub(self, path: str, oid: str, size: int, mtime_ns: int, stashed_at: str, remotes: Iterable[str]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO stubs VALUES (?,?,?,?,?)", (_b(path), oid, size, mtime_ns, stashed_at))
+        now = time.time()
+        self.db.executemany("INSERT OR IGNORE INTO locations VALUES (?,?,?,?)",
+                            [(oid, r, size, now) for r in remotes])
+
+    def remove_stub(self, path: str) -> None:
+        self.db.execute("DELETE FROM stubs WHERE path = ?", (_b(path),))
+
+    def stubs(self) -> dict[str, tuple[str, int]]:
+        return {_s(p): (oid, size) for p, oid, size in self.db.execute("SELECT path, oid, size FROM stubs")}
+
+    def replace_stubs(self, rows: Iterable[tuple[str, str, int, int, str]]) -> None:
+        """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM stubs")
+            self.db.executemany("INSERT OR REPLACE INTO stubs VALUES (?,?,?,?,?)",
+                                [(_b(p), o, s, m, t) for p, o, s, m, t in rows])
+
+    # -- objects on remotes ---------------------------------------------------------------
+    def remotes_of(self, oid: str) -> list[str]:
+        return [r for (r,) in self.db.execute("SELECT remote FROM locations WHERE oid = ? ORDER BY remote", (oid,))]
+
+    def record_location(self, oid: str, remote: str, size: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO locations VALUES (?,?,?,?)", (oid, remote, size, time.time()))
+
+    def objects_only_on(self, remote: str) -> int:
+        """How many objects referenced by stubs are known to live on ``remote`` and nowhere else."""
+        (n,) = self.db.execute(
+            """SELECT COUNT(DISTINCT s.oid) FROM stubs s
+               WHERE EXISTS (SELECT 1 FROM locations l WHERE l.oid = s.oid AND l.remote = ?)
+                 AND NOT EXISTS (SELECT 1 FROM locations l WHERE l.oid = s.oid AND l.remote != ?)""",
+            (remote, remote),
+        ).fetchone()
+        return n
+
+    # -- uses and pins (policies) ---------------------------------------------------------
+    def record_use(self, paths: Iterable[str], when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        self.db.executemany("INSERT OR REPLACE INTO uses VALUES (?,?)", [(_b(p), when) for p in paths])
+
+    def uses(self) -> dict[str, float]:
+        return {_s(p): t for p, t in self.db.execute("SELECT path, last_used FROM uses")}
+
+    def pins(self) -> set[str]:
+        return {_s(p) for (p,) in self.db.execute("SELECT path FROM pins")}
+
+    def pin(self, paths: Iterable[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO pins VALUES (?)", [(_b(p),) for p in paths])
+
+    def unpin(self, paths: Iterable[str]) -> int:
+        cur = self.db.executemany("DELETE FROM pins WHERE path = ?", [(_b(p),) for p in paths])
+        return cur.rowcount
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

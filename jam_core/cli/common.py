@@ -1,0 +1,83 @@
+"""Helpers shared by the command modules: roots from paths, the plugin manager, output."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import click
+
+from jam_core.model import Session
+from jam_core.root import Root
+
+
+def plugin_manager():
+    from jam_core.manager import make_plugin_manager
+
+    return make_plugin_manager()
+
+
+def root_and_rels(paths: Iterable[str]) -> tuple[Root, list[str]]:
+    """The root holding every path (relative to the cwd) and the paths relative to it."""
+    paths = list(paths) or ["."]
+    root = Root.find(paths[0])
+    return root, [root.rel(p) for p in paths]
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def show_path(rel: str) -> str:
+    """A path as one printable line: undecodable bytes and control characters escaped."""
+    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if any(ord(c) < 32 or c == "\x7f" for c in text):
+        text = text.encode("unicode_escape").decode("ascii")
+    return text
+
+
+@contextmanager
+def session(verb: str) -> Iterator[Session]:
+    """A Session whose progress shows on a terminal (bytes and speed) and is silent when piped."""
+    if not sys.stderr.isatty():
+        with Session() as s:
+            yield s
+        return
+    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn(verb), DownloadColumn(), TransferSpeedColumn(),
+                        transient=True, console=_stderr_console())
+    task = progress.add_task(verb, total=None)
+    with progress, Session(progress=lambda n: progress.advance(task, n)) as s:
+        yield s
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def report(result, verb: str, noun_done: str, quiet: bool = False, max_lines: int = 20) -> None:
+    """Print what an operation did: failures and skips one line each (capped), then a summary."""
+    for items, label in ((result.failed, "failed"), (result.skipped, "skipped")):
+        for rel, why in items[:max_lines]:
+            click.echo(f"jam: {label}: {show_path(rel)}: {why}", err=True)
+        if len(items) > max_lines:
+            click.echo(f"jam: ... and {len(items) - max_lines} more {label}", err=True)
+    if result.aborted:
+        click.echo(f"jam: stopped: {result.aborted}", err=True)
+    if not quiet:
+        parts = [f"{verb} {len(result.done)} file{'s' if len(result.done) != 1 else ''} ({human(result.bytes)} {noun_done})"]
+        if result.unchanged:
+            parts.append(f"{result.unchanged} already done")
+        if result.skipped:
+            parts.append(f"{len(result.skipped)} skipped")
+        if result.failed:
+            parts.append(f"{len(result.failed)} failed")
+        click.echo(", ".join(parts))

@@ -1,0 +1,117 @@
+"""Commands on files: init, stash, checkout, status, doctor, demo."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from jam_core.cli import main
+from jam_core.cli.common import human, plugin_manager, report, root_and_rels, session, show_path
+
+
+@main.command()
+@click.argument("path", default=".", type=click.Path(file_okay=False))
+def init(path: str) -> None:
+    """Make PATH (default: here) a jam root. Adds the embedded default remote if none is set."""
+    from jam_core.remotes import ensure_default_remote
+    from jam_core.root import Root
+
+    root, created = Root.init(path)
+    remote = ensure_default_remote(root, plugin_manager())
+    if created:
+        click.echo(f"Initialised jam root {root.path}")
+    else:
+        click.echo(f"{root.path} is already a jam root")
+    if remote is not None:
+        click.echo(f"Added remote {remote.name!r}: {remote.location} (tier {remote.tier})")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--auto", is_flag=True, help="Let the configured policies choose what to stash.")
+@click.option("--dry-run", is_flag=True, help="With --auto: print the plan and its reasons, change nothing.")
+def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
+    """Turn files (directories recursively) into stubs once their content is on the remotes."""
+    from jam_core.errors import UsageError
+    from jam_core.stash import stash as do_stash
+
+    if auto or dry_run:
+        raise UsageError("`jam stash --auto` needs the policy plugins, which this version does not have yet")
+    if not paths:
+        raise UsageError("name the files or directories to stash (or use --auto)")
+    root, rels = root_and_rels(paths)
+    pm = plugin_manager()
+    with session("stashing") as s:
+        result = do_stash(root, rels, pm, s)
+    report(result, "stashed", "freed")
+    raise SystemExit(result.exit_code)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+def checkout(paths: tuple[str, ...]) -> None:
+    """Bring stubs back (directories recursively): fetched, verified, then swapped in."""
+    from jam_core.checkout import checkout as do_checkout
+
+    root, rels = root_and_rels(paths)
+    pm = plugin_manager()
+    with session("fetching") as s:
+        result = do_checkout(root, rels, pm, s)
+    report(result, "checked out", "fetched")
+    raise SystemExit(result.exit_code)
+
+
+@main.command()
+@click.argument("path", default=".", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(path: str, as_json: bool) -> None:
+    """Per directory and in total: files local and stubbed, true bytes and bytes on disk."""
+    from jam_core.status import status as do_status
+
+    root, (rel,) = root_and_rels([path])
+    st = do_status(root, rel)
+    if as_json:
+        click.echo(json.dumps(st.to_json(), indent=2))
+        return
+    rows = [(show_path(d), t) for d, t in sorted(st.directories.items())]
+    width = max([len(d) for d, _ in rows] + [9])
+    click.echo(f"{'directory':<{width}}  {'local':>7} {'stubs':>7} {'size':>10} {'on disk':>10}")
+    for d, t in rows:
+        extra = f"  ({t.dirty} modified stubs)" if t.dirty else ""
+        click.echo(f"{d:<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}{extra}")
+    t = st.total
+    click.echo(f"{'total':<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}")
+    click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, root {root.path}")
+    for rel, why in st.problems[:20]:
+        click.echo(f"jam: {show_path(rel)}: {why}", err=True)
+
+
+@main.command()
+@click.argument("path", default=".", type=click.Path())
+@click.option("--deep", is_flag=True, help="Fetch every object and verify its hash (slow).")
+@click.option("--fix", is_flag=True, help="Repair what can be repaired: lost xattrs, the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(path: str, deep: bool, fix: bool, as_json: bool) -> None:
+    """Prove that every stub can come back. Exit 1 if a problem is found."""
+    from jam_core.doctor import doctor as do_doctor
+
+    root, (rel,) = root_and_rels([path])
+    with session("verifying") as s:
+        res = do_doctor(root, rel, plugin_manager(), s, deep=deep, fix=fix)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+    else:
+        for p in res.problems:
+            click.echo(f"{p.kind}: {show_path(p.path)}: {p.detail}" + (" (fixed)" if p.fixed else ""))
+        click.echo(f"checked {res.stubs} stubs on {len(res.remotes)} remote(s): "
+                   + ("all can come back" if not res.unfixed else f"{len(res.unfixed)} problem(s)"))
+    raise SystemExit(1 if res.unfixed else 0)
+
+
+@main.command()
+def demo() -> None:
+    """Build a sample tree in a temporary folder and show stash, status and checkout on it."""
+    from jam_core.demo import run_demo
+
+    raise SystemExit(run_demo(click.echo))

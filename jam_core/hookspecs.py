@@ -1,0 +1,128 @@
+"""The hooks of jam. Plugins implement them with ``@jam_core.hookimpl``.
+
+Hooks are called with keyword arguments; arguments may be added later, never renamed, so an
+implementation names only the ones it needs. The data path is one straight line:
+
+    stash:    select -> place -> stash (per chosen remote) -> verify -> swap file for stub
+    checkout: fetch (first remote that answers) -> verify -> swap stub for file
+
+Backend hooks (``stash``, ``fetch``, ``has``, ``check_remote``) must return ``None`` for a
+remote whose ``kind`` they do not handle, so the backend of that kind answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pluggy
+
+from jam_core.model import FileRecord, Nomination, Remote, Session
+
+hookspec = pluggy.HookspecMarker("jam")
+
+
+@hookspec
+def select(
+    root: Path,
+    records: Sequence[FileRecord],
+    purpose: str,
+    anchors: Sequence[str],
+    config: Mapping[str, Any],
+) -> list[Nomination] | None:
+    """Nominate files, each with a reason. Every policy is asked; the core merges the answers.
+
+    Called by ``jam stash --auto`` (purpose ``"stash"``) and ``jam checkout --related``
+    (purpose ``"fetch"``).
+
+    :param root: the root being worked on.
+    :param records: every candidate file, read once by a scan; paths are relative to root.
+    :param purpose: ``"stash"`` (choose what leaves) or ``"fetch"`` (choose what comes back).
+    :param anchors: for ``"fetch"``, the paths the user asked for; empty for ``"stash"``.
+    :param config: the root's whole configuration (a policy reads its own ``policy.NAME`` table).
+    :return: nominations (or ``None`` for none). The core drops pinned, ignored, hard-linked
+        and dirty files whatever a policy says.
+    """
+
+
+@hookspec(firstresult=True)
+def place(root: Path, oid: str, size: int, remotes: Sequence[Remote]) -> list[Remote] | None:
+    """Choose the remotes that must hold an object before its file may become a stub.
+
+    Called once per object during a stash. First non-None answer wins; the core's default
+    (the nearest tier, ties broken by name) comes last.
+
+    :param root: the root being worked on.
+    :param oid: the content id (``b3:<hex>``).
+    :param size: the content's size in bytes.
+    :param remotes: the root's configured remotes.
+    :return: the remotes to store on, in order; all must succeed for the stub to be made.
+    """
+
+
+@hookspec(firstresult=True)
+def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -> bool | None:
+    """Store the content of ``source`` on ``remote`` as object ``oid``.
+
+    Called per chosen remote. First non-None answer wins: the backend of ``remote.kind``.
+    The backend writes under a temporary name, makes it durable, renames it into place and
+    verifies it against ``oid`` (content that does not hash to ``oid`` must raise
+    :class:`jam_core.errors.IntegrityError` and leave no object under its final name).
+    An object that is already present and valid may be kept as it is.
+
+    :param remote: where to store.
+    :param oid: the content id the stored bytes must hash to.
+    :param source: the local file to read.
+    :param size: the expected size of ``source``.
+    :param session: per-command state (connections, progress).
+    :return: ``True`` once stored and verified; raise :class:`jam_core.errors.RemoteError`
+        on failure.
+    """
+
+
+@hookspec(firstresult=True)
+def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> bool | None:
+    """Write object ``oid`` from ``remote`` into the new local file ``dest``.
+
+    Called per remote, nearest tier first, until one succeeds. First non-None answer wins.
+    ``dest`` is a temporary file beside the stub; the core verifies its hash and only then
+    renames it over the stub.
+
+    :param remote: where to read from.
+    :param oid: the content id.
+    :param dest: the temporary path to write (it exists and is empty).
+    :param size: the expected size.
+    :param session: per-command state (connections, progress).
+    :return: ``True`` once written; ``False`` if the remote does not have the object; raise
+        :class:`jam_core.errors.RemoteError` when the remote cannot be reached.
+    """
+
+
+@hookspec(firstresult=True)
+def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
+    """Say whether ``remote`` holds object ``oid`` with the expected size (a cheap check).
+
+    Called by ``jam doctor``. First non-None answer wins.
+
+    :return: ``True`` or ``False``; raise :class:`jam_core.errors.RemoteError` if unreachable.
+    """
+
+
+@hookspec(firstresult=True)
+def parse_url(url: str) -> dict[str, Any] | None:
+    """Turn a remote URL into ``{"kind": ..., "location": ...}``; the kind's plugin answers.
+
+    Called by ``jam remote add``. First non-None answer wins; ``None`` from every plugin means
+    no installed plugin handles that URL. Raise :class:`jam_core.errors.UsageError` for a URL
+    of your scheme that is malformed.
+    """
+
+
+@hookspec(firstresult=True)
+def check_remote(remote: Remote, session: Session, create: bool) -> str | None:
+    """Check that ``remote`` is reachable and writable; return a one-line description.
+
+    Called by ``jam remote add`` (``create=True``: the backend may create its object layout
+    inside an existing location) and by ``jam doctor`` (``create=False``). A location that has
+    disappeared is an error, never silently re-created. First non-None answer wins.
+    """

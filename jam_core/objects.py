@@ -1,0 +1,80 @@
+"""Content ids: the hash of a file's bytes, named with its algorithm (``b3:<hex>``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from jam_core.errors import IntegrityError
+
+ALGORITHMS = ("b3", "sha256")
+DEFAULT_ALGORITHM = "b3"
+CHUNK = 1 << 20  # 1 MiB reads: large enough for blake3's SIMD, small enough for progress
+
+_OID = re.compile(r"\A(b3|sha256):([0-9a-f]{64})\Z")
+
+
+def is_valid_oid(oid: object) -> bool:
+    """True for a well-formed id. Ids come from xattrs, headers and remotes: check before use."""
+    return isinstance(oid, str) and _OID.match(oid) is not None
+
+
+def split_oid(oid: str) -> tuple[str, str]:
+    """``"b3:ab.."`` -> ``("b3", "ab..")``; raises ValueError for anything malformed."""
+    m = _OID.match(oid) if isinstance(oid, str) else None
+    if m is None:
+        raise ValueError(f"malformed object id {oid!r}")
+    return m.group(1), m.group(2)
+
+
+def hasher(algorithm: str = DEFAULT_ALGORITHM):
+    if algorithm == "b3":
+        import blake3
+
+        return blake3.blake3(max_threads=1)
+    if algorithm == "sha256":
+        import hashlib
+
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash algorithm {algorithm!r}")
+
+
+def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None) -> tuple[str, int]:
+    """Hash everything readable from ``fd`` (from its current offset). Returns (oid, size)."""
+    h = hasher(algorithm)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while True:
+        n = os.readv(fd, [buf])
+        if n == 0:
+            break
+        h.update(view[:n])
+        total += n
+        if progress is not None:
+            progress(n)
+    return f"{algorithm}:{h.hexdigest()}", total
+
+
+def hash_file(path: str | os.PathLike, algorithm: str = DEFAULT_ALGORITHM, progress=None) -> tuple[str, int]:
+    """Hash a file's content. Returns (oid, size)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, algorithm, progress)
+    finally:
+        os.close(fd)
+
+
+def verify_file(path: str | os.PathLike, oid: str, size: int | None = None) -> None:
+    """Raise IntegrityError unless ``path`` holds exactly the content ``oid`` names."""
+    algorithm, _ = split_oid(oid)
+    got, got_size = hash_file(path, algorithm)
+    if got != oid or (size is not None and got_size != size):
+        raise IntegrityError(f"{Path(path).name}: content does not match {oid} (got {got}, {got_size} bytes)")
+
+
+def object_relpath(oid: str) -> str:
+    """Where a remote keeps an object: ``b3/ab/cd/abcd…`` (fan-out keeps directories small)."""
+    algorithm, digest = split_oid(oid)
+    return f"{algorithm}/{digest[:2]}/{digest[2:4]}/{digest}"

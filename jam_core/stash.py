@@ -1,0 +1,251 @@
+"""Stash: turn local files into stubs, only after their content is safe on the chosen remotes.
+
+For each file: read and hash it, let ``place`` choose remotes, let each remote's backend store
+and verify the object, then build the stub beside the file and swap it in with one rename,
+only if the file did not change meanwhile (size, mtime, inode, ctime). A hard link to the
+original is held across the rename, so a write that lands in the last instant is seen and the
+original is put back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from jam_core.catalog import Catalog
+from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
+from jam_core.model import Remote, Session
+from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
+from jam_core.root import CATALOG, Root
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, walk
+from jam_core.stub import HEADER_MAX, XATTR, StubRecord, write_stub
+
+
+@dataclass
+class Result:
+    """What an operation did, file by file. ``done`` holds (path, bytes) pairs."""
+
+    done: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    unchanged: int = 0  # already in the wanted state
+    aborted: str = ""  # why the run stopped early (e.g. a remote is gone)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.done)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.failed or self.aborted) else 0
+
+
+def tmp_name(directory: str) -> str:
+    return os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}{TMP_SUFFIX}")
+
+
+def same_file(a: os.stat_result, b: os.stat_result, ctime: bool = True) -> bool:
+    return (
+        a.st_ino == b.st_ino
+        and a.st_dev == b.st_dev
+        and a.st_size == b.st_size
+        and a.st_mtime_ns == b.st_mtime_ns
+        and (not ctime or a.st_ctime_ns == b.st_ctime_ns)
+    )
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def user_xattrs(fd_or_path) -> dict[str, bytes]:
+    """The file's own ``user.*`` xattrs (not jam's), carried across stash and checkout."""
+    out = {}
+    try:
+        names = os.listxattr(fd_or_path)
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith("user.") and name != XATTR:
+            try:
+                out[name] = os.getxattr(fd_or_path, name)
+            except OSError:
+                pass
+    return out
+
+
+def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
+    """Walk the named paths; returns (entry, named_explicitly) pairs, each file once."""
+    seen: set[str] = set()
+    out = []
+    for rel in rels:
+        path = root.abs(rel)
+        if not os.path.lexists(path):
+            result.failed.append((rel, "no such file or directory"))
+            continue
+        if os.path.islink(path):
+            result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
+            continue
+
+        def on_error(r, exc):
+            result.failed.append((r, exc.strerror or str(exc)))
+
+        for e in walk(str(root.path), rel, on_error):
+            if e.rel not in seen:
+                seen.add(e.rel)
+                out.append((e, e.rel == rel))
+    return out
+
+
+def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
+          explicit: bool = True, reasons: dict[str, str] | None = None) -> Result:
+    """Stash files and directories (relative to the root). Holds the root's lock throughout.
+
+    ``explicit=False`` (policies chose) applies the minimum size to named files too.
+    """
+    result = Result()
+    session = session or Session()
+    remotes = root.remotes()
+    if not remotes:
+        raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
+    min_size = root.min_size
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
+        touched_dirs: set[str] = set()
+        for entry, named in collect(root, rels, result):
+            why = _skip_reason(entry, named and explicit, min_size)
+            if why == "":
+                result.unchanged += 1
+                continue
+            if why:
+                result.skipped.append((entry.rel, why))
+                continue
+            try:
+                used = stash_file(root, entry, remotes, pm, session)
+            except RemoteError as exc:
+                result.aborted = str(exc)
+                break
+            except IntegrityError as exc:
+                result.skipped.append((entry.rel, str(exc)))
+                continue
+            except JamError as exc:
+                result.failed.append((entry.rel, str(exc)))
+                continue
+            except OSError as exc:
+                result.failed.append((entry.rel, exc.strerror or str(exc)))
+                continue
+            if used is None:
+                result.skipped.append((entry.rel, "changed while it was being stashed; left local"))
+                continue
+            rec, names = used
+            cat.add_stub(entry.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, names)
+            touched_dirs.add(os.path.dirname(entry.path))
+            result.done.append((entry.rel, max(0, entry.st.st_blocks * 512 - HEADER_MAX)))
+        for d in touched_dirs:
+            fsync_dir(d)
+    return result
+
+
+def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
+    """None: stash it. "": already a stub (nothing to do). Otherwise the reason it stays."""
+    if entry.state == STUB:
+        return ""
+    if entry.state == DIRTY:
+        return "a stub that was written into; jam keeps it as it is (see `jam doctor`)"
+    if entry.state == BAD:
+        return f"unreadable stub metadata: {entry.problem}"
+    assert entry.state == LOCAL
+    st = entry.st
+    if st.st_nlink > 1:
+        return f"hard-linked ({st.st_nlink} links); stashing would break the links"
+    if st.st_size == 0:
+        return "empty"
+    if not explicit and st.st_size < min_size:
+        return f"smaller than core.min_size ({st.st_size} bytes)"
+    return None
+
+
+def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -> list[Remote]:
+    chosen = pm.hook.place(root=root.path, oid=oid, size=size, remotes=remotes)
+    names = {r.name for r in remotes}
+    if not chosen or any(r.name not in names for r in chosen):
+        raise UsageError("the place hook chose no configured remote")
+    return list(chosen)
+
+
+def stash_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session):
+    """Stash one file. Returns (record, remote names), or None if the file changed meanwhile."""
+    path = entry.path
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st0 = os.fstat(fd)
+        if not same_file(st0, entry.st):
+            return None
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM)
+        if size != st0.st_size:
+            return None
+        targets = choose_remotes(root, pm, oid, size, remotes)
+        for remote in targets:
+            ok = pm.hook.stash(remote=remote, oid=oid, source=Path(path), size=size, session=session)
+            if ok is None:
+                raise RemoteError(f"remote {remote.name!r}: no installed plugin handles kind {remote.kind!r}")
+            if ok is not True:
+                raise RemoteError(f"remote {remote.name!r} did not store {oid}")
+        if not same_file(os.fstat(fd), st0):
+            return None
+        xattrs = user_xattrs(fd)
+    finally:
+        os.close(fd)
+
+    rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
+                     remotes=tuple(r.name for r in targets),
+                     stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    directory = os.path.dirname(path)
+    tmp = tmp_name(directory)
+    sfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            if (st0.st_uid, st0.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(sfd, st0.st_uid, st0.st_gid)
+            write_stub(sfd, rec, os.path.basename(path), st0.st_atime_ns, xattrs)
+        finally:
+            os.close(sfd)
+        if not _swap(path, tmp, st0):
+            return None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return rec, [r.name for r in targets]
+
+
+def _swap(path: str, stub_tmp: str, st0: os.stat_result) -> bool:
+    """Rename the stub over ``path`` if ``path`` is still the file we stored; True if done."""
+    try:
+        if not same_file(os.lstat(path), st0):
+            return False
+    except FileNotFoundError:
+        return False
+    keep = tmp_name(os.path.dirname(path))
+    try:
+        os.link(path, keep)  # hold the original across the rename
+    except OSError:
+        keep = None
+    try:
+        os.rename(stub_tmp, path)
+        if keep is not None:
+            after = os.lstat(keep)
+            if after.st_size != st0.st_size or after.st_mtime_ns != st0.st_mtime_ns:
+                os.rename(keep, path)  # written to in the last instant: put it back
+                keep = None
+                return False
+        return True
+    finally:
+        if keep is not None:
+            os.unlink(keep)
