@@ -157,11 +157,15 @@ def may_be_stub(st: os.stat_result) -> bool:
 
 
 def is_dirty(st: os.stat_result, rec: StubRecord) -> bool:
-    """A stub that was written into: its size, mtime or allocated blocks no longer match."""
+    """A stub that was written into: its size, mtime or allocated blocks no longer match.
+
+    A write moves the mtime; the block count also catches one whose mtime was set back. A stub
+    may own two blocks: its header, and an xattr block if the file had xattrs of its own.
+    """
     return (
         st.st_size != rec.size
         or st.st_mtime_ns != rec.mtime_ns
-        or st.st_blocks * 512 > max(HEADER_MAX, st.st_blksize)
+        or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize)
     )
 
 
