@@ -29,6 +29,7 @@ def select(
     purpose: str,
     anchors: Sequence[str],
     config: Mapping[str, Any],
+    local_bytes: int,
 ) -> list[Nomination] | None:
     """Nominate files, each with a reason. Every policy is asked; the core merges the answers.
 
@@ -40,6 +41,8 @@ def select(
     :param purpose: ``"stash"`` (choose what leaves) or ``"fetch"`` (choose what comes back).
     :param anchors: for ``"fetch"``, the paths the user asked for; empty for ``"stash"``.
     :param config: the root's whole configuration (a policy reads its own ``policy.NAME`` table).
+    :param local_bytes: the true size of every file of the root that is not a stub, including
+        those not offered in ``records`` (pinned, ignored, small): what a size budget measures.
     :return: nominations (or ``None`` for none). The core drops pinned, ignored, hard-linked
         and dirty files whatever a policy says.
     """
