@@ -13,6 +13,7 @@ from jam_core import PROJECT, hookspecs
 BUILTIN_PLUGINS = (
     "jam_core.defaults",
     "jam_dir",
+    "jam_sftp",
 )
 
 ENV_BLOCK = "JAM_BLOCK_PLUGINS"  # comma-separated plugin names never to load

@@ -1,0 +1,112 @@
+"""The ``sftp`` backend: objects on an SSH server, over paramiko.
+
+URL: ``sftp://[user@]host[:port]/path`` (host may be a ``~/.ssh/config`` alias; ``/~/dir`` is
+relative to the login directory). Layout on the server, as for ``dir``:
+``PATH/objects/b3/ab/cd/<hex>`` and ``PATH/tmp/`` for uploads in progress.
+
+Options (the remote's config table): ``timeout`` (connect, seconds; default ssh_config's
+ConnectTimeout or 15), ``io_timeout`` (a reply, default 60), ``connections`` (pool size,
+default 4), ``verify`` (``"sent"``: hash the bytes sent, check every write's reply, fsync, check
+the size; ``"read"``: also read the copy back and re-hash it), ``fsync`` (default true).
+
+paramiko is imported only when a hook has to talk to a server: ``import jam_sftp`` is cheap.
+Every hook is thread-safe: the core may call ``stash``/``fetch`` from several threads at once
+and up to ``connections`` transfers then run in parallel over one pool per remote per command.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jam_core import hookimpl
+from jam_core.errors import RemoteError, UsageError
+from jam_core.model import Remote, Session
+
+from jam_sftp.url import normalize, parse
+
+if TYPE_CHECKING:
+    from jam_sftp.pool import Pool
+
+KIND = "sftp"
+_cache_lock = threading.Lock()
+
+
+@hookimpl
+def parse_url(url: str) -> dict | None:
+    target = parse(url)
+    if target is None:
+        return None
+    return {"kind": KIND, "location": normalize(url, target)}
+
+
+def get_pool(remote: Remote, session: Session) -> "Pool":
+    """The command's connection pool for ``remote`` (created on first use, closed with the session)."""
+    from jam_sftp.pool import Pool
+
+    key = ("jam_sftp", remote.name, remote.location)
+    with _cache_lock:
+        pool = session.cache.get(key)
+        if pool is None:
+            target = parse(remote.location)
+            if target is None:
+                raise UsageError(f"remote {remote.name!r}: {remote.location!r} is not an sftp URL")
+            pool = Pool(remote, target)
+            session.cache[key] = pool
+            session.on_close(pool.close)
+    return pool
+
+
+@hookimpl
+def check_remote(remote: Remote, session: Session, create: bool) -> str | None:
+    if remote.kind != KIND:
+        return None
+    return get_pool(remote, session).check(create)
+
+
+@hookimpl
+def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            return ops.has(oid, size)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error(f"look up {oid}", exc, ops) from None
+
+
+@hookimpl
+def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -> bool | None:
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            pool.ensure_layout(ops)
+            ops.put(oid, source, size, session.progress)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error(f"store {oid}", exc, ops, size) from None
+    return True
+
+
+@hookimpl
+def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> bool | None:
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            return ops.get(oid, dest, size, session.progress)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error(f"fetch {oid}", exc, ops, size) from None
+
+
+__all__ = ["KIND", "RemoteError", "get_pool"]

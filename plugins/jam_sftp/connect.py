@@ -1,0 +1,508 @@
+"""Open SSH connections the way OpenSSH would: ssh_config, known_hosts, the agent, key files.
+
+Imported lazily (paramiko costs ~120 ms): only when a command talks to an sftp remote.
+
+- ``~/.ssh/config`` then ``/etc/ssh/ssh_config`` (first value wins, as in ssh): HostName, User,
+  Port, IdentityFile, IdentitiesOnly, IdentityAgent none, ProxyCommand, ProxyJump,
+  UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, ConnectTimeout.
+- Host keys: a known key is used; a changed key is refused; an unknown key is refused with its
+  SHA256 fingerprint, or, on a terminal, asked about as ssh does and then recorded.
+  ``StrictHostKeyChecking no/accept-new`` is ignored: jam never accepts a key silently.
+- Authentication: agent keys, then key files; never passwords (nothing secret is stored).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+from paramiko.sftp import (
+    CMD_INIT,
+    CMD_VERSION,
+)
+from paramiko.message import Message
+
+from jam_core.errors import RemoteError, UsageError
+
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
+WINDOW_SIZE = 1 << 26  # 64 MiB channel window: the server never stalls waiting for us
+MAX_PACKET = 1 << 18  # 256 KiB: OpenSSH's largest; fewer, larger packets cost less Python
+DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk")
+
+_prompt_lock = threading.Lock()  # one host-key question at a time
+
+
+@dataclass
+class Endpoint:
+    """One SSH destination with ssh_config applied."""
+
+    name: str  # the host as the user wrote it (maybe an alias)
+    hostname: str
+    port: int
+    user: str
+    identity_files: list[str] = field(default_factory=list)
+    identities_explicit: bool = False
+    identities_only: bool = False
+    use_agent: bool = True
+    proxy_command: str | None = None
+    proxy_jump: str | None = None
+    known_hosts: list[str] = field(default_factory=list)
+    global_known_hosts: list[str] = field(default_factory=list)
+    host_key_alias: str | None = None
+    hash_known_hosts: bool = False
+    connect_timeout: float = 15.0
+
+    @property
+    def host_key_name(self) -> str:
+        """The name known_hosts uses: ``host`` on port 22, ``[host]:port`` otherwise."""
+        name = self.host_key_alias or self.hostname
+        return name if self.port == 22 else f"[{name}]:{self.port}"
+
+    def label(self) -> str:
+        """How messages name the server: ``alias (user@host:port)`` or ``user@host:port``."""
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        real = f"{self.user}@{host}:{self.port}"
+        return real if self.name == self.hostname else f"{self.name} ({real})"
+
+    def ssh_hint(self) -> str:
+        """The ssh command that reaches this server (to trust its key the usual way)."""
+        if self.name != self.hostname:
+            return f"ssh {self.name}"
+        port = f"-p {self.port} " if self.port != 22 else ""
+        return f"ssh {port}{self.user}@{self.hostname}"
+
+
+def _yes(value: Any) -> bool:
+    return str(value).lower() in ("yes", "true", "on", "1")
+
+
+def _ssh_configs() -> list[paramiko.SSHConfig]:
+    out = []
+    for path in (Path("~/.ssh/config").expanduser(), Path("/etc/ssh/ssh_config")):
+        try:
+            if path.is_file():
+                out.append(paramiko.SSHConfig.from_path(str(path)))
+        except Exception as exc:  # a config ssh itself may accept but paramiko cannot read
+            raise UsageError(f"cannot read {path}: {exc}") from None
+    return out
+
+
+def resolve(host: str, user: str | None = None, port: int | None = None, connect_timeout: float | None = None) -> Endpoint:
+    """Apply ssh_config to ``host``; values from the URL (user, port) win."""
+    merged: dict[str, Any] = {}
+    for config in _ssh_configs():
+        try:
+            found = config.lookup(host)
+        except Exception as exc:
+            raise UsageError(f"ssh config for {host!r}: {exc}") from None
+        for key, value in found.items():
+            if key == "hostname" and value == host and "hostname" in merged:
+                continue
+            merged.setdefault(key, value)
+    try:
+        cfg_port = int(merged.get("port", 22))
+    except ValueError:
+        raise UsageError(f"ssh config for {host!r}: bad Port {merged.get('port')!r}") from None
+    identity = list(merged.get("identityfile") or [])
+    explicit = bool(identity)
+    if not identity:
+        identity = [str(Path("~/.ssh").expanduser() / name) for name in DEFAULT_IDENTITIES]
+    user_kh = merged.get("userknownhostsfile")
+    if isinstance(user_kh, list):
+        user_kh = " ".join(user_kh)
+    known = [os.path.expanduser(p) for p in (user_kh or "~/.ssh/known_hosts ~/.ssh/known_hosts2").split()]
+    global_kh = merged.get("globalknownhostsfile")
+    if isinstance(global_kh, list):
+        global_kh = " ".join(global_kh)
+    global_known = (global_kh or "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2").split()
+    timeout = connect_timeout
+    if timeout is None:
+        try:
+            timeout = float(merged.get("connecttimeout", 15))
+        except ValueError:
+            timeout = 15.0
+    proxy_command = merged.get("proxycommand")
+    proxy_jump = merged.get("proxyjump")
+    agent = str(merged.get("identityagent", "")).lower() != "none"
+    return Endpoint(
+        name=host,
+        hostname=merged.get("hostname", host),
+        port=port or cfg_port,
+        user=user or merged.get("user") or _local_user(),
+        identity_files=[os.path.expanduser(p) for p in identity],
+        identities_explicit=explicit,
+        identities_only=_yes(merged.get("identitiesonly", "no")),
+        use_agent=agent,
+        proxy_command=None if not proxy_command or proxy_command.lower() == "none" else proxy_command,
+        proxy_jump=None if not proxy_jump or proxy_jump.lower() == "none" else proxy_jump,
+        known_hosts=[p for p in known if p.lower() != "none"],
+        global_known_hosts=[p for p in global_known if p.lower() != "none"],
+        host_key_alias=merged.get("hostkeyalias"),
+        hash_known_hosts=_yes(merged.get("hashknownhosts", "no")),
+        connect_timeout=timeout,
+    )
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# -- host keys ------------------------------------------------------------------------------
+
+
+def _load_host_keys(ep: Endpoint) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    for path in [*ep.known_hosts, *ep.global_known_hosts]:
+        if os.path.isfile(path):
+            try:
+                keys.load(path)
+            except Exception:  # unreadable lines are skipped, as ssh does
+                pass
+    return keys
+
+
+def _key_kind(key: paramiko.PKey) -> str:
+    name = key.get_name()
+    return {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}.get(name, "ECDSA" if name.startswith("ecdsa") else name)
+
+
+def _describe(key: paramiko.PKey) -> str:
+    return f"{_key_kind(key)} key {key.fingerprint}"
+
+
+def check_host_key(ep: Endpoint, key: paramiko.PKey, known: paramiko.HostKeys) -> None:
+    """Accept a known key; refuse a changed or unknown one (or ask on a terminal)."""
+    name = ep.host_key_name
+    entry = known.lookup(name)
+    if entry is not None and key.get_name() in entry:
+        expected = entry[key.get_name()]
+        if expected.asbytes() == key.asbytes():
+            return
+        raise RemoteError(
+            f"HOST KEY CHANGED for {ep.label()}: it sent {_describe(key)} but known_hosts has "
+            f"{expected.fingerprint} for {name}; refusing to connect (a man-in-the-middle, or the server "
+            f"was reinstalled: if you know why, run `ssh-keygen -R '{name}'` and `{ep.ssh_hint()}` once)"
+        )
+    others = f" (known_hosts has only other key types for {name})" if entry else ""
+    if _ask(ep, key):
+        _record(ep, key)
+        return
+    port = f"-p {ep.port} " if ep.port != 22 else ""
+    raise RemoteError(
+        f"unknown host key for {ep.label()}: {_describe(key)}{others}; jam never trusts a key silently. "
+        f"If the fingerprint is right, run `{ep.ssh_hint()}` once and answer yes, "
+        f"or `ssh-keyscan {port}{ep.hostname} >> ~/.ssh/known_hosts`"
+    )
+
+
+def _ask(ep: Endpoint, key: paramiko.PKey) -> bool:
+    """Ask as ssh does, only when a person is at a terminal."""
+    if os.environ.get("JAM_NO_PROMPT") or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    with _prompt_lock:
+        sys.stderr.write(
+            f"The authenticity of host '{ep.host_key_name}' can't be established.\n"
+            f"{_kind_long(key)} key fingerprint is {key.fingerprint}.\n"
+            "Are you sure you want to continue connecting (yes/no)? "
+        )
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+    return answer == "yes"
+
+
+def _kind_long(key: paramiko.PKey) -> str:
+    return _key_kind(key)
+
+
+def _record(ep: Endpoint, key: paramiko.PKey) -> None:
+    if not ep.known_hosts:
+        return
+    path = Path(ep.known_hosts[0])
+    name = ep.host_key_name
+    if ep.hash_known_hosts:
+        name = paramiko.HostKeys.hash_host(name)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+    sys.stderr.write(f"Warning: Permanently added '{ep.host_key_name}' ({_kind_long(key)}) to the list of known hosts.\n")
+
+
+# -- authentication -------------------------------------------------------------------------
+
+
+def _file_keys(ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey | None, bytes | None]], list[str]]:
+    """(path, private key or None, public blob or None) for each identity file, and notes."""
+    out: list[tuple[str, paramiko.PKey | None, bytes | None]] = []
+    notes: list[str] = []
+    for path in ep.identity_files:
+        if not os.path.isfile(path):
+            if ep.identities_explicit:
+                notes.append(f"{path} missing")
+            continue
+        pub_blob = None
+        pub_path = path + ".pub"
+        if os.path.isfile(pub_path):
+            try:
+                pub_blob = paramiko.PublicBlob.from_file(pub_path).key_blob
+            except Exception:
+                pub_blob = None
+        try:
+            key = paramiko.PKey.from_path(path)
+        except paramiko.PasswordRequiredException:
+            out.append((path, None, pub_blob))
+            notes.append(f"{path} is encrypted (add it to ssh-agent: ssh-add {path})")
+            continue
+        except Exception as exc:
+            notes.append(f"{path} unreadable ({exc})")
+            continue
+        out.append((path, key, key.asbytes()))
+    return out, notes
+
+
+def authenticate(t: paramiko.Transport, ep: Endpoint) -> None:
+    """Try agent keys and key files in OpenSSH's order; raise RemoteError if none is accepted."""
+    files, notes = _file_keys(ep)
+    agent_keys: list[paramiko.AgentKey] = []
+    if ep.use_agent and os.environ.get("SSH_AUTH_SOCK"):
+        try:
+            agent_keys = list(paramiko.Agent().get_keys())
+        except Exception:
+            notes.append("ssh-agent unreachable")
+    file_blobs = {blob for _, _, blob in files if blob}
+    attempts: list[tuple[str, paramiko.PKey]] = []
+    seen: set[bytes] = set()
+    for key in agent_keys:  # agent keys that match an IdentityFile first
+        if key.asbytes() in file_blobs:
+            attempts.append((f"agent key {key.fingerprint}", key))
+            seen.add(key.asbytes())
+    if not ep.identities_only:
+        for key in agent_keys:
+            if key.asbytes() not in seen:
+                attempts.append((f"agent key {key.fingerprint}", key))
+                seen.add(key.asbytes())
+    for path, key, blob in files:
+        if key is not None and blob not in seen:
+            attempts.append((path, key))
+            seen.add(blob)
+    tried: list[str] = []
+    for label, key in attempts:
+        try:
+            rest = t.auth_publickey(ep.user, key)
+        except paramiko.AuthenticationException:
+            tried.append(label)
+            continue
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            tried.append(label)
+            notes.append(f"server closed the connection ({exc or type(exc).__name__})")
+            break
+        if t.is_authenticated():
+            return
+        raise RemoteError(
+            f"{ep.label()} wants more than a key after {label} ({', '.join(rest)}); jam only uses keys"
+        )
+    what = ", ".join(tried) if tried else "no usable key found"
+    extra = f"; {'; '.join(notes)}" if notes else ""
+    raise RemoteError(
+        f"{ep.label()} refused authentication as {ep.user!r} (tried: {what}{extra}); "
+        "add a key to ssh-agent or set IdentityFile in ~/.ssh/config (jam never uses passwords)"
+    )
+
+
+# -- the connection -------------------------------------------------------------------------
+
+
+class SFTP(paramiko.SFTPClient):
+    """paramiko's client, plus the server's extensions and a read path without quadratic copies."""
+
+    extensions: dict[str, bytes]
+
+    def _send_version(self) -> int:
+        m = Message()
+        m.add_int(3)
+        self._send_packet(CMD_INIT, m)
+        t, data = self._read_packet()
+        if t != CMD_VERSION:
+            raise paramiko.SFTPError("Incompatible sftp protocol")
+        msg = Message(data)
+        version = msg.get_int()
+        self.extensions = {}
+        while msg.packet.tell() < len(data):
+            name = msg.get_text()
+            self.extensions[name] = msg.get_binary()
+        return version
+
+    def _read_all(self, n: int) -> bytes:
+        parts = []
+        while n > 0:
+            x = self.sock.recv(n)
+            if not x:
+                raise EOFError()
+            parts.append(x)
+            n -= len(x)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class Connection:
+    """One authenticated SSH connection with one SFTP channel, for one thread at a time."""
+
+    def __init__(self, ep: Endpoint, transport: paramiko.Transport, sftp: SFTP, hops: list[paramiko.Transport]):
+        self.endpoint = ep
+        self.transport = transport
+        self.sftp = sftp
+        self.hops = hops
+        self.broken = False
+
+    @property
+    def server_version(self) -> str:
+        v = self.transport.remote_version or ""
+        return v.split("-", 2)[-1].split(" ")[0] if v.startswith("SSH-") else v
+
+    @property
+    def alive(self) -> bool:
+        return not self.broken and self.transport.is_active()
+
+    def close(self) -> None:
+        for closer in (self.sftp.close, self.transport.close, *(h.close for h in reversed(self.hops))):
+            try:
+                closer()
+            except Exception:
+                pass
+
+
+def _parse_hop(spec: str) -> tuple[str, str | None, int | None]:
+    """``[user@]host[:port]`` or ``ssh://[user@]host[:port]`` from ProxyJump."""
+    spec = spec.strip()
+    if spec.startswith("ssh://"):
+        spec = spec[6:].rstrip("/")
+    user = None
+    if "@" in spec:
+        user, spec = spec.rsplit("@", 1)
+    port = None
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif spec.count(":") == 1:
+        host, p = spec.split(":")
+        port = int(p)
+    else:
+        host = spec
+    return host, user, port
+
+
+def _tcp(ep: Endpoint) -> socket.socket:
+    sock = socket.create_connection((ep.hostname, ep.port), timeout=ep.connect_timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 30x on small files
+    return sock
+
+
+def _transport(ep: Endpoint, sock: Any) -> paramiko.Transport:
+    """Handshake, check the host key, authenticate."""
+    t = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET)
+    try:
+        opts = t.get_security_options()
+        ciphers = tuple(opts.ciphers)
+        opts.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in ciphers) + tuple(
+            c for c in ciphers if c not in PREFERRED_CIPHERS
+        )
+        known = _load_host_keys(ep)
+        entry = known.lookup(ep.host_key_name)
+        if entry:  # ask for a key type we can check, as ssh does
+            names = set(entry.keys())
+            if "ssh-rsa" in names:
+                names |= {"rsa-sha2-512", "rsa-sha2-256"}
+            types = tuple(opts.key_types)
+            opts.key_types = tuple(k for k in types if k in names) + tuple(k for k in types if k not in names)
+        t.banner_timeout = ep.connect_timeout
+        t.handshake_timeout = ep.connect_timeout
+        t.auth_timeout = ep.connect_timeout
+        t.start_client(timeout=ep.connect_timeout)
+        check_host_key(ep, t.get_remote_server_key(), known)
+        authenticate(t, ep)
+        return t
+    except BaseException:
+        t.close()
+        raise
+
+
+def open_connection(ep: Endpoint, io_timeout: float) -> Connection:
+    """Connect (directly, through ProxyCommand or ProxyJump hops) and start the SFTP subsystem.
+
+    Raises RemoteError with one line naming the host for everything that can go wrong.
+    """
+    hops: list[paramiko.Transport] = []
+    current = ep
+    try:
+        if ep.proxy_command:
+            current = ep
+            sock: Any = paramiko.ProxyCommand(ep.proxy_command)
+        elif ep.proxy_jump:
+            via: paramiko.Transport | None = None
+            for spec in ep.proxy_jump.split(","):
+                host, user, port = _parse_hop(spec)
+                hop = resolve(host, user, port, ep.connect_timeout)
+                hop.proxy_jump = None
+                current = hop
+                if via is None:
+                    hop_sock: Any = paramiko.ProxyCommand(hop.proxy_command) if hop.proxy_command else _tcp(hop)
+                else:
+                    hop_sock = via.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=ep.connect_timeout)
+                via = _transport(hop, hop_sock)
+                hops.append(via)
+            current = ep
+            assert via is not None
+            sock = via.open_channel("direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0), timeout=ep.connect_timeout)
+        else:
+            sock = _tcp(ep)
+        t = _transport(ep, sock)
+        try:
+            sftp = SFTP.from_transport(t, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET)
+        except Exception as exc:
+            t.close()
+            raise RemoteError(f"{ep.label()}: the server refused the sftp subsystem ({exc or type(exc).__name__})") from None
+        if sftp is None:
+            t.close()
+            raise RemoteError(f"{ep.label()}: the server refused the sftp subsystem")
+        sftp.get_channel().settimeout(io_timeout)
+        return Connection(ep, t, sftp, hops)
+    except BaseException as exc:
+        for hop in reversed(hops):
+            hop.close()
+        if isinstance(exc, RemoteError | UsageError):
+            raise
+        if isinstance(exc, Exception):
+            raise connect_error(current, exc) from None
+        raise
+
+
+def connect_error(ep: Endpoint, exc: BaseException) -> RemoteError:
+    """One line for a failure to reach or greet the server."""
+    where = ep.label()
+    if isinstance(exc, socket.gaierror):
+        return RemoteError(f"cannot resolve host {ep.hostname!r} (for {ep.name}): {exc.strerror or exc}")
+    if isinstance(exc, ConnectionRefusedError):
+        return RemoteError(f"{where} refused the connection (is sshd running on port {ep.port}?)")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return RemoteError(f"{where}: no answer within {ep.connect_timeout:g}s (timeout; host down or firewalled?)")
+    if isinstance(exc, paramiko.ChannelException):
+        return RemoteError(f"{where}: the jump host could not open a connection to it ({exc.text})")
+    if isinstance(exc, paramiko.ProxyCommandFailure):
+        return RemoteError(f"{where}: ProxyCommand failed: {exc}")
+    if isinstance(exc, paramiko.SSHException):
+        text = str(exc) or type(exc).__name__
+        if "Error reading SSH protocol banner" in text or "No existing session" in text:
+            text = "the server closed the connection during the handshake"
+        return RemoteError(f"{where}: SSH handshake failed: {text}")
+    if isinstance(exc, (EOFError, ConnectionError)):
+        return RemoteError(f"{where}: the connection was closed during the handshake")
+    if isinstance(exc, OSError):
+        return RemoteError(f"{where}: cannot connect: {exc.strerror or exc}")
+    return RemoteError(f"{where}: cannot connect: {type(exc).__name__}: {exc}")

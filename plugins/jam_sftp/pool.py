@@ -1,0 +1,243 @@
+"""A thread-safe pool of SFTP connections to one remote, living for one command.
+
+The first connection is opened alone (host-key question, login, path checks happen once);
+more are opened only when several threads want one at the same time, up to ``connections``
+(default 4). A connection that failed mid-request is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import stat as statmod
+import threading
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from jam_core.errors import JamError, RemoteError, UsageError
+from jam_core.model import Remote
+
+from jam_sftp.connect import Connection, Endpoint, open_connection, resolve
+from jam_sftp.transfer import ConnectionLost, Ops, SftpStatus
+from jam_sftp.url import Target
+from paramiko.sftp import (
+    SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_WRITE,
+    SFTP_NO_SUCH_FILE,
+    SFTP_PERMISSION_DENIED,
+)
+
+DEFAULTS: dict[str, Any] = {"connections": 4, "io_timeout": 60.0, "verify": "sent", "fsync": True}
+
+
+def read_options(remote: Remote) -> dict[str, Any]:
+    """Validate the remote's options (``timeout``, ``io_timeout``, ``connections``, ``verify``, ``fsync``)."""
+    opts = dict(DEFAULTS)
+    raw: Mapping[str, Any] = remote.options or {}
+    where = f"remote {remote.name!r}"
+    try:
+        if "timeout" in raw:
+            opts["timeout"] = float(raw["timeout"])
+            if opts["timeout"] <= 0:
+                raise ValueError("timeout must be > 0")
+        if "io_timeout" in raw:
+            opts["io_timeout"] = float(raw["io_timeout"])
+            if opts["io_timeout"] <= 0:
+                raise ValueError("io_timeout must be > 0")
+        if "connections" in raw:
+            opts["connections"] = int(raw["connections"])
+            if not 1 <= opts["connections"] <= 16:
+                raise ValueError("connections must be 1..16")
+        if "verify" in raw:
+            if raw["verify"] not in ("sent", "read"):
+                raise ValueError("verify must be 'sent' or 'read'")
+            opts["verify"] = raw["verify"]
+        if "fsync" in raw:
+            if not isinstance(raw["fsync"], bool):
+                raise ValueError("fsync must be true or false")
+            opts["fsync"] = raw["fsync"]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: bad option: {exc}") from None
+    return opts
+
+
+class Pool:
+    """Connections to one sftp remote; ``with pool.ops() as ops:`` lends one to a thread."""
+
+    def __init__(self, remote: Remote, target: Target):
+        self.remote = remote
+        self.target = target
+        self.options = read_options(remote)
+        self.size: int = self.options["connections"]
+        self.endpoint: Endpoint | None = None
+        self.base: str | None = None  # absolute path on the server
+        self.layout_checked = False
+        self._cond = threading.Condition()
+        self._first = threading.Lock()
+        self._idle: list[Connection] = []
+        self._count = 0
+        self._closed = False
+
+    # -- naming ------------------------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        label = self.endpoint.label() if self.endpoint else self.target.display()
+        return f"remote {self.remote.name!r} at {label}"
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _open(self) -> Connection:
+        if self.endpoint is None:
+            self.endpoint = resolve(self.target.host, self.target.user, self.target.port, self.options.get("timeout"))
+        conn = open_connection(self.endpoint, self.options["io_timeout"])
+        if self.base is None:
+            try:
+                self.base = self._resolve_base(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _resolve_base(self, conn: Connection) -> str:
+        ops = Ops(conn, "/")
+        path = self.target.path
+        try:
+            st = ops.stat(path)
+            if st is None:
+                raise RemoteError(
+                    f"{self.where}: {path} does not exist on the server (wrong path? jam creates only "
+                    "objects/ and tmp/ inside an existing directory)"
+                )
+            if not statmod.S_ISDIR(st.st_mode or 0):
+                raise RemoteError(f"{self.where}: {path} is not a directory")
+            return ops.realpath(path)
+        except (SftpStatus, ConnectionLost) as exc:
+            raise self.error(f"open {path}", exc) from None
+
+    def _acquire(self) -> Connection:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RemoteError(f"{self.where}: used after the command ended")
+                if self._idle:
+                    return self._idle.pop()
+                if self._count < self.size and (self._count == 0 or self.base is not None):
+                    self._count += 1
+                    break
+                self._cond.wait()
+        try:
+            if self.base is None:
+                with self._first:  # the first login happens once, alone
+                    return self._open()
+            return self._open()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, conn: Connection) -> None:
+        with self._cond:
+            if conn.alive and not self._closed:
+                self._idle.append(conn)
+            else:
+                self._count -= 1
+                conn.close()
+            self._cond.notify()
+
+    @contextmanager
+    def ops(self) -> Iterator[Ops]:
+        """Lend a connection to this thread; translate failures into one-line RemoteErrors."""
+        conn = self._acquire()
+        try:
+            assert self.base is not None
+            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"])
+        except BaseException as exc:
+            if not isinstance(exc, (SftpStatus, JamError)):
+                conn.broken = True
+            raise
+        finally:
+            self._release(conn)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def error(self, what: str, exc: BaseException, ops: Ops | None = None, size: int = 0) -> JamError:
+        """One line naming the remote and its host for a failed operation."""
+        if isinstance(exc, JamError):
+            return exc
+        if isinstance(exc, ConnectionLost):
+            if exc.timed_out:
+                return RemoteError(
+                    f"{self.where}: no answer for {self.options['io_timeout']:g}s while trying to {what} "
+                    "(raise io_timeout in the remote's options if the server is just slow)"
+                )
+            return RemoteError(f"{self.where}: connection lost while trying to {what}; nothing was lost, try again")
+        if isinstance(exc, SftpStatus):
+            if exc.code == SFTP_PERMISSION_DENIED:
+                return RemoteError(f"{self.where}: permission denied: cannot {what} ({exc.path})")
+            if exc.code == SFTP_NO_SUCH_FILE:
+                return RemoteError(f"{self.where}: cannot {what}: {exc.path} does not exist")
+            if exc.code == SFTP_FAILURE and ops is not None:
+                free = None
+                try:
+                    free = ops.statvfs_free(self.base or "/")
+                except Exception:
+                    pass
+                if free is not None and free < max(size, 1) + (1 << 20):
+                    return RemoteError(f"{self.where}: no space left on the server's disk ({free} bytes free): cannot {what}")
+                return RemoteError(f"{self.where}: the server failed to {what} ({exc.strerror}; disk full or quota?)")
+            return RemoteError(f"{self.where}: cannot {what}: {exc.strerror}")
+        if isinstance(exc, OSError):  # local: the source or the destination file
+            return RemoteError(f"{self.where}: cannot {what}: local file: {exc.strerror or exc}")
+        return RemoteError(f"{self.where}: cannot {what}: {type(exc).__name__}: {exc}")
+
+    # -- check -------------------------------------------------------------------------------
+
+    def check(self, create: bool) -> str:
+        """Connect, check (and with ``create`` make) the layout, prove it writable, describe it."""
+        with self.ops() as ops:
+            base = ops.base
+            try:
+                for sub in ("objects", "tmp"):
+                    path = ops.path(sub)
+                    st = ops.stat(path)
+                    if st is None:
+                        if not create:
+                            raise RemoteError(f"{self.where}: {path} is missing (not a jam remote?)")
+                        ops.mkdir(path)
+                    elif not statmod.S_ISDIR(st.st_mode or 0):
+                        raise RemoteError(f"{self.where}: {path} is not a directory")
+                probe = ops.path("tmp", f".probe-{uuid.uuid4().hex}")
+                handle = ops.open(probe, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, 0o600)
+                ops.close(handle, probe)
+                ops.remove(probe)
+                self.layout_checked = True
+                free = ops.statvfs_free(base)
+            except (SftpStatus, ConnectionLost) as exc:
+                raise self.error(f"write in {base}", exc, ops) from None
+            ep = ops.conn.endpoint
+            space = f", {free / 1e9:.1f} GB free" if free is not None else ""
+            return f"sftp {ep.label()}:{base}, {ops.conn.server_version}, writable{space}"
+
+    def ensure_layout(self, ops: Ops) -> None:
+        """Before the first upload: objects/ and tmp/ must exist (never re-created silently)."""
+        if self.layout_checked:
+            return
+        for sub in ("objects", "tmp"):
+            if ops.stat(ops.path(sub)) is None:
+                raise RemoteError(
+                    f"{self.where}: {ops.path(sub)} is missing (not a jam remote, or a disk not mounted?); "
+                    "jam will not re-create it"
+                )
+        self.layout_checked = True
+
