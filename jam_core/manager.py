@@ -14,6 +14,10 @@ BUILTIN_PLUGINS = (
     "jam_core.defaults",
     "jam_dir",
     "jam_sftp",
+    "jam_age",
+    "jam_lru",
+    "jam_budget",
+    "jam_related",
 )
 
 ENV_BLOCK = "JAM_BLOCK_PLUGINS"  # comma-separated plugin names never to load

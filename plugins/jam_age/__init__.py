@@ -1,0 +1,51 @@
+"""The ``age`` policy: stash what was last used longer ago than a duration.
+
+    [policy.age]
+    older_than = "30d"      # 90s, 10m, 12h, 30d, 2w, 1y
+
+A file is nominated when ``now - last_used > older_than`` (strictly: a file exactly that old
+stays). ``last_used`` is the newest of atime, mtime and jam's own record of use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from jam_core import FileRecord, Nomination, UsageError, hookimpl
+from jam_core.policy import STASH, format_duration, parse_duration, policy_table
+
+NAME = "age"
+KNOWN = ("older_than",)
+
+
+def when(t: float, precise: bool) -> str:
+    return time.strftime("%Y-%m-%d %H:%M" if precise else "%Y-%m-%d", time.localtime(t))
+
+
+def select_older(records: Sequence[FileRecord], older_than: float, now: float) -> list[Nomination]:
+    """Every record last used more than ``older_than`` seconds before ``now``."""
+    limit = now - older_than
+    precise = older_than < 2 * 86400  # "last used 2026-09-01" says little about a 10m threshold
+    text = format_duration(older_than)
+    return [Nomination(r.path, NAME, f"last used {when(r.last_used, precise)}, older than {text}")
+            for r in records if r.last_used < limit]
+
+
+def settings(config) -> float | None:
+    table = policy_table(config, NAME, KNOWN)
+    if table is None:
+        return None
+    if "older_than" not in table:
+        raise UsageError('policy.age: set older_than, e.g. older_than = "30d"')
+    return parse_duration(table["older_than"], "policy.age.older_than")
+
+
+@hookimpl
+def select(records, purpose, config):
+    if purpose != STASH:
+        return None
+    older_than = settings(config)
+    if older_than is None:
+        return None
+    return select_older(records, older_than, time.time())
