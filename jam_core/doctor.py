@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jam_core.catalog import Catalog
-from jam_core.errors import RemoteError
+from jam_core.errors import RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_file
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, walk
-from jam_core.stash import tmp_name
+from jam_core.stash import through_symlink, tmp_name
 from jam_core.stub import HEADER_MAX, MAGIC, XATTR, BadStub, StubRecord
 
 
@@ -63,6 +63,9 @@ def _lost_xattr(path: str, st: os.stat_result) -> StubRecord | None:
 
 
 def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: bool = False) -> DoctorResult:
+    link = through_symlink(str(root.path), rel)
+    if link is not None:
+        raise UsageError(f"{rel} is reached through the symlink {link}: jam does not follow symlinks")
     res = DoctorResult()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
     res.remotes = [r.name for r in remotes]

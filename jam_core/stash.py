@@ -44,6 +44,19 @@ class Result:
         return 1 if (self.failed or self.aborted) else 0
 
 
+def through_symlink(root_path: str, rel: str) -> str | None:
+    """The first directory on the way from the root to ``rel`` that is a symlink, or None.
+
+    jam never follows symlinks: one in the middle of a path could lead out of the root.
+    """
+    p = root_path
+    for part in rel.split(os.sep)[:-1]:
+        p = os.path.join(p, part)
+        if os.path.islink(p):
+            return os.path.relpath(p, root_path)
+    return None
+
+
 def tmp_name(directory: str) -> str:
     return os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}{TMP_SUFFIX}")
 
@@ -93,6 +106,10 @@ def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry
             continue
         if os.path.islink(path):
             result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
+            continue
+        link = through_symlink(str(root.path), rel)
+        if link is not None:
+            result.skipped.append((rel, f"reached through the symlink {link}: jam does not follow symlinks"))
             continue
 
         def on_error(r, exc):

@@ -1,0 +1,124 @@
+"""Helpers shared by the safety tests (tests/test_safety_*.py): a root with a remote in a
+known place, the real `jam` command as a subprocess, and exact snapshots of files and trees.
+
+Everything here works on the real filesystem with real xattrs: a fault-injection test that
+mocked the filesystem would prove nothing about the invariants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from jam_core.stub import XATTR, StubRecord
+
+JAM = str(Path(sys.executable).parent / "jam")
+
+
+@dataclass
+class Tree:
+    """A root and the dir remote it stashes to, both under one test's tmp_path."""
+
+    root: Path
+    remote: Path
+
+    @property
+    def objects(self) -> Path:
+        return self.remote / "objects"
+
+
+def make_tree(base: Path, name: str = "root") -> Tree:
+    """An initialised root ``base/name`` whose only remote is the dir remote ``base/name-remote``."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.remotes import add_remote
+    from jam_core.root import Root
+
+    path = base / name
+    remote = base / f"{name}-remote"
+    path.mkdir(parents=True)
+    remote.mkdir()
+    root, _ = Root.init(path)
+    add_remote(root, make_plugin_manager(), "vault", str(remote))
+    return Tree(path, remote)
+
+
+def jam(*args, cwd, check: int | None = 0, env=None) -> subprocess.CompletedProcess:
+    """Run the real `jam` (args may be bytes). Never a traceback; ``check`` is the exit code wanted."""
+    res = subprocess.run([JAM, *args], cwd=cwd, capture_output=True, env=env)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert "Traceback" not in out + err, f"jam {args}: traceback:\n{err}"
+    if check is not None:
+        assert res.returncode == check, f"jam {args}: exit {res.returncode}, wanted {check}\n{out}\n{err}"
+    res.out, res.err = out, err
+    return res
+
+
+def status_json(cwd, path: str | bytes = ".") -> dict:
+    return json.loads(jam("status", path, "--json", cwd=cwd).out)
+
+
+def b3(path) -> str:
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def xattr(path) -> bytes | None:
+    try:
+        return os.getxattr(path, XATTR, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def record(path) -> StubRecord | None:
+    raw = xattr(path)
+    return None if raw is None else StubRecord.unpack(raw)
+
+
+def fingerprint(path) -> tuple:
+    """Everything that must not move when jam leaves a stub alone: stat, xattr, first block."""
+    st = os.lstat(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_blocks,
+            xattr(path), head)
+
+
+def is_stub(path) -> bool:
+    st = os.lstat(path)
+    return xattr(path) is not None and st.st_mode & 0o222 == 0
+
+
+def listing(top: Path) -> dict[bytes, tuple]:
+    """Every entry under ``top`` (bytes paths) with its type, size and mtime: a canary's state."""
+    out = {}
+    top_b = os.fsencode(top)
+    for dirpath, dirnames, filenames in os.walk(top_b):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, top_b)] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns,
+                                              xattr(p) if stat.S_ISREG(st.st_mode) else None)
+    return out
+
+
+def objects_verify(remote: Path) -> list[Path]:
+    """Every object under the remote's objects/ hashes to its name (no half object in place)."""
+    found = []
+    objects = remote / "objects"
+    for p in objects.rglob("*"):
+        if p.is_file():
+            algo = p.relative_to(objects).parts[0]
+            assert algo == "b3", p
+            assert b3(p) == p.name, f"half-written or corrupt object under its final name: {p}"
+            found.append(p)
+    return found

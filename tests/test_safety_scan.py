@@ -1,0 +1,97 @@
+"""What a stash takes and what it leaves: symlinks (never followed out of the root, never
+stashed), hard links (skipped with a reason), stubs (a no-op), small files (skipped inside a
+directory, stashed when named)."""
+
+from __future__ import annotations
+
+import os
+
+from tests.conftest import make_file
+from tests.safety_support import b3, fingerprint, is_stub, jam, listing, make_tree, status_json
+
+
+def test_symlink_to_a_file_outside_is_not_stashed_nor_followed(tmp_path):
+    t = make_tree(tmp_path)
+    outside = tmp_path / "outside"
+    make_file(outside / "secret", 200_000, seed=1)
+    before = listing(outside)
+    os.symlink(outside / "secret", t.root / "link")
+    os.symlink("../outside", t.root / "linkdir")
+
+    res = jam("stash", "link", "linkdir", cwd=t.root)
+    assert [line.split(": ")[1:3] for line in res.err.splitlines()] == [["skipped", "link"], ["skipped", "linkdir"]]
+    assert "symlink" in res.err
+    res = jam("stash", ".", cwd=t.root)  # the walk sees both links and skips them silently
+    assert listing(outside) == before
+    assert os.path.islink(t.root / "link") and os.path.islink(t.root / "linkdir")
+    assert status_json(t.root)["total"]["files"] == 0
+
+
+def test_a_path_through_a_symlinked_directory_is_refused(tmp_path):
+    """`jam stash linkdir/file` with linkdir -> outside the root must not stash (or write a
+    temporary file) outside the root. Caught a real bug: only the last component was checked."""
+    t = make_tree(tmp_path)
+    outside = tmp_path / "outside"
+    data = make_file(outside / "f", 200_000, seed=2)
+    os.symlink("../outside", t.root / "linkdir")
+    before = listing(outside)
+
+    res = jam("stash", "linkdir/f", cwd=t.root)
+    assert "symlink" in res.err
+    assert listing(outside) == before and (outside / "f").read_bytes() == data
+    assert not list(t.objects.rglob("*/*/*/*"))
+
+    # A stub outside the root reached the same way is not fetched into either.
+    sub = t.root / "sub"
+    make_file(sub / "g", 200_000, seed=3)
+    jam("stash", "sub/g", cwd=t.root)
+    os.rename(sub, outside / "sub")
+    os.symlink("../outside/sub", sub)
+    before = listing(outside)
+    res = jam("checkout", "sub/g", cwd=t.root)
+    assert "symlink" in res.err
+    assert listing(outside) == before
+    res = jam("doctor", "--fix", "--deep", "sub/g", cwd=t.root, check=2)
+    assert listing(outside) == before
+
+
+def test_hard_links_are_skipped_with_a_reason(tmp_path):
+    t = make_tree(tmp_path)
+    make_file(t.root / "a", 200_000, seed=4)
+    os.link(t.root / "a", t.root / "b")
+    fp = fingerprint(t.root / "a")
+
+    for args in (("a",), (".",)):
+        res = jam("stash", *args, cwd=t.root)
+        assert "hard-linked" in res.err, res.err
+    assert fingerprint(t.root / "a") == fp and os.stat(t.root / "b").st_ino == fp[0]
+    assert not is_stub(t.root / "a")
+
+
+def test_stashing_a_stub_again_is_a_no_op(tmp_path):
+    t = make_tree(tmp_path)
+    make_file(t.root / "a", 200_000, seed=5)
+    jam("stash", "a", cwd=t.root)
+    fp = fingerprint(t.root / "a")
+    objects = listing(t.remote)
+
+    res = jam("stash", "a", ".", cwd=t.root)
+    assert "1 already done" in res.out, res.out
+    assert fingerprint(t.root / "a") == fp  # not rewritten: same inode, ctime, xattr
+    assert listing(t.remote) == objects
+
+
+def test_small_files_skipped_in_a_directory_but_stashed_when_named(tmp_path):
+    t = make_tree(tmp_path)
+    make_file(t.root / "d" / "small", 1000, seed=6)
+    make_file(t.root / "d" / "big", 100_000, seed=7)
+    h = b3(t.root / "d" / "small")
+
+    res = jam("stash", "d", cwd=t.root)
+    assert "smaller than core.min_size" in res.err
+    assert is_stub(t.root / "d" / "big") and not is_stub(t.root / "d" / "small")
+
+    jam("stash", "d/small", cwd=t.root)
+    assert is_stub(t.root / "d" / "small")
+    jam("checkout", "d", cwd=t.root)
+    assert b3(t.root / "d" / "small") == h
