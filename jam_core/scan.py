@@ -25,11 +25,20 @@ class Entry:
     state: str  # local, stub, dirty (a stub written into), bad (unreadable stub metadata)
     record: StubRecord | None = None
     problem: str = ""
+    dir: str = "."  # the directory part of rel ("." at the top)
 
 
-def classify(path: str, st: os.stat_result) -> tuple[str, StubRecord | None, str]:
-    """(state, record, problem) of a regular file from its lstat."""
-    if not may_be_stub(st):
+def classify(path: str, st: os.stat_result, thorough: bool = True) -> tuple[str, StubRecord | None, str]:
+    """(state, record, problem) of a regular file from its lstat.
+
+    ``thorough=False`` (status) trusts the stat more: a file smaller than a block that is
+    writable is taken as local without reading its xattr (only a stub someone made writable
+    again could be missed; ``jam checkout`` and ``jam doctor`` always look).
+    """
+    if thorough:
+        if not may_be_stub(st):
+            return LOCAL, None, ""
+    elif (st.st_mode & 0o222) and st.st_blocks * 512 >= st.st_size:
         return LOCAL, None, ""
     try:
         rec = read_record(path)
@@ -46,8 +55,10 @@ def is_jam_tmp(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
 
 
-def walk(root_path: str, rel: str = ".", on_error=None) -> Iterator[Entry]:
-    """Every regular file under ``rel`` (a file or directory relative to the root), sorted."""
+def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True):
+    """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
+    holds regular files (jam's temporary files left out). A single file yields its directory
+    with that one file. One lstat per entry, no other I/O."""
     start = root_path if rel == "." else os.path.join(root_path, rel)
     try:
         st = os.lstat(start)
@@ -56,35 +67,47 @@ def walk(root_path: str, rel: str = ".", on_error=None) -> Iterator[Entry]:
             on_error(rel, exc)
         return
     if stat.S_ISREG(st.st_mode):
-        state, rec, problem = classify(start, st)
-        yield Entry(rel, start, st, state, rec, problem)
+        yield os.path.dirname(rel) or ".", [(os.path.basename(start), start, st)]
         return
     if not stat.S_ISDIR(st.st_mode):
         return
+    S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
     stack = [(start, "" if rel == "." else rel + "/")]
     while stack:
         dpath, prefix = stack.pop()
         try:
             with os.scandir(dpath) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=lambda e: e.name) if ordered else list(it)
         except OSError as exc:
             if on_error:
-                on_error(prefix.rstrip("/") or ".", exc)
+                on_error(prefix[:-1] or ".", exc)
             continue
-        subdirs = []
+        files, subdirs = [], []
         for e in entries:
-            if not prefix and e.name == JAM_DIR:
-                continue
             try:
                 est = e.stat(follow_symlinks=False)
             except OSError:
                 continue  # vanished while we looked
             mode = est.st_mode
-            if stat.S_ISREG(mode):
-                if is_jam_tmp(e.name):
-                    continue
-                state, rec, problem = classify(e.path, est)
-                yield Entry(prefix + e.name, e.path, est, state, rec, problem)
-            elif stat.S_ISDIR(mode):
-                subdirs.append((e.path, prefix + e.name + "/"))
+            if S_ISREG(mode):
+                name = e.name
+                if not (name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)):
+                    files.append((name, e.path, est))
+            elif S_ISDIR(mode):
+                if prefix or e.name != JAM_DIR:
+                    subdirs.append((e.path, prefix + e.name + "/"))
         stack.extend(reversed(subdirs))
+        if files:
+            yield prefix[:-1] or ".", files
+
+
+def walk(root_path: str, rel: str = ".", on_error=None, thorough: bool = True, ordered: bool = True) -> Iterator[Entry]:
+    """Every regular file under ``rel`` (a file or directory relative to the root), classified.
+
+    ``ordered`` sorts names within each directory (stable output); ``thorough`` see classify.
+    """
+    for dname, files in scan_dirs(root_path, rel, on_error, ordered):
+        prefix = "" if dname == "." else dname + "/"
+        for name, path, st in files:
+            state, rec, problem = classify(path, st, thorough)
+            yield Entry(prefix + name, path, st, state, rec, problem, dname)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, walk
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
 
 
 @dataclass
@@ -62,20 +61,27 @@ class Status:
 def status(root: Root, rel: str = ".") -> Status:
     """One scan of ``rel``: a stat per file, an xattr read only where the stat suggests a stub."""
     result = Status(root=str(root.path), path=rel)
-    dirs = result.directories
-    total = result.total
 
     def on_error(r, exc):
         result.problems.append((r, exc.strerror or str(exc)))
 
-    for e in walk(str(root.path), rel, on_error):
-        d = os.path.dirname(e.rel) or "."
-        t = dirs.get(d)
-        if t is None:
-            t = dirs[d] = Tally()
-        st = e.st
-        t.add(e.state, st.st_size, st.st_blocks * 512)
-        total.add(e.state, st.st_size, st.st_blocks * 512)
-        if e.state in (DIRTY, BAD):
-            result.problems.append((e.rel, "stub written into after stashing" if e.state == DIRTY else e.problem))
+    for d, files in scan_dirs(str(root.path), rel, on_error, ordered=False):
+        t = result.directories.setdefault(d, Tally())
+        for name, path, st in files:
+            size, disk = st.st_size, st.st_blocks * 512
+            if st.st_mode & 0o222 and disk >= size:  # writable and not sparse: a local file
+                t.local += 1
+                t.local_bytes += size
+                t.bytes += size
+                t.disk_bytes += disk
+                continue
+            state, _, problem = classify(path, st, thorough=False)
+            t.add(state, size, disk)
+            if state in (DIRTY, BAD):
+                rel_path = name if d == "." else f"{d}/{name}"
+                result.problems.append((rel_path, "stub written into after stashing" if state == DIRTY else problem))
+    total = result.total
+    for t in result.directories.values():
+        for k, v in t.__dict__.items():
+            setattr(total, k, getattr(total, k) + v)
     return result
