@@ -283,6 +283,8 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
             item = items[n.path] = PlanItem(n.path, rec.size, rec.last_used, [])
         if (n.policy, n.reason) not in item.reasons:
             item.reasons.append((n.policy, n.reason))
+    for item in items.values():
+        item.reasons.sort()
     return sorted(items.values(), key=lambda i: i.path)
 
 

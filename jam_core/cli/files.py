@@ -36,8 +36,15 @@ def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
     from jam_core.errors import UsageError
     from jam_core.stash import stash as do_stash
 
-    if auto or dry_run:
-        raise UsageError("`jam stash --auto` needs the policy plugins, which this version does not have yet")
+    if dry_run and not auto:
+        raise UsageError("--dry-run goes with --auto (jam stash --auto --dry-run)")
+    if auto:
+        if paths:
+            raise UsageError("jam stash --auto takes no paths: policies look at the whole root "
+                             "(keep files with `jam pin` or .jamignore)")
+        from jam_core.cli.auto import stash_auto_command
+
+        raise SystemExit(stash_auto_command(dry_run))
     if not paths:
         raise UsageError("name the files or directories to stash (or use --auto)")
     root, rels = root_and_rels(paths)
@@ -50,12 +57,17 @@ def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path())
-def checkout(paths: tuple[str, ...]) -> None:
+@click.option("--related", is_flag=True, help="Also fetch the stubs most likely wanted next (see [related]).")
+def checkout(paths: tuple[str, ...], related: bool) -> None:
     """Bring stubs back (directories recursively): fetched, verified, then swapped in."""
     from jam_core.checkout import checkout as do_checkout
 
     root, rels = root_and_rels(paths)
     pm = plugin_manager()
+    if related:
+        from jam_core.cli.auto import related_rels
+
+        rels += related_rels(root, rels, pm)
     with session("fetching") as s:
         result = do_checkout(root, rels, pm, s)
     report(result, "checked out", "fetched")

@@ -1,0 +1,61 @@
+"""What ``jam stash --auto`` and ``jam checkout --related`` print (helpers, no commands)."""
+
+from __future__ import annotations
+
+import click
+
+from jam_core.cli.common import human, report, session, show_path
+
+
+def reasons_text(item) -> str:
+    return "; ".join(f"{policy}: {reason}" for policy, reason in item.reasons)
+
+
+def print_plan(plan, dry_run: bool) -> None:
+    verb = "would stash" if dry_run else "stashing"
+    for item in plan.items:
+        click.echo(f"{human(item.size):>10}  {show_path(item.path)}  ({reasons_text(item)})")
+    if plan.kept:
+        kept = ", ".join(f"{n} {why}" for why, n in sorted(plan.kept.items()))
+        click.echo(f"never stashed by policies: {kept}")
+    for path, policy in plan.refused[:20]:
+        click.echo(f"jam: policy {policy} nominated {show_path(path)}, which policies may not stash; ignored",
+                   err=True)
+    n = len(plan.items)
+    click.echo(f"{verb} {n} of {plan.candidates} candidate file{'s' if plan.candidates != 1 else ''}, "
+               f"freeing {human(plan.bytes)} (policies: {', '.join(plan.policies)}; "
+               f"local now {human(plan.local_bytes)})")
+
+
+def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
+    import json
+
+    from jam_core.cli.common import plugin_manager
+    from jam_core.policy import plan_auto
+    from jam_core.root import Root
+    from jam_core.stash import stash
+
+    root = Root.find(".")
+    pm = plugin_manager()
+    plan = plan_auto(root, pm)
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        print_plan(plan, dry_run)
+    if dry_run or not plan.items:
+        return 0
+    reasons = {i.path: reasons_text(i) for i in plan.items}
+    with session("stashing") as s:
+        result = stash(root, [i.path for i in plan.items], pm, s, explicit=False, reasons=reasons)
+    report(result, "stashed", "freed")
+    return result.exit_code
+
+
+def related_rels(root, rels: list[str], pm) -> list[str]:
+    """The stubs the select hook (purpose fetch) nominates along with ``rels``; printed."""
+    from jam_core.policy import related
+
+    items = related(root, pm, rels)
+    for item in items:
+        click.echo(f"related: {show_path(item.path)} ({reasons_text(item)})")
+    return [i.path for i in items]
