@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from jam_core.policy import covered
 from jam_core.root import Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
 
@@ -18,6 +19,7 @@ class Tally:
     disk_bytes: int = 0  # what they take on this disk
     local_bytes: int = 0
     stub_bytes: int = 0  # true size of the stubbed files (what lives on remotes)
+    pinned: int = 0  # files covered by a pin (policies never stash them)
 
     def add(self, state: str, size: int, disk: int) -> None:
         self.bytes += size
@@ -45,6 +47,7 @@ class Status:
     directories: dict[str, Tally] = field(default_factory=dict)
     total: Tally = field(default_factory=Tally)
     problems: list[tuple[str, str]] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -55,6 +58,7 @@ class Status:
                 {"path": d} | asdict(t) | {"files": t.files} for d, t in sorted(self.directories.items())
             ],
             "problems": [{"path": p, "problem": why} for p, why in self.problems],
+            "pins": self.pins,
         }
 
 
@@ -65,8 +69,13 @@ def status(root: Root, rel: str = ".") -> Status:
     def on_error(r, exc):
         result.problems.append((r, exc.strerror or str(exc)))
 
+    pins = _pins(root)
+    result.pins = sorted(pins)
     for d, files in scan_dirs(str(root.path), rel, on_error, ordered=False):
         t = result.directories.setdefault(d, Tally())
+        if pins:
+            t.pinned += len(files) if covered(d, pins) else sum(
+                covered(n if d == "." else f"{d}/{n}", pins) for n, _, _ in files)
         for name, path, st in files:
             size, disk = st.st_size, st.st_blocks * 512
             if st.st_mode & 0o222 and disk >= size:  # writable and not sparse: a local file
@@ -85,3 +94,14 @@ def status(root: Root, rel: str = ".") -> Status:
         for k, v in t.__dict__.items():
             setattr(total, k, getattr(total, k) + v)
     return result
+
+
+def _pins(root: Root) -> set[str]:
+    from jam_core.catalog import Catalog
+    from jam_core.root import CATALOG
+
+    db = root.jam_dir / CATALOG
+    if not db.exists():
+        return set()
+    with Catalog(db) as cat:
+        return cat.pins()

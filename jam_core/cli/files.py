@@ -91,10 +91,13 @@ def status(path: str, as_json: bool) -> None:
     click.echo(f"{'directory':<{width}}  {'local':>7} {'stubs':>7} {'size':>10} {'on disk':>10}")
     for d, t in rows:
         extra = f"  ({t.dirty} modified stubs)" if t.dirty else ""
+        extra += f"  ({t.pinned} pinned)" if t.pinned else ""
         click.echo(f"{d:<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}{extra}")
     t = st.total
     click.echo(f"{'total':<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}")
     click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, root {root.path}")
+    if st.pins:
+        click.echo(f"{t.pinned} file{'s' if t.pinned != 1 else ''} pinned by: {', '.join(show_path(p) for p in st.pins)}")
     for rel, why in st.problems[:20]:
         click.echo(f"jam: {show_path(rel)}: {why}", err=True)
 
