@@ -73,3 +73,6 @@ def make_file(path: Path, size: int, seed: int = 0) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+from tests.conftest_sshd import *  # noqa: E402,F401,F403  (sshd fixtures for the sftp tests)

@@ -256,12 +256,13 @@ def _file_keys(ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey | None, byte
                 pub_blob = None
         try:
             key = paramiko.PKey.from_path(path)
-        except paramiko.PasswordRequiredException:
+        except Exception as exc:
+            encrypted = isinstance(exc, paramiko.PasswordRequiredException) or "password" in str(exc).lower()
+            if not encrypted:
+                notes.append(f"{path} unreadable ({exc})")
+                continue
             out.append((path, None, pub_blob))
             notes.append(f"{path} is encrypted (add it to ssh-agent: ssh-add {path})")
-            continue
-        except Exception as exc:
-            notes.append(f"{path} unreadable ({exc})")
             continue
         out.append((path, key, key.asbytes()))
     return out, notes

@@ -35,30 +35,23 @@ def read_options(remote: Remote) -> dict[str, Any]:
     """Validate the remote's options (``timeout``, ``io_timeout``, ``connections``, ``verify``, ``fsync``)."""
     opts = dict(DEFAULTS)
     raw: Mapping[str, Any] = remote.options or {}
-    where = f"remote {remote.name!r}"
-    try:
-        if "timeout" in raw:
-            opts["timeout"] = float(raw["timeout"])
-            if opts["timeout"] <= 0:
-                raise ValueError("timeout must be > 0")
-        if "io_timeout" in raw:
-            opts["io_timeout"] = float(raw["io_timeout"])
-            if opts["io_timeout"] <= 0:
-                raise ValueError("io_timeout must be > 0")
-        if "connections" in raw:
-            opts["connections"] = int(raw["connections"])
-            if not 1 <= opts["connections"] <= 16:
-                raise ValueError("connections must be 1..16")
-        if "verify" in raw:
-            if raw["verify"] not in ("sent", "read"):
-                raise ValueError("verify must be 'sent' or 'read'")
-            opts["verify"] = raw["verify"]
-        if "fsync" in raw:
-            if not isinstance(raw["fsync"], bool):
-                raise ValueError("fsync must be true or false")
-            opts["fsync"] = raw["fsync"]
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: bad option: {exc}") from None
+    checks: dict[str, tuple[Any, str]] = {
+        "timeout": (lambda v: float(v) if float(v) > 0 else None, "seconds > 0"),
+        "io_timeout": (lambda v: float(v) if float(v) > 0 else None, "seconds > 0"),
+        "connections": (lambda v: int(v) if 1 <= int(v) <= 16 and int(v) == float(v) else None, "a whole number 1..16"),
+        "verify": (lambda v: v if v in ("sent", "read") else None, "'sent' or 'read'"),
+        "fsync": (lambda v: v if isinstance(v, bool) else None, "true or false"),
+    }
+    for key, (convert, expected) in checks.items():
+        if key not in raw:
+            continue
+        try:
+            value = convert(raw[key])
+        except (TypeError, ValueError):
+            value = None
+        if value is None:
+            raise UsageError(f"remote {remote.name!r}: option {key} = {raw[key]!r} should be {expected}")
+        opts[key] = value
     return opts
 
 
@@ -165,6 +158,7 @@ class Pool:
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._count -= len(idle)
             self._cond.notify_all()
         for conn in idle:
             conn.close()
