@@ -322,8 +322,6 @@ def related(root: Root, pm, anchors: Sequence[str]) -> list[PlanItem]:
     """Stubs the select hook (purpose ``fetch``) nominates to come along with ``anchors``."""
     anchors = [a for a in anchors if root.abs(a).is_file()]  # a directory comes whole anyway
     inv = inventory(root)
-    if not inv.stubs or not anchors:
-        return []
     records = sorted(inv.stubs.values(), key=lambda r: r.path)
     nominations = ask(pm, root, records, FETCH, list(anchors), inv.local_bytes)
     anchor_set = set(anchors)
