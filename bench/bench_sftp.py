@@ -1,0 +1,242 @@
+"""SFTP throughput: the jam_sftp plugin against OpenSSH ``sftp -b`` and rsync, same server, same run.
+
+Starts its own sshd on 127.0.0.1 (tests/sshd.py), then:
+  1. one large file (``--size-mib``, default 1024) up and down: jam, ``sftp -b``, rsync over ssh;
+  2. ``--files`` (2000) files of ``--file-kib`` (64) KiB up and down: jam serial (one hook call
+     after another, as the core does today), jam parallel (the same hooks from ``--connections``
+     threads sharing one session), ``sftp -b`` (one batch, serial).
+Prints MB/s and jam/sftp ratios. Goals (PRODUCT.md): large >= 0.8x sftp each way; small files
+>= 1.5x sftp each way.
+
+    .venv/bin/python bench/bench_sftp.py                      # full run (a few minutes)
+    .venv/bin/python bench/bench_sftp.py --size-mib 256 --files 500   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.sshd import SSHD  # noqa: E402
+
+
+def write_random(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        left = size
+        i = 0
+        while left > 0:
+            chunk = block if left >= len(block) else block[:left]
+            # vary each MiB so no layer can dedupe or compress across blocks
+            f.write(i.to_bytes(8, "little") + chunk[8:])
+            left -= len(chunk)
+            i += 1
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def mbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6
+
+
+class Bench:
+    def __init__(self, work: Path, connections: int, fsync: bool):
+        self.work = work
+        self.server = SSHD(work / "sshd").start()
+        self.home = work / "home"
+        self.server.write_home(self.home)
+        os.environ["HOME"] = str(self.home)
+        os.environ.pop("SSH_AUTH_SOCK", None)
+        self.opts = self.server.ssh_options(self.home)
+        self.connections = connections
+        self.fsync = fsync
+        from jam_core.manager import make_plugin_manager
+
+        self.pm = make_plugin_manager(load_entrypoints=False)
+        self.results: list[tuple[str, str, float]] = []
+
+    def close(self) -> None:
+        self.server.kill()
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    def sftp_batch(self, lines: list[str]) -> None:
+        batch = self.work / "batch"
+        batch.write_text("\n".join(lines) + "\n")
+        subprocess.run(
+            ["sftp", *self.opts, "-q", "-b", str(batch), self.server.alias],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def rsync(self, src: str, dst: str) -> None:
+        ssh = "ssh " + " ".join(self.opts)
+        subprocess.run(["rsync", "-W", "-e", ssh, src, dst], check=True)
+
+    # -- jam -------------------------------------------------------------------------------------
+
+    def remote(self, store: Path):
+        from jam_core.model import Remote
+
+        for sub in ("objects", "tmp"):
+            (store / sub).mkdir(parents=True, exist_ok=True)
+        url = f"sftp://{self.server.alias}{store}"
+        return Remote(
+            name="bench", kind="sftp", url=url, location=url, options={"connections": self.connections, "fsync": self.fsync}
+        )
+
+    def jam_up(self, remote, items: list[tuple[str, Path, int]], threads: int) -> None:
+        from jam_core.model import Session
+
+        with Session() as s:
+
+            def one(item):
+                oid, path, size = item
+                assert self.pm.hook.stash(remote=remote, oid=oid, source=path, size=size, session=s)
+
+            if threads == 1:
+                for item in items:
+                    one(item)
+            else:
+                with ThreadPoolExecutor(threads) as ex:
+                    list(ex.map(one, items))
+
+    def jam_down(self, remote, items: list[tuple[str, Path, int]], threads: int) -> None:
+        from jam_core.model import Session
+
+        with Session() as s:
+
+            def one(item):
+                oid, dest, size = item
+                dest.write_bytes(b"")
+                assert self.pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s)
+
+            if threads == 1:
+                for item in items:
+                    one(item)
+            else:
+                with ThreadPoolExecutor(threads) as ex:
+                    list(ex.map(one, items))
+
+    def record(self, case: str, who: str, nbytes: int, seconds: float) -> None:
+        self.results.append((case, who, mbps(nbytes, seconds)))
+        print(f"  {case:<22} {who:<22} {mbps(nbytes, seconds):9.1f} MB/s  ({seconds:.2f} s)", flush=True)
+
+    # -- cases ---------------------------------------------------------------------------------
+
+    def large(self, size: int, with_rsync: bool) -> None:
+        from jam_core.objects import hash_file
+
+        src = self.work / "large.bin"
+        write_random(src, size)
+        oid, _ = hash_file(src)
+        print(f"one file of {size / 2**20:.0f} MiB", flush=True)
+        # jam
+        store = self.work / "store-large"
+        remote = self.remote(store)
+        self.record("large up", "jam", size, timed(lambda: self.jam_up(remote, [(oid, src, size)], 1)))
+        back = self.work / "large.back"
+        self.record("large down", "jam", size, timed(lambda: self.jam_down(remote, [(oid, back, size)], 1)))
+        back.unlink()
+        shutil.rmtree(store)
+        # sftp -b
+        dst = self.work / "sftp-large"
+        dst.mkdir()
+        self.record("large up", "sftp -b", size, timed(lambda: self.sftp_batch([f"put {src} {dst}/large.bin"])))
+        self.record("large down", "sftp -b", size, timed(lambda: self.sftp_batch([f"get {dst}/large.bin {back}"])))
+        back.unlink()
+        shutil.rmtree(dst)
+        if with_rsync:
+            dst.mkdir()
+            host = self.server.alias
+            self.record("large up", "rsync -W over ssh", size, timed(lambda: self.rsync(str(src), f"{host}:{dst}/large.bin")))
+            self.record("large down", "rsync -W over ssh", size, timed(lambda: self.rsync(f"{host}:{dst}/large.bin", str(back))))
+            back.unlink()
+            shutil.rmtree(dst)
+        src.unlink()
+
+    def small(self, count: int, size: int) -> None:
+        from jam_core.objects import hash_file
+
+        src = self.work / "small"
+        src.mkdir()
+        items = []
+        for i in range(count):
+            p = src / f"f{i:05}"
+            p.write_bytes(i.to_bytes(8, "little") + os.urandom(size - 8))
+            items.append((hash_file(p)[0], p, size))
+        total = count * size
+        print(f"{count} files of {size // 1024} KiB", flush=True)
+        for label, threads in (("jam serial", 1), (f"jam {self.connections} threads", self.connections)):
+            store = self.work / "store-small"
+            remote = self.remote(store)
+            self.record("small up", label, total, timed(lambda: self.jam_up(remote, items, threads)))
+            down = self.work / "small-back"
+            down.mkdir()
+            back = [(oid, down / p.name, n) for oid, p, n in items]
+            self.record("small down", label, total, timed(lambda: self.jam_down(remote, back, threads)))
+            shutil.rmtree(down)
+            shutil.rmtree(store)
+        dst = self.work / "sftp-small"
+        dst.mkdir()
+        self.record("small up", "sftp -b", total, timed(lambda: self.sftp_batch([f"put {src}/* {dst}/"])))
+        down = self.work / "small-back"
+        down.mkdir()
+        self.record("small down", "sftp -b", total, timed(lambda: self.sftp_batch([f"get {dst}/* {down}/"])))
+        shutil.rmtree(down)
+        shutil.rmtree(dst)
+        shutil.rmtree(src)
+
+    def summary(self) -> None:
+        print("\nratios (jam / sftp -b, higher is better):")
+        by = {(case, who): v for case, who, v in self.results}
+        for case in dict.fromkeys(c for c, _, _ in self.results):
+            peer = by.get((case, "sftp -b"))
+            if not peer:
+                continue
+            for (c, who), v in by.items():
+                if c == case and who.startswith("jam"):
+                    print(f"  {case:<12} {who:<18} {v / peer:5.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="size of the large file (MiB)")
+    ap.add_argument("--files", type=int, default=2000, help="number of small files")
+    ap.add_argument("--file-kib", type=int, default=64, help="size of each small file (KiB)")
+    ap.add_argument("--connections", type=int, default=4, help="jam's pool size and thread count")
+    ap.add_argument("--no-fsync", action="store_true", help="skip fsync@openssh.com (sftp does not fsync)")
+    ap.add_argument("--no-rsync", action="store_true")
+    ap.add_argument("--only", choices=("large", "small"))
+    ap.add_argument("--workdir", help="where to put files (default: a temp dir)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="jam-bench-sftp-", dir=args.workdir))
+    bench = Bench(work, args.connections, not args.no_fsync)
+    try:
+        print(f"sshd on 127.0.0.1:{bench.server.port}, work dir {work}, fsync={'on' if bench.fsync else 'off'}")
+        if args.only != "small":
+            bench.large(args.size_mib << 20, not args.no_rsync and shutil.which("rsync") is not None)
+        if args.only != "large":
+            bench.small(args.files, args.file_kib << 10)
+        bench.summary()
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
