@@ -84,6 +84,17 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
 
 
 @hookspec(firstresult=True)
+def sync(remote: Remote, session: Session) -> bool | None:
+    """Make every object stored on ``remote`` during ``session`` durable.
+
+    Called after a batch of ``stash`` calls and before any of their files becomes a stub, so a
+    backend may defer durability (one ``syncfs`` instead of an fsync per object). A backend
+    whose ``stash`` already makes each object durable need not implement it. First non-None
+    answer wins; raise :class:`jam_core.errors.RemoteError` on failure.
+    """
+
+
+@hookspec(firstresult=True)
 def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> bool | None:
     """Write object ``oid`` from ``remote`` into the new local file ``dest``.
 

@@ -1,8 +1,9 @@
 """Stash: turn local files into stubs, only after their content is safe on the chosen remotes.
 
 For each file: read and hash it, let ``place`` choose remotes, let each remote's backend store
-and verify the object, then build the stub beside the file and swap it in with one rename,
-only if the file did not change meanwhile (size, mtime, inode, ctime). A hard link to the
+and verify the object; once a batch is stored, make the remotes durable (``sync``), write the
+stubs beside their files, make them durable (one syncfs), and swap each in with one rename,
+only if its file did not change meanwhile (size, mtime, inode, ctime). A hard link to the
 original is held across the rename, so a write that lands in the last instant is seen and the
 original is put back.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from jam_core.catalog import Catalog
+from jam_core.fsutil import fsync_dir, syncfs
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
@@ -71,14 +73,6 @@ def same_file(a: os.stat_result, b: os.stat_result, ctime: bool = True) -> bool:
     )
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def user_xattrs(fd_or_path) -> dict[str, bytes]:
     """The file's own ``user.*`` xattrs (not jam's), carried across stash and checkout."""
     out = {}
@@ -122,11 +116,28 @@ def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry
     return out
 
 
+BATCH_FILES = 256
+BATCH_BYTES = 256 << 20
+
+
+@dataclass
+class Stored:
+    """A file whose content the remotes hold, waiting to be swapped for its stub."""
+
+    entry: Entry
+    st0: os.stat_result
+    record: StubRecord
+    xattrs: dict[str, bytes]
+    tmp: str = ""
+
+
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
           explicit: bool = True, reasons: dict[str, str] | None = None) -> Result:
     """Stash files and directories (relative to the root). Holds the root's lock throughout.
 
-    ``explicit=False`` (policies chose) applies the minimum size to named files too.
+    ``explicit=False`` (policies chose) applies the minimum size to named files too. Files go
+    in batches: store each on its remotes, make the remotes durable (``sync`` hook), write the
+    stubs aside, make them durable (one syncfs), then swap each file that did not change.
     """
     result = Result()
     session = session or Session()
@@ -135,7 +146,9 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
     min_size = root.min_size
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        touched_dirs: set[str] = set()
+        batch: list[Stored] = []
+        used: dict[str, Remote] = {}
+        batch_bytes = 0
         for entry, named in collect(root, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
             if why == "":
@@ -145,29 +158,68 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
                 result.skipped.append((entry.rel, why))
                 continue
             try:
-                used = stash_file(root, entry, remotes, pm, session)
+                stored = store_file(root, entry, remotes, pm, session)
             except RemoteError as exc:
                 result.aborted = str(exc)
                 break
             except IntegrityError as exc:
                 result.skipped.append((entry.rel, str(exc)))
                 continue
-            except JamError as exc:
-                result.failed.append((entry.rel, str(exc)))
+            except (JamError, OSError) as exc:
+                result.failed.append((entry.rel, _why(exc)))
                 continue
-            except OSError as exc:
-                result.failed.append((entry.rel, exc.strerror or str(exc)))
-                continue
-            if used is None:
+            if stored is None:
                 result.skipped.append((entry.rel, "changed while it was being stashed; left local"))
                 continue
-            rec, names = used
-            cat.add_stub(entry.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, names)
-            touched_dirs.add(os.path.dirname(entry.path))
-            result.done.append((entry.rel, max(0, entry.st.st_blocks * 512 - HEADER_MAX)))
-        for d in touched_dirs:
-            fsync_dir(d)
+            batch.append(stored)
+            used.update((r.name, r) for r in remotes if r.name in stored.record.remotes)
+            batch_bytes += stored.record.size
+            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                _swap_batch(root, batch, used.values(), pm, session, cat, result)
+                batch, used, batch_bytes = [], {}, 0
+        if batch:
+            _swap_batch(root, batch, used.values(), pm, session, cat, result)
     return result
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, JamError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result) -> None:
+    """Make a batch's objects durable, then its stubs, then swap them in one by one."""
+    try:
+        for remote in remotes:
+            pm.hook.sync(remote=remote, session=session)
+    except (RemoteError, OSError) as exc:
+        result.aborted = _why(exc)
+        return
+    try:
+        for s in batch:
+            s.tmp = write_stub_aside(s)
+        syncfs(root.path)
+        dirs = set()
+        for s in batch:
+            e = s.entry
+            try:
+                if not _swap(e.path, s.tmp, s.st0):
+                    result.skipped.append((e.rel, "changed while it was being stashed; left local"))
+                    continue
+            except OSError as exc:
+                result.failed.append((e.rel, _why(exc)))
+                continue
+            rec = s.record
+            cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes)
+            dirs.add(os.path.dirname(e.path))
+            result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
+        for d in dirs:
+            fsync_dir(d)
+    finally:
+        for s in batch:
+            if s.tmp and os.path.lexists(s.tmp):
+                os.unlink(s.tmp)
 
 
 def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
@@ -197,8 +249,8 @@ def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -
     return list(chosen)
 
 
-def stash_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session):
-    """Stash one file. Returns (record, remote names), or None if the file changed meanwhile."""
+def store_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session) -> Stored | None:
+    """Hash a file and store it on the remotes ``place`` chooses. None if it changed meanwhile."""
     path = entry.path
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -220,26 +272,27 @@ def stash_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Ses
         xattrs = user_xattrs(fd)
     finally:
         os.close(fd)
-
     rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
                      remotes=tuple(r.name for r in targets),
                      stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    directory = os.path.dirname(path)
-    tmp = tmp_name(directory)
-    sfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return Stored(entry, st0, rec, xattrs)
+
+
+def write_stub_aside(s: Stored) -> str:
+    """Write the stub of ``s`` to a temporary name beside its file (not yet durable)."""
+    path, st0 = s.entry.path, s.st0
+    tmp = tmp_name(os.path.dirname(path))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            if (st0.st_uid, st0.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(sfd, st0.st_uid, st0.st_gid)
-            write_stub(sfd, rec, os.path.basename(path), st0.st_atime_ns, xattrs)
-        finally:
-            os.close(sfd)
-        if not _swap(path, tmp, st0):
-            return None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    return rec, [r.name for r in targets]
+        if (st0.st_uid, st0.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, st0.st_uid, st0.st_gid)
+        write_stub(fd, s.record, os.path.basename(path), st0.st_atime_ns, s.xattrs, durable=False)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
 
 
 def _swap(path: str, stub_tmp: str, st0: os.stat_result) -> bool:

@@ -169,8 +169,10 @@ def is_dirty(st: os.stat_result, rec: StubRecord) -> bool:
     )
 
 
-def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs: dict[str, bytes] | None = None) -> None:
-    """Fill the new, empty file ``fd`` as the stub of ``rec`` and make it durable."""
+def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs: dict[str, bytes] | None = None,
+               durable: bool = True) -> None:
+    """Fill the new, empty file ``fd`` as the stub of ``rec``; fsync it unless the caller makes
+    a whole batch durable at once (``durable=False``)."""
     header = rec.header(name)[: rec.size]
     if header:
         os.write(fd, header)
@@ -180,4 +182,5 @@ def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs:
     os.setxattr(fd, XATTR, rec.pack())
     os.fchmod(fd, rec.mode & ~0o222)
     os.utime(fd, ns=(atime_ns, rec.mtime_ns))
-    os.fsync(fd)
+    if durable:
+        os.fsync(fd)

@@ -1,8 +1,9 @@
 """The ``dir`` backend: objects in a directory (another disk, a mounted share).
 
 Layout: ``LOCATION/objects/b3/ab/cd/<hex>``, with ``LOCATION/tmp/`` for uploads in progress.
-An object is written to a temporary name, fsynced, verified by re-hashing what was written,
-then renamed into place and its directory fsynced.
+An object is written to a temporary name, verified by re-hashing what was written, and
+renamed into place; the ``sync`` hook then makes the whole batch durable with one syncfs
+before the core turns any of its files into stubs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from urllib.parse import unquote, urlsplit
 
 from jam_core import hookimpl
 from jam_core.errors import IntegrityError, RemoteError, UsageError
+from jam_core.fsutil import syncfs
 from jam_core.objects import hash_file, object_relpath
 
 KIND = "dir"
+_PENDING = "jam_dir.pending"  # session.cache key: remotes written to since the last sync
 
 
 def _base(remote) -> Path:
@@ -33,14 +36,6 @@ def _base(remote) -> Path:
 
 def _object_path(remote, oid: str) -> Path:
     return _base(remote) / "objects" / object_relpath(oid)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _oserror(remote, what: str, exc: OSError) -> RemoteError:
@@ -121,6 +116,7 @@ def stash(remote, oid, source, size, session):
             # Already stored (equal content elsewhere in the tree): keep it if it still verifies.
             got, got_size = hash_file(final, oid.split(":")[0])
             if got == oid and got_size == size:
+                session.cache.setdefault(_PENDING, {})[remote.name] = remote
                 return True
         tmpdir = _base(remote) / "tmp"
         tmpdir.mkdir(exist_ok=True)
@@ -131,7 +127,6 @@ def stash(remote, oid, source, size, session):
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
                 try:
                     _copy(src, dst, size, session.progress)
-                    os.fsync(dst)
                 finally:
                     os.close(dst)
             finally:
@@ -143,11 +138,23 @@ def stash(remote, oid, source, size, session):
                 )
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            session.cache.setdefault(_PENDING, {})[remote.name] = remote
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as exc:
         raise _oserror(remote, f"store {oid}", exc) from None
+    return True
+
+
+@hookimpl
+def sync(remote, session):
+    if remote.kind != KIND:
+        return None
+    if session.cache.get(_PENDING, {}).pop(remote.name, None) is not None:
+        try:
+            syncfs(_base(remote))
+        except OSError as exc:
+            raise _oserror(remote, "flush its disk", exc) from None
     return True
 
 
