@@ -45,7 +45,11 @@ class DoctorResult:
 
 
 def _lost_xattr(path: str, st: os.stat_result) -> StubRecord | None:
-    """A file that looks like a stub copied without its xattrs: the header says so."""
+    """A file that looks like a stub copied without its xattrs: the header says so.
+
+    Raises BadStub for a file that starts like a stub header but whose metadata cannot be
+    trusted (hostile or damaged): it is reported, never repaired from.
+    """
     if st.st_size < len(MAGIC) or (st.st_blocks * 512 > max(HEADER_MAX, st.st_blksize)):
         return None
     try:
@@ -55,11 +59,10 @@ def _lost_xattr(path: str, st: os.stat_result) -> StubRecord | None:
         return None
     if not head.startswith(MAGIC):
         return None
-    try:
-        rec = StubRecord.from_header(head)
-    except BadStub:
-        return None
-    return rec if rec.size == st.st_size else None
+    rec = StubRecord.from_header(head)
+    if rec.size != st.st_size:
+        raise BadStub(f"its header says {rec.size} bytes, the file has {st.st_size}")
+    return rec
 
 
 def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: bool = False) -> DoctorResult:
@@ -81,11 +84,18 @@ def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: 
         for e in walk(str(root.path), rel):
             if e.state == LOCAL:
                 if e.st.st_mode & 0o222 == 0 or e.st.st_blocks * 512 < e.st.st_size:
-                    rec = _lost_xattr(e.path, e.st)
+                    try:
+                        rec = _lost_xattr(e.path, e.st)
+                    except BadStub as exc:
+                        res.problems.append(Problem("bad-metadata", e.rel, "starts like a stub copied without its "
+                                                    f"xattrs, but its header cannot be trusted: {exc}; left as it is"))
+                        continue
                     if rec is not None:
                         p = Problem("lost-xattr", e.rel, "a stub whose xattrs were lost (copied without them?)")
-                        if fix:
+                        if fix:  # it is the stub's own content: give it back its metadata
                             os.setxattr(e.path, XATTR, rec.pack())
+                            os.chmod(e.path, rec.mode & ~0o222)
+                            os.utime(e.path, ns=(e.st.st_atime_ns, rec.mtime_ns))
                             p.fixed = True
                             rows.append((e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at))
                             res.stubs += 1
