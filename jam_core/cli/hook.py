@@ -1,0 +1,240 @@
+"""`jam hook bash|zsh|fish` (prints the cd hook) and the hidden `jam hook-fetch DIR` it runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from jam_core.cli import main
+
+SHELLS = ("bash", "zsh", "fish")
+PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
+
+HOOK_HELP = """Print the cd hook for SHELL: `cd` into a directory of a jam root and its stubs
+come back.
+
+\b
+Install it with one line:
+  bash  ~/.bashrc                   eval "$(jam hook bash)"
+  zsh   ~/.zshrc                    eval "$(jam hook zsh)"
+  fish  ~/.config/fish/config.fish  jam hook fish | source
+
+Outside every root the hook starts no process; inside one it starts jam only when the
+directory has stubs to fetch. Per root, in .jam/config.toml:
+
+\b
+  [hook]
+  depth = 0            # 0: the directory's own stubs; N: N levels below too; "all"
+  max_fetch = "1GB"    # above this, fetch nothing and say how to get them
+  background = false   # true: the prompt returns at once, a line says when it is done
+
+JAM_DISABLE=1 turns the hook off in a shell; JAM_BACKGROUND=1 or 0 overrides `background`.
+"""
+
+
+def shell_dir() -> str:
+    """Where the shell files are: ``shell/`` of a checkout (editable install) or the copy the
+    wheel carries as the ``jam_core.shell`` package data."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("jam_core.shell")
+    if spec is not None and spec.submodule_search_locations:
+        for d in spec.submodule_search_locations:
+            if os.path.isfile(os.path.join(d, "jam.bash")):
+                return d
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shell")
+
+
+def jam_executable() -> str:
+    """The absolute path of the running `jam` (what the hook will call)."""
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "jam" and os.path.isfile(argv0):
+        return os.path.abspath(argv0)
+    found = shutil.which("jam")
+    return os.path.abspath(found) if found else os.path.join(os.path.dirname(sys.executable), "jam")
+
+
+def _quote(shell: str, value: str) -> str:
+    if shell == "fish":
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    import shlex
+
+    return shlex.quote(value)
+
+
+def render(shell: str, jam_bin: str, roots_file: str) -> str:
+    """The hook's code for ``shell`` with the jam executable and the roots list filled in."""
+    with open(os.path.join(shell_dir(), f"jam.{shell}"), encoding="utf-8") as f:
+        text = f.read()
+    fill = {"_JAM_BIN": jam_bin, "_JAM_ROOTS_FILE": roots_file} if shell != "fish" else \
+        {"_jam_bin": jam_bin, "_jam_roots_file": roots_file}
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line.rstrip().endswith(f"# filled in by `jam hook {shell}`"):
+            for name, value in fill.items():
+                for prefix in (f"{name}=", f"typeset -g {name}=", f"set -g {name} "):
+                    if line.startswith(prefix):
+                        line = f"{prefix}{_quote(shell, value)}\n"
+        out.append(line)
+    return "".join(out)
+
+
+@main.command("hook", help=HOOK_HELP)
+@click.argument("shell", type=click.Choice(SHELLS))
+@click.option("--bin", "jam_bin", hidden=True, help="The jam the hook calls (tests, packagers).")
+def hook(shell: str, jam_bin: str | None) -> None:
+    from jam_core.root import roots_file
+
+    click.echo(render(shell, jam_bin or jam_executable(), str(roots_file())), nl=False)
+
+
+@main.command("hook-fetch", hidden=True)
+@click.argument("directory", type=click.Path(file_okay=False))
+def hook_fetch(directory: str) -> None:
+    """What the cd hook runs when DIRECTORY has stubs: fetch them within hook.depth and
+    hook.max_fetch, record the visit as use. Exit 0 whatever happened (it is said on stderr),
+    130 when interrupted; any other code tells the hook that jam itself is broken."""
+    from jam_core.errors import JamError
+
+    try:
+        code = _hook_fetch(directory)
+    except KeyboardInterrupt:
+        _say("interrupted; what was fetched stays, the rest are still stubs")
+        code = 130
+    except JamError as exc:
+        _say(str(exc))
+        code = 0
+    except OSError as exc:
+        if os.environ.get("JAM_DEBUG"):
+            raise
+        _say(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        code = 0
+    sys.exit(code)
+
+
+def _say(message: str) -> None:
+    click.echo(f"jam: {message}", err=True)
+
+
+def _hook_fetch(directory: str) -> int:
+    from jam_core.cli.common import human, show_path
+    from jam_core.root import Root, abspath, find_root
+    from jam_core.stubdirs import settings
+    from jam_core.visit import plan, record_visit
+
+    path = abspath(directory)
+    top = find_root(path)
+    if top is None:
+        return 0
+    root = Root(top)
+    rel = root.rel(path)
+    hs = settings(root)
+    background = hs.background
+    if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
+        background = os.environ["JAM_BACKGROUND"] == "1"
+    p = plan(root, rel, hs)
+    if not p.stubs:
+        _heal(root, p, hs)
+        record_visit(root, p)
+        return 0
+    where = "here" if os.path.abspath(os.getcwd()) == str(path) else show_path(str(path))
+    n = len(p.stubs)
+    if p.bytes > hs.max_fetch:
+        _say(f"{n} stub{'s' if n != 1 else ''} ({human(p.bytes)}) {'in ' if where != 'here' else ''}{where}, "
+             f"more than hook.max_fetch ({human(hs.max_fetch)}); get them with: jam checkout "
+             + ("." if where == "here" else _shell_word(str(path))))
+        record_visit(root, p)
+        return 0
+    if background:
+        if os.fork() != 0:
+            return 0
+        _detach()
+        try:
+            code = _fetch(root, p, where, show_progress=False)
+        except KeyboardInterrupt:
+            code = 130
+        except BaseException as exc:  # noqa: BLE001  (a daemon has nobody to raise to)
+            _say(f"background fetch in {show_path(str(path))} failed: {exc}")
+            code = 1
+        finally:
+            sys.stderr.flush()
+        os._exit(code)
+    return _fetch(root, p, where, show_progress=p.bytes >= PROGRESS_FROM and sys.stderr.isatty())
+
+
+def _fetch(root, p, where: str, show_progress: bool) -> int:
+    from jam_core.checkout import checkout
+    from jam_core.cli.common import human, plugin_manager, session, show_path
+    from jam_core.model import Session
+    from jam_core.visit import record_visit
+
+    pm = plugin_manager()
+    rels = [r for r, _ in p.stubs]
+    if show_progress:
+        with session("fetching") as s:
+            result = checkout(root, rels, pm, s)
+    else:
+        with Session() as s:
+            result = checkout(root, rels, pm, s)
+    record_visit(root, p)
+    for rel, why in (result.failed + result.skipped)[:5]:
+        _say(f"{show_path(rel)}: {why}")
+    if result.aborted:
+        _say(f"stopped: {result.aborted}")
+    n = len(result.done)
+    if n:
+        _say(f"fetched {n} file{'s' if n != 1 else ''} ({human(result.bytes)}) "
+             f"{'here' if where == 'here' else 'in ' + where}")
+    return 0
+
+
+def _heal(root, p, hs) -> None:
+    """The index sent us here for nothing (stubs moved away, an interrupted checkout, a new
+    hook.depth): drop the catalog's stale rows for this scope and rebuild the index."""
+    from jam_core.catalog import Catalog
+    from jam_core.errors import UsageError
+    from jam_core.root import CATALOG
+    from jam_core.stubdirs import refresh
+
+    base = "" if p.rel == "." else p.rel + "/"
+    try:
+        with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+            for path in cat.stubs():
+                if not path.startswith(base):
+                    continue
+                below = path[len(base):].count("/")
+                if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
+                    cat.remove_stub(path)
+            refresh(root, cat)
+    except UsageError:
+        pass  # another jam is working on this root; it refreshes the index when it is done
+
+
+def _is_stub(path) -> bool:
+    from jam_core.scan import DIRTY, STUB, classify
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return classify(str(path), st)[0] in (STUB, DIRTY)
+
+
+def _detach() -> None:
+    """The background child: its own session (Ctrl-C and a closed terminal leave it alone),
+    nothing on stdout, stderr still the terminal for the line that says it is done."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _shell_word(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)

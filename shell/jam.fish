@@ -1,0 +1,74 @@
+# jam's cd hook for fish (>= 3.5). Install with this line in ~/.config/fish/config.fish:
+#     jam hook fish | source
+# When $PWD changes, the hook decides in pure shell (no process) whether the new directory
+# lies in a jam root and has stubs to fetch; only then does it run `jam hook-fetch`.
+# JAM_DISABLE=1 turns it off for this shell.
+
+set -g _jam_bin 'jam' # filled in by `jam hook fish`
+set -g _jam_roots_file (string join / -- (set -q XDG_DATA_HOME[1]; and echo $XDG_DATA_HOME; or echo ~/.local/share) jam roots) # filled in by `jam hook fish`
+set -q _jam_roots_key; or set -g _jam_roots_key ''
+set -q _jam_roots; or set -g _jam_roots
+
+function _jam_on_pwd --on-variable PWD --description 'jam: fetch the stubs of the new directory'
+    test "$PWD" = "$_jam_pwd"; and return 0
+    set -g _jam_pwd $PWD
+    test "$JAM_DISABLE" = '' -o "$JAM_DISABLE" = 0; or return 0
+    _jam_load_roots
+    set -l root
+    for r in $_jam_roots
+        test -n "$r"; or continue
+        set -l prefix (string trim -r -c / -- $r)/
+        if test "$PWD" = "$r"; or test (string sub -l (string length -- $prefix) -- $PWD | string collect) = "$prefix"
+            set root $r
+            break
+        end
+    end
+    test -n "$root"; or return 0
+    # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
+    # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).
+    set -l index $root/.jam/stubdirs
+    set -l rest (string sub -s (math (string length -- $root) + 1) -- $PWD | string collect)
+    if test -k "$index$rest"; or begin
+            test -d $index; and test $root/.jam/config.toml -nt $index
+        end
+        _jam_fetch $PWD
+    end
+    return 0
+end
+
+function _jam_load_roots
+    # path mtime has one-second resolution: a list read in the second it was written is
+    # read again next time.
+    set -l m (path mtime -- $_jam_roots_file 2>/dev/null)
+    or begin
+        set -g _jam_roots
+        set -g _jam_roots_key ''
+        return 0
+    end
+    test "$m" = "$_jam_roots_key"; and return 0
+    set -l age (path mtime --relative -- $_jam_roots_file 2>/dev/null)
+    set -g _jam_roots (string match -v -- '' <$_jam_roots_file)
+    if test "$age" -ge 2 2>/dev/null
+        set -g _jam_roots_key $m
+    else
+        set -g _jam_roots_key ''
+    end
+end
+
+function _jam_fetch
+    set -q _jam_broken; and return 0
+    if not test -x "$_jam_bin"
+        printf 'jam: the cd hook cannot run %s (not found); it is off in this shell\n' $_jam_bin >&2
+        set -g _jam_broken 1
+        return 0
+    end
+    command $_jam_bin hook-fetch -- $argv[1] >&2
+    set -l rc $status
+    if test $rc -ne 0 -a $rc -ne 130
+        printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' $_jam_bin $rc >&2
+        set -g _jam_broken 1
+    end
+    return 0
+end
+
+_jam_on_pwd # the directory the shell starts in

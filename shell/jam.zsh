@@ -1,0 +1,70 @@
+# jam's cd hook for zsh. Install with this line in ~/.zshrc:
+#     eval "$(jam hook zsh)"
+# On every directory change (chpwd), the hook decides in pure shell (no process) whether the
+# new directory lies in a jam root and has stubs to fetch; only then does it run
+# `jam hook-fetch`. JAM_DISABLE=1 turns it off for this shell.
+
+typeset -g _JAM_BIN='jam' # filled in by `jam hook zsh`
+typeset -g _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook zsh`
+typeset -ga _jam_roots
+typeset -g _jam_roots_key=''
+
+# zstat tells whether the roots list changed (inode, size, mtime) without reading it.
+\builtin zmodload -F zsh/stat b:zstat 2>/dev/null
+
+_jam_chpwd() {
+    \builtin emulate -L zsh
+    [[ $PWD != "${_JAM_PWD-}" ]] || return 0
+    typeset -g _JAM_PWD=$PWD
+    [[ ${JAM_DISABLE:-0} == 0 ]] || return 0
+    _jam_load_roots
+    local r root=''
+    for r in $_jam_roots; do
+        if [[ -n $r && ($PWD == "$r" || $PWD == "${r%/}"/*) ]]; then
+            root=$r
+            break
+        fi
+    done
+    [[ -n $root ]] || return 0
+    # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
+    # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).
+    local index=$root/.jam/stubdirs
+    if [[ -k $index${PWD#"$root"} ]] || [[ -d $index && $root/.jam/config.toml -nt $index ]]; then
+        _jam_fetch $PWD
+    fi
+    return 0
+}
+
+_jam_load_roots() {
+    if (( $+builtins[zstat] )); then
+        local -a st
+        if ! zstat -A st -- $_JAM_ROOTS_FILE 2>/dev/null; then
+            _jam_roots=() _jam_roots_key=''
+            return 0
+        fi
+        local key="$st[2]:$st[8]:$st[10]"  # inode:size:mtime (jam rewrites it atomically)
+        [[ $key == $_jam_roots_key ]] && return 0
+        _jam_roots_key=$key
+    fi
+    [[ -r $_JAM_ROOTS_FILE ]] && _jam_roots=("${(@f)$(<$_JAM_ROOTS_FILE)}") || _jam_roots=()
+}
+
+_jam_fetch() {
+    [[ -z ${_JAM_BROKEN-} ]] || return 0
+    if [[ ! -x $_JAM_BIN ]]; then
+        \builtin print -ru2 -- "jam: the cd hook cannot run $_JAM_BIN (not found); it is off in this shell"
+        typeset -g _JAM_BROKEN=1
+        return 0
+    fi
+    local rc=0
+    $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
+    if (( rc != 0 && rc != 130 )); then
+        \builtin print -ru2 -- "jam: $_JAM_BIN hook-fetch failed (exit $rc); the cd hook is off in this shell"
+        typeset -g _JAM_BROKEN=1
+    fi
+    return 0
+}
+
+\builtin autoload -Uz add-zsh-hook
+add-zsh-hook chpwd _jam_chpwd  # adds it once, however often this is sourced
+_jam_chpwd  # the directory the shell starts in
