@@ -16,6 +16,7 @@ from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
 from jam_core.fsutil import syncfs
 from jam_core.stash import Result, _why, collect, same_file, tmp_name, user_xattrs
+from jam_core.stubdirs import refresh as refresh_stubdirs
 
 
 BATCH_FILES = 256
@@ -60,6 +61,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 batch, batch_bytes = [], 0
         if batch:
             _swap_batch(root, batch, cat, result)
+        refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
 
 

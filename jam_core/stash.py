@@ -25,6 +25,7 @@ from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, walk
 from jam_core.stub import HEADER_MAX, XATTR, StubRecord, write_stub
+from jam_core.stubdirs import refresh as refresh_stubdirs
 
 
 @dataclass
@@ -179,6 +180,7 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
                 batch, used, batch_bytes = [], {}, 0
         if batch:
             _swap_batch(root, batch, used.values(), pm, session, cat, result)
+        refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
 
 

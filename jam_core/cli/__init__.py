@@ -49,4 +49,4 @@ def main(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
-from jam_core.cli import files, remotes, plugins_cmd, pins  # noqa: E402,F401  (register commands)
+from jam_core.cli import files, remotes, plugins_cmd, pins, hook  # noqa: E402,F401  (register commands)
