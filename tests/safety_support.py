@@ -98,14 +98,20 @@ def is_stub(path) -> bool:
     return xattr(path) is not None and st.st_mode & 0o222 == 0
 
 
-def listing(top: Path) -> dict[bytes, tuple]:
-    """Every entry under ``top`` (bytes paths) with its type, size and mtime: a canary's state."""
+def listing(top: Path, dir_times: bool = True) -> dict[bytes, tuple]:
+    """Every entry under ``top`` (bytes paths) with its type, size and mtime: a canary's state.
+
+    ``dir_times=False`` leaves out directories' sizes and mtimes (a remote's tmp/ changes
+    when a backend probes it)."""
     out = {}
     top_b = os.fsencode(top)
     for dirpath, dirnames, filenames in os.walk(top_b):
         for n in dirnames + filenames:
             p = os.path.join(dirpath, n)
             st = os.lstat(p)
+            if not dir_times and stat.S_ISDIR(st.st_mode):
+                out[os.path.relpath(p, top_b)] = "dir"
+                continue
             out[os.path.relpath(p, top_b)] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns,
                                               xattr(p) if stat.S_ISREG(st.st_mode) else None)
     return out
