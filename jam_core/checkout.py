@@ -35,19 +35,22 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
         batch: list[tuple[Entry, str]] = []
         batch_bytes = 0
+        todo = []
         for entry, _named in collect(root, rels, result):
             if entry.state == LOCAL:
                 result.unchanged += 1
-                continue
-            if entry.state == DIRTY:
+            elif entry.state == DIRTY:
                 result.skipped.append((entry.rel, "this stub was written into after it was stashed; "
                                        "jam will not overwrite it (see `jam doctor`)"))
-                continue
-            if entry.state == BAD:
+            elif entry.state == BAD:
                 result.failed.append((entry.rel, f"unreadable stub metadata: {entry.problem}"))
-                continue
+            else:
+                todo.append(entry)
+        session.begin(2 * sum(e.record.size for e in todo))  # fetch, then verify
+        for entry in todo:
             try:
                 tmp = fetch_aside(entry, _order(remotes, cat.remotes_of(entry.record.oid)), pm, session)
+                session.file_done(2 * entry.record.size)
             except Unreachable as exc:
                 result.aborted = str(exc)
                 break
@@ -117,7 +120,7 @@ def fetch_aside(entry: Entry, remotes: list[Remote], pm, session: Session) -> st
             if not ok:
                 problems.append(f"remote {remote.name!r} does not have {rec.oid}")
                 continue
-            got, got_size = hash_file(tmp, algorithm)
+            got, got_size = hash_file(tmp, algorithm, session.progress)
             if got != rec.oid or got_size != rec.size:
                 problems.append(f"remote {remote.name!r} returned corrupt content for {rec.oid} "
                                 f"(hash {got[:15]}…, {got_size} bytes); stub left as it was")

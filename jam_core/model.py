@@ -55,14 +55,34 @@ class Session:
     """State that lives for one command: backends keep connections here.
 
     ``cache`` is a dict a backend may use (keyed by something of its own, e.g. the remote
-    name); ``on_close`` registers cleanup that runs when the command ends. ``progress`` is
-    called with a byte count as content moves (a no-op when nothing is shown).
+    name); ``on_close`` registers cleanup that runs when the command ends. Backends call
+    ``progress(nbytes)`` as content moves; the core calls ``begin(total)`` once it knows how
+    many bytes a command will move and ``file_done(size)`` after each file, so the display is
+    right even for a backend that reports nothing (or an object that was already there).
     """
 
-    def __init__(self, progress: Callable[[int], None] | None = None):
+    def __init__(self, progress: Callable[[int], None] | None = None,
+                 total: Callable[[int], None] | None = None):
         self.cache: dict[Any, Any] = {}
-        self.progress: Callable[[int], None] = progress or (lambda n: None)
+        self._on_progress = progress
+        self._on_total = total
+        self.moved = 0
+        self._done = 0
         self._closers: list[Callable[[], None]] = []
+
+    def progress(self, n: int) -> None:
+        self.moved += n
+        if self._on_progress is not None:
+            self._on_progress(n)
+
+    def begin(self, total: int) -> None:
+        if self._on_total is not None:
+            self._on_total(total)
+
+    def file_done(self, size: int) -> None:
+        self._done += size
+        if self.moved < self._done:
+            self.progress(self._done - self.moved)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)

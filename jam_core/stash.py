@@ -150,16 +150,20 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         batch: list[Stored] = []
         used: dict[str, Remote] = {}
         batch_bytes = 0
+        todo = []
         for entry, named in collect(root, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
             if why == "":
                 result.unchanged += 1
-                continue
-            if why:
+            elif why:
                 result.skipped.append((entry.rel, why))
-                continue
+            else:
+                todo.append(entry)
+        session.begin(2 * sum(e.st.st_size for e in todo))  # read and hash, then store
+        for entry in todo:
             try:
                 stored = store_file(root, entry, remotes, pm, session)
+                session.file_done(2 * entry.st.st_size)
             except RemoteError as exc:
                 result.aborted = str(exc)
                 break
@@ -259,7 +263,7 @@ def store_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Ses
         st0 = os.fstat(fd)
         if not same_file(st0, entry.st):
             return None
-        oid, size = hash_fd(fd, DEFAULT_ALGORITHM)
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress)
         if size != st0.st_size:
             return None
         targets = choose_remotes(root, pm, oid, size, remotes)

@@ -43,17 +43,21 @@ def show_path(rel: str) -> str:
 
 @contextmanager
 def session(verb: str) -> Iterator[Session]:
-    """A Session whose progress shows on a terminal (bytes and speed) and is silent when piped."""
+    """A Session whose progress shows on a terminal (a bar, percent, time left), silent when piped.
+
+    The core counts each byte twice (read and hashed, then stored; or fetched, then verified),
+    so the bar shows work done rather than bytes."""
     if not sys.stderr.isatty():
         with Session() as s:
             yield s
         return
-    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    progress = Progress(SpinnerColumn(), TextColumn(verb), DownloadColumn(), TransferSpeedColumn(),
+    progress = Progress(TextColumn(verb), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                         transient=True, console=_stderr_console())
     task = progress.add_task(verb, total=None)
-    with progress, Session(progress=lambda n: progress.advance(task, n)) as s:
+    with progress, Session(progress=lambda n: progress.advance(task, n),
+                           total=lambda t: progress.update(task, total=t)) as s:
         yield s
 
 

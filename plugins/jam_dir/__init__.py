@@ -92,10 +92,10 @@ def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
     left = size
     while left > 0:
         try:
-            n = os.copy_file_range(src_fd, dst_fd, min(left, 1 << 30))
+            n = os.copy_file_range(src_fd, dst_fd, min(left, 64 << 20))
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                n = os.sendfile(dst_fd, src_fd, None, min(left, 1 << 30))
+                n = os.sendfile(dst_fd, src_fd, None, min(left, 64 << 20))
             else:
                 raise
         if n == 0:
