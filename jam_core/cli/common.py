@@ -8,8 +8,6 @@ from typing import Iterable, Iterator
 
 import click
 
-from jam_core.model import Session
-from jam_core.root import Root
 
 
 def plugin_manager():
@@ -18,8 +16,10 @@ def plugin_manager():
     return make_plugin_manager()
 
 
-def root_and_rels(paths: Iterable[str]) -> tuple[Root, list[str]]:
+def root_and_rels(paths: Iterable[str]):
     """The root holding every path (relative to the cwd) and the paths relative to it."""
+    from jam_core.root import Root
+
     paths = list(paths) or ["."]
     root = Root.find(paths[0])
     return root, [root.rel(p) for p in paths]
@@ -42,11 +42,13 @@ def show_path(rel: str) -> str:
 
 
 @contextmanager
-def session(verb: str) -> Iterator[Session]:
+def session(verb: str) -> Iterator:
     """A Session whose progress shows on a terminal (a bar, percent, time left), silent when piped.
 
     The core counts each byte twice (read and hashed, then stored; or fetched, then verified),
     so the bar shows work done rather than bytes."""
+    from jam_core.model import Session
+
     if not sys.stderr.isatty():
         with Session() as s:
             yield s
