@@ -82,8 +82,8 @@ def _swap_batch(root: Root, batch: list[tuple[Entry, str]], cat: Catalog, result
                 result.failed.append((entry.rel, _why(exc)))
                 continue
             cat.remove_stub(entry.rel)
+            cat.record_use([entry.rel])
             result.done.append((entry.rel, entry.record.size))
-        cat.record_use([e.rel for e, _ in batch])
     finally:
         for _, tmp in batch:
             if os.path.lexists(tmp):
