@@ -66,6 +66,7 @@ class Pool:
         self.endpoint: Endpoint | None = None
         self.base: str | None = None  # absolute path on the server
         self.layout_checked = False
+        self.known_dirs: set[str] = set()  # fan-out directories known to exist (shared by threads)
         self._cond = threading.Condition()
         self._first = threading.Lock()
         self._idle: list[Connection] = []
@@ -146,7 +147,7 @@ class Pool:
         conn = self._acquire()
         try:
             assert self.base is not None
-            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"])
+            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs)
         except BaseException as exc:
             if not isinstance(exc, (SftpStatus, JamError)):
                 conn.broken = True

@@ -56,7 +56,8 @@ from jam_core.objects import hasher, object_relpath, split_oid
 from jam_sftp.connect import Connection
 
 REQUEST = 255 * 1024  # OpenSSH's sftp-server serves reads of up to 255 KiB
-INFLIGHT = 64  # requests in flight per file (16 MiB)
+INFLIGHT = 32  # write requests in flight per file (8 MiB)
+READ_INFLIGHT = 8  # read requests in flight: paramiko's channel buffer memmoves what it holds on each read
 
 _STATUS_TEXT = {
     SFTP_NO_SUCH_FILE: "no such file or directory",
@@ -143,8 +144,11 @@ def _lost(exc: BaseException) -> ConnectionLost:
 class Ops:
     """The remote operations jam needs, on one connection and one remote location."""
 
-    def __init__(self, conn: Connection, base: str, verify: str = "sent", fsync: bool = True):
+    def __init__(
+        self, conn: Connection, base: str, verify: str = "sent", fsync: bool = True, known_dirs: set[str] | None = None
+    ):
         self.conn = conn
+        self.known_dirs = known_dirs if known_dirs is not None else set()  # fan-out dirs seen to exist
         self.sftp = conn.sftp
         self.base = base.rstrip("/") or "/"
         self.verify = verify
@@ -251,21 +255,58 @@ class Ops:
         st = self.stat(self.object_path(oid))
         return st is not None and st.st_size == size
 
+    def _reply_status(self, num: int) -> int:
+        """Wait for a status reply; return its code (no exception)."""
+        t, msg = self.r.wait(num)
+        return msg.get_int() if t == CMD_STATUS else SFTP_FAILURE
+
+    def _handle(self, num: int, path: str) -> bytes:
+        t, msg = self.r.wait(num)
+        if t == CMD_STATUS:
+            code = msg.get_int()
+            raise SftpStatus(code, msg.get_text(), path)
+        if t != CMD_HANDLE:
+            raise SftpStatus(SFTP_FAILURE, "unexpected reply to open", path)
+        return msg.get_binary()
+
+    def _attrs(self, num: int, path: str) -> SFTPAttributes | None:
+        from paramiko.sftp import CMD_ATTRS
+
+        t, msg = self.r.wait(num)
+        if t == CMD_STATUS:
+            code = msg.get_int()
+            if code == SFTP_NO_SUCH_FILE:
+                return None
+            raise SftpStatus(code, msg.get_text(), path)
+        if t != CMD_ATTRS:
+            raise SftpStatus(SFTP_FAILURE, "unexpected reply to stat", path)
+        return SFTPAttributes._from_msg(msg)
+
     def put(self, oid: str, source: os.PathLike | str, size: int, progress: Callable[[int], None]) -> None:
-        """Store ``source`` as ``oid``; see the module's docstring for the guarantees."""
+        """Store ``source`` as ``oid``; see the module's docstring for the guarantees.
+
+        Three round trips for a small file: (stat the object, open a temporary file), (writes,
+        fsync, fstat, close), (mkdir the fan-out directories if not seen yet, rename).
+        """
+        from paramiko.sftp import CMD_MKDIR, CMD_STAT
+
         final = self.object_path(oid)
-        st = self.stat(final)
-        if st is not None and st.st_size == size:
-            if self.verify != "read" or self.hash_remote(final, size, split_oid(oid)[0]) == oid:
-                progress(size)
-                return
         algorithm, _ = split_oid(oid)
         tmp = self.path("tmp", f"{uuid.uuid4().hex}.part")
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         handle = None
         placed = False
         try:
-            handle = self.open(tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL)
+            attrs = SFTPAttributes()
+            attrs.st_mode = 0o444
+            n_stat = self.r.send(CMD_STAT, final)
+            n_open = self.r.send(CMD_OPEN, tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+            st = self._attrs(n_stat, final)
+            handle = self._handle(n_open, tmp)
+            if st is not None and st.st_size == size:
+                if self.verify != "read" or self.hash_remote(final, size, algorithm) == oid:
+                    progress(size)
+                    return  # already stored (equal content elsewhere); finally removes tmp
             h = hasher(algorithm)
             pending: deque[tuple[int, int]] = deque()
             offset = 0
@@ -280,31 +321,40 @@ class Ops:
                     num, n = pending.popleft()
                     self.r.status(num, tmp)
                     progress(n)
+            n_sync = self.r.send(CMD_EXTENDED, "fsync@openssh.com", handle) if self.fsync else None
+            n_fstat = self.r.send(CMD_FSTAT, handle)
+            h_, handle = handle, None
+            n_close = self.r.send(CMD_CLOSE, h_)
             while pending:
                 num, n = pending.popleft()
                 self.r.status(num, tmp)
                 progress(n)
+            if n_sync is not None:
+                self.r.status(n_sync, tmp)
+            st = self._attrs(n_fstat, tmp)
+            self.r.status(n_close, tmp)
             got = f"{algorithm}:{h.hexdigest()}"
             if got != oid or offset != size:
                 raise IntegrityError(
                     f"{source}: content changed while it was being stored ({offset} bytes, {got}); left local"
                 )
-            if self.fsync:
-                self.r.call(CMD_EXTENDED, "fsync@openssh.com", handle, path=tmp)
-            h_, handle = handle, None
-            self.close(h_, tmp)
-            st = self.stat(tmp)
             if st is None or st.st_size != size:
                 raise IntegrityError(f"{oid}: the server holds {st.st_size if st else 'no'} bytes of {size} after upload")
             if self.verify == "read" and self.hash_remote(tmp, size, algorithm) != oid:
                 raise IntegrityError(f"{oid}: the copy read back from the server does not match")
+            parent = final.rsplit("/", 1)[0]
+            if parent not in self.known_dirs:  # ask for every level; "exists" answers are fine
+                rel = object_relpath(oid).split("/")[:-1]
+                for depth in range(1, len(rel) + 1):
+                    self.r.send(CMD_MKDIR, self.path("objects", *rel[:depth]), SFTPAttributes())
             try:
                 self.rename_over(tmp, final)
             except SftpStatus as exc:
                 if exc.code != SFTP_NO_SUCH_FILE:
                     raise
-                self.makedirs(final.rsplit("/", 1)[0])
+                self.makedirs(parent)
                 self.rename_over(tmp, final)
+            self.known_dirs.add(parent)
             placed = True
         except BaseException as exc:
             if not isinstance(exc, (SftpStatus, IntegrityError)):
@@ -314,9 +364,6 @@ class Ops:
             os.close(fd)
             if not placed and not self.conn.broken:
                 self._cleanup(handle, tmp)
-        st = self.stat(final)
-        if st is None or st.st_size != size:
-            raise IntegrityError(f"{oid}: after the rename the server holds {st.st_size if st else 'no'} bytes of {size}")
 
     def _cleanup(self, handle: bytes | None, tmp: str) -> None:
         """Best effort: close and remove the temporary file of a failed upload."""
@@ -328,7 +375,10 @@ class Ops:
             pass
 
     def get(self, oid: str, dest: os.PathLike | str, size: int, progress: Callable[[int], None]) -> bool:
-        """Write object ``oid`` into ``dest``; False if the remote has no such object."""
+        """Write object ``oid`` into ``dest``; False if the remote has no such object.
+
+        Two round trips for a small file: (open), (fstat, the reads, close).
+        """
         path = self.object_path(oid)
         try:
             handle = self.open(path, SFTP_FLAG_READ)
@@ -336,48 +386,65 @@ class Ops:
             if exc.code == SFTP_NO_SUCH_FILE:
                 return False
             raise
+        closed = False
         try:
-            from paramiko.sftp import CMD_ATTRS
-
-            t, msg = self.r.call(CMD_FSTAT, handle, path=path)
-            remote_size = SFTPAttributes._from_msg(msg).st_size if t == CMD_ATTRS else None
-            if remote_size is not None and remote_size != size:
-                raise IntegrityError(
-                    f"object {oid} on {self.conn.endpoint.label()} has {remote_size} bytes, expected {size}: "
-                    "damaged; not fetched"
-                )
+            n_fstat = self.r.send(CMD_FSTAT, handle)
             out = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                self._read_into(handle, lambda data, off: os.pwrite(out, data, off), size, path, progress)
+
+                def check_size() -> None:
+                    st = self._attrs(n_fstat, path)
+                    if st is not None and st.st_size != size:
+                        raise IntegrityError(
+                            f"object {oid} on {self.conn.endpoint.label()} has {st.st_size} bytes, expected {size}: "
+                            "damaged; not fetched"
+                        )
+
+                self._read_into(
+                    handle, lambda data, off: os.pwrite(out, data, off), size, path, progress, first=check_size
+                )
             finally:
                 os.close(out)
+            closed = True
+            self.close(handle, path)
         except BaseException as exc:
             if not isinstance(exc, (SftpStatus, IntegrityError)):
                 self.conn.broken = True
             raise
         finally:
-            if not self.conn.broken:
+            if not closed and not self.conn.broken:
                 try:
                     self.close(handle, path)
-                except SftpStatus:
+                except (SftpStatus, ConnectionLost):
                     pass
         return True
 
     def _read_into(
-        self, handle: bytes, sink: Callable[[bytes, int], Any], size: int, path: str, progress: Callable[[int], None]
+        self,
+        handle: bytes,
+        sink: Callable[[bytes, int], Any],
+        size: int,
+        path: str,
+        progress: Callable[[int], None],
+        first: Callable[[], None] | None = None,
     ) -> None:
-        """Pipelined reads of ``size`` bytes; ``sink(data, offset)`` gets them in order."""
+        """Pipelined reads of ``size`` bytes; ``sink(data, offset)`` gets them in order.
+
+        ``first`` runs once the reads are on their way (to check a reply sent before them).
+        """
         pending: deque[tuple[int, int, int]] = deque()
         offset = 0
 
         def refill() -> None:
             nonlocal offset
-            while offset < size and len(pending) < INFLIGHT:
+            while offset < size and len(pending) < READ_INFLIGHT:
                 n = min(REQUEST, size - offset)
                 pending.append((self.r.send(CMD_READ, handle, int64(offset), n), offset, n))
                 offset += n
 
         refill()
+        if first is not None:
+            first()
         while pending:
             num, off, n = pending.popleft()
             t, msg = self.r.wait(num)
