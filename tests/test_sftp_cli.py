@@ -1,0 +1,99 @@
+"""jam's command line with an sftp remote on a real OpenSSH server: add, stash, checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from jam_core.cli import main
+from jam_core.objects import object_relpath
+from jam_core.stub import XATTR, StubRecord
+from tests.conftest import make_file
+
+
+def jam(runner, *args, ok=True):
+    res = runner.invoke(main, list(args), catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, (res.output, res.stderr)
+    return res
+
+
+def one_clean_line(res) -> str:
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    jam(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    res = jam(runner, "remote", "add", "far", f"sftp://{sshd.alias}{sftp_store}")
+    assert "Added remote 'far'" in res.output and "OpenSSH" in res.output and "writable" in res.output
+    jam(runner, "remote", "remove", "default")
+    remotes = json.loads(jam(runner, "remote", "list", "--json").output)
+    assert [(r["name"], r["kind"]) for r in remotes] == [("far", "sftp")]
+    return tree
+
+
+def test_stash_and_checkout_through_sftp(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
+    files = {f"d/f{i}.bin": make_file(tree / "d" / f"f{i}.bin", 70_000 + i, seed=i) for i in range(5)}
+    files["big.bin"] = make_file(tree / "big.bin", 3 * 1024 * 1024 + 5, seed=99)
+    res = jam(runner, "stash", "d", "big.bin")
+    assert "stashed 6 files" in res.output
+    for rel, data in files.items():
+        rec = StubRecord.unpack(os.getxattr(tree / rel, XATTR))
+        assert (sftp_store / "objects" / object_relpath(rec.oid)).read_bytes() == data
+    assert list((sftp_store / "tmp").iterdir()) == []
+    res = jam(runner, "checkout", ".")
+    assert "checked out 6 files" in res.output
+    for rel, data in files.items():
+        assert (tree / rel).read_bytes() == data
+
+
+def test_remote_add_refuses_unknown_host_key(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    jam(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    (Path(os.environ["HOME"]) / ".ssh" / "known_hosts").write_text("")
+    line = one_clean_line(jam(runner, "remote", "add", "far", f"sftp://{sshd.alias}{sftp_store}", ok=False))
+    assert "unknown host key" in line and "SHA256:" in line
+    remotes = json.loads(jam(runner, "remote", "list", "--json").output)
+    assert [r["name"] for r in remotes] == ["default"]
+
+
+def test_server_down_at_stash_leaves_files_local(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
+    data = make_file(tree / "f.bin", 200_000)
+    sshd.kill()
+    res = jam(runner, "stash", "f.bin", ok=False)
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "refused the connection" in res.stderr and "jamtest" in res.stderr
+    assert (tree / "f.bin").read_bytes() == data
+    try:
+        os.getxattr(tree / "f.bin", XATTR)
+        raise AssertionError("became a stub although the remote was down")
+    except OSError:
+        pass
+
+
+def test_corrupt_object_refused_at_checkout(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
+    make_file(tree / "f.bin", 200_000)
+    jam(runner, "stash", "f.bin")
+    rec = StubRecord.unpack(os.getxattr(tree / "f.bin", XATTR))
+    obj = sftp_store / "objects" / object_relpath(rec.oid)
+    obj.chmod(0o644)
+    raw = bytearray(obj.read_bytes())
+    raw[1234] ^= 1
+    obj.write_bytes(bytes(raw))
+    stub_before = (tree / "f.bin").read_bytes()
+    res = jam(runner, "checkout", "f.bin", ok=False)
+    assert res.exit_code != 0 and "corrupt" in res.stderr and "Traceback" not in res.output
+    assert (tree / "f.bin").read_bytes() == stub_before  # the stub stays as it was
+    assert os.getxattr(tree / "f.bin", XATTR)
