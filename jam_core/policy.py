@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from jam_core.errors import UsageError
 from jam_core.model import FileRecord, Nomination
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, walk
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
 
 IGNORE_FILE = ".jamignore"
 STASH, FETCH = "stash", "fetch"
@@ -178,25 +178,30 @@ def inventory(root: Root) -> Inventory:
     def on_error(rel, exc):
         inv.problems.append((rel, exc.strerror or str(exc)))
 
-    for e in walk(str(root.path), ".", on_error):
-        st = e.st
-        rel = e.rel
-        if e.state != STUB:
-            inv.local_bytes += st.st_size
-        mtime = st.st_mtime
-        atime = st.st_atime
-        last = max(mtime, atime if atime_ok else mtime, uses.get(rel, 0.0))
-        pinned = covered(rel, pins)
-        if e.state == STUB:
-            if not pinned and not (ignore is not None and ignore.match_file(rel)):
-                inv.stubs[rel] = FileRecord(rel, e.record.size if e.record else st.st_size, mtime, atime,
-                                            last, STUB, False, st.st_nlink)
-            continue
-        why = _kept(e.state, st, rel, pinned, ignore, min_size)
-        if why:
-            inv.kept[rel] = why
-            continue
-        inv.candidates[rel] = FileRecord(rel, st.st_size, mtime, atime, last, LOCAL, False, st.st_nlink)
+    # One pass of lstat()s; an xattr is read only where the stat suggests a stub (a writable,
+    # non-sparse file is taken as local). ``stash`` re-classifies every file it is handed
+    # thoroughly before touching it, so a stub made writable again is still never stashed.
+    for d, files in scan_dirs(str(root.path), ".", on_error, ordered=False):
+        prefix = "" if d == "." else d + "/"
+        dir_pinned = covered(d, pins)
+        for name, path, st in files:
+            rel = prefix + name
+            state, srec, _ = classify(path, st, thorough=False)
+            mtime = st.st_mtime
+            atime = st.st_atime
+            last = max(mtime, atime if atime_ok else mtime, uses.get(rel, 0.0))
+            pinned = dir_pinned or (pins and rel in pins)
+            if state == STUB:
+                if not pinned and not (ignore is not None and ignore.match_file(rel)):
+                    inv.stubs[rel] = FileRecord(rel, srec.size, mtime, atime, last, STUB, False, st.st_nlink)
+                continue
+            size = st.st_size
+            inv.local_bytes += size
+            if pinned or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0 or (
+                    ignore is not None and ignore.match_file(rel)):
+                inv.kept[rel] = _kept(state, st, rel, pinned, ignore, min_size)
+                continue
+            inv.candidates[rel] = FileRecord(rel, size, mtime, atime, last, LOCAL, False, 1)
     return inv
 
 

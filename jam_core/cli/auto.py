@@ -7,14 +7,19 @@ import click
 from jam_core.cli.common import human, report, session, show_path
 
 
+def _path(rel: str) -> str:
+    return rel if rel.isprintable() else show_path(rel)
+
+
 def reasons_text(item) -> str:
     return "; ".join(f"{policy}: {reason}" for policy, reason in item.reasons)
 
 
 def print_plan(plan, dry_run: bool) -> None:
     verb = "would stash" if dry_run else "stashing"
-    for item in plan.items:
-        click.echo(f"{human(item.size):>10}  {show_path(item.path)}  ({reasons_text(item)})")
+    lines = [f"{human(item.size):>10}  {_path(item.path)}  ({reasons_text(item)})" for item in plan.items]
+    if lines:
+        click.echo("\n".join(lines))
     if plan.kept:
         kept = ", ".join(f"{n} {why}" for why, n in sorted(plan.kept.items()))
         click.echo(f"never stashed by policies: {kept}")

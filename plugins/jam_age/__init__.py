@@ -9,6 +9,7 @@ stays). ``last_used`` is the newest of atime, mtime and jam's own record of use.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Sequence
 
@@ -19,8 +20,13 @@ NAME = "age"
 KNOWN = ("older_than",)
 
 
+@functools.lru_cache(maxsize=4096)
+def _when(minute: int, precise: bool) -> str:
+    return time.strftime("%Y-%m-%d %H:%M" if precise else "%Y-%m-%d", time.localtime(minute * 60))
+
+
 def when(t: float, precise: bool) -> str:
-    return time.strftime("%Y-%m-%d %H:%M" if precise else "%Y-%m-%d", time.localtime(t))
+    return _when(int(t // 60), precise)
 
 
 def select_older(records: Sequence[FileRecord], older_than: float, now: float) -> list[Nomination]:

@@ -12,6 +12,7 @@ fits under ``low``. The gap between the two is what keeps it from stashing a fil
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 from jam_core import FileRecord, Nomination, UsageError, hookimpl
@@ -30,7 +31,9 @@ def select_budget(records: Sequence[FileRecord], local_bytes: int, max_local: in
     reason = f"local {human(local_bytes)} > {human(max_local)}, evicting least recently used down to {human(low)}"
     out = []
     left = local_bytes
-    for r in sorted(records, key=lambda r: (r.last_used, -r.size, r.path)):
+    by_path = sorted(records, key=attrgetter("path"))
+    by_size = sorted(by_path, key=attrgetter("size"), reverse=True)
+    for r in sorted(by_size, key=attrgetter("last_used")):  # least recent, then biggest, then path
         if left <= low:
             break
         out.append(Nomination(r.path, NAME, reason))

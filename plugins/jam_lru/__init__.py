@@ -12,6 +12,7 @@ group: they stay or go together, so the kept share may exceed ``keep`` a little,
 from __future__ import annotations
 
 import itertools
+from operator import attrgetter
 from typing import Sequence
 
 from jam_core import FileRecord, Nomination, UsageError, hookimpl
@@ -20,6 +21,7 @@ from jam_core.policy import STASH, parse_percent, policy_table
 NAME = "lru"
 KNOWN = ("keep", "by")
 BY = ("bytes", "count")
+_path, _last_used = attrgetter("path"), attrgetter("last_used")
 
 
 def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes") -> list[Nomination]:
@@ -29,7 +31,7 @@ def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes") ->
     if total == 0:
         return []
     goal = keep * total
-    ordered = sorted(records, key=lambda r: (-r.last_used, r.path))
+    ordered = sorted(sorted(records, key=_path), key=_last_used, reverse=True)  # ties: by path
     kept = 0
     out = []
     reason = f"among the least recently used {round((1 - keep) * 100, 2):g}% by {by}"
