@@ -11,6 +11,7 @@ from jam_core.cli import main
 
 SHELLS = ("bash", "zsh", "fish")
 PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
+GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
 
 HOOK_HELP = """Print the cd hook for SHELL: `cd` into a directory of a jam root and its stubs
 come back.
@@ -131,6 +132,8 @@ def _hook_fetch(directory: str) -> int:
     if top is None:
         return 0
     root = Root(top)
+    if path != top and path.relative_to(top).parts[0] == ".jam":
+        return 0
     rel = root.rel(path)
     hs = settings(root)
     background = hs.background
@@ -170,16 +173,22 @@ def _fetch(root, p, where: str, show_progress: bool) -> int:
     from jam_core.checkout import checkout
     from jam_core.cli.common import human, plugin_manager, session, show_path
     from jam_core.model import Session
+    from jam_core.stash import Result
     from jam_core.visit import record_visit
 
     pm = plugin_manager()
-    rels = [r for r, _ in p.stubs]
-    if show_progress:
-        with session("fetching") as s:
-            result = checkout(root, rels, pm, s)
-    else:
-        with Session() as s:
-            result = checkout(root, rels, pm, s)
+    # In groups, so that Ctrl-C keeps what was done: checkout makes each call's files durable
+    # and swaps them in at its end.
+    result = Result()
+    with (session("fetching") if show_progress else Session()) as s:
+        for group in _groups(p.stubs):
+            r = checkout(root, group, pm, s)
+            result.done += r.done
+            result.failed += r.failed
+            result.skipped += r.skipped
+            if r.aborted:
+                result.aborted = r.aborted
+                break
     record_visit(root, p)
     for rel, why in (result.failed + result.skipped)[:5]:
         _say(f"{show_path(rel)}: {why}")
@@ -190,6 +199,19 @@ def _fetch(root, p, where: str, show_progress: bool) -> int:
         _say(f"fetched {n} file{'s' if n != 1 else ''} ({human(result.bytes)}) "
              f"{'here' if where == 'here' else 'in ' + where}")
     return 0
+
+
+def _groups(stubs: list[tuple[str, int]]):
+    group: list[str] = []
+    size = 0
+    for rel, n in stubs:
+        group.append(rel)
+        size += n
+        if len(group) >= GROUP_FILES or size >= GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def _heal(root, p, hs) -> None:

@@ -1,0 +1,361 @@
+"""The cd hooks in real shells, driven through a terminal the way a person types.
+
+Each test gets its own HOME and XDG dirs (conftest), a root with stubs, and a shell started
+without the user's config (bash --norc, zsh -f, fish --no-config) that installs the hook twice.
+The hook calls jam through a wrapper that logs every invocation, so "no process outside a
+root" is checked, not assumed. Synchronisation is on prompt markers, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_file, require_tool
+
+pexpect = pytest.importorskip("pexpect")
+
+PROMPT = "JAMPROMPT>"
+SHELLS = ["bash", "zsh", "fish"]
+
+
+def _wrapper(path: Path, log: Path, target: str, slow: bool = False) -> str:
+    """A `jam` that logs its arguments, then runs the real one (optionally with a slow backend)."""
+    if slow:
+        body = f"""#!{sys.executable}
+import os, sys, time
+with open({str(log)!r}, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+import jam_dir
+_orig = jam_dir.fetch
+def fetch(remote, oid, dest, size, session):
+    print(f"slow-fetch {{os.path.basename(str(dest))}}", file=sys.stderr, flush=True)
+    time.sleep(0.5)  # a slow remote (not synchronisation: the test waits on this line)
+    return _orig(remote=remote, oid=oid, dest=dest, size=size, session=session)
+fetch.jam_impl = _orig.jam_impl
+jam_dir.fetch = fetch
+from jam_core.cli import main
+main()
+"""
+    else:
+        body = f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {shlex.quote(str(log))}\nexec {shlex.quote(target)} \"$@\"\n"
+    path.write_text(body)
+    path.chmod(0o755)
+    return str(path)
+
+
+class Shell:
+    """One interactive shell under pexpect, with the hook installed twice."""
+
+    def __init__(self, kind: str, jam: str, hook_bin: str, cwd: Path, env: dict):
+        self.kind = kind
+        exe = require_tool(kind)
+        args = {"bash": ["--norc", "--noprofile", "-i"], "zsh": ["-f", "-i"], "fish": ["--no-config", "-i"]}[kind]
+        self.p = pexpect.spawn(exe, args, cwd=str(cwd), env=env, encoding="utf-8", timeout=60,
+                               dimensions=(40, 250), codec_errors="replace")
+        if kind == "bash":
+            self.p.sendline(f"PS1='{PROMPT} '; PROMPT_COMMAND=")
+        elif kind == "zsh":
+            self.p.sendline(f"PROMPT='{PROMPT} '; unsetopt zle 2>/dev/null")
+        else:
+            self.p.sendline(f"function fish_prompt; echo -n '{PROMPT} '; end; set -g fish_greeting")
+        self.sync()
+        src = {"fish": f"{shlex.quote(jam)} hook fish --bin {shlex.quote(hook_bin)} | source"}.get(
+            kind, f'eval "$({shlex.quote(jam)} hook {kind} --bin {shlex.quote(hook_bin)})"')
+        self.run(src)
+        self.run(src)  # installing twice leaves one hook
+
+    def sync(self) -> str:
+        """Wait until the shell is idle at a prompt; returns what it printed before it."""
+        token = "SYNC" + os.urandom(4).hex()
+        split = f"{token[:6]}''{token[6:]}" if self.kind != "fish" else f"{token[:6]}''{token[6:]}"
+        self.p.sendline(f"echo {split}")
+        self.p.expect_exact(token)
+        before = self.p.before
+        self.p.expect_exact(PROMPT)
+        return before
+
+    def run(self, line: str) -> str:
+        """Type a line, wait until it is done; returns its output (with the echoed line)."""
+        self.p.sendline(line)
+        return self.sync()
+
+    def type(self, line: str) -> str:
+        """Type a line and wait for the next prompt (keeps $? for the next line)."""
+        self.p.sendline(line)
+        self.p.expect_exact(PROMPT)
+        return self.p.before
+
+    def status_of_last(self) -> int:
+        var = "$status" if self.kind == "fish" else "$?"
+        self.p.sendline(f"echo rc=:{var}:")
+        self.p.expect(r"rc=:(\d+):")
+        code = int(self.p.match.group(1))
+        self.p.expect_exact(PROMPT)
+        return code
+
+    def close(self) -> None:
+        self.p.sendline("exit")
+        self.p.close(force=True)
+
+
+@pytest.fixture
+def tree(jam_root):
+    """A root with stubs in data/ (3 files) and data/deep/ (1), local files elsewhere."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.stash import stash
+
+    root = jam_root
+    content = {}
+    for i, rel in enumerate(["data/a.bin", "data/b.bin", "data/c with space.bin", "data/deep/d.bin"]):
+        content[rel] = make_file(root.path / rel, 100_000 + i, seed=i)
+    make_file(root.path / "plain/local.bin", 1000, seed=9)
+    (root.path / "nostubs/sub").mkdir(parents=True)
+    res = stash(root, ["data"], make_plugin_manager())
+    assert len(res.done) == 4
+    return root, content
+
+
+def is_stub(path: Path) -> bool:
+    from jam_core.scan import STUB, classify
+
+    return classify(str(path), os.lstat(path))[0] == STUB
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e.update(TERM="xterm", LC_ALL="C.UTF-8", JAM_DISABLE="", SHELL="/bin/sh")
+    e.pop("JAM_BACKGROUND", None)
+    e.pop("PROMPT_COMMAND", None)
+    return e
+
+
+@pytest.fixture
+def jam_exe(jam_bin):
+    return jam_bin
+
+
+@pytest.fixture
+def logged(tmp_path, jam_exe):
+    log = tmp_path / "jam-calls.log"
+    log.write_text("")
+    return _wrapper(tmp_path / "jam-logged", log, jam_exe), log
+
+
+@pytest.fixture(params=SHELLS)
+def shell(request, tree, logged, jam_exe, env, tmp_path):
+    root, _ = tree
+    hook_bin, _log = logged
+    sh = Shell(request.param, jam_exe, hook_bin, tmp_path, env)
+    yield sh
+    sh.close()
+
+
+def test_cd_into_stubbed_dir_fetches_its_own_stubs(shell, tree, logged):
+    root, content = tree
+    shell.run(f"cd {shlex.quote(str(root.path / 'data'))}")
+    for rel in ["data/a.bin", "data/b.bin", "data/c with space.bin"]:
+        assert not is_stub(root.path / rel)
+        assert (root.path / rel).read_bytes() == content[rel]
+    assert is_stub(root.path / "data/deep/d.bin")  # depth 0: the directory's own stubs
+    shell.run("cd deep")
+    assert (root.path / "data/deep/d.bin").read_bytes() == content["data/deep/d.bin"]
+    # Everything is local now: the index says so and cd starts no process.
+    _, log = logged
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith("hook-fetch") for c in calls), calls
+    shell.run("cd ..; cd deep; cd ../..; cd data")
+    assert len(log.read_text().splitlines()) == 2
+
+
+def test_outside_roots_and_nothing_to_fetch_start_no_process(shell, tree, logged, tmp_path):
+    root, _ = tree
+    _, log = logged
+    (tmp_path / "elsewhere/x").mkdir(parents=True)
+    for d in [tmp_path / "elsewhere", tmp_path / "elsewhere/x", Path("/"), root.path / "plain",
+              root.path / "nostubs", root.path / "nostubs/sub", root.path / ".jam"]:
+        shell.run(f"cd {shlex.quote(str(d))}")
+    assert log.read_text() == ""
+    assert is_stub(root.path / "data/a.bin")
+
+
+def test_status_survives_the_hook(shell, tree, logged):
+    root, content = tree
+    shell.type(f"cd {shlex.quote(str(root.path / 'data'))}; false")  # the hook fetches here
+    assert shell.status_of_last() == 1
+    assert (root.path / "data/a.bin").read_bytes() == content["data/a.bin"]
+    shell.type(f"false; cd {shlex.quote(str(root.path / 'data/deep'))}")
+    assert shell.status_of_last() == 0  # cd's own status, though the hook ran jam
+    assert (root.path / "data/deep/d.bin").read_bytes() == content["data/deep/d.bin"]
+
+
+def test_hook_writes_nothing_on_stdout_and_installs_once(tree, logged, jam_exe, env, tmp_path):
+    root, _ = tree
+    hook_bin, log = logged
+    for kind in SHELLS:
+        exe = require_tool(kind)
+        src = {"fish": f"{jam_exe} hook fish --bin {hook_bin} | source"}.get(kind, f'eval "$({jam_exe} hook {kind} --bin {hook_bin})"')
+        script = {
+            "bash": f'{src}; {src}; declare -p PROMPT_COMMAND; cd {shlex.quote(str(root.path / "data"))}; _jam_hook',
+            "zsh": f'{src}; {src}; print -r -- "hooks: $chpwd_functions"; cd {shlex.quote(str(root.path / "data"))}',
+            "fish": f'{src}; {src}; functions -q _jam_on_pwd; and echo "hooks: _jam_on_pwd"; cd {shlex.quote(str(root.path / "data"))}',
+        }[kind]
+        args = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}[kind]
+        out = subprocess.run([exe, *args, script], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 1, (kind, out.stdout)  # only the probe's own line
+        assert lines[0].count("_jam_hook") == 1 or lines[0].count("_jam_chpwd") == 1 \
+            or lines[0] == "hooks: _jam_on_pwd", lines
+        if kind == "bash":  # the array form of PROMPT_COMMAND too
+            out = subprocess.run([exe, *args, f'PROMPT_COMMAND=(true "echo x"); {src}; {src}; declare -p PROMPT_COMMAND'],
+                                 env=env, capture_output=True, text=True, cwd=tmp_path)
+            assert out.stdout.strip() == 'declare -a PROMPT_COMMAND=([0]="_jam_hook" [1]="true" [2]="echo x")'
+    assert not is_stub(root.path / "data/a.bin")
+
+
+def test_jam_disable(shell, tree, logged):
+    root, _ = tree
+    var = "set -gx JAM_DISABLE 1" if shell.kind == "fish" else "export JAM_DISABLE=1"
+    shell.run(var)
+    shell.run(f"cd {shlex.quote(str(root.path / 'data'))}")
+    assert is_stub(root.path / "data/a.bin")
+    assert logged[1].read_text() == ""
+
+
+def test_above_the_cap_prints_one_line_and_fetches_nothing(shell, tree, logged):
+    root, _ = tree
+    with open(root.config_path, "a") as f:
+        f.write('\n[hook]\nmax_fetch = "200KB"\n')
+    out = shell.run(f"cd {shlex.quote(str(root.path / 'data'))}")
+    lines = [line for line in out.splitlines() if line.startswith("jam:")]
+    assert len(lines) == 1, out
+    assert "3 stubs (300.0 KB)" in lines[0] and "jam checkout ." in lines[0]
+    assert all(is_stub(root.path / f"data/{n}") for n in ["a.bin", "b.bin", "c with space.bin"])
+
+
+def test_depth_from_config(shell, tree, logged):
+    root, content = tree
+    with open(root.config_path, "a") as f:
+        f.write("\n[hook]\ndepth = 1\n")
+    shell.run(f"cd {shlex.quote(str(root.path))}")  # config newer than the index: jam asked once
+    assert (root.path / "data/a.bin").read_bytes() == content["data/a.bin"]  # one level down
+    assert is_stub(root.path / "data/deep/d.bin")  # two levels down: not from the top
+    shell.run("cd data")
+    assert (root.path / "data/deep/d.bin").read_bytes() == content["data/deep/d.bin"]
+
+
+def test_missing_jam_warns_once(tree, env, tmp_path, jam_exe):
+    root, _ = tree
+    gone = tmp_path / "gone/jam"
+    for kind in SHELLS:
+        sh = Shell(kind, jam_exe, str(gone), tmp_path, env)
+        try:
+            out = sh.run(f"cd {shlex.quote(str(root.path / 'data'))}")
+            out += sh.run("cd deep")
+            out += sh.run("cd ..")
+            assert out.count("it is off in this shell") == 1, out
+            assert "Traceback" not in out
+        finally:
+            sh.close()
+
+
+def test_background_fetch(shell, tree, logged, env):
+    root, content = tree
+    with open(root.config_path, "a") as f:
+        f.write("\n[hook]\nbackground = true\n")
+    shell.run(f"cd {shlex.quote(str(root.path / 'data'))}")
+    shell.p.expect(r"jam: fetched 3 files")  # the line that says it is done
+    for rel in ["data/a.bin", "data/b.bin", "data/c with space.bin"]:
+        assert (root.path / rel).read_bytes() == content[rel]
+    assert shell.status_of_last() == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_slow_fetch(tree, env, tmp_path, jam_exe):
+    root, content = tree
+    from jam_core.manager import make_plugin_manager
+    from jam_core.stash import stash
+
+    for i in range(40):  # more than one group (hook-fetch checks out 32 files at a time)
+        content[f"many/f{i:02d}"] = make_file(root.path / f"many/f{i:02d}", 70_000, seed=100 + i)
+    stash(root, ["many"], make_plugin_manager())
+    log = tmp_path / "slow.log"
+    slow = _wrapper(tmp_path / "jam-slow", log, jam_exe, slow=True)
+    for kind in SHELLS:
+        sh = Shell(kind, jam_exe, slow, tmp_path, env)
+        try:
+            sh.p.sendline(f"cd {shlex.quote(str(root.path / 'many'))}")
+            for _ in range(34):  # the first group is done and the second under way
+                sh.p.expect("slow-fetch")
+            sh.p.sendcontrol("c")
+            sh.p.expect("jam: interrupted")
+            sh.p.expect_exact(PROMPT)
+            out = sh.run("echo still-here")
+            assert "still-here" in out and "Traceback" not in sh.p.before
+            states = {rel: is_stub(root.path / rel) for rel in content if rel.startswith("many/")}
+            assert 32 <= sum(not s for s in states.values()) < 40, states  # kept what was done
+            for rel, stub in states.items():
+                if not stub:
+                    assert (root.path / rel).read_bytes() == content[rel]
+            sh.run("cd ..")
+        finally:
+            sh.close()
+        # The rest comes back on the next visit.
+        subprocess.run([jam_exe, "checkout", str(root.path / "many")], check=True, capture_output=True, env=env)
+        for rel in states:
+            assert (root.path / rel).read_bytes() == content[rel]
+        stash(root, ["many"], make_plugin_manager())
+
+
+def test_shellcheck_bash_hook():
+    exe = require_tool("shellcheck")
+    out = subprocess.run([exe, "--shell=bash", str(REPO / "shell/jam.bash")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("kind", SHELLS)
+def test_hook_files_parse(kind):
+    exe = require_tool(kind)
+    flag = {"bash": ["-n"], "zsh": ["-n"], "fish": ["--no-execute"]}[kind]
+    out = subprocess.run([exe, *flag, str(REPO / f"shell/jam.{kind}")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_stubdirs_index_follows_stash_and_checkout(tree):
+    from jam_core.checkout import checkout
+    from jam_core.manager import make_plugin_manager
+
+    root, _ = tree
+    idx = root.jam_dir / "stubdirs"
+    marked = lambda: sorted(str(p.relative_to(idx)) for p in [idx, *idx.rglob("*")] if p.stat().st_mode & 0o1000)  # noqa: E731
+    assert marked() == ["data", "data/deep"]
+    checkout(root, ["data/deep"], make_plugin_manager())
+    assert marked() == ["data"]
+    assert not (idx / "data/deep").exists()
+    checkout(root, ["data"], make_plugin_manager())
+    assert marked() == []
+
+
+def test_wanted_depth():
+    from jam_core.stubdirs import wanted
+
+    stubs = ["a/b/c/f", "x", "a/g"]
+    assert wanted(stubs, 0) == {"a/b/c", "", "a"}
+    assert wanted(stubs, 1) == {"a/b/c", "a/b", "", "a"}
+    assert wanted(stubs, None) == {"a/b/c", "a/b", "a", ""}
+
+
+def test_hook_help_says_where_to_put_it(runner):
+    from jam_core.cli import main
+
+    out = runner.invoke(main, ["hook", "--help"]).output
+    for line in ['eval "$(jam hook zsh)"', 'eval "$(jam hook bash)"', "jam hook fish | source", "~/.zshrc"]:
+        assert line in out
