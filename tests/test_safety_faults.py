@@ -374,3 +374,38 @@ def test_immutable_remote_directory_leaves_the_file_local(tmp_path):
         subprocess.run([chattr, "-i", str(fan)], check=True)
     jam("stash", "f0", cwd=t.root)
     assert is_stub(t.root / "f0")
+
+
+class WriteIntoStubDuringFetch:
+    """Once the backend has written the content aside, someone writes into the stub."""
+
+    def __init__(self, stub: Path):
+        self.stub, self.calls = stub, 0
+
+    @hookimpl(wrapper=True)
+    def fetch(self):
+        result = yield
+        self.calls += 1
+        os.chmod(self.stub, 0o644)
+        with open(self.stub, "r+b") as f:
+            f.write(b"MINE")
+        return result
+
+
+def test_stub_written_into_during_its_fetch_is_not_replaced(tmp_path):
+    from jam_core.checkout import checkout
+
+    t, digests = stashed_tree(tmp_path)
+    jam("stash", "f0", cwd=t.root)
+    p = t.root / "f0"
+    plugin = WriteIntoStubDuringFetch(p)
+    with Session() as s:
+        res = checkout(Root(t.root), ["f0"], make_plugin_manager(extra=(plugin,)), s)
+    assert plugin.calls == 1
+    assert not res.done and res.exit_code != 0, res
+    assert p.read_bytes().startswith(b"MINE") and xattr_kept(p)
+    assert no_jam_tmp(t.root)
+
+
+def xattr_kept(p) -> bool:
+    return record(p) is not None
