@@ -528,3 +528,46 @@ def test_file_changed_while_stored_is_refused(pm, sftp_remote, sftp_store, tmp_p
     with Session() as s, pytest.raises(IntegrityError, match="changed while it was being stored"):
         pm.hook.stash(remote=sftp_remote, oid=oid, source=tmp_path / "f", size=size, session=s)
     assert not stored(sftp_store, oid).exists() and leftovers(sftp_store) == []
+
+
+# -- the host-key question on a terminal ------------------------------------------------------------
+
+ASK = """
+import sys
+from jam_core.manager import make_plugin_manager
+from jam_core.model import Remote, Session
+url = sys.argv[1]
+r = Remote(name="far", kind="sftp", url=url, location=url)
+try:
+    with Session() as s:
+        print("RESULT", make_plugin_manager(load_entrypoints=False).hook.check_remote(remote=r, session=s, create=True))
+except Exception as exc:
+    print("ERROR", exc)
+"""
+
+
+@pytest.mark.parametrize("answer", ["yes", "no"])
+def test_terminal_asks_about_an_unknown_key(sshd, sftp_store, monkeypatch, answer):
+    pexpect = pytest.importorskip("pexpect")
+    kh = Path(os.environ["HOME"]) / ".ssh" / "known_hosts"
+    kh.write_text("")
+    monkeypatch.delenv("JAM_NO_PROMPT")
+    url = f"sftp://{sshd.alias}{sftp_store}"
+    child = pexpect.spawn(sys.executable, ["-c", ASK, url], env=dict(os.environ), encoding="utf-8", timeout=30)
+    child.expect(r"fingerprint is (SHA256:\S+)\.")
+    assert child.match.group(1) == host_fingerprint(sshd)
+    child.expect(r"\(yes/no\)\? ")
+    child.sendline(answer)
+    child.expect(["RESULT", "ERROR"])
+    child.expect(pexpect.EOF)
+    if answer == "yes":
+        assert child.after is not None and "writable" in child.before
+        recorded = kh.read_text().split()  # hashed if ssh_config says HashKnownHosts (Debian does)
+        assert recorded[1:] == sshd.known_hosts_line().split()[1:]
+        with Session() as s:  # recorded: no question the second time
+            make_plugin_manager(load_entrypoints=False).hook.check_remote(
+                remote=sftp_remote_for(url), session=s, create=False
+            )
+    else:
+        assert "unknown host key" in child.before
+        assert kh.read_text() == ""
