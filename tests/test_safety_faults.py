@@ -137,12 +137,27 @@ class ModifyAfterStore:
         return result
 
 
-@pytest.mark.parametrize("when", [ModifyBeforeStore, ModifyAfterStore])
+class ModifyBeforeSwap:
+    """Modifies the file after every check made while storing it, just before the swap (the
+    remotes' ``sync``, called once the batch is stored): only the swap's own check sees it."""
+
+    def __init__(self, modify):
+        self.modify, self.calls, self.path = modify, 0, None
+
+    @hookimpl(tryfirst=True)
+    def sync(self):
+        self.calls += 1
+        self.modify(self.path)
+        return None
+
+
+@pytest.mark.parametrize("when", [ModifyBeforeStore, ModifyAfterStore, ModifyBeforeSwap])
 @pytest.mark.parametrize("how", sorted(MODIFY))
 def test_file_modified_while_stashed_stays_local_with_new_content(tmp_path, when, how):
     t = make_tree(tmp_path)
     make_file(t.root / "f", 300_000, seed=7)
     plugin = when(MODIFY[how])
+    plugin.path = t.root / "f"
     pm = make_plugin_manager(extra=(plugin,))
     with Session() as s:
         res = stash(Root(t.root), ["f"], pm, s)
