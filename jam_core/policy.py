@@ -318,8 +318,7 @@ def stash_auto(root: Root, pm, session=None, dry_run: bool = False):
     plan = plan_auto(root, pm)
     if dry_run or not plan.items:
         return plan, None
-    reasons = {i.path: "; ".join(f"{p}: {r}" for p, r in i.reasons) for i in plan.items}
-    result = stash(root, [i.path for i in plan.items], pm, session, explicit=False, reasons=reasons)
+    result = stash(root, [i.path for i in plan.items], pm, session, explicit=False)
     return plan, result
 
 

@@ -133,10 +133,11 @@ class Stored:
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
-          explicit: bool = True, reasons: dict[str, str] | None = None) -> Result:
+          explicit: bool = True) -> Result:
     """Stash files and directories (relative to the root). Holds the root's lock throughout.
 
-    ``explicit=False`` (policies chose) applies the minimum size to named files too. Files go
+    ``explicit=False`` (policies chose) applies the minimum size to named files too and, under
+    the lock, leaves pinned files alone (a pin may land between planning and stashing). Files go
     in batches: store each on its remotes, make the remotes durable (``sync`` hook), write the
     stubs aside, make them durable (one syncfs), then swap each file that did not change.
     """
@@ -150,9 +151,15 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         batch: list[Stored] = []
         used: dict[str, Remote] = {}
         batch_bytes = 0
+        pins = set() if explicit else cat.pins()
         todo = []
         for entry, named in collect(root, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
+            if why is None and pins:
+                from jam_core.policy import covered
+
+                if covered(entry.rel, pins):
+                    why = "pinned"
             if why == "":
                 result.unchanged += 1
             elif why:

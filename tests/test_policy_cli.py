@@ -327,3 +327,18 @@ def test_cli_in_a_subprocess_with_an_isolated_home(jam_bin, jam_root):
     out = subprocess.run([jam_bin, "stash", "--auto"], cwd=jam_root.path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert stubs(jam_root) == {"old.bin"}
+
+
+def test_pin_landing_between_plan_and_stash_is_respected(jam_root):
+    """stash_auto plans without the lock; a pin made before the stash takes it still holds."""
+    from jam_core.catalog import Catalog
+    from jam_core.manager import make_plugin_manager
+    from jam_core.stash import stash
+    from tests.conftest import make_file
+
+    data = make_file(jam_root.path / "keep" / "a.bin", 100_000)
+    with Catalog(jam_root.jam_dir / "catalog.db") as cat:
+        cat.pin(["keep"])
+    res = stash(jam_root, ["keep/a.bin"], make_plugin_manager(), explicit=False)
+    assert res.done == [] and res.skipped == [("keep/a.bin", "pinned")]
+    assert (jam_root.path / "keep/a.bin").read_bytes() == data
