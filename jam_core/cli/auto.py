@@ -49,9 +49,8 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
         print_plan(plan, dry_run)
     if dry_run or not plan.items:
         return 0
-    reasons = {i.path: reasons_text(i) for i in plan.items}
     with session("stashing") as s:
-        result = stash(root, [i.path for i in plan.items], pm, s, explicit=False, reasons=reasons)
+        result = stash(root, [i.path for i in plan.items], pm, s, explicit=False)
     report(result, "stashed", "freed")
     return result.exit_code
 
