@@ -13,7 +13,7 @@ remote whose ``kind`` they do not handle, so the backend of that kind answers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pluggy
 
@@ -80,6 +80,26 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
     :param session: per-command state (connections, progress).
     :return: ``True`` once stored and verified; raise :class:`jam_core.errors.RemoteError`
         on failure.
+    """
+
+
+@hookspec(firstresult=True)
+def stash_many(
+    remote: Remote, items: Sequence[tuple[str, Path, int]], session: Session
+) -> Iterable[tuple[str, Exception | None]] | None:
+    """Store several objects on ``remote`` at once (a backend that can pipeline or parallelise).
+
+    Called by a stash with each batch of files placed on ``remote``, instead of one ``stash``
+    call per file. First non-None answer wins; ``None`` (the default) makes the core call
+    ``stash`` per item. The same contract as ``stash`` holds for each object.
+
+    :param remote: where to store.
+    :param items: ``(oid, source, size)`` triples, each oid once.
+    :param session: per-command state (connections, progress).
+    :return: an iterable of ``(oid, error)`` pairs, one per item, in any order, produced as each
+        object is stored and verified: ``error`` is ``None`` on success, else the exception for
+        that item (:class:`jam_core.errors.IntegrityError` if the source changed). Raise
+        :class:`jam_core.errors.RemoteError` if the remote as a whole fails.
     """
 
 

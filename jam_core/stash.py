@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from jam_core.catalog import Catalog
 from jam_core.fsutil import fsync_dir, syncfs
@@ -123,13 +123,27 @@ BATCH_BYTES = 256 << 20
 
 @dataclass
 class Stored:
-    """A file whose content the remotes hold, waiting to be swapped for its stub."""
+    """A hashed file on its way: stored on ``targets``, then swapped for its stub."""
 
     entry: Entry
     st0: os.stat_result
     record: StubRecord
     xattrs: dict[str, bytes]
+    targets: list[Remote]
     tmp: str = ""
+
+
+def batches(items: list, size_of) -> Iterator[list]:
+    """Consecutive runs of at most BATCH_FILES items and about BATCH_BYTES bytes."""
+    batch, total = [], 0
+    for item in items:
+        batch.append(item)
+        total += size_of(item)
+        if len(batch) >= BATCH_FILES or total >= BATCH_BYTES:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
@@ -138,8 +152,9 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
 
     ``explicit=False`` (policies chose) applies the minimum size to named files too and, under
     the lock, leaves pinned files alone (a pin may land between planning and stashing). Files go
-    in batches: store each on its remotes, make the remotes durable (``sync`` hook), write the
-    stubs aside, make them durable (one syncfs), then swap each file that did not change.
+    in batches: hash each, store the batch on its remotes (``stash_many`` where a backend
+    offers it, else ``stash`` per file), make the remotes durable (``sync``), write the stubs
+    aside, make them durable (one syncfs), then swap each file that did not change.
     """
     result = Result()
     session = session or Session()
@@ -148,9 +163,6 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
     min_size = root.min_size
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        batch: list[Stored] = []
-        used: dict[str, Remote] = {}
-        batch_bytes = 0
         pins = set() if explicit else cat.pins()
         todo = []
         for entry, named in collect(root, rels, result):
@@ -167,32 +179,88 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             else:
                 todo.append(entry)
         session.begin(2 * sum(e.st.st_size for e in todo))  # read and hash, then store
-        for entry in todo:
-            try:
-                stored = store_file(root, entry, remotes, pm, session)
-                session.file_done(2 * entry.st.st_size)
-            except RemoteError as exc:
-                result.aborted = str(exc)
+        for batch in batches(todo, lambda e: e.st.st_size):
+            _stash_batch(root, batch, remotes, pm, session, cat, result)
+            if result.aborted:
                 break
-            except IntegrityError as exc:
-                result.skipped.append((entry.rel, str(exc)))
-                continue
-            except (JamError, OSError) as exc:
-                result.failed.append((entry.rel, _why(exc)))
-                continue
-            if stored is None:
-                result.skipped.append((entry.rel, "changed while it was being stashed; left local"))
-                continue
-            batch.append(stored)
-            used.update((r.name, r) for r in remotes if r.name in stored.record.remotes)
-            batch_bytes += stored.record.size
-            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                _swap_batch(root, batch, used.values(), pm, session, cat, result)
-                batch, used, batch_bytes = [], {}, 0
-        if batch:
-            _swap_batch(root, batch, used.values(), pm, session, cat, result)
         refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
+
+
+def _stash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
+                 cat: Catalog, result: Result) -> None:
+    hashed: list[Stored] = []
+    for entry in entries:
+        try:
+            s = hash_and_place(root, entry, remotes, pm, session)
+        except (JamError, OSError) as exc:
+            result.failed.append((entry.rel, _why(exc)))
+            session.file_done(2 * entry.st.st_size)
+            continue
+        if s is None:
+            result.skipped.append((entry.rel, "changed while it was being stashed; left local"))
+            session.file_done(2 * entry.st.st_size)
+            continue
+        hashed.append(s)
+    errors: dict[int, Exception] = {}
+    used: dict[str, Remote] = {}
+    for remote in remotes:
+        items = [s for s in hashed if remote in s.targets and id(s) not in errors]
+        if not items:
+            continue
+        used[remote.name] = remote
+        try:
+            for s, err in store_on(remote, items, pm, session):
+                if err is not None:
+                    errors[id(s)] = err
+        except RemoteError as exc:
+            result.aborted = str(exc)
+            return
+    stored = []
+    for s in hashed:
+        session.file_done(2 * s.record.size)
+        err = errors.get(id(s))
+        if err is None:
+            stored.append(s)
+        elif isinstance(err, IntegrityError):
+            result.skipped.append((s.entry.rel, str(err)))
+        else:
+            result.failed.append((s.entry.rel, _why(err)))
+    if stored:
+        _swap_batch(root, stored, used.values(), pm, session, cat, result)
+
+
+def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Iterator[tuple[Stored, Exception | None]]:
+    """Store ``items`` on ``remote``; yields each with None (stored and verified) or its error.
+
+    Raises RemoteError when the remote as a whole fails (unreachable, gone, no backend).
+    """
+    by_oid: dict[str, list[Stored]] = {}
+    for s in items:
+        by_oid.setdefault(s.record.oid, []).append(s)  # equal content is stored once
+    unique = [(oid, Path(group[0].entry.path), group[0].record.size) for oid, group in by_oid.items()]
+    many = pm.hook.stash_many(remote=remote, items=unique, session=session)
+    if many is not None:
+        for oid, err in many:
+            for s in by_oid.pop(oid, ()):
+                yield s, err
+        for group in by_oid.values():  # a backend that forgot some: never trust them as stored
+            for s in group:
+                yield s, RemoteError(f"remote {remote.name!r} did not report storing {s.record.oid}")
+        return
+    for oid, source, size in unique:
+        try:
+            ok = pm.hook.stash(remote=remote, oid=oid, source=source, size=size, session=session)
+        except RemoteError:
+            raise
+        except (JamError, OSError) as exc:  # this file's problem: the others go on
+            ok = exc
+        if ok is None:
+            raise RemoteError(f"remote {remote.name!r}: no installed plugin handles kind {remote.kind!r}")
+        err = None if ok is True else ok if isinstance(ok, Exception) else \
+            RemoteError(f"remote {remote.name!r} did not store {oid}")
+        for s in by_oid[oid]:
+            yield s, err
 
 
 def _why(exc: Exception) -> str:
@@ -262,33 +330,24 @@ def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -
     return list(chosen)
 
 
-def store_file(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session) -> Stored | None:
-    """Hash a file and store it on the remotes ``place`` chooses. None if it changed meanwhile."""
-    path = entry.path
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def hash_and_place(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session) -> Stored | None:
+    """Hash a file and let ``place`` choose its remotes. None if it changed since the scan."""
+    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st0 = os.fstat(fd)
         if not same_file(st0, entry.st):
             return None
         oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress)
-        if size != st0.st_size:
-            return None
-        targets = choose_remotes(root, pm, oid, size, remotes)
-        for remote in targets:
-            ok = pm.hook.stash(remote=remote, oid=oid, source=Path(path), size=size, session=session)
-            if ok is None:
-                raise RemoteError(f"remote {remote.name!r}: no installed plugin handles kind {remote.kind!r}")
-            if ok is not True:
-                raise RemoteError(f"remote {remote.name!r} did not store {oid}")
-        if not same_file(os.fstat(fd), st0):
+        if size != st0.st_size or not same_file(os.fstat(fd), st0):
             return None
         xattrs = user_xattrs(fd)
     finally:
         os.close(fd)
+    targets = choose_remotes(root, pm, oid, size, remotes)
     rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
                      remotes=tuple(r.name for r in targets),
                      stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return Stored(entry, st0, rec, xattrs)
+    return Stored(entry, st0, rec, xattrs, targets)
 
 
 def write_stub_aside(s: Stored) -> str:
