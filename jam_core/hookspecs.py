@@ -133,6 +133,26 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
 
 
 @hookspec(firstresult=True)
+def fetch_many(
+    remote: Remote, items: Sequence[tuple[str, Path, int]], session: Session
+) -> Iterable[tuple[str, bool | Exception]] | None:
+    """Write several objects from ``remote`` into new local files at once.
+
+    Called by a checkout with each batch of stubs whose next remote is ``remote``, instead
+    of one ``fetch`` call per file. First non-None answer wins; ``None`` (the default) makes
+    the core call ``fetch`` per item. The same contract as ``fetch`` holds for each object;
+    the core verifies every file.
+
+    :param remote: where to read from.
+    :param items: ``(oid, dest, size)`` triples, each oid once; each ``dest`` exists, empty.
+    :param session: per-command state (connections, progress).
+    :return: an iterable of ``(oid, outcome)`` pairs, one per item, in any order: ``True``
+        (written), ``False`` (the remote does not have it) or the exception for that item.
+        Raise :class:`jam_core.errors.RemoteError` if the remote as a whole fails.
+    """
+
+
+@hookspec(firstresult=True)
 def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
     """Say whether ``remote`` holds object ``oid`` with the expected size (a cheap check).
 

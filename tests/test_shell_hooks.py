@@ -315,8 +315,6 @@ def test_ctrl_c_during_a_slow_fetch(tree, env, tmp_path, jam_exe):
         stash(root, ["many"], make_plugin_manager())
 
 
-@pytest.mark.xfail(strict=True, reason="checkout's batches leave their fetched-aside temporary "
-                   "files behind when interrupted (KeyboardInterrupt between fetch_aside and _swap_batch)")
 def test_interrupted_checkout_leaves_no_temporary_files(tree):
     from jam_core import hookimpl
     from jam_core.checkout import checkout
