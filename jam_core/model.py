@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -68,21 +69,25 @@ class Session:
         self._on_total = total
         self.moved = 0
         self._done = 0
+        self._lock = threading.RLock()
         self._closers: list[Callable[[], None]] = []
 
     def progress(self, n: int) -> None:
-        self.moved += n
-        if self._on_progress is not None:
-            self._on_progress(n)
+        """Count ``n`` bytes moved; safe to call from a backend's transfer threads."""
+        with self._lock:
+            self.moved += n
+            if self._on_progress is not None:
+                self._on_progress(n)
 
     def begin(self, total: int) -> None:
         if self._on_total is not None:
             self._on_total(total)
 
     def file_done(self, size: int) -> None:
-        self._done += size
-        if self.moved < self._done:
-            self.progress(self._done - self.moved)
+        with self._lock:
+            self._done += size
+            if self.moved < self._done:
+                self.progress(self._done - self.moved)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
