@@ -55,10 +55,16 @@ def is_jam_tmp(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
 
 
-def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True):
+def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
     holds regular files (jam's temporary files left out). A single file yields its directory
-    with that one file. One lstat per entry, no other I/O."""
+    with that one file. One lstat per entry, no other I/O.
+
+    ``clean=True`` (only while holding the root's lock, when no other jam can be writing)
+    first deletes the temporary files a killed jam left: a stub or content written aside, or
+    the link that held an original across its swap. Each is disposable: the file it belongs
+    to is whole without it, and a stale hold-link would make that file look hard-linked.
+    """
     start = root_path if rel == "." else os.path.join(root_path, rel)
     try:
         st = os.lstat(start)
@@ -82,6 +88,8 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
             if on_error:
                 on_error(prefix[:-1] or ".", exc)
             continue
+        if clean:
+            entries = [e for e in entries if not _remove_stale(e)]
         files, subdirs = [], []
         for e in entries:
             try:
@@ -101,12 +109,33 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
             yield prefix[:-1] or ".", files
 
 
-def walk(root_path: str, rel: str = ".", on_error=None, thorough: bool = True, ordered: bool = True) -> Iterator[Entry]:
+def _remove_stale(e: os.DirEntry) -> bool:
+    if not is_jam_tmp(e.name) or not e.is_file(follow_symlinks=False):
+        return False
+    try:
+        os.unlink(e.path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def remove_stale_in(directory: str) -> None:
+    """``clean`` for one directory (a file named alone): same rule, same lock required."""
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                _remove_stale(e)
+    except OSError:
+        pass
+
+
+def walk(root_path: str, rel: str = ".", on_error=None, thorough: bool = True, ordered: bool = True,
+         clean: bool = False) -> Iterator[Entry]:
     """Every regular file under ``rel`` (a file or directory relative to the root), classified.
 
     ``ordered`` sorts names within each directory (stable output); ``thorough`` see classify.
     """
-    for dname, files in scan_dirs(root_path, rel, on_error, ordered):
+    for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean):
         prefix = "" if dname == "." else dname + "/"
         for name, path, st in files:
             state, rec, problem = classify(path, st, thorough)

@@ -23,7 +23,7 @@ from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, walk
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, remove_stale_in, walk
 from jam_core.stub import HEADER_MAX, XATTR, StubRecord, write_stub
 from jam_core.stubdirs import refresh as refresh_stubdirs
 
@@ -91,7 +91,10 @@ def user_xattrs(fd_or_path) -> dict[str, bytes]:
 
 
 def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
-    """Walk the named paths; returns (entry, named_explicitly) pairs, each file once."""
+    """Walk the named paths; returns (entry, named_explicitly) pairs, each file once.
+
+    The caller holds the root's lock, so temporary files a killed jam left are removed on
+    the way (see ``scan.scan_dirs``)."""
     seen: set[str] = set()
     out = []
     for rel in rels:
@@ -110,7 +113,9 @@ def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry
         def on_error(r, exc):
             result.failed.append((r, exc.strerror or str(exc)))
 
-        for e in walk(str(root.path), rel, on_error):
+        if not os.path.isdir(path):
+            remove_stale_in(os.path.dirname(path))
+        for e in walk(str(root.path), rel, on_error, clean=True):
             if e.rel not in seen:
                 seen.add(e.rel)
                 out.append((e, e.rel == rel))

@@ -95,3 +95,24 @@ def test_small_files_skipped_in_a_directory_but_stashed_when_named(tmp_path):
     assert is_stub(t.root / "d" / "small")
     jam("checkout", "d", cwd=t.root)
     assert b3(t.root / "d" / "small") == h
+
+
+def test_leftovers_of_a_killed_jam_are_cleaned_under_the_lock(jam_root, runner):
+    """A kill between holding the original (a hard link) and dropping the hold leaves a
+    `.jam-*.tmp` link: the next stash must not take the file for a hard-linked one, and
+    temporary stubs or fetched content left aside must not linger."""
+    from jam_core.cli import main
+    from tests.conftest import make_file
+
+    data = make_file(jam_root.path / "d" / "a.bin", 100_000, 1)
+    make_file(jam_root.path / "d" / "b.bin", 100_000, 2)
+    os.link(jam_root.path / "d" / "a.bin", jam_root.path / "d" / ".jam-0123456789abcdef.tmp")
+    (jam_root.path / "d" / ".jam-fedcba9876543210.tmp").write_bytes(b"half a fetch")
+    res = runner.invoke(main, ["stash", "d/a.bin"])
+    assert res.exit_code == 0 and "stashed 1 file" in res.output, res.output + res.stderr
+    assert sorted(os.listdir(jam_root.path / "d")) == ["a.bin", "b.bin"]
+    (jam_root.path / "d" / ".jam-aaaaaaaaaaaaaaaa.tmp").write_bytes(b"stub written aside")
+    res = runner.invoke(main, ["checkout", "d"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert sorted(os.listdir(jam_root.path / "d")) == ["a.bin", "b.bin"]
+    assert (jam_root.path / "d" / "a.bin").read_bytes() == data
