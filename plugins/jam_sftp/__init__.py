@@ -109,4 +109,108 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
             raise pool.error(f"fetch {oid}", exc, ops, size) from None
 
 
+def _lanes(pool: "Pool", items: list) -> list[list]:
+    """Split a batch over up to ``LANES`` connections of the pool (round robin, so sizes mix)."""
+    n = max(1, min(LANES, pool.size, len(items) // LANE_MIN))
+    return [items[i::n] for i in range(n)]
+
+
+def _in_lanes(pool: "Pool", items: list, work) -> list:
+    """Run ``work(ops, lane_items)`` per lane, each on its own connection; concatenate the results."""
+    lanes = _lanes(pool, items)
+    if len(lanes) == 1:
+        with pool.ops() as ops:
+            return work(ops, lanes[0])
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(lane):
+        with pool.ops() as ops:
+            return work(ops, lane)
+
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="jam-sftp") as ex:
+        futures = [ex.submit(one, lane) for lane in lanes]
+        out, first = [], None
+        for fut in futures:  # wait for every lane before raising: no lane outlives the call
+            try:
+                out.extend(fut.result())
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+    return out
+
+
+LANES = 1  # connections one batch is spread over (more cost GIL contention; see bench_sftp.py)
+LANE_MIN = 64  # files per lane at least
+
+
+@hookimpl
+def stash_many(remote: Remote, items, session: Session):
+    """Store a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
+
+    Each object: ``(oid, None)`` once renamed into place after every reply was OK (written,
+    fsynced, size checked, hash of the bytes sent equal to the id); ``(oid, IntegrityError)``
+    if the source no longer hashes to its id; ``(oid, OSError)`` if it cannot be read. A
+    connection lost or a status the server refuses (permission, full disk) raises RemoteError
+    for the batch, after the other files of the batch have finished or been cleaned up.
+    """
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.batch import put_many
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+    from jam_core.errors import IntegrityError
+
+    pool = get_pool(remote, session)
+    items = list(items)
+
+    def work(ops, lane):
+        try:
+            pool.ensure_layout(ops)
+            files = put_many(ops, lane, session.progress)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error(f"store {len(lane)} objects", exc, ops) from None
+        for f in files:
+            if isinstance(f.error, SftpStatus):
+                raise pool.error(f"store {f.oid}", f.error, ops, f.size)
+        return [(f.oid, None if f.outcome is True and f.error is None else
+                 f.error if isinstance(f.error, (IntegrityError, OSError)) else
+                 RemoteError(f"{pool.where}: {f.oid} was not stored")) for f in files]
+
+    return _in_lanes(pool, items, work)
+
+
+@hookimpl
+def fetch_many(remote: Remote, items, session: Session):
+    """Fetch a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
+
+    Each object: ``(oid, True)`` once every read came back and the size matched (the core then
+    hashes it), ``(oid, False)`` if the server has no such object, ``(oid, exception)`` for a
+    damaged object (IntegrityError), a status the server refused for it, or a local write
+    error. A lost connection raises RemoteError.
+    """
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.batch import get_many
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    items = list(items)
+
+    def work(ops, lane):
+        try:
+            files = get_many(ops, lane, session.progress)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error(f"fetch {len(lane)} objects", exc, ops) from None
+        out = []
+        for f in files:
+            if f.error is not None:
+                out.append((f.oid, pool.error(f"fetch {f.oid}", f.error, ops, f.size)
+                            if isinstance(f.error, SftpStatus) else f.error))
+            else:
+                out.append((f.oid, f.outcome is True))
+        return out
+
+    return _in_lanes(pool, items, work)
+
+
 __all__ = ["KIND", "RemoteError", "get_pool"]

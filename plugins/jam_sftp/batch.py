@@ -1,0 +1,532 @@
+"""Many small objects over one SFTP connection at once: a pipeline of checked requests.
+
+``Ops.put``/``Ops.get`` move one object in two or three round trips, each waiting for the
+server and for paramiko's reader thread. For thousands of small files that wait is the whole
+cost. Here up to ``WINDOW`` files are in flight on one connection: each file is a small state
+machine whose next requests are sent as soon as the replies of its previous step are in, while
+the other files' requests keep the server busy. Every reply is still read and checked, and the
+guarantees are those of ``Ops.put``/``Ops.get``:
+
+Upload of one file: the source is read and hashed first (the exact bytes that are then sent;
+content that does not hash to the id is an IntegrityError and nothing is sent), then
+  1. ``stat objects/<relpath>`` and ``open tmp/<random>.part`` (create, exclusive);
+  2. (the object is already there with its size: close and remove the temporary file) else
+     the writes, ``fsync@openssh.com``, ``fstat``, ``close``; every status must be OK and the
+     size the server reports must be the size sent;
+  3. ``mkdir`` of the fan-out directories not yet known, then ``posix-rename`` into place (the
+     server handles requests in order, so the directories exist by then); only a rename whose
+     reply is OK counts as stored.
+A file that fails at any step has its temporary file closed and removed; nothing is ever
+renamed into place unless every earlier reply of that file was OK.
+
+Download of one file: ``open``, then ``fstat`` and the reads, then ``close``; the size must
+match and every read must return its bytes (the core hashes the result before using it).
+
+Files larger than ``PIPELINED_MAX`` take the single-file path (``Ops.put``/``Ops.get``),
+after the pipeline, on the same connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import paramiko
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_FSTAT,
+    CMD_HANDLE,
+    CMD_MKDIR,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_REMOVE,
+    CMD_RENAME,
+    CMD_STAT,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_EOF,
+    SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_WRITE,
+    SFTP_NO_SUCH_FILE,
+    SFTP_OK,
+    int64,
+)
+from paramiko.sftp_attr import SFTPAttributes
+
+from jam_core.errors import IntegrityError
+from jam_core.objects import hasher, object_relpath, split_oid
+
+from jam_sftp.transfer import REQUEST, ConnectionLost, Ops, SftpStatus, _lost
+
+WINDOW = 64  # files in flight on one connection
+WINDOW_BYTES = 16 << 20  # and at most this many bytes of theirs
+PIPELINED_MAX = 4 << 20  # larger files take the single-file path
+FLUSH_BYTES = 1 << 20  # send queued requests once this many bytes wait
+
+Reply = Callable[[int, paramiko.Message], None]
+
+
+class _File:
+    """One object on its way through the pipeline."""
+
+    __slots__ = ("oid", "path", "size", "data", "tmp", "final", "handle", "pending", "step", "error",
+                 "outcome", "existing", "fstat", "retried", "fd", "done")
+
+    def __init__(self, oid: str, path: Path, size: int):
+        self.oid, self.path, self.size = oid, path, size
+        self.data: list[bytes] = []
+        self.tmp = self.final = ""
+        self.handle: bytes | None = None
+        self.pending = 0  # replies still expected for the current step
+        self.step: Callable[["_File"], None] | None = None  # what to do once they are all in
+        self.error: BaseException | None = None
+        self.outcome: Any = None
+        self.existing: SFTPAttributes | None = None
+        self.fstat: SFTPAttributes | None = None
+        self.retried = False
+        self.fd = -1
+        self.done = False
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+
+class Pipeline:
+    """Replies on one connection routed to per-request callbacks (paramiko's ``fileobj`` hook)."""
+
+    def __init__(self, ops: Ops, progress: Callable[[int], None]):
+        self.ops = ops
+        self.sftp = ops.sftp
+        self.progress = progress
+        self.callbacks: dict[int, tuple[_File, Reply]] = {}
+        self.active = 0
+        self.active_bytes = 0
+        self.out: list[bytes] = []  # requests queued, not yet sent
+        self.out_bytes = 0
+
+    # -- paramiko's side -------------------------------------------------------------------
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:  # paramiko calls this
+        f, on_reply = self.callbacks.pop(num)
+        f.pending -= 1
+        try:
+            on_reply(t, msg)
+        except (SftpStatus, IntegrityError, OSError) as exc:
+            f.fail(exc)
+        if f.pending == 0 and f.step is not None:
+            step, f.step = f.step, None
+            step(f)
+
+    def send(self, f: _File, on_reply: Reply, t: int, *args: Any) -> None:
+        """Queue a request (numbered and registered as paramiko's ``_async_request`` does).
+
+        Queued requests leave together on ``flush``: one channel write carries dozens of small
+        requests, where one write each would cost a syscall, an SSH packet and a wake-up of
+        sshd per request.
+        """
+        sftp = self.sftp
+        msg = paramiko.Message()
+        with sftp._lock:
+            num = sftp.request_number
+            msg.add_int(num)
+            for item in args:
+                if isinstance(item, int64):
+                    msg.add_int64(item)
+                elif isinstance(item, int):
+                    msg.add_int(item)
+                elif isinstance(item, SFTPAttributes):
+                    item._pack(msg)
+                else:
+                    msg.add_string(item)
+            sftp._expecting[num] = self
+            sftp.request_number += 1
+        body = msg.asbytes()
+        self.out.append(struct.pack(">IB", len(body) + 1, t))
+        self.out.append(body)
+        self.out_bytes += len(body) + 5
+        self.callbacks[num] = (f, on_reply)
+        f.pending += 1
+        if self.out_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.out:
+            return
+        data, self.out, self.out_bytes = b"".join(self.out), [], 0
+        try:
+            self.sftp._write_all(data)
+        except (EOFError, socket.error, paramiko.SSHException) as exc:
+            raise self._lost(exc) from None
+
+    def pump(self) -> None:
+        """Read one reply and run its callback (which may queue more requests).
+
+        Queued requests are sent only when no reply is waiting: the reactions to a burst of
+        replies leave together.
+        """
+        if self.out and not self.sftp.sock.recv_ready():
+            self.flush()
+        try:
+            self.sftp._read_response()
+        except (EOFError, socket.error, paramiko.SSHException) as exc:
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: BaseException) -> ConnectionLost:
+        self.ops.conn.broken = True  # replies may still be in flight: never reuse it
+        return _lost(exc)
+
+    def run(self, files: Sequence[_File], start: Callable[[_File], None]) -> None:
+        """Start files while the window allows; pump replies until every file is done."""
+        queue = list(reversed(files))
+        try:
+            while queue or self.active:
+                while queue and self.active < WINDOW and (self.active == 0 or self.active_bytes < WINDOW_BYTES):
+                    f = queue.pop()
+                    self.active += 1
+                    self.active_bytes += f.size
+                    start(f)
+                if self.active:
+                    self.pump()
+        except BaseException:
+            self.ops.conn.broken = True  # requests of ours are unanswered: the connection is spent
+            raise
+        finally:
+            for f in files:
+                if f.fd >= 0:
+                    os.close(f.fd)
+                    f.fd = -1
+
+    def finish(self, f: _File) -> None:
+        if not f.done:
+            f.done = True
+            f.data = []
+            self.active -= 1
+            self.active_bytes -= f.size
+
+    # -- replies ---------------------------------------------------------------------------
+
+    @staticmethod
+    def status(path: str) -> Reply:
+        def check(t: int, msg: paramiko.Message) -> None:
+            if t != CMD_STATUS:
+                raise SftpStatus(SFTP_FAILURE, f"unexpected reply {t}", path)
+            code = msg.get_int()
+            if code != SFTP_OK:
+                raise SftpStatus(code, msg.get_text(), path)
+
+        return check
+
+    @staticmethod
+    def ignore(t: int, msg: paramiko.Message) -> None:
+        pass
+
+    @staticmethod
+    def attrs(path: str, into: Callable[[SFTPAttributes | None], None]) -> Reply:
+        def check(t: int, msg: paramiko.Message) -> None:
+            if t == CMD_STATUS:
+                code = msg.get_int()
+                if code == SFTP_NO_SUCH_FILE:
+                    return into(None)
+                raise SftpStatus(code, msg.get_text(), path)
+            if t != CMD_ATTRS:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to stat", path)
+            into(SFTPAttributes._from_msg(msg))
+
+        return check
+
+    @staticmethod
+    def handle(f: _File, path: str) -> Reply:
+        def check(t: int, msg: paramiko.Message) -> None:
+            if t == CMD_STATUS:
+                raise SftpStatus(msg.get_int(), msg.get_text(), path)
+            if t != CMD_HANDLE:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to open", path)
+            f.handle = msg.get_binary()
+
+        return check
+
+
+# -- upload -----------------------------------------------------------------------------------
+
+
+class Uploads(Pipeline):
+    """``put`` for many files; each ends with ``outcome`` True or ``error`` set."""
+
+    def __init__(self, ops: Ops, progress: Callable[[int], None]):
+        super().__init__(ops, progress)
+        self.requested_dirs: set[str] = set()  # mkdirs already sent on this connection
+
+    def start(self, f: _File) -> None:
+        if not self._read_source(f):
+            return self.finish(f)
+        ops = self.ops
+        f.final = ops.object_path(f.oid)
+        f.tmp = ops.path("tmp", f"{uuid.uuid4().hex}.part")
+        attrs = SFTPAttributes()
+        attrs.st_mode = 0o444
+
+        def existing(st: SFTPAttributes | None) -> None:
+            f.existing = st
+
+        f.step = self._opened
+        self.send(f, self.attrs(f.final, existing), CMD_STAT, f.final)
+        self.send(f, self.handle(f, f.tmp), CMD_OPEN, f.tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
+
+    def _read_source(self, f: _File) -> bool:
+        """Read and hash the source: these exact bytes are what will be sent."""
+        algorithm, _ = split_oid(f.oid)
+        h = hasher(algorithm)
+        total = 0
+        try:
+            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while total <= f.size:
+                    data = os.read(fd, min(REQUEST, f.size + 1 - total))
+                    if not data:
+                        break
+                    h.update(data)
+                    f.data.append(data)
+                    total += len(data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            f.fail(exc)
+            return False
+        got = f"{algorithm}:{h.hexdigest()}"
+        if got != f.oid or total != f.size:
+            f.fail(IntegrityError(
+                f"{f.path}: content changed while it was being stored ({total} bytes, {got}); left local"))
+            return False
+        return True
+
+    def _opened(self, f: _File) -> None:
+        if f.error is not None:
+            return self._clean(f)
+        if f.existing is not None and f.existing.st_size == f.size:
+            self.progress(f.size)
+            f.outcome = True  # already stored (equal content from elsewhere); drop the temporary file
+            return self._clean(f)
+        handle = f.handle
+        offset = 0
+        for data in f.data:
+            n = len(data)
+
+            def written(t: int, msg: paramiko.Message, n: int = n) -> None:
+                self.status(f.tmp)(t, msg)
+                self.progress(n)
+
+            self.send(f, written, CMD_WRITE, handle, int64(offset), data)
+            offset += n
+        f.data = []
+        if self.ops.fsync:
+            self.send(f, self.status(f.tmp), CMD_EXTENDED, "fsync@openssh.com", handle)
+
+        def size(st: SFTPAttributes | None) -> None:
+            f.fstat = st
+
+        self.send(f, self.attrs(f.tmp, size), CMD_FSTAT, handle)
+
+        def closed(t: int, msg: paramiko.Message) -> None:
+            f.handle = None
+            self.status(f.tmp)(t, msg)
+
+        f.step = self._written
+        self.send(f, closed, CMD_CLOSE, handle)
+
+    def _written(self, f: _File) -> None:
+        if f.error is None and (f.fstat is None or f.fstat.st_size != f.size):
+            held = f.fstat.st_size if f.fstat else "no"
+            f.fail(IntegrityError(f"{f.oid}: the server holds {held} bytes of {f.size} after upload"))
+        if f.error is not None:
+            return self._clean(f)
+        self._rename(f, mkdirs=f.final.rsplit("/", 1)[0] not in self.ops.known_dirs)
+
+    def _rename(self, f: _File, mkdirs: bool) -> None:
+        ops = self.ops
+        if mkdirs:
+            rel = object_relpath(f.oid).split("/")[:-1]
+            for depth in range(1, len(rel) + 1):
+                d = ops.path("objects", *rel[:depth])
+                if d not in ops.known_dirs and (d not in self.requested_dirs or f.retried):
+                    self.requested_dirs.add(d)
+                    self.send(f, self.ignore, CMD_MKDIR, d, SFTPAttributes())  # "exists" is fine
+
+        def renamed(t: int, msg: paramiko.Message) -> None:
+            self.status(f.final)(t, msg)
+            f.outcome = True
+
+        f.step = self._renamed
+        if ops.posix_rename:
+            self.send(f, renamed, CMD_EXTENDED, "posix-rename@openssh.com", f.tmp, f.final)
+        else:
+            self.send(f, renamed, CMD_RENAME, f.tmp, f.final)
+
+    def _renamed(self, f: _File) -> None:
+        if f.outcome is True:
+            f.tmp = ""  # it is the object now
+            parent = f.final.rsplit("/", 1)[0]
+            rel = object_relpath(f.oid).split("/")[:-1]
+            for depth in range(1, len(rel) + 1):
+                self.ops.known_dirs.add(self.ops.path("objects", *rel[:depth]))
+            self.ops.known_dirs.add(parent)
+            return self.finish(f)
+        err = f.error
+        if isinstance(err, SftpStatus) and err.code == SFTP_NO_SUCH_FILE and not f.retried:
+            f.retried = True  # a fan-out directory went away: make every level, then again
+            f.error = None
+            return self._rename(f, mkdirs=True)
+        if isinstance(err, SftpStatus) and err.code == SFTP_FAILURE and not self.ops.posix_rename and not f.retried:
+            # plain SFTP rename does not replace: an equal object arrived meanwhile
+            f.retried = True
+            f.error = None
+
+            def there(st: SFTPAttributes | None) -> None:
+                if st is not None and st.st_size == f.size:
+                    f.outcome = True
+                else:
+                    f.fail(err)
+
+            f.step = self._clean
+            self.send(f, self.attrs(f.final, there), CMD_STAT, f.final)
+            return
+        self._clean(f)
+
+    def _clean(self, f: _File) -> None:
+        """Close and remove the temporary file (best effort), then the file is done."""
+        if f.handle is None and not f.tmp:
+            return self.finish(f)
+        f.step = self.finish
+        if f.handle is not None:
+            self.send(f, self.ignore, CMD_CLOSE, f.handle)
+            f.handle = None
+        if f.tmp:
+            self.send(f, self.ignore, CMD_REMOVE, f.tmp)
+            f.tmp = ""
+
+
+# -- download ---------------------------------------------------------------------------------
+
+
+class Downloads(Pipeline):
+    """``get`` for many files; each ends with ``outcome`` True/False or ``error`` set."""
+
+    def start(self, f: _File) -> None:
+        f.final = self.ops.object_path(f.oid)
+
+        def opened(t: int, msg: paramiko.Message) -> None:
+            if t == CMD_STATUS:
+                code = msg.get_int()
+                if code == SFTP_NO_SUCH_FILE:
+                    f.outcome = False
+                    return
+                raise SftpStatus(code, msg.get_text(), f.final)
+            if t != CMD_HANDLE:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to open", f.final)
+            f.handle = msg.get_binary()
+
+        f.step = self._opened
+        self.send(f, opened, CMD_OPEN, f.final, SFTP_FLAG_READ, SFTPAttributes())
+
+    def _opened(self, f: _File) -> None:
+        if f.handle is None:
+            return self.finish(f)
+        if f.error is not None:
+            return self._close(f)
+        try:
+            f.fd = os.open(f.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            f.fail(exc)
+            return self._close(f)
+
+        def size(st: SFTPAttributes | None) -> None:
+            if st is not None and st.st_size != f.size:
+                raise IntegrityError(
+                    f"object {f.oid} on {self.ops.conn.endpoint.label()} has {st.st_size} bytes, "
+                    f"expected {f.size}: damaged; not fetched"
+                )
+
+        f.step = self._close
+        self.send(f, self.attrs(f.final, size), CMD_FSTAT, f.handle)
+        offset = 0
+        while offset < f.size:
+            n = min(REQUEST, f.size - offset)
+            self._read(f, offset, n)
+            offset += n
+
+    def _read(self, f: _File, offset: int, n: int) -> None:
+        def got(t: int, msg: paramiko.Message) -> None:
+            if f.error is not None:
+                return
+            if t == CMD_STATUS:
+                code = msg.get_int()
+                text = msg.get_text()
+                if code == SFTP_EOF:
+                    raise IntegrityError(f"object at {f.final} ended early (at byte {offset} of {f.size})")
+                raise SftpStatus(code, text, f.final)
+            if t != CMD_DATA:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", f.final)
+            data = msg.get_binary()
+            if len(data) > n:
+                raise SftpStatus(SFTP_FAILURE, "the server sent more than was asked", f.final)
+            os.pwrite(f.fd, data, offset)
+            self.progress(len(data))
+            if len(data) < n:  # short read: ask for the rest (the handle is still open)
+                self._read(f, offset + len(data), n - len(data))
+
+        self.send(f, got, CMD_READ, f.handle, int64(offset), n)
+
+    def _close(self, f: _File) -> None:
+        if f.fd >= 0:
+            os.close(f.fd)
+            f.fd = -1
+        if f.error is None:
+            f.outcome = True
+        f.step = self.finish
+        self.send(f, self.ignore, CMD_CLOSE, f.handle)  # a read-only handle: its close cannot lose data
+        f.handle = None
+
+
+def put_many(ops: Ops, items: Sequence[tuple[str, Path, int]], progress: Callable[[int], None]) -> list[_File]:
+    """Upload ``items`` (small ones pipelined); every returned file has ``outcome`` or ``error``."""
+    files = [_File(oid, Path(path), size) for oid, path, size in items]
+    small = [f for f in files if f.size <= PIPELINED_MAX and ops.verify != "read"]
+    if small:
+        up = Uploads(ops, progress)
+        up.run(small, up.start)
+    for f in files:
+        if f.size <= PIPELINED_MAX and ops.verify != "read":
+            continue
+        try:
+            ops.put(f.oid, f.path, f.size, progress)
+            f.outcome = True
+        except (SftpStatus, IntegrityError, OSError) as exc:
+            f.fail(exc)
+    return files
+
+
+def get_many(ops: Ops, items: Sequence[tuple[str, Path, int]], progress: Callable[[int], None]) -> list[_File]:
+    """Download ``items`` (small ones pipelined); every returned file has ``outcome`` or ``error``."""
+    files = [_File(oid, Path(path), size) for oid, path, size in items]
+    small = [f for f in files if f.size <= PIPELINED_MAX]
+    if small:
+        down = Downloads(ops, progress)
+        down.run(small, down.start)
+    for f in files:
+        if f.size <= PIPELINED_MAX:
+            continue
+        try:
+            f.outcome = ops.get(f.oid, f.path, f.size, progress)
+        except (SftpStatus, IntegrityError, OSError) as exc:
+            f.fail(exc)
+    return files
