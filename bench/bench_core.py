@@ -185,10 +185,14 @@ class Bench:
 
 def build_status_tree(root: Path, nfiles: int, per_dir: int = 1000) -> None:
     """``nfiles`` files in directories of ``per_dir``: even ones local (4 KiB to 60 KiB of
-    bytes), odd ones stubs of 100 KiB to 10 MiB written directly as jam would (fsync skipped)."""
+    bytes), odd ones stubs of 100 KiB to 10 MiB written directly as jam would (fsync skipped)
+    and recorded in the catalog as a stash records them."""
     import random
 
+    from jam_core.catalog import Catalog
     from jam_core.stub import StubRecord, write_stub
+
+    rows = []
 
     rng = random.Random(1)
     real_fsync = os.fsync
@@ -213,8 +217,11 @@ def build_status_tree(root: Path, nfiles: int, per_dir: int = 1000) -> None:
                     write_stub(fd, rec, p.name, rec.mtime_ns)
                 finally:
                     os.close(fd)
+                rows.append((str(p.relative_to(root)), rec.oid, rec.size, rec.mtime_ns, rec.stashed_at))
     finally:
         os.fsync = real_fsync
+    with Catalog(root / ".jam" / "catalog.db") as cat:
+        cat.replace_stubs(rows)
     run("sync", "-f", root)
 
 

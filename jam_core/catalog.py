@@ -79,6 +79,17 @@ class Catalog:
     def stubs(self) -> dict[str, tuple[str, int]]:
         return {_s(p): (oid, size) for p, oid, size in self.db.execute("SELECT path, oid, size FROM stubs")}
 
+    def stub_stats(self, under: str = ".") -> dict[bytes, tuple[int, int]]:
+        """``{path (bytes): (size, mtime_ns)}`` of the stubs at or under ``under``: what a scan
+        needs to recognise an unchanged stub from its stat alone."""
+        if under == ".":
+            rows = self.db.execute("SELECT path, size, mtime_ns FROM stubs")
+        else:
+            prefix = _b(under)
+            rows = self.db.execute("SELECT path, size, mtime_ns FROM stubs WHERE path = ? OR "
+                                   "(path >= ? AND path < ?)", (prefix, prefix + b"/", prefix + b"0"))
+        return {p: (size, mtime) for p, size, mtime in rows}
+
     def replace_stubs(self, rows: Iterable[tuple[str, str, int, int, str]]) -> None:
         """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at)."""
         with self.transaction():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
 from jam_core.policy import covered
 from jam_core.root import Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
+from jam_core.stub import HEADER_MAX, XATTR, quick_dirty
 
 
 @dataclass
@@ -69,10 +71,12 @@ def status(root: Root, rel: str = ".") -> Status:
     def on_error(r, exc):
         result.problems.append((r, exc.strerror or str(exc)))
 
-    pins = _pins(root)
+    pins, known = _from_catalog(root, rel)
     result.pins = sorted(pins)
+    fsencode = os.fsencode
     for d, files in scan_dirs(str(root.path), rel, on_error, ordered=False):
         t = result.directories.setdefault(d, Tally())
+        dprefix = b"" if d == "." else fsencode(d) + b"/"
         if pins:
             t.pinned += len(files) if covered(d, pins) else sum(
                 covered(n if d == "." else f"{d}/{n}", pins) for n, _, _ in files)
@@ -84,7 +88,21 @@ def status(root: Root, rel: str = ".") -> Status:
                 t.bytes += size
                 t.disk_bytes += disk
                 continue
-            state, _, problem = classify(path, st, thorough=False)
+            if known and known.get(dprefix + fsencode(name)) == (size, st.st_mtime_ns) \
+                    and not st.st_mode & 0o222 and disk <= HEADER_MAX:
+                t.stubs += 1  # the catalog's stub, untouched since: no xattr to read
+                t.stub_bytes += size
+                t.bytes += size
+                t.disk_bytes += disk
+                continue
+            try:
+                dirty = quick_dirty(os.getxattr(path, XATTR, follow_symlinks=False), st)
+            except OSError:
+                dirty = None  # no xattr (a read-only local file) or unreadable: classify says which
+            if dirty is None:
+                state, _, problem = classify(path, st, thorough=False)
+            else:
+                state = DIRTY if dirty else STUB
             t.add(state, size, disk)
             if state in (DIRTY, BAD):
                 rel_path = name if d == "." else f"{d}/{name}"
@@ -96,12 +114,13 @@ def status(root: Root, rel: str = ".") -> Status:
     return result
 
 
-def _pins(root: Root) -> set[str]:
+def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple[int, int]]]:
+    """The pins, and the stubs the catalog knows under ``rel`` with their size and mtime."""
     from jam_core.catalog import Catalog
     from jam_core.root import CATALOG
 
     db = root.jam_dir / CATALOG
     if not db.exists():
-        return set()
+        return set(), {}
     with Catalog(db) as cat:
-        return cat.pins()
+        return cat.pins(), cat.stub_stats(rel)

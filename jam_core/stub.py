@@ -140,6 +140,25 @@ def read_record(path_or_fd) -> StubRecord | None:
     return StubRecord.unpack(raw)
 
 
+_FAST = struct.Struct("<QIq")  # size, mode, mtime_ns: the tail of _PACK, at offset 34
+
+
+def quick_dirty(raw: bytes, st: os.stat_result) -> bool | None:
+    """For scans: is the stub with ``user.jam`` value ``raw`` dirty? ``None`` if ``raw`` needs
+    the full validation of :meth:`StubRecord.unpack` (which explains what is wrong).
+
+    A well-formed record cannot hold a bad id (its digest is 32 raw bytes), so checking the
+    length, version, algorithm and ranges is the whole validation.
+    """
+    if len(raw) != _PACK.size or raw[0] != VERSION or raw[1] not in _CODE_ALGO:
+        return None
+    size, mode, mtime_ns = _FAST.unpack_from(raw, 34)
+    if size > MAX_SIZE or mode > 0o7777:
+        return None
+    return (st.st_size != size or st.st_mtime_ns != mtime_ns
+            or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize))
+
+
 def read_header(path) -> StubRecord:
     """The full metadata from a stub's header block (remotes, stashed_at included)."""
     with open(path, "rb") as f:
