@@ -571,3 +571,155 @@ def test_terminal_asks_about_an_unknown_key(sshd, sftp_store, monkeypatch, answe
     else:
         assert "unknown host key" in child.before
         assert kh.read_text() == ""
+
+
+# -- batches (stash_many / fetch_many: pipelined on one connection) --------------------------------
+
+
+def batch_files(tmp_path: Path, count: int, size: int = 4096) -> list[tuple[str, Path, int]]:
+    """``count`` distinct small files of varied sizes (around the request size too)."""
+    from jam_sftp.transfer import REQUEST
+
+    sizes = [1, REQUEST - 1, REQUEST, REQUEST + 1, 3 * REQUEST + 7]
+    items = []
+    for i in range(count):
+        n = sizes[i] if i < len(sizes) else size + i
+        path = tmp_path / "src" / f"f{i:04}"
+        make_file(path, n, seed=1000 + i)
+        oid, got = hash_file(path)
+        items.append((oid, path, got))
+    return items
+
+
+def test_batch_round_trip(pm, sftp_remote, sftp_store, tmp_path):
+    from jam_sftp.batch import PIPELINED_MAX
+
+    items = batch_files(tmp_path, 300)
+    big = tmp_path / "src" / "big"
+    make_file(big, PIPELINED_MAX + 12345, seed=7)  # takes the single-file path inside the batch
+    items.insert(150, (*hash_file(big)[:1], big, PIPELINED_MAX + 12345))
+    with Session() as s:
+        already = items[10]
+        stash(pm, sftp_remote, already[1], s)  # equal content stored before: kept, reported stored
+        changed_oid, changed, n = items[20]
+        make_file(changed, n, seed=4242)  # changed after hashing: its hash no longer matches
+        moved = []
+        s2 = Session(progress=moved.append)
+        with s2:
+            out = list(pm.hook.stash_many(remote=sftp_remote, items=items, session=s2))
+        assert sorted(oid for oid, _ in out) == sorted(oid for oid, _, _ in items)  # one answer per item
+        errors = {oid: err for oid, err in out if err is not None}
+        assert list(errors) == [changed_oid]
+        assert isinstance(errors[changed_oid], IntegrityError) and "changed" in str(errors[changed_oid])
+        assert sum(moved) >= sum(n for oid, _, n in items if oid != changed_oid) - already[2]
+    assert leftovers(sftp_store) == []
+    assert not stored(sftp_store, changed_oid).exists()
+    for oid, _, n in items:
+        if oid != changed_oid:
+            verify_file(stored(sftp_store, oid), oid, n)
+    # back again, with one object the remote does not have and one truncated on the server
+    missing = "b3:" + "0" * 64
+    trunc_oid, _, trunc_n = items[30]
+    obj = stored(sftp_store, trunc_oid)
+    obj.chmod(0o644)
+    obj.write_bytes(obj.read_bytes()[:-1])
+    wanted = [(oid, tmp_path / "back" / f"{i:04}", n) for i, (oid, _, n) in enumerate(items) if oid != changed_oid]
+    wanted.append((missing, tmp_path / "back" / "missing", 10))
+    (tmp_path / "back").mkdir()
+    for _, dest, _ in wanted:
+        dest.write_bytes(b"")
+    with Session() as s:
+        got = dict(pm.hook.fetch_many(remote=sftp_remote, items=wanted, session=s))
+    assert len(got) == len(wanted)
+    assert got[missing] is False
+    assert isinstance(got[trunc_oid], IntegrityError) and f"{trunc_n - 1} bytes, expected {trunc_n}" in str(got[trunc_oid])
+    for oid, dest, n in wanted:
+        if oid not in (missing, trunc_oid):
+            assert got[oid] is True
+            verify_file(dest, oid, n)
+
+
+def test_batch_for_another_kind_is_not_answered(pm, tmp_path):
+    other = Remote(name="d", kind="elsewhere", url=str(tmp_path), location=str(tmp_path))
+    with Session() as s:
+        assert pm.hook.stash_many(remote=other, items=[], session=s) is None
+        assert pm.hook.fetch_many(remote=other, items=[], session=s) is None
+
+
+def test_batch_failed_rename_is_never_success(pm, sftp_remote, sftp_store, tmp_path):
+    """A fan-out directory that cannot be made (a file in its way): the rename fails, the batch
+    fails as a whole, nothing of that object is left on the server."""
+    items = batch_files(tmp_path, 40)
+    oid = items[17][0]
+    blocker = stored(sftp_store, oid).parent
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"in the way")
+    with Session() as s, pytest.raises(RemoteError) as exc:
+        list(pm.hook.stash_many(remote=sftp_remote, items=items, session=s))
+    assert "jamtest" in one_line(exc) and oid in one_line(exc)
+    assert leftovers(sftp_store) == []  # every temporary file was removed
+    blocker.unlink()
+    with Session() as s:  # the same session works again after a remote-wide error; so does a new one
+        assert all(err is None for _, err in pm.hook.stash_many(remote=sftp_remote, items=items, session=s))
+    for oid, _, n in items:
+        verify_file(stored(sftp_store, oid), oid, n)
+
+
+def test_batch_read_only_remote(pm, sshd, sftp_store, tmp_path):
+    (sftp_store / "objects").mkdir()
+    (sftp_store / "tmp").mkdir()
+    sshd.kill()
+    ro = SSHD(tmp_path / "ro", sftp_subsystem="internal-sftp -R")
+    ro.write_home(Path(os.environ["HOME"]))
+    ro.start()
+    try:
+        remote = sftp_remote_for(f"sftp://{ro.alias}{sftp_store}")
+        items = batch_files(tmp_path, 20)
+        with Session() as s, pytest.raises(RemoteError, match="permission denied: cannot store"):
+            list(pm.hook.stash_many(remote=remote, items=items, session=s))
+        assert leftovers(sftp_store) == [] and list((sftp_store / "objects").iterdir()) == []
+    finally:
+        ro.kill()
+
+
+def test_server_killed_mid_batch_upload(pm, sshd, sftp_remote, sftp_store, tmp_path):
+    items = batch_files(tmp_path, 200, size=60_000)
+    before = {p: p.read_bytes() for _, p, _ in items}
+    killer = KillAfter(sshd, 2_000_000)  # some files are written, some in flight, some not sent
+    with Session(progress=killer) as s, pytest.raises(RemoteError) as exc:
+        list(pm.hook.stash_many(remote=sftp_remote, items=items, session=s))
+    assert killer.fired and "connection lost" in one_line(exc)
+    placed = [oid for oid, _, _ in items if stored(sftp_store, oid).exists()]
+    for oid, _, n in items:
+        if oid in placed:
+            verify_file(stored(sftp_store, oid), oid, n)  # whatever is under its final name is whole
+    assert len(placed) < len(items)
+    assert {p: p.read_bytes() for _, p, _ in items} == before  # the local side is as it was
+    sshd.start()
+    with Session() as s:
+        out = list(pm.hook.stash_many(remote=sftp_remote, items=items, session=s))
+    assert len(out) == len(items) and all(err is None for _, err in out)
+    for oid, _, n in items:
+        verify_file(stored(sftp_store, oid), oid, n)
+
+
+def test_server_killed_mid_batch_download(pm, sshd, sftp_remote, sftp_store, tmp_path):
+    items = batch_files(tmp_path, 200, size=60_000)
+    with Session() as s:
+        assert all(err is None for _, err in pm.hook.stash_many(remote=sftp_remote, items=items, session=s))
+    (tmp_path / "back").mkdir()
+    wanted = [(oid, tmp_path / "back" / p.name, n) for oid, p, n in items]
+    for _, dest, _ in wanted:
+        dest.write_bytes(b"")
+    killer = KillAfter(sshd, 2_000_000)
+    with Session(progress=killer) as s, pytest.raises(RemoteError) as exc:
+        list(pm.hook.fetch_many(remote=sftp_remote, items=wanted, session=s))
+    assert killer.fired and "connection lost" in one_line(exc)
+    sshd.start()
+    for _, dest, _ in wanted:
+        dest.write_bytes(b"")  # the core gives every attempt fresh empty files
+    with Session() as s:
+        got = dict(pm.hook.fetch_many(remote=sftp_remote, items=wanted, session=s))
+    assert all(got[oid] is True for oid, _, _ in wanted)
+    for oid, dest, n in wanted:
+        verify_file(dest, oid, n)

@@ -97,3 +97,32 @@ def test_corrupt_object_refused_at_checkout(runner, tmp_path, sshd, sftp_store, 
     assert res.exit_code != 0 and "corrupt" in res.stderr and "Traceback" not in res.output
     assert (tree / "f.bin").read_bytes() == stub_before  # the stub stays as it was
     assert os.getxattr(tree / "f.bin", XATTR)
+
+
+def test_many_small_files_through_sftp(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    """Hundreds of small files (several batches, pipelined by stash_many/fetch_many), some equal."""
+    tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
+    files = {}
+    for i in range(600):
+        seed = i % 550  # the last 50 repeat earlier contents: stored once
+        rel = f"many/{i // 100}/f{i:04}.bin"
+        files[rel] = make_file(tree / rel, 65536 + seed * 7, seed=seed)  # above core.min_size
+    res = jam(runner, "stash", "many")
+    assert "stashed 600 files" in res.output
+    oids = set()
+    for rel, data in files.items():
+        rec = StubRecord.unpack(os.getxattr(tree / rel, XATTR))
+        oids.add(rec.oid)
+        assert (sftp_store / "objects" / object_relpath(rec.oid)).read_bytes() == data
+    assert len(oids) == 550
+    assert sum(1 for p in (sftp_store / "objects").rglob("*") if p.is_file()) == 550
+    assert list((sftp_store / "tmp").iterdir()) == []
+    res = jam(runner, "checkout", "many")
+    assert "checked out 600 files" in res.output
+    for rel, data in files.items():
+        assert (tree / rel).read_bytes() == data
+        try:
+            os.getxattr(tree / rel, XATTR)
+            raise AssertionError(f"{rel} is still a stub")
+        except OSError:
+            pass
