@@ -2,14 +2,17 @@
 
 Starts its own sshd on 127.0.0.1 (tests/sshd.py), then:
   1. one large file (``--size-mib``, default 1024) up and down: jam, ``sftp -b``, rsync over ssh;
-  2. ``--files`` (2000) files of ``--file-kib`` (64) KiB up and down: jam serial (one hook call
-     after another, as the core does today), jam parallel (the same hooks from ``--connections``
-     threads sharing one session), ``sftp -b`` (one batch, serial).
+  2. ``--files`` (2000) files of ``--file-kib`` (64) KiB up and down through the user's path
+     (jam_core.stash.stash / jam_core.checkout.checkout of a directory in a root whose remote is
+     the sftp one: hashing, batches through stash_many/fetch_many, stubs), then the backend's
+     batch hooks alone and the per-file hook (where the time goes), ``sftp -b`` (one batch,
+     serial) and ``rsync -W -r`` over ssh.
 Prints MB/s and jam/sftp ratios. Goals (PRODUCT.md): large >= 0.8x sftp each way; small files
 >= 1.5x sftp each way.
 
     .venv/bin/python bench/bench_sftp.py                      # full run (a few minutes)
     .venv/bin/python bench/bench_sftp.py --size-mib 256 --files 500   # quick
+    .venv/bin/python bench/bench_sftp.py --only small                 # the 2,000-file case alone
 """
 
 from __future__ import annotations
@@ -169,48 +172,132 @@ class Bench:
             shutil.rmtree(dst)
         src.unlink()
 
-    def small(self, count: int, size: int) -> None:
-        from jam_core.objects import hash_file
+    def small(self, count: int, size: int, with_rsync: bool) -> None:
+        """``count`` files through the path a user takes: ``jam stash DIR`` / ``jam checkout DIR``.
 
-        src = self.work / "small"
+        jam_core.stash.stash and jam_core.checkout.checkout on a root whose only remote is the
+        sftp one: scan, hash, batches through stash_many/fetch_many, sync, stubs written and
+        swapped (and the reverse). Beside it, the backend's hooks alone (the same batches, no
+        core work) and the per-file hook, to show where the time goes.
+        """
+        from jam_core.checkout import checkout
+        from jam_core.model import Session
+        from jam_core.objects import hash_file
+        from jam_core.remotes import add_remote
+        from jam_core.root import Root
+        from jam_core.stash import stash
+
+        tree = self.work / "root"
+        tree.mkdir()
+        src = tree / "small"
         src.mkdir()
-        items = []
+        files = []
         for i in range(count):
             p = src / f"f{i:05}"
             p.write_bytes(i.to_bytes(8, "little") + os.urandom(size - 8))
-            items.append((hash_file(p)[0], p, size))
+            files.append(p)
         total = count * size
         print(f"{count} files of {size // 1024} KiB", flush=True)
-        for label, threads in (("jam serial", 1), (f"jam {self.connections} threads", self.connections)):
-            store = self.work / "store-small"
+
+        # jam, the user's path
+        store = self.work / "store-small"
+        store.mkdir()
+        root, _ = Root.init(tree, register=False)
+        add_remote(root, self.pm, "far", f"sftp://{self.server.alias}{store}",
+                   options={"connections": self.connections, "fsync": self.fsync})
+        root = Root(tree)
+        os.sync()  # the files just written must not be flushed during the timed part
+
+        def up() -> None:
+            with Session() as s:
+                res = stash(root, ["small"], self.pm, s)
+            assert len(res.done) == count and not res.failed, (res.failed[:3], res.skipped[:3], res.aborted)
+
+        def down() -> None:
+            with Session() as s:
+                res = checkout(root, ["small"], self.pm, s)
+            assert len(res.done) == count and not res.failed, (res.failed[:3], res.skipped[:3], res.aborted)
+
+        self.record("small up", "jam stash (core)", total, timed(up))
+        os.sync()
+        self.record("small down", "jam checkout (core)", total, timed(down))
+        shutil.rmtree(store)
+
+        # the backend's hooks alone, and the per-file hook
+        items = [(hash_file(p)[0], p, size) for p in files]
+        for label, batch in (("jam stash_many hook", True), ("jam per-file hook", False)):
+            store = self.work / "store-hooks"
             remote = self.remote(store)
-            self.record("small up", label, total, timed(lambda: self.jam_up(remote, items, threads)))
-            down = self.work / "small-back"
-            down.mkdir()
-            back = [(oid, down / p.name, n) for oid, p, n in items]
-            self.record("small down", label, total, timed(lambda: self.jam_down(remote, back, threads)))
-            shutil.rmtree(down)
+            os.sync()
+            self.record("small up", label, total, timed(lambda: self.jam_up_hooks(remote, items, batch)))
+            down_dir = self.work / "small-back"
+            down_dir.mkdir()
+            back = [(oid, down_dir / p.name, n) for oid, p, n in items]
+            for _, dest, _ in back:
+                dest.write_bytes(b"")
+            os.sync()
+            self.record("small down", label.replace("stash_many", "fetch_many"), total,
+                        timed(lambda: self.jam_down_hooks(remote, back, batch)))
+            shutil.rmtree(down_dir)
             shutil.rmtree(store)
+
+        # OpenSSH sftp -b (serial) and rsync
         dst = self.work / "sftp-small"
         dst.mkdir()
+        os.sync()
         self.record("small up", "sftp -b", total, timed(lambda: self.sftp_batch([f"put {src}/* {dst}/"])))
-        down = self.work / "small-back"
-        down.mkdir()
-        self.record("small down", "sftp -b", total, timed(lambda: self.sftp_batch([f"get {dst}/* {down}/"])))
-        shutil.rmtree(down)
+        down_dir = self.work / "small-back"
+        down_dir.mkdir()
+        os.sync()
+        self.record("small down", "sftp -b", total, timed(lambda: self.sftp_batch([f"get {dst}/* {down_dir}/"])))
+        shutil.rmtree(down_dir)
         shutil.rmtree(dst)
-        shutil.rmtree(src)
+        if with_rsync:
+            dst.mkdir()
+            host = self.server.alias
+            os.sync()
+            self.record("small up", "rsync -W over ssh", total, timed(lambda: self.rsync_r(f"{src}/", f"{host}:{dst}/")))
+            down_dir.mkdir()
+            os.sync()
+            self.record("small down", "rsync -W over ssh", total, timed(lambda: self.rsync_r(f"{host}:{dst}/", f"{down_dir}/")))
+            shutil.rmtree(down_dir)
+            shutil.rmtree(dst)
+        shutil.rmtree(tree)
+
+    def rsync_r(self, src: str, dst: str) -> None:
+        ssh = "ssh " + " ".join(self.opts)
+        subprocess.run(["rsync", "-W", "-r", "-e", ssh, src, dst], check=True)
+
+    def jam_up_hooks(self, remote, items: list[tuple[str, Path, int]], batch: bool) -> None:
+        from jam_core.model import Session
+
+        with Session() as s:
+            if not batch:
+                return self.jam_up(remote, items, 1)
+            for i in range(0, len(items), 256):  # the core's batch size
+                out = list(self.pm.hook.stash_many(remote=remote, items=items[i:i + 256], session=s))
+                assert all(err is None for _, err in out), [err for _, err in out if err][:3]
+
+    def jam_down_hooks(self, remote, items: list[tuple[str, Path, int]], batch: bool) -> None:
+        from jam_core.model import Session
+
+        if not batch:
+            return self.jam_down(remote, items, 1)
+        with Session() as s:
+            for i in range(0, len(items), 256):
+                out = list(self.pm.hook.fetch_many(remote=remote, items=items[i:i + 256], session=s))
+                assert all(ok is True for _, ok in out), [ok for _, ok in out if ok is not True][:3]
 
     def summary(self) -> None:
-        print("\nratios (jam / sftp -b, higher is better):")
+        print("\nratios (x / sftp -b, higher is better; goal for jam: large >= 0.8x, small >= 1.5x):")
         by = {(case, who): v for case, who, v in self.results}
         for case in dict.fromkeys(c for c, _, _ in self.results):
             peer = by.get((case, "sftp -b"))
             if not peer:
                 continue
             for (c, who), v in by.items():
-                if c == case and who.startswith("jam"):
-                    print(f"  {case:<12} {who:<18} {v / peer:5.2f}x")
+                if c == case and who != "sftp -b":
+                    print(f"  {case:<12} {who:<24} {v / peer:5.2f}x")
 
 
 def main() -> None:
@@ -231,7 +318,7 @@ def main() -> None:
         if args.only != "small":
             bench.large(args.size_mib << 20, not args.no_rsync and shutil.which("rsync") is not None)
         if args.only != "large":
-            bench.small(args.files, args.file_kib << 10)
+            bench.small(args.files, args.file_kib << 10, not args.no_rsync and shutil.which("rsync") is not None)
         bench.summary()
     finally:
         bench.close()
