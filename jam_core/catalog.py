@@ -63,8 +63,11 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def transaction(self):
-        return _Tx(self.db)
+    def transaction(self, keep_on_error: bool = False):
+        """``with cat.transaction():`` one commit for many changes. ``keep_on_error`` commits
+        what was written even if the block is interrupted (rows that record facts already on
+        disk, such as files already swapped for stubs)."""
+        return _Tx(self.db, keep_on_error)
 
     # -- stubs ----------------------------------------------------------------------------
     def add_stub(self, path: str, oid: str, size: int, mtime_ns: int, stashed_at: str, remotes: Iterable[str]) -> None:
@@ -134,12 +137,13 @@ class Catalog:
 
 
 class _Tx:
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, keep_on_error: bool = False):
         self.db = db
+        self.keep_on_error = keep_on_error
 
     def __enter__(self):
         self.db.execute("BEGIN IMMEDIATE")
         return self
 
     def __exit__(self, exc_type, *rest):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        self.db.execute("ROLLBACK" if exc_type and not self.keep_on_error else "COMMIT")

@@ -183,6 +183,11 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
 
 def _swap_batch(root: Root, ready: list[_Want], cat: Catalog, result: Result) -> None:
     syncfs(root.path)
+    with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
+        _swap_all(ready, cat, result)
+
+
+def _swap_all(ready: list[_Want], cat: Catalog, result: Result) -> None:
     for w in ready:
         try:
             swap_in(w.tmp, w.entry)

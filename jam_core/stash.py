@@ -287,25 +287,30 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             s.tmp = write_stub_aside(s)
         syncfs(root.path)
         dirs = set()
-        for s in batch:
-            e = s.entry
-            try:
-                if not _swap(e.path, s.tmp, s.st0):
-                    result.skipped.append((e.rel, "changed while it was being stashed; left local"))
-                    continue
-            except OSError as exc:
-                result.failed.append((e.rel, _why(exc)))
-                continue
-            rec = s.record
-            cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes)
-            dirs.add(os.path.dirname(e.path))
-            result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
+        with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
+            _swap_all(batch, cat, result, dirs)
         for d in dirs:
             fsync_dir(d)
     finally:
         for s in batch:
             if s.tmp and os.path.lexists(s.tmp):
                 os.unlink(s.tmp)
+
+
+def _swap_all(batch: list[Stored], cat: Catalog, result: Result, dirs: set[str]) -> None:
+    for s in batch:
+        e = s.entry
+        try:
+            if not _swap(e.path, s.tmp, s.st0):
+                result.skipped.append((e.rel, "changed while it was being stashed; left local"))
+                continue
+        except OSError as exc:
+            result.failed.append((e.rel, _why(exc)))
+            continue
+        rec = s.record
+        cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes)
+        dirs.add(os.path.dirname(e.path))
+        result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
 
 
 def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:

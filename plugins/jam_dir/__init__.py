@@ -106,38 +106,69 @@ def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
         raise IntegrityError(f"source changed size while being copied ({left} bytes short)")
 
 
+def _session_base(remote, session) -> Path:
+    """The remote's directory, checked once per command (a stat per object adds up)."""
+    key = ("jam_dir.base", remote.name)
+    base = session.cache.get(key)
+    if base is None:
+        base = session.cache[key] = _base(remote)
+    return base
+
+
+def _mkdirs_below(base: Path, directory: Path) -> None:
+    """Create the fan-out directories between ``base`` and ``directory``, never ``base`` itself
+    (a remote that vanished mid-command must not be re-created)."""
+    missing = []
+    d = directory
+    while d != base and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    if not base.is_dir():
+        raise FileNotFoundError(2, "the remote's directory disappeared", str(base))
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+
+
 @hookimpl
 def stash(remote, oid, source, size, session):
     if remote.kind != KIND:
         return None
-    final = _object_path(remote, oid)
+    algorithm = oid.split(":")[0]
     try:
+        base = _session_base(remote, session)
+        final = base / "objects" / object_relpath(oid)
         if final.exists():
             # Already stored (equal content elsewhere in the tree): keep it if it still verifies.
-            got, got_size = hash_file(final, oid.split(":")[0])
+            got, got_size = hash_file(final, algorithm)
             if got == oid and got_size == size:
                 session.cache.setdefault(_PENDING, {})[remote.name] = remote
                 return True
-        tmpdir = _base(remote) / "tmp"
-        tmpdir.mkdir(exist_ok=True)
-        tmp = tmpdir / f"{uuid.uuid4().hex}.part"
+        tmp = base / "tmp" / f"{uuid.uuid4().hex}.part"
         try:
             src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                try:
+                    dst = os.open(tmp, flags, 0o444)
+                except FileNotFoundError:
+                    _mkdirs_below(base, tmp.parent)
+                    dst = os.open(tmp, flags, 0o444)
                 try:
                     _copy(src, dst, size, session.progress)
                 finally:
                     os.close(dst)
             finally:
                 os.close(src)
-            got, got_size = hash_file(tmp, oid.split(":")[0])
+            got, got_size = hash_file(tmp, algorithm)
             if got != oid or got_size != size:
                 raise IntegrityError(
                     f"{source}: content changed while it was stored on {remote.name!r}; left local"
                 )
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                _mkdirs_below(base, final.parent)
+                os.rename(tmp, final)
             session.cache.setdefault(_PENDING, {})[remote.name] = remote
         finally:
             tmp.unlink(missing_ok=True)
