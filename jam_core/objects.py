@@ -75,6 +75,8 @@ def verify_file(path: str | os.PathLike, oid: str, size: int | None = None) -> N
 
 
 def object_relpath(oid: str) -> str:
-    """Where a remote keeps an object: ``b3/ab/cd/abcd…`` (fan-out keeps directories small)."""
+    """Where a remote keeps an object: ``b3/ab/abcd…``. One level of 256 directories, as git
+    does: a million objects make directories of about 4,000, and the first thousands do not
+    each create a directory of their own (as a second level would)."""
     algorithm, digest = split_oid(oid)
-    return f"{algorithm}/{digest[:2]}/{digest[2:4]}/{digest}"
+    return f"{algorithm}/{digest[:2]}/{digest}"

@@ -93,7 +93,7 @@ def test_hostile_headers_are_refused(head, why):
 def test_object_ids_are_validated(oid, ok):
     assert is_valid_oid(oid) is ok
     if ok:
-        assert object_relpath(oid).count("/") == 3 and ".." not in object_relpath(oid)
+        assert object_relpath(oid).count("/") == 2 and ".." not in object_relpath(oid)
     else:
         with pytest.raises(ValueError):
             object_relpath(oid)

@@ -1,6 +1,6 @@
 """The ``dir`` backend: objects in a directory (another disk, a mounted share).
 
-Layout: ``LOCATION/objects/b3/ab/cd/<hex>``, with ``LOCATION/tmp/`` for uploads in progress.
+Layout: ``LOCATION/objects/b3/ab/<hex>``, with ``LOCATION/tmp/`` for uploads in progress.
 An object is written to a temporary name, verified by re-hashing what was written, and
 renamed into place; the ``sync`` hook then makes the whole batch durable with one syncfs
 before the core turns any of its files into stubs.
@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 from jam_core import hookimpl
 from jam_core.errors import IntegrityError, RemoteError, UsageError
 from jam_core.fsutil import syncfs
-from jam_core.objects import hash_file, object_relpath
+from jam_core.objects import hash_fd, hash_file, object_relpath
 
 KIND = "dir"
 _PENDING = "jam_dir.pending"  # session.cache key: remotes written to since the last sync
@@ -147,7 +147,7 @@ def stash(remote, oid, source, size, session):
         try:
             src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                 try:
                     dst = os.open(tmp, flags, 0o444)
                 except FileNotFoundError:
@@ -155,11 +155,12 @@ def stash(remote, oid, source, size, session):
                     dst = os.open(tmp, flags, 0o444)
                 try:
                     _copy(src, dst, size, session.progress)
+                    os.lseek(dst, 0, os.SEEK_SET)
+                    got, got_size = hash_fd(dst, algorithm)  # verify what was written
                 finally:
                     os.close(dst)
             finally:
                 os.close(src)
-            got, got_size = hash_file(tmp, algorithm)
             if got != oid or got_size != size:
                 raise IntegrityError(
                     f"{source}: content changed while it was stored on {remote.name!r}; left local"

@@ -2,7 +2,7 @@
 
 URL: ``sftp://[user@]host[:port]/path`` (host may be a ``~/.ssh/config`` alias; ``/~/dir`` is
 relative to the login directory). Layout on the server, as for ``dir``:
-``PATH/objects/b3/ab/cd/<hex>`` and ``PATH/tmp/`` for uploads in progress.
+``PATH/objects/b3/ab/<hex>`` and ``PATH/tmp/`` for uploads in progress.
 
 Options (the remote's config table): ``timeout`` (connect, seconds; default ssh_config's
 ConnectTimeout or 15), ``io_timeout`` (a reply, default 60), ``connections`` (pool size,
