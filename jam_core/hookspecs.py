@@ -158,6 +158,10 @@ def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
 
     Called by ``jam doctor``. First non-None answer wins.
 
+    :param remote: where to look.
+    :param oid: the content id.
+    :param size: the size the object must have.
+    :param session: per-command state (connections).
     :return: ``True`` or ``False``; raise :class:`jam_core.errors.RemoteError` if unreachable.
     """
 
@@ -169,6 +173,8 @@ def parse_url(url: str) -> dict[str, Any] | None:
     Called by ``jam remote add``. First non-None answer wins; ``None`` from every plugin means
     no installed plugin handles that URL. Raise :class:`jam_core.errors.UsageError` for a URL
     of your scheme that is malformed.
+
+    :param url: what the user typed: a path, ``file:///path``, ``sftp://host/path``...
     """
 
 
@@ -179,4 +185,10 @@ def check_remote(remote: Remote, session: Session, create: bool) -> str | None:
     Called by ``jam remote add`` (``create=True``: the backend may create its object layout
     inside an existing location) and by ``jam doctor`` (``create=False``). A location that has
     disappeared is an error, never silently re-created. First non-None answer wins.
+
+    :param remote: the remote to check.
+    :param session: per-command state (a connection made here may be reused).
+    :param create: whether the backend may create its layout (``objects/``, ``tmp/``).
+    :return: a description such as ``"directory /mnt/usb/jam, 120.3 GB free"``; raise
+        :class:`jam_core.errors.RemoteError` if the remote is unusable.
     """
