@@ -72,6 +72,7 @@ WINDOW = 64  # files in flight on one connection
 WINDOW_BYTES = 16 << 20  # and at most this many bytes of theirs
 PIPELINED_MAX = 4 << 20  # larger files take the single-file path
 FLUSH_BYTES = 1 << 20  # send queued requests once this many bytes wait
+SEND_CHUNK = 1 << 15  # OpenSSH's largest channel packet
 
 Reply = Callable[[int, paramiko.Message], None]
 
@@ -164,8 +165,14 @@ class Pipeline:
         if not self.out:
             return
         data, self.out, self.out_bytes = b"".join(self.out), [], 0
+        chan = self.sftp.sock
         try:
-            self.sftp._write_all(data)
+            off = 0
+            while off < len(data):  # a packet's worth at a time (paramiko's _write_all re-copies the rest)
+                n = chan.send(data[off : off + SEND_CHUNK])
+                if n <= 0:
+                    raise EOFError()
+                off += n
         except (EOFError, socket.error, paramiko.SSHException) as exc:
             raise self._lost(exc) from None
 
@@ -175,7 +182,7 @@ class Pipeline:
         Queued requests are sent only when no reply is waiting: the reactions to a burst of
         replies leave together.
         """
-        if self.out and not self.sftp.sock.recv_ready():
+        if self.out and not self.sftp.reply_ready():
             self.flush()
         try:
             self.sftp._read_response()

@@ -33,6 +33,7 @@ from jam_core.errors import RemoteError, UsageError
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
 WINDOW_SIZE = 1 << 26  # 64 MiB channel window: the server never stalls waiting for us
 MAX_PACKET = 1 << 18  # 256 KiB: OpenSSH's largest; fewer, larger packets cost less Python
+READ_AHEAD = 1 << 16  # bytes a small read of the SFTP stream may take at once
 DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk")
 
 _prompt_lock = threading.Lock()  # one host-key question at a time
@@ -340,15 +341,36 @@ class SFTP(paramiko.SFTPClient):
             self.extensions[name] = msg.get_binary()
         return version
 
+    _rbuf = b""  # bytes received past the last packet read (small replies come in bursts)
+    _rpos = 0
+
     def _read_all(self, n: int) -> bytes:
-        parts = []
-        while n > 0:
-            x = self.sock.recv(n)
+        """``n`` bytes of the stream. Small reads take what has arrived, up to ``READ_AHEAD``
+        bytes, in one ``recv`` (a burst of status replies then costs one channel read instead
+        of two per reply); large ones ask for exactly what they need (no copy of big data)."""
+        buf, pos = self._rbuf, self._rpos
+        have = len(buf) - pos
+        if have >= n:
+            self._rpos = pos + n
+            return buf[pos : pos + n]
+        parts = [buf[pos:]] if have else []
+        need = n - have
+        self._rbuf, self._rpos = b"", 0
+        while need > 0:
+            x = self.sock.recv(max(need, READ_AHEAD))
             if not x:
                 raise EOFError()
+            if len(x) > need:
+                parts.append(x[:need])
+                self._rbuf, self._rpos = x, need
+                break
             parts.append(x)
-            n -= len(x)
+            need -= len(x)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def reply_ready(self) -> bool:
+        """A reply (or part of one) has arrived and can be read without waiting."""
+        return len(self._rbuf) > self._rpos or self.sock.recv_ready()
 
 
 class Connection:
