@@ -16,7 +16,7 @@ from jam_core.errors import RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_file
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, walk
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, walk
 from jam_core.stash import through_symlink, tmp_name
 from jam_core.stub import HEADER_MAX, MAGIC, XATTR, BadStub, StubRecord
 
@@ -81,7 +81,7 @@ def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: 
             res.problems.append(Problem("unreachable", r.name, str(exc)))
     rows = []
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        for e in walk(str(root.path), rel):
+        for e in walk(str(root.path), rel, look=ALWAYS):
             if e.state == LOCAL:
                 if e.st.st_mode & 0o222 == 0 or e.st.st_blocks * 512 < e.st.st_size:
                     try:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from jam_core.errors import UsageError
 from jam_core.model import FileRecord, Nomination
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
 
 IGNORE_FILE = ".jamignore"
 STASH, FETCH = "stash", "fetch"
@@ -186,7 +186,7 @@ def inventory(root: Root) -> Inventory:
         dir_pinned = covered(d, pins)
         for name, path, st in files:
             rel = prefix + name
-            state, srec, _ = classify(path, st, thorough=False)
+            state, srec, _ = classify(path, st, QUICK)
             mtime = st.st_mtime
             atime = st.st_atime
             last = max(mtime, atime if atime_ok else mtime, uses.get(rel, 0.0))

@@ -28,17 +28,22 @@ class Entry:
     dir: str = "."  # the directory part of rel ("." at the top)
 
 
-def classify(path: str, st: os.stat_result, thorough: bool = True) -> tuple[str, StubRecord | None, str]:
+QUICK, LIKELY, ALWAYS = "quick", "likely", "always"
+
+
+def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, StubRecord | None, str]:
     """(state, record, problem) of a regular file from its lstat.
 
-    ``thorough=False`` (status) trusts the stat more: a file smaller than a block that is
-    writable is taken as local without reading its xattr (only a stub someone made writable
-    again could be missed; ``jam checkout`` and ``jam doctor`` always look).
+    ``look`` says when the xattr is read. ``likely`` (stash, checkout): when the stat says the
+    file may be a stub (read-only, sparse, or smaller than a block). ``quick`` (status,
+    policies): not for a writable file that is not sparse, even a small one (only a stub
+    someone made writable again could be missed; stash and checkout still look). ``always``
+    (doctor): for every file, so a stub overwritten in full is still reported.
     """
-    if thorough:
+    if look == LIKELY:
         if not may_be_stub(st):
             return LOCAL, None, ""
-    elif (st.st_mode & 0o222) and st.st_blocks * 512 >= st.st_size:
+    elif look == QUICK and (st.st_mode & 0o222) and st.st_blocks * 512 >= st.st_size:
         return LOCAL, None, ""
     try:
         rec = read_record(path)
@@ -129,14 +134,14 @@ def remove_stale_in(directory: str) -> None:
         pass
 
 
-def walk(root_path: str, rel: str = ".", on_error=None, thorough: bool = True, ordered: bool = True,
+def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, ordered: bool = True,
          clean: bool = False) -> Iterator[Entry]:
     """Every regular file under ``rel`` (a file or directory relative to the root), classified.
 
-    ``ordered`` sorts names within each directory (stable output); ``thorough`` see classify.
+    ``ordered`` sorts names within each directory (stable output); ``look`` see classify.
     """
     for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean):
         prefix = "" if dname == "." else dname + "/"
         for name, path, st in files:
-            state, rec, problem = classify(path, st, thorough)
+            state, rec, problem = classify(path, st, look)
             yield Entry(prefix + name, path, st, state, rec, problem, dname)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from jam_core.policy import covered
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, classify, scan_dirs
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
 from jam_core.stub import HEADER_MAX, XATTR, quick_dirty
 
 
@@ -100,7 +100,7 @@ def status(root: Root, rel: str = ".") -> Status:
             except OSError:
                 dirty = None  # no xattr (a read-only local file) or unreadable: classify says which
             if dirty is None:
-                state, _, problem = classify(path, st, thorough=False)
+                state, _, problem = classify(path, st, QUICK)
             else:
                 state = DIRTY if dirty else STUB
             t.add(state, size, disk)

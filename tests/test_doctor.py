@@ -101,3 +101,16 @@ def test_doctor_human_output(runner, jam_root):
     shutil.rmtree(objects(jam_root)[0].parent)
     res = runner.invoke(main, ["doctor"])
     assert res.exit_code == 1 and "missing: a.bin" in res.output
+
+
+def test_stub_overwritten_in_full_is_reported(runner, jam_root):
+    """A stub made writable and overwritten with new bytes looks like a local file to a
+    stat; doctor reads every xattr and reports it (invariant 5), checkout leaves it alone."""
+    make_file(jam_root.path / "a.bin", 100_000, 7)
+    runner.invoke(main, ["stash", "a.bin"])
+    os.chmod("a.bin", 0o644)
+    new = make_file(jam_root.path / "a.bin", 100_000, 8)
+    code, out = doctor(runner)
+    assert code == 1 and [(p["kind"], p["path"]) for p in out["problems"]] == [("dirty", "a.bin")]
+    assert runner.invoke(main, ["checkout", "a.bin"]).exit_code == 0
+    assert Path("a.bin").read_bytes() == new
