@@ -12,6 +12,11 @@ the size; ``"read"``: also read the copy back and re-hash it), ``fsync`` (defaul
 paramiko is imported only when a hook has to talk to a server: ``import jam_sftp`` is cheap.
 Every hook is thread-safe: the core may call ``stash``/``fetch`` from several threads at once
 and up to ``connections`` transfers then run in parallel over one pool per remote per command.
+
+``stash_many``/``fetch_many`` (the core's batches of up to 256 files) pipeline small objects on
+one connection (batch.py): dozens of files in flight, their requests sent together, every reply
+checked. Spreading one batch over several connections was measured (bench/bench_sftp.py) and
+did not help: the client is bound by the GIL and the server by its file system.
 """
 
 from __future__ import annotations
@@ -109,41 +114,6 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
             raise pool.error(f"fetch {oid}", exc, ops, size) from None
 
 
-def _lanes(pool: "Pool", items: list) -> list[list]:
-    """Split a batch over up to ``LANES`` connections of the pool (round robin, so sizes mix)."""
-    n = max(1, min(LANES, pool.size, len(items) // LANE_MIN))
-    return [items[i::n] for i in range(n)]
-
-
-def _in_lanes(pool: "Pool", items: list, work) -> list:
-    """Run ``work(ops, lane_items)`` per lane, each on its own connection; concatenate the results."""
-    lanes = _lanes(pool, items)
-    if len(lanes) == 1:
-        with pool.ops() as ops:
-            return work(ops, lanes[0])
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(lane):
-        with pool.ops() as ops:
-            return work(ops, lane)
-
-    with ThreadPoolExecutor(len(lanes), thread_name_prefix="jam-sftp") as ex:
-        futures = [ex.submit(one, lane) for lane in lanes]
-        out, first = [], None
-        for fut in futures:  # wait for every lane before raising: no lane outlives the call
-            try:
-                out.extend(fut.result())
-            except BaseException as exc:
-                first = first or exc
-        if first is not None:
-            raise first
-    return out
-
-
-LANES = 1  # connections one batch is spread over (more cost GIL contention; see bench_sftp.py)
-LANE_MIN = 64  # files per lane at least
-
-
 @hookimpl
 def stash_many(remote: Remote, items, session: Session):
     """Store a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
@@ -162,21 +132,18 @@ def stash_many(remote: Remote, items, session: Session):
 
     pool = get_pool(remote, session)
     items = list(items)
-
-    def work(ops, lane):
+    with pool.ops() as ops:
         try:
             pool.ensure_layout(ops)
-            files = put_many(ops, lane, session.progress)
+            files = put_many(ops, items, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
-            raise pool.error(f"store {len(lane)} objects", exc, ops) from None
+            raise pool.error(f"store {len(items)} objects", exc, ops) from None
         for f in files:
             if isinstance(f.error, SftpStatus):
                 raise pool.error(f"store {f.oid}", f.error, ops, f.size)
-        return [(f.oid, None if f.outcome is True and f.error is None else
-                 f.error if isinstance(f.error, (IntegrityError, OSError)) else
-                 RemoteError(f"{pool.where}: {f.oid} was not stored")) for f in files]
-
-    return _in_lanes(pool, items, work)
+    return [(f.oid, None if f.outcome is True and f.error is None else
+             f.error if isinstance(f.error, (IntegrityError, OSError)) else
+             RemoteError(f"{pool.where}: {f.oid} was not stored")) for f in files]
 
 
 @hookimpl
@@ -195,22 +162,19 @@ def fetch_many(remote: Remote, items, session: Session):
 
     pool = get_pool(remote, session)
     items = list(items)
-
-    def work(ops, lane):
+    out = []
+    with pool.ops() as ops:
         try:
-            files = get_many(ops, lane, session.progress)
+            files = get_many(ops, items, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
-            raise pool.error(f"fetch {len(lane)} objects", exc, ops) from None
-        out = []
+            raise pool.error(f"fetch {len(items)} objects", exc, ops) from None
         for f in files:
             if f.error is not None:
                 out.append((f.oid, pool.error(f"fetch {f.oid}", f.error, ops, f.size)
                             if isinstance(f.error, SftpStatus) else f.error))
             else:
                 out.append((f.oid, f.outcome is True))
-        return out
-
-    return _in_lanes(pool, items, work)
+    return out
 
 
 __all__ = ["KIND", "RemoteError", "get_pool"]
