@@ -165,7 +165,9 @@ def use_atime(config: Mapping[str, Any]) -> bool:
 def inventory(root: Root) -> Inventory:
     """One scan of the root plus the catalog's uses and pins: the records policies see."""
     from jam_core.catalog import Catalog
+    from jam_core.visitmarks import fold
 
+    fold(root)  # the cd hooks' visits become uses first
     config = root.config
     min_size = root.min_size
     atime_ok = use_atime(config)
@@ -300,7 +302,7 @@ def plan_auto(root: Root, pm) -> Plan:
     if not names:
         raise UsageError(
             f"no policy is configured for {root.path}: add a [policy.age], [policy.lru] or "
-            f"[policy.budget] table to {root.config_path} (see docs/policies.md)"
+            f"[policy.budget] table to {root.config_path} (see the README, Policies)"
         )
     inv = inventory(root)
     plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
