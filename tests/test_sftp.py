@@ -723,3 +723,18 @@ def test_server_killed_mid_batch_download(pm, sshd, sftp_remote, sftp_store, tmp
     assert all(got[oid] is True for oid, _, _ in wanted)
     for oid, dest, n in wanted:
         verify_file(dest, oid, n)
+
+
+def test_batch_with_verify_read_repairs_a_corrupt_object(pm, sftp_remote, sftp_store, tmp_path):
+    """``verify = "read"`` takes the single-file path per object, which re-reads what it trusts."""
+    items = batch_files(tmp_path, 12)
+    remote = sftp_remote_for(sftp_remote.url, verify="read")
+    with Session() as s:
+        assert all(err is None for _, err in pm.hook.stash_many(remote=remote, items=items, session=s))
+        oid, src, n = items[7]
+        obj = stored(sftp_store, oid)
+        obj.chmod(0o644)
+        obj.write_bytes(b"\0" * n)  # same size, wrong bytes
+        assert all(err is None for _, err in pm.hook.stash_many(remote=remote, items=items, session=s))
+    for oid, _, n in items:
+        verify_file(stored(sftp_store, oid), oid, n)

@@ -186,7 +186,7 @@ class Pipeline:
             self.flush()
         try:
             self.sftp._read_response()
-        except (EOFError, socket.error, paramiko.SSHException) as exc:
+        except (EOFError, socket.error, paramiko.SSHException, paramiko.SFTPError) as exc:  # garbage too
             raise self._lost(exc) from None
 
     def _lost(self, exc: BaseException) -> ConnectionLost:
