@@ -193,21 +193,21 @@ def inventory(root: Root) -> Inventory:
             atime = st.st_atime
             last = max(mtime, atime if atime_ok else mtime, uses.get(rel, 0.0))
             pinned = dir_pinned or (pins and rel in pins)
+            ignored = ignore is not None and ignore.match_file(rel)
             if state == STUB:
-                if not pinned and not (ignore is not None and ignore.match_file(rel)):
+                if not pinned and not ignored:
                     inv.stubs[rel] = FileRecord(rel, srec.size, mtime, atime, last, STUB, False, st.st_nlink)
                 continue
             size = st.st_size
             inv.local_bytes += size
-            if pinned or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0 or (
-                    ignore is not None and ignore.match_file(rel)):
-                inv.kept[rel] = _kept(state, st, rel, pinned, ignore, min_size)
+            if pinned or ignored or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0:
+                inv.kept[rel] = _kept(state, st, pinned, ignored, min_size)
                 continue
             inv.candidates[rel] = FileRecord(rel, size, mtime, atime, last, LOCAL, False, 1)
     return inv
 
 
-def _kept(state: str, st: os.stat_result, rel: str, pinned: bool, ignore, min_size: int) -> str:
+def _kept(state: str, st: os.stat_result, pinned: bool, ignored: bool, min_size: int) -> str:
     """Why a non-stub file may not be chosen by a policy ("" if it may)."""
     if pinned:
         return "pinned"
@@ -217,7 +217,7 @@ def _kept(state: str, st: os.stat_result, rel: str, pinned: bool, ignore, min_si
         return "unreadable stub"
     if state != LOCAL:
         return state
-    if ignore is not None and ignore.match_file(rel):
+    if ignored:
         return "ignored (.jamignore)"
     if st.st_nlink > 1:
         return "hard-linked"
