@@ -126,3 +126,58 @@ def test_many_small_files_through_sftp(runner, tmp_path, sshd, sftp_store, monke
             raise AssertionError(f"{rel} is still a stub")
         except OSError:
             pass
+
+
+def test_server_killed_mid_batch_through_the_core(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    """The server dies while a batch moves (killed from the progress callback): stash leaves every
+    file local, checkout leaves every stub a stub, and the next run after a restart completes."""
+    from jam_core.checkout import checkout
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.root import Root
+    from jam_core.stash import stash
+    from tests.test_sftp import KillAfter
+
+    tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
+    files = {f"d/f{i:03}.bin": make_file(tree / "d" / f"f{i:03}.bin", 65536 + i, seed=i) for i in range(300)}
+    pm = make_plugin_manager(load_entrypoints=False)
+
+    def is_stub(rel: str) -> bool:
+        try:
+            os.getxattr(tree / rel, XATTR)
+            return True
+        except OSError:
+            return False
+
+    # progress counts the hashing of the first batch (256 files) first, then its transfer
+    killer = KillAfter(sshd, sum(len(d) for d in files.values()) * 6 // 5)
+    with Session(progress=killer) as s:
+        res = stash(Root(tree), ["d"], pm, s)
+    assert killer.fired and res.exit_code != 0 and "connection lost" in res.aborted
+    stubs = [rel for rel in files if is_stub(rel)]
+    for rel, data in files.items():
+        if rel not in stubs:
+            assert (tree / rel).read_bytes() == data  # left local, untouched
+    for rel in stubs:  # a batch finished before the kill: its objects are whole on the server
+        rec = StubRecord.unpack(os.getxattr(tree / rel, XATTR))
+        assert (sftp_store / "objects" / object_relpath(rec.oid)).read_bytes() == files[rel]
+    assert len(stubs) < len(files)
+    sshd.start()
+    assert "stashed" in jam(runner, "stash", "d").output
+    assert all(is_stub(rel) for rel in files)
+
+    before = {rel: (tree / rel).read_bytes() for rel in files}
+    killer = KillAfter(sshd, sum(len(d) for d in files.values()) // 3)
+    with Session(progress=killer) as s:
+        res = checkout(Root(tree), ["d"], pm, s)
+    assert killer.fired and res.exit_code != 0
+    for rel, data in files.items():
+        if is_stub(rel):
+            assert (tree / rel).read_bytes() == before[rel]  # the stub as it was
+        else:
+            assert (tree / rel).read_bytes() == data
+    assert not [p for p in (tree / "d").iterdir() if not p.name.endswith(".bin")]  # no temporary left
+    sshd.start()
+    jam(runner, "checkout", "d")
+    for rel, data in files.items():
+        assert (tree / rel).read_bytes() == data and not is_stub(rel)
