@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024, help="size of the large file (MiB)")
     ap.add_argument("--files", type=int, default=2000, help="number of small files")
     ap.add_argument("--file-kib", type=int, default=64, help="size of each small file (KiB)")
-    ap.add_argument("--connections", type=int, default=4, help="jam's pool size and thread count")
+    ap.add_argument("--connections", type=int, default=4, help="the sftp remote's connections option (pool size)")
     ap.add_argument("--no-fsync", action="store_true", help="skip fsync@openssh.com (sftp does not fsync)")
     ap.add_argument("--no-rsync", action="store_true")
     ap.add_argument("--only", choices=("large", "small"))
