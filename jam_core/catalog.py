@@ -119,8 +119,10 @@ class Catalog:
 
     # -- uses and pins (policies) ---------------------------------------------------------
     def record_use(self, paths: Iterable[str], when: float | None = None) -> None:
+        """Record a use of ``paths`` at ``when`` (now); a newer use already recorded stays."""
         when = time.time() if when is None else when
-        self.db.executemany("INSERT OR REPLACE INTO uses VALUES (?,?)", [(_b(p), when) for p in paths])
+        self.db.executemany("INSERT INTO uses VALUES (?,?) ON CONFLICT(path) DO UPDATE SET "
+                            "last_used = max(last_used, excluded.last_used)", [(_b(p), when) for p in paths])
 
     def uses(self) -> dict[str, float]:
         return {_s(p): t for p, t in self.db.execute("SELECT path, last_used FROM uses")}

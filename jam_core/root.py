@@ -111,6 +111,7 @@ class Root:
         jd = p / JAM_DIR
         jd.mkdir(exist_ok=True)
         (jd / "tmp").mkdir(exist_ok=True)
+        (jd / "visits").mkdir(exist_ok=True)  # the cd hooks' visit marks (jam_core.visitmarks)
         root = cls(p)
         root.write_config({"core": {"min_size": "64KiB"}, "remote": {}})
         if register:

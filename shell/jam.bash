@@ -2,8 +2,9 @@
 # jam's cd hook for bash. Install with this line in ~/.bashrc:
 #     eval "$(jam hook bash)"
 # When $PWD changes, the hook decides in pure shell (no process) whether the new directory
-# lies in a jam root and has stubs to fetch; only then does it run `jam hook-fetch`.
-# JAM_DISABLE=1 turns it off for this shell.
+# lies in a jam root and has stubs to fetch; only then does it run `jam hook-fetch`. Every
+# visit inside a root leaves a mark in ROOT/.jam/visits (no process). JAM_DISABLE=1 turns it
+# off for this shell.
 
 _JAM_BIN='jam' # filled in by `jam hook bash`
 _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook bash`
@@ -32,6 +33,16 @@ _jam_visit() {
         fi
     done
     [[ -n $_jam_root ]] || return 0
+    _jam_root=${_jam_root%/}
+    # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
+    # builtin redirection that dates it; jam folds these marks into its catalog. Silent when
+    # it cannot write (read-only root, full disk).
+    local _jam_rel=${PWD#"$_jam_root"}
+    if [[ $_jam_rel != /.jam && $_jam_rel != /.jam/* && -w $_jam_root/.jam/visits ]]; then
+        _jam_rel=${_jam_rel:-/}
+        _jam_rel=${_jam_rel//%/%25}
+        { : >|"$_jam_root/.jam/visits/${_jam_rel//\//%2F}"; } 2>/dev/null
+    fi
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
     # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).
     local _jam_index=$_jam_root/.jam/stubdirs

@@ -1,8 +1,9 @@
 # jam's cd hook for fish (>= 3.5). Install with this line in ~/.config/fish/config.fish:
 #     jam hook fish | source
 # When $PWD changes, the hook decides in pure shell (no process) whether the new directory
-# lies in a jam root and has stubs to fetch; only then does it run `jam hook-fetch`.
-# JAM_DISABLE=1 turns it off for this shell.
+# lies in a jam root and has stubs to fetch; only then does it run `jam hook-fetch`. Every
+# visit inside a root leaves a mark in ROOT/.jam/visits (no process). JAM_DISABLE=1 turns it
+# off for this shell.
 
 set -g _jam_bin 'jam' # filled in by `jam hook fish`
 set -g _jam_roots_file (string join / -- (set -q XDG_DATA_HOME[1]; and echo $XDG_DATA_HOME; or echo ~/.local/share) jam roots) # filled in by `jam hook fish`
@@ -24,10 +25,30 @@ function _jam_on_pwd --on-variable PWD --description 'jam: fetch the stubs of th
         end
     end
     test -n "$root"; or return 0
+    set root (string trim -r -c / -- $root)
+    set -l rest (string sub -s (math (string length -- $root) + 1) -- $PWD | string collect)
+    # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
+    # builtin redirection that dates it; jam folds these marks into its catalog. fish warns
+    # when a redirection fails, whatever stderr is, so what can be checked first is.
+    set -l marks $root/.jam/visits
+    switch "$rest"
+        case /.jam '/.jam/*'
+        case '*'
+            if test -d $marks -a -w $marks
+                set -l dir /
+                test -n "$rest"; and set dir $rest
+                set -l name (string escape --style=url -- $dir | string replace -a / %2F)
+                set -l mark $marks/$name
+                if test (string length -- $name) -le 255
+                    if not test -e $mark; or test -f $mark -a -w $mark
+                        true >$mark
+                    end
+                end
+            end
+    end
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
     # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).
     set -l index $root/.jam/stubdirs
-    set -l rest (string sub -s (math (string length -- $root) + 1) -- $PWD | string collect)
     if test -k "$index$rest"; or begin
             test -d $index; and test $root/.jam/config.toml -nt $index
         end

@@ -2,7 +2,8 @@
 #     eval "$(jam hook zsh)"
 # On every directory change (chpwd), the hook decides in pure shell (no process) whether the
 # new directory lies in a jam root and has stubs to fetch; only then does it run
-# `jam hook-fetch`. JAM_DISABLE=1 turns it off for this shell.
+# `jam hook-fetch`. Every visit inside a root leaves a mark in ROOT/.jam/visits (no process).
+# JAM_DISABLE=1 turns it off for this shell.
 
 typeset -g _JAM_BIN='jam' # filled in by `jam hook zsh`
 typeset -g _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook zsh`
@@ -26,6 +27,15 @@ _jam_chpwd() {
         fi
     done
     [[ -n $root ]] || return 0
+    root=${root%/}
+    # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
+    # builtin redirection that dates it; jam folds these marks into its catalog. Silent when
+    # it cannot write (read-only root, full disk).
+    local rel=${PWD#"$root"}
+    if [[ $rel != /.jam && $rel != /.jam/* && -w $root/.jam/visits ]]; then
+        rel=${${rel:-/}//\%/%25}
+        { : >| $root/.jam/visits/${rel//\//%2F} } 2>/dev/null
+    fi
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
     # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).
     local index=$root/.jam/stubdirs

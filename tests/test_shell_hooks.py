@@ -381,3 +381,169 @@ def test_hook_help_says_where_to_put_it(runner):
     out = runner.invoke(main, ["hook", "--help"]).output
     for line in ['eval "$(jam hook zsh)"', 'eval "$(jam hook bash)"', "jam hook fish | source", "~/.zshrc"]:
         assert line in out
+
+
+# -- visits: every cd inside a root counts as use, without a process ------------------------
+
+DAY = 86400
+# A directory name with a space, a '%' that looks like an escape, a newline and a byte that is
+# not UTF-8, and how each shell types it.
+ODD = b"odd %41\nname\xff"
+ODD_TYPED = {"bash": "$'odd %41\\nname\\xff'", "zsh": "$'odd %41\\nname\\xff'", "fish": "'odd %41'\\n'name'\\Xff"}
+
+
+def marks(root) -> set[str]:
+    """The directories (relative, "." = the root) the hooks marked as visited."""
+    from jam_core.visitmarks import decode
+
+    d = root.jam_dir / "visits"
+    return {decode(n) for n in os.listdir(os.fsencode(d))} if d.is_dir() else set()
+
+
+def test_cd_inside_a_root_marks_the_visit_without_a_process(shell, tree, logged):
+    root, _ = tree
+    odd = os.fsdecode(ODD)
+    (root.path / "plain" / odd).mkdir()
+    shell.run(f"cd {shlex.quote(str(root.path / 'plain'))}")
+    shell.run(f"cd {ODD_TYPED[shell.kind]}")
+    shell.run(f"cd {shlex.quote(str(root.path / 'nostubs/sub'))}")
+    shell.run(f"cd {shlex.quote(str(root.path))}")
+    shell.run(f"cd {shlex.quote(str(root.path / '.jam'))}")  # jam's own data is no visit
+    assert marks(root) == {"plain", f"plain/{odd}", "nostubs/sub", "."}
+    assert logged[1].read_text() == ""  # no jam process for any of them
+
+
+def test_a_visit_in_the_shell_makes_old_files_recent_for_policies(shell, tree, logged, jam_exe, env):
+    from jam_core.stubdirs import refresh
+
+    root, _ = tree
+    for rel in ["old/x.bin", "old/y.bin", "elsewhere/z.bin"]:
+        make_file(root.path / rel, 100_000, seed=len(rel))
+        t = time_ago(60 * DAY)
+        os.utime(root.path / rel, (t, t))
+    with open(root.config_path, "a") as f:
+        f.write('\n[policy.age]\nolder_than = "30d"\n')
+    refresh(root)  # the index is newer than the config: cd asks jam nothing
+
+    def planned() -> set[str]:
+        out = subprocess.run([jam_exe, "stash", "--auto", "--dry-run"], cwd=root.path, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return {p for p in ["old/x.bin", "old/y.bin", "elsewhere/z.bin"] if p in out}
+
+    assert planned() == {"old/x.bin", "old/y.bin", "elsewhere/z.bin"}
+    shell.run(f"cd {shlex.quote(str(root.path / 'old'))}")
+    assert marks(root) == {"old"}
+    assert planned() == {"elsewhere/z.bin"}  # the visit made old/ recent
+    assert marks(root) == set()  # folded into the catalog
+    from jam_core.catalog import Catalog
+
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        uses = cat.uses()
+    assert set(uses) == {"old/x.bin", "old/y.bin"}
+    assert logged[1].read_text() == ""
+
+
+def time_ago(seconds: float) -> float:
+    import time
+
+    return time.time() - seconds
+
+
+def test_jam_disable_marks_nothing(shell, tree, logged):
+    root, _ = tree
+    shell.run("set -gx JAM_DISABLE 1" if shell.kind == "fish" else "export JAM_DISABLE=1")
+    for d in ["plain", "nostubs/sub", "."]:
+        shell.run(f"cd {shlex.quote(str(root.path / d))}")
+    assert marks(root) == set()
+
+
+@pytest.mark.parametrize("how", ["marks-dir-is-a-file", "mark-is-a-directory", "read-only"])
+def test_unwritable_marks_do_not_break_the_prompt(shell, tree, logged, how):
+    root, _ = tree
+    d = root.jam_dir / "visits"
+    if how == "marks-dir-is-a-file":
+        d.rmdir()
+        d.write_text("")
+    elif how == "mark-is-a-directory":
+        (d / "%2Fplain").mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        d.chmod(0o555)
+    try:
+        shell.type(f"cd {shlex.quote(str(root.path / 'plain'))}; false")
+        assert shell.status_of_last() == 1
+        out = shell.run("cd ../nostubs")
+        out += shell.run("echo still-here")
+    finally:
+        if d.is_dir():
+            d.chmod(0o755)
+    assert "still-here" in out
+    for word in ("warning", "denied", "directory", "error", "jam:"):
+        assert word not in out.lower(), out
+    assert logged[1].read_text() == ""
+
+
+def test_hostile_marks_are_dropped_safely(tree, tmp_path):
+    from jam_core.catalog import Catalog
+    from jam_core.visitmarks import encode, fold
+
+    root, _ = tree
+    outside = tmp_path / "outside"
+    make_file(outside / "secret.bin", 1000, seed=3)
+    (root.path / "escape").symlink_to(outside)
+    passwd = tmp_path / "passwd"
+    passwd.write_text("keep me\n")
+    d = root.jam_dir / "visits"
+    now = time_ago(0)
+    hostile = {
+        b"%2F..%2F..%2Fetc": now, b"%2F%2E%2E": now, b"%2F.jam": now, b"%2Fplain%2F..%2F..": now,
+        b"%2Fplain%zz": now, b"%2F%2Fplain": now, b"\x01\x02\xfe junk": now, b"plain": now,
+        b"%2Fescape": now, b"%2Fno%2Fsuch%2Fdir": now, b"%2F%00": now,
+        encode("nostubs"): 4e12,  # year 128,000
+        encode("nostubs/sub"): -5.0,
+    }
+    for name, t in hostile.items():
+        p = os.path.join(os.fsencode(d), name)
+        with open(p, "wb") as f:
+            f.write(b"\x00\xff" * 100)
+        os.utime(p, (t, t))
+    os.symlink(passwd, os.path.join(os.fsencode(d), encode("data")))  # not a regular file
+    junk_dir = d / encode("plain").decode()
+    (junk_dir / "sub").mkdir(parents=True)  # a directory, not a mark
+    os.symlink(outside, junk_dir / "sub/link")
+    good = time_ago(3 * DAY)
+    with open(os.path.join(os.fsencode(d), encode("data/deep")), "wb"):
+        pass
+    os.utime(os.path.join(os.fsencode(d), encode("data/deep")), (good, good))
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        before = cat.uses()
+        cat.record_use(["data/deep/newer"], good + 100)
+    assert fold(root) == 1
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        uses = cat.uses()
+    assert {k: v for k, v in uses.items() if k not in before} == {
+        "data/deep/d.bin": pytest.approx(good, abs=1e-3), "data/deep/newer": good + 100}
+    assert os.listdir(d) == []
+    assert not (root.jam_dir / "visits.folding").exists()
+    assert passwd.read_text() == "keep me\n" and (outside / "secret.bin").exists()
+    assert fold(root) == 0  # nothing left, nothing to do
+
+
+@pytest.mark.parametrize("rel", [".", "a", "a b/c", "per%41cent", "new\nline", "bad\udcffbyte", "%2F"])
+def test_mark_names_round_trip(rel):
+    from jam_core.visitmarks import decode, encode
+
+    assert decode(encode(rel)) == rel
+
+
+def test_hook_fetch_folds_the_marks(tree, jam_exe, env):
+    from jam_core.catalog import Catalog
+    from jam_core.visitmarks import encode
+
+    root, _ = tree
+    (root.jam_dir / "visits" / encode("plain").decode()).touch()
+    subprocess.run([jam_exe, "hook-fetch", str(root.path / "data")], env=env, check=True, capture_output=True)
+    assert marks(root) == set()
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        assert "plain/local.bin" in cat.uses()

@@ -126,6 +126,7 @@ def _hook_fetch(directory: str) -> int:
     from jam_core.root import Root, abspath, find_root
     from jam_core.stubdirs import settings
     from jam_core.visit import plan, record_visit
+    from jam_core.visitmarks import fold
 
     path = abspath(directory)
     top = find_root(path)
@@ -134,6 +135,7 @@ def _hook_fetch(directory: str) -> int:
     root = Root(top)
     if path != top and path.relative_to(top).parts[0] == ".jam":
         return 0
+    fold(root)  # the visits the hook recorded without starting jam
     rel = root.rel(path)
     hs = settings(root)
     background = hs.background
