@@ -184,16 +184,41 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             else:
                 todo.append(entry)
         session.begin(2 * sum(e.st.st_size for e in todo))  # read and hash, then store
-        for batch in batches(todo, lambda e: e.st.st_size):
-            _stash_batch(root, batch, remotes, pm, session, cat, result)
-            if result.aborted:
-                break
-        refresh_stubdirs(root, cat)  # the index the cd hooks read
+        try:
+            _run_batches(root, todo, remotes, pm, session, cat, result)
+        finally:
+            refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
 
 
-def _stash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
+def _run_batches(root: Root, todo: list[Entry], remotes: list[Remote], pm, session: Session,
                  cat: Catalog, result: Result) -> None:
+    """A pipeline of batches: while a worker thread stores batch N on the remotes, this thread
+    hashes batch N+1 and swaps batch N-1 (hashing, I/O and the network overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="jam-store")
+    stored = None  # (hashed batch, future of its store)
+    try:
+        for batch in batches(todo, lambda e: e.st.st_size):
+            hashed = _hash_batch(root, batch, remotes, pm, session, result)
+            storing = pool.submit(_store_batch, hashed, remotes, pm, session)
+            if stored is not None:
+                _finish_batch(root, *stored, pm, session, cat, result)
+            stored = (hashed, storing)
+            if result.aborted:
+                break
+        if stored is not None and not result.aborted:
+            _finish_batch(root, *stored, pm, session, cat, result)
+    except BaseException:
+        session.close()  # a backend's transfers in the worker stop now rather than at the end
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _hash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
+                result: Result) -> list[Stored]:
     hashed: list[Stored] = []
     for entry in entries:
         try:
@@ -207,6 +232,12 @@ def _stash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, se
             session.file_done(2 * entry.st.st_size)
             continue
         hashed.append(s)
+    return hashed
+
+
+def _store_batch(hashed: list[Stored], remotes: list[Remote], pm, session: Session):
+    """In the worker: store a hashed batch on each remote. Returns (errors by item, remotes
+    used); raises RemoteError when a remote fails as a whole."""
     errors: dict[int, Exception] = {}
     used: dict[str, Remote] = {}
     for remote in remotes:
@@ -214,13 +245,20 @@ def _stash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, se
         if not items:
             continue
         used[remote.name] = remote
-        try:
-            for s, err in store_on(remote, items, pm, session):
-                if err is not None:
-                    errors[id(s)] = err
-        except RemoteError as exc:
-            result.aborted = str(exc)
-            return
+        for s, err in store_on(remote, items, pm, session):
+            if err is not None:
+                errors[id(s)] = err
+    return errors, used
+
+
+def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Session, cat: Catalog,
+                  result: Result) -> None:
+    """Wait for a batch's store, then swap every file that was stored for its stub."""
+    try:
+        errors, used = storing.result()
+    except RemoteError as exc:
+        result.aborted = str(exc)
+        return
     stored = []
     for s in hashed:
         session.file_done(2 * s.record.size)
