@@ -16,7 +16,9 @@ from jam_core.objects import split_oid, hash_file
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
 from jam_core.fsutil import syncfs
-from jam_core.stash import Result, _why, batches, collect, same_file, tmp_name, user_xattrs
+from jam_core import pipeline
+from jam_core.pipeline import batches
+from jam_core.stash import Result, _why, collect, same_file, tmp_name, user_xattrs
 from jam_core.stubdirs import refresh as refresh_stubdirs
 
 
@@ -45,10 +47,16 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 todo.append(entry)
         session.begin(2 * sum(e.record.size for e in todo))  # fetch, then verify
         try:
-            for batch in batches(todo, lambda e: e.record.size):
-                _checkout_batch(root, batch, remotes, pm, session, cat, result)
-                if result.aborted:
-                    break
+            # While a worker fetches and verifies batch N, swap batch N-1 in.
+            pipeline.run(
+                batches(todo, lambda e: e.record.size),
+                prepare=lambda batch: [_Want(e, _order(remotes, cat.remotes_of(e.record.oid))) for e in batch],
+                move=lambda wants: _fetch_all(wants, pm, session, result),
+                finish=lambda wants, fetching: _swap_batch(root, fetching.result(), cat, result),
+                stop=lambda: bool(result.aborted),
+                session=session,
+                cleanup=_drop_tmps,
+            )
         finally:
             refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
@@ -76,16 +84,9 @@ class _Want:
         self.tmp = ""
 
 
-def _checkout_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
-                    cat: Catalog, result: Result) -> None:
-    wants = [_Want(e, _order(remotes, cat.remotes_of(e.record.oid))) for e in entries]
-    try:
-        ready = _fetch_all(wants, pm, session, result)
-        if ready:
-            _swap_batch(root, ready, cat, result)
-    finally:
-        for w in wants:
-            w.drop_tmp()
+def _drop_tmps(wants: list[_Want]) -> None:
+    for w in wants:
+        w.drop_tmp()
 
 
 def _fetch_all(wants: list[_Want], pm, session: Session, result: Result) -> list[_Want]:
@@ -182,6 +183,8 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
 
 
 def _swap_batch(root: Root, ready: list[_Want], cat: Catalog, result: Result) -> None:
+    if not ready:
+        return
     syncfs(root.path)
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         _swap_all(ready, cat, result)

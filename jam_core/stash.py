@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from jam_core import pipeline
 from jam_core.catalog import Catalog
 from jam_core.fsutil import fsync_dir, syncfs
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
+from jam_core.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, remove_stale_in, walk
 from jam_core.stub import HEADER_MAX, XATTR, StubRecord, write_stub
@@ -122,8 +124,6 @@ def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry
     return out
 
 
-BATCH_FILES = 256
-BATCH_BYTES = 256 << 20
 
 
 @dataclass
@@ -136,19 +136,6 @@ class Stored:
     xattrs: dict[str, bytes]
     targets: list[Remote]
     tmp: str = ""
-
-
-def batches(items: list, size_of) -> Iterator[list]:
-    """Consecutive runs of at most BATCH_FILES items and about BATCH_BYTES bytes."""
-    batch, total = [], 0
-    for item in items:
-        batch.append(item)
-        total += size_of(item)
-        if len(batch) >= BATCH_FILES or total >= BATCH_BYTES:
-            yield batch
-            batch, total = [], 0
-    if batch:
-        yield batch
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
@@ -193,28 +180,15 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
 
 def _run_batches(root: Root, todo: list[Entry], remotes: list[Remote], pm, session: Session,
                  cat: Catalog, result: Result) -> None:
-    """A pipeline of batches: while a worker thread stores batch N on the remotes, this thread
-    hashes batch N+1 and swaps batch N-1 (hashing, I/O and the network overlap)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="jam-store")
-    stored = None  # (hashed batch, future of its store)
-    try:
-        for batch in batches(todo, lambda e: e.st.st_size):
-            hashed = _hash_batch(root, batch, remotes, pm, session, result)
-            storing = pool.submit(_store_batch, hashed, remotes, pm, session)
-            if stored is not None:
-                _finish_batch(root, *stored, pm, session, cat, result)
-            stored = (hashed, storing)
-            if result.aborted:
-                break
-        if stored is not None and not result.aborted:
-            _finish_batch(root, *stored, pm, session, cat, result)
-    except BaseException:
-        session.close()  # a backend's transfers in the worker stop now rather than at the end
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """While a worker stores batch N on the remotes, hash batch N+1 and swap batch N-1."""
+    pipeline.run(
+        batches(todo, lambda e: e.st.st_size),
+        prepare=lambda batch: _hash_batch(root, batch, remotes, pm, session, result),
+        move=lambda hashed: _store_batch(hashed, remotes, pm, session),
+        finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result),
+        stop=lambda: bool(result.aborted),
+        session=session,
+    )
 
 
 def _hash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
