@@ -37,10 +37,10 @@ function _jam_on_pwd --on-variable PWD --description 'jam: fetch the stubs of th
             if test -d $marks -a -w $marks
                 set -l dir /
                 test -n "$rest"; and set dir $rest
-                set -l name (string escape --style=url -- $dir | string replace -a / %2F)
+                string escape --style=url -- $dir | string replace -a / %2F | read -l name
                 set -l mark $marks/$name
-                if test (string length -- $name) -le 255
-                    if not test -e $mark; or test -f $mark -a -w $mark
+                if not string match -qr -- '^.{256}' $name
+                    if test -f $mark -a -w $mark; or not test -e $mark
                         true >$mark
                     end
                 end
