@@ -7,6 +7,7 @@ from typing import Callable, Iterable, TypeVar
 
 B = TypeVar("B")
 P = TypeVar("P")
+_SKIPPED = object()  # what the worker returns for a batch it did not start
 
 BATCH_FILES = 256
 BATCH_BYTES = 256 << 20
@@ -29,34 +30,47 @@ def run(batches_: Iterable[B], prepare: Callable[[B], P], move: Callable[[P], ob
         finish: Callable[[P, object], None], stop: Callable[[], bool], session,
         cleanup: Callable[[P], None] = lambda p: None) -> None:
     """For each batch: ``prepare`` it here, ``move`` it in the worker, ``finish(prepared,
-    future)`` here once the next batch is on its way. ``stop()`` ends the run early (the batch
-    in flight is still finished). ``cleanup`` runs for every prepared batch, whatever happened.
+    future)`` here once the next batch is on its way. ``stop()``, or a ``move`` that raised,
+    ends the run early: the worker starts no further batch, the one in flight is finished.
+    ``cleanup`` runs for every prepared batch, whatever happened.
 
     On an interruption the session is closed first, so a backend's transfer in the worker
     stops at once instead of finishing its batch.
     """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    broken = threading.Event()
+
+    def guarded(prepared: P):
+        if broken.is_set() or stop():  # a batch before this one failed: do not start another
+            return _SKIPPED
+        try:
+            return move(prepared)
+        except BaseException:
+            broken.set()
+            raise
+
+    def finish_one() -> None:
+        prepared, future = in_flight.pop(0)
+        try:
+            if future.exception() is not None or future.result() is not _SKIPPED:
+                finish(prepared, future)
+        finally:
+            cleanup(prepared)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="jam-move")
     in_flight: list[tuple[P, object]] = []
     try:
         for batch in batches_:
-            prepared = prepare(batch)
-            in_flight.append((prepared, pool.submit(move, prepared)))
-            if len(in_flight) > 1:
-                done = in_flight.pop(0)
-                try:
-                    finish(*done)
-                finally:
-                    cleanup(done[0])
-            if stop():
+            if broken.is_set() or stop():
                 break
+            prepared = prepare(batch)
+            in_flight.append((prepared, pool.submit(guarded, prepared)))
+            if len(in_flight) > 1:
+                finish_one()
         while in_flight:
-            done = in_flight.pop(0)
-            try:
-                finish(*done)
-            finally:
-                cleanup(done[0])
+            finish_one()
     except BaseException:
         session.close()
         raise

@@ -231,7 +231,7 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
     try:
         errors, used = storing.result()
     except RemoteError as exc:
-        result.aborted = str(exc)
+        result.aborted = result.aborted or str(exc)  # the first cause is the one to tell
         return
     stored = []
     for s in hashed:

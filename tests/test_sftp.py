@@ -437,12 +437,19 @@ def test_unresolvable_host(pm, isolated_home, tmp_path):
 
 
 class KillAfter:
-    """A progress callback that kills the server once ``after`` bytes have moved."""
+    """A progress callback that kills the server once ``after`` bytes have moved (counting only
+    the bytes reported from threads named ``thread*``, if given: the core's transfer worker is
+    ``jam-move``, while its own thread hashes the next batch)."""
 
-    def __init__(self, sshd: SSHD, after: int):
+    def __init__(self, sshd: SSHD, after: int, thread: str = ""):
         self.sshd, self.after, self.seen, self.fired = sshd, after, 0, False
+        self.thread = thread
 
     def __call__(self, n: int) -> None:
+        import threading
+
+        if self.thread and not threading.current_thread().name.startswith(self.thread):
+            return
         self.seen += n
         if not self.fired and self.seen >= self.after:
             self.fired = True

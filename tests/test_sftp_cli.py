@@ -149,8 +149,9 @@ def test_server_killed_mid_batch_through_the_core(runner, tmp_path, sshd, sftp_s
         except OSError:
             return False
 
-    # progress counts the hashing of the first batch (256 files) first, then its transfer
-    killer = KillAfter(sshd, sum(len(d) for d in files.values()) * 6 // 5)
+    # kill once a fifth of the bytes went over the wire (the core's transfer worker reports
+    # them; its own thread hashes the next batch meanwhile): the first batch is cut mid-way
+    killer = KillAfter(sshd, sum(len(d) for d in files.values()) // 5, thread="jam-move")
     with Session(progress=killer) as s:
         res = stash(Root(tree), ["d"], pm, s)
     assert killer.fired and res.exit_code != 0 and "connection lost" in res.aborted
