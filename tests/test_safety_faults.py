@@ -25,7 +25,7 @@ from jam_core.objects import object_relpath
 from jam_core.root import Root
 from jam_core.stash import stash
 from tests.conftest import make_file
-from tests.safety_support import (b3, fingerprint, is_stub, jam, listing, make_tree, objects_verify, record,
+from tests.safety_support import (b3, fingerprint, is_stub, jam, make_tree, objects_verify, record,
                                   status_json)
 
 

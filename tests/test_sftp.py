@@ -109,7 +109,7 @@ def test_check_remote_creates_layout_and_describes(pm, sshd, sftp_store):
         text = pm.hook.check_remote(remote=remote, session=s, create=True)
     assert (sftp_store / "objects").is_dir() and (sftp_store / "tmp").is_dir()
     assert leftovers(sftp_store) == []  # the write probe is gone
-    assert text.startswith(f"sftp jamtest (") and f"127.0.0.1:{sshd.port}" in text
+    assert text.startswith("sftp jamtest (") and f"127.0.0.1:{sshd.port}" in text
     assert "OpenSSH" in text and "writable" in text and str(sftp_store) in text
 
 
@@ -255,7 +255,7 @@ def test_proxy_jump_and_proxy_command(pm, sshd, sftp_remote, tmp_path):
     cfg.write_text(
         cfg.read_text()
         + f"Host viajump\n    HostName 127.0.0.1\n    Port {sshd.port}\n    ProxyJump {sshd.alias}\n"
-        + f"    IdentityFile ~/.ssh/id_ed25519\n"
+        + "    IdentityFile ~/.ssh/id_ed25519\n"
         + f"Host viacmd\n    HostName 127.0.0.1\n    Port {sshd.port}\n"
         + f"    ProxyCommand ssh {ssh_opts} -W %h:%p {sshd.alias}\n"
     )
@@ -446,8 +446,6 @@ class KillAfter:
         self.thread = thread
 
     def __call__(self, n: int) -> None:
-        import threading
-
         if self.thread and not threading.current_thread().name.startswith(self.thread):
             return
         self.seen += n
