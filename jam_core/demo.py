@@ -47,7 +47,7 @@ def run_demo(echo) -> int:
     from jam_core.stash import stash
     from jam_core.status import status
 
-    from jam_core.cli.common import human
+    from jam_core.units import human
 
     base = Path(tempfile.mkdtemp(prefix="jam-demo-")) / "tree"
     base.mkdir()

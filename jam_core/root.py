@@ -9,10 +9,11 @@ import sys
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from jam_core.errors import UsageError
 from jam_core.model import Remote
+from jam_core.units import human, parse_size  # noqa: F401  (re-exported)
 
 JAM_DIR = ".jam"
 CONFIG = "config.toml"
@@ -21,31 +22,6 @@ LOCK = "lock"
 
 DEFAULT_REMOTE = "default"
 DEFAULT_MIN_SIZE = 64 * 1024
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
-          "tib": 2**40}
-
-
-def parse_size(value: Any, what: str = "size") -> int:
-    """``"64KiB"``, ``"20GB"``, ``"1.5 G"``, ``4096`` -> bytes. Raises UsageError for nonsense."""
-    if isinstance(value, bool):
-        raise UsageError(f"{what}: expected a size like 64KiB or 20GB, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise UsageError(f"{what}: a size cannot be negative ({value})")
-        return value
-    text = str(value).strip().lower().replace(" ", "")
-    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(num):]
-    try:
-        n = float(num)
-    except ValueError:
-        n = -1.0
-    if unit not in _UNITS or n < 0 or n != n or n == float("inf"):
-        raise UsageError(f"{what}: expected a size like 64KiB or 20GB, got {value!r}")
-    return int(n * _UNITS[unit])
-
 
 def user_data_dir() -> Path:
     """``$XDG_DATA_HOME/jam`` (platformdirs): the embedded default remote and the roots list."""

@@ -8,6 +8,8 @@ from typing import Iterable, Iterator
 
 import click
 
+from jam_core.units import human  # noqa: F401  (the CLI's sizes)
+
 
 
 def plugin_manager():
@@ -23,14 +25,6 @@ def root_and_rels(paths: Iterable[str]):
     paths = list(paths) or ["."]
     root = Root.find(paths[0])
     return root, [root.rel(p) for p in paths]
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def show_path(rel: str) -> str:
