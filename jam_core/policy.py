@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from jam_core.errors import UsageError
 from jam_core.model import FileRecord, Nomination
 from jam_core.root import CATALOG, Root
+from jam_core.units import human as format_size
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
 
 IGNORE_FILE = ".jamignore"
@@ -73,12 +74,8 @@ def format_duration(seconds: float) -> str:
 
 
 def human(n: float) -> str:
-    """Bytes for reasons and plans, in the units ``parse_size`` reads (1 GB = 10^9 B)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
-        n /= 1000
-    return f"{n} B"
+    """Bytes for reasons and plans, trimmed so a configured size reads back as written."""
+    return format_size(n, trim=True)
 
 
 def policy_table(config: Mapping[str, Any], name: str, known: Iterable[str]) -> dict | None:
@@ -137,6 +134,41 @@ def covered(rel: str, pins: set[str]) -> bool:
             return True
         p = p.rpartition("/")[0]
     return False
+
+
+def pins(root: Root) -> list[str]:
+    """The root's pins, sorted."""
+    from jam_core.catalog import Catalog
+
+    with Catalog(root.jam_dir / CATALOG) as cat:
+        return sorted(cat.pins())
+
+
+def pin(root: Root, rels: Sequence[str]) -> None:
+    """Pin files or directories (relative to the root): policies never stash them. The caller
+    checks pinned stubs out (``jam pin`` does, like "always keep on this device")."""
+    from jam_core.catalog import Catalog
+
+    for rel in rels:
+        if not os.path.lexists(root.abs(rel)):
+            raise UsageError(f"{rel}: no such file or directory")
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
+        cat.pin(rels)
+
+
+def unpin(root: Root, rels: Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Unpin; returns (unpinned, not pinned, [(still covered, by which pin)])."""
+    from jam_core.catalog import Catalog
+
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
+        before = cat.pins()
+        cat.unpin(rels)
+    left = before - set(rels)
+    held = []
+    for rel in rels:
+        if covered(rel, left):
+            held.append((rel, next(p for p in sorted(left, key=len, reverse=True) if covered(rel, {p}))))
+    return [r for r in rels if r in before], [r for r in rels if r not in before], held
 
 
 def load_ignore(root: Root):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from jam_core.cli import main
@@ -17,23 +15,16 @@ def pin(paths: tuple[str, ...]) -> None:
 
     With no PATHS, list the pins of the root around the current directory.
     """
-    from jam_core.catalog import Catalog
+    from jam_core import policy
     from jam_core.checkout import checkout
-    from jam_core.errors import UsageError
-    from jam_core.root import CATALOG, Root
+    from jam_core.root import Root
 
     if not paths:
-        root = Root.find(".")
-        with Catalog(root.jam_dir / CATALOG) as cat:
-            for p in sorted(cat.pins()):
-                click.echo(show_path(p))
+        for p in policy.pins(Root.find(".")):
+            click.echo(show_path(p))
         return
     root, rels = root_and_rels(paths)
-    for path, rel in zip(paths, rels):
-        if not os.path.lexists(root.abs(rel)):
-            raise UsageError(f"{path}: no such file or directory")
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        cat.pin(rels)
+    policy.pin(root, rels)
     click.echo(f"pinned {', '.join(show_path(r) for r in rels)}")
     with session("fetching") as s:
         result = checkout(root, rels, plugin_manager(), s)
@@ -46,25 +37,14 @@ def pin(paths: tuple[str, ...]) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def unpin(paths: tuple[str, ...]) -> None:
     """Let policies stash PATHS again (their content stays local until a policy chooses it)."""
-    from jam_core.catalog import Catalog
-    from jam_core.policy import covered
-    from jam_core.root import CATALOG
+    from jam_core import policy
 
     root, rels = root_and_rels(paths)
-    code = 0
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        pins = cat.pins()
-        cat.unpin(rels)
-        left = pins - set(rels)
-        for rel in rels:
-            if rel not in pins:
-                click.echo(f"jam: {show_path(rel)} was not pinned", err=True)
-                code = 1
-            if covered(rel, left):
-                holder = next(p for p in sorted(left, key=len, reverse=True) if covered(rel, {p}))
-                click.echo(f"jam: {show_path(rel)} stays pinned through the pin on {show_path(holder)}", err=True)
-                code = 1
-    done = [r for r in rels if r in pins]
+    done, not_pinned, held = policy.unpin(root, rels)
+    for rel in not_pinned:
+        click.echo(f"jam: {show_path(rel)} was not pinned", err=True)
+    for rel, holder in held:
+        click.echo(f"jam: {show_path(rel)} stays pinned through the pin on {show_path(holder)}", err=True)
     if done:
         click.echo(f"unpinned {', '.join(show_path(r) for r in done)}")
-    raise SystemExit(code)
+    raise SystemExit(1 if not_pinned or held else 0)
