@@ -347,13 +347,17 @@ def plan_auto(root: Root, pm) -> Plan:
 
 def stash_auto(root: Root, pm, session=None, dry_run: bool = False):
     """Run the policies; unless ``dry_run``, stash what they chose. Returns (plan, result|None)."""
-    from jam_core.stash import stash
-
     plan = plan_auto(root, pm)
     if dry_run or not plan.items:
         return plan, None
-    result = stash(root, [i.path for i in plan.items], pm, session, explicit=False)
-    return plan, result
+    return plan, carry_out(root, plan, pm, session)
+
+
+def carry_out(root: Root, plan: Plan, pm, session=None):
+    """Stash what a plan chose, as policies do: minimum size applies, pins are re-checked."""
+    from jam_core.stash import stash
+
+    return stash(root, [i.path for i in plan.items], pm, session, explicit=False)
 
 
 def related(root: Root, pm, anchors: Sequence[str]) -> list[PlanItem]:

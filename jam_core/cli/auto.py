@@ -36,9 +36,8 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
     import json
 
     from jam_core.cli.common import plugin_manager
-    from jam_core.policy import plan_auto
+    from jam_core.policy import carry_out, plan_auto
     from jam_core.root import Root
-    from jam_core.stash import stash
 
     root = Root.find(".")
     pm = plugin_manager()
@@ -50,7 +49,7 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
     if dry_run or not plan.items:
         return 0
     with session("stashing") as s:
-        result = stash(root, [i.path for i in plan.items], pm, s, explicit=False)
+        result = carry_out(root, plan, pm, s)
     report(result, "stashed", "freed")
     return result.exit_code
 
