@@ -52,6 +52,19 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def per_file(one, items: list, threads: int) -> None:
+    """Call ``one(item, session)`` for every item, serially or from ``threads`` threads."""
+    from jam_core.model import Session
+
+    with Session() as s:
+        if threads == 1:
+            for item in items:
+                one(item, s)
+        else:
+            with ThreadPoolExecutor(threads) as ex:
+                list(ex.map(lambda item: one(item, s), items))
+
+
 def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
@@ -103,37 +116,19 @@ class Bench:
         )
 
     def jam_up(self, remote, items: list[tuple[str, Path, int]], threads: int) -> None:
-        from jam_core.model import Session
+        def one(item, s):
+            oid, path, size = item
+            assert self.pm.hook.stash(remote=remote, oid=oid, source=path, size=size, session=s)
 
-        with Session() as s:
-
-            def one(item):
-                oid, path, size = item
-                assert self.pm.hook.stash(remote=remote, oid=oid, source=path, size=size, session=s)
-
-            if threads == 1:
-                for item in items:
-                    one(item)
-            else:
-                with ThreadPoolExecutor(threads) as ex:
-                    list(ex.map(one, items))
+        per_file(one, items, threads)
 
     def jam_down(self, remote, items: list[tuple[str, Path, int]], threads: int) -> None:
-        from jam_core.model import Session
+        def one(item, s):
+            oid, dest, size = item
+            dest.write_bytes(b"")
+            assert self.pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s)
 
-        with Session() as s:
-
-            def one(item):
-                oid, dest, size = item
-                dest.write_bytes(b"")
-                assert self.pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s)
-
-            if threads == 1:
-                for item in items:
-                    one(item)
-            else:
-                with ThreadPoolExecutor(threads) as ex:
-                    list(ex.map(one, items))
+        per_file(one, items, threads)
 
     def record(self, case: str, who: str, nbytes: int, seconds: float) -> None:
         self.results.append((case, who, mbps(nbytes, seconds)))

@@ -377,14 +377,21 @@ def test_missing_layout_is_not_recreated_by_stash(pm, sshd, sftp_store, tmp_path
     assert list(sftp_store.iterdir()) == []
 
 
-def test_read_only_remote(pm, sshd, sftp_store, tmp_path):
-    """A read-only remote (sftp-server -R: even root cannot write through it)."""
+def read_only_server(sshd: SSHD, sftp_store: Path, tmp_path: Path) -> SSHD:
+    """Replace the test's server by one whose sftp-server runs with -R (read-only: even root
+    cannot write through it), over a store that already has its layout."""
     (sftp_store / "objects").mkdir()
     (sftp_store / "tmp").mkdir()
     sshd.kill()
     ro = SSHD(tmp_path / "ro", sftp_subsystem="internal-sftp -R")
     ro.write_home(Path(os.environ["HOME"]))
     ro.start()
+    return ro
+
+
+def test_read_only_remote(pm, sshd, sftp_store, tmp_path):
+    """A read-only remote (sftp-server -R: even root cannot write through it)."""
+    ro = read_only_server(sshd, sftp_store, tmp_path)
     try:
         remote = sftp_remote_for(f"sftp://{ro.alias}{sftp_store}")
         make_file(tmp_path / "f", 1000)
@@ -671,12 +678,7 @@ def test_batch_failed_rename_is_never_success(pm, sftp_remote, sftp_store, tmp_p
 
 
 def test_batch_read_only_remote(pm, sshd, sftp_store, tmp_path):
-    (sftp_store / "objects").mkdir()
-    (sftp_store / "tmp").mkdir()
-    sshd.kill()
-    ro = SSHD(tmp_path / "ro", sftp_subsystem="internal-sftp -R")
-    ro.write_home(Path(os.environ["HOME"]))
-    ro.start()
+    ro = read_only_server(sshd, sftp_store, tmp_path)
     try:
         remote = sftp_remote_for(f"sftp://{ro.alias}{sftp_store}")
         items = batch_files(tmp_path, 20)
