@@ -101,8 +101,17 @@ class Catalog:
                                 [(_b(p), o, s, m, t) for p, o, s, m, t in rows])
 
     # -- objects on remotes ---------------------------------------------------------------
-    def remotes_of(self, oid: str) -> list[str]:
-        return [r for (r,) in self.db.execute("SELECT remote FROM locations WHERE oid = ? ORDER BY remote", (oid,))]
+    def remotes_of(self, oids: Iterable[str]) -> dict[str, set[str]]:
+        """The remotes known to hold each of ``oids`` (one query for a whole batch)."""
+        oids = list(set(oids))
+        out: dict[str, set[str]] = {oid: set() for oid in oids}
+        for i in range(0, len(oids), 500):  # SQLite's limit on bound parameters
+            chunk = oids[i:i + 500]
+            rows = self.db.execute(f"SELECT oid, remote FROM locations WHERE oid IN ({','.join('?' * len(chunk))})",
+                                   chunk)
+            for oid, remote in rows:
+                out[oid].add(remote)
+        return out
 
     def record_location(self, oid: str, remote: str, size: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO locations VALUES (?,?,?,?)", (oid, remote, size, time.time()))

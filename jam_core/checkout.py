@@ -50,7 +50,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
                 batches(todo, lambda e: e.record.size),
-                prepare=lambda batch: [_Want(e, _order(remotes, cat.remotes_of(e.record.oid))) for e in batch],
+                prepare=lambda batch: _wants(batch, remotes, cat),
                 move=lambda wants: _fetch_all(wants, pm, session, result),
                 finish=lambda wants, fetching: _swap_batch(root, fetching.result(), cat, result),
                 stop=lambda: bool(result.aborted),
@@ -203,7 +203,12 @@ def _swap_all(ready: list[_Want], cat: Catalog, result: Result) -> None:
         result.done.append((w.entry.rel, w.entry.record.size))
 
 
-def _order(remotes: list[Remote], known: list[str]) -> list[Remote]:
+def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog) -> list["_Want"]:
+    known = cat.remotes_of(e.record.oid for e in batch)
+    return [_Want(e, _order(remotes, known[e.record.oid])) for e in batch]
+
+
+def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
     """Remotes known to hold the object first, each group nearest tier first."""
     return sorted(remotes, key=lambda r: (r.name not in known, r.tier, r.name))
 
