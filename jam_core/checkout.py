@@ -15,7 +15,7 @@ from jam_core.model import Remote, Session
 from jam_core.objects import split_oid, hash_file
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
-from jam_core.fsutil import syncfs
+from jam_core.fs import syncfs
 from jam_core import pipeline
 from jam_core.pipeline import batches
 from jam_core.stash import Result, _why, collect, same_file, tmp_name, user_xattrs

@@ -192,3 +192,22 @@ def check_remote(remote: Remote, session: Session, create: bool) -> str | None:
     :return: a description such as ``"directory /mnt/usb/jam, 120.3 GB free"``; raise
         :class:`jam_core.errors.RemoteError` if the remote is unusable.
     """
+
+
+@hookspec(firstresult=True)
+def remote_id(remote: Remote, session: Session, create: bool) -> str | None:
+    """Read the identity marker at the top of ``remote``'s location (``objects.MARKER_NAME``).
+
+    Called once per command and remote before anything is stored on or fetched from it, and
+    by ``jam remote add`` (``create=True``). The core compares the id with the one recorded in
+    the root's config, so an empty mount point or another directory is never taken for the
+    remote. First non-None answer wins; the backend of ``remote.kind`` answers.
+
+    :param remote: the remote to identify.
+    :param session: per-command state (a connection made here may be reused).
+    :param create: write a new marker (``objects.marker_bytes(objects.new_remote_id())``,
+        atomically, never over an existing one) when there is none, and return its id.
+    :return: the marker's id; ``""`` when there is no marker (and ``create`` is False). Raise
+        :class:`jam_core.errors.RemoteError` if the location is unreachable or the marker is
+        not a jam marker.
+    """

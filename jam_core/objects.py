@@ -74,6 +74,40 @@ def verify_file(path: str | os.PathLike, oid: str, size: int | None = None) -> N
         raise IntegrityError(f"{Path(path).name}: content does not match {oid} (got {got}, {got_size} bytes)")
 
 
+# A remote's identity: a marker at the top of its location, written when it is added and
+# recorded in the root's config (``[remote.NAME] id``). An empty mount point, or another
+# directory, has no marker or another id, so jam never mistakes it for the drive.
+MARKER_NAME = "jam-remote.json"
+_MARKER_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+def new_remote_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def marker_bytes(remote_id: str) -> bytes:
+    """The content of a remote's identity marker."""
+    if not _MARKER_ID.match(remote_id):
+        raise ValueError(f"malformed remote id {remote_id!r}")
+    return ('{"jam_remote":1,"id":"%s"}\n' % remote_id).encode()
+
+
+def parse_marker(data: bytes) -> str:
+    """The id in a marker's content; raises ValueError if it is not a jam marker."""
+    import json
+
+    try:
+        meta = json.loads(data[:4096])
+    except ValueError:
+        raise ValueError("not a jam remote marker") from None
+    rid = meta.get("id") if isinstance(meta, dict) and meta.get("jam_remote") == 1 else None
+    if not isinstance(rid, str) or not _MARKER_ID.match(rid):
+        raise ValueError("not a jam remote marker")
+    return rid
+
+
 def object_relpath(oid: str) -> str:
     """Where a remote keeps an object: ``b3/ab/abcd…``. One level of 256 directories, as git
     does: a million objects make directories of about 4,000, and the first thousands do not

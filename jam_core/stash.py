@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 from jam_core import pipeline
 from jam_core.catalog import Catalog
-from jam_core.fsutil import fsync_dir, syncfs
+from jam_core.fs import fsync_dir, syncfs
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd

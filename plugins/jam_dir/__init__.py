@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from jam_core import hookimpl
 from jam_core.errors import IntegrityError, RemoteError, UsageError
-from jam_core.fsutil import syncfs
+from jam_core.fs import syncfs
 from jam_core.objects import hash_fd, hash_file, object_relpath
 
 KIND = "dir"
