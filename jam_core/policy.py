@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from jam_core.errors import UsageError
 from jam_core.model import FileRecord, Nomination
+from jam_core.pins import add_pins, covered, read_pins, remove_pins  # noqa: F401  (covered: re-exported)
 from jam_core.root import CATALOG, Root
 from jam_core.units import human as format_size
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
@@ -122,48 +123,26 @@ class Inventory:
         return out
 
 
-def covered(rel: str, pins: set[str]) -> bool:
-    """True if ``rel`` or a directory above it is pinned (``.`` pins the whole root)."""
-    if not pins:
-        return False
-    if "." in pins:
-        return True
-    p = rel
-    while p:
-        if p in pins:
-            return True
-        p = p.rpartition("/")[0]
-    return False
-
-
 def pins(root: Root) -> list[str]:
     """The root's pins, sorted."""
-    from jam_core.catalog import Catalog
-
-    with Catalog(root.jam_dir / CATALOG) as cat:
-        return sorted(cat.pins())
+    return sorted(read_pins(root))
 
 
 def pin(root: Root, rels: Sequence[str]) -> None:
     """Pin files or directories (relative to the root): policies never stash them. The caller
-    checks pinned stubs out (``jam pin`` does, like "always keep on this device")."""
-    from jam_core.catalog import Catalog
-
+    checks pinned stubs out (``jam pin`` does, like "always keep on this device"). Pins live
+    in ``ROOT/.jam/pins`` (jam_core.pins), so a rebuilt catalog keeps them."""
     for rel in rels:
         if not os.path.lexists(root.abs(rel)):
             raise UsageError(f"{rel}: no such file or directory")
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        cat.pin(rels)
+    with root.lock():
+        add_pins(root, rels)
 
 
 def unpin(root: Root, rels: Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Unpin; returns (unpinned, not pinned, [(still covered, by which pin)])."""
-    from jam_core.catalog import Catalog
-
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        before = cat.pins()
-        cat.unpin(rels)
-    left = before - set(rels)
+    with root.lock():
+        before, left = remove_pins(root, rels)
     held = []
     for rel in rels:
         if covered(rel, left):
@@ -204,9 +183,9 @@ def inventory(root: Root) -> Inventory:
     min_size = root.min_size
     atime_ok = use_atime(config)
     ignore = load_ignore(root)
+    pins = read_pins(root)
     with Catalog(root.jam_dir / CATALOG) as cat:
         uses = cat.uses()
-        pins = cat.pins()
     inv = Inventory()
 
     def on_error(rel, exc):

@@ -155,12 +155,14 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
     min_size = root.min_size
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        pins = set() if explicit else cat.pins()
+        from jam_core.pins import read_pins
+
+        pins = set() if explicit else read_pins(root)
         todo = []
         for entry, named in collect(root, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
             if why is None and pins:
-                from jam_core.policy import covered
+                from jam_core.pins import covered
 
                 if covered(entry.rel, pins):
                     why = "pinned"
