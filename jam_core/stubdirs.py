@@ -15,7 +15,9 @@ every stash and checkout (under the root's lock). It is never the truth: a stale
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from typing import Iterable
@@ -60,9 +62,21 @@ def index_path(root: Root) -> str:
     return os.path.join(root.path, JAM_DIR, INDEX)
 
 
+def valid_rel(path: object) -> bool:
+    """Is ``path`` (from the catalog, a mark, any metadata) a file's path inside a root?
+
+    Relative, not empty, no NUL, no empty, ``.`` or ``..`` component, not under ``.jam``:
+    the rules the stub's own xattrs are held to. A bad row is skipped (doctor reports it)."""
+    if not isinstance(path, str) or not path or "\0" in path or path.startswith("/"):
+        return False
+    parts = path.split("/")
+    return not any(p in ("", ".", "..") for p in parts) and parts[0] != JAM_DIR
+
+
 def wanted(stub_paths: Iterable[str], depth: int | None) -> set[str]:
-    """Directories (relative, "" = the root) where a cd has stubs within ``depth`` levels."""
-    direct = {os.path.dirname(p) for p in stub_paths}
+    """Directories (relative, "" = the root) where a cd has stubs within ``depth`` levels.
+    Paths that are not valid relative paths (``../x``, ``/etc/x``, ``.jam/x``) are ignored."""
+    direct = {os.path.dirname(p) for p in stub_paths if valid_rel(p)}
     out = set()
     for d in direct:
         parts = d.split("/") if d else []
@@ -72,12 +86,17 @@ def wanted(stub_paths: Iterable[str], depth: int | None) -> set[str]:
     return out
 
 
+_warned = False
+
+
 def refresh(root: Root, cat=None) -> None:
     """Make the index match the catalog's stubs and the current ``hook.depth``.
 
     Cheap when nothing changed (one query, a walk of the small mirror tree, no writes but the
-    stamp). Errors in the config fall back to the defaults: the index must never block a stash.
+    stamp). Errors in the config fall back to the defaults, and an index that cannot be
+    written is said once on stderr: the index must never block a stash.
     """
+    global _warned
     try:
         depth = settings(root).depth
     except UsageError:
@@ -90,41 +109,100 @@ def refresh(root: Root, cat=None) -> None:
             stubs = c.stubs()
     else:
         stubs = cat.stubs()
-    sync(index_path(root), wanted(stubs, depth))
+    try:
+        sync(index_path(root), wanted(stubs, depth))
+    except OSError as exc:
+        if not _warned:
+            import sys
+
+            _warned = True
+            print(f"jam: the cd hook's index {index_path(root)} was not updated: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(name: str, dir_fd: int | None, create: bool = False) -> int:
+    """Open the directory ``name`` (relative to ``dir_fd``) without following a symlink.
+    With ``create``, make it (0755) when missing, and replace whatever else has its name (a
+    symlink, a file planted in jam's own index) by a new directory."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    except (NotADirectoryError, OSError) as exc:
+        if not create or exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=dir_fd)  # a symlink or file in the index: never follow it
+    os.mkdir(name, 0o755, dir_fd=dir_fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _remove(name: str, dir_fd: int) -> None:
+    """Remove an entry of the index that leads nowhere, never following a symlink."""
+    st = os.lstat(name, dir_fd=dir_fd)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows a symlink out
+    else:
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def sync(base: str, marked: set[str]) -> None:
-    """Make the mirror tree under ``base`` carry the mark exactly on ``marked``."""
-    have: dict[str, bool] = {}  # rel -> marked, for every mirror dir that exists
-    if os.path.isdir(base):
-        for dirpath, dirnames, _files in os.walk(base):
-            rel = os.path.relpath(dirpath, base)
-            rel = "" if rel == "." else rel
-            have[rel] = bool(os.lstat(dirpath).st_mode & MARK)
-    else:
-        if not marked:
-            return  # a root that never had stubs needs no index
-        os.mkdir(base, 0o755)
-        have[""] = False
-    # Mark first (parents before children), then unmark, then remove what leads nowhere.
-    for rel in sorted(marked):
-        path = os.path.join(base, rel) if rel else base
-        if rel not in have:
-            os.makedirs(path, 0o755, exist_ok=True)
-        if not have.get(rel):
-            os.chmod(path, 0o755 | MARK)
-    needed = set()
+    """Make the mirror tree under ``base`` carry the mark exactly on ``marked``.
+
+    Every directory is opened with O_NOFOLLOW|O_DIRECTORY relative to its parent's descriptor,
+    from ``base``'s parent (``ROOT/.jam``) down, and changed only through that descriptor: a
+    symlink planted anywhere in the index is removed, never followed. Paths in ``marked``
+    that are not valid relative paths are ignored.
+    """
+    marked = {m for m in marked if m == "" or valid_rel(m)}
+    tree: dict = {}  # name -> subtree, for every directory the index needs
     for rel in marked:
-        while rel:
-            needed.add(rel)
-            rel = os.path.dirname(rel)
-    for rel in sorted(have, key=len, reverse=True):  # children before parents
-        path = os.path.join(base, rel) if rel else base
-        if have[rel] and rel not in marked:
-            os.chmod(path, 0o755)
-        if rel and rel not in needed:
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-    os.utime(base)  # the stamp a hook compares config.toml against
+        node = tree
+        for part in rel.split("/") if rel else []:
+            node = node.setdefault(part, {})
+    parent = os.open(os.path.dirname(base), _DIR_FLAGS)
+    try:
+        try:
+            top = _open_dir(os.path.basename(base), parent, create=bool(marked))
+        except FileNotFoundError:
+            return  # a root that never had stubs needs no index
+        # Depth first, holding only the chain of directories from the top to the current one.
+        stack: list = []
+        try:
+            stack.append((top, _enter(top, "", tree, marked)))
+            while stack:
+                fd, children = stack[-1]
+                nxt = next(children, None)
+                if nxt is None:
+                    stack.pop()
+                    if stack:
+                        os.close(fd)
+                    continue
+                name, rel, child = nxt
+                cfd = _open_dir(name, fd, create=True)
+                try:
+                    stack.append((cfd, _enter(cfd, rel, child, marked)))
+                except BaseException:
+                    os.close(cfd)
+                    raise
+            os.utime(top)  # the stamp a hook compares config.toml against
+        finally:
+            for fd, _ in stack[1:]:
+                os.close(fd)
+            os.close(top)
+    finally:
+        os.close(parent)
+
+
+def _enter(fd: int, rel: str, node: dict, marked: set[str]):
+    """Fix one directory of the index (its mark, entries it does not need); returns an
+    iterator over the children it needs: ``(name, rel, subtree)``."""
+    mode = 0o755 | (MARK if rel in marked else 0)
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        os.fchmod(fd, mode)
+    for name in set(os.listdir(fd)) - node.keys():
+        _remove(name, fd)
+    return iter([(name, f"{rel}/{name}" if rel else name, child) for name, child in sorted(node.items())])
