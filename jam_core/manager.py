@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import types
 
 import pluggy
 
@@ -28,6 +29,73 @@ def _names(value: str | None) -> set[str]:
     return {n.strip() for n in (value or "").split(",") if n.strip()}
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin) -> list[str]:
+    """Hooks ``plugin`` implements that no spec declares (a misspelled name), unless optional."""
+    out = []
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.has_spec():
+            continue
+        if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+            out.append(caller.name)
+    return sorted(out)
+
+
+def _check_one(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    """Raise PluginValidationError if ``plugin`` (just registered) has a misspelled hook."""
+    unknown = _unknown_hooks(pm, plugin)
+    if unknown:
+        raise pluggy.PluginValidationError(
+            plugin, f"unknown hook {unknown[0]!r} in plugin {name!r} (known hooks: see jam_core.hookspecs)")
+
+
+def _load_entrypoints(pm: pluggy.PluginManager, only: set[str] | None) -> None:
+    """Load the ``jam`` entry points one by one: one that fails to import or to validate is
+    recorded in ``pm.jam_broken`` and skipped, so a bad third-party plugin never stops jam."""
+    import importlib.metadata
+
+    for dist in list(importlib.metadata.distributions()):
+        try:
+            eps = [ep for ep in dist.entry_points if ep.group == PROJECT]
+        except Exception:  # a damaged dist-info: not a plugin we can name
+            continue
+        for ep in eps:
+            name = ep.name
+            if (only is not None and name not in only) or pm.has_plugin(name) or pm.is_blocked(name):
+                continue
+            if any(b["name"] == name for b in pm.jam_broken):
+                continue
+            version = None
+            try:
+                version = dist.version
+            except Exception:
+                pass
+            try:
+                plugin = ep.load()
+            except (Exception, SystemExit) as exc:
+                pm.jam_broken.append({"name": name, "version": version,
+                                      "reason": f"failed to import {ep.value}: {_one_line(exc)}"})
+                continue
+            try:
+                pm.register(plugin, name=name)
+            except (Exception, SystemExit) as exc:
+                pm.jam_broken.append({"name": name, "version": version, "reason": _one_line(exc)})
+                continue
+            try:
+                _check_one(pm, plugin, name)
+            except pluggy.PluginValidationError as exc:
+                pm.unregister(plugin, name=name)
+                pm.jam_broken.append({"name": name, "version": version, "reason": _one_line(exc)})
+                continue
+            pm.jam_versions[name] = version
+
+
 def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> pluggy.PluginManager:
     """Build jam's plugin manager.
 
@@ -35,8 +103,15 @@ def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> plu
     third-party plugins from the ``jam`` entry-point group (limited to ``$JAM_LOAD_PLUGINS``
     when that is set), registers ``extra`` plugin objects (tests), then ``check_pending()``
     catches misspelled hook names.
+
+    A third-party plugin that fails to import, or whose hooks do not validate (an unknown
+    argument, a misspelled hook name), is skipped and listed in ``pm.jam_broken`` as
+    ``{"name", "version", "reason"}`` (the CLI warns once per command). ``extra`` plugins and
+    the built-ins are the program's own: a fault in them still raises.
     """
     pm = pluggy.PluginManager(PROJECT)
+    pm.jam_broken = []  # third-party plugins skipped, with why
+    pm.jam_versions = {}  # entry-point plugin name -> its distribution's version
     pm.add_hookspecs(hookspecs)
     for name in _names(os.environ.get(ENV_BLOCK)):
         pm.set_blocked(name)
@@ -46,32 +121,59 @@ def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> plu
         pm.register(importlib.import_module(modname), name=modname)
     if load_entrypoints:
         only = os.environ.get(ENV_LOAD)
-        if only is None:
-            pm.load_setuptools_entrypoints(PROJECT)
-        else:
-            for name in _names(only):
-                pm.load_setuptools_entrypoints(PROJECT, name=name)
+        _load_entrypoints(pm, None if only is None else _names(only))
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()
     return pm
 
 
+def broken_plugins(pm: pluggy.PluginManager) -> list[dict]:
+    """The third-party plugins that were skipped, each ``{"name", "version", "reason"}``."""
+    return list(getattr(pm, "jam_broken", ()))
+
+
+def plugin_of(pm: pluggy.PluginManager, tb) -> tuple[str, str] | None:
+    """(plugin name, function) of the innermost frame of traceback ``tb`` that runs a
+    plugin's code, or None: the CLI names the plugin whose hook raised."""
+    modules: dict[str, str] = {}
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        mod = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        if mod:
+            modules[mod] = name
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        modname = frame.f_globals.get("__name__", "")
+        for mod, name in modules.items():
+            if modname == mod or modname.startswith(mod + "."):
+                return name, frame.f_code.co_name
+    return None
+
+
 def plugin_info(pm: pluggy.PluginManager) -> list[dict]:
-    """Each plugin with its hooks and version, for ``jam plugins``."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    """Each plugin with its hooks and version, for ``jam plugins``. A skipped third-party
+    plugin is listed too, with ``broken`` holding the reason (``None`` for a loaded one)."""
+    versions = getattr(pm, "jam_versions", {})
     out = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0]):
         if plugin is None:
             continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
-        dist = dists.get(id(plugin))
         out.append(
             {
                 "name": name,
                 "hooks": hooks,
-                "version": dist.version if dist is not None else None,
+                "version": versions.get(name),
                 "builtin": name in BUILTIN_PLUGINS,
+                "broken": None,
             }
         )
-    return out
+    for b in broken_plugins(pm):
+        out.append({"name": b["name"], "hooks": [], "version": b["version"], "builtin": False,
+                    "broken": b["reason"]})
+    return sorted(out, key=lambda p: p["name"])

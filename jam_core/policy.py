@@ -274,9 +274,20 @@ class Plan:
         }
 
 
+class Records(tuple):
+    """The records a policy is offered (a plain tuple to any plugin), carrying the rest of the
+    tree a share needs: ``stubs``, the clean stubs policies could have chosen had they been
+    local (pinned and ignored ones excluded). A share of "the tree" must count them, or it
+    shrinks with every run (``jam_lru``)."""
+
+    stubs: tuple[FileRecord, ...] = ()
+
+
 def ask(pm, root: Root, records: Sequence[FileRecord], purpose: str, anchors: Sequence[str],
-        local_bytes: int) -> list[Nomination]:
-    answers = pm.hook.select(root=root.path, records=tuple(records), purpose=purpose,
+        local_bytes: int, stubs: Sequence[FileRecord] = ()) -> list[Nomination]:
+    offered = Records(records)
+    offered.stubs = tuple(stubs)
+    answers = pm.hook.select(root=root.path, records=offered, purpose=purpose,
                              anchors=tuple(anchors), config=root.config, local_bytes=local_bytes)
     out = []
     for answer in answers:
@@ -319,7 +330,8 @@ def plan_auto(root: Root, pm) -> Plan:
     plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
                 candidates=len(inv.candidates))
     records = sorted(inv.candidates.values(), key=lambda r: r.path)
-    nominations = ask(pm, root, records, STASH, (), inv.local_bytes) if records else []
+    stubs = sorted(inv.stubs.values(), key=lambda r: r.path)
+    nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
     plan.items = merge(nominations, inv.candidates, plan.refused)
     return plan
 

@@ -208,7 +208,7 @@ def test_stash_refuses_paths_outside_the_root(runner, jam_root, tmp_path):
 
 def test_stash_missing_file_is_reported(runner, jam_root):
     res = jam(runner, "stash", "nope.bin", ok=False)
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a usage error since issue 8 (was 1, "partly done")
     assert "nope.bin" in res.stderr and "no such file" in res.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jam_core.cli.common import human, report, session, show_path
+from jam_core.cli.common import human, plural, report, session, show_path
 
 
 def _path(rel: str) -> str:
@@ -27,7 +27,7 @@ def print_plan(plan, dry_run: bool) -> None:
         click.echo(f"jam: policy {policy} nominated {show_path(path)}, which policies may not stash; ignored",
                    err=True)
     n = len(plan.items)
-    click.echo(f"{verb} {n} of {plan.candidates} candidate file{'s' if plan.candidates != 1 else ''}, "
+    click.echo(f"{verb} {n} of {plural(plan.candidates, 'candidate file')}, "
                f"freeing {human(plan.bytes)} (policies: {', '.join(plan.policies)}; "
                f"local now {human(plan.local_bytes)})")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -12,18 +14,74 @@ from jam_core.units import human  # noqa: F401  (the CLI's sizes)
 
 
 
-def plugin_manager():
-    from jam_core.manager import make_plugin_manager
+_LAST_PM = None
 
-    return make_plugin_manager()
+
+def plugin_manager():
+    """The plugin manager; one line on stderr for each third-party plugin that was skipped."""
+    global _LAST_PM
+    from jam_core.manager import broken_plugins, make_plugin_manager
+
+    pm = make_plugin_manager()
+    for b in broken_plugins(pm):
+        click.echo(f"jam: plugin {b['name']} skipped: {b['reason']} "
+                   f"(block it with JAM_BLOCK_PLUGINS={b['name']})", err=True)
+    _LAST_PM = pm
+    return pm
+
+
+def last_plugin_manager():
+    """The plugin manager this command built, if any (to name a plugin whose hook raised)."""
+    return _LAST_PM
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``0 files`` (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def _short(path: str, limit: int = 120) -> str:
+    text = show_path(path)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_path(path: str) -> None:
+    """A path named on the command line must exist (the entry itself, not what a symlink
+    points to): a usage error (exit 2) otherwise, one line, never silence."""
+    from jam_core.errors import UsageError
+
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{_short(path)}: no such file or directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{_short(path)}: file name too long (longer than this system allows)") from None
+        if exc.errno == errno.ENOTDIR:
+            raise UsageError(f"{_short(path)}: no such file or directory (a part of it is not a directory)") from None
+        raise UsageError(f"{_short(path)}: {exc.strerror or exc}") from None
+    except ValueError:  # an embedded NUL byte
+        raise UsageError(f"{_short(path)}: not a valid path") from None
 
 
 def root_and_rels(paths: Iterable[str]):
-    """The root holding every path (relative to the cwd) and the paths relative to it."""
+    """The root holding every path (relative to the cwd) and the paths relative to it.
+
+    Every path must exist (UsageError, exit 2, naming it); the caller decides what no path
+    means (``status`` and ``doctor`` default to ``.``; ``stash`` and ``checkout`` need one)."""
+    from jam_core.errors import UsageError
     from jam_core.root import Root
 
-    paths = list(paths) or ["."]
-    root = Root.find(paths[0])
+    paths = list(paths)
+    if not paths:
+        raise UsageError("name a file or directory (`.` is the current directory)")
+    try:
+        root = Root.find(paths[0])  # outside any root is the first thing to say
+    except (OSError, ValueError):  # a name too long to look up: check_path says so
+        check_path(paths[0])
+        raise
+    for p in paths:
+        check_path(p)
     return root, [root.rel(p) for p in paths]
 
 
@@ -73,7 +131,7 @@ def report(result, verb: str, noun_done: str, quiet: bool = False, max_lines: in
     if result.aborted:
         click.echo(f"jam: stopped: {result.aborted}", err=True)
     if not quiet:
-        parts = [f"{verb} {len(result.done)} file{'s' if len(result.done) != 1 else ''} ({human(result.bytes)} {noun_done})"]
+        parts = [f"{verb} {plural(len(result.done), 'file')} ({human(result.bytes)} {noun_done})"]
         if result.unchanged:
             parts.append(f"{result.unchanged} already done")
         if result.skipped:

@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import human, plugin_manager, report, root_and_rels, session, show_path
+from jam_core.cli.common import human, plugin_manager, plural, report, root_and_rels, session, show_path
 
 
 @main.command()
@@ -58,18 +58,28 @@ def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--related", is_flag=True, help="Also fetch the stubs most likely wanted next (see [related]).")
-def checkout(paths: tuple[str, ...], related: bool) -> None:
-    """Bring stubs back (directories recursively): fetched, verified, then swapped in."""
-    from jam_core.checkout import checkout as do_checkout
+@click.option("--keep-both", is_flag=True,
+              help="For a stub that was written into: fetch the stashed version beside it as "
+                   "'NAME (stashed version)' and leave the written-into file as it is.")
+def checkout(paths: tuple[str, ...], related: bool, keep_both: bool) -> None:
+    """Bring stubs back (directories recursively): fetched, verified, then swapped in.
 
+    Name what to bring back (`.` is the current directory). Exit 1 if a file could not come
+    back (a stub that was written into is kept as it is: see --keep-both)."""
+    from jam_core.checkout import checkout as do_checkout
+    from jam_core.errors import UsageError
+
+    if not paths:
+        raise UsageError("name the files or directories to check out (`jam checkout .` for the current directory)")
     root, rels = root_and_rels(paths)
     pm = plugin_manager()
     if related:
         from jam_core.cli.auto import related_rels
 
         rels += related_rels(root, rels, pm)
+    options = {"keep_both": True} if keep_both else {}
     with session("fetching") as s:
-        result = do_checkout(root, rels, pm, s)
+        result = do_checkout(root, rels, pm, s, **options)
     report(result, "checked out", "fetched")
     raise SystemExit(result.exit_code)
 
@@ -90,14 +100,14 @@ def status(path: str, as_json: bool) -> None:
     width = max([len(d) for d, _ in rows] + [9])
     click.echo(f"{'directory':<{width}}  {'local':>7} {'stubs':>7} {'size':>10} {'on disk':>10}")
     for d, t in rows:
-        extra = f"  ({t.dirty} modified stubs)" if t.dirty else ""
+        extra = f"  ({plural(t.dirty, 'modified stub')})" if t.dirty else ""
         extra += f"  ({t.pinned} pinned)" if t.pinned else ""
         click.echo(f"{d:<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}{extra}")
     t = st.total
     click.echo(f"{'total':<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}")
     click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, root {root.path}")
     if st.pins:
-        click.echo(f"{t.pinned} file{'s' if t.pinned != 1 else ''} pinned by: {', '.join(show_path(p) for p in st.pins)}")
+        click.echo(f"{plural(t.pinned, 'file')} pinned by: {', '.join(show_path(p) for p in st.pins)}")
     for rel, why in st.problems[:20]:
         click.echo(f"jam: {show_path(rel)}: {why}", err=True)
 
@@ -119,8 +129,8 @@ def doctor(path: str, deep: bool, fix: bool, as_json: bool) -> None:
     else:
         for p in res.problems:
             click.echo(f"{p.kind}: {show_path(p.path)}: {p.detail}" + (" (fixed)" if p.fixed else ""))
-        click.echo(f"checked {res.stubs} stubs on {len(res.remotes)} remote(s): "
-                   + ("all can come back" if not res.unfixed else f"{len(res.unfixed)} problem(s)"))
+        click.echo(f"checked {plural(res.stubs, 'stub')} on {plural(len(res.remotes), 'remote')}: "
+                   + ("all can come back" if not res.unfixed else plural(len(res.unfixed), "problem")))
     raise SystemExit(1 if res.unfixed else 0)
 
 

@@ -20,8 +20,11 @@ def pin(paths: tuple[str, ...]) -> None:
     from jam_core.root import Root
 
     if not paths:
-        for p in policy.pins(Root.find(".")):
+        pins = policy.pins(Root.find("."))
+        for p in pins:
             click.echo(show_path(p))
+        if not pins:
+            click.echo("no pins")
         return
     root, rels = root_and_rels(paths)
     policy.pin(root, rels)

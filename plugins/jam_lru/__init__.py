@@ -4,9 +4,15 @@
     keep = "25%"        # the most recently used share that stays local
     by = "bytes"        # or "count"
 
-Candidates are ordered from the most recently used; they stay local until the kept share
-reaches ``keep`` of the candidates' bytes (or count). Files used at the same instant are one
-group: they stay or go together, so the kept share may exceed ``keep`` a little, never fall short.
+The share is of the files policies may move: the local candidates *and the stubs* (pinned,
+ignored, hard-linked, dirty and small files are outside it). Stubs count in the total but are
+never kept, so the total does not change when files are stashed and a second run right after
+the first nominates nothing: with 12 files of equal size and ``keep = "25%"`` the 3 most
+recently used stay local, run after run. Candidates are ordered from the most recently used;
+they stay local until the kept share reaches ``keep`` of that total (bytes or count). Files
+used at the same instant are one group: they stay or go together, so the kept share may
+exceed ``keep`` a little, never fall short. When fewer candidates are left than the share
+(files were stashed by hand or by another policy), all of them stay.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ BY = ("bytes", "count")
 _path, _last_used = attrgetter("path"), attrgetter("last_used")
 
 
-def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes") -> list[Nomination]:
-    """Nominate the least recently used records beyond the most recent ``keep`` share."""
+def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes",
+               stubs: Sequence[FileRecord] = ()) -> list[Nomination]:
+    """Nominate the least recently used ``records`` beyond the most recent ``keep`` share of
+    ``records`` plus ``stubs`` (the tree's stubs count in the total, never as kept)."""
     weight = (lambda r: r.size) if by == "bytes" else (lambda r: 1)
-    total = sum(weight(r) for r in records)
-    if total == 0:
+    total = sum(weight(r) for r in records) + sum(weight(r) for r in stubs)
+    if total == 0 or keep >= 1:
         return []
     goal = keep * total
     ordered = sorted(sorted(records, key=_path), key=_last_used, reverse=True)  # ties: by path
@@ -37,7 +45,7 @@ def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes") ->
     reason = f"among the least recently used {round((1 - keep) * 100, 2):g}% by {by}"
     for _, group in itertools.groupby(ordered, key=lambda r: r.last_used):
         group = list(group)
-        if kept < goal or goal == total:
+        if kept < goal:
             kept += sum(weight(r) for r in group)
             continue
         out.extend(Nomination(r.path, NAME, reason) for r in group)
@@ -64,4 +72,5 @@ def select(records, purpose, config):
     s = settings(config)
     if s is None:
         return None
-    return select_lru(records, *s)
+    # jam_core.policy passes the candidates as a tuple that also carries the tree's stubs
+    return select_lru(records, *s, stubs=getattr(records, "stubs", ()))
