@@ -5,50 +5,78 @@ from __future__ import annotations
 import re
 
 from jam_core.catalog import Catalog
-from jam_core.errors import UsageError
+from jam_core.errors import RemoteError, UsageError
 from jam_core.model import Remote, Session
-from jam_core.root import CATALOG, DEFAULT_REMOTE, Root, user_data_dir
+from jam_core.root import CATALOG, DEFAULT_REMOTE, Root, check_remote_overlaps, default_remote_location
+
+__all__ = ["add_remote", "remove_remote", "ensure_default_remote", "ensure_identity", "default_remote_location"]
 
 _NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-def default_remote_location():
-    """The embedded default: a ``dir`` remote under ``$XDG_DATA_HOME/jam/``, shared by roots."""
-    return user_data_dir() / "remotes" / DEFAULT_REMOTE
+_ID = re.compile(r"\A[0-9a-f]{32}\Z")
 
 
 def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict | None = None,
                session: Session | None = None) -> tuple[Remote, str]:
-    """Add a remote after checking it once. Returns (remote, the backend's description)."""
+    """Add a remote after checking it once. Returns (remote, the backend's description).
+
+    A ``dir`` location that is, is inside or contains this root (or any registered root) is
+    refused. The remote gets an identity: the backend's marker (``remote_id(create=True)``,
+    an existing marker is reused) is recorded as ``id`` in the root's own config."""
     if not _NAME.match(name):
         raise UsageError(f"remote name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
     if tier < 0:
         raise UsageError("--tier must be 0 or more (0 = nearest)")
+    if not url.strip():
+        raise UsageError("the remote URL is empty (an unset variable?); give a path, file:///path "
+                         "or sftp://[user@]host[:port]/path")
     with root.lock():
-        config = root.config
-        if name in config.get("remote", {}):
+        if name in _remote_tables(root.config):
             raise UsageError(f"remote {name!r} already exists (remove it first, or pick another name)")
         parsed = pm.hook.parse_url(url=url)
         if parsed is None:
             scheme = url.split("://", 1)[0] if "://" in url else url
             raise UsageError(f"no installed plugin handles {scheme}:// remotes (see `jam plugins`)")
+        if parsed["kind"] == "dir":
+            check_remote_overlaps(parsed["location"], root.path)
+        opts = {k: v for k, v in dict(options or {}).items() if k != "id"}
         remote = Remote(name=name, kind=parsed["kind"], url=url, location=parsed["location"], tier=tier,
-                        options=dict(options or {}))
+                        options=opts)
         with (session or Session()) as s:
             desc = pm.hook.check_remote(remote=remote, session=s, create=True)
-        if desc is None:
-            raise UsageError(f"no installed plugin can check {remote.kind} remotes")
-        table = {"kind": remote.kind, "url": url, "location": remote.location, "tier": tier} | dict(options or {})
-        config.setdefault("remote", {})[name] = table
-        root.write_config(config)
+            if desc is None:
+                raise UsageError(f"no installed plugin can check {remote.kind} remotes")
+            rid = pm.hook.remote_id(remote=remote, session=s, create=True)
+        if rid is not None and not (isinstance(rid, str) and _ID.match(rid)):
+            raise RemoteError(f"remote {name!r} ({remote.location}): its backend gave no valid identity")
+        if rid is not None:
+            opts["id"] = rid
+            remote = Remote(name=name, kind=remote.kind, url=url, location=remote.location, tier=tier,
+                            options=opts)
+        table = {"kind": remote.kind, "url": url, "location": remote.location, "tier": tier} | opts
+        root.update_config(lambda own: _own_remotes(root, own).__setitem__(name, table))
     return remote, desc
+
+
+def _remote_tables(config: dict) -> dict:
+    tables = config.get("remote", {})
+    return tables if isinstance(tables, dict) else {}
+
+
+def _own_remotes(root: Root, own: dict) -> dict:
+    """The root's own ``[remote]`` table (created if absent)."""
+    tables = own.setdefault("remote", {})
+    if not isinstance(tables, dict):
+        raise UsageError(f"{root.config_path}: 'remote' must be a table of remotes")
+    return tables
 
 
 def remove_remote(root: Root, name: str, force: bool = False) -> None:
     with root.lock():
-        config = root.config
-        if name not in config.get("remote", {}):
+        if name not in _remote_tables(root.config):
             raise UsageError(f"no remote named {name!r}")
+        if name not in _remote_tables(root.own_config()):
+            raise UsageError(f"remote {name!r} is set in your user config ({_user_config()}), not in this "
+                             "root's; remove it there")
         with Catalog(root.jam_dir / CATALOG) as cat:
             only = cat.objects_only_on(name)
         if only and not force:
@@ -56,8 +84,13 @@ def remove_remote(root: Root, name: str, force: bool = False) -> None:
                 f"remote {name!r} holds the only copy of {only} stubbed file(s); "
                 "check them out first (or --force to forget the remote anyway)"
             )
-        del config["remote"][name]
-        root.write_config(config)
+        root.update_config(lambda own: _own_remotes(root, own).pop(name, None))
+
+
+def _user_config():
+    from jam_core.root import CONFIG, user_config_dir
+
+    return user_config_dir() / CONFIG
 
 
 def ensure_default_remote(root: Root, pm) -> Remote | None:
@@ -68,3 +101,69 @@ def ensure_default_remote(root: Root, pm) -> Remote | None:
     location.mkdir(parents=True, exist_ok=True)
     remote, _ = add_remote(root, pm, DEFAULT_REMOTE, str(location), 0)
     return remote
+
+
+# -- identity (invariant 10: an empty mount point is not the drive) ------------------------
+
+_IDENTITY = "jam.identity"  # session.cache key prefix: remotes whose identity was checked
+
+
+def ensure_identity(root: Root, remote: Remote, pm, session: Session) -> None:
+    """Check, once per command, that ``remote``'s location is the remote that was added.
+
+    Its backend's marker (``remote_id``) must carry the id recorded in the root's config.
+    No marker, or another id, raises RemoteError (the drive looks unplugged, or the location
+    is another directory) before anything is stored or fetched. A backend without the hook
+    (``None``) is accepted. A remote added by an older jam (no recorded id) gets a marker and
+    its id recorded, but only if its location already holds ``objects/``.
+
+    The caller holds ``root.lock()`` (a non re-entrant flock): this takes no lock itself,
+    although it may write the root's config.
+    """
+    key = (_IDENTITY, remote.name)
+    if session.cache.get(key):
+        return
+    recorded = remote.options.get("id")
+    if recorded is not None and not (isinstance(recorded, str) and _ID.match(recorded)):
+        raise UsageError(f"{root.config_path}: remote {remote.name!r}: id {str(recorded)[:40]!r} is "
+                         "malformed (32 hex digits expected)")
+    got = pm.hook.remote_id(remote=remote, session=session, create=False)
+    if got is None:  # a backend that has no identity markers
+        session.cache[key] = True
+        return
+    where = f"remote {remote.name!r} ({remote.location})"
+    missing = (f"{where}: its identity marker is missing; the drive looks unplugged or this is "
+               "another directory. Nothing was stored or fetched.")
+    if recorded:
+        if got == "":
+            raise RemoteError(missing)
+        if got != recorded:
+            raise RemoteError(f"{where} holds another remote's marker (id {str(got)[:32]}, not {recorded}); "
+                              "the drive looks swapped or this is another directory. Nothing was stored "
+                              "or fetched.")
+    else:  # added by a jam without identities: adopt it, if it really is a remote already
+        if not _has_objects(remote, pm, session):
+            raise RemoteError(missing)
+        rid = got or pm.hook.remote_id(remote=remote, session=session, create=True)
+        if not (isinstance(rid, str) and _ID.match(rid)):
+            raise RemoteError(f"{where}: its backend gave no valid identity")
+
+        def record(own: dict) -> None:
+            table = _own_remotes(root, own).get(remote.name)
+            if isinstance(table, dict):  # a remote of the user's config is not this root's to write
+                table["id"] = rid
+        root.update_config(record)
+    session.cache[key] = True
+
+
+def _has_objects(remote: Remote, pm, session: Session) -> bool:
+    """Whether the remote's location already holds jam's layout (``objects/``)."""
+    if remote.kind == "dir":
+        import os
+
+        path = os.path.join(remote.location, "objects")
+        return os.path.isdir(path) and not os.path.islink(path)
+    try:  # other backends: check_remote without create fails when objects/ is missing
+        return pm.hook.check_remote(remote=remote, session=session, create=False) is not None
+    except RemoteError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
 import tomllib
 from contextlib import contextmanager
@@ -41,6 +42,11 @@ def roots_file() -> Path:
     return user_data_dir() / "roots"
 
 
+def default_remote_location() -> Path:
+    """The embedded default: a ``dir`` remote under ``$XDG_DATA_HOME/jam/``, shared by roots."""
+    return user_data_dir() / "remotes" / DEFAULT_REMOTE
+
+
 def find_root(start: Path) -> Path | None:
     """The nearest directory at or above ``start`` that holds ``.jam/config.toml``."""
     p = start if start.is_dir() else start.parent
@@ -73,8 +79,12 @@ class Root:
         return cls(root)
 
     @classmethod
-    def init(cls, path: str | os.PathLike, register: bool = True) -> tuple["Root", bool]:
-        """Make ``path`` a root. Returns (root, created). Refuses filesystems without xattrs/holes."""
+    def init(cls, path: str | os.PathLike, register: bool = True,
+             default_remote: bool = True) -> tuple["Root", bool]:
+        """Make ``path`` a root. Returns (root, created). Refuses filesystems without xattrs/holes,
+        and a path that overlaps a remote: the embedded default's location (unless
+        ``default_remote`` is False: the caller gives the root another remote) or any ``dir``
+        remote of a registered root. Everything is checked before anything is created."""
         p = abspath(path)
         if not p.is_dir():
             raise UsageError(f"{p} is not a directory")
@@ -83,11 +93,14 @@ class Root:
             return cls(p), False
         if existing is not None:
             raise UsageError(f"{p} is already inside the jam root {existing}")
+        check_root_overlaps(p, default_remote)
         check_filesystem(p)
         jd = p / JAM_DIR
-        jd.mkdir(exist_ok=True)
-        (jd / "tmp").mkdir(exist_ok=True)
-        (jd / "visits").mkdir(exist_ok=True)  # the cd hooks' visit marks (jam_core.visitmarks)
+        for d in (jd, jd / "tmp", jd / "visits"):  # visits: the cd hooks' marks (jam_core.visitmarks)
+            d.mkdir(mode=0o700, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(d).st_mode):  # a symlink planted there: not ours
+                raise UsageError(f"{d} is not a directory (a symlink?); remove it and run `jam init` again")
+            os.chmod(d, 0o700)  # the cd hooks check owner and mode; whatever the umask
         root = cls(p)
         root.write_config({"core": {"min_size": "64KiB"}, "remote": {}})
         if register:
@@ -101,21 +114,41 @@ class Root:
 
     @property
     def config(self) -> dict:
+        """The merged view for readers: the root's own config over the user's defaults."""
         if self._config is None:
             self._config = load_config(self.config_path)
         return self._config
 
+    def own_config(self) -> dict:
+        """Only what ``ROOT/.jam/config.toml`` itself says (no user defaults): what writers edit."""
+        return _read_toml(self.config_path) or {}
+
+    def update_config(self, change) -> dict:
+        """Read the root's own config, let ``change(table)`` edit it in place, write it back.
+
+        Only the root's own keys are written (never the user's defaults from
+        ``~/.config/jam/config.toml``). The caller holds ``self.lock()``."""
+        own = self.own_config()
+        change(own)
+        self.write_config(own)
+        return own
+
     def write_config(self, config: dict) -> None:
+        """Replace the root's own config file with ``config`` (atomically, durably)."""
         import tomli_w
 
         data = tomli_w.dumps(config).encode()
-        tmp = self.config_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = self.config_path.with_name(f".{CONFIG}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.config_path)
-        self._config = config
+        self._config = None  # the merged view is read again, user defaults included
 
     @property
     def min_size(self) -> int:
@@ -173,15 +206,21 @@ def load_config(path: Path) -> dict:
     merged: dict = {}
     user = user_config_dir() / CONFIG
     for p in (user, path):
-        try:
-            with open(p, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            continue
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{p}: not valid TOML: {exc}") from None
-        _merge(merged, data)
+        data = _read_toml(p)
+        if data is not None:
+            _merge(merged, data)
     return merged
+
+
+def _read_toml(path: Path) -> dict | None:
+    """A TOML file's tables; None if it does not exist; UsageError if it is not TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -233,3 +272,118 @@ def check_filesystem(path: Path) -> None:
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
+
+
+# -- roots and remotes never overlap (invariant 10) -----------------------------------------
+# A remote inside a root would be scanned and stashed into itself; a root inside a remote
+# would have its files taken for objects. Paths are compared resolved (realpath) and by the
+# (st_dev, st_ino) of every existing directory on the way up, so neither a symlink nor a bind
+# mount can hide an overlap.
+
+def _ids_up(path: str) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of ``path`` (if it exists) and of each of its existing ancestors."""
+    out = []
+    p = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(p)
+        except OSError:
+            pass
+        else:
+            out.append((st.st_dev, st.st_ino))
+        parent = os.path.dirname(p)
+        if parent == p:
+            return out
+        p = parent
+
+
+def _id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def overlap(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
+    """How ``a`` and ``b`` overlap: ``"same"``, ``"contains"`` (a contains b), ``"inside"``
+    (a is inside b), or None when they are apart."""
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    if ra == rb:
+        return "same"
+    if rb.startswith(ra.rstrip(os.sep) + os.sep):
+        return "contains"
+    if ra.startswith(rb.rstrip(os.sep) + os.sep):
+        return "inside"
+    ia, ib = _id(ra), _id(rb)
+    if ia is not None and ia == ib:
+        return "same"
+    if ia is not None and ia in _ids_up(rb):
+        return "contains"
+    if ib is not None and ib in _ids_up(ra):
+        return "inside"
+    return None
+
+
+def registered_roots() -> list[Path]:
+    """The roots of the roots list (unreadable list: none)."""
+    try:
+        text = roots_file().read_text(errors="surrogateescape")
+    except OSError:
+        return []
+    return [Path(line) for line in text.splitlines()
+            if line.startswith("/") and os.path.isfile(os.path.join(line, JAM_DIR, CONFIG))]
+
+
+def dir_remotes_of(root: Path) -> list[tuple[str, str]]:
+    """(name, location) of every ``dir`` remote in ``root``'s own config; a root whose config
+    is gone or unreadable has none (it cannot be stashed into anything)."""
+    try:
+        with open(root / JAM_DIR / CONFIG, "rb") as f:
+            config = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    out = []
+    remotes = config.get("remote")
+    for name, table in (remotes.items() if isinstance(remotes, dict) else ()):
+        if isinstance(table, dict) and table.get("kind") == "dir" and isinstance(table.get("location"), str) \
+                and table["location"].startswith("/"):
+            out.append((str(name), table["location"]))
+    return out
+
+
+def check_root_overlaps(path: Path, default_remote: bool = True) -> None:
+    """Refuse (UsageError) a new root at ``path`` that overlaps jam's default remote or any
+    ``dir`` remote of a registered root."""
+    if default_remote:
+        loc = default_remote_location()
+        how = overlap(path, loc)
+        if how is not None:
+            where = {"same": "is", "contains": "contains", "inside": "is inside"}[how]
+            raise UsageError(
+                f"{path} {where} jam's default remote {loc}; a root and a remote must not overlap "
+                "(pick a smaller root, or set XDG_DATA_HOME outside it)"
+            )
+    for other in registered_roots():
+        for name, loc in dir_remotes_of(other):
+            how = overlap(path, loc)
+            if how is not None:
+                where = {"same": "is", "contains": "contains", "inside": "is inside"}[how]
+                raise UsageError(
+                    f"{path} {where} the remote {name!r} ({loc}) of the jam root {other}; "
+                    "a root and a remote must not overlap"
+                )
+
+
+def check_remote_overlaps(location: str, root: Path) -> None:
+    """Refuse (UsageError) a ``dir`` remote at ``location`` that is, is inside or contains
+    ``root`` or any registered root."""
+    roots = [root] + [r for r in registered_roots() if r != root]
+    for r in roots:
+        how = overlap(location, r)
+        if how is None:
+            continue
+        what = "this jam root" if r == root else "the jam root"
+        where = {"same": "is", "contains": "contains", "inside": "is inside"}[how]
+        raise UsageError(f"remote location {location} {where} {what} {r}; "
+                         "a root and a remote must not overlap (put the remote outside every root)")

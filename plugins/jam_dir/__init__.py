@@ -11,14 +11,17 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from jam_core import hookimpl
-from jam_core.errors import IntegrityError, RemoteError, UsageError
-from jam_core.fs import syncfs
-from jam_core.objects import hash_fd, hash_file, object_relpath
+from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
+from jam_core.fs import fsync_dir, part_is_stale, part_name, syncfs
+from jam_core.objects import MARKER_NAME, hash_fd, hash_file, marker_bytes, new_remote_id, object_relpath, \
+    parse_marker
 
 KIND = "dir"
 _PENDING = "jam_dir.pending"  # session.cache key: remotes written to since the last sync
@@ -38,11 +41,22 @@ def _object_path(remote, oid: str) -> Path:
     return _base(remote) / "objects" / object_relpath(oid)
 
 
-def _oserror(remote, what: str, exc: OSError) -> RemoteError:
+def _oserror(remote, what: str, exc: OSError, item: bool = True) -> JamError:
+    """One line for an OSError on the remote. A full remote disk fails only the object being
+    stored (a JamError, not a RemoteError, so the core goes on with the others: what fits is
+    stored); anything else fails the remote as a whole."""
     reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
-        reason = "no space left on the remote's disk"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if not item:
+            return RemoteError(f"remote {remote.name!r} ({remote.location}): cannot {what}: "
+                               f"no space left on the remote's disk ({remote.location})")
+        return JamError(f"remote {remote.name!r} ({remote.location}): cannot {what}: "
+                        f"no space left on the remote's disk ({remote.location})")
     return RemoteError(f"remote {remote.name!r} ({remote.location}): cannot {what}: {reason}")
+
+
+class _LocalFull(Exception):
+    """ENOSPC/EDQUOT while writing the local file of a fetch."""
 
 
 @hookimpl
@@ -72,9 +86,96 @@ def check_remote(remote, create):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise _oserror(remote, "write", exc) from None
+        raise _oserror(remote, "write", exc, item=False) from None
     usage = shutil.disk_usage(base)
     return f"directory {base}, {usage.free / 1e9:.1f} GB free"
+
+
+def _read_marker(remote, base: Path) -> str | None:
+    """The id in ``base/MARKER_NAME``; None if there is none. Never through a symlink, never
+    more than a few KiB; anything but a jam marker raises RemoteError."""
+    path = base / MARKER_NAME
+    bad = RemoteError(f"remote {remote.name!r} ({remote.location}): {path} is not a jam remote marker; "
+                      "nothing was stored or fetched")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENOTDIR, errno.EISDIR):
+            raise bad from None
+        raise _oserror(remote, f"read {path}", exc, item=False) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 4096:
+            raise bad
+        data = os.read(fd, 4097)
+    except OSError as exc:
+        raise _oserror(remote, f"read {path}", exc, item=False) from None
+    finally:
+        os.close(fd)
+    try:
+        return parse_marker(data)
+    except ValueError:
+        raise bad from None
+
+
+def _write_marker(base: Path, data: bytes) -> None:
+    """Create ``base/MARKER_NAME`` with ``data``, never over an existing marker (another jam's
+    marker wins: it is read back by the caller). Written aside and hard-linked into place, so
+    no reader sees half a marker; a filesystem without hard links gets an O_EXCL create."""
+    final = base / MARKER_NAME
+    tmp = base / f".{MARKER_NAME}.{part_name()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final, follow_symlinks=False)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            try:  # vfat, exfat...: no hard links
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+            except FileExistsError:
+                return
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    fsync_dir(base)
+
+
+@hookimpl
+def remote_id(remote, session, create):
+    if remote.kind != KIND:
+        return None
+    base = _base(remote)
+    rid = _read_marker(remote, base)
+    if rid is not None:
+        return rid
+    if not create:
+        return ""
+    try:
+        _write_marker(base, marker_bytes(new_remote_id()))
+    except OSError as exc:
+        raise _oserror(remote, "write its identity marker", exc, item=False) from None
+    rid = _read_marker(remote, base)
+    if rid is None:
+        raise RemoteError(f"remote {remote.name!r} ({remote.location}): its identity marker vanished "
+                          "as it was written")
+    return rid
 
 
 @hookimpl
@@ -88,22 +189,53 @@ def has(remote, oid, size):
 
 
 def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
-    """Copy in the kernel (copy_file_range reflinks or copies without crossing to Python)."""
-    left = size
-    while left > 0:
+    """Copy the first ``size`` bytes of ``src_fd`` to ``dst_fd``, never reading past ``size``.
+
+    Only data extents are copied (SEEK_DATA/SEEK_HOLE) and the destination is truncated to
+    ``size``, so a sparse file stays sparse; each extent is copied in the kernel
+    (copy_file_range reflinks or copies without crossing to Python). Raises IntegrityError
+    if the source ends before ``size``; an OSError writing ``dst_fd`` propagates.
+    """
+    off = 0
+    while off < size:
         try:
-            n = os.copy_file_range(src_fd, dst_fd, min(left, 64 << 20))
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                n = os.sendfile(dst_fd, src_fd, None, min(left, 64 << 20))
-            else:
+            if exc.errno != errno.ENXIO:  # ENXIO: no data after ``off`` (a hole up to the end)
                 raise
-        if n == 0:
             break
-        left -= n
+        if data >= size:
+            break
+        hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), size)
+        if hole <= data:  # the file shrank under us
+            break
+        _copy_range(src_fd, dst_fd, data, hole - data, progress)
+        off = hole
+    os.ftruncate(dst_fd, size)
+    if os.fstat(src_fd).st_size < size:
+        raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
+
+
+def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress) -> None:
+    """Copy ``count`` bytes at ``off`` from src to the same offset in dst."""
+    end = off + count
+    while off < end:
+        want = min(end - off, 64 << 20)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, want, off, off)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(src_fd, min(want, 1 << 20), off)
+            n = len(chunk)
+            view = memoryview(chunk)
+            done = 0
+            while done < n:
+                done += os.pwrite(dst_fd, view[done:], off + done)
+        if n == 0:
+            raise IntegrityError(f"the source ended {end - off} bytes early (it changed while copied)")
+        off += n
         progress(n)
-    if left != 0:
-        raise IntegrityError(f"source changed size while being copied ({left} bytes short)")
 
 
 def _session_base(remote, session) -> Path:
@@ -129,25 +261,69 @@ def _mkdirs_below(base: Path, directory: Path) -> None:
         d.mkdir(exist_ok=True)
 
 
+def _open_object(path: Path) -> int:
+    """Open an object for reading: never through a symlink, never a FIFO or device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def _clean_parts(remote, base: Path, session) -> None:
+    """Once per command and remote, before the first upload: remove the uploads in ``tmp/``
+    that are provably stale (``fs.part_is_stale``); nothing else, never through a symlink."""
+    key = ("jam_dir.cleaned", remote.name)
+    if session.cache.get(key):
+        return
+    session.cache[key] = True
+    try:
+        fd = os.open(base / "tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # no tmp/ (or a symlink): the upload itself will say what is wrong
+    try:
+        now = time.time()
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for e in entries:
+            try:
+                st = os.stat(e.name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and part_is_stale(e.name, st.st_mtime, now):
+                    os.unlink(e.name, dir_fd=fd)
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+    finally:
+        os.close(fd)
+
+
 @hookimpl
 def stash(remote, oid, source, size, session):
     if remote.kind != KIND:
         return None
     algorithm = oid.split(":")[0]
+    tmp = None
     try:
         base = _session_base(remote, session)
+        _clean_parts(remote, base, session)
         final = base / "objects" / object_relpath(oid)
-        if final.exists():
+        try:
+            fd = _open_object(final)
+        except FileNotFoundError:
+            pass
+        else:
             # Already stored (equal content elsewhere in the tree): keep it if it still verifies.
-            got, got_size = hash_file(final, algorithm)
+            try:
+                got, got_size = hash_fd(fd, algorithm)
+            finally:
+                os.close(fd)
             if got == oid and got_size == size:
                 session.cache.setdefault(_PENDING, {})[remote.name] = remote
                 return True
-        tmp = base / "tmp" / f"{uuid.uuid4().hex}.part"
+        tmp = base / "tmp" / part_name()
         try:
-            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
             try:
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 try:
                     dst = os.open(tmp, flags, 0o444)
                 except FileNotFoundError:
@@ -172,7 +348,11 @@ def stash(remote, oid, source, size, session):
                 os.rename(tmp, final)
             session.cache.setdefault(_PENDING, {})[remote.name] = remote
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
     except OSError as exc:
         raise _oserror(remote, f"store {oid}", exc) from None
     return True
@@ -186,7 +366,7 @@ def sync(remote, session):
         try:
             syncfs(_base(remote))
         except OSError as exc:
-            raise _oserror(remote, "flush its disk", exc) from None
+            raise _oserror(remote, "flush its disk", exc, item=False) from None
     return True
 
 
@@ -194,21 +374,32 @@ def sync(remote, session):
 def fetch(remote, oid, dest, size, session):
     if remote.kind != KIND:
         return None
-    path = _object_path(remote, oid)
     try:
-        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        path = _session_base(remote, session) / "objects" / object_relpath(oid)
+        src = _open_object(path)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise _oserror(remote, f"read {oid}", exc) from None
+        raise _oserror(remote, f"read {oid}", exc, item=False) from None
     try:
-        dst = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
+        have = os.fstat(src).st_size
+        if have != size:  # never copy more (or less) than the stub says: a wrong object
+            raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
+                                 f"{size} the stub says; not fetched, stub left as it was")
+        dst = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
         try:
-            _copy(src, dst, os.fstat(src).st_size, session.progress)
+            _copy(src, dst, size, session.progress)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # only writes fail so: the local file
+                raise _LocalFull() from exc
+            raise
         finally:
             os.close(dst)
+    except _LocalFull:
+        raise JamError(f"cannot fetch {oid}: no space left on the local disk "
+                       f"({os.path.dirname(os.path.abspath(dest))})") from None
     except OSError as exc:
-        raise _oserror(remote, f"read {oid}", exc) from None
+        raise _oserror(remote, f"read {oid}", exc, item=False) from None
     finally:
         os.close(src)
     return True
