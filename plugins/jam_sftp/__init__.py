@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jam_core import hookimpl
-from jam_core.errors import RemoteError, UsageError
+from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 
 from jam_sftp.url import normalize, parse
@@ -71,6 +71,15 @@ def check_remote(remote: Remote, session: Session, create: bool) -> str | None:
 
 
 @hookimpl
+def remote_id(remote: Remote, session: Session, create: bool) -> str | None:
+    """The identity marker at the remote's top (``LOCATION/jam-remote.json``): read with a size
+    bound and validated; with ``create``, written aside and linked into place only if absent."""
+    if remote.kind != KIND:
+        return None
+    return get_pool(remote, session).remote_id(create)
+
+
+@hookimpl
 def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
@@ -94,9 +103,10 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
     with pool.ops() as ops:
         try:
             pool.ensure_layout(ops)
+            pool.sweep_tmp(ops)
             ops.put(oid, source, size, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
-            raise pool.error(f"store {oid}", exc, ops, size) from None
+            raise pool.object_error(f"store {oid}", exc, ops, size) from None
     return True
 
 
@@ -119,30 +129,35 @@ def stash_many(remote: Remote, items, session: Session):
     """Store a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
 
     Each object: ``(oid, None)`` once renamed into place after every reply was OK (written,
-    fsynced, size checked, hash of the bytes sent equal to the id); ``(oid, IntegrityError)``
-    if the source no longer hashes to its id; ``(oid, OSError)`` if it cannot be read. A
-    connection lost or a status the server refuses (permission, full disk) raises RemoteError
-    for the batch, after the other files of the batch have finished or been cleaned up.
+    fsynced, size checked, hash of the bytes sent equal to the id, the final name fsynced after
+    the rename); ``(oid, IntegrityError)`` if the source no longer hashes to its id;
+    ``(oid, OSError)`` if it cannot be read; ``(oid, JamError)`` if the server failed to store
+    that object (a full disk: what fits is stored). A connection lost or a status the server
+    refuses for the remote as a whole (permission, a missing directory) raises RemoteError for
+    the batch, after the other files of the batch have finished or been cleaned up.
     """
     if remote.kind != KIND:
         return None
     from jam_sftp.batch import put_many
     from jam_sftp.transfer import ConnectionLost, SftpStatus
-    from jam_core.errors import IntegrityError
 
     pool = get_pool(remote, session)
     items = list(items)
     with pool.ops() as ops:
         try:
             pool.ensure_layout(ops)
+            pool.sweep_tmp(ops)
             files = put_many(ops, items, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
             raise pool.error(f"store {len(items)} objects", exc, ops) from None
         for f in files:
             if isinstance(f.error, SftpStatus):
-                raise pool.error(f"store {f.oid}", f.error, ops, f.size)
+                err = pool.object_error(f"store {f.oid}", f.error, ops, f.size)
+                if isinstance(err, RemoteError):
+                    raise err
+                f.error = err  # this object's failure (a full disk): the others stand
     return [(f.oid, None if f.outcome is True and f.error is None else
-             f.error if isinstance(f.error, (IntegrityError, OSError)) else
+             f.error if isinstance(f.error, (JamError, OSError)) else
              RemoteError(f"{pool.where}: {f.oid} was not stored")) for f in files]
 
 

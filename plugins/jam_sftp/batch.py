@@ -9,18 +9,20 @@ guarantees are those of ``Ops.put``/``Ops.get``:
 
 Upload of one file: the source is read and hashed first (the exact bytes that are then sent;
 content that does not hash to the id is an IntegrityError and nothing is sent), then
-  1. ``stat objects/<relpath>`` and ``open tmp/<random>.part`` (create, exclusive);
-  2. (the object is already there with its size: close and remove the temporary file) else
-     the writes, ``fsync@openssh.com``, ``fstat``, ``close``; every status must be OK and the
+  1. ``open tmp/<fs.part_name()>`` (create, exclusive);
+  2. the writes, ``fsync@openssh.com``, ``fstat``, ``close``; every status must be OK and the
      size the server reports must be the size sent;
   3. ``mkdir`` of the fan-out directories not yet known, then ``posix-rename`` into place (the
-     server handles requests in order, so the directories exist by then); only a rename whose
-     reply is OK counts as stored.
-A file that fails at any step has its temporary file closed and removed; nothing is ever
+     server handles requests in order, so the directories exist by then), over an object of
+     that name if there is one: an existing object is never trusted by its size;
+  4. ``open`` of the final name, ``fsync@openssh.com``, ``close``: the rename is durable; only
+     then (every reply OK) does the object count as stored.
+A file that fails before the rename has its temporary file closed and removed; nothing is ever
 renamed into place unless every earlier reply of that file was OK.
 
-Download of one file: ``open``, then ``fstat`` and the reads, then ``close``; the size must
-match and every read must return its bytes (the core hashes the result before using it).
+Download of one file: ``open``, then ``fstat``, the reads and one read past the end (which must
+answer end-of-file), then ``close``; the size must match and every read must return its bytes
+(the core hashes the result before using it). All-zero blocks are left as holes.
 
 Files larger than ``PIPELINED_MAX`` take the single-file path (``Ops.put``/``Ops.get``),
 after the pipeline, on the same connection.
@@ -31,7 +33,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,7 +49,6 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_REMOVE,
     CMD_RENAME,
-    CMD_STAT,
     CMD_STATUS,
     CMD_WRITE,
     SFTP_EOF,
@@ -66,7 +66,7 @@ from paramiko.sftp_attr import SFTPAttributes
 from jam_core.errors import IntegrityError
 from jam_core.objects import hasher, object_relpath, split_oid
 
-from jam_sftp.transfer import REQUEST, ConnectionLost, Ops, SftpStatus, _lost
+from jam_sftp.transfer import REQUEST, ConnectionLost, Ops, SftpStatus, _lost, wrong_size, write_sparse
 
 WINDOW = 64  # files in flight on one connection
 WINDOW_BYTES = 16 << 20  # and at most this many bytes of theirs
@@ -81,7 +81,7 @@ class _File:
     """One object on its way through the pipeline."""
 
     __slots__ = ("oid", "path", "size", "data", "tmp", "final", "handle", "pending", "step", "error",
-                 "outcome", "existing", "fstat", "retried", "fd", "done")
+                 "outcome", "placed", "fstat", "retried", "fd", "done")
 
     def __init__(self, oid: str, path: Path, size: int):
         self.oid, self.path, self.size = oid, path, size
@@ -92,7 +92,7 @@ class _File:
         self.step: Callable[["_File"], None] | None = None  # what to do once they are all in
         self.error: BaseException | None = None
         self.outcome: Any = None
-        self.existing: SFTPAttributes | None = None
+        self.placed = False  # renamed into place (then never removed)
         self.fstat: SFTPAttributes | None = None
         self.retried = False
         self.fd = -1
@@ -279,15 +279,10 @@ class Uploads(Pipeline):
             return self.finish(f)
         ops = self.ops
         f.final = ops.object_path(f.oid)
-        f.tmp = ops.path("tmp", f"{uuid.uuid4().hex}.part")
+        f.tmp = ops.tmp_path()
         attrs = SFTPAttributes()
         attrs.st_mode = 0o444
-
-        def existing(st: SFTPAttributes | None) -> None:
-            f.existing = st
-
         f.step = self._opened
-        self.send(f, self.attrs(f.final, existing), CMD_STAT, f.final)
         self.send(f, self.handle(f, f.tmp), CMD_OPEN, f.tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
 
     def _read_source(self, f: _File) -> bool:
@@ -319,10 +314,6 @@ class Uploads(Pipeline):
 
     def _opened(self, f: _File) -> None:
         if f.error is not None:
-            return self._clean(f)
-        if f.existing is not None and f.existing.st_size == f.size:
-            self.progress(f.size)
-            f.outcome = True  # already stored (equal content from elsewhere); drop the temporary file
             return self._clean(f)
         handle = f.handle
         offset = 0
@@ -371,7 +362,7 @@ class Uploads(Pipeline):
 
         def renamed(t: int, msg: paramiko.Message) -> None:
             self.status(f.final)(t, msg)
-            f.outcome = True
+            f.placed = True
 
         f.step = self._renamed
         if ops.posix_rename:
@@ -380,34 +371,55 @@ class Uploads(Pipeline):
             self.send(f, renamed, CMD_RENAME, f.tmp, f.final)
 
     def _renamed(self, f: _File) -> None:
-        if f.outcome is True:
-            f.tmp = ""  # it is the object now
-            parent = f.final.rsplit("/", 1)[0]
+        if f.placed:
+            f.tmp = ""  # it is the object now: never removed
             rel = object_relpath(f.oid).split("/")[:-1]
             for depth in range(1, len(rel) + 1):
                 self.ops.known_dirs.add(self.ops.path("objects", *rel[:depth]))
-            self.ops.known_dirs.add(parent)
-            return self.finish(f)
+            self.ops.known_dirs.add(f.final.rsplit("/", 1)[0])
+            return self._sync_final(f)
         err = f.error
         if isinstance(err, SftpStatus) and err.code == SFTP_NO_SUCH_FILE and not f.retried:
             f.retried = True  # a fan-out directory went away: make every level, then again
             f.error = None
             return self._rename(f, mkdirs=True)
         if isinstance(err, SftpStatus) and err.code == SFTP_FAILURE and not self.ops.posix_rename and not f.retried:
-            # plain SFTP rename does not replace: an equal object arrived meanwhile
+            # plain SFTP rename does not replace: an object of that name is there (never trusted
+            # by its size); remove it and rename again (a brief gap, never a half object)
             f.retried = True
             f.error = None
-
-            def there(st: SFTPAttributes | None) -> None:
-                if st is not None and st.st_size == f.size:
-                    f.outcome = True
-                else:
-                    f.fail(err)
-
-            f.step = self._clean
-            self.send(f, self.attrs(f.final, there), CMD_STAT, f.final)
-            return
+            self.send(f, self.ignore, CMD_REMOVE, f.final)
+            return self._rename(f, mkdirs=False)
         self._clean(f)
+
+    def _sync_final(self, f: _File) -> None:
+        """Open the final name and fsync it: the rename is durable before the object counts."""
+        if not self.ops.fsync:
+            f.outcome = True
+            return self.finish(f)
+        f.step = self._sync_open
+        self.send(f, self.handle(f, f.final), CMD_OPEN, f.final, SFTP_FLAG_READ, SFTPAttributes())
+
+    def _sync_open(self, f: _File) -> None:
+        if f.error is not None or f.handle is None:
+            return self._clean(f)
+
+        def synced(t: int, msg: paramiko.Message) -> None:
+            self.status(f.final)(t, msg)
+            f.outcome = True
+
+        def closed(t: int, msg: paramiko.Message) -> None:
+            f.handle = None  # a read-only handle: its close cannot lose data
+
+        f.step = self._synced
+        self.send(f, synced, CMD_EXTENDED, "fsync@openssh.com", f.handle)
+        self.send(f, closed, CMD_CLOSE, f.handle)
+
+    def _synced(self, f: _File) -> None:
+        if f.error is not None:
+            f.outcome = None
+            return self._clean(f)
+        self.finish(f)
 
     def _clean(self, f: _File) -> None:
         """Close and remove the temporary file (best effort), then the file is done."""
@@ -451,17 +463,14 @@ class Downloads(Pipeline):
         if f.error is not None:
             return self._close(f)
         try:
-            f.fd = os.open(f.path, os.O_WRONLY | os.O_CLOEXEC)
+            f.fd = os.open(f.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         except OSError as exc:
             f.fail(exc)
             return self._close(f)
 
         def size(st: SFTPAttributes | None) -> None:
-            if st is not None and st.st_size != f.size:
-                raise IntegrityError(
-                    f"object {f.oid} on {self.ops.conn.endpoint.label()} has {st.st_size} bytes, "
-                    f"expected {f.size}: damaged; not fetched"
-                )
+            if st is not None and st.st_size is not None and st.st_size != f.size:
+                raise IntegrityError(wrong_size(f.oid, self.ops.conn.endpoint.label(), st.st_size, f.size))
 
         f.step = self._close
         self.send(f, self.attrs(f.final, size), CMD_FSTAT, f.handle)
@@ -471,6 +480,19 @@ class Downloads(Pipeline):
             self._read(f, offset, n)
             offset += n
 
+        def past_end(t: int, msg: paramiko.Message) -> None:  # never more than the size
+            if f.error is not None:
+                return
+            if t == CMD_DATA:
+                raise IntegrityError(wrong_size(f.oid, self.ops.conn.endpoint.label(), f"more than {f.size}", f.size))
+            if t != CMD_STATUS:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", f.final)
+            code = msg.get_int()
+            if code != SFTP_EOF:
+                raise SftpStatus(code, msg.get_text(), f.final)
+
+        self.send(f, past_end, CMD_READ, f.handle, int64(f.size), 1)
+
     def _read(self, f: _File, offset: int, n: int) -> None:
         def got(t: int, msg: paramiko.Message) -> None:
             if f.error is not None:
@@ -479,14 +501,17 @@ class Downloads(Pipeline):
                 code = msg.get_int()
                 text = msg.get_text()
                 if code == SFTP_EOF:
-                    raise IntegrityError(f"object at {f.final} ended early (at byte {offset} of {f.size})")
+                    raise IntegrityError(
+                        f"object at {f.final} is shorter than its size (ended at byte {offset} of {f.size}): "
+                        "corrupt; not fetched"
+                    )
                 raise SftpStatus(code, text, f.final)
             if t != CMD_DATA:
                 raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", f.final)
             data = msg.get_binary()
-            if len(data) > n:
-                raise SftpStatus(SFTP_FAILURE, "the server sent more than was asked", f.final)
-            os.pwrite(f.fd, data, offset)
+            if len(data) > n or not data:
+                raise SftpStatus(SFTP_FAILURE, "the server sent more (or less) than was asked", f.final)
+            write_sparse(f.fd, data, offset)
             self.progress(len(data))
             if len(data) < n:  # short read: ask for the rest (the handle is still open)
                 self._read(f, offset + len(data), n - len(data))
@@ -495,6 +520,11 @@ class Downloads(Pipeline):
 
     def _close(self, f: _File) -> None:
         if f.fd >= 0:
+            if f.error is None:
+                try:
+                    os.ftruncate(f.fd, f.size)  # the tail's zero blocks: a hole of the right size
+                except OSError as exc:
+                    f.fail(exc)
             os.close(f.fd)
             f.fd = -1
         if f.error is None:

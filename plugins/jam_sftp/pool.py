@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import stat as statmod
 import threading
-import uuid
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from jam_core.errors import JamError, RemoteError, UsageError
+from jam_core.fs import part_is_stale, part_name
 from jam_core.model import Remote
+from jam_core.objects import MARKER_NAME, marker_bytes, new_remote_id, parse_marker
 
 from jam_sftp.connect import Connection, Endpoint, open_connection, resolve
 from jam_sftp.transfer import ConnectionLost, Ops, SftpStatus
@@ -28,6 +30,7 @@ from paramiko.sftp import (
     SFTP_PERMISSION_DENIED,
 )
 
+MARKER_MAX = 4096  # a marker is one short JSON line; anything longer is not ours
 DEFAULTS: dict[str, Any] = {"connections": 4, "io_timeout": 60.0, "verify": "sent", "fsync": True}
 
 
@@ -66,6 +69,7 @@ class Pool:
         self.endpoint: Endpoint | None = None
         self.base: str | None = None  # absolute path on the server
         self.layout_checked = False
+        self.swept = False  # tmp/ checked for stale uploads in this command
         self.known_dirs: set[str] = set()  # fan-out directories known to exist (shared by threads)
         self._cond = threading.Condition()
         self._first = threading.Lock()
@@ -176,7 +180,11 @@ class Pool:
                     f"{self.where}: no answer for {self.options['io_timeout']:g}s while trying to {what} "
                     "(raise io_timeout in the remote's options if the server is just slow)"
                 )
-            return RemoteError(f"{self.where}: connection lost while trying to {what}; nothing was lost, try again")
+            host = self.endpoint.label() if self.endpoint else self.target.display()
+            return RemoteError(
+                f"remote {self.remote.name!r}: connection to {host} lost during transfer (trying to {what}); "
+                "nothing was lost, try again"
+            )
         if isinstance(exc, SftpStatus):
             if exc.code == SFTP_PERMISSION_DENIED:
                 return RemoteError(f"{self.where}: permission denied: cannot {what} ({exc.path})")
@@ -196,6 +204,98 @@ class Pool:
             return RemoteError(f"{self.where}: cannot {what}: local file: {exc.strerror or exc}")
         return RemoteError(f"{self.where}: cannot {what}: {type(exc).__name__}: {exc}")
 
+    def object_error(self, what: str, exc: BaseException, ops: Ops | None = None, size: int = 0) -> JamError:
+        """Like ``error``, for one object: a failure the server reports for it alone (a full disk,
+        a quota: SFTP's generic "failure") is that object's JamError, not the remote's RemoteError,
+        so the core goes on with the others and what fits is stored."""
+        err = self.error(what, exc, ops, size)
+        if isinstance(exc, SftpStatus) and exc.code == SFTP_FAILURE:
+            return JamError(str(err))
+        return err
+
+    # -- stale uploads -----------------------------------------------------------------------
+
+    def sweep_tmp(self, ops: Ops) -> int:
+        """Once per command, before the first store: remove ``tmp/`` entries that are provably
+        stale uploads of a jam (``fs.part_is_stale`` on the name and the server's lstat mtime).
+        Only regular files qualify (never a symlink, a directory or anything it points to)."""
+        with self._cond:
+            if self.swept:
+                return 0
+            self.swept = True
+        tmp = ops.path("tmp")
+        try:
+            entries = ops.listdir_attr(tmp)
+        except SftpStatus:
+            return 0  # unreadable: nothing is removed
+        now = time.time()
+        removed = 0
+        for name, st in entries:
+            if st.st_mode is None or not statmod.S_ISREG(st.st_mode) or st.st_mtime is None:
+                continue
+            if part_is_stale(name, float(st.st_mtime), now):
+                try:
+                    ops.remove(f"{tmp}/{name}")
+                    removed += 1
+                except SftpStatus:
+                    pass
+        return removed
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def remote_id(self, create: bool) -> str:
+        """The id in ``LOCATION/jam-remote.json``; ``""`` when absent (and not ``create``)."""
+        with self.ops() as ops:
+            try:
+                rid = self._read_marker(ops)
+                if rid or not create:
+                    return rid
+                return self._write_marker(ops)
+            except (SftpStatus, ConnectionLost) as exc:
+                raise self.error(f"{'write' if create else 'read'} the identity marker {MARKER_NAME}", exc, ops) from None
+
+    def _read_marker(self, ops: Ops) -> str:
+        path = ops.path(MARKER_NAME)
+        st = ops.lstat(path)
+        if st is None:
+            return ""
+        if st.st_mode is None or not statmod.S_ISREG(st.st_mode):
+            raise RemoteError(f"{self.where}: {path} is not a regular file, so not a jam remote marker")
+        if st.st_size is not None and st.st_size > MARKER_MAX:
+            raise RemoteError(f"{self.where}: {path} ({st.st_size} bytes) is not a jam remote marker")
+        data = ops.read_small(path, MARKER_MAX)
+        if len(data) > MARKER_MAX:
+            raise RemoteError(f"{self.where}: {path} is not a jam remote marker (too long)")
+        try:
+            return parse_marker(data)
+        except ValueError:
+            raise RemoteError(f"{self.where}: {path} is not a jam remote marker") from None
+
+    def _write_marker(self, ops: Ops) -> str:
+        """A new marker, written aside and linked into place only if none exists meanwhile."""
+        rid = new_remote_id()
+        marker = ops.path(MARKER_NAME)
+        tmp = ops.path("tmp")
+        st = ops.lstat(tmp)
+        folder = tmp if st is not None and statmod.S_ISDIR(st.st_mode or 0) else ops.base
+        part = f"{folder.rstrip('/')}/{part_name()}"
+        ops.write_small(part, marker_bytes(rid))
+        try:
+            try:
+                ops.link_new(part, marker)
+            except SftpStatus:
+                other = self._read_marker(ops)  # another jam made one meanwhile: it stands
+                if other:
+                    return other
+                raise
+            ops.sync_path(marker)
+        finally:
+            try:
+                ops.remove(part)
+            except SftpStatus:
+                pass  # renamed into place (no hardlink extension): nothing left
+        return rid
+
     # -- check -------------------------------------------------------------------------------
 
     def check(self, create: bool) -> str:
@@ -212,7 +312,7 @@ class Pool:
                         ops.mkdir(path)
                     elif not statmod.S_ISDIR(st.st_mode or 0):
                         raise RemoteError(f"{self.where}: {path} is not a directory")
-                probe = ops.path("tmp", f".probe-{uuid.uuid4().hex}")
+                probe = ops.tmp_path()  # a part name: provably stale if this process dies now
                 handle = ops.open(probe, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, 0o600)
                 ops.close(handle, probe)
                 ops.remove(probe)
