@@ -131,6 +131,70 @@ def test_lru_bad_config(table, message):
         lru_settings({"policy": {"lru": table}})
 
 
+def _run_until_stable(records, select, runs=3):
+    """Apply a policy run after run, nominated records becoming stubs; the local paths after
+    each run."""
+    local = {r.path: r for r in records}
+    stubbed: dict[str, FileRecord] = {}
+    after = []
+    for _ in range(runs):
+        for path in {n.path for n in select(list(local.values()), list(stubbed.values()))}:
+            stubbed[path] = local.pop(path)
+        after.append(sorted(local))
+    return after
+
+
+@pytest.mark.parametrize("keep, by, sizes, kept", [
+    (0.25, "count", [100] * 12, 3),  # the issue's case: 3 of 12 stay, run after run
+    (0.25, "bytes", [100] * 12, 3),
+    (0.5, "count", [100] * 7, 4),  # 3.5 files: never fall short, so 4
+    (0.1, "bytes", [1000, 10, 10, 10, 10, 10, 10, 10, 10, 10], 1),  # the newest is big enough alone
+    (0.3, "bytes", [10, 10, 10, 1000, 10, 10], 4),  # ...or reached only with a big older one
+    (0.0, "count", [100] * 5, 0),
+    (1.0, "bytes", [100] * 5, 5),
+])
+def test_lru_converges_stubs_count_in_the_share(keep, by, sizes, kept):
+    records = [rec(f"f{i:02}", size=s, age_days=i + 1) for i, s in enumerate(sizes)]  # f00 newest
+    after = _run_until_stable(records, lambda recs, stubs: select_lru(recs, keep, by, stubs=stubs))
+    assert after[0] == [f"f{i:02}" for i in range(kept)]
+    assert after[1] == after[0] and after[2] == after[0]  # a second run nominates nothing new
+
+
+def test_lru_stubs_are_never_ranked_as_kept():
+    # the two newest files are stubs already (stashed by hand): they count in the total,
+    # not in what stays local, so the newest local ones fill the share
+    local = [rec(f"l{i}", age_days=i + 2) for i in range(6)]
+    stubs = [rec("s0", age_days=0), rec("s1", age_days=1)]
+    got = select_lru(local, 0.25, "count", stubs=stubs)  # 25% of 8 files = 2 stay local
+    assert paths(got) == ["l2", "l3", "l4", "l5"]
+
+
+def test_lru_hook_reads_the_stubs_the_core_offers():
+    """The core passes the candidates as a tuple carrying the tree's stubs (policy.Records)."""
+    import jam_lru
+
+    from jam_core.policy import Records
+
+    offered = Records(rec(f"f{i}", age_days=i, state="local") for i in range(3))
+    offered.stubs = tuple(rec(f"s{i}", age_days=10 + i) for i in range(9))
+    config = {"policy": {"lru": {"keep": "25%", "by": "count"}}}
+    assert paths(jam_lru.select(records=offered, purpose="stash", config=config)) == []  # 3 of 12 stay
+    assert paths(jam_lru.select(records=tuple(offered), purpose="stash", config=config)) == ["f1", "f2"]
+
+
+@pytest.mark.parametrize("policy", ["age", "budget", "all"])
+def test_age_and_budget_converge(policy):
+    records = [rec(f"f{i:02}", size=100, age_days=i * 10) for i in range(12)]
+    selects = {
+        "age": lambda recs, stubs: select_older(recs, 30 * DAY, NOW),
+        "budget": lambda recs, stubs: select_budget(recs, sum(r.size for r in recs), 1000, 500),
+    }
+    selects["all"] = lambda recs, stubs: (selects["age"](recs, stubs) + selects["budget"](recs, stubs)
+                                          + select_lru(recs, 0.25, "count", stubs=stubs))
+    after = _run_until_stable(records, selects[policy])
+    assert after[0] and after[1] == after[0] and after[2] == after[0]
+
+
 def test_lru_absent_table_means_off():
     assert lru_settings({}) is None and lru_settings({"policy": {"age": {"older_than": "1d"}}}) is None
 

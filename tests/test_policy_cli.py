@@ -342,3 +342,148 @@ def test_pin_landing_between_plan_and_stash_is_respected(jam_root):
     res = stash(jam_root, ["keep/a.bin"], make_plugin_manager(), explicit=False)
     assert res.done == [] and res.skipped == [("keep/a.bin", "pinned")]
     assert (jam_root.path / "keep/a.bin").read_bytes() == data
+
+
+# -- every policy converges: a second run right after the first stashes nothing new ----------
+
+CONVERGE = {
+    "age": '[policy.age]\nolder_than = "132h"',  # 5.5 days
+    "lru-count": '[policy.lru]\nkeep = "25%"\nby = "count"',
+    "lru-bytes": '[policy.lru]\nkeep = "25%"\nby = "bytes"',
+    "lru-percent": '[policy.lru]\nkeep = "40%"',
+    "budget": '[policy.budget]\nmax_local = "700KB"\nlow = "500KB"',
+    "all": '[policy.age]\nolder_than = "252h"\n[policy.lru]\nkeep = "50%"\nby = "count"\n'
+           '[policy.budget]\nmax_local = "900KB"\nlow = "800KB"',
+}
+CONVERGED_LOCAL = {"age": 5, "lru-count": 3, "lru-bytes": 3, "lru-percent": 5, "budget": 5, "all": 6}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGE))
+def test_stash_auto_twice_stashes_nothing_new(runner, jam_root, name):
+    root = jam_root
+    for i in range(12):  # f00 used a day ago ... f11 twelve days ago, 100 KB each
+        aged(root, f"f{i:02}.bin", i + 1, seed=i)
+    add_config(root, CONVERGE[name])
+    jam(runner, "stash", "--auto")
+    first = stubs(root)
+    local = 12 - len(first)
+    assert local == CONVERGED_LOCAL[name]
+    assert first == {f"f{i:02}.bin" for i in range(local, 12)}  # the least recently used went
+    res = jam(runner, "stash", "--auto")
+    assert f"stashing 0 of {local} candidate file" in res.output
+    assert stubs(root) == first
+    res = jam(runner, "stash", "--auto", "--dry-run")
+    assert f"would stash 0 of {local} candidate file" in res.output
+
+
+# -- pins live in ROOT/.jam/pins, which a rebuilt catalog does not forget --------------------
+
+def _drop_catalog(root: Root) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (root.jam_dir / (CATALOG + suffix)).unlink(missing_ok=True)
+
+
+def test_pins_survive_a_rebuilt_catalog_and_still_hold(runner, jam_root):
+    root = jam_root
+    aged(root, "keep/a.bin", 100)
+    aged(root, "old.bin", 100, seed=1)
+    jam(runner, "pin", "keep")
+    _drop_catalog(root)  # lost, or rebuilt by doctor --fix: it has no pins table rows now
+    assert jam(runner, "pin").output.split() == ["keep"]
+    add_config(root, '[policy.age]\nolder_than = "30d"')
+    res = jam(runner, "stash", "--auto")
+    assert "1 pinned" in res.output
+    assert stubs(root) == {"old.bin"}
+    jam(runner, "unpin", "keep")
+    _drop_catalog(root)
+    assert jam(runner, "pin").output.strip() == "no pins"
+    jam(runner, "stash", "--auto")
+    assert stubs(root) == {"old.bin", "keep/a.bin"}
+
+
+def test_pins_in_the_catalog_move_to_the_pins_file(runner, jam_root):
+    root = jam_root
+    aged(root, "keep/a.bin", 100)
+    with Catalog(root.jam_dir / CATALOG) as cat:  # as an older jam left them
+        cat.pin(["keep", "../outside", ".jam/config.toml"])
+    assert not (root.jam_dir / "pins").exists()
+    assert jam(runner, "pin").output.split() == ["keep"]  # hostile rows are not pins
+    assert '"keep"' in (root.jam_dir / "pins").read_text().splitlines()
+    _drop_catalog(root)
+    add_config(root, '[policy.age]\nolder_than = "30d"')
+    jam(runner, "stash", "--auto")
+    assert stubs(root) == set()
+
+
+def test_any_file_name_survives_the_pins_file(runner, jam_root):
+    from jam_core.pins import read_pins
+
+    root = jam_root
+    odd = ["new\nline", os.fsdecode(b"caf\xe9"), "tab\there", "quote\"s and \\ back", "ünï"]
+    for i, name in enumerate(odd):
+        aged(root, f"{name}/a.bin", 100, seed=i)
+    res = runner.invoke(main, ["pin", *odd], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    raw = (root.jam_dir / "pins").read_bytes()
+    assert raw.isascii() and raw.count(b"\n") == len(odd) + 1  # a header and one line per pin
+    _drop_catalog(root)
+    assert read_pins(Root(root.path)) == set(odd)
+    add_config(root, '[policy.age]\nolder_than = "30d"')
+    jam(runner, "stash", "--auto")
+    assert stubs(root) == set()
+
+
+@pytest.mark.parametrize("line, why", [
+    ('"../etc"', "'..' component"),
+    ('"/etc"', "absolute path"),
+    ('".jam/config.toml"', ".jam"),
+    ('"a//b"', "not a normalised path"),
+    ('"a\\u0000b"', "NUL"),
+    ("not json", "not a JSON string"),
+    ("42", "not a path"),
+])
+def test_a_hostile_pins_file_is_refused_not_half_read(runner, jam_root, line, why):
+    root = jam_root
+    aged(root, "a.bin", 100)
+    (root.jam_dir / "pins").write_text(f'# jam pins\n"a.bin"\n{line}\n')
+    add_config(root, '[policy.age]\nolder_than = "30d"')
+    res = jam(runner, "stash", "--auto", code=2)
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "pins, line 3: not a valid pin" in res.stderr and why in res.stderr
+    assert stubs(root) == set()  # nothing stashed on a guess
+
+
+def test_pins_file_that_is_a_symlink_or_fifo_is_refused(runner, jam_root, tmp_path):
+    root = jam_root
+    aged(root, "a.bin", 100)
+    outside = tmp_path / "outside"
+    outside.write_text('"a.bin"\n')
+    (root.jam_dir / "pins").symlink_to(outside)
+    res = jam(runner, "pin", "a.bin", code=2)
+    assert "cannot read the pins" in res.stderr and res.stderr.count("\n") == 1
+    assert outside.read_text() == '"a.bin"\n' and (root.jam_dir / "pins").is_symlink()
+    (root.jam_dir / "pins").unlink()
+    os.mkfifo(root.jam_dir / "pins")  # would block a plain open() forever
+    res = jam(runner, "pin", code=2)
+    assert "not a regular file" in res.stderr
+
+
+def test_pins_file_is_replaced_atomically(runner, jam_root, monkeypatch):
+    """A rewrite that fails before its rename leaves the old pins whole and no temporary."""
+    import jam_core.pins
+
+    root = jam_root
+    aged(root, "a.bin", 100)
+    aged(root, "b.bin", 100, seed=1)
+    jam(runner, "pin", "a.bin")
+    before = (root.jam_dir / "pins").read_bytes()
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(jam_core.pins.os, "rename", no_rename)
+    res = jam(runner, "pin", "b.bin", code=1)
+    assert "no space left on the local disk" in res.stderr
+    monkeypatch.undo()
+    assert (root.jam_dir / "pins").read_bytes() == before
+    assert sorted(p.name for p in root.jam_dir.iterdir() if "pins" in p.name) == ["pins"]
