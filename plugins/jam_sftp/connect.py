@@ -13,6 +13,7 @@ Imported lazily (paramiko costs ~120 ms): only when a command talks to an sftp r
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -37,6 +38,34 @@ READ_AHEAD = 1 << 16  # bytes a small read of the SFTP stream may take at once
 DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk")
 
 _prompt_lock = threading.Lock()  # one host-key question at a time
+
+
+def quiet_paramiko() -> None:
+    """paramiko logs (``Socket exception: ...``, tracebacks of its transport thread) through
+    the ``paramiko`` logger, which Python's last-resort handler would print on stderr: jam
+    reports what went wrong in one line of its own. ``JAM_DEBUG`` set lets them through.
+    Exceptions that escape a paramiko thread are not printed either (logged at debug level)."""
+    log = logging.getLogger("paramiko")
+    if os.environ.get("JAM_DEBUG"):
+        return
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    log.propagate = False
+    previous = threading.excepthook
+    if getattr(previous, "_jam_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.thread, paramiko.Transport) or type(args.thread).__module__.startswith("paramiko"):
+            log.debug("exception in %s", args.thread, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        previous(args)
+
+    hook._jam_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+quiet_paramiko()
 
 
 @dataclass
@@ -299,9 +328,15 @@ def authenticate(t: paramiko.Transport, ep: Endpoint) -> None:
         try:
             rest = t.auth_publickey(ep.user, key)
         except paramiko.AuthenticationException:
+            if not t.is_active():  # paramiko says "Authentication failed." when the link died
+                raise RemoteError(f"connection to {ep.label()} lost during login; try again") from None
             tried.append(label)
             continue
         except (paramiko.SSHException, EOFError, OSError) as exc:
+            if not t.is_active():  # the connection died: not a refusal
+                raise RemoteError(
+                    f"connection to {ep.label()} lost during login ({exc or type(exc).__name__}); try again"
+                ) from None
             tried.append(label)
             notes.append(f"server closed the connection ({exc or type(exc).__name__})")
             break
@@ -489,10 +524,16 @@ def open_connection(ep: Endpoint, io_timeout: float) -> Connection:
         try:
             sftp = SFTP.from_transport(t, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET)
         except Exception as exc:
+            active = t.is_active()
             t.close()
+            if not active:
+                raise RemoteError(f"connection to {ep.label()} lost while starting sftp; try again") from None
             raise RemoteError(f"{ep.label()}: the server refused the sftp subsystem ({exc or type(exc).__name__})") from None
         if sftp is None:
+            active = t.is_active()
             t.close()
+            if not active:
+                raise RemoteError(f"connection to {ep.label()} lost while starting sftp; try again")
             raise RemoteError(f"{ep.label()}: the server refused the sftp subsystem")
         sftp.get_channel().settimeout(io_timeout)
         return Connection(ep, t, sftp, hops)
