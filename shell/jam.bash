@@ -36,12 +36,18 @@ _jam_visit() {
     _jam_root=${_jam_root%/}
     # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
     # builtin redirection that dates it; jam folds these marks into its catalog. Silent when
-    # it cannot write (read-only root, full disk).
-    local _jam_rel=${PWD#"$_jam_root"}
-    if [[ $_jam_rel != /.jam && $_jam_rel != /.jam/* && -w $_jam_root/.jam/visits ]]; then
+    # it cannot write (read-only root, full disk). Never through a symlink: .jam and visits
+    # must be real directories, visits ours (jam makes it 0700 and refuses one that others
+    # can write into; bash has no builtin to read a mode), the mark a regular file or absent.
+    local _jam_rel=${PWD#"$_jam_root"} _jam_marks=$_jam_root/.jam/visits _jam_mark
+    if [[ $_jam_rel != /.jam && $_jam_rel != /.jam/* && ! -L $_jam_root/.jam && ! -L $_jam_marks &&
+        -d $_jam_marks && -O $_jam_marks && -w $_jam_marks ]]; then
         _jam_rel=${_jam_rel:-/}
         _jam_rel=${_jam_rel//%/%25}
-        { : >|"$_jam_root/.jam/visits/${_jam_rel//\//%2F}"; } 2>/dev/null
+        _jam_mark=$_jam_marks/${_jam_rel//\//%2F}
+        if [[ ! -L $_jam_mark && (-f $_jam_mark || ! -e $_jam_mark) ]]; then
+            { : >|"$_jam_mark"; } 2>/dev/null
+        fi
     fi
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
     # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).

@@ -34,13 +34,18 @@ function _jam_on_pwd --on-variable PWD --description 'jam: fetch the stubs of th
     switch "$rest"
         case /.jam '/.jam/*'
         case '*'
-            if test -d $marks -a -w $marks
+            # Never through a symlink: .jam and visits must be real directories, visits ours
+            # (jam makes it 0700 and refuses one that others can write into; fish has no
+            # builtin to read a mode), the mark a regular file or absent.
+            if test -d $marks -a -O $marks -a -w $marks; and not test -L $marks; and not test -L $root/.jam
                 set -l dir /
                 test -n "$rest"; and set dir $rest
                 string escape --style=url -- $dir | string replace -a / %2F | read -l name
                 set -l mark $marks/$name
                 if not string match -qr -- '^.{256}' $name
-                    if test -f $mark -a -w $mark; or not test -e $mark
+                    if not test -L $mark; and begin
+                            test -f $mark -a -w $mark; or not test -e $mark
+                        end
                         true >$mark
                     end
                 end

@@ -31,10 +31,20 @@ _jam_chpwd() {
     # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
     # builtin redirection that dates it; jam folds these marks into its catalog. Silent when
     # it cannot write (read-only root, full disk).
-    local rel=${PWD#"$root"}
-    if [[ $rel != /.jam && $rel != /.jam/* && -w $root/.jam/visits ]]; then
-        rel=${${rel:-/}//\%/%25}
-        { : >| $root/.jam/visits/${rel//\//%2F} } 2>/dev/null
+    # Never through a symlink: .jam and visits must be real directories, visits ours and not
+    # writable by group or others (glob qualifiers: lstat, no process), the mark a regular
+    # file or absent.
+    local rel=${PWD#"$root"} marks=$root/.jam/visits mark
+    local -a ok
+    if [[ $rel != /.jam && $rel != /.jam/* && ! -L $root/.jam ]]; then
+        ok=( $marks(N/U^IW) )
+        if (( $#ok )) && [[ -w $marks ]]; then
+            rel=${${rel:-/}//\%/%25}
+            mark=$marks/${rel//\//%2F}
+            if [[ ! -L $mark && ( -f $mark || ! -e $mark ) ]]; then
+                { : >| $mark } 2>/dev/null
+            fi
+        fi
     fi
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
     # here has stubs to fetch. A config.toml newer than the index asks jam once (hook.depth).

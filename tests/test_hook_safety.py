@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file
-from tests.test_shell_hooks import SHELLS, Shell, env, is_stub, jam_exe, logged, tree  # noqa: F401
+from tests.test_shell_hooks import SHELLS, Shell, env, is_stub, jam_exe, logged, marks, shell, tree  # noqa: F401
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -57,7 +57,8 @@ def test_catalog_rows_with_dotdot_write_nothing_outside_the_index(tree, tmp_path
 
     root, _ = tree
     make_file(root.path / "more/new.bin", 100_000, seed=5)
-    add_rows(root, HOSTILE_ROWS)
+    absolute = f"{tmp_path}/abs/olute/w"  # under tmp_path: a failing run must not litter /
+    add_rows(root, [r for r in HOSTILE_ROWS if not r.startswith("/")] + [absolute])
     before = snapshot(tmp_path, root.jam_dir)
     if how == "refresh":
         refresh(root)
@@ -71,7 +72,7 @@ def test_catalog_rows_with_dotdot_write_nothing_outside_the_index(tree, tmp_path
     if how == "jam-stash":  # the file stashed, nothing else
         changed.pop(str(root.path / "more/new.bin"), None)
     assert changed == {}
-    for p in [tmp_path / "outside", tmp_path / "escaped", root.path / "outside", Path("/abs/olute"), tmp_path / "up"]:
+    for p in [tmp_path / "outside", tmp_path / "escaped", root.path / "outside", tmp_path / "abs", tmp_path / "up"]:
         assert not p.exists()
     assert not stat.S_IMODE(os.lstat(root.path / "plain").st_mode) & stat.S_ISVTX
     # The index itself is right: the good stubs' directories are marked, nothing else.
@@ -131,3 +132,87 @@ def test_a_symlinked_index_ancestor_in_a_mark_check_is_not_written(tree, tmp_pat
     (idx / "data").write_text("junk")
     refresh(root)
     assert (idx / "data/deep").is_dir() and os.lstat(idx / "data/deep").st_mode & stat.S_ISVTX
+
+
+# -- item 10: the cd hooks never write through a symlink ------------------------------------
+
+
+def _cd(shell, path: Path) -> str:
+    return shell.run(f"cd {shlex.quote(str(path))}")
+
+
+def test_a_symlinked_mark_is_never_written_through(shell, tree, logged, tmp_path):
+    """A symlink named like a directory's mark, pointing at a file outside: one cd emptied it."""
+    from jam_core.visitmarks import encode
+
+    root, _ = tree
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    d = os.fsencode(root.jam_dir / "visits")
+    for rel in ["plain", ".", "nostubs/sub"]:
+        os.symlink(victim, os.path.join(d, encode(rel)))
+    os.symlink(tmp_path / "dangling", os.path.join(d, encode("nostubs")))  # would create a file outside
+    out = _cd(shell, root.path / "plain") + _cd(shell, root.path) + _cd(shell, root.path / "nostubs/sub")
+    out += _cd(shell, root.path / "nostubs")
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "dangling").exists()
+    assert "jam:" not in out and "arning" not in out, out
+    assert all(os.path.islink(os.path.join(d, n)) for n in os.listdir(d))  # nothing replaced them
+    (root.path / "plain/fresh").mkdir()
+    _cd(shell, root.path / "plain/fresh")  # a mark that is no symlink is still written
+    assert "plain/fresh" in marks(root)
+
+
+def test_a_fifo_mark_does_not_hang_the_shell(shell, tree, logged):
+    from jam_core.visitmarks import encode
+
+    root, _ = tree
+    os.mkfifo(os.path.join(os.fsencode(root.jam_dir / "visits"), encode("plain")))
+    shell.p.timeout = 15
+    out = _cd(shell, root.path / "plain") + shell.run("echo still-here")
+    assert "still-here" in out
+
+
+def test_a_symlinked_visits_dir_is_not_written_into(shell, tree, logged, tmp_path):
+    """ROOT/.jam/visits itself a symlink to a directory elsewhere: nothing is created or emptied there."""
+    from jam_core.visitmarks import encode
+
+    root, _ = tree
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / encode("plain").decode()).write_text("precious\n")
+    d = root.jam_dir / "visits"
+    d.rmdir()
+    d.symlink_to(elsewhere)
+    _cd(shell, root.path / "plain")
+    _cd(shell, root.path / "nostubs")
+    assert sorted(os.listdir(elsewhere)) == [encode("plain").decode()]
+    assert (elsewhere / encode("plain").decode()).read_text() == "precious\n"
+
+
+def test_a_visits_dir_owned_by_someone_else_is_not_written_into(shell, tree, logged):
+    root, _ = tree
+    d = root.jam_dir / "visits"
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory to another user")
+    os.chown(d, 65534, 65534)
+    d.chmod(0o777)  # writable by us too: only the owner check stops the write
+    _cd(shell, root.path / "plain")
+    assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("kind", ["zsh"])
+def test_a_visits_dir_writable_by_others_is_not_written_into(kind, tree, logged, jam_exe, env, tmp_path):
+    """zsh reads the mode without a process (glob qualifiers); bash and fish cannot (see README)."""
+    root, _ = tree
+    d = root.jam_dir / "visits"
+    d.chmod(0o777)
+    sh = Shell(kind, jam_exe, logged[0], tmp_path, env)
+    try:
+        _cd(sh, root.path / "plain")
+        assert os.listdir(d) == []
+        d.chmod(0o700)
+        _cd(sh, root.path / "nostubs")
+        assert marks(root) == {"nostubs"}
+    finally:
+        sh.close()
