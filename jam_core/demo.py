@@ -1,4 +1,5 @@
-"""``jam demo``: a guided run on a sample tree in a temporary folder, with the embedded remote."""
+"""``jam demo``: a guided run on a sample tree in a temporary folder, with a dir remote beside
+it in that folder (never the user's real default remote: the demo leaves nothing there)."""
 
 from __future__ import annotations
 
@@ -42,21 +43,25 @@ def build_sample(base: Path) -> dict[str, str]:
 def run_demo(echo) -> int:
     from jam_core.checkout import checkout
     from jam_core.manager import make_plugin_manager
-    from jam_core.remotes import ensure_default_remote
+    from jam_core.remotes import add_remote
     from jam_core.root import Root
     from jam_core.stash import stash
     from jam_core.status import status
 
     from jam_core.units import human
 
-    base = Path(tempfile.mkdtemp(prefix="jam-demo-")) / "tree"
+    folder = Path(tempfile.mkdtemp(prefix="jam-demo-"))
+    base = folder / "tree"
     base.mkdir()
+    store = folder / "remote"  # beside the root, never inside it
+    store.mkdir()
     echo(f"1. A sample tree in {base}: a current project, an archive, old photos.")
     ids = build_sample(base)
     pm = make_plugin_manager()
-    root, _ = Root.init(base, register=False)
-    remote = ensure_default_remote(root, pm) or root.remotes()[0]
-    echo(f"2. `jam init`: {base} is a root; its remote is the embedded default, {remote.location}")
+    root, _ = Root.init(base, register=False, default_remote=False)
+    remote, _ = add_remote(root, pm, "demo", str(store))
+    echo(f"2. `jam init`: {base} is a root; its remote is a directory beside it, {remote.location} "
+         "(a real root gets the embedded default remote)")
 
     def show(label):
         t = status(root).total
@@ -83,5 +88,5 @@ def run_demo(echo) -> int:
         echo(f"demo FAILED: {res.failed or back.failed or bad}")
         return 1
     echo(f"   {len(back.done)} photos are back, byte for byte ({human(back.bytes)} checked).")
-    echo(f"Done. Explore it: cd {base} && jam status   (delete the folder when finished)")
+    echo(f"Done. Explore it: cd {base} && jam status   (delete {folder} when finished)")
     return 0
