@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 import time
@@ -270,6 +271,11 @@ def _open_object(path: Path) -> int:
     return fd
 
 
+# Names jam's uploads have: part_name() (<host>.<pid>.<16 hex>.part) or older jams' <32 hex>.part.
+# A user's "notes.part" is neither, however old (fs.part_is_stale alone would take it).
+_PART = re.compile(r"\A(?:[0-9a-f]{32}|[A-Za-z0-9_-]{1,64}\.[0-9]{1,10}\.[0-9a-f]{16})\.part\Z")
+
+
 def _clean_parts(remote, base: Path, session) -> None:
     """Once per command and remote, before the first upload: remove the uploads in ``tmp/``
     that are provably stale (``fs.part_is_stale``); nothing else, never through a symlink."""
@@ -288,7 +294,7 @@ def _clean_parts(remote, base: Path, session) -> None:
         for e in entries:
             try:
                 st = os.stat(e.name, dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and part_is_stale(e.name, st.st_mtime, now):
+                if stat.S_ISREG(st.st_mode) and _PART.match(e.name) and part_is_stale(e.name, st.st_mtime, now):
                     os.unlink(e.name, dir_fd=fd)
             except OSError:
                 continue  # gone meanwhile, or not ours to remove
