@@ -13,13 +13,20 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from jam_core.errors import JamError
+
+BUSY_TIMEOUT = 10.0  # seconds to wait for another jam's write before saying the catalog is locked
+LOW_SPACE = 1 << 20  # less free space than this on the catalog's disk: an I/O error is a full disk
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stubs (
     path BLOB PRIMARY KEY,
     oid TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    stashed_at TEXT NOT NULL
+    stashed_at TEXT NOT NULL,
+    ino INTEGER,
+    ctime_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS stubs_oid ON stubs(oid);
 CREATE TABLE IF NOT EXISTS locations (
@@ -47,12 +54,126 @@ def _s(path: bytes) -> str:
     return os.fsdecode(path)
 
 
+class CatalogError(JamError, sqlite3.Error):
+    """A catalog that cannot be used, said in one line. Also an ``sqlite3.Error``, so code
+    that already falls back on those (a damaged catalog is only a cache) keeps doing so."""
+
+
+class CatalogDamaged(CatalogError):
+    """The catalog file is not a readable SQLite database (``jam doctor --fix`` rebuilds it)."""
+
+
+def _translate(exc: sqlite3.Error, path) -> CatalogError:
+    """One line saying what to do instead of an sqlite3 traceback."""
+    text = str(exc)
+    low = text.lower()
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == 13 or "disk is full" in low:  # SQLITE_FULL
+        return _full(path)
+    if primary in (5, 6) or "locked" in low or "busy" in low:  # SQLITE_BUSY, SQLITE_LOCKED
+        return CatalogError(f"the catalog {path} is locked by another jam process (waited {BUSY_TIMEOUT:g} s): "
+                        "let it finish, then run the command again")
+    if primary in (11, 26) or "not a database" in low or "malformed" in low:  # CORRUPT, NOTADB
+        return CatalogDamaged(f"the catalog {path} is damaged: run `jam doctor --fix` to rebuild it from the tree")
+    if _low_space(path):  # an I/O error or a file that cannot be made, on a full disk
+        return _full(path)
+    if primary == 8 or "readonly" in low:  # SQLITE_READONLY
+        return CatalogError(f"the catalog {path} cannot be written ({text}): check the permissions of its directory")
+    return CatalogError(f"the catalog {path} cannot be read or written ({text}): check the disk, "
+                    "then run `jam doctor --fix` to rebuild it from the tree")
+
+
+def _full(path) -> CatalogError:
+    return CatalogError(f"no space left on the local disk for the catalog ({path}): free some space "
+                    "and run the command again")
+
+
+def _low_space(path) -> bool:
+    try:
+        v = os.statvfs(os.path.dirname(os.fspath(path)) or ".")
+    except OSError:
+        return False
+    return v.f_bavail * v.f_frsize < LOW_SPACE or v.f_favail == 0
+
+
+class _Rows:
+    """A finished query: its rows are already fetched (a damaged page raises where it is caught)."""
+
+    def __init__(self, rows: list, rowcount: int):
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list:
+        return list(self._rows)
+
+
+class _Db:
+    """The sqlite3 connection, with every error turned into a one-line JamError."""
+
+    def __init__(self, conn: sqlite3.Connection, path):
+        self.conn = conn
+        self.path = path
+
+    def _run(self, fn, *args) -> _Rows:
+        try:
+            cur = fn(*args)
+            return _Rows(cur.fetchall(), cur.rowcount)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def execute(self, sql: str, params=()) -> _Rows:
+        return self._run(self.conn.execute, sql, params)
+
+    def executemany(self, sql: str, rows) -> _Rows:
+        return self._run(self.conn.executemany, sql, rows)
+
+    def executescript(self, sql: str) -> _Rows:
+        return self._run(self.conn.executescript, sql)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+
+_STUB_COLS = "(path, oid, size, mtime_ns, stashed_at, ino, ctime_ns)"
+
+
 class Catalog:
+    """The index of one root. Every sqlite3 error (a damaged file, another jam holding a write
+    lock past ``BUSY_TIMEOUT``, a full disk) is raised as a one-line JamError saying what to
+    do; a damaged file as :class:`CatalogDamaged`."""
+
     def __init__(self, db_path: Path):
-        self.db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.path = db_path
+        try:
+            conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _translate(exc, db_path) from None
+        self.db = _Db(conn, db_path)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _migrate(self) -> None:
+        """Catalogs made by an older jam gain the columns this one reads."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(stubs)")}
+        for col in ("ino", "ctime_ns"):
+            if col not in have:
+                self.db.execute(f"ALTER TABLE stubs ADD COLUMN {col} INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -70,8 +191,13 @@ class Catalog:
         return _Tx(self.db, keep_on_error)
 
     # -- stubs ----------------------------------------------------------------------------
-    def add_stub(self, path: str, oid: str, size: int, mtime_ns: int, stashed_at: str, remotes: Iterable[str]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO stubs VALUES (?,?,?,?,?)", (_b(path), oid, size, mtime_ns, stashed_at))
+    def add_stub(self, path: str, oid: str, size: int, mtime_ns: int, stashed_at: str, remotes: Iterable[str],
+                 ino: int | None = None, ctime_ns: int | None = None) -> None:
+        """Record a stub. ``ino`` and ``ctime_ns`` (from an lstat of the stub once it is in
+        place) let a scan trust an untouched stub without reading it: any write, even one
+        whose mtime was put back, changes the ctime."""
+        self.db.execute(f"INSERT OR REPLACE INTO stubs {_STUB_COLS} VALUES (?,?,?,?,?,?,?)",
+                        (_b(path), oid, size, mtime_ns, stashed_at, ino, ctime_ns))
         now = time.time()
         self.db.executemany("INSERT OR IGNORE INTO locations VALUES (?,?,?,?)",
                             [(oid, r, size, now) for r in remotes])
@@ -93,12 +219,27 @@ class Catalog:
                                    "(path >= ? AND path < ?)", (prefix, prefix + b"/", prefix + b"0"))
         return {p: (size, mtime) for p, size, mtime in rows}
 
-    def replace_stubs(self, rows: Iterable[tuple[str, str, int, int, str]]) -> None:
-        """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at)."""
+    def stub_stamps(self, under: str = ".") -> dict[bytes, tuple[int, int, int | None, int | None]]:
+        """``{path (bytes): (size, mtime_ns, ino, ctime_ns)}`` of the stubs at or under ``under``
+        (ino and ctime None where unknown): a stub whose lstat matches all four was not
+        touched since it was made, so a scan may trust it without reading it."""
+        sql = "SELECT path, size, mtime_ns, ino, ctime_ns FROM stubs"
+        if under == ".":
+            rows = self.db.execute(sql)
+        else:
+            prefix = _b(under)
+            rows = self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
+                                   (prefix, prefix + b"/", prefix + b"0"))
+        return {p: (size, mtime, ino, ctime) for p, size, mtime, ino, ctime in rows}
+
+    def replace_stubs(self, rows: Iterable[tuple]) -> None:
+        """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at
+        [, ino, ctime_ns])."""
+        rows = [tuple(r) + (None,) * (7 - len(r)) for r in rows]
         with self.transaction():
             self.db.execute("DELETE FROM stubs")
-            self.db.executemany("INSERT OR REPLACE INTO stubs VALUES (?,?,?,?,?)",
-                                [(_b(p), o, s, m, t) for p, o, s, m, t in rows])
+            self.db.executemany(f"INSERT OR REPLACE INTO stubs {_STUB_COLS} VALUES (?,?,?,?,?,?,?)",
+                                [(_b(r[0]),) + r[1:] for r in rows])
 
     # -- objects on remotes ---------------------------------------------------------------
     def remotes_of(self, oids: Iterable[str]) -> dict[str, set[str]]:
@@ -148,7 +289,7 @@ class Catalog:
 
 
 class _Tx:
-    def __init__(self, db: sqlite3.Connection, keep_on_error: bool = False):
+    def __init__(self, db: _Db, keep_on_error: bool = False):
         self.db = db
         self.keep_on_error = keep_on_error
 

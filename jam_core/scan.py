@@ -39,6 +39,11 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, St
     policies): not for a writable file that is not sparse, even a small one (only a stub
     someone made writable again could be missed; stash and checkout still look). ``always``
     (doctor): for every file, so a stub overwritten in full is still reported.
+
+    A file with no ``user.jam`` whose first block is a valid jam header (size matching) is a
+    stub that lost its xattrs (a plain ``cp``): STUB, or DIRTY if its bytes are not exactly a
+    stub's, with the record from its header and ``problem`` set to ``stub.LOST_XATTRS``. A
+    file that starts like a header that cannot be trusted is BAD.
     """
     if look == LIKELY:
         if not may_be_stub(st):
@@ -52,7 +57,19 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, St
     except OSError as exc:
         return BAD, None, exc.strerror or str(exc)
     if rec is None:
-        return LOCAL, None, ""
+        # No xattr: a stub copied without it (plain cp) still says what it is in its first block.
+        from jam_core.stub import LOST_XATTRS, record_from_copy
+
+        try:
+            copy = record_from_copy(path, st)
+        except BadStub as exc:
+            return BAD, None, f"starts with a jam stub header that cannot be trusted: {exc}"
+        except OSError:
+            return LOCAL, None, ""  # unreadable: not known to be a stub
+        if copy is None:
+            return LOCAL, None, ""
+        rec, dirty = copy
+        return (DIRTY if dirty else STUB), rec, LOST_XATTRS
     return (DIRTY if is_dirty(st, rec) else STUB), rec, ""
 
 

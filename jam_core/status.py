@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from jam_core.policy import covered
 from jam_core.root import Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
-from jam_core.stub import HEADER_MAX, XATTR, quick_dirty
+from jam_core.stub import HEADER_MAX, LOST_XATTRS, XATTR, BadStub, StubRecord, quick_dirty, verify_clean_path
 
 
 @dataclass
@@ -88,25 +88,38 @@ def status(root: Root, rel: str = ".") -> Status:
                 t.bytes += size
                 t.disk_bytes += disk
                 continue
-            if known and known.get(dprefix + fsencode(name)) == (size, st.st_mtime_ns) \
+            if known and known.get(dprefix + fsencode(name)) == (size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) \
                     and not st.st_mode & 0o222 and disk <= HEADER_MAX:
-                t.stubs += 1  # the catalog's stub, untouched since: no xattr to read
+                t.stubs += 1  # the catalog's stub, untouched since (same inode and ctime): nothing to read
                 t.stub_bytes += size
                 t.bytes += size
                 t.disk_bytes += disk
                 continue
+            problem = ""
             try:
-                dirty = quick_dirty(os.getxattr(path, XATTR, follow_symlinks=False), st)
+                raw = os.getxattr(path, XATTR, follow_symlinks=False)
+                dirty = quick_dirty(raw, st)
             except OSError:
                 dirty = None  # no xattr (a read-only local file) or unreadable: classify says which
             if dirty is None:
                 state, _, problem = classify(path, st, QUICK)
+            elif dirty:
+                state = DIRTY
             else:
-                state = DIRTY if dirty else STUB
+                # The stat looks like the stub's, but the catalog cannot vouch that nothing was
+                # written since (a stub edited with its mtime put back): its bytes decide.
+                try:
+                    state = STUB if verify_clean_path(path, StubRecord.unpack(raw), st) else DIRTY
+                except (BadStub, OSError):
+                    state, _, problem = classify(path, st, QUICK)
             t.add(state, size, disk)
-            if state in (DIRTY, BAD):
+            if state in (DIRTY, BAD) or problem:
                 rel_path = name if d == "." else f"{d}/{name}"
-                result.problems.append((rel_path, "stub written into after stashing" if state == DIRTY else problem))
+                if state == DIRTY:
+                    problem = "stub written into after stashing" + (f" ({problem})" if problem else "")
+                elif problem == LOST_XATTRS:
+                    problem = f"a stub that {problem}: `jam doctor --fix` restores them"
+                result.problems.append((rel_path, problem))
     total = result.total
     for t in result.directories.values():
         for k, v in t.__dict__.items():
@@ -114,13 +127,16 @@ def status(root: Root, rel: str = ".") -> Status:
     return result
 
 
-def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple[int, int]]]:
-    """The pins, and the stubs the catalog knows under ``rel`` with their size and mtime."""
+def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:
+    """The pins, and the stubs the catalog knows under ``rel`` with their size, mtime, inode
+    and ctime."""
     from jam_core.catalog import Catalog
+    from jam_core.pins import read_pins
     from jam_core.root import CATALOG
 
+    pins = read_pins(root)  # ROOT/.jam/pins: pins survive a rebuilt catalog
     db = root.jam_dir / CATALOG
     if not db.exists():
-        return set(), {}
+        return pins, {}
     with Catalog(db) as cat:
-        return cat.pins(), cat.stub_stats(rel)
+        return pins, cat.stub_stamps(rel)

@@ -109,9 +109,15 @@ class StubRecord:
     @classmethod
     def from_header(cls, data: bytes) -> "StubRecord":
         """Parse the metadata back out of a header block (``doctor --fix`` uses this)."""
+        return cls._parse_header(data)[0]
+
+    @classmethod
+    def _parse_header(cls, data: bytes) -> tuple["StubRecord", str]:
+        """(record, name recorded in it) from a header block; BadStub if it is not one."""
         if not data.startswith(MAGIC):
             raise BadStub("no jam stub header")
-        for line in data[len(MAGIC):HEADER_MAX].split(b"\n"):
+        lines = data[len(MAGIC):HEADER_MAX].split(b"\n")
+        for line in lines[:-1]:  # the metadata line is complete only if its newline is there
             if line.startswith(b'{"jam":'):
                 try:
                     meta = json.loads(line)
@@ -123,9 +129,17 @@ class StubRecord:
                     mode = int(meta.get("mode", ""), 8)
                 except (TypeError, ValueError):
                     raise BadStub("stub header has a bad mode") from None
-                return cls._checked(meta.get("id"), meta.get("size"), mode, meta.get("mtime_ns"),
-                                    meta.get("remotes", ()), meta.get("stashed_at", ""))
+                name = meta.get("name", "")
+                if not isinstance(name, str):
+                    raise BadStub("stub header has a bad name")
+                rec = cls._checked(meta.get("id"), meta.get("size"), mode, meta.get("mtime_ns"),
+                                   meta.get("remotes", ()), meta.get("stashed_at", ""))
+                return rec, name
         raise BadStub("stub header has no metadata line")
+
+    def same_content(self, other: "StubRecord") -> bool:
+        """Both records describe the same original (id, size, mode, mtime)."""
+        return (self.oid, self.size, self.mode, self.mtime_ns) == (other.oid, other.size, other.mode, other.mtime_ns)
 
 
 def read_record(path_or_fd) -> StubRecord | None:
@@ -203,3 +217,166 @@ def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs:
     os.utime(fd, ns=(atime_ns, rec.mtime_ns))
     if durable:
         os.fsync(fd)
+
+
+# -- a stub is what its bytes say ------------------------------------------------------------
+LOST_XATTRS = "lost its xattrs (a copy?)"  # Entry.problem of a stub recognised by its header alone
+
+
+def record_from_block(data: bytes, file_size: int) -> StubRecord | None:
+    """The record in a file's first block, if that block is a jam stub header.
+
+    ``None`` if ``data`` does not start like a header (an ordinary file). BadStub if it does
+    but the header is damaged, hostile, or claims a size other than the file's ``file_size``:
+    validated as strictly as ``user.jam``. Stash uses this to refuse a file whose content is a
+    placeholder (a stub that lost its xattrs), which would otherwise be stored as content.
+    """
+    if not data.startswith(MAGIC):
+        return None
+    rec = StubRecord.from_header(data)
+    if rec.size != file_size:
+        raise BadStub(f"its header says {rec.size} bytes, the file has {file_size}")
+    return rec
+
+
+def _span(st: os.stat_result) -> int:
+    """How much of the file the header block covers (one filesystem block, or the file)."""
+    return min(st.st_size, max(HEADER_MAX, st.st_blksize or 0))
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = os.pread(fd, min(n, 1 << 20), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+def _header_matches(block: bytes, rec: StubRecord) -> bool:
+    """``block`` (the file's first block) is the header ``write_stub`` writes for ``rec``,
+    followed by zeros."""
+    try:
+        hrec, name = StubRecord._parse_header(block)
+    except BadStub:
+        hrec = None
+    if hrec is not None:
+        if not hrec.same_content(rec):
+            return False
+        expected = hrec.header(name)
+        return block[:len(expected)] == expected and not block[len(expected):].strip(b"\0")
+    # A stub smaller than its header holds only the header's first rec.size bytes: what can be
+    # known of them must match, the rest (remotes, stashing time, name) be one unfinished
+    # line of printable text.
+    if len(block) != rec.size or rec.size > HEADER_MAX:
+        return False
+    known = rec.header("")
+    known = known[:known.index(b',"remotes":')]
+    n = min(len(block), len(known))
+    return block[:n] == known[:n] and not block[n:].translate(None, _PRINTABLE)
+
+
+def _zeros_from(fd: int, offset: int, size: int) -> bool:
+    """No byte but zero from ``offset`` to ``size``: holes are skipped (SEEK_DATA), data that
+    is there (written, or a filesystem without holes) is read."""
+    while offset < size:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == 6:  # ENXIO: only a hole is left
+                return True
+            raise
+        if offset >= size:
+            return True
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            return True  # the file shrank meanwhile; the caller's stat checks catch that
+        if chunk.strip(b"\0"):
+            return False
+        offset += len(chunk)
+    return True
+
+
+def verify_clean(fd: int, rec: StubRecord) -> bool:
+    """The file open at ``fd`` holds exactly the bytes of ``rec``'s stub: its first block is the
+    header that ``write_stub`` writes (for the name recorded in the header), padded with zeros,
+    and nothing but zeros (a hole) after it. False for a stub written into, even one whose
+    size, mtime and block count were put back (``rsync --inplace -t``, ``touch -r``).
+
+    Reads one block and seeks over the hole: cheap, but not free; ``is_dirty`` is the stat
+    rule for scans, this is for decisions (checkout before its swap, doctor, status when the
+    catalog cannot vouch for the stub's inode and ctime).
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != rec.size:
+        return False
+    span = _span(st)
+    block = _pread_all(fd, span, 0)
+    if len(block) != span or not _header_matches(block, rec):
+        return False
+    return _zeros_from(fd, span, rec.size)
+
+
+def open_checked(path, st: os.stat_result | None = None) -> int | None:
+    """A read-only descriptor of the regular file at ``path`` (never through a symlink, never
+    blocking on a FIFO), or None if it is not one or, given ``st``, not that same file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (2, 6, 40):  # ENOENT, ENXIO (a socket), ELOOP (a symlink)
+            return None
+        raise
+    now = os.fstat(fd)
+    if not stat.S_ISREG(now.st_mode) or (st is not None and (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)):
+        os.close(fd)
+        return None
+    return fd
+
+
+def verify_clean_path(path, rec: StubRecord, st: os.stat_result | None = None) -> bool:
+    """``verify_clean`` of the file at ``path`` (False if it is gone or, given ``st``, replaced)."""
+    fd = open_checked(path, st)
+    if fd is None:
+        return False
+    try:
+        return verify_clean(fd, rec)
+    finally:
+        os.close(fd)
+
+
+def record_from_copy(path, st: os.stat_result) -> tuple[StubRecord, bool] | None:
+    """For a regular file with no ``user.jam``: ``(record, dirty)`` if its first block is a jam
+    header (a stub that lost its xattrs, e.g. through a plain ``cp``), None if it is not.
+
+    Raises BadStub if it starts like a header that cannot be trusted. Such a copy's mtime is
+    the copy's own, so ``dirty`` is decided by its bytes (``verify_clean``), not by its stat.
+    """
+    if st.st_size < len(MAGIC):
+        return None
+    fd = open_checked(path, st)
+    if fd is None:
+        return None
+    try:
+        rec = record_from_block(os.pread(fd, HEADER_MAX, 0), st.st_size)
+        if rec is None:
+            return None
+        return rec, not verify_clean(fd, rec)
+    finally:
+        os.close(fd)
+
+
+def rewrite_header(fd: int, rec: StubRecord, name: str) -> None:
+    """Write ``rec``'s header block again into the stub open for writing at ``fd`` (its first
+    block was lost to zeros or damage): header, zeros to the end of the block, mtime kept."""
+    st = os.fstat(fd)
+    span = _span(st)
+    data = rec.header(name)[:rec.size]
+    os.pwrite(fd, data + b"\0" * (span - len(data)), 0)
+    os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))
+    os.fsync(fd)

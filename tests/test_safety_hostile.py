@@ -84,7 +84,7 @@ def test_hostile_xattr_is_refused_everywhere(scene, kind):
     assert len(res.err.splitlines()) == 1
     res = jam("stash", "evil", cwd=t.root, check=None)
     assert "evil: unreadable stub metadata" in res.err and not res.err.count("\n") > 1, res.err
-    for args in (["doctor"], ["doctor", "--deep"], ["doctor", "--fix"]):
+    for args in (["doctor"], ["doctor", "--deep"]):
         res = jam(*args, "--json", cwd=t.root, check=1)
         probs = json.loads(res.out)["problems"]
         assert [(x["kind"], x["path"], x["fixed"]) for x in probs] == [("bad-metadata", "evil", False)], probs
@@ -93,6 +93,14 @@ def test_hostile_xattr_is_refused_everywhere(scene, kind):
     jam("stash", "fine", cwd=t.root)
     jam("checkout", "fine", cwd=t.root)
     assert fingerprint(p) == fps[p]
+    # The header beside the damaged xattr is intact: `doctor --fix` restores user.jam from it
+    # (issue 8), writing nothing else; its object was never stored, which doctor then says.
+    res = jam("doctor", "--fix", "--json", cwd=t.root, check=1)
+    probs = json.loads(res.out)["problems"]
+    assert [(x["kind"], x["path"], x["fixed"]) for x in probs] == [("bad-metadata", "evil", True),
+                                                                    ("missing", "evil", False)], probs
+    assert record(p) == StubRecord(GOOD.oid, GOOD.size, GOOD.mode, GOOD.mtime_ns)
+    assert listing(canary) == before["canary"]
 
 
 def _header(meta: dict | bytes) -> bytes:
@@ -138,7 +146,9 @@ def test_hostile_header_is_never_repaired_from(scene, kind):
         probs = json.loads(res.out)["problems"]
         assert [(x["kind"], x["path"], x["fixed"]) for x in probs] == [("bad-metadata", "evil", False)], probs
     assert record(p) is None
-    res = jam("checkout", "evil", cwd=t.root)  # an ordinary file to checkout: nothing to do
+    # A file that starts like a stub header that cannot be trusted is refused, not fetched over
+    res = jam("checkout", "evil", cwd=t.root, check=1)
+    assert res.err.startswith("jam: failed: evil: unreadable stub metadata"), res.err
     st = status_json(t.root)
     assert st["total"]["stubs"] == 0, st
     _untouched(t, canary, before, fps)
