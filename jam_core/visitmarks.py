@@ -24,6 +24,7 @@ file, or a time more than a day ahead is dropped without effect.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -42,12 +43,68 @@ def marks_dir(root: Root) -> str:
     return os.path.join(root.path, JAM_DIR, MARKS)
 
 
-def ensure(root: Root) -> None:
-    """Create ``ROOT/.jam/visits/`` (the hooks write marks only where it exists)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_warned: set[str] = set()
+
+
+def _warn(path: str, why: str) -> None:
+    """Say once per process that a directory of marks is ignored, and why."""
+    if path not in _warned:
+        import sys
+
+        _warned.add(path)
+        print(f"jam: {path} {why}; cd visits are not recorded there (remove it and jam makes it again)",
+              file=sys.stderr)
+
+
+def _open_own(jam_fd: int, name: str, path: str, create: bool = False) -> int | None:
+    """A descriptor on ``ROOT/.jam/<name>`` if it is a real directory (not a symlink) owned by
+    us and not writable by group or others; None (with a warning, once) if it is anything else,
+    None silently if it is missing. ``create`` makes it first (0700)."""
+    if create:
+        try:
+            os.mkdir(name, 0o700, dir_fd=jam_fd)
+        except OSError:
+            pass  # it exists, or the root is read-only: no marks then
     try:
-        os.mkdir(marks_dir(root), 0o755)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=jam_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _warn(path, "is not a directory (a symlink or a file)")
+        return None
+    st = os.fstat(fd)
+    why = None
+    if st.st_uid != os.geteuid():
+        why = f"belongs to uid {st.st_uid}, not to you"
+    elif st.st_mode & 0o022:
+        why = f"can be written by others (mode {stat.S_IMODE(st.st_mode):o}, expected 700)"
+    if why:
+        os.close(fd)
+        _warn(path, why)
+        return None
+    return fd
+
+
+def _open_jam(root: Root) -> int | None:
+    try:
+        return os.open(os.path.join(root.path, JAM_DIR), _DIR_FLAGS)
     except OSError:
-        pass  # it exists, or the root is read-only: no marks then
+        return None
+
+
+def ensure(root: Root) -> None:
+    """Create ``ROOT/.jam/visits/`` (0700; the hooks write marks only where it exists)."""
+    jam = _open_jam(root)
+    if jam is None:
+        return
+    try:
+        fd = _open_own(jam, MARKS, marks_dir(root), create=True)
+        if fd is not None:
+            os.close(fd)
+    finally:
+        os.close(jam)
 
 
 def encode(rel: str) -> bytes:
@@ -83,14 +140,23 @@ def _resolve(root: Root, rel: str) -> str | None:
 
 
 def pending(root: Root) -> bool:
-    """True if there are marks to fold (one scandir; no lock)."""
-    for d in (marks_dir(root), os.path.join(root.path, JAM_DIR, FOLDING)):
-        try:
-            with os.scandir(d) as it:
-                if next(it, None) is not None:
+    """True if there are marks to fold (one scandir; no lock). Never through a symlink."""
+    jam = _open_jam(root)
+    if jam is None:
+        return False
+    try:
+        for name in (MARKS, FOLDING):
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=jam)
+            except OSError:
+                continue
+            try:
+                if os.listdir(fd):
                     return True
-        except OSError:
-            pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(jam)
     return False
 
 
@@ -111,17 +177,36 @@ def fold(root: Root, now: float | None = None) -> int:
 
 
 def _fold(root: Root, now: float) -> int:
-    from jam_core.catalog import Catalog
-    from jam_core.errors import UsageError
-    from jam_core.stubdirs import HookSettings, settings
-    from jam_core.visit import plan
-
-    marks = os.fsencode(marks_dir(root))
-    folding = os.fsencode(os.path.join(root.path, JAM_DIR, FOLDING))
+    """Under the lock. Every step goes through descriptors of ``.jam``, ``visits`` and
+    ``visits.folding``, opened without following a symlink and checked to be ours: a mark is
+    moved, read (lstat) and removed, never opened or followed."""
+    jam = _open_jam(root)
+    if jam is None:
+        return 0
     try:
-        os.mkdir(folding, 0o700)
-    except FileExistsError:
-        pass
+        marks = _open_own(jam, MARKS, marks_dir(root))
+        if marks is None:
+            return 0
+        try:
+            folding = _open_own(jam, FOLDING, os.path.join(root.path, JAM_DIR, FOLDING), create=True)
+            if folding is None:
+                return 0
+            try:
+                visits = _collect(root, marks, folding, now)
+            finally:
+                os.close(folding)
+            try:
+                os.rmdir(FOLDING, dir_fd=jam)
+            except OSError:
+                pass
+        finally:
+            os.close(marks)
+    finally:
+        os.close(jam)
+    return _record(root, visits)
+
+
+def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, float]:
     # Move each mark aside, then read its time: a shell that opened it before the move has
     # already dated it; one that comes after makes a new mark for the next fold.
     try:
@@ -130,27 +215,30 @@ def _fold(root: Root, now: float) -> int:
         names = []
     for name in names:
         try:
-            os.rename(os.path.join(marks, name), os.path.join(folding, name))
+            os.rename(name, name, src_dir_fd=marks, dst_dir_fd=folding)
         except OSError:
             pass
     visits: dict[str, float] = {}
-    with os.scandir(folding) as it:
-        entries = list(it)
-    for e in entries:
+    for name in os.listdir(folding):
         try:
-            st = e.stat(follow_symlinks=False)
+            st = os.lstat(name, dir_fd=folding)
         except OSError:
             continue
-        rel = decode(e.name)
+        rel = decode(os.fsencode(name))
         if rel is not None and stat.S_ISREG(st.st_mode) and 0 < st.st_mtime <= now + AHEAD:
             rel = _resolve(root, rel)
             if rel is not None:
                 visits[rel] = max(visits.get(rel, 0.0), st.st_mtime)
-        _remove(e.path, st)
-    try:
-        os.rmdir(folding)
-    except OSError:
-        pass
+        _remove(name, folding, st)
+    return visits
+
+
+def _record(root: Root, visits: dict[str, float]) -> int:
+    from jam_core.catalog import Catalog
+    from jam_core.errors import UsageError
+    from jam_core.stubdirs import HookSettings, settings
+    from jam_core.visit import plan
+
     if not visits:
         return 0
     try:
@@ -163,13 +251,13 @@ def _fold(root: Root, now: float) -> int:
     return len(visits)
 
 
-def _remove(path: bytes, st: os.stat_result) -> None:
+def _remove(name: str, dir_fd: int, st: os.stat_result) -> None:
     try:
         if stat.S_ISDIR(st.st_mode):
             import shutil
 
-            shutil.rmtree(path)  # junk; rmtree never follows a symlink out
+            shutil.rmtree(name, dir_fd=dir_fd)  # junk; fd-based, never follows a symlink out
         else:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass

@@ -216,3 +216,135 @@ def test_a_visits_dir_writable_by_others_is_not_written_into(kind, tree, logged,
         assert marks(root) == {"nostubs"}
     finally:
         sh.close()
+
+
+# -- the Python side of the marks: folding never follows a symlink, checks the owner ---------
+
+
+def _plant_outside(tmp_path: Path) -> Path:
+    from jam_core.visitmarks import encode
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for rel in ["plain", "data", "."]:
+        (elsewhere / encode(rel).decode()).write_text("precious\n")
+    return elsewhere
+
+
+@pytest.mark.parametrize("which", ["visits", "visits.folding"])
+def test_fold_never_moves_or_removes_through_a_symlinked_dir(tree, tmp_path, capsys, which):
+    """visits (or the folding dir) a symlink to a directory elsewhere: its files stay there."""
+    from jam_core import visitmarks
+    from jam_core.catalog import Catalog
+    from jam_core.visitmarks import encode, fold
+
+    root, _ = tree
+    elsewhere = _plant_outside(tmp_path)
+    before = sorted(os.listdir(elsewhere))
+    if which == "visits":
+        (root.jam_dir / "visits").rmdir()
+    else:
+        (root.jam_dir / "visits" / encode("nostubs").decode()).touch()
+    (root.jam_dir / which).symlink_to(elsewhere)
+    visitmarks._warned.clear()  # a fresh process as far as warnings go
+    fold(root)
+    fold(root)
+    assert sorted(os.listdir(elsewhere)) == before
+    assert all((elsewhere / n).read_text() == "precious\n" for n in before)
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        assert not any(p.startswith("plain/") for p in cat.uses())
+    err = capsys.readouterr().err
+    assert err.count("jam: ") == 1 and "not a directory" in err, err  # said once
+
+
+@pytest.mark.parametrize("how", ["owner", "mode"])
+def test_a_visits_dir_with_the_wrong_owner_or_mode_is_ignored_with_one_warning(tree, capsys, how):
+    from jam_core import visitmarks
+    from jam_core.catalog import Catalog
+    from jam_core.visitmarks import encode, fold
+
+    root, _ = tree
+    d = root.jam_dir / "visits"
+    (d / encode("plain").decode()).touch()
+    if how == "owner":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory to another user")
+        os.chown(d, 65534, 65534)
+    else:
+        d.chmod(0o775)
+    visitmarks._warned.clear()
+    assert fold(root) == 0
+    assert fold(root) == 0
+    assert os.listdir(d) == [encode("plain").decode()]  # left alone
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        assert "plain/local.bin" not in cat.uses()
+    err = capsys.readouterr().err
+    assert err.count("jam: ") == 1, err
+    assert ("uid 65534" if how == "owner" else "mode 775") in err
+    if how == "owner":
+        os.chown(d, os.geteuid(), os.getegid())
+    d.chmod(0o700)
+    assert fold(root) == 1  # fixed: the mark counts
+
+
+def test_jam_makes_its_visits_dir_0700(tree):
+    from jam_core.visitmarks import ensure
+
+    root, _ = tree
+    d = root.jam_dir / "visits"
+    d.rmdir()
+    old = os.umask(0)
+    try:
+        ensure(root)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
+
+
+def test_a_directory_swapped_for_a_symlink_mid_plan_is_not_followed(tree, tmp_path, monkeypatch):
+    """hook-fetch's plan: a subdirectory listed as a directory, then replaced by a symlink to
+    a directory outside before it is opened: nothing outside is planned (or fetched into)."""
+    import jam_core.visit as visit
+    from jam_core.stubdirs import HookSettings
+
+    root, _ = tree
+    outside = tmp_path / "outside"
+    make_file(outside / "secret.bin", 1000, seed=1)
+    sub = root.path / "plain/sub"
+    make_file(sub / "inner.bin", 1000, seed=2)
+    make_file(root.path / "plain/z.bin", 1000, seed=3)  # classified after sub was listed
+    real = visit.classify
+    swapped = []
+
+    def classify(path, st, *a, **kw):
+        if not swapped and str(path).endswith("z.bin"):
+            os.rename(sub, root.path / "plain/sub.moved")
+            os.symlink(outside, sub)
+            swapped.append(1)
+        return real(path, st, *a, **kw)
+
+    monkeypatch.setattr(visit, "classify", classify)
+    p = visit.plan(root, "plain", HookSettings(depth=1))
+    assert swapped
+    assert not any(f.startswith("plain/sub/") for f in p.files), p.files
+    assert "plain/z.bin" in p.files and "plain/local.bin" in p.files
+
+
+def test_hook_fetch_ignores_catalog_rows_outside_the_root(tree, tmp_path, jam_exe, env):
+    """_heal drops stale rows in the visited scope: a row with ../ is neither looked at nor removed."""
+    root, _ = tree
+    (root.path / "plain/new").mkdir()
+    add_rows(root, ["plain/new/gone.bin", "plain/new/../../../outside/x"])
+    with open(root.config_path, "a") as f:
+        f.write('\n[hook]\ndepth = "all"\n')
+    from jam_core.stubdirs import refresh
+
+    refresh(root)
+    out = subprocess.run([jam_exe, "hook-fetch", str(root.path / "plain/new")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    db = sqlite3.connect(root.jam_dir / "catalog.db")
+    rows = {os.fsdecode(r[0]) for r in db.execute("SELECT path FROM stubs")}
+    db.close()
+    assert "plain/new/gone.bin" not in rows  # healed
+    assert "plain/new/../../../outside/x" in rows  # left for doctor
+    assert not (tmp_path / "outside").exists()

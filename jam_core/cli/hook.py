@@ -128,7 +128,9 @@ def _hook_fetch(directory: str) -> int:
     from jam_core.visit import plan, record_visit
     from jam_core.visitmarks import fold
 
-    path = abspath(directory)
+    # The real directory (a symlink inside the root leads to where it points; the plan then
+    # walks from the root's descriptor and follows none).
+    path = abspath(os.path.realpath(abspath(directory)))
     top = find_root(path)
     if top is None:
         return 0
@@ -222,14 +224,14 @@ def _heal(root, p, hs) -> None:
     from jam_core.catalog import Catalog
     from jam_core.errors import UsageError
     from jam_core.root import CATALOG
-    from jam_core.stubdirs import refresh
+    from jam_core.stubdirs import refresh, valid_rel
 
     base = "" if p.rel == "." else p.rel + "/"
     try:
         with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
             for path in cat.stubs():
-                if not path.startswith(base):
-                    continue
+                if not path.startswith(base) or not valid_rel(path):
+                    continue  # a row that is no path inside the root: doctor reports it
                 below = path[len(base):].count("/")
                 if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
                     cat.remove_stub(path)
