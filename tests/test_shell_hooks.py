@@ -501,6 +501,10 @@ def test_hostile_marks_are_dropped_safely(tree, tmp_path):
         b"%2F..%2F..%2Fetc": now, b"%2F%2E%2E": now, b"%2F.jam": now, b"%2Fplain%2F..%2F..": now,
         b"%2Fplain%zz": now, b"%2F%2Fplain": now, b"\x01\x02\xfe junk": now, b"plain": now,
         b"%2Fescape": now, b"%2Fno%2Fsuch%2Fdir": now, b"%2F%00": now,
+        # names that decode to an absolute path or climb out with `..` (item 4 of issue 8)
+        b"%2F%2F%2Fetc%2Fpasswd": now, os.fsencode("%2F" + str(tmp_path).replace("/", "%2F")): now,
+        b"%2Fplain%2F%2E%2E%2F%2E%2E%2Foutside": now, b"%2F%2E%2Fplain": now, b"%2F..%2F": now,
+        b"%2Fdata%2Fdeep%2F..": now, b"%2F.jam%2Fvisits": now, b"%2F%2E%6Aam": now,
         encode("nostubs"): 4e12,  # year 128,000
         encode("nostubs/sub"): -5.0,
     }
