@@ -189,30 +189,47 @@ KILLER = textwrap.dedent(
     from tests.sshd import _descendants
     import jam_sftp.transfer as transfer, jam_sftp.batch as batch
 
-    def kill_server():
+    state = []
+
+    def signal_server(sig):
         pid = int(os.environ["JAM_TEST_SSHD_PID"])
         for p in [pid, *_descendants(pid)]:
             try:
-                os.kill(p, signal.SIGKILL)
+                os.kill(p, sig)
             except ProcessLookupError:
                 pass
 
-    where = os.environ["JAM_TEST_KILL_AT"]
-    if where == "upload":  # the temporary files are open, no byte written yet
+    def stop():  # the server freezes: what we send next stays unread in its socket
+        if not state:
+            state.append("stopped")
+            signal_server(signal.SIGSTOP)
+
+    def after_send():  # then it dies with unread data: the kernel resets the connection
+        if state == ["stopped"]:
+            state.append("killed")
+            signal_server(signal.SIGKILL)
+
+    orig_flush, orig_send = batch.Pipeline.flush, transfer.Replies.send
+    def flush(self):
+        orig_flush(self)
+        after_send()
+    def send(self, *args):
+        num = orig_send(self, *args)
+        after_send()
+        return num
+    batch.Pipeline.flush, transfer.Replies.send = flush, send
+
+    if os.environ["JAM_TEST_KILL_AT"] == "upload":  # the temporary files are open, no byte sent yet
         orig = batch.Uploads._opened
-        def opened(self, f, orig=orig):
-            if not getattr(batch, "_killed", False):
-                batch._killed = True
-                kill_server()
+        def opened(self, f):
+            stop()
             return orig(self, f)
         batch.Uploads._opened = opened
     else:  # the first bytes of an object came back
-        orig = transfer.write_sparse
-        def write(fd, data, off, orig=orig):
-            if not getattr(batch, "_killed", False):
-                batch._killed = True
-                kill_server()
-            return orig(fd, data, off)
+        orig_write = transfer.write_sparse
+        def write(fd, data, off):
+            stop()
+            return orig_write(fd, data, off)
         transfer.write_sparse = batch.write_sparse = write
 
     from jam_core.cli import main
@@ -223,10 +240,12 @@ KILLER = textwrap.dedent(
 
 @pytest.mark.parametrize("at", ["upload", "download"])
 def test_cut_connection_is_one_true_line_from_the_command(runner, tmp_path, sshd, sftp_store, monkeypatch, at):
-    """Mutation-checked against quiet_paramiko() (removed: "Socket exception" reaches stderr)
-    and the ConnectionLost wording in Pool.error."""
+    """The server freezes, gets a request, then dies: the kernel resets the connection, which
+    paramiko's transport thread logs as "Socket exception: Connection reset by peer".
+    Mutation-checked against quiet_paramiko() and the ConnectionLost wording in Pool.error."""
     tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
-    files = {f"d/f{i}.bin": make_file(tree / "d" / f"f{i}.bin", 200_000 + i, seed=i) for i in range(8)}
+    size = 200_000 if at == "upload" else 5 * 1024 * 1024  # a download of the single-file path
+    files = {f"d/f{i}.bin": make_file(tree / "d" / f"f{i}.bin", size + i, seed=i) for i in range(4)}
     if at == "download":
         jam(runner, "stash", "d")
     before = {rel: (tree / rel).read_bytes() for rel in files}
