@@ -53,8 +53,8 @@ def _warn(path: str, why: str) -> None:
         import sys
 
         _warned.add(path)
-        print(f"jam: {path} {why}; cd visits are not recorded there (remove it and jam makes it again)",
-              file=sys.stderr)
+        fix = f"chmod 700 {path}" if "mode" in why else "remove it and jam makes it again"
+        print(f"jam: {path} {why}; cd visits are not recorded there ({fix})", file=sys.stderr)
 
 
 def _open_own(jam_fd: int, name: str, path: str, create: bool = False) -> int | None:
