@@ -82,12 +82,14 @@ def test_copy_never_reads_past_the_expected_size(tmp_path):
     src.write_bytes(b"a" * 10_000 + b"b" * 10_000)
     dst.write_bytes(b"")
     fs, fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    moved = []
     try:
-        jam_dir._copy(fs, fd, 10_000, lambda n: None)
+        jam_dir._copy(fs, fd, 10_000, moved.append)
     finally:
         os.close(fs)
         os.close(fd)
     assert dst.read_bytes() == b"a" * 10_000
+    assert sum(moved) == 10_000, "bytes past the expected size were copied (then cut off)"
 
 
 def test_checkout_of_a_stub_whose_object_grew_leaves_the_stub(tmp_path):
