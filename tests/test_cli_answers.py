@@ -77,7 +77,6 @@ def test_checkout_keep_both_reaches_the_library(runner, jam_root, monkeypatch):
     assert "--keep-both" in jam(runner, "checkout", "--help").output
 
 
-@pytest.mark.xfail(strict=False, reason="needs the lead's Result.exit_code: a skipped dirty stub is partly done")
 def test_checkout_that_skipped_a_dirty_stub_is_partly_done(runner, jam_root):
     make_file(jam_root.path / "a.bin", 100_000, 1)
     make_file(jam_root.path / "b.bin", 100_000, 2)
