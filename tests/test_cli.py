@@ -332,6 +332,7 @@ def test_demo_runs_and_leaves_nothing_outside_tmp_and_data_dir(jam_bin, isolated
     assert "Traceback" not in res.stderr
     created = {p.relative_to(isolated_home).parts[:3] for p in isolated_home.rglob("*") if p.is_file()}
     assert all(parts[:3] == (".local", "share", "jam") for parts in created), created
-    assert sorted(p.name for p in isolated_home.iterdir()) == sorted(set(before) | {".local"})
+    # the demo's remote is in its temporary folder: nothing lands in the real default remote
+    assert sorted(p.name for p in isolated_home.iterdir()) == sorted(before)
     demo_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("jam-demo-")]
     assert len(demo_dirs) == 1
