@@ -1,46 +1,62 @@
-"""Checkout: bring stubs back. Content is written aside, verified against its id, and renamed
-over the stub only if the stub is still that stub. A failed or interrupted fetch leaves the
-stub as it was; a stub that was written into is never fetched over."""
+"""Checkout: bring stubs back. Content is written aside (in the stub's directory, opened by
+descriptor), verified against its id, and exchanged with the stub in one atomic
+``renameat2(RENAME_EXCHANGE)`` only if the stub is still that stub; what was exchanged out is
+checked, and exchanged back if it was not the stub (a file saved over it in the last instant).
+A failed or interrupted fetch leaves the stub as it was; a stub that was written into is never
+fetched over (``keep_both`` fetches its stashed version beside it instead)."""
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from jam_core import pipeline
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError
+from jam_core.fs import (TMP_MARK, DirFds, exchange, fd_path, open_regular, rename_noreplace, restore_xattrs,
+                         syncfs, tmp_name)
 from jam_core.model import Remote, Session
-from jam_core.objects import split_oid, hash_file
+from jam_core.objects import CHUNK, hasher, split_oid
+from jam_core.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
-from jam_core.fs import syncfs
-from jam_core import pipeline
-from jam_core.pipeline import batches
-from jam_core.stash import Result, _why, collect, same_file, tmp_name, user_xattrs
+from jam_core.stash import Result, _why, collect, same_file
+from jam_core.stub import verify_clean
 from jam_core.stubdirs import refresh as refresh_stubdirs
 
+KEEP_BOTH_LABEL = "stashed version"
 
-def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None) -> Result:
+
+def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None,
+             keep_both: bool = False) -> Result:
     """Check out files and directories (relative to the root). Holds the root's lock.
 
     Files go in batches: each batch is fetched aside (``fetch_many`` where a backend offers
     it, else ``fetch`` per file; the next remote for what one remote could not give) and
-    verified, made durable with one syncfs, then each file is renamed over its stub if the
+    verified, made durable with one syncfs, then each file is exchanged with its stub if the
     stub is unchanged. An interruption leaves stubs and no temporary files.
+
+    ``keep_both``: a stub that was written into keeps its bytes, and its stashed version is
+    fetched beside it as ``NAME (stashed version)``.
     """
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         todo = []
-        for entry, _named in collect(root, rels, result):
+        for entry, _named in collect(root, dirs, rels, result):
             if entry.state == LOCAL:
                 result.unchanged += 1
             elif entry.state == DIRTY:
-                result.skipped.append((entry.rel, "this stub was written into after it was stashed; "
-                                       "jam will not overwrite it (see `jam doctor`)"))
+                if keep_both:
+                    todo.append(entry)
+                else:
+                    result.skipped.append((entry.rel, "this stub was written into after it was stashed; jam will "
+                                           "not overwrite it (`jam checkout --keep-both` fetches the stashed "
+                                           "version beside it)"))
+                    result.partly = True
             elif entry.state == BAD:
                 result.failed.append((entry.rel, f"unreadable stub metadata: {entry.problem}"))
             else:
@@ -50,9 +66,9 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
                 batches(todo, lambda e: e.record.size),
-                prepare=lambda batch: _wants(batch, remotes, cat),
-                move=lambda wants: _fetch_all(wants, pm, session, result),
-                finish=lambda wants, fetching: _swap_batch(root, fetching.result(), cat, result),
+                prepare=lambda batch: _wants(batch, remotes, cat, dirs),
+                move=lambda wants: _fetch_all(root, wants, pm, session, result),
+                finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
                 stop=lambda: bool(result.aborted),
                 session=session,
                 cleanup=_drop_tmps,
@@ -63,25 +79,44 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
 
 
 class _Want:
-    """One stub being fetched: where its content goes, which remotes are left to try."""
+    """One stub being fetched: the temporary file its content goes to (created and held
+    open in the stub's directory), and the remotes left to try."""
 
-    def __init__(self, entry: Entry, remotes: list[Remote]):
+    def __init__(self, entry: Entry, remotes: list[Remote], dir_fd: int):
         self.entry = entry
         self.remotes = remotes
+        self.dir_fd = dir_fd
         self.tmp = ""
+        self.fd = -1
         self.problems: list[str] = []
         self.unreachable = 0
 
-    def new_tmp(self) -> str:
-        self.drop_tmp()
-        self.tmp = tmp_name(os.path.dirname(self.entry.path))
-        os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        return self.tmp
+    @property
+    def name(self) -> str:
+        return self.entry.rel.rpartition("/")[2]
+
+    def new_tmp(self) -> None:
+        """Create the empty temporary file, marked as jam's (``TMP_MARK``) until the swap."""
+        name = tmp_name()
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
+        self.tmp, self.fd = name, fd
+        os.setxattr(fd, TMP_MARK, b"1")
+
+    def reset(self) -> None:
+        """Empty the temporary file for another remote's attempt."""
+        os.ftruncate(self.fd, 0)
 
     def drop_tmp(self) -> None:
-        if self.tmp and os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
-        self.tmp = ""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp:
+            try:
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            self.tmp = ""
 
 
 def _drop_tmps(wants: list[_Want]) -> None:
@@ -89,7 +124,22 @@ def _drop_tmps(wants: list[_Want]) -> None:
         w.drop_tmp()
 
 
-def _fetch_all(wants: list[_Want], pm, session: Session, result: Result) -> list[_Want]:
+def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds) -> list[_Want]:
+    """Here (not in the worker): open each stub's directory and create its temporary file."""
+    known = cat.remotes_of(e.record.oid for e in batch)
+    wants = []
+    try:
+        for e in batch:
+            w = _Want(e, _order(remotes, known[e.record.oid]), dirs.get(e.dir))
+            wants.append(w)
+            w.new_tmp()
+    except BaseException:
+        _drop_tmps(wants)
+        raise
+    return wants
+
+
+def _fetch_all(root: Root, wants: list[_Want], pm, session: Session, result: Result) -> list[_Want]:
     """Fetch and verify every want, trying its remotes in order. Returns the verified ones."""
     ready, pending = [], list(wants)
     while pending:
@@ -99,7 +149,7 @@ def _fetch_all(wants: list[_Want], pm, session: Session, result: Result) -> list
         pending = []
         for group in by_remote.values():
             remote = group[0].remotes[0]
-            for w, problem in fetch_from(remote, group, pm, session):
+            for w, problem in fetch_from(root, remote, group, pm, session):
                 if problem is None:
                     ready.append(w)
                     session.file_done(2 * w.entry.record.size)
@@ -107,6 +157,7 @@ def _fetch_all(wants: list[_Want], pm, session: Session, result: Result) -> list
                 w.problems.append(problem)
                 w.remotes = w.remotes[1:]
                 if w.remotes:
+                    w.reset()
                     pending.append(w)
                     continue
                 w.drop_tmp()
@@ -120,20 +171,22 @@ def _fetch_all(wants: list[_Want], pm, session: Session, result: Result) -> list
     return ready
 
 
-def fetch_from(remote: Remote, wants: list[_Want], pm, session: Session) -> Iterator[tuple[_Want, str | None]]:
-    """Fetch ``wants`` from one remote into fresh temporary files and verify each.
+def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Session
+               ) -> Iterator[tuple[_Want, str | None]]:
+    """Fetch ``wants`` from one remote into their (empty) temporary files and verify each.
 
-    Yields each want with None (its ``tmp`` holds verified content, mode and mtime restored)
-    or a one-line problem. A remote that fails as a whole yields every want as unreachable.
+    Yields each want with None (its temporary file holds exactly the content of its id) or a
+    one-line problem. A remote that fails as a whole yields every want as unreachable.
     """
+    from jam_core.remotes import ensure_identity
+
     by_oid: dict[str, list[_Want]] = {}
     for w in wants:
         by_oid.setdefault(w.entry.record.oid, []).append(w)
-    items = []
-    for oid, group in by_oid.items():
-        items.append((oid, Path(group[0].new_tmp()), group[0].entry.record.size))
+    items = [(oid, Path(fd_path(group[0].fd)), group[0].entry.record.size) for oid, group in by_oid.items()]
     outcomes: dict[str, object] = {}
     try:
+        ensure_identity(root, remote, pm, session)
         many = pm.hook.fetch_many(remote=remote, items=items, session=session)
         if many is not None:
             outcomes.update(many)
@@ -160,52 +213,77 @@ def fetch_from(remote: Remote, wants: list[_Want], pm, session: Session) -> Iter
             continue
         problem = _problem(remote, first, outcome, session)
         for w in group:
-            if problem is None:
-                if w is not first:  # equal content wanted twice: copy the verified file
-                    shutil.copyfile(first.tmp, w.new_tmp())
-                _restore_metadata(w.tmp, w.entry)
+            if problem is None and w is not first:  # equal content wanted twice: copy the verified file
+                try:
+                    _copy_fd(first.fd, w.fd, first.entry.record.size)
+                except OSError as exc:
+                    yield w, _why(exc)
+                    continue
             yield w, problem
 
 
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    off = 0
+    while off < size:
+        n = os.copy_file_range(src, dst, size - off, off, off)
+        if n == 0:
+            raise OSError(errno.EIO, "short copy of fetched content")
+        off += n
+
+
 def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
-    """None if ``w.tmp`` now holds exactly the content of its id, else what went wrong."""
+    """None if ``w``'s temporary file now holds exactly the content of its id, else what went
+    wrong. Never reads more than the stub's size: a longer object is corrupt as it stands."""
     rec = w.entry.record
     if isinstance(outcome, Exception):
         return _why(outcome)
     if outcome is not True:
         return f"remote {remote.name!r} does not have {rec.oid}"
+    got_size = os.fstat(w.fd).st_size
+    if got_size != rec.size:
+        return (f"remote {remote.name!r} returned {got_size} bytes for {rec.oid}, not {rec.size}; "
+                "stub left as it was")
     algorithm, _ = split_oid(rec.oid)
-    got, got_size = hash_file(w.tmp, algorithm, session.progress)
-    if got != rec.oid or got_size != rec.size:
+    h = hasher(algorithm)
+    off = 0
+    while off < rec.size:
+        chunk = os.pread(w.fd, min(CHUNK, rec.size - off), off)
+        if not chunk:
+            break
+        h.update(chunk)
+        off += len(chunk)
+        session.progress(len(chunk))
+    got = f"{algorithm}:{h.hexdigest()}"
+    if got != rec.oid or off != rec.size:
         return (f"remote {remote.name!r} returned corrupt content for {rec.oid} "
-                f"(hash {got[:15]}…, {got_size} bytes); stub left as it was")
+                f"(hash {got[:15]}…, {off} bytes); stub left as it was")
     return None
 
 
-def _swap_batch(root: Root, ready: list[_Want], cat: Catalog, result: Result) -> None:
+def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) -> None:
     if not ready:
         return
-    syncfs(root.path)
+    syncfs(dirs.root_fd)
+    touched: set[int] = set()
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
-        _swap_all(ready, cat, result)
-
-
-def _swap_all(ready: list[_Want], cat: Catalog, result: Result) -> None:
-    for w in ready:
-        try:
-            swap_in(w.tmp, w.entry)
-        except (JamError, OSError) as exc:
-            result.failed.append((w.entry.rel, _why(exc)))
-            continue
-        w.tmp = ""
-        cat.remove_stub(w.entry.rel)
-        cat.record_use([w.entry.rel])
-        result.done.append((w.entry.rel, w.entry.record.size))
-
-
-def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog) -> list["_Want"]:
-    known = cat.remotes_of(e.record.oid for e in batch)
-    return [_Want(e, _order(remotes, known[e.record.oid])) for e in batch]
+        for w in ready:
+            try:
+                if w.entry.state == DIRTY:
+                    beside = keep_beside(w)
+                    result.done.append((beside, w.entry.record.size))
+                    result.skipped.append((w.entry.rel, f"written into since it was stashed: kept as it is; "
+                                           f"the stashed version is {beside}"))
+                    continue
+                swap_in(w)
+            except (JamError, OSError) as exc:
+                result.failed.append((w.entry.rel, _why(exc)))
+                continue
+            touched.add(w.dir_fd)
+            cat.remove_stub(w.entry.rel)
+            cat.record_use([w.entry.rel])
+            result.done.append((w.entry.rel, w.entry.record.size))
+    for dfd in touched:
+        os.fsync(dfd)
 
 
 def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
@@ -213,26 +291,70 @@ def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
     return sorted(remotes, key=lambda r: (r.name not in known, r.tier, r.name))
 
 
-def _restore_metadata(tmp: str, entry: Entry) -> None:
-    rec, st = entry.record, entry.st
-    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _restore_metadata(w: _Want, stub_fd: int) -> None:
+    """The original's owner, mode, xattrs (ACLs after the mode) and times, on the content."""
+    rec, st = w.entry.record, w.entry.st
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        os.fchown(w.fd, st.st_uid, st.st_gid)
+    os.fchmod(w.fd, rec.mode)
     try:
-        for k, v in user_xattrs(entry.path).items():
-            os.setxattr(fd, k, v)
-        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, rec.mode)
-        os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))
-    finally:
-        os.close(fd)
+        restore_xattrs(stub_fd, w.fd)
+    except ValueError as exc:
+        raise JamError(f"hostile stub metadata: {exc}") from None
+    os.removexattr(w.fd, TMP_MARK)
+    os.utime(w.fd, ns=(st.st_atime_ns, rec.mtime_ns))
 
 
-def swap_in(tmp: str, entry: Entry) -> None:
-    """Rename the verified content over the stub, only if the stub is still that stub."""
+def swap_in(w: _Want) -> None:
+    """Exchange the verified content with the stub, only if the stub is still that stub,
+    untouched; if what went out was not the stub, exchange back and say so."""
+    entry = w.entry
     try:
-        now = os.lstat(entry.path)
+        stub_fd = open_regular(w.dir_fd, w.name, expect=entry.st)
     except FileNotFoundError:
         raise JamError("the stub disappeared while its content was being fetched") from None
-    if not same_file(now, entry.st):
-        raise JamError("the stub changed while its content was being fetched; left as it is")
-    os.rename(tmp, entry.path)
+    except OSError:
+        raise JamError("the stub was replaced while its content was being fetched; left as it is") from None
+    try:
+        now = os.fstat(stub_fd)
+        if not same_file(now, entry.st) or not verify_clean(stub_fd, entry.record):
+            raise JamError("the stub changed while its content was being fetched; left as it is")
+        _restore_metadata(w, stub_fd)
+    finally:
+        os.close(stub_fd)
+    exchange(w.dir_fd, w.tmp, w.name)
+    out = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
+    if (out.st_ino, out.st_dev, out.st_size, out.st_mtime_ns, out.st_blocks) != \
+            (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_blocks):
+        exchange(w.dir_fd, w.tmp, w.name)  # put back what was there; the content goes
+        raise JamError("the stub was replaced while its content was being fetched; left as it is")
+    os.close(w.fd)
+    w.fd = -1
+    os.unlink(w.tmp, dir_fd=w.dir_fd)  # the old stub
+    w.tmp = ""
+
+
+def keep_beside(w: _Want) -> str:
+    """Put the verified stashed version of a written-into stub beside it, under a new name
+    (``NAME (stashed version)``, numbered if taken); the stub keeps its bytes. Returns the
+    new path relative to the root."""
+    stub_fd = open_regular(w.dir_fd, w.name)
+    try:
+        _restore_metadata(w, stub_fd)
+    finally:
+        os.close(stub_fd)
+    stem, dot, ext = w.name.rpartition(".")
+    if not stem:  # no extension (or a dotfile)
+        stem, dot, ext = w.name, "", ""
+    for n in range(1, 1000):
+        label = KEEP_BOTH_LABEL if n == 1 else f"{KEEP_BOTH_LABEL} {n}"
+        new = f"{stem} ({label}){dot}{ext}"
+        try:
+            rename_noreplace(w.dir_fd, w.tmp, new)
+        except FileExistsError:
+            continue
+        os.close(w.fd)
+        w.fd, w.tmp = -1, ""
+        d = w.entry.rel.rpartition("/")[0]
+        return f"{d}/{new}" if d else new
+    raise JamError("too many stashed versions beside it already")

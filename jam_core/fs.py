@@ -1,10 +1,41 @@
-"""Durability helpers shared by the core and backends."""
+"""Filesystem primitives: the one place that knows how jam touches a file.
+
+* durability: ``fsync_dir``, ``syncfs``;
+* walking and opening relative to directory descriptors, never through a symlink
+  (``open_dir``, ``DirFds``, ``open_regular``, ``fd_path``), so a directory swapped for a
+  symlink mid-walk cannot lead jam out of the root;
+* conditional swaps: ``exchange`` (renameat2 RENAME_EXCHANGE) and ``rename_noreplace``, after
+  which the caller checks what was exchanged out and puts it back if it was not what it checked;
+* read leases (``Leases``): a file someone holds open for writing cannot be leased, and a lease
+  is broken the moment anyone opens the file for writing, so such a file is never stashed;
+* temporary names: beside a file (``tmp_name``, ``is_jam_tmp``, ``TMP_MARK``) and on remotes
+  (``part_name``, ``part_is_stale``).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import threading
 
 _libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _raise_errno(what: str) -> None:
+    import ctypes
+
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), what)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -15,26 +46,256 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def syncfs(path: str | os.PathLike) -> None:
-    """Make everything written to the filesystem holding ``path`` durable (Linux syncfs(2)).
+def syncfs(path_or_fd: str | os.PathLike | int) -> None:
+    """Make everything written to the filesystem holding ``path_or_fd`` durable (syncfs(2)).
 
     One syncfs after a batch replaces an fsync per file and per directory: it flushes the
     data, the inodes and the renames of the whole batch at once.
     """
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if isinstance(path_or_fd, int):
+        if _c().syncfs(path_or_fd) != 0:
+            _raise_errno(f"fd {path_or_fd}")
+        return
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        if _c().syncfs(fd) != 0:
+            _raise_errno(str(path_or_fd))
     finally:
         os.close(fd)
+
+
+# -- directory descriptors ---------------------------------------------------------------------
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ThroughSymlink(OSError):
+    """A path component that should be a directory is a symlink (or not a directory)."""
+
+
+def open_dir(base_fd: int, rel: str) -> int:
+    """Open directory ``rel`` below the directory ``base_fd``, one component at a time, never
+    following a symlink. Raises ThroughSymlink naming the component that is not a directory."""
+    fd = os.dup(base_fd)
+    try:
+        done = []
+        for part in (p for p in rel.split("/") if p and p != "."):
+            if part == "..":
+                raise ThroughSymlink(errno.EINVAL, "a path with '..'", rel)
+            try:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ThroughSymlink(exc.errno, "not a directory (a symlink?)", "/".join(done + [part])) from None
+                raise
+            os.close(fd)
+            fd = nfd
+            done.append(part)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class DirFds:
+    """Open directory descriptors below a root, by relative path, kept for a batch.
+
+    ``get(rel_dir)`` opens ``rel_dir`` once (walking from the root without following
+    symlinks) and keeps it; ``close()`` closes them all. Not for concurrent use."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._fds: dict[str, int] = {}
+
+    def get(self, rel_dir: str) -> int:
+        rel_dir = rel_dir or "."
+        fd = self._fds.get(rel_dir)
+        if fd is None:
+            if rel_dir == ".":
+                fd = os.dup(self.root_fd)
+            else:
+                parent, _, name = rel_dir.rpartition("/")
+                fd = open_dir(self.get(parent or "."), name)
+            self._fds[rel_dir] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def __enter__(self) -> "DirFds":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fd_path(fd: int) -> str:
+    """A path that reopens exactly the file ``fd`` refers to (for hooks that take a path)."""
+    return f"/proc/self/fd/{fd}"
+
+
+class NotTheFile(OSError):
+    """The name no longer refers to the regular file that was scanned."""
+
+
+def open_regular(dir_fd: int, name: str, expect: os.stat_result | None = None,
+                 flags: int = os.O_RDONLY) -> int:
+    """Open ``name`` in ``dir_fd`` without following a symlink and without blocking on a FIFO;
+    refuse anything that is not a regular file or (with ``expect``) not the same inode."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (expect is not None and (st.st_ino, st.st_dev) != (expect.st_ino, expect.st_dev)):
+        os.close(fd)
+        raise NotTheFile(errno.ESTALE, "replaced by another file since it was scanned", name)
+    return fd
+
+
+# -- conditional swaps -------------------------------------------------------------------------
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(src_dir: int, src: str, dst_dir: int, dst: str, flags: int) -> None:
+    if _c().renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), flags) != 0:
+        _raise_errno(dst)
+
+
+def exchange(dir_fd: int, a: str, b: str) -> None:
+    """Atomically swap the names ``a`` and ``b`` in ``dir_fd`` (both must exist)."""
+    renameat2(dir_fd, a, dir_fd, b, RENAME_EXCHANGE)
+
+
+def rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError then)."""
+    renameat2(dir_fd, src, dir_fd, dst, RENAME_NOREPLACE)
+
+
+# -- temporary names beside files ---------------------------------------------------------------
+TMP_PREFIX = ".jam-"
+TMP_SUFFIX = ".tmp"
+TMP_MARK = "user.jam.part"  # on content jam is writing aside; removed just before the swap
+
+
+def tmp_name() -> str:
+    """A fresh temporary name to create beside a file: ``.jam-<16 hex>.tmp``."""
+    import uuid
+
+    return f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}{TMP_SUFFIX}"
+
+
+def is_jam_tmp(name: str) -> bool:
+    """A name jam makes for its temporary files (jam alone makes it, and never lists it)."""
+    return (len(name) == len(TMP_PREFIX) + 16 + len(TMP_SUFFIX) and name.startswith(TMP_PREFIX)
+            and name.endswith(TMP_SUFFIX) and all(c in "0123456789abcdef" for c in name[5:21]))
+
+
+# -- read leases ---------------------------------------------------------------------------------
+F_SETLEASE, F_GETLEASE, F_SETSIG = 1024, 1025, 10
+F_RDLCK, F_UNLCK = 0, 2
+
+
+class FileBusy(OSError):
+    """The file is open for writing by some program: it cannot be leased."""
+
+
+class Leases:
+    """Read leases on files being stashed (fcntl F_SETLEASE), held from hashing to the swap.
+
+    A lease cannot be taken while any process has the file open for writing, and the kernel
+    breaks it the moment one opens it for writing or truncates it. A break is noticed by a
+    small thread that polls held leases (the kernel's notice is a signal, which only the main
+    thread could catch; the signal is redirected to SIGURG, ignored by default, so a break
+    never kills jam); a broken lease is released at once, so the writer waits at most one
+    poll, and its file is not swapped.
+    """
+
+    POLL = 0.02
+
+    def __init__(self):
+        self._held: set[int] = set()
+        self._broken: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, fd: int) -> bool:
+        """Lease ``fd`` (opened read-only). False where leases are not supported at all (then
+        only the stat checks guard the file); raises FileBusy if it is open for writing."""
+        import fcntl
+        import signal
+
+        try:
+            fcntl.fcntl(fd, F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, F_SETLEASE, F_RDLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                raise FileBusy(exc.errno, "open for writing by another program") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise FileBusy(exc.errno, "cannot take a lease: the file belongs to another user") from None
+            return False  # EINVAL and the like: this filesystem has no leases
+        with self._lock:
+            self._held.add(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll, name="jam-leases", daemon=True)
+                self._thread.start()
+        return True
+
+    def intact(self, fd: int) -> bool:
+        """True unless the lease on ``fd`` was broken (someone opened the file for writing)."""
+        import fcntl
+
+        with self._lock:
+            if fd in self._broken:
+                return False
+            if fd not in self._held:
+                return True  # never leased (no support): the caller's stat checks decide
+        try:
+            return fcntl.fcntl(fd, F_GETLEASE) == F_RDLCK
+        except OSError:
+            return False
+
+    def release(self, fd: int) -> None:
+        import fcntl
+
+        with self._lock:
+            held = fd in self._held
+            self._held.discard(fd)
+            self._broken.discard(fd)
+        if held:
+            try:
+                fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
+            except OSError:
+                pass
+
+    def _poll(self) -> None:
+        import fcntl
+
+        while not self._stop.wait(self.POLL):
+            with self._lock:
+                for fd in list(self._held):
+                    try:
+                        if fcntl.fcntl(fd, F_GETLEASE) == F_RDLCK:
+                            continue
+                    except OSError:
+                        pass
+                    self._held.discard(fd)
+                    self._broken.add(fd)
+                    try:
+                        fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)  # let the writer go on at once
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for fd in list(self._held):
+            self.release(fd)
 
 
 # -- temporary names on remotes ------------------------------------------------------------
@@ -86,3 +347,80 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- extended attributes that travel with a file's content -----------------------------------------
+# A stub carries the file's own ``user.*`` xattrs as they are, and its POSIX ACLs packed into one
+# ``user.jam.acl`` (an ACL set on the read-only stub itself would give write bits back). Nothing
+# else travels: ``security.*`` and ``trusted.*`` are not the user's to restore (a capability set
+# from a stub's metadata would be a privilege escalation), and names under ``user.jam`` are jam's.
+JAM_XATTRS = "user.jam"
+ACL_XATTR = "user.jam.acl"
+_ACLS = ("system.posix_acl_access",)
+_MAX_XATTR = 64 * 1024
+
+
+def carried_xattrs(fd: int) -> dict[str, bytes]:
+    """The xattrs of the open file ``fd`` that its stub must carry, by name."""
+    out: dict[str, bytes] = {}
+    acls: dict[str, bytes] = {}
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            if name.startswith("user.") and not (name == JAM_XATTRS or name.startswith(JAM_XATTRS + ".")):
+                out[name] = os.getxattr(fd, name)
+            elif name in _ACLS:
+                acls[name] = os.getxattr(fd, name)
+        except OSError:
+            pass
+    if acls:
+        out[ACL_XATTR] = _pack(acls)
+    return out
+
+
+def restore_xattrs(src, dst_fd: int) -> None:
+    """Put the xattrs a stub carries (``src``: its path or descriptor) back on the file
+    ``dst_fd`` that replaces it: user xattrs as they are, ACLs unpacked. Call after fchmod
+    (an ACL sets the mode's group bits). Hostile values are refused with ValueError."""
+    try:
+        names = os.listxattr(src) if isinstance(src, int) else os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if name == JAM_XATTRS or not name.startswith("user."):
+            continue
+        value = os.getxattr(src, name) if isinstance(src, int) else os.getxattr(src, name, follow_symlinks=False)
+        if name == ACL_XATTR:
+            for acl_name, acl in _unpack(value).items():
+                os.setxattr(dst_fd, acl_name, acl)
+        elif not name.startswith(JAM_XATTRS + "."):
+            os.setxattr(dst_fd, name, value)
+
+
+def _pack(values: dict[str, bytes]) -> bytes:
+    out = bytearray()
+    for name, value in values.items():
+        n = name.encode()
+        out += len(n).to_bytes(1, "little") + n + len(value).to_bytes(4, "little") + value
+    return bytes(out)
+
+
+def _unpack(raw: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    i = 0
+    if len(raw) > _MAX_XATTR:
+        raise ValueError("packed ACLs too large")
+    while i < len(raw):
+        n = raw[i]
+        name = raw[i + 1:i + 1 + n].decode("ascii", "replace")
+        i += 1 + n
+        size = int.from_bytes(raw[i:i + 4], "little")
+        i += 4
+        if name not in _ACLS or i + size > len(raw):
+            raise ValueError(f"packed ACLs hold {name!r}: not an ACL jam restores")
+        out[name] = raw[i:i + size]
+        i += size
+    return out

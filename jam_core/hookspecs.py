@@ -75,7 +75,9 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
 
     :param remote: where to store.
     :param oid: the content id the stored bytes must hash to.
-    :param source: the local file to read.
+    :param source: the local file to read. The core passes ``/proc/self/fd/N`` of the file it
+        hashed and holds open, so that a name swapped meanwhile cannot redirect the read: open
+        it as a path (following it, no ``O_NOFOLLOW``), and use it only for reading.
     :param size: the expected size of ``source``.
     :param session: per-command state (connections, progress).
     :return: ``True`` once stored and verified; raise :class:`jam_core.errors.RemoteError`
@@ -94,7 +96,7 @@ def stash_many(
     ``stash`` per item. The same contract as ``stash`` holds for each object.
 
     :param remote: where to store.
-    :param items: ``(oid, source, size)`` triples, each oid once.
+    :param items: ``(oid, source, size)`` triples, each oid once (``source`` as for ``stash``).
     :param session: per-command state (connections, progress).
     :return: an iterable of ``(oid, error)`` pairs, one per item, in any order, produced as each
         object is stored and verified: ``error`` is ``None`` on success, else the exception for
@@ -124,7 +126,9 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
 
     :param remote: where to read from.
     :param oid: the content id.
-    :param dest: the temporary path to write (it exists and is empty).
+    :param dest: the temporary file to write (it exists and is empty). The core passes
+        ``/proc/self/fd/N`` of the file it created beside the stub and holds open: open it as a
+        path (following it, no ``O_NOFOLLOW``, no ``O_CREAT``), and write at most ``size`` bytes.
     :param size: the expected size.
     :param session: per-command state (connections, progress).
     :return: ``True`` once written; ``False`` if the remote does not have the object; raise
@@ -144,7 +148,8 @@ def fetch_many(
     the core verifies every file.
 
     :param remote: where to read from.
-    :param items: ``(oid, dest, size)`` triples, each oid once; each ``dest`` exists, empty.
+    :param items: ``(oid, dest, size)`` triples, each oid once; each ``dest`` exists, empty
+        (``dest`` as for ``fetch``).
     :param session: per-command state (connections, progress).
     :return: an iterable of ``(oid, outcome)`` pairs, one per item, in any order: ``True``
         (written), ``False`` (the remote does not have it) or the exception for that item.

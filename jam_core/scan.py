@@ -3,16 +3,17 @@ the stat says the file may be a stub. Symlinks are never followed; ``.jam`` is s
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
 from typing import Iterator
 
+from jam_core.fs import DIR_FLAGS, TMP_MARK, TMP_PREFIX, TMP_SUFFIX, fd_path, is_jam_tmp, open_dir, open_regular  # noqa: F401
+from jam_core.objects import MARKER_NAME, parse_marker
 from jam_core.root import JAM_DIR
-from jam_core.stub import BadStub, StubRecord, is_dirty, may_be_stub, read_record
+from jam_core.stub import XATTR, BadStub, StubRecord, is_dirty, may_be_stub, read_record
 
-TMP_PREFIX = ".jam-"  # temporary files jam writes beside the file they replace
-TMP_SUFFIX = ".tmp"
 
 LOCAL, STUB, DIRTY, BAD = "local", "stub", "dirty", "bad"
 
@@ -73,80 +74,187 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, St
     return (DIRTY if is_dirty(st, rec) else STUB), rec, ""
 
 
-def is_jam_tmp(name: str) -> bool:
-    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
-
-
 def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
     holds regular files (jam's temporary files left out). A single file yields its directory
     with that one file. One lstat per entry, no other I/O.
 
+    The walk goes from directory descriptor to directory descriptor, opening each directory
+    with O_NOFOLLOW: a directory swapped for a symlink mid-walk is not entered, so nothing
+    outside the root is ever listed. Each ``path`` names the file through its directory's
+    descriptor (``/proc/self/fd/N/name``) and is valid only until the next item is asked for.
+    Directories that hold another root (``.jam/``) or a remote (its identity marker) are
+    skipped: a root and a remote never overlap.
+
     ``clean=True`` (only while holding the root's lock, when no other jam can be writing)
-    first deletes the temporary files a killed jam left: a stub or content written aside, or
-    the link that held an original across its swap. Each is disposable: the file it belongs
-    to is whole without it, and a stale hold-link would make that file look hard-linked.
+    first deletes the temporary files a killed jam provably left (``_disposable``).
     """
-    start = root_path if rel == "." else os.path.join(root_path, rel)
     try:
-        st = os.lstat(start)
+        root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         if on_error:
             on_error(rel, exc)
         return
-    if stat.S_ISREG(st.st_mode):
-        yield os.path.dirname(rel) or ".", [(os.path.basename(start), start, st)]
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
-    stack = [(start, "" if rel == "." else rel + "/")]
-    while stack:
-        dpath, prefix = stack.pop()
+    try:
+        yield from _scan_from(root_fd, rel, on_error, ordered, clean)
+    finally:
+        os.close(root_fd)
+
+
+def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
+    if rel == ".":
+        start_fd, prefix = os.dup(root_fd), ""
+    else:
+        parent, _, name = rel.rpartition("/")
         try:
-            with os.scandir(dpath) as it:
-                entries = sorted(it, key=lambda e: e.name) if ordered else list(it)
+            pfd = open_dir(root_fd, parent)
         except OSError as exc:
             if on_error:
-                on_error(prefix[:-1] or ".", exc)
-            continue
-        if clean:
-            entries = [e for e in entries if not _remove_stale(e)]
-        files, subdirs = [], []
-        for e in entries:
+                on_error(rel, exc)
+            return
+        try:
+            if clean:
+                _clean_dir(pfd)  # first: a stale hold-link would make the file look hard-linked
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                yield parent or ".", [(name, fd_path(pfd) + "/" + name, st)]
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            start_fd, prefix = os.open(name, DIR_FLAGS, dir_fd=pfd), rel + "/"
+        except OSError as exc:
+            if on_error:
+                on_error(rel, exc)
+            return
+        finally:
+            os.close(pfd)
+    top = rel == "."
+    S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
+    stack: list[list] = [[start_fd, prefix, None]]
+    try:
+        while stack:
+            frame = stack[-1]
+            fd, prefix, subdirs = frame
+            if subdirs is None:
+                try:
+                    with os.scandir(fd) as it:
+                        entries = sorted(it, key=lambda e: e.name) if ordered else list(it)
+                except OSError as exc:
+                    if on_error:
+                        on_error(prefix[:-1] or ".", exc)
+                    entries = []
+                if (prefix or not top) and _foreign(fd, entries):
+                    entries = []  # another root, or a remote: never jam's files to manage here
+                if clean:
+                    entries = _clean_entries(fd, entries)
+                files, subdirs = [], []
+                base = fd_path(fd) + "/"
+                for e in entries:
+                    try:
+                        est = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # vanished while we looked
+                    mode = est.st_mode
+                    if S_ISREG(mode):
+                        name = e.name
+                        if not is_jam_tmp(name):
+                            files.append((name, base + name, est))
+                    elif S_ISDIR(mode):
+                        if prefix or e.name != JAM_DIR:
+                            subdirs.append(e.name)
+                frame[2] = iter(subdirs)
+                if files:
+                    yield prefix[:-1] or ".", files
+                continue
+            name = next(subdirs, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
             try:
-                est = e.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished while we looked
-            mode = est.st_mode
-            if S_ISREG(mode):
-                name = e.name
-                if not (name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)):
-                    files.append((name, e.path, est))
-            elif S_ISDIR(mode):
-                if prefix or e.name != JAM_DIR:
-                    subdirs.append((e.path, prefix + e.name + "/"))
-        stack.extend(reversed(subdirs))
-        if files:
-            yield prefix[:-1] or ".", files
+                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT) and on_error:
+                    on_error(prefix + name, exc)
+                continue  # swapped for a symlink (or gone) since it was listed: not followed
+            stack.append([nfd, prefix + name + "/", None])
+    finally:
+        for frame in stack:
+            os.close(frame[0])
 
 
-def _remove_stale(e: os.DirEntry) -> bool:
-    if not is_jam_tmp(e.name) or not e.is_file(follow_symlinks=False):
+def _foreign(fd: int, entries) -> bool:
+    """Does this directory hold another root (``.jam/config.toml``) or a remote (a valid
+    identity marker)? Decided from the listing; a file is read only when the name is there."""
+    for e in entries:
+        if e.name == JAM_DIR and e.is_dir(follow_symlinks=False):
+            return True
+        if e.name == MARKER_NAME and e.is_file(follow_symlinks=False):
+            try:
+                mfd = open_regular(fd, MARKER_NAME)
+                try:
+                    parse_marker(os.read(mfd, 4096))
+                finally:
+                    os.close(mfd)
+                return True
+            except (OSError, ValueError):
+                pass
+    return False
+
+
+def _disposable(fd: int, name: str, st: os.stat_result, siblings: dict[int, int]) -> bool:
+    """Is ``name`` (a jam temporary name) a file a killed jam left that nobody needs? Only if
+    it provably is jam's: content jam was writing aside (it still carries TMP_MARK), a stub
+    jam wrote aside (a valid jam record), or an older jam's hold-link (another name in this
+    directory is the same inode). Anything else with such a name is left alone."""
+    if not stat.S_ISREG(st.st_mode):
         return False
+    if st.st_nlink > 1 and siblings.get(st.st_ino, 0) > 1:
+        return True
+    path = fd_path(fd) + "/" + name
     try:
-        os.unlink(e.path)
-    except FileNotFoundError:
-        pass
-    return True
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return False
+    if TMP_MARK in names:
+        return True
+    if XATTR in names:
+        try:
+            return read_record(path) is not None
+        except (BadStub, OSError):
+            return False
+    return False
 
 
-def remove_stale_in(directory: str) -> None:
-    """``clean`` for one directory (a file named alone): same rule, same lock required."""
+def _clean_entries(fd: int, entries: list) -> list:
+    tmps = [e for e in entries if is_jam_tmp(e.name)]
+    if not tmps:
+        return entries
+    siblings: dict[int, int] = {}
+    for e in entries:
+        try:
+            ino = e.inode()
+        except OSError:
+            continue
+        siblings[ino] = siblings.get(ino, 0) + 1
+    removed = set()
+    for e in tmps:
+        try:
+            st = e.stat(follow_symlinks=False)
+            if _disposable(fd, e.name, st, siblings):
+                os.unlink(e.name, dir_fd=fd)
+                removed.add(e.name)
+        except FileNotFoundError:
+            removed.add(e.name)
+        except OSError:
+            pass
+    return [e for e in entries if e.name not in removed]
+
+
+def _clean_dir(fd: int) -> None:
     try:
-        with os.scandir(directory) as it:
-            for e in it:
-                _remove_stale(e)
+        with os.scandir(fd) as it:
+            _clean_entries(fd, list(it))
     except OSError:
         pass
 
@@ -156,9 +264,12 @@ def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, orde
     """Every regular file under ``rel`` (a file or directory relative to the root), classified.
 
     ``ordered`` sorts names within each directory (stable output); ``look`` see classify.
+    ``Entry.path`` is the file's absolute path, for messages: operations reopen the file
+    relative to its directory's descriptor (jam_core.fs.DirFds), never through this path.
     """
+    top = root_path.rstrip("/") + "/"
     for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean):
         prefix = "" if dname == "." else dname + "/"
         for name, path, st in files:
             state, rec, problem = classify(path, st, look)
-            yield Entry(prefix + name, path, st, state, rec, problem, dname)
+            yield Entry(prefix + name, top + prefix + name, st, state, rec, problem, dname)

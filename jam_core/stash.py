@@ -1,32 +1,37 @@
 """Stash: turn local files into stubs, only after their content is safe on the chosen remotes.
 
-For each file: read and hash it, let ``place`` choose remotes, let each remote's backend store
-and verify the object; once a batch is stored, make the remotes durable (``sync``), write the
-stubs beside their files, make them durable (one syncfs), and swap each in with one rename,
-only if its file did not change meanwhile (size, mtime, inode, ctime). A hard link to the
-original is held across the rename, so a write that lands in the last instant is seen and the
-original is put back.
+For each file: open it relative to its directory's descriptor (never through a symlink, never
+blocking on a FIFO), take a read lease (a file open for writing is left alone), read and hash
+it, let ``place`` choose remotes, let each remote's backend store and verify the object; once
+a batch is stored, make the remotes durable (``sync``), write the stubs beside their files,
+make them durable (one syncfs), and exchange each stub with its file in one atomic
+``renameat2(RENAME_EXCHANGE)``, only if the file did not change meanwhile (size, mtime,
+inode, ctime, the lease). What was exchanged out is then checked: if it is not the inode that
+was hashed (a file saved over it in the last instant), it is exchanged back.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from jam_core import pipeline
 from jam_core.catalog import Catalog
-from jam_core.fs import fsync_dir, syncfs
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
+from jam_core import fs
+from jam_core.fs import (DirFds, FileBusy, Leases, NotTheFile, ThroughSymlink, carried_xattrs, exchange, fd_path,
+                         open_regular, syncfs)
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.pipeline import batches
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, TMP_PREFIX, TMP_SUFFIX, Entry, remove_stale_in, walk
-from jam_core.stub import HEADER_MAX, XATTR, StubRecord, write_stub
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry, walk
+from jam_core.stub import HEADER_MAX, MAGIC, StubRecord, record_from_block, write_stub
 from jam_core.stubdirs import refresh as refresh_stubdirs
 
 
@@ -39,6 +44,7 @@ class Result:
     failed: list[tuple[str, str]] = field(default_factory=list)
     unchanged: int = 0  # already in the wanted state
     aborted: str = ""  # why the run stopped early (e.g. a remote is gone)
+    partly: bool = False  # a file was left undone for a reason the user must act on
 
     @property
     def bytes(self) -> int:
@@ -46,24 +52,11 @@ class Result:
 
     @property
     def exit_code(self) -> int:
-        return 1 if (self.failed or self.aborted) else 0
+        return 1 if (self.failed or self.aborted or self.partly) else 0
 
 
-def through_symlink(root_path: str, rel: str) -> str | None:
-    """The first directory on the way from the root to ``rel`` that is a symlink, or None.
-
-    jam never follows symlinks: one in the middle of a path could lead out of the root.
-    """
-    p = root_path
-    for part in rel.split(os.sep)[:-1]:
-        p = os.path.join(p, part)
-        if os.path.islink(p):
-            return os.path.relpath(p, root_path)
-    return None
-
-
-def tmp_name(directory: str) -> str:
-    return os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}{TMP_SUFFIX}")
+class Skip(JamError):
+    """This file stays as it is, for a reason the user should read (not an error)."""
 
 
 def same_file(a: os.stat_result, b: os.stat_result, ctime: bool = True) -> bool:
@@ -76,47 +69,62 @@ def same_file(a: os.stat_result, b: os.stat_result, ctime: bool = True) -> bool:
     )
 
 
-def user_xattrs(fd_or_path) -> dict[str, bytes]:
-    """The file's own ``user.*`` xattrs (not jam's), carried across stash and checkout."""
-    out = {}
-    try:
-        names = os.listxattr(fd_or_path)
-    except OSError:
-        return out
-    for name in names:
-        if name.startswith("user.") and name != XATTR:
-            try:
-                out[name] = os.getxattr(fd_or_path, name)
-            except OSError:
-                pass
-    return out
+def through_symlink(root_path: str, rel: str) -> str | None:
+    """The first directory on the way from the root to ``rel`` that is a symlink, or None."""
+    p = root_path
+    for part in rel.split(os.sep)[:-1]:
+        p = os.path.join(p, part)
+        if os.path.islink(p):
+            return os.path.relpath(p, root_path)
+    return None
 
 
-def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
+def tmp_name(directory: str | None = None) -> str:
+    """A fresh temporary name (``fs.tmp_name``), joined to ``directory`` when given."""
+    name = fs.tmp_name()
+    return os.path.join(directory, name) if directory else name
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
     """Walk the named paths; returns (entry, named_explicitly) pairs, each file once.
 
-    The caller holds the root's lock, so temporary files a killed jam left are removed on
-    the way (see ``scan.scan_dirs``)."""
+    Each named path is looked at relative to its directory's descriptor: a path reached
+    through a symlink, a symlink, or anything but a regular file or directory is skipped with
+    its reason. The caller holds the root's lock, so temporary files a killed jam provably
+    left are removed on the way (see ``scan.scan_dirs``)."""
     seen: set[str] = set()
     out = []
     for rel in rels:
-        path = root.abs(rel)
-        if not os.path.lexists(path):
+        parent, _, name = rel.rpartition("/")
+        try:
+            if rel == ".":
+                st = os.fstat(dirs.root_fd)
+            else:
+                st = os.stat(name, dir_fd=dirs.get(parent or "."), follow_symlinks=False)
+        except ThroughSymlink as exc:
+            result.skipped.append((rel, f"reached through the symlink {exc.filename}: jam does not follow symlinks"))
+            continue
+        except FileNotFoundError:
             result.failed.append((rel, "no such file or directory"))
             continue
-        if os.path.islink(path):
+        except OSError as exc:
+            result.failed.append((rel, exc.strerror or str(exc)))
+            continue
+        if stat.S_ISLNK(st.st_mode):
             result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
             continue
-        link = through_symlink(str(root.path), rel)
-        if link is not None:
-            result.skipped.append((rel, f"reached through the symlink {link}: jam does not follow symlinks"))
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            result.skipped.append((rel, f"{kind}: jam works only on regular files"))
             continue
 
         def on_error(r, exc):
             result.failed.append((r, exc.strerror or str(exc)))
 
-        if not os.path.isdir(path):
-            remove_stale_in(os.path.dirname(path))
         for e in walk(str(root.path), rel, on_error, clean=True):
             if e.rel not in seen:
                 seen.add(e.rel)
@@ -124,18 +132,26 @@ def collect(root: Root, rels: Iterable[str], result: Result) -> list[tuple[Entry
     return out
 
 
-
-
 @dataclass
 class Stored:
-    """A hashed file on its way: stored on ``targets``, then swapped for its stub."""
+    """A hashed file on its way: stored on ``targets``, then swapped for its stub.
+
+    ``fd`` is the file itself, open read-only and leased from hashing to the swap; backends
+    read it through ``fd_path(fd)``, so a name swapped meanwhile cannot redirect them."""
 
     entry: Entry
     st0: os.stat_result
+    fd: int
+    dir_fd: int
     record: StubRecord
     xattrs: dict[str, bytes]
-    targets: list[Remote]
-    tmp: str = ""
+    targets: list[str]  # the names of the remotes ``place`` chose
+    stored_on: set[str] = field(default_factory=set)
+    tmp: str = ""  # the stub, written aside in dir_fd
+
+    @property
+    def name(self) -> str:
+        return self.entry.rel.rpartition("/")[2]
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
@@ -154,18 +170,16 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     if not remotes:
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
     min_size = root.min_size
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
-        from jam_core.pins import read_pins
+    _raise_fd_limit()
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
+        from jam_core.pins import covered, read_pins
 
         pins = set() if explicit else read_pins(root)
         todo = []
-        for entry, named in collect(root, rels, result):
+        for entry, named in collect(root, dirs, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
-            if why is None and pins:
-                from jam_core.pins import covered
-
-                if covered(entry.rel, pins):
-                    why = "pinned"
+            if why is None and pins and covered(entry.rel, pins):
+                why = "pinned"
             if why == "":
                 result.unchanged += 1
             elif why:
@@ -173,63 +187,104 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             else:
                 todo.append(entry)
         session.begin(2 * sum(e.st.st_size for e in todo))  # read and hash, then store
+        leases = Leases()
         try:
-            _run_batches(root, todo, remotes, pm, session, cat, result)
+            pipeline.run(
+                batches(todo, lambda e: e.st.st_size),
+                prepare=lambda batch: _hash_batch(root, batch, dirs, leases, remotes, pm, session, result),
+                move=lambda hashed: _store_batch(root, hashed, remotes, pm, session),
+                finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result,
+                                                             dirs, leases),
+                stop=lambda: bool(result.aborted),
+                session=session,
+                cleanup=lambda hashed: _release(hashed, leases),
+            )
         finally:
+            leases.close()
             refresh_stubdirs(root, cat)  # the index the cd hooks read
     return result
 
 
-def _run_batches(root: Root, todo: list[Entry], remotes: list[Remote], pm, session: Session,
-                 cat: Catalog, result: Result) -> None:
-    """While a worker stores batch N on the remotes, hash batch N+1 and swap batch N-1."""
-    pipeline.run(
-        batches(todo, lambda e: e.st.st_size),
-        prepare=lambda batch: _hash_batch(root, batch, remotes, pm, session, result),
-        move=lambda hashed: _store_batch(hashed, remotes, pm, session),
-        finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result),
-        stop=lambda: bool(result.aborted),
-        session=session,
-    )
+def _raise_fd_limit() -> None:
+    """Batches in flight hold a descriptor per file: lift the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < min(want, 65536):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
+        except (ValueError, OSError):
+            pass
 
 
-def _hash_batch(root: Root, entries: list[Entry], remotes: list[Remote], pm, session: Session,
-                result: Result) -> list[Stored]:
+def _release(hashed: list[Stored], leases: Leases) -> None:
+    for s in hashed:
+        if s.tmp:
+            _unlink_quietly(s.dir_fd, s.tmp)
+            s.tmp = ""
+        if s.fd >= 0:
+            leases.release(s.fd)
+            os.close(s.fd)
+            s.fd = -1
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _hash_batch(root: Root, entries: list[Entry], dirs: DirFds, leases: Leases, remotes: list[Remote], pm,
+                session: Session, result: Result) -> list[Stored]:
     hashed: list[Stored] = []
     for entry in entries:
         try:
-            s = hash_and_place(root, entry, remotes, pm, session)
+            s = hash_and_place(root, entry, dirs, leases, remotes, pm, session)
+        except Skip as exc:
+            result.skipped.append((entry.rel, str(exc)))
+            result.partly = True
+            session.file_done(2 * entry.st.st_size)
+            continue
         except (JamError, OSError) as exc:
             result.failed.append((entry.rel, _why(exc)))
             session.file_done(2 * entry.st.st_size)
             continue
         if s is None:
             result.skipped.append((entry.rel, "changed while it was being stashed; left local"))
+            result.partly = True
             session.file_done(2 * entry.st.st_size)
             continue
         hashed.append(s)
     return hashed
 
 
-def _store_batch(hashed: list[Stored], remotes: list[Remote], pm, session: Session):
-    """In the worker: store a hashed batch on each remote. Returns (errors by item, remotes
-    used); raises RemoteError when a remote fails as a whole."""
+def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, session: Session):
+    """In the worker: store a hashed batch on each remote ``place`` chose, in the configured
+    order. Records on each item the remotes that reported a verified store; returns the errors
+    by item and the remotes used; raises RemoteError when a remote fails as a whole."""
+    from jam_core.remotes import ensure_identity
+
     errors: dict[int, Exception] = {}
     used: dict[str, Remote] = {}
     for remote in remotes:
-        items = [s for s in hashed if remote in s.targets and id(s) not in errors]
+        items = [s for s in hashed if remote.name in s.targets and id(s) not in errors]
         if not items:
             continue
+        ensure_identity(root, remote, pm, session)
         used[remote.name] = remote
         for s, err in store_on(remote, items, pm, session):
             if err is not None:
                 errors[id(s)] = err
+            else:
+                s.stored_on.add(remote.name)
     return errors, used
 
 
 def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Session, cat: Catalog,
-                  result: Result) -> None:
-    """Wait for a batch's store, then swap every file that was stored for its stub."""
+                  result: Result, dirs: DirFds, leases: Leases) -> None:
+    """Wait for a batch's store, then swap every file whose every chosen remote holds it."""
     try:
         errors, used = storing.result()
     except RemoteError as exc:
@@ -239,14 +294,18 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
     for s in hashed:
         session.file_done(2 * s.record.size)
         err = errors.get(id(s))
+        missing = [n for n in s.targets if n not in s.stored_on]
+        if err is None and missing:  # never swap on the word of a remote that did not store it
+            err = RemoteError(f"not stored on {', '.join(repr(n) for n in missing)}; left local")
         if err is None:
             stored.append(s)
         elif isinstance(err, IntegrityError):
             result.skipped.append((s.entry.rel, str(err)))
+            result.partly = True
         else:
             result.failed.append((s.entry.rel, _why(err)))
     if stored:
-        _swap_batch(root, stored, used.values(), pm, session, cat, result)
+        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases)
 
 
 def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Iterator[tuple[Stored, Exception | None]]:
@@ -257,7 +316,7 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
     by_oid: dict[str, list[Stored]] = {}
     for s in items:
         by_oid.setdefault(s.record.oid, []).append(s)  # equal content is stored once
-    unique = [(oid, Path(group[0].entry.path), group[0].record.size) for oid, group in by_oid.items()]
+    unique = [(oid, Path(fd_path(group[0].fd)), group[0].record.size) for oid, group in by_oid.items()]
     many = pm.hook.stash_many(remote=remote, items=unique, session=session)
     if many is not None:
         for oid, err in many:
@@ -284,47 +343,53 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
 
 def _why(exc: Exception) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, JamError):
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on the local disk ({exc.filename or 'the root'})"
         return exc.strerror or str(exc)
     return str(exc)
 
 
-def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result) -> None:
-    """Make a batch's objects durable, then its stubs, then swap them in one by one."""
+def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
+                dirs: DirFds, leases: Leases) -> None:
+    """Make a batch's objects durable, then its stubs, then swap them in one by one. Every
+    file is its own success or failure: one unwritable directory fails only its files."""
     try:
         for remote in remotes:
             pm.hook.sync(remote=remote, session=session)
     except (RemoteError, OSError) as exc:
         result.aborted = _why(exc)
         return
-    try:
-        for s in batch:
-            s.tmp = write_stub_aside(s)
-        syncfs(root.path)
-        dirs = set()
-        with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
-            _swap_all(batch, cat, result, dirs)
-        for d in dirs:
-            fsync_dir(d)
-    finally:
-        for s in batch:
-            if s.tmp and os.path.lexists(s.tmp):
-                os.unlink(s.tmp)
-
-
-def _swap_all(batch: list[Stored], cat: Catalog, result: Result, dirs: set[str]) -> None:
+    ready = []
     for s in batch:
-        e = s.entry
         try:
-            if not _swap(e.path, s.tmp, s.st0):
-                result.skipped.append((e.rel, "changed while it was being stashed; left local"))
-                continue
+            s.tmp = write_stub_aside(s)
+            ready.append(s)
         except OSError as exc:
-            result.failed.append((e.rel, _why(exc)))
-            continue
-        rec = s.record
-        cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes)
-        dirs.add(os.path.dirname(e.path))
-        result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
+            result.failed.append((s.entry.rel, _why(exc)))
+    if not ready:
+        return
+    syncfs(dirs.root_fd)
+    touched: set[int] = set()
+    with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
+        for s in ready:
+            e = s.entry
+            try:
+                swapped = _swap(s, leases)
+            except OSError as exc:
+                result.failed.append((e.rel, _why(exc)))
+                continue
+            if not swapped:
+                result.skipped.append((e.rel, "changed while it was being stashed; left local"))
+                result.partly = True
+                continue
+            rec = s.record
+            now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
+            cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
+                         ino=now.st_ino, ctime_ns=now.st_ctime_ns)
+            touched.add(s.dir_fd)
+            result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
+    for dfd in touched:
+        os.fsync(dfd)
 
 
 def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
@@ -346,72 +411,104 @@ def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
     return None
 
 
-def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -> list[Remote]:
+def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -> list[str]:
+    """The names of the remotes ``place`` chose (each a configured remote, each once)."""
     chosen = pm.hook.place(root=root.path, oid=oid, size=size, remotes=remotes)
     names = {r.name for r in remotes}
-    if not chosen or any(r.name not in names for r in chosen):
+    if not chosen or any(getattr(r, "name", None) not in names for r in chosen):
         raise UsageError("the place hook chose no configured remote")
-    return list(chosen)
+    return list(dict.fromkeys(r.name for r in chosen))
 
 
-def hash_and_place(root: Root, entry: Entry, remotes: list[Remote], pm, session: Session) -> Stored | None:
-    """Hash a file and let ``place`` choose its remotes. None if it changed since the scan."""
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remotes: list[Remote], pm,
+                   session: Session) -> Stored | None:
+    """Open, lease and hash a file, and let ``place`` choose its remotes. None if it changed
+    since the scan; raises Skip for a file that must stay as it is (open for writing, a copy
+    of a stub). On success the returned Stored owns the open, leased descriptor."""
+    dir_fd = dirs.get(entry.dir)
+    name = entry.rel.rpartition("/")[2]
+    try:
+        fd = open_regular(dir_fd, name, expect=entry.st)
+    except (NotTheFile, FileNotFoundError):
+        return None
     try:
         st0 = os.fstat(fd)
         if not same_file(st0, entry.st):
-            return None
+            raise _Changed
+        try:
+            leases.take(fd)
+        except FileBusy as exc:
+            raise Skip(f"{exc.strerror}; left local") from None
+        head = os.pread(fd, HEADER_MAX, 0)
+        if head.startswith(MAGIC) and record_from_block(head, st0.st_size) is not None:
+            raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
+                       "(or `jam doctor --fix` restores its metadata)")
         oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress)
-        if size != st0.st_size or not same_file(os.fstat(fd), st0):
-            return None
-        xattrs = user_xattrs(fd)
-    finally:
+        if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
+            raise _Changed
+        xattrs = carried_xattrs(fd)
+        targets = choose_remotes(root, pm, oid, size, remotes)
+    except _Changed:
+        leases.release(fd)
         os.close(fd)
-    targets = choose_remotes(root, pm, oid, size, remotes)
+        return None
+    except BaseException:
+        leases.release(fd)
+        os.close(fd)
+        raise
     rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
-                     remotes=tuple(r.name for r in targets),
-                     stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return Stored(entry, st0, rec, xattrs, targets)
+                     remotes=tuple(targets), stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return Stored(entry, st0, fd, dir_fd, rec, xattrs, targets)
+
+
+class _Changed(Exception):
+    pass
 
 
 def write_stub_aside(s: Stored) -> str:
-    """Write the stub of ``s`` to a temporary name beside its file (not yet durable)."""
-    path, st0 = s.entry.path, s.st0
-    tmp = tmp_name(os.path.dirname(path))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Write the stub of ``s`` to a temporary name in its directory (not yet durable)."""
+    st0 = s.st0
+    tmp = tmp_name()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=s.dir_fd)
     try:
         if (st0.st_uid, st0.st_gid) != (os.geteuid(), os.getegid()):
             os.fchown(fd, st0.st_uid, st0.st_gid)
-        write_stub(fd, s.record, os.path.basename(path), st0.st_atime_ns, s.xattrs, durable=False)
+        write_stub(fd, s.record, s.name, st0.st_atime_ns, s.xattrs, durable=False)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        _unlink_quietly(s.dir_fd, tmp)
         raise
     os.close(fd)
     return tmp
 
 
-def _swap(path: str, stub_tmp: str, st0: os.stat_result) -> bool:
-    """Rename the stub over ``path`` if ``path`` is still the file we stored; True if done."""
+def _swap(s: Stored, leases: Leases) -> bool:
+    """Exchange the stub (at ``s.tmp``) with the file, if the file is still the one stored.
+
+    After the exchange, what went out must be the very inode that was hashed, unchanged and
+    still leased; if anything else was there (saved over it in the last instant), it is
+    exchanged back and keeps its name. True if the file is now a stub.
+    """
     try:
-        if not same_file(os.lstat(path), st0):
-            return False
+        now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    keep = tmp_name(os.path.dirname(path))
+    if not same_file(now, s.st0) or not leases.intact(s.fd):
+        return False
     try:
-        os.link(path, keep)  # hold the original across the rename
-    except OSError:
-        keep = None
-    try:
-        os.rename(stub_tmp, path)
-        if keep is not None:
-            after = os.lstat(keep)
-            if after.st_size != st0.st_size or after.st_mtime_ns != st0.st_mtime_ns:
-                os.rename(keep, path)  # written to in the last instant: put it back
-                keep = None
-                return False
-        return True
-    finally:
-        if keep is not None:
-            os.unlink(keep)
+        exchange(s.dir_fd, s.tmp, s.name)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(exc.errno, "this filesystem cannot exchange two names atomically "
+                          "(renameat2 RENAME_EXCHANGE); jam will not swap files on it") from None
+        raise
+    out = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
+    held = os.fstat(s.fd)
+    if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
+            or held.st_mtime_ns != s.st0.st_mtime_ns or not leases.intact(s.fd)):
+        exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
+        return False
+    leases.release(s.fd)
+    os.unlink(s.tmp, dir_fd=s.dir_fd)  # the original: its content is on the remotes
+    s.tmp = ""
+    return True

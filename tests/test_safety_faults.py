@@ -114,12 +114,12 @@ class ModifyBeforeStore:
     """Modifies the source just before the backend reads it, then lets the backend answer."""
 
     def __init__(self, modify):
-        self.modify, self.calls = modify, 0
+        self.modify, self.calls, self.path = modify, 0, None
 
     @hookimpl(tryfirst=True)
     def stash(self, source):
         self.calls += 1
-        self.modify(source)
+        self.modify(self.path)  # by its name: ``source`` is the descriptor jam holds open
         return None
 
 
@@ -127,13 +127,13 @@ class ModifyAfterStore:
     """Modifies the source once the backend has stored (and verified) the old content."""
 
     def __init__(self, modify):
-        self.modify, self.calls = modify, 0
+        self.modify, self.calls, self.path = modify, 0, None
 
     @hookimpl(wrapper=True)
     def stash(self, source):
         result = yield
         self.calls += 1
-        self.modify(source)
+        self.modify(self.path)  # by its name: ``source`` is the descriptor jam holds open
         return result
 
 

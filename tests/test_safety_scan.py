@@ -98,21 +98,30 @@ def test_small_files_skipped_in_a_directory_but_stashed_when_named(tmp_path):
 
 
 def test_leftovers_of_a_killed_jam_are_cleaned_under_the_lock(jam_root, runner):
-    """A kill between holding the original (a hard link) and dropping the hold leaves a
-    `.jam-*.tmp` link: the next stash must not take the file for a hard-linked one, and
-    temporary stubs or fetched content left aside must not linger."""
+    """A kill can leave an older jam's hold-link (a `.jam-*.tmp` hard link of the original),
+    content fetched aside (still marked as jam's) or a stub written aside: the next stash must
+    not take the file for a hard-linked one, and jam's own leftovers must not linger. A user's
+    file that merely has such a name is never touched."""
     from jam_core.cli import main
+    from jam_core.fs import TMP_MARK
+    from jam_core.stub import StubRecord, write_stub
     from tests.conftest import make_file
 
-    data = make_file(jam_root.path / "d" / "a.bin", 100_000, 1)
-    make_file(jam_root.path / "d" / "b.bin", 100_000, 2)
-    os.link(jam_root.path / "d" / "a.bin", jam_root.path / "d" / ".jam-0123456789abcdef.tmp")
-    (jam_root.path / "d" / ".jam-fedcba9876543210.tmp").write_bytes(b"half a fetch")
+    d = jam_root.path / "d"
+    data = make_file(d / "a.bin", 100_000, 1)
+    make_file(d / "b.bin", 100_000, 2)
+    os.link(d / "a.bin", d / ".jam-0123456789abcdef.tmp")
+    half = d / ".jam-fedcba9876543210.tmp"
+    half.write_bytes(b"half a fetch")
+    os.setxattr(half, TMP_MARK, b"1")
+    (d / ".jam-1111111111111111.tmp").write_bytes(b"a user's own file with a jam-like name")
     res = runner.invoke(main, ["stash", "d/a.bin"])
     assert res.exit_code == 0 and "stashed 1 file" in res.output, res.output + res.stderr
-    assert sorted(os.listdir(jam_root.path / "d")) == ["a.bin", "b.bin"]
-    (jam_root.path / "d" / ".jam-aaaaaaaaaaaaaaaa.tmp").write_bytes(b"stub written aside")
+    assert sorted(os.listdir(d)) == [".jam-1111111111111111.tmp", "a.bin", "b.bin"]
+    with open(d / ".jam-aaaaaaaaaaaaaaaa.tmp", "wb") as f:
+        write_stub(f.fileno(), StubRecord("b3:" + "ab" * 32, 5000, 0o644, 0), "a.bin", 0)
     res = runner.invoke(main, ["checkout", "d"])
     assert res.exit_code == 0, res.output + res.stderr
-    assert sorted(os.listdir(jam_root.path / "d")) == ["a.bin", "b.bin"]
+    assert sorted(os.listdir(d)) == [".jam-1111111111111111.tmp", "a.bin", "b.bin"]
+    assert (d / ".jam-1111111111111111.tmp").read_bytes() == b"a user's own file with a jam-like name"
     assert (jam_root.path / "d" / "a.bin").read_bytes() == data
