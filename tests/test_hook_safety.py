@@ -41,7 +41,7 @@ def add_rows(root, paths: list[str]) -> None:
     db = sqlite3.connect(root.jam_dir / "catalog.db")
     with db:
         for p in paths:
-            db.execute("INSERT OR REPLACE INTO stubs VALUES (?,?,?,?,?)",
+            db.execute("INSERT OR REPLACE INTO stubs (path, oid, size, mtime_ns, stashed_at) VALUES (?,?,?,?,?)",
                        (os.fsencode(p), "b3:" + "0" * 64, 1000, 0, "2026-01-01T00:00:00"))
     db.close()
 
