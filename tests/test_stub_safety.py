@@ -255,3 +255,16 @@ def test_doctor_of_a_local_file_names_it(stashed):
     make_file(t.root / "local.txt", 100, seed=3)
     out = doctor(t, "local.txt", check=1)
     assert kinds(out) == [("not-a-stub", "local.txt", False)] and out["stubs"] == 0
+
+
+def test_header_naming_another_object_is_not_clean(stashed):
+    """A header edited into a valid one for another object (mtime put back) is not this stub."""
+    t, _ = stashed
+    p = t.root / "a.bin"
+    rec = record(p)
+    block = p.read_bytes()[:HEADER_MAX]
+    i = block.index(rec.oid.encode()) + len(rec.oid) - 1
+    other = b"0" if block[i:i + 1] != b"0" else b"1"
+    _edit_keeping_stat(p, i, other)
+    assert record_from_block(p.read_bytes()[:HEADER_MAX], SIZE).oid != rec.oid
+    assert verify_clean_path(p, rec) is False
