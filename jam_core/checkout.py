@@ -317,8 +317,12 @@ def swap_in(w: _Want) -> None:
         raise JamError("the stub was replaced while its content was being fetched; left as it is") from None
     try:
         now = os.fstat(stub_fd)
-        if not same_file(now, entry.st) or not verify_clean(stub_fd, entry.record):
+        if not same_file(now, entry.st):
             raise JamError("the stub changed while its content was being fetched; left as it is")
+        if not verify_clean(stub_fd, entry.record):
+            raise JamError("this stub was written into after it was stashed (its bytes are not jam's); "
+                           "jam will not overwrite it (`jam checkout --keep-both` fetches the stashed "
+                           "version beside it)")
         _restore_metadata(w, stub_fd)
     finally:
         os.close(stub_fd)

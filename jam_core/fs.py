@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import threading
 
@@ -304,6 +305,8 @@ class Leases:
 # when it is older than any transfer could take (another machine's jam, which we cannot ask).
 
 PART_SUFFIX = ".part"
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
 PART_MAX_AGE = 7 * 24 * 3600  # seconds: no single object upload takes a week
 
 
@@ -334,7 +337,9 @@ def part_is_stale(name: str, mtime: float, now: float) -> bool:
         pid = int(fields[1])
         if pid != os.getpid() and not _alive(pid):
             return True
-    elif not (len(fields) in (1, 3) and all(f and all(c.isalnum() or c in "-_" for c in f) for f in fields)):
+    elif not ((len(fields) == 1 and _HEX32.fullmatch(fields[0]))  # an older jam's uuid4().hex
+              or (len(fields) == 3 and fields[0] and fields[1].isdigit() and _HEX16.fullmatch(fields[2])
+                  and all(c.isalnum() or c in "-_" for c in fields[0]))):
         return False
     return now - mtime > PART_MAX_AGE
 

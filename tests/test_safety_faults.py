@@ -173,31 +173,8 @@ def test_file_modified_while_stashed_stays_local_with_new_content(tmp_path, when
     assert (st["local"], st["stubs"]) == (1, 0)
 
 
-def test_write_in_the_last_instant_before_the_swap_is_kept(tmp_path, monkeypatch):
-    """The write lands after the last stat check, between the hard link that holds the original
-    and the rename of the stub over it: the original must be put back, with the write."""
-    import jam_core.stash as stash_mod
-
-    t = make_tree(tmp_path)
-    make_file(t.root / "f", 300_000, seed=8)
-    real_link = os.link
-    hits = []
-
-    def link_then_write(src, dst, *a, **kw):
-        real_link(src, dst, *a, **kw)
-        if os.path.basename(src) == "f":
-            hits.append(src)
-            with open(src, "ab") as f:
-                f.write(b"last instant")
-
-    monkeypatch.setattr(stash_mod.os, "link", link_then_write)
-    with Session() as s:
-        res = stash(Root(t.root), ["f"], make_plugin_manager(), s)
-    monkeypatch.undo()
-    assert hits, "the swap no longer holds a hard link: rewrite this test for the new mechanism"
-    assert not res.done
-    assert not is_stub(t.root / "f") and (t.root / "f").read_bytes().endswith(b"last instant")
-    assert no_jam_tmp(t.root)
+# The last-instant write and save (between the swap's checks and its exchange) are in
+# tests/test_safety_swaps.py, with the exchange they test.
 
 
 # -- 4. the remote is gone ------------------------------------------------------------------------
