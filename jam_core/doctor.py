@@ -26,7 +26,6 @@ from jam_core.model import Remote, Session
 from jam_core.objects import hash_file
 from jam_core.root import CATALOG, Root
 from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, walk
-from jam_core.stash import through_symlink, tmp_name
 from jam_core.stub import (HEADER_MAX, LOST_XATTRS, XATTR, BadStub, StubRecord, open_checked, record_from_block,
                            rewrite_header, verify_clean)
 
@@ -59,9 +58,14 @@ def keep_both_hint(rel: str) -> str:
 
 
 def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: bool = False) -> DoctorResult:
-    link = through_symlink(str(root.path), rel)
-    if link is not None:
-        raise UsageError(f"{rel} is reached through the symlink {link}: jam does not follow symlinks")
+    from jam_core.fs import ThroughSymlink, open_dir
+
+    try:
+        os.close(open_dir(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), rel.rpartition("/")[0]))
+    except ThroughSymlink as exc:
+        raise UsageError(f"{rel} is reached through the symlink {exc.filename}: jam does not follow symlinks") from None
+    except OSError:
+        pass  # a missing path is reported by the walk
     res = DoctorResult()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
     res.remotes = [r.name for r in remotes]
@@ -308,19 +312,27 @@ def _lstat(path: str) -> os.stat_result | None:
 
 
 def _deep_check(pm, session, held: list[Remote], rel, rec, res, path) -> None:
+    """Read every byte of the object back from the remotes that hold it and hash it. The
+    content goes to a nameless file in ROOT/.jam/tmp (O_TMPFILE): nothing is left behind,
+    whatever interrupts the check."""
+    from jam_core.fs import fd_path
+    from jam_core.objects import hash_fd
+
+    tmp_dir = Path(path)
+    while tmp_dir.parent != tmp_dir and not (tmp_dir / ".jam").is_dir():
+        tmp_dir = tmp_dir.parent
     good = False
     for r in held:
-        tmp = tmp_name(os.path.join(str(Path(path).parent)))
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(tmp_dir / ".jam" / "tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
-            ok = pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(tmp), size=rec.size, session=session)
-            if ok and hash_file(tmp, rec.oid.split(":")[0]) == (rec.oid, rec.size):
+            ok = pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size, session=session)
+            if ok and os.fstat(fd).st_size == rec.size and hash_fd(fd, rec.oid.split(":")[0]) == (rec.oid, rec.size):
                 good = True
                 break
             res.problems.append(Problem("corrupt", rel, f"remote {r.name!r} holds a corrupt copy of {rec.oid}"))
         except RemoteError as exc:
             res.problems.append(Problem("unreachable", rel, str(exc)))
         finally:
-            os.unlink(tmp)
+            os.close(fd)
     if not good:
         res.problems.append(Problem("missing", rel, f"no remote holds an intact copy of {rec.oid}"))

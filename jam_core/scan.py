@@ -129,6 +129,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
         finally:
             os.close(pfd)
     top = rel == "."
+    skip = _remote_dirs(root_fd)
     S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
     stack: list[list] = [[start_fd, prefix, None]]
     try:
@@ -160,7 +161,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
                         if not is_jam_tmp(name):
                             files.append((name, base + name, est))
                     elif S_ISDIR(mode):
-                        if prefix or e.name != JAM_DIR:
+                        if (prefix or e.name != JAM_DIR) and (est.st_dev, est.st_ino) not in skip:
                             subdirs.append(e.name)
                 frame[2] = iter(subdirs)
                 if files:
@@ -181,6 +182,31 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
     finally:
         for frame in stack:
             os.close(frame[0])
+
+
+def _remote_dirs(root_fd: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the root's ``dir`` remotes: never walked, even one an older jam let
+    inside the root before it had an identity marker. Read from the root's own config file."""
+    import tomllib
+
+    try:
+        fd = open_regular(root_fd, JAM_DIR + "/config.toml")
+        try:
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        remotes = tomllib.loads(data.decode()).get("remote", {})
+    except (OSError, ValueError):
+        return set()
+    out = set()
+    for table in remotes.values() if isinstance(remotes, dict) else ():
+        if isinstance(table, dict) and table.get("kind") == "dir" and isinstance(table.get("location"), str):
+            try:
+                st = os.stat(table["location"])
+            except (OSError, ValueError):
+                continue
+            out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def _foreign(fd: int, entries) -> bool:

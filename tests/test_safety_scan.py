@@ -125,3 +125,29 @@ def test_leftovers_of_a_killed_jam_are_cleaned_under_the_lock(jam_root, runner):
     assert sorted(os.listdir(d)) == [".jam-1111111111111111.tmp", "a.bin", "b.bin"]
     assert (d / ".jam-1111111111111111.tmp").read_bytes() == b"a user's own file with a jam-like name"
     assert (jam_root.path / "d" / "a.bin").read_bytes() == data
+
+
+def test_a_remote_an_older_jam_let_inside_the_root_is_never_scanned(tmp_path):
+    """Before identity markers, `jam remote add usb "$DRIVE"` with $DRIVE unset put a remote
+    inside the root: its objects must never become stubs of themselves."""
+    import tomllib
+
+    import tomli_w
+
+    from tests.safety_support import is_stub, jam, make_tree
+
+    t = make_tree(tmp_path)
+    inside = t.root / "store"
+    (inside / "objects" / "b3" / "ab").mkdir(parents=True)
+    obj = inside / "objects" / "b3" / "ab" / ("ab" * 32)
+    obj.write_bytes(os.urandom(200_000))
+    cfg_path = t.root / ".jam" / "config.toml"
+    cfg = tomllib.loads(cfg_path.read_text())
+    cfg["remote"]["legacy"] = {"kind": "dir", "url": str(inside), "location": str(inside), "tier": 5}
+    cfg_path.write_text(tomli_w.dumps(cfg))
+    (t.root / "mine.bin").write_bytes(os.urandom(200_000))
+    res = jam("stash", ".", cwd=t.root)
+    assert is_stub(t.root / "mine.bin")
+    assert not is_stub(obj) and "store" not in res.out + res.err
+    status = jam("status", "--json", cwd=t.root).out
+    assert "store" not in status
