@@ -116,12 +116,10 @@ def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> li
             continue
         if stat.S_ISLNK(st.st_mode):
             result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
-            result.partly = True
             continue
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
             result.skipped.append((rel, f"{kind}: jam works only on regular files"))
-            result.partly = True
             continue
 
         def on_error(r, exc):

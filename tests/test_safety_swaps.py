@@ -400,7 +400,7 @@ def test_fifo_and_device_named_on_the_command_line_are_skipped_with_a_reason(tmp
     t = make_tree(tmp_path)
     os.mkfifo(t.root / "pipe")
     os.mknod(t.root / "null", 0o600 | 0o020000, os.makedev(1, 3))
-    res = jam("stash", "pipe", "null", cwd=t.root, check=1)
+    res = jam("stash", "pipe", "null", cwd=t.root, check=0)  # skipped, like an empty file: nothing to do
     assert "pipe: a FIFO" in res.err and "null: a character device" in res.err, res.err
 
 
