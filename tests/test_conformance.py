@@ -8,14 +8,19 @@ a small tmpfs; taken down by killing the server, hidden by renaming the store.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from jam_core import hookimpl
+from jam_core.errors import JamError, RemoteError
+from jam_core.fs import part_name
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Remote
-from jam_core.objects import MARKER_NAME, object_relpath
+from jam_core.objects import MARKER_NAME, marker_bytes, new_remote_id, object_relpath
 from jam_core.testing.backend import BackendConformance
 from tests.conftest_sshd import sftp_remote_for
 
@@ -70,6 +75,8 @@ class _OnDisk:
         self.store.rename(self.store.with_name("hidden"))
 
     def unhide_location(self, remote):
+        if os.path.lexists(self.store):  # re-created meanwhile (the case fails): set it aside
+            self.store.rename(self.store.with_name("recreated"))
         self.store.with_name("hidden").rename(self.store)
 
     def location_exists(self, remote):
@@ -109,6 +116,11 @@ class TestDirBackend(_OnDisk, BackendConformance):
 
     @pytest.fixture
     def remote(self, pm, tmp_path):
+        with self.dir_remote(pm, tmp_path) as remote:
+            yield remote
+
+    @contextmanager
+    def dir_remote(self, pm, tmp_path):
         mnt = tmp_path / "disk"
         _tmpfs(mnt)
         self.store = mnt / "store"
@@ -164,3 +176,127 @@ class TestSftpBackend(_OnDisk, BackendConformance):
         "the connection\", without the remote's name (the fix is in the report of issue 9)"))
     def test_errors_name_the_remote(self, pm, remote, tmp_path):
         super().test_errors_name_the_remote(pm, remote, tmp_path)
+
+
+# -- the kit itself is checked: each case fails on a backend that breaks its rule -----------------
+# ``Faulty`` answers before jam_dir (pluggy calls the plugin registered last first) and breaks one
+# rule, chosen by $JAM_TEST_FAULT (inherited by the kill cases' child process); for every other
+# call it answers None and jam_dir does the work.
+
+FAULT = "JAM_TEST_FAULT"
+
+
+def _object(remote, oid) -> Path:
+    return Path(remote.location) / "objects" / object_relpath(oid)
+
+
+class Faulty:
+    @hookimpl
+    def stash(self, remote, oid, source, size, session):
+        fault = os.environ.get(FAULT)
+        final = _object(remote, oid)
+        if fault == "trust_existing" and final.exists():  # existing object taken on its name
+            return True
+        if fault == "no_verify":  # stored under the id it was given, never hashed
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, final)
+            return True
+        if fault == "in_place":  # written straight under its final name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as src, open(final, "wb") as dst:
+                dst.truncate(size)
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    dst.flush()
+                    session.progress(len(chunk))
+            return True
+        if fault == "leave_tmp":  # a copy of the upload left behind
+            (Path(remote.location) / "tmp" / part_name()).write_bytes(b"x")
+        if fault == "sweep_all":  # every name in tmp/ taken for a stale part
+            for name in os.listdir(Path(remote.location) / "tmp"):
+                os.unlink(Path(remote.location) / "tmp" / name)
+        if fault == "recreate":  # a vanished location made again
+            Path(remote.location, "objects").mkdir(parents=True, exist_ok=True)
+        if fault == "nofollow_source":  # /proc/self/fd/N is a symlink: refused
+            os.close(os.open(source, os.O_RDONLY | os.O_NOFOLLOW))
+        if fault == "full_is_remote":  # a full disk fails the whole remote
+            import jam_dir
+
+            try:
+                return jam_dir.stash(remote=remote, oid=oid, source=source, size=size, session=session)
+            except RemoteError:
+                raise
+            except JamError as exc:
+                raise RemoteError(str(exc)) from None
+        return None
+
+    @hookimpl
+    def fetch(self, remote, oid, dest, size, session):
+        fault = os.environ.get(FAULT)
+        if fault == "fetch_unbounded" and _object(remote, oid).exists():  # the whole object, whatever size says
+            shutil.copyfile(_object(remote, oid), dest)
+            return True
+        if fault == "missing_raises" and not _object(remote, oid).exists():
+            raise RemoteError(f"remote {remote.name!r}: no {oid}")
+        return None
+
+    @hookimpl
+    def remote_id(self, remote, session, create):
+        fault = os.environ.get(FAULT)
+        if fault == "marker_rewritten" and create:  # a second create replaces the marker
+            rid = new_remote_id()
+            (Path(remote.location) / MARKER_NAME).write_bytes(marker_bytes(rid))
+            return rid
+        if fault == "garbage_marker_ok":
+            import jam_dir
+
+            try:
+                return jam_dir.remote_id(remote=remote, session=session, create=create)
+            except RemoteError:
+                return ""
+        return None
+
+
+def faulty_factory(remote: Remote):
+    return make_plugin_manager(load_entrypoints=False, extra=(Faulty(),)), remote
+
+
+class _FaultyDirKit(TestDirBackend):  # not collected: run case by case below
+    factory = "tests.test_conformance:faulty_factory"
+
+
+@pytest.mark.parametrize("fault, case, why", [
+    ("trust_existing", "test_corrupt_existing_object_is_not_trusted", "fetched back 65536 bytes that are not its content"),
+    ("no_verify", "test_content_not_matching_its_id_is_refused", "DID NOT RAISE <class 'jam_core.errors.IntegrityError'>"),
+    ("fetch_unbounded", "test_fetch_with_a_wrong_size_fails_that_item", "answered True"),
+    ("missing_raises", "test_missing_object_is_false", "fetch of an unknown object answered RemoteError"),
+    ("recreate", "test_vanished_location_is_never_recreated", "DID NOT RAISE <class 'jam_core.errors.RemoteError'>"),
+    ("full_is_remote", "test_full_remote_fails_that_object_only", "a full disk failed the whole remote"),
+    ("in_place", "test_killed_mid_stash", "fetched back 4194304 bytes that are not its content"),
+    ("leave_tmp", "test_temporary_names", "parts of this process left in tmp/"),
+    ("no_sweep", "test_temporary_names", "a part of a dead jam was not swept"),
+    ("no_sweep", "test_killed_mid_stash", "the killed jam's part was not swept"),
+    ("sweep_all", "test_temporary_names", "not provably a stale part was removed"),
+    ("marker_rewritten", "test_remote_id_marker", "a second create changed the id"),
+    ("garbage_marker_ok", "test_remote_id_marker", "DID NOT RAISE <class 'jam_core.errors.RemoteError'>"),
+    ("nofollow_source", "test_proc_self_fd_paths", "Too many levels of symbolic links"),
+])
+def test_the_kit_catches(fault, case, why, tmp_path, monkeypatch):
+    """Each case of the kit fails, for the reason it names, on a dir backend with exactly one
+    rule broken (and passes on jam_dir as it is: TestDirBackend)."""
+    if fault == "no_sweep":
+        import jam_dir
+
+        monkeypatch.setattr(jam_dir, "_clean_parts", lambda *args: None)
+    kit = _FaultyDirKit()
+    pm, _ = faulty_factory(None)
+    with kit.dir_remote(pm, tmp_path) as remote:
+        monkeypatch.setenv(FAULT, fault)
+        try:
+            getattr(kit, case)(pm, remote, tmp_path)
+        except pytest.skip.Exception as exc:
+            pytest.fail(f"{case} skipped: {exc}")
+        except (Exception, pytest.fail.Exception) as exc:
+            assert why in str(exc), f"{case} failed for another reason: {exc}"
+            return
+    pytest.fail(f"{case} passed on a backend with the fault {fault!r}")
