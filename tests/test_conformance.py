@@ -236,8 +236,16 @@ class Faulty:
         if fault == "fetch_unbounded" and _object(remote, oid).exists():  # the whole object, whatever size says
             shutil.copyfile(_object(remote, oid), dest)
             return True
+        if fault == "gone_is_missing" and not os.path.isdir(remote.location):  # "not there", not "unreachable"
+            return False
         if fault == "missing_raises" and not _object(remote, oid).exists():
             raise RemoteError(f"remote {remote.name!r}: no {oid}")
+        return None
+
+    @hookimpl
+    def has(self, remote, oid, size):
+        if os.environ.get(FAULT) == "has_any_size":  # the name is enough
+            return _object(remote, oid).exists()
         return None
 
     @hookimpl
@@ -266,6 +274,8 @@ class _FaultyDirKit(TestDirBackend):  # not collected: run case by case below
 
 
 @pytest.mark.parametrize("fault, case, why", [
+    ("has_any_size", "test_round_trip", "has() says 1 bytes are held as 2"),
+    ("gone_is_missing", "test_remote_gone", "DID NOT RAISE <class 'jam_core.errors.RemoteError'>"),
     ("trust_existing", "test_corrupt_existing_object_is_not_trusted", "fetched back 65536 bytes that are not its content"),
     ("no_verify", "test_content_not_matching_its_id_is_refused", "DID NOT RAISE <class 'jam_core.errors.IntegrityError'>"),
     ("fetch_unbounded", "test_fetch_with_a_wrong_size_fails_that_item", "answered True"),

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 __all__ = ["BackendConformance"]
 
+try:  # the kit's plain asserts explain themselves, as a test module's do
+    import pytest
+
+    pytest.register_assert_rewrite("jam_core.testing.backend")
+except ImportError:  # pragma: no cover - the kit needs pytest anyway
+    pass
+
 
 def __getattr__(name: str):
     if name == "BackendConformance":

@@ -217,11 +217,12 @@ class BackendConformance:
         for data, oid in stored:
             self._assert_holds(pm, remote, data, oid, tmp_path)
             with Session() as s:
-                assert pm.hook.has(remote=remote, oid=oid, size=len(data) + 1, session=s) is False
-                assert pm.hook.has(remote=remote, oid=oid, size=len(data) - 1, session=s) is False
+                for wrong in (len(data) + 1, len(data) - 1):
+                    assert pm.hook.has(remote=remote, oid=oid, size=wrong, session=s) is False, \
+                        f"has() says {len(data)} bytes are held as {wrong}"
         _, unknown, _ = self._file(tmp_path, b"never stored")
         with Session() as s:
-            assert pm.hook.has(remote=remote, oid=unknown, size=12, session=s) is False
+            assert pm.hook.has(remote=remote, oid=unknown, size=12, session=s) is False, "has() of an unknown id"
 
         # the batch hooks, when the backend has them
         batch = []
@@ -310,8 +311,8 @@ class BackendConformance:
                 f"fetch of {n} bytes as {wrong} answered {outcome!r}"
             assert len(got) <= wrong, f"fetch with size {wrong} wrote {len(got)} bytes"
         dests = [self._dest(tmp_path), self._dest(tmp_path)]
-        _, other, m = self._file(tmp_path, _bytes(KiB, 41))
-        assert self._stash(pm, remote, _, other, m) is True
+        other_path, other, m = self._file(tmp_path, _bytes(KiB, 41))
+        assert self._stash(pm, remote, other_path, other, m) is True
         with Session() as s:
             got = self._many(pm.hook.fetch_many(remote=remote, items=[(oid, dests[0], n - 1), (other, dests[1], m)],
                                                 session=s))
