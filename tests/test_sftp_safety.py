@@ -60,7 +60,7 @@ def flip(path: Path, at: int = 100) -> None:
 def test_corrupt_existing_object_is_rewritten_not_trusted(runner, tmp_path, sshd, sftp_store, monkeypatch, size):
     """A stashed, B has A's content; A's object is damaged on the server (same size). Stashing B
     must leave a good object, so both stubs check out right. Mutation-checked against the old
-    "already there with its size: skip" shortcut in batch.Uploads._opened and Ops.put."""
+    "already there with its size: skip" shortcut in batch.Uploads._opened (which Ops.put runs too)."""
     tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
     data = make_file(tree / "a.bin", size, seed=5)
     jam(runner, "stash", "a.bin")
@@ -161,7 +161,7 @@ class Recorder:
 
 
 def test_every_stored_object_is_fsynced_after_its_rename(pm, sftp_remote, sftp_store, tmp_path, monkeypatch):
-    """Mutation-checked against Ops.sync_path and Uploads._sync_final (each made a no-op)."""
+    """Mutation-checked against Uploads._sync_final (made a no-op; Ops.put runs it too)."""
     small = [tmp_path / f"s{i}" for i in range(20)]
     for i, p in enumerate(small):
         make_file(p, 1000 + i, seed=i)
@@ -475,10 +475,8 @@ def test_remote_id_refuses_what_is_not_a_marker(pm, sftp_remote, sftp_store, tmp
 def test_fetch_never_reads_past_the_size(pm, sftp_remote, sftp_store, tmp_path, monkeypatch, path, change):
     """The server does not report sizes (fstat answers without one), so only the reads can tell:
     an object longer than its size is refused after exactly ``size`` bytes, a shorter one too.
-    Mutation-checked against the read past the end (Ops._expect_eof, Downloads' past_end)."""
+    Mutation-checked against the read past the end (Downloads' past_end, which Ops.get runs too)."""
     from paramiko.sftp_attr import SFTPAttributes
-
-    from jam_sftp.transfer import Ops
 
     size = 6 * 1024 * 1024 if path == "single" else 100_000
     data = make_file(tmp_path / "f", size)
@@ -489,8 +487,6 @@ def test_fetch_never_reads_past_the_size(pm, sftp_remote, sftp_store, tmp_path, 
     obj.chmod(0o644)
     obj.write_bytes(data + b"more bytes" * 100 if change == "longer" else data[:-100])
     no_size = SFTPAttributes()
-    orig_attrs = Ops._attrs
-    monkeypatch.setattr(Ops, "_attrs", lambda self, num, p: (orig_attrs(self, num, p), no_size)[1])
     from jam_sftp import batch
 
     orig = batch.Pipeline.attrs

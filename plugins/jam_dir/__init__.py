@@ -18,11 +18,23 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from jam_core import hookimpl
-from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
-from jam_core.fs import fsync_dir, part_is_stale, part_name, syncfs
-from jam_core.objects import MARKER_NAME, hash_fd, hash_file, marker_bytes, new_remote_id, object_relpath, \
-    parse_marker
+from jam_core import (
+    MARKER_NAME,
+    IntegrityError,
+    JamError,
+    RemoteError,
+    UsageError,
+    fsync_dir,
+    hash_fd,
+    hookimpl,
+    marker_bytes,
+    new_remote_id,
+    object_relpath,
+    parse_marker,
+    part_is_stale,
+    part_name,
+    syncfs,
+)
 
 KIND = "dir"
 _PENDING = "jam_dir.pending"  # session.cache key: remotes written to since the last sync

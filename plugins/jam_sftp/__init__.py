@@ -25,9 +25,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jam_core import hookimpl
-from jam_core.errors import JamError, RemoteError, UsageError
-from jam_core.model import Remote, Session
+from jam_core import JamError, Remote, RemoteError, Session, UsageError, hookimpl
 
 from jam_sftp.url import normalize, parse
 

@@ -1,31 +1,39 @@
-"""Many small objects over one SFTP connection at once: a pipeline of checked requests.
+"""Moving objects over one SFTP connection: the upload and download protocols, written once.
 
-``Ops.put``/``Ops.get`` move one object in two or three round trips, each waiting for the
-server and for paramiko's reader thread. For thousands of small files that wait is the whole
-cost. Here up to ``WINDOW`` files are in flight on one connection: each file is a small state
-machine whose next requests are sent as soon as the replies of its previous step are in, while
-the other files' requests keep the server busy. Every reply is still read and checked, and the
-guarantees are those of ``Ops.put``/``Ops.get``:
+Each object is a small state machine whose next requests are sent as soon as the replies of
+its previous step are in, while other objects' requests keep the server busy (up to ``WINDOW``
+objects in flight, their requests sent together). Every reply is read and checked. One object
+is a batch of one: ``Ops.put``/``Ops.get`` run these same steps for a single object, and an
+object of any size streams through a bounded window (``INFLIGHT`` writes, ``READ_INFLIGHT``
+reads), so nothing is ever held whole in memory.
 
-Upload of one file: the source is read and hashed first (the exact bytes that are then sent;
-content that does not hash to the id is an IntegrityError and nothing is sent), then
-  1. ``open tmp/<fs.part_name()>`` (create, exclusive);
-  2. the writes, ``fsync@openssh.com``, ``fstat``, ``close``; every status must be OK and the
-     size the server reports must be the size sent;
-  3. ``mkdir`` of the fan-out directories not yet known, then ``posix-rename`` into place (the
+Upload of one object (``Uploads``):
+  1. the source is opened (a local error fails that object, nothing is sent), then
+     ``open tmp/<fs.part_name()>`` (create, exclusive, read-only);
+  2. the writes, each chunk hashed as it is read (the exact bytes sent), never more than the
+     size (one byte past it is read to notice growth): content that does not hash to the id,
+     or of another size, is an IntegrityError and is never renamed into place;
+     ``fsync@openssh.com``, ``fstat``, ``close``: every status must be OK and the size the
+     server reports must be the size sent;
+  3. with ``verify = "read"``: the temporary file is read back and re-hashed;
+  4. ``mkdir`` of the fan-out directories not yet known, then ``posix-rename`` into place (the
      server handles requests in order, so the directories exist by then), over an object of
-     that name if there is one: an existing object is never trusted by its size;
-  4. ``open`` of the final name, ``fsync@openssh.com``, ``close``: the rename is durable; only
-     then (every reply OK) does the object count as stored.
-A file that fails before the rename has its temporary file closed and removed; nothing is ever
-renamed into place unless every earlier reply of that file was OK.
+     that name if there is one: an existing object is never trusted by its size (one transfer,
+     and a damaged copy is repaired). Without posix-rename, a plain rename that fails removes
+     the old object and renames again (a brief gap, never a half object); a missing fan-out
+     directory is made again and the rename retried once;
+  5. ``open`` of the final name, ``fsync@openssh.com``, ``close``: the rename is durable (SFTP
+     cannot fsync a directory; on journalling file systems the file's fsync commits the rename);
+     only then (every reply OK) does the object count as stored.
+An object that fails before the rename has its temporary file closed and removed; nothing is
+ever renamed into place unless every earlier reply of that object was OK.
 
-Download of one file: ``open``, then ``fstat``, the reads and one read past the end (which must
-answer end-of-file), then ``close``; the size must match and every read must return its bytes
-(the core hashes the result before using it). All-zero blocks are left as holes.
+Download of one object (``Downloads``): ``open``, then ``fstat``, the reads and one read past
+the end (which must answer end-of-file), then ``close``. Never more than ``size`` bytes are
+read; an object of another size (by ``fstat`` or by the reads) is damaged (IntegrityError).
+The core hashes the result before using it. All-zero 4 KiB blocks are left as holes.
 
-Files larger than ``PIPELINED_MAX`` take the single-file path (``Ops.put``/``Ops.get``),
-after the pipeline, on the same connection.
+Objects larger than ``PIPELINED_MAX`` are started only when nothing else is in flight.
 """
 
 from __future__ import annotations
@@ -63,14 +71,23 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from jam_core.errors import IntegrityError
-from jam_core.objects import hasher, object_relpath, split_oid
+from jam_core import IntegrityError, hasher, object_relpath, split_oid
 
-from jam_sftp.transfer import REQUEST, ConnectionLost, Ops, SftpStatus, _lost, wrong_size, write_sparse
+from jam_sftp.transfer import (
+    INFLIGHT,
+    READ_INFLIGHT,
+    REQUEST,
+    ConnectionLost,
+    Ops,
+    SftpStatus,
+    _lost,
+    wrong_size,
+    write_sparse,
+)
 
-WINDOW = 64  # files in flight on one connection
+WINDOW = 64  # objects in flight on one connection
 WINDOW_BYTES = 16 << 20  # and at most this many bytes of theirs
-PIPELINED_MAX = 4 << 20  # larger files take the single-file path
+PIPELINED_MAX = 4 << 20  # larger objects start only when nothing else is in flight
 FLUSH_BYTES = 1 << 20  # send queued requests once this many bytes wait
 SEND_CHUNK = 1 << 15  # OpenSSH's largest channel packet
 
@@ -80,12 +97,12 @@ Reply = Callable[[int, paramiko.Message], None]
 class _File:
     """One object on its way through the pipeline."""
 
-    __slots__ = ("oid", "path", "size", "data", "tmp", "final", "handle", "pending", "step", "error",
-                 "outcome", "placed", "fstat", "retried", "fd", "done")
+    __slots__ = ("oid", "path", "size", "tmp", "final", "handle", "pending", "step", "error", "outcome",
+                 "placed", "fstat", "retried", "fd", "done", "sent", "eof", "writes", "hash", "reads",
+                 "next_read", "ahead", "hashed")
 
     def __init__(self, oid: str, path: Path, size: int):
         self.oid, self.path, self.size = oid, path, size
-        self.data: list[bytes] = []
         self.tmp = self.final = ""
         self.handle: bytes | None = None
         self.pending = 0  # replies still expected for the current step
@@ -95,8 +112,16 @@ class _File:
         self.placed = False  # renamed into place (then never removed)
         self.fstat: SFTPAttributes | None = None
         self.retried = False
-        self.fd = -1
+        self.fd = -1  # the local file: the upload's source or the download's destination
         self.done = False
+        self.sent = 0  # upload: bytes read from the source and sent
+        self.eof = False  # upload: the source was read to its end (or failed)
+        self.writes = 0  # upload: writes in flight
+        self.hash: Any = None  # hash of the bytes sent (upload), read back (verify)
+        self.reads = 0  # reads in flight
+        self.next_read = 0  # offset of the next read to send
+        self.ahead: dict[int, bytes] = {}  # verify: replies that came before the bytes in front of them
+        self.hashed = 0  # verify: bytes hashed in order
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -125,6 +150,11 @@ class Pipeline:
             on_reply(t, msg)
         except (SftpStatus, IntegrityError, OSError) as exc:
             f.fail(exc)
+        self.settle(f)
+
+    @staticmethod
+    def settle(f: _File) -> None:
+        """Once every reply of the current step is in, take the next step."""
         if f.pending == 0 and f.step is not None:
             step, f.step = f.step, None
             step(f)
@@ -194,11 +224,12 @@ class Pipeline:
         return _lost(exc)
 
     def run(self, files: Sequence[_File], start: Callable[[_File], None]) -> None:
-        """Start files while the window allows; pump replies until every file is done."""
+        """Start objects while the window allows; pump replies until every one is done."""
         queue = list(reversed(files))
         try:
             while queue or self.active:
-                while queue and self.active < WINDOW and (self.active == 0 or self.active_bytes < WINDOW_BYTES):
+                while queue and (self.active == 0 or (
+                        queue[-1].size <= PIPELINED_MAX and self.active < WINDOW and self.active_bytes < WINDOW_BYTES)):
                     f = queue.pop()
                     self.active += 1
                     self.active_bytes += f.size
@@ -210,14 +241,18 @@ class Pipeline:
             raise
         finally:
             for f in files:
-                if f.fd >= 0:
-                    os.close(f.fd)
-                    f.fd = -1
+                self.close_local(f)
+
+    @staticmethod
+    def close_local(f: _File) -> None:
+        if f.fd >= 0:
+            fd, f.fd = f.fd, -1
+            os.close(fd)
 
     def finish(self, f: _File) -> None:
         if not f.done:
             f.done = True
-            f.data = []
+            self.close_local(f)
             self.active -= 1
             self.active_bytes -= f.size
 
@@ -263,70 +298,118 @@ class Pipeline:
 
         return check
 
+    # -- reading a remote file: a window of reads ---------------------------------------------
+
+    def read_window(self, f: _File, path: str, sink: Callable[[bytes, int], None],
+                    done: Callable[[], None] | None = None, count: bool = True) -> None:
+        """Keep up to ``READ_INFLIGHT`` reads of ``f.handle`` in flight until ``f.size`` bytes
+        are asked for; ``sink(data, offset)`` gets each reply (not necessarily in order), then
+        ``done()`` runs once the last read is sent; ``count``: report the bytes as progress. A reply longer than asked is refused; one
+        that ends early is an IntegrityError (the object is shorter than its size)."""
+        while f.error is None and f.next_read < f.size and f.reads < READ_INFLIGHT:
+            n = min(REQUEST, f.size - f.next_read)
+            self._read(f, path, f.next_read, n, sink, done, count)
+            f.next_read += n
+            f.reads += 1
+        if f.next_read == f.size and done is not None and f.error is None:
+            f.next_read += 1  # past the size: done() runs once
+            done()
+
+    def _read(self, f: _File, path: str, offset: int, n: int, sink: Callable[[bytes, int], None],
+              done: Callable[[], None] | None, count: bool) -> None:
+        def got(t: int, msg: paramiko.Message) -> None:
+            if f.error is not None:
+                return
+            if t == CMD_STATUS:
+                code = msg.get_int()
+                text = msg.get_text()
+                if code == SFTP_EOF:
+                    raise IntegrityError(
+                        f"object at {path} is shorter than its size (ended at byte {offset} of {f.size}): "
+                        "corrupt; not fetched"
+                    )
+                raise SftpStatus(code, text, path)
+            if t != CMD_DATA:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", path)
+            data = msg.get_binary()
+            if len(data) > n or not data:
+                raise SftpStatus(SFTP_FAILURE, "the server sent more (or less) than was asked", path)
+            sink(data, offset)
+            if count:
+                self.progress(len(data))
+            if len(data) < n:  # short read: ask for the rest now (the same read, still in flight)
+                return self._read(f, path, offset + len(data), n - len(data), sink, done, count)
+            f.reads -= 1
+            self.read_window(f, path, sink, done, count)
+
+        self.send(f, got, CMD_READ, f.handle, int64(offset), n)
+
 
 # -- upload -----------------------------------------------------------------------------------
 
 
 class Uploads(Pipeline):
-    """``put`` for many files; each ends with ``outcome`` True or ``error`` set."""
+    """``put`` for many objects; each ends with ``outcome`` True or ``error`` set."""
 
     def __init__(self, ops: Ops, progress: Callable[[int], None]):
         super().__init__(ops, progress)
         self.requested_dirs: set[str] = set()  # mkdirs already sent on this connection
 
     def start(self, f: _File) -> None:
-        if not self._read_source(f):
+        try:
+            f.fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            f.fail(exc)
             return self.finish(f)
         ops = self.ops
         f.final = ops.object_path(f.oid)
         f.tmp = ops.tmp_path()
+        f.hash = hasher(split_oid(f.oid)[0])
         attrs = SFTPAttributes()
         attrs.st_mode = 0o444
         f.step = self._opened
         self.send(f, self.handle(f, f.tmp), CMD_OPEN, f.tmp, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL, attrs)
 
-    def _read_source(self, f: _File) -> bool:
-        """Read and hash the source: these exact bytes are what will be sent."""
-        algorithm, _ = split_oid(f.oid)
-        h = hasher(algorithm)
-        total = 0
-        try:
-            fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                while total <= f.size:
-                    data = os.read(fd, min(REQUEST, f.size + 1 - total))
-                    if not data:
-                        break
-                    h.update(data)
-                    f.data.append(data)
-                    total += len(data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            f.fail(exc)
-            return False
-        got = f"{algorithm}:{h.hexdigest()}"
-        if got != f.oid or total != f.size:
-            f.fail(IntegrityError(
-                f"{f.path}: content changed while it was being stored ({total} bytes, {got}); left local"))
-            return False
-        return True
-
     def _opened(self, f: _File) -> None:
         if f.error is not None:
             return self._clean(f)
+        f.step = self._written
+        self._send_writes(f)
+        self.settle(f)
+
+    def _send_writes(self, f: _File) -> None:
+        """Read, hash and send the next chunks while the window allows; after the last one,
+        check what was sent against the id, then ``fsync``, ``fstat``, ``close``."""
         handle = f.handle
-        offset = 0
-        for data in f.data:
+        while not f.eof and f.error is None and f.writes < INFLIGHT:
+            try:  # never more than the size (plus one byte to notice growth)
+                data = os.read(f.fd, min(REQUEST, f.size + 1 - f.sent))
+            except OSError as exc:
+                f.fail(exc)
+                break
+            if not data or f.sent + len(data) > f.size:
+                f.eof = True
+                self.close_local(f)
+                got = f"{split_oid(f.oid)[0]}:{f.hash.hexdigest()}"
+                if data or f.sent != f.size or got != f.oid:
+                    total = f.sent + len(data)
+                    f.fail(IntegrityError(
+                        f"{f.path}: content changed while it was being stored ({total} bytes, {got}); left local"))
+                break
+            f.hash.update(data)
             n = len(data)
 
             def written(t: int, msg: paramiko.Message, n: int = n) -> None:
+                f.writes -= 1
                 self.status(f.tmp)(t, msg)
                 self.progress(n)
+                self._send_writes(f)
 
-            self.send(f, written, CMD_WRITE, handle, int64(offset), data)
-            offset += n
-        f.data = []
+            self.send(f, written, CMD_WRITE, handle, int64(f.sent), data)
+            f.sent += n
+            f.writes += 1
+        if not f.eof or f.error is not None or f.handle is None:
+            return
         if self.ops.fsync:
             self.send(f, self.status(f.tmp), CMD_EXTENDED, "fsync@openssh.com", handle)
 
@@ -339,8 +422,8 @@ class Uploads(Pipeline):
             f.handle = None
             self.status(f.tmp)(t, msg)
 
-        f.step = self._written
         self.send(f, closed, CMD_CLOSE, handle)
+        f.handle = None  # its close is on its way
 
     def _written(self, f: _File) -> None:
         if f.error is None and (f.fstat is None or f.fstat.st_size != f.size):
@@ -348,6 +431,40 @@ class Uploads(Pipeline):
             f.fail(IntegrityError(f"{f.oid}: the server holds {held} bytes of {f.size} after upload"))
         if f.error is not None:
             return self._clean(f)
+        if self.ops.verify == "read":
+            return self._verify(f)
+        self._rename(f, mkdirs=f.final.rsplit("/", 1)[0] not in self.ops.known_dirs)
+
+    def _verify(self, f: _File) -> None:
+        """``verify = "read"``: read the temporary file back and hash it before the rename."""
+        f.hash = hasher(split_oid(f.oid)[0])
+        f.step = self._verify_opened
+        self.send(f, self.handle(f, f.tmp), CMD_OPEN, f.tmp, SFTP_FLAG_READ, SFTPAttributes())
+
+    def _verify_opened(self, f: _File) -> None:
+        if f.error is not None or f.handle is None:
+            return self._clean(f)
+
+        def in_order(data: bytes, offset: int) -> None:
+            f.ahead[offset] = data
+            while f.hashed in f.ahead:
+                chunk = f.ahead.pop(f.hashed)
+                f.hash.update(chunk)
+                f.hashed += len(chunk)
+
+        f.step = self._verified
+        f.next_read = f.reads = f.hashed = 0
+        self.read_window(f, f.tmp, in_order, count=False)
+        self.settle(f)
+
+    def _verified(self, f: _File) -> None:
+        got = f"{split_oid(f.oid)[0]}:{f.hash.hexdigest()}"
+        if f.error is None and (f.hashed != f.size or got != f.oid):
+            f.fail(IntegrityError(f"{f.oid}: the copy read back from the server does not match"))
+        if f.error is not None:
+            return self._clean(f)
+        handle, f.handle = f.handle, None
+        self.send(f, self.ignore, CMD_CLOSE, handle)  # a read-only handle: its close cannot lose data
         self._rename(f, mkdirs=f.final.rsplit("/", 1)[0] not in self.ops.known_dirs)
 
     def _rename(self, f: _File, mkdirs: bool) -> None:
@@ -422,7 +539,7 @@ class Uploads(Pipeline):
         self.finish(f)
 
     def _clean(self, f: _File) -> None:
-        """Close and remove the temporary file (best effort), then the file is done."""
+        """Close and remove the temporary file (best effort), then the object is done."""
         if f.handle is None and not f.tmp:
             return self.finish(f)
         f.step = self.finish
@@ -438,7 +555,7 @@ class Uploads(Pipeline):
 
 
 class Downloads(Pipeline):
-    """``get`` for many files; each ends with ``outcome`` True/False or ``error`` set."""
+    """``get`` for many objects; each ends with ``outcome`` True/False or ``error`` set."""
 
     def start(self, f: _File) -> None:
         f.final = self.ops.object_path(f.oid)
@@ -462,7 +579,7 @@ class Downloads(Pipeline):
             return self.finish(f)
         if f.error is not None:
             return self._close(f)
-        try:
+        try:  # may be /proc/self/fd/N: follow it
             f.fd = os.open(f.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         except OSError as exc:
             f.fail(exc)
@@ -471,14 +588,6 @@ class Downloads(Pipeline):
         def size(st: SFTPAttributes | None) -> None:
             if st is not None and st.st_size is not None and st.st_size != f.size:
                 raise IntegrityError(wrong_size(f.oid, self.ops.conn.endpoint.label(), st.st_size, f.size))
-
-        f.step = self._close
-        self.send(f, self.attrs(f.final, size), CMD_FSTAT, f.handle)
-        offset = 0
-        while offset < f.size:
-            n = min(REQUEST, f.size - offset)
-            self._read(f, offset, n)
-            offset += n
 
         def past_end(t: int, msg: paramiko.Message) -> None:  # never more than the size
             if f.error is not None:
@@ -491,32 +600,10 @@ class Downloads(Pipeline):
             if code != SFTP_EOF:
                 raise SftpStatus(code, msg.get_text(), f.final)
 
-        self.send(f, past_end, CMD_READ, f.handle, int64(f.size), 1)
-
-    def _read(self, f: _File, offset: int, n: int) -> None:
-        def got(t: int, msg: paramiko.Message) -> None:
-            if f.error is not None:
-                return
-            if t == CMD_STATUS:
-                code = msg.get_int()
-                text = msg.get_text()
-                if code == SFTP_EOF:
-                    raise IntegrityError(
-                        f"object at {f.final} is shorter than its size (ended at byte {offset} of {f.size}): "
-                        "corrupt; not fetched"
-                    )
-                raise SftpStatus(code, text, f.final)
-            if t != CMD_DATA:
-                raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", f.final)
-            data = msg.get_binary()
-            if len(data) > n or not data:
-                raise SftpStatus(SFTP_FAILURE, "the server sent more (or less) than was asked", f.final)
-            write_sparse(f.fd, data, offset)
-            self.progress(len(data))
-            if len(data) < n:  # short read: ask for the rest (the handle is still open)
-                self._read(f, offset + len(data), n - len(data))
-
-        self.send(f, got, CMD_READ, f.handle, int64(offset), n)
+        f.step = self._close
+        self.send(f, self.attrs(f.final, size), CMD_FSTAT, f.handle)
+        self.read_window(f, f.final, lambda data, off: write_sparse(f.fd, data, off),
+                         lambda: self.send(f, past_end, CMD_READ, f.handle, int64(f.size), 1))
 
     def _close(self, f: _File) -> None:
         if f.fd >= 0:
@@ -525,8 +612,7 @@ class Downloads(Pipeline):
                     os.ftruncate(f.fd, f.size)  # the tail's zero blocks: a hole of the right size
                 except OSError as exc:
                     f.fail(exc)
-            os.close(f.fd)
-            f.fd = -1
+            self.close_local(f)
         if f.error is None:
             f.outcome = True
         f.step = self.finish
@@ -535,35 +621,18 @@ class Downloads(Pipeline):
 
 
 def put_many(ops: Ops, items: Sequence[tuple[str, Path, int]], progress: Callable[[int], None]) -> list[_File]:
-    """Upload ``items`` (small ones pipelined); every returned file has ``outcome`` or ``error``."""
+    """Upload ``items``; every returned object has ``outcome`` True or ``error``."""
     files = [_File(oid, Path(path), size) for oid, path, size in items]
-    small = [f for f in files if f.size <= PIPELINED_MAX and ops.verify != "read"]
-    if small:
+    if files:
         up = Uploads(ops, progress)
-        up.run(small, up.start)
-    for f in files:
-        if f.size <= PIPELINED_MAX and ops.verify != "read":
-            continue
-        try:
-            ops.put(f.oid, f.path, f.size, progress)
-            f.outcome = True
-        except (SftpStatus, IntegrityError, OSError) as exc:
-            f.fail(exc)
+        up.run(files, up.start)
     return files
 
 
 def get_many(ops: Ops, items: Sequence[tuple[str, Path, int]], progress: Callable[[int], None]) -> list[_File]:
-    """Download ``items`` (small ones pipelined); every returned file has ``outcome`` or ``error``."""
+    """Download ``items``; every returned object has ``outcome`` True/False or ``error``."""
     files = [_File(oid, Path(path), size) for oid, path, size in items]
-    small = [f for f in files if f.size <= PIPELINED_MAX]
-    if small:
+    if files:
         down = Downloads(ops, progress)
-        down.run(small, down.start)
-    for f in files:
-        if f.size <= PIPELINED_MAX:
-            continue
-        try:
-            f.outcome = ops.get(f.oid, f.path, f.size, progress)
-        except (SftpStatus, IntegrityError, OSError) as exc:
-            f.fail(exc)
+        down.run(files, down.start)
     return files

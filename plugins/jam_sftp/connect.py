@@ -29,7 +29,7 @@ from paramiko.sftp import (
 )
 from paramiko.message import Message
 
-from jam_core.errors import RemoteError, UsageError
+from jam_core import RemoteError, UsageError
 
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
 WINDOW_SIZE = 1 << 26  # 64 MiB channel window: the server never stalls waiting for us
@@ -240,16 +240,12 @@ def _ask(ep: Endpoint, key: paramiko.PKey) -> bool:
     with _prompt_lock:
         sys.stderr.write(
             f"The authenticity of host '{ep.host_key_name}' can't be established.\n"
-            f"{_kind_long(key)} key fingerprint is {key.fingerprint}.\n"
+            f"{_key_kind(key)} key fingerprint is {key.fingerprint}.\n"
             "Are you sure you want to continue connecting (yes/no)? "
         )
         sys.stderr.flush()
         answer = sys.stdin.readline().strip().lower()
     return answer == "yes"
-
-
-def _kind_long(key: paramiko.PKey) -> str:
-    return _key_kind(key)
 
 
 def _record(ep: Endpoint, key: paramiko.PKey) -> None:
@@ -262,7 +258,7 @@ def _record(ep: Endpoint, key: paramiko.PKey) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
-    sys.stderr.write(f"Warning: Permanently added '{ep.host_key_name}' ({_kind_long(key)}) to the list of known hosts.\n")
+    sys.stderr.write(f"Warning: Permanently added '{ep.host_key_name}' ({_key_kind(key)}) to the list of known hosts.\n")
 
 
 # -- authentication -------------------------------------------------------------------------

@@ -13,10 +13,18 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-from jam_core.errors import JamError, RemoteError, UsageError
-from jam_core.fs import part_is_stale, part_name
-from jam_core.model import Remote
-from jam_core.objects import MARKER_NAME, marker_bytes, new_remote_id, parse_marker
+from jam_core import (
+    MARKER_NAME,
+    JamError,
+    Remote,
+    RemoteError,
+    UsageError,
+    marker_bytes,
+    new_remote_id,
+    parse_marker,
+    part_is_stale,
+    part_name,
+)
 
 from jam_sftp.connect import Connection, Endpoint, open_connection, resolve
 from jam_sftp.transfer import ConnectionLost, Ops, SftpStatus

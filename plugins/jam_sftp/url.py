@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from jam_core.errors import UsageError
+from jam_core import UsageError
 
 SCHEME = "sftp"
 
