@@ -14,8 +14,9 @@ Every hook is thread-safe: the core may call ``stash``/``fetch`` from several th
 and up to ``connections`` transfers then run in parallel over one pool per remote per command.
 
 ``stash_many``/``fetch_many`` (the core's batches of up to 256 files) pipeline small objects on
-one connection (batch.py): dozens of files in flight, their requests sent together, every reply
-checked. Spreading one batch over several connections was measured (bench/bench_sftp.py) and
+one connection (batch.py, the one home of the upload and download protocols; ``stash``/``fetch``
+run one object through the same steps): dozens of files in flight, their requests sent together,
+every reply checked. Spreading one batch over several connections was measured (bench/bench_sftp.py) and
 did not help: the client is bound by the GIL and the server by its file system.
 """
 
@@ -124,7 +125,7 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
 
 @hookimpl
 def stash_many(remote: Remote, items, session: Session):
-    """Store a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
+    """Store a batch, pipelined on one connection (see batch.py); a large object streams alone.
 
     Each object: ``(oid, None)`` once renamed into place after every reply was OK (written,
     fsynced, size checked, hash of the bytes sent equal to the id, the final name fsynced after
@@ -161,7 +162,7 @@ def stash_many(remote: Remote, items, session: Session):
 
 @hookimpl
 def fetch_many(remote: Remote, items, session: Session):
-    """Fetch a batch: small objects pipelined on a connection (see batch.py), large ones one by one.
+    """Fetch a batch, pipelined on one connection (see batch.py); a large object streams alone.
 
     Each object: ``(oid, True)`` once every read came back and the size matched (the core then
     hashes it), ``(oid, False)`` if the server has no such object, ``(oid, exception)`` for a
