@@ -136,8 +136,8 @@ class Pipeline:
         self.out_bytes += len(body) + 5
         self.callbacks[num] = (f, on_reply)
         f.pending += 1
-        if self.out_bytes >= FLUSH_BYTES:
-            self.flush()
+        if self.out_bytes >= FLUSH_BYTES or f.size > PIPELINED_MAX:
+            self.flush()  # a large object streams alone: a refill waiting for replies to drain starves it
 
     def flush(self) -> None:
         if not self.out:
