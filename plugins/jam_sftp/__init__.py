@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jam_core import JamError, Remote, RemoteError, Session, UsageError, hookimpl
-
 from jam_sftp.url import normalize, parse
 
 if TYPE_CHECKING:

@@ -68,9 +68,8 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import IntegrityError, hasher, object_relpath, split_oid
-
 from jam_sftp.pipeline import PIPELINED_MAX, WINDOW, WINDOW_BYTES, Pipeline, _File
-from jam_sftp.transfer import INFLIGHT, REQUEST, Ops, SftpStatus, wrong_size, write_sparse
+from jam_sftp.transfer import INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
 
 __all__ = ["PIPELINED_MAX", "WINDOW", "WINDOW_BYTES", "Downloads", "Pipeline", "Uploads", "get_many", "put_many"]
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from paramiko.message import Message
 from paramiko.sftp import (
     CMD_INIT,
     CMD_VERSION,
 )
-from paramiko.message import Message
 
 from jam_core import RemoteError, UsageError
 
@@ -123,7 +123,9 @@ def _ssh_configs() -> list[paramiko.SSHConfig]:
     return out
 
 
-def resolve(host: str, user: str | None = None, port: int | None = None, connect_timeout: float | None = None) -> Endpoint:
+def resolve(
+    host: str, user: str | None = None, port: int | None = None, connect_timeout: float | None = None
+) -> Endpoint:
     """Apply ssh_config to ``host``; values from the URL (user, port) win."""
     merged: dict[str, Any] = {}
     for config in _ssh_configs():
@@ -258,7 +260,9 @@ def _record(ep: Endpoint, key: paramiko.PKey) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
-    sys.stderr.write(f"Warning: Permanently added '{ep.host_key_name}' ({_key_kind(key)}) to the list of known hosts.\n")
+    sys.stderr.write(
+        f"Warning: Permanently added '{ep.host_key_name}' ({_key_kind(key)}) to the list of known hosts.\n"
+    )
 
 
 # -- authentication -------------------------------------------------------------------------
@@ -508,12 +512,16 @@ def open_connection(ep: Endpoint, io_timeout: float) -> Connection:
                 if via is None:
                     hop_sock: Any = paramiko.ProxyCommand(hop.proxy_command) if hop.proxy_command else _tcp(hop)
                 else:
-                    hop_sock = via.open_channel("direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=ep.connect_timeout)
+                    hop_sock = via.open_channel(
+                        "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=ep.connect_timeout
+                    )
                 via = _transport(hop, hop_sock)
                 hops.append(via)
             current = ep
             assert via is not None
-            sock = via.open_channel("direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0), timeout=ep.connect_timeout)
+            sock = via.open_channel(
+                "direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0), timeout=ep.connect_timeout
+            )
         else:
             sock = _tcp(ep)
         t = _transport(ep, sock)
@@ -524,7 +532,9 @@ def open_connection(ep: Endpoint, io_timeout: float) -> Connection:
             t.close()
             if not active:
                 raise RemoteError(f"connection to {ep.label()} lost while starting sftp; try again") from None
-            raise RemoteError(f"{ep.label()}: the server refused the sftp subsystem ({exc or type(exc).__name__})") from None
+            raise RemoteError(
+                f"{ep.label()}: the server refused the sftp subsystem ({exc or type(exc).__name__})"
+            ) from None
         if sftp is None:
             active = t.is_active()
             t.close()

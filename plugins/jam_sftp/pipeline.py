@@ -30,7 +30,6 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import IntegrityError
-
 from jam_sftp.transfer import READ_INFLIGHT, REQUEST, ConnectionLost, Ops, SftpStatus, _lost
 
 WINDOW = 64  # objects in flight on one connection
@@ -252,8 +251,9 @@ class Pipeline:
                     done: Callable[[], None] | None = None, count: bool = True) -> None:
         """Keep up to ``READ_INFLIGHT`` reads of ``f.handle`` in flight until ``f.size`` bytes
         are asked for; ``sink(data, offset)`` gets each reply (not necessarily in order), then
-        ``done()`` runs once the last read is sent; ``count``: report the bytes as progress. A reply longer than asked is refused; one
-        that ends early is an IntegrityError (the object is shorter than its size)."""
+        ``done()`` runs once the last read is sent; ``count``: report the bytes as progress. A
+        reply longer than asked is refused; one that ends early is an IntegrityError (the object
+        is shorter than its size)."""
         while f.error is None and f.next_read < f.size and f.reads < READ_INFLIGHT:
             n = min(REQUEST, f.size - f.next_read)
             self._read(f, path, f.next_read, n, sink, done, count)

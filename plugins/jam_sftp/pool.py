@@ -13,6 +13,15 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
+from paramiko.sftp import (
+    SFTP_FAILURE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_WRITE,
+    SFTP_NO_SUCH_FILE,
+    SFTP_PERMISSION_DENIED,
+)
+
 from jam_core import (
     MARKER_NAME,
     JamError,
@@ -25,18 +34,9 @@ from jam_core import (
     part_is_stale,
     part_name,
 )
-
 from jam_sftp.connect import Connection, Endpoint, open_connection, resolve
 from jam_sftp.transfer import ConnectionLost, Ops, SftpStatus
 from jam_sftp.url import Target
-from paramiko.sftp import (
-    SFTP_FAILURE,
-    SFTP_FLAG_CREATE,
-    SFTP_FLAG_EXCL,
-    SFTP_FLAG_WRITE,
-    SFTP_NO_SUCH_FILE,
-    SFTP_PERMISSION_DENIED,
-)
 
 MARKER_MAX = 4096  # a marker is one short JSON line; anything longer is not ours
 DEFAULTS: dict[str, Any] = {"connections": 4, "io_timeout": 60.0, "verify": "sent", "fsync": True}
@@ -205,7 +205,9 @@ class Pool:
                 except Exception:
                     pass
                 if free is not None and free < max(size, 1) + (1 << 20):
-                    return RemoteError(f"{self.where}: no space left on the server's disk ({free} bytes free): cannot {what}")
+                    return RemoteError(
+                        f"{self.where}: no space left on the server's disk ({free} bytes free): cannot {what}"
+                    )
                 return RemoteError(f"{self.where}: the server failed to {what} ({exc.strerror}; disk full or quota?)")
             return RemoteError(f"{self.where}: cannot {what}: {exc.strerror}")
         if isinstance(exc, OSError):  # local: the source or the destination file
@@ -260,7 +262,8 @@ class Pool:
                     return rid
                 return self._write_marker(ops)
             except (SftpStatus, ConnectionLost) as exc:
-                raise self.error(f"{'write' if create else 'read'} the identity marker {MARKER_NAME}", exc, ops) from None
+                what = f"{'write' if create else 'read'} the identity marker {MARKER_NAME}"
+                raise self.error(what, exc, ops) from None
 
     def _read_marker(self, ops: Ops) -> str:
         path = ops.path(MARKER_NAME)

@@ -44,7 +44,6 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import object_relpath, part_name
-
 from jam_sftp.connect import Connection
 
 REQUEST = 255 * 1024  # OpenSSH's sftp-server serves reads of up to 255 KiB

@@ -1,0 +1,2 @@
+"""The policies' side of the core: one scan into records, the plan (merge, carry out), pins.
+"""
