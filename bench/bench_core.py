@@ -230,7 +230,7 @@ def profile_status(root: Path, env: dict) -> None:
     code = (
         "import cProfile, pstats, sys, time\n"
         "from jam_core.root import Root\n"
-        "from jam_core.status import status\n"
+        "from jam_core.ops.status import status\n"
         "r = Root.find(sys.argv[1])\n"
         "t = time.perf_counter(); status(r); print(f'  in-process status (no start-up): "
         "{(time.perf_counter() - t) * 1000:.0f} ms')\n"

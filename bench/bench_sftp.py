@@ -175,12 +175,12 @@ class Bench:
         swapped (and the reverse). Beside it, the backend's hooks alone (the same batches, no
         core work) and the per-file hook, to show where the time goes.
         """
-        from jam_core.checkout import checkout
         from jam_core.model import Session
         from jam_core.objects import hash_file
-        from jam_core.remotes import add_remote
+        from jam_core.ops.checkout import checkout
+        from jam_core.ops.remotes import add_remote
+        from jam_core.ops.stash import stash
         from jam_core.root import Root
-        from jam_core.stash import stash
 
         tree = self.work / "root"
         tree.mkdir()

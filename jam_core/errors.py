@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message as one line and exits non-zero."""
 
+import errno
+
 
 class JamError(Exception):
     """A problem explained in one line for the user. ``exit_code`` follows PRODUCT.md."""
@@ -28,3 +30,12 @@ class IntegrityError(JamError):
     """Content did not match its id: a corrupt object or a failed transfer."""
 
     exit_code = 1
+
+
+def describe(exc: Exception) -> str:
+    """One line for the user about ``exc`` (an OSError by its strerror, a full disk named)."""
+    if isinstance(exc, OSError) and not isinstance(exc, JamError):
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on the local disk ({exc.filename or 'the root'})"
+        return exc.strerror or str(exc)
+    return str(exc)

@@ -12,7 +12,7 @@ from jam_core import PROJECT, hookspecs
 
 # Built-in plugins, registered by explicit name (the core never imports them directly).
 BUILTIN_PLUGINS = (
-    "jam_core.defaults",
+    "jam_core.placement",
     "jam_dir",
     "jam_sftp",
     "jam_age",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+from jam_core.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,22 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- what a policy plugin reads --------------------------------------------------------------------
+STASH, FETCH = "stash", "fetch"  # the ``purpose`` of a ``select`` call
+
+
+def policy_table(config: Mapping[str, Any], name: str, known: Iterable[str]) -> dict | None:
+    """The ``[policy.NAME]`` table, or None when absent. Unknown keys are a usage error."""
+    policy = config.get("policy")
+    if not isinstance(policy, Mapping) or name not in policy:
+        return None
+    table = policy[name]
+    if not isinstance(table, Mapping):
+        raise UsageError(f"policy.{name}: expected a table ([policy.{name}]), got {table!r}")
+    known = tuple(known)
+    for key in table:
+        if key not in known:
+            raise UsageError(f"policy.{name}: unknown setting {key!r} (known: {', '.join(known)})")
+    return dict(table)

@@ -61,6 +61,43 @@ def abspath(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def check_rel(rel: object) -> str:
+    """``rel`` if it is a file's normalised path relative to a root (``.`` for the root), else
+    ValueError saying why. Paths read from metadata (xattrs, headers, the catalog, pins, the cd
+    hooks' marks) are held to this before use: relative, no NUL, no empty, ``.`` or ``..``
+    component, not under ``.jam``, encodable as a file name."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError("not a path")
+    if rel == ".":
+        return rel
+    if "\0" in rel:
+        raise ValueError("contains a NUL byte")
+    if rel.startswith("/"):
+        raise ValueError("an absolute path")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError("not a normalised path inside the root (empty, '.' or '..' component)")
+    if parts[0] == JAM_DIR:
+        raise ValueError("inside jam's own .jam directory")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:
+        raise ValueError("not encodable as a file name") from None
+    return rel
+
+
+def valid_rel(path: object) -> bool:
+    """Is ``path`` (from the catalog, a mark, any metadata) a file's path inside a root (not
+    the root itself)? A bad row is skipped by its reader (doctor reports it)."""
+    if path == ".":
+        return False
+    try:
+        check_rel(path)
+    except ValueError:
+        return False
+    return True
+
+
 class Root:
     """A tree jam manages. ``Root.find(path)`` or ``Root.init(path)``; cheap to construct."""
 
@@ -96,7 +133,7 @@ class Root:
         check_root_overlaps(p, default_remote)
         check_filesystem(p)
         jd = p / JAM_DIR
-        for d in (jd, jd / "tmp", jd / "visits"):  # visits: the cd hooks' marks (jam_core.visitmarks)
+        for d in (jd, jd / "tmp", jd / "visits"):  # visits: the cd hooks' marks (jam_core.hook.marks)
             d.mkdir(mode=0o700, exist_ok=True)
             if not stat.S_ISDIR(os.lstat(d).st_mode):  # a symlink planted there: not ours
                 raise UsageError(f"{d} is not a directory (a symlink?); remove it and run `jam init` again")

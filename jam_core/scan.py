@@ -14,7 +14,6 @@ from jam_core.objects import MARKER_NAME, parse_marker
 from jam_core.root import JAM_DIR
 from jam_core.stub import XATTR, BadStub, StubRecord, is_dirty, may_be_stub, read_record
 
-
 LOCAL, STUB, DIRTY, BAD = "local", "stub", "dirty", "bad"
 
 

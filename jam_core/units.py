@@ -1,7 +1,9 @@
-"""Sizes as people write them and read them (nothing heavy: the CLI loads this at start-up)."""
+"""Values as people write them and read them: sizes, durations, percentages (nothing heavy:
+the CLI loads this at start-up)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jam_core.errors import UsageError
@@ -42,3 +44,44 @@ def human(n: float, trim: bool = False) -> str:
             return text.replace(".0 ", " ") if trim else text
         n /= 1000
     return f"{n} B"
+
+
+_DURATION_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 7 * 86400, "week": 7 * 86400, "weeks": 7 * 86400,
+    "y": 365 * 86400, "year": 365 * 86400, "years": 365 * 86400,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$")
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_duration(value: Any, what: str = "duration") -> float:
+    """``"90s"``, ``"10m"``, ``"12h"``, ``"30d"``, ``"2w"``, ``"1y"`` -> seconds.
+
+    A bare number is refused: ``30`` could mean seconds or days. Raises UsageError."""
+    hint = f"{what}: expected a duration like 10m, 12h, 30d, 2w or 1y, got {value!r}"
+    if not isinstance(value, str):
+        raise UsageError(hint)
+    m = _DURATION_RE.match(value.lower())
+    if not m or m.group(2) not in _DURATION_UNITS:
+        raise UsageError(hint)
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_percent(value: Any, what: str = "percentage") -> float:
+    """``"25%"`` -> 0.25 (0% to 100%). Raises UsageError."""
+    m = _PERCENT_RE.match(value) if isinstance(value, str) else None
+    share = float(m.group(1)) / 100 if m else -1.0
+    if not 0 <= share <= 1:
+        raise UsageError(f"{what}: expected a percentage from 0% to 100% like \"25%\", got {value!r}")
+    return share
+
+
+def format_duration(seconds: float) -> str:
+    for unit, n in (("y", 365 * 86400), ("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"

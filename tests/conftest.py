@@ -54,7 +54,7 @@ def runner() -> CliRunner:
 def jam_root(tmp_path, monkeypatch):
     """An initialised root with the embedded default remote; the cwd is the root."""
     from jam_core.manager import make_plugin_manager
-    from jam_core.remotes import ensure_default_remote
+    from jam_core.ops.remotes import ensure_default_remote
     from jam_core.root import Root
 
     path = tmp_path / "root"

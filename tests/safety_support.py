@@ -37,7 +37,7 @@ class Tree:
 def make_tree(base: Path, name: str = "root") -> Tree:
     """An initialised root ``base/name`` whose only remote is the dir remote ``base/name-remote``."""
     from jam_core.manager import make_plugin_manager
-    from jam_core.remotes import add_remote
+    from jam_core.ops.remotes import add_remote
     from jam_core.root import Root
 
     path = base / name

@@ -253,7 +253,7 @@ def test_plugins_lists_builtins_with_hooks(runner, jam_root):
     info = json.loads(jam(runner, "plugins", "--json").output)
     by_name = {p["name"]: p for p in info}
     assert {"stash", "fetch", "has", "parse_url", "check_remote"} <= set(by_name["jam_dir"]["hooks"])
-    assert by_name["jam_core.defaults"]["hooks"] == ["place"]
+    assert by_name["jam_core.placement"]["hooks"] == ["place"]
     assert "jam_dir" in jam(runner, "plugins").output
 
 
@@ -295,8 +295,8 @@ def test_place_hook_first_answer_wins(jam_root, tmp_path):
     """A plugin's place answer overrides the core's default (nearest tier)."""
     from jam_core import hookimpl
     from jam_core.manager import make_plugin_manager
-    from jam_core.remotes import add_remote
-    from jam_core.stash import stash
+    from jam_core.ops.remotes import add_remote
+    from jam_core.ops.stash import stash
 
     far = tmp_path / "far"
     far.mkdir()

@@ -61,8 +61,8 @@ def test_checkout_needs_a_path_like_stash(runner, jam_root):
 
 
 def test_checkout_keep_both_reaches_the_library(runner, jam_root, monkeypatch):
-    import jam_core.checkout
-    from jam_core.stash import Result
+    import jam_core.ops.checkout
+    from jam_core.ops.common import Result
 
     seen = []
 
@@ -70,7 +70,7 @@ def test_checkout_keep_both_reaches_the_library(runner, jam_root, monkeypatch):
         seen.append((rels, options))
         return Result()
 
-    monkeypatch.setattr(jam_core.checkout, "checkout", fake)
+    monkeypatch.setattr(jam_core.ops.checkout, "checkout", fake)
     jam(runner, "checkout", "--keep-both", ".")
     jam(runner, "checkout", ".")
     assert seen == [(["."], {"keep_both": True}), (["."], {})]
@@ -117,12 +117,12 @@ def test_status_into_head_ends_quietly(jam_bin, jam_root):
     (OSError(errno.ENOSPC, "No space left on device"), "no space left on the local disk"),
 ])
 def test_escaping_errors_are_one_line(runner, jam_root, monkeypatch, exc, says):
-    import jam_core.status
+    import jam_core.ops.status
 
     def fail(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(jam_core.status, "status", fail)
+    monkeypatch.setattr(jam_core.ops.status, "status", fail)
     res = jam(runner, "status", code=1)
     assert says in one_line(res)
 
@@ -138,12 +138,12 @@ def test_a_garbage_catalog_is_one_line(jam_bin, jam_root):
 
 
 def test_an_unexpected_error_is_one_line_with_the_way_to_see_more(runner, jam_root, monkeypatch):
-    import jam_core.status
+    import jam_core.ops.status
 
     def fail(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(jam_core.status, "status", fail)
+    monkeypatch.setattr(jam_core.ops.status, "status", fail)
     assert "internal error: KeyError: 'surprise' (run again with JAM_DEBUG=1" in one_line(jam(runner, "status", code=1))
     monkeypatch.setenv("JAM_DEBUG", "1")
     with pytest.raises(KeyError):

@@ -16,7 +16,7 @@ from jam_core.fs import part_name
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_file, object_relpath
-from jam_core.remotes import add_remote
+from jam_core.ops.remotes import add_remote
 from jam_core.root import Root
 from tests.conftest import make_file
 from tests.safety_support import b3, is_stub, jam, make_tree, objects_verify

@@ -53,7 +53,7 @@ HOSTILE_ROWS = ["../../outside/x", "../../../escaped/y", "../../plain/z", "/abs/
 @pytest.mark.parametrize("how", ["refresh", "jam-stash"])
 def test_catalog_rows_with_dotdot_write_nothing_outside_the_index(tree, tmp_path, jam_exe, env, how):
     """Item 9: a catalog row with ``../`` made the index create and chmod directories outside .jam."""
-    from jam_core.stubdirs import refresh
+    from jam_core.hook.index import refresh
 
     root, _ = tree
     make_file(root.path / "more/new.bin", 100_000, seed=5)
@@ -82,7 +82,7 @@ def test_catalog_rows_with_dotdot_write_nothing_outside_the_index(tree, tmp_path
 
 
 def test_valid_rel():
-    from jam_core.stubdirs import valid_rel
+    from jam_core.root import valid_rel
 
     for good in ["a", "a/b", "a b/c\nd", "x\udcff", ".jamx/y", "a/.jam/b"]:
         assert valid_rel(good), good
@@ -93,7 +93,7 @@ def test_valid_rel():
 @pytest.mark.parametrize("where", ["needed-dir", "leaf", "unneeded", "the-index-itself"])
 def test_symlink_planted_in_the_index_is_never_followed(tree, tmp_path, where):
     """A symlink in .jam/stubdirs pointing outside: refresh neither chmods nor creates through it."""
-    from jam_core.stubdirs import refresh
+    from jam_core.hook.index import refresh
 
     root, _ = tree
     idx = root.jam_dir / "stubdirs"
@@ -122,7 +122,7 @@ def test_symlink_planted_in_the_index_is_never_followed(tree, tmp_path, where):
 
 def test_a_symlinked_index_ancestor_in_a_mark_check_is_not_written(tree, tmp_path):
     """A file planted in the index where a directory must go is replaced, not written into."""
-    from jam_core.stubdirs import refresh
+    from jam_core.hook.index import refresh
 
     root, _ = tree
     idx = root.jam_dir / "stubdirs"
@@ -143,7 +143,7 @@ def _cd(shell, path: Path) -> str:
 
 def test_a_symlinked_mark_is_never_written_through(shell, tree, logged, tmp_path):
     """A symlink named like a directory's mark, pointing at a file outside: one cd emptied it."""
-    from jam_core.visitmarks import encode
+    from jam_core.hook.marks import encode
 
     root, _ = tree
     victim = tmp_path / "victim.txt"
@@ -164,7 +164,7 @@ def test_a_symlinked_mark_is_never_written_through(shell, tree, logged, tmp_path
 
 
 def test_a_fifo_mark_does_not_hang_the_shell(shell, tree, logged):
-    from jam_core.visitmarks import encode
+    from jam_core.hook.marks import encode
 
     root, _ = tree
     os.mkfifo(os.path.join(os.fsencode(root.jam_dir / "visits"), encode("plain")))
@@ -175,7 +175,7 @@ def test_a_fifo_mark_does_not_hang_the_shell(shell, tree, logged):
 
 def test_a_symlinked_visits_dir_is_not_written_into(shell, tree, logged, tmp_path):
     """ROOT/.jam/visits itself a symlink to a directory elsewhere: nothing is created or emptied there."""
-    from jam_core.visitmarks import encode
+    from jam_core.hook.marks import encode
 
     root, _ = tree
     elsewhere = tmp_path / "elsewhere"
@@ -222,7 +222,7 @@ def test_a_visits_dir_writable_by_others_is_not_written_into(kind, tree, logged,
 
 
 def _plant_outside(tmp_path: Path) -> Path:
-    from jam_core.visitmarks import encode
+    from jam_core.hook.marks import encode
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -234,9 +234,9 @@ def _plant_outside(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("which", ["visits", "visits.folding"])
 def test_fold_never_moves_or_removes_through_a_symlinked_dir(tree, tmp_path, capsys, which):
     """visits (or the folding dir) a symlink to a directory elsewhere: its files stay there."""
-    from jam_core import visitmarks
     from jam_core.catalog import Catalog
-    from jam_core.visitmarks import encode, fold
+    from jam_core.hook import marks as visitmarks
+    from jam_core.hook.marks import encode, fold
 
     root, _ = tree
     elsewhere = _plant_outside(tmp_path)
@@ -259,9 +259,9 @@ def test_fold_never_moves_or_removes_through_a_symlinked_dir(tree, tmp_path, cap
 
 @pytest.mark.parametrize("how", ["owner", "mode"])
 def test_a_visits_dir_with_the_wrong_owner_or_mode_is_ignored_with_one_warning(tree, capsys, how):
-    from jam_core import visitmarks
     from jam_core.catalog import Catalog
-    from jam_core.visitmarks import encode, fold
+    from jam_core.hook import marks as visitmarks
+    from jam_core.hook.marks import encode, fold
 
     root, _ = tree
     d = root.jam_dir / "visits"
@@ -288,7 +288,7 @@ def test_a_visits_dir_with_the_wrong_owner_or_mode_is_ignored_with_one_warning(t
 
 
 def test_jam_makes_its_visits_dir_0700(tree):
-    from jam_core.visitmarks import ensure
+    from jam_core.hook.marks import ensure
 
     root, _ = tree
     d = root.jam_dir / "visits"
@@ -304,8 +304,8 @@ def test_jam_makes_its_visits_dir_0700(tree):
 def test_a_directory_swapped_for_a_symlink_mid_plan_is_not_followed(tree, tmp_path, monkeypatch):
     """hook-fetch's plan: a subdirectory listed as a directory, then replaced by a symlink to
     a directory outside before it is opened: nothing outside is planned (or fetched into)."""
-    import jam_core.visit as visit
-    from jam_core.stubdirs import HookSettings
+    import jam_core.hook.visit as visit
+    from jam_core.hook.settings import HookSettings
 
     root, _ = tree
     outside = tmp_path / "outside"
@@ -331,13 +331,13 @@ def test_a_directory_swapped_for_a_symlink_mid_plan_is_not_followed(tree, tmp_pa
 
 
 def test_hook_fetch_ignores_catalog_rows_outside_the_root(tree, tmp_path, jam_exe, env):
-    """_heal drops stale rows in the visited scope: a row with ../ is neither looked at nor removed."""
+    """heal() drops stale rows in the visited scope: a row with ../ is neither looked at nor removed."""
     root, _ = tree
     (root.path / "plain/new").mkdir()
     add_rows(root, ["plain/new/gone.bin", "plain/new/../../../outside/x"])
     with open(root.config_path, "a") as f:
         f.write('\n[hook]\ndepth = "all"\n')
-    from jam_core.stubdirs import refresh
+    from jam_core.hook.index import refresh
 
     refresh(root)
     out = subprocess.run([jam_exe, "hook-fetch", str(root.path / "plain/new")], env=env, capture_output=True, text=True)

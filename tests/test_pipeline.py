@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jam_core import pipeline
 from jam_core.model import Session
+from jam_core.ops import pipeline
 
 
 def run(batches, move, stop=lambda: False):

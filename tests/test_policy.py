@@ -8,7 +8,9 @@ from jam_age import select_older
 from jam_budget import select_budget
 from jam_budget import settings as budget_settings
 from jam_core import FileRecord, Nomination, UsageError
-from jam_core.policy import covered, merge, parse_duration, parse_percent
+from jam_core.policy.pins import covered
+from jam_core.policy.plan import merge
+from jam_core.units import parse_duration, parse_percent
 from jam_lru import select_lru
 from jam_lru import settings as lru_settings
 from jam_related import select_related, split_name
@@ -172,8 +174,7 @@ def test_lru_stubs_are_never_ranked_as_kept():
 def test_lru_hook_reads_the_stubs_the_core_offers():
     """The core passes the candidates as a tuple carrying the tree's stubs (policy.Records)."""
     import jam_lru
-
-    from jam_core.policy import Records
+    from jam_core.policy.records import Records
 
     offered = Records(rec(f"f{i}", age_days=i, state="local") for i in range(3))
     offered.stubs = tuple(rec(f"s{i}", age_days=10 + i) for i in range(9))

@@ -13,7 +13,7 @@ from jam_core import Nomination, hookimpl
 from jam_core.catalog import Catalog
 from jam_core.cli import main
 from jam_core.manager import make_plugin_manager
-from jam_core.policy import plan_auto, related, stash_auto
+from jam_core.policy.plan import plan_auto, related, stash_auto
 from jam_core.root import CATALOG, Root
 from jam_core.scan import walk
 from tests.conftest import make_file
@@ -53,7 +53,7 @@ def stubs(root: Root) -> set[str]:
 
 def make_dirty_stub(root: Root, rel: str) -> None:
     """A stub that was written into after stashing (jam must keep it as it is)."""
-    from jam_core.stash import stash
+    from jam_core.ops.stash import stash
 
     aged(root, rel, 100, seed=99)
     assert not stash(root, [rel], make_plugin_manager()).failed
@@ -333,7 +333,7 @@ def test_pin_landing_between_plan_and_stash_is_respected(jam_root):
     """stash_auto plans without the lock; a pin made before the stash takes it still holds."""
     from jam_core.catalog import Catalog
     from jam_core.manager import make_plugin_manager
-    from jam_core.stash import stash
+    from jam_core.ops.stash import stash
     from tests.conftest import make_file
 
     data = make_file(jam_root.path / "keep" / "a.bin", 100_000)
@@ -416,7 +416,7 @@ def test_pins_in_the_catalog_move_to_the_pins_file(runner, jam_root):
 
 
 def test_any_file_name_survives_the_pins_file(runner, jam_root):
-    from jam_core.pins import read_pins
+    from jam_core.policy.pins import read_pins
 
     root = jam_root
     odd = ["new\nline", os.fsdecode(b"caf\xe9"), "tab\there", "quote\"s and \\ back", "ünï"]
@@ -470,7 +470,7 @@ def test_pins_file_that_is_a_symlink_or_fifo_is_refused(runner, jam_root, tmp_pa
 
 def test_pins_file_is_replaced_atomically(runner, jam_root, monkeypatch):
     """A rewrite that fails before its rename leaves the old pins whole and no temporary."""
-    import jam_core.pins
+    import jam_core.policy.pins
 
     root = jam_root
     aged(root, "a.bin", 100)

@@ -15,7 +15,7 @@ from jam_core.errors import RemoteError, UsageError
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
 from jam_core.objects import MARKER_NAME, marker_bytes, new_remote_id, parse_marker
-from jam_core.remotes import add_remote, ensure_identity
+from jam_core.ops.remotes import add_remote, ensure_identity
 from jam_core.root import Root, default_remote_location
 from tests.conftest import make_file
 from tests.safety_support import is_stub, jam, make_tree

@@ -22,11 +22,10 @@ from jam_core.errors import IntegrityError, RemoteError
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
 from jam_core.objects import object_relpath
+from jam_core.ops.stash import stash
 from jam_core.root import Root
-from jam_core.stash import stash
 from tests.conftest import make_file
-from tests.safety_support import (b3, fingerprint, is_stub, jam, make_tree, objects_verify, record,
-                                  status_json)
+from tests.safety_support import b3, fingerprint, is_stub, jam, make_tree, objects_verify, record, status_json
 
 
 def stashed_tree(tmp_path, n=1, size=300_000):
@@ -385,7 +384,7 @@ class WriteIntoStubDuringFetch:
 
 
 def test_stub_written_into_during_its_fetch_is_not_replaced(tmp_path):
-    from jam_core.checkout import checkout
+    from jam_core.ops.checkout import checkout
 
     t, digests = stashed_tree(tmp_path)
     jam("stash", "f0", cwd=t.root)

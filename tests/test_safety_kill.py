@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.safety_support import (JAM, b3, fingerprint, is_stub, jam, make_tree, objects_verify, record,
-                                  status_json)
+from tests.safety_support import JAM, b3, fingerprint, is_stub, jam, make_tree, objects_verify, record, status_json
 
 pytestmark = pytest.mark.slow
 

@@ -31,14 +31,14 @@ from tests.safety_support import b3, is_stub, jam, listing, make_tree, record
 
 
 def _stash(t, rels, pm=None):
-    from jam_core.stash import stash
+    from jam_core.ops.stash import stash
 
     with Session() as s:
         return stash(Root(t.root), rels, pm or make_plugin_manager(), s)
 
 
 def _checkout(t, rels, pm=None, **kw):
-    from jam_core.checkout import checkout
+    from jam_core.ops.checkout import checkout
 
     with Session() as s:
         return checkout(Root(t.root), rels, pm or make_plugin_manager(), s, **kw)
@@ -108,7 +108,7 @@ def _editor_save(path: Path, data: bytes) -> None:
 
 def test_save_over_the_original_in_the_last_instant_is_kept(tmp_path, monkeypatch):
     """The save lands after every check of the swap, just before the exchange itself."""
-    import jam_core.stash as stash_mod
+    import jam_core.ops.stash as stash_mod
 
     t = make_tree(tmp_path)
     make_file(t.root / "doc.txt", 300_000, seed=3)
@@ -132,7 +132,7 @@ def test_save_over_the_original_in_the_last_instant_is_kept(tmp_path, monkeypatc
 
 def test_write_in_the_last_instant_before_the_exchange_is_kept(tmp_path, monkeypatch):
     """A write into the original itself just before the exchange (it breaks the lease)."""
-    import jam_core.stash as stash_mod
+    import jam_core.ops.stash as stash_mod
 
     t = make_tree(tmp_path)
     make_file(t.root / "f", 300_000, seed=8)
@@ -155,7 +155,7 @@ def test_write_in_the_last_instant_before_the_exchange_is_kept(tmp_path, monkeyp
 
 
 def test_save_over_a_stub_being_checked_out_is_kept(tmp_path, monkeypatch):
-    import jam_core.checkout as checkout_mod
+    import jam_core.ops.checkout as checkout_mod
 
     t = make_tree(tmp_path)
     data = make_file(t.root / "doc.txt", 300_000, seed=4)
@@ -223,7 +223,7 @@ def test_directory_swapped_for_a_symlink_mid_walk_is_not_followed(tmp_path, monk
 
 
 def test_directory_swapped_between_scan_and_hash_is_not_followed(tmp_path, monkeypatch):
-    import jam_core.stash as stash_mod
+    import jam_core.ops.stash as stash_mod
 
     t = make_tree(tmp_path)
     make_file(t.root / "a" / "victim.bin", 200_000, seed=5)
@@ -249,7 +249,7 @@ def test_directory_swapped_between_scan_and_hash_is_not_followed(tmp_path, monke
 def test_directory_swapped_before_a_checkout_swap_writes_nothing_outside(tmp_path, monkeypatch):
     """Stubs are fetched; the directory is then swapped for a symlink to a directory holding
     a file of the same name: the fetched content must not land there, nor replace it."""
-    import jam_core.checkout as checkout_mod
+    import jam_core.ops.checkout as checkout_mod
 
     t = make_tree(tmp_path)
     make_file(t.root / "a" / "victim.bin", 200_000, seed=5)
@@ -272,7 +272,7 @@ def test_directory_swapped_before_a_checkout_swap_writes_nothing_outside(tmp_pat
 
 
 def test_fifo_swapped_in_after_the_scan_does_not_hang(tmp_path, monkeypatch):
-    import jam_core.stash as stash_mod
+    import jam_core.ops.stash as stash_mod
 
     t = make_tree(tmp_path)
     make_file(t.root / "f", 200_000, seed=7)

@@ -131,11 +131,11 @@ def test_many_small_files_through_sftp(runner, tmp_path, sshd, sftp_store, monke
 def test_server_killed_mid_batch_through_the_core(runner, tmp_path, sshd, sftp_store, monkeypatch):
     """The server dies while a batch moves (killed from the progress callback): stash leaves every
     file local, checkout leaves every stub a stub, and the next run after a restart completes."""
-    from jam_core.checkout import checkout
     from jam_core.manager import make_plugin_manager
     from jam_core.model import Session
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.stash import stash
     from jam_core.root import Root
-    from jam_core.stash import stash
     from tests.test_sftp import KillAfter
 
     tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)

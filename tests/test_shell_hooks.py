@@ -108,7 +108,7 @@ class Shell:
 def tree(jam_root):
     """A root with stubs in data/ (3 files) and data/deep/ (1), local files elsewhere."""
     from jam_core.manager import make_plugin_manager
-    from jam_core.stash import stash
+    from jam_core.ops.stash import stash
 
     root = jam_root
     content = {}
@@ -281,7 +281,7 @@ def test_background_fetch(shell, tree, logged, env):
 def test_ctrl_c_during_a_slow_fetch(tree, env, tmp_path, jam_exe):
     root, content = tree
     from jam_core.manager import make_plugin_manager
-    from jam_core.stash import stash
+    from jam_core.ops.stash import stash
 
     for i in range(40):  # more than one group (hook-fetch checks out 32 files at a time)
         content[f"many/f{i:02d}"] = make_file(root.path / f"many/f{i:02d}", 70_000, seed=100 + i)
@@ -316,8 +316,8 @@ def test_ctrl_c_during_a_slow_fetch(tree, env, tmp_path, jam_exe):
 
 def test_interrupted_checkout_leaves_no_temporary_files(tree):
     from jam_core import hookimpl
-    from jam_core.checkout import checkout
     from jam_core.manager import make_plugin_manager
+    from jam_core.ops.checkout import checkout
 
     root, _ = tree
 
@@ -351,8 +351,8 @@ def test_hook_files_parse(kind):
 
 
 def test_stubdirs_index_follows_stash_and_checkout(tree):
-    from jam_core.checkout import checkout
     from jam_core.manager import make_plugin_manager
+    from jam_core.ops.checkout import checkout
 
     root, _ = tree
     idx = root.jam_dir / "stubdirs"
@@ -366,7 +366,7 @@ def test_stubdirs_index_follows_stash_and_checkout(tree):
 
 
 def test_wanted_depth():
-    from jam_core.stubdirs import wanted
+    from jam_core.hook.index import wanted
 
     stubs = ["a/b/c/f", "x", "a/g"]
     assert wanted(stubs, 0) == {"a/b/c", "", "a"}
@@ -393,7 +393,7 @@ ODD_TYPED = {"bash": "$'odd %41\\nname\\xff'", "zsh": "$'odd %41\\nname\\xff'", 
 
 def marks(root) -> set[str]:
     """The directories (relative, "." = the root) the hooks marked as visited."""
-    from jam_core.visitmarks import decode
+    from jam_core.hook.marks import decode
 
     d = root.jam_dir / "visits"
     return {decode(n) for n in os.listdir(os.fsencode(d))} if d.is_dir() else set()
@@ -413,7 +413,7 @@ def test_cd_inside_a_root_marks_the_visit_without_a_process(shell, tree, logged)
 
 
 def test_a_visit_in_the_shell_makes_old_files_recent_for_policies(shell, tree, logged, jam_exe, env):
-    from jam_core.stubdirs import refresh
+    from jam_core.hook.index import refresh
 
     root, _ = tree
     for rel in ["old/x.bin", "old/y.bin", "elsewhere/z.bin"]:
@@ -487,7 +487,7 @@ def test_unwritable_marks_do_not_break_the_prompt(shell, tree, logged, how):
 
 def test_hostile_marks_are_dropped_safely(tree, tmp_path):
     from jam_core.catalog import Catalog
-    from jam_core.visitmarks import encode, fold
+    from jam_core.hook.marks import encode, fold
 
     root, _ = tree
     outside = tmp_path / "outside"
@@ -537,14 +537,14 @@ def test_hostile_marks_are_dropped_safely(tree, tmp_path):
 
 @pytest.mark.parametrize("rel", [".", "a", "a b/c", "per%41cent", "new\nline", "bad\udcffbyte", "%2F"])
 def test_mark_names_round_trip(rel):
-    from jam_core.visitmarks import decode, encode
+    from jam_core.hook.marks import decode, encode
 
     assert decode(encode(rel)) == rel
 
 
 def test_hook_fetch_folds_the_marks(tree, jam_exe, env):
     from jam_core.catalog import Catalog
-    from jam_core.visitmarks import encode
+    from jam_core.hook.marks import encode
 
     root, _ = tree
     (root.jam_dir / "visits" / encode("plain").decode()).touch()

@@ -127,4 +127,4 @@ def main(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
-from jam_core.cli import files, remotes, plugins_cmd, pins, hook  # noqa: E402,F401  (register commands)
+from jam_core.cli import files, hook, pins, plugins_cmd, remotes  # noqa: E402,F401  (register commands)

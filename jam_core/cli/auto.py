@@ -36,7 +36,7 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
     import json
 
     from jam_core.cli.common import plugin_manager
-    from jam_core.policy import carry_out, plan_auto
+    from jam_core.policy.plan import carry_out, plan_auto
     from jam_core.root import Root
 
     root = Root.find(".")
@@ -56,7 +56,7 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
 
 def related_rels(root, rels: list[str], pm) -> list[str]:
     """The stubs the select hook (purpose fetch) nominates along with ``rels``; printed."""
-    from jam_core.policy import related
+    from jam_core.policy.plan import related
 
     items = related(root, pm, rels)
     for item in items:

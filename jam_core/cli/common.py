@@ -12,8 +12,6 @@ import click
 
 from jam_core.units import human  # noqa: F401  (the CLI's sizes)
 
-
-
 _LAST_PM = None
 
 

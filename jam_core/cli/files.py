@@ -14,7 +14,7 @@ from jam_core.cli.common import human, plugin_manager, plural, report, root_and_
 @click.argument("path", default=".", type=click.Path(file_okay=False))
 def init(path: str) -> None:
     """Make PATH (default: here) a jam root. Adds the embedded default remote if none is set."""
-    from jam_core.remotes import ensure_default_remote
+    from jam_core.ops.remotes import ensure_default_remote
     from jam_core.root import Root
 
     root, created = Root.init(path)
@@ -34,7 +34,7 @@ def init(path: str) -> None:
 def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
     """Turn files (directories recursively) into stubs once their content is on the remotes."""
     from jam_core.errors import UsageError
-    from jam_core.stash import stash as do_stash
+    from jam_core.ops.stash import stash as do_stash
 
     if dry_run and not auto:
         raise UsageError("--dry-run goes with --auto (jam stash --auto --dry-run)")
@@ -66,8 +66,8 @@ def checkout(paths: tuple[str, ...], related: bool, keep_both: bool) -> None:
 
     Name what to bring back (`.` is the current directory). Exit 1 if a file could not come
     back (a stub that was written into is kept as it is: see --keep-both)."""
-    from jam_core.checkout import checkout as do_checkout
     from jam_core.errors import UsageError
+    from jam_core.ops.checkout import checkout as do_checkout
 
     if not paths:
         raise UsageError("name the files or directories to check out (`jam checkout .` for the current directory)")
@@ -89,7 +89,7 @@ def checkout(paths: tuple[str, ...], related: bool, keep_both: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(path: str, as_json: bool) -> None:
     """Per directory and in total: files local and stubbed, true bytes and bytes on disk."""
-    from jam_core.status import status as do_status
+    from jam_core.ops.status import status as do_status
 
     root, (rel,) = root_and_rels([path])
     st = do_status(root, rel)
@@ -119,7 +119,7 @@ def status(path: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(path: str, deep: bool, fix: bool, as_json: bool) -> None:
     """Prove that every stub can come back. Exit 1 if a problem is found."""
-    from jam_core.doctor import doctor as do_doctor
+    from jam_core.ops.doctor import doctor as do_doctor
 
     root, (rel,) = root_and_rels([path])
     with session("verifying") as s:
@@ -137,6 +137,6 @@ def doctor(path: str, deep: bool, fix: bool, as_json: bool) -> None:
 @main.command()
 def demo() -> None:
     """Build a sample tree in a temporary folder and show stash, status and checkout on it."""
-    from jam_core.demo import run_demo
+    from jam_core.ops.demo import run_demo
 
     raise SystemExit(run_demo(click.echo))

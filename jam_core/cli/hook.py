@@ -11,7 +11,6 @@ from jam_core.cli import main
 
 SHELLS = ("bash", "zsh", "fish")
 PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
-GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
 
 HOOK_HELP = """Print the cd hook for SHELL: `cd` into a directory of a jam root and its stubs
 come back.
@@ -123,77 +122,52 @@ def _say(message: str) -> None:
 
 def _hook_fetch(directory: str) -> int:
     from jam_core.cli.common import human, show_path
-    from jam_core.root import Root, abspath, find_root
-    from jam_core.stubdirs import settings
-    from jam_core.visit import plan, record_visit
-    from jam_core.visitmarks import fold
+    from jam_core.hook.fetch import arrive, heal
+    from jam_core.hook.visit import record_visit
 
-    # The real directory (a symlink inside the root leads to where it points; the plan then
-    # walks from the root's descriptor and follows none).
-    path = abspath(os.path.realpath(abspath(directory)))
-    top = find_root(path)
-    if top is None:
+    a = arrive(directory)
+    if a is None:
         return 0
-    root = Root(top)
-    if path != top and path.relative_to(top).parts[0] == ".jam":
-        return 0
-    fold(root)  # the visits the hook recorded without starting jam
-    rel = root.rel(path)
-    hs = settings(root)
-    background = hs.background
+    background = a.settings.background
     if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
         background = os.environ["JAM_BACKGROUND"] == "1"
-    p = plan(root, rel, hs)
-    if not p.stubs:
-        _heal(root, p, hs)
-        record_visit(root, p)
+    v = a.visit
+    if not v.stubs:
+        heal(a)
+        record_visit(a.root, v)
         return 0
-    where = "here" if os.path.abspath(os.getcwd()) == str(path) else show_path(str(path))
-    n = len(p.stubs)
-    if p.bytes > hs.max_fetch:
-        _say(f"{n} stub{'s' if n != 1 else ''} ({human(p.bytes)}) {'in ' if where != 'here' else ''}{where}, "
-             f"more than hook.max_fetch ({human(hs.max_fetch)}); get them with: jam checkout "
-             + ("." if where == "here" else _shell_word(str(path))))
-        record_visit(root, p)
+    where = "here" if os.path.abspath(os.getcwd()) == a.path else show_path(a.path)
+    n = len(v.stubs)
+    if v.bytes > a.settings.max_fetch:
+        _say(f"{n} stub{'s' if n != 1 else ''} ({human(v.bytes)}) {'in ' if where != 'here' else ''}{where}, "
+             f"more than hook.max_fetch ({human(a.settings.max_fetch)}); get them with: jam checkout "
+             + ("." if where == "here" else _shell_word(a.path)))
+        record_visit(a.root, v)
         return 0
     if background:
         if os.fork() != 0:
             return 0
         _detach()
         try:
-            code = _fetch(root, p, where, show_progress=False)
+            code = _fetch(a, where, show_progress=False)
         except KeyboardInterrupt:
             code = 130
         except BaseException as exc:  # noqa: BLE001  (a daemon has nobody to raise to)
-            _say(f"background fetch in {show_path(str(path))} failed: {exc}")
+            _say(f"background fetch in {show_path(a.path)} failed: {exc}")
             code = 1
         finally:
             sys.stderr.flush()
         os._exit(code)
-    return _fetch(root, p, where, show_progress=p.bytes >= PROGRESS_FROM and sys.stderr.isatty())
+    return _fetch(a, where, show_progress=v.bytes >= PROGRESS_FROM and sys.stderr.isatty())
 
 
-def _fetch(root, p, where: str, show_progress: bool) -> int:
-    from jam_core.checkout import checkout
+def _fetch(a, where: str, show_progress: bool) -> int:
     from jam_core.cli.common import human, plugin_manager, session, show_path
+    from jam_core.hook.fetch import fetch
     from jam_core.model import Session
-    from jam_core.stash import Result
-    from jam_core.visit import record_visit
 
-    pm = plugin_manager()
-    # In groups, so that Ctrl-C keeps what was done: checkout makes each call's files durable
-    # and swaps them in at its end.
-    result = Result()
     with (session("fetching") if show_progress else Session()) as s:
-        for group in _groups(p.stubs):
-            r = checkout(root, group, pm, s)
-            result.done += r.done
-            result.failed += r.failed
-            result.skipped += r.skipped
-            if r.aborted:
-                result.aborted = r.aborted
-                break
-    record_visit(root, p)
+        result = fetch(a, plugin_manager(), s)
     for rel, why in (result.failed + result.skipped)[:5]:
         _say(f"{show_path(rel)}: {why}")
     if result.aborted:
@@ -203,51 +177,6 @@ def _fetch(root, p, where: str, show_progress: bool) -> int:
         _say(f"fetched {n} file{'s' if n != 1 else ''} ({human(result.bytes)}) "
              f"{'here' if where == 'here' else 'in ' + where}")
     return 0
-
-
-def _groups(stubs: list[tuple[str, int]]):
-    group: list[str] = []
-    size = 0
-    for rel, n in stubs:
-        group.append(rel)
-        size += n
-        if len(group) >= GROUP_FILES or size >= GROUP_BYTES:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
-def _heal(root, p, hs) -> None:
-    """The index sent us here for nothing (stubs moved away, an interrupted checkout, a new
-    hook.depth): drop the catalog's stale rows for this scope and rebuild the index."""
-    from jam_core.catalog import Catalog
-    from jam_core.errors import UsageError
-    from jam_core.root import CATALOG
-    from jam_core.stubdirs import refresh, valid_rel
-
-    base = "" if p.rel == "." else p.rel + "/"
-    try:
-        with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
-            for path in cat.stubs():
-                if not path.startswith(base) or not valid_rel(path):
-                    continue  # a row that is no path inside the root: doctor reports it
-                below = path[len(base):].count("/")
-                if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
-                    cat.remove_stub(path)
-            refresh(root, cat)
-    except UsageError:
-        pass  # another jam is working on this root; it refreshes the index when it is done
-
-
-def _is_stub(path) -> bool:
-    from jam_core.scan import DIRTY, STUB, classify
-
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return classify(str(path), st)[0] in (STUB, DIRTY)
 
 
 def _detach() -> None:

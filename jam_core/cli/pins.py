@@ -15,8 +15,8 @@ def pin(paths: tuple[str, ...]) -> None:
 
     With no PATHS, list the pins of the root around the current directory.
     """
-    from jam_core import policy
-    from jam_core.checkout import checkout
+    from jam_core.ops.checkout import checkout
+    from jam_core.policy import pins as policy
     from jam_core.root import Root
 
     if not paths:
@@ -40,7 +40,7 @@ def pin(paths: tuple[str, ...]) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def unpin(paths: tuple[str, ...]) -> None:
     """Let policies stash PATHS again (their content stays local until a policy chooses it)."""
-    from jam_core import policy
+    from jam_core.policy import pins as policy
 
     root, rels = root_and_rels(paths)
     done, not_pinned, held = policy.unpin(root, rels)

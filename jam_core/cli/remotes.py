@@ -21,7 +21,7 @@ def remote() -> None:
 @click.option("--tier", default=0, type=int, show_default=True, help="0 = nearest and fastest; higher = farther.")
 def remote_add(name: str, url: str, tier: int) -> None:
     """Add remote NAME at URL (a path, file:///path or sftp://[user@]host[:port]/path)."""
-    from jam_core.remotes import add_remote
+    from jam_core.ops.remotes import add_remote
     from jam_core.root import Root
 
     r, desc = add_remote(Root.find("."), plugin_manager(), name, url, tier)
@@ -50,7 +50,7 @@ def remote_list(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Forget it even if it holds the only copy of some stubs.")
 def remote_remove(name: str, force: bool) -> None:
     """Forget remote NAME (its objects stay where they are)."""
-    from jam_core.remotes import remove_remote
+    from jam_core.ops.remotes import remove_remote
     from jam_core.root import Root
 
     remove_remote(Root.find("."), name, force)

@@ -19,58 +19,16 @@ import errno
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from typing import Iterable
 
 from jam_core.errors import UsageError
-from jam_core.root import JAM_DIR, Root, parse_size
+from jam_core.hook.settings import DEFAULT_DEPTH, settings
+from jam_core.root import JAM_DIR, Root, valid_rel
 
 INDEX = "stubdirs"
 MARK = stat.S_ISVTX  # the sticky bit: "cd here fetches"
-DEFAULT_DEPTH = 0
-DEFAULT_MAX_FETCH = "1GB"
-
-
-@dataclass(frozen=True)
-class HookSettings:
-    """``[hook]`` in a root's config.toml. ``depth`` None means unlimited."""
-
-    depth: int | None = DEFAULT_DEPTH
-    max_fetch: int = parse_size(DEFAULT_MAX_FETCH)
-    background: bool = False
-
-
-def settings(root: Root) -> HookSettings:
-    """The root's ``[hook]`` table, validated (UsageError names the bad key)."""
-    table = root.config.get("hook", {})
-    where = f"{root.config_path}: [hook]"
-    if not isinstance(table, dict):
-        raise UsageError(f"{where} must be a table")
-    depth = table.get("depth", DEFAULT_DEPTH)
-    if depth in ("all", -1):
-        depth = None
-    elif not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-        raise UsageError(f"{where} depth: expected a whole number >= 0 or \"all\", got {depth!r}")
-    max_fetch = parse_size(table.get("max_fetch", DEFAULT_MAX_FETCH), f"{where} max_fetch")
-    background = table.get("background", False)
-    if not isinstance(background, bool):
-        raise UsageError(f"{where} background: expected true or false, got {background!r}")
-    return HookSettings(depth, max_fetch, background)
-
-
 def index_path(root: Root) -> str:
     return os.path.join(root.path, JAM_DIR, INDEX)
-
-
-def valid_rel(path: object) -> bool:
-    """Is ``path`` (from the catalog, a mark, any metadata) a file's path inside a root?
-
-    Relative, not empty, no NUL, no empty, ``.`` or ``..`` component, not under ``.jam``:
-    the rules the stub's own xattrs are held to. A bad row is skipped (doctor reports it)."""
-    if not isinstance(path, str) or not path or "\0" in path or path.startswith("/"):
-        return False
-    parts = path.split("/")
-    return not any(p in ("", ".", "..") for p in parts) and parts[0] != JAM_DIR
 
 
 def wanted(stub_paths: Iterable[str], depth: int | None) -> set[str]:

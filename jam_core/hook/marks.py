@@ -236,8 +236,8 @@ def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, floa
 def _record(root: Root, visits: dict[str, float]) -> int:
     from jam_core.catalog import Catalog
     from jam_core.errors import UsageError
-    from jam_core.stubdirs import HookSettings, settings
-    from jam_core.visit import plan
+    from jam_core.hook.settings import HookSettings, settings
+    from jam_core.hook.visit import plan
 
     if not visits:
         return 0

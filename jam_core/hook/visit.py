@@ -1,7 +1,7 @@
 """A directory visit from the cd hook: what to fetch there, within ``hook.depth`` and
 ``hook.max_fetch``, and the visit recorded as use for the LRU policy.
 
-The shell decides without Python whether a visit has anything to fetch (``jam_core.stubdirs``);
+The shell decides without Python whether a visit has anything to fetch (``jam_core.hook.index``);
 this runs only when it has.
 """
 
@@ -11,13 +11,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from jam_core.hook.settings import HookSettings
 from jam_core.root import JAM_DIR, Root
 from jam_core.scan import DIRTY, STUB, classify, is_jam_tmp
-from jam_core.stubdirs import HookSettings
 
 
 @dataclass
-class Plan:
+class Visit:
     """The visit's scope: its stubs (relative paths and sizes) and every regular file in it."""
 
     rel: str
@@ -47,12 +47,12 @@ def _open_rel(top: int, rel: str) -> int:
     return fd
 
 
-def plan(root: Root, rel: str, hs: HookSettings) -> Plan:
+def plan(root: Root, rel: str, hs: HookSettings) -> Visit:
     """Scan ``rel`` and up to ``hs.depth`` levels below it (never ``.jam``, never symlinks:
     every directory is opened relative to the root's descriptor without following one)."""
-    from jam_core.stubdirs import valid_rel
+    from jam_core.root import valid_rel
 
-    p = Plan(rel)
+    p = Visit(rel)
     if rel != "." and not valid_rel(rel):
         return p
     try:
@@ -76,7 +76,7 @@ def plan(root: Root, rel: str, hs: HookSettings) -> Plan:
     return p
 
 
-def _plan_dir(p: Plan, fd: int, d: str, where: str, level: int, hs: HookSettings, stack: list) -> None:
+def _plan_dir(p: Visit, fd: int, d: str, where: str, level: int, hs: HookSettings, stack: list) -> None:
     try:
         names = sorted(os.listdir(fd))
     except OSError:
@@ -103,7 +103,7 @@ def _plan_dir(p: Plan, fd: int, d: str, where: str, level: int, hs: HookSettings
                 p.dirty += 1
 
 
-def record_visit(root: Root, p: Plan) -> None:
+def record_visit(root: Root, p: Visit) -> None:
     """The visit counts as a use of every file in its scope (for the LRU policy)."""
     from jam_core.catalog import Catalog
     from jam_core.root import CATALOG

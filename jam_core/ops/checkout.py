@@ -12,19 +12,29 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from jam_core import pipeline
 from jam_core.catalog import Catalog
-from jam_core.errors import JamError, RemoteError
-from jam_core.fs import (TMP_MARK, DirFds, exchange, fd_path, open_regular, rename_noreplace, restore_xattrs,
-                         syncfs, tmp_name)
+from jam_core.errors import JamError, RemoteError, describe
+from jam_core.fs import (
+    TMP_MARK,
+    DirFds,
+    exchange,
+    fd_path,
+    open_regular,
+    rename_noreplace,
+    restore_xattrs,
+    same_file,
+    syncfs,
+    tmp_name,
+)
+from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import CHUNK, hasher, split_oid
-from jam_core.pipeline import batches
+from jam_core.ops import pipeline
+from jam_core.ops.common import Result, collect
+from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
-from jam_core.stash import Result, _why, collect, same_file
 from jam_core.stub import verify_clean
-from jam_core.stubdirs import refresh as refresh_stubdirs
 
 KEEP_BOTH_LABEL = "stashed version"
 
@@ -178,7 +188,7 @@ def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Sess
     Yields each want with None (its temporary file holds exactly the content of its id) or a
     one-line problem. A remote that fails as a whole yields every want as unreachable.
     """
-    from jam_core.remotes import ensure_identity
+    from jam_core.ops.remotes import ensure_identity
 
     by_oid: dict[str, list[_Want]] = {}
     for w in wants:
@@ -217,7 +227,7 @@ def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Sess
                 try:
                     _copy_fd(first.fd, w.fd, first.entry.record.size)
                 except OSError as exc:
-                    yield w, _why(exc)
+                    yield w, describe(exc)
                     continue
             yield w, problem
 
@@ -236,7 +246,7 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     wrong. Never reads more than the stub's size: a longer object is corrupt as it stands."""
     rec = w.entry.record
     if isinstance(outcome, Exception):
-        return _why(outcome)
+        return describe(outcome)
     if outcome is not True:
         return f"remote {remote.name!r} does not have {rec.oid}"
     got_size = os.fstat(w.fd).st_size
@@ -276,7 +286,7 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
                     continue
                 swap_in(w)
             except (JamError, OSError) as exc:
-                result.failed.append((w.entry.rel, _why(exc)))
+                result.failed.append((w.entry.rel, describe(exc)))
                 continue
             touched.add(w.dir_fd)
             cat.remove_stub(w.entry.rel)

@@ -41,13 +41,12 @@ def build_sample(base: Path) -> dict[str, str]:
 
 
 def run_demo(echo) -> int:
-    from jam_core.checkout import checkout
     from jam_core.manager import make_plugin_manager
-    from jam_core.remotes import add_remote
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.remotes import add_remote
+    from jam_core.ops.stash import stash
+    from jam_core.ops.status import status
     from jam_core.root import Root
-    from jam_core.stash import stash
-    from jam_core.status import status
-
     from jam_core.units import human
 
     folder = Path(tempfile.mkdtemp(prefix="jam-demo-"))

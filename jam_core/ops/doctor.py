@@ -23,11 +23,19 @@ from pathlib import Path
 from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import RemoteError, UsageError
 from jam_core.model import Remote, Session
-from jam_core.objects import hash_file
 from jam_core.root import CATALOG, Root
 from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, walk
-from jam_core.stub import (HEADER_MAX, LOST_XATTRS, XATTR, BadStub, StubRecord, open_checked, record_from_block,
-                           rewrite_header, verify_clean)
+from jam_core.stub import (
+    HEADER_MAX,
+    LOST_XATTRS,
+    XATTR,
+    BadStub,
+    StubRecord,
+    open_checked,
+    record_from_block,
+    rewrite_header,
+    verify_clean,
+)
 
 
 @dataclass

@@ -14,122 +14,39 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from jam_core import pipeline
 from jam_core.catalog import Catalog
-from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError
-from jam_core import fs
-from jam_core.fs import (DirFds, FileBusy, Leases, NotTheFile, ThroughSymlink, carried_xattrs, exchange, fd_path,
-                         open_regular, syncfs)
+from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, describe
+from jam_core.fs import (
+    DirFds,
+    FileBusy,
+    Leases,
+    NotTheFile,
+    carried_xattrs,
+    exchange,
+    fd_path,
+    open_regular,
+    same_file,
+    syncfs,
+    tmp_name,
+)
+from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
-from jam_core.pipeline import batches
+from jam_core.ops import pipeline
+from jam_core.ops.common import Result, collect
+from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry, walk
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry
 from jam_core.stub import HEADER_MAX, MAGIC, StubRecord, record_from_block, write_stub
-from jam_core.stubdirs import refresh as refresh_stubdirs
-
-
-@dataclass
-class Result:
-    """What an operation did, file by file. ``done`` holds (path, bytes) pairs."""
-
-    done: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    unchanged: int = 0  # already in the wanted state
-    aborted: str = ""  # why the run stopped early (e.g. a remote is gone)
-    partly: bool = False  # a file was left undone for a reason the user must act on
-
-    @property
-    def bytes(self) -> int:
-        return sum(n for _, n in self.done)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if (self.failed or self.aborted or self.partly) else 0
 
 
 class Skip(JamError):
     """This file stays as it is, for a reason the user should read (not an error)."""
-
-
-def same_file(a: os.stat_result, b: os.stat_result, ctime: bool = True) -> bool:
-    return (
-        a.st_ino == b.st_ino
-        and a.st_dev == b.st_dev
-        and a.st_size == b.st_size
-        and a.st_mtime_ns == b.st_mtime_ns
-        and (not ctime or a.st_ctime_ns == b.st_ctime_ns)
-    )
-
-
-def through_symlink(root_path: str, rel: str) -> str | None:
-    """The first directory on the way from the root to ``rel`` that is a symlink, or None."""
-    p = root_path
-    for part in rel.split(os.sep)[:-1]:
-        p = os.path.join(p, part)
-        if os.path.islink(p):
-            return os.path.relpath(p, root_path)
-    return None
-
-
-def tmp_name(directory: str | None = None) -> str:
-    """A fresh temporary name (``fs.tmp_name``), joined to ``directory`` when given."""
-    name = fs.tmp_name()
-    return os.path.join(directory, name) if directory else name
-
-
-_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device"}
-
-
-def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
-    """Walk the named paths; returns (entry, named_explicitly) pairs, each file once.
-
-    Each named path is looked at relative to its directory's descriptor: a path reached
-    through a symlink, a symlink, or anything but a regular file or directory is skipped with
-    its reason. The caller holds the root's lock, so temporary files a killed jam provably
-    left are removed on the way (see ``scan.scan_dirs``)."""
-    seen: set[str] = set()
-    out = []
-    for rel in rels:
-        parent, _, name = rel.rpartition("/")
-        try:
-            if rel == ".":
-                st = os.fstat(dirs.root_fd)
-            else:
-                st = os.stat(name, dir_fd=dirs.get(parent or "."), follow_symlinks=False)
-        except ThroughSymlink as exc:
-            result.skipped.append((rel, f"reached through the symlink {exc.filename}: jam does not follow symlinks"))
-            continue
-        except FileNotFoundError:
-            result.failed.append((rel, "no such file or directory"))
-            continue
-        except OSError as exc:
-            result.failed.append((rel, exc.strerror or str(exc)))
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
-            continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            result.skipped.append((rel, f"{kind}: jam works only on regular files"))
-            continue
-
-        def on_error(r, exc):
-            result.failed.append((r, exc.strerror or str(exc)))
-
-        for e in walk(str(root.path), rel, on_error, clean=True):
-            if e.rel not in seen:
-                seen.add(e.rel)
-                out.append((e, e.rel == rel))
-    return out
 
 
 @dataclass
@@ -172,7 +89,7 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     min_size = root.min_size
     _raise_fd_limit()
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
-        from jam_core.pins import covered, read_pins
+        from jam_core.policy.pins import covered, read_pins
 
         pins = set() if explicit else read_pins(root)
         todo = []
@@ -248,7 +165,7 @@ def _hash_batch(root: Root, entries: list[Entry], dirs: DirFds, leases: Leases, 
             session.file_done(2 * entry.st.st_size)
             continue
         except (JamError, OSError) as exc:
-            result.failed.append((entry.rel, _why(exc)))
+            result.failed.append((entry.rel, describe(exc)))
             session.file_done(2 * entry.st.st_size)
             continue
         if s is None:
@@ -264,7 +181,7 @@ def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, se
     """In the worker: store a hashed batch on each remote ``place`` chose, in the configured
     order. Records on each item the remotes that reported a verified store; returns the errors
     by item and the remotes used; raises RemoteError when a remote fails as a whole."""
-    from jam_core.remotes import ensure_identity
+    from jam_core.ops.remotes import ensure_identity
 
     errors: dict[int, Exception] = {}
     used: dict[str, Remote] = {}
@@ -303,7 +220,7 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
             result.skipped.append((s.entry.rel, str(err)))
             result.partly = True
         else:
-            result.failed.append((s.entry.rel, _why(err)))
+            result.failed.append((s.entry.rel, describe(err)))
     if stored:
         _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases)
 
@@ -341,14 +258,6 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
             yield s, err
 
 
-def _why(exc: Exception) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, JamError):
-        if exc.errno == errno.ENOSPC:
-            return f"no space left on the local disk ({exc.filename or 'the root'})"
-        return exc.strerror or str(exc)
-    return str(exc)
-
-
 def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
                 dirs: DirFds, leases: Leases) -> None:
     """Make a batch's objects durable, then its stubs, then swap them in one by one. Every
@@ -357,7 +266,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
         for remote in remotes:
             pm.hook.sync(remote=remote, session=session)
     except (RemoteError, OSError) as exc:
-        result.aborted = _why(exc)
+        result.aborted = describe(exc)
         return
     ready = []
     for s in batch:
@@ -365,7 +274,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             s.tmp = write_stub_aside(s)
             ready.append(s)
         except OSError as exc:
-            result.failed.append((s.entry.rel, _why(exc)))
+            result.failed.append((s.entry.rel, describe(exc)))
     if not ready:
         return
     syncfs(dirs.root_fd)
@@ -376,7 +285,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             try:
                 swapped = _swap(s, leases)
             except OSError as exc:
-                result.failed.append((e.rel, _why(exc)))
+                result.failed.append((e.rel, describe(exc)))
                 continue
             if not swapped:
                 result.skipped.append((e.rel, "changed while it was being stashed; left local"))

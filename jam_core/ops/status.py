@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from jam_core.policy import covered
+from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, QUICK, classify, scan_dirs
+from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, scan_dirs
 from jam_core.stub import HEADER_MAX, LOST_XATTRS, XATTR, BadStub, StubRecord, quick_dirty, verify_clean_path
 
 
@@ -131,7 +131,7 @@ def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:
     """The pins, and the stubs the catalog knows under ``rel`` with their size, mtime, inode
     and ctime."""
     from jam_core.catalog import Catalog
-    from jam_core.pins import read_pins
+    from jam_core.policy.pins import read_pins
     from jam_core.root import CATALOG
 
     pins = read_pins(root)  # ROOT/.jam/pins: pins survive a rebuilt catalog

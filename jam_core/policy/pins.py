@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from jam_core.errors import UsageError
-from jam_core.root import CATALOG, JAM_DIR, Root
+from jam_core.root import CATALOG, Root, check_rel
 
 PINS = "pins"
 MAX_BYTES = 16 << 20  # a pins file bigger than this is not one jam wrote
@@ -49,24 +49,7 @@ def covered(rel: str, pins: set[str] | frozenset[str]) -> bool:
 
 def check_pin(rel: object) -> str:
     """``rel`` if it is a valid pin (a normalised relative path, not in ``.jam``), else ValueError."""
-    if not isinstance(rel, str) or not rel:
-        raise ValueError("not a path")
-    if rel == ".":
-        return rel
-    if "\0" in rel:
-        raise ValueError("contains a NUL byte")
-    if rel.startswith("/"):
-        raise ValueError("an absolute path")
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError("not a normalised path inside the root (empty, '.' or '..' component)")
-    if parts[0] == JAM_DIR:
-        raise ValueError("inside jam's own .jam directory")
-    try:
-        os.fsencode(rel)
-    except UnicodeEncodeError:
-        raise ValueError("not encodable as a file name") from None
-    return rel
+    return check_rel(rel)
 
 
 def pins_path(root: Root) -> str:
@@ -250,3 +233,32 @@ def remove_pins(root: Root, rels: Iterable[str]) -> tuple[set[str], set[str]]:
         _write(root, after)
         _mirror(root, after)
     return before, after
+
+
+# -- the operations behind `jam pin` and `jam unpin` ----------------------------------------------
+
+def pins(root: Root) -> list[str]:
+    """The root's pins, sorted."""
+    return sorted(read_pins(root))
+
+
+def pin(root: Root, rels: Sequence[str]) -> None:
+    """Pin files or directories (relative to the root): policies never stash them. The caller
+    checks pinned stubs out (``jam pin`` does, like "always keep on this device"). Pins live
+    in ``ROOT/.jam/pins`` (jam_core.policy.pins), so a rebuilt catalog keeps them."""
+    for rel in rels:
+        if not os.path.lexists(root.abs(rel)):
+            raise UsageError(f"{rel}: no such file or directory")
+    with root.lock():
+        add_pins(root, rels)
+
+
+def unpin(root: Root, rels: Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Unpin; returns (unpinned, not pinned, [(still covered, by which pin)])."""
+    with root.lock():
+        before, left = remove_pins(root, rels)
+    held = []
+    for rel in rels:
+        if covered(rel, left):
+            held.append((rel, next(p for p in sorted(left, key=len, reverse=True) if covered(rel, {p}))))
+    return [r for r in rels if r in before], [r for r in rels if r not in before], held

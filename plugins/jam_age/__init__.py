@@ -13,8 +13,7 @@ import functools
 import time
 from typing import Sequence
 
-from jam_core import FileRecord, Nomination, UsageError, hookimpl
-from jam_core.policy import STASH, format_duration, parse_duration, policy_table
+from jam_core import STASH, FileRecord, Nomination, UsageError, format_duration, hookimpl, parse_duration, policy_table
 
 NAME = "age"
 KNOWN = ("older_than",)

@@ -15,9 +15,7 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Sequence
 
-from jam_core import FileRecord, Nomination, UsageError, hookimpl
-from jam_core.policy import STASH, human, parse_percent, policy_table
-from jam_core.root import parse_size
+from jam_core import STASH, FileRecord, Nomination, UsageError, hookimpl, human, parse_percent, parse_size, policy_table
 
 NAME = "budget"
 KNOWN = ("max_local", "low")
@@ -28,7 +26,8 @@ def select_budget(records: Sequence[FileRecord], local_bytes: int, max_local: in
     """Least recently used records first, until ``local_bytes`` minus them is at most ``low``."""
     if local_bytes <= max_local:
         return []
-    reason = f"local {human(local_bytes)} > {human(max_local)}, evicting least recently used down to {human(low)}"
+    reason = (f"local {human(local_bytes, trim=True)} > {human(max_local, trim=True)}, "
+              f"evicting least recently used down to {human(low, trim=True)}")
     out = []
     left = local_bytes
     by_path = sorted(records, key=attrgetter("path"))

@@ -21,8 +21,7 @@ import itertools
 from operator import attrgetter
 from typing import Sequence
 
-from jam_core import FileRecord, Nomination, UsageError, hookimpl
-from jam_core.policy import STASH, parse_percent, policy_table
+from jam_core import STASH, FileRecord, Nomination, UsageError, hookimpl, parse_percent, policy_table
 
 NAME = "lru"
 KNOWN = ("keep", "by")
@@ -72,5 +71,5 @@ def select(records, purpose, config):
     s = settings(config)
     if s is None:
         return None
-    # jam_core.policy passes the candidates as a tuple that also carries the tree's stubs
+    # jam_core.policy.plan passes the candidates as a tuple that also carries the tree's stubs
     return select_lru(records, *s, stubs=getattr(records, "stubs", ()))

@@ -15,8 +15,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any, Mapping, Sequence
 
-from jam_core import FileRecord, Nomination, UsageError, hookimpl
-from jam_core.policy import FETCH
+from jam_core import FETCH, FileRecord, Nomination, UsageError, hookimpl
 
 NAME = "related"
 DEFAULTS = {"same_dir": True, "extensions": True, "stem": True, "max_files": 20}

@@ -1,0 +1,106 @@
+"""What `jam hook-fetch DIR` does when the cd hook finds stubs to fetch: where the visit is, what
+it covers (``hook.depth``), fetching its stubs in groups (so Ctrl-C keeps the groups done),
+recording the visit as use, and healing the index when it sent the hook here for nothing.
+
+The CLI (jam_core/cli/hook.py) only prints and decides foreground or background."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from jam_core.errors import UsageError
+from jam_core.hook.marks import fold
+from jam_core.hook.settings import HookSettings, settings
+from jam_core.hook.visit import Visit, plan, record_visit
+from jam_core.ops.checkout import checkout
+from jam_core.ops.common import Result
+from jam_core.root import Root, abspath, find_root, valid_rel
+from jam_core.scan import DIRTY, STUB, classify
+
+GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
+
+
+@dataclass
+class Arrival:
+    """A visit the hook reported: the root, the directory (real path), what it covers."""
+
+    root: Root
+    path: str
+    visit: Visit
+    settings: HookSettings
+
+
+def arrive(directory: str) -> Arrival | None:
+    """Where a ``cd`` landed, and what a fetch there would cover. None outside every root and
+    inside ``.jam``. The visit marks the hooks left are folded into the catalog's uses first."""
+    # The real directory (a symlink inside the root leads to where it points; the plan then
+    # walks from the root's descriptor and follows none).
+    path = abspath(os.path.realpath(abspath(directory)))
+    top = find_root(path)
+    if top is None:
+        return None
+    root = Root(top)
+    if path != top and path.relative_to(top).parts[0] == ".jam":
+        return None
+    fold(root)
+    hs = settings(root)
+    return Arrival(root, str(path), plan(root, root.rel(path), hs), hs)
+
+
+def fetch(a: Arrival, pm, session) -> Result:
+    """Check out the visit's stubs in groups, then record the visit as use."""
+    result = Result()
+    for group in groups(a.visit.stubs):
+        r = checkout(a.root, group, pm, session)
+        result.done += r.done
+        result.failed += r.failed
+        result.skipped += r.skipped
+        if r.aborted:
+            result.aborted = r.aborted
+            break
+    record_visit(a.root, a.visit)
+    return result
+
+
+def groups(stubs: list[tuple[str, int]]):
+    group: list[str] = []
+    size = 0
+    for rel, n in stubs:
+        group.append(rel)
+        size += n
+        if len(group) >= GROUP_FILES or size >= GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def heal(a: Arrival) -> None:
+    """The index sent the hook here for nothing (stubs moved away, an interrupted checkout, a
+    new hook.depth): drop the catalog's stale rows for this scope and rebuild the index."""
+    from jam_core.catalog import Catalog
+    from jam_core.hook.index import refresh
+    from jam_core.root import CATALOG
+
+    root, v, hs = a.root, a.visit, a.settings
+    base = "" if v.rel == "." else v.rel + "/"
+    try:
+        with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+            for path in cat.stubs():
+                if not path.startswith(base) or not valid_rel(path):
+                    continue  # a row that is no path inside the root: doctor reports it
+                below = path[len(base):].count("/")
+                if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
+                    cat.remove_stub(path)
+            refresh(root, cat)
+    except UsageError:
+        pass  # another jam is working on this root; it refreshes the index when it is done
+
+
+def _is_stub(path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return classify(str(path), st)[0] in (STUB, DIRTY)

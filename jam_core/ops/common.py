@@ -1,0 +1,79 @@
+"""What the operations share: the result of one, and the walk of the paths a user named."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from jam_core.fs import DirFds, ThroughSymlink
+from jam_core.root import Root
+from jam_core.scan import Entry, walk
+
+
+@dataclass
+class Result:
+    """What an operation did, file by file. ``done`` holds (path, bytes) pairs."""
+
+    done: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    unchanged: int = 0  # already in the wanted state
+    aborted: str = ""  # why the run stopped early (e.g. a remote is gone)
+    partly: bool = False  # a file was left undone for a reason the user must act on
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.done)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.failed or self.aborted or self.partly) else 0
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> list[tuple[Entry, bool]]:
+    """Walk the named paths; returns (entry, named_explicitly) pairs, each file once.
+
+    Each named path is looked at relative to its directory's descriptor: a path reached
+    through a symlink, a symlink, or anything but a regular file or directory is skipped with
+    its reason. The caller holds the root's lock, so temporary files a killed jam provably
+    left are removed on the way (see ``scan.scan_dirs``)."""
+    seen: set[str] = set()
+    out = []
+    for rel in rels:
+        parent, _, name = rel.rpartition("/")
+        try:
+            if rel == ".":
+                st = os.fstat(dirs.root_fd)
+            else:
+                st = os.stat(name, dir_fd=dirs.get(parent or "."), follow_symlinks=False)
+        except ThroughSymlink as exc:
+            result.skipped.append((rel, f"reached through the symlink {exc.filename}: jam does not follow symlinks"))
+            continue
+        except FileNotFoundError:
+            result.failed.append((rel, "no such file or directory"))
+            continue
+        except OSError as exc:
+            result.failed.append((rel, exc.strerror or str(exc)))
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            result.skipped.append((rel, "a symlink: jam does not stash or follow symlinks"))
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            result.skipped.append((rel, f"{kind}: jam works only on regular files"))
+            continue
+
+        def on_error(r, exc):
+            result.failed.append((r, exc.strerror or str(exc)))
+
+        for e in walk(str(root.path), rel, on_error, clean=True):
+            if e.rel not in seen:
+                seen.add(e.rel)
+                out.append((e, e.rel == rel))
+    return out
