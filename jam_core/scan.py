@@ -73,7 +73,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, St
     return (DIRTY if is_dirty(st, rec) else STUB), rec, ""
 
 
-def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False):
+def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
+              tidy=None):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
     holds regular files (jam's temporary files left out). A single file yields its directory
     with that one file. One lstat per entry, no other I/O.
@@ -87,6 +88,8 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
 
     ``clean=True`` (only while holding the root's lock, when no other jam can be writing)
     first deletes the temporary files a killed jam provably left (``_disposable``).
+    ``tidy(dir_fd, dir_rel, entries) -> entries`` (doctor) sees each directory's listing
+    first and returns what is left of it (it may report and remove jam's temporary files).
     """
     try:
         root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -95,12 +98,12 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
             on_error(rel, exc)
         return
     try:
-        yield from _scan_from(root_fd, rel, on_error, ordered, clean)
+        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy)
     finally:
         os.close(root_fd)
 
 
-def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
+def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -147,6 +150,8 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool):
                     entries = []  # another root, or a remote: never jam's files to manage here
                 if clean:
                     entries = _clean_entries(fd, entries)
+                if tidy is not None:
+                    entries = tidy(fd, prefix[:-1] or ".", entries)
                 files, subdirs = [], []
                 base = fd_path(fd) + "/"
                 for e in entries:
@@ -285,7 +290,7 @@ def _clean_dir(fd: int) -> None:
 
 
 def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, ordered: bool = True,
-         clean: bool = False) -> Iterator[Entry]:
+         clean: bool = False, tidy=None) -> Iterator[Entry]:
     """Every regular file under ``rel`` (a file or directory relative to the root), classified.
 
     ``ordered`` sorts names within each directory (stable output); ``look`` see classify.
@@ -293,7 +298,7 @@ def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, orde
     relative to its directory's descriptor (jam_core.fs.DirFds), never through this path.
     """
     top = root_path.rstrip("/") + "/"
-    for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean):
+    for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean, tidy):
         prefix = "" if dname == "." else dname + "/"
         for name, path, st in files:
             state, rec, problem = classify(path, st, look)
