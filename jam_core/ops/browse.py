@@ -1,0 +1,318 @@
+"""Browse: what a viewer of one directory needs, read from one listing, one status scan and
+the catalog. The TUI shows these; it decides nothing about files itself.
+
+* :func:`entries`: one row per entry of a directory (one scandir by directory descriptor,
+  never through a symlink), each file classified by ``scan.classify``; stubs carry the remotes
+  the catalog knows hold their object, every file its last use.
+* :func:`dir_totals`: per child directory, the totals of everything below it (true bytes,
+  local bytes, disk bytes, files, stubs), folded from one :func:`jam_core.ops.status.status`.
+* :func:`summary`: local bytes, stashed bytes and free space of the root's disk.
+* :func:`details`: the info of one path: its stub metadata, pins covering it, remotes.
+* :func:`holdings`: objects and bytes each remote holds for this root (catalog).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from jam_core.fs import fd_path, is_jam_tmp, open_dir, open_regular
+from jam_core.ops.status import Tally, status
+from jam_core.policy.pins import covered, read_pins
+from jam_core.root import CATALOG, JAM_DIR, Root
+from jam_core.scan import BAD, DIRTY, LIKELY, LOCAL, STUB, classify
+from jam_core.stub import HEADER_MAX, BadStub, StubRecord
+
+FILE, DIR, LINK, OTHER = "file", "dir", "link", "other"
+ALL_LOCAL, PARTLY, ALL_STUBS, EMPTY = "local", "partly", "stubs", "empty"
+
+
+@dataclass
+class Row:
+    """One entry of a directory. ``size`` is the true size (a directory: of everything below
+    it, once its totals are known), ``local`` the bytes of content held on this disk, ``disk``
+    what the entry takes on this disk (blocks)."""
+
+    name: str
+    rel: str
+    kind: str  # file, dir, link, other
+    state: str  # files: local/stub/dirty/bad; dirs: local/partly/stubs/empty ("" until totals)
+    size: int = 0
+    local: int = 0
+    disk: int = 0
+    last_used: float = 0.0
+    remotes: tuple[str, ...] = ()
+    pinned: bool = False
+    files: int = 0  # directories: files below
+    stubs: int = 0  # directories: stubs below
+    problem: str = ""
+    oid: str = ""
+    totals: bool = False  # directories: totals filled in
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+
+def join(rel: str, name: str) -> str:
+    return name if rel in ("", ".") else f"{rel}/{name}"
+
+
+def parent(rel: str) -> str:
+    return rel.rpartition("/")[0] or "."
+
+
+def _catalog(root: Root):
+    from jam_core.catalog import Catalog
+
+    db = root.jam_dir / CATALOG
+    return Catalog(db) if db.exists() else None
+
+
+def entries(root: Root, rel: str = ".") -> list[Row]:
+    """The entries of directory ``rel``: one scandir through directory descriptors (a
+    component that is a symlink raises ``fs.ThroughSymlink``), files classified, directories
+    without totals (:func:`dir_totals` fills them in). ``.jam`` at the top and jam's own
+    temporary files are left out."""
+    rows: list[Row] = []
+    root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_dir(root_fd, rel) if rel not in ("", ".") else os.dup(root_fd)
+    finally:
+        os.close(root_fd)
+    try:
+        base = fd_path(fd) + "/"
+        with os.scandir(fd) as it:
+            listed = list(it)
+        for e in listed:
+            name = e.name
+            if (rel in ("", ".") and name == JAM_DIR) or is_jam_tmp(name):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished while we looked
+            r = join(rel, name)
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                rows.append(Row(name, r, DIR, "", last_used=st.st_mtime))
+            elif stat.S_ISREG(mode):
+                state, rec, problem = classify(base + name, st, LIKELY)
+                local = st.st_size if state == LOCAL else 0
+                row = Row(name, r, FILE, state, st.st_size, local, st.st_blocks * 512,
+                          max(st.st_atime, st.st_mtime), problem=problem)
+                if rec is not None:
+                    row.size, row.oid, row.remotes = rec.size, rec.oid, tuple(rec.remotes)
+                rows.append(row)
+            else:
+                rows.append(Row(name, r, LINK if stat.S_ISLNK(mode) else OTHER, "", disk=st.st_blocks * 512,
+                                last_used=st.st_mtime))
+    finally:
+        os.close(fd)
+    _annotate(root, rows)
+    return rows
+
+
+def _annotate(root: Root, rows: list[Row]) -> None:
+    """Pins, last uses and the remotes holding each stub's object, from one catalog query each."""
+    pins = read_pins(root)
+    for row in rows:
+        row.pinned = bool(pins) and covered(row.rel, pins)
+    try:
+        cat = _catalog(root)
+    except Exception:  # a damaged catalog is only a cache: show what the files say
+        return
+    if cat is None:
+        return
+    with cat:
+        oids = [r.oid for r in rows if r.oid]
+        held = cat.remotes_of(oids) if oids else {}
+        uses = _uses(cat, [r.rel for r in rows if r.kind == FILE])
+    for row in rows:
+        if row.oid:
+            row.remotes = tuple(sorted(set(row.remotes) | held.get(row.oid, set())))
+        used = uses.get(row.rel)
+        if used and used > row.last_used:
+            row.last_used = used
+
+
+def _uses(cat, rels: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for i in range(0, len(rels), 500):
+        chunk = [os.fsencode(r) for r in rels[i:i + 500]]
+        q = f"SELECT path, last_used FROM uses WHERE path IN ({','.join('?' * len(chunk))})"
+        for p, t in cat.db.execute(q, chunk):
+            out[os.fsdecode(p)] = t
+    return out
+
+
+def dir_state(t: Tally) -> str:
+    stubbed = t.stubs + t.dirty
+    if t.files == 0:
+        return EMPTY
+    if stubbed == 0:
+        return ALL_LOCAL
+    if t.local == 0 and t.bad == 0:
+        return ALL_STUBS
+    return PARTLY
+
+
+@dataclass
+class Totals:
+    """Per child directory of ``rel``, the totals below it; ``here`` the files of ``rel``
+    itself; ``total`` all of it. ``problems`` as status reports them."""
+
+    children: dict[str, Tally] = field(default_factory=dict)
+    here: Tally = field(default_factory=Tally)
+    total: Tally = field(default_factory=Tally)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _add(into: Tally, t: Tally) -> None:
+    for k, v in t.__dict__.items():
+        setattr(into, k, getattr(into, k) + v)
+
+
+def dir_totals(root: Root, rel: str = ".") -> Totals:
+    """Totals of every child directory of ``rel``, from one status scan of ``rel``."""
+    st = status(root, rel)
+    out = Totals(total=st.total, problems=st.problems)
+    top = "" if rel in ("", ".") else rel + "/"
+    for d, t in st.directories.items():
+        if d == rel or (d == "." and not top):
+            _add(out.here, t)
+            continue
+        if top and not d.startswith(top):
+            continue
+        child = d[len(top):].split("/", 1)[0]
+        _add(out.children.setdefault(child, Tally()), t)
+    return out
+
+
+def apply_totals(rows: list[Row], totals: Totals) -> None:
+    """Fill in the directory rows of :func:`entries` from :func:`dir_totals`."""
+    for row in rows:
+        if row.kind != DIR:
+            continue
+        t = totals.children.get(row.name, Tally())
+        row.size, row.local, row.disk = t.bytes, t.local_bytes, t.disk_bytes
+        row.files, row.stubs = t.files, t.stubs + t.dirty
+        row.state = dir_state(t)
+        row.totals = True
+
+
+@dataclass
+class Summary:
+    local_bytes: int
+    stashed_bytes: int
+    free: int
+    files: int
+    stubs: int
+
+
+def summary(root: Root, totals: Totals | None = None) -> Summary:
+    """The whole root: content held here, content stashed away, free space on this disk."""
+    t = (totals or dir_totals(root, ".")).total
+    v = os.statvfs(root.path)
+    return Summary(t.local_bytes, t.stub_bytes, v.f_bavail * v.f_frsize, t.files, t.stubs)
+
+
+@dataclass
+class Details:
+    rel: str
+    kind: str
+    state: str = ""
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    oid: str = ""
+    stashed_at: str = ""
+    remotes: tuple[str, ...] = ()
+    pins: tuple[str, ...] = ()  # the pins covering it
+    problem: str = ""
+
+
+def details(root: Root, rel: str) -> Details:
+    """What the info pane shows of one path: for a stub its id, size, mode, when it was
+    stashed and the remotes holding it (header block, xattr and catalog), and the pins that
+    cover it. Read through directory descriptors; a symlink is never followed."""
+    pins = read_pins(root)
+    holding = tuple(sorted(p for p in pins if covered(rel, {p})))
+    root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dfd = open_dir(root_fd, parent(rel))
+    finally:
+        os.close(root_fd)
+    try:
+        name = rel.rpartition("/")[2]
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            kind = DIR if stat.S_ISDIR(st.st_mode) else LINK if stat.S_ISLNK(st.st_mode) else OTHER
+            return Details(rel, kind, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns, pins=holding)
+        path = fd_path(dfd) + "/" + name
+        state, rec, problem = classify(path, st, LIKELY)
+        d = Details(rel, FILE, state, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, pins=holding,
+                    problem=problem)
+        if rec is None:
+            return d
+        d.size, d.mode, d.mtime_ns, d.oid = rec.size, rec.mode, rec.mtime_ns, rec.oid
+        remotes, stashed = set(rec.remotes), rec.stashed_at
+        if state in (STUB, DIRTY) and not stashed:
+            try:
+                full = _header(dfd, name, st, rec)
+                remotes |= set(full.remotes)
+                stashed = full.stashed_at
+            except (OSError, BadStub):
+                pass
+    finally:
+        os.close(dfd)
+    try:
+        cat = _catalog(root)
+    except Exception:
+        cat = None
+    if cat is not None:
+        with cat:
+            remotes |= cat.remotes_of([d.oid]).get(d.oid, set())
+            row = cat.db.execute("SELECT stashed_at FROM stubs WHERE path = ?", (os.fsencode(rel),)).fetchone()
+            if row and not stashed:
+                stashed = row[0]
+    d.remotes, d.stashed_at = tuple(sorted(remotes)), stashed
+    return d
+
+
+def _header(dfd: int, name: str, st: os.stat_result, rec: StubRecord) -> StubRecord:
+    """The full record from the stub's header block, read by descriptor (never a symlink,
+    never a FIFO, only the inode that was classified)."""
+    fd = open_regular(dfd, name, expect=st)
+    try:
+        full = StubRecord.from_header(os.pread(fd, HEADER_MAX, 0))
+    finally:
+        os.close(fd)
+    if full.oid != rec.oid:
+        raise BadStub("header names another object")
+    return full
+
+
+@dataclass
+class Holding:
+    objects: int = 0
+    bytes: int = 0
+
+
+def holdings(root: Root) -> dict[str, Holding]:
+    """Per remote: the objects of this root's stubs the catalog knows it holds, and their bytes."""
+    try:
+        cat = _catalog(root)
+    except Exception:
+        return {}
+    if cat is None:
+        return {}
+    with cat:
+        rows = cat.db.execute("SELECT remote, COUNT(*), COALESCE(SUM(size), 0) FROM locations "
+                              "WHERE oid IN (SELECT oid FROM stubs) GROUP BY remote")
+        return {r: Holding(n, b) for r, n, b in rows}
+
+
+__all__ = ["Row", "entries", "dir_totals", "apply_totals", "summary", "details", "holdings", "Totals",
+           "Summary", "Details", "Holding", "BAD", "DIRTY", "LOCAL", "STUB"]
