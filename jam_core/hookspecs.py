@@ -6,7 +6,7 @@ implementation names only the ones it needs. The data path is one straight line:
     stash:    select -> place -> stash (per chosen remote) -> verify -> swap file for stub
     checkout: fetch (first remote that answers) -> verify -> swap stub for file
 
-Backend hooks (``stash``, ``fetch``, ``has``, ``check_remote``) must return ``None`` for a
+Backend hooks (``stash``, ``fetch``, ``has``, ``list_objects``, ``check_remote``) must return ``None`` for a
 remote whose ``kind`` they do not handle, so the backend of that kind answers.
 """
 
@@ -168,6 +168,30 @@ def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
     :param size: the size the object must have.
     :param session: per-command state (connections).
     :return: ``True`` or ``False``; raise :class:`jam_core.errors.RemoteError` if unreachable.
+    """
+
+
+@hookspec(firstresult=True)
+def list_objects(remote: Remote, session: Session, sweep: bool) -> Iterable[tuple[str, int]] | None:
+    """List what ``remote`` holds in one pass: every object with its size, and the stale
+    leftovers of killed uploads. No request per object.
+
+    Called by ``jam doctor``, once per remote and command, instead of one ``has`` per stub
+    (a root of 100,000 stubs costs one listing, not 100,000 round trips). First non-None
+    answer wins: the backend of ``remote.kind``; ``None`` (a backend without it) makes the
+    core fall back on ``has`` per object, and report no leftovers or unused objects.
+
+    :param remote: the remote to list.
+    :param session: per-command state (a connection made here may be reused).
+    :param sweep: also remove the stale uploads (as the backend does before its first store).
+    :return: an iterable of ``(name, size)`` pairs: ``(oid, size)`` for each regular file
+        under ``objects/`` at the place ``object_relpath(oid)`` gives (anything else there,
+        a symlink, a directory, a name that is not an id, is left out); and
+        ``("tmp/NAME", size)`` for each regular file in ``tmp/`` that is provably a stale
+        upload of a jam (``part_is_stale``; never anything else in ``tmp/``). With ``sweep``
+        such a part is removed and listed only once it was. Raise
+        :class:`jam_core.errors.RemoteError` if the remote cannot be reached or listed
+        (also while the iterable is consumed).
     """
 
 

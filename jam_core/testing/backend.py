@@ -16,7 +16,7 @@ Subclass :class:`BackendConformance` as ``TestMyBackend`` in a pytest module and
   the built-ins and the installed entry points.
 
 Every case talks to the backend through its hooks only (``stash``, ``stash_many``, ``fetch``,
-``fetch_many``, ``has``, ``check_remote``, ``remote_id``), with real bytes; the hooks above are
+``fetch_many``, ``has``, ``list_objects``, ``check_remote``, ``remote_id``), with real bytes; the hooks above are
 the only places a case reaches behind the backend, and only to inject a fault.
 """
 
@@ -600,6 +600,56 @@ class BackendConformance:
         after = self._hook("list_tmp", remote)
         assert dead_part not in after, "a part of a dead jam was not swept"
         assert set(keep) <= set(after), f"a file that is not provably a stale part was removed: {after}"
+
+    # -- 9b. list_objects ----------------------------------------------------------------------
+
+    @staticmethod
+    def _listed(pm, remote: Remote, sweep: bool = False) -> list[tuple[str, int]] | None:
+        with Session() as s:
+            got = pm.hook.list_objects(remote=remote, session=s, sweep=sweep)
+            return None if got is None else list(got)
+
+    def test_list_objects(self, pm, remote, tmp_path):
+        """One listing says what the remote holds (doctor's check of 100,000 stubs): every
+        object with its true size, nothing else under ``objects/``; only provably stale
+        uploads from ``tmp/``, removed with ``sweep``; a remote gone is a RemoteError."""
+        stored = {}
+        for seed, size in enumerate((1, 64 * KiB, 3 * KiB), start=120):
+            path, oid, n = self._file(tmp_path, _bytes(size, seed))
+            assert self._stash(pm, remote, path, oid, n) is True
+            stored[oid] = n
+        got = self._listed(pm, remote)
+        if got is None:
+            pytest.skip("the backend does not implement list_objects (doctor falls back on has)")
+        assert sorted(got) == sorted(stored.items()), f"list_objects answered {got!r}"
+        gone = sorted(stored)[0]
+        self._hook("remove_object", remote, gone)
+        del stored[gone]
+        assert sorted(self._listed(pm, remote)) == sorted(stored.items()), "a removed object is still listed"
+
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait()
+        host, _, rand, suffix = part_name().split(".")
+        dead_part = ".".join([host, str(dead.pid), rand, suffix])
+        keep = ["otherhost.4242.0123456789abcdef.part", ".".join([host, str(os.getpid()), "fedcba9876543210", suffix]),
+                "notes.part", "README"]
+        for name in (dead_part, *keep):
+            self._hook("put_tmp", remote, name, b"half an upload")
+        got = self._listed(pm, remote)
+        assert sorted(got) == sorted([*stored.items(), (f"tmp/{dead_part}", 14)]), f"list_objects answered {got!r}"
+        assert dead_part in self._hook("list_tmp", remote), "listing without sweep removed a part"
+        assert sorted(self._listed(pm, remote, sweep=True)) == sorted(got), "sweep did not list the removed part"
+        after = self._hook("list_tmp", remote)
+        assert dead_part not in after and set(keep) <= set(after), f"sweep left or removed the wrong files: {after}"
+        assert sorted(self._listed(pm, remote)) == sorted(stored.items())
+
+        self._hook("take_down", remote)
+        try:
+            with pytest.raises(RemoteError) as exc:
+                self._listed(pm, remote)
+            _one_line(exc.value, remote)
+        finally:
+            self.bring_back(remote)
 
     # -- 10. remote_id ------------------------------------------------------------------------
 

@@ -201,6 +201,77 @@ def has(remote, oid, size):
         return False
 
 
+_ALGOS = ("b3", "sha256")
+_HEX2 = re.compile(r"\A[0-9a-f]{2}\Z")
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _subdirs(fd: int, pattern) -> list[str]:
+    with os.scandir(fd) as it:
+        return sorted(e.name for e in it if pattern(e.name) and e.is_dir(follow_symlinks=False))
+
+
+def _list(remote, base: Path, sweep: bool):
+    """Objects by one scandir per fan-out directory (dir fds, never through a symlink), then
+    the stale parts of ``tmp/``."""
+    try:
+        top = os.open(base / "objects", _DIRFLAGS)
+    except OSError as exc:
+        raise _oserror(remote, "list its objects", exc, item=False) from None
+    try:
+        for algo in _subdirs(top, lambda n: n in _ALGOS):
+            afd = os.open(algo, _DIRFLAGS, dir_fd=top)
+            try:
+                for fan in _subdirs(afd, _HEX2.match):
+                    ffd = os.open(fan, _DIRFLAGS, dir_fd=afd)
+                    try:
+                        with os.scandir(ffd) as it:
+                            for e in it:
+                                if _HEX64.match(e.name) and e.name.startswith(fan) and e.is_file(follow_symlinks=False):
+                                    yield f"{algo}:{e.name}", e.stat(follow_symlinks=False).st_size
+                    finally:
+                        os.close(ffd)
+            finally:
+                os.close(afd)
+    except OSError as exc:
+        raise _oserror(remote, "list its objects", exc, item=False) from None
+    finally:
+        os.close(top)
+    try:
+        tfd = os.open(base / "tmp", _DIRFLAGS)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _oserror(remote, "list its tmp/", exc, item=False) from None
+    try:
+        now = time.time()
+        with os.scandir(tfd) as it:
+            entries = list(it)
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not (stat.S_ISREG(st.st_mode) and _PART.match(e.name) and part_is_stale(e.name, st.st_mtime, now)):
+                continue
+            if sweep:
+                try:
+                    os.unlink(e.name, dir_fd=tfd)
+                except OSError:
+                    continue  # gone meanwhile, or not removable: not listed as removed
+            yield f"tmp/{e.name}", st.st_size
+    finally:
+        os.close(tfd)
+
+
+@hookimpl
+def list_objects(remote, session, sweep):
+    if remote.kind != KIND:
+        return None
+    return _list(remote, _base(remote), sweep)
+
+
 def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
     """Copy the first ``size`` bytes of ``src_fd`` to ``dst_fd``, never reading past ``size``.
 

@@ -92,6 +92,23 @@ def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
 
 
 @hookimpl
+def list_objects(remote: Remote, session: Session, sweep: bool):
+    """Every object and its size, and the stale uploads in ``tmp/``, in one pipelined pass
+    over the fan-out directories (listing.py)."""
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.listing import list_objects as listed
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            return listed(ops, sweep)
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            raise pool.error("list its objects", exc, ops) from None
+
+
+@hookimpl
 def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
