@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS pins (
 """
 
 
+VERIFIED = """CREATE TABLE IF NOT EXISTS verified (
+    oid TEXT NOT NULL,
+    remote TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (oid, remote)
+)"""
+
+
 def _b(path: str) -> bytes:
     return os.fsencode(path)
 
@@ -169,11 +177,12 @@ class Catalog:
             raise
 
     def _migrate(self) -> None:
-        """Catalogs made by an older jam gain the columns this one reads."""
+        """Catalogs made by an older jam gain the columns and tables this one reads."""
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stubs)")}
         for col in ("ino", "ctime_ns"):
             if col not in have:
                 self.db.execute(f"ALTER TABLE stubs ADD COLUMN {col} INTEGER")
+        self.db.execute(VERIFIED)  # doctor --deep's scrub records (added with issue 10)
 
     def close(self) -> None:
         self.db.close()
@@ -266,6 +275,33 @@ class Catalog:
             (remote, remote),
         ).fetchone()
         return n
+
+    def oids(self) -> set[str]:
+        """Every object id a stub row of this root refers to."""
+        return {oid for (oid,) in self.db.execute("SELECT DISTINCT oid FROM stubs")}
+
+    def upsert_stubs(self, rows: Iterable[tuple], gone: Iterable[str] = ()) -> None:
+        """Record (or replace) the stub rows of a partial scan and drop the rows of ``gone``
+        paths, in one transaction (``replace_stubs`` is for a scan of the whole root)."""
+        rows = [tuple(r) + (None,) * (7 - len(r)) for r in rows]
+        with self.transaction():
+            self.db.executemany("DELETE FROM stubs WHERE path = ?", [(_b(p),) for p in gone])
+            self.db.executemany(f"INSERT OR REPLACE INTO stubs {_STUB_COLS} VALUES (?,?,?,?,?,?,?)",
+                                [(_b(r[0]),) + r[1:] for r in rows])
+
+    # -- scrub records (doctor --deep) -----------------------------------------------------
+    def verified(self, oid: str, remote: str, at: float | None = None) -> None:
+        """Record that ``remote``'s copy of ``oid`` was read back and hashed at ``at`` (now).
+        Committed at once: a scrub that is interrupted keeps what it verified."""
+        self.db.execute("INSERT INTO verified VALUES (?,?,?) ON CONFLICT(oid, remote) DO UPDATE SET "
+                        "at = max(at, excluded.at)", (oid, remote, time.time() if at is None else at))
+
+    def verified_since(self, since: float) -> set[tuple[str, str]]:
+        """``(oid, remote)`` of the copies verified at or after ``since``."""
+        return {(o, r) for o, r in self.db.execute("SELECT oid, remote FROM verified WHERE at >= ?", (since,))}
+
+    def verified_at(self) -> dict[tuple[str, str], float]:
+        return {(o, r): at for o, r, at in self.db.execute("SELECT oid, remote, at FROM verified")}
 
     # -- uses and pins (policies) ---------------------------------------------------------
     def record_use(self, paths: Iterable[str], when: float | None = None) -> None:
