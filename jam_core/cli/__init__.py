@@ -124,7 +124,22 @@ def main(ctx: click.Context) -> None:
     `jam checkout` or the cd hook brings them back.
     """
     if ctx.invoked_subcommand is None:
+        if sys.stdin.isatty() and sys.stdout.isatty() and _in_root():  # a person at a terminal: the TUI
+            from jam_core.cli.tui import run_tui
+
+            raise SystemExit(run_tui("."))
         click.echo(ctx.get_help())
 
 
-from jam_core.cli import files, hook, pins, plugins_cmd, remotes  # noqa: E402,F401  (register commands)
+def _in_root() -> bool:
+    from pathlib import Path
+
+    from jam_core.root import find_root
+
+    try:
+        return find_root(Path.cwd()) is not None
+    except OSError:
+        return False
+
+
+from jam_core.cli import files, hook, pins, plugins_cmd, remotes, tui  # noqa: E402,F401  (register commands)
