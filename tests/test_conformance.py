@@ -136,12 +136,6 @@ class TestDirBackend(_OnDisk, BackendConformance):
     take_down = _OnDisk.hide_location
     bring_back = _OnDisk.unhide_location
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "jam_dir.fetch answers False (\"does not have it\") once the directory it checked at the "
-        "start of the command is gone; it should raise RemoteError (the fix is in the report of issue 9)"))
-    def test_remote_gone_mid_command(self, pm, remote, tmp_path):
-        super().test_remote_gone_mid_command(pm, remote, tmp_path)
-
 
 class TestSftpBackend(_OnDisk, BackendConformance):
     factory = "tests.test_conformance:pm_factory"
@@ -170,12 +164,6 @@ class TestSftpBackend(_OnDisk, BackendConformance):
 
     def bring_back(self, remote):
         self.sshd.start()
-
-    @pytest.mark.xfail(strict=True, reason=(
-        "jam_sftp: a server that refuses the connection is reported as \"jamtest (user@host:port) refused "
-        "the connection\", without the remote's name (the fix is in the report of issue 9)"))
-    def test_errors_name_the_remote(self, pm, remote, tmp_path):
-        super().test_errors_name_the_remote(pm, remote, tmp_path)
 
 
 # -- the kit itself is checked: each case fails on a backend that breaks its rule -----------------

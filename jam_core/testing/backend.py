@@ -72,6 +72,12 @@ def _not_stored_error(outcome: object) -> bool:
     return isinstance(outcome, JamError) and not isinstance(outcome, RemoteError)
 
 
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Byte equality as one bool: an assert on ``a == b`` of megabytes would make pytest diff
+    them (minutes of difflib) before saying they differ."""
+    return a == b
+
 class BackendConformance:
     """The cases every backend must pass. pytest collects subclasses named ``Test*``."""
 
@@ -190,7 +196,7 @@ class BackendConformance:
             assert pm.hook.has(remote=remote, oid=oid, size=len(data), session=s) is True, f"{oid} is not held"
             outcome, got = self._fetch(pm, remote, oid, len(data), tmp_path, s)
         assert outcome is True, f"fetch of {oid} answered {outcome!r}"
-        assert got == data, f"{oid} fetched back {len(got)} bytes that are not its content"
+        assert _same(got, data), f"{oid} fetched back {len(got)} bytes that are not its content"
 
     @staticmethod
     def _many(results) -> dict[str, object]:
@@ -244,7 +250,7 @@ class BackendConformance:
         if got is not None:
             assert got == {o: True for o, *_ in batch}, f"fetch_many answered {got!r}"
             for oid, _, _, data in batch:
-                assert dests[oid].read_bytes() == data, f"fetch_many wrote wrong bytes for {oid}"
+                assert _same(dests[oid].read_bytes(), data), f"fetch_many wrote wrong bytes for {oid}"
         for oid, _, _, data in batch:
             self._assert_holds(pm, remote, data, oid, tmp_path)
 
@@ -257,7 +263,7 @@ class BackendConformance:
             assert self._stash(pm, remote, path, oid, n) is True
             self._hook("corrupt_object", remote, oid)
             outcome, got = self._fetch(pm, remote, oid, n, tmp_path)
-            assert got != data, "corrupt_object() did not change the stored bytes"
+            assert not _same(got, data), "corrupt_object() did not change the stored bytes"
             try:
                 answer = self._stash(pm, remote, path, oid, n)
             except JamError:
@@ -319,7 +325,7 @@ class BackendConformance:
         if got is not None:
             assert got[oid] is False or _not_stored_error(got[oid]), f"fetch_many answered {got[oid]!r}"
             assert os.path.getsize(dests[0]) <= n - 1
-            assert got[other] is True and dests[1].read_bytes() == _bytes(KiB, 41), "the other item failed too"
+            assert got[other] is True and _same(dests[1].read_bytes(), _bytes(KiB, 41)), "the other item failed too"
         self._assert_holds(pm, remote, data, oid, tmp_path)
 
     # -- 5. missing object --------------------------------------------------------------------
@@ -345,7 +351,7 @@ class BackendConformance:
                 session=s))
         if got is not None:
             assert got == {unknown: False, gone: False, here: True}, f"fetch_many answered {got!r}"
-            assert dests[here].read_bytes() == _bytes(KiB, 52)
+            assert _same(dests[here].read_bytes(), _bytes(KiB, 52))
 
     # -- 6. remote gone -----------------------------------------------------------------------
 
@@ -692,7 +698,7 @@ class BackendConformance:
             with self._nameless(tmp_path) as (fd, dest):
                 with Session() as s:
                     assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=n, session=s) is True
-                assert os.fstat(fd).st_size == n and os.pread(fd, n + 1, 0) == data
+                assert os.fstat(fd).st_size == n and _same(os.pread(fd, n + 1, 0), data)
 
         items, fds = [], []
         try:

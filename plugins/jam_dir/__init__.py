@@ -467,6 +467,9 @@ def fetch(remote, oid, dest, size, session):
         path = _session_base(remote, session) / "objects" / object_relpath(oid)
         src = _open_object(path)
     except FileNotFoundError:
+        if not os.path.isdir(remote.location):  # unplugged since the command began: not "absent"
+            raise RemoteError(f"remote {remote.name!r}: directory {remote.location} is missing "
+                              "(unplugged drive?); jam will not re-create it") from None
         return False
     except OSError as exc:
         raise _oserror(remote, f"read {oid}", exc, item=False) from None

@@ -95,9 +95,13 @@ class Pool:
     # -- connections -------------------------------------------------------------------------
 
     def _open(self) -> Connection:
-        if self.endpoint is None:
-            self.endpoint = resolve(self.target.host, self.target.user, self.target.port, self.options.get("timeout"))
-        conn = open_connection(self.endpoint, self.options["io_timeout"])
+        try:
+            if self.endpoint is None:
+                self.endpoint = resolve(self.target.host, self.target.user, self.target.port,
+                                        self.options.get("timeout"))
+            conn = open_connection(self.endpoint, self.options["io_timeout"])
+        except JamError as exc:  # one line that names the remote, then the host
+            raise self.error("connect", exc) from None
         if self.base is None:
             try:
                 self.base = self._resolve_base(conn)
@@ -181,7 +185,9 @@ class Pool:
     def error(self, what: str, exc: BaseException, ops: Ops | None = None, size: int = 0) -> JamError:
         """One line naming the remote and its host for a failed operation."""
         if isinstance(exc, JamError):
-            return exc
+            if f"remote {self.remote.name!r}" in str(exc):
+                return exc
+            return type(exc)(f"remote {self.remote.name!r}: {exc}")
         if isinstance(exc, ConnectionLost):
             if exc.timed_out:
                 return RemoteError(
