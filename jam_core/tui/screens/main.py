@@ -334,15 +334,15 @@ class MainScreen(Screen[None]):
     def _start(self, verb: str, rows: list) -> None:
         self.busy = verb
         self.query_one(StatusLine).start(VERBS[verb])
-        self.session = TuiSession(progress=self._on_progress, total=self._on_total)
+        self.session = TuiSession(progress=self._count_bytes, total=self._count_total)
         self._xfer_done = self._xfer_total = self._xfer_shown = 0
         self.run_action(verb, [r.rel for r in rows], self.session)
 
-    def _on_total(self, total: int) -> None:  # worker thread
+    def _count_total(self, total: int) -> None:  # worker thread
         self._xfer_total += total
         self.post_message(Progress(self._xfer_done, self._xfer_total))
 
-    def _on_progress(self, n: int) -> None:  # worker thread
+    def _count_bytes(self, n: int) -> None:  # worker thread
         self._xfer_done += n
         if self._xfer_done - self._xfer_shown >= max(1, self._xfer_total // 100) or self._xfer_done >= self._xfer_total:
             self._xfer_shown = self._xfer_done
