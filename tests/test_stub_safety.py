@@ -126,6 +126,10 @@ def test_moved_intact_stub_is_clean(stashed):
     os.rename(t.root / "a.bin", t.root / "d" / "moved.bin")  # a new ctime, same bytes
     st = status_json(t.root)
     assert (st["total"]["stubs"], st["total"]["dirty"]) == (1, 0), st
+    # not dirty; the catalog still has the old path, which doctor says (issue 10) and --fix updates
+    out = doctor(t, check=1)
+    assert out["stubs"] == 1 and kinds(out) == [("catalog-moved", "d/moved.bin", False)]
+    assert kinds(doctor(t, "--fix", check=0)) == [("catalog-moved", "d/moved.bin", True)]
     assert doctor(t, check=0)["stubs"] == 1
     jam("checkout", "d/moved.bin", cwd=t.root)
     assert (t.root / "d" / "moved.bin").read_bytes() == data

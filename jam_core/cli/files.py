@@ -1,4 +1,4 @@
-"""Commands on files: init, stash, checkout, status, doctor, demo."""
+"""Commands on files: init, stash, checkout, status, demo (doctor: cli/doctor.py)."""
 
 from __future__ import annotations
 
@@ -110,28 +110,6 @@ def status(path: str, as_json: bool) -> None:
         click.echo(f"{plural(t.pinned, 'file')} pinned by: {', '.join(show_path(p) for p in st.pins)}")
     for rel, why in st.problems[:20]:
         click.echo(f"jam: {show_path(rel)}: {why}", err=True)
-
-
-@main.command()
-@click.argument("path", default=".", type=click.Path())
-@click.option("--deep", is_flag=True, help="Fetch every object and verify its hash (slow).")
-@click.option("--fix", is_flag=True, help="Repair what can be repaired: lost xattrs, the catalog.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(path: str, deep: bool, fix: bool, as_json: bool) -> None:
-    """Prove that every stub can come back. Exit 1 if a problem is found."""
-    from jam_core.ops.doctor import doctor as do_doctor
-
-    root, (rel,) = root_and_rels([path])
-    with session("verifying") as s:
-        res = do_doctor(root, rel, plugin_manager(), s, deep=deep, fix=fix)
-    if as_json:
-        click.echo(json.dumps(res.to_json(), indent=2))
-    else:
-        for p in res.problems:
-            click.echo(f"{p.kind}: {show_path(p.path)}: {p.detail}" + (" (fixed)" if p.fixed else ""))
-        click.echo(f"checked {plural(res.stubs, 'stub')} on {plural(len(res.remotes), 'remote')}: "
-                   + ("all can come back" if not res.unfixed else plural(len(res.unfixed), "problem")))
-    raise SystemExit(1 if res.unfixed else 0)
 
 
 @main.command()

@@ -1,30 +1,52 @@
-"""Doctor: prove that every stub can come back, and repair what can be repaired.
+"""Doctor: a health check a person reads top to bottom, that proves every stub can come back.
 
-Checks each stub's metadata and bytes, that some remote holds its object (``--deep``: fetches
-it and verifies the hash), reports stubs that were written into, and with ``--fix``:
+Four sections, each a list of findings marked ``ok`` / ``info`` / ``warning`` / ``problem``:
 
-* restores ``user.jam`` from an intact header block (a copy that lost its xattrs, or a damaged
-  xattr), and a lost header block (zeros) or one damaged below the filesystem (the catalog
-  vouches that the stub's inode and ctime are those it was made with) from an intact xattr;
-  a stub written into is never touched;
-* moves a damaged catalog aside (``catalog.db.damaged-<time>``) and rebuilds the catalog
-  from the tree (for the whole root: stubs, and which remotes hold their objects).
+* **setup**: jam's version and plugins (broken ones named); the root's filesystem (user
+  xattrs, sparse files: probed in ``ROOT/.jam/tmp``); each remote reachable and writable,
+  its identity marker the one recorded (read-only unless ``fix``), its free space; the
+  shell hook in the user's rc files; the cd-hook index in step with the catalog; what
+  on-access hydration will need.
+* **stubs**: every stub's metadata valid, header and xattr agreeing, still a stub (a dirty one
+  is reported with the command that keeps both versions); copies that lost their xattrs; the
+  catalog in step with the tree; every object present with its size on a remote (one
+  ``list_objects`` listing per remote, ``has`` per object for a backend without it); fewer
+  copies than ``[place] copies`` asks for.
+* **leftovers**: jam's temporary files in the tree (only provably jam's are removed; a
+  ``.jam-*.tmp`` jam cannot prove is its own is a warning) and stale uploads on remotes;
+  objects nothing in this root refers to (a warning: never deleted, another root may share
+  the remote).
+* **scrub** (``deep``): every copy read back and hashed, each verification recorded in the
+  catalog; ``older_than`` re-reads only the copies not verified for that long, so a weekly
+  cron job reads everything once a month and an interrupted run resumes.
+
+``fix`` repairs only what is safe, and says what it did: ``user.jam`` from an intact header,
+a header from an intact xattr, the catalog rebuilt (moved aside first when damaged), jam's
+own temporary files removed, a missing object stored again from a local file with the same
+content, the cd-hook index refreshed. It never discards data and never touches a dirty
+stub's bytes.
+
+``doctor(...)`` returns a :class:`DoctorResult`; its ``to_json()`` is the documented, stable
+schema of ``jam doctor --json`` (README.md, "Checking a root: jam doctor").
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shlex
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from jam_core.catalog import Catalog, CatalogDamaged
-from jam_core.errors import RemoteError, UsageError
+from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
-from jam_core.root import CATALOG, Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, walk
+from jam_core.root import CATALOG, JAM_DIR, Root
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, _disposable, walk
 from jam_core.stub import (
     HEADER_MAX,
     LOST_XATTRS,
@@ -37,69 +59,381 @@ from jam_core.stub import (
     verify_clean,
 )
 
+SCHEMA = 1  # the version of to_json()'s layout; bumped only for a change that breaks readers
+SECTIONS = ("setup", "stubs", "leftovers", "scrub")
+TITLES = {"setup": "Set-up", "stubs": "Stubs", "leftovers": "Leftovers", "scrub": "Scrub"}
+OK, INFO, WARNING, PROBLEM = "ok", "info", "warning", "problem"
+LOW_SPACE_GB = 1.0  # a remote with less free space than this is a warning
+HYDRATION_KERNEL = (6, 14)
+
 
 @dataclass
 class Problem:
-    kind: str  # missing, corrupt, dirty, bad-metadata, lost-xattr, bad-header, unreachable, catalog, not-a-stub
+    """One line of the checklist (the name is historical: most findings are fine).
+
+    ``kind`` is a stable machine name (README lists them); ``path`` a path relative to the
+    root, a remote's name, or "" for the set-up as a whole."""
+
+    kind: str
     path: str
     detail: str
     fixed: bool = False
+    section: str = "stubs"
+    status: str = PROBLEM
+
+
+Finding = Problem
 
 
 @dataclass
 class DoctorResult:
     stubs: int = 0
     remotes: list[str] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
+    findings: list[Problem] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    deep: bool = False
+    fix: bool = False
+    verified: int = 0  # copies read back and hashed by this run
+    verified_bytes: int = 0
+    recent: int = 0  # copies skipped: verified within older_than
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [f for f in self.findings if f.status == PROBLEM]
 
     @property
     def unfixed(self) -> list[Problem]:
         return [p for p in self.problems if not p.fixed]
 
+    @property
+    def warnings(self) -> list[Problem]:
+        return [f for f in self.findings if f.status == WARNING]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.unfixed else 0
+
+    def add(self, section: str, status: str, kind: str, path: str, detail: str, fixed: bool = False) -> Problem:
+        f = Problem(kind, path, detail, fixed, section, status)
+        self.findings.append(f)
+        return f
+
+    def ordered(self) -> list[Problem]:
+        """The findings grouped by section, in the order found within each."""
+        return sorted(self.findings, key=lambda f: SECTIONS.index(f.section))
+
+    def summary(self) -> dict:
+        counts = {s: sum(1 for f in self.findings if f.status == s) for s in (OK, INFO, WARNING, PROBLEM)}
+        return counts | {"fixed": sum(1 for f in self.findings if f.fixed), "unfixed": len(self.unfixed),
+                         "verified": self.verified, "verified_bytes": self.verified_bytes,
+                         "recently_verified": self.recent}
+
     def to_json(self) -> dict:
-        return {"stubs": self.stubs, "remotes": self.remotes, "ok": not self.unfixed,
-                "problems": [p.__dict__ for p in self.problems]}
+        from jam_core import __version__
+
+        return {"schema": SCHEMA, "version": __version__, "ok": not self.unfixed, "exit": self.exit_code,
+                "paths": self.paths, "deep": self.deep, "fix": self.fix,
+                "stubs": self.stubs, "remotes": self.remotes,
+                "checks": [asdict(f) for f in self.ordered()],
+                "problems": [asdict(p) for p in self.ordered() if p.status == PROBLEM],
+                "warnings": [asdict(w) for w in self.ordered() if w.status == WARNING],
+                "summary": self.summary()}
 
 
 def keep_both_hint(rel: str) -> str:
     return f"keep both versions with `jam checkout --keep-both {shlex.quote(rel)}`"
 
 
-def doctor(root: Root, rel: str, pm, session: Session, deep: bool = False, fix: bool = False) -> DoctorResult:
+def _outermost(rels: Sequence[str]) -> list[str]:
+    """The named paths without those inside another named path (each stub checked once)."""
+    rels = sorted(set(rels))
+    if "." in rels:
+        return ["."]
+    out: list[str] = []
+    for r in rels:
+        if not any(r.startswith(o + "/") for o in out):
+            out.append(r)
+    return out
+
+
+def _under(path: str, rels: Sequence[str]) -> bool:
+    return any(r == "." or path == r or path.startswith(r + "/") for r in rels)
+
+
+def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: bool = False, fix: bool = False,
+           older_than: float | None = None, now: float | None = None) -> DoctorResult:
+    """Check ``rel`` (a path relative to the root, or several) and the set-up; see the module.
+
+    ``older_than`` (seconds, with ``deep``): re-read only copies not verified for that long."""
     from jam_core.fs import ThroughSymlink, open_dir
 
-    try:
-        os.close(open_dir(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), rel.rpartition("/")[0]))
-    except ThroughSymlink as exc:
-        raise UsageError(f"{rel} is reached through the symlink {exc.filename}: jam does not follow symlinks") from None
-    except OSError:
-        pass  # a missing path is reported by the walk
-    res = DoctorResult()
+    rels = _outermost([rel] if isinstance(rel, str) else list(rel))
+    if not rels:
+        raise UsageError("name a file or directory to check (`.` is the current directory)")
+    if older_than is not None and not deep:
+        raise UsageError("--older-than chooses what --deep reads again: use it with --deep")
+    if older_than is not None and older_than < 0:
+        raise UsageError("--older-than must not be negative")
+    for r in rels:
+        try:
+            os.close(open_dir(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), r.rpartition("/")[0]))
+        except ThroughSymlink as exc:
+            raise UsageError(f"{r} is reached through the symlink {exc.filename}: jam does not follow symlinks") from None
+        except OSError:
+            pass  # a missing path is reported by the walk
+    res = DoctorResult(paths=rels, deep=deep, fix=fix)
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
     res.remotes = [r.name for r in remotes]
-    reachable: dict[str, str] = {}
-    for r in remotes:
-        try:
-            pm.hook.check_remote(remote=r, session=session, create=False)
-        except RemoteError as exc:
-            reachable[r.name] = str(exc)
-            res.problems.append(Problem("unreachable", r.name, str(exc)))
+    _versions(res, pm)
+    _filesystem(res, root)
     with root.lock():
+        reachable = _check_remotes(res, root, pm, session, remotes, fix)
         cat = _open_catalog(root, fix, res)
+        rebuilt = any(f.kind == "catalog" for f in res.findings)  # new and empty: the scan fills it
+        stale_index = None if rebuilt else _hook_index(res, root, cat)
         try:
-            d = _Doctor(root, pm, session, remotes, reachable, res, deep, fix, cat, rel)
-            for e in walk(str(root.path), rel, look=ALWAYS):
-                d.check(e)
-            if fix and rel == "." and cat is not None:
-                cat.replace_stubs(d.rows)
-                with cat.transaction():
-                    for oid, name, size in d.locations:
-                        cat.record_location(oid, name, size)
+            d = _Doctor(root, pm, session, remotes, reachable, res, deep, fix, cat, rels,
+                        older_than, time.time() if now is None else now)
+            d.rebuilt = rebuilt
+            d.run()
         finally:
             if cat is not None:
                 cat.close()
+        if fix:
+            _refresh_index(root, stale_index)
+    _shell_hook(res)
+    _hydration(res)
     return res
 
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+def _versions(res: DoctorResult, pm) -> None:
+    from jam_core import __version__
+    from jam_core.manager import broken_plugins
+
+    names = sorted(name for name, plugin in pm.list_name_plugin() if plugin is not None)
+    res.add("setup", OK, "version", "", f"jam {__version__}, {len(names)} plugins: {', '.join(names)}")
+    for b in broken_plugins(pm):
+        res.add("setup", WARNING, "plugin", b["name"], f"plugin {b['name']} was skipped: {b['reason']} (fix or "
+                f"uninstall it; block it with JAM_BLOCK_PLUGINS={b['name']})")
+
+
+def _setxattr(fd: int, name: str, value: bytes) -> None:  # one place for the probe (tests inject here)
+    os.setxattr(fd, name, value)
+
+
+def _filesystem(res: DoctorResult, root: Root) -> None:
+    """Probe user xattrs and holes in ROOT/.jam/tmp with a nameless file (nothing left behind)."""
+    where = root.jam_dir / "tmp"
+    if not where.is_dir() or where.is_symlink():
+        where = root.jam_dir
+    try:
+        fd = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            res.add("setup", PROBLEM, "filesystem", "", f"cannot write in {where}: {exc.strerror}; check the "
+                    "disk and the permissions of .jam")
+            return
+        fd = None
+    name = None
+    if fd is None:  # no O_TMPFILE on this filesystem: a named probe, removed at once
+        name = where / f".jam-probe-{os.getpid()}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _setxattr(fd, "user.jam.probe", b"1")
+        except OSError as exc:
+            res.add("setup", PROBLEM, "filesystem", "", f"the filesystem of {root.path} does not keep user "
+                    f"extended attributes ({exc.strerror}); stubs cannot work here (ext4, xfs, btrfs do)")
+            return
+        os.ftruncate(fd, 1 << 20)
+        if os.fstat(fd).st_blocks * 512 >= 1 << 20:
+            res.add("setup", PROBLEM, "filesystem", "", f"the filesystem of {root.path} does not keep sparse "
+                    "files; stubs would take their full size on disk")
+            return
+        res.add("setup", OK, "filesystem", "", f"the filesystem of {root.path} keeps user xattrs and sparse files")
+    finally:
+        os.close(fd)
+        if name is not None:
+            name.unlink(missing_ok=True)
+
+
+_FREE = re.compile(r"([0-9]+(?:\.[0-9]+)?) GB free")
+
+
+def _check_remotes(res: DoctorResult, root: Root, pm, session: Session, remotes: list[Remote],
+                   fix: bool) -> dict[str, str]:
+    """Each remote reachable, writable, its marker the recorded one. Returns the remotes that
+    must not be used by this run ({name: why})."""
+    from jam_core.ops.remotes import _ID, ensure_identity
+
+    bad: dict[str, str] = {}
+    if not remotes:
+        res.add("setup", PROBLEM, "remote", "", "no remote is configured: nothing can be stashed "
+                "(`jam remote add NAME URL`)")
+    for r in remotes:
+        try:
+            desc = pm.hook.check_remote(remote=r, session=session, create=False)
+        except RemoteError as exc:
+            text = str(exc)
+            kind = "host-key" if "host key" in text.lower() else "unreachable"
+            bad[r.name] = text
+            res.add("setup", PROBLEM, kind, r.name, text)
+            continue
+        if desc is None:
+            bad[r.name] = f"no installed plugin handles {r.kind} remotes"
+            res.add("setup", PROBLEM, "unreachable", r.name, bad[r.name] + " (see `jam plugins`)")
+            continue
+        recorded = r.options.get("id")
+        try:
+            got = pm.hook.remote_id(remote=r, session=session, create=False)
+        except RemoteError as exc:
+            bad[r.name] = str(exc)
+            res.add("setup", PROBLEM, "identity", r.name, str(exc))
+            continue
+        where = f"remote {r.name!r} ({r.location})"
+        if got is None:
+            ident = "its backend has no identity markers"
+        elif recorded is not None and not (isinstance(recorded, str) and _ID.match(recorded)):
+            bad[r.name] = "malformed id"
+            res.add("setup", PROBLEM, "identity", r.name, f"{root.config_path}: remote {r.name!r}: id "
+                    f"{str(recorded)[:40]!r} is malformed (32 hex digits expected)")
+            continue
+        elif recorded and got == "":
+            bad[r.name] = "marker missing"
+            res.add("setup", PROBLEM, "identity", r.name, f"{where}: its identity marker is missing; the drive "
+                    "looks unplugged or this is another directory (plug it in, or fix the remote's location)")
+            continue
+        elif recorded and got != recorded:
+            bad[r.name] = "another marker"
+            res.add("setup", PROBLEM, "identity", r.name, f"{where} holds another remote's marker (id {got[:32]}, "
+                    f"not {recorded}); the drive looks swapped or this is another directory")
+            continue
+        elif not recorded:
+            f = res.add("setup", PROBLEM, "identity", r.name, f"{where} has no identity recorded (added by an "
+                        "older jam): `jam doctor --fix` gives it one")
+            if fix:
+                try:
+                    ensure_identity(root, r, pm, session)
+                    f.fixed = True
+                    f.detail = f"{where}: identity marker written and recorded in {root.config_path.name}"
+                except RemoteError as exc:
+                    f.detail = str(exc)
+            ident = "identity recorded now" if f.fixed else "no identity"
+        else:
+            ident = "identity marker matches"
+        m = _FREE.search(desc)
+        low = m is not None and float(m.group(1)) < LOW_SPACE_GB
+        res.add("setup", WARNING if low else OK, "remote", r.name,
+                f"{desc}; {ident}" + ("; little space left: stashes will fail soon" if low else ""))
+    return bad
+
+
+def _rc_files() -> list[Path]:
+    home = Path(os.path.expanduser("~"))
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return [home / ".bashrc", home / ".zshrc", config / "fish" / "config.fish"]
+
+
+def _shell_hook(res: DoctorResult) -> None:
+    found = []
+    for rc in _rc_files():
+        try:
+            with open(rc, "rb") as f:
+                if b"jam hook" in f.read(1 << 20):
+                    found.append(rc)
+        except OSError:
+            continue
+    if found:
+        res.add("setup", OK, "shell-hook", "", "the cd hook is installed in " + ", ".join(map(str, found)))
+        return
+    shell = os.path.basename(os.environ.get("SHELL", "") or "bash")
+    shell = shell if shell in ("bash", "zsh", "fish") else "bash"
+    line = {"bash": "eval \"$(jam hook bash)\" to ~/.bashrc", "zsh": "eval \"$(jam hook zsh)\" to ~/.zshrc",
+            "fish": "jam hook fish | source to ~/.config/fish/config.fish"}[shell]
+    res.add("setup", WARNING, "shell-hook", "", "the cd hook is not installed (no rc file mentions `jam hook`): "
+            f"add {line} so that cd brings stubs back")
+
+
+def _index_marks(base: str) -> set[str] | None:
+    """The directories the cd-hook index marks (relative, "" = the root); None if unreadable."""
+    if not os.path.isdir(base) or os.path.islink(base):
+        return set() if not os.path.lexists(base) else None
+    from jam_core.hook.index import MARK
+
+    out = set()
+    for dirpath, dirnames, _ in os.walk(base):  # never follows a symlink
+        rel = os.path.relpath(dirpath, base)
+        try:
+            if os.lstat(dirpath).st_mode & MARK:
+                out.add("" if rel == "." else rel)
+        except OSError:
+            return None
+    return out
+
+
+def _index_wanted(root: Root, cat: Catalog) -> set[str]:
+    from jam_core.hook.index import wanted
+    from jam_core.hook.settings import DEFAULT_DEPTH, settings
+
+    try:
+        depth = settings(root).depth
+    except UsageError:
+        depth = DEFAULT_DEPTH
+    return wanted(cat.stubs(), depth)
+
+
+def _hook_index(res: DoctorResult, root: Root, cat: Catalog | None) -> Problem | None:
+    """Is the cd hook's index in step with the catalog (as this run found it)?"""
+    from jam_core.hook.index import index_path
+
+    if cat is None:
+        return None  # the catalog's problem is said once, below
+    want = _index_wanted(root, cat)
+    have = _index_marks(index_path(root))
+    if have == want:
+        res.add("setup", OK, "hook-index", "", "the cd hook's index (.jam/stubdirs) is in step with the catalog")
+        return None
+    n = len(want ^ have) if have is not None else 0
+    return res.add("setup", PROBLEM, "hook-index", f"{JAM_DIR}/stubdirs",
+                   f"the cd hook's index is out of step with the catalog ({n} directories differ): a cd may "
+                   "not fetch; `jam doctor --fix` refreshes it")
+
+
+def _refresh_index(root: Root, found: Problem | None) -> None:
+    """After --fix changed the catalog (or found the index stale): the index follows it."""
+    from jam_core.hook.index import index_path, refresh
+
+    try:
+        with Catalog(root.jam_dir / CATALOG) as cat:
+            refresh(root, cat)
+            ok = _index_marks(index_path(root)) == _index_wanted(root, cat)
+    except JamError:
+        return
+    if found is not None:
+        found.fixed = ok
+
+
+def _hydration(res: DoctorResult) -> None:
+    release = os.uname().release
+    m = re.match(r"(\d+)\.(\d+)", release)
+    kernel = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    privileged = False
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    privileged = bool(int(line.split()[1], 16) & (1 << 21))  # CAP_SYS_ADMIN
+    except (OSError, ValueError):
+        pass
+    need = f"Linux >= {HYDRATION_KERNEL[0]}.{HYDRATION_KERNEL[1]} and CAP_SYS_ADMIN"
+    has = f"this kernel is {release} ({'new enough' if kernel >= HYDRATION_KERNEL else 'too old'}), " \
+          f"CAP_SYS_ADMIN {'held' if privileged else 'not held'}"
+    res.add("setup", INFO, "hydration", "", f"on-access hydration: not available yet (it will need {need}; {has})")
+
+
+# -- the catalog -------------------------------------------------------------------------------
 
 def _open_catalog(root: Root, fix: bool, res: DoctorResult) -> Catalog | None:
     """The root's catalog; a damaged one is a problem, and with ``fix`` it is moved aside and
@@ -110,11 +444,11 @@ def _open_catalog(root: Root, fix: bool, res: DoctorResult) -> Catalog | None:
         return Catalog(db)
     except CatalogDamaged as exc:
         if not fix:
-            res.problems.append(Problem("catalog", shown, str(exc)))
+            res.add("stubs", PROBLEM, "catalog", shown, str(exc))
             return None
     aside = _move_aside(db)
-    res.problems.append(Problem("catalog", shown, f"damaged: moved aside to {aside.name} and rebuilt from the tree",
-                                fixed=True))
+    res.add("stubs", PROBLEM, "catalog", shown, f"damaged: moved aside to {aside.name} and rebuilt from the tree",
+            fixed=True)
     return Catalog(db)
 
 
@@ -133,24 +467,102 @@ def _move_aside(db: Path) -> Path:
     return aside
 
 
+# -- the walk: stubs and the tree's leftovers ----------------------------------------------------
+
 class _Doctor:
-    def __init__(self, root, pm, session, remotes, reachable, res, deep, fix, cat, rel):
+    def __init__(self, root, pm, session, remotes, unusable, res, deep, fix, cat, rels, older_than, now):
         self.root, self.pm, self.session = root, pm, session
-        self.remotes, self.reachable, self.res = remotes, reachable, res
-        self.deep, self.fix, self.cat, self.rel = deep, fix, cat, rel
+        self.remotes, self.unusable, self.res = remotes, unusable, res
+        self.deep, self.fix, self.cat, self.rels = deep, fix, cat, rels
+        self.older_than, self.now = older_than, now
         self.rows: list[tuple] = []
         self.locations: list[tuple[str, str, int]] = []
-        self.stamps = cat.stub_stamps(rel) if cat is not None else {}
+        self.stamps: dict[bytes, tuple] = {}
+        if cat is not None:
+            for r in rels:
+                self.stamps.update(cat.stub_stamps(r))
+        self.objects: dict[str, list[tuple[str, StubRecord]]] = {}  # oid -> stubs needing it
+        self.reported: set[str] = set()  # paths with a finding already (no second one for the catalog)
+        self.local_sizes: dict[int, list[str]] = {}  # local files by size (candidates to re-upload from)
+        self.leftovers = 0
+        self.foreign_tmps = 0
+        self.rebuilt = False
 
     def problem(self, kind: str, rel: str, detail: str, fixed: bool = False) -> Problem:
-        p = Problem(kind, rel, detail, fixed)
-        self.res.problems.append(p)
-        return p
+        self.reported.add(rel)
+        return self.res.add("stubs", PROBLEM, kind, rel, detail, fixed)
 
+    def run(self) -> None:
+        for r in self.rels:
+            for e in walk(str(self.root.path), r, look=ALWAYS, tidy=self.tidy):
+                self.check(e)
+        self.check_catalog()
+        listings = self.list_remotes()
+        self.check_objects(listings)
+        self.unused(listings)
+        if self.fix and self.cat is not None:
+            self.save_catalog()
+        res = self.res
+        if self.leftovers == 0 and self.foreign_tmps == 0:
+            res.add("leftovers", OK, "leftover", "", "no temporary files of interrupted jams in the tree")
+        if self.deep:
+            res.add("scrub", OK if not res.unfixed else INFO, "scrub", "",
+                    f"read back and hashed {res.verified} copies ({_human(res.verified_bytes)})"
+                    + (f"; {res.recent} verified less than {_age(self.older_than)} ago were skipped"
+                       if self.older_than is not None else ""))
+        else:
+            res.add("scrub", INFO, "scrub", "", "objects were checked by name and size; `jam doctor --deep` reads "
+                    "every byte back (`--deep --older-than 30d` from a weekly cron job reads everything monthly)")
+
+    # -- leftovers in the tree -------------------------------------------------------------------
+    def tidy(self, fd: int, dir_rel: str, entries: list) -> list:
+        from jam_core.fs import is_jam_tmp
+
+        tmps = [e for e in entries if is_jam_tmp(e.name)]
+        if not tmps:
+            return entries
+        siblings: dict[int, int] = {}
+        for e in entries:
+            try:
+                siblings[e.inode()] = siblings.get(e.inode(), 0) + 1
+            except OSError:
+                continue
+        removed = set()
+        prefix = "" if dir_rel == "." else dir_rel + "/"
+        for e in tmps:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            rel = prefix + e.name
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if not _disposable(fd, e.name, st, siblings):
+                self.foreign_tmps += 1
+                self.res.add("leftovers", WARNING, "foreign-tmp", rel, "named like jam's temporary files, but "
+                             "jam cannot prove it is its own: left alone (remove it yourself if it is not yours)")
+                continue
+            self.leftovers += 1
+            f = self.res.add("leftovers", PROBLEM, "leftover", rel, f"a temporary file an interrupted jam left "
+                             f"({_human(st.st_size)}); `jam doctor --fix` removes it")
+            if self.fix:
+                try:
+                    if _disposable(fd, e.name, os.stat(e.name, dir_fd=fd, follow_symlinks=False), siblings):
+                        os.unlink(e.name, dir_fd=fd)
+                        f.fixed = True
+                        f.detail = "a temporary file an interrupted jam left: removed"
+                        removed.add(e.name)
+                except OSError:
+                    pass
+        return [e for e in entries if e.name not in removed]
+
+    # -- each file ----------------------------------------------------------------------------------
     def check(self, e: Entry) -> None:
         if e.state == LOCAL:
-            if e.rel == self.rel:  # named on the command line: say what it is rather than nothing
+            if e.rel in self.rels:  # named on the command line: say what it is rather than nothing
                 self.problem("not-a-stub", e.rel, "a local file, not a stub: there is nothing to bring back")
+            elif e.st.st_size > 0:
+                self.local_sizes.setdefault(e.st.st_size, []).append(e.rel)
             return
         if e.state == BAD:
             self.bad(e)
@@ -176,9 +588,11 @@ class _Doctor:
         self.res.stubs += 1
         if not lost or self.fix:
             self.rows.append(self.row(e.rel, rec, _lstat(e.path) or e.st))
-        self.check_object(e.rel, rec, e.path)
+        self.need(e.rel, rec)
 
-    # -- repairs ------------------------------------------------------------------------------
+    def need(self, rel: str, rec: StubRecord) -> None:
+        self.objects.setdefault(rec.oid, []).append((rel, rec))
+
     def bad(self, e: Entry) -> None:
         """Unreadable metadata. If the header is intact and the bytes are exactly a stub's,
         ``user.jam`` (damaged or missing) is restored from it; otherwise reported only."""
@@ -206,7 +620,7 @@ class _Doctor:
         if p.fixed:  # a stub again: it counts, and its object must be there
             self.res.stubs += 1
             self.rows.append(self.row(e.rel, rec, _lstat(e.path) or e.st))
-            self.check_object(e.rel, rec, e.path)
+            self.need(e.rel, rec)
 
     def restore_xattr(self, e: Entry, rec: StubRecord) -> bool:
         """Give a stub whose bytes are intact its ``user.jam`` back (from its header), read-only
@@ -277,24 +691,255 @@ class _Doctor:
     def row(rel: str, rec: StubRecord, st: os.stat_result) -> tuple:
         return (rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, st.st_ino, st.st_ctime_ns)
 
-    # -- objects ------------------------------------------------------------------------------
-    def check_object(self, rel: str, rec: StubRecord, path: str) -> None:
-        res = self.res
-        held = []
+    # -- the catalog against the tree -------------------------------------------------------------
+    def check_catalog(self) -> None:
+        if self.cat is None or self.rebuilt:
+            return
+        known = {os.fsdecode(p): s for p, s in self.stamps.items()}
+        by_oid: dict[str, list[str]] = {}
+        seen = set()
+        for row in self.rows:
+            seen.add(row[0])
+        orphans = [p for p in known if p not in seen and p not in self.reported]
+        cat_oids: dict[str, list[str]] = {}
+        if orphans:
+            stubs = self.cat.stubs()
+            for p in orphans:
+                cat_oids.setdefault(stubs.get(p, ("", 0))[0], []).append(p)
+        moved_from: set[str] = set()
+        for row in self.rows:
+            rel, oid = row[0], row[1]
+            by_oid.setdefault(oid, []).append(rel)
+            if rel in known or rel in self.reported:
+                continue
+            src = next((p for p in cat_oids.get(oid, ()) if p not in moved_from), None)
+            if src is not None:
+                moved_from.add(src)
+                f = self.problem("catalog-moved", rel, f"moved (from {src}) without jam: the catalog still has "
+                                 "the old path; `jam doctor --fix` updates it")
+            else:
+                f = self.problem("catalog-unknown", rel, "a stub the catalog does not know: policies and the cd "
+                                 "hook cannot see it; `jam doctor --fix` adds it")
+            f.fixed = self.fix
+        for p in orphans:
+            if p in moved_from:
+                continue
+            self.reported.add(p)
+            self.res.add("stubs", PROBLEM, "catalog-stale", p, "the catalog lists a stub that is no longer there "
+                         "(removed, or checked out by hand); `jam doctor --fix` forgets it", fixed=self.fix)
+
+    def save_catalog(self) -> None:
+        cat = self.cat
+        if self.rels == ["."]:
+            cat.replace_stubs(self.rows)
+        else:
+            seen = {r[0] for r in self.rows}
+            cat.upsert_stubs(self.rows, [os.fsdecode(p) for p in self.stamps if os.fsdecode(p) not in seen])
+        with cat.transaction():
+            for oid, name, size in self.locations:
+                cat.record_location(oid, name, size)
+
+    # -- objects on remotes -----------------------------------------------------------------------
+    def list_remotes(self) -> dict[str, dict[str, int] | None]:
+        """One listing per usable remote: {remote: {oid: size}} (None: the backend cannot list)."""
+        out: dict[str, dict[str, int] | None] = {}
         for r in self.remotes:
-            if r.name in self.reachable:
+            if r.name in self.unusable:
                 continue
             try:
-                if self.pm.hook.has(remote=r, oid=rec.oid, size=rec.size, session=self.session):
-                    held.append(r)
+                listed = self.pm.hook.list_objects(remote=r, session=self.session, sweep=self.fix)
+                if listed is None:
+                    out[r.name] = None
+                    continue
+                objects: dict[str, int] = {}
+                parts = []
+                for name, size in listed:
+                    if name.startswith("tmp/"):
+                        parts.append((name, size))
+                    else:
+                        objects[name] = size
             except RemoteError as exc:
-                self.reachable[r.name] = str(exc)
-        self.locations.extend((rec.oid, r.name, rec.size) for r in held)
-        if not held:
-            self.problem("missing", rel, "no reachable remote holds its object " + rec.oid)
-            return
+                self.unusable[r.name] = str(exc)
+                self.res.add("setup", PROBLEM, "unreachable", r.name, str(exc))
+                continue
+            out[r.name] = objects
+            for name, size in parts:
+                self.res.add("leftovers", PROBLEM, "remote-leftover", f"{r.name}:{name}",
+                             ("a stale upload of an interrupted jam: removed" if self.fix else
+                              f"a stale upload of an interrupted jam ({_human(size)}); "
+                              "`jam doctor --fix` removes it"), fixed=self.fix)
+            if not parts:
+                self.res.add("leftovers", OK, "remote-leftover", r.name, f"no stale uploads on remote {r.name!r}")
+        return out
+
+    def holders(self, oid: str, size: int, listings) -> tuple[list[Remote], list[str]]:
+        """(remotes holding oid with that size, remotes holding it with another size)."""
+        good, wrong = [], []
+        for r in self.remotes:
+            if r.name in self.unusable:
+                continue
+            listing = listings.get(r.name)
+            if listing is None:
+                try:
+                    if self.pm.hook.has(remote=r, oid=oid, size=size, session=self.session):
+                        good.append(r)
+                except RemoteError as exc:
+                    self.unusable[r.name] = str(exc)
+                    self.res.add("setup", PROBLEM, "unreachable", r.name, str(exc))
+                continue
+            have = listing.get(oid)
+            if have == size:
+                good.append(r)
+            elif have is not None:
+                wrong.append(f"{r.name} ({have} bytes)")
+        return good, wrong
+
+    def check_objects(self, listings) -> None:
+        copies = _copies(self.root)
+        known = self.cat.remotes_of(self.objects) if self.cat is not None and copies > 1 else {}
+        verified = self.recently_verified()
+        bad_before = len(self.res.unfixed)
+        fine = 0
         if self.deep:
-            _deep_check(self.pm, self.session, held, rel, rec, res, path)
+            self.session.begin(sum(stubs[0][1].size for stubs in self.objects.values()))
+        for oid, stubs in self.objects.items():
+            rel, rec = stubs[0]
+            good, wrong = self.holders(oid, rec.size, listings)
+            if not good:
+                detail = "no reachable remote holds its object " + oid
+                if wrong:
+                    detail += " (wrong size on " + ", ".join(wrong) + ")"
+                fixed = self.fix and self.reupload(oid, rec)
+                if fixed:
+                    good, _ = self.holders(oid, rec.size, {})
+                    detail += ": stored again from a local file with the same content"
+                else:
+                    detail += ("; no local file has the same content" if self.fix
+                               else "; `jam doctor --fix` stores it again if a local file has the same content")
+                for s_rel, _ in stubs:
+                    self.problem("missing", s_rel, detail, fixed=fixed)
+                if not fixed:
+                    continue
+            self.locations.extend((oid, r.name, rec.size) for r in good)
+            if copies > 1:
+                held = {r.name for r in good} | (known.get(oid, set()) & set(self.unusable))
+                if len(held) < copies:
+                    for s_rel, _ in stubs:
+                        self.problem("copies", s_rel, f"{len(held)} of the {copies} copies `[place] copies` asks "
+                                     f"for ({', '.join(sorted(held))})")
+            if self.deep:
+                self.deep_check(stubs, good, verified)
+            fine += len(stubs)
+        if not self.res.unfixed[bad_before:] and self.objects:
+            self.res.add("stubs", OK, "objects", "", f"every object of {len(self.objects)} checked is on a remote "
+                         "with its size" + (" and its hash" if self.deep else ""))
+        if self.res.stubs and not any(f.section == "stubs" and f.status == PROBLEM for f in self.res.findings):
+            self.res.add("stubs", OK, "stubs", "", f"{self.res.stubs} stubs: metadata valid, header and xattr agree, "
+                         "none written into, catalog in step")
+
+    def recently_verified(self) -> set[tuple[str, str]]:
+        if not self.deep or self.older_than is None or self.cat is None:
+            return set()
+        return self.cat.verified_since(self.now - self.older_than)
+
+    def deep_check(self, stubs, held: list[Remote], recent: set[tuple[str, str]]) -> None:
+        """Read every copy back from the remotes that hold it and hash it, into a nameless file
+        in ROOT/.jam/tmp (O_TMPFILE): nothing is left behind, whatever interrupts the check.
+        Each good copy is recorded at once (an interrupted scrub resumes)."""
+        from jam_core.fs import fd_path
+        from jam_core.objects import hash_fd
+
+        rel, rec = stubs[0]
+        tmp_dir = self.root.jam_dir / "tmp"
+        if not tmp_dir.is_dir() or tmp_dir.is_symlink():
+            tmp_dir = self.root.jam_dir
+        good = 0
+        for r in held:
+            if (rec.oid, r.name) in recent:
+                self.res.recent += 1
+                good += 1
+                continue
+            fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                ok = self.pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size,
+                                        session=self.session)
+                if ok and os.fstat(fd).st_size == rec.size and \
+                        hash_fd(fd, rec.oid.split(":")[0]) == (rec.oid, rec.size):
+                    good += 1
+                    self.res.verified += 1
+                    self.res.verified_bytes += rec.size
+                    if self.cat is not None:
+                        self.cat.verified(rec.oid, r.name)
+                    continue
+                for s_rel, _ in stubs:
+                    self.problem("corrupt", s_rel, f"remote {r.name!r} holds a corrupt copy of {rec.oid} (its bytes "
+                                 "do not hash to its id); the other copies are checked too")
+            except RemoteError as exc:
+                self.unusable[r.name] = str(exc)
+                self.res.add("setup", PROBLEM, "unreachable", r.name, str(exc))
+            except JamError as exc:
+                for s_rel, _ in stubs:
+                    self.problem("corrupt", s_rel, str(exc))
+            finally:
+                os.close(fd)
+        if not good:
+            for s_rel, _ in stubs:
+                self.problem("missing", s_rel, f"no remote holds an intact copy of {rec.oid}")
+
+    def reupload(self, oid: str, rec: StubRecord) -> bool:
+        """Store a missing object again from a local file of the tree with the same content
+        (candidates of the same size, hashed), on the remotes ``place`` chooses."""
+        from jam_core.fs import fd_path
+        from jam_core.objects import hash_fd
+
+        usable = [r for r in self.remotes if r.name not in self.unusable]
+        if not usable:
+            return False
+        for cand in self.local_sizes.get(rec.size, ()):
+            try:
+                fd = os.open(self.root.path / cand, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode) or hash_fd(fd, oid.split(":")[0]) != (oid, rec.size):
+                    continue
+                chosen = self.pm.hook.place(root=self.root.path, oid=oid, size=rec.size, remotes=usable) or usable[:1]
+                for r in chosen:
+                    self.pm.hook.stash(remote=r, oid=oid, source=Path(fd_path(fd)), size=rec.size,
+                                       session=self.session)
+                    self.pm.hook.sync(remote=r, session=self.session)
+                return True
+            except JamError:
+                continue
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+        return False
+
+    def unused(self, listings) -> None:
+        """Objects on a remote that nothing of this root refers to: reported, never deleted."""
+        if self.rels != ["."] or self.cat is None:
+            return
+        referenced = set(self.objects) | {r[1] for r in self.rows} | self.cat.oids()
+        for r in self.remotes:
+            listing = listings.get(r.name)
+            if not listing:
+                continue
+            extra = [(o, s) for o, s in listing.items() if o not in referenced]
+            if extra:
+                self.res.add("leftovers", WARNING, "unused", r.name,
+                             f"{len(extra)} objects ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
+                             "nothing in this root refers to (older versions, or another root's); never deleted "
+                             "by doctor")
+
+
+def _copies(root: Root) -> int:
+    table = root.config.get("place", {})
+    n = table.get("copies", 1) if isinstance(table, dict) else 1
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UsageError(f"{root.config_path}: [place] copies must be a whole number >= 1, got {n!r}")
+    return n
 
 
 def _only_header_differs(path: str, rec: StubRecord, st: os.stat_result) -> bool:
@@ -319,28 +964,16 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
-def _deep_check(pm, session, held: list[Remote], rel, rec, res, path) -> None:
-    """Read every byte of the object back from the remotes that hold it and hash it. The
-    content goes to a nameless file in ROOT/.jam/tmp (O_TMPFILE): nothing is left behind,
-    whatever interrupts the check."""
-    from jam_core.fs import fd_path
-    from jam_core.objects import hash_fd
+def _human(n: int) -> str:
+    from jam_core.units import human
 
-    tmp_dir = Path(path)
-    while tmp_dir.parent != tmp_dir and not (tmp_dir / ".jam").is_dir():
-        tmp_dir = tmp_dir.parent
-    good = False
-    for r in held:
-        fd = os.open(tmp_dir / ".jam" / "tmp", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        try:
-            ok = pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size, session=session)
-            if ok and os.fstat(fd).st_size == rec.size and hash_fd(fd, rec.oid.split(":")[0]) == (rec.oid, rec.size):
-                good = True
-                break
-            res.problems.append(Problem("corrupt", rel, f"remote {r.name!r} holds a corrupt copy of {rec.oid}"))
-        except RemoteError as exc:
-            res.problems.append(Problem("unreachable", rel, str(exc)))
-        finally:
-            os.close(fd)
-    if not good:
-        res.problems.append(Problem("missing", rel, f"no remote holds an intact copy of {rec.oid}"))
+    return human(n)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    from jam_core.units import format_duration
+
+    return format_duration(seconds)
+
