@@ -178,7 +178,8 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
         try:
             os.close(open_dir(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), r.rpartition("/")[0]))
         except ThroughSymlink as exc:
-            raise UsageError(f"{r} is reached through the symlink {exc.filename}: jam does not follow symlinks") from None
+            raise UsageError(f"{r} is reached through the symlink {exc.filename}: "
+                             "jam does not follow symlinks") from None
         except OSError:
             pass  # a missing path is reported by the walk
     res = DoctorResult(paths=rels, deep=deep, fix=fix)
@@ -363,7 +364,7 @@ def _index_marks(base: str) -> set[str] | None:
     from jam_core.hook.index import MARK
 
     out = set()
-    for dirpath, dirnames, _ in os.walk(base):  # never follows a symlink
+    for dirpath, _dirs, _ in os.walk(base):  # never follows a symlink
         rel = os.path.relpath(dirpath, base)
         try:
             if os.lstat(dirpath).st_mode & MARK:
@@ -834,7 +835,7 @@ class _Doctor:
             self.res.add("stubs", OK, "objects", "", f"every object of {len(self.objects)} checked is on a remote "
                          "with its size" + (" and its hash" if self.deep else ""))
         if self.res.stubs and not any(f.section == "stubs" and f.status == PROBLEM for f in self.res.findings):
-            self.res.add("stubs", OK, "stubs", "", f"{self.res.stubs} stubs: metadata valid, header and xattr agree, "
+            self.res.add("stubs", OK, "stubs", "", f"{self.res.stubs} stub(s): metadata valid, header and xattr agree, "
                          "none written into, catalog in step")
 
     def recently_verified(self) -> set[tuple[str, str]]:

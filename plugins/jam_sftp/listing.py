@@ -88,8 +88,8 @@ def read_dirs(ops: Ops, dirs: list[str]) -> dict[str, list[tuple[str, SFTPAttrib
                         again[d] = ops.r.send(CMD_READDIR, handles[d])
                 pending = again
         finally:
-            closes = [(d, ops.r.send(CMD_CLOSE, h)) for d, h in handles.items()]
-            for d, num in closes:
+            closes = [ops.r.send(CMD_CLOSE, h) for h in handles.values()]
+            for num in closes:
                 ops.r.wait(num)
         if error is not None:
             raise error
@@ -113,7 +113,8 @@ def list_objects(ops: Ops, sweep: bool) -> list[tuple[str, int]]:
     listed = read_dirs(ops, [f"{objects}/{a}/{f}" for a, f in fans])
     for a, f in fans:
         for n, attrs in listed.get(f"{objects}/{a}/{f}", ()):
-            if _HEX64.match(n) and n.startswith(f) and statmod.S_ISREG(attrs.st_mode or 0) and attrs.st_size is not None:
+            regular = statmod.S_ISREG(attrs.st_mode or 0) and attrs.st_size is not None
+            if regular and _HEX64.match(n) and n.startswith(f):
                 found.append((f"{a}:{n}", int(attrs.st_size)))
     tmp = ops.path("tmp")
     now = time.time()
