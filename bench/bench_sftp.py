@@ -3,7 +3,7 @@
 Starts its own sshd on 127.0.0.1 (tests/sshd.py), then:
   1. one large file (``--size-mib``, default 1024) up and down: jam, ``sftp -b``, rsync over ssh;
   2. ``--files`` (2000) files of ``--file-kib`` (64) KiB up and down through the user's path
-     (jam_core.stash.stash / jam_core.checkout.checkout of a directory in a root whose remote is
+     (jam_core.ops.stash.stash / jam_core.ops.checkout.checkout of a directory in a root whose remote is
      the sftp one: hashing, batches through stash_many/fetch_many, stubs), then the backend's
      batch hooks alone and the per-file hook (where the time goes), ``sftp -b`` (one batch,
      serial) and ``rsync -W -r`` over ssh.
@@ -170,7 +170,7 @@ class Bench:
     def small(self, count: int, size: int, with_rsync: bool) -> None:
         """``count`` files through the path a user takes: ``jam stash DIR`` / ``jam checkout DIR``.
 
-        jam_core.stash.stash and jam_core.checkout.checkout on a root whose only remote is the
+        jam_core.ops.stash.stash and jam_core.ops.checkout.checkout on a root whose only remote is the
         sftp one: scan, hash, batches through stash_many/fetch_many, sync, stubs written and
         swapped (and the reverse). Beside it, the backend's hooks alone (the same batches, no
         core work) and the per-file hook, to show where the time goes.

@@ -143,10 +143,11 @@ class NotTheFile(OSError):
     """The name no longer refers to the regular file that was scanned."""
 
 
-def open_regular(dir_fd: int, name: str, expect: os.stat_result | None = None,
+def open_regular(dir_fd: int | None, name, expect: os.stat_result | None = None,
                  flags: int = os.O_RDONLY) -> int:
-    """Open ``name`` in ``dir_fd`` without following a symlink and without blocking on a FIFO;
-    refuse anything that is not a regular file or (with ``expect``) not the same inode."""
+    """Open ``name`` in ``dir_fd`` (a path when ``dir_fd`` is None) without following a symlink
+    and without blocking on a FIFO; refuse anything that is not a regular file or (with
+    ``expect``) not the same inode (NotTheFile)."""
     fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     st = os.fstat(fd)
     replaced = expect is not None and (st.st_ino, st.st_dev) != (expect.st_ino, expect.st_dev)

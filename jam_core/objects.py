@@ -8,7 +8,6 @@ from pathlib import Path
 
 from jam_core.errors import IntegrityError
 
-ALGORITHMS = ("b3", "sha256")
 DEFAULT_ALGORITHM = "b3"
 CHUNK = 1 << 20  # 1 MiB reads: large enough for blake3's SIMD, small enough for progress
 

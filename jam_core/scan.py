@@ -9,10 +9,31 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
-from jam_core.fs import DIR_FLAGS, TMP_MARK, TMP_PREFIX, TMP_SUFFIX, fd_path, is_jam_tmp, open_dir, open_regular  # noqa: F401
+from jam_core.fs import (  # noqa: F401
+    DIR_FLAGS,
+    TMP_MARK,
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    fd_path,
+    getxattr,
+    is_jam_tmp,
+    open_dir,
+    open_regular,
+)
 from jam_core.objects import MARKER_NAME, parse_marker
 from jam_core.root import JAM_DIR
-from jam_core.stub import XATTR, BadStub, StubRecord, is_dirty, may_be_stub, read_record
+from jam_core.stub import (
+    HEADER_MAX,
+    LOST_XATTRS,
+    XATTR,
+    BadStub,
+    StubRecord,
+    is_dirty,
+    may_be_stub,
+    read_record,
+    record_from_copy,
+    verify_clean_path,
+)
 
 LOCAL, STUB, DIRTY, BAD = "local", "stub", "dirty", "bad"
 
@@ -31,8 +52,10 @@ class Entry:
 QUICK, LIKELY, ALWAYS = "quick", "likely", "always"
 
 
-def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, StubRecord | None, str]:
-    """(state, record, problem) of a regular file from its lstat.
+def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | None = None,
+             verify: bool = False) -> tuple[str, StubRecord | None, str]:
+    """(state, record, problem) of a regular file from its lstat: the one place that decides
+    what a file is.
 
     ``look`` says when the xattr is read. ``likely`` (stash, checkout): when the stat says the
     file may be a stub (read-only, sparse, or smaller than a block). ``quick`` (status,
@@ -40,37 +63,55 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY) -> tuple[str, St
     someone made writable again could be missed; stash and checkout still look). ``always``
     (doctor): for every file, so a stub overwritten in full is still reported.
 
+    ``stamp`` is what the catalog recorded of the stub at this path (size, mtime_ns, ino,
+    ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
+    it is a clean stub without reading anything (its record is then None). Otherwise, with
+    ``verify``, a stub whose stat looks clean is judged by its bytes (``stub.verify_clean``):
+    a stub edited with its mtime put back is DIRTY.
+
     A file with no ``user.jam`` whose first block is a valid jam header (size matching) is a
     stub that lost its xattrs (a plain ``cp``): STUB, or DIRTY if its bytes are not exactly a
     stub's, with the record from its header and ``problem`` set to ``stub.LOST_XATTRS``. A
     file that starts like a header that cannot be trusted is BAD.
     """
+    writable = st.st_mode & 0o222
     if look == LIKELY:
         if not may_be_stub(st):
             return LOCAL, None, ""
-    elif look == QUICK and (st.st_mode & 0o222) and st.st_blocks * 512 >= st.st_size:
+    elif look == QUICK and writable and st.st_blocks * 512 >= st.st_size:
         return LOCAL, None, ""
+    if (stamp is not None and not writable and stamp == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            and st.st_blocks * 512 <= HEADER_MAX):
+        return STUB, None, ""  # the catalog's stub, untouched since (same inode and ctime)
     try:
-        rec = read_record(path)
+        raw = getxattr(path, XATTR, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            return BAD, None, exc.strerror or str(exc)
+        return _copy_of_a_stub(path, st)
+    try:
+        rec = StubRecord.unpack(raw)
     except BadStub as exc:
         return BAD, None, str(exc)
-    except OSError as exc:
-        return BAD, None, exc.strerror or str(exc)
-    if rec is None:
-        # No xattr: a stub copied without it (plain cp) still says what it is in its first block.
-        from jam_core.stub import LOST_XATTRS, record_from_copy
+    if is_dirty(st, rec):
+        return DIRTY, rec, ""
+    if verify and not verify_clean_path(path, rec, st):
+        return DIRTY, rec, ""
+    return STUB, rec, ""
 
-        try:
-            copy = record_from_copy(path, st)
-        except BadStub as exc:
-            return BAD, None, f"starts with a jam stub header that cannot be trusted: {exc}"
-        except OSError:
-            return LOCAL, None, ""  # unreadable: not known to be a stub
-        if copy is None:
-            return LOCAL, None, ""
-        rec, dirty = copy
-        return (DIRTY if dirty else STUB), rec, LOST_XATTRS
-    return (DIRTY if is_dirty(st, rec) else STUB), rec, ""
+
+def _copy_of_a_stub(path: str, st: os.stat_result) -> tuple[str, StubRecord | None, str]:
+    """No xattr: a stub copied without it (plain cp) still says what it is in its first block."""
+    try:
+        copy = record_from_copy(path, st)
+    except BadStub as exc:
+        return BAD, None, f"starts with a jam stub header that cannot be trusted: {exc}"
+    except OSError:
+        return LOCAL, None, ""  # unreadable: not known to be a stub
+    if copy is None:
+        return LOCAL, None, ""
+    rec, dirty = copy
+    return (DIRTY if dirty else STUB), rec, LOST_XATTRS
 
 
 def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,

@@ -16,6 +16,7 @@ sizes and modes sane.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -154,31 +155,6 @@ def read_record(path_or_fd) -> StubRecord | None:
     return StubRecord.unpack(raw)
 
 
-_FAST = struct.Struct("<QIq")  # size, mode, mtime_ns: the tail of _PACK, at offset 34
-
-
-def quick_dirty(raw: bytes, st: os.stat_result) -> bool | None:
-    """For scans: is the stub with ``user.jam`` value ``raw`` dirty? ``None`` if ``raw`` needs
-    the full validation of :meth:`StubRecord.unpack` (which explains what is wrong).
-
-    A well-formed record cannot hold a bad id (its digest is 32 raw bytes), so checking the
-    length, version, algorithm and ranges is the whole validation.
-    """
-    if len(raw) != _PACK.size or raw[0] != VERSION or raw[1] not in _CODE_ALGO:
-        return None
-    size, mode, mtime_ns = _FAST.unpack_from(raw, 34)
-    if size > MAX_SIZE or mode > 0o7777:
-        return None
-    return (st.st_size != size or st.st_mtime_ns != mtime_ns
-            or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize))
-
-
-def read_header(path) -> StubRecord:
-    """The full metadata from a stub's header block (remotes, stashed_at included)."""
-    with open(path, "rb") as f:
-        return StubRecord.from_header(f.read(HEADER_MAX))
-
-
 def may_be_stub(st: os.stat_result) -> bool:
     """Cheap pre-filter from a stat: only these files need their xattr read during a scan.
 
@@ -195,11 +171,12 @@ def is_dirty(st: os.stat_result, rec: StubRecord) -> bool:
     A write moves the mtime; the block count also catches one whose mtime was set back. A stub
     may own two blocks: its header, and an xattr block if the file had xattrs of its own.
     """
-    return (
-        st.st_size != rec.size
-        or st.st_mtime_ns != rec.mtime_ns
-        or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize)
-    )
+    return _stat_dirty(st, rec.size, rec.mtime_ns)
+
+
+def _stat_dirty(st: os.stat_result, size: int, mtime_ns: int) -> bool:
+    """The stat rule, in one place: another size or mtime, or more blocks than a stub owns."""
+    return st.st_size != size or st.st_mtime_ns != mtime_ns or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize)
 
 
 def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs: dict[str, bytes] | None = None,
@@ -326,17 +303,14 @@ def verify_clean(fd: int, rec: StubRecord) -> bool:
 def open_checked(path, st: os.stat_result | None = None) -> int | None:
     """A read-only descriptor of the regular file at ``path`` (never through a symlink, never
     blocking on a FIFO), or None if it is not one or, given ``st``, not that same file."""
+    from jam_core.fs import open_regular
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return open_regular(None, path, expect=st)
     except OSError as exc:
-        if exc.errno in (2, 6, 40):  # ENOENT, ENXIO (a socket), ELOOP (a symlink)
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ELOOP, errno.ESTALE):  # ESTALE: NotTheFile
             return None
         raise
-    now = os.fstat(fd)
-    if not stat.S_ISREG(now.st_mode) or (st is not None and (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)):
-        os.close(fd)
-        return None
-    return fd
 
 
 def verify_clean_path(path, rec: StubRecord, st: os.stat_result | None = None) -> bool:

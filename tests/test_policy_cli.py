@@ -481,7 +481,7 @@ def test_pins_file_is_replaced_atomically(runner, jam_root, monkeypatch):
     def no_rename(src, dst):
         raise OSError(28, "No space left on device", str(dst))
 
-    monkeypatch.setattr(jam_core.pins.os, "rename", no_rename)
+    monkeypatch.setattr(jam_core.policy.pins.os, "rename", no_rename)
     res = jam(runner, "pin", "b.bin", code=1)
     assert "no space left on the local disk" in res.stderr
     monkeypatch.undo()

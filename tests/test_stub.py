@@ -99,18 +99,19 @@ def test_object_ids_are_validated(oid, ok):
             object_relpath(oid)
 
 
-def test_quick_dirty_agrees_with_the_full_check():
-    from jam_core.stub import is_dirty, quick_dirty
+def test_the_stat_rule_of_a_dirty_stub():
+    from jam_core.stub import BadStub, is_dirty
 
     raw = REC.pack()
 
-    class St:  # the fields of os.stat_result that the checks read
+    class St:  # the fields of os.stat_result that the check reads
         st_size, st_mtime_ns, st_blocks, st_blksize = REC.size, REC.mtime_ns, 8, 4096
-    assert quick_dirty(raw, St) is False is is_dirty(St, REC)
+    assert is_dirty(St, REC) is False
     St.st_mtime_ns += 1
-    assert quick_dirty(raw, St) is True is is_dirty(St, REC)
+    assert is_dirty(St, REC) is True
     St.st_mtime_ns -= 1
     St.st_blocks = 80
-    assert quick_dirty(raw, St) is True is is_dirty(St, REC)
+    assert is_dirty(St, REC) is True
     for bad in (b"", raw[:-1], b"\x63" + raw[1:], raw[:1] + b"\x09" + raw[2:]):
-        assert quick_dirty(bad, St) is None
+        with pytest.raises(BadStub):
+            StubRecord.unpack(bad)

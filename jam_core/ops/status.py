@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from jam_core.policy.pins import covered
 from jam_core.root import Root
 from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, scan_dirs
-from jam_core.stub import HEADER_MAX, LOST_XATTRS, XATTR, BadStub, StubRecord, quick_dirty, verify_clean_path
+from jam_core.stub import LOST_XATTRS
 
 
 @dataclass
@@ -88,30 +88,7 @@ def status(root: Root, rel: str = ".") -> Status:
                 t.bytes += size
                 t.disk_bytes += disk
                 continue
-            if known and known.get(dprefix + fsencode(name)) == (size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) \
-                    and not st.st_mode & 0o222 and disk <= HEADER_MAX:
-                t.stubs += 1  # the catalog's stub, untouched since (same inode and ctime): nothing to read
-                t.stub_bytes += size
-                t.bytes += size
-                t.disk_bytes += disk
-                continue
-            problem = ""
-            try:
-                raw = os.getxattr(path, XATTR, follow_symlinks=False)
-                dirty = quick_dirty(raw, st)
-            except OSError:
-                dirty = None  # no xattr (a read-only local file) or unreadable: classify says which
-            if dirty is None:
-                state, _, problem = classify(path, st, QUICK)
-            elif dirty:
-                state = DIRTY
-            else:
-                # The stat looks like the stub's, but the catalog cannot vouch that nothing was
-                # written since (a stub edited with its mtime put back): its bytes decide.
-                try:
-                    state = STUB if verify_clean_path(path, StubRecord.unpack(raw), st) else DIRTY
-                except (BadStub, OSError):
-                    state, _, problem = classify(path, st, QUICK)
+            state, _, problem = classify(path, st, QUICK, stamp=known.get(dprefix + fsencode(name)), verify=True)
             t.add(state, size, disk)
             if state in (DIRTY, BAD) or problem:
                 rel_path = name if d == "." else f"{d}/{name}"
