@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass, field
 
 from jam_core.fs import fd_path, is_jam_tmp, open_dir, open_regular
-from jam_core.ops.status import Tally, status
+from jam_core.ops.status import Status, Tally, status
 from jam_core.policy.pins import covered, read_pins
 from jam_core.root import CATALOG, JAM_DIR, Root
 from jam_core.scan import BAD, DIRTY, LIKELY, LOCAL, STUB, classify
@@ -174,19 +174,23 @@ def _add(into: Tally, t: Tally) -> None:
         setattr(into, k, getattr(into, k) + v)
 
 
-def dir_totals(root: Root, rel: str = ".") -> Totals:
-    """Totals of every child directory of ``rel``, from one status scan of ``rel``."""
-    st = status(root, rel)
-    out = Totals(total=st.total, problems=st.problems)
+def dir_totals(root: Root, rel: str = ".", tree: Status | None = None) -> Totals:
+    """Totals of every child directory of ``rel``, folded from one status scan: ``tree`` (a
+    status of the whole root, or of any directory at or above ``rel``, kept by a caller that
+    moves around the tree) or a new scan of ``rel``."""
+    st = tree if tree is not None else status(root, rel)
     top = "" if rel in ("", ".") else rel + "/"
+    out = Totals(problems=[p for p in st.problems if not top or p[0] == rel or p[0].startswith(top)])
     for d, t in st.directories.items():
         if d == rel or (d == "." and not top):
             _add(out.here, t)
+            _add(out.total, t)
             continue
         if top and not d.startswith(top):
             continue
         child = d[len(top):].split("/", 1)[0]
         _add(out.children.setdefault(child, Tally()), t)
+        _add(out.total, t)
     return out
 
 
@@ -211,9 +215,10 @@ class Summary:
     stubs: int
 
 
-def summary(root: Root, totals: Totals | None = None) -> Summary:
-    """The whole root: content held here, content stashed away, free space on this disk."""
-    t = (totals or dir_totals(root, ".")).total
+def summary(root: Root, tree: Status | None = None) -> Summary:
+    """The whole root: content held here, content stashed away, free space on this disk
+    (``tree``: a status of the whole root already made, else one is made)."""
+    t = (tree if tree is not None else status(root, ".")).total
     v = os.statvfs(root.path)
     return Summary(t.local_bytes, t.stub_bytes, v.f_bavail * v.f_frsize, t.files, t.stubs)
 

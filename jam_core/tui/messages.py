@@ -26,8 +26,11 @@ class TotalsReady(Message):
 
 
 @dataclass
-class SummaryReady(Message):
-    summary: Any  # browse.Summary
+class Scanned(Message):
+    """One status scan of the whole root (``status.Status``) and its summary (``browse.Summary``)."""
+
+    tree: Any
+    summary: Any
 
 
 @dataclass

@@ -15,6 +15,7 @@ from textual.worker import get_current_worker
 from jam_core.errors import JamError, describe
 from jam_core.model import Session
 from jam_core.ops import browse
+from jam_core.ops.status import status
 from jam_core.tui.messages import (
     ActionDone,
     DetailsReady,
@@ -25,7 +26,7 @@ from jam_core.tui.messages import (
     MarksChanged,
     PlanReady,
     Progress,
-    SummaryReady,
+    Scanned,
     TotalsReady,
 )
 from jam_core.tui.screens.confirm import ConfirmScreen
@@ -93,6 +94,7 @@ class MainScreen(Screen[None]):
         self.wanted = rel
         self.plan = None
         self.totals = None
+        self.scanned = None  # the last status of the whole root (jam_core.ops.status.Status)
         self.session: TuiSession | None = None
         self.busy = ""
 
@@ -113,17 +115,18 @@ class MainScreen(Screen[None]):
 
     # -- loading ------------------------------------------------------------------------------
     def reload(self, rel: str, focus: str = "") -> None:
-        self.load(rel, focus)
-        if rel not in ("", "."):
-            self.load_summary()
+        """List ``rel`` and scan the whole root again (start, `r`, after an action)."""
+        self.load(rel, focus, rescan=True)
         self.load_plan()
 
-    def load(self, rel: str, focus: str = "") -> None:
+    def load(self, rel: str, focus: str = "", rescan: bool = False) -> None:
+        """List ``rel``; its totals come from the root's last scan (one scan serves every
+        directory: moving around costs one scandir)."""
         self.wanted = rel
-        self.load_dir(rel, focus)
+        self.load_dir(rel, focus, None if rescan else self.scanned)
 
     @work(thread=True, exclusive=True, group="load")
-    def load_dir(self, rel: str, focus: str) -> None:
+    def load_dir(self, rel: str, focus: str, tree) -> None:
         worker = get_current_worker()
         try:
             rows = browse.entries(self.root, rel)
@@ -133,25 +136,16 @@ class MainScreen(Screen[None]):
         if worker.is_cancelled:
             return
         self.post_message(Listed(rel, rows, focus))
-        try:
-            totals = browse.dir_totals(self.root, rel)
-        except Exception as exc:  # noqa: BLE001
-            self.post_message(LoadFailed(rel, describe(exc)))
-            return
-        if worker.is_cancelled:
-            return
-        self.post_message(TotalsReady(rel, totals))
-        if rel in ("", "."):
-            self.post_message(SummaryReady(browse.summary(self.root, totals)))
-
-    @work(thread=True, exclusive=True, group="summary")
-    def load_summary(self) -> None:
-        try:
-            s = browse.summary(self.root)
-        except Exception:  # noqa: BLE001  the bar keeps its dots
-            return
-        if not get_current_worker().is_cancelled:
-            self.post_message(SummaryReady(s))
+        if tree is None:
+            try:
+                tree = status(self.root, ".")
+            except Exception as exc:  # noqa: BLE001
+                self.post_message(LoadFailed(rel, describe(exc)))
+                return
+            if worker.is_cancelled:
+                return
+            self.post_message(Scanned(tree, browse.summary(self.root, tree)))
+        self.post_message(TotalsReady(rel, browse.dir_totals(self.root, rel, tree)))
 
     @work(thread=True, exclusive=True, group="plan")
     def load_plan(self) -> None:
@@ -164,6 +158,10 @@ class MainScreen(Screen[None]):
             return
         if not get_current_worker().is_cancelled:
             self.post_message(PlanReady(plan))
+
+    def on_scanned(self, m: Scanned) -> None:
+        self.scanned = m.tree
+        self.query_one(SummaryBar).show_summary(m.summary)
 
     def on_listed(self, m: Listed) -> None:
         if m.rel != self.wanted:
@@ -182,9 +180,6 @@ class MainScreen(Screen[None]):
         browse.apply_totals(listing.rows, m.totals)
         self.totals = m.totals
         listing.update_rows()
-
-    def on_summary_ready(self, m: SummaryReady) -> None:
-        self.query_one(SummaryBar).show_summary(m.summary)
 
     def on_plan_ready(self, m: PlanReady) -> None:
         self.plan = m.plan
