@@ -125,6 +125,11 @@ async def main():
         out["first_screen_s"] = time.perf_counter() - t0
         out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         keys = {}
+        for _ in range(3):  # Pilot's own cost per key: a key nothing is bound to
+            t = time.perf_counter()
+            await pilot.press("x")
+            keys["(pilot baseline: unbound key)"] = min(keys.get("(pilot baseline: unbound key)", 1e9),
+                                                         (time.perf_counter() - t) * 1000)
         async def key(name, *presses, until=None):
             t = time.perf_counter()
             await pilot.press(*presses)
@@ -214,10 +219,14 @@ def main() -> None:
         print(f"resident memory at {nfiles:,} files (max RSS): {p['rss_mib']:.0f} MiB")
         print("keys (ms until answered; goal < 100):")
         worst = 0.0
+        base = p["keys_ms"]["(pilot baseline: unbound key)"]
+        print(f"  {'key':<30} {'ms':>7} {'minus Pilot baseline':>21}")
         for k, ms in p["keys_ms"].items():
-            worst = max(worst, ms)
-            print(f"  {k:<28} {ms:7.1f}")
-        print(f"slowest key: {worst:.1f} ms ({'within' if worst < 100 else 'over'} 100 ms)")
+            if not k.startswith("(pilot"):
+                worst = max(worst, ms - base)
+            print(f"  {k:<30} {ms:7.1f} {ms - base:21.1f}")
+        print(f"slowest key, Pilot's own cost taken out: {worst:.1f} ms "
+              f"({'within' if worst < 100 else 'over'} 100 ms)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

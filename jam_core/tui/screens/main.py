@@ -94,6 +94,7 @@ class MainScreen(Screen[None]):
         self.wanted = rel
         self.plan = None
         self.totals = None
+        self.plan_due = False
         self.scanned = None  # the last status of the whole root (jam_core.ops.status.Status)
         self.session: TuiSession | None = None
         self.busy = ""
@@ -117,7 +118,7 @@ class MainScreen(Screen[None]):
     def reload(self, rel: str, focus: str = "") -> None:
         """List ``rel`` and scan the whole root again (start, `r`, after an action)."""
         self.load(rel, focus, rescan=True)
-        self.load_plan()
+        self.plan_due = True  # asked once the scan is done: the first screen comes first
 
     def load(self, rel: str, focus: str = "", rescan: bool = False) -> None:
         """List ``rel``; its totals come from the root's last scan (one scan serves every
@@ -162,6 +163,9 @@ class MainScreen(Screen[None]):
     def on_scanned(self, m: Scanned) -> None:
         self.scanned = m.tree
         self.query_one(SummaryBar).show_summary(m.summary)
+        if self.plan_due:
+            self.plan_due = False
+            self.load_plan()
 
     def on_listed(self, m: Listed) -> None:
         if m.rel != self.wanted:
