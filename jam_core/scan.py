@@ -115,7 +115,7 @@ def _copy_of_a_stub(path: str, st: os.stat_result) -> tuple[str, StubRecord | No
 
 
 def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
-              tidy=None):
+              tidy=None, depth: int | None = None):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
     holds regular files (jam's temporary files left out). A single file yields its directory
     with that one file. One lstat per entry, no other I/O.
@@ -129,6 +129,7 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
 
     ``clean=True`` (only while holding the root's lock, when no other jam can be writing)
     first deletes the temporary files a killed jam provably left (``_disposable``).
+    ``depth`` limits how many levels below ``rel`` are walked (None: all).
     ``tidy(dir_fd, dir_rel, entries) -> entries`` (doctor) sees each directory's listing
     first and returns what is left of it (it may report and remove jam's temporary files).
     """
@@ -139,12 +140,13 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
             on_error(rel, exc)
         return
     try:
-        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy)
+        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy, depth)
     finally:
         os.close(root_fd)
 
 
-def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None):
+def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
+               depth: int | None = None):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -174,11 +176,11 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
     top = rel == "."
     skip = _remote_dirs(root_fd)
     S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
-    stack: list[list] = [[start_fd, prefix, None]]
+    stack: list[list] = [[start_fd, prefix, None, 0]]
     try:
         while stack:
             frame = stack[-1]
-            fd, prefix, subdirs = frame
+            fd, prefix, subdirs, level = frame
             if subdirs is None:
                 try:
                     with os.scandir(fd) as it:
@@ -208,7 +210,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     elif S_ISDIR(mode):
                         if (prefix or e.name != JAM_DIR) and (est.st_dev, est.st_ino) not in skip:
                             subdirs.append(e.name)
-                frame[2] = iter(subdirs)
+                frame[2] = iter(subdirs if depth is None or level < depth else ())
                 if files:
                     yield prefix[:-1] or ".", files
                 continue
@@ -223,7 +225,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT) and on_error:
                     on_error(prefix + name, exc)
                 continue  # swapped for a symlink (or gone) since it was listed: not followed
-            stack.append([nfd, prefix + name + "/", None])
+            stack.append([nfd, prefix + name + "/", None, level + 1])
     finally:
         for frame in stack:
             os.close(frame[0])
@@ -331,7 +333,7 @@ def _clean_dir(fd: int) -> None:
 
 
 def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, ordered: bool = True,
-         clean: bool = False, tidy=None) -> Iterator[Entry]:
+         clean: bool = False, tidy=None, depth: int | None = None) -> Iterator[Entry]:
     """Every regular file under ``rel`` (a file or directory relative to the root), classified.
 
     ``ordered`` sorts names within each directory (stable output); ``look`` see classify.
@@ -339,7 +341,7 @@ def walk(root_path: str, rel: str = ".", on_error=None, look: str = LIKELY, orde
     relative to its directory's descriptor (jam_core.fs.DirFds), never through this path.
     """
     top = root_path.rstrip("/") + "/"
-    for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean, tidy):
+    for dname, files in scan_dirs(root_path, rel, on_error, ordered, clean, tidy, depth):
         prefix = "" if dname == "." else dname + "/"
         for name, path, st in files:
             state, rec, problem = classify(path, st, look)

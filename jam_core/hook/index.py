@@ -22,6 +22,7 @@ import stat
 from typing import Iterable
 
 from jam_core.errors import UsageError
+from jam_core.fs import DIR_FLAGS
 from jam_core.hook.settings import DEFAULT_DEPTH, settings
 from jam_core.root import JAM_DIR, Root, valid_rel
 
@@ -78,7 +79,6 @@ def refresh(root: Root, cat=None) -> None:
                   f"{exc.strerror or exc}", file=sys.stderr)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _open_dir(name: str, dir_fd: int | None, create: bool = False) -> int:
@@ -86,7 +86,7 @@ def _open_dir(name: str, dir_fd: int | None, create: bool = False) -> int:
     With ``create``, make it (0755) when missing, and replace whatever else has its name (a
     symlink, a file planted in jam's own index) by a new directory."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         if not create:
             raise
@@ -95,7 +95,7 @@ def _open_dir(name: str, dir_fd: int | None, create: bool = False) -> int:
             raise
         os.unlink(name, dir_fd=dir_fd)  # a symlink or file in the index: never follow it
     os.mkdir(name, 0o755, dir_fd=dir_fd)
-    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
 
 
 def _remove(name: str, dir_fd: int) -> None:
@@ -121,7 +121,7 @@ def sync(base: str, marked: set[str]) -> None:
         node = tree
         for part in rel.split("/") if rel else []:
             node = node.setdefault(part, {})
-    parent = os.open(os.path.dirname(base), _DIR_FLAGS)
+    parent = os.open(os.path.dirname(base), DIR_FLAGS)
     try:
         try:
             top = _open_dir(os.path.basename(base), parent, create=bool(marked))

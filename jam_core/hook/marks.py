@@ -31,6 +31,7 @@ import stat
 import time
 from urllib.parse import unquote_to_bytes
 
+from jam_core.fs import DIR_FLAGS
 from jam_core.root import CATALOG, JAM_DIR, Root
 
 MARKS = "visits"
@@ -43,7 +44,6 @@ def marks_dir(root: Root) -> str:
     return os.path.join(root.path, JAM_DIR, MARKS)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _warned: set[str] = set()
 
 
@@ -67,7 +67,7 @@ def _open_own(jam_fd: int, name: str, path: str, create: bool = False) -> int | 
         except OSError:
             pass  # it exists, or the root is read-only: no marks then
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=jam_fd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=jam_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -89,7 +89,7 @@ def _open_own(jam_fd: int, name: str, path: str, create: bool = False) -> int | 
 
 def _open_jam(root: Root) -> int | None:
     try:
-        return os.open(os.path.join(root.path, JAM_DIR), _DIR_FLAGS)
+        return os.open(os.path.join(root.path, JAM_DIR), DIR_FLAGS)
     except OSError:
         return None
 
@@ -147,7 +147,7 @@ def pending(root: Root) -> bool:
     try:
         for name in (MARKS, FOLDING):
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=jam)
+                fd = os.open(name, DIR_FLAGS, dir_fd=jam)
             except OSError:
                 continue
             try:
