@@ -330,7 +330,7 @@ def test_tiers_view_lists_remotes_with_holdings(tree):
             await pilot.press("t")
             await settle(pilot)
             table = app.screen.query_one(DataTable)
-            assert table.get_cell("vault", "kind") == "dir"
+            assert str(table.get_cell("vault", "kind")) == "dir"
             assert table.get_cell("vault", "tier") == "0"
             assert table.get_cell("vault", "reachable") == "yes"
             assert table.get_cell("vault", "objects") == "2"
@@ -433,3 +433,36 @@ def test_cli_import_does_not_load_textual():
     code = "import sys, jam_core.cli, jam_core.cli.tui; print('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_names_that_look_like_markup_are_shown_as_text(tree):
+    """A directory named like Rich markup is a name: in the path bar, the confirmation and the
+    info pane it is shown as it is, never parsed (a parse error would crash the app)."""
+    from jam_core.tui.screens.confirm import ConfirmScreen
+    from jam_core.tui.widgets.path_bar import PathBar
+
+    weird = "[bold]x[i]"  # names cannot hold "/", so no closing tag: parsed, it would show as "x"
+    make_file(tree.root / weird / "in.bin", 70_000, 9)
+
+    async def go():
+        app = app_for(tree)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("slash", "x", "left_square_bracket", "enter")
+            await settle(pilot)
+            assert listing(pilot).current.name == weird
+            await pilot.press("i")
+            await settle(pilot)
+            await pilot.press("s")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await settle(pilot)
+            await pilot.press("enter")
+            await settle(pilot)
+            assert weird in str(app.screen.query_one(PathBar).render())
+            assert weird in app.screen.query_one(PathBar).render().plain
+            await pilot.press("q")
+        assert app.return_code == 0
+    run(go())
+    assert is_stub(tree.root / weird / "in.bin")

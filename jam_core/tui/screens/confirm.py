@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -26,7 +27,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question, id="question")
+            yield Label(Text(self.question), id="question")  # names in it are text, never markup
             yield Label("y / Enter: yes    n / Esc: no", id="hint")
 
     def action_answer(self, yes: bool) -> None:

@@ -3,6 +3,7 @@ worker) and the objects and bytes it holds for this root (catalog)."""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -36,12 +37,13 @@ class TiersScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         from jam_core.tui.widgets.listing import _printable
 
-        yield Static(f"Tiers of {_printable(self.root.path.name)}", id="title")
+        yield Static(Text(f"Tiers of {_printable(self.root.path.name)}"), id="title")
         table = DataTable(cursor_type="row", zebra_stripes=True)
         for col in ("remote", "kind", "tier", "reachable", "objects", "bytes", "url"):
             table.add_column(col, key=col)
         for r in self.remotes:
-            table.add_row(r.name, r.kind, str(r.tier), "checking…", "…", "…", _printable(r.url), key=r.name)
+            table.add_row(Text(r.name), Text(r.kind), str(r.tier), "checking…", "…", "…", Text(_printable(r.url)),
+                          key=r.name)
         yield table
         yield Static("" if self.remotes else "no remote: add one with `jam remote add NAME URL`", id="note")
         yield Footer(compact=True)

@@ -14,4 +14,6 @@ class PathBar(Static):
         from jam_core.tui.widgets.listing import _printable
 
         where = root_name if rel in ("", ".") else f"{root_name}/{rel}"
-        self.update(_printable(where) + "/")
+        from rich.text import Text
+
+        self.update(Text(_printable(where) + "/"))  # a name is text, never markup
