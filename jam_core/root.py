@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jam_core.errors import UsageError
+from jam_core.fs import setxattr
 from jam_core.model import Remote
 from jam_core.units import human, parse_size  # noqa: F401  (re-exported)
 
@@ -294,7 +295,7 @@ def check_filesystem(path: Path) -> None:
         raise UsageError(f"cannot write in {path}: {exc.strerror}") from None
     try:
         try:
-            os.setxattr(fd, "user.jam.probe", b"1")
+            setxattr(fd, "user.jam.probe", b"1")
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, getattr(errno, "ENOATTR", errno.ENODATA)):
                 raise UsageError(

@@ -17,6 +17,7 @@ from jam_core.fs import (  # noqa: F401
     fd_path,
     getxattr,
     is_jam_tmp,
+    listxattr,
     open_dir,
     open_regular,
 )
@@ -286,7 +287,7 @@ def _disposable(fd: int, name: str, st: os.stat_result, siblings: dict[int, int]
         return True
     path = fd_path(fd) + "/" + name
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = listxattr(path, follow_symlinks=False)
     except OSError:
         return False
     if TMP_MARK in names:

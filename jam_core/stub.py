@@ -23,6 +23,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from jam_core.fs import getxattr, setxattr
 from jam_core.objects import split_oid
 
 XATTR = "user.jam"
@@ -146,8 +147,8 @@ class StubRecord:
 def read_record(path_or_fd) -> StubRecord | None:
     """The stub record of a file, ``None`` if it is not a stub. Raises BadStub if corrupt."""
     try:
-        raw = os.getxattr(path_or_fd, XATTR, follow_symlinks=False) if not isinstance(path_or_fd, int) \
-            else os.getxattr(path_or_fd, XATTR)
+        raw = getxattr(path_or_fd, XATTR, follow_symlinks=False) if not isinstance(path_or_fd, int) \
+            else getxattr(path_or_fd, XATTR)
     except OSError as exc:
         if exc.errno in (61, 95):  # ENODATA, ENOTSUP
             return None
@@ -188,8 +189,8 @@ def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs:
         os.write(fd, header)
     os.ftruncate(fd, rec.size)
     for k, v in (extra_xattrs or {}).items():
-        os.setxattr(fd, k, v)
-    os.setxattr(fd, XATTR, rec.pack())
+        setxattr(fd, k, v)
+    setxattr(fd, XATTR, rec.pack())
     os.fchmod(fd, rec.mode & ~0o222)
     os.utime(fd, ns=(atime_ns, rec.mtime_ns))
     if durable:

@@ -20,9 +20,11 @@ from jam_core.fs import (
     exchange,
     fd_path,
     open_regular,
+    removexattr,
     rename_noreplace,
     restore_xattrs,
     same_file,
+    setxattr,
     syncfs,
     tmp_name,
 )
@@ -111,7 +113,7 @@ class _Want:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self.dir_fd)
         self.tmp, self.fd = name, fd
-        os.setxattr(fd, TMP_MARK, b"1")
+        setxattr(fd, TMP_MARK, b"1")
 
     def reset(self) -> None:
         """Empty the temporary file for another remote's attempt."""
@@ -311,7 +313,7 @@ def _restore_metadata(w: _Want, stub_fd: int) -> None:
         restore_xattrs(stub_fd, w.fd)
     except ValueError as exc:
         raise JamError(f"hostile stub metadata: {exc}") from None
-    os.removexattr(w.fd, TMP_MARK)
+    removexattr(w.fd, TMP_MARK)
     os.utime(w.fd, ns=(st.st_atime_ns, rec.mtime_ns))
 
 
