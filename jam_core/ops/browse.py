@@ -2,8 +2,11 @@
 the catalog. The TUI shows these; it decides nothing about files itself.
 
 * :func:`entries`: one row per entry of a directory (one scandir by directory descriptor,
-  never through a symlink), each file classified by ``scan.classify``; stubs carry the remotes
-  the catalog knows hold their object, every file its last use.
+  never through a symlink), each file classified by ``scan.classify`` with the catalog's stamp
+  of the stubs of that directory (one query), so an untouched stub costs no xattr read; stubs
+  carry the remotes the catalog knows hold their object, every file its last use.
+* :func:`catalog_totals`: per child directory, the stubs below it and their bytes, from one
+  GROUP BY of the catalog (no walk): what directory rows show before a scan's totals arrive.
 * :func:`dir_totals`: per child directory, the totals of everything below it (true bytes,
   local bytes, disk bytes, files, stubs), folded from one :func:`jam_core.ops.status.status`.
 * :func:`summary`: local bytes, stashed bytes and free space of the root's disk.
@@ -49,6 +52,8 @@ class Row:
     problem: str = ""
     oid: str = ""
     totals: bool = False  # directories: totals filled in
+    stub_bytes: int = 0  # directories: true bytes of the stubs below (from the catalog)
+    stubs_known: bool = False  # directories: stubs (and stub_bytes) known from the catalog
 
     @property
     def is_dir(self) -> bool:
@@ -74,11 +79,26 @@ def entries(root: Root, rel: str = ".") -> list[Row]:
     """The entries of directory ``rel``: one scandir through directory descriptors (a
     component that is a symlink raises ``fs.ThroughSymlink``), files classified, directories
     without totals (:func:`dir_totals` fills them in). ``.jam`` at the top and jam's own
-    temporary files are left out."""
+    temporary files are left out. A stub whose lstat still matches the catalog's stamp (size,
+    mtime, inode, ctime: nothing touched it since jam made it) is trusted without reading its
+    xattr, as ``scan.classify`` does with ``stamp=``; its id comes from the catalog."""
     rows: list[Row] = []
+    pins = read_pins(root)
+    try:
+        cat = _catalog(root)
+    except Exception:  # a damaged catalog is only a cache: show what the files say
+        cat = None
+    try:
+        known = _stubs_here(cat, rel) if cat is not None else {}
+    except Exception:  # noqa: BLE001  same: the files decide
+        known = {}
     root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fd = open_dir(root_fd, rel) if rel not in ("", ".") else os.dup(root_fd)
+    except BaseException:
+        if cat is not None:
+            cat.close()
+        raise
     finally:
         os.close(root_fd)
     try:
@@ -98,25 +118,91 @@ def entries(root: Root, rel: str = ".") -> list[Row]:
             if stat.S_ISDIR(mode):
                 rows.append(Row(name, r, DIR, "", last_used=st.st_mtime))
             elif stat.S_ISREG(mode):
-                state, rec, problem = classify(base + name, st, LIKELY)
+                stamp, oid = known.get(os.fsencode(name), (None, ""))
+                state, rec, problem = classify(base + name, st, LIKELY, stamp=stamp)
                 local = st.st_size if state == LOCAL else 0
                 row = Row(name, r, FILE, state, st.st_size, local, st.st_blocks * 512,
                           max(st.st_atime, st.st_mtime), problem=problem)
                 if rec is not None:
                     row.size, row.oid, row.remotes = rec.size, rec.oid, tuple(rec.remotes)
+                elif state == STUB and oid:
+                    row.oid = oid  # trusted by its stamp: the catalog's record of this very inode
                 rows.append(row)
             else:
                 rows.append(Row(name, r, LINK if stat.S_ISLNK(mode) else OTHER, "", disk=st.st_blocks * 512,
                                 last_used=st.st_mtime))
     finally:
         os.close(fd)
-    _annotate(root, rows)
+        if cat is not None:
+            cat.close()
+    _annotate(root, rows, pins)
     return rows
 
 
-def _annotate(root: Root, rows: list[Row]) -> None:
+_SLASH = b"/"
+
+
+def _stubs_here(cat, rel: str) -> dict[bytes, tuple[tuple, str]]:
+    """``{name (bytes): ((size, mtime_ns, ino, ctime_ns), oid)}`` of the stubs the catalog
+    records directly in ``rel`` (one query; names only compared with what scandir found)."""
+    sql = "SELECT path, size, mtime_ns, ino, ctime_ns, oid FROM stubs WHERE "
+    if rel in ("", "."):
+        rows, cut = cat.db.execute(sql + "instr(path, ?) = 0", (_SLASH,)), 0
+    else:
+        prefix = os.fsencode(rel) + _SLASH
+        cut = len(prefix)
+        rows = cat.db.execute(sql + "path >= ? AND path < ? AND instr(substr(path, ?), ?) = 0",
+                              (prefix, prefix[:-1] + b"0", cut + 1, _SLASH))
+    out = {}
+    for p, size, mtime, ino, ctime, oid in rows:
+        if isinstance(p, bytes) and ino is not None and ctime is not None:
+            out[p[cut:]] = ((size, mtime, ino, ctime), oid)
+    return out
+
+
+def catalog_totals(root: Root, rel: str = ".") -> dict[str, tuple[int, int]]:
+    """``{child directory name: (stubs, their true bytes)}`` below each child directory of
+    ``rel``, as the catalog records them: one GROUP BY, no walk (local bytes need the walk of
+    :func:`dir_totals`). Empty when there is no readable catalog."""
+    try:
+        cat = _catalog(root)
+    except Exception:
+        return {}
+    if cat is None:
+        return {}
+    prefix = b"" if rel in ("", ".") else os.fsencode(rel) + _SLASH
+    cut = len(prefix) + 1
+    sql = ("SELECT substr(path, ?, instr(substr(path, ?), ?) - 1) AS child, COUNT(*), COALESCE(SUM(size), 0) "
+           "FROM stubs WHERE instr(substr(path, ?), ?) > 0")
+    args: tuple = (cut, cut, _SLASH, cut, _SLASH)
+    if prefix:
+        sql += " AND path >= ? AND path < ?"
+        args += (prefix, prefix[:-1] + b"0")
+    try:
+        with cat:
+            rows = cat.db.execute(sql + " GROUP BY child", args)
+    except Exception:  # noqa: BLE001  only a cache
+        return {}
+    out = {}
+    for child, n, nbytes in rows:
+        if isinstance(child, bytes) and child:
+            out[os.fsdecode(child)] = (int(n), int(nbytes))
+    return out
+
+
+def apply_catalog_totals(rows: list[Row], known: dict[str, tuple[int, int]]) -> None:
+    """The stubs below each directory row, from :func:`catalog_totals` (rows whose full
+    totals already arrived are left alone)."""
+    for row in rows:
+        if row.kind == DIR and not row.totals:
+            row.stubs, row.stub_bytes = known.get(row.name, (0, 0))
+            row.stubs_known = True
+
+
+def _annotate(root: Root, rows: list[Row], pins=None) -> None:
     """Pins, last uses and the remotes holding each stub's object, from one catalog query each."""
-    pins = read_pins(root)
+    if pins is None:
+        pins = read_pins(root)
     for row in rows:
         row.pinned = bool(pins) and covered(row.rel, pins)
     try:
@@ -319,5 +405,5 @@ def holdings(root: Root) -> dict[str, Holding]:
         return {r: Holding(n, b) for r, n, b in rows}
 
 
-__all__ = ["Row", "entries", "dir_totals", "apply_totals", "summary", "details", "holdings", "Totals",
+__all__ = ["Row", "entries", "catalog_totals", "apply_catalog_totals", "dir_totals", "apply_totals", "summary", "details", "holdings", "Totals",
            "Summary", "Details", "Holding", "BAD", "DIRTY", "LOCAL", "STUB"]

@@ -18,6 +18,15 @@ class Listed(Message):
 
 
 @dataclass
+class CatalogTotals(Message):
+    """Per child directory of ``rel``: the stubs below it and their bytes, from the catalog
+    (``browse.catalog_totals``), before a scan's full totals."""
+
+    rel: str
+    known: dict
+
+
+@dataclass
 class TotalsReady(Message):
     """Per-child totals of directory ``rel`` (``browse.Totals``)."""
 

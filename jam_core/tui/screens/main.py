@@ -18,6 +18,7 @@ from jam_core.ops import browse
 from jam_core.ops.status import status
 from jam_core.tui.messages import (
     ActionDone,
+    CatalogTotals,
     DetailsReady,
     FilterCleared,
     Highlighted,
@@ -95,6 +96,7 @@ class MainScreen(Screen[None]):
         self.plan = None
         self.totals = None
         self.plan_due = False
+        self.scan_due = False
         self.scanned = None  # the last status of the whole root (jam_core.ops.status.Status)
         self.session: TuiSession | None = None
         self.busy = ""
@@ -115,16 +117,25 @@ class MainScreen(Screen[None]):
         self.reload(self.rel)
 
     # -- loading ------------------------------------------------------------------------------
+    # The first screen is one scandir of the directory shown (stubs trusted by the catalog's
+    # stamps: no xattr read for an untouched stub) and comes first; the stubs below each child
+    # directory follow from one catalog query; the scan of the whole root (local bytes, the
+    # summary) starts only once that listing is on screen, so it never competes with the first
+    # paint; the policies' plan after the scan.
     def reload(self, rel: str, focus: str = "") -> None:
         """List ``rel`` and scan the whole root again (start, `r`, after an action)."""
-        self.load(rel, focus, rescan=True)
+        self.scanned = None
+        self.scan_due = True
         self.plan_due = True  # asked once the scan is done: the first screen comes first
+        self.load(rel, focus)
 
     def load(self, rel: str, focus: str = "", rescan: bool = False) -> None:
         """List ``rel``; its totals come from the root's last scan (one scan serves every
         directory: moving around costs one scandir)."""
+        if rescan:
+            self.scanned, self.scan_due = None, True
         self.wanted = rel
-        self.load_dir(rel, focus, None if rescan else self.scanned)
+        self.load_dir(rel, focus, self.scanned)
 
     @work(thread=True, exclusive=True, group="load")
     def load_dir(self, rel: str, focus: str, tree) -> None:
@@ -137,16 +148,36 @@ class MainScreen(Screen[None]):
         if worker.is_cancelled:
             return
         self.post_message(Listed(rel, rows, focus))
-        if tree is None:
-            try:
-                tree = status(self.root, ".")
-            except Exception as exc:  # noqa: BLE001
-                self.post_message(LoadFailed(rel, describe(exc)))
-                return
-            if worker.is_cancelled:
-                return
-            self.post_message(Scanned(tree, browse.summary(self.root, tree)))
-        self.post_message(TotalsReady(rel, browse.dir_totals(self.root, rel, tree)))
+        if tree is not None:
+            self.post_message(TotalsReady(rel, browse.dir_totals(self.root, rel, tree)))
+            return
+        known = browse.catalog_totals(self.root, rel)
+        if not worker.is_cancelled:
+            self.post_message(CatalogTotals(rel, known))
+
+    def _scan_if_due(self) -> None:
+        if self.scan_due:
+            self.scan_due = False
+            self.call_after_refresh(self.scan_root)
+
+    @work(thread=True, exclusive=True, group="scan")
+    def scan_root(self) -> None:
+        """One status scan of the whole root: the summary, and the totals of every directory."""
+        worker = get_current_worker()
+        try:
+            tree = status(self.root, ".")
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(LoadFailed(self.rel, describe(exc)))
+            return
+        if worker.is_cancelled:
+            return
+        self.post_message(Scanned(tree, browse.summary(self.root, tree)))
+
+    @work(thread=True, exclusive=True, group="totals")
+    def fold_totals(self, rel: str, tree) -> None:
+        totals = browse.dir_totals(self.root, rel, tree)
+        if not get_current_worker().is_cancelled:
+            self.post_message(TotalsReady(rel, totals))
 
     @work(thread=True, exclusive=True, group="plan")
     def load_plan(self) -> None:
@@ -163,6 +194,7 @@ class MainScreen(Screen[None]):
     def on_scanned(self, m: Scanned) -> None:
         self.scanned = m.tree
         self.query_one(SummaryBar).show_summary(m.summary)
+        self.fold_totals(self.rel, m.tree)
         if self.plan_due:
             self.plan_due = False
             self.load_plan()
@@ -176,6 +208,14 @@ class MainScreen(Screen[None]):
         self.totals = None
         self.query_one(PathBar).show_path(self.root.path.name, m.rel)
         self.query_one(Listing).set_rows(m.rows, m.focus)
+        self._scan_if_due()
+
+    def on_catalog_totals(self, m: CatalogTotals) -> None:
+        if m.rel != self.rel or self.totals is not None:
+            return
+        listing = self.query_one(Listing)
+        browse.apply_catalog_totals(listing.rows, m.known)
+        listing.update_rows()
 
     def on_totals_ready(self, m: TotalsReady) -> None:
         if m.rel != self.rel:
@@ -184,6 +224,7 @@ class MainScreen(Screen[None]):
         browse.apply_totals(listing.rows, m.totals)
         self.totals = m.totals
         listing.update_rows()
+        self._refresh_info()  # a directory's totals in the pane
 
     def on_plan_ready(self, m: PlanReady) -> None:
         self.plan = m.plan
@@ -192,6 +233,7 @@ class MainScreen(Screen[None]):
 
     def on_load_failed(self, m: LoadFailed) -> None:
         self.wanted = self.rel
+        self._scan_if_due()
         self.app.notify(f"{_printable(m.rel)}: {m.error}", title="cannot list", severity="error")
 
     # -- navigation ---------------------------------------------------------------------------

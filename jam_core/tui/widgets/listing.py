@@ -79,6 +79,8 @@ class Listing(ScrollView, can_focus=True):
         self.reverse = False
         self.disk_sizes = False  # the size column: true size, or the bytes taken on this disk
         self.filter = ""
+        self._said_marks: tuple | None = None  # the last MarksChanged posted
+        self._said_row = False  # the row of the last Highlighted posted (False: none yet)
 
     # -- data ---------------------------------------------------------------------------------
     def set_rows(self, rows: list, focus: str = "") -> None:
@@ -151,10 +153,16 @@ class Listing(ScrollView, can_focus=True):
         return sum(r.size for r in self.marks.values())
 
     def _marks_changed(self) -> None:
-        self.post_message(MarksChanged(len(self.marks), self.marked_bytes()))
+        said = (len(self.marks), self.marked_bytes())
+        if said != self._said_marks:  # a re-sort changes nothing here: no message, no relayout
+            self._said_marks = said
+            self.post_message(MarksChanged(*said))
 
     def _moved(self) -> None:
-        self.post_message(Highlighted(self.current))
+        row = self.current
+        if row is not self._said_row:  # the same row re-sorted: the info pane has nothing new
+            self._said_row = row
+            self.post_message(Highlighted(row))
 
     # -- keys ---------------------------------------------------------------------------------
     def _page(self) -> int:
@@ -232,7 +240,7 @@ class Listing(ScrollView, can_focus=True):
             state = STATE_LABEL.get(row.state, row.state) if row.totals else "…"
             size = _size(row.disk if self.disk_sizes else row.size) if row.totals else "…"
             local = _size(row.local) if row.totals else "…"
-            tiers = f"{row.files}f {row.stubs}s" if row.totals else ""
+            tiers = f"{row.files}f {row.stubs}s" if row.totals else f"…f {row.stubs}s" if row.stubs_known else ""
         elif row.kind == "file":
             state = STATE_LABEL.get(row.state, row.state)
             size, local = _size(row.disk if self.disk_sizes else row.size), _size(row.local)
