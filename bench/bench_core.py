@@ -217,7 +217,9 @@ def build_status_tree(root: Path, nfiles: int, per_dir: int = 1000) -> None:
                     write_stub(fd, rec, p.name, rec.mtime_ns)
                 finally:
                     os.close(fd)
-                rows.append((str(p.relative_to(root)), rec.oid, rec.size, rec.mtime_ns, rec.stashed_at))
+                st = os.lstat(p)  # the stamp a stash records: inode and ctime once the stub is made
+                rows.append((str(p.relative_to(root)), rec.oid, rec.size, rec.mtime_ns, rec.stashed_at,
+                             st.st_ino, st.st_ctime_ns))
     finally:
         os.fsync = real_fsync
     with Catalog(root / ".jam" / "catalog.db") as cat:

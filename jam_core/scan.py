@@ -206,7 +206,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     mode = est.st_mode
                     if S_ISREG(mode):
                         name = e.name
-                        if not is_jam_tmp(name):
+                        if name[:5] != ".jam-" or not is_jam_tmp(name):  # the call only for jam-like names
                             files.append((name, base + name, est))
                     elif S_ISDIR(mode):
                         if (prefix or e.name != JAM_DIR) and (est.st_dev, est.st_ino) not in skip:
