@@ -38,17 +38,31 @@ class JamApp(App[int]):
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def action_help(self) -> None:
-        from jam_core.tui.screens.help import HelpScreen
-
         if isinstance(self.screen, MainScreen):
+            self.push_screen(self.screens_ready().help)
+
+    def screens_ready(self):
+        """The help and tiers screens, made once and kept (installed): pressing ``?`` or ``t``
+        again shows the same screen instead of building and styling a new one."""
+        from jam_core.tui.screens.help import HelpScreen
+        from jam_core.tui.screens.tiers import TiersScreen
+
+        if not self.is_screen_installed("help"):
             keys = [b for b in MainScreen.BINDINGS if b.id != "jam.escape"] + list(self.BINDINGS)
-            self.push_screen(HelpScreen(keys))
+            self.install_screen(HelpScreen(keys), "help")
+            self.install_screen(TiersScreen(self.root, self.pm), "tiers")
+        return _Screens(self.get_screen("help"), self.get_screen("tiers"))
 
     def action_quit_jam(self) -> None:
         main = next((s for s in self.screen_stack if isinstance(s, MainScreen)), None)
         if main is not None and main.session is not None:
             main.session.cancel()  # what finished stays finished; the rest stays as it was
         self.exit(0)
+
+
+class _Screens:
+    def __init__(self, help, tiers) -> None:
+        self.help, self.tiers = help, tiers
 
 
 def make_app(root, rel: str = ".", pm=None) -> JamApp:

@@ -18,7 +18,7 @@ EXTRA = [
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close", id="help.close")]
     DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
+    HelpScreen { align: center middle; background: $background; }
     HelpScreen > VerticalScroll { width: 74; height: 20; border: thick $primary; background: $surface;
                                   padding: 0 1; }
     """

@@ -9,7 +9,6 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer
 from textual.worker import get_current_worker
 
 from jam_core.errors import JamError, describe
@@ -33,6 +32,7 @@ from jam_core.tui.messages import (
 from jam_core.tui.screens.confirm import ConfirmScreen
 from jam_core.tui.widgets.filter_box import FilterBox
 from jam_core.tui.widgets.info_pane import InfoPane
+from jam_core.tui.widgets.keys_bar import KeysBar
 from jam_core.tui.widgets.listing import Listing, _printable
 from jam_core.tui.widgets.path_bar import PathBar
 from jam_core.tui.widgets.status_line import StatusLine
@@ -109,7 +109,11 @@ class MainScreen(Screen[None]):
             yield FilterBox(placeholder="filter: names containing…", id="filter")
             yield SummaryBar(id="summary")
             yield StatusLine(id="status")
-            yield Footer(compact=True)
+            yield KeysBar(self.shown_keys(), id="keys")
+
+    def shown_keys(self) -> list:
+        """The keys the bottom line names: this screen's, the listing's, the app's."""
+        return [*self.BINDINGS, *Listing.BINDINGS, *type(self.app).BINDINGS]
 
     def on_mount(self) -> None:
         self.query_one(PathBar).show_path(self.root.path.name, self.rel)
@@ -259,9 +263,7 @@ class MainScreen(Screen[None]):
         self.query_one(Listing).toggle_sizes()
 
     def action_tiers(self) -> None:
-        from jam_core.tui.screens.tiers import TiersScreen
-
-        self.app.push_screen(TiersScreen(self.root, self.pm))
+        self.app.push_screen(self.app.screens_ready().tiers)
 
     # -- filter -------------------------------------------------------------------------------
     def action_filter(self) -> None:

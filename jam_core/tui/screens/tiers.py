@@ -8,7 +8,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
 from jam_core.tui.messages import HoldingsReady, RemoteChecked
@@ -23,6 +23,7 @@ class TiersScreen(Screen[None]):
     DEFAULT_CSS = """
     TiersScreen > #title { dock: top; height: 1; background: $primary; text-style: bold; padding: 0 1; }
     TiersScreen > DataTable { height: 1fr; }
+    TiersScreen > KeysBar { dock: none; }
     TiersScreen > #note { dock: bottom; height: 1; color: $text-muted; padding: 0 1; }
     """
 
@@ -46,10 +47,12 @@ class TiersScreen(Screen[None]):
                           key=r.name)
         yield table
         yield Static("" if self.remotes else "no remote: add one with `jam remote add NAME URL`", id="note")
-        yield Footer(compact=True)
+        from jam_core.tui.widgets.keys_bar import KeysBar
 
-    def on_mount(self) -> None:
-        self.action_refresh()
+        yield KeysBar([*self.BINDINGS, *type(self.app).BINDINGS], id="keys")
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh()  # each time it is shown (it is made once and kept)
 
     def action_refresh(self) -> None:
         table = self.query_one(DataTable)
