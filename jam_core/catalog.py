@@ -241,6 +241,20 @@ class Catalog:
                                    (prefix, prefix + b"/", prefix + b"0"))
         return {p: (size, mtime, ino, ctime) for p, size, mtime, ino, ctime in rows}
 
+    def stub_rows(self, under: str = ".") -> dict[bytes, tuple]:
+        """``{path (bytes): (oid, size, mtime_ns, stashed_at, ino, ctime_ns)}`` of the stubs at or
+        under ``under``, in one query: what doctor needs of a stub the stamp vouches for
+        (``stub_stamps`` is ``(size, mtime_ns, ino, ctime_ns)`` of the same rows). The values
+        are as stored: validate them before use."""
+        sql = "SELECT path, oid, size, mtime_ns, stashed_at, ino, ctime_ns FROM stubs"
+        if under == ".":
+            rows = self.db.execute(sql)
+        else:
+            prefix = _b(under)
+            rows = self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
+                                   (prefix, prefix + b"/", prefix + b"0"))
+        return {r[0]: r[1:] for r in rows}
+
     def replace_stubs(self, rows: Iterable[tuple]) -> None:
         """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at
         [, ino, ctime_ns])."""

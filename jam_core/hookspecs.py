@@ -6,8 +6,8 @@ implementation names only the ones it needs. The data path is one straight line:
     stash:    select -> place -> stash (per chosen remote) -> verify -> swap file for stub
     checkout: fetch (first remote that answers) -> verify -> swap stub for file
 
-Backend hooks (``stash``, ``fetch``, ``has``, ``list_objects``, ``check_remote``) must return ``None`` for a
-remote whose ``kind`` they do not handle, so the backend of that kind answers.
+Backend hooks (``stash``, ``fetch``, ``has``, ``hash_object``, ``list_objects``, ``check_remote``) must return
+``None`` for a remote whose ``kind`` they do not handle, so the backend of that kind answers.
 """
 
 from __future__ import annotations
@@ -168,6 +168,28 @@ def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
     :param size: the size the object must have.
     :param session: per-command state (connections).
     :return: ``True`` or ``False``; raise :class:`jam_core.errors.RemoteError` if unreachable.
+    """
+
+
+@hookspec(firstresult=True)
+def hash_object(remote: Remote, oid: str, size: int, session: Session) -> str | bool | None:
+    """Hash object ``oid`` where ``remote`` keeps it, reading it once and copying it nowhere.
+
+    Called by ``jam doctor --deep`` per copy it reads back. Optional: a backend that can read
+    its objects in place (a local directory) implements it; ``None`` (the default, and any
+    backend without it) makes the core ``fetch`` the object into a nameless local file and
+    hash that. First non-None answer wins: the backend of ``remote.kind``.
+
+    :param remote: where the object is.
+    :param oid: the content id; hash with its algorithm (``jam_core.hash_fd(fd, algorithm,
+        threads=True)`` hashes a large object with every core).
+    :param size: the size the object must have.
+    :param session: per-command state (connections, ``session.progress`` for the bytes read).
+    :return: the id the stored bytes hash to (equal to ``oid`` when the copy is intact);
+        ``False`` if the remote does not hold the object. Raise
+        :class:`jam_core.errors.IntegrityError` if it holds it with another size than ``size``
+        (nothing is read), :class:`jam_core.errors.RemoteError` if the remote cannot be reached.
+        Never follow a symlink or read a FIFO or device in the object's place.
     """
 
 

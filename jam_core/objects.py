@@ -27,11 +27,17 @@ def split_oid(oid: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def hasher(algorithm: str = DEFAULT_ALGORITHM):
+BIG = 8 << 20  # from this size on, hash_fd(threads=True) hashes with several threads
+BIG_CHUNK = 4 << 20  # its reads: blake3 splits each one over the threads
+
+
+def hasher(algorithm: str = DEFAULT_ALGORITHM, threads: bool = False):
+    """A new hash object. ``threads``: blake3 spreads each large ``update`` over every core
+    (as ``b3sum`` does); worth it only for large inputs."""
     if algorithm == "b3":
         import blake3
 
-        return blake3.blake3(max_threads=1)
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if threads else 1)
     if algorithm == "sha256":
         import hashlib
 
@@ -39,10 +45,14 @@ def hasher(algorithm: str = DEFAULT_ALGORITHM):
     raise ValueError(f"unknown hash algorithm {algorithm!r}")
 
 
-def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None) -> tuple[str, int]:
-    """Hash everything readable from ``fd`` (from its current offset). Returns (oid, size)."""
-    h = hasher(algorithm)
-    buf = bytearray(CHUNK)
+def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None, threads: bool = False) -> tuple[str, int]:
+    """Hash everything readable from ``fd`` (from its current offset). Returns (oid, size).
+
+    ``threads``: a file of ``BIG`` bytes or more is read in ``BIG_CHUNK`` reads and hashed
+    with several threads (one pass, at ``b3sum``'s speed; doctor --deep reads objects so)."""
+    big = threads and os.fstat(fd).st_size >= BIG
+    h = hasher(algorithm, threads=big)
+    buf = bytearray(BIG_CHUNK if big else CHUNK)
     view = memoryview(buf)
     total = 0
     while True:

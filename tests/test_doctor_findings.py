@@ -293,6 +293,7 @@ def test_no_round_trip_per_stub(tmp_path):
 # -- scrub ---------------------------------------------------------------------------------------------
 def test_scrub_records_resumes_and_schedules(tmp_path, monkeypatch):
     import jam_core.objects
+    import jam_dir
     from jam_core.catalog import Catalog
     from jam_core.manager import make_plugin_manager
     from jam_core.model import Session
@@ -307,15 +308,18 @@ def test_scrub_records_resumes_and_schedules(tmp_path, monkeypatch):
     real = jam_core.objects.hash_fd
     calls = []
 
-    def interrupted(fd, algorithm="b3", progress=None):
+    def interrupted(fd, algorithm="b3", progress=None, threads=False):
         calls.append(fd)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the cron job killed mid-scrub
-        return real(fd, algorithm, progress)
+        return real(fd, algorithm, progress, threads)
+    # the dir backend hashes each copy in place (hash_object) with the hash_fd it imported
     monkeypatch.setattr(jam_core.objects, "hash_fd", interrupted)
+    monkeypatch.setattr(jam_dir, "hash_fd", interrupted)
     with Session() as s, pytest.raises(KeyboardInterrupt):
         run(root, ".", make_plugin_manager(), s, deep=True, older_than=30 * 86400)
     monkeypatch.setattr(jam_core.objects, "hash_fd", real)
+    monkeypatch.setattr(jam_dir, "hash_fd", real)
     with Catalog(t.root / ".jam" / "catalog.db") as cat:
         assert len(cat.verified_at()) == 1  # what was verified stays recorded
     with Session() as s:

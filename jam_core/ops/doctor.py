@@ -46,7 +46,7 @@ from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, _disposable, walk
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, _disposable, classify, scan_dirs
 from jam_core.stub import (
     HEADER_MAX,
     LOST_XATTRS,
@@ -191,10 +191,11 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
         reachable = _check_remotes(res, root, pm, session, remotes, fix)
         cat = _open_catalog(root, fix, res)
         rebuilt = any(f.kind == "catalog" for f in res.findings)  # new and empty: the scan fills it
-        stale_index = None if rebuilt else _hook_index(res, root, cat)
+        catrows = cat.stub_rows() if cat is not None else {}  # the one query of the stub table
+        stale_index = None if rebuilt else _hook_index(res, root, cat, catrows)
         try:
             d = _Doctor(root, pm, session, remotes, reachable, res, deep, fix, cat, rels,
-                        older_than, time.time() if now is None else now)
+                        older_than, time.time() if now is None else now, catrows)
             d.rebuilt = rebuilt
             d.run()
         finally:
@@ -374,24 +375,36 @@ def _index_marks(base: str) -> set[str] | None:
     return out
 
 
-def _index_wanted(root: Root, cat: Catalog) -> set[str]:
+def _index_wanted(root: Root, cat: Catalog, catrows: dict[bytes, tuple] | None = None) -> set[str]:
+    """What the cd-hook index should mark, from the catalog's stub paths (``catrows``, the
+    rows already read, or a query). ``wanted`` depends only on each valid path's directory:
+    it is given one valid path per directory (100,000 stubs in 100 directories cost 100
+    checks, not 100,000)."""
     from jam_core.hook.index import wanted
     from jam_core.hook.settings import DEFAULT_DEPTH, settings
+    from jam_core.root import valid_rel
 
     try:
         depth = settings(root).depth
     except UsageError:
         depth = DEFAULT_DEPTH
-    return wanted(cat.stubs(), depth)
+    paths = cat.stubs() if catrows is None else [os.fsdecode(p) for p in catrows]
+    one: dict[str, str] = {}
+    for p in paths:
+        d = p.rpartition("/")[0]
+        if d not in one and valid_rel(p):
+            one[d] = p
+    return wanted(one.values(), depth)
 
 
-def _hook_index(res: DoctorResult, root: Root, cat: Catalog | None) -> Problem | None:
+def _hook_index(res: DoctorResult, root: Root, cat: Catalog | None,
+                catrows: dict[bytes, tuple] | None = None) -> Problem | None:
     """Is the cd hook's index in step with the catalog (as this run found it)?"""
     from jam_core.hook.index import index_path
 
     if cat is None:
         return None  # the catalog's problem is said once, below
-    want = _index_wanted(root, cat)
+    want = _index_wanted(root, cat, catrows)
     have = _index_marks(index_path(root))
     if have == want:
         res.add("setup", OK, "hook-index", "", "the cd hook's index (.jam/stubdirs) is in step with the catalog")
@@ -471,17 +484,22 @@ def _move_aside(db: Path) -> Path:
 # -- the walk: stubs and the tree's leftovers ----------------------------------------------------
 
 class _Doctor:
-    def __init__(self, root, pm, session, remotes, unusable, res, deep, fix, cat, rels, older_than, now):
+    def __init__(self, root, pm, session, remotes, unusable, res, deep, fix, cat, rels, older_than, now,
+                 catrows: dict[bytes, tuple] | None = None):
         self.root, self.pm, self.session = root, pm, session
         self.remotes, self.unusable, self.res = remotes, unusable, res
         self.deep, self.fix, self.cat, self.rels = deep, fix, cat, rels
         self.older_than, self.now = older_than, now
         self.rows: list[tuple] = []
         self.locations: list[tuple[str, str, int]] = []
-        self.stamps: dict[bytes, tuple] = {}
-        if cat is not None:
-            for r in rels:
-                self.stamps.update(cat.stub_stamps(r))
+        # the catalog's rows, {path: (oid, size, mtime_ns, stashed_at, ino, ctime_ns)}: all of
+        # them (what the tree is compared with, what unused objects are told by), and those under
+        # the paths checked (``catrows`` is read once by doctor(): no second query)
+        if catrows is None:
+            catrows = cat.stub_rows() if cat is not None else {}
+        self.all_rows = catrows
+        self.stamps = catrows if rels == ["."] else {
+            p: v for p, v in catrows.items() if _under(os.fsdecode(p), rels)}
         self.objects: dict[str, list[tuple[str, StubRecord]]] = {}  # oid -> stubs needing it
         self.reported: set[str] = set()  # paths with a finding already (no second one for the catalog)
         self.local_sizes: dict[int, list[str]] = {}  # local files by size (candidates to re-upload from)
@@ -494,9 +512,7 @@ class _Doctor:
         return self.res.add("stubs", PROBLEM, kind, rel, detail, fixed)
 
     def run(self) -> None:
-        for r in self.rels:
-            for e in walk(str(self.root.path), r, look=ALWAYS, tidy=self.tidy):
-                self.check(e)
+        self.walk()
         self.check_catalog()
         listings = self.list_remotes()
         self.check_objects(listings)
@@ -558,6 +574,41 @@ class _Doctor:
         return [e for e in entries if e.name not in removed]
 
     # -- each file ----------------------------------------------------------------------------------
+    def walk(self) -> None:
+        """One scan of the tree (an lstat per entry). A stub whose lstat matches the stamp the
+        catalog recorded when jam made it (size, mtime, inode, ctime: any write, chmod, xattr
+        change or rename changes the ctime) is trusted without reading anything: its id and
+        size come from the catalog row, validated. Any other file is classified by its xattr
+        and, for a stub, its bytes (``check``). ``--deep`` trusts no stamp: it reads every
+        stub's header too (a block gone bad under an untouched inode)."""
+        from jam_core.objects import is_valid_oid
+
+        top = str(self.root.path).rstrip("/") + "/"
+        catrows = {} if self.deep else self.stamps
+        fsencode, get = os.fsencode, catrows.get
+        for r in self.rels:
+            for dname, files in scan_dirs(top, r, tidy=self.tidy):
+                prefix = "" if dname == "." else dname + "/"
+                for name, path, st in files:
+                    rel = prefix + name
+                    row = get(fsencode(rel)) if catrows else None
+                    if row is not None and is_valid_oid(row[0]) and isinstance(row[3], str) and len(row[3]) <= 64:
+                        state, rec, problem = classify(path, st, ALWAYS, stamp=(row[1], row[2], row[4], row[5]))
+                        if state == STUB and rec is None:
+                            self.trusted(rel, row, st)
+                            continue
+                    else:
+                        state, rec, problem = classify(path, st, ALWAYS)
+                    self.check(Entry(rel, top + rel, st, state, rec, problem, dname))
+
+    def trusted(self, rel: str, row: tuple, st: os.stat_result) -> None:
+        """A stub the catalog's stamp vouches for: counted, its row kept, its object needed."""
+        oid, size, mtime_ns, stashed_at = row[:4]
+        self.res.stubs += 1
+        self.rows.append((rel, *row[:6]))
+        self.objects.setdefault(oid, []).append(
+            (rel, StubRecord(oid, size, st.st_mode & 0o7777, mtime_ns, (), stashed_at)))
+
     def check(self, e: Entry) -> None:
         if e.state == LOCAL:
             if e.rel in self.rels:  # named on the command line: say what it is rather than nothing
@@ -651,8 +702,8 @@ class _Doctor:
                 return True
             st = os.fstat(fd)
             zeros = not os.pread(fd, HEADER_MAX, 0).strip(b"\0")
-            stamp = self.stamps.get(os.fsencode(e.rel))
-            untouched = stamp is not None and stamp[2:] == (st.st_ino, st.st_ctime_ns)
+            row = self.stamps.get(os.fsencode(e.rel))
+            untouched = row is not None and row[4:6] == (st.st_ino, st.st_ctime_ns)
         finally:
             os.close(fd)
         if not (zeros or untouched) or not _only_header_differs(e.path, rec, e.st):
@@ -703,10 +754,8 @@ class _Doctor:
             seen.add(row[0])
         orphans = [p for p in known if p not in seen and p not in self.reported]
         cat_oids: dict[str, list[str]] = {}
-        if orphans:
-            stubs = self.cat.stubs()
-            for p in orphans:
-                cat_oids.setdefault(stubs.get(p, ("", 0))[0], []).append(p)
+        for p in orphans:
+            cat_oids.setdefault(known[p][0], []).append(p)
         moved_from: set[str] = set()
         for row in self.rows:
             rel, oid = row[0], row[1]
@@ -844,28 +893,25 @@ class _Doctor:
         return self.cat.verified_since(self.now - self.older_than)
 
     def deep_check(self, stubs, held: list[Remote], recent: set[tuple[str, str]]) -> None:
-        """Read every copy back from the remotes that hold it and hash it, into a nameless file
-        in ROOT/.jam/tmp (O_TMPFILE): nothing is left behind, whatever interrupts the check.
-        Each good copy is recorded at once (an interrupted scrub resumes)."""
-        from jam_core.fs import fd_path
-        from jam_core.objects import hash_fd
-
+        """Read every copy back from the remotes that hold it and hash it, once: in place when
+        the backend can (``hash_object``: a dir remote's file read and hashed as it streams,
+        large ones with every core), else fetched into a nameless file in ROOT/.jam/tmp
+        (O_TMPFILE: nothing is left behind, whatever interrupts the check) and hashed. Each good
+        copy is recorded at once (an interrupted scrub resumes)."""
         rel, rec = stubs[0]
-        tmp_dir = self.root.jam_dir / "tmp"
-        if not tmp_dir.is_dir() or tmp_dir.is_symlink():
-            tmp_dir = self.root.jam_dir
         good = 0
         for r in held:
             if (rec.oid, r.name) in recent:
                 self.res.recent += 1
                 good += 1
                 continue
-            fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
             try:
-                ok = self.pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size,
-                                        session=self.session)
-                if ok and os.fstat(fd).st_size == rec.size and \
-                        hash_fd(fd, rec.oid.split(":")[0]) == (rec.oid, rec.size):
+                got = self.pm.hook.hash_object(remote=r, oid=rec.oid, size=rec.size, session=self.session)
+                if got is None:  # the backend cannot hash in place: fetch and hash
+                    got = self.fetch_and_hash(r, rec)
+                if got is False:  # gone since the listing: not a copy
+                    continue
+                if got == rec.oid:
                     good += 1
                     self.res.verified += 1
                     self.res.verified_bytes += rec.size
@@ -881,11 +927,31 @@ class _Doctor:
             except JamError as exc:
                 for s_rel, _ in stubs:
                     self.problem("corrupt", s_rel, str(exc))
-            finally:
-                os.close(fd)
         if not good:
             for s_rel, _ in stubs:
                 self.problem("missing", s_rel, f"no remote holds an intact copy of {rec.oid}")
+
+    def fetch_and_hash(self, r: Remote, rec: StubRecord) -> str | bool:
+        """The id the copy on ``r`` hashes to, fetched into a nameless file (False: not there)."""
+        from jam_core.fs import fd_path
+        from jam_core.objects import hash_fd
+
+        tmp_dir = self.root.jam_dir / "tmp"
+        if not tmp_dir.is_dir() or tmp_dir.is_symlink():
+            tmp_dir = self.root.jam_dir
+        fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            ok = self.pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size,
+                                    session=self.session)
+            if not ok:
+                return ""  # fetch answers False for an object it cannot read back: not intact
+            if os.fstat(fd).st_size != rec.size:
+                return ""
+            os.lseek(fd, 0, os.SEEK_SET)
+            got, n = hash_fd(fd, rec.oid.split(":")[0], threads=True)
+            return got if n == rec.size else ""
+        finally:
+            os.close(fd)
 
     def reupload(self, oid: str, rec: StubRecord) -> bool:
         """Store a missing object again from a local file of the tree with the same content
@@ -922,7 +988,7 @@ class _Doctor:
         """Objects on a remote that nothing of this root refers to: reported, never deleted."""
         if self.rels != ["."] or self.cat is None:
             return
-        referenced = set(self.objects) | {r[1] for r in self.rows} | self.cat.oids()
+        referenced = set(self.objects) | {r[1] for r in self.rows} | {v[0] for v in self.all_rows.values()}
         for r in self.remotes:
             listing = listings.get(r.name)
             if not listing:

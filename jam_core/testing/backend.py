@@ -16,8 +16,8 @@ Subclass :class:`BackendConformance` as ``TestMyBackend`` in a pytest module and
   the built-ins and the installed entry points.
 
 Every case talks to the backend through its hooks only (``stash``, ``stash_many``, ``fetch``,
-``fetch_many``, ``has``, ``list_objects``, ``check_remote``, ``remote_id``), with real bytes; the hooks above are
-the only places a case reaches behind the backend, and only to inject a fault.
+``fetch_many``, ``has``, ``hash_object``, ``list_objects``, ``check_remote``, ``remote_id``), with real
+bytes; the hooks above are the only places a case reaches behind the backend, and only to inject a fault.
 """
 
 from __future__ import annotations
@@ -654,6 +654,47 @@ class BackendConformance:
             with pytest.raises(RemoteError) as exc:
                 self._listed(pm, remote)
             _one_line(exc.value, remote)
+        finally:
+            self.bring_back(remote)
+
+    # -- 9c. hash_object (optional) ---------------------------------------------------------------
+
+    def test_hash_object(self, pm, remote, tmp_path):
+        """doctor --deep's read in place: an intact copy hashes to its id (a large one too,
+        hashed with several threads), a corrupt one to another id, a missing one is False,
+        one of another size an IntegrityError, a remote gone a RemoteError."""
+        stored = {}
+        for seed, size in ((130, 64 * KiB), (131, 9 * MiB)):
+            path, oid, n = self._file(tmp_path, _bytes(size, seed))
+            assert self._stash(pm, remote, path, oid, n) is True
+            path.unlink()
+            stored[oid] = n
+
+        def ask(oid: str, size: int):
+            with Session() as s:
+                try:
+                    return pm.hook.hash_object(remote=remote, oid=oid, size=size, session=s)
+                except JamError as exc:
+                    return exc
+
+        small, big = sorted(stored, key=stored.get)
+        if ask(small, stored[small]) is None:
+            pytest.skip("the backend does not implement hash_object (doctor --deep fetches and hashes)")
+        for oid, n in stored.items():
+            assert ask(oid, n) == oid, f"hash_object of an intact {oid} answered otherwise"
+        wrong = ask(small, stored[small] + 1)
+        assert isinstance(wrong, IntegrityError), f"a copy of another size answered {wrong!r}"
+        _one_line(wrong, remote)
+        self._hook("corrupt_object", remote, big)
+        got = ask(big, stored[big])
+        assert isinstance(got, str) and got != big, f"a corrupt copy answered {got!r}"
+        self._hook("remove_object", remote, small)
+        assert ask(small, stored[small]) is False, "a missing object was not False"
+        self._hook("take_down", remote)
+        try:
+            gone = ask(big, stored[big])
+            assert isinstance(gone, RemoteError), f"a remote gone answered {gone!r}"
+            _one_line(gone, remote)
         finally:
             self.bring_back(remote)
 

@@ -460,6 +460,35 @@ def sync(remote, session):
 
 
 @hookimpl
+def hash_object(remote, oid, size, session):
+    """doctor --deep: hash the object where it lies (one read, no copy; large ones with every
+    core), never through a symlink, never a FIFO or device."""
+    if remote.kind != KIND:
+        return None
+    try:
+        path = _session_base(remote, session) / "objects" / object_relpath(oid)
+        src = _open_object(path)
+    except FileNotFoundError:
+        if not os.path.isdir(remote.location):  # unplugged since the command began: not "absent"
+            raise RemoteError(f"remote {remote.name!r}: directory {remote.location} is missing "
+                              "(unplugged drive?); jam will not re-create it") from None
+        return False
+    except OSError as exc:
+        raise _oserror(remote, f"read {oid}", exc, item=False) from None
+    try:
+        have = os.fstat(src).st_size
+        if have != size:
+            raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
+                                 f"{size} the stub says")
+        got, n = hash_fd(src, oid.split(":")[0], session.progress, threads=True)
+        return got if n == size else f"{got} ({n} bytes)"
+    except OSError as exc:
+        raise _oserror(remote, f"read {oid}", exc, item=False) from None
+    finally:
+        os.close(src)
+
+
+@hookimpl
 def fetch(remote, oid, dest, size, session):
     if remote.kind != KIND:
         return None
