@@ -405,5 +405,6 @@ def holdings(root: Root) -> dict[str, Holding]:
         return {r: Holding(n, b) for r, n, b in rows}
 
 
-__all__ = ["Row", "entries", "catalog_totals", "apply_catalog_totals", "dir_totals", "apply_totals", "summary", "details", "holdings", "Totals",
+__all__ = ["Row", "entries", "catalog_totals", "apply_catalog_totals",
+           "dir_totals", "apply_totals", "summary", "details", "holdings", "Totals",
            "Summary", "Details", "Holding", "BAD", "DIRTY", "LOCAL", "STUB"]
