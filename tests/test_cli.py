@@ -67,7 +67,9 @@ def test_init_refuses_filesystem_without_user_xattrs(tmp_path, monkeypatch):
     def no_xattrs(*a, **k):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    monkeypatch.setattr(os, "setxattr", no_xattrs)
+    import jam_core.root
+
+    monkeypatch.setattr(jam_core.root, "setxattr", no_xattrs)  # jam's one door to xattrs (jam_core.fs)
     with pytest.raises(UsageError, match="extended attributes"):
         Root.init(tmp_path)
     assert not (tmp_path / ".jam").exists()
