@@ -290,6 +290,15 @@ class Catalog:
         ).fetchone()
         return n
 
+    def locations_on(self, remote: str) -> dict[str, tuple[int, float]]:
+        """``{oid: (size, stored_at)}`` of the objects recorded on ``remote``."""
+        return {o: (size, at) for o, size, at in
+                self.db.execute("SELECT oid, size, stored_at FROM locations WHERE remote = ?", (remote,))}
+
+    def forget_location(self, oid: str, remote: str) -> None:
+        """``remote`` no longer holds ``oid`` (it was removed from it)."""
+        self.db.execute("DELETE FROM locations WHERE oid = ? AND remote = ?", (oid, remote))
+
     def oids(self) -> set[str]:
         """Every object id a stub row of this root refers to."""
         return {oid for (oid,) in self.db.execute("SELECT DISTINCT oid FROM stubs")}

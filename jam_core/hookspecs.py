@@ -49,17 +49,24 @@ def select(
 
 
 @hookspec(firstresult=True)
-def place(root: Path, oid: str, size: int, remotes: Sequence[Remote]) -> list[Remote] | None:
+def place(root: Path, oid: str, size: int, remotes: Sequence[Remote], copies: int,
+          free: Mapping[str, int | None]) -> list[Remote] | None:
     """Choose the remotes that must hold an object before its file may become a stub.
 
     Called once per object during a stash. First non-None answer wins; the core's default
-    (the nearest tier, ties broken by name) comes last.
+    comes last: ``copies`` distinct remotes that are not caches, nearest tier first, the
+    remotes of one tier taken as one pool (most free space first, ties by name); then every
+    cache remote (``[remote.NAME] cache = "7d"``).
 
     :param root: the root being worked on.
     :param oid: the content id (``b3:<hex>``).
     :param size: the content's size in bytes.
     :param remotes: the root's configured remotes.
-    :return: the remotes to store on, in order; all must succeed for the stub to be made.
+    :param copies: ``[place] copies`` (default 1): how many distinct remotes must hold it.
+    :param free: bytes free per remote name as the command saw them (less what this command
+        placed there since), ``None`` where unknown; only filled for tiers with several remotes.
+    :return: the remotes to store on, in order. All but the caches must succeed for the stub to
+        be made; a cache that fails is skipped.
     """
 
 
@@ -261,4 +268,85 @@ def remote_id(remote: Remote, session: Session, create: bool) -> str | None:
     :return: the marker's id; ``""`` when there is no marker (and ``create`` is False). Raise
         :class:`jam_core.errors.RemoteError` if the location is unreachable or the marker is
         not a jam marker.
+    """
+
+
+@hookspec(firstresult=True)
+def remove(remote: Remote, oid: str, session: Session) -> bool | None:
+    """Delete object ``oid`` from ``remote``.
+
+    Called only by the core's removal paths (``jam drop``, ``jam move``, ``jam gc``, edge
+    expiry), each of which has first checked, under the root's lock and against the remotes
+    themselves, that enough verified copies remain for every root that refers to the object.
+    A backend never decides to remove on its own. First non-None answer wins.
+
+    :param remote: where to remove from.
+    :param oid: the content id.
+    :param session: per-command state (connections).
+    :return: ``True`` once removed (and the removal durable), ``False`` if it was not there.
+        Raise :class:`jam_core.errors.RemoteError` if the remote cannot be reached.
+    """
+
+
+@hookspec(firstresult=True)
+def write_meta(remote: Remote, name: str, data: bytes, session: Session) -> bool | None:
+    """Atomically replace the small metadata file ``meta/NAME`` on ``remote`` with ``data``
+    (temporary name, durable, then renamed over: a reader sees the old or the new content).
+
+    Called by the core to record, on every remote a root uses, which objects that root refers
+    to (``refs/<root id>``, after every stash, checkout, copy, drop and gc) and which it is about
+    to remove (``removing/<root id>``), so that ``drop`` and ``gc`` run from any root never remove what
+    another root still needs. ``name`` is ``[a-z0-9._-]`` segments joined by ``/``.
+    First non-None answer wins.
+
+    :param remote: where to write.
+    :param name: the name under ``meta/``.
+    :param data: the whole new content.
+    :param session: per-command state (connections).
+    :return: ``True``; raise :class:`jam_core.errors.RemoteError` on failure.
+    """
+
+
+@hookspec(firstresult=True)
+def read_meta(remote: Remote, name: str, session: Session) -> bytes | bool | None:
+    """Read ``meta/NAME`` from ``remote`` (at most 64 MiB).
+
+    Called by the removal paths (drop, move, gc, edge expiry) to learn what every root that
+    uses the remote refers to, right before they remove anything.
+
+    :param remote: where to read.
+    :param name: the name under ``meta/``.
+    :param session: per-command state (connections).
+    :return: its bytes, or ``False`` if it does not exist. Raise
+        :class:`jam_core.errors.RemoteError` if the remote cannot be reached: "unknown" is never
+        answered as "absent".
+    """
+
+
+@hookspec(firstresult=True)
+def list_meta(remote: Remote, prefix: str, session: Session) -> list[str] | None:
+    """The names of the metadata files under ``meta/PREFIX`` on ``remote`` (e.g. every root's
+    ``refs/`` file), relative to ``meta/``.
+
+    Called by the removal paths before ``read_meta``; only regular files directly under
+    ``meta/PREFIX`` are listed, never through a symlink.
+
+    :param remote: where to list.
+    :param prefix: a directory under ``meta/`` (``refs``, ``removing``).
+    :param session: per-command state (connections).
+    :return: a list of names; raise :class:`jam_core.errors.RemoteError` if unreachable.
+    """
+
+
+@hookspec(firstresult=True)
+def free_space(remote: Remote, session: Session) -> int | None:
+    """Bytes free on ``remote`` (for pools: several remotes of one tier filled by free space).
+
+    Called once per command and remote by a stash, for the tiers that hold several remotes;
+    the answers go to ``place`` as ``free``.
+
+    :param remote: the remote to measure.
+    :param session: per-command state (connections).
+    :return: a number of bytes, or ``None`` when the backend cannot tell (it is then ranked
+        last in its pool). Raise :class:`jam_core.errors.RemoteError` if unreachable.
     """

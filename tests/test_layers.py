@@ -32,12 +32,12 @@ LAYERS: list[set[str]] = [
     {"jam_core.ops", "jam_core.ops.pipeline", "jam_core.ops.common", "jam_core.policy", "jam_core.policy.pins",
      "jam_core.hook", "jam_core.hook.settings"},
     {"jam_core.hook.index", "jam_core.hook.visit", "jam_core.ops.remotes"},
-    {"jam_core.hook.marks"},
+    {"jam_core.hook.marks", "jam_core.ops.refs"},
     {"jam_core.policy.records"},
     {"jam_core.ops.stash"},
     {"jam_core.ops.checkout", "jam_core.ops.status", "jam_core.ops.doctor"},
-    {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse"},
-    {"jam_core.ops.demo"},
+    {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse", "jam_core.ops.copies"},
+    {"jam_core.ops.demo", "jam_core.ops.gc"},
     {"jam_core.testing", "jam_core.testing.backend"},
     {"jam_core.tui"},  # and every jam_core.tui.* module: one layer; nothing but the CLI imports it
     {"jam_core.cli"},  # and every jam_core.cli.* module: one layer, they may import each other

@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import plugin_manager
+from jam_core.cli.common import plugin_manager, report, session
 
 
 @main.group()
@@ -48,10 +48,35 @@ def remote_list(as_json: bool) -> None:
 @remote.command("remove")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Forget it even if it holds the only copy of some stubs.")
-def remote_remove(name: str, force: bool) -> None:
+@click.option("--move-to", "move_to", default=None, help="First move what it holds for this root to this remote.")
+def remote_remove(name: str, force: bool, move_to: str | None) -> None:
     """Forget remote NAME (its objects stay where they are)."""
-    from jam_core.ops.remotes import remove_remote
-    from jam_core.root import Root
+    import sys
 
-    remove_remote(Root.find("."), name, force)
+    from jam_core.catalog import Catalog
+    from jam_core.errors import UsageError
+    from jam_core.ops.remotes import remove_remote
+    from jam_core.root import CATALOG, Root
+
+    root = Root.find(".")
+    if move_to is None and not force and sys.stdin.isatty() and sys.stderr.isatty() \
+            and name in {r.name for r in root.remotes()}:
+        with Catalog(root.jam_dir / CATALOG) as cat:
+            only = cat.objects_only_on(name)
+        others = [r.name for r in root.remotes() if r.name != name]
+        if only and others:
+            answer = click.prompt(f"remote {name!r} holds the only copy of {only} stubbed file(s); move them to",
+                                  type=click.Choice(others + ["no"]), default=others[0], err=True)
+            move_to = None if answer == "no" else answer
+    if move_to is not None:
+        from jam_core.ops.copies import move
+
+        if move_to == name:
+            raise UsageError("--move-to names the remote being removed")
+        with session("Moving") as s:
+            result = move(root, ["."], plugin_manager(), name, move_to, s)
+        report(result, "Moved", f"to {move_to}", quiet=True)
+        if result.failed or result.aborted:
+            raise SystemExit(1)
+    remove_remote(root, name, force)
     click.echo(f"Removed remote {name!r} (its objects were left on it)")

@@ -74,12 +74,18 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
             else:
                 todo.append(entry)
         session.begin(2 * sum(e.record.size for e in todo))  # fetch, then verify
+        from jam_core.ops.refs import Recorder
+        from jam_core.placement import is_cache
+
+        caches = [r for r in remotes if is_cache(r)]
+        recorder = Recorder(root, pm, session) if todo and caches else None
         try:
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
                 batches(todo, lambda e: e.record.size),
                 prepare=lambda batch: _wants(batch, remotes, cat, dirs),
-                move=lambda wants: _fetch_all(root, wants, pm, session, result),
+                move=lambda wants: _warm(root, _fetch_all(root, wants, pm, session, result), caches, pm,
+                                         session, recorder),
                 finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
                 stop=lambda: bool(result.aborted),
                 session=session,
@@ -87,7 +93,44 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
             )
         finally:
             refresh_stubdirs(root, cat)  # the index the cd hooks read
+            if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
+                by_name = {r.name: r for r in remotes}
+                from jam_core.ops.refs import referenced
+
+                recorder.publish(referenced(root, cat), [by_name[n] for n in list(recorder.pending)])
     return result
+
+
+def _warm(root: Root, ready: list["_Want"], caches: list[Remote], pm, session: Session, recorder) -> list["_Want"]:
+    """In the worker: put each verified object fetched from a farther tier on the edge caches
+    nearer than it (best effort: a cache that fails is skipped; the fetch stands)."""
+    from jam_core.ops.remotes import ensure_identity
+
+    for cache in caches:
+        items = [w for w in ready if w.source is not None and w.source.tier > cache.tier
+                 and w.source.name != cache.name]
+        if not items:
+            continue
+        try:
+            ensure_identity(root, cache, pm, session)
+            recorder.before_store(cache, (w.entry.record.oid for w in items))
+            for w in items:
+                try:
+                    ok = pm.hook.stash(remote=cache, oid=w.entry.record.oid, source=Path(fd_path(w.fd)),
+                                       size=w.entry.record.size, session=session)
+                except RemoteError:
+                    raise
+                except (JamError, OSError):
+                    continue
+                if ok is True:
+                    w.cached.append(cache.name)
+            pm.hook.sync(remote=cache, session=session)
+        except (JamError, OSError):
+            for w in items:
+                if cache.name in w.cached:
+                    w.cached.remove(cache.name)
+            continue
+    return ready
 
 
 class _Want:
@@ -102,6 +145,8 @@ class _Want:
         self.fd = -1
         self.problems: list[str] = []
         self.unreachable = 0
+        self.source: Remote | None = None  # the remote it came from, once fetched
+        self.cached: list[str] = []  # the edge caches it was put on
 
     @property
     def name(self) -> str:
@@ -163,6 +208,7 @@ def _fetch_all(root: Root, wants: list[_Want], pm, session: Session, result: Res
             remote = group[0].remotes[0]
             for w, problem in fetch_from(root, remote, group, pm, session):
                 if problem is None:
+                    w.source = remote
                     ready.append(w)
                     session.file_done(2 * w.entry.record.size)
                     continue
@@ -291,6 +337,8 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
                 result.failed.append((w.entry.rel, describe(exc)))
                 continue
             touched.add(w.dir_fd)
+            for name in w.cached:
+                cat.record_location(w.entry.record.oid, name, w.entry.record.size)
             cat.remove_stub(w.entry.rel)
             cat.record_use([w.entry.rel])
             result.done.append((w.entry.rel, w.entry.record.size))

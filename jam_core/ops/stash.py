@@ -104,12 +104,17 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             else:
                 todo.append(entry)
         session.begin(2 * sum(e.st.st_size for e in todo))  # read and hash, then store
+        from jam_core.ops.refs import Recorder
+        from jam_core.placement import Candidates, copies_of
+
+        recorder = Recorder(root, pm, session) if todo else None
+        remotes = Candidates(remotes, copies_of(root.config), _free_space(remotes, pm, session) if todo else {})
         leases = Leases()
         try:
             pipeline.run(
                 batches(todo, lambda e: e.st.st_size),
                 prepare=lambda batch: _hash_batch(root, batch, dirs, leases, remotes, pm, session, result),
-                move=lambda hashed: _store_batch(root, hashed, remotes, pm, session),
+                move=lambda hashed: _store_batch(root, hashed, remotes, pm, session, recorder),
                 finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result,
                                                              dirs, leases),
                 stop=lambda: bool(result.aborted),
@@ -119,7 +124,30 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         finally:
             leases.close()
             refresh_stubdirs(root, cat)  # the index the cd hooks read
+            if recorder is not None and recorder.pending:
+                used = [r for r in remotes if r.name in recorder.pending]
+                from jam_core.ops.refs import referenced
+
+                for problem in recorder.publish(referenced(root, cat), used):
+                    result.skipped.append((".", problem))
     return result
+
+
+def _free_space(remotes: list[Remote], pm, session: Session) -> dict[str, int | None]:
+    """Bytes free on each remote of a tier that holds several (a pool); unreachable: None."""
+    from collections import Counter
+
+    from jam_core.placement import is_cache
+
+    tiers = Counter(r.tier for r in remotes if not is_cache(r))
+    free: dict[str, int | None] = {}
+    for r in remotes:
+        if tiers[r.tier] > 1 and not is_cache(r):
+            try:
+                free[r.name] = pm.hook.free_space(remote=r, session=session)
+            except (JamError, OSError):
+                free[r.name] = None
+    return free
 
 
 def _raise_fd_limit() -> None:
@@ -177,23 +205,36 @@ def _hash_batch(root: Root, entries: list[Entry], dirs: DirFds, leases: Leases, 
     return hashed
 
 
-def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, session: Session):
+def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, session: Session,
+                 recorder=None):
     """In the worker: store a hashed batch on each remote ``place`` chose, in the configured
-    order. Records on each item the remotes that reported a verified store; returns the errors
-    by item and the remotes used; raises RemoteError when a remote fails as a whole."""
+    order, the edge caches last. Before storing on a remote, records there that this root
+    refers to the batch's objects (``refs``). Records on each item the remotes that reported a
+    verified store; returns the errors by item and the remotes used; raises RemoteError when a
+    remote that is not a cache fails as a whole (a cache that fails is skipped)."""
     from jam_core.ops.remotes import ensure_identity
+    from jam_core.placement import is_cache
 
     errors: dict[int, Exception] = {}
     used: dict[str, Remote] = {}
-    for remote in remotes:
+    for remote in sorted(remotes, key=is_cache):
         items = [s for s in hashed if remote.name in s.targets and id(s) not in errors]
         if not items:
             continue
-        ensure_identity(root, remote, pm, session)
+        try:
+            ensure_identity(root, remote, pm, session)
+            if recorder is not None:
+                recorder.before_store(remote, (s.record.oid for s in items))
+            stored = list(store_on(remote, items, pm, session))
+        except RemoteError:
+            if is_cache(remote):
+                continue
+            raise
         used[remote.name] = remote
-        for s, err in store_on(remote, items, pm, session):
+        for s, err in stored:
             if err is not None:
-                errors[id(s)] = err
+                if not is_cache(remote):
+                    errors[id(s)] = err
             else:
                 s.stored_on.add(remote.name)
     return errors, used
@@ -207,11 +248,17 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
     except RemoteError as exc:
         result.aborted = result.aborted or str(exc)  # the first cause is the one to tell
         return
+    from dataclasses import replace
+
+    from jam_core.placement import is_cache
+
+    caches = {r.name for r in used.values() if is_cache(r)} | {n for n in _cache_names(root)}
     stored = []
     for s in hashed:
         session.file_done(2 * s.record.size)
         err = errors.get(id(s))
-        missing = [n for n in s.targets if n not in s.stored_on]
+        missing = [n for n in s.targets if n not in s.stored_on and n not in caches]
+        s.record = replace(s.record, remotes=tuple(n for n in s.targets if n in s.stored_on))
         if err is None and missing:  # never swap on the word of a remote that did not store it
             err = RemoteError(f"not stored on {', '.join(repr(n) for n in missing)}; left local")
         if err is None:
@@ -320,13 +367,35 @@ def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
     return None
 
 
+def _cache_names(root: Root) -> set[str]:
+    from jam_core.placement import is_cache
+
+    return {r.name for r in root.remotes() if is_cache(r)}
+
+
 def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -> list[str]:
-    """The names of the remotes ``place`` chose (each a configured remote, each once)."""
-    chosen = pm.hook.place(root=root.path, oid=oid, size=size, remotes=remotes)
+    """The names of the remotes ``place`` chose (each a configured remote, each once). With
+    ``[place] copies = N``, fewer than N chosen remotes that are not caches leave the file local
+    (Skip). ``remotes`` may carry the command's copies and free space (placement.Candidates);
+    the free space of the remotes chosen is lowered by ``size``, so a pool fills evenly."""
+    from jam_core.placement import is_cache
+
+    copies = getattr(remotes, "copies", 1)
+    free = getattr(remotes, "free", {})
+    chosen = pm.hook.place(root=root.path, oid=oid, size=size, remotes=remotes, copies=copies, free=dict(free))
     names = {r.name for r in remotes}
     if not chosen or any(getattr(r, "name", None) not in names for r in chosen):
         raise UsageError("the place hook chose no configured remote")
-    return list(dict.fromkeys(r.name for r in chosen))
+    out = list(dict.fromkeys(r.name for r in chosen))
+    by_name = {r.name: r for r in remotes}
+    durable = [n for n in out if not is_cache(by_name[n])]
+    if len(durable) < copies:
+        raise Skip(f"[place] copies = {copies}, but only {len(durable)} remote(s) that are not caches "
+                   "were chosen; left local (add remotes or lower copies)")
+    for n in out:
+        if free.get(n) is not None:
+            free[n] = max(0, free[n] - size)
+    return out
 
 
 def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remotes: list[Remote], pm,

@@ -524,3 +524,147 @@ def fetch(remote, oid, dest, size, session):
     finally:
         os.close(src)
     return True
+
+
+# -- removal, metadata files, free space (copies, drop, gc) ---------------------------------
+
+_META_NAME = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,127}(?:/[a-z0-9][a-z0-9._-]{0,127}){0,3}\Z")
+META_MAX = 64 << 20
+
+
+def _meta_path(remote, name: str) -> Path:
+    """``LOCATION/meta/NAME``, for a name of ``[a-z0-9._-]`` segments (no ``..``, no ``/`` at
+    either end): anything else is refused before a path is made of it."""
+    if not isinstance(name, str) or not _META_NAME.match(name) or ".." in name:
+        raise RemoteError(f"remote {remote.name!r}: refused metadata name {str(name)[:80]!r}")
+    return _base(remote) / "meta" / name
+
+
+def _no_symlink_below(base: Path, path: Path) -> None:
+    """Refuse a path whose directories between ``base`` and ``path`` include a symlink."""
+    d = path.parent
+    while d != base:
+        if d.is_symlink():
+            raise OSError(errno.ELOOP, "a symlink in the remote's meta/ tree", str(d))
+        d = d.parent
+
+
+@hookimpl
+def remove(remote, oid, session):
+    if remote.kind != KIND:
+        return None
+    try:
+        base = _session_base(remote, session)
+        path = base / "objects" / object_relpath(oid)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not base.is_dir():
+                raise RemoteError(f"remote {remote.name!r}: directory {base} is missing (unplugged drive?)") from None
+            return False
+        if not stat.S_ISREG(st.st_mode):  # a symlink or anything else in its place: not an object of ours
+            return False
+        os.unlink(path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise _oserror(remote, f"remove {oid}", exc, item=False) from None
+    return True
+
+
+@hookimpl
+def write_meta(remote, name, data, session):
+    if remote.kind != KIND:
+        return None
+    path = _meta_path(remote, name)
+    base = _base(remote)
+    tmp = base / "tmp" / part_name()
+    try:
+        _mkdirs_below(base, path.parent)
+        _no_symlink_below(base, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise _oserror(remote, f"write meta/{name}", exc, item=False) from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return True
+
+
+@hookimpl
+def read_meta(remote, name, session):
+    if remote.kind != KIND:
+        return None
+    path = _meta_path(remote, name)
+    base = _base(remote)
+    try:
+        _no_symlink_below(base, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise _oserror(remote, f"read meta/{name}", exc, item=False) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > META_MAX:
+            raise RemoteError(f"remote {remote.name!r}: meta/{name} is not a jam metadata file")
+        chunks, total = [], 0
+        while total <= META_MAX:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > META_MAX:
+            raise RemoteError(f"remote {remote.name!r}: meta/{name} is larger than 64 MiB")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise _oserror(remote, f"read meta/{name}", exc, item=False) from None
+    finally:
+        os.close(fd)
+
+
+@hookimpl
+def list_meta(remote, prefix, session):
+    if remote.kind != KIND:
+        return None
+    prefix = prefix.strip("/")
+    base = _base(remote)
+    top = base / "meta" / prefix if prefix else base / "meta"
+    if prefix:
+        _meta_path(remote, prefix)  # validate
+    try:
+        fd = os.open(top, _DIRFLAGS)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise _oserror(remote, f"list meta/{prefix}", exc, item=False) from None
+    try:
+        with os.scandir(fd) as it:
+            return sorted(f"{prefix}/{e.name}" if prefix else e.name for e in it
+                          if _META_NAME.match(e.name) and e.is_file(follow_symlinks=False))
+    except OSError as exc:
+        raise _oserror(remote, f"list meta/{prefix}", exc, item=False) from None
+    finally:
+        os.close(fd)
+
+
+@hookimpl
+def free_space(remote, session):
+    if remote.kind != KIND:
+        return None
+    try:
+        st = os.statvfs(_base(remote))
+    except OSError as exc:
+        raise _oserror(remote, "read its free space", exc, item=False) from None
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,135 @@
+"""``jam gc``: remove from the root's remotes the objects nothing refers to any more, the stale
+temporary files of killed uploads, and (edge caches) the objects whose files were not used for
+the cache's time. Every removal goes through ``copies.remove_copies`` (invariant 12).
+
+An object is unreferenced on a remote when no root's refs there name it and this root (walked
+afresh, dirty stubs included) does not refer to it. A root of this machine that uses the remote
+but has recorded no refs on it yet stops gc on that remote: it might need anything there.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from dataclasses import dataclass, field
+
+from jam_core.catalog import Catalog
+from jam_core.errors import JamError, describe
+from jam_core.model import Remote, Session
+from jam_core.ops.copies import _identity, remove_copies
+from jam_core.ops.refs import Recorder, live_oids, referenced, users
+from jam_core.placement import cache_age
+from jam_core.root import CATALOG, CONFIG, JAM_DIR, Root, registered_roots
+
+
+@dataclass
+class GcResult:
+    removed: list[tuple[str, str, int]] = field(default_factory=list)  # (remote, oid, size)
+    expired: list[tuple[str, str, int]] = field(default_factory=list)  # edge caches
+    leftovers: list[tuple[str, str, int]] = field(default_factory=list)  # (remote, tmp/NAME, size)
+    kept: list[tuple[str, str, str]] = field(default_factory=list)  # (remote, oid, why)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+
+def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, now: float | None = None) -> GcResult:
+    out = GcResult()
+    session = session or Session()
+    now = time.time() if now is None else now
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
+        recorder = Recorder(root, pm, session)
+        own = live_oids(root, cat) | referenced(root, cat)
+        reachable: list[Remote] = []
+        for r in root.remotes():
+            try:
+                _identity(root, r, pm, session)
+                reachable.append(r)
+            except (JamError, OSError) as exc:
+                out.problems.append(f"remote {r.name!r}: skipped: {describe(exc)}")
+        out.problems += recorder.publish(own, reachable)  # this root's refs are current first
+        for r in reachable:
+            try:
+                _one(root, cat, pm, session, r, own, recorder, dry_run, now, out)
+            except (JamError, OSError) as exc:
+                out.problems.append(f"remote {r.name!r}: {describe(exc)}")
+    return out
+
+
+def _one(root: Root, cat: Catalog, pm, session: Session, remote: Remote, own: set[str], recorder: Recorder,
+         dry_run: bool, now: float, out: GcResult) -> None:
+    listing = pm.hook.list_objects(remote=remote, session=session, sweep=not dry_run)
+    if listing is None:
+        out.problems.append(f"remote {remote.name!r}: its backend cannot list objects; nothing removed")
+        return
+    objects: dict[str, int] = {}
+    for name, size in listing:
+        if name.startswith("tmp/"):
+            out.leftovers.append((remote.name, name, size))
+        else:
+            objects[name] = size
+    u = users(remote, pm, session)
+    silent = _silent_roots(root, remote, set(u.refs))
+    if silent:
+        out.problems.append(f"remote {remote.name!r}: the jam root {silent[0]} uses it but has recorded no refs "
+                            f"there yet; run `jam gc --dry-run` in it first (nothing removed from {remote.name!r})")
+        return
+    others = set().union(*(oids for _c, oids in u.refs.values())) if u.refs else set()
+    unused = {oid: size for oid, size in objects.items() if oid not in own and oid not in others}
+    expire: dict[str, int] = {}
+    age = cache_age(remote)
+    if age is not None:
+        last = _last_used(cat, remote)
+        for oid, size in objects.items():
+            if oid in own and now - last.get(oid, 0.0) > age:
+                expire[oid] = size
+    if dry_run:
+        out.removed += [(remote.name, o, s) for o, s in sorted(unused.items())]
+        out.expired += [(remote.name, o, s) for o, s in sorted(expire.items())]
+        return
+    removed, refused = remove_copies(root, cat, pm, session, remote, unused, own, recorder)
+    out.removed += [(remote.name, o, s) for o, s in sorted(removed.items())]
+    out.kept += [(remote.name, o, why) for o, why in sorted(refused.items())]
+    if expire:
+        removed, refused = remove_copies(root, cat, pm, session, remote, expire, own, recorder)
+        out.expired += [(remote.name, o, s) for o, s in sorted(removed.items())]
+        out.kept += [(remote.name, o, why) for o, why in sorted(refused.items())]
+
+
+def _last_used(cat: Catalog, remote: Remote) -> dict[str, float]:
+    """When each object's files were last used: put on the cache, stashed, or used since."""
+    last = {oid: at for oid, (_size, at) in cat.locations_on(remote.name).items()}
+    uses = cat.uses()
+    for path, (oid, _size) in cat.stubs().items():
+        t = uses.get(path)
+        if t is not None and t > last.get(oid, 0.0):
+            last[oid] = t
+    return last
+
+
+def _silent_roots(root: Root, remote: Remote, ids: set[str]) -> list[str]:
+    """Other roots of this machine that name this remote (by its identity) in their config but
+    have no refs on it."""
+    rid = remote.options.get("id")
+    if not rid:
+        return []
+    out = []
+    for other in registered_roots():
+        if other == root.path:
+            continue
+        try:
+            with open(other / JAM_DIR / CONFIG, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            continue
+        tables = config.get("remote")
+        if not isinstance(tables, dict) or not any(isinstance(t, dict) and t.get("id") == rid
+                                                   for t in tables.values()):
+            continue
+        core = config.get("core")
+        their = core.get("id") if isinstance(core, dict) else None
+        if their not in ids:
+            out.append(str(other))
+    return out

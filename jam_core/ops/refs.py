@@ -1,0 +1,197 @@
+"""What each root refers to, recorded on the remotes it uses, so that no root removes what
+another still needs (invariants 6 and 12).
+
+On every remote a root uses, ``meta/refs/<root id>`` lists the objects the root refers to (its
+stubs, dirty ones included) and the number of copies it wants (``[place] copies``). A store
+first records what it is about to store in ``meta/refs/<root id>.pending.<n>`` (so an object is
+never on a remote unreferenced while its file is still being swapped); the full list is written
+once per command and the pending files emptied. Before removing anything a root writes
+``meta/removing/<root id>`` (the objects it is about to remove from that remote), and a copy
+named there by another root does not count as a copy: two roots dropping two copies at the same
+instant cannot both go ahead.
+
+The root's id is ``[core] id`` in ``ROOT/.jam/config.toml``, recorded on first need.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from jam_core.errors import JamError, RemoteError, UsageError
+from jam_core.model import Remote, Session
+from jam_core.objects import is_valid_oid
+from jam_core.placement import copies_of
+from jam_core.root import Root
+
+REFS = "refs"
+REMOVING = "removing"
+MAGIC = b"jam-refs 1\n"
+_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+_NAME = re.compile(r"\A([0-9a-f]{32})(?:\.pending\.([0-9]{1,6}))?\Z")
+
+
+def root_id(root: Root) -> str:
+    """This root's id (``[core] id``), recorded in its own config on first need. The caller
+    holds ``root.lock()``. A malformed id is a usage error (never silently replaced: other
+    roots' removals trust it)."""
+    core = root.config.get("core", {})
+    rid = core.get("id") if isinstance(core, dict) else None
+    if rid is not None:
+        if not (isinstance(rid, str) and _ID.match(rid)):
+            raise UsageError(f"{root.config_path}: core.id {str(rid)[:40]!r} is malformed (32 hex digits expected)")
+        return rid
+    new = uuid.uuid4().hex
+
+    def record(own: dict) -> None:
+        table = own.setdefault("core", {})
+        if not isinstance(table, dict):
+            raise UsageError(f"{root.config_path}: 'core' must be a table")
+        table.setdefault("id", new)
+    own = root.update_config(record)
+    return own["core"]["id"]
+
+
+def encode(copies: int, oids) -> bytes:
+    return MAGIC + f"copies {copies}\n".encode() + "".join(f"{o}\n" for o in sorted(set(oids))).encode()
+
+
+def decode(data: bytes) -> tuple[int, set[str]]:
+    """(copies, oids) of a refs file. Hostile content: a line that is not an id is ignored, a
+    copies count out of range is read as the most conservative (every copy needed). An empty
+    file (an emptied pending list) refers to nothing."""
+    if not data:
+        return 0, set()
+    lines = data.decode("ascii", "replace").splitlines()
+    copies, oids = 1, set()
+    if lines and lines[0] + "\n" == MAGIC.decode():
+        lines = lines[1:]
+    for line in lines:
+        if line.startswith("copies "):
+            try:
+                copies = int(line[7:])
+            except ValueError:
+                copies = 1 << 30
+            if not 1 <= copies <= 1 << 30:
+                copies = 1 << 30
+        elif is_valid_oid(line):
+            oids.add(line)
+    return copies, oids
+
+
+@dataclass
+class Users:
+    """What the roots that use one remote refer to: ``{root id: (copies, oids)}``, and what each
+    is about to remove from it (``removing``)."""
+
+    refs: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
+    removing: dict[str, set[str]] = field(default_factory=dict)
+
+    def needing(self, oid: str) -> dict[str, int]:
+        return {rid: copies for rid, (copies, oids) in self.refs.items() if oid in oids}
+
+    def being_removed(self, oid: str, but: str = "") -> bool:
+        return any(oid in oids for rid, oids in self.removing.items() if rid != but)
+
+
+def _read(remote: Remote, name: str, pm, session: Session) -> bytes:
+    data = pm.hook.read_meta(remote=remote, name=name, session=session)
+    if data is None:
+        raise RemoteError(f"remote {remote.name!r}: its backend cannot read jam's metadata (no read_meta); "
+                          "jam removes nothing from it")
+    return b"" if data is False else bytes(data)
+
+
+def users(remote: Remote, pm, session: Session) -> Users:
+    """Read, live, every root's refs, pending lists and removal intents on ``remote``.
+    Unreachable, or a backend without metadata: RemoteError (never taken for "no user")."""
+    out = Users()
+    for prefix in (REFS, REMOVING):
+        names = pm.hook.list_meta(remote=remote, prefix=prefix, session=session)
+        if names is None:
+            raise RemoteError(f"remote {remote.name!r}: its backend cannot list jam's metadata (no list_meta); "
+                              "jam removes nothing from it")
+        for name in names:
+            base = name.rpartition("/")[2]
+            m = _NAME.match(base)
+            if not m or name != f"{prefix}/{base}":
+                continue
+            rid = m.group(1)
+            copies, oids = decode(_read(remote, name, pm, session))
+            if prefix == REMOVING:
+                out.removing.setdefault(rid, set()).update(oids)
+                continue
+            have = out.refs.get(rid, (0, set()))
+            out.refs[rid] = (max(have[0], copies, 1 if oids else 0), have[1] | oids)
+    return out
+
+
+def _write(remote: Remote, name: str, data: bytes, pm, session: Session) -> None:
+    ok = pm.hook.write_meta(remote=remote, name=name, data=data, session=session)
+    if ok is None:
+        raise RemoteError(f"remote {remote.name!r}: its backend cannot write jam's metadata (no write_meta)")
+
+
+class Recorder:
+    """One command's refs: pending lists before each store, the full list once at the end."""
+
+    def __init__(self, root: Root, pm, session: Session):
+        self.root, self.pm, self.session = root, pm, session
+        self.rid = root_id(root)
+        self.copies = copies_of(root.config)
+        self.pending: dict[str, int] = {}  # remote name -> pending files written this command
+
+    def before_store(self, remote: Remote, oids) -> None:
+        """Record on ``remote`` that this root refers to ``oids`` before they are stored there.
+        RemoteError if it cannot: then nothing is stored there either."""
+        n = self.pending.get(remote.name, 0)
+        _write(remote, f"{REFS}/{self.rid}.pending.{n}", encode(self.copies, oids), self.pm, self.session)
+        self.pending[remote.name] = n + 1
+
+    def intent(self, remote: Remote, oids) -> None:
+        """Say on ``remote`` which objects this root is about to remove from it."""
+        _write(remote, f"{REMOVING}/{self.rid}", encode(self.copies, oids) if oids else b"", self.pm, self.session)
+
+    def publish(self, oids, remotes) -> list[str]:
+        """Write the full refs on each of ``remotes`` and empty this command's pending lists.
+        Returns one line per remote that could not be written (its pending lists stay: more
+        is kept, never less)."""
+        data = encode(self.copies, oids)
+        problems = []
+        for remote in remotes:
+            try:
+                _write(remote, f"{REFS}/{self.rid}", data, self.pm, self.session)
+                for n in range(self.pending.pop(remote.name, 0)):
+                    _write(remote, f"{REFS}/{self.rid}.pending.{n}", b"", self.pm, self.session)
+            except (JamError, OSError) as exc:
+                problems.append(f"remote {remote.name!r}: refs not recorded: {exc}")
+        return problems
+
+
+def live_oids(root: Root, cat) -> set[str]:
+    """Every object this root refers to: the stubs the catalog knows and a fresh walk finds
+    (dirty stubs too: their objects are never removed). The caller holds the lock."""
+    from jam_core.scan import DIRTY, STUB, walk
+
+    def on_error(rel, exc):
+        raise JamError(f"{rel}: {exc.strerror or exc}; jam cannot tell what this root refers to, so it "
+                       "removes nothing")
+
+    oids = set(cat.oids())
+    for e in walk(str(root.path), ".", on_error):
+        if e.state in (STUB, DIRTY) and e.record is not None:
+            oids.add(e.record.oid)
+    return oids
+
+
+def referenced(root: Root, cat) -> set[str]:
+    """What this root's refs list: its stubs' objects, and what its edge caches hold for it (an
+    object put on a cache by a checkout stays referenced until it expires there)."""
+    from jam_core.placement import is_cache
+
+    oids = set(cat.oids())
+    for r in root.remotes():
+        if is_cache(r):
+            oids |= set(cat.locations_on(r.name))
+    return oids
