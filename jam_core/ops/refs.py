@@ -128,9 +128,9 @@ def users(remote: Remote, pm, session: Session) -> Users:
 
 
 def _write(remote: Remote, name: str, data: bytes, pm, session: Session) -> None:
-    ok = pm.hook.write_meta(remote=remote, name=name, data=data, session=session)
-    if ok is None:
-        raise RemoteError(f"remote {remote.name!r}: its backend cannot write jam's metadata (no write_meta)")
+    """Write a metadata file. A backend without ``write_meta`` records nothing: jam then never
+    removes anything from that remote either (``users`` refuses it), so nothing is at risk."""
+    pm.hook.write_meta(remote=remote, name=name, data=data, session=session)
 
 
 class Recorder:
