@@ -217,3 +217,27 @@ def test_cli_where_copy_drop_gc(tmp_path, pm, runner, monkeypatch):
     assert r.exit_code == 2 and r.output.startswith("jam: no remote named")
     r = runner.invoke(main, ["gc", "--dry-run"])
     assert r.exit_code == 0 and "gc: would remove 0 unused objects" in r.output
+
+
+def test_stash_never_swaps_onto_an_object_another_root_is_removing(tmp_path, pm):
+    """Root B wrote its removal intent for an object and read the refs before root A's pending
+    refs landed: B may remove it any moment. A stores the same content (the object is already
+    there), then sees B's intent: the file stays local."""
+    import blake3
+
+    from jam_core.ops.refs import encode
+    from jam_core.scan import LOCAL
+
+    a = tmp_path / "a"
+    root = _root(tmp_path, "r", {"a": a}, pm=pm)
+    data = make_file(root.path / "f.bin", 200_000, seed=3)
+    oid = "b3:" + blake3.blake3(data).hexdigest()
+    (a / "meta" / "removing").mkdir(parents=True, exist_ok=True)
+    (a / "meta" / "removing" / ("ab" * 16)).write_bytes(encode(1, [oid]))  # root B's intent
+    res = stash(root, ["f.bin"], pm)
+    assert not res.done and res.exit_code == 1, res
+    assert "another root is removing" in str(res.failed + res.skipped)
+    assert [e.state for e in walk(str(root.path), "f.bin")] == [LOCAL]
+    assert (root.path / "f.bin").read_bytes() == data
+    (a / "meta" / "removing" / ("ab" * 16)).write_bytes(b"")  # B is done
+    assert stash(root, ["f.bin"], pm).done

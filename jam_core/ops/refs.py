@@ -149,6 +149,19 @@ class Recorder:
         _write(remote, f"{REFS}/{self.rid}.pending.{n}", encode(self.copies, oids), self.pm, self.session)
         self.pending[remote.name] = n + 1
 
+    def removing_elsewhere(self, remote: Remote) -> set[str]:
+        """What other roots said they are about to remove from ``remote``. Read after a store
+        (whose pending refs were written before it): a removal that read the refs before our
+        pending list landed has written its intent before that read, so it shows here, and the
+        store's files are not swapped. A backend without metadata has no removals to fear."""
+        names = self.pm.hook.list_meta(remote=remote, prefix=REMOVING, session=self.session)
+        going: set[str] = set()
+        for name in names or ():
+            m = _NAME.match(name.rpartition("/")[2])
+            if m and not m.group(2) and m.group(1) != self.rid and name == f"{REMOVING}/{m.group(1)}":
+                going |= decode(_read(remote, name, self.pm, self.session))[1]
+        return going
+
     def intent(self, remote: Remote, oids) -> None:
         """Say on ``remote`` which objects this root is about to remove from it."""
         _write(remote, f"{REMOVING}/{self.rid}", encode(self.copies, oids) if oids else b"", self.pm, self.session)

@@ -226,12 +226,18 @@ def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, se
             if recorder is not None:
                 recorder.before_store(remote, (s.record.oid for s in items))
             stored = list(store_on(remote, items, pm, session))
+            going = recorder.removing_elsewhere(remote) if recorder is not None else set()
         except RemoteError:
             if is_cache(remote):
                 continue
             raise
         used[remote.name] = remote
         for s, err in stored:
+            if err is None and s.record.oid in going:
+                # Another root wrote, before reading the refs, that it is removing this object
+                # from this remote: our refs may have come too late for it. Never swap on it.
+                err = JamError(f"another root is removing {s.record.oid} from remote {remote.name!r} "
+                               "at this moment; left local (stash it again)")
             if err is not None:
                 if not is_cache(remote):
                     errors[id(s)] = err
