@@ -15,6 +15,7 @@ BUILTIN_PLUGINS = (
     "jam_core.placement",
     "jam_dir",
     "jam_sftp",
+    "jam_rclone",
     "jam_age",
     "jam_lru",
     "jam_budget",

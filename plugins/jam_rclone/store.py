@@ -1,0 +1,407 @@
+"""What jam does on one rclone remote, through the command's ``rclone rcd`` (daemon.py).
+
+Layout, as for the other backends, under the remote's location (an rclone fs string such as
+``seaweed:bucket/jam`` or ``:s3,provider=Minio,endpoint=...:bucket/jam``): ``objects/b3/ab/<hex>``,
+``tmp/<part_name()>``, ``meta/...`` and the identity marker ``jam-remote.json``.
+
+**Uploads.** The bytes are streamed by jam itself to ``operations/uploadfile`` (one HTTP request,
+the file sent as the body), never handed to rclone as a path: the core gives ``/proc/self/fd/N``,
+which is jam's and not rclone's (and rclone's local backend would take it for a symlink). What is
+sent is hashed as it is sent; the last chunk is held back until the whole content has been hashed,
+and if it does not hash to the id the connection is cut before that chunk: rclone then sees a
+truncated body and commits nothing (a multipart upload never completed, a partial file removed).
+So a partial or wrong object is never committed under its id. After the upload the object is
+stat'ed: its size must be the size sent and, where the backend reports an MD5 (computed alongside
+when the backend has one), that too; else it is deleted and the store fails.
+
+Where it goes: object stores (S3 and compatibles, GCS, B2, Azure) have no rename, and their server
+side "move" is a full copy plus a delete (twice the work for a large object); a PUT there is atomic
+(nothing is visible before the upload completes), so the object is uploaded to its final name.
+Backends that can move on the server (``fsinfo`` Features.Move: local, sftp, WebDAV, Drive...) may
+show a file while it is written, so the upload goes to ``tmp/<part_name()>`` and is moved into place
+with ``operations/movefile`` (a rename there). An existing object is never trusted: it is uploaded
+again over itself (one transfer, the same cost as reading it back; never a bad commit, see above).
+
+**Absent is never a guess.** An object is "not there" only when rclone says so clearly (``stat``
+answers no item, HTTP 404) *and* the remote's identity marker is still found in the same check: a
+bucket that vanished or a server that lies with 404 is a RemoteError, not "absent" (the way
+git-annex-remote-rclone lost data).
+
+**Downloads** stream from the daemon's ``--rc-serve`` (``GET /[fs]/objects/...``): the length
+announced must be the size the stub says, else nothing is written; never more than ``size``
+bytes reach ``dest``, which is opened as a path (the core's ``/proc/self/fd/N``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import os
+import re
+import time
+import uuid
+from datetime import datetime
+from urllib.parse import quote, urlencode
+
+from jam_core import (
+    MARKER_NAME,
+    IntegrityError,
+    JamError,
+    RemoteError,
+    hasher,
+    part_is_stale,
+    part_name,
+    split_oid,
+)
+from jam_rclone.daemon import Daemon, Lost, RcError
+
+CHUNK = 1 << 20
+META_MAX = 64 << 20
+_META_NAME = re.compile(r"\A[a-z0-9_-][a-z0-9._-]*(?:/[a-z0-9_-][a-z0-9._-]*)*\Z")
+_PART = re.compile(r"\A(?:[0-9a-f]{32}|[A-Za-z0-9_-]{1,64}\.[0-9]{1,10}\.[0-9a-f]{16})\.part\Z")
+_NOT_FOUND = ("directory not found", "object not found", "not found", "nosuchbucket", "no such file")
+_FULL = ("no space left", "quotaexceeded", "quota exceeded", "insufficient storage", "entitytoolarge",
+         "storage quota", "disk full", "not enough space")
+_MODTIME = re.compile(r"\A(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?\Z")
+
+
+class _LocalFull(Exception):
+    """ENOSPC/EDQUOT writing the local file of a fetch."""
+
+
+class _Abort(Exception):
+    """The upload was cut on purpose (the content did not hash to its id)."""
+
+
+def valid_meta_name(name: str) -> bool:
+    return isinstance(name, str) and len(name) <= 512 and _META_NAME.match(name) is not None
+
+
+def _epoch(text: str) -> float | None:
+    m = _MODTIME.match(text or "")
+    if m is None:
+        return None
+    frac = (m.group(2) or "")[:7]
+    try:
+        return datetime.fromisoformat(m.group(1) + frac + (m.group(3) or "Z").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class Store:
+    """One rclone remote, for one command: its features (asked once) and its requests."""
+
+    def __init__(self, remote, daemon: Daemon):
+        self.remote = remote
+        self.d = daemon
+        self.fs = remote.location
+        self.where = f"remote {remote.name!r} (rclone:{remote.location})"
+        self._info: dict | None = None
+        self.swept = False
+        self.transfers = max(1, min(int((remote.options or {}).get("transfers", 4) or 4), 32))
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def remote_error(self, what: str, exc: BaseException | str) -> RemoteError:
+        reason = exc.message if isinstance(exc, RcError) else str(exc)
+        reason = " ".join(reason.split())[:400] or type(exc).__name__
+        return RemoteError(f"{self.where}: cannot {what}: {reason}")
+
+    def item_error(self, what: str, exc: BaseException) -> JamError:
+        """A failure of one object (the remote full, an object too large) is that item's
+        JamError; anything else fails the remote as a whole."""
+        if isinstance(exc, RcError) and any(k in exc.message.lower() for k in _FULL):
+            return JamError(f"{self.where}: cannot {what}: the remote is full ({' '.join(exc.message.split())[:200]})")
+        return self.remote_error(what, exc)
+
+    def rc(self, what: str, method: str, **params) -> dict:
+        """An rc call; any failure is the remote's (RemoteError)."""
+        try:
+            return self.d.call(method, params)
+        except (RcError, Lost) as exc:
+            raise self.remote_error(what, exc) from None
+
+    # -- features, presence ------------------------------------------------------------------
+
+    def info(self) -> dict:
+        if self._info is None:
+            self._info = self.rc("reach it", "operations/fsinfo", fs=self.fs)
+        return self._info
+
+    def can_move(self) -> bool:
+        return bool((self.info().get("Features") or {}).get("Move"))
+
+    def has_md5(self) -> bool:
+        return "md5" in (self.info().get("Hashes") or [])
+
+    def stat(self, rel: str, what: str, hashes: bool = False) -> dict | None:
+        """The item at ``rel``; None only when rclone clearly says there is none."""
+        opt = {"noMimeType": True}
+        if hashes:
+            opt.update(showHash=True, hashTypes=["md5"])
+        out = self.rc(what, "operations/stat", fs=self.fs, remote=rel, opt=opt)
+        item = out.get("item")
+        if item is None:
+            return None
+        if not isinstance(item, dict) or item.get("IsDir") or not isinstance(item.get("Size"), int):
+            raise RemoteError(f"{self.where}: {rel} is not a file (cannot {what})")
+        return item
+
+    def confirm_absent(self, what: str) -> None:
+        """Before answering "absent": the identity marker must still be there (a bucket or a
+        directory that vanished, or a server down that answers 404, is not "absent")."""
+        if self.stat(MARKER_NAME, what) is None:
+            raise RemoteError(f"{self.where}: cannot {what}: its identity marker {MARKER_NAME} is gone "
+                              "(bucket or directory removed or not mounted?); nothing was stored or fetched")
+
+    def list(self, rel: str, what: str, recurse: bool, modtime: bool = False) -> list[dict] | None:
+        """The files under ``rel``; None when rclone says the directory does not exist."""
+        opt = {"recurse": recurse, "filesOnly": True, "noMimeType": True, "noModTime": not modtime}
+        try:
+            out = self.d.call("operations/list", {"fs": self.fs, "remote": rel, "opt": opt})
+        except RcError as exc:
+            if "directory not found" in exc.message.lower():
+                return None
+            raise self.remote_error(what, exc) from None
+        except Lost as exc:
+            raise self.remote_error(what, exc) from None
+        items = out.get("list")
+        if not isinstance(items, list):
+            raise RemoteError(f"{self.where}: cannot {what}: rclone answered no listing")
+        return [i for i in items if isinstance(i, dict)]
+
+    def check_location(self, what: str) -> None:
+        """The location itself must exist (a bucket, a directory): never re-created."""
+        if self.list("", what, recurse=False) is None:
+            raise RemoteError(f"{self.where}: the location is missing (bucket or directory removed, "
+                              "drive not mounted?); jam will not re-create it")
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Once per command, before the first store: remove the parts in ``tmp/`` that are
+        provably stale uploads of jams (``part_is_stale``), nothing else."""
+        if self.swept:
+            return
+        self.swept = True
+        for _ in self.stale_parts(remove=True):
+            pass
+
+    def stale_parts(self, remove: bool):
+        items = self.list("tmp", "list its tmp/", recurse=False, modtime=True) or []
+        now = time.time()
+        for it in items:
+            name, size = it.get("Name"), it.get("Size")
+            if it.get("Path") != f"tmp/{name}" or not isinstance(name, str) or not _PART.match(name):
+                continue
+            mtime = _epoch(it.get("ModTime", ""))
+            if mtime is None or not part_is_stale(name, mtime, now):
+                continue
+            if remove:
+                try:
+                    self.d.call("operations/deletefile", {"fs": self.fs, "remote": f"tmp/{name}"})
+                except (RcError, Lost):
+                    continue  # gone meanwhile, or not ours to remove: not listed as removed
+            yield name, size if isinstance(size, int) else 0
+
+    def put(self, rel: str, src_fd: int, size: int, oid: str | None, progress) -> None:
+        """Store ``size`` bytes read from ``src_fd`` (from offset 0) at ``rel``. With ``oid``,
+        the bytes must hash to it or nothing is committed (IntegrityError)."""
+        staged = f"tmp/{part_name()}" if self.can_move() else None
+        md5 = hashlib.md5(usedforsecurity=False) if self.has_md5() else None
+        target = staged or rel
+        try:
+            self._upload(target, src_fd, size, oid, md5, progress)
+            if staged is not None:
+                self.rc(f"move {staged} into place", "operations/movefile",
+                        srcFs=self.fs, srcRemote=staged, dstFs=self.fs, dstRemote=rel)
+                staged = None
+            item = self.stat(rel, f"check {rel} after its upload", hashes=md5 is not None)
+            got = (item or {}).get("Hashes", {}).get("md5") if item else None
+            if item is None or item["Size"] != size or (md5 is not None and got and got != md5.hexdigest()):
+                self._delete_quietly(rel)
+                seen = "nothing" if item is None else f"{item['Size']} bytes" + (f", md5 {got}" if got else "")
+                raise IntegrityError(f"{self.where}: {rel} does not hold what was sent ({seen} for {size} bytes); "
+                                     "removed, not stored")
+        finally:
+            if staged is not None:
+                self._delete_quietly(staged)
+
+    def _delete_quietly(self, rel: str) -> None:
+        try:
+            self.d.call("operations/deletefile", {"fs": self.fs, "remote": rel})
+        except (RcError, Lost):
+            pass
+
+    def _upload(self, rel: str, src_fd: int, size: int, oid: str | None, md5, progress) -> None:
+        directory, _, name = rel.rpartition("/")
+        boundary = uuid.uuid4().hex
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        h = hasher(split_oid(oid)[0], threads=size >= (64 << 20)) if oid else None
+        conn = self.d.connection()
+        sent_body = False
+        try:
+            conn.putrequest("POST", "/operations/uploadfile?" + urlencode({"fs": self.fs, "remote": directory}))
+            for k, v in self.d.headers(**{"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                          "Content-Length": str(len(head) + size + len(tail))}).items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            conn.send(head)
+            chunk = CHUNK if size < (64 << 20) else 8 * CHUNK
+            off = 0
+            pending = None
+            while off < size:
+                data = os.pread(src_fd, min(chunk, size - off), off)
+                if not data:
+                    raise _Abort(f"the source is shorter than the {size} bytes expected (it changed while stored)")
+                off += len(data)
+                if h is not None:
+                    h.update(data)
+                if md5 is not None:
+                    md5.update(data)
+                if pending is not None:
+                    conn.send(pending)
+                    progress(len(pending))
+                pending = data
+            if h is not None and f"{split_oid(oid)[0]}:{h.hexdigest()}" != oid:
+                raise _Abort("its content does not hash to its id (it changed while stored)")
+            if pending is not None:  # held back until the whole content was hashed
+                conn.send(pending)
+                progress(len(pending))
+            conn.send(tail)
+            sent_body = True
+            resp = conn.getresponse()
+            data = resp.read()
+        except _Abort as exc:
+            self.d.drop_connection()  # cut: rclone sees a truncated body and commits nothing
+            raise IntegrityError(f"{self.where}: not stored: {exc}") from None
+        except (http.client.HTTPException, OSError) as exc:
+            self.d.drop_connection()
+            if not sent_body and isinstance(exc, OSError) and exc.errno not in (None, errno.EPIPE, errno.ECONNRESET):
+                raise
+            raise self.remote_error(f"store {rel}", Lost(str(exc) or type(exc).__name__)) from None
+        try:
+            self.d._answer(resp.status, data)
+        except RcError as exc:
+            raise self.item_error(f"store {rel}", exc) from None
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    def open_get(self, rel: str, size: int, what: str):
+        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``."""
+        conn = self.d.connection()
+        path = "/[" + quote(self.fs, safe="") + "]/" + quote(rel)
+        try:
+            conn.request("GET", path, headers=self.d.headers())
+            resp = conn.getresponse()
+        except (http.client.HTTPException, OSError) as exc:
+            self.d.drop_connection()
+            raise self.remote_error(what, Lost(str(exc) or type(exc).__name__)) from None
+        if resp.status == 404:
+            resp.read()
+            self.confirm_absent(what)
+            return None
+        if resp.status != 200:
+            data = resp.read()
+            try:
+                self.d._answer(resp.status, data)
+            except RcError as exc:
+                raise self.remote_error(what, exc) from None
+            raise RemoteError(f"{self.where}: cannot {what}: HTTP {resp.status}")
+        length = resp.getheader("Content-Length")
+        if length is None or not length.isdigit() or int(length) != size:
+            self.d.drop_connection()  # never read (or write) a body of another size
+            raise IntegrityError(f"{self.where} holds a corrupt {rel.rsplit('/', 1)[-1]}: {length} bytes, not the "
+                                 f"{size} the stub says; not fetched, stub left as it was")
+        return resp
+
+    def stream(self, resp, size: int, sink, progress, what: str) -> None:
+        """Read exactly ``size`` bytes of ``resp`` into ``sink(view)``."""
+        buf = bytearray(min(max(size, 1), 8 * CHUNK))
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < size:
+                n = resp.readinto(view[: min(len(buf), size - got)])
+                if not n:
+                    raise http.client.IncompleteRead(b"", size - got)
+                sink(view[:n])
+                got += n
+                progress(n)
+            if resp.read(1):
+                raise IntegrityError(f"{self.where}: {what}: more than the {size} bytes announced")
+        except (http.client.HTTPException, OSError) as exc:
+            self.d.drop_connection()
+            raise self.remote_error(what, Lost(str(exc) or type(exc).__name__)) from None
+        except BaseException:
+            self.d.drop_connection()
+            raise
+
+    def get(self, rel: str, dest, size: int, progress) -> bool:
+        what = f"fetch {rel}"
+        resp = self.open_get(rel, size, what)
+        if resp is None:
+            return False
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
+        except OSError:
+            self.d.drop_connection()
+            raise
+        try:
+            def write(view):
+                done = 0
+                while done < len(view):
+                    try:
+                        done += os.write(fd, view[done:])
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise _LocalFull() from exc
+                        raise _LocalWrite(exc) from exc
+
+            self.stream(resp, size, write, progress, what)
+        except (_LocalFull, _LocalWrite) as exc:
+            self.d.drop_connection()
+            if isinstance(exc, _LocalFull):
+                raise JamError(f"cannot fetch {rel.rsplit('/', 1)[-1]}: no space left on the local disk") from None
+            raise JamError(f"cannot fetch {rel.rsplit('/', 1)[-1]}: {exc.args[0]}") from None
+        finally:
+            os.close(fd)
+        return True
+
+    def read_small(self, rel: str, limit: int, what: str) -> bytes | None:
+        item = self.stat(rel, what)
+        if item is None:
+            return None
+        if item["Size"] > limit:
+            raise RemoteError(f"{self.where}: {rel} is {item['Size']} bytes, more than {limit} (cannot {what})")
+        resp = self.open_get(rel, item["Size"], what)
+        if resp is None:
+            return None
+        parts: list[bytes] = []
+        self.stream(resp, item["Size"], lambda v: parts.append(bytes(v)), lambda n: None, what)
+        return b"".join(parts)
+
+    def put_small(self, rel: str, data: bytes, what: str) -> None:
+        """Write a small file (a marker, metadata): staged and moved where the backend can,
+        else one PUT (atomic on object stores)."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            try:
+                self.put(rel, f.fileno(), len(data), None, lambda n: None)
+            except IntegrityError as exc:
+                raise RemoteError(f"{self.where}: cannot {what}: {exc}") from None
+            except JamError as exc:
+                raise RemoteError(f"{self.where}: cannot {what}: {exc}") from None
+
+    def executor(self):
+        return self.d.executor(self.transfers)
+
+
+class _LocalWrite(Exception):
+    """Another OSError writing the local file of a fetch."""
