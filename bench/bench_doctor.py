@@ -57,29 +57,28 @@ def build(root, remote: Path, sizes: list[int], per_dir: int = 1000) -> int:
     """A stub per size, its object (random bytes of that size) on the remote, catalog rows."""
     from jam_core.catalog import Catalog
     from jam_core.hook.index import refresh
-    from jam_core.objects import hash_fd, object_relpath
+    from jam_core.objects import hasher, object_relpath
     from jam_core.stub import StubRecord, write_stub
 
     rows, total = [], 0
     chunk = os.urandom(1 << 20)
+    made: set[Path] = set()
     for i, size in enumerate(sizes):
-        obj_tmp = remote / "tmp" / "build"
-        with open(obj_tmp, "wb") as f:
-            left, off = size, i % 4096
-            while left:
-                piece = (chunk[off:] + chunk[:off])[:left]
-                f.write(piece)
-                left -= len(piece)
-            f.write(i.to_bytes(8, "little"))  # every object distinct
+        off = i % 4096
+        if size <= len(chunk) - off:
+            data = chunk[off:off + size] + i.to_bytes(8, "little")  # every object distinct
+        else:
+            data = (chunk * (size // len(chunk) + 2))[off:off + size] + i.to_bytes(8, "little")
         size += 8
-        fd = os.open(obj_tmp, os.O_RDONLY)
-        try:
-            oid, _ = hash_fd(fd)
-        finally:
-            os.close(fd)
+        h = hasher()
+        h.update(data)
+        oid = "b3:" + h.hexdigest()
         final = remote / "objects" / object_relpath(oid)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(obj_tmp, final)
+        if final.parent not in made:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            made.add(final.parent)
+        with open(final, "wb") as f:
+            f.write(data)
         d = root.path / f"d{i // per_dir:04d}"
         d.mkdir(exist_ok=True)
         p = d / f"file{i:06d}.dat"
@@ -115,6 +114,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="jam-bench-doctor-"))
     env = dict(os.environ, HOME=str(base / "home"), XDG_DATA_HOME=str(base / "home/.local/share"),
                XDG_CONFIG_HOME=str(base / "home/.config"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # jam as installed: its modules compiled once, not per run
     try:
         # 1. doctor over many stubs vs find
         root, remote = make_root(base / "many", env)

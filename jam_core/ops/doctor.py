@@ -40,7 +40,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
@@ -187,11 +187,30 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
     res.remotes = [r.name for r in remotes]
     _versions(res, pm)
     _filesystem(res, root)
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()  # 100,000 stubs make millions of small tuples and no cycle: collections only cost
+    try:
+        _checks(res, root, pm, session, remotes, rels, deep, fix, older_than, now)
+    finally:
+        if collecting:
+            gc.enable()
+    _shell_hook(res)
+    _hydration(res)
+    return res
+
+
+def _checks(res: DoctorResult, root: Root, pm, session: Session, remotes: list[Remote], rels: list[str],
+            deep: bool, fix: bool, older_than: float | None, now: float | None) -> None:
+    """The checks that need the root's lock: remotes, catalog, tree, objects."""
     with root.lock():
         reachable = _check_remotes(res, root, pm, session, remotes, fix)
         cat = _open_catalog(root, fix, res)
         rebuilt = any(f.kind == "catalog" for f in res.findings)  # new and empty: the scan fills it
-        catrows = cat.stub_rows() if cat is not None else {}  # the one query of the stub table
+        # the one query of the stub table; paths decoded once (undecodable bytes kept as surrogates)
+        catrows = {p.decode("utf-8", "surrogateescape"): v for p, v in cat.stub_rows().items()} \
+            if cat is not None else {}
         stale_index = None if rebuilt else _hook_index(res, root, cat, catrows)
         try:
             d = _Doctor(root, pm, session, remotes, reachable, res, deep, fix, cat, rels,
@@ -203,9 +222,6 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
                 cat.close()
         if fix:
             _refresh_index(root, stale_index)
-    _shell_hook(res)
-    _hydration(res)
-    return res
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -375,7 +391,7 @@ def _index_marks(base: str) -> set[str] | None:
     return out
 
 
-def _index_wanted(root: Root, cat: Catalog, catrows: dict[bytes, tuple] | None = None) -> set[str]:
+def _index_wanted(root: Root, cat: Catalog, catrows: dict[str, tuple] | None = None) -> set[str]:
     """What the cd-hook index should mark, from the catalog's stub paths (``catrows``, the
     rows already read, or a query). ``wanted`` depends only on each valid path's directory:
     it is given one valid path per directory (100,000 stubs in 100 directories cost 100
@@ -388,7 +404,7 @@ def _index_wanted(root: Root, cat: Catalog, catrows: dict[bytes, tuple] | None =
         depth = settings(root).depth
     except UsageError:
         depth = DEFAULT_DEPTH
-    paths = cat.stubs() if catrows is None else [os.fsdecode(p) for p in catrows]
+    paths = cat.stubs() if catrows is None else catrows
     one: dict[str, str] = {}
     for p in paths:
         d = p.rpartition("/")[0]
@@ -398,7 +414,7 @@ def _index_wanted(root: Root, cat: Catalog, catrows: dict[bytes, tuple] | None =
 
 
 def _hook_index(res: DoctorResult, root: Root, cat: Catalog | None,
-                catrows: dict[bytes, tuple] | None = None) -> Problem | None:
+                catrows: dict[str, tuple] | None = None) -> Problem | None:
     """Is the cd hook's index in step with the catalog (as this run found it)?"""
     from jam_core.hook.index import index_path
 
@@ -485,7 +501,7 @@ def _move_aside(db: Path) -> Path:
 
 class _Doctor:
     def __init__(self, root, pm, session, remotes, unusable, res, deep, fix, cat, rels, older_than, now,
-                 catrows: dict[bytes, tuple] | None = None):
+                 catrows: dict[str, tuple] | None = None):
         self.root, self.pm, self.session = root, pm, session
         self.remotes, self.unusable, self.res = remotes, unusable, res
         self.deep, self.fix, self.cat, self.rels = deep, fix, cat, rels
@@ -496,10 +512,9 @@ class _Doctor:
         # them (what the tree is compared with, what unused objects are told by), and those under
         # the paths checked (``catrows`` is read once by doctor(): no second query)
         if catrows is None:
-            catrows = cat.stub_rows() if cat is not None else {}
+            catrows = {os.fsdecode(p): v for p, v in cat.stub_rows().items()} if cat is not None else {}
         self.all_rows = catrows
-        self.stamps = catrows if rels == ["."] else {
-            p: v for p, v in catrows.items() if _under(os.fsdecode(p), rels)}
+        self.stamps = catrows if rels == ["."] else {p: v for p, v in catrows.items() if _under(p, rels)}
         self.objects: dict[str, list[tuple[str, StubRecord]]] = {}  # oid -> stubs needing it
         self.reported: set[str] = set()  # paths with a finding already (no second one for the catalog)
         self.local_sizes: dict[int, list[str]] = {}  # local files by size (candidates to re-upload from)
@@ -585,29 +600,28 @@ class _Doctor:
 
         top = str(self.root.path).rstrip("/") + "/"
         catrows = {} if self.deep else self.stamps
-        fsencode, get = os.fsencode, catrows.get
+        get, rows, objects, new = catrows.get, self.rows, self.objects, tuple.__new__
+        trusted = 0
         for r in self.rels:
             for dname, files in scan_dirs(top, r, tidy=self.tidy):
                 prefix = "" if dname == "." else dname + "/"
                 for name, path, st in files:
                     rel = prefix + name
-                    row = get(fsencode(rel)) if catrows else None
+                    row = get(rel)
                     if row is not None and is_valid_oid(row[0]) and isinstance(row[3], str) and len(row[3]) <= 64:
                         state, rec, problem = classify(path, st, ALWAYS, stamp=(row[1], row[2], row[4], row[5]))
-                        if state == STUB and rec is None:
-                            self.trusted(rel, row, st)
+                        if state == STUB and rec is None:  # the stamp vouches: counted, kept, object needed
+                            trusted += 1
+                            rows.append((rel, *row[:6]))
+                            need = objects.get(row[0])
+                            if need is None:
+                                need = objects[row[0]] = []
+                            need.append((rel, new(_Known, row[:4])))
                             continue
                     else:
                         state, rec, problem = classify(path, st, ALWAYS)
                     self.check(Entry(rel, top + rel, st, state, rec, problem, dname))
-
-    def trusted(self, rel: str, row: tuple, st: os.stat_result) -> None:
-        """A stub the catalog's stamp vouches for: counted, its row kept, its object needed."""
-        oid, size, mtime_ns, stashed_at = row[:4]
-        self.res.stubs += 1
-        self.rows.append((rel, *row[:6]))
-        self.objects.setdefault(oid, []).append(
-            (rel, StubRecord(oid, size, st.st_mode & 0o7777, mtime_ns, (), stashed_at)))
+        self.res.stubs += trusted
 
     def check(self, e: Entry) -> None:
         if e.state == LOCAL:
@@ -702,7 +716,7 @@ class _Doctor:
                 return True
             st = os.fstat(fd)
             zeros = not os.pread(fd, HEADER_MAX, 0).strip(b"\0")
-            row = self.stamps.get(os.fsencode(e.rel))
+            row = self.stamps.get(e.rel)
             untouched = row is not None and row[4:6] == (st.st_ino, st.st_ctime_ns)
         finally:
             os.close(fd)
@@ -747,20 +761,16 @@ class _Doctor:
     def check_catalog(self) -> None:
         if self.cat is None or self.rebuilt:
             return
-        known = {os.fsdecode(p): s for p, s in self.stamps.items()}
-        by_oid: dict[str, list[str]] = {}
-        seen = set()
-        for row in self.rows:
-            seen.add(row[0])
-        orphans = [p for p in known if p not in seen and p not in self.reported]
+        known = self.stamps
+        seen = {row[0] for row in self.rows}
+        orphans = sorted(known.keys() - seen - self.reported)
         cat_oids: dict[str, list[str]] = {}
         for p in orphans:
             cat_oids.setdefault(known[p][0], []).append(p)
         moved_from: set[str] = set()
-        for row in self.rows:
+        for row in [row for row in self.rows if row[0] not in known]:
             rel, oid = row[0], row[1]
-            by_oid.setdefault(oid, []).append(rel)
-            if rel in known or rel in self.reported:
+            if rel in self.reported:
                 continue
             src = next((p for p in cat_oids.get(oid, ()) if p not in moved_from), None)
             if src is not None:
@@ -784,7 +794,7 @@ class _Doctor:
             cat.replace_stubs(self.rows)
         else:
             seen = {r[0] for r in self.rows}
-            cat.upsert_stubs(self.rows, [os.fsdecode(p) for p in self.stamps if os.fsdecode(p) not in seen])
+            cat.upsert_stubs(self.rows, [p for p in self.stamps if p not in seen])
         with cat.transaction():
             for oid, name, size in self.locations:
                 cat.record_location(oid, name, size)
@@ -852,9 +862,15 @@ class _Doctor:
         fine = 0
         if self.deep:
             self.session.begin(sum(stubs[0][1].size for stubs in self.objects.values()))
+        usable = [r for r in self.remotes if r.name not in self.unusable]
+        listed = [(r, listings[r.name]) for r in usable if listings.get(r.name) is not None]
+        only = listed[0] if len(listed) == 1 == len(usable) else None  # the common case, checked inline
         for oid, stubs in self.objects.items():
             rel, rec = stubs[0]
-            good, wrong = self.holders(oid, rec.size, listings)
+            if only is not None and only[1].get(oid) == rec.size:
+                good = [only[0]]
+            else:
+                good, wrong = self.holders(oid, rec.size, listings)
             if not good:
                 detail = "no reachable remote holds its object " + oid
                 if wrong:
@@ -870,7 +886,8 @@ class _Doctor:
                     self.problem("missing", s_rel, detail, fixed=fixed)
                 if not fixed:
                     continue
-            self.locations.extend((oid, r.name, rec.size) for r in good)
+            if self.fix:
+                self.locations.extend((oid, r.name, rec.size) for r in good)
             if copies > 1:
                 held = {r.name for r in good} | (known.get(oid, set()) & set(self.unusable))
                 if len(held) < copies:
@@ -988,17 +1005,27 @@ class _Doctor:
         """Objects on a remote that nothing of this root refers to: reported, never deleted."""
         if self.rels != ["."] or self.cat is None:
             return
-        referenced = set(self.objects) | {r[1] for r in self.rows} | {v[0] for v in self.all_rows.values()}
+        referenced = {r[1] for r in self.rows} | {v[0] for v in self.all_rows.values()}
+        referenced.update(self.objects)
         for r in self.remotes:
             listing = listings.get(r.name)
             if not listing:
                 continue
-            extra = [(o, s) for o, s in listing.items() if o not in referenced]
+            extra = [(o, listing[o]) for o in listing.keys() - referenced]
             if extra:
                 self.res.add("leftovers", WARNING, "unused", r.name,
                              f"{len(extra)} objects ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
                              "nothing in this root refers to (older versions, or another root's); never deleted "
                              "by doctor")
+
+
+class _Known(NamedTuple):
+    """What doctor needs of a stub the catalog's stamp vouches for (its catalog row)."""
+
+    oid: str
+    size: int
+    mtime_ns: int
+    stashed_at: str
 
 
 def _copies(root: Root) -> int:
