@@ -459,12 +459,10 @@ def sync(remote, session):
     return True
 
 
-@hookimpl
-def hash_object(remote, oid, size, session):
-    """doctor --deep: hash the object where it lies (one read, no copy; large ones with every
-    core), never through a symlink, never a FIFO or device."""
-    if remote.kind != KIND:
-        return None
+def _open_sized(remote, oid: str, size: int, session, after: str = ""):
+    """The object's descriptor (never through a symlink, never a FIFO or device), False when
+    the object is not there; a copy of another size than the stub says is an IntegrityError
+    (nothing is read of it), a remote unplugged since the command began a RemoteError."""
     try:
         path = _session_base(remote, session) / "objects" / object_relpath(oid)
         src = _open_object(path)
@@ -475,11 +473,24 @@ def hash_object(remote, oid, size, session):
         return False
     except OSError as exc:
         raise _oserror(remote, f"read {oid}", exc, item=False) from None
+    have = os.fstat(src).st_size
+    if have != size:  # never read more (or less) than the stub says: a wrong object
+        os.close(src)
+        raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
+                             f"{size} the stub says{after}")
+    return src
+
+
+@hookimpl
+def hash_object(remote, oid, size, session):
+    """doctor --deep: hash the object where it lies (one read, no copy; large ones with every
+    core)."""
+    if remote.kind != KIND:
+        return None
+    src = _open_sized(remote, oid, size, session)
+    if src is False:
+        return False
     try:
-        have = os.fstat(src).st_size
-        if have != size:
-            raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
-                                 f"{size} the stub says")
         got, n = hash_fd(src, oid.split(":")[0], session.progress, threads=True)
         return got if n == size else f"{got} ({n} bytes)"
     except OSError as exc:
@@ -492,21 +503,10 @@ def hash_object(remote, oid, size, session):
 def fetch(remote, oid, dest, size, session):
     if remote.kind != KIND:
         return None
-    try:
-        path = _session_base(remote, session) / "objects" / object_relpath(oid)
-        src = _open_object(path)
-    except FileNotFoundError:
-        if not os.path.isdir(remote.location):  # unplugged since the command began: not "absent"
-            raise RemoteError(f"remote {remote.name!r}: directory {remote.location} is missing "
-                              "(unplugged drive?); jam will not re-create it") from None
+    src = _open_sized(remote, oid, size, session, "; not fetched, stub left as it was")
+    if src is False:
         return False
-    except OSError as exc:
-        raise _oserror(remote, f"read {oid}", exc, item=False) from None
     try:
-        have = os.fstat(src).st_size
-        if have != size:  # never copy more (or less) than the stub says: a wrong object
-            raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
-                                 f"{size} the stub says; not fetched, stub left as it was")
         dst = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
         try:
             _copy(src, dst, size, session.progress)
@@ -517,8 +517,9 @@ def fetch(remote, oid, dest, size, session):
         finally:
             os.close(dst)
     except _LocalFull:
+        where = os.readlink(dest) if str(dest).startswith("/proc/self/fd/") else os.path.abspath(dest)
         raise JamError(f"cannot fetch {oid}: no space left on the local disk "
-                       f"({os.path.dirname(os.path.abspath(dest))})") from None
+                       f"({os.path.dirname(where)})") from None
     except OSError as exc:
         raise _oserror(remote, f"read {oid}", exc, item=False) from None
     finally:
