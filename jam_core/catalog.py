@@ -232,13 +232,7 @@ class Catalog:
         """``{path (bytes): (size, mtime_ns, ino, ctime_ns)}`` of the stubs at or under ``under``
         (ino and ctime None where unknown): a stub whose lstat matches all four was not
         touched since it was made, so a scan may trust it without reading it."""
-        sql = "SELECT path, size, mtime_ns, ino, ctime_ns FROM stubs"
-        if under == ".":
-            rows = self.db.execute(sql)
-        else:
-            prefix = _b(under)
-            rows = self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
-                                   (prefix, prefix + b"/", prefix + b"0"))
+        rows = self._stubs_under("path, size, mtime_ns, ino, ctime_ns", under)
         return {p: (size, mtime, ino, ctime) for p, size, mtime, ino, ctime in rows}
 
     def stub_rows(self, under: str = ".") -> dict[bytes, tuple]:
@@ -246,14 +240,17 @@ class Catalog:
         under ``under``, in one query: what doctor needs of a stub the stamp vouches for
         (``stub_stamps`` is ``(size, mtime_ns, ino, ctime_ns)`` of the same rows). The values
         are as stored: validate them before use."""
-        sql = "SELECT path, oid, size, mtime_ns, stashed_at, ino, ctime_ns FROM stubs"
-        if under == ".":
-            rows = self.db.execute(sql)
-        else:
-            prefix = _b(under)
-            rows = self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
-                                   (prefix, prefix + b"/", prefix + b"0"))
+        rows = self._stubs_under("path, oid, size, mtime_ns, stashed_at, ino, ctime_ns", under)
         return {r[0]: r[1:] for r in rows}
+
+    def _stubs_under(self, columns: str, under: str):
+        """Rows of the stubs table at or under ``under`` (a path relative to the root)."""
+        sql = f"SELECT {columns} FROM stubs"
+        if under == ".":
+            return self.db.execute(sql)
+        prefix = _b(under)
+        return self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
+                               (prefix, prefix + b"/", prefix + b"0"))
 
     def replace_stubs(self, rows: Iterable[tuple]) -> None:
         """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at
