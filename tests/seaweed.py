@@ -116,6 +116,13 @@ class Seaweed:
         return subprocess.run([self.rclone_bin, *args], input=input, capture_output=True, env=env,
                               check=check, timeout=120)
 
+    def bucket_exists(self, bucket: str) -> bool:
+        """Whether ``bucket`` is there (listing buckets shows only the server's own user's)."""
+        r = self.rclone("lsjson", "--max-depth", "1", f"seaweed:{bucket}", check=False)
+        if r.returncode not in (0, 3):  # 3: directory (bucket) not found
+            raise RuntimeError(f"cannot list bucket {bucket}: {r.stderr[-500:]!r}")
+        return r.returncode == 0
+
     def make_bucket(self, bucket: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:  # the S3 port may answer a moment before the filer behind it takes writes

@@ -63,8 +63,9 @@ def parse_url(url):
                         "rclone::BACKEND,option=value:path")
     if any(ord(c) < 32 or ord(c) == 127 for c in fs):
         raise _bad(url, "it contains control characters")
-    if _SECRET.search(fs):
-        raise _bad(url, "it holds a secret; put credentials in rclone's config (`rclone config`) or its "
+    secret = _SECRET.search(fs)
+    if secret:  # never echoed: the line may end up in a terminal's scrollback or a log
+        raise UsageError(f"rclone URL: option {secret.group(0).rstrip('= ')!r} holds a secret; put credentials in rclone's config (`rclone config`) or its "
                         "environment (RCLONE_CONFIG_NAME_...), never in jam's config")
     if fs.startswith(":"):
         backend = re.split(r"[,:]", fs[1:], maxsplit=1)[0]
