@@ -65,8 +65,9 @@ def parse_url(url):
         raise _bad(url, "it contains control characters")
     secret = _SECRET.search(fs)
     if secret:  # never echoed: the line may end up in a terminal's scrollback or a log
-        raise UsageError(f"rclone URL: option {secret.group(0).rstrip('= ')!r} holds a secret; put credentials in rclone's config (`rclone config`) or its "
-                        "environment (RCLONE_CONFIG_NAME_...), never in jam's config")
+        raise UsageError(f"rclone URL: option {secret.group(0).rstrip('= ')!r} holds a secret; put credentials "
+                         "in rclone's config (`rclone config`) or its environment (RCLONE_CONFIG_NAME_...), "
+                         "never in jam's config")
     if fs.startswith(":"):
         backend = re.split(r"[,:]", fs[1:], maxsplit=1)[0]
         if not _BACKEND.match(backend) or ":" not in fs[1:]:
@@ -214,17 +215,25 @@ def stash(remote, oid, source, size, session):
 
 def _each(st, fn, items):
     """Run ``fn(item)`` for each item on the command's transfer threads; a RemoteError fails the
-    batch (raised once every item has finished), anything else is that item's answer."""
+    batch (raised once every item in flight has finished; the items not yet started are not
+    tried: a server that is down answers each request only after rclone's retries), anything
+    else is that item's answer."""
+    failed: list[RemoteError] = []
+
     def one(item):
+        if failed:
+            return item[0], failed[0]
         try:
             return item[0], fn(item)
+        except RemoteError as exc:
+            failed.append(exc)
+            return item[0], exc
         except JamError as exc:
             return item[0], exc
 
     results = list(st.executor().map(one, items))
-    for _, outcome in results:
-        if isinstance(outcome, RemoteError):
-            raise outcome
+    if failed:
+        raise failed[0]
     return results
 
 

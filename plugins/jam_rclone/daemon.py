@@ -92,6 +92,44 @@ def _die_with_parent() -> None:
         pass
 
 
+_DIR_PREFIX = "jam-rclone-"
+_DIR_NAME = re.compile(r"\Ajam-rclone-([0-9]{1,10})-[A-Za-z0-9_]{8}\Z")
+
+
+def _sweep_dirs() -> None:
+    """Remove the socket directories of jams that were killed (SIGKILL leaves no time to clean
+    up; their rclone died with them): only ``jam-rclone-<pid>-XXXXXXXX`` directories of this
+    user whose pid is gone and that hold nothing but ``rc.sock`` and ``rcd.log``."""
+    top = tempfile.gettempdir()
+    try:
+        names = os.listdir(top)
+    except OSError:
+        return
+    for name in names:
+        m = _DIR_NAME.match(name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        path = os.path.join(top, name)
+        try:
+            st = os.lstat(path)
+            if not (os.path.isdir(path) and not os.path.islink(path) and st.st_uid == os.getuid()):
+                continue
+            os.kill(int(m.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            left = set(os.listdir(path))
+            if left <= {"rc.sock", "rcd.log"}:
+                for f in left:
+                    os.unlink(os.path.join(path, f))
+                os.rmdir(path)
+        except OSError:
+            continue
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
@@ -114,7 +152,8 @@ class Daemon:
     def __init__(self, binary: str | None = None, io_timeout: float = 600.0):
         self.binary = binary or find_rclone()
         self.io_timeout = io_timeout
-        self.dir = tempfile.mkdtemp(prefix="jam-rclone-")  # 0700: the socket is ours alone
+        _sweep_dirs()
+        self.dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # 0700: the socket is ours alone
         self.socket = os.path.join(self.dir, "rc.sock")
         self.log = os.path.join(self.dir, "rcd.log")
         user, password = secrets.token_hex(16), secrets.token_hex(32)
