@@ -1,0 +1,283 @@
+"""The rclone backend's own guards, each with the fault it stops injected on a real S3 server
+(SeaweedFS through rclone): an upload whose source changes while it is sent commits nothing;
+"absent" is never answered without the remote's marker; one rclone daemon per command, private,
+stopped with the command and killed with jam; metadata names from anywhere are validated; the
+socket directories of killed jams are swept and nothing else."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jam_core.errors import IntegrityError, RemoteError, UsageError
+from jam_core.manager import make_plugin_manager
+from jam_core.model import Session
+from jam_core.objects import MARKER_NAME, hash_file, object_relpath
+from tests.conftest import make_file
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def pm():
+    return make_plugin_manager(load_entrypoints=False)
+
+
+def _server_path(remote, rel: str) -> str:
+    return f"{remote.location}/{rel}"
+
+
+# -- URLs -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url,location", [
+    ("rclone:seaweed:bucket/jam", "seaweed:bucket/jam"),
+    ("rclone:seaweed:bucket/jam/", "seaweed:bucket/jam"),
+    ("rclone:my-remote:", "my-remote:"),
+    ("rclone::s3,provider=Minio,endpoint='http://127.0.0.1:9000':bucket/x",
+     ":s3,provider=Minio,endpoint='http://127.0.0.1:9000':bucket/x"),
+])
+def test_parse_url(pm, url, location):
+    assert pm.hook.parse_url(url=url) == {"kind": "rclone", "location": location}
+
+
+@pytest.mark.parametrize("url,words", [
+    ("rclone:", "name a remote"),
+    ("rclone:/home/me/store", "a plain path is a `dir` remote"),
+    ("rclone::local:/tmp/x", "`dir` remote"),
+    ("rclone::memory:bucket", "forgets everything"),
+    ("rclone:bad\nname:x", "control characters"),
+    ("rclone::s3,provider=AWS,secret_access_key=SUPERSECRET:bucket", "holds a secret"),
+    ("rclone::webdav,url=http://h,pass=SUPERSECRET:x", "holds a secret"),
+    ("rclone::b2,account=a,key_file=SUPERSECRET:x", "holds a secret"),
+    ("rclone::s3", "connection string"),
+])
+def test_parse_url_refuses(pm, url, words):
+    with pytest.raises(UsageError) as exc:
+        pm.hook.parse_url(url=url)
+    text = str(exc.value)
+    assert words in text and "\n" not in text
+    assert "SUPERSECRET" not in text  # never echoed
+
+
+# -- uploads ----------------------------------------------------------------------------------------
+
+def test_source_changed_while_sent_commits_nothing(pm, rclone_env, rclone_remote, tmp_path):
+    """The file changes on disk while its bytes are sent (injected from the progress callback
+    after the first chunk): the upload is cut before its end, so no object exists under the id,
+    and stash raises IntegrityError."""
+    src = tmp_path / "big"
+    make_file(src, 24 * MiB, seed=3)
+    oid, size = hash_file(src)
+    changed = []
+
+    def change(n):
+        if not changed:
+            changed.append(n)
+            with open(src, "r+b") as f:  # the last MiB, not yet read
+                f.seek(size - 100)
+                f.write(b"X" * 100)
+
+    with Session(progress=change) as s, pytest.raises(IntegrityError):
+        pm.hook.stash(remote=rclone_remote, oid=oid, source=src, size=size, session=s)
+    assert changed
+    with Session() as s:
+        assert pm.hook.has(remote=rclone_remote, oid=oid, size=size, session=s) is False
+    r = rclone_env.rclone("lsf", "-R", _server_path(rclone_remote, "objects"), check=False)
+    assert r.stdout.strip() == b"", f"an object was committed: {r.stdout!r}"
+
+
+def test_existing_object_is_rewritten_not_trusted(pm, rclone_env, rclone_remote, tmp_path):
+    """An object already under the id is stored again (its bytes are never taken on its size)."""
+    src = tmp_path / "f"
+    data = make_file(src, 200_000, seed=4)
+    oid, size = hash_file(src)
+    path = _server_path(rclone_remote, f"objects/{object_relpath(oid)}")
+    rclone_env.rclone("rcat", path, input=b"\0" * size)  # garbage of the right size
+    with Session() as s:
+        assert pm.hook.stash(remote=rclone_remote, oid=oid, source=src, size=size, session=s) is True
+    assert rclone_env.rclone("cat", path).stdout == data
+
+
+# -- "absent" is never a guess ------------------------------------------------------------------------
+
+def test_absent_needs_the_marker(pm, rclone_env, rclone_remote, tmp_path):
+    """With the marker gone (a location emptied or swapped behind jam's back), a missing object is
+    a RemoteError, not "absent": has, fetch, read_meta, remove and list_objects all refuse."""
+    src = tmp_path / "f"
+    make_file(src, 1000, seed=5)
+    oid, size = hash_file(src)
+    with Session() as s:
+        assert pm.hook.has(remote=rclone_remote, oid=oid, size=size, session=s) is False  # marker there
+    rclone_env.rclone("deletefile", _server_path(rclone_remote, MARKER_NAME))
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session() as s:
+        for call in (lambda: pm.hook.has(remote=rclone_remote, oid=oid, size=size, session=s),
+                     lambda: pm.hook.fetch(remote=rclone_remote, oid=oid, dest=dest, size=size, session=s),
+                     lambda: pm.hook.read_meta(remote=rclone_remote, name="refs/x", session=s),
+                     lambda: pm.hook.remove(remote=rclone_remote, oid=oid, session=s),
+                     lambda: list(pm.hook.list_objects(remote=rclone_remote, session=s, sweep=False))):
+            with pytest.raises(RemoteError) as exc:
+                call()
+            assert "marker" in str(exc.value) and "'s3'" in str(exc.value)
+        with pytest.raises(RemoteError):  # nothing is stored where jam's marker is not
+            pm.hook.stash(remote=rclone_remote, oid=oid, source=src, size=size, session=s)
+    assert rclone_env.rclone("lsf", "-R", _server_path(rclone_remote, "objects")).stdout.strip() == b""
+
+
+# -- metadata, remove, free space ---------------------------------------------------------------------
+
+def test_meta_remove_free_space(pm, rclone_env, rclone_remote, tmp_path):
+    with Session() as s:
+        assert pm.hook.read_meta(remote=rclone_remote, name="refs/abc", session=s) is False
+        assert pm.hook.list_meta(remote=rclone_remote, prefix="refs/", session=s) == []
+        assert pm.hook.write_meta(remote=rclone_remote, name="refs/abc", data=b"one", session=s) is True
+        assert pm.hook.write_meta(remote=rclone_remote, name="refs/abc", data=b"two", session=s) is True
+        assert pm.hook.write_meta(remote=rclone_remote, name="refs/def.json", data=b"", session=s) is True
+        assert pm.hook.read_meta(remote=rclone_remote, name="refs/abc", session=s) == b"two"
+        assert pm.hook.read_meta(remote=rclone_remote, name="refs/def.json", session=s) == b""
+        assert pm.hook.list_meta(remote=rclone_remote, prefix="refs/", session=s) == ["refs/abc", "refs/def.json"]
+        for hostile in ("../jam-remote.json", "refs/../../x", "/etc/passwd", "Refs/x", "refs//x", "", ".."):
+            with pytest.raises(Exception) as exc:
+                pm.hook.write_meta(remote=rclone_remote, name=hostile, data=b"x", session=s)
+            assert "invalid metadata name" in str(exc.value)
+        assert pm.hook.read_meta(remote=rclone_remote, name="refs/abc", session=s) == b"two"
+        src = tmp_path / "f"
+        make_file(src, 5000, seed=6)
+        oid, size = hash_file(src)
+        assert pm.hook.stash(remote=rclone_remote, oid=oid, source=src, size=size, session=s) is True
+        assert pm.hook.remove(remote=rclone_remote, oid=oid, session=s) is True
+        assert pm.hook.has(remote=rclone_remote, oid=oid, size=size, session=s) is False
+        assert pm.hook.remove(remote=rclone_remote, oid=oid, session=s) is False
+        assert pm.hook.free_space(remote=rclone_remote, session=s) is None  # S3 cannot tell
+    assert rclone_env.rclone("cat", _server_path(rclone_remote, MARKER_NAME)).stdout  # the marker untouched
+
+
+# -- the daemon -----------------------------------------------------------------------------------------
+
+def _rclone_children() -> set[int]:
+    out = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"rcd" in cmd:
+            out.add(int(pid))
+    return out
+
+
+def test_one_private_daemon_per_command(pm, rclone_env, rclone_remote, tmp_path):
+    """A whole batch goes through one rclone rcd, started on first use, on a unix socket in a
+    0700 directory, its password nowhere in its command line; closing the session stops it."""
+    items = []
+    for i in range(30):
+        src = tmp_path / f"f{i}"
+        make_file(src, 4000 + i, seed=100 + i)
+        oid, size = hash_file(src)
+        items.append((oid, src, size))
+    before = _rclone_children()
+    with Session() as s:
+        out = dict(pm.hook.stash_many(remote=rclone_remote, items=items, session=s))
+        assert out == {oid: None for oid, _, _ in items}
+        dests = [(oid, tmp_path / f"d{i}", size) for i, (oid, _, size) in enumerate(items)]
+        for _, d, _ in dests:
+            d.write_bytes(b"")
+        got = dict(pm.hook.fetch_many(remote=rclone_remote, items=dests, session=s))
+        assert got == {oid: True for oid, _, _ in items}
+        mine = _rclone_children() - before
+        assert len(mine) == 1, f"rclone processes started by this command: {mine}"
+        (pid,) = mine
+        daemon = s.cache[("jam_rclone", "daemon")]
+        assert os.stat(daemon.dir).st_mode & 0o777 == 0o700
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        assert daemon._auth.split()[1].encode() not in cmdline and b"--rc-pass" not in cmdline
+        assert b"--rc-no-auth" not in cmdline and b"unix://" in cmdline
+    for (oid, src, _), (_, d, _) in zip(items, dests):
+        assert d.read_bytes() == src.read_bytes()
+    assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), "rclone outlived its command"
+    assert not os.path.exists(daemon.dir)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return False
+
+
+_CHILD = r"""
+import os, sys
+from pathlib import Path
+from jam_core.manager import make_plugin_manager
+from jam_core.model import Remote, Session
+pm = make_plugin_manager(load_entrypoints=False)
+remote = Remote(name="s3", kind="rclone", url="rclone:" + sys.argv[1], location=sys.argv[1])
+s = Session()
+pm.hook.remote_id(remote=remote, session=s, create=False)
+d = s.cache[("jam_rclone", "daemon")]
+print(d.proc.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_rclone_dies_with_jam(rclone_env, rclone_remote):
+    """jam killed by SIGKILL (no session close): its rclone dies with it (PR_SET_PDEATHSIG)."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, rclone_remote.location], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        pid = int(child.stdout.readline())
+        fd = os.pidfd_open(pid)
+    finally:
+        child.kill()
+        child.wait()
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(20_000), "rclone outlived the jam that started it"  # readable once it exits
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_socket_dirs_of_dead_jams_swept(tmp_path, monkeypatch):
+    """Only jam-rclone-<dead pid>-XXXXXXXX directories holding nothing but rc.sock/rcd.log go."""
+    from jam_rclone import daemon
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    gone = tmp_path / f"jam-rclone-{dead.pid}-abcd1234"
+    gone.mkdir()
+    (gone / "rc.sock").write_bytes(b"")
+    (gone / "rcd.log").write_bytes(b"log")
+    keep = {
+        "alive": tmp_path / f"jam-rclone-{os.getppid()}-abcd1234",
+        "user file inside": tmp_path / f"jam-rclone-{dead.pid}-zzzz9999",
+        "not our name": tmp_path / f"jam-rclone-{dead.pid}-x",
+    }
+    for d in keep.values():
+        d.mkdir()
+        (d / "rc.sock").write_bytes(b"")
+    (keep["user file inside"] / "notes.txt").write_text("mine")
+    daemon._sweep_dirs()
+    assert not gone.exists()
+    for why, d in keep.items():
+        assert d.exists(), why
