@@ -422,3 +422,16 @@ def test_stub_edited_with_its_mtime_put_back_is_not_fetched_over(tmp_path):
     assert "--keep-both" in res.err, res.err
     assert p.read_bytes() == mine
     assert _tmp_names(t.root) == []
+
+
+def test_a_file_starting_like_a_damaged_stub_header_is_left_local(tmp_path):
+    """Content that begins with jam's magic line but no trustworthy metadata: never stored as
+    content (it may be a stub's placeholder), never a traceback."""
+    from jam_core.stub import MAGIC
+
+    t = make_tree(tmp_path)
+    p = t.root / "odd.txt"
+    p.write_bytes(MAGIC + b'{"jam":1,"id":"../../etc"}\n' + b"x" * 200_000)
+    res = jam("stash", "odd.txt", cwd=t.root, check=1)
+    assert "cannot be trusted" in res.err, res.err
+    assert not is_stub(p) and p.read_bytes().startswith(MAGIC)

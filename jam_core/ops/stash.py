@@ -42,7 +42,7 @@ from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry
-from jam_core.stub import HEADER_MAX, MAGIC, StubRecord, record_from_block, write_stub
+from jam_core.stub import HEADER_MAX, MAGIC, BadStub, StubRecord, record_from_block, write_stub
 
 
 class Skip(JamError):
@@ -424,9 +424,14 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
         except FileBusy as exc:
             raise Skip(f"{exc.strerror}; left local") from None
         head = os.pread(fd, HEADER_MAX, 0)
-        if head.startswith(MAGIC) and record_from_block(head, st0.st_size) is not None:
-            raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
-                       "(or `jam doctor --fix` restores its metadata)")
+        if head.startswith(MAGIC):
+            try:
+                copy = record_from_block(head, st0.st_size)
+            except BadStub as exc:
+                raise Skip(f"starts like a jam stub header that cannot be trusted ({exc}); left local") from None
+            if copy is not None:
+                raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
+                           "(or `jam doctor --fix` restores its metadata)")
         oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress)
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
