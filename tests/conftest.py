@@ -75,5 +75,5 @@ def make_file(path: Path, size: int, seed: int = 0) -> bytes:
     return data
 
 
-from tests.conftest_sshd import *  # noqa: E402,F401,F403  (sshd fixtures for the sftp tests)
 from tests.conftest_seaweed import *  # noqa: E402,F401,F403  (SeaweedFS fixtures for the rclone tests)
+from tests.conftest_sshd import *  # noqa: E402,F401,F403  (sshd fixtures for the sftp tests)

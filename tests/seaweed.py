@@ -54,6 +54,8 @@ class Seaweed:
         self.data = self.workdir / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self.s3_port, self.master_port, self.volume_port, self.filer_port = (free_port() for _ in range(4))
+        # gRPC ports default to port + 10000 (past 65535 for a high free port): chosen too
+        self.grpc_ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
         self.proc: subprocess.Popen | None = None
         self.log = self.workdir / "weed.log"
 
@@ -70,7 +72,9 @@ class Seaweed:
     def start(self) -> None:
         cmd = [self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.port={self.s3_port}", f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
-               f"-filer.port={self.filer_port}", "-admin.ui=false", "-webdav=false"]
+               f"-filer.port={self.filer_port}", "-admin.ui=false", "-webdav=false",
+               *(f"-{k}.port.grpc={p}" for k, p in self.grpc_ports.items()),
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed ports by default: two servers would clash
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, cwd=self.workdir)

@@ -101,3 +101,14 @@ class TestRcloneBackend(BackendConformance):
             self.server.rclone("deletefile", f"{self.top}/{MARKER_NAME}")
         else:
             self.server.rclone("rcat", f"{self.top}/{MARKER_NAME}", input=data)
+
+
+class TestRcloneBackendLargeObjects(TestRcloneBackend):
+    """The kit again with every object of 1 MiB or more fetched by rclone's own copy into the
+    file jam holds (Store._get_large, the path of objects of 64 MiB and more)."""
+
+    @pytest.fixture(autouse=True)
+    def _large_from_1_mib(self, monkeypatch):
+        import jam_rclone.store
+
+        monkeypatch.setattr(jam_rclone.store, "LARGE", 1 << 20)

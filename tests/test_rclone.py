@@ -281,3 +281,41 @@ def test_socket_dirs_of_dead_jams_swept(tmp_path, monkeypatch):
     assert not gone.exists()
     for why, d in keep.items():
         assert d.exists(), why
+
+
+# -- large objects: fetched by rclone's own copy into the file jam holds ---------------------------------
+
+def test_large_fetch_reports_progress_and_stops_when_cancelled(pm, rclone_env, rclone_remote, tmp_path, monkeypatch):
+    import jam_rclone.store
+
+    monkeypatch.setattr(jam_rclone.store, "LARGE", 1 << 20)
+    src = tmp_path / "big"
+    data = make_file(src, 12 * MiB + 3, seed=8)
+    oid, size = hash_file(src)
+    with Session() as s:
+        assert pm.hook.stash(remote=rclone_remote, oid=oid, source=src, size=size, session=s) is True
+    fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        with Session() as s:
+            assert pm.hook.fetch(remote=rclone_remote, oid=oid, dest=Path(f"/proc/self/fd/{fd}"), size=size,
+                                 session=s) is True
+            assert s.moved == size
+        assert os.fstat(fd).st_size == size and os.pread(fd, size + 1, 0) == data
+    finally:
+        os.close(fd)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(n):
+        raise Cancelled()
+
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session(progress=cancel) as s, pytest.raises(Cancelled):
+        pm.hook.fetch(remote=rclone_remote, oid=oid, dest=dest, size=size, session=s)
+    with Session() as s:  # another size: nothing is written
+        from jam_core.errors import IntegrityError as IE
+
+        with pytest.raises(IE):
+            pm.hook.fetch(remote=rclone_remote, oid=oid, dest=dest, size=size + 1, session=s)

@@ -49,6 +49,7 @@ from jam_core import (
     IntegrityError,
     JamError,
     RemoteError,
+    UsageError,
     hasher,
     part_is_stale,
     part_name,
@@ -57,6 +58,8 @@ from jam_core import (
 from jam_rclone.daemon import Daemon, Lost, RcError
 
 CHUNK = 1 << 20
+STAT_MIN = 1 << 20  # objects this large are also stat'ed after their upload (one request)
+LARGE = 64 << 20  # objects this large are fetched by rclone's own copy (see Store._get_large)
 META_MAX = 64 << 20
 _META_NAME = re.compile(r"\A[a-z0-9_-][a-z0-9._-]*(?:/[a-z0-9_-][a-z0-9._-]*)*\Z")
 _PART = re.compile(r"\A(?:[0-9a-f]{32}|[A-Za-z0-9_-]{1,64}\.[0-9]{1,10}\.[0-9a-f]{16})\.part\Z")
@@ -99,7 +102,14 @@ class Store:
         self.where = f"remote {remote.name!r} (rclone:{remote.location})"
         self._info: dict | None = None
         self.swept = False
-        self.transfers = max(1, min(int((remote.options or {}).get("transfers", 4) or 4), 32))
+        options = remote.options or {}
+        try:
+            self.transfers = max(1, min(int(options.get("transfers", 8) or 8), 64))
+        except (TypeError, ValueError):
+            raise UsageError(f"{self.where}: option transfers must be a number") from None
+        self.verify = options.get("verify", "rclone")
+        if self.verify not in ("rclone", "stat"):
+            raise UsageError(f"{self.where}: option verify must be \"rclone\" or \"stat\"")
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -209,7 +219,7 @@ class Store:
         """Store ``size`` bytes read from ``src_fd`` (from offset 0) at ``rel``. With ``oid``,
         the bytes must hash to it or nothing is committed (IntegrityError)."""
         staged = f"tmp/{part_name()}" if self.can_move() else None
-        md5 = hashlib.md5(usedforsecurity=False) if self.has_md5() else None
+        md5 = hashlib.md5(usedforsecurity=False) if self.verify == "stat" and self.has_md5() else None
         target = staged or rel
         try:
             self._upload(target, src_fd, size, oid, md5, progress)
@@ -217,6 +227,8 @@ class Store:
                 self.rc(f"move {staged} into place", "operations/movefile",
                         srcFs=self.fs, srcRemote=staged, dstFs=self.fs, dstRemote=rel)
                 staged = None
+            if self.verify != "stat" and size < STAT_MIN:
+                return  # rclone compared size and the backend's hash with what it received (Rcat)
             item = self.stat(rel, f"check {rel} after its upload", hashes=md5 is not None)
             got = (item or {}).get("Hashes", {}).get("md5") if item else None
             if item is None or item["Size"] != size or (md5 is not None and got and got != md5.hexdigest()):
@@ -290,12 +302,17 @@ class Store:
 
     # -- downloads ---------------------------------------------------------------------------
 
-    def open_get(self, rel: str, size: int, what: str):
-        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``."""
+    def open_get(self, rel: str, size: int, what: str, first: int | None = None):
+        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``.
+        With ``first``, only bytes ``[0, first)`` are asked for; a server that answers a range
+        gives a response whose ``status`` is 206 (its Content-Range checked against ``size``)."""
         conn = self.d.connection()
         path = "/[" + quote(self.fs, safe="") + "]/" + quote(rel)
+        headers = self.d.headers()
+        if first is not None:
+            headers["Range"] = f"bytes=0-{first - 1}"
         try:
-            conn.request("GET", path, headers=self.d.headers())
+            conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
         except (http.client.HTTPException, OSError) as exc:
             self.d.drop_connection()
@@ -304,12 +321,22 @@ class Store:
             resp.read()
             self.confirm_absent(what)
             return None
-        if resp.status != 200:
+        if resp.status not in (200, 206) or (resp.status == 206 and first is None):
             data = resp.read()
             try:
                 self.d._answer(resp.status, data)
             except RcError as exc:
                 raise self.remote_error(what, exc) from None
+            raise RemoteError(f"{self.where}: cannot {what}: HTTP {resp.status}")
+        if resp.status == 206 and first is not None:
+            total = (resp.getheader("Content-Range") or "").rpartition("/")[2]
+            if total != str(size) or resp.getheader("Content-Length") != str(first):
+                self.d.drop_connection()
+                raise IntegrityError(f"{self.where} holds a corrupt {rel.rsplit('/', 1)[-1]}: {total or '?'} bytes, "
+                                     f"not the {size} the stub says; not fetched, stub left as it was")
+            return resp
+        if resp.status != 200:
+            self.d.drop_connection()
             raise RemoteError(f"{self.where}: cannot {what}: HTTP {resp.status}")
         length = resp.getheader("Content-Length")
         if length is None or not length.isdigit() or int(length) != size:
@@ -341,6 +368,8 @@ class Store:
             raise
 
     def get(self, rel: str, dest, size: int, progress) -> bool:
+        if size >= LARGE:
+            return self._get_large(rel, dest, size, progress)
         what = f"fetch {rel}"
         resp = self.open_get(rel, size, what)
         if resp is None:
@@ -370,6 +399,75 @@ class Store:
         finally:
             os.close(fd)
         return True
+
+    def _get_large(self, rel: str, dest, size: int, progress) -> bool:
+        """A large object, copied by rclone itself into the file the core holds open (rclone
+        reads the object store several times faster than its ``--rc-serve`` streams to us).
+
+        The object is stat'ed first: a size other than ``size`` fails before anything is written.
+        jam opens ``dest`` (the core's ``/proc/self/fd/N``) and hands rclone ``/proc/<jam's pid>/
+        fd/<that fd>``, the very file (a name swapped meanwhile cannot redirect the write), with
+        ``--inplace`` (no temporary name: /proc has none) and ``copy_links`` (follow the magic
+        link). The copy runs as an rc job; its bytes are reported from core/stats, and a progress
+        callback that raises (a cancelled command) stops the job. The core then hashes ``dest``."""
+        import uuid
+
+        what = f"fetch {rel}"
+        item = self.stat(rel, what)
+        if item is None:
+            self.confirm_absent(what)
+            return False
+        if item["Size"] != size:
+            raise IntegrityError(f"{self.where} holds a corrupt {rel.rsplit('/', 1)[-1]}: {item['Size']} bytes, "
+                                 f"not the {size} the stub says; not fetched, stub left as it was")
+        fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
+        group = f"jam-{uuid.uuid4().hex}"
+        try:
+            job = self.rc(what, "operations/copyfile", srcFs=self.fs, srcRemote=rel,
+                          dstFs=f":local,copy_links=true:/proc/{os.getpid()}/fd", dstRemote=str(fd),
+                          _async=True, _group=group, _config={"Inplace": True, "NoCheckDest": True}).get("jobid")
+            if not isinstance(job, int):
+                raise RemoteError(f"{self.where}: cannot {what}: rclone started no job")
+            reported = 0
+            try:
+                while True:
+                    status = self.rc(what, "job/status", jobid=job)
+                    stats = self.rc(what, "core/stats", group=group)
+                    moved = min(int(stats.get("bytes") or 0), size)
+                    if moved > reported:
+                        progress(moved - reported)
+                        reported = moved
+                    if status.get("finished"):
+                        break
+                    time.sleep(0.05)  # polling rclone's job (no event to wait on)
+            except BaseException:
+                try:
+                    self.d.call("job/stop", {"jobid": job})
+                except (RcError, Lost):
+                    pass
+                raise
+            finally:
+                try:
+                    self.d.call("core/stats-delete", {"group": group})
+                except (RcError, Lost):
+                    pass
+            if not status.get("success"):
+                msg = " ".join(str(status.get("error") or "failed").split())
+                low = msg.lower()
+                if "no space left" in low or "disk quota" in low:
+                    raise JamError(f"cannot fetch {rel.rsplit('/', 1)[-1]}: no space left on the local disk")
+                if "object not found" in low:
+                    self.confirm_absent(what)
+                    return False
+                raise self.remote_error(what, msg)
+            have = os.fstat(fd).st_size
+            if have != size:
+                raise IntegrityError(f"{self.where}: {rel.rsplit('/', 1)[-1]} came back as {have} bytes, not {size}")
+            if size > reported:
+                progress(size - reported)
+            return True
+        finally:
+            os.close(fd)
 
     def read_small(self, rel: str, limit: int, what: str) -> bytes | None:
         item = self.stat(rel, what)
