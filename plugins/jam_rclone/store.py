@@ -10,9 +10,12 @@ which is jam's and not rclone's (and rclone's local backend would take it for a 
 sent is hashed as it is sent; the last chunk is held back until the whole content has been hashed,
 and if it does not hash to the id the connection is cut before that chunk: rclone then sees a
 truncated body and commits nothing (a multipart upload never completed, a partial file removed).
-So a partial or wrong object is never committed under its id. After the upload the object is
-stat'ed: its size must be the size sent and, where the backend reports an MD5 (computed alongside
-when the backend has one), that too; else it is deleted and the store fails.
+So a partial or wrong object is never committed under its id. rclone (``Rcat``) then compares
+the size and the backend's hash of what it received with the object it stored, and removes a
+mismatch ("corrupted on transfer": the upload fails). Objects of ``STAT_MIN`` or more (and every
+object with the remote option ``verify = "stat"``) are also stat'ed by jam: the size must be the
+size sent and, with ``verify = "stat"``, the MD5 the backend reports (where it reports one) the MD5
+of what jam sent; else the object is deleted and the store fails.
 
 Where it goes: object stores (S3 and compatibles, GCS, B2, Azure) have no rename, and their server
 side "move" is a full copy plus a delete (twice the work for a large object); a PUT there is atomic
