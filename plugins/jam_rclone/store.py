@@ -118,7 +118,7 @@ class Store:
 
     def remote_error(self, what: str, exc: BaseException | str) -> RemoteError:
         reason = exc.message if isinstance(exc, RcError) else str(exc)
-        reason = " ".join(reason.split())[:400] or type(exc).__name__
+        reason = "".join(c if c.isprintable() else "?" for c in " ".join(reason.split())[:400]) or type(exc).__name__
         return RemoteError(f"{self.where}: cannot {what}: {reason}")
 
     def item_error(self, what: str, exc: BaseException) -> JamError:
@@ -305,17 +305,12 @@ class Store:
 
     # -- downloads ---------------------------------------------------------------------------
 
-    def open_get(self, rel: str, size: int, what: str, first: int | None = None):
-        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``.
-        With ``first``, only bytes ``[0, first)`` are asked for; a server that answers a range
-        gives a response whose ``status`` is 206 (its Content-Range checked against ``size``)."""
+    def open_get(self, rel: str, size: int, what: str):
+        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``."""
         conn = self.d.connection()
         path = "/[" + quote(self.fs, safe="") + "]/" + quote(rel)
-        headers = self.d.headers()
-        if first is not None:
-            headers["Range"] = f"bytes=0-{first - 1}"
         try:
-            conn.request("GET", path, headers=headers)
+            conn.request("GET", path, headers=self.d.headers())
             resp = conn.getresponse()
         except (http.client.HTTPException, OSError) as exc:
             self.d.drop_connection()
@@ -324,22 +319,12 @@ class Store:
             resp.read()
             self.confirm_absent(what)
             return None
-        if resp.status not in (200, 206) or (resp.status == 206 and first is None):
+        if resp.status != 200:
             data = resp.read()
             try:
                 self.d._answer(resp.status, data)
             except RcError as exc:
                 raise self.remote_error(what, exc) from None
-            raise RemoteError(f"{self.where}: cannot {what}: HTTP {resp.status}")
-        if resp.status == 206 and first is not None:
-            total = (resp.getheader("Content-Range") or "").rpartition("/")[2]
-            if total != str(size) or resp.getheader("Content-Length") != str(first):
-                self.d.drop_connection()
-                raise IntegrityError(f"{self.where} holds a corrupt {rel.rsplit('/', 1)[-1]}: {total or '?'} bytes, "
-                                     f"not the {size} the stub says; not fetched, stub left as it was")
-            return resp
-        if resp.status != 200:
-            self.d.drop_connection()
             raise RemoteError(f"{self.where}: cannot {what}: HTTP {resp.status}")
         length = resp.getheader("Content-Length")
         if length is None or not length.isdigit() or int(length) != size:
