@@ -319,3 +319,18 @@ def test_large_fetch_reports_progress_and_stops_when_cancelled(pm, rclone_env, r
 
         with pytest.raises(IE):
             pm.hook.fetch(remote=rclone_remote, oid=oid, dest=dest, size=size + 1, session=s)
+
+
+def test_local_rclone_remote_refused(pm, rclone_env, monkeypatch, tmp_path):
+    """An rclone remote of type local (here through the environment, as a config would) is a
+    directory on this machine: refused, so it cannot slip past the root/remote overlap checks."""
+    from jam_core.model import Remote
+
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("RCLONE_CONFIG_MYDISK_TYPE", "local")
+    remote = Remote(name="disk", kind="rclone", url=f"rclone:mydisk:{store}", location=f"mydisk:{store}")
+    with Session() as s, pytest.raises(UsageError) as exc:
+        pm.hook.check_remote(remote=remote, session=s, create=True)
+    assert "`dir` remote" in str(exc.value)
+    assert list(store.iterdir()) == []

@@ -121,6 +121,11 @@ def check_remote(remote, session, create):
     import uuid
 
     st = _store(remote, session)
+    if (st.info().get("Features") or {}).get("IsLocal"):
+        # an rclone remote of type local (or an alias of one) would bypass the checks that keep
+        # a root and a remote apart (a remote inside the root stashes its own objects)
+        raise UsageError(f"{st.where} is a directory on this machine: add it as a `dir` remote (its path), "
+                         "which jam checks against your roots")
     st.check_location("reach it")
     if create:
         for sub in ("objects", "tmp"):
