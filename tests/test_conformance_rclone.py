@@ -12,6 +12,8 @@ is not something a test can bring about cheaply and surely).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from jam_core.manager import make_plugin_manager
@@ -112,3 +114,81 @@ class TestRcloneBackendLargeObjects(TestRcloneBackend):
         import jam_rclone.store
 
         monkeypatch.setattr(jam_rclone.store, "LARGE", 1 << 20)
+
+
+class TestRcloneSftpBackend(BackendConformance):
+    """The kit on an rclone remote of type sftp (a real OpenSSH server, tests/sshd.py): a backend
+    that can move on the server, so uploads go to ``tmp/<part_name()>`` and are moved into place
+    (``operations/movefile``), the path object stores never take. Faults are injected on the
+    server's disk, as for jam's own sftp backend; ``fill_up`` skips (the sftp backend's own kit
+    covers a full disk; rclone's sftp gives it as a plain failure)."""
+
+    factory = "tests.test_conformance_rclone:factory"
+
+    @pytest.fixture
+    def pm(self):
+        return make_pm()
+
+    @pytest.fixture
+    def remote(self, pm, sshd, tmp_path, monkeypatch):
+        from pathlib import Path
+
+        self.sshd = sshd
+        self.store = tmp_path / "server" / "store"
+        self.store.mkdir(parents=True)
+        home = Path(os.environ["HOME"])
+        for k, v in {"TYPE": "sftp", "HOST": "127.0.0.1", "PORT": str(sshd.port), "USER": sshd.user,
+                     "KEY_FILE": str(sshd.client_key), "KNOWN_HOSTS_FILE": str(home / ".ssh" / "known_hosts")}.items():
+            monkeypatch.setenv(f"RCLONE_CONFIG_SSHTEST_{k}", v)
+        monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "no-rclone.conf"))
+        monkeypatch.setenv("RCLONE_LOW_LEVEL_RETRIES", "1")
+        monkeypatch.setenv("RCLONE_CONTIMEOUT", "5s")
+        remote = rclone_remote_for(f"sshtest:{self.store}")
+        self.set_up(pm, remote)
+        yield remote
+        sshd.kill()
+
+    def _obj(self, oid):
+        return self.store / "objects" / object_relpath(oid)
+
+    def corrupt_object(self, remote, oid):
+        p = self._obj(oid)
+        data = bytearray(p.read_bytes())
+        for at in sorted({0, len(data) // 2, len(data) - 1}):
+            data[at] ^= 0xFF
+        p.write_bytes(bytes(data))
+
+    def remove_object(self, remote, oid):
+        self._obj(oid).unlink()
+
+    def take_down(self, remote):
+        self.sshd.kill()
+
+    def bring_back(self, remote):
+        self.sshd.start()
+
+    def hide_location(self, remote):
+        self.store.rename(self.store.with_name("hidden"))
+
+    def unhide_location(self, remote):
+        if os.path.lexists(self.store):
+            self.store.rename(self.store.with_name("recreated"))
+        self.store.with_name("hidden").rename(self.store)
+
+    def location_exists(self, remote):
+        return os.path.lexists(self.store)
+
+    def fill_up(self, remote):
+        pytest.skip("not simulated for rclone's sftp (jam's own sftp kit fills a tmpfs)")
+
+    def list_tmp(self, remote):
+        return sorted(os.listdir(self.store / "tmp"))
+
+    def put_tmp(self, remote, name, data):
+        (self.store / "tmp" / name).write_bytes(data)
+
+    def write_marker(self, remote, data):
+        m = self.store / MARKER_NAME
+        m.unlink(missing_ok=True)
+        if data is not None:
+            m.write_bytes(data)

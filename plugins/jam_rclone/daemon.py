@@ -173,6 +173,9 @@ class Daemon:
         env.setdefault("RCLONE_CONTIMEOUT", "15s")
         # jam never creates a bucket: one that vanished is a remote gone, not a new empty one.
         env.setdefault("RCLONE_S3_NO_CHECK_BUCKET", "true")
+        # A body shorter than this is taken for a whole small file, even a cut one: store.py
+        # never cuts one that short (HOLD); so it is fixed here, whatever the user's setting.
+        env["RCLONE_STREAMING_UPLOAD_CUTOFF"] = "100Ki"
         self._start(env)
 
     # -- process -----------------------------------------------------------------------------

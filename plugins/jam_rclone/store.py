@@ -62,6 +62,7 @@ from jam_rclone.daemon import Daemon, Lost, RcError
 
 CHUNK = 1 << 20
 STAT_MIN = 1 << 20  # objects this large are also stat'ed after their upload (one request)
+HOLD = 1 << 20  # > rclone's streaming cutoff (daemon.py sets it): see Store._upload
 LARGE = 64 << 20  # objects this large are fetched by rclone's own copy (see Store._get_large)
 META_MAX = 64 << 20
 _META_NAME = re.compile(r"\A[a-z0-9_-][a-z0-9._-]*(?:/[a-z0-9_-][a-z0-9._-]*)*\Z")
@@ -227,8 +228,10 @@ class Store:
         try:
             self._upload(target, src_fd, size, oid, md5, progress)
             if staged is not None:
-                self.rc(f"move {staged} into place", "operations/movefile",
-                        srcFs=self.fs, srcRemote=staged, dstFs=self.fs, dstRemote=rel)
+                # NoCheckDest: rclone would otherwise keep an existing object it finds "equal" by
+                # size and time (a corrupt one) and drop the good upload
+                self.rc(f"move {staged} into place", "operations/movefile", srcFs=self.fs, srcRemote=staged,
+                        dstFs=self.fs, dstRemote=rel, _config={"NoCheckDest": True})
                 staged = None
             if self.verify != "stat" and size < STAT_MIN:
                 return  # rclone compared size and the backend's hash with what it received (Rcat)
@@ -258,14 +261,26 @@ class Store:
         h = hasher(split_oid(oid)[0], threads=size >= (64 << 20)) if oid else None
         conn = self.d.connection()
         sent_body = False
-        try:
+        started = []
+
+        def start() -> None:  # the request goes out with the first chunk that may be sent
+            if started:
+                return
+            started.append(True)
             conn.putrequest("POST", "/operations/uploadfile?" + urlencode({"fs": self.fs, "remote": directory}))
             for k, v in self.d.headers(**{"Content-Type": f"multipart/form-data; boundary={boundary}",
                                           "Content-Length": str(len(head) + size + len(tail))}).items():
                 conn.putheader(k, v)
             conn.endheaders()
             conn.send(head)
-            chunk = CHUNK if size < (64 << 20) else 8 * CHUNK
+
+        try:
+            # rclone takes a body shorter than its streaming cutoff (100 KiB, set by daemon.py) for
+            # a whole small file, even when it was cut: an object up to HOLD is read and hashed
+            # whole before the request starts, so it is sent whole or not at all. A larger one
+            # starts with a first chunk of 1 MiB and is cut (if it must be) only after that,
+            # where a cut fails the upload.
+            chunk = HOLD if size <= HOLD else CHUNK if size < (64 << 20) else 8 * CHUNK
             off = 0
             pending = None
             while off < size:
@@ -278,11 +293,13 @@ class Store:
                 if md5 is not None:
                     md5.update(data)
                 if pending is not None:
+                    start()
                     conn.send(pending)
                     progress(len(pending))
                 pending = data
             if h is not None and f"{split_oid(oid)[0]}:{h.hexdigest()}" != oid:
                 raise _Abort("its content does not hash to its id (it changed while stored)")
+            start()
             if pending is not None:  # held back until the whole content was hashed
                 conn.send(pending)
                 progress(len(pending))
@@ -291,7 +308,8 @@ class Store:
             resp = conn.getresponse()
             data = resp.read()
         except _Abort as exc:
-            self.d.drop_connection()  # cut: rclone sees a truncated body and commits nothing
+            if started:
+                self.d.drop_connection()  # cut past the streaming cutoff: rclone fails the upload
             raise IntegrityError(f"{self.where}: not stored: {exc}") from None
         except (http.client.HTTPException, OSError) as exc:
             self.d.drop_connection()
