@@ -300,10 +300,12 @@ def _disposable(fd: int, name: str, st: os.stat_result, siblings: dict[int, int]
     return False
 
 
-def _clean_entries(fd: int, entries: list) -> list:
+def jam_temporaries(fd: int, entries: list):
+    """Yield ``(entry, lstat, disposable)`` for each regular file of a directory's listing that
+    has a jam temporary name; ``disposable``: provably a leftover of jam (``_disposable``)."""
     tmps = [e for e in entries if is_jam_tmp(e.name)]
     if not tmps:
-        return entries
+        return
     siblings: dict[int, int] = {}
     for e in entries:
         try:
@@ -311,18 +313,28 @@ def _clean_entries(fd: int, entries: list) -> list:
         except OSError:
             continue
         siblings[ino] = siblings.get(ino, 0) + 1
-    removed = set()
     for e in tmps:
         try:
             st = e.stat(follow_symlinks=False)
-            if _disposable(fd, e.name, st, siblings):
-                os.unlink(e.name, dir_fd=fd)
-                removed.add(e.name)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield e, st, _disposable(fd, e.name, st, siblings)
+
+
+def _clean_entries(fd: int, entries: list) -> list:
+    removed = set()
+    for e, _st, disposable in list(jam_temporaries(fd, entries)):
+        if not disposable:
+            continue
+        try:
+            os.unlink(e.name, dir_fd=fd)
+            removed.add(e.name)
         except FileNotFoundError:
             removed.add(e.name)
         except OSError:
             pass
-    return [e for e in entries if e.name not in removed]
+    return [e for e in entries if e.name not in removed] if removed else entries
 
 
 def _clean_dir(fd: int) -> None:

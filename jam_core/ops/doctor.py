@@ -46,7 +46,7 @@ from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, _disposable, classify, scan_dirs
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_dirs
 from jam_core.stub import (
     HEADER_MAX,
     LOST_XATTRS,
@@ -548,28 +548,13 @@ class _Doctor:
 
     # -- leftovers in the tree -------------------------------------------------------------------
     def tidy(self, fd: int, dir_rel: str, entries: list) -> list:
-        from jam_core.fs import is_jam_tmp
+        from jam_core.scan import jam_temporaries
 
-        tmps = [e for e in entries if is_jam_tmp(e.name)]
-        if not tmps:
-            return entries
-        siblings: dict[int, int] = {}
-        for e in entries:
-            try:
-                siblings[e.inode()] = siblings.get(e.inode(), 0) + 1
-            except OSError:
-                continue
         removed = set()
         prefix = "" if dir_rel == "." else dir_rel + "/"
-        for e in tmps:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
+        for e, st, disposable in list(jam_temporaries(fd, entries)):
             rel = prefix + e.name
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if not _disposable(fd, e.name, st, siblings):
+            if not disposable:
                 self.foreign_tmps += 1
                 self.res.add("leftovers", WARNING, "foreign-tmp", rel, "named like jam's temporary files, but "
                              "jam cannot prove it is its own: left alone (remove it yourself if it is not yours)")
@@ -579,14 +564,15 @@ class _Doctor:
                              f"({_human(st.st_size)}); `jam doctor --fix` removes it")
             if self.fix:
                 try:
-                    if _disposable(fd, e.name, os.stat(e.name, dir_fd=fd, follow_symlinks=False), siblings):
+                    now = os.stat(e.name, dir_fd=fd, follow_symlinks=False)
+                    if (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size):
                         os.unlink(e.name, dir_fd=fd)
                         f.fixed = True
                         f.detail = "a temporary file an interrupted jam left: removed"
                         removed.add(e.name)
                 except OSError:
                     pass
-        return [e for e in entries if e.name not in removed]
+        return [e for e in entries if e.name not in removed] if removed else entries
 
     # -- each file ----------------------------------------------------------------------------------
     def walk(self) -> None:

@@ -22,7 +22,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import part_is_stale
-from jam_sftp.transfer import Ops, SftpStatus
+from jam_sftp.transfer import Ops, SftpStatus, names_in
 
 ALGOS = ("b3", "sha256")
 _HEX2 = re.compile(r"\A[0-9a-f]{2}\Z")
@@ -30,21 +30,6 @@ _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 # Names jam's uploads have (as jam_dir): part_name() or an older jam's <32 hex>.part.
 _PART = re.compile(r"\A(?:[0-9a-f]{32}|[A-Za-z0-9_-]{1,64}\.[0-9]{1,10}\.[0-9a-f]{16})\.part\Z")
 WINDOW = 64  # directories read at once
-
-
-def _names(msg) -> list[tuple[str, SFTPAttributes]]:
-    out = []
-    for _ in range(msg.get_int()):
-        raw = msg.get_string()
-        msg.get_string()  # ls -l style line
-        attrs = SFTPAttributes._from_msg(msg)
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if name not in (".", "..") and "/" not in name:
-            out.append((name, attrs))
-    return out
 
 
 def read_dirs(ops: Ops, dirs: list[str]) -> dict[str, list[tuple[str, SFTPAttributes]]]:
@@ -83,7 +68,7 @@ def read_dirs(ops: Ops, dirs: list[str]) -> dict[str, list[tuple[str, SFTPAttrib
                     if t != CMD_NAME:
                         error = error or SftpStatus(SFTP_FAILURE, "unexpected reply to readdir", d)
                         continue
-                    out[d].extend(_names(msg))
+                    out[d].extend(names_in(msg))
                     if error is None:
                         again[d] = ops.r.send(CMD_READDIR, handles[d])
                 pending = again

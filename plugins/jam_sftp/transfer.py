@@ -165,6 +165,23 @@ def wrong_size(oid: str, where: str, got: int | str, size: int) -> str:
     return f"object {oid} on {where} has {got} bytes, expected {size}: corrupt (wrong size); not fetched"
 
 
+
+def names_in(msg) -> list[tuple[str, SFTPAttributes]]:
+    """The entries of one SSH_FXP_NAME reply to a readdir: names that are not UTF-8, ``.``,
+    ``..`` and anything with a ``/`` are left out (jam never makes such names)."""
+    out = []
+    for _ in range(msg.get_int()):
+        raw = msg.get_string()
+        msg.get_string()  # ls -l style line
+        attrs = SFTPAttributes._from_msg(msg)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if name not in (".", "..") and "/" not in name:
+            out.append((name, attrs))
+    return out
+
 class Ops:
     """The remote operations jam needs, on one connection and one remote location."""
 
@@ -311,16 +328,7 @@ class Ops:
                     raise SftpStatus(code, msg.get_text(), path)
                 if t != CMD_NAME:
                     raise SftpStatus(SFTP_FAILURE, "unexpected reply to readdir", path)
-                for _ in range(msg.get_int()):
-                    raw = msg.get_string()
-                    msg.get_string()  # ls -l style line
-                    attrs = SFTPAttributes._from_msg(msg)
-                    try:
-                        name = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        continue
-                    if name not in (".", "..") and "/" not in name:
-                        out.append((name, attrs))
+                out.extend(names_in(msg))
         finally:
             self.close(handle, path)
         return out
