@@ -97,6 +97,35 @@ class _OnDisk:
         if data is not None:
             marker.write_bytes(data)
 
+    def put_meta_oddity(self, remote, name, what):
+        put_meta_oddity(self.store, name, what)
+
+    def hold_meta(self, remote, name):
+        return open(self.store / "meta" / name, "rb")
+
+
+def put_meta_oddity(store: Path, name: str, what: str) -> None:
+    """The kit's ``put_meta_oddity`` for a store on a local disk (dir, sftp, rclone's sftp)."""
+    path = store / "meta" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outside = store.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    if what == "symlink":
+        (outside / "secret").write_bytes(b"secret")
+        path.symlink_to(outside / "secret")
+    elif what == "symlink_dir":
+        (outside / "x").write_bytes(b"secret")
+        path.symlink_to(outside)
+    elif what == "dir":
+        path.mkdir()
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "huge":
+        with open(path, "wb") as f:
+            f.truncate((64 << 20) + 1)
+    else:
+        raise NotImplementedError(what)
+
 
 def make_pm():
     return make_plugin_manager(load_entrypoints=False)

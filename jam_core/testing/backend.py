@@ -9,14 +9,16 @@ Subclass :class:`BackendConformance` as ``TestMyBackend`` in a pytest module and
   (``make_plugin_manager(extra=(my_plugin,))``, or the built-ins);
 * the fault-injection hooks below (``corrupt_object``, ``remove_object``, ``take_down``,
   ``bring_back``, ``hide_location``, ``unhide_location``, ``location_exists``, ``fill_up``,
-  ``list_tmp``, ``put_tmp``, ``write_marker``). A hook left as it is makes the cases that need
-  it skip, with the hook's name in the reason;
+  ``list_tmp``, ``put_tmp``, ``write_marker``, ``put_meta_oddity``, ``hold_meta``). A hook left
+  as it is makes the cases that need it skip, with the hook's name in the reason;
 * ``factory = "module:function"``: an importable function ``f(remote) -> (pm, remote)`` a child
   process calls to build its plugin manager (the kill-mid-transfer cases). The default builds
   the built-ins and the installed entry points.
 
 Every case talks to the backend through its hooks only (``stash``, ``stash_many``, ``fetch``,
-``fetch_many``, ``has``, ``hash_object``, ``list_objects``, ``check_remote``, ``remote_id``), with real
+``fetch_many``, ``has``, ``hash_object``, ``list_objects``, ``check_remote``, ``remote_id``, and the
+removal hooks ``remove``, ``write_meta``, ``read_meta``, ``list_meta``, ``free_space``: a backend
+without one of those skips its cases, with the hook's name in the reason), with real
 bytes; the hooks above are the only places a case reaches behind the backend, and only to inject a fault.
 """
 
@@ -132,6 +134,20 @@ class BackendConformance:
 
     def write_marker(self, remote: Remote, data: bytes | None) -> None:
         """Replace the identity marker (``objects.MARKER_NAME``) with ``data``; None removes it."""
+        raise NotImplementedError
+
+    def put_meta_oddity(self, remote: Remote, name: str, what: str) -> None:
+        """Create at ``meta/NAME`` on the remote, behind the backend's back, ``what``:
+        ``"symlink"`` (to a regular file outside ``meta/`` holding ``b"secret"``), ``"symlink_dir"``
+        (to a directory outside ``meta/`` holding a regular file ``x``), ``"dir"``, ``"fifo"``, or
+        ``"huge"`` (a sparse regular file of 64 MiB + 1 byte). Parent directories are made as
+        needed. Raise NotImplementedError for a ``what`` the store cannot hold (an object store
+        has no symlinks): the cases that need it skip."""
+        raise NotImplementedError
+
+    def hold_meta(self, remote: Remote, name: str):
+        """A readable binary file object open on the current ``meta/NAME`` (a reader in the
+        middle of its read: after an atomic replace it still reads the old content whole)."""
         raise NotImplementedError
 
     # -- helpers ----------------------------------------------------------------------------
@@ -700,6 +716,209 @@ class BackendConformance:
             _one_line(gone, remote)
         finally:
             self.bring_back(remote)
+
+    # -- 9d. removal, metadata files, free space (drop, move, gc, pools) ----------------------
+
+    META = "refs/0123456789abcdef0123456789abcdef"
+    HOSTILE_NAMES = ("../x", "/etc/passwd", "refs/../../x", "..", "refs/..", "refs/.", "", "REFS/x", "refs//x",
+                     "refs/x/", ".hidden", "a\x00b", "refs/ x", "refs/x\n", "./refs/x")
+    HOSTILE_PREFIXES = ("..", "../refs", "refs/..", "refs/../..", "./refs", "refs/ x", "a\x00b")
+
+    @staticmethod
+    def _call(pm, hook: str, **kwargs):
+        """Call a removal hook in a new session; skip the case when no plugin implements it."""
+        with Session() as s:
+            got = getattr(pm.hook, hook)(session=s, **kwargs)
+        if got is None:
+            pytest.skip(f"the backend does not implement {hook}")
+        return got
+
+    @staticmethod
+    def _raises(pm, hook: str, **kwargs) -> JamError:
+        """The hook's exception; fails the case if it answered instead."""
+        with Session() as s:
+            try:
+                got = getattr(pm.hook, hook)(session=s, **kwargs)
+            except JamError as exc:
+                return exc
+        if got is None:
+            pytest.skip(f"the backend does not implement {hook}")
+        pytest.fail(f"{hook}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if k != 'data')}) "
+                    f"answered {str(got)[:80]!r} instead of raising")
+
+    def test_remove(self, pm, remote, tmp_path):
+        """remove: True once gone (has/fetch then say absent), False if absent, the other objects
+        untouched; a remote that is down or a location that vanished is a RemoteError, never
+        "absent" (the core would take it for a copy already gone)."""
+        kept_data = _bytes(KiB, 140)
+        stored = [self._file(tmp_path, _bytes(64 * KiB, 141)), self._file(tmp_path, kept_data)]
+        for path, oid, n in stored:
+            assert self._stash(pm, remote, path, oid, n) is True
+        (_, gone, n), (_, kept, _) = stored
+        assert self._call(pm, "remove", remote=remote, oid=gone) is True, "remove of a held object did not answer True"
+        with Session() as s:
+            assert pm.hook.has(remote=remote, oid=gone, size=n, session=s) is False, "a removed object is still held"
+        outcome, _ = self._fetch(pm, remote, gone, n, tmp_path)
+        assert outcome is False, f"fetch of a removed object answered {outcome!r}"
+        self._assert_holds(pm, remote, kept_data, kept, tmp_path)
+        assert self._call(pm, "remove", remote=remote, oid=gone) is False, "a second remove did not answer False"
+        _, unknown, _ = self._file(tmp_path, b"never stored")
+        assert self._call(pm, "remove", remote=remote, oid=unknown) is False, "remove of an unknown id"
+
+        self._hook("take_down", remote)
+        try:
+            err = self._raises(pm, "remove", remote=remote, oid=kept)
+            assert isinstance(err, RemoteError), f"remove on a remote that is down raised {err!r}"
+            _one_line(err, remote, named=True)
+            err = self._raises(pm, "remove", remote=remote, oid=unknown)
+            assert isinstance(err, RemoteError), f"remove of an absent object on a remote that is down: {err!r}"
+        finally:
+            self.bring_back(remote)
+        self._assert_holds(pm, remote, kept_data, kept, tmp_path)
+
+        self._hook("hide_location", remote)
+        try:
+            for oid in (kept, unknown):
+                err = self._raises(pm, "remove", remote=remote, oid=oid)
+                assert isinstance(err, RemoteError), f"remove on a location that vanished raised {err!r}"
+                _one_line(err, remote)
+            assert self._hook("location_exists", remote) is False, "remove re-created a location that vanished"
+        finally:
+            self.unhide_location(remote)
+        self._assert_holds(pm, remote, kept_data, kept, tmp_path)
+
+    def test_meta_round_trip(self, pm, remote, tmp_path):
+        """write_meta then read_meta gives the bytes back (empty, small, several requests' worth);
+        a second write replaces the first; absent is False; list_meta names what is there, []
+        for a prefix with nothing; no part is left in tmp/."""
+        before = self._hook("list_tmp", remote)
+        name, other = self.META, "refs/fedcba9876543210fedcba9876543210.pending.0"
+        assert self._call(pm, "read_meta", remote=remote, name=name) is False, "read_meta of an absent name"
+        assert self._call(pm, "list_meta", remote=remote, prefix="refs") == [], "list_meta of an absent prefix"
+        for data in (b"jam-refs 1\ncopies 2\n", b"", _bytes(700 * KiB, 142), b"short again\n"):
+            assert self._call(pm, "write_meta", remote=remote, name=name, data=data) is True
+            got = self._call(pm, "read_meta", remote=remote, name=name)
+            assert isinstance(got, bytes) and _same(got, data), \
+                f"read_meta gave {len(got) if isinstance(got, bytes) else got!r} back for {len(data)} bytes written"
+        assert self._call(pm, "write_meta", remote=remote, name=other, data=b"x\n") is True
+        assert self._call(pm, "write_meta", remote=remote, name="removing/0123456789abcdef0123456789abcdef",
+                          data=b"y\n") is True
+        assert self._call(pm, "list_meta", remote=remote, prefix="refs") == sorted([name, other])
+        assert self._call(pm, "list_meta", remote=remote, prefix="removing") == \
+            ["removing/0123456789abcdef0123456789abcdef"]
+        assert self._call(pm, "list_meta", remote=remote, prefix="nothing") == []
+        assert self._call(pm, "read_meta", remote=remote, name="refs/absent") is False
+        assert self._call(pm, "read_meta", remote=remote, name="nothing/absent") is False
+        assert self._call(pm, "read_meta", remote=remote, name=other) == b"x\n"
+        assert self._new_tmp(remote, before) == [], "write_meta left a part in tmp/"
+
+    def test_meta_replace_is_atomic(self, pm, remote, tmp_path):
+        """A reader that opened the old file reads the old content whole after a replace (the
+        new content went to another name and was renamed over: never written in place)."""
+        old, new = _bytes(200 * KiB, 143), _bytes(100 * KiB, 144)
+        assert self._call(pm, "write_meta", remote=remote, name=self.META, data=old) is True
+        held = self._hook("hold_meta", remote, self.META)
+        try:
+            assert self._call(pm, "write_meta", remote=remote, name=self.META, data=new) is True
+            assert _same(held.read(), old), "write_meta changed the file a reader had open: not an atomic replace"
+        finally:
+            held.close()
+        assert _same(self._call(pm, "read_meta", remote=remote, name=self.META), new), "the new content is not there"
+
+    def test_meta_failed_write_keeps_the_old(self, pm, remote, tmp_path):
+        """A write that cannot finish (the disk is full) raises and leaves the old content whole."""
+        old = b"jam-refs 1\ncopies 1\n" + b"b3:" + b"0" * 64 + b"\n"
+        assert self._call(pm, "write_meta", remote=remote, name=self.META, data=old) is True
+        before = self._hook("list_tmp", remote)
+        self._hook("fill_up", remote)
+        err = self._raises(pm, "write_meta", remote=remote, name=self.META, data=_bytes(BIG, 145))
+        _one_line(err, remote)
+        assert _same(self._call(pm, "read_meta", remote=remote, name=self.META), old), \
+            "a failed write_meta damaged the old content"
+        assert self._new_tmp(remote, before) == [], "a failed write_meta left its part in tmp/"
+
+    def test_meta_hostile_names(self, pm, remote, tmp_path):
+        """Names that are not ``[a-z0-9._-]`` segments (``..``, absolute, empty segments,
+        control characters) are refused by every metadata hook before anything is made of them."""
+        self._call(pm, "list_meta", remote=remote, prefix="refs")  # skips a backend without metadata
+        before = self._hook("list_tmp", remote)
+        for bad in self.HOSTILE_NAMES:
+            self._raises(pm, "write_meta", remote=remote, name=bad, data=b"hostile\n")
+            self._raises(pm, "read_meta", remote=remote, name=bad)
+        for bad in self.HOSTILE_PREFIXES:
+            self._raises(pm, "list_meta", remote=remote, prefix=bad)
+        assert self._call(pm, "list_meta", remote=remote, prefix="") == [], "a hostile name made something in meta/"
+        assert self._new_tmp(remote, before) == []
+
+    def test_meta_odd_entries(self, pm, remote, tmp_path):
+        """list_meta names only regular files directly under meta/PREFIX (no symlink, directory or
+        FIFO, nothing through a symlinked directory); read_meta refuses a symlink, a directory,
+        a FIFO (without hanging) and a file over 64 MiB, and never reads through a symlink."""
+        assert self._call(pm, "write_meta", remote=remote, name=self.META, data=b"mine\n") is True
+        for name, what in (("refs/link", "symlink"), ("refs/sub", "dir"), ("refs/fifo", "fifo"),
+                           ("refs/huge", "huge"), ("linked", "symlink_dir")):
+            self._hook("put_meta_oddity", remote, name, what)
+        assert self._call(pm, "list_meta", remote=remote, prefix="refs") == sorted([self.META, "refs/huge"]), \
+            "list_meta listed something that is not a regular file"
+        try:
+            linked = self._call(pm, "list_meta", remote=remote, prefix="linked")
+        except JamError:
+            linked = []
+        assert linked == [], f"list_meta listed through a symlinked directory: {linked!r}"
+        for name in ("refs/link", "refs/sub", "refs/fifo", "refs/huge"):
+            err = self._raises(pm, "read_meta", remote=remote, name=name)
+            _one_line(err, remote)
+        try:
+            through = self._call(pm, "read_meta", remote=remote, name="linked/x")
+        except JamError:
+            through = False
+        assert through is False, "read_meta read through a symlinked directory"
+        assert self._call(pm, "read_meta", remote=remote, name=self.META) == b"mine\n"
+
+    def test_meta_remote_gone(self, pm, remote, tmp_path):
+        """A remote down or a location that vanished: every metadata hook raises RemoteError
+        (never "absent" or "nothing listed": the removal paths would think no root needs an
+        object), and write_meta never re-creates the location."""
+        assert self._call(pm, "write_meta", remote=remote, name=self.META, data=b"mine\n") is True
+        with Session() as s:
+            measured = pm.hook.free_space(remote=remote, session=s) is not None
+        self._hook("take_down", remote)
+        try:
+            for hook, kw in (("read_meta", {"name": self.META}), ("read_meta", {"name": "refs/absent"}),
+                             ("list_meta", {"prefix": "refs"}), ("list_meta", {"prefix": "removing"}),
+                             ("write_meta", {"name": self.META, "data": b"new\n"}),
+                             *((("free_space", {}),) if measured else ())):
+                err = self._raises(pm, hook, remote=remote, **kw)
+                assert isinstance(err, RemoteError), f"{hook} on a remote that is down raised {err!r}"
+                _one_line(err, remote, named=True)
+        finally:
+            self.bring_back(remote)
+        assert self._call(pm, "read_meta", remote=remote, name=self.META) == b"mine\n"
+        self._hook("hide_location", remote)
+        try:
+            for hook, kw in (("read_meta", {"name": self.META}), ("read_meta", {"name": "refs/absent"}),
+                             ("read_meta", {"name": "nothing/absent"}), ("list_meta", {"prefix": "refs"}),
+                             ("list_meta", {"prefix": "removing"}), ("write_meta", {"name": self.META, "data": b"n"}),
+                             ("write_meta", {"name": "removing/0123456789abcdef0123456789abcdef", "data": b"n"})):
+                err = self._raises(pm, hook, remote=remote, **kw)
+                assert isinstance(err, RemoteError), f"{hook} on a location that vanished raised {err!r}"
+                _one_line(err, remote)
+            assert self._hook("location_exists", remote) is False, "write_meta re-created a location that vanished"
+        finally:
+            self.unhide_location(remote)
+        assert self._call(pm, "read_meta", remote=remote, name=self.META) == b"mine\n"
+
+    def test_free_space(self, pm, remote, tmp_path):
+        """free_space is a whole number of bytes (or None when the backend cannot tell); a full
+        remote has less than 3 MiB free; a remote that is down is a RemoteError."""
+        with Session() as s:
+            free = pm.hook.free_space(remote=remote, session=s)
+        if free is None:
+            pytest.skip("the backend does not implement free_space (or cannot tell)")
+        assert isinstance(free, int) and not isinstance(free, bool) and free >= 0, f"free_space answered {free!r}"
+        self._hook("fill_up", remote)
+        full = self._call(pm, "free_space", remote=remote)
+        assert isinstance(full, int) and full < BIG, f"free_space of a full remote answered {full!r}"
 
     # -- 10. remote_id ------------------------------------------------------------------------
 

@@ -207,4 +207,77 @@ def fetch_many(remote: Remote, items, session: Session):
     return out
 
 
+# -- removal, metadata files, free space (copies, drop, move, gc; meta.py) ----------------------
+
+
+def _meta(remote: Remote, session: Session, what: str, work):
+    """Run ``work(Meta)`` on a borrowed connection; every failure is one RemoteError line."""
+    from jam_sftp.meta import Meta
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            return work(Meta(pool, ops))
+        except (SftpStatus, ConnectionLost, OSError) as exc:
+            err = pool.error(what, exc, ops)
+            raise (err if isinstance(err, RemoteError) else RemoteError(str(err))) from None
+
+
+@hookimpl
+def remove(remote: Remote, oid: str, session: Session) -> bool | None:
+    """Delete ``objects/<relpath>`` (only a regular file: a symlink there is not ours); the
+    directory's fsync makes it durable. False only once the location is seen to be there."""
+    if remote.kind != KIND:
+        return None
+    from jam_core import is_valid_oid
+
+    if not is_valid_oid(oid):  # refused before a path is made of it
+        raise RemoteError(f"remote {remote.name!r}: refused object id {str(oid)[:80]!r}")
+    return _meta(remote, session, f"remove {oid}", lambda m: m.remove(oid))
+
+
+@hookimpl
+def write_meta(remote: Remote, name: str, data: bytes, session: Session) -> bool | None:
+    """``meta/NAME`` replaced atomically: a part in tmp/, fsynced, posix-renamed over."""
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.meta import check_name
+
+    name = check_name(remote.name, name)
+    data = bytes(data)
+    _meta(remote, session, f"write meta/{name}", lambda m: m.write(name, data))
+    return True
+
+
+@hookimpl
+def read_meta(remote: Remote, name: str, session: Session) -> bytes | bool | None:
+    """``meta/NAME``'s bytes (at most 64 MiB), False if absent; never through a symlink."""
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.meta import check_name
+
+    name = check_name(remote.name, name)
+    return _meta(remote, session, f"read meta/{name}", lambda m: m.read(name))
+
+
+@hookimpl
+def list_meta(remote: Remote, prefix: str, session: Session) -> list[str] | None:
+    """The regular files directly under ``meta/PREFIX`` (lstat: no symlinks), [] if absent."""
+    if remote.kind != KIND:
+        return None
+    from jam_sftp.meta import check_name
+
+    prefix = check_name(remote.name, (prefix or "").strip("/"), prefix=True)
+    return _meta(remote, session, f"list meta/{prefix}", lambda m: m.list(prefix))
+
+
+@hookimpl
+def free_space(remote: Remote, session: Session) -> int | None:
+    """Bytes free for the login user (``statvfs@openssh.com``); None if the server lacks it."""
+    if remote.kind != KIND:
+        return None
+    return _meta(remote, session, "read its free space", lambda m: m.free())
+
+
 __all__ = ["KIND", "RemoteError", "get_pool"]
