@@ -1,0 +1,358 @@
+"""The daemon's supervisor: holds the fanotify descriptor and does nothing else.
+
+The kernel lets blocked readers go on (onto a stub's bytes) when the group's descriptor is
+closed, so the process holding it must not die with a fetch. This one reads events, answers
+jam's own opens at once (``marks.is_jam_pid``), groups the others by inode (one fetch per stub
+however many readers wait), passes one event descriptor per inode to the worker process and
+answers every waiting reader when the worker reports: FAN_ALLOW (the stub was filled; its mark
+is removed) or FAN_DENY with the worker's errno (the stub stays a stub). If the worker dies, a
+new one is started and what was in flight is sent again; a fetch that outlives ``timeout`` is
+answered EAGAIN and its worker replaced. A planned stop (SIGTERM, SIGINT) removes the marks and
+answers every pending event EAGAIN.
+
+It also serves ``ROOT/.jam/daemon.sock`` (client.py): a stub made while it runs is sent here,
+as a descriptor, before it is renamed into place, and marked before the answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jam_core.daemon import fanotify as F
+from jam_core.daemon.client import PID_FILE, SOCK_NAME
+from jam_core.daemon.marks import is_jam_pid, mark_fd, mark_stubs, unmark_fd
+from jam_core.daemon.worker import ANSWER, KEY
+from jam_core.errors import JamError, UsageError
+from jam_core.root import JAM_DIR
+
+FAN_MARK_FLUSH = 0x00000080
+CLIENT_DEADLINE = 5.0  # seconds a client of daemon.sock has to send its descriptor
+RESPAWNS = 5  # worker deaths within RESPAWN_WINDOW before waiting readers are answered EIO
+RESPAWN_WINDOW = 10.0
+
+
+def _log(msg: str) -> None:
+    print(f"jam daemon: {msg}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    def __init__(self, roots: list[Path], timeout: float = 120.0, out=None):
+        self.roots = roots
+        self.timeout = timeout
+        self.out = out or sys.stdout
+        self.fan = -1
+        self.pending: dict[tuple[int, int], list[int]] = {}  # inode -> event fds waiting
+        self.inflight: dict[tuple[int, int], float] = {}  # inode -> when sent to the worker
+        self.worker: subprocess.Popen | None = None
+        self.wsock: socket.socket | None = None
+        self.deaths: list[float] = []
+        self.listeners: list[socket.socket] = []
+        self.clients: dict[socket.socket, float] = {}
+        self.locks: list[int] = []
+        self.stopping = False
+        self.marked = 0
+
+    # -- set-up ------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """One daemon per root: an flock on ``.jam/daemon.pid`` (doctor reads it), then the socket."""
+        for root in self.roots:
+            jd = root / JAM_DIR
+            fd = os.open(jd / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UsageError(f"another jam daemon (pid {other or '?'}) already serves {root}") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.locks.append(fd)
+            sp = jd / SOCK_NAME
+            try:
+                os.unlink(sp)  # we hold the lock: a socket there is a dead daemon's
+            except FileNotFoundError:
+                pass
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            old = os.umask(0o077)
+            try:
+                s.bind(str(sp))
+            finally:
+                os.umask(old)
+            s.listen(64)
+            s.setblocking(False)
+            self.listeners.append(s)
+
+    def start_worker(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.set_inheritable(False)
+        child.set_inheritable(True)
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "jam_core.daemon.worker", str(child.fileno()), *map(str, self.roots)],
+            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        child.close()
+        parent.setblocking(False)
+        self.wsock = parent
+        for key in list(self.inflight):
+            self.send(key)
+
+    def send(self, key: tuple[int, int]) -> None:
+        self.inflight[key] = time.monotonic()
+        try:
+            socket.send_fds(self.wsock, [KEY.pack(*key)], [self.pending[key][0]])
+        except OSError:
+            pass  # the worker is dying: it is restarted and this is sent again
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, ready=None) -> int:
+        self.fan = F.init(F.FAN_CLASS_PRE_CONTENT | F.FAN_CLOEXEC | F.FAN_NONBLOCK | F.FAN_UNLIMITED_QUEUE
+                          | F.FAN_UNLIMITED_MARKS, os.O_RDWR | os.O_LARGEFILE)
+        rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wpipe)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        try:
+            self.claim()
+            self.start_worker()
+            for root in self.roots:
+                self.marked += mark_stubs(self.fan, str(root),
+                                          on_error=lambda rel, exc: _log(f"{rel}: not walked ({exc})"))
+            where = ", ".join(map(str, self.roots))
+            print(f"jam daemon: serving {self.marked} stubs in {where} (pid {os.getpid()})", file=self.out,
+                  flush=True)
+            if ready is not None:
+                ready()
+            while not self.stopping:
+                self.step(rpipe)
+        finally:
+            self.shutdown()
+            signal.set_wakeup_fd(-1)
+            os.close(rpipe)
+            os.close(wpipe)
+        return 0
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def step(self, rpipe: int) -> None:
+        wait = None
+        if self.inflight:
+            wait = max(0.0, min(self.inflight.values()) + self.timeout - time.monotonic())
+        rlist = [self.fan, rpipe, self.wsock, *self.listeners, *self.clients]
+        if self.clients:
+            cw = max(0.0, min(self.clients.values()) - time.monotonic())
+            wait = cw if wait is None else min(wait, cw)
+        try:
+            ready, _, _ = select.select(rlist, [], [], wait)
+        except InterruptedError:
+            return
+        if rpipe in ready:
+            try:
+                os.read(rpipe, 512)
+            except BlockingIOError:
+                pass
+        if self.fan in ready:
+            self.read_events()
+        if self.wsock in ready:
+            self.read_answers()
+        for s in self.listeners:
+            if s in ready:
+                self.accept(s)
+        now = time.monotonic()
+        for c, deadline in list(self.clients.items()):
+            if c in ready:
+                self.serve_client(c)
+            elif now > deadline:
+                self.drop_client(c)
+        for key, sent in list(self.inflight.items()):
+            if now - sent > self.timeout:
+                _log(f"a fetch took longer than {self.timeout:g} s: its readers get EAGAIN, the worker is replaced")
+                self.answer(key, errno.EAGAIN)
+                self.kill_worker()
+
+    def read_events(self) -> None:
+        while True:
+            try:
+                buf = os.read(self.fan, 65536)
+            except BlockingIOError:
+                return
+            if not buf:
+                return
+            for ev in F.parse(buf):
+                self.event(ev)
+
+    def event(self, ev: F.Event) -> None:
+        if ev.mask & F.FAN_Q_OVERFLOW:
+            _log("event queue overflow")
+        if ev.fd < 0:
+            return
+        if not ev.mask & F.PERM_EVENTS:
+            os.close(ev.fd)
+            return
+        if self.stopping:
+            self.reply(ev.fd, errno.EAGAIN)
+            return
+        if is_jam_pid(ev.pid):  # jam looks at a stub's header: no fetch
+            self.reply(ev.fd, 0)
+            return
+        try:
+            st = os.fstat(ev.fd)
+        except OSError:
+            self.reply(ev.fd, errno.EIO)
+            return
+        key = (st.st_dev, st.st_ino)
+        fds = self.pending.setdefault(key, [])
+        fds.append(ev.fd)
+        if len(fds) == 1:
+            self.send(key)
+
+    def reply(self, fd: int, code: int) -> None:
+        if code and code not in F.DENY_ERRNOS:
+            code = errno.EIO
+        try:
+            F.respond(self.fan, fd, F.FAN_ALLOW if code == 0 else F.deny_errno(code))
+        finally:
+            os.close(fd)
+
+    def answer(self, key: tuple[int, int], code: int) -> None:
+        self.inflight.pop(key, None)
+        fds = self.pending.pop(key, [])
+        if code == 0 and fds:
+            try:
+                unmark_fd(self.fan, fds[0])  # filled: no more events for it
+            except OSError as exc:
+                _log(f"mark not removed: {exc}")
+        for fd in fds:
+            self.reply(fd, code)
+
+    def read_answers(self) -> None:
+        while True:
+            try:
+                msg = self.wsock.recv(64)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg = b""
+            if not msg:
+                self.worker_died()
+                return
+            if len(msg) != ANSWER.size:
+                continue
+            dev, ino, code = ANSWER.unpack(msg)
+            if (dev, ino) in self.pending:
+                self.answer((dev, ino), code)
+
+    def kill_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.kill()
+
+    def worker_died(self) -> None:
+        self.kill_worker()
+        code = self.worker.wait() if self.worker is not None else None
+        self.wsock.close()
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < RESPAWN_WINDOW] + [now]
+        _log(f"the worker ended (status {code}); starting another, {len(self.inflight)} fetch(es) sent again")
+        if len(self.deaths) > RESPAWNS:
+            _log("the worker keeps dying: waiting readers get EIO")
+            for key in list(self.pending):
+                self.answer(key, errno.EIO)
+            self.deaths.clear()
+        self.start_worker()
+
+    # -- daemon.sock: new stubs ----------------------------------------------------------------
+    def accept(self, s: socket.socket) -> None:
+        while True:
+            try:
+                c, _ = s.accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            c.setblocking(False)
+            self.clients[c] = time.monotonic() + CLIENT_DEADLINE
+
+    def drop_client(self, c: socket.socket) -> None:
+        self.clients.pop(c, None)
+        c.close()
+
+    def serve_client(self, c: socket.socket) -> None:
+        from jam_core.stub import BadStub, read_record
+
+        try:
+            msg, fds, _f, _a = socket.recv_fds(c, 16, 2)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.drop_client(c)
+            return
+        answer = b"no"
+        try:
+            if msg == b"mark" and len(fds) == 1:
+                fd = fds[0]
+                try:
+                    import stat
+
+                    if stat.S_ISREG(os.fstat(fd).st_mode) and read_record(fd) is not None:
+                        mark_fd(self.fan, fd)
+                        self.marked += 1
+                        answer = b"ok"
+                except (OSError, BadStub, JamError) as exc:
+                    answer = f"no: {exc}".encode()[:200]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            c.send(answer)
+        except OSError:
+            pass
+        self.drop_client(c)
+
+    # -- stopping ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self.fan >= 0:
+            try:
+                F.mark(self.fan, FAN_MARK_FLUSH, 0)  # no new events: readers see the stubs' headers
+            except OSError:
+                pass
+            self.stopping = True
+            try:
+                self.read_events()  # what was already queued
+            except OSError:
+                pass
+            for key in list(self.pending):
+                self.answer(key, errno.EAGAIN)
+        if self.wsock is not None:
+            self.wsock.close()
+        if self.worker is not None:
+            try:
+                self.worker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        for c in list(self.clients):
+            self.drop_client(c)
+        for s in self.listeners:
+            try:
+                os.unlink(s.getsockname())
+            except OSError:
+                pass
+            s.close()
+        for root, fd in zip(self.roots, self.locks):
+            try:
+                os.unlink(root / JAM_DIR / PID_FILE)
+            except OSError:
+                pass
+            os.close(fd)
+        self.locks.clear()
+        if self.fan >= 0:
+            os.close(self.fan)
+            self.fan = -1
