@@ -142,4 +142,4 @@ def _in_root() -> bool:
         return False
 
 
-from jam_core.cli import copies, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: E402,F401  (register commands)
+from jam_core.cli import copies, daemon, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: E402,F401  (register commands)
