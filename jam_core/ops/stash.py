@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from jam_core.catalog import Catalog
+from jam_core.daemon.client import SOCK_NAME, mark_new_stub
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, describe
 from jam_core.fs import (
     DirFds,
@@ -332,10 +333,13 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
         return
     syncfs(dirs.root_fd)
     touched: set[int] = set()
+    daemon = (root.jam_dir / SOCK_NAME).exists()  # a `jam daemon` serves the root: it marks new stubs
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         for s in ready:
             e = s.entry
             try:
+                if daemon:
+                    mark_new_stub(root.path, s.dir_fd, s.tmp)  # before the rename: hydrates from its first instant
                 swapped = _swap(s, leases)
             except OSError as exc:
                 result.failed.append((e.rel, describe(exc)))
