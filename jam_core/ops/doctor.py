@@ -197,7 +197,7 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
         if collecting:
             gc.enable()
     _shell_hook(res)
-    _hydration(res)
+    _hydration(res, root)
     return res
 
 
@@ -445,7 +445,13 @@ def _refresh_index(root: Root, found: Problem | None) -> None:
         found.fixed = ok
 
 
-def _hydration(res: DoctorResult) -> None:
+def _hydration(res: DoctorResult, root: Root) -> None:
+    from jam_core.daemon.client import status as daemon_status
+
+    active, line = daemon_status(root.path)
+    if active:
+        res.add("setup", OK, "hydration", "", f"on-access hydration is active: {line}")
+        return
     release = os.uname().release
     m = re.match(r"(\d+)\.(\d+)", release)
     kernel = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
@@ -460,7 +466,7 @@ def _hydration(res: DoctorResult) -> None:
     need = f"Linux >= {HYDRATION_KERNEL[0]}.{HYDRATION_KERNEL[1]} and CAP_SYS_ADMIN"
     has = f"this kernel is {release} ({'new enough' if kernel >= HYDRATION_KERNEL else 'too old'}), " \
           f"CAP_SYS_ADMIN {'held' if privileged else 'not held'}"
-    res.add("setup", INFO, "hydration", "", f"on-access hydration: not available yet (it will need {need}; {has})")
+    res.add("setup", INFO, "hydration", "", f"on-access hydration is off: {line} (`jam daemon` needs {need}; {has})")
 
 
 # -- the catalog -------------------------------------------------------------------------------
