@@ -724,19 +724,18 @@ class BackendConformance:
                      "refs/x/", ".hidden", "a\x00b", "refs/ x", "refs/x\n", "./refs/x")
     HOSTILE_PREFIXES = ("..", "../refs", "refs/..", "refs/../..", "./refs", "refs/ x", "a\x00b")
 
-    @staticmethod
-    def _call(pm, hook: str, **kwargs):
-        """Call a removal hook in a new session; skip the case when no plugin implements it."""
-        with Session() as s:
+    def _call(self, pm, hook: str, session: Session | None = None, **kwargs):
+        """Call a removal hook (in ``session``, else a new one); skip the case when no plugin
+        implements it."""
+        with self._session(session) as s:
             got = getattr(pm.hook, hook)(session=s, **kwargs)
         if got is None:
             pytest.skip(f"the backend does not implement {hook}")
         return got
 
-    @staticmethod
-    def _raises(pm, hook: str, **kwargs) -> JamError:
-        """The hook's exception; fails the case if it answered instead."""
-        with Session() as s:
+    def _raises(self, pm, hook: str, session: Session | None = None, **kwargs) -> JamError:
+        """The hook's exception (in ``session``, else a new one); fails the case if it answered."""
+        with self._session(session) as s:
             try:
                 got = getattr(pm.hook, hook)(session=s, **kwargs)
             except JamError as exc:
@@ -776,15 +775,18 @@ class BackendConformance:
             self.bring_back(remote)
         self._assert_holds(pm, remote, kept_data, kept, tmp_path)
 
-        self._hook("hide_location", remote)
-        try:
-            for oid in (kept, unknown):
-                err = self._raises(pm, "remove", remote=remote, oid=oid)
-                assert isinstance(err, RemoteError), f"remove on a location that vanished raised {err!r}"
-                _one_line(err, remote)
-            assert self._hook("location_exists", remote) is False, "remove re-created a location that vanished"
-        finally:
-            self.unhide_location(remote)
+        with Session() as under_way:  # a command that was using the remote when it vanished
+            assert self._call(pm, "remove", remote=remote, oid=unknown, session=under_way) is False
+            self._hook("hide_location", remote)
+            try:
+                for s in (under_way, None):
+                    for oid in (kept, unknown):
+                        err = self._raises(pm, "remove", remote=remote, oid=oid, session=s)
+                        assert isinstance(err, RemoteError), f"remove on a location that vanished raised {err!r}"
+                        _one_line(err, remote)
+                assert self._hook("location_exists", remote) is False, "remove re-created a location that vanished"
+            finally:
+                self.unhide_location(remote)
         self._assert_holds(pm, remote, kept_data, kept, tmp_path)
 
     def test_meta_round_trip(self, pm, remote, tmp_path):
@@ -894,18 +896,24 @@ class BackendConformance:
         finally:
             self.bring_back(remote)
         assert self._call(pm, "read_meta", remote=remote, name=self.META) == b"mine\n"
-        self._hook("hide_location", remote)
-        try:
-            for hook, kw in (("read_meta", {"name": self.META}), ("read_meta", {"name": "refs/absent"}),
-                             ("read_meta", {"name": "nothing/absent"}), ("list_meta", {"prefix": "refs"}),
-                             ("list_meta", {"prefix": "removing"}), ("write_meta", {"name": self.META, "data": b"n"}),
-                             ("write_meta", {"name": "removing/0123456789abcdef0123456789abcdef", "data": b"n"})):
-                err = self._raises(pm, hook, remote=remote, **kw)
-                assert isinstance(err, RemoteError), f"{hook} on a location that vanished raised {err!r}"
-                _one_line(err, remote)
-            assert self._hook("location_exists", remote) is False, "write_meta re-created a location that vanished"
-        finally:
-            self.unhide_location(remote)
+        with Session() as under_way:  # a command that was using the remote when it vanished
+            assert self._call(pm, "read_meta", remote=remote, name=self.META, session=under_way) == b"mine\n"
+            self._hook("hide_location", remote)
+            try:
+                for s in (under_way, None):
+                    for hook, kw in (("read_meta", {"name": self.META}), ("read_meta", {"name": "refs/absent"}),
+                                     ("read_meta", {"name": "nothing/absent"}), ("list_meta", {"prefix": "refs"}),
+                                     ("list_meta", {"prefix": "removing"}), ("list_meta", {"prefix": "nothing"}),
+                                     ("write_meta", {"name": self.META, "data": b"n"}),
+                                     ("write_meta", {"name": "removing/0123456789abcdef0123456789abcdef",
+                                                     "data": b"n"})):
+                        err = self._raises(pm, hook, remote=remote, session=s, **kw)
+                        assert isinstance(err, RemoteError), f"{hook} on a location that vanished raised {err!r}"
+                        _one_line(err, remote)
+                assert self._hook("location_exists", remote) is False, \
+                    "write_meta re-created a location that vanished"
+            finally:
+                self.unhide_location(remote)
         assert self._call(pm, "read_meta", remote=remote, name=self.META) == b"mine\n"
 
     def test_free_space(self, pm, remote, tmp_path):
