@@ -5,6 +5,7 @@ the instant of a removal, pools on real tmpfs mounts that fill up, `jam remote r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,93 @@ def test_edge_expiry_removes_only_unused_copies_held_elsewhere(tmp_path, pm):
     # ... and it counts as used from now: a gc a day later keeps it there
     out = gc(root, pm, now=time.time() + DAY)
     assert _intact(edge, oids["old.bin"]) and not out.expired
+
+
+# -- 2. a removal killed at its instant --------------------------------------------------------------------
+
+KILLER = '''
+"""A test plugin: SIGKILLs its own jam process at the instant of a removal, just before the
+backend removes the object (at=before) or just after (at=after)."""
+import json
+import os
+import signal
+
+from jam_core import hookimpl
+
+
+@hookimpl(wrapper=True)
+def remove(remote, oid, session):
+    at = os.environ.get("JAM_TEST_KILL_AT")
+    if at == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = yield
+    if at == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+'''
+
+
+@pytest.fixture
+def killer_env(tmp_path):
+    """An environment whose `jam` loads the killer plugin through the real entry-point group
+    (a dist-info on PYTHONPATH), killing itself at the remove hook when JAM_TEST_KILL_AT is set."""
+    site = tmp_path / "killer-site"
+    (site / "jam_test_killer-0.1.dist-info").mkdir(parents=True)
+    (site / "jam_test_killer.py").write_text(KILLER)
+    (site / "jam_test_killer-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: jam-test-killer\nVersion: 0.1\n")
+    (site / "jam_test_killer-0.1.dist-info" / "entry_points.txt").write_text("[jam]\nkiller = jam_test_killer\n")
+    env = os.environ.copy()
+    env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _killed(args, cwd, env, at: str) -> None:
+    res = _jam(args, cwd, env={**env, "JAM_TEST_KILL_AT": at})
+    assert res.returncode == -signal.SIGKILL, ("the kill did not land", res.returncode, res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("at", ["before", "after"])
+def test_drop_killed_at_the_removal(tmp_path, pm, killer_env, at):
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, "r", {"a": (a, 0, {}), "b": (b, 1, {})}, pm=pm)
+    data = make_file(root.path / "f.bin", 300_000, seed=1)
+    _jam(["stash", "f.bin"], root.path, killer_env, check=0)
+    oid = _oid(root, "f.bin")
+    _jam(["copy", "--to", "b", "f.bin"], root.path, killer_env, check=0)
+    assert _intact(a, oid) and _intact(b, oid)
+
+    _killed(["drop", "--from", "a", "f.bin"], root.path, killer_env, at)
+    assert _intact(b, oid)  # the copy the stub needs is never touched
+    assert _holds(a, oid) == (at == "before")
+    assert any(oid in oids for oids in _intents(a).values())  # the killed drop's intent is left behind
+
+    res = _jam(["drop", "--from", "a", "f.bin"], root.path, killer_env, check=0)  # the next drop completes
+    assert not _holds(a, oid) and _intact(b, oid)
+    assert not any(_intents(a).values()), _intents(a)  # ... and cleans the intent
+    res = _jam(["where", "--check", "--json", "f.bin"], root.path, killer_env, check=0)
+    assert json.loads(res.stdout)[0]["remotes"] == ["b"], res.stdout
+    _jam(["checkout", "f.bin"], root.path, killer_env, check=0)
+    assert (root.path / "f.bin").read_bytes() == data, "differs"
+
+
+@pytest.mark.parametrize("at", ["before", "after"])
+def test_gc_killed_at_the_removal(tmp_path, pm, killer_env, at):
+    a = tmp_path / "a"
+    root = _root(tmp_path, "r", {"a": (a, 0, {})}, pm=pm)
+    kept = make_file(root.path / "kept.bin", 300_000, seed=2)
+    make_file(root.path / "gone.bin", 300_000, seed=3)
+    _jam(["stash", "kept.bin", "gone.bin"], root.path, killer_env, check=0)
+    k, g = _oid(root, "kept.bin"), _oid(root, "gone.bin")
+    _jam(["checkout", "gone.bin"], root.path, killer_env, check=0)  # nothing refers to its object any more
+
+    _killed(["gc"], root.path, killer_env, at)
+    assert _intact(a, k)  # the object a stub needs is never touched
+    assert _holds(a, g) == (at == "before")
+    assert any(g in oids for oids in _intents(a).values())
+
+    res = _jam(["gc"], root.path, killer_env, check=0)  # the next gc completes
+    assert not _holds(a, g) and _intact(a, k), res.stdout
+    assert not any(_intents(a).values()), _intents(a)  # ... and cleans the intent
+    _jam(["checkout", "kept.bin"], root.path, killer_env, check=0)
+    assert (root.path / "kept.bin").read_bytes() == kept, "differs"

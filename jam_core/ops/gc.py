@@ -71,6 +71,10 @@ def _one(root: Root, cat: Catalog, pm, session: Session, remote: Remote, own: se
         else:
             objects[name] = size
     u = users(remote, pm, session)
+    if not dry_run and u.removing.get(recorder.rid):
+        # An intent of this root while it holds its lock is stale (a jam killed mid-removal):
+        # it would make every other root count that copy as gone until cleared.
+        recorder.intent(remote, ())
     silent = _silent_roots(root, remote, set(u.refs))
     if silent:
         out.problems.append(f"remote {remote.name!r}: the jam root {silent[0]} uses it but has recorded no refs "
