@@ -57,7 +57,7 @@ class Supervisor:
         self.deaths: list[float] = []
         self.listeners: list[socket.socket] = []
         self.clients: dict[socket.socket, float] = {}
-        self.locks: list[int] = []
+        self.locks: list[tuple[Path, int]] = []  # (root, fd of its locked pid file)
         self.stopping = False
         self.marked = 0
 
@@ -75,7 +75,7 @@ class Supervisor:
                 raise UsageError(f"another jam daemon (pid {other or '?'}) already serves {root}") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.locks.append(fd)
+            self.locks.append((root, fd))
             sp = jd / SOCK_NAME
             try:
                 os.unlink(sp)  # we hold the lock: a socket there is a dead daemon's
@@ -346,7 +346,7 @@ class Supervisor:
             except OSError:
                 pass
             s.close()
-        for root, fd in zip(self.roots, self.locks):
+        for root, fd in self.locks:
             try:
                 os.unlink(root / JAM_DIR / PID_FILE)
             except OSError:

@@ -35,7 +35,7 @@ from jam_core.daemon import fanotify as F
 from jam_core.daemon.marks import is_jam_pid, mark_dirs
 from jam_core.errors import JamError, RemoteError
 from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr
-from jam_core.root import CATALOG, JAM_DIR, Root, check_rel
+from jam_core.root import CATALOG, Root, check_rel
 from jam_core.stub import XATTR, BadStub, read_record, verify_clean
 
 KEY = struct.Struct("=QQ")  # st_dev, st_ino
@@ -185,10 +185,12 @@ class Worker:
     def updater(self, stop: threading.Event) -> None:
         from jam_core.catalog import Catalog
 
-        while not stop.is_set():
+        while True:
             try:
                 items = [self.updates.get(timeout=FLUSH_EVERY)]
             except queue.Empty:
+                if stop.is_set():
+                    return
                 continue
             deadline = time.monotonic() + 0.05
             while time.monotonic() < deadline:
@@ -227,12 +229,15 @@ class Worker:
         last_clear = time.monotonic()
         import select
 
-        while not stop.is_set():
-            r, _, _ = select.select([fan], [], [], 0.5)
+        while True:
+            done = stop.is_set()  # one more read after the stop: opens made before it count
+            r, _, _ = select.select([fan], [], [], 0 if done else 0.5)
             if time.monotonic() - last_clear > 10:
                 jam_pids.clear()
                 last_clear = time.monotonic()
             if not r:
+                if done:
+                    break
                 continue
             try:
                 buf = os.read(fan, 65536)
@@ -254,6 +259,7 @@ class Worker:
                 where = self.locate(path) if path else None
                 if where is not None and where[1] is not None:
                     self.updates.put(("used", where[0], where[1]))
+        os.close(fan)
 
 
 def _p(r):
@@ -293,9 +299,11 @@ def fill(fd: int, tmp: int, rec) -> None:
 
 
 def serve(sock: socket.socket, worker: Worker) -> None:
-    stop = threading.Event()
-    threading.Thread(target=worker.updater, args=(stop,), daemon=True, name="catalog").start()
-    threading.Thread(target=worker.record_uses, args=(stop,), daemon=True, name="uses").start()
+    stop, uses_stop = threading.Event(), threading.Event()
+    updater = threading.Thread(target=worker.updater, args=(stop,), daemon=True, name="catalog")
+    uses = threading.Thread(target=worker.record_uses, args=(uses_stop,), daemon=True, name="uses")
+    updater.start()
+    uses.start()
     send_lock = threading.Lock()
 
     def one(key: bytes, fd: int) -> None:
@@ -319,7 +327,10 @@ def serve(sock: socket.socket, worker: Worker) -> None:
                     os.close(fd)
                 continue
             pool.submit(one, msg, fds[0])
+    uses_stop.set()  # a planned stop: what was recorded is written before the worker ends
+    uses.join()
     stop.set()
+    updater.join()
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,337 @@
+"""`jam daemon`: stubs fill in when any program opens them (fanotify pre-content events).
+
+Real stubs on the real filesystem, the real `jam daemon` as a subprocess (the fixture waits
+for its readiness line), real readers (open, mmap, cp, exec). Faults are injected at the exact
+instant with fanotify itself: a test group holding FAN_OPEN_PERM on the remote's object file
+stops the worker inside its fetch, for as long as the test wants (its pid is the event's).
+Fetches are counted with inotify IN_OPEN on the object file. Skipped only where the kernel
+has no pre-content events (probed once), or without root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from jam_core.daemon import fanotify as F
+from tests.conftest import make_file
+
+_MISSING = F.probe()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"no on-access hydration here: {_MISSING}")
+READY = "jam daemon: serving "
+HANG = 60  # seconds: a reader still blocked after this is a hang (the test fails, never waits forever)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha_file(path) -> str:
+    with open(path, "rb") as f:
+        return sha(f.read())
+
+
+def is_stub(path) -> bool:
+    """Without opening it (an open would hydrate it): it still carries user.jam."""
+    try:
+        os.getxattr(path, "user.jam", follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+class Daemon:
+    def __init__(self, jam_bin: str, root: Path, *args: str):
+        self.err = open(root.parent / f"daemon-{os.getpid()}-{id(self)}.err", "w+")
+        self.proc = subprocess.Popen([jam_bin, "daemon", str(root), *args], stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True)
+        self.line = self.proc.stdout.readline()
+        assert self.line.startswith(READY), f"daemon did not start: {self.line!r} {self.stderr()}"
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=HANG)
+        self.proc.stdout.close()
+        return code
+
+
+@pytest.fixture
+def stash(jam_root):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash as do_stash
+
+    def run(*rels):
+        res = do_stash(jam_root, list(rels), make_plugin_manager())
+        assert not res.failed, res.failed
+        for r in rels:
+            assert is_stub(jam_root.path / r)
+
+    return run
+
+
+@pytest.fixture
+def daemon(jam_root, jam_bin):
+    started = []
+
+    def start(*args):
+        d = Daemon(jam_bin, jam_root.path, *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def object_path(root, rel) -> Path:
+    from jam_core.objects import object_relpath
+    from jam_core.stub import read_record
+
+    rec = read_record(str(root.path / rel))
+    loc = Path(root.remotes()[0].location)
+    return loc / "objects" / object_relpath(rec.oid)
+
+
+class OpenCounter:
+    """inotify IN_OPEN on one file: how many times it was opened."""
+
+    def __init__(self, path: Path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        assert libc.inotify_add_watch(self.fd, os.fsencode(path), 0x20) >= 0  # IN_OPEN
+
+    def count(self) -> int:
+        n = 0
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return n
+            i = 0
+            while i < len(buf):
+                _wd, mask, _cookie, ln = struct.unpack_from("=iIII", buf, i)
+                if mask & 0x20:
+                    n += 1
+                i += 16 + ln
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Gate:
+    """A fanotify FAN_OPEN_PERM mark of the test's own on a remote's object: whoever opens it
+    (the daemon's worker, fetching) waits until the test answers."""
+
+    def __init__(self, path: Path):
+        self.fan = F.init(F.FAN_CLASS_CONTENT | F.FAN_CLOEXEC, os.O_RDONLY | os.O_LARGEFILE)
+        F.mark(self.fan, F.FAN_MARK_ADD, F.FAN_OPEN_PERM, -100, str(path))
+
+    def wait(self) -> F.Event:
+        r, _, _ = select.select([self.fan], [], [], HANG)
+        assert r, "the worker never opened the object"
+        (ev,) = F.parse(os.read(self.fan, 4096))
+        return ev
+
+    def allow(self, ev: F.Event) -> None:
+        F.respond(self.fan, ev.fd, F.FAN_ALLOW)
+        os.close(ev.fd)
+
+    def close(self):
+        os.close(self.fan)
+
+
+def read_in_thread(path: Path):
+    out = {}
+
+    def run():
+        try:
+            with open(path, "rb") as f:
+                out["data"] = f.read()
+        except OSError as exc:
+            out["error"] = exc.errno
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+# -- what readers see ----------------------------------------------------------------------------
+
+def test_open_read_mmap_cp_exec_give_the_original_bytes(jam_root, stash, daemon, tmp_path):
+    r = jam_root.path
+    big = make_file(r / "big.bin", 5 << 20, 1)
+    mapped = make_file(r / "mapped.bin", 300_000, 2)
+    copied = make_file(r / "copied.bin", 2 << 20, 3)
+    (r / "tool.sh").write_text("#!/bin/sh\necho tool ran\n")
+    os.chmod(r / "tool.sh", 0o755)
+    os.setxattr(r / "big.bin", "user.note", b"kept")
+    stash("big.bin", "mapped.bin", "copied.bin", "tool.sh")
+    d = daemon()
+    assert "4 stubs" in d.line
+
+    assert sha_file(r / "big.bin") == sha(big)
+    with open(r / "mapped.bin", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert sha(m[:]) == sha(mapped)
+    subprocess.run(["cp", "--sparse=always", str(r / "copied.bin"), str(tmp_path / "out.bin")], check=True)
+    assert sha_file(tmp_path / "out.bin") == sha(copied)
+    assert subprocess.run([str(r / "tool.sh")], capture_output=True, text=True, check=True).stdout == "tool ran\n"
+
+    st = os.stat(r / "big.bin")
+    assert not is_stub(r / "big.bin") and os.getxattr(r / "big.bin", "user.note") == b"kept"
+    assert oct(st.st_mode & 0o777) == oct(0o644 & ~0o022 | 0o644)
+    assert os.stat(r / "tool.sh").st_mode & 0o777 == 0o755
+    assert d.stop() == 0
+    from jam_core.catalog import Catalog
+
+    with Catalog(jam_root.jam_dir / "catalog.db") as cat:  # the stub rows went, uses recorded
+        assert set(cat.stubs()) == set()
+        assert {"big.bin", "mapped.bin"} <= set(cat.uses())
+
+
+def test_hundred_readers_one_fetch(jam_root, stash, daemon):
+    r = jam_root.path
+    data = make_file(r / "one.bin", 1 << 20, 4)
+    make_file(r / "alone.bin", 1 << 20, 5)
+    stash("one.bin", "alone.bin")
+    counters = OpenCounter(object_path(jam_root, "one.bin")), OpenCounter(object_path(jam_root, "alone.bin"))
+    gate = Gate(object_path(jam_root, "one.bin"))
+    daemon()
+    sha_file(r / "alone.bin")
+    per_fetch = counters[1].count()
+    assert per_fetch >= 1
+    readers = [read_in_thread(r / "one.bin") for _ in range(100)]
+    ev = gate.wait()  # the first fetch is held until every reader is waiting on the stub
+    gate.allow(ev)
+    gate.close()
+    for t, out in readers:
+        t.join(HANG)
+        assert not t.is_alive() and sha(out["data"]) == sha(data)
+    assert counters[0].count() == per_fetch  # one fetch, however many readers
+
+
+def test_remote_down_gives_eio_not_zeros(jam_root, stash, daemon):
+    r = jam_root.path
+    data = make_file(r / "f.bin", 200_000, 6)
+    stash("f.bin")
+    loc = Path(jam_root.remotes()[0].location)
+    daemon()
+    loc.rename(loc.with_name("away"))
+    with pytest.raises(OSError) as exc:
+        (r / "f.bin").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert is_stub(r / "f.bin") and os.stat(r / "f.bin").st_blocks * 512 <= 8192  # still a stub
+    loc.with_name("away").rename(loc)
+    assert sha_file(r / "f.bin") == sha(data)  # still marked: the next open fills it
+
+
+def test_worker_killed_mid_fetch_loses_nothing(jam_root, stash, daemon):
+    r = jam_root.path
+    data = make_file(r / "k.bin", 3 << 20, 7)
+    stash("k.bin")
+    gate = Gate(object_path(jam_root, "k.bin"))
+    d = daemon()
+    t, out = read_in_thread(r / "k.bin")
+    ev = gate.wait()  # the worker is inside its fetch
+    worker = ev.pid
+    os.kill(worker, signal.SIGKILL)
+    gate.allow(ev)  # the killed worker's open: nobody is left to read
+    ev2 = gate.wait()  # a new worker fetches again
+    assert ev2.pid != worker
+    gate.allow(ev2)
+    gate.close()
+    t.join(HANG)
+    assert not t.is_alive() and "data" in out and sha(out["data"]) == sha(data)
+    assert not is_stub(r / "k.bin")
+    assert "worker ended" in d.stderr()
+
+
+def test_stub_made_while_running_hydrates(jam_root, daemon, jam_bin):
+    r = jam_root.path
+    daemon()
+    data = make_file(r / "late.bin", 500_000, 8)
+    subprocess.run([jam_bin, "stash", "late.bin"], check=True, cwd=r, capture_output=True)
+    assert is_stub(r / "late.bin")
+    assert sha_file(r / "late.bin") == sha(data)
+
+
+def test_jam_itself_reads_stubs_without_hydrating(jam_root, stash, daemon, jam_bin):
+    r = jam_root.path
+    data = make_file(r / "j.bin", 300_000, 9)
+    make_file(r / "k.bin", 300_000, 10)
+    stash("j.bin", "k.bin")
+    daemon()
+    doc = subprocess.run([jam_bin, "doctor", "--deep"], cwd=r, capture_output=True, text=True)
+    assert "on-access hydration is active" in doc.stdout, doc.stdout + doc.stderr
+    assert is_stub(r / "j.bin") and is_stub(r / "k.bin")  # looked at, not fetched
+    res = subprocess.run([jam_bin, "checkout", "j.bin"], cwd=r, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert sha_file(r / "j.bin") == sha(data)
+
+
+def test_stop_answers_waiting_readers_eagain_and_restart_serves(jam_root, stash, daemon, jam_bin):
+    r = jam_root.path
+    data = make_file(r / "s.bin", 400_000, 11)
+    stash("s.bin")
+    gate = Gate(object_path(jam_root, "s.bin"))
+    d = daemon()
+    t, out = read_in_thread(r / "s.bin")
+    ev = gate.wait()  # a fetch in flight
+    d.proc.send_signal(signal.SIGTERM)
+    t.join(HANG)
+    assert not t.is_alive() and out.get("error") == errno.EAGAIN, out.keys()
+    gate.allow(ev)
+    gate.close()
+    assert d.stop() == 0
+    assert not (jam_root.jam_dir / "daemon.sock").exists() and not (jam_root.jam_dir / "daemon.pid").exists()
+    # the fetch the stop cut short either never filled the stub or finished it, verified
+    assert is_stub(r / "s.bin") or sha_file(r / "s.bin") == sha(data)
+    doc = subprocess.run([jam_bin, "doctor"], cwd=r, capture_output=True, text=True)
+    assert "on-access hydration is off" in doc.stdout
+    daemon()
+    assert sha_file(r / "s.bin") == sha(data)
+
+
+def test_one_daemon_per_root(jam_root, daemon, jam_bin):
+    daemon()
+    res = subprocess.run([jam_bin, "daemon", str(jam_root.path)], capture_output=True, text=True, timeout=HANG)
+    assert res.returncode == 2 and res.stderr.startswith("jam: another jam daemon (pid ")
+    assert len(res.stderr.splitlines()) == 1
+
+
+def test_missing_kernel_support_or_privilege_is_one_line(jam_root, runner, monkeypatch):
+    import jam_core.cli.daemon  # noqa: F401  (registers the command)
+    from jam_core.cli import main
+
+    def no_perm(flags, event_f_flags):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(F, "init", no_perm)
+    res = runner.invoke(main, ["daemon"])
+    assert res.exit_code == 1
+    assert res.output.strip() == ("jam: on-access hydration is not available: fanotify needs CAP_SYS_ADMIN: "
+                                  "run `jam daemon` as root (or with that capability)")
+
+    def no_kernel(flags, event_f_flags):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(F, "init", no_kernel)
+    res = runner.invoke(main, ["daemon"])
+    assert res.exit_code == 1 and "no fanotify pre-content support (Linux >= 6.14 needed)" in res.output
