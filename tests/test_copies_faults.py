@@ -237,3 +237,66 @@ def test_gc_killed_at_the_removal(tmp_path, pm, killer_env, at):
     assert not any(_intents(a).values()), _intents(a)  # ... and cleans the intent
     _jam(["checkout", "kept.bin"], root.path, killer_env, check=0)
     assert (root.path / "kept.bin").read_bytes() == kept, "differs"
+
+
+# -- 4. jam remote remove NAME --move-to OTHER ---------------------------------------------------------------
+
+def _three(tmp_path, pm):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    root = _root(tmp_path, "r", {"a": (a, 0, {}), "b": (b, 1, {}), "c": (c, 2, {})}, pm=pm)
+    data = {n: make_file(root.path / n, 120_000, seed=20 + i) for i, n in enumerate(("x.bin", "y.bin", "z.bin"))}
+    assert stash(root, list(data), pm).exit_code == 0  # all three on a (the nearest tier)
+    oids = {n: _oid(root, n) for n in data}
+    from jam_core.ops.copies import copy
+    assert copy(root, ["y.bin"], pm, "b").exit_code == 0  # y is on b too: not only on a
+    return root, (a, b, c), data, oids
+
+
+def test_remote_remove_refuses_without_move_to(tmp_path, pm):
+    root, (a, b, c), data, oids = _three(tmp_path, pm)
+    res = _jam(["remote", "remove", "a"], root.path, check=2)  # not a terminal: no question asked
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jam: ") and "--move-to" in lines[0] and "--force" in lines[0], lines
+    assert "a" in {r.name for r in Root.find(root.path).remotes()}
+
+
+def test_remote_remove_move_to_moves_first_then_removes(tmp_path, pm):
+    root, (a, b, c), data, oids = _three(tmp_path, pm)
+    res = _jam(["remote", "remove", "a", "--move-to", "c"], root.path, check=0)
+    assert "a" not in {r.name for r in Root.find(root.path).remotes()}, res.stdout
+    for n in ("x.bin", "z.bin"):  # what only a held is on c, verified by hash
+        assert _intact(c, oids[n]), n
+    assert not _holds(c, oids["y.bin"])  # y was on b as well: nothing to move
+    assert not any(_holds(a, o) for o in oids.values())  # and a no longer holds this root's objects
+    a.rename(tmp_path / "a-gone")
+    _jam(["checkout", "."], root.path, check=0)
+    for n, d in data.items():
+        assert (root.path / n).read_bytes() == d, n
+
+
+def test_remote_remove_move_to_a_remote_that_is_down_removes_nothing(tmp_path, pm):
+    root, (a, b, c), data, oids = _three(tmp_path, pm)
+    c.rename(tmp_path / "c-unplugged")
+    res = _jam(["remote", "remove", "a", "--move-to", "c"], root.path, check=1)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jam: ") and "'c'" in lines[0], lines
+    assert "a" in {r.name for r in Root.find(root.path).remotes()}
+    assert all(_intact(a, o) for o in oids.values())  # nothing removed from a
+
+
+def test_remote_remove_move_to_verifies_on_the_target_before_anything_goes(tmp_path, pm, monkeypatch):
+    """The copy on the target is damaged at the instant after it was stored: the move fails,
+    nothing is dropped from the remote being removed, and the CLI would keep it configured."""
+    from jam_core.ops import copies
+
+    root, (a, b, c), data, oids = _three(tmp_path, pm)
+    real = copies._transfer
+
+    def damaged(root_, src, dest, oid, size, pm_, session):
+        real(root_, src, dest, oid, size, pm_, session)
+        _corrupt(c, oid)
+
+    monkeypatch.setattr(copies, "_transfer", damaged)
+    res = copies.move_off(root, pm, "a", "c")
+    assert sorted(rel for rel, _why in res.failed) == ["x.bin", "z.bin"], res
+    assert all(_intact(a, o) for o in oids.values())

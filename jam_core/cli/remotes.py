@@ -54,7 +54,6 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
     import sys
 
     from jam_core.catalog import Catalog
-    from jam_core.errors import UsageError
     from jam_core.ops.remotes import remove_remote
     from jam_core.root import CATALOG, Root
 
@@ -69,12 +68,10 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
                                   type=click.Choice(others + ["no"]), default=others[0], err=True)
             move_to = None if answer == "no" else answer
     if move_to is not None:
-        from jam_core.ops.copies import move
+        from jam_core.ops.copies import move_off
 
-        if move_to == name:
-            raise UsageError("--move-to names the remote being removed")
         with session("Moving") as s:
-            result = move(root, ["."], plugin_manager(), name, move_to, s)
+            result = move_off(root, plugin_manager(), name, move_to, s)
         report(result, "Moved", f"to {move_to}", quiet=True)
         if result.failed or result.aborted:
             raise SystemExit(1)

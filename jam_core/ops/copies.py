@@ -24,7 +24,7 @@ from jam_core.model import Remote, Session
 from jam_core.objects import CHUNK, hasher, split_oid
 from jam_core.ops.common import Result, collect
 from jam_core.ops.refs import Recorder, Users, referenced, users
-from jam_core.placement import durable
+from jam_core.placement import copies_of, durable
 from jam_core.root import CATALOG, Root
 from jam_core.scan import DIRTY, STUB
 
@@ -205,7 +205,11 @@ def copy(root: Root, rels: Iterable[str], pm, to: str, session: Session | None =
 def _copy(root: Root, cat: Catalog, dirs: DirFds, rels, pm, dest: Remote, session: Session,
           result: Result) -> list:
     """Copy, under the lock; returns the entries that ``dest`` now holds."""
-    entries = _stubs(root, dirs, rels, result)
+    return _copy_entries(root, cat, _stubs(root, dirs, rels, result), pm, dest, session, result)
+
+
+def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, session: Session,
+                  result: Result) -> list:
     if not entries:
         return []
     recorder = Recorder(root, pm, session)
@@ -331,4 +335,49 @@ def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Sessi
         _drop(root, cat, pm, session, source, there, copied)
         result.skipped += copied.skipped
         result.partly = result.partly or copied.partly
+    return result
+
+
+def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None) -> Result:
+    """Before remote ``src`` is forgotten (``jam remote remove SRC --move-to DST``): every object
+    of this root's stubs that ``src`` holds and that would be left with fewer than ``[place]
+    copies`` known copies without it is copied to ``dst`` and verified there (hashed in place
+    where the backend can); then this root's objects are dropped from ``src`` through the one
+    guarded removal (kept where another root still needs them there). Any object that could
+    not be copied and verified is a failure: the caller then removes nothing."""
+    if src == dst:
+        raise UsageError("--move-to names the remote being removed")
+    result = Result()
+    session = session or Session()
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
+        source, dest = _remote(root, src), _remote(root, dst)
+        if dest not in durable([dest]):
+            raise UsageError(f"remote {dst!r} is an edge cache: its copies do not count; move to another remote")
+        entries = _stubs(root, dirs, ["."], result)
+        known = cat.remotes_of(e.record.oid for e in entries)
+        keep = {r.name for r in durable(root.remotes())} - {src}
+        copies = copies_of(root.config)
+        on_src, short = [], []
+        for e in entries:
+            holders = known[e.record.oid] | set(e.record.remotes)
+            if src not in holders:
+                continue
+            on_src.append(e)
+            if len(holders & keep) < copies:  # without src it would have too few copies
+                short.append(e)
+        there = _copy_entries(root, cat, short, pm, dest, session, result)
+        for e in there:
+            try:
+                ok = _verified(dest, e.record.oid, e.record.size, pm, session)
+            except (JamError, OSError) as exc:
+                ok, why = False, describe(exc)
+            else:
+                why = f"not verified on {dst!r} after the copy"
+            if not ok:
+                result.failed.append((e.rel, why))
+        if result.failed or result.aborted:
+            return result
+        dropped = Result()
+        _drop(root, cat, pm, session, source, on_src, dropped)
+        result.skipped += dropped.skipped  # kept on src for another root: said, not a failure
     return result

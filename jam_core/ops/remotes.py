@@ -81,8 +81,8 @@ def remove_remote(root: Root, name: str, force: bool = False) -> None:
             only = cat.objects_only_on(name)
         if only and not force:
             raise UsageError(
-                f"remote {name!r} holds the only copy of {only} stubbed file(s); "
-                "check them out first (or --force to forget the remote anyway)"
+                f"remote {name!r} holds the only copy of {only} stubbed file(s); move them first with "
+                f"`jam remote remove {name} --move-to OTHER` (or check them out, or --force to forget it anyway)"
             )
         root.update_config(lambda own: _own_remotes(root, own).pop(name, None))
 
