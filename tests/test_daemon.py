@@ -206,6 +206,21 @@ def test_open_read_mmap_cp_exec_give_the_original_bytes(jam_root, stash, daemon,
         assert {"big.bin", "mapped.bin"} <= set(cat.uses())
 
 
+def test_the_open_alone_fills_it_so_a_sparse_copy_sees_data(jam_root, stash, daemon):
+    """cp's sparse path asks where data is (SEEK_DATA/SEEK_HOLE) and may never read a hole:
+    the open itself must fill the stub, or a copy would be the header and zeros."""
+    r = jam_root.path
+    data = make_file(r / "sparse.bin", 1 << 20, 12)
+    stash("sparse.bin")
+    daemon()
+    fd = os.open(r / "sparse.bin", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == len(data)  # no hole left: the content is there
+    finally:
+        os.close(fd)
+    assert sha_file(r / "sparse.bin") == sha(data)
+
+
 def test_hundred_readers_one_fetch(jam_root, stash, daemon):
     r = jam_root.path
     data = make_file(r / "one.bin", 1 << 20, 4)
