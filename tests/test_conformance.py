@@ -8,6 +8,7 @@ a small tmpfs; taken down by killing the server, hidden by renaming the store.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -282,6 +283,53 @@ class Faulty:
         return None
 
 
+    @hookimpl
+    def remove(self, remote, oid, session):
+        if os.environ.get(FAULT) == "remove_gone_is_absent" and not os.path.isdir(remote.location):
+            return False  # "unknown" answered as "absent"
+        return None
+
+    @hookimpl
+    def write_meta(self, remote, name, data, session):
+        fault = os.environ.get(FAULT)
+        if fault == "meta_any_name" and not re.match(r"\A[a-z0-9][a-z0-9._/-]*\Z", name or "x"):
+            return True  # a hostile name accepted (and, here, harmlessly dropped)
+        if fault == "meta_in_place" and os.path.isdir(remote.location):  # truncated and rewritten
+            path = Path(remote.location, "meta", name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "r+b" if path.exists() else "wb") as f:
+                    f.truncate(0)
+                    f.write(data)
+            except OSError as exc:
+                raise RemoteError(f"remote {remote.name!r}: {exc.strerror}") from None
+            return True
+        return None
+
+    @hookimpl
+    def read_meta(self, remote, name, session):
+        fault = os.environ.get(FAULT)
+        if fault == "meta_unknown_is_absent" and not os.path.isdir(remote.location):
+            return False
+        path = Path(remote.location, "meta", name)
+        if fault == "meta_follows" and name.startswith("refs/") and path.is_symlink():
+            return path.read_bytes()
+        return None
+
+    @hookimpl
+    def list_meta(self, remote, prefix, session):
+        top = Path(remote.location, "meta", prefix)
+        if os.environ.get(FAULT) == "meta_lists_all" and prefix == "refs" and top.is_dir():
+            return sorted(f"{prefix}/{n}" for n in os.listdir(top))
+        return None
+
+    @hookimpl
+    def free_space(self, remote, session):
+        if os.environ.get(FAULT) == "free_unbounded":
+            return 1 << 50
+        return None
+
+
 def faulty_factory(remote: Remote):
     return make_plugin_manager(load_entrypoints=False, extra=(Faulty(),)), remote
 
@@ -307,6 +355,14 @@ class _FaultyDirKit(TestDirBackend):  # not collected: run case by case below
     ("marker_rewritten", "test_remote_id_marker", "a second create changed the id"),
     ("garbage_marker_ok", "test_remote_id_marker", "DID NOT RAISE <class 'jam_core.errors.RemoteError'>"),
     ("nofollow_source", "test_proc_self_fd_paths", "Too many levels of symbolic links"),
+    ("remove_gone_is_absent", "test_remove", "answered 'False' instead of raising"),
+    ("meta_in_place", "test_meta_replace_is_atomic", "not an atomic replace"),
+    ("meta_in_place", "test_meta_failed_write_keeps_the_old", "damaged the old content"),
+    ("meta_any_name", "test_meta_hostile_names", "instead of raising"),
+    ("meta_unknown_is_absent", "test_meta_remote_gone", "answered 'False' instead of raising"),
+    ("meta_follows", "test_meta_odd_entries", "answered \"b'secret'\" instead of raising"),
+    ("meta_lists_all", "test_meta_odd_entries", "listed something that is not a regular file"),
+    ("free_unbounded", "test_free_space", "free_space of a full remote"),
 ])
 def test_the_kit_catches(fault, case, why, tmp_path, monkeypatch):
     """Each case of the kit fails, for the reason it names, on a dir backend with exactly one
