@@ -908,11 +908,12 @@ class _Doctor:
         (O_TMPFILE: nothing is left behind, whatever interrupts the check) and hashed. Each good
         copy is recorded at once (an interrupted scrub resumes)."""
         rel, rec = stubs[0]
-        good = 0
+        good: list[Remote] = []
+        corrupt: list[Remote] = []
         for r in held:
             if (rec.oid, r.name) in recent:
                 self.res.recent += 1
-                good += 1
+                good.append(r)
                 continue
             try:
                 got = self.pm.hook.hash_object(remote=r, oid=rec.oid, size=rec.size, session=self.session)
@@ -921,24 +922,53 @@ class _Doctor:
                 if got is False:  # gone since the listing: not a copy
                     continue
                 if got == rec.oid:
-                    good += 1
+                    good.append(r)
                     self.res.verified += 1
                     self.res.verified_bytes += rec.size
                     if self.cat is not None:
                         self.cat.verified(rec.oid, r.name)
                     continue
-                for s_rel, _ in stubs:
-                    self.problem("corrupt", s_rel, f"remote {r.name!r} holds a corrupt copy of {rec.oid} (its bytes "
-                                 "do not hash to its id); the other copies are checked too")
+                corrupt.append(r)
             except RemoteError as exc:
                 self.unusable[r.name] = str(exc)
                 self.res.add("setup", PROBLEM, "unreachable", r.name, str(exc))
             except JamError as exc:
                 for s_rel, _ in stubs:
                     self.problem("corrupt", s_rel, str(exc))
+        for r in corrupt:  # each corrupt copy: which remote, whether a good one is left, the fix
+            detail = f"remote {r.name!r} holds a corrupt copy of {rec.oid} (its bytes do not hash to its id)"
+            fixed = False
+            if good:
+                detail += f"; the copy on {good[0].name!r} is good"
+                if self.fix:
+                    why = self.recopy(good[0], r, rec)
+                    fixed = not why
+                    detail += f": copied again from {good[0].name!r}" if fixed else f"; not copied again: {why}"
+                else:
+                    detail += f" (`jam doctor --deep --fix` copies it again from {good[0].name!r})"
+            for s_rel, _ in stubs:
+                self.problem("corrupt", s_rel, detail, fixed=fixed)
         if not good:
             for s_rel, _ in stubs:
                 self.problem("missing", s_rel, f"no remote holds an intact copy of {rec.oid}")
+
+    def recopy(self, src: Remote, dest: Remote, rec: StubRecord) -> str:
+        """Store ``rec``'s object on ``dest`` again from the good copy on ``src`` (fetched into a
+        nameless file, verified, stored, verified again by hashing it in place). "" once done,
+        else why not."""
+        from jam_core.ops.copies import _transfer, _verified
+
+        try:
+            _transfer(self.root, src, dest, rec.oid, rec.size, self.pm, self.session)
+            self.pm.hook.sync(remote=dest, session=self.session)
+            self.session.cache.pop(("jam.copies.verified", dest.name, rec.oid), None)
+            if not _verified(dest, rec.oid, rec.size, self.pm, self.session):
+                return f"remote {dest.name!r} still does not hold an intact copy"
+        except (JamError, OSError) as exc:
+            return str(exc)
+        if self.cat is not None:
+            self.cat.verified(rec.oid, dest.name)
+        return ""
 
     def fetch_and_hash(self, r: Remote, rec: StubRecord) -> str | bool:
         """The id the copy on ``r`` hashes to, fetched into a nameless file (False: not there)."""
