@@ -158,6 +158,26 @@ def test_gc_on_an_sftp_remote_keeps_what_another_root_refers_to(runner, tmp_path
     assert (rb / "shared.bin").read_bytes() == shared
 
 
+def test_move_and_remote_remove_from_an_sftp_remote(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    """copies = 1: the stash goes to the nearest tier (sftp) only; `jam move` and `jam remote
+    remove --move-to` bring its objects to the dir remote and remove them from the server."""
+    near = tmp_path / "near"
+    tree = mirrored_root(runner, tmp_path, "tree", sshd, sftp_store, near, monkeypatch, copies=1)
+    a = make_file(tree / "a.bin", 200_000, seed=6)
+    b = make_file(tree / "b.bin", 200_000, seed=7)
+    jam(runner, "stash", "a.bin", "b.bin")
+    oa, ob = oid_of(tree / "a.bin"), oid_of(tree / "b.bin")
+    assert holds(sftp_store, oa) and holds(sftp_store, ob) and not holds(near, oa)
+    jam(runner, "move", "--from", "far", "--to", "near", "a.bin")
+    assert not holds(sftp_store, oa) and holds(near, oa) and holds(sftp_store, ob)
+    res = jam(runner, "remote", "remove", "far", ok=False)  # the only copy of b.bin
+    assert res.exit_code == 2 and holds(sftp_store, ob)
+    jam(runner, "remote", "remove", "far", "--move-to", "near")
+    assert not holds(sftp_store, ob) and holds(near, ob)
+    jam(runner, "checkout", "a.bin", "b.bin")
+    assert (tree / "a.bin").read_bytes() == a and (tree / "b.bin").read_bytes() == b
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_server_killed_mid_drop(runner, mirrors, sshd, monkeypatch, when):
     """The server dies at the removal (before the request, or after it, its reply lost):
@@ -252,6 +272,23 @@ def test_remove_leaves_a_symlink_in_an_objects_place(pm, remote, sftp_store, tmp
     with Session() as s:
         assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
     assert place.is_symlink() and victim.read_bytes() == b"precious"
+
+
+def test_remove_never_goes_through_a_symlinked_fan_out_directory(pm, remote, sftp_store, tmp_path):
+    """objects/b3/ab replaced by a symlink to another directory: remove refuses (RemoteError)
+    and the file over there stays."""
+    from jam_core.errors import RemoteError
+
+    oid = "b3:" + "cd" * 32
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / oid[3:]).write_bytes(b"someone else's")
+    (sftp_store / "objects" / "b3").mkdir()
+    (sftp_store / "objects" / "b3" / "cd").symlink_to(elsewhere)
+    with Session() as s, pytest.raises(RemoteError) as exc:
+        pm.hook.remove(remote=remote, oid=oid, session=s)
+    assert "symlink" in str(exc.value)
+    assert (elsewhere / oid[3:]).read_bytes() == b"someone else's"
 
 
 def test_free_space_is_the_servers_statvfs_or_none(pm, remote, sftp_store, monkeypatch):

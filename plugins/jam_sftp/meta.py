@@ -121,8 +121,27 @@ class Meta:
 
     # -- remove ------------------------------------------------------------------------------
 
+    def _real_dir(self, path: str) -> bool | None:
+        """True if ``path`` is a directory (not a symlink to one), None if absent, else RemoteError.
+        A directory seen once is trusted for the rest of the command."""
+        seen = self.pool.real_dirs
+        if path in seen:
+            return True
+        st = self.ops.lstat(path)
+        if st is None:
+            return None
+        if not statmod.S_ISDIR(st.st_mode or 0):
+            raise RemoteError(f"{self.where}: {path} is not a directory (a symlink?); jam removes nothing through it")
+        seen.add(path)
+        return True
+
     def remove(self, oid: str) -> bool:
         path = self.ops.object_path(oid)
+        algo_dir, fan_dir = path.rsplit("/", 2)[0], path.rsplit("/", 1)[0]
+        for d in (algo_dir, fan_dir):  # never through a symlinked fan-out directory
+            if self._real_dir(d) is None:
+                self.location_present()
+                return False
         st = self.ops.lstat(path)
         if st is None:
             self.location_present()

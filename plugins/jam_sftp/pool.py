@@ -79,6 +79,7 @@ class Pool:
         self.layout_checked = False
         self.swept = False  # tmp/ checked for stale uploads in this command
         self.known_dirs: set[str] = set()  # fan-out directories known to exist (shared by threads)
+        self.real_dirs: set[str] = set()  # directories lstat-ed as real ones (not symlinks) by a removal
         self._cond = threading.Condition()
         self._first = threading.Lock()
         self._idle: list[Connection] = []
