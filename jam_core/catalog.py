@@ -235,6 +235,19 @@ class Catalog:
         rows = self._stubs_under("path, size, mtime_ns, ino, ctime_ns", under)
         return {p: (size, mtime, ino, ctime) for p, size, mtime, ino, ctime in rows}
 
+    def record_stamps(self, rows: Iterable[tuple[bytes, str, int, int, int, int]]) -> int:
+        """Rows of ``(path (bytes), oid, size, mtime_ns, ino, ctime_ns)`` from a scan that read
+        each stub and found it clean: the stamp (inode, ctime) is recorded on the catalog's row
+        of that path only if the row names the same content (id, size, mtime). No row is
+        added. Returns how many rows were updated."""
+        rows = [(ino, ctime, path, oid, size, mtime) for path, oid, size, mtime, ino, ctime in rows]
+        if not rows:
+            return 0
+        with self.transaction():
+            cur = self.db.executemany("UPDATE stubs SET ino = ?, ctime_ns = ? WHERE path = ? AND oid = ? "
+                                      "AND size = ? AND mtime_ns = ?", rows)
+        return cur.rowcount
+
     def stub_rows(self, under: str = ".") -> dict[bytes, tuple]:
         """``{path (bytes): (oid, size, mtime_ns, stashed_at, ino, ctime_ns)}`` of the stubs at or
         under ``under``, in one query: what doctor needs of a stub the stamp vouches for

@@ -4,8 +4,10 @@ the stat says the file may be a stub. Symlinks are never followed; ``.jam`` is s
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -118,15 +120,25 @@ def _copy_of_a_stub(path: str, st: os.stat_result) -> tuple[str, StubRecord | No
 def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
               tidy=None, depth: int | None = None):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
-    holds regular files (jam's temporary files left out). A single file yields its directory
-    with that one file. One lstat per entry, no other I/O.
+    holds regular files (jam's temporary files left out): ``scan_stats`` with each file's
+    ``path`` (``/proc/self/fd/N/name``, valid only until the next item is asked for)."""
+    for d, base, names, stats in scan_stats(root_path, rel, on_error, ordered, clean, tidy, depth):
+        yield d, [(n, base + n, st) for n, st in zip(names, stats, strict=True)]
+
+
+def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
+               tidy=None, depth: int | None = None):
+    """The one walk. Yield ``(dir_rel, base, names, lstats)`` for every directory under
+    ``rel`` that holds regular files (jam's temporary files left out): two parallel lists, no
+    object per file but its lstat. A single file yields its directory with that one file.
+    One lstat per entry, no other I/O. ``base + name`` names a file through its directory's
+    descriptor (``base`` is ``/proc/self/fd/N/``) and is valid only until the next item is
+    asked for.
 
     The walk goes from directory descriptor to directory descriptor, opening each directory
     with O_NOFOLLOW: a directory swapped for a symlink mid-walk is not entered, so nothing
-    outside the root is ever listed. Each ``path`` names the file through its directory's
-    descriptor (``/proc/self/fd/N/name``) and is valid only until the next item is asked for.
-    Directories that hold another root (``.jam/``) or a remote (its identity marker) are
-    skipped: a root and a remote never overlap.
+    outside the root is ever listed. Directories that hold another root (``.jam/``) or a
+    remote (its identity marker) are skipped: a root and a remote never overlap.
 
     ``clean=True`` (only while holding the root's lock, when no other jam can be writing)
     first deletes the temporary files a killed jam provably left (``_disposable``).
@@ -146,6 +158,23 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
         os.close(root_fd)
 
 
+@contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a scan: a scan allocates a stat result per file
+    and keeps them per directory, which makes the collector walk every live object again and
+    again (a third of the time of a large scan); none of them can form a cycle."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+_FMT, _REG, _DIR = stat.S_IFMT(0o177777), stat.S_IFREG, stat.S_IFDIR
+
+
 def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
                depth: int | None = None):
     if rel == ".":
@@ -163,7 +192,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                 _clean_dir(pfd)  # first: a stale hold-link would make the file look hard-linked
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode):
-                yield parent or ".", [(name, fd_path(pfd) + "/" + name, st)]
+                yield parent or ".", fd_path(pfd) + "/", [name], [st]
                 return
             if not stat.S_ISDIR(st.st_mode):
                 return
@@ -176,7 +205,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
             os.close(pfd)
     top = rel == "."
     skip = _remote_dirs(root_fd)
-    S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR
+    fmt_mask, REG, DIR = _FMT, _REG, _DIR
     stack: list[list] = [[start_fd, prefix, None, 0]]
     try:
         while stack:
@@ -196,24 +225,30 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     entries = _clean_entries(fd, entries)
                 if tidy is not None:
                     entries = tidy(fd, prefix[:-1] or ".", entries)
-                files, subdirs = [], []
-                base = fd_path(fd) + "/"
+                names: list[str] = []
+                stats: list[os.stat_result] = []
+                subdirs = []
+                add_name, add_stat = names.append, stats.append
                 for e in entries:
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError:
                         continue  # vanished while we looked
-                    mode = est.st_mode
-                    if S_ISREG(mode):
-                        name = e.name
-                        if name[:5] != ".jam-" or not is_jam_tmp(name):  # the call only for jam-like names
-                            files.append((name, base + name, est))
-                    elif S_ISDIR(mode):
+                    kind = est.st_mode & fmt_mask
+                    if kind == REG:
+                        add_name(e.name)
+                        add_stat(est)
+                    elif kind == DIR:
                         if (prefix or e.name != JAM_DIR) and (est.st_dev, est.st_ino) not in skip:
                             subdirs.append(e.name)
+                del entries
+                if names and TMP_PREFIX in "/".join(names):  # one test per directory ("/" is in no name)
+                    keep = [i for i, n in enumerate(names) if not is_jam_tmp(n)]
+                    if len(keep) != len(names):
+                        names, stats = [names[i] for i in keep], [stats[i] for i in keep]
                 frame[2] = iter(subdirs if depth is None or level < depth else ())
-                if files:
-                    yield prefix[:-1] or ".", files
+                if names:
+                    yield prefix[:-1] or ".", fd_path(fd) + "/", names, stats
                 continue
             name = next(subdirs, None)
             if name is None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, scan_dirs
+from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_stats
 from jam_core.stub import LOST_XATTRS
 
 
@@ -65,7 +65,13 @@ class Status:
 
 
 def status(root: Root, rel: str = ".") -> Status:
-    """One scan of ``rel``: a stat per file, an xattr read only where the stat suggests a stub."""
+    """One scan of ``rel``: a stat per file, an xattr read only where the stat suggests a stub.
+
+    The catalog is a cache trusted where the stat says nothing changed: a stub whose lstat
+    matches the stamp recorded when jam made it (size, mtime, inode, ctime) is counted without
+    reading anything. Any other possible stub is read and its bytes checked; one found clean
+    whose catalog row names the same content gets its stamp recorded (``_remember``), so the
+    next status trusts it without reading it again."""
     result = Status(root=str(root.path), path=rel)
 
     def on_error(r, exc):
@@ -73,23 +79,58 @@ def status(root: Root, rel: str = ".") -> Status:
 
     pins, known = _from_catalog(root, rel)
     result.pins = sorted(pins)
+    with gc_paused():
+        checked = _scan(root, rel, result, pins, known, on_error)
+    if checked:
+        _remember(root, checked)
+    return result
+
+
+def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[bytes, tuple], on_error) -> list:
+    """The tallies of one scan into ``result``; returns the stubs read and found clean whose
+    catalog row has no matching stamp (what ``_remember`` records)."""
     fsencode = os.fsencode
-    for d, files in scan_dirs(str(root.path), rel, on_error, ordered=False):
-        t = result.directories.setdefault(d, Tally())
-        dprefix = b"" if d == "." else fsencode(d) + b"/"
-        if pins:
-            t.pinned += len(files) if covered(d, pins) else sum(
-                covered(n if d == "." else f"{d}/{n}", pins) for n, _, _ in files)
-        for name, path, st in files:
-            size, disk = st.st_size, st.st_blocks * 512
+    get = known.get
+    checked: list[tuple[bytes, str, os.stat_result]] = []  # read and found clean: stamps to record
+    directories = result.directories
+    for d, base, names, stats in scan_stats(str(root.path), rel, on_error, ordered=False):
+        t = directories[d] = Tally()
+        n_local = local_bytes = size_sum = disk_sum = 0
+        odd = []  # files the stat alone does not settle
+        for i, st in enumerate(stats):
+            size = st.st_size
+            disk = st.st_blocks * 512
+            size_sum += size
+            disk_sum += disk
             if st.st_mode & 0o222 and disk >= size:  # writable and not sparse: a local file
+                n_local += 1
+                local_bytes += size
+            else:
+                odd.append(i)
+        t.local, t.local_bytes, t.bytes, t.disk_bytes = n_local, local_bytes, size_sum, disk_sum
+        if pins:
+            t.pinned += len(names) if covered(d, pins) else sum(
+                covered(n if d == "." else f"{d}/{n}", pins) for n in names)
+        if not odd:
+            continue
+        dprefix = b"" if d == "." else fsencode(d) + b"/"
+        for i in odd:
+            name, st = names[i], stats[i]
+            key = dprefix + fsencode(name)
+            stamp = get(key)
+            state, rec, problem = classify(base + name, st, QUICK, stamp=stamp, verify=True)
+            if state == STUB:
+                t.stubs += 1
+                t.stub_bytes += st.st_size
+                if rec is not None and stamp is not None and not problem:
+                    checked.append((key, rec.oid, st))
+            elif state == LOCAL:
                 t.local += 1
-                t.local_bytes += size
-                t.bytes += size
-                t.disk_bytes += disk
-                continue
-            state, _, problem = classify(path, st, QUICK, stamp=known.get(dprefix + fsencode(name)), verify=True)
-            t.add(state, size, disk)
+                t.local_bytes += st.st_size
+            elif state == DIRTY:
+                t.dirty += 1
+            else:
+                t.bad += 1
             if state in (DIRTY, BAD) or problem:
                 rel_path = name if d == "." else f"{d}/{name}"
                 if state == DIRTY:
@@ -98,10 +139,29 @@ def status(root: Root, rel: str = ".") -> Status:
                     problem = f"a stub that {problem}: `jam doctor --fix` restores them"
                 result.problems.append((rel_path, problem))
     total = result.total
-    for t in result.directories.values():
+    for t in directories.values():
         for k, v in t.__dict__.items():
             setattr(total, k, getattr(total, k) + v)
-    return result
+    return checked
+
+
+def _remember(root: Root, checked: list[tuple[bytes, str, os.stat_result]]) -> None:
+    """Record the stamps (inode, ctime) of stubs this scan read and found clean, on the catalog
+    rows that name the same content (id, size, mtime): the next scan trusts them from their
+    stat. Only when no other jam holds the root (never waits), and only as a cache: a root
+    that cannot be written, or a catalog that is busy or damaged, is simply not updated. A
+    stamp that went stale meanwhile (the file changed again) matches no later stat: it costs a
+    read, never a wrong answer."""
+    from jam_core.catalog import Catalog
+    from jam_core.errors import JamError
+    from jam_core.root import CATALOG
+
+    try:
+        with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+            cat.record_stamps([(key, oid, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                               for key, oid, st in checked])
+    except (JamError, OSError):
+        pass
 
 
 def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:

@@ -1,0 +1,226 @@
+"""Scans at scale: `jam status`, `jam stash --auto --dry-run` and `jam doctor` against
+``find ROOT -printf '%s %T@ %p\\n'`` over the same tree, in the same run, with each command's
+peak memory (its own ``ru_maxrss``, from ``wait4``).
+
+The tree: ``--files`` files (100,000; 1,000,000 with ``--million`` or ``JAM_BENCH_MILLION=1``)
+in directories of ``--per-dir`` (1000), mostly empty or tiny local files with ages spread over
+400 days, and one in ``--stub-every`` (10) a stub. Stubs are made fast: the records are jam's
+own (``StubRecord``, its header, its ``user.jam`` xattr, read-only, sparse), written without
+fsync; they share ``--objects`` (1000) small objects on a ``dir`` remote, and the catalog gets
+their rows with the inode and ctime stamps a stash records.
+
+Cases (median of ``--repeat`` runs, warm cache):
+
+  * find -printf (the peer: one stat per file, one line out per file);
+  * jam status, first after the catalog lost its stamps (as after `mv` of the stubs or a
+    rebuilt catalog: every stub is read once and its stamp recorded), then repeated with
+    nothing changed (every stub trusted from its stat, nothing opened);
+  * jam stash --auto --dry-run with the age policy (older_than 300d, min_size 1: about a
+    quarter of the local files are nominated and printed);
+  * jam doctor (no --deep).
+
+    .venv/bin/python bench/bench_million.py              # 100,000 files
+    .venv/bin/python bench/bench_million.py --million    # 1,000,000 files (a few minutes to build)
+    .venv/bin/python bench/bench_million.py --keep DIR   # build once into DIR, reuse it next time
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+JAM = str(Path(sys.executable).parent / "jam")
+DAY = 86400
+GIB = 1 << 30
+
+
+def build(base: Path, env: dict, nfiles: int, per_dir: int, stub_every: int, nobjects: int) -> Path:
+    """The tree under ``base/root``, its objects on ``base/remote``, its catalog rows."""
+    os.environ.update(env)
+    from jam_core.catalog import Catalog
+    from jam_core.fs import setxattr
+    from jam_core.hook.index import refresh
+    from jam_core.manager import make_plugin_manager
+    from jam_core.objects import hasher, object_relpath
+    from jam_core.ops.remotes import add_remote
+    from jam_core.root import Root
+    from jam_core.stub import XATTR, StubRecord
+
+    root_path, remote = base / "root", base / "remote"
+    root_path.mkdir(parents=True)
+    remote.mkdir()
+    root, _ = Root.init(root_path, register=False)
+    add_remote(root, make_plugin_manager(), "bench", str(remote))
+    root.update_config(lambda c: c.setdefault("core", {}).__setitem__("min_size", "1"))
+    root.update_config(lambda c: c.setdefault("policy", {}).__setitem__("age", {"older_than": "300d"}))
+
+    objects = []  # (oid, size) of the shared objects
+    for i in range(nobjects):
+        data = i.to_bytes(8, "little") * (64 + i % 512)
+        h = hasher()
+        h.update(data)
+        oid = "b3:" + h.hexdigest()
+        final = remote / "objects" / object_relpath(oid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_bytes(data)
+        objects.append((oid, len(data)))
+
+    now_ns = time.time_ns()
+    payload = b"jam bench " * 30
+    rows = []
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    dfd = -1
+    try:
+        for n in range(nfiles):
+            if n % per_dir == 0:
+                if dfd >= 0:
+                    os.close(dfd)
+                dname = f"d{n // per_dir:05d}"
+                os.mkdir(root_path / dname)
+                dfd = os.open(root_path / dname, os.O_RDONLY | os.O_DIRECTORY)
+            mtime_ns = now_ns - (n * 7919 % 400) * DAY * 10**9
+            if n % stub_every == stub_every - 1:
+                name = f"s{n:07d}.dat"
+                oid, size = objects[n % nobjects]
+                rec = StubRecord(oid, size, 0o644, mtime_ns, ("bench",), "2024-01-01T00:00:00Z")
+                fd = os.open(name, flags, 0o600, dir_fd=dfd)
+                try:
+                    os.write(fd, rec.header(name)[:size])
+                    os.ftruncate(fd, size)
+                    setxattr(fd, XATTR, rec.pack())
+                    os.fchmod(fd, 0o444)
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                rows.append((f"{dname}/{name}", oid, size, mtime_ns, rec.stashed_at, st.st_ino, st.st_ctime_ns))
+            else:
+                name = f"f{n:07d}.{('txt', 'jpg', 'log', 'bin')[n % 4]}"
+                fd = os.open(name, flags, 0o644, dir_fd=dfd)
+                try:
+                    if n % 3:
+                        os.write(fd, payload[: n % 300])
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                finally:
+                    os.close(fd)
+            if n and n % 100_000 == 0:
+                print(f"  ... {n} files", flush=True)
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        cat.replace_stubs(rows)
+        with cat.transaction():
+            for oid, size in objects:
+                cat.record_location(oid, "bench", size)
+        refresh(root, cat)
+    subprocess.run(["sync", "-f", str(root_path)], check=False)
+    return root_path
+
+
+def forget_stamps(root: Path) -> None:
+    """The catalog keeps its stub rows but loses their inode and ctime stamps (as after a
+    `mv` of every stub, or a catalog rebuilt by an older jam)."""
+    import sqlite3
+
+    con = sqlite3.connect(root / ".jam" / "catalog.db")
+    with con:
+        con.execute("UPDATE stubs SET ino = NULL, ctime_ns = NULL")
+    con.close()
+
+
+def timed(argv: list[str], cwd=None, env=None, ok=(0,)) -> tuple[float, int, int]:
+    """(seconds, peak RSS in bytes, bytes written to stdout) of one run of ``argv``."""
+    with tempfile.TemporaryFile() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stderr.close()
+        if proc.returncode not in ok:
+            raise SystemExit(f"{' '.join(argv[:4])} exited {proc.returncode}: {err.decode()[-400:]}")
+        return elapsed, usage.ru_maxrss * 1024, out.tell()
+
+
+def median_of(argv, repeat: int, **kw) -> tuple[float, int, int]:
+    runs = [timed(argv, **kw) for _ in range(repeat)]
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--million", action="store_true", default=os.environ.get("JAM_BENCH_MILLION") == "1",
+                    help="1,000,000 files (also JAM_BENCH_MILLION=1)")
+    ap.add_argument("--files", type=int, help="files in the tree (default 100,000; 1,000,000 with --million)")
+    ap.add_argument("--per-dir", type=int, default=1000)
+    ap.add_argument("--stub-every", type=int, default=10)
+    ap.add_argument("--objects", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", metavar="DIR", help="build into DIR (kept) or reuse the tree already there")
+    ap.add_argument("--skip", default="", help="comma-separated cases to skip: status,first,dry-run,doctor")
+    args = ap.parse_args()
+    nfiles = args.files or (1_000_000 if args.million else 100_000)
+    skip = set(filter(None, args.skip.split(",")))
+
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="jam-bench-million-"))
+    home = base / "home"
+    env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
+               XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # jam as installed: its modules compiled once
+    root = base / "root"
+    try:
+        if not (root / ".jam").is_dir():
+            t0 = time.perf_counter()
+            build(base, env, nfiles, args.per_dir, args.stub_every, args.objects)
+            print(f"built {nfiles} files ({nfiles // args.stub_every} stubs) in {time.perf_counter() - t0:.1f}s",
+                  flush=True)
+        else:
+            print(f"reusing the tree in {root}")
+        find = ["find", str(root), "-printf", "%s %T@ %p\n"]
+        timed(find)
+        timed([JAM, "status", str(root)], env=env, ok=(0, 1))  # warm the caches, compile modules
+        rows = []
+
+        def case(name, argv, ok=(0,), repeat=args.repeat):
+            t, rss, out = median_of(argv, repeat, cwd=root, env=env, ok=ok)
+            tf = median_of(find, repeat)[0]  # the peer, measured beside each case
+            rows.append((name, t, tf, rss))
+            print(f"{name:<34} {t:8.3f}s  find {tf:7.3f}s  ratio {t / tf:5.2f}x  peak RSS {rss / 2**20:7.1f} MiB"
+                  f"  ({out / 2**20:.1f} MiB out)", flush=True)
+
+        if "first" not in skip:
+            firsts = []
+            for _ in range(args.repeat):
+                forget_stamps(root)
+                firsts.append(timed([JAM, "status"], cwd=root, env=env))
+            t, rss = statistics.median(f[0] for f in firsts), max(f[1] for f in firsts)
+            tf = median_of(find, args.repeat)[0]
+            rows.append(("status, catalog without stamps", t, tf, rss))
+            print(f"{'status, catalog without stamps':<34} {t:8.3f}s  find {tf:7.3f}s  ratio {t / tf:5.2f}x  "
+                  f"peak RSS {rss / 2**20:7.1f} MiB", flush=True)
+        if "status" not in skip:
+            case("status (repeated, nothing changed)", [JAM, "status"])
+        if "dry-run" not in skip:
+            case("stash --auto --dry-run (age)", [JAM, "stash", "--auto", "--dry-run"])
+        if "doctor" not in skip:
+            case("doctor", [JAM, "doctor"], ok=(0, 1), repeat=1 if nfiles > 200_000 else args.repeat)
+        worst = max(r[3] for r in rows) if rows else 0
+        print(f"peak RSS of any jam command: {worst / 2**20:.1f} MiB ({'under' if worst < GIB else 'OVER'} 1 GiB)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
