@@ -10,7 +10,18 @@ Cases: outside every root (a roots list with one root elsewhere), and inside a r
 stubs in a or b (its index exists: another directory holds stubs). direnv runs in directories
 without an .envrc, its cheapest case.
 
-    python bench/bench_hook.py [--n 1000] [--runs 5] [--json]
+Then the figures of start-up and of the hook's fetch, each against its peer in the same run:
+
+- start-up: `jam --version` against `python -c pass` (the same interpreter; also `python -I -S
+  -c pass`, the interpreter alone without site-packages); median and best of --rounds
+  interleaved runs.
+- fetch: `zsh -f -c 'source HOOK; cd DIR'` where DIR holds 3 stubs of 64 KiB (dir remote),
+  against the same with DIR a directory of the root with nothing to fetch; the stubs are made
+  again (jam stash, not timed) before every round and checked to be back after it.
+- where the hook's fetch spends its imports: `python -X importtime` of `jam hook-fetch -- DIR`,
+  the top entries by cumulative time (best of 3 runs per module).
+
+    python bench/bench_hook.py [--n 1000] [--runs 5] [--rounds 15] [--skip-cd] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ def setup(tmp: Path) -> dict:
     env = dict(os.environ, HOME=str(tmp / "home"), XDG_DATA_HOME=str(tmp / "home/.local/share"),
                XDG_CONFIG_HOME=str(tmp / "home/.config"), JAM_DISABLE="")
     env.pop("PROMPT_COMMAND", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # jam as installed: its modules compiled once, not per run
     (tmp / "home").mkdir()
     root = tmp / "root"
     for d in ("a", "b", "stubbed"):
@@ -80,16 +92,116 @@ def per_cd(shell: str, hook: str, where: Path, env: dict, n: int, runs: int) -> 
     return (best(n) - best(0)) / (3 * n) * 1000  # ms per cd (a, ../b, .. per iteration)
 
 
+def _run_times(cmds: dict[str, list[str]], rounds: int, env: dict, before=None, after=None) -> dict:
+    """Run each command once per round, interleaved (the machine's load hits all alike);
+    ``before(name)``/``after(name)`` run untimed around each. Returns name -> (sorted wall
+    seconds, sorted CPU seconds: user + system of the command and its children; on a shared
+    machine the CPU time moves less than the wall time)."""
+    import resource
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in cmds}
+    for _ in range(rounds):
+        for name, cmd in cmds.items():
+            if before:
+                before(name)
+            c, t = cpu(), time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[name][0].append(time.perf_counter() - t)
+            times[name][1].append(cpu() - c)
+            if after:
+                after(name)
+    return {k: (sorted(w), sorted(c)) for k, (w, c) in times.items()}
+
+
+def _med(v: list[float]) -> float:
+    return v[len(v) // 2] * 1000
+
+
+def _figures(t: dict) -> dict:
+    return {k: {"median_ms": round(_med(w), 2), "best_ms": round(w[0] * 1000, 2), "cpu_median_ms": round(_med(c), 2)}
+            for k, (w, c) in t.items()}
+
+
+def startup(env: dict, rounds: int) -> dict:
+    py = sys.executable
+    t = _run_times({"jam --version": [JAM, "--version"], "python -c pass": [py, "-c", "pass"],
+                    "python -I -S -c pass": [py, "-I", "-S", "-c", "pass"]}, rounds, env)
+    return _figures(t)
+
+
+def fetch(tmp: Path, env: dict, rounds: int) -> dict:
+    """cd into a directory with 3 stubs of 64 KiB (zsh hook, dir remote) vs one with none."""
+    root = tmp / "froot"
+    (root / "stubs").mkdir(parents=True)
+    (root / "empty").mkdir()
+    data = {}
+    for i in range(3):
+        data[i] = os.urandom(64 * 1024)
+        (root / f"stubs/f{i}").write_bytes(data[i])
+    subprocess.run([JAM, "init", str(root)], env=env, check=True, capture_output=True)
+    hook = tmp / "hook.zsh"
+    hook.write_text(subprocess.run([JAM, "hook", "zsh"], env=env, check=True, capture_output=True,
+                                   text=True).stdout)
+    zsh = shutil.which("zsh")
+
+    def stubbed(_name: str) -> None:
+        subprocess.run([JAM, "stash", str(root / "stubs")], env=env, check=True, capture_output=True)
+        assert (root / ".jam/stubdirs/stubs").stat().st_mode & 0o1000
+
+    def back(name: str) -> None:
+        if name == "cd, 3 stubs":
+            for i, d in data.items():
+                assert (root / f"stubs/f{i}").read_bytes() == d, "the hook did not bring the stubs back"
+
+    cmds = {"cd, 3 stubs": [zsh, "-f", "-c", f"source {str(hook)!r}; cd {str(root / 'stubs')!r}"],
+            "cd, nothing to fetch": [zsh, "-f", "-c", f"source {str(hook)!r}; cd {str(root / 'empty')!r}"]}
+    t = _run_times(cmds, rounds, dict(env, JAM_BACKGROUND="0"), before=stubbed, after=back)
+    out = _figures(t)
+    stubbed("")
+    out["importtime"] = importtime(root / "stubs", env, stubbed)
+    return out
+
+
+def importtime(directory: Path, env: dict, restub, runs: int = 3, top: int = 15) -> list:
+    """(module, cumulative µs, self µs) of the top-level imports of `jam hook-fetch -- DIR`,
+    best of ``runs`` per module, largest first."""
+    best: dict[str, tuple[int, int]] = {}
+    for i in range(runs):
+        if i:
+            restub("")
+        res = subprocess.run([sys.executable, "-X", "importtime", JAM, "hook-fetch", "--", str(directory)],
+                             env=env, capture_output=True, text=True, check=True)
+        for line in res.stderr.splitlines():
+            if not line.startswith("import time:") or "cumulative" in line:
+                continue
+            own, cum, name = line[len("import time:"):].split("|")
+            if name.startswith("  "):
+                continue  # nested: counted in its top-level importer
+            key = name.strip()
+            cur = (int(cum), int(own))
+            best[key] = min(best.get(key, cur), cur)
+    return [(k, c, o) for k, (c, o) in sorted(best.items(), key=lambda kv: -kv[1][0])[:top]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the start-up and fetch figures")
+    ap.add_argument("--skip-cd", action="store_true", help="only the start-up and fetch figures")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as t:
         s = setup(Path(t))
-        for shell in ("bash", "zsh", "fish"):
+        extra = {"startup": startup(s["env"], args.rounds)}
+        if shutil.which("zsh"):
+            extra["fetch"] = fetch(Path(t), s["env"], args.rounds)
+        for shell in ("bash", "zsh", "fish") if not args.skip_cd else ():
             if not shutil.which(shell):
                 continue
             base = {w: per_cd(shell, "none", s[w], s["env"], args.n, args.runs) for w in ("outside", "inside")}
@@ -102,8 +214,28 @@ def main() -> int:
                 row["direnv_over_jam_inside"] = round(row["direnv_ms"] / max(row["jam_inside_ms"], 1e-4), 1)
             rows.append(row)
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
+        print(json.dumps({"per_cd": rows, **extra}, indent=2))
+        return 0
+    def line(a: dict, b: dict) -> str:
+        return (f"{a['median_ms'] - b['median_ms']:+.1f} ms (median), {a['best_ms'] - b['best_ms']:+.1f} ms (best), "
+                f"{a['cpu_median_ms'] - b['cpu_median_ms']:+.1f} ms of CPU (median)")
+
+    st = extra["startup"]
+    print("start-up (ms, median / best / CPU median):")
+    for k, v in st.items():
+        print(f"  {k:22} {v['median_ms']:7.1f} {v['best_ms']:7.1f} {v['cpu_median_ms']:7.1f}")
+    print(f"  jam --version over python -c pass: {line(st['jam --version'], st['python -c pass'])}")
+    if "fetch" in extra:
+        f = extra["fetch"]
+        a, b = f["cd, 3 stubs"], f["cd, nothing to fetch"]
+        print("fetch on cd (zsh, dir remote, 3 x 64 KiB; ms, median / best / CPU median):")
+        for k in ("cd, 3 stubs", "cd, nothing to fetch"):
+            print(f"  {k:22} {f[k]['median_ms']:7.1f} {f[k]['best_ms']:7.1f} {f[k]['cpu_median_ms']:7.1f}")
+        print(f"  the fetch adds {line(a, b)}")
+        print("  python -X importtime, jam hook-fetch, top-level imports (cumulative / self, ms):")
+        for name, cum, own in f["importtime"]:
+            print(f"    {cum / 1000:7.2f} {own / 1000:7.2f}  {name}")
+    if rows:
         print("added cost per cd (ms): shell  none(abs)  jam-outside  jam-inside(no stubs)  direnv  direnv/jam-inside")
         for r in rows:
             print(f"  {r['shell']:5} {r['none_ms']:9.4f} {r['jam_outside_ms']:12.4f} {r['jam_inside_ms']:21.4f} "

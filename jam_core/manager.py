@@ -22,6 +22,11 @@ BUILTIN_PLUGINS = (
     "jam_related",
 )
 
+# Enough to fetch in a root whose remotes are all built-in ``dir`` ones (the cd hook's fetch).
+DIR_ONLY = ("jam_core.placement", "jam_dir")
+DIR_KIND = "dir"
+BUILTIN_POLICIES = frozenset({"age", "lru", "budget", "related"})  # [policy.NAME] of the built-ins
+
 ENV_BLOCK = "JAM_BLOCK_PLUGINS"  # comma-separated plugin names never to load
 ENV_LOAD = "JAM_LOAD_PLUGINS"  # if set, only these entry-point plugins load ("" = none)
 
@@ -97,7 +102,8 @@ def _load_entrypoints(pm: pluggy.PluginManager, only: set[str] | None) -> None:
             pm.jam_versions[name] = version
 
 
-def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> pluggy.PluginManager:
+def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True,
+                        builtins: tuple[str, ...] = BUILTIN_PLUGINS) -> pluggy.PluginManager:
     """Build jam's plugin manager.
 
     Blocks the plugins named in ``$JAM_BLOCK_PLUGINS``, registers the built-ins by name, loads
@@ -116,7 +122,7 @@ def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> plu
     pm.add_hookspecs(hookspecs)
     for name in _names(os.environ.get(ENV_BLOCK)):
         pm.set_blocked(name)
-    for modname in BUILTIN_PLUGINS:
+    for modname in builtins:
         if pm.is_blocked(modname):
             continue
         pm.register(importlib.import_module(modname), name=modname)
@@ -127,6 +133,37 @@ def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True) -> plu
         pm.register(plugin)
     pm.check_pending()
     return pm
+
+
+def dir_suffices(config) -> bool:
+    """True when fetching in a root with this (merged) config needs no plugin but the built-in
+    dir backend: every remote is of kind ``dir``, every ``[policy.NAME]`` is a built-in policy,
+    ``jam_dir`` is not blocked and ``$JAM_LOAD_PLUGINS`` names no entry point to load. Anything
+    else, a config jam cannot read included, is False: the full manager then loads (and
+    reports what is wrong)."""
+    if _names(os.environ.get(ENV_LOAD)) or "jam_dir" in _names(os.environ.get(ENV_BLOCK)):
+        return False
+    try:
+        remotes = config.get("remote", {})
+        policies = config.get("policy", {})
+        if not isinstance(remotes, dict) or not isinstance(policies, dict):
+            return False
+        if any(not isinstance(t, dict) or t.get("kind") != DIR_KIND for t in remotes.values()):
+            return False
+        return all(name in BUILTIN_POLICIES for name in policies)
+    except AttributeError:  # not a mapping at all
+        return False
+
+
+def fetch_plugin_manager(config) -> pluggy.PluginManager:
+    """The plugin manager a fetch in a root with this config needs: the core's placement and
+    the dir backend alone when :func:`dir_suffices` (no entry-point scan, no sftp or rclone
+    import: the cd hook's path to its first byte), else the full one."""
+    if dir_suffices(config):
+        pm = make_plugin_manager(load_entrypoints=False, builtins=DIR_ONLY)
+        pm.jam_scope = DIR_KIND
+        return pm
+    return make_plugin_manager()
 
 
 def broken_plugins(pm: pluggy.PluginManager) -> list[dict]:

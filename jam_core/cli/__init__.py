@@ -1,7 +1,12 @@
 """The ``jam`` command line: a thin layer over the library functions of ``jam_core``.
 
-Only click is imported at start-up; the plugin manager, paramiko and textual load inside the
-commands that need them (``jam`` runs from a shell hook).
+``main`` is both the console script's entry (``jam = jam_core.cli:main``) and the click group
+every command registers on (``@main.command()``, ``CliRunner().invoke(main, ...)``). The group
+(jam_core/cli/app.py) is built on first use, so this module imports no click: ``jam --version``
+and the cd hook's ``jam hook-fetch [--] DIR`` are answered without it. On the hook's path only
+what the fetch needs loads (the plugin manager with the built-in dir backend alone when every
+remote of the root is a ``dir`` one; see jam_core/cli/hook.py). Any other command line, and any
+form of these two that is not exactly the plain one, goes to click.
 """
 
 from __future__ import annotations
@@ -10,51 +15,103 @@ import errno
 import os
 import sys
 
-import click
-
 from jam_core import __version__
-from jam_core.errors import JamError
-
-CONTEXT = {"help_option_names": ["-h", "--help"]}
-
-
-class JamGroup(click.Group):
-    """Turns every error into one line on stderr and its exit code; never a traceback.
-
-    JamErrors carry their own message and code. The rest is the backstop: a closed stdout
-    (``jam status | head -1``) ends quietly, a full disk and a damaged or locked catalog say
-    what to do, a plugin's hook that raises is named, anything else is one line (the
-    traceback with ``JAM_DEBUG=1``)."""
-
-    def invoke(self, ctx):
-        try:
-            out = super().invoke(ctx)
-            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-            return out
-        except JamError as exc:
-            click.echo(f"jam: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("jam: interrupted; nothing was lost (files not yet done are as they were)", err=True)
-            ctx.exit(130)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:
-                _quiet_stdout()
-                ctx.exit(EXIT_PIPE)
-            if os.environ.get("JAM_DEBUG"):
-                raise
-            click.echo(f"jam: {_os_error(exc)}", err=True)
-            ctx.exit(1)
-        except Exception as exc:
-            if os.environ.get("JAM_DEBUG"):
-                raise
-            click.echo(f"jam: {_unexpected(exc)}", err=True)
-            ctx.exit(1)
-
 
 EXIT_PIPE = 141  # what a shell reports for a tool that SIGPIPE ended (128 + 13)
+ENV_SHOW_MODULES = "JAM_DEBUG_MODULES"  # a file: hook-fetch appends the modules it loaded (tests)
+
+_GROUP = None
+
+
+def _group():
+    """The click group with every command registered (built once)."""
+    global _GROUP
+    if _GROUP is None:
+        from jam_core.cli.app import group
+
+        _GROUP = group
+        from jam_core.cli import copies, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: F401
+
+        hook.register(group)
+    return _GROUP
+
+
+class _Main:
+    """The ``jam`` entry: the click group, built when first needed. Called with no arguments
+    (as the console script does) it answers the two fast forms from ``sys.argv`` itself;
+    everything else (attributes, ``main(args=...)``) is the group's."""
+
+    def __call__(self, *args, **kwargs):
+        if not args and not kwargs:
+            code = _fast(sys.argv[1:])
+            if code is not None:
+                sys.exit(code)
+        return _group()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(_group(), name)
+
+    def __repr__(self) -> str:
+        return "<jam command line (jam_core.cli.main)>"
+
+
+main = _Main()
+
+
+def _fast(args: list[str]) -> int | None:
+    """The exit code of ``jam --version`` / ``jam -V`` and of the hook's ``jam hook-fetch [--]
+    DIR``, answered without click; None for any other command line (click parses it)."""
+    if args == ["--version"] or args == ["-V"]:
+        try:
+            sys.stdout.write(f"jam, version {__version__}\n")  # what click's version_option prints
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+            return EXIT_PIPE
+        return 0
+    if args[:1] != ["hook-fetch"]:
+        return None
+    rest = args[1:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    elif rest[:1] and rest[0].startswith("-"):
+        return None  # --help and the like
+    if len(rest) != 1 or not rest[0] or not _plain_dir(rest[0]):
+        return None  # click says what is wrong, as it always did
+    from jam_core.cli.hook import run_hook_fetch
+
+    try:
+        return run_hook_fetch(rest[0])
+    except Exception as exc:
+        if os.environ.get("JAM_DEBUG"):
+            raise
+        print(f"jam: {_unexpected(exc)}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        _show_modules()
+
+
+def _plain_dir(path: str) -> bool:
+    """What click's ``Path(file_okay=False)`` accepts without a word: a missing path or a
+    readable one that is not a regular file."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True  # click lets a path it cannot stat through (exists=False)
+    except ValueError:  # a NUL byte
+        return False
+    return not stat.S_ISREG(st.st_mode) and os.access(path, os.R_OK)
+
+
+def _show_modules() -> None:
+    """With ``$JAM_DEBUG_MODULES`` naming a file, append the names of the modules this process
+    loaded, one a line (tests check what the hook's path imports)."""
+    where = os.environ.get(ENV_SHOW_MODULES)
+    if where:
+        with open(where, "a", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in sorted(sys.modules)))
 
 
 def _quiet_stdout() -> None:
@@ -112,34 +169,3 @@ def _sqlite_error(exc: Exception) -> str:
                 "the permissions of .jam, then run the command again")
     return (f"the catalog (.jam/catalog.db) is damaged ({exc}); `jam doctor --fix` rebuilds it "
             "from the tree")
-
-
-@click.group(cls=JamGroup, context_settings=CONTEXT, invoke_without_command=True)
-@click.version_option(__version__, "-V", "--version", prog_name="jam")
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """jam keeps a directory tree whole while most of its bytes live on remotes.
-
-    Cold files become stubs (sparse placeholders with their true size, mtime and mode);
-    `jam checkout` or the cd hook brings them back.
-    """
-    if ctx.invoked_subcommand is None:
-        if sys.stdin.isatty() and sys.stdout.isatty() and _in_root():  # a person at a terminal: the TUI
-            from jam_core.cli.tui import run_tui
-
-            raise SystemExit(run_tui("."))
-        click.echo(ctx.get_help())
-
-
-def _in_root() -> bool:
-    from pathlib import Path
-
-    from jam_core.root import find_root
-
-    try:
-        return find_root(Path.cwd()) is not None
-    except OSError:
-        return False
-
-
-from jam_core.cli import copies, daemon, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: E402,F401  (register commands)

@@ -1,4 +1,6 @@
-"""Helpers shared by the command modules: roots from paths, the plugin manager, output."""
+"""Helpers shared by the command modules: roots from paths, the plugin manager, output.
+
+No click at module level: the cd hook's fetch (jam_core/cli/hook.py) uses these without it."""
 
 from __future__ import annotations
 
@@ -8,22 +10,24 @@ import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-import click
-
 from jam_core.units import human  # noqa: F401  (the CLI's sizes)
 
 _LAST_PM = None
 
 
-def plugin_manager():
-    """The plugin manager; one line on stderr for each third-party plugin that was skipped."""
-    global _LAST_PM
-    from jam_core.manager import broken_plugins, make_plugin_manager
+def plugin_manager(fetch_config=None):
+    """The plugin manager; one line on stderr for each third-party plugin that was skipped.
 
-    pm = make_plugin_manager()
+    ``fetch_config`` (a root's merged config): the manager for fetching in that root, which
+    is the built-in dir backend alone when that is all the root's remotes and policies need
+    (``jam_core.manager.fetch_plugin_manager``; the cd hook's fetch)."""
+    global _LAST_PM
+    from jam_core.manager import broken_plugins, fetch_plugin_manager, make_plugin_manager
+
+    pm = make_plugin_manager() if fetch_config is None else fetch_plugin_manager(fetch_config)
     for b in broken_plugins(pm):
-        click.echo(f"jam: plugin {b['name']} skipped: {b['reason']} "
-                   f"(block it with JAM_BLOCK_PLUGINS={b['name']})", err=True)
+        print(f"jam: plugin {b['name']} skipped: {b['reason']} "
+              f"(block it with JAM_BLOCK_PLUGINS={b['name']})", file=sys.stderr, flush=True)
     _LAST_PM = pm
     return pm
 
@@ -121,6 +125,8 @@ def _stderr_console():
 
 def report(result, verb: str, noun_done: str, quiet: bool = False, max_lines: int = 20) -> None:
     """Print what an operation did: failures and skips one line each (capped), then a summary."""
+    import click
+
     for items, label in ((result.failed, "failed"), (result.skipped, "skipped")):
         for rel, why in items[:max_lines]:
             click.echo(f"jam: {label}: {show_path(rel)}: {why}", err=True)

@@ -1,13 +1,13 @@
-"""`jam hook bash|zsh|fish` (prints the cd hook) and the hidden `jam hook-fetch DIR` it runs."""
+"""`jam hook bash|zsh|fish` (prints the cd hook) and the hidden `jam hook-fetch DIR` it runs.
+
+No click at module level: the hook's `jam hook-fetch [--] DIR` runs :func:`run_hook_fetch`
+straight from ``jam_core.cli.main`` (jam_core/cli/__init__.py); :func:`register` declares both
+commands on the click group for every other use (``--help``, CliRunner, odd arguments)."""
 
 from __future__ import annotations
 
 import os
 import sys
-
-import click
-
-from jam_core.cli import main
 
 SHELLS = ("bash", "zsh", "fish")
 PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
@@ -83,41 +83,48 @@ def render(shell: str, jam_bin: str, roots_file: str) -> str:
     return "".join(out)
 
 
-@main.command("hook", help=HOOK_HELP)
-@click.argument("shell", type=click.Choice(SHELLS))
-@click.option("--bin", "jam_bin", hidden=True, help="The jam the hook calls (tests, packagers).")
-def hook(shell: str, jam_bin: str | None) -> None:
-    from jam_core.root import roots_file
+def register(group) -> None:
+    """Declare `jam hook` and the hidden `jam hook-fetch` on the click group."""
+    import click
 
-    click.echo(render(shell, jam_bin or jam_executable(), str(roots_file())), nl=False)
+    @group.command("hook", help=HOOK_HELP)
+    @click.argument("shell", type=click.Choice(SHELLS))
+    @click.option("--bin", "jam_bin", hidden=True, help="The jam the hook calls (tests, packagers).")
+    def hook(shell: str, jam_bin: str | None) -> None:
+        from jam_core.root import roots_file
+
+        click.echo(render(shell, jam_bin or jam_executable(), str(roots_file())), nl=False)
+
+    @group.command("hook-fetch", hidden=True)
+    @click.argument("directory", type=click.Path(file_okay=False))
+    def hook_fetch(directory: str) -> None:
+        """What the cd hook runs when DIRECTORY has stubs (see run_hook_fetch)."""
+        sys.exit(run_hook_fetch(directory))
 
 
-@main.command("hook-fetch", hidden=True)
-@click.argument("directory", type=click.Path(file_okay=False))
-def hook_fetch(directory: str) -> None:
+def run_hook_fetch(directory: str) -> int:
     """What the cd hook runs when DIRECTORY has stubs: fetch them within hook.depth and
-    hook.max_fetch, record the visit as use. Exit 0 whatever happened (it is said on stderr),
-    130 when interrupted; any other code tells the hook that jam itself is broken."""
+    hook.max_fetch, record the visit as use. Returns 0 whatever happened (it is said on
+    stderr), 130 when interrupted; any other code tells the hook that jam itself is broken."""
     from jam_core.errors import JamError
 
     try:
-        code = _hook_fetch(directory)
+        return _hook_fetch(directory)
     except KeyboardInterrupt:
         _say("interrupted; what was fetched stays, the rest are still stubs")
-        code = 130
+        return 130
     except JamError as exc:
         _say(str(exc))
-        code = 0
+        return 0
     except OSError as exc:
         if os.environ.get("JAM_DEBUG"):
             raise
         _say(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
-        code = 0
-    sys.exit(code)
+        return 0
 
 
 def _say(message: str) -> None:
-    click.echo(f"jam: {message}", err=True)
+    print(f"jam: {message}", file=sys.stderr, flush=True)
 
 
 def _hook_fetch(directory: str) -> int:
@@ -167,7 +174,7 @@ def _fetch(a, where: str, show_progress: bool) -> int:
     from jam_core.model import Session
 
     with (session("fetching") if show_progress else Session()) as s:
-        result = fetch(a, plugin_manager(), s)
+        result = fetch(a, plugin_manager(a.root.config), s)
     for rel, why in (result.failed + result.skipped)[:5]:
         _say(f"{show_path(rel)}: {why}")
     if result.aborted:

@@ -1,0 +1,84 @@
+"""The click group behind ``jam``: every command registers on it, and :class:`JamGroup` turns
+every error into one line on stderr and its exit code.
+
+Built on first use by ``jam_core.cli.main`` (see jam_core/cli/__init__.py): ``jam --version``
+and the cd hook's ``jam hook-fetch DIR`` never import click.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import click
+
+from jam_core import __version__
+from jam_core.cli import EXIT_PIPE, _os_error, _quiet_stdout, _unexpected
+from jam_core.errors import JamError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+class JamGroup(click.Group):
+    """Turns every error into one line on stderr and its exit code; never a traceback.
+
+    JamErrors carry their own message and code. The rest is the backstop: a closed stdout
+    (``jam status | head -1``) ends quietly, a full disk and a damaged or locked catalog say
+    what to do, a plugin's hook that raises is named, anything else is one line (the
+    traceback with ``JAM_DEBUG=1``)."""
+
+    def invoke(self, ctx):
+        try:
+            out = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return out
+        except JamError as exc:
+            click.echo(f"jam: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("jam: interrupted; nothing was lost (files not yet done are as they were)", err=True)
+            ctx.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                _quiet_stdout()
+                ctx.exit(EXIT_PIPE)
+            if os.environ.get("JAM_DEBUG"):
+                raise
+            click.echo(f"jam: {_os_error(exc)}", err=True)
+            ctx.exit(1)
+        except Exception as exc:
+            if os.environ.get("JAM_DEBUG"):
+                raise
+            click.echo(f"jam: {_unexpected(exc)}", err=True)
+            ctx.exit(1)
+
+
+@click.group("main", cls=JamGroup, context_settings=CONTEXT, invoke_without_command=True)
+@click.version_option(__version__, "-V", "--version", prog_name="jam")
+@click.pass_context
+def group(ctx: click.Context) -> None:
+    """jam keeps a directory tree whole while most of its bytes live on remotes.
+
+    Cold files become stubs (sparse placeholders with their true size, mtime and mode);
+    `jam checkout` or the cd hook brings them back.
+    """
+    if ctx.invoked_subcommand is None:
+        if sys.stdin.isatty() and sys.stdout.isatty() and _in_root():  # a person at a terminal: the TUI
+            from jam_core.cli.tui import run_tui
+
+            raise SystemExit(run_tui("."))
+        click.echo(ctx.get_help())
+
+
+def _in_root() -> bool:
+    from pathlib import Path
+
+    from jam_core.root import find_root
+
+    try:
+        return find_root(Path.cwd()) is not None
+    except OSError:
+        return False
