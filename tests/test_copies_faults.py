@@ -349,3 +349,109 @@ def test_doctor_fix_never_claims_a_copy_the_remote_does_not_hold(tmp_path, pm, m
     found = [f for f in res.findings if f.kind == "corrupt"]
     assert len(found) == 1 and not found[0].fixed and "not copied again" in found[0].detail, found
     assert res.exit_code == 1 and not _intact(a, oid)
+
+
+# -- 3. pools on real tmpfs mounts ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that many bytes under tmp_path; unmounted at the end."""
+    from tests.conftest import require_tool
+
+    mount, umount = require_tool("mount"), require_tool("umount")
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the tmpfs pool tests need root (CI runs as root)")
+        pytest.skip("mounting tmpfs needs root")
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in reversed(mounted):
+        if subprocess.run([umount, str(point)]).returncode != 0:
+            subprocess.run([umount, "-l", str(point)])
+
+
+def _pool(tmp_path, tmpfs, pm, small: int, large: int):
+    """Remotes "a" (small tmpfs) and "b" (large tmpfs), one tier: a pool."""
+    sa, sb = tmpfs(small), tmpfs(large)
+    a, b = sa / "remote", sb / "remote"
+    root = _root(tmp_path, "r", {"a": (a, 0, {}), "b": (b, 0, {})}, pm=pm)
+    return root, a, b
+
+
+def _placed(root: Root, names, a: Path, b: Path) -> dict[str, str]:
+    """Where each stubbed file's object is (exactly one pool member, intact)."""
+    out = {}
+    for n in names:
+        if _state(root, n) != STUB:
+            continue
+        oid = _oid(root, n)
+        on = [name for name, loc in (("a", a), ("b", b)) if _holds(loc, oid)]
+        assert len(on) == 1 and _intact(a if on == ["a"] else b, oid), (n, on)
+        out[n] = on[0]
+    return out
+
+
+def test_pool_on_tmpfs_spreads_by_free_space(tmp_path, tmpfs, pm):
+    root, a, b = _pool(tmp_path, tmpfs, pm, 1 << 20, 3 << 20)
+    names = [f"f{i:02}.bin" for i in range(40)]  # 40 x 64 KiB = 2.5 MiB
+    data = {n: b3_bytes(make_file(root.path / n, 64 << 10, seed=100 + i)) for i, n in enumerate(names)}
+    res = stash(root, names, pm)
+    assert res.exit_code == 0, res
+    placed = _placed(root, names, a, b)
+    assert len(placed) == len(names)
+    on_a = sum(1 for v in placed.values() if v == "a")
+    assert 0 < on_a < len(names) - on_a, placed  # the fuller one receives fewer, but some
+    assert checkout(root, names, pm).exit_code == 0
+    assert all(b3(root.path / n) == d for n, d in data.items()), "differs"
+
+
+def test_pool_member_filled_by_someone_else_loses_nothing(tmp_path, tmpfs, pm, monkeypatch):
+    """At the instant after jam read the pool's free space, another writer fills remote "a":
+    every file is either a stub whose object is intact on one member or still local and
+    intact; the command says why (exit 1), and the next stash puts the rest on "b"."""
+    from jam_core.ops import stash as stash_mod
+
+    root, a, b = _pool(tmp_path, tmpfs, pm, 3 << 20, 2 << 20)
+    names = [f"f{i:02}.bin" for i in range(24)]  # 1.5 MiB: would fit on either
+    data = {n: b3_bytes(make_file(root.path / n, 64 << 10, seed=200 + i)) for i, n in enumerate(names)}
+    real = stash_mod._free_space
+
+    def read_then_fill(remotes, pm_, session):
+        free = real(remotes, pm_, session)
+        with open(a.parent / "someone-else", "wb") as f:  # leaves "a" about 100 KiB
+            f.write(os.urandom(os.statvfs(a).f_bavail * os.statvfs(a).f_frsize - (100 << 10)))
+        return free
+
+    monkeypatch.setattr(stash_mod, "_free_space", read_then_fill)
+    res = stash(root, names, pm)
+    monkeypatch.undo()
+    assert res.exit_code == 1, res
+    why = " ".join(w for _r, w in res.failed + res.skipped) + " " + str(res.aborted or "")
+    assert "no space left" in why, res
+    placed = _placed(root, names, a, b)
+    for n in names:  # nothing lost: each file is a good stub or the original
+        if n not in placed:
+            assert _state(root, n) == LOCAL and b3(root.path / n) == data[n], n
+    assert 0 < len(placed) < len(names) and "b" in placed.values(), placed  # the command went on with "b"
+
+    res = stash(root, names, pm)  # free space read afresh: the rest goes to "b"
+    assert res.exit_code == 0, res
+    again = _placed(root, names, a, b)
+    assert len(again) == len(names)
+    assert all(again[n] == "b" for n in names if n not in placed), again
+    assert checkout(root, names, pm).exit_code == 0
+    assert all(b3(root.path / n) == d for n, d in data.items()), "differs"
+
+
+def b3_bytes(data: bytes) -> str:
+    import blake3
+
+    return blake3.blake3(data).hexdigest()
