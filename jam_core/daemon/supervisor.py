@@ -34,7 +34,6 @@ from jam_core.daemon.worker import ANSWER, KEY
 from jam_core.errors import JamError, UsageError
 from jam_core.root import JAM_DIR
 
-FAN_MARK_FLUSH = 0x00000080
 CLIENT_DEADLINE = 5.0  # seconds a client of daemon.sock has to send its descriptor
 RESPAWNS = 5  # worker deaths within RESPAWN_WINDOW before waiting readers are answered EIO
 RESPAWN_WINDOW = 10.0
@@ -320,7 +319,7 @@ class Supervisor:
     def shutdown(self) -> None:
         if self.fan >= 0:
             try:
-                F.mark(self.fan, FAN_MARK_FLUSH, 0)  # no new events: readers see the stubs' headers
+                F.mark(self.fan, F.FAN_MARK_FLUSH, 0)  # no new events: readers see the stubs' headers
             except OSError:
                 pass
             self.stopping = True

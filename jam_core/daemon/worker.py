@@ -43,6 +43,7 @@ ANSWER = struct.Struct("=QQi")  # st_dev, st_ino, 0 or an errno
 FILLING = "user.jam.filling"  # on a stub whose content is being written in through its fd
 THREADS = 4
 FLUSH_EVERY = 1.0  # seconds between catalog writes of uses
+IGNORE_FOR = 600.0  # seconds: a file's use is recorded at most once in this time
 
 
 class FillError(Exception):
@@ -78,6 +79,8 @@ class Worker:
         self.local = threading.local()
         self.updates: queue.Queue = queue.Queue()
         self.fetches = 0
+        self.finishing: queue.Queue = queue.Queue()
+        self.catalogs = threading.local()
 
     # -- which root ------------------------------------------------------------------------
     def locate(self, path: str) -> tuple[Root, str | None] | None:
@@ -131,8 +134,12 @@ class Worker:
             tmp = self.fetch(root, rec)
             try:
                 fill(fd, tmp, rec)
-            finally:
+            except BaseException:
                 os.close(tmp)
+                raise
+            # durable in the background (and the temporary file freed there: closing 5 MiB costs
+            # tens of ms): the reader goes on now
+            self.finishing.put((os.dup(fd), tmp))
             if rel is not None:
                 self.updates.put(("filled", root, rel))
             return 0
@@ -150,8 +157,11 @@ class Worker:
 
         try:
             remotes = root.remotes()
-            with Catalog(root.jam_dir / CATALOG) as cat:
-                known = cat.remotes_of([rec.oid])[rec.oid]
+            cats = self.catalogs.__dict__
+            cat = cats.get(root.path)
+            if cat is None:
+                cat = cats[root.path] = Catalog(root.jam_dir / CATALOG)
+            known = cat.remotes_of([rec.oid])[rec.oid]
         except JamError as exc:
             raise FillError(errno.EIO, f"{root.path}: {exc}") from None
         tmpdir = root.jam_dir / "tmp"
@@ -232,9 +242,15 @@ class Worker:
         while True:
             done = stop.is_set()  # one more read after the stop: opens made before it count
             r, _, _ = select.select([fan], [], [], 0 if done else 0.5)
-            if time.monotonic() - last_clear > 10:
+            if time.monotonic() - last_clear > IGNORE_FOR:
                 jam_pids.clear()
                 last_clear = time.monotonic()
+                try:  # forget the ignore marks (and the directories' marks, made again)
+                    F.mark(fan, F.FAN_MARK_FLUSH, 0)
+                    for root in self.roots:
+                        mark_dirs(fan, str(root.path))
+                except OSError:
+                    pass
             if not r:
                 if done:
                     break
@@ -248,6 +264,9 @@ class Worker:
                     continue
                 try:
                     path = os.readlink(f"/proc/self/fd/{ev.fd}")
+                    # one use per file per IGNORE_FOR: its next opens cost nothing (no event)
+                    F.mark(fan, F.FAN_MARK_ADD | F.FAN_MARK_IGNORED_MASK | F.FAN_MARK_IGNORED_SURV_MODIFY,
+                           F.FAN_OPEN, ev.fd, None)
                 except OSError:
                     path = ""
                 finally:
@@ -269,14 +288,15 @@ def _p(r):
 
 
 def fill(fd: int, tmp: int, rec) -> None:
-    """Write the verified content at ``tmp`` into the stub open at ``fd`` and make it the
-    original again (mode, ACLs, mtime; ``user.jam`` removed), durably."""
+    """Write the verified content at ``tmp`` into the stub open at ``fd`` and give it the
+    original's mode, ACLs and mtime. It stays marked ``user.jam`` + ``user.jam.filling`` until
+    ``finish`` has made the content durable: a crash before that leaves a stub that the next
+    daemon fills again, never a file that reads as zeros."""
     from jam_core.ops.checkout import _copy_fd
 
     st = os.fstat(fd)
     setxattr(fd, FILLING, b"1")
     _copy_fd(tmp, fd, rec.size)
-    os.fsync(fd)
     os.fchmod(fd, rec.mode)
     try:
         acls = _unpack(getxattr(fd, ACL_XATTR))
@@ -293,17 +313,38 @@ def fill(fd: int, tmp: int, rec) -> None:
         except OSError:
             pass
     os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))
+
+
+def finish(fd: int) -> None:
+    """Make a filled stub's content durable, then let it be a file again (xattrs removed)."""
+    os.fsync(fd)
     removexattr(fd, XATTR)
     removexattr(fd, FILLING)
-    os.fsync(fd)
+
+
+def finisher(q: queue.Queue) -> None:
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        fd, tmp = item
+        try:
+            finish(fd)
+        except OSError as exc:
+            _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
+        finally:
+            os.close(fd)
+            os.close(tmp)
 
 
 def serve(sock: socket.socket, worker: Worker) -> None:
     stop, uses_stop = threading.Event(), threading.Event()
     updater = threading.Thread(target=worker.updater, args=(stop,), daemon=True, name="catalog")
     uses = threading.Thread(target=worker.record_uses, args=(uses_stop,), daemon=True, name="uses")
+    finishing = threading.Thread(target=finisher, args=(worker.finishing,), daemon=True, name="finish")
     updater.start()
     uses.start()
+    finishing.start()
     send_lock = threading.Lock()
 
     def one(key: bytes, fd: int) -> None:
@@ -327,7 +368,9 @@ def serve(sock: socket.socket, worker: Worker) -> None:
                     os.close(fd)
                 continue
             pool.submit(one, msg, fds[0])
-    uses_stop.set()  # a planned stop: what was recorded is written before the worker ends
+    worker.finishing.put(None)  # a planned stop: fills are made durable, uses written, then the end
+    finishing.join()
+    uses_stop.set()
     uses.join()
     stop.set()
     updater.join()
