@@ -16,7 +16,6 @@ The root's id is ``[core] id`` in ``ROOT/.jam/config.toml``, recorded on first n
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass, field
 
 from jam_core.errors import JamError, RemoteError, UsageError
@@ -42,6 +41,8 @@ def root_id(root: Root) -> str:
         if not (isinstance(rid, str) and _ID.match(rid)):
             raise UsageError(f"{root.config_path}: core.id {str(rid)[:40]!r} is malformed (32 hex digits expected)")
         return rid
+    import uuid
+
     new = uuid.uuid4().hex
 
     def record(own: dict) -> None:
