@@ -41,7 +41,7 @@ class Bench:
         remotes = [self.work / f"{name}-mirror-a", self.work / f"{name}-mirror-b"]
         root.mkdir()
         run(JAM, "init", root, env=self.env)
-        for r, label in zip(remotes, "ab"):
+        for r, label in zip(remotes, "ab", strict=True):
             r.mkdir()
             run(JAM, "remote", "add", label, r, cwd=root, env=self.env)
         run(JAM, "remote", "remove", "default", cwd=root, env=self.env)

@@ -333,8 +333,8 @@ def test_doctor_reports_the_corrupt_mirror_and_fix_copies_it_again(tmp_path, pm)
 def test_doctor_fix_never_claims_a_copy_the_remote_does_not_hold(tmp_path, pm, monkeypatch):
     """A backend that answers "stored" for the re-copy but still holds the corrupt bytes: the
     fix is checked by hashing in place and the finding stays unfixed."""
+    import jam_dir as jd
     from jam_core.model import Session
-    from jam_core.ops import copies
     from jam_core.ops.doctor import doctor
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -343,9 +343,10 @@ def test_doctor_fix_never_claims_a_copy_the_remote_does_not_hold(tmp_path, pm, m
     assert stash(root, ["f.bin"], pm).exit_code == 0
     oid = _oid(root, "f.bin")
     _corrupt(a, oid)
-    monkeypatch.setattr(copies, "_transfer", lambda *args: None)  # "stored", but nothing changed
+    liar = jd.hookimpl(tryfirst=True)(lambda remote, oid, source, size, session: True)  # "stored", nothing changed
+    monkeypatch.setattr(jd, "stash", liar)
     with Session() as s:
-        res = doctor(root, ".", pm, s, deep=True, fix=True)
+        res = doctor(root, ".", make_plugin_manager(), s, deep=True, fix=True)
     found = [f for f in res.findings if f.kind == "corrupt"]
     assert len(found) == 1 and not found[0].fixed and "not copied again" in found[0].detail, found
     assert res.exit_code == 1 and not _intact(a, oid)

@@ -953,16 +953,33 @@ class _Doctor:
                 self.problem("missing", s_rel, f"no remote holds an intact copy of {rec.oid}")
 
     def recopy(self, src: Remote, dest: Remote, rec: StubRecord) -> str:
-        """Store ``rec``'s object on ``dest`` again from the good copy on ``src`` (fetched into a
-        nameless file, verified, stored, verified again by hashing it in place). "" once done,
-        else why not."""
-        from jam_core.ops.copies import _transfer, _verified
+        """Store ``rec``'s object on ``dest`` again from the good copy on ``src``: fetched into a
+        nameless file in ROOT/.jam/tmp, hashed, stored on ``dest``, then hashed there again (in
+        place where the backend can). "" once done, else why not."""
+        from jam_core.fs import fd_path
+        from jam_core.objects import hash_fd
 
+        tmp_dir = self.root.jam_dir / "tmp"
+        if not tmp_dir.is_dir() or tmp_dir.is_symlink():
+            tmp_dir = self.root.jam_dir
         try:
-            _transfer(self.root, src, dest, rec.oid, rec.size, self.pm, self.session)
-            self.pm.hook.sync(remote=dest, session=self.session)
-            self.session.cache.pop(("jam.copies.verified", dest.name, rec.oid), None)
-            if not _verified(dest, rec.oid, rec.size, self.pm, self.session):
+            fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                ok = self.pm.hook.fetch(remote=src, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size,
+                                        session=self.session)
+                os.lseek(fd, 0, os.SEEK_SET)
+                if ok is not True or hash_fd(fd, rec.oid.split(":")[0]) != (rec.oid, rec.size):
+                    return f"the copy on {src.name!r} did not read back intact"
+                if self.pm.hook.stash(remote=dest, oid=rec.oid, source=Path(fd_path(fd)), size=rec.size,
+                                      session=self.session) is not True:
+                    return f"remote {dest.name!r} did not store it"
+                self.pm.hook.sync(remote=dest, session=self.session)
+            finally:
+                os.close(fd)
+            got = self.pm.hook.hash_object(remote=dest, oid=rec.oid, size=rec.size, session=self.session)
+            if got is None:
+                got = self.fetch_and_hash(dest, rec)
+            if got != rec.oid:
                 return f"remote {dest.name!r} still does not hold an intact copy"
         except (JamError, OSError) as exc:
             return str(exc)
