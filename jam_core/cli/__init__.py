@@ -30,7 +30,7 @@ def _group():
         from jam_core.cli.app import group
 
         _GROUP = group
-        from jam_core.cli import copies, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: F401
+        from jam_core.cli import copies, daemon, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: F401
 
         hook.register(group)
     return _GROUP
