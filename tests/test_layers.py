@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"jam_core", "jam_core.errors"},
     {"jam_core.units", "jam_core.model"},
     {"jam_core.objects", "jam_core.fs"},
+    {"jam_core.daemon", "jam_core.daemon.fanotify", "jam_core.daemon.client"},
     {"jam_core.stub"},
     {"jam_core.root"},
     {"jam_core.catalog"},
@@ -38,6 +39,9 @@ LAYERS: list[set[str]] = [
     {"jam_core.ops.checkout", "jam_core.ops.status", "jam_core.ops.doctor"},
     {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse", "jam_core.ops.copies"},
     {"jam_core.ops.demo", "jam_core.ops.gc"},
+    {"jam_core.daemon.marks"},
+    {"jam_core.daemon.worker"},
+    {"jam_core.daemon.supervisor"},
     {"jam_core.testing", "jam_core.testing.backend"},
     {"jam_core.tui"},  # and every jam_core.tui.* module: one layer; nothing but the CLI imports it
     {"jam_core.cli"},  # and every jam_core.cli.* module: one layer, they may import each other
