@@ -138,8 +138,8 @@ def forget_stamps(root: Path) -> None:
     con.close()
 
 
-def timed(argv: list[str], cwd=None, env=None, ok=(0,)) -> tuple[float, int, int]:
-    """(seconds, peak RSS in bytes, bytes written to stdout) of one run of ``argv``."""
+def timed(argv: list[str], cwd=None, env=None, ok=(0,)) -> tuple[float, int, int, float]:
+    """(seconds, peak RSS in bytes, bytes written to stdout, CPU seconds) of one run of ``argv``."""
     with tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE)
@@ -150,12 +150,16 @@ def timed(argv: list[str], cwd=None, env=None, ok=(0,)) -> tuple[float, int, int
         proc.stderr.close()
         if proc.returncode not in ok:
             raise SystemExit(f"{' '.join(argv[:4])} exited {proc.returncode}: {err.decode()[-400:]}")
-        return elapsed, usage.ru_maxrss * 1024, out.tell()
+        return elapsed, usage.ru_maxrss * 1024, out.tell(), usage.ru_utime + usage.ru_stime
 
 
-def median_of(argv, repeat: int, **kw) -> tuple[float, int, int]:
-    runs = [timed(argv, **kw) for _ in range(repeat)]
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
+def line(name: str, ours: tuple, peer: tuple) -> str:
+    """One result: wall-clock times and their ratio, CPU times (user + system) and theirs (on
+    a shared machine the CPU ratio is the steadier one), peak RSS."""
+    t, rss, out, cpu = ours
+    tf, cf = peer[0], peer[3]
+    return (f"{name:<34} {t:7.3f}s  find {tf:6.3f}s  ratio {t / tf:5.2f}x   cpu {cpu:6.3f}s  find {cf:6.3f}s  "
+            f"ratio {cpu / cf:5.2f}x   peak RSS {rss / 2**20:6.1f} MiB  ({out / 2**20:.1f} MiB out)")
 
 
 def main() -> None:
@@ -193,29 +197,33 @@ def main() -> None:
         rows = []
 
         def case(name, argv, ok=(0,), repeat=args.repeat):
-            t, rss, out = median_of(argv, repeat, cwd=root, env=env, ok=ok)
-            tf = median_of(find, repeat)[0]  # the peer, measured beside each case
-            rows.append((name, t, tf, rss))
-            print(f"{name:<34} {t:8.3f}s  find {tf:7.3f}s  ratio {t / tf:5.2f}x  peak RSS {rss / 2**20:7.1f} MiB"
-                  f"  ({out / 2**20:.1f} MiB out)", flush=True)
+            runs, peers = [], []
+            for _ in range(repeat):  # the peer runs beside each run of ours
+                runs.append(timed(argv, cwd=root, env=env, ok=ok))
+                peers.append(timed(find))
+            record(name, runs, peers)
+
+        def record(name, runs, peers):
+            ours = (statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2],
+                    statistics.median(r[3] for r in runs))
+            peer = (statistics.median(r[0] for r in peers), 0, 0, statistics.median(r[3] for r in peers))
+            rows.append((name, ours, peer))
+            print(line(name, ours, peer), flush=True)
 
         if "first" not in skip:
-            firsts = []
+            runs, peers = [], []
             for _ in range(args.repeat):
                 forget_stamps(root)
-                firsts.append(timed([JAM, "status"], cwd=root, env=env))
-            t, rss = statistics.median(f[0] for f in firsts), max(f[1] for f in firsts)
-            tf = median_of(find, args.repeat)[0]
-            rows.append(("status, catalog without stamps", t, tf, rss))
-            print(f"{'status, catalog without stamps':<34} {t:8.3f}s  find {tf:7.3f}s  ratio {t / tf:5.2f}x  "
-                  f"peak RSS {rss / 2**20:7.1f} MiB", flush=True)
+                runs.append(timed([JAM, "status"], cwd=root, env=env))
+                peers.append(timed(find))
+            record("status, catalog without stamps", runs, peers)
         if "status" not in skip:
             case("status (repeated, nothing changed)", [JAM, "status"])
         if "dry-run" not in skip:
             case("stash --auto --dry-run (age)", [JAM, "stash", "--auto", "--dry-run"])
         if "doctor" not in skip:
             case("doctor", [JAM, "doctor"], ok=(0, 1), repeat=1 if nfiles > 200_000 else args.repeat)
-        worst = max(r[3] for r in rows) if rows else 0
+        worst = max(r[1][1] for r in rows) if rows else 0
         print(f"peak RSS of any jam command: {worst / 2**20:.1f} MiB ({'under' if worst < GIB else 'OVER'} 1 GiB)")
     finally:
         if not args.keep:

@@ -63,8 +63,10 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     ``look`` says when the xattr is read. ``likely`` (stash, checkout): when the stat says the
     file may be a stub (read-only, sparse, or smaller than a block). ``quick`` (status,
     policies): not for a writable file that is not sparse, even a small one (only a stub
-    someone made writable again could be missed; stash and checkout still look). ``always``
-    (doctor): for every file, so a stub overwritten in full is still reported.
+    someone made writable again could be missed; stash and checkout still look); and a file
+    with no xattr is opened (to recognise a copy of a stub) only if it owns no more blocks than
+    a stub does. ``always`` (doctor): for every file, so a stub overwritten in full is still
+    reported.
 
     ``stamp`` is what the catalog recorded of the stub at this path (size, mtime_ns, ino,
     ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
@@ -91,6 +93,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     except OSError as exc:
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
             return BAD, None, exc.strerror or str(exc)
+        if look == QUICK and st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize):
+            return LOCAL, None, ""  # more blocks than a stub owns: no copy of one to open (doctor looks)
         return _copy_of_a_stub(path, st)
     try:
         rec = StubRecord.unpack(raw)
@@ -219,8 +223,9 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     if on_error:
                         on_error(prefix[:-1] or ".", exc)
                     entries = []
-                if (prefix or not top) and _foreign(fd, entries):
-                    entries = []  # another root, or a remote: never jam's files to manage here
+                nested = prefix or not top  # another root or a remote here is never ours
+                if nested and (clean or tidy is not None) and _foreign(fd, entries):
+                    entries = []  # decided first: nothing is cleaned or tidied in there
                 if clean:
                     entries = _clean_entries(fd, entries)
                 if tidy is not None:
@@ -239,8 +244,11 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                         add_name(e.name)
                         add_stat(est)
                     elif kind == DIR:
-                        if (prefix or e.name != JAM_DIR) and (est.st_dev, est.st_ino) not in skip:
-                            subdirs.append(e.name)
+                        subdirs.append(e.name)
+                        if (not prefix and e.name == JAM_DIR) or (est.st_dev, est.st_ino) in skip:
+                            subdirs.pop()
+                if nested and (JAM_DIR in subdirs or MARKER_NAME in names) and _foreign(fd, entries):
+                    names, stats, subdirs = [], [], []  # (the names tell whether to look: no loop)
                 del entries
                 if names and TMP_PREFIX in "/".join(names):  # one test per directory ("/" is in no name)
                     keep = [i for i, n in enumerate(names) if not is_jam_tmp(n)]
