@@ -164,3 +164,24 @@ def _enter(fd: int, rel: str, node: dict, marked: set[str]):
     for name in set(os.listdir(fd)) - node.keys():
         _remove(name, fd)
     return iter([(name, f"{rel}/{name}" if rel else name, child) for name, child in sorted(node.items())])
+
+
+def clear_filled(root: Root, cat) -> None:
+    """Clear the mark of indexed directories that have no stubs to fetch any more (``jam
+    daemon``, after it filled stubs in place). Only changes the mode of directories already in
+    the index, each through a descriptor (``os.fwalk``, never following a symlink); never
+    creates or removes one, so an index owned by the root's user stays its own when a daemon
+    running as root updates it."""
+    try:
+        depth = settings(root).depth
+    except UsageError:
+        depth = DEFAULT_DEPTH
+    keep = wanted(cat.stubs(), depth)
+    base = index_path(root)
+    if not os.path.isdir(base):
+        return
+    for dirpath, _dirs, _files, dfd in os.fwalk(base, follow_symlinks=False):
+        rel = os.path.relpath(dirpath, base)
+        mode = stat.S_IMODE(os.fstat(dfd).st_mode)
+        if mode & MARK and (rel if rel != "." else "") not in keep:
+            os.fchmod(dfd, mode & ~MARK)
