@@ -63,10 +63,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     ``look`` says when the xattr is read. ``likely`` (stash, checkout): when the stat says the
     file may be a stub (read-only, sparse, or smaller than a block). ``quick`` (status,
     policies): not for a writable file that is not sparse, even a small one (only a stub
-    someone made writable again could be missed; stash and checkout still look); and a file
-    with no xattr is opened (to recognise a copy of a stub) only if it owns no more blocks than
-    a stub does. ``always`` (doctor): for every file, so a stub overwritten in full is still
-    reported.
+    someone made writable again could be missed; stash and checkout still look). ``always``
+    (doctor): for every file, so a stub overwritten in full is still reported.
 
     ``stamp`` is what the catalog recorded of the stub at this path (size, mtime_ns, ino,
     ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
@@ -93,8 +91,6 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     except OSError as exc:
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
             return BAD, None, exc.strerror or str(exc)
-        if look == QUICK and st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize):
-            return LOCAL, None, ""  # more blocks than a stub owns: no copy of one to open (doctor looks)
         return _copy_of_a_stub(path, st)
     try:
         rec = StubRecord.unpack(raw)
