@@ -234,3 +234,50 @@ def test_an_internal_error_on_the_fast_path_is_one_line_and_exit_1(tmp_path, mon
     monkeypatch.setenv("JAM_DEBUG", "1")
     with pytest.raises(RuntimeError):
         cli._fast(["hook-fetch", "--", str(tmp_path)])
+
+
+def _uses(root) -> dict[str, float]:
+    from jam_core.catalog import Catalog
+
+    with Catalog(root.jam_dir / "catalog.db") as cat:
+        return cat.uses()
+
+
+def test_the_shells_mark_for_this_cd_counts_the_visit_once(jam_bin, env, tmp_path):
+    """The mark the shell left for this very cd is folded at arrival; the fetch does not
+    record the same visit a second time (one catalog transaction fewer on the hook's path)."""
+    from jam_core.hook.marks import encode, ensure
+
+    root, digests = make_root(tmp_path)
+    d = root.path / "d"
+    (d / "small").write_bytes(b"below core.min_size: stays local")  # in the visit's scope, never fetched
+    stash(jam_bin, env, d)
+    ensure(root)
+    mark = root.jam_dir / "visits" / os.fsdecode(encode("d"))
+    mark.touch()
+    when = 1_600_000_000.0  # the cd's time, as the shell's mark dates it
+    os.utime(mark, (when, when))
+    hook_fetch(jam_bin, env, d, tmp_path)
+    assert back(d, digests) and not mark.exists()
+    uses = _uses(root)
+    assert uses.get("d/small") == when, uses  # counted by the fold, at the cd's time, and only there
+
+
+def test_without_a_mark_the_hooks_fetch_still_counts_the_visit(jam_bin, env, tmp_path):
+    import time
+
+    root, digests = make_root(tmp_path)
+    d = root.path / "d"
+    (d / "small").write_bytes(b"below core.min_size: stays local")
+    stash(jam_bin, env, d)
+    (root.path / "other").mkdir()
+    from jam_core.hook.marks import encode, ensure
+
+    ensure(root)
+    other = root.jam_dir / "visits" / os.fsdecode(encode("other"))  # a mark for another directory
+    other.touch()
+    before = time.time()
+    hook_fetch(jam_bin, env, d, tmp_path)
+    assert back(d, digests)
+    uses = _uses(root)
+    assert uses.get("d/small", 0) >= before - 1 and uses.get("other/x") is None, uses

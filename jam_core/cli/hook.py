@@ -129,8 +129,7 @@ def _say(message: str) -> None:
 
 def _hook_fetch(directory: str) -> int:
     from jam_core.cli.common import human, show_path
-    from jam_core.hook.fetch import arrive, heal
-    from jam_core.hook.visit import record_visit
+    from jam_core.hook.fetch import arrive, count_visit, heal
 
     a = arrive(directory)
     if a is None:
@@ -141,7 +140,7 @@ def _hook_fetch(directory: str) -> int:
     v = a.visit
     if not v.stubs:
         heal(a)
-        record_visit(a.root, v)
+        count_visit(a)
         return 0
     where = "here" if os.path.abspath(os.getcwd()) == a.path else show_path(a.path)
     n = len(v.stubs)
@@ -149,7 +148,7 @@ def _hook_fetch(directory: str) -> int:
         _say(f"{n} stub{'s' if n != 1 else ''} ({human(v.bytes)}) {'in ' if where != 'here' else ''}{where}, "
              f"more than hook.max_fetch ({human(a.settings.max_fetch)}); get them with: jam checkout "
              + ("." if where == "here" else _shell_word(a.path)))
-        record_visit(a.root, v)
+        count_visit(a)
         return 0
     if background:
         if os.fork() != 0:

@@ -23,12 +23,15 @@ GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps 
 
 @dataclass
 class Arrival:
-    """A visit the hook reported: the root, the directory (real path), what it covers."""
+    """A visit the hook reported: the root, the directory (real path), what it covers.
+    ``counted``: the fold at arrival already recorded this directory's visit as use (the
+    shell's mark for this very ``cd``), so it need not be recorded a second time."""
 
     root: Root
     path: str
     visit: Visit
     settings: HookSettings
+    counted: bool = False
 
 
 def arrive(directory: str) -> Arrival | None:
@@ -43,9 +46,17 @@ def arrive(directory: str) -> Arrival | None:
     root = Root(top)
     if path != top and path.relative_to(top).parts[0] == ".jam":
         return None
-    fold(root)
+    folded: set[str] = set()
+    fold(root, recorded=folded)
     hs = settings(root)
-    return Arrival(root, str(path), plan(root, root.rel(path), hs), hs)
+    rel = root.rel(path)
+    return Arrival(root, str(path), plan(root, rel, hs), hs, counted=rel in folded)
+
+
+def count_visit(a: Arrival) -> None:
+    """Record the visit as use of every file in its scope, unless the fold already did."""
+    if not a.counted:
+        record_visit(a.root, a.visit)
 
 
 def fetch(a: Arrival, pm, session) -> Result:
@@ -59,7 +70,7 @@ def fetch(a: Arrival, pm, session) -> Result:
         if r.aborted:
             result.aborted = r.aborted
             break
-    record_visit(a.root, a.visit)
+    count_visit(a)
     return result
 
 

@@ -160,10 +160,11 @@ def pending(root: Root) -> bool:
     return False
 
 
-def fold(root: Root, now: float | None = None) -> int:
+def fold(root: Root, now: float | None = None, recorded: set[str] | None = None) -> int:
     """Fold the marks into the catalog's uses and remove them; returns the number of
-    directories recorded. Takes the root's lock without waiting: when another jam holds it,
-    or the root is read-only, the marks stay for the next fold."""
+    directories recorded (and adds them, relative to the root, to ``recorded`` if given).
+    Takes the root's lock without waiting: when another jam holds it, or the root is
+    read-only, the marks stay for the next fold."""
     from jam_core.errors import UsageError
 
     ensure(root)
@@ -171,12 +172,12 @@ def fold(root: Root, now: float | None = None) -> int:
         return 0
     try:
         with root.lock(wait=False):
-            return _fold(root, time.time() if now is None else now)
+            return _fold(root, time.time() if now is None else now, recorded)
     except (UsageError, OSError):
         return 0
 
 
-def _fold(root: Root, now: float) -> int:
+def _fold(root: Root, now: float, recorded: set[str] | None = None) -> int:
     """Under the lock. Every step goes through descriptors of ``.jam``, ``visits`` and
     ``visits.folding``, opened without following a symlink and checked to be ours: a mark is
     moved, read (lstat) and removed, never opened or followed."""
@@ -203,7 +204,7 @@ def _fold(root: Root, now: float) -> int:
             os.close(marks)
     finally:
         os.close(jam)
-    return _record(root, visits)
+    return _record(root, visits, recorded)
 
 
 def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, float]:
@@ -233,7 +234,7 @@ def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, floa
     return visits
 
 
-def _record(root: Root, visits: dict[str, float]) -> int:
+def _record(root: Root, visits: dict[str, float], recorded: set[str] | None = None) -> int:
     from jam_core.catalog import Catalog
     from jam_core.errors import UsageError
     from jam_core.hook.settings import HookSettings, settings
@@ -248,6 +249,8 @@ def _record(root: Root, visits: dict[str, float]) -> int:
     with Catalog(root.jam_dir / CATALOG) as cat, cat.transaction():
         for rel, when in sorted(visits.items()):
             cat.record_use(plan(root, rel, hs).files, when)
+    if recorded is not None:
+        recorded.update(visits)
     return len(visits)
 
 
