@@ -61,3 +61,19 @@ def status(root_path) -> tuple[bool, str]:
         return False, "no `jam daemon` serves this root (a stopped daemon's pid file is left)"
     finally:
         os.close(fd)
+
+
+def wait_idle(root_path, timeout: float = 60.0) -> bool:
+    """Wait until the daemon serving ``root_path`` has nothing queued or in progress: every
+    reader answered, every fill made durable, every recorded open written to the catalog and
+    the cd hook's index updated. False if no daemon answers within ``timeout`` (benchmarks and
+    tests look only after this)."""
+    sp = os.path.join(os.fspath(root_path), ".jam", SOCK_NAME)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(timeout)
+            s.connect(sp)
+            s.send(b"idle")
+            return s.recv(16) == b"idle"
+    except OSError:
+        return False

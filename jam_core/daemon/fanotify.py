@@ -19,6 +19,10 @@ FAN_CLASS_CONTENT = 0x00000004
 FAN_CLASS_PRE_CONTENT = 0x00000008
 FAN_UNLIMITED_QUEUE = 0x00000010
 FAN_UNLIMITED_MARKS = 0x00000020
+FAN_REPORT_FID = 0x00000200
+FAN_REPORT_DIR_FID = 0x00000400
+FAN_REPORT_NAME = 0x00000800
+FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 
 # fanotify_mark flags
 FAN_MARK_ADD = 0x00000001
@@ -38,6 +42,8 @@ FAN_MODIFY = 0x00000002
 FAN_CLOSE_WRITE = 0x00000008
 FAN_CLOSE_NOWRITE = 0x00000010
 FAN_OPEN = 0x00000020
+FAN_MOVED_TO = 0x00000080
+FAN_CREATE = 0x00000100
 FAN_OPEN_EXEC = 0x00001000
 FAN_OPEN_PERM = 0x00010000
 FAN_ACCESS_PERM = 0x00020000
@@ -58,6 +64,7 @@ FAN_ERRNO_MASK = (1 << FAN_ERRNO_BITS) - 1
 FAN_NOFD = -1
 FANOTIFY_METADATA_VERSION = 3
 
+FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 FAN_EVENT_INFO_TYPE_RANGE = 6
 
 # the errnos a listener may answer with (fs/notify/fanotify/fanotify_user.c)
@@ -80,6 +87,8 @@ def _c():
         _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                         ctypes.c_char_p]
         _libc.fanotify_mark.restype = ctypes.c_int
+        _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        _libc.open_by_handle_at.restype = ctypes.c_int
     return _libc
 
 
@@ -104,11 +113,23 @@ def mark(fan_fd: int, flags: int, mask: int, dirfd: int = -100, path: str | byte
         raise OSError(err, os.strerror(err), os.fsdecode(p) if p else f"fd {dirfd}")
 
 
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2) of a ``struct file_handle`` as a fid event carries it
+    (CAP_DAC_READ_SEARCH)."""
+    fd = _c().open_by_handle_at(mount_fd, handle, flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "open_by_handle_at")
+    return fd
+
+
 class Event:
-    __slots__ = ("mask", "fd", "pid", "offset", "count")
+    __slots__ = ("mask", "fd", "pid", "offset", "count", "handle", "name")
 
     def __init__(self, mask: int, fd: int, pid: int, offset: int = -1, count: int = -1):
         self.mask, self.fd, self.pid, self.offset, self.count = mask, fd, pid, offset, count
+        self.handle: bytes | None = None  # FAN_REPORT_DFID_NAME: the directory's file handle
+        self.name: bytes | None = None  # and the entry's name in it
 
     def __repr__(self) -> str:
         return f"Event(mask={self.mask:#x}, fd={self.fd}, pid={self.pid})"
@@ -130,6 +151,13 @@ def parse(buf: bytes) -> list[Event]:
                 break
             if itype == FAN_EVENT_INFO_TYPE_RANGE and ilen >= _RANGE.size:
                 _t, _p, _l, _pad2, ev.offset, ev.count = _RANGE.unpack_from(buf, j)
+            elif itype == FAN_EVENT_INFO_TYPE_DFID_NAME and ilen >= _INFO_HDR.size + 16:
+                # header, fsid (8), struct file_handle (handle_bytes u32, type i32, bytes), name\0
+                (hbytes,) = struct.unpack_from("=I", buf, j + 12)
+                end = j + 20 + hbytes
+                if end <= j + ilen:
+                    ev.handle = bytes(buf[j + 12:end])
+                    ev.name = bytes(buf[end:j + ilen]).split(b"\0", 1)[0]
             j += ilen
         out.append(ev)
         i += event_len

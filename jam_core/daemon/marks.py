@@ -13,6 +13,9 @@ from jam_core.stub import XATTR, may_be_stub
 STUB_MASK = F.FAN_OPEN_PERM | F.FAN_OPEN_EXEC_PERM | F.FAN_PRE_ACCESS
 # On each directory of a root (use recording, a notification group): opens of its children.
 USE_MASK = F.FAN_OPEN | F.FAN_EVENT_ON_CHILD
+# On each directory of a root (a fid group): directories made in it or moved into it, so that
+# they are marked for use too while the daemon runs.
+NEW_DIR_MASK = F.FAN_CREATE | F.FAN_MOVED_TO | F.FAN_ONDIR
 
 
 def is_stub_path(path: str, st: os.stat_result) -> bool:
@@ -59,16 +62,15 @@ def unmark_fd(fan_fd: int, fd: int) -> None:
             raise
 
 
-def mark_dirs(fan_fd: int, root_path: str) -> int:
-    """Mark every directory of a root (not ``.jam``, never through a symlink) for opens of
-    its children (use recording). Returns how many."""
+def mark_dirs(fan_fd: int, top: str, mask: int = USE_MASK, is_root: bool = True) -> int:
+    """Mark ``top`` and every directory below it (never through a symlink; a root's ``.jam``
+    skipped when ``top`` is the root) with ``mask``. Returns how many."""
     n = 0
-    top = os.path.join(root_path, "")
-    for dirpath, dirnames, _files in os.walk(root_path, followlinks=False):
-        if dirpath == top.rstrip("/") or dirpath == root_path:
+    for dirpath, dirnames, _files in os.walk(top, followlinks=False):
+        if is_root and dirpath == top:
             dirnames[:] = [d for d in dirnames if d != ".jam"]
         try:
-            F.mark(fan_fd, F.FAN_MARK_ADD | F.FAN_MARK_DONT_FOLLOW | F.FAN_MARK_ONLYDIR, USE_MASK, -100, dirpath)
+            F.mark(fan_fd, F.FAN_MARK_ADD | F.FAN_MARK_DONT_FOLLOW | F.FAN_MARK_ONLYDIR, mask, -100, dirpath)
         except OSError:
             continue
         n += 1

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from jam_core.daemon import fanotify as F
 from jam_core.daemon.client import PID_FILE, SOCK_NAME
 from jam_core.daemon.marks import is_jam_pid, mark_fd, mark_stubs, unmark_fd
-from jam_core.daemon.worker import ANSWER, KEY
+from jam_core.daemon.worker import ANSWER, IDLE, IDLE_KEY, KEY
 from jam_core.errors import JamError, UsageError
 from jam_core.root import JAM_DIR
 
@@ -59,6 +60,10 @@ class Supervisor:
         self.locks: list[tuple[Path, int]] = []  # (root, fd of its locked pid file)
         self.stopping = False
         self.marked = 0
+        self.idle_clients: list[socket.socket] = []  # waiting for "idle" (client.wait_idle)
+        self.idle_asked = False
+        self.owners: dict[socket.socket, tuple[Path, int]] = {}  # listener -> (root, its owner's uid)
+        self.client_root: dict[socket.socket, Path] = {}
 
     # -- set-up ------------------------------------------------------------------------------
     def claim(self) -> None:
@@ -86,9 +91,15 @@ class Supervisor:
                 s.bind(str(sp))
             finally:
                 os.umask(old)
+            # the root's owner runs its `jam stash`: the socket is theirs (0600), and only they
+            # (and root) are served (SO_PEERCRED, checked per connection)
+            owner = os.stat(root, follow_symlinks=False).st_uid
+            if owner != os.geteuid():
+                os.chown(sp, owner, -1, follow_symlinks=False)
             s.listen(64)
             s.setblocking(False)
             self.listeners.append(s)
+            self.owners[s] = (root, owner)
 
     def start_worker(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -102,6 +113,9 @@ class Supervisor:
         self.wsock = parent
         for key in list(self.inflight):
             self.send(key)
+        self.idle_asked = False
+        if self.idle_clients:
+            self.ask_idle()
 
     def send(self, key: tuple[int, int]) -> None:
         self.inflight[key] = time.monotonic()
@@ -246,8 +260,35 @@ class Supervisor:
             if len(msg) != ANSWER.size:
                 continue
             dev, ino, code = ANSWER.unpack(msg)
-            if (dev, ino) in self.pending:
+            if (dev, ino) == IDLE_KEY:
+                self.idle_asked = False
+                self.worker_idle()
+            elif (dev, ino) in self.pending:
                 self.answer((dev, ino), code)
+
+    # -- idle: nothing in progress (bench and tests wait for it before they look) -------------
+    def ask_idle(self) -> None:
+        if self.idle_asked or self.wsock is None:
+            return
+        try:
+            self.wsock.send(IDLE)
+            self.idle_asked = True
+        except OSError:
+            pass  # the worker is dying: asked again when the next one starts
+
+    def worker_idle(self) -> None:
+        """The worker had nothing queued or in progress: the waiting clients are answered if
+        no reader waits here either, else the worker is asked again."""
+        if self.pending or self.inflight:
+            self.ask_idle()
+            return
+        for c in self.idle_clients:
+            try:
+                c.send(b"idle")
+            except OSError:
+                pass
+            c.close()
+        self.idle_clients.clear()
 
     def kill_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is None:
@@ -277,10 +318,17 @@ class Supervisor:
             except OSError:
                 return
             c.setblocking(False)
+            root, owner = self.owners[s]
+            uid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid not in (0, os.geteuid(), owner):
+                c.close()  # only the root's owner (and root) may ask
+                continue
             self.clients[c] = time.monotonic() + CLIENT_DEADLINE
+            self.client_root[c] = root
 
     def drop_client(self, c: socket.socket) -> None:
         self.clients.pop(c, None)
+        self.client_root.pop(c, None)
         c.close()
 
     def serve_client(self, c: socket.socket) -> None:
@@ -293,14 +341,23 @@ class Supervisor:
         except OSError:
             self.drop_client(c)
             return
+        if msg == IDLE and not fds:
+            self.clients.pop(c, None)  # no deadline: answered when the daemon is idle
+            self.client_root.pop(c, None)
+            self.idle_clients.append(c)
+            self.ask_idle()
+            return
         answer = b"no"
+        root = self.client_root.get(c)
         try:
-            if msg == b"mark" and len(fds) == 1:
+            if msg == b"mark" and len(fds) == 1 and root is not None:
                 fd = fds[0]
                 try:
                     import stat
 
-                    if stat.S_ISREG(os.fstat(fd).st_mode) and read_record(fd) is not None:
+                    # only a stub of the root whose socket was used (a regular file under it)
+                    inside = os.readlink(f"/proc/self/fd/{fd}").startswith(str(root).rstrip("/") + "/")
+                    if inside and stat.S_ISREG(os.fstat(fd).st_mode) and read_record(fd) is not None:
                         mark_fd(self.fan, fd)
                         self.marked += 1
                         answer = b"ok"
@@ -339,6 +396,9 @@ class Supervisor:
                 self.worker.wait()
         for c in list(self.clients):
             self.drop_client(c)
+        for c in self.idle_clients:
+            c.close()
+        self.idle_clients.clear()
         for s in self.listeners:
             try:
                 os.unlink(s.getsockname())

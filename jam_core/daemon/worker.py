@@ -22,26 +22,34 @@ mark per directory, batched writes).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
+import select
 import socket
+import stat
 import struct
 import sys
+import termios
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from jam_core.daemon import fanotify as F
-from jam_core.daemon.marks import is_jam_pid, mark_dirs
+from jam_core.daemon.marks import NEW_DIR_MASK, is_jam_pid, mark_dirs
 from jam_core.errors import JamError, RemoteError
 from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr
-from jam_core.root import CATALOG, Root, check_rel
+from jam_core.objects import BIG, hasher, object_relpath, split_oid
+from jam_core.root import CATALOG, JAM_DIR, Root, check_rel
 from jam_core.stub import XATTR, BadStub, read_record, verify_clean
 
 KEY = struct.Struct("=QQ")  # st_dev, st_ino
 ANSWER = struct.Struct("=QQi")  # st_dev, st_ino, 0 or an errno
+IDLE = b"idle"  # supervisor -> worker: answer IDLE_KEY once nothing is in progress
+IDLE_KEY = (0, 0)  # no inode has st_ino 0
 FILLING = "user.jam.filling"  # on a stub whose content is being written in through its fd
 THREADS = 4
+MEM_MAX = 64 << 20  # an object up to this size from a dir remote is read into memory, hashed, written in
+KEEP_BUF = 8 << 20  # each fill thread keeps a buffer this large, faulted in before the first event
 FLUSH_EVERY = 1.0  # seconds between catalog writes of uses
 IGNORE_FOR = 600.0  # seconds: a file's use is recorded at most once in this time
 
@@ -81,6 +89,22 @@ class Worker:
         self.fetches = 0
         self.finishing: queue.Queue = queue.Queue()
         self.catalogs = threading.local()
+        self.lock = threading.Lock()
+        self.busy = 0  # events taken and not yet answered
+        self.stale: dict[str, Root] = {}  # roots whose cd-hook index lists directories filled since
+        self.uses_ready = threading.Event()
+        self.uses_busy = False
+        self.uses_fans: list[int] = []
+        self._remotes: dict[str, list] = {}
+        # the dir backend's objects are read straight from their files (no temporary copy)
+        self.dir_backend = self.pm.get_plugin("jam_dir") is not None
+        # what a fill needs, imported now rather than on the first event
+        import jam_core.catalog  # noqa: F401
+        import jam_core.hook.index  # noqa: F401
+        import jam_core.ops.checkout  # noqa: F401
+        import jam_core.ops.remotes  # noqa: F401
+
+        hasher("b3")
 
     # -- which root ------------------------------------------------------------------------
     def locate(self, path: str) -> tuple[Root, str | None] | None:
@@ -107,6 +131,43 @@ class Worker:
             s = self.local.session = Session()
         return s
 
+    def catalog(self, root: Root):
+        from jam_core.catalog import Catalog
+
+        cats = self.catalogs.__dict__
+        cat = cats.get(root.path)
+        if cat is None:
+            cat = cats[root.path] = Catalog(root.jam_dir / CATALOG)
+        return cat
+
+    def remotes(self, root: Root) -> list:
+        have = self._remotes.get(str(root.path))
+        if have is None:
+            have = self._remotes[str(root.path)] = root.remotes()
+        return have
+
+    def buffer(self, size: int) -> memoryview:
+        """This thread's buffer for an object of ``size`` bytes (kept, already faulted in, up
+        to KEEP_BUF; a larger one is made for this fill alone)."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = memoryview(bytearray(KEEP_BUF))
+            buf[:] = bytes(KEEP_BUF)  # fault it in now, not during a reader's wait
+        if size <= len(buf):
+            return buf[:size]
+        return memoryview(bytearray(size))
+
+    def warm(self) -> None:
+        """Before the first event: this thread's buffer, session and catalog connections."""
+        self.buffer(0)
+        self.session()
+        for root in self.roots:
+            try:
+                self.catalog(root)
+                self.remotes(root)
+            except (JamError, OSError):
+                pass  # said when a fill needs it
+
     # -- one stub ----------------------------------------------------------------------------
     def handle(self, fd: int) -> int:
         """Fill the stub open at ``fd`` if it needs it. 0, or the errno to deny the reader with."""
@@ -131,15 +192,16 @@ class Worker:
                 filling = False
             if not filling and not verify_clean(fd, rec):
                 return 0  # written into since it was stashed: its bytes are the user's, never fetched over
-            tmp = self.fetch(root, rec)
+            content = self.fetch(root, rec)
             try:
-                fill(fd, tmp, rec)
+                fill(fd, content, rec)
             except BaseException:
-                os.close(tmp)
+                if isinstance(content, int):
+                    os.close(content)
                 raise
-            # durable in the background (and the temporary file freed there: closing 5 MiB costs
+            # durable in the background (and a temporary file freed there: closing 5 MiB costs
             # tens of ms): the reader goes on now
-            self.finishing.put((os.dup(fd), tmp))
+            self.finishing.put((os.dup(fd), content if isinstance(content, int) else -1))
             if rel is not None:
                 self.updates.put(("filled", root, rel))
             return 0
@@ -150,46 +212,131 @@ class Worker:
             _log(f"fill failed: {exc}")
             return errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
 
-    def fetch(self, root: Root, rec) -> int:
-        """A descriptor of an anonymous file holding exactly the object of ``rec``, verified."""
-        from jam_core.catalog import Catalog
-        from jam_core.ops.checkout import _order, fetch_from
+    def fetch(self, root: Root, rec) -> memoryview | int:
+        """Exactly the object of ``rec``, verified: in memory (an object of a dir remote up to
+        MEM_MAX, read once, hashed, no temporary file), or else the descriptor of an anonymous
+        file the backends fetched into."""
+        from jam_core.ops.checkout import _order
 
         try:
-            remotes = root.remotes()
-            cats = self.catalogs.__dict__
-            cat = cats.get(root.path)
-            if cat is None:
-                cat = cats[root.path] = Catalog(root.jam_dir / CATALOG)
-            known = cat.remotes_of([rec.oid])[rec.oid]
+            remotes = self.remotes(root)
+            known = self.catalog(root).remotes_of([rec.oid])[rec.oid] if len(remotes) > 1 else set()
         except JamError as exc:
             raise FillError(errno.EIO, f"{root.path}: {exc}") from None
-        tmpdir = root.jam_dir / "tmp"
-        try:
-            fd = os.open(tmpdir if tmpdir.is_dir() else root.jam_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise FillError(errno.EIO, f"{root.path}: cannot make a temporary file: {exc.strerror}") from None
         self.fetches += 1
-        problems, unreachable = [], 0
+        problems: list[str] = []
+        tmp = -1
         try:
             for remote in _order(remotes, known):
-                os.ftruncate(fd, 0)
-                want = _Want(rec, fd)
-                for _w, problem in fetch_from(root, remote, [want], self.pm, self.session()):
-                    if problem is None:
-                        return fd
-                    problems.append(problem)
-                unreachable += want.unreachable
-        except RemoteError as exc:
-            problems.append(str(exc))
-            unreachable += 1
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
+                try:
+                    if self.dir_backend and remote.kind == "dir" and rec.size <= MEM_MAX:
+                        got = self.fetch_dir(root, remote, rec)
+                    else:
+                        if tmp < 0:
+                            tmp = self.tmpfile(root)
+                        got = self.fetch_hooks(root, remote, rec, tmp)
+                except RemoteError as exc:
+                    problems.append(str(exc))
+                    continue
+                if isinstance(got, str):
+                    problems.append(got)
+                    continue
+                if isinstance(got, int):
+                    tmp = -1  # the caller's now
+                return got
+        finally:
+            if tmp >= 0:
+                os.close(tmp)
         if not problems:
             problems.append("no remote is configured")
         raise FillError(errno.EIO, f"{rec.oid}: " + "; ".join(problems))
+
+    def tmpfile(self, root: Root) -> int:
+        tmpdir = root.jam_dir / "tmp"
+        try:
+            return os.open(tmpdir if tmpdir.is_dir() else root.jam_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC,
+                           0o600)
+        except OSError as exc:
+            raise FillError(errno.EIO, f"{root.path}: cannot make a temporary file: {exc.strerror}") from None
+
+    def fetch_hooks(self, root: Root, remote, rec, tmp: int) -> int | str:
+        """Through the backends' fetch hooks into ``tmp``, verified (checkout's fetch_from)."""
+        from jam_core.ops.checkout import fetch_from
+
+        os.ftruncate(tmp, 0)
+        want = _Want(rec, tmp)
+        for _w, problem in fetch_from(root, remote, [want], self.pm, self.session()):
+            if problem is None:
+                return tmp
+            if want.unreachable:
+                raise RemoteError(problem)
+            return problem
+        return f"remote {remote.name!r}: no answer for {rec.oid}"
+
+    def fetch_dir(self, root: Root, remote, rec) -> memoryview | str:
+        """The object of ``rec`` from a dir remote, straight from its file: read once into
+        memory, hashed there, and those very bytes are what ``fill`` writes (nothing can change
+        them between the check and the write). A problem with this object is a string; the
+        remote unreachable as a whole is a RemoteError."""
+        from jam_core.ops.remotes import ensure_identity
+
+        ensure_identity(root, remote, self.pm, self.session())
+        where = f"remote {remote.name!r} ({remote.location})"
+        try:
+            src = os.open(os.path.join(remote.location, "objects", object_relpath(rec.oid)),
+                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not os.path.isdir(remote.location):
+                raise RemoteError(f"{where}: the directory is missing (unplugged drive?)") from None
+            return f"remote {remote.name!r} does not have {rec.oid}"
+        except OSError as exc:
+            raise RemoteError(f"{where}: cannot read {rec.oid}: {exc.strerror}") from None
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                return f"{where}: {rec.oid} is not a regular file"
+            if st.st_size != rec.size:
+                return f"{where} holds a corrupt {rec.oid}: {st.st_size} bytes, not the {rec.size} the stub says"
+            view = self.buffer(rec.size)
+            n = 0
+            while n < rec.size:
+                got = os.preadv(src, [view[n:]], n)
+                if got == 0:
+                    break
+                n += got
+        except OSError as exc:
+            raise RemoteError(f"{where}: cannot read {rec.oid}: {exc.strerror}") from None
+        finally:
+            os.close(src)
+        if n != rec.size:
+            return f"{where}: {rec.oid} ended after {n} of {rec.size} bytes"
+        algorithm, _ = split_oid(rec.oid)
+        h = hasher(algorithm, threads=rec.size >= BIG)
+        h.update(view)
+        if f"{algorithm}:{h.hexdigest()}" != rec.oid:
+            return f"{where} returned corrupt content for {rec.oid}; stub left as it was"
+        return view
+
+    # -- idle: nothing queued, nothing in progress (bench and tests wait for it) -------------
+    def idle(self) -> bool:
+        """Nothing to do: checked upstream first (an item that moves on between two checks
+        is seen by the later one)."""
+        if not self.uses_ready.is_set():
+            return False
+        for fd in self.uses_fans:
+            if _queued(fd):
+                return False
+        return not (self.uses_busy or self.busy or self.updates.unfinished_tasks or self.stale
+                    or self.finishing.unfinished_tasks)
+
+    def wait_idle(self, sock: socket.socket, send_lock: threading.Lock) -> None:
+        while not self.idle():
+            time.sleep(0.005)
+        try:
+            with send_lock:
+                sock.send(ANSWER.pack(*IDLE_KEY, 0))
+        except OSError:
+            pass
 
     # -- the catalog and uses (one thread owns the catalogs) ---------------------------------
     def updater(self, stop: threading.Event) -> None:
@@ -199,6 +346,7 @@ class Worker:
             try:
                 items = [self.updates.get(timeout=FLUSH_EVERY)]
             except queue.Empty:
+                self.refresh_indexes()
                 if stop.is_set():
                     return
                 continue
@@ -208,77 +356,181 @@ class Worker:
                     items.append(self.updates.get_nowait())
                 except queue.Empty:
                     break
-            by_root: dict[str, tuple[Root, list, set]] = {}
-            for kind, root, rel in items:
-                slot = by_root.setdefault(str(root.path), (root, [], set()))
-                if kind == "filled":
-                    slot[1].append(rel)
+            try:
+                by_root: dict[str, tuple[Root, list, set]] = {}
+                for kind, root, rel in items:
+                    slot = by_root.setdefault(str(root.path), (root, [], set()))
+                    if kind == "filled":
+                        slot[1].append(rel)
+                    else:
+                        slot[2].add(rel)
+                now = time.time()
+                for root, filled, used in by_root.values():
+                    try:
+                        with Catalog(root.jam_dir / CATALOG) as cat, cat.transaction():
+                            for rel in filled:
+                                cat.remove_stub(rel)
+                            cat.record_use(list(used) + filled, now)
+                    except (JamError, OSError) as exc:
+                        _log(f"{root.path}: catalog not updated ({exc}); the next scan corrects it")
+                        continue
+                    if filled:
+                        self.stale[str(root.path)] = root
+                self.refresh_indexes()
+            finally:
+                for _ in items:
+                    self.updates.task_done()
+
+    def refresh_indexes(self) -> None:
+        """The cd hook's index no longer marks a directory whose stubs were all filled (under
+        the root's lock; a jam command holding it is waited for on the next pass)."""
+        from jam_core.catalog import Catalog
+        from jam_core.errors import UsageError
+        from jam_core.hook.index import clear_filled
+        from jam_core.root import LOCK
+
+        for key, root in list(self.stale.items()):
+            try:
+                if os.path.exists(root.jam_dir / LOCK):  # never create it: it is the user's file
+                    with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+                        clear_filled(root, cat)
                 else:
-                    slot[2].add(rel)
-            now = time.time()
-            for root, filled, used in by_root.values():
-                try:
-                    with Catalog(root.jam_dir / CATALOG) as cat, cat.transaction():
-                        for rel in filled:
-                            cat.remove_stub(rel)
-                        cat.record_use(list(used) + filled, now)
-                except (JamError, OSError) as exc:
-                    _log(f"{root.path}: catalog not updated ({exc}); the next scan corrects it")
+                    with Catalog(root.jam_dir / CATALOG) as cat:
+                        clear_filled(root, cat)
+            except UsageError:
+                continue  # a jam command holds the root: again on the next pass
+            except (JamError, OSError) as exc:
+                _log(f"{root.path}: the cd hook's index was not updated ({exc})")
+            self.stale.pop(key, None)
 
     def record_uses(self, stop: threading.Event) -> None:
-        """Opens of files in the roots (a notification group) become uses, batched."""
+        """Opens of files in the roots (a notification group) become uses, batched; directories
+        made while the daemon runs are marked too (a second group, reporting names)."""
         try:
-            fan = F.init(F.FAN_CLASS_NOTIF | F.FAN_CLOEXEC | F.FAN_UNLIMITED_MARKS,
+            fan = F.init(F.FAN_CLASS_NOTIF | F.FAN_CLOEXEC | F.FAN_NONBLOCK | F.FAN_UNLIMITED_MARKS,
                          os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             _log(f"opens are not recorded as use: {exc.strerror}")
+            self.uses_ready.set()
             return
+        try:
+            dirs = F.init(F.FAN_CLASS_NOTIF | F.FAN_CLOEXEC | F.FAN_NONBLOCK | F.FAN_UNLIMITED_MARKS
+                          | F.FAN_REPORT_DFID_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            _log(f"directories made while the daemon runs record no use until a restart: {exc.strerror}")
+            dirs = -1
+        mounts = []
         for root in self.roots:
-            mark_dirs(fan, str(root.path))
+            try:
+                mounts.append(os.open(root.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                pass
+
+        def mark_all() -> None:
+            for root in self.roots:
+                if dirs >= 0:
+                    mark_dirs(dirs, str(root.path), NEW_DIR_MASK)
+                mark_dirs(fan, str(root.path))
+
+        mark_all()
+        self.uses_fans = [fan] + ([dirs] if dirs >= 0 else [])
+        self.uses_ready.set()
         jam_pids: dict[int, bool] = {}
         last_clear = time.monotonic()
-        import select
+        try:
+            while True:
+                done = stop.is_set()  # one more read after the stop: opens made before it count
+                r, _, _ = select.select(self.uses_fans, [], [], 0 if done else 0.5)
+                self.uses_busy = bool(r)
+                if time.monotonic() - last_clear > IGNORE_FOR:
+                    jam_pids.clear()
+                    last_clear = time.monotonic()
+                    try:  # forget the ignore marks (and the directories' marks, made again)
+                        F.mark(fan, F.FAN_MARK_FLUSH, 0)
+                        mark_all()
+                    except OSError:
+                        pass
+                if not r:
+                    if done:
+                        break
+                    continue
+                if dirs in r:
+                    self.new_dirs(fan, dirs, mounts)
+                if fan in r:
+                    self.opens(fan, jam_pids)
+                self.uses_busy = False
+        finally:
+            self.uses_busy = False
+            for fd in mounts:
+                os.close(fd)
+            if dirs >= 0:
+                os.close(dirs)
+            os.close(fan)
 
-        while True:
-            done = stop.is_set()  # one more read after the stop: opens made before it count
-            r, _, _ = select.select([fan], [], [], 0 if done else 0.5)
-            if time.monotonic() - last_clear > IGNORE_FOR:
-                jam_pids.clear()
-                last_clear = time.monotonic()
-                try:  # forget the ignore marks (and the directories' marks, made again)
-                    F.mark(fan, F.FAN_MARK_FLUSH, 0)
-                    for root in self.roots:
-                        mark_dirs(fan, str(root.path))
-                except OSError:
-                    pass
-            if not r:
-                if done:
-                    break
+    def opens(self, fan: int, jam_pids: dict[int, bool]) -> None:
+        try:
+            buf = os.read(fan, 65536)
+        except BlockingIOError:
+            return
+        for ev in F.parse(buf):
+            if ev.fd < 0:
                 continue
             try:
-                buf = os.read(fan, 65536)
-            except BlockingIOError:
+                path = os.readlink(f"/proc/self/fd/{ev.fd}")
+                # one use per file per IGNORE_FOR: its next opens cost nothing (no event)
+                F.mark(fan, F.FAN_MARK_ADD | F.FAN_MARK_IGNORED_MASK | F.FAN_MARK_IGNORED_SURV_MODIFY,
+                       F.FAN_OPEN, ev.fd, None)
+            except OSError:
+                path = ""
+            finally:
+                os.close(ev.fd)
+            if ev.pid not in jam_pids:
+                jam_pids[ev.pid] = ev.pid == os.getpid() or is_jam_pid(ev.pid)
+            if jam_pids[ev.pid]:
                 continue
-            for ev in F.parse(buf):
-                if ev.fd < 0:
+            where = self.locate(path) if path else None
+            if where is not None and where[1] is not None:
+                self.updates.put(("used", where[0], where[1]))
+
+    def new_dirs(self, fan: int, dirs: int, mounts: list[int]) -> None:
+        """Directories made in (or moved into) a root: marked for use, with what is already in
+        them (``mkdir -p``, a tree moved in), and watched for directories made in them."""
+        try:
+            buf = os.read(dirs, 65536)
+        except BlockingIOError:
+            return
+        for ev in F.parse(buf):
+            if not ev.mask & F.FAN_ONDIR or ev.handle is None or not ev.name or b"/" in ev.name:
+                continue
+            parent = None
+            for m in mounts:
+                try:
+                    pfd = F.open_by_handle(m, ev.handle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
                     continue
                 try:
-                    path = os.readlink(f"/proc/self/fd/{ev.fd}")
-                    # one use per file per IGNORE_FOR: its next opens cost nothing (no event)
-                    F.mark(fan, F.FAN_MARK_ADD | F.FAN_MARK_IGNORED_MASK | F.FAN_MARK_IGNORED_SURV_MODIFY,
-                           F.FAN_OPEN, ev.fd, None)
+                    parent = os.readlink(f"/proc/self/fd/{pfd}")
                 except OSError:
-                    path = ""
+                    pass
                 finally:
-                    os.close(ev.fd)
-                if ev.pid not in jam_pids:
-                    jam_pids[ev.pid] = ev.pid == os.getpid() or is_jam_pid(ev.pid)
-                if jam_pids[ev.pid]:
-                    continue
-                where = self.locate(path) if path else None
-                if where is not None and where[1] is not None:
-                    self.updates.put(("used", where[0], where[1]))
-        os.close(fan)
+                    os.close(pfd)
+                break
+            if parent is None:
+                continue
+            path = os.path.join(parent, os.fsdecode(ev.name))
+            where = self.locate(path)
+            if where is None or where[1] is None or where[1].split("/", 1)[0] == JAM_DIR:
+                continue
+            mark_dirs(dirs, path, NEW_DIR_MASK, is_root=False)
+            mark_dirs(fan, path, is_root=False)
+
+
+def _queued(fd: int) -> int:
+    """Bytes of events waiting in a fanotify queue (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _p(r):
@@ -287,16 +539,25 @@ def _p(r):
     return Path(os.path.realpath(r))
 
 
-def fill(fd: int, tmp: int, rec) -> None:
-    """Write the verified content at ``tmp`` into the stub open at ``fd`` and give it the
-    original's mode, ACLs and mtime. It stays marked ``user.jam`` + ``user.jam.filling`` until
-    ``finish`` has made the content durable: a crash before that leaves a stub that the next
-    daemon fills again, never a file that reads as zeros."""
+def fill(fd: int, content: memoryview | int, rec) -> None:
+    """Write the verified ``content`` (in memory, or at a temporary file's descriptor) into the
+    stub open at ``fd`` and give it the original's mode, ACLs and mtime. It stays marked
+    ``user.jam`` + ``user.jam.filling`` until ``finish`` has made the content durable: a crash
+    before that leaves a stub that the next daemon fills again, never a file that reads as
+    zeros."""
     from jam_core.ops.checkout import _copy_fd
 
     st = os.fstat(fd)
     setxattr(fd, FILLING, b"1")
-    _copy_fd(tmp, fd, rec.size)
+    if isinstance(content, int):
+        _copy_fd(content, fd, rec.size)
+    else:
+        off = 0
+        while off < rec.size:
+            n = os.pwrite(fd, content[off:], off)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write into the stub")
+            off += n
     os.fchmod(fd, rec.mode)
     try:
         acls = _unpack(getxattr(fd, ACL_XATTR))
@@ -325,16 +586,20 @@ def finish(fd: int) -> None:
 def finisher(q: queue.Queue) -> None:
     while True:
         item = q.get()
-        if item is None:
-            return
-        fd, tmp = item
         try:
-            finish(fd)
-        except OSError as exc:
-            _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
+            if item is None:
+                return
+            fd, tmp = item
+            try:
+                finish(fd)
+            except OSError as exc:
+                _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
+            finally:
+                os.close(fd)
+                if tmp >= 0:
+                    os.close(tmp)
         finally:
-            os.close(fd)
-            os.close(tmp)
+            q.task_done()
 
 
 def serve(sock: socket.socket, worker: Worker) -> None:
@@ -346,28 +611,53 @@ def serve(sock: socket.socket, worker: Worker) -> None:
     uses.start()
     finishing.start()
     send_lock = threading.Lock()
+    jobs: queue.Queue = queue.Queue()
 
-    def one(key: bytes, fd: int) -> None:
-        try:
-            code = worker.handle(fd)
-        except Exception as exc:  # never leave the supervisor waiting on a key
-            _log(f"internal error: {exc!r}")
-            code = errno.EIO
-        finally:
-            os.close(fd)
-        with send_lock:
-            sock.send(key + struct.pack("=i", code))
-
-    with ThreadPoolExecutor(THREADS) as pool:
+    def filler() -> None:
+        worker.warm()  # ready before the first event: buffer faulted in, catalog open
         while True:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 4)
-            if not msg:
-                break
-            if len(msg) != KEY.size or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            pool.submit(one, msg, fds[0])
+            item = jobs.get()
+            if item is None:
+                return
+            key, fd = item
+            try:
+                code = worker.handle(fd)
+            except Exception as exc:  # never leave the supervisor waiting on a key
+                _log(f"internal error: {exc!r}")
+                code = errno.EIO
+            finally:
+                os.close(fd)
+            try:
+                with send_lock:
+                    sock.send(key + struct.pack("=i", code))
+            except OSError:
+                pass  # the supervisor is gone: its readers were answered by the kernel or a new worker
+            with worker.lock:
+                worker.busy -= 1
+
+    fillers = [threading.Thread(target=filler, daemon=True, name=f"fill-{i}") for i in range(THREADS)]
+    for t in fillers:
+        t.start()
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 4)
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            break
+        if msg == IDLE and not fds:
+            threading.Thread(target=worker.wait_idle, args=(sock, send_lock), daemon=True, name="idle").start()
+            continue
+        if len(msg) != KEY.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        with worker.lock:
+            worker.busy += 1
+        jobs.put((msg, fds[0]))
+    for _ in fillers:
+        jobs.put(None)
+    for t in fillers:
+        t.join()
     worker.finishing.put(None)  # a planned stop: fills are made durable, uses written, then the end
     finishing.join()
     uses_stop.set()
