@@ -114,12 +114,19 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
         return None
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
+    from jam_sftp.parallel import RANGE_MIN, put_ranges
+
     pool = get_pool(remote, session)
     with pool.ops() as ops:
         try:
             pool.ensure_layout(ops)
             pool.sweep_tmp(ops)
-            ops.put(oid, source, size, session.progress)
+            if size >= RANGE_MIN and pool.size > 1:
+                f = put_ranges(pool, ops, oid, source, size, session.progress)
+                if f.error is not None:
+                    raise f.error
+            else:
+                ops.put(oid, source, size, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
             raise pool.object_error(f"store {oid}", exc, ops, size) from None
     return True
@@ -131,9 +138,13 @@ def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> 
         return None
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
+    from jam_sftp.parallel import RANGE_MIN, get_ranges
+
     pool = get_pool(remote, session)
     with pool.ops() as ops:
         try:
+            if size >= RANGE_MIN and pool.size > 1:
+                return get_ranges(pool, ops, oid, Path(dest), size, session.progress)
             return ops.get(oid, dest, size, session.progress)
         except (SftpStatus, ConnectionLost, OSError) as exc:
             raise pool.error(f"fetch {oid}", exc, ops, size) from None
@@ -153,7 +164,7 @@ def stash_many(remote: Remote, items, session: Session):
     """
     if remote.kind != KIND:
         return None
-    from jam_sftp.batch import put_many
+    from jam_sftp.parallel import RANGE_MIN, put_ranges, put_spread
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
     pool = get_pool(remote, session)
@@ -162,7 +173,14 @@ def stash_many(remote: Remote, items, session: Session):
         try:
             pool.ensure_layout(ops)
             pool.sweep_tmp(ops)
-            files = put_many(ops, items, session.progress)
+            ranged = pool.size > 1
+            big = {i for i, (_, _, size) in enumerate(items) if ranged and size >= RANGE_MIN}
+            done = dict(zip(sorted(set(range(len(items))) - big),
+                            put_spread(pool, ops, [it for i, it in enumerate(items) if i not in big],
+                                       session.progress)))
+            for i in sorted(big):
+                done[i] = put_ranges(pool, ops, *items[i], session.progress)
+            files = [done[i] for i in range(len(items))]
         except (SftpStatus, ConnectionLost, OSError) as exc:
             raise pool.error(f"store {len(items)} objects", exc, ops) from None
         for f in files:
@@ -187,7 +205,8 @@ def fetch_many(remote: Remote, items, session: Session):
     """
     if remote.kind != KIND:
         return None
-    from jam_sftp.batch import get_many
+    from jam_sftp.parallel import RANGE_MIN, get_ranges, get_spread
+    from jam_sftp.pipeline import _File
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
     pool = get_pool(remote, session)
@@ -195,7 +214,19 @@ def fetch_many(remote: Remote, items, session: Session):
     out = []
     with pool.ops() as ops:
         try:
-            files = get_many(ops, items, session.progress)
+            ranged = pool.size > 1
+            big = {i for i, (_, _, size) in enumerate(items) if ranged and size >= RANGE_MIN}
+            done = dict(zip(sorted(set(range(len(items))) - big),
+                            get_spread(pool, ops, [it for i, it in enumerate(items) if i not in big],
+                                       session.progress)))
+            for i in sorted(big):
+                oid, dest, size = items[i]
+                f = done[i] = _File(oid, Path(dest), size)
+                try:
+                    f.outcome = get_ranges(pool, ops, oid, Path(dest), size, session.progress)
+                except (OSError, JamError) as exc:  # a lost connection (ConnectionLost) fails the batch
+                    f.fail(exc)  # this object's failure (damaged, refused, a local write error)
+            files = [done[i] for i in range(len(items))]
         except (SftpStatus, ConnectionLost, OSError) as exc:
             raise pool.error(f"fetch {len(items)} objects", exc, ops) from None
         for f in files:

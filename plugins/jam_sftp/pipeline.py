@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -73,6 +74,27 @@ class _File:
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
+
+
+class Feed:
+    """Objects waiting to start, shared by the pipelines of several connections (thread-safe)."""
+
+    def __init__(self, files: Sequence[_File]):
+        self._queue = list(reversed(files))
+        self._lock = threading.Lock()
+        self.stopped = False
+
+    def take(self, fits: Callable[[_File], bool]) -> _File | None:
+        """The next object if ``fits(it)``; None when it does not, when empty or stopped."""
+        with self._lock:
+            if self.stopped or not self._queue or not fits(self._queue[-1]):
+                return None
+            return self._queue.pop()
+
+    def stop(self) -> None:
+        """No object starts any more (one pipeline failed: the batch fails)."""
+        with self._lock:
+            self.stopped = True
 
 
 class Pipeline:
@@ -170,24 +192,33 @@ class Pipeline:
         self.ops.conn.broken = True  # replies may still be in flight: never reuse it
         return _lost(exc)
 
-    def run(self, files: Sequence[_File], start: Callable[[_File], None]) -> None:
-        """Start objects while the window allows; pump replies until every one is done."""
-        queue = list(reversed(files))
+    def run(self, files: "Sequence[_File] | Feed", start: Callable[[_File], None]) -> None:
+        """Start objects while the window allows; pump replies until every one is done.
+
+        ``files`` may be a ``Feed`` shared with pipelines on other connections (each takes the
+        next object when its window has room); a failure here stops the feed for all."""
+        feed = files if isinstance(files, Feed) else Feed(files)
+        mine: list[_File] = []
         try:
-            while queue or self.active:
-                while queue and (self.active == 0 or (
-                        queue[-1].size <= PIPELINED_MAX and self.active < WINDOW and self.active_bytes < WINDOW_BYTES)):
-                    f = queue.pop()
+            while True:
+                while True:
+                    f = feed.take(lambda g: self.active == 0 or (
+                        g.size <= PIPELINED_MAX and self.active < WINDOW and self.active_bytes < WINDOW_BYTES))
+                    if f is None:
+                        break
+                    mine.append(f)
                     self.active += 1
                     self.active_bytes += f.size
                     start(f)
-                if self.active:
-                    self.pump()
+                if not self.active:
+                    break
+                self.pump()
         except BaseException:
+            feed.stop()
             self.ops.conn.broken = True  # requests of ours are unanswered: the connection is spent
             raise
         finally:
-            for f in files:
+            for f in mine:
                 self.close_local(f)
 
     @staticmethod

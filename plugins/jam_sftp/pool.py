@@ -172,6 +172,43 @@ class Pool:
         finally:
             self._release(conn)
 
+    def _try_acquire(self) -> Connection | None:
+        """An idle connection, or a new one if the pool has room; None rather than wait (a
+        helper connection must never wait for one the caller itself holds) or if it fails
+        to open (the transfer goes on with the connections it has)."""
+        with self._cond:
+            if self._closed or self.base is None:
+                return None
+            if self._idle:
+                return self._idle.pop()
+            if self._count >= self.size:
+                return None
+            self._count += 1
+        try:
+            return self._open()
+        except Exception:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            return None
+
+    @contextmanager
+    def extra_ops(self) -> Iterator[Ops | None]:
+        """Like ``ops()`` for a helper thread of a transfer: None when no connection is free."""
+        conn = self._try_acquire()
+        if conn is None:
+            yield None
+            return
+        try:
+            assert self.base is not None
+            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs)
+        except BaseException as exc:
+            if not isinstance(exc, (SftpStatus, JamError)):
+                conn.broken = True
+            raise
+        finally:
+            self._release(conn)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
