@@ -17,6 +17,7 @@ Configuration (``ROOT/.jam/config.toml`` over the user's defaults):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Iterable, Mapping, Sequence
 
 from jam_core.errors import UsageError
@@ -88,20 +89,23 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
           refused: list[tuple[str, str]] | None = None) -> list[PlanItem]:
     """One item per allowed file, with every policy's reason; anything else is dropped."""
     items: dict[str, PlanItem] = {}
+    get, allowed_get = items.get, allowed.get
     for n in nominations:
-        rec = allowed.get(n.path)
-        if rec is None:
-            if refused is not None:
-                refused.append((n.path, n.policy))
-            continue
-        item = items.get(n.path)
+        path = n.path
+        item = get(path)
         if item is None:
-            item = items[n.path] = PlanItem(n.path, rec.size, rec.last_used, [])
-        if (n.policy, n.reason) not in item.reasons:
+            rec = allowed_get(path)
+            if rec is None:
+                if refused is not None:
+                    refused.append((path, n.policy))
+                continue
+            items[path] = PlanItem(path, rec.size, rec.last_used, [(n.policy, n.reason)])
+        elif (n.policy, n.reason) not in item.reasons:
             item.reasons.append((n.policy, n.reason))
     for item in items.values():
-        item.reasons.sort()
-    return sorted(items.values(), key=lambda i: i.path)
+        if len(item.reasons) > 1:
+            item.reasons.sort()
+    return sorted(items.values(), key=attrgetter("path"))
 
 
 def plan_auto(root: Root, pm) -> Plan:

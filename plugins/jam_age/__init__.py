@@ -33,8 +33,17 @@ def select_older(records: Sequence[FileRecord], older_than: float, now: float) -
     limit = now - older_than
     precise = older_than < 2 * 86400  # "last used 2026-09-01" says little about a 10m threshold
     text = format_duration(older_than)
-    return [Nomination(r.path, NAME, f"last used {when(r.last_used, precise)}, older than {text}")
-            for r in records if r.last_used < limit]
+    reasons: dict[int, str] = {}  # one reason per minute of last use, not one string per file
+    out = []
+    for r in records:
+        last = r.last_used
+        if last < limit:
+            minute = int(last // 60)
+            reason = reasons.get(minute)
+            if reason is None:
+                reason = reasons[minute] = f"last used {_when(minute, precise)}, older than {text}"
+            out.append(Nomination(r.path, NAME, reason))
+    return out
 
 
 def settings(config) -> float | None:
