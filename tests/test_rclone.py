@@ -212,6 +212,88 @@ def test_one_private_daemon_per_command(pm, rclone_env, rclone_remote, tmp_path)
     assert not os.path.exists(daemon.dir)
 
 
+def test_daemon_refuses_requests_without_its_password(rclone_env):
+    """The daemon checks every request against an htpasswd file in its private directory (one
+    SHA-1 per request, not the MD5-crypt of --rc-user/--rc-pass): no credentials or a wrong
+    password get 401; the password is in neither the file, the command line nor the environment."""
+    import base64
+    import http.client
+
+    from jam_rclone.daemon import Daemon, _UnixConnection
+
+    d = Daemon()
+    try:
+        user, password = base64.b64decode(d._auth.split()[1]).decode().split(":", 1)
+        st = os.stat(d.htpasswd)
+        assert st.st_mode & 0o777 == 0o600 and os.stat(d.dir).st_mode & 0o777 == 0o700
+        text = open(d.htpasswd).read()
+        assert text.startswith(f"{user}:{{SHA}}") and password not in text
+        for name in ("cmdline", "environ"):
+            with open(f"/proc/{d.proc.pid}/{name}", "rb") as f:
+                assert password.encode() not in f.read(), name
+        wrong = "Basic " + base64.b64encode(f"{user}:{'0' * len(password)}".encode()).decode()
+        for headers in ({}, {"Authorization": wrong}):
+            conn = _UnixConnection(d.socket, 10)
+            try:
+                conn.request("POST", "/rc/noop", b"{}", {"Content-Type": "application/json", **headers})
+                assert conn.getresponse().status == 401, headers
+            finally:
+                conn.close()
+        assert d.call("rc/noop", {"x": 1}) == {"x": 1}
+        conn = _UnixConnection(d.socket, 10)
+        try:  # --rc-serve too: an object is never served to a stranger
+            conn.request("GET", "/[seaweed:nothing]/x")
+            assert conn.getresponse().status == 401
+        finally:
+            conn.close()
+    finally:
+        d.stop()
+    assert not os.path.exists(d.dir)
+
+
+def _requests(log: Path, under: str) -> dict[str, int]:
+    """S3 requests rclone made on paths under ``under``, by method, from its --dump headers log."""
+    import re
+    from collections import Counter
+
+    seen = Counter()
+    for m in re.finditer(r"HTTP REQUEST.*\n.*?DEBUG : (GET|PUT|HEAD|POST|DELETE) (\S+) HTTP", log.read_text()):
+        if m.group(2).split("?")[0].startswith(under):
+            seen[m.group(1)] += 1
+    return dict(seen)
+
+
+def test_small_objects_cost_one_request_up_and_two_down(pm, rclone_env, rclone_remote, tmp_path, monkeypatch):
+    """Counted on the wire (rclone's own --dump headers): storing a small object is one PUT (no
+    HEAD after it: rclone checks the MD5 the server answers for it); fetching one is a HEAD and
+    a GET. Every extra request per object is a round trip on every small file."""
+    log = tmp_path / "rcd.log"
+    monkeypatch.setenv("RCLONE_DUMP", "headers")
+    monkeypatch.setenv("RCLONE_LOG_FILE", str(log))
+    items = []
+    for i in range(6):
+        src = tmp_path / f"f{i}"
+        make_file(src, 64 * 1024 + i, seed=300 + i)
+        oid, size = hash_file(src)
+        items.append((oid, src, size))
+    bucket, _, prefix = rclone_remote.location.partition(":")[2].partition("/")
+    objects = f"/{bucket}/{prefix}/objects/"
+    with Session() as s:
+        out = dict(pm.hook.stash_many(remote=rclone_remote, items=items, session=s))
+        assert out == {oid: None for oid, _, _ in items}
+        up = _requests(log, objects)
+        dests = [(oid, tmp_path / f"d{i}", size) for i, (oid, _, size) in enumerate(items)]
+        for _, d, _ in dests:
+            d.write_bytes(b"")
+        assert dict(pm.hook.fetch_many(remote=rclone_remote, items=dests, session=s)) == \
+            {oid: True for oid, _, _ in items}
+    assert up == {"PUT": 6}, up
+    down = _requests(log, objects)
+    assert down == {"PUT": 6, "HEAD": 6, "GET": 6}, down
+    for (_, src, _), (_, d, _) in zip(items, dests):
+        assert d.read_bytes() == src.read_bytes(), "differs"
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -258,7 +340,7 @@ def test_rclone_dies_with_jam(rclone_env, rclone_remote):
 
 
 def test_socket_dirs_of_dead_jams_swept(tmp_path, monkeypatch):
-    """Only jam-rclone-<dead pid>-XXXXXXXX directories holding nothing but rc.sock/rcd.log go."""
+    """Only jam-rclone-<dead pid>-XXXXXXXX directories holding nothing but rc.sock/rcd.log/htpasswd go."""
     from jam_rclone import daemon
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -268,6 +350,7 @@ def test_socket_dirs_of_dead_jams_swept(tmp_path, monkeypatch):
     gone.mkdir()
     (gone / "rc.sock").write_bytes(b"")
     (gone / "rcd.log").write_bytes(b"log")
+    (gone / "htpasswd").write_bytes(b"u:{SHA}x\n")
     keep = {
         "alive": tmp_path / f"jam-rclone-{os.getppid()}-abcd1234",
         "user file inside": tmp_path / f"jam-rclone-{dead.pid}-zzzz9999",

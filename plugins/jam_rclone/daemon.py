@@ -2,8 +2,12 @@
 
 The daemon is started on first use (``get_daemon``), stored in ``session.cache`` and stopped by
 ``session.on_close``. It listens on a unix socket inside a private directory (mode 0700) and
-asks for a random user and password (given through its environment, never its command line,
-which other local users can read in /proc), so nobody else on the machine can drive it. It
+asks for a random user and password, so nobody else on the machine can drive it. The password
+is never on its command line (other local users can read that in /proc): rclone reads it from
+an htpasswd file in that private directory, as ``{SHA}`` (one SHA-1 per request; rclone's
+``--rc-user``/``--rc-pass`` check runs MD5-crypt, a thousand MD5 rounds, on every request: a
+sixth of the daemon's CPU on a batch of small objects; the password is 256 random bits, so its
+hash cannot be reversed). It
 dies with jam: the thread that starts it sets PR_SET_PDEATHSIG and lives as long as rclone does,
 so a jam killed by SIGKILL takes its rclone (and any upload in flight) with it.
 
@@ -16,6 +20,7 @@ threads), so several requests are in flight at once on one daemon.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -93,13 +98,14 @@ def _die_with_parent() -> None:
 
 
 _DIR_PREFIX = "jam-rclone-"
+_OURS = {"rc.sock", "rcd.log", "htpasswd"}  # what a daemon's directory holds
 _DIR_NAME = re.compile(r"\Ajam-rclone-([0-9]{1,10})-[A-Za-z0-9_]{8}\Z")
 
 
 def _sweep_dirs() -> None:
     """Remove the socket directories of jams that were killed (SIGKILL leaves no time to clean
     up; their rclone died with them): only ``jam-rclone-<pid>-XXXXXXXX`` directories of this
-    user whose pid is gone and that hold nothing but ``rc.sock`` and ``rcd.log``."""
+    user whose pid is gone and that hold nothing but ``rc.sock``, ``rcd.log`` and ``htpasswd``."""
     top = tempfile.gettempdir()
     try:
         names = os.listdir(top)
@@ -122,7 +128,7 @@ def _sweep_dirs() -> None:
             continue
         try:
             left = set(os.listdir(path))
-            if left <= {"rc.sock", "rcd.log"}:
+            if left <= _OURS:
                 for f in left:
                     os.unlink(os.path.join(path, f))
                 os.rmdir(path)
@@ -164,8 +170,17 @@ class Daemon:
         self.proc = None
         self.closed = False
         self._pool = None
-        env = dict(os.environ)
-        env.update(RCLONE_RC_USER=user, RCLONE_RC_PASS=password)
+        self.htpasswd = os.path.join(self.dir, "htpasswd")
+        digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+        try:
+            fd = os.open(self.htpasswd, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{user}:{{SHA}}{digest}\n")
+        except OSError as exc:
+            self.remove_dir()
+            raise RemoteError(f"cannot start rclone: {self.htpasswd}: {exc.strerror or exc}") from None
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RCLONE_RC_USER", "RCLONE_RC_PASS", "RCLONE_RC_NO_AUTH", "RCLONE_RC_HTPASSWD")}
         # A server that does not answer fails the command within seconds, not minutes of
         # retries (the user's own RCLONE_* settings win).
         env.setdefault("RCLONE_LOW_LEVEL_RETRIES", "3")
@@ -173,6 +188,11 @@ class Daemon:
         env.setdefault("RCLONE_CONTIMEOUT", "15s")
         # jam never creates a bucket: one that vanished is a remote gone, not a new empty one.
         env.setdefault("RCLONE_S3_NO_CHECK_BUCKET", "true")
+        # No HEAD after each PUT (a second round trip per object): rclone sends the MD5 of what it
+        # received as Content-MD5 (the server refuses a body that does not match it) and compares
+        # the MD5 the server answers (its ETag) with it, removing a mismatch. Objects of STAT_MIN
+        # or more are stat'ed by store.py anyway.
+        env.setdefault("RCLONE_S3_NO_HEAD", "true")
         # A body shorter than this is taken for a whole small file, even a cut one: store.py
         # never cuts one that short (HOLD); so it is fixed here, whatever the user's setting.
         env["RCLONE_STREAMING_UPLOAD_CUTOFF"] = "100Ki"
@@ -190,7 +210,7 @@ class Daemon:
 
                 with open(self.log, "wb") as log:
                     self.proc = sh.Command(self.binary)(
-                        "rcd", "--rc-addr", f"unix://{self.socket}", "--rc-serve",
+                        "rcd", "--rc-addr", f"unix://{self.socket}", "--rc-htpasswd", self.htpasswd, "--rc-serve",
                         _bg=True, _bg_exc=False, _env=env, _out=log, _err=log,
                         _preexec_fn=_die_with_parent, _new_session=False, _cwd=self.dir)
             except BaseException as exc:  # noqa: BLE001 - reported by the caller
