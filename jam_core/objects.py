@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 
 from jam_core.errors import IntegrityError
@@ -45,18 +46,36 @@ def hasher(algorithm: str = DEFAULT_ALGORITHM, threads: bool = False):
     raise ValueError(f"unknown hash algorithm {algorithm!r}")
 
 
-def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None, threads: bool = False) -> tuple[str, int]:
-    """Hash everything readable from ``fd`` (from its current offset). Returns (oid, size).
+_BUFFERS = threading.local()
+
+
+def read_buffer(size: int) -> memoryview:
+    """A reusable buffer of ``size`` bytes for this thread (a fresh 1 MiB bytearray per file
+    cost more than hashing a small file: zero-filled, then faulted in page by page). The
+    caller uses it until its next call in the same thread."""
+    have = getattr(_BUFFERS, "bufs", None)
+    if have is None:
+        have = _BUFFERS.bufs = {}
+    view = have.get(size)
+    if view is None:
+        view = have[size] = memoryview(bytearray(size))
+    return view
+
+
+def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None, threads: bool = False,
+            limit: int | None = None) -> tuple[str, int]:
+    """Hash everything readable from ``fd`` (from its current offset), or at most ``limit``
+    bytes. Returns (oid, size).
 
     ``threads``: a file of ``BIG`` bytes or more is read in ``BIG_CHUNK`` reads and hashed
     with several threads (one pass, at ``b3sum``'s speed; doctor --deep reads objects so)."""
     big = threads and os.fstat(fd).st_size >= BIG
     h = hasher(algorithm, threads=big)
-    buf = bytearray(BIG_CHUNK if big else CHUNK)
-    view = memoryview(buf)
+    view = read_buffer(BIG_CHUNK if big else CHUNK)
     total = 0
-    while True:
-        n = os.readv(fd, [buf])
+    while limit is None or total < limit:
+        want = view if limit is None or limit - total >= len(view) else view[:limit - total]
+        n = os.readv(fd, [want])
         if n == 0:
             break
         h.update(view[:n])

@@ -30,7 +30,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import CHUNK, hasher, split_oid
+from jam_core.objects import hash_fd, split_oid
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -92,6 +92,11 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 cleanup=_drop_tmps,
             )
         finally:
+            if result.done:  # the last swaps, durable before the checkout says it is done
+                try:
+                    syncfs(dirs.root_fd)
+                except OSError as exc:
+                    result.aborted = result.aborted or f"the files may not be on the disk yet: {describe(exc)}"
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
                 by_name = {r.name: r for r in remotes}
@@ -302,16 +307,10 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
         return (f"remote {remote.name!r} returned {got_size} bytes for {rec.oid}, not {rec.size}; "
                 "stub left as it was")
     algorithm, _ = split_oid(rec.oid)
-    h = hasher(algorithm)
-    off = 0
-    while off < rec.size:
-        chunk = os.pread(w.fd, min(CHUNK, rec.size - off), off)
-        if not chunk:
-            break
-        h.update(chunk)
-        off += len(chunk)
-        session.progress(len(chunk))
-    got = f"{algorithm}:{h.hexdigest()}"
+    os.lseek(w.fd, 0, os.SEEK_SET)
+    # A large file is hashed with both cores (blake3 splits each read over threads) while the
+    # disk writes it back (the dir backend started that as it copied).
+    got, off = hash_fd(w.fd, algorithm, session.progress, threads=True, limit=rec.size)
     if got != rec.oid or off != rec.size:
         return (f"remote {remote.name!r} returned corrupt content for {rec.oid} "
                 f"(hash {got[:15]}…, {off} bytes); stub left as it was")
@@ -321,8 +320,11 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
 def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) -> None:
     if not ready:
         return
-    syncfs(dirs.root_fd)
-    touched: set[int] = set()
+    try:
+        syncfs(dirs.root_fd)  # the batch's content durable before any stub is swapped out
+    except OSError as exc:
+        result.aborted = result.aborted or f"cannot make the fetched files durable: {describe(exc)}"
+        return  # the temporary files are removed by _drop_tmps
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         for w in ready:
             try:
@@ -336,14 +338,11 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
             except (JamError, OSError) as exc:
                 result.failed.append((w.entry.rel, describe(exc)))
                 continue
-            touched.add(w.dir_fd)
             for name in w.cached:
                 cat.record_location(w.entry.record.oid, name, w.entry.record.size)
             cat.remove_stub(w.entry.rel)
             cat.record_use([w.entry.rel])
             result.done.append((w.entry.rel, w.entry.record.size))
-    for dfd in touched:
-        os.fsync(dfd)
 
 
 def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:

@@ -9,17 +9,29 @@ B = TypeVar("B")
 P = TypeVar("P")
 _SKIPPED = object()  # what the worker returns for a batch it did not start
 
-BATCH_FILES = 256
+BATCH_FILES = 1024  # each batch costs a syncfs or two: small files go in large batches
 BATCH_BYTES = 256 << 20
 
 
+def files_per_batch() -> int:
+    """BATCH_FILES, or fewer where the descriptor limit is low: two batches are in flight and
+    each holds a descriptor per file."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return BATCH_FILES
+    return max(16, min(BATCH_FILES, (soft - 64) // 4))
+
+
 def batches(items: list, size_of) -> Iterable[list]:
-    """Consecutive runs of at most BATCH_FILES items and about BATCH_BYTES bytes."""
+    """Consecutive runs of at most ``files_per_batch()`` items and about BATCH_BYTES bytes."""
+    most = files_per_batch()
     batch, total = [], 0
     for item in items:
         batch.append(item)
         total += size_of(item)
-        if len(batch) >= BATCH_FILES or total >= BATCH_BYTES:
+        if len(batch) >= most or total >= BATCH_BYTES:
             yield batch
             batch, total = [], 0
     if batch:

@@ -3,8 +3,8 @@
 For each file: open it relative to its directory's descriptor (never through a symlink, never
 blocking on a FIFO), take a read lease (a file open for writing is left alone), read and hash
 it, let ``place`` choose remotes, let each remote's backend store and verify the object; once
-a batch is stored, make the remotes durable (``sync``), write the stubs beside their files,
-make them durable (one syncfs), and exchange each stub with its file in one atomic
+a batch is stored, write the stubs beside their files, make them durable (one syncfs of the
+root's filesystem) and the remotes too (``sync``), and exchange each stub with its file in one atomic
 ``renameat2(RENAME_EXCHANGE)``, only if the file did not change meanwhile (size, mtime,
 inode, ctime, the lease). What was exchanged out is then checked: if it is not the inode that
 was hashed (a file saved over it in the last instant), it is exchanged back.
@@ -79,8 +79,9 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     ``explicit=False`` (policies chose) applies the minimum size to named files too and, under
     the lock, leaves pinned files alone (a pin may land between planning and stashing). Files go
     in batches: hash each, store the batch on its remotes (``stash_many`` where a backend
-    offers it, else ``stash`` per file), make the remotes durable (``sync``), write the stubs
-    aside, make them durable (one syncfs), then swap each file that did not change.
+    offers it, else ``stash`` per file), write the stubs aside, make them durable (one syncfs)
+    and the remotes (``sync``), then swap each file that did not change; one syncfs at the end
+    makes the last swaps durable.
     """
     result = Result()
     session = session or Session()
@@ -124,6 +125,8 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             )
         finally:
             leases.close()
+            if result.done:
+                _settle(dirs, result)
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
@@ -132,6 +135,15 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
                 for problem in recorder.publish(referenced(root, cat), used):
                     result.skipped.append((".", problem))
     return result
+
+
+def _settle(dirs: DirFds, result: Result) -> None:
+    """Make the last swaps durable before the stash says it is done: one syncfs of the root's
+    filesystem for the whole run (it was an fsync per directory per batch)."""
+    try:
+        syncfs(dirs.root_fd)
+    except OSError as exc:
+        result.aborted = result.aborted or f"the stubs may not be on the disk yet: {describe(exc)}"
 
 
 def _free_space(remotes: list[Remote], pm, session: Session) -> dict[str, int | None]:
@@ -314,14 +326,12 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
 
 def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
                 dirs: DirFds, leases: Leases) -> None:
-    """Make a batch's objects durable, then its stubs, then swap them in one by one. Every
-    file is its own success or failure: one unwritable directory fails only its files."""
-    try:
-        for remote in remotes:
-            pm.hook.sync(remote=remote, session=session)
-    except (RemoteError, OSError) as exc:
-        result.aborted = describe(exc)
-        return
+    """Write a batch's stubs aside, make them and the batch's objects durable (one syncfs of
+    the root's filesystem, then one ``sync`` per remote: a remote on the same disk finds
+    nothing left to flush), then swap them in one by one. Nothing is swapped unless all of
+    those succeeded. Every file is its own success or failure: one unwritable directory fails
+    only its files. The swaps become durable with the next batch's syncfs, or the one that
+    ends the stash (``_settle``)."""
     ready = []
     for s in batch:
         try:
@@ -331,8 +341,13 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             result.failed.append((s.entry.rel, describe(exc)))
     if not ready:
         return
-    syncfs(dirs.root_fd)
-    touched: set[int] = set()
+    try:
+        syncfs(dirs.root_fd)
+        for remote in remotes:
+            pm.hook.sync(remote=remote, session=session)
+    except (RemoteError, OSError) as exc:
+        result.aborted = describe(exc)
+        return  # the stubs written aside are removed by _release
     daemon = (root.jam_dir / SOCK_NAME).exists()  # a `jam daemon` serves the root: it marks new stubs
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         for s in ready:
@@ -352,10 +367,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
             cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
                          ino=now.st_ino, ctime_ns=now.st_ctime_ns)
-            touched.add(s.dir_fd)
             result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
-    for dfd in touched:
-        os.fsync(dfd)
 
 
 def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:

@@ -1,8 +1,8 @@
 """The ``dir`` backend: objects in a directory (another disk, a mounted share).
 
 Layout: ``LOCATION/objects/b3/ab/<hex>``, with ``LOCATION/tmp/`` for uploads in progress.
-An object is written to a temporary name, verified by re-hashing what was written, and
-renamed into place; the ``sync`` hook then makes the whole batch durable with one syncfs
+An object is written to a temporary name, hashed in the same pass (each byte is read once,
+hashed, and those bytes written: the hash is of what was written), and renamed into place; the ``sync`` hook then makes the whole batch durable with one syncfs
 before the core turns any of its files into stubs.
 """
 
@@ -26,6 +26,7 @@ from jam_core import (
     UsageError,
     fsync_dir,
     hash_fd,
+    hasher,
     hookimpl,
     marker_bytes,
     new_remote_id,
@@ -300,11 +301,110 @@ def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
         raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
 
 
+_WRITEBACK_STEP = 32 << 20  # start writing to the disk every 32 MiB written (see _start_writeback)
+_libc = []
+
+
+def _start_writeback(fd: int, off: int, count: int) -> None:
+    """Ask the kernel to start writing ``count`` bytes at ``off`` to the disk now
+    (sync_file_range SYNC_FILE_RANGE_WRITE: no wait, no durability promise). The syncfs before
+    any swap still makes everything durable; this only lets the disk work while jam copies and
+    hashes, instead of all at the end. Best effort: any failure is ignored."""
+    try:
+        if not _libc:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+            _libc.append(fn)
+        _libc[0](fd, off, count, 2)  # SYNC_FILE_RANGE_WRITE
+    except (OSError, AttributeError):
+        _libc.append(lambda *a: 0)
+
+
+_COPY_CHUNK = 1 << 20
+_BIG = 8 << 20  # from this size on, hashing runs in a second thread beside the writes
+_BIG_CHUNK = 4 << 20
+
+
+def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress) -> tuple[str, int]:
+    """Copy the first ``size`` bytes of ``src_fd`` to ``dst_fd`` and hash them in the same
+    pass: every byte is read once into memory, hashed, and those very bytes are written. The
+    hash is of what was written, so it verifies the copy without reading it back. Returns
+    (oid, bytes).
+
+    Holes of the source (SEEK_DATA/SEEK_HOLE) are hashed as the zeros they read as and not
+    written, so a sparse file stays sparse. A large file is hashed in a second thread while
+    its chunk is written (both let go of the GIL), and its writeback to the disk is started as
+    it goes. Raises IntegrityError if the source ends before ``size``."""
+    big = size >= _BIG
+    h = hasher(algorithm)
+    buf = bytearray(_BIG_CHUNK if big else min(_COPY_CHUNK, max(size, 1)))  # small: no 1 MiB to fault in
+    view = memoryview(buf)
+    zeros = None
+    pool = None
+    if big:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="jam-dir-hash")
+    try:
+        off = 0
+        flushed = 0
+        extent_end = 0 if big else size  # end of the data being read; a small file is read through
+        while off < size:
+            if off >= extent_end:  # the next data extent, and the hole before it
+                try:
+                    data = min(os.lseek(src_fd, off, os.SEEK_DATA), size)
+                    extent_end = min(os.lseek(src_fd, data, os.SEEK_HOLE), size) if data < size else size
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: only a hole after ``off``
+                        raise
+                    data = extent_end = size
+                if extent_end <= data:  # the file shrank under us: read on, and fail below
+                    extent_end = size
+                while off < data:  # a hole reads as zeros, and so it is hashed
+                    if zeros is None:
+                        zeros = bytes(len(buf))
+                    n = min(len(zeros), data - off)
+                    h.update(zeros[:n] if n < len(zeros) else zeros)
+                    off += n
+                    progress(n)
+                if off >= size:
+                    break
+            n = os.preadv(src_fd, [view[:min(len(buf), extent_end - off)]], off)
+            if n == 0:
+                raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
+            chunk = view[:n]
+            hashing = pool.submit(h.update, chunk) if pool is not None else None
+            if hashing is None:
+                h.update(chunk)
+            done = 0
+            try:
+                while done < n:
+                    done += os.pwrite(dst_fd, chunk[done:], off + done)
+            finally:
+                if hashing is not None:
+                    hashing.result()
+            off += n
+            progress(n)
+            if big and off - flushed >= _WRITEBACK_STEP:
+                _start_writeback(dst_fd, flushed, off - flushed)
+                flushed = off
+        os.ftruncate(dst_fd, size)
+        if big and off > flushed:
+            _start_writeback(dst_fd, flushed, off - flushed)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return f"{algorithm}:{h.hexdigest()}", off
+
+
 def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress) -> None:
     """Copy ``count`` bytes at ``off`` from src to the same offset in dst."""
     end = off + count
     while off < end:
-        want = min(end - off, 64 << 20)
+        want = min(end - off, _WRITEBACK_STEP)
         try:
             n = os.copy_file_range(src_fd, dst_fd, want, off, off)
         except OSError as exc:
@@ -318,6 +418,8 @@ def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress) -> Non
                 done += os.pwrite(dst_fd, view[done:], off + done)
         if n == 0:
             raise IntegrityError(f"the source ended {end - off} bytes early (it changed while copied)")
+        if count >= _BIG:  # let the disk write while the rest is copied and the core verifies
+            _start_writeback(dst_fd, off, n)
         off += n
         progress(n)
 
@@ -419,9 +521,7 @@ def stash(remote, oid, source, size, session):
                     _mkdirs_below(base, tmp.parent)
                     dst = os.open(tmp, flags, 0o444)
                 try:
-                    _copy(src, dst, size, session.progress)
-                    os.lseek(dst, 0, os.SEEK_SET)
-                    got, got_size = hash_fd(dst, algorithm)  # verify what was written
+                    got, got_size = _copy_hashing(src, dst, size, algorithm, session.progress)
                 finally:
                     os.close(dst)
             finally:
