@@ -2,8 +2,9 @@
 
 Layout: ``LOCATION/objects/b3/ab/<hex>``, with ``LOCATION/tmp/`` for uploads in progress.
 An object is written to a temporary name, hashed in the same pass (each byte is read once,
-hashed, and those bytes written: the hash is of what was written), and renamed into place; the ``sync`` hook then makes the whole batch durable with one syncfs
-before the core turns any of its files into stubs.
+hashed, and those bytes written: the hash is of what was written), and renamed into place;
+the ``sync`` hook then makes the whole batch durable with one syncfs before the core turns
+any of its files into stubs.
 """
 
 from __future__ import annotations
