@@ -325,6 +325,7 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
     except OSError as exc:
         result.aborted = result.aborted or f"cannot make the fetched files durable: {describe(exc)}"
         return  # the temporary files are removed by _drop_tmps
+    used: list[str] = []
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         for w in ready:
             try:
@@ -341,8 +342,9 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
             for name in w.cached:
                 cat.record_location(w.entry.record.oid, name, w.entry.record.size)
             cat.remove_stub(w.entry.rel)
-            cat.record_use([w.entry.rel])
+            used.append(w.entry.rel)
             result.done.append((w.entry.rel, w.entry.record.size))
+        cat.record_use(used)  # one statement for the batch
 
 
 def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
