@@ -30,7 +30,18 @@ def _group():
         from jam_core.cli.app import group
 
         _GROUP = group
-        from jam_core.cli import copies, daemon, doctor, files, hook, pins, plugins_cmd, remotes, tui  # noqa: F401
+        from jam_core.cli import (  # noqa: F401
+            copies,
+            daemon,
+            doctor,
+            files,
+            history,  # noqa: F401  (after copies: its `gc` adds --keep)
+            hook,
+            pins,
+            plugins_cmd,
+            remotes,
+            tui,
+        )
 
         hook.register(group)
     return _GROUP

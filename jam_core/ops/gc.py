@@ -5,6 +5,11 @@ the cache's time. Every removal goes through ``copies.remove_copies`` (invariant
 An object is unreferenced on a remote when no root's refs there name it and this root (walked
 afresh, dirty stubs included) does not refer to it. A root of this machine that uses the remote
 but has recorded no refs on it yet stops gc on that remote: it might need anything there.
+
+Objects of the snapshots this root keeps (``jam commit``) are referenced (``refs.referenced``).
+``keep`` ("daily 7, weekly 4, monthly 12", ``history.prune``) first forgets the snapshots those
+rules do not keep (each with its reason; ``dry_run`` only says so), so their objects become
+collectable in the same run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class GcResult:
     expired: list[tuple[str, str, int]] = field(default_factory=list)  # edge caches
     leftovers: list[tuple[str, str, int]] = field(default_factory=list)  # (remote, tmp/NAME, size)
     kept: list[tuple[str, str, str]] = field(default_factory=list)  # (remote, oid, why)
+    snapshots_kept: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why) with keep
+    forgotten: list[tuple[str, str]] = field(default_factory=list)  # (snapshot id, why) with keep
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -35,13 +42,22 @@ class GcResult:
         return 1 if self.problems else 0
 
 
-def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, now: float | None = None) -> GcResult:
+def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, now: float | None = None,
+       keep: str | None = None) -> GcResult:
     out = GcResult()
     session = session or Session()
     now = time.time() if now is None else now
+    rules = None
+    if keep is not None:
+        from jam_core.history.prune import parse_rules
+
+        rules = parse_rules(keep)
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat:
         recorder = Recorder(root, pm, session)
-        own = live_oids(root, cat) | referenced(root, cat)
+        forgetting: set[str] = set()
+        if rules is not None:
+            forgetting = _thin(root, rules, dry_run, out)
+        own = live_oids(root, cat) | referenced(root, cat, forgetting if dry_run else frozenset())
         reachable: list[Remote] = []
         for r in root.remotes():
             try:
@@ -56,6 +72,22 @@ def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, no
             except (JamError, OSError) as exc:
                 out.problems.append(f"remote {r.name!r}: {describe(exc)}")
     return out
+
+
+def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult) -> set[str]:
+    """Forget the snapshots ``rules`` do not keep (HEAD always stays). Returns their ids."""
+    from jam_core.history.index import Index, exists
+    from jam_core.history.prune import plan
+
+    if not exists(root):
+        return set()
+    with Index(root, create=False) as ix:
+        kept, forgotten = plan([(r[0], r[1]) for r in ix.rows()], rules, ix.head())
+        out.snapshots_kept = sorted(kept.items())
+        out.forgotten = sorted(forgotten.items())
+        if forgotten and not dry_run:
+            ix.forget(set(forgotten))
+    return set(forgotten)
 
 
 def _one(root: Root, cat: Catalog, pm, session: Session, remote: Remote, own: set[str], recorder: Recorder,

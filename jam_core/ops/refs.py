@@ -199,12 +199,17 @@ def live_oids(root: Root, cat) -> set[str]:
     return oids
 
 
-def referenced(root: Root, cat) -> set[str]:
-    """What this root's refs list: its stubs' objects, and what its edge caches hold for it (an
-    object put on a cache by a checkout stays referenced until it expires there)."""
+def referenced(root: Root, cat, forgetting: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """What this root's refs list: its stubs' objects, what its edge caches hold for it (an
+    object put on a cache by a checkout stays referenced until it expires there), and every
+    object of every snapshot the root keeps, with the snapshots themselves (``jam commit``;
+    ``forgetting``: as if those snapshots were already forgotten, for ``gc --keep --dry-run``).
+    A history that cannot be read raises: it is never taken for "no snapshot"."""
+    from jam_core.history.index import kept_objects
     from jam_core.placement import is_cache
 
     oids = set(cat.oids())
+    oids |= kept_objects(root, forgetting)
     for r in root.remotes():
         if is_cache(r):
             oids |= set(cat.locations_on(r.name))

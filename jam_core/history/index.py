@@ -1,0 +1,235 @@
+"""ROOT/.jam/history/: what this root knows of its versions, kept beside the catalog.
+
+* ``history.db`` (SQLite): ``ids`` (content ids of local files by (dev, ino) with size,
+  mtime_ns and ctime_ns, so an unchanged file is not hashed again), ``snapshots`` (the
+  snapshots this root keeps, with the counts ``jam log`` shows), ``objects`` (the union of
+  every kept snapshot's objects and the snapshots' own ids: what ``ops.refs.referenced``
+  publishes, so no root removes them), ``stored`` (objects known to be on a remote), ``pushed``
+  (snapshots known to be on a remote), ``meta`` (``head``: the newest snapshot).
+* ``objects/<hex>``: the bytes of each kept snapshot, verified against their id on every read.
+* ``HEAD``: the id of the newest snapshot (a readable mirror of the db's head).
+
+The caller holds the root's lock for every write.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from jam_core.errors import JamError
+from jam_core.history.snapshot import Snapshot, SnapshotError, parse
+from jam_core.objects import is_valid_oid
+from jam_core.root import Root
+
+DIR = "history"
+DB = "history.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ids (dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
+                                oid TEXT NOT NULL, PRIMARY KEY (dev, ino));
+CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_ns INTEGER NOT NULL, machine TEXT, host TEXT,
+                                      message TEXT, files INTEGER, added INTEGER, modified INTEGER,
+                                      deleted INTEGER, bytes INTEGER);
+CREATE TABLE IF NOT EXISTS objects (oid TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stored (oid TEXT, remote TEXT, PRIMARY KEY (oid, remote)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pushed (id TEXT, remote TEXT, PRIMARY KEY (id, remote)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+class HistoryError(JamError):
+    exit_code = 1
+
+
+def history_dir(root: Root) -> Path:
+    return root.jam_dir / DIR
+
+
+def exists(root: Root) -> bool:
+    return (history_dir(root) / DB).is_file()
+
+
+class Index:
+    """The history db of one root. ``with Index(root) as ix: ...``"""
+
+    def __init__(self, root: Root, create: bool = True):
+        self.root = root
+        self.dir = history_dir(root)
+        if create:
+            (self.dir / "objects").mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.dir / DB, timeout=30, isolation_level=None)
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"cannot open {self.dir / DB}: {exc}; jam keeps every object meanwhile") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- ids cache ------------------------------------------------------------------------
+    def ids(self) -> dict[tuple[int, int], tuple[int, int, int, str]]:
+        return {(d, i): (s, m, c, o) for d, i, s, m, c, o in
+                self.db.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, oid FROM ids")}
+
+    def remember_ids(self, rows) -> None:
+        rows = list(rows)
+        if rows:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+
+    # -- where objects are --------------------------------------------------------------
+    def stored_on(self, oid: str) -> set[str]:
+        return {r for (r,) in self.db.execute("SELECT remote FROM stored WHERE oid = ?", (oid,))}
+
+    def all_stored(self) -> set[str]:
+        return {o for (o,) in self.db.execute("SELECT DISTINCT oid FROM stored")}
+
+    def record_stored(self, pairs) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", list(pairs))
+
+    def pushed_to(self, remote: str) -> set[str]:
+        return {s for (s,) in self.db.execute("SELECT id FROM pushed WHERE remote = ?", (remote,))}
+
+    def record_pushed(self, sid: str, remote: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO pushed VALUES (?, ?)", (sid, remote))
+
+    # -- snapshots -------------------------------------------------------------------------
+    def head(self) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+        if row is None:
+            return None
+        if not is_valid_oid(row[0]):
+            raise HistoryError(f"{self.dir / DB}: its head is malformed; jam keeps every object meanwhile")
+        return row[0]
+
+    def rows(self) -> list[tuple]:
+        """(id, time_ns, machine, host, message, files, added, modified, deleted, bytes),
+        newest first."""
+        return list(self.db.execute("SELECT id, time_ns, machine, host, message, files, added, modified, deleted, "
+                                    "bytes FROM snapshots ORDER BY time_ns DESC, id DESC"))
+
+    def snapshot_ids(self) -> list[str]:
+        return [r[0] for r in self.rows()]
+
+    def cache_path(self, sid: str) -> Path:
+        if not is_valid_oid(sid):
+            raise HistoryError(f"not a snapshot id: {sid[:80]!r}")
+        return self.dir / "objects" / sid.replace(":", "-")
+
+    def read_bytes(self, sid: str) -> bytes | None:
+        """The cached stored bytes of ``sid``, or None if not cached here (not yet verified)."""
+        try:
+            with open(self.cache_path(sid), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def load(self, sid: str) -> Snapshot:
+        """The snapshot ``sid`` from the local cache, verified and validated."""
+        data = self.read_bytes(sid)
+        if data is None:
+            raise HistoryError(f"snapshot {sid[:19]} is not in this root's cache ({self.dir / 'objects'})")
+        return parse(data, expect=sid)
+
+    def save_bytes(self, sid: str, stored: bytes) -> None:
+        """Put stored bytes in the cache, durable, under their id (atomic)."""
+        path = self.cache_path(sid)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(stored)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add(self, snap: Snapshot, stored: bytes, counts: tuple[int, int, int], make_head: bool = True) -> None:
+        """Record a new snapshot (cached first, then one transaction: its row, its objects in
+        the kept union, the head), then mirror the head to ``HEAD``."""
+        self.save_bytes(snap.id, stored)
+        oids = snap.objects() | {snap.id}
+        size = sum(i.size for i in snap.items)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (snap.id, snap.time_ns, snap.machine, snap.host, snap.message, len(snap.items),
+                             *counts, size))
+            self.db.executemany("INSERT OR IGNORE INTO objects VALUES (?)", ((o,) for o in oids))
+            if make_head:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (snap.id,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if make_head:
+            self.write_head_file(snap.id)
+
+    def write_head_file(self, sid: str) -> None:
+        tmp = self.dir / f".HEAD.{os.getpid()}.tmp"
+        tmp.write_text(sid + "\n")
+        os.replace(tmp, self.dir / "HEAD")
+
+    def forget(self, sids: set[str]) -> None:
+        """Forget snapshots: drop their rows and cached bytes, and recompute the kept union
+        from the snapshots that remain (each read and verified: if one cannot be read,
+        nothing is forgotten)."""
+        head = self.head()
+        if head in sids:
+            raise HistoryError("the newest snapshot (HEAD) is always kept")
+        keep = [s for s in self.snapshot_ids() if s not in sids]
+        union = self.union_of(keep)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("DELETE FROM snapshots WHERE id = ?", ((s,) for s in sids))
+            self.db.executemany("DELETE FROM pushed WHERE id = ?", ((s,) for s in sids))
+            self.db.execute("DELETE FROM objects")
+            self.db.executemany("INSERT OR IGNORE INTO objects VALUES (?)", ((o,) for o in union))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        for s in sids:
+            try:
+                self.cache_path(s).unlink()
+            except FileNotFoundError:
+                pass
+
+    def union_of(self, sids) -> set[str]:
+        out: set[str] = set()
+        for s in sids:
+            try:
+                out |= self.load(s).objects()
+            except (SnapshotError, HistoryError, OSError) as exc:
+                raise HistoryError(f"cannot read snapshot {s[:19]} ({exc}); nothing forgotten") from None
+            out.add(s)
+        return out
+
+    def kept_objects(self) -> set[str]:
+        return {o for (o,) in self.db.execute("SELECT oid FROM objects")}
+
+
+def kept_objects(root: Root, without: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """Every object the snapshots this root keeps need, and the snapshots themselves
+    (``without``: as if those snapshots were forgotten). Empty for a root with no history.
+    HistoryError if the history cannot be read: never taken for "nothing"."""
+    if not exists(root):
+        return set()
+    try:
+        with Index(root, create=False) as ix:
+            if without:
+                return ix.union_of(s for s in ix.snapshot_ids() if s not in without)
+            return ix.kept_objects()
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read {history_dir(root) / DB}: {exc}; jam removes nothing") from None

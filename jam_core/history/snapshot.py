@@ -1,0 +1,290 @@
+"""The snapshot format: what a tree was at one moment, as an immutable object.
+
+Canonical text (UTF-8, ``\\n`` after every line)::
+
+    jam-snapshot 1
+    {"machine":{"host":"laptop","id":"<machine id>"},"message":"…","parents":["b3:…"],
+     "pins":["docs"],"time":1764576000000000000,"tree":"photos"}
+    ["f","a/b.txt","b3:<64 hex>",1234,420,1764575000123456789]
+    ["l","a/link","../target",1764575000123456789]
+
+Line 2 is one JSON object (keys sorted, no spaces, ASCII): ``parents`` (snapshot ids, none for
+the first), ``time`` (UTC, ns since the epoch), ``machine`` (host name and the stable machine
+id), ``tree`` (``[history] name``), ``message``, ``pins``. Then one JSON array per entry, sorted
+by path (Python's str order, each path once): ``f`` a regular file (path, object id, size, mode
+bits, mtime_ns), ``l`` a symlink (path, target, mtime_ns). Names that are not UTF-8 are kept as
+surrogate escapes (``\\udcXX`` in JSON), so every name round-trips. Directories are implied.
+
+Stored bytes = ``zlib.compress(text)``; the snapshot's id = ``b3:`` of the stored bytes, so a
+backend verifies it as any object. ``parse`` is validation (invariant 7): a snapshot from a
+remote is input, and a hostile one is refused with one line (``SnapshotError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+
+from jam_core.errors import JamError, UsageError
+from jam_core.objects import is_valid_oid
+from jam_core.root import check_rel
+
+MAGIC = b"jam-snapshot 1\n"
+MAX_TEXT = 1 << 30  # 1 GiB of text (about 7 million entries): anything larger is refused
+MAX_SIZE = 1 << 50  # as stub.MAX_SIZE
+MAX_MESSAGE = 64 << 10
+MAX_PARENTS = 64
+_TREE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
+_MACHINE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,63}\Z")
+FILE, LINK = "f", "l"
+
+
+class SnapshotError(JamError):
+    """A snapshot that cannot be trusted (malformed, hostile, from a newer jam)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One entry: a regular file (``kind`` f: oid, size, mode) or a symlink (l: target)."""
+
+    path: str
+    kind: str
+    oid: str = ""
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    target: str = ""
+
+    def same(self, other: "Item") -> bool:
+        """Same content and metadata that a restore brings back (kind, id, size, mode, target)."""
+        return (self.kind, self.oid, self.size, self.mode, self.target) == \
+            (other.kind, other.oid, other.size, other.mode, other.target)
+
+    def row(self) -> list:
+        if self.kind == FILE:
+            return [FILE, self.path, self.oid, self.size, self.mode, self.mtime_ns]
+        return [LINK, self.path, self.target, self.mtime_ns]
+
+
+@dataclass
+class Snapshot:
+    parents: list[str]
+    time_ns: int
+    host: str
+    machine: str
+    tree: str
+    message: str = ""
+    pins: list[str] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)  # sorted by path
+    id: str = ""  # set by encode/parse
+
+    def by_path(self) -> dict[str, Item]:
+        return {i.path: i for i in self.items}
+
+    def objects(self) -> set[str]:
+        """The content ids this snapshot needs (not its own id)."""
+        return {i.oid for i in self.items if i.kind == FILE}
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
+
+
+def encode(snap: Snapshot) -> bytes:
+    """The stored bytes of ``snap`` (its items sorted here); sets ``snap.id``."""
+    from jam_core.objects import hasher
+
+    snap.items.sort(key=lambda i: i.path)
+    head = {"parents": list(snap.parents), "time": snap.time_ns, "machine": {"host": snap.host, "id": snap.machine},
+            "tree": snap.tree, "message": snap.message, "pins": sorted(snap.pins)}
+    parts = [MAGIC, _dumps(head).encode("ascii"), b"\n"]
+    dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+    parts.append("".join(dumps(i.row()) + "\n" for i in snap.items).encode("ascii"))
+    stored = zlib.compress(b"".join(parts), 6)
+    h = hasher("b3")
+    h.update(stored)
+    snap.id = "b3:" + h.hexdigest()
+    return stored
+
+
+def id_of(stored: bytes) -> str:
+    from jam_core.objects import hasher
+
+    h = hasher("b3")
+    h.update(stored)
+    return "b3:" + h.hexdigest()
+
+
+def parse(stored: bytes, expect: str | None = None) -> Snapshot:
+    """Validate and read stored bytes. ``expect``: the id they must hash to. SnapshotError
+    (one line) for anything that is not a well-formed snapshot."""
+    sid = id_of(stored)
+    label = (expect or sid)[:19]
+    if expect is not None and sid != expect:
+        raise SnapshotError(f"snapshot {label}: its bytes do not match its id (corrupt or replaced); refused")
+    try:
+        d = zlib.decompressobj()
+        text = d.decompress(stored, MAX_TEXT)
+        if d.unconsumed_tail or not d.eof:
+            raise SnapshotError(f"snapshot {label}: truncated or larger than {MAX_TEXT >> 20} MiB; refused")
+    except zlib.error:
+        raise SnapshotError(f"snapshot {label}: not a jam snapshot (bad compression); refused") from None
+    try:
+        snap = _parse_text(text)
+    except SnapshotError as exc:
+        raise SnapshotError(f"snapshot {label}: refused: {exc}") from None
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        raise SnapshotError(f"snapshot {label}: refused: malformed ({str(exc)[:100]})") from None
+    snap.id = sid
+    return snap
+
+
+def _int(v, lo: int, hi: int, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise SnapshotError(f"impossible {what} {str(v)[:40]!r}")
+    return v
+
+
+def _rel(v, what: str = "path") -> str:
+    try:
+        rel = check_rel(v)
+    except ValueError as exc:
+        raise SnapshotError(f"bad {what} {str(v)[:80]!r}: {exc}") from None
+    if rel == ".":
+        raise SnapshotError(f"bad {what} '.'")
+    return rel
+
+
+def _parse_text(text: bytes) -> Snapshot:
+    if not text.startswith(MAGIC):
+        if text.startswith(b"jam-snapshot "):
+            raise SnapshotError("made by a newer jam (format version not supported)")
+        raise SnapshotError("no jam-snapshot header")
+    lines = text[len(MAGIC):].split(b"\n")
+    if lines[-1] != b"" or len(lines) < 2:
+        raise SnapshotError("truncated (no newline at the end)")
+    head = json.loads(lines[0])
+    if not isinstance(head, dict) or set(head) != {"parents", "time", "machine", "tree", "message", "pins"}:
+        raise SnapshotError("bad header fields")
+    parents = head["parents"]
+    if not isinstance(parents, list) or len(parents) > MAX_PARENTS or not all(is_valid_oid(p) for p in parents):
+        raise SnapshotError("bad parents")
+    time_ns = _int(head["time"], 0, (1 << 63) - 1, "time")
+    machine = head["machine"]
+    if not isinstance(machine, dict) or set(machine) != {"host", "id"}:
+        raise SnapshotError("bad machine")
+    host, mid = machine["host"], machine["id"]
+    if not isinstance(host, str) or len(host) > 255 or not isinstance(mid, str) or not _MACHINE.match(mid):
+        raise SnapshotError("bad machine")
+    tree = head["tree"]
+    if not isinstance(tree, str) or not _TREE.match(tree):
+        raise SnapshotError(f"bad tree name {str(tree)[:40]!r}")
+    message = head["message"]
+    if not isinstance(message, str) or len(message) > MAX_MESSAGE:
+        raise SnapshotError("bad message")
+    pins = head["pins"]
+    if not isinstance(pins, list):
+        raise SnapshotError("bad pins")
+    pins = [_rel(p, "pin") for p in pins]
+    items: list[Item] = []
+    files: set[str] = set()
+    last = None
+    loads = json.loads
+    for line in lines[1:-1]:
+        row = loads(line)
+        if not isinstance(row, list) or not row:
+            raise SnapshotError("bad entry")
+        kind = row[0]
+        if kind == FILE and len(row) == 6:
+            _, path, oid, size, mode, mtime = row
+            if not is_valid_oid(oid):
+                raise SnapshotError(f"bad object id {str(oid)[:80]!r}")
+            item = Item(path, FILE, oid, _int(size, 0, MAX_SIZE, "size"), _int(mode, 0, 0o7777, "mode"),
+                        _int(mtime, -(1 << 63) + 1, (1 << 63) - 1, "mtime"))
+        elif kind == LINK and len(row) == 4:
+            _, path, target, mtime = row
+            if not isinstance(target, str) or not target or "\0" in target or len(target) > 4095:
+                raise SnapshotError("bad symlink target")
+            try:
+                os.fsencode(target)
+            except UnicodeEncodeError:
+                raise SnapshotError("bad symlink target") from None
+            item = Item(path, LINK, mtime_ns=_int(mtime, -(1 << 63) + 1, (1 << 63) - 1, "mtime"), target=target)
+        else:
+            raise SnapshotError(f"bad entry kind {str(kind)[:10]!r}")
+        if not isinstance(path, str) or (last is not None and path <= last):
+            raise SnapshotError(f"entries out of order or repeated at {str(path)[:80]!r}")
+        _rel(path)
+        last = path
+        # no entry may sit below another entry (a file is not a directory)
+        cut = path.rfind("/")
+        while cut > 0:
+            if path[:cut] in files:
+                raise SnapshotError(f"{path[:cut]!r} is both a file and a directory")
+            cut = path.rfind("/", 0, cut)
+        files.add(path)
+        items.append(item)
+    return Snapshot(parents, time_ns, host, mid, tree, message, pins, items)
+
+
+# -- naming ------------------------------------------------------------------------------
+def machine_id() -> str:
+    """This machine's stable id: ``$JAM_MACHINE_ID`` (tests: two "machines" on one host), else
+    ``machine-id`` in the user's data dir, made once (32 hex digits)."""
+    env = os.environ.get("JAM_MACHINE_ID")
+    if env is not None:
+        if not _MACHINE.match(env):
+            raise UsageError(f"JAM_MACHINE_ID {env[:40]!r}: expected lowercase letters, digits and '-' (at most 64)")
+        return env
+    from jam_core.root import user_data_dir
+
+    path = user_data_dir() / "machine-id"
+    try:
+        text = path.read_text().strip()
+        if _MACHINE.match(text):
+            return text
+        raise UsageError(f"{path}: not a machine id (remove it and jam makes a new one)")
+    except FileNotFoundError:
+        pass
+    import uuid
+
+    new = uuid.uuid4().hex
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".machine-id.{os.getpid()}")
+    tmp.write_text(new + "\n")
+    try:
+        os.link(tmp, path)  # never over one another jam wrote at the same instant
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return machine_id()
+
+
+def tree_name(root) -> str:
+    """``[history] name`` (validated), else the root's directory name made safe for a remote's
+    ``meta/`` (lowercase letters, digits, ``._-``)."""
+    table = root.config.get("history", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{root.config_path}: 'history' must be a table")
+    name = table.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not _TREE.match(name):
+            raise UsageError(f"{root.config_path}: history.name {str(name)[:40]!r}: expected lowercase letters, "
+                             "digits, '.', '_' or '-' (at most 64, starting with a letter or digit)")
+        return name
+    safe = re.sub(r"[^a-z0-9._-]+", "-", root.path.name.lower()).lstrip("._-")[:64]
+    return safe or "tree"
+
+
+def changes(old: dict[str, Item], new: dict[str, Item]) -> tuple[list[str], list[str], list[str]]:
+    """(added, modified, deleted) paths from ``old`` to ``new``, each sorted."""
+    added = sorted(p for p in new if p not in old)
+    deleted = sorted(p for p in old if p not in new)
+    modified = sorted(p for p, i in new.items() if p in old and not old[p].same(i))
+    return added, modified, deleted

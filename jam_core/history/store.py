@@ -1,0 +1,443 @@
+"""``jam commit``: record the tree as a snapshot, its content safe on the remotes.
+
+Under the root's lock: walk the tree (or the named paths; the rest is carried from the parent),
+take each stub's id from its record and each local file's from the ids cache (hashed only when
+its (dev, ino, size, mtime_ns, ctime_ns) changed), upload the local files whose content no
+remote holds (``place`` chooses, refs recorded before each store as a stash does, verified by the
+backend, made durable with ``sync``; the files stay local), then record the snapshot locally
+(cached bytes, then one db transaction that makes it the head), then push: store every kept
+snapshot a remote lacks (same hooks) and write this machine's head there.
+
+Killed at any instant, nothing is lost: before the local record nothing refers to the uploads
+(they become collectable, the next commit uploads what is missing); after it, the next commit
+(or any later one) pushes what a remote lacks and writes the head.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jam_core.catalog import Catalog
+from jam_core.errors import JamError, RemoteError, UsageError, describe
+from jam_core.fs import DirFds, NotTheFile, fd_path, open_regular, same_file
+from jam_core.history.index import Index
+from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encode, machine_id, tree_name
+from jam_core.model import Remote, Session
+from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
+from jam_core.root import CATALOG, Root
+from jam_core.scan import DIRTY, LOCAL, STUB, walk
+
+HEADS = "history"
+HEAD_MAGIC = b"jam-head 1\n"
+BATCH_BYTES = 256 << 20
+BATCH_FILES = 256
+
+
+def head_name(tree: str, machine: str) -> str:
+    """The meta name of one machine's head of one tree: ``history/<tree>/<machine id>``."""
+    return f"{HEADS}/{tree}/{machine}"
+
+
+def encode_head(sid: str) -> bytes:
+    return HEAD_MAGIC + sid.encode("ascii") + b"\n"
+
+
+def decode_head(data: bytes) -> str | None:
+    """The snapshot id a head names, or None if it is not a valid head."""
+    from jam_core.objects import is_valid_oid
+
+    if not data.startswith(HEAD_MAGIC):
+        return None
+    sid = data[len(HEAD_MAGIC):].decode("ascii", "replace").strip()
+    return sid if is_valid_oid(sid) else None
+
+
+@dataclass
+class CommitResult:
+    id: str = ""
+    files: int = 0
+    added: int = 0
+    modified: int = 0
+    deleted: int = 0
+    uploaded: int = 0  # new objects stored on a remote
+    bytes: int = 0
+    nothing: str = ""  # why no snapshot was made ("" if one was)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): left as in the parent
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems or self.skipped else 0
+
+
+@dataclass
+class _Rec:
+    oid: str
+    size: int
+
+
+@dataclass
+class _Up:
+    """A local file on its way to the remotes: open, hashed (``store_on``'s item shape)."""
+
+    rel: str
+    record: _Rec
+    fd: int
+    mode: int
+    mtime_ns: int
+    failed: str = ""
+
+
+def durable_remotes(root: Root) -> list[Remote]:
+    from jam_core.placement import is_cache
+
+    return [r for r in sorted(root.remotes(), key=lambda r: (r.tier, r.name)) if not is_cache(r)]
+
+
+def under(path: str, rels: list[str]) -> bool:
+    return any(r == "." or path == r or path.startswith(r + "/") for r in rels)
+
+
+# -- the scan --------------------------------------------------------------------------------
+def scan(root: Root, rels: list[str], ix: Index, skipped: list, on_local=None) -> tuple[dict[str, Item], list]:
+    """Walk ``rels``: (items known without hashing, local files to hash as (rel, dir, st)).
+    A path that does not exist is simply absent. Stubs written into and unreadable stub
+    metadata go to ``skipped`` (the parent's entry is kept for them)."""
+    items: dict[str, Item] = {}
+    pending = []
+    cache = ix.ids()
+
+    def on_error(rel, exc):
+        import errno
+
+        if getattr(exc, "errno", None) == errno.ENOENT and rel in rels:
+            return
+        skipped.append((rel, describe(exc)))
+
+    def tidy(dir_fd, dir_rel, entries):  # the same walk finds the symlinks
+        from jam_core.fs import is_jam_tmp
+
+        prefix = "" if dir_rel == "." else dir_rel + "/"
+        for e in entries:
+            if e.is_symlink() and not is_jam_tmp(e.name) and not (not prefix and e.name == ".jam"):
+                try:
+                    target = os.readlink(e.name, dir_fd=dir_fd)
+                    st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if target:
+                    items[prefix + e.name] = Item(prefix + e.name, LINK, mtime_ns=st.st_mtime_ns, target=target)
+        return entries
+
+    for rel in rels:
+        for e in walk(str(root.path), rel, on_error, tidy=tidy):
+            if e.state == STUB:
+                r = e.record
+                items[e.rel] = Item(e.rel, FILE, r.oid, r.size, r.mode, r.mtime_ns)
+            elif e.state == LOCAL:
+                st = e.st
+                hit = cache.get((st.st_dev, st.st_ino))
+                if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    items[e.rel] = Item(e.rel, FILE, hit[3], st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
+                else:
+                    pending.append(e)
+            elif e.state == DIRTY:
+                skipped.append((e.rel, "a stub that was written into: left as in the last snapshot (see `jam doctor`)"))
+            else:
+                skipped.append((e.rel, f"unreadable stub metadata ({e.problem}): left as in the last snapshot"))
+    return items, pending
+
+
+def hash_one(dirs: DirFds, e) -> tuple[int, str] | None:
+    """Open and hash a local file; (fd, oid) with the fd still open, or None if it changed."""
+    name = e.rel.rpartition("/")[2]
+    try:
+        fd = open_regular(dirs.get(e.dir), name, expect=e.st)
+    except (NotTheFile, FileNotFoundError):
+        return None
+    try:
+        st0 = os.fstat(fd)
+        if not same_file(st0, e.st):
+            os.close(fd)
+            return None
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM)
+        if size != st0.st_size or not same_file(os.fstat(fd), st0):
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, oid
+
+
+# -- commit ------------------------------------------------------------------------------------
+def auto_interval(root: Root) -> float | None:
+    from jam_core.units import parse_duration
+
+    table = root.config.get("history", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{root.config_path}: 'history' must be a table")
+    value = table.get("auto")
+    if value is None or value is False:
+        return None
+    return parse_duration(value, "history.auto")
+
+
+def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, session: Session | None = None,
+           auto: bool = False, now_ns: int | None = None) -> CommitResult:
+    """Snapshot the tree (``rels``: only these paths are looked at; the rest is carried from
+    the parent). See the module's docstring for the order of the steps."""
+    session = session or Session()
+    rels = list(rels or ["."])
+    out = CommitResult()
+    remotes = durable_remotes(root)
+    if not remotes:
+        raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
+    if len(message) > 64 << 10:
+        raise UsageError("the message is longer than 64 KiB")
+    tree, machine = tree_name(root), machine_id()
+    interval = auto_interval(root) if auto else None
+    if auto and interval is None:
+        out.nothing = "history.auto is not set in .jam/config.toml; nothing done"
+        return out
+    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, Index(root) as ix:
+        from jam_core.ops.refs import Recorder
+
+        recorder = Recorder(root, pm, session)
+        head = ix.head()
+        if auto and head is not None:
+            last = ix.rows()[0][1] if ix.rows() else 0
+            if (now_ns or time.time_ns()) - last < interval * 1e9:
+                out.nothing = "the last commit is recent (history.auto); nothing done"
+                return out
+        parent = ix.load(head) if head else None
+        old = parent.by_path() if parent else {}
+        try:
+            items = _gather(root, pm, session, rels, ix, recorder, remotes, out)
+            new = {p: i for p, i in old.items() if not under(p, rels)}
+            new.update(items)
+            for rel, _why in out.skipped:  # left as they were
+                if rel in old and under(rel, rels):
+                    new[rel] = old[rel]
+            from jam_core.policy.pins import read_pins
+
+            pins = sorted(p for p in read_pins(root))
+            added, modified, deleted = changes(old, new)
+            out.files = len(new)
+            if parent is not None and not (added or modified or deleted) and pins == sorted(parent.pins):
+                out.nothing = "nothing to commit (the tree is as in the last snapshot)"
+                out.id = head
+            else:
+                snap = Snapshot([head] if head else [], now_ns or time.time_ns(), socket.gethostname()[:255],
+                                machine, tree, message, pins, list(new.values()))
+                if parent is not None and snap.time_ns <= parent.time_ns:
+                    snap.time_ns = parent.time_ns + 1
+                stored = encode(snap)
+                ix.add(snap, stored, (len(added), len(modified), len(deleted)))
+                out.id = snap.id
+                out.added, out.modified, out.deleted = len(added), len(modified), len(deleted)
+            push(root, pm, session, ix, recorder, remotes, tree, machine, out)
+        finally:
+            if recorder.pending:
+                from jam_core.ops.refs import referenced
+
+                used = [r for r in remotes if r.name in recorder.pending]
+                out.problems += recorder.publish(referenced(root, cat), used)
+    return out
+
+
+def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, recorder, remotes: list[Remote],
+            out: CommitResult) -> dict[str, Item]:
+    """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
+    items, pending = scan(root, rels, ix, out.skipped)
+    known = ix.all_stored()
+    session.begin(sum(e.st.st_size for e in pending))
+    with DirFds(root.path) as dirs:
+        batch: list[_Up] = []
+        size = 0
+        new_ids = []
+        for e in pending:
+            try:
+                got = hash_one(dirs, e)
+            except (JamError, OSError) as exc:
+                out.skipped.append((e.rel, f"could not be read ({describe(exc)}): left as in the last snapshot"))
+                continue
+            session.file_done(e.st.st_size)
+            if got is None:
+                out.skipped.append((e.rel, "changed while it was being read: left as in the last snapshot"))
+                continue
+            fd, oid = got
+            st = e.st
+            new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, oid))
+            item = Item(e.rel, FILE, oid, st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
+            if st.st_size == 0 or oid in known:
+                os.close(fd)
+                items[e.rel] = item
+                continue
+            batch.append(_Up(e.rel, _Rec(oid, st.st_size), fd, item.mode, item.mtime_ns))
+            size += st.st_size
+            if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+                _upload_batch(root, pm, session, batch, ix, recorder, remotes, items, known, out)
+                batch, size = [], 0
+        if batch:
+            _upload_batch(root, pm, session, batch, ix, recorder, remotes, items, known, out)
+        ix.remember_ids(new_ids)
+    return items
+
+
+def _upload_batch(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recorder,
+                  remotes: list[Remote], items: dict[str, Item], known: set[str], out: CommitResult) -> None:
+    try:
+        _upload(root, pm, session, batch, ix, recorder, remotes, known, out)
+        for u in batch:
+            if u.failed:
+                out.skipped.append((u.rel, f"not uploaded ({u.failed}): left as in the last snapshot"))
+            else:
+                items[u.rel] = Item(u.rel, FILE, u.record.oid, u.record.size, u.mode, u.mtime_ns)
+    finally:
+        for u in batch:
+            if u.fd >= 0:
+                os.close(u.fd)
+                u.fd = -1
+
+
+def _upload(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recorder, remotes: list[Remote],
+            known: set[str], out: CommitResult) -> None:
+    """Store the batch's objects on the remotes ``place`` chose (caches left out), each file
+    staying local. A file counts as uploaded once every chosen remote holds it, verified."""
+    from jam_core.ops.remotes import ensure_identity
+    from jam_core.ops.stash import Skip, choose_remotes, store_on
+    from jam_core.placement import Candidates, copies_of
+
+    cands = Candidates(remotes, copies_of(root.config))
+    by_name = {r.name: r for r in remotes}
+    targets: dict[int, list[str]] = {}
+    for u in batch:
+        try:
+            targets[id(u)] = [n for n in choose_remotes(root, pm, u.record.oid, u.record.size, cands) if n in by_name]
+        except Skip as exc:
+            u.failed = str(exc)
+        except JamError as exc:
+            u.failed = describe(exc)
+    holds: dict[int, set[str]] = {id(u): set() for u in batch}
+    newly: dict[str, int] = {}
+    for remote in remotes:
+        items = [u for u in batch if not u.failed and remote.name in targets.get(id(u), ())]
+        if not items:
+            continue
+        try:
+            ensure_identity(root, remote, pm, session)
+            recorder.before_store(remote, {u.record.oid for u in items})
+            lacking = []
+            for u in items:
+                if pm.hook.has(remote=remote, oid=u.record.oid, size=u.record.size, session=session):
+                    holds[id(u)].add(remote.name)
+                else:
+                    lacking.append(u)
+            results = list(store_on(remote, lacking, pm, session)) if lacking else []
+            if results:
+                pm.hook.sync(remote=remote, session=session)
+            going = recorder.removing_elsewhere(remote)
+        except (JamError, OSError) as exc:
+            for u in items:
+                u.failed = u.failed or f"remote {remote.name!r}: {describe(exc)}"
+            if isinstance(exc, RemoteError):
+                out.problems.append(f"remote {remote.name!r}: {describe(exc)}")
+            continue
+        for u, err in results:
+            if err is None:
+                holds[id(u)].add(remote.name)
+                newly[u.record.oid] = u.record.size
+            else:
+                u.failed = u.failed or describe(err)
+        for u in items:
+            if u.record.oid in going:
+                holds[id(u)].discard(remote.name)
+                u.failed = u.failed or f"another root is removing it from {remote.name!r} at this moment"
+    pairs = []
+    for u in batch:
+        if u.failed:
+            continue
+        missing = [n for n in targets[id(u)] if n not in holds[id(u)]]
+        if missing:
+            u.failed = f"not stored on {', '.join(repr(n) for n in missing)}"
+            continue
+        pairs += [(u.record.oid, n) for n in holds[id(u)]]
+        known.add(u.record.oid)
+    ix.record_stored(pairs)
+    ok = {u.record.oid for u in batch if not u.failed}
+    out.uploaded += sum(1 for o in newly if o in ok)
+    out.bytes += sum(s for o, s in newly.items() if o in ok)
+
+
+# -- push --------------------------------------------------------------------------------------
+def write_head(remote: Remote, name: str, sid: str, pm, session: Session) -> None:
+    """Replace this machine's head on ``remote`` (write_meta: atomic)."""
+    done = pm.hook.write_meta(remote=remote, name=name, data=encode_head(sid), session=session)
+    if done is None:
+        raise RemoteError(f"remote {remote.name!r}: its backend cannot write jam's metadata (no write_meta)")
+
+
+def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Remote], tree: str, machine: str,
+         out: CommitResult) -> None:
+    """Store on each remote every kept snapshot it lacks (oldest first, refs recorded before),
+    then write this machine's head there. A remote that fails is one problem line; the next
+    commit tries again."""
+    from jam_core.history.snapshot import id_of
+    from jam_core.ops.remotes import ensure_identity
+
+    head = ix.head()
+    if head is None:
+        return
+    kept = list(reversed(ix.snapshot_ids()))  # oldest first
+    for remote in remotes:
+        todo = [s for s in kept if s not in ix.pushed_to(remote.name)]
+        written = ix.db.execute("SELECT value FROM meta WHERE key = ?", (f"head:{remote.name}",)).fetchone()
+        if not todo and written is not None and written[0] == head:
+            continue
+        try:
+            ensure_identity(root, remote, pm, session)
+            if todo:
+                recorder.before_store(remote, todo)
+                for sid in todo:
+                    data = ix.read_bytes(sid)
+                    if data is None or id_of(data) != sid:
+                        raise JamError(f"snapshot {sid[:19]}: its cached bytes are missing or corrupt "
+                                       f"({ix.cache_path(sid)}); not sent")
+                    fd = os.open(ix.cache_path(sid), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    try:
+                        ok = pm.hook.stash(remote=remote, oid=sid, source=Path(fd_path(fd)), size=len(data),
+                                           session=session)
+                    finally:
+                        os.close(fd)
+                    if ok is not True:
+                        raise RemoteError(f"remote {remote.name!r} did not store snapshot {sid[:19]}")
+                pm.hook.sync(remote=remote, session=session)
+                going = recorder.removing_elsewhere(remote)
+                for sid in todo:
+                    if sid not in going:
+                        ix.record_pushed(sid, remote.name)
+                if head in going:
+                    raise RemoteError(f"another root is removing snapshot {head[:19]} from it at this moment")
+            write_head(remote, head_name(tree, machine), head, pm, session)
+            ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"head:{remote.name}", head))
+        except (JamError, OSError) as exc:
+            out.problems.append(f"remote {remote.name!r}: snapshot not sent ({describe(exc)}); "
+                                "it is recorded here and the next `jam commit` sends it")
+
+
+def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, str]:
+    """Every machine's head of ``tree`` on ``remote``: {machine id: snapshot id} (for sync and
+    clone; invalid heads are left out)."""
+    names = pm.hook.list_meta(remote=remote, prefix=f"{HEADS}/{tree}", session=session) or []
+    out = {}
+    for name in names:
+        data = pm.hook.read_meta(remote=remote, name=name, session=session)
+        sid = decode_head(bytes(data)) if data else None
+        if sid:
+            out[name.rpartition("/")[2]] = sid
+    return out
