@@ -351,3 +351,111 @@ def test_missing_kernel_support_or_privilege_is_one_line(jam_root, runner, monke
     monkeypatch.setattr(F, "init", no_kernel)
     res = runner.invoke(main, ["daemon"])
     assert res.exit_code == 1 and "no fanotify pre-content support (Linux >= 6.14 needed)" in res.output
+
+
+# -- what the daemon keeps up to date while it runs -----------------------------------------------
+
+def idle(root) -> None:
+    """Wait until the daemon has nothing queued or in progress (its own answer, not a sleep)."""
+    from jam_core.daemon.client import wait_idle
+
+    assert wait_idle(root.path if hasattr(root, "path") else root, HANG), "the daemon never became idle"
+
+
+def test_directory_made_while_running_records_use(jam_root, daemon):
+    from jam_core.catalog import Catalog
+
+    r = jam_root.path
+    daemon()
+    idle(jam_root)
+    (r / "new" / "deeper").mkdir(parents=True)  # made after the daemon marked the root's directories
+    outside = r.parent / "outside-tree"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "m.txt").write_text("moved in\n")
+    idle(jam_root)
+    (r / "new" / "deeper" / "f.txt").write_text("hello\n")
+    os.rename(outside, r / "movedin")  # a tree moved into the root, with what is already in it
+    idle(jam_root)
+    assert (r / "new" / "deeper" / "f.txt").read_text() == "hello\n"
+    assert (r / "movedin" / "sub" / "m.txt").read_text() == "moved in\n"
+    idle(jam_root)
+    with Catalog(jam_root.jam_dir / "catalog.db") as cat:
+        used = set(cat.uses())
+    assert {"new/deeper/f.txt", "movedin/sub/m.txt"} <= used, used
+
+
+def test_fill_clears_the_cd_hooks_index(jam_root, stash, daemon):
+    from jam_core.hook.index import MARK, index_path
+
+    r = jam_root.path
+    data = make_file(r / "d" / "a.bin", 100_000, 13)
+    make_file(r / "two" / "b.bin", 100_000, 14)
+    make_file(r / "two" / "c.bin", 100_000, 15)
+    stash("d/a.bin", "two/b.bin", "two/c.bin")
+    index = Path(index_path(jam_root))
+
+    def marked(rel) -> bool:
+        return bool(os.stat(index / rel).st_mode & MARK)
+
+    assert marked("d") and marked("two")  # stash listed both for the cd hook
+    owner = os.stat(index / "d").st_uid
+    daemon()
+    assert sha_file(r / "d" / "a.bin") == sha(data)
+    sha_file(r / "two" / "b.bin")
+    idle(jam_root)
+    assert not marked("d")  # nothing left to fetch there: a cd into it runs no fetch
+    assert marked("two")  # c.bin is still a stub
+    assert os.stat(index / "d").st_uid == owner  # changed in place, never made anew
+
+
+def test_stub_stashed_by_the_roots_non_root_owner_hydrates(tmp_path_factory, jam_bin):
+    """The daemon runs as root; the root belongs to a user whose `jam stash` must reach
+    daemon.sock to have its new stubs marked. (The user keeps CAP_DAC_READ_SEARCH only to run
+    this test's Python from under /root; it does not open a root-only socket.)"""
+    import pwd
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv is not installed")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="jam-daemon-user-", dir="/var/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        home, root = base / "home", base / "root"
+        for p in (home, root):
+            p.mkdir()
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
+               "XDG_CONFIG_HOME": str(home / "config"), "XDG_CACHE_HOME": str(home / "cache")}
+        as_user = [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                   "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
+
+        def run(*args):
+            res = subprocess.run([*as_user, jam_bin, *args], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=HANG)
+            assert res.returncode == 0, res.stderr
+            return res
+
+        run("init", ".")
+        data = make_file(root / "mine.bin", 300_000, 16)
+        os.chown(root / "mine.bin", nobody.pw_uid, nobody.pw_gid)
+        d = Daemon(jam_bin, root)
+        try:
+            idle(root)
+            run("stash", "mine.bin")
+            assert is_stub(root / "mine.bin")
+            assert sha_file(root / "mine.bin") == sha(data)  # marked through the socket: filled on open
+            idle(root)
+            assert os.stat(root / "mine.bin").st_uid == nobody.pw_uid
+            # the daemon wrote the catalog (the fill): it stays the user's to write
+            more = make_file(root / "more.bin", 200_000, 17)
+            os.chown(root / "more.bin", nobody.pw_uid, nobody.pw_gid)
+            run("stash", "more.bin")
+            run("status")
+            assert sha_file(root / "more.bin") == sha(more)
+        finally:
+            assert d.stop() == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -143,6 +143,10 @@ class Supervisor:
                   flush=True)
             if ready is not None:
                 ready()
+            import gc
+
+            gc.collect()
+            gc.freeze()  # the loop's garbage is young: never walk what start-up made
             while not self.stopping:
                 self.step(rpipe)
         finally:

@@ -132,12 +132,10 @@ class Worker:
         return s
 
     def catalog(self, root: Root):
-        from jam_core.catalog import Catalog
-
         cats = self.catalogs.__dict__
         cat = cats.get(root.path)
         if cat is None:
-            cat = cats[root.path] = Catalog(root.jam_dir / CATALOG)
+            cat = cats[root.path] = open_catalog(root)
         return cat
 
     def remotes(self, root: Root) -> list:
@@ -340,8 +338,6 @@ class Worker:
 
     # -- the catalog and uses (one thread owns the catalogs) ---------------------------------
     def updater(self, stop: threading.Event) -> None:
-        from jam_core.catalog import Catalog
-
         while True:
             try:
                 items = [self.updates.get(timeout=FLUSH_EVERY)]
@@ -367,7 +363,7 @@ class Worker:
                 now = time.time()
                 for root, filled, used in by_root.values():
                     try:
-                        with Catalog(root.jam_dir / CATALOG) as cat, cat.transaction():
+                        with open_catalog(root) as cat, cat.transaction():
                             for rel in filled:
                                 cat.remove_stub(rel)
                             cat.record_use(list(used) + filled, now)
@@ -384,7 +380,6 @@ class Worker:
     def refresh_indexes(self) -> None:
         """The cd hook's index no longer marks a directory whose stubs were all filled (under
         the root's lock; a jam command holding it is waited for on the next pass)."""
-        from jam_core.catalog import Catalog
         from jam_core.errors import UsageError
         from jam_core.hook.index import clear_filled
         from jam_core.root import LOCK
@@ -392,10 +387,10 @@ class Worker:
         for key, root in list(self.stale.items()):
             try:
                 if os.path.exists(root.jam_dir / LOCK):  # never create it: it is the user's file
-                    with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+                    with root.lock(wait=False), open_catalog(root) as cat:
                         clear_filled(root, cat)
                 else:
-                    with Catalog(root.jam_dir / CATALOG) as cat:
+                    with open_catalog(root) as cat:
                         clear_filled(root, cat)
             except UsageError:
                 continue  # a jam command holds the root: again on the next pass
@@ -422,7 +417,8 @@ class Worker:
         mounts = []
         for root in self.roots:
             try:
-                mounts.append(os.open(root.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                # not O_PATH: open_by_handle_at refuses it as the mount's descriptor
+                mounts.append(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             except OSError:
                 pass
 
@@ -525,6 +521,31 @@ class Worker:
             mark_dirs(fan, path, is_root=False)
 
 
+def open_catalog(root: Root):
+    """The root's catalog. The database and SQLite's ``-wal`` and ``-shm`` files this process (root) made
+    are given to the root's owner: left root's, they would make the catalog read-only to the
+    user's own jam commands."""
+    from jam_core.catalog import Catalog
+
+    db = root.jam_dir / CATALOG
+    cat = Catalog(db)
+    try:
+        top = os.stat(root.path, follow_symlinks=False)
+        me = os.geteuid()
+        if top.st_uid != me:
+            for suffix in ("", "-wal", "-shm"):
+                side = f"{db}{suffix}"
+                try:
+                    st = os.lstat(side)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_uid == me:
+                    os.chown(side, top.st_uid, top.st_gid, follow_symlinks=False)
+    except OSError as exc:
+        _log(f"{db}: its journal files were not given to the root's owner ({exc.strerror})")
+    return cat
+
+
 def _queued(fd: int) -> int:
     """Bytes of events waiting in a fanotify queue (FIONREAD)."""
     try:
@@ -611,25 +632,39 @@ def serve(sock: socket.socket, worker: Worker) -> None:
     uses.start()
     finishing.start()
     send_lock = threading.Lock()
-    jobs: queue.Queue = queue.Queue()
 
     def filler() -> None:
+        """Each fill thread takes its next event from the socket itself (no hand-over to
+        another thread while a reader waits)."""
         worker.warm()  # ready before the first event: buffer faulted in, catalog open
         while True:
-            item = jobs.get()
-            if item is None:
-                return
-            key, fd = item
             try:
-                code = worker.handle(fd)
+                msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 4)
+            except OSError:
+                return
+            if not msg:
+                for fd in fds:
+                    os.close(fd)
+                return
+            if msg == IDLE and not fds:
+                threading.Thread(target=worker.wait_idle, args=(sock, send_lock), daemon=True, name="idle").start()
+                continue
+            if len(msg) != KEY.size or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            with worker.lock:
+                worker.busy += 1
+            try:
+                code = worker.handle(fds[0])
             except Exception as exc:  # never leave the supervisor waiting on a key
                 _log(f"internal error: {exc!r}")
                 code = errno.EIO
             finally:
-                os.close(fd)
+                os.close(fds[0])
             try:
                 with send_lock:
-                    sock.send(key + struct.pack("=i", code))
+                    sock.send(msg + struct.pack("=i", code))
             except OSError:
                 pass  # the supervisor is gone: its readers were answered by the kernel or a new worker
             with worker.lock:
@@ -638,24 +673,6 @@ def serve(sock: socket.socket, worker: Worker) -> None:
     fillers = [threading.Thread(target=filler, daemon=True, name=f"fill-{i}") for i in range(THREADS)]
     for t in fillers:
         t.start()
-    while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 4)
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            break
-        if msg == IDLE and not fds:
-            threading.Thread(target=worker.wait_idle, args=(sock, send_lock), daemon=True, name="idle").start()
-            continue
-        if len(msg) != KEY.size or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            continue
-        with worker.lock:
-            worker.busy += 1
-        jobs.put((msg, fds[0]))
-    for _ in fillers:
-        jobs.put(None)
     for t in fillers:
         t.join()
     worker.finishing.put(None)  # a planned stop: fills are made durable, uses written, then the end
@@ -667,8 +684,15 @@ def serve(sock: socket.socket, worker: Worker) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import gc
+
     sock = socket.socket(fileno=int(argv[0]))
     worker = Worker(argv[1:])
+    # what start-up made (modules, plugins) is never collected: the cyclic GC otherwise walks
+    # it over and over while readers wait (a tenth of a fill's time in a profile)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
     try:
         serve(sock, worker)
     except (ConnectionResetError, BrokenPipeError):
