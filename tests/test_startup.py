@@ -281,3 +281,20 @@ def test_without_a_mark_the_hooks_fetch_still_counts_the_visit(jam_bin, env, tmp
     assert back(d, digests)
     uses = _uses(root)
     assert uses.get("d/small", 0) >= before - 1 and uses.get("other/x") is None, uses
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "/tmp/jam-xdg-test", "relative/dir"])
+def test_user_dirs_follow_platformdirs_without_importing_it(value, monkeypatch):
+    """jam answers the XDG rule itself on Linux (platformdirs costs the hook's fetch 6-20 ms):
+    the answer must stay the one platformdirs gives, for set, empty, blank and relative values."""
+    import platformdirs
+
+    from jam_core import root
+
+    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    assert str(root.user_data_dir()) == platformdirs.user_data_dir("jam", appauthor=False)
+    assert str(root.user_config_dir()) == platformdirs.user_config_dir("jam", appauthor=False)
