@@ -45,8 +45,6 @@ def plan(snapshots: list[tuple[str, int]], rules: dict[str, int],
     """``snapshots``: (id, time_ns). Returns ({id: why kept}, {id: why forgotten})."""
     ordered = sorted(snapshots, key=lambda s: (s[1], s[0]), reverse=True)
     kept: dict[str, str] = {}
-    if head is not None and any(s == head for s, _t in ordered):
-        kept[head] = "the newest snapshot (HEAD)"
     for rule in ORDER:
         n = rules.get(rule, 0)
         if not n:
@@ -59,18 +57,18 @@ def plan(snapshots: list[tuple[str, int]], rules: dict[str, int],
             if p == last:
                 continue
             last = p
-            if sid in kept and not kept[sid].startswith("the newest"):
+            if sid in kept:  # kept by an earlier rule: its period is taken, it is not counted again
                 continue
             count += 1
-            kept.setdefault(sid, f"{rule} #{count}")
-            if sid == head and kept[sid].startswith("the newest"):
-                kept[sid] = f"the newest snapshot (HEAD), {rule} #{count}"
+            kept[sid] = f"{rule} #{count}"
             if count >= n:
                 break
         else:
             if sid is not None and count < n and sid not in kept:
                 count += 1
                 kept[sid] = f"{rule} #{count} [oldest]"
+    if head is not None and any(s == head for s, _t in ordered):
+        kept[head] = "the newest snapshot (HEAD)" + (f", {kept[head]}" if head in kept else "")
     forgotten = {}
     for sid, t in ordered:
         if sid not in kept:
