@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
 from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_stats
 from jam_core.stub import LOST_XATTRS
+
+_size, _blocks = attrgetter("st_size"), attrgetter("st_blocks")
 
 
 @dataclass
@@ -95,19 +98,12 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
     directories = result.directories
     for d, base, names, stats in scan_stats(str(root.path), rel, on_error, ordered=False):
         t = directories[d] = Tally()
-        n_local = local_bytes = size_sum = disk_sum = 0
-        odd = []  # files the stat alone does not settle
-        for i, st in enumerate(stats):
-            size = st.st_size
-            disk = st.st_blocks * 512
-            size_sum += size
-            disk_sum += disk
-            if st.st_mode & 0o222 and disk >= size:  # writable and not sparse: a local file
-                n_local += 1
-                local_bytes += size
-            else:
-                odd.append(i)
-        t.local, t.local_bytes, t.bytes, t.disk_bytes = n_local, local_bytes, size_sum, disk_sum
+        t.bytes = size_sum = sum(map(_size, stats))  # sums in C: no Python step per file
+        t.disk_bytes = sum(map(_blocks, stats)) * 512
+        # the files the stat alone does not settle; the rest are writable and not sparse: local
+        odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
+        t.local = len(stats) - len(odd)
+        t.local_bytes = size_sum - sum(stats[i].st_size for i in odd) if odd else size_sum
         if pins:
             t.pinned += len(names) if covered(d, pins) else sum(
                 covered(n if d == "." else f"{d}/{n}", pins) for n in names)
