@@ -448,7 +448,7 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
             if copy is not None:
                 raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
                            "(or `jam doctor --fix` restores its metadata)")
-        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress)
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=True)  # large: every core
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
         xattrs = carried_xattrs(fd)
