@@ -37,7 +37,7 @@ import time
 from jam_core.daemon import fanotify as F
 from jam_core.daemon.marks import NEW_DIR_MASK, is_jam_pid, mark_dirs
 from jam_core.errors import JamError, RemoteError
-from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr
+from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr, syncfs
 from jam_core.objects import BIG, hasher, object_relpath, split_oid
 from jam_core.root import CATALOG, JAM_DIR, Root, check_rel
 from jam_core.stub import XATTR, BadStub, read_record, verify_clean
@@ -340,16 +340,20 @@ class Worker:
     def updater(self, stop: threading.Event) -> None:
         while True:
             try:
-                items = [self.updates.get(timeout=FLUSH_EVERY)]
+                # the cd hook's index is brought up to date once a burst of fills is over
+                items = [self.updates.get(timeout=0.2 if self.stale else FLUSH_EVERY)]
             except queue.Empty:
                 self.refresh_indexes()
                 if stop.is_set():
                     return
                 continue
-            deadline = time.monotonic() + 0.05
-            while time.monotonic() < deadline:
+            deadline = time.monotonic() + 0.05  # one transaction for what comes meanwhile
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 try:
-                    items.append(self.updates.get_nowait())
+                    items.append(self.updates.get(timeout=left))
                 except queue.Empty:
                     break
             try:
@@ -372,7 +376,6 @@ class Worker:
                         continue
                     if filled:
                         self.stale[str(root.path)] = root
-                self.refresh_indexes()
             finally:
                 for _ in items:
                     self.updates.task_done()
@@ -597,30 +600,45 @@ def fill(fd: int, content: memoryview | int, rec) -> None:
     os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))
 
 
-def finish(fd: int) -> None:
-    """Make a filled stub's content durable, then let it be a file again (xattrs removed)."""
-    os.fsync(fd)
-    removexattr(fd, XATTR)
-    removexattr(fd, FILLING)
+def finish(fds: list[int]) -> None:
+    """Make filled stubs' content durable (one syncfs for a batch, as checkout does), then let
+    them be files again (xattrs removed)."""
+    if len(fds) == 1:
+        os.fsync(fds[0])
+    else:
+        syncfs(fds[0])
+    for fd in fds:
+        try:
+            removexattr(fd, XATTR)
+            removexattr(fd, FILLING)
+        except OSError as exc:
+            _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
 
 
 def finisher(q: queue.Queue) -> None:
     while True:
-        item = q.get()
-        try:
-            if item is None:
-                return
-            fd, tmp = item
+        items = [q.get()]
+        while True:  # what was filled meanwhile is made durable together
             try:
-                finish(fd)
-            except OSError as exc:
-                _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
-            finally:
+                items.append(q.get_nowait())
+            except queue.Empty:
+                break
+        end = None in items
+        batch = [item for item in items if item is not None]
+        try:
+            if batch:
+                finish([fd for fd, _tmp in batch])
+        except OSError as exc:
+            _log(f"filled stubs were not made durable ({exc}); they fill again on their next open")
+        finally:
+            for fd, tmp in batch:
                 os.close(fd)
                 if tmp >= 0:
                     os.close(tmp)
-        finally:
-            q.task_done()
+            for _ in items:
+                q.task_done()
+        if end:
+            return
 
 
 def serve(sock: socket.socket, worker: Worker) -> None:
