@@ -49,10 +49,12 @@ def test_commit_log_diff_restore_round_trip(tmp_path):
     (t.root / "big.bin").write_bytes(os.urandom(300_000))
     os.symlink("docs/a.txt", t.root / "link")
     (t.root / "empty").write_bytes(b"")
-    jam("stash", "big.bin", cwd=t.root)
+    (t.root / "back.bin").write_bytes(os.urandom(100_000))
+    jam("stash", "big.bin", "back.bin", cwd=t.root)
+    jam("checkout", "back.bin", cwd=t.root)  # local again, its content still on the remote
 
     out = jam("commit", "-m", "one", cwd=t.root).out
-    assert "4 files" in out and "1 new object uploaded" in out, out  # a.txt went up; big.bin was there
+    assert "5 files" in out and "1 new object uploaded" in out, out  # only a.txt went up
     assert record(t.root / "docs/a.txt") is None, "a committed file stays local"
     first = _head(t)
     assert first in _objects(t.remote)
@@ -76,7 +78,7 @@ def test_commit_log_diff_restore_round_trip(tmp_path):
     assert (t.root / "docs/a.old").read_bytes() == b"first version\n"
     assert (t.root / "docs/a.txt").read_bytes() == b"second version, longer\n"
     # a deleted directory comes back whole, the symlink as a symlink
-    for p in ("docs/a.txt", "docs/new.txt", "docs/a.old", "link"):
+    for p in ("docs/a.txt", "docs/new.txt", "docs/a.old", "link", "back.bin"):
         os.unlink(t.root / p)
     (t.root / "docs").rmdir()
     jam("restore", ".", "--at", first, cwd=t.root)
@@ -399,6 +401,27 @@ def test_sigkill_at_the_head_write_loses_nothing(tmp_path):
     objects_verify(t.remote)
     jam("gc", cwd=t.root)
     assert {first, second, "b3:" + b3_bytes(b"a" * 1000)} <= _objects(t.remote)
+
+
+_BEFORE_PUSH = """
+from jam_core.history import store
+def boom(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+store.push = boom
+"""
+
+
+def test_sigkill_after_the_local_record_the_next_commit_sends_both(tmp_path):
+    t = make_tree(tmp_path)
+    (t.root / "a").write_bytes(b"a" * 1000)
+    _killed(t, _BEFORE_PUSH, "commit")
+    first = _head(t)
+    assert first not in _objects(t.remote) and _remote_head(t) is None
+    jam("gc", cwd=t.root)  # the uploaded content is referenced already
+    assert "b3:" + b3_bytes(b"a" * 1000) in _objects(t.remote)
+    (t.root / "b").write_bytes(b"b")
+    jam("commit", cwd=t.root)
+    assert {first, _head(t)} <= _objects(t.remote) and _remote_head(t) == _head(t)
 
 
 def test_sigkill_mid_upload_loses_nothing_and_the_next_commit_completes(tmp_path):
