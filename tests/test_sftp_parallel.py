@@ -20,6 +20,7 @@ from jam_core.stub import XATTR, StubRecord
 from tests.conftest import make_file
 from tests.conftest_sshd import sftp_remote_for
 from tests.test_sftp_cli import jam, sftp_root
+from tests.test_sftp_safety import small_disk  # noqa: F401  (a fixture)
 
 HELPER = "jam-sftp"  # the name of parallel.on_connections' helper threads
 
@@ -129,6 +130,21 @@ def test_ranges_up_and_down_over_several_connections(pm, sftp_remote, sftp_store
     verify_file(back, oid)
 
 
+def test_ranges_with_verify_read(pm, sshd, sftp_store, tmp_path, small_ranges):
+    """``verify = "read"``: the part written over several connections is read back and re-hashed
+    on the caller's connection before the rename."""
+    (sftp_store / "objects").mkdir()
+    (sftp_store / "tmp").mkdir()
+    remote = sftp_remote_for(f"sftp://{sshd.alias}{sftp_store}", verify="read")
+    src = tmp_path / "big.bin"
+    make_file(src, (2 << 20) + 3, seed=8)
+    oid, size = hash_file(src)
+    with Session() as s:
+        assert pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
+    verify_file(sftp_store / "objects" / object_relpath(oid), oid)
+    assert list((sftp_store / "tmp").iterdir()) == []
+
+
 def test_an_absent_object_is_false_not_an_error(pm, sftp_remote, tmp_path, small_ranges):
     back = tmp_path / "back"
     back.write_bytes(b"")
@@ -143,7 +159,7 @@ def test_a_connection_dying_mid_range_leaves_nothing_partial(runner, tmp_path, s
     """One helper connection dies in the middle of its range: the command fails with one line
     (connection lost), the file stays local (upload) or the stub stays (download), no object
     appears under its final name and no part is left behind. Mutation-checked against
-    ``raise errors[0]`` in on_connections and ``ranges.stop()`` in the workers."""
+    ``raise errors[0]`` in on_connections."""
     tree = sftp_root(runner, tmp_path, sshd, sftp_store, monkeypatch)
     data = make_file(tree / "big.bin", (4 << 20) + 7, seed=3)
     with pytest.MonkeyPatch.context() as mp:
@@ -371,3 +387,25 @@ def test_a_pool_of_one_connection_uses_no_helper(pm, sshd, sftp_store, tmp_path,
         assert pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
     assert HELPER not in threads
     verify_file(sftp_store / "objects" / object_relpath(oid), oid)
+
+
+def test_full_disk_mid_range_is_that_objects_failure(pm, sshd, small_disk, tmp_path, small_ranges):
+    """A 2 MiB disk on the server: the big object written in ranges does not fit, the small one
+    does. The big one is that object's failure (not the remote's), its part is removed, nothing
+    partial is under its name. Mutation-checked against the SFTP_FAILURE case in put_ranges
+    (raising it aborts the batch)."""
+    remote = sftp_remote_for(f"sftp://{sshd.alias}{small_disk}")
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_file(a, 200_000, seed=1)
+    make_file(b, 3 << 20, seed=2)
+    items = [(oid, p, size) for p in (a, b) for oid, size in [hash_file(p)]]
+    with Session() as s:
+        out = dict(pm.hook.stash_many(remote=remote, items=items, session=s))
+    (oid_a, _, _), (oid_b, _, _) = items
+    assert out[oid_a] is None
+    err = out[oid_b]
+    assert isinstance(err, JamError) and not isinstance(err, RemoteError), err
+    assert "no space" in str(err) and "\n" not in str(err)
+    verify_file(small_disk / "objects" / object_relpath(oid_a), oid_a)
+    assert not (small_disk / "objects" / object_relpath(oid_b)).exists()
+    assert list((small_disk / "tmp").iterdir()) == []

@@ -13,11 +13,13 @@ paramiko is imported only when a hook has to talk to a server: ``import jam_sftp
 Every hook is thread-safe: the core may call ``stash``/``fetch`` from several threads at once
 and up to ``connections`` transfers then run in parallel over one pool per remote per command.
 
-``stash_many``/``fetch_many`` (the core's batches of up to 256 files) pipeline small objects on
-one connection (batch.py, the one home of the upload and download protocols; ``stash``/``fetch``
-run one object through the same steps): dozens of files in flight, their requests sent together,
-every reply checked. Spreading one batch over several connections was measured (bench/bench_sftp.py) and
-did not help: the client is bound by the GIL and the server by its file system.
+``stash_many``/``fetch_many`` (the core's batches) pipeline small objects (batch.py, the one
+home of the upload and download protocols; ``stash``/``fetch`` run one object through the same
+steps): dozens of files in flight per connection, their requests sent together, every reply
+checked; a batch is spread over the connections of the pool that are free (parallel.py: one
+shared feed of objects, one sftp-server process per connection). An object of at least
+``parallel.RANGE_MIN`` (64 MiB) is split in ranges over several connections (parallel.py), up
+and down, with the same checks (hash of the bytes sent, every status, fsync, size, rename).
 """
 
 from __future__ import annotations
