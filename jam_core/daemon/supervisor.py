@@ -105,9 +105,16 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.set_inheritable(False)
         child.set_inheritable(True)
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "jam_core.daemon.worker", str(child.fileno()), *map(str, self.roots)],
-            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # the worker answers the readers of what it filled itself; the group lives on in this
+        # process whatever happens to the worker (its death never releases a reader)
+        fan = os.dup(self.fan)
+        try:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "jam_core.daemon.worker", str(child.fileno()), str(fan),
+                 *map(str, self.roots)],
+                pass_fds=[child.fileno(), fan], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            os.close(fan)
         child.close()
         parent.setblocking(False)
         self.wsock = parent
@@ -120,7 +127,8 @@ class Supervisor:
     def send(self, key: tuple[int, int]) -> None:
         self.inflight[key] = time.monotonic()
         try:
-            socket.send_fds(self.wsock, [KEY.pack(*key)], [self.pending[key][0]])
+            fd = self.pending[key][0]
+            socket.send_fds(self.wsock, [KEY.pack(*key, fd)], [fd])
         except OSError:
             pass  # the worker is dying: it is restarted and this is sent again
 
@@ -192,8 +200,10 @@ class Supervisor:
         for key, sent in list(self.inflight.items()):
             if now - sent > self.timeout:
                 _log(f"a fetch took longer than {self.timeout:g} s: its readers get EAGAIN, the worker is replaced")
-                self.answer(key, errno.EAGAIN)
                 self.kill_worker()
+                if self.worker is not None:
+                    self.worker.wait()  # it can no longer answer: the descriptors may be closed
+                self.answer(key, errno.EAGAIN)
 
     def read_events(self) -> None:
         while True:
@@ -239,10 +249,17 @@ class Supervisor:
         finally:
             os.close(fd)
 
-    def answer(self, key: tuple[int, int], code: int) -> None:
+    def answer(self, key: tuple[int, int], code: int, answered: bool = False) -> None:
+        """Answer every reader waiting on ``key``. ``answered``: the worker answered the first
+        (the one it was sent) and removed the mark itself; that descriptor is only closed.
+        Called only once the worker's answer is in or the worker is dead (or no event will be
+        read any more): a descriptor sent to the worker is never closed, and its number never
+        reused, while the worker may still answer it."""
         self.inflight.pop(key, None)
         fds = self.pending.pop(key, [])
-        if code == 0 and fds:
+        if answered and fds:
+            os.close(fds.pop(0))
+        elif code == 0 and fds:
             try:
                 unmark_fd(self.fan, fds[0])  # filled: no more events for it
             except OSError as exc:
@@ -263,12 +280,12 @@ class Supervisor:
                 return
             if len(msg) != ANSWER.size:
                 continue
-            dev, ino, code = ANSWER.unpack(msg)
+            dev, ino, code, answered = ANSWER.unpack(msg)
             if (dev, ino) == IDLE_KEY:
                 self.idle_asked = False
                 self.worker_idle()
             elif (dev, ino) in self.pending:
-                self.answer((dev, ino), code)
+                self.answer((dev, ino), code, bool(answered))
 
     # -- idle: nothing in progress (bench and tests wait for it before they look) -------------
     def ask_idle(self) -> None:

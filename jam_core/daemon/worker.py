@@ -35,15 +35,15 @@ import threading
 import time
 
 from jam_core.daemon import fanotify as F
-from jam_core.daemon.marks import NEW_DIR_MASK, is_jam_pid, mark_dirs
+from jam_core.daemon.marks import NEW_DIR_MASK, is_jam_pid, mark_dirs, unmark_fd
 from jam_core.errors import JamError, RemoteError
 from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr, syncfs
 from jam_core.objects import BIG, hasher, object_relpath, split_oid
 from jam_core.root import CATALOG, JAM_DIR, Root, check_rel
 from jam_core.stub import XATTR, BadStub, read_record, verify_clean
 
-KEY = struct.Struct("=QQ")  # st_dev, st_ino
-ANSWER = struct.Struct("=QQi")  # st_dev, st_ino, 0 or an errno
+KEY = struct.Struct("=QQi")  # st_dev, st_ino, the event's descriptor number in the supervisor
+ANSWER = struct.Struct("=QQiB")  # st_dev, st_ino, 0 or an errno, 1 if the worker answered the kernel itself
 IDLE = b"idle"  # supervisor -> worker: answer IDLE_KEY once nothing is in progress
 IDLE_KEY = (0, 0)  # no inode has st_ino 0
 FILLING = "user.jam.filling"  # on a stub whose content is being written in through its fd
@@ -332,7 +332,7 @@ class Worker:
             time.sleep(0.005)
         try:
             with send_lock:
-                sock.send(ANSWER.pack(*IDLE_KEY, 0))
+                sock.send(ANSWER.pack(*IDLE_KEY, 0, 0))
         except OSError:
             pass
 
@@ -641,7 +641,7 @@ def finisher(q: queue.Queue) -> None:
             return
 
 
-def serve(sock: socket.socket, worker: Worker) -> None:
+def serve(sock: socket.socket, worker: Worker, fan: int = -1) -> None:
     stop, uses_stop = threading.Event(), threading.Event()
     updater = threading.Thread(target=worker.updater, args=(stop,), daemon=True, name="catalog")
     uses = threading.Thread(target=worker.record_uses, args=(uses_stop,), daemon=True, name="uses")
@@ -671,6 +671,7 @@ def serve(sock: socket.socket, worker: Worker) -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
+            dev, ino, event_fd = KEY.unpack(msg)
             with worker.lock:
                 worker.busy += 1
             try:
@@ -678,11 +679,24 @@ def serve(sock: socket.socket, worker: Worker) -> None:
             except Exception as exc:  # never leave the supervisor waiting on a key
                 _log(f"internal error: {exc!r}")
                 code = errno.EIO
-            finally:
-                os.close(fds[0])
+            if code and code not in F.DENY_ERRNOS:
+                code = errno.EIO
+            answered = 0
+            if fan >= 0 and code == 0:
+                # filled: the reader goes on now, without a round trip through the supervisor
+                # (which closes the event's descriptor only once this answer is in, so its
+                # number is never another event's when this is written). A failure goes through
+                # the supervisor: every reader that waited on this attempt gets its errno.
+                try:
+                    unmark_fd(fan, fds[0])  # no more events for it
+                    F.respond(fan, event_fd, F.FAN_ALLOW)
+                    answered = 1
+                except OSError as exc:
+                    _log(f"the reader is answered by the supervisor ({exc})")
+            os.close(fds[0])
             try:
                 with send_lock:
-                    sock.send(msg + struct.pack("=i", code))
+                    sock.send(ANSWER.pack(dev, ino, code, answered))
             except OSError:
                 pass  # the supervisor is gone: its readers were answered by the kernel or a new worker
             with worker.lock:
@@ -705,14 +719,15 @@ def main(argv: list[str]) -> int:
     import gc
 
     sock = socket.socket(fileno=int(argv[0]))
-    worker = Worker(argv[1:])
+    fan = int(argv[1])  # the supervisor's fanotify group (a duplicate), to answer readers; -1: none
+    worker = Worker(argv[2:])
     # what start-up made (modules, plugins) is never collected: the cyclic GC otherwise walks
     # it over and over while readers wait (a tenth of a fill's time in a profile)
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     try:
-        serve(sock, worker)
+        serve(sock, worker, fan)
     except (ConnectionResetError, BrokenPipeError):
         pass
     return 0
