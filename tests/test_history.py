@@ -469,3 +469,21 @@ def test_two_machines_committing_to_one_remote_keep_both_heads(tmp_path):
     snap = parse((t.remote / "objects/b3" / a[3:5] / a[3:]).read_bytes(), expect=a)
     assert snap.machine == "machine-a" and snap.tree == "shared"
     jam("commit", cwd=t.root, env={**env, "JAM_MACHINE_ID": "BAD/ID"}, check=2)
+
+
+def test_commit_of_named_paths_carries_the_rest(tmp_path):
+    t = make_tree(tmp_path)
+    for n in ("a", "b", "c"):
+        (t.root / n).write_bytes(n.encode())
+    os.symlink("a", t.root / "link")
+    jam("commit", cwd=t.root)
+    (t.root / "a").write_bytes(b"a2")
+    (t.root / "b").write_bytes(b"b2")
+    os.unlink(t.root / "c")
+    os.unlink(t.root / "link")
+    os.symlink("b", t.root / "link")
+    out = jam("commit", "a", "c", "link", cwd=t.root).out  # c no longer exists: recorded as deleted
+    assert "(+0 ~2 -1)" in out, out
+    assert jam("diff", cwd=t.root).out.splitlines() == ["~ b"]
+    snap = parse((t.root / ".jam/history/objects" / _head(t).replace(":", "-")).read_bytes(), expect=_head(t))
+    assert snap.by_path()["link"].target == "b" and "c" not in snap.by_path()

@@ -28,7 +28,7 @@ DB = "history.db"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ids (dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
-                                oid TEXT NOT NULL, PRIMARY KEY (dev, ino));
+                                oid TEXT NOT NULL, mode INTEGER NOT NULL, PRIMARY KEY (dev, ino));
 CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_ns INTEGER NOT NULL, machine TEXT, host TEXT,
                                       message TEXT, files INTEGER, added INTEGER, modified INTEGER,
                                       deleted INTEGER, bytes INTEGER);
@@ -75,15 +75,18 @@ class Index:
         self.close()
 
     # -- ids cache ------------------------------------------------------------------------
-    def ids(self) -> dict[tuple[int, int], tuple[int, int, int, str]]:
-        return {(d, i): (s, m, c, o) for d, i, s, m, c, o in
-                self.db.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, oid FROM ids")}
+    def ids(self) -> dict[tuple[int, int], tuple[int, int, int, str, int]]:
+        """{(dev, ino): (size, mtime_ns, ctime_ns, oid, mode)}: what a file (local or stub)
+        was when it was last looked at; ctime moves on any write, chmod or xattr change."""
+        return {(d, i): (s, m, c, o, md) for d, i, s, m, c, o, md in
+                self.db.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, oid, mode FROM ids")}
 
     def remember_ids(self, rows) -> None:
+        """Rows of (dev, ino, size, mtime_ns, ctime_ns, oid, mode)."""
         rows = list(rows)
         if rows:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.db.execute("COMMIT")
 
     # -- where objects are --------------------------------------------------------------
@@ -94,7 +97,11 @@ class Index:
         return {o for (o,) in self.db.execute("SELECT DISTINCT oid FROM stored")}
 
     def record_stored(self, pairs) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", list(pairs))
+        pairs = list(pairs)
+        if pairs:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", pairs)
+            self.db.execute("COMMIT")
 
     def pushed_to(self, remote: str) -> set[str]:
         return {s for (s,) in self.db.execute("SELECT id FROM pushed WHERE remote = ?", (remote,))}

@@ -143,8 +143,7 @@ def tree_now(root: Root, rels: list[str], ix: Index, skipped: list) -> dict[str,
     from jam_core.fs import DirFds
     from jam_core.history.store import hash_one, scan
 
-    items, pending = scan(root, rels, ix, skipped)
-    new_ids = []
+    items, pending, new_ids = scan(root, rels, ix, skipped)
     with DirFds(root.path) as dirs:
         for e in pending:
             try:
@@ -158,7 +157,7 @@ def tree_now(root: Root, rels: list[str], ix: Index, skipped: list) -> dict[str,
             fd, oid = got
             os.close(fd)
             st = e.st
-            new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, oid))
+            new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, oid, st.st_mode & 0o7777))
             items[e.rel] = Item(e.rel, FILE, oid, st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
     try:
         ix.remember_ids(new_ids)

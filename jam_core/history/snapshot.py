@@ -102,14 +102,34 @@ def encode(snap: Snapshot) -> bytes:
     snap.items.sort(key=lambda i: i.path)
     head = {"parents": list(snap.parents), "time": snap.time_ns, "machine": {"host": snap.host, "id": snap.machine},
             "tree": snap.tree, "message": snap.message, "pins": sorted(snap.pins)}
-    parts = [MAGIC, _dumps(head).encode("ascii"), b"\n"]
-    dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-    parts.append("".join(dumps(i.row()) + "\n" for i in snap.items).encode("ascii"))
-    stored = zlib.compress(b"".join(parts), 6)
+    stored = zlib.compress(MAGIC + _dumps(head).encode("ascii") + b"\n" + body(snap.items), 6)
     h = hasher("b3")
     h.update(stored)
     snap.id = "b3:" + h.hexdigest()
     return stored
+
+
+def body(items: list[Item]) -> bytes:
+    """The entry lines of sorted ``items`` (the part of the text after the header line)."""
+    dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+    return "".join([dumps(i.row()) + "\n" for i in items]).encode("ascii")
+
+
+def body_of(stored: bytes) -> bytes:
+    """The entry lines of verified stored bytes, unparsed (to compare with ``body``)."""
+    text = _inflate(stored, "")
+    return text[text.find(b"\n", len(MAGIC)) + 1:]
+
+
+def _inflate(stored: bytes, label: str) -> bytes:
+    try:
+        d = zlib.decompressobj()
+        text = d.decompress(stored, MAX_TEXT)
+        if d.unconsumed_tail or not d.eof:
+            raise SnapshotError(f"snapshot {label}: truncated or larger than {MAX_TEXT >> 20} MiB; refused")
+    except zlib.error:
+        raise SnapshotError(f"snapshot {label}: not a jam snapshot (bad compression); refused") from None
+    return text
 
 
 def id_of(stored: bytes) -> str:
@@ -127,13 +147,7 @@ def parse(stored: bytes, expect: str | None = None) -> Snapshot:
     label = (expect or sid)[:19]
     if expect is not None and sid != expect:
         raise SnapshotError(f"snapshot {label}: its bytes do not match its id (corrupt or replaced); refused")
-    try:
-        d = zlib.decompressobj()
-        text = d.decompress(stored, MAX_TEXT)
-        if d.unconsumed_tail or not d.eof:
-            raise SnapshotError(f"snapshot {label}: truncated or larger than {MAX_TEXT >> 20} MiB; refused")
-    except zlib.error:
-        raise SnapshotError(f"snapshot {label}: not a jam snapshot (bad compression); refused") from None
+    text = _inflate(stored, label)
     try:
         snap = _parse_text(text)
     except SnapshotError as exc:
@@ -193,19 +207,25 @@ def _parse_text(text: bytes) -> Snapshot:
     pins = [_rel(p, "pin") for p in pins]
     items: list[Item] = []
     files: set[str] = set()
-    last = None
-    loads = json.loads
-    for line in lines[1:-1]:
-        row = loads(line)
-        if not isinstance(row, list) or not row:
+    last = ""
+    rows = json.loads(b"[" + b",".join(lines[1:-1]) + b"]") if len(lines) > 2 else []
+    lo, hi, big = -(1 << 63) + 1, (1 << 63) - 1, MAX_SIZE
+    valid_oid, add_item, add_file = is_valid_oid, items.append, files.add
+    for row in rows:
+        if type(row) is not list or not row:
             raise SnapshotError("bad entry")
         kind = row[0]
         if kind == FILE and len(row) == 6:
             _, path, oid, size, mode, mtime = row
-            if not is_valid_oid(oid):
+            if not valid_oid(oid):
                 raise SnapshotError(f"bad object id {str(oid)[:80]!r}")
-            item = Item(path, FILE, oid, _int(size, 0, MAX_SIZE, "size"), _int(mode, 0, 0o7777, "mode"),
-                        _int(mtime, -(1 << 63) + 1, (1 << 63) - 1, "mtime"))
+            if type(size) is not int or not 0 <= size <= big:
+                _int(size, 0, big, "size")
+            if type(mode) is not int or not 0 <= mode <= 0o7777:
+                _int(mode, 0, 0o7777, "mode")
+            if type(mtime) is not int or not lo <= mtime <= hi:
+                _int(mtime, lo, hi, "mtime")
+            item = Item(path, FILE, oid, size, mode, mtime)
         elif kind == LINK and len(row) == 4:
             _, path, target, mtime = row
             if not isinstance(target, str) or not target or "\0" in target or len(target) > 4095:
@@ -214,10 +234,10 @@ def _parse_text(text: bytes) -> Snapshot:
                 os.fsencode(target)
             except UnicodeEncodeError:
                 raise SnapshotError("bad symlink target") from None
-            item = Item(path, LINK, mtime_ns=_int(mtime, -(1 << 63) + 1, (1 << 63) - 1, "mtime"), target=target)
+            item = Item(path, LINK, mtime_ns=_int(mtime, lo, hi, "mtime"), target=target)
         else:
             raise SnapshotError(f"bad entry kind {str(kind)[:10]!r}")
-        if not isinstance(path, str) or (last is not None and path <= last):
+        if type(path) is not str or path <= last:
             raise SnapshotError(f"entries out of order or repeated at {str(path)[:80]!r}")
         _rel(path)
         last = path
@@ -227,8 +247,8 @@ def _parse_text(text: bytes) -> Snapshot:
             if path[:cut] in files:
                 raise SnapshotError(f"{path[:cut]!r} is both a file and a directory")
             cut = path.rfind("/", 0, cut)
-        files.add(path)
-        items.append(item)
+        add_file(path)
+        add_item(item)
     return Snapshot(parents, time_ns, host, mid, tree, message, pins, items)
 
 

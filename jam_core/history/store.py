@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,12 @@ from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encod
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.root import CATALOG, Root
-from jam_core.scan import DIRTY, LOCAL, STUB, walk
+from jam_core.scan import DIRTY, LOCAL, STUB
 
 HEADS = "history"
 HEAD_MAGIC = b"jam-head 1\n"
 BATCH_BYTES = 256 << 20
-BATCH_FILES = 256
+BATCH_FILES = 2048  # each file of a batch is held open; one sync per remote per batch
 
 
 def head_name(tree: str, machine: str) -> str:
@@ -103,24 +104,28 @@ def under(path: str, rels: list[str]) -> bool:
 
 
 # -- the scan --------------------------------------------------------------------------------
-def scan(root: Root, rels: list[str], ix: Index, skipped: list, on_local=None) -> tuple[dict[str, Item], list]:
-    """Walk ``rels``: (items known without hashing, local files to hash as (rel, dir, st)).
-    A path that does not exist is simply absent. Stubs written into and unreadable stub
-    metadata go to ``skipped`` (the parent's entry is kept for them)."""
+def scan(root: Root, rels: list[str], ix: Index, skipped: list) -> tuple[dict[str, Item], list, list]:
+    """Walk ``rels`` (the one walk, ``scan.scan_stats``): (items known without hashing, local
+    files to hash as scan Entries, new rows for the ids cache). A file whose (dev, ino, size,
+    mtime_ns, ctime_ns) is in the ids cache is taken from it without opening it; any other is
+    classified (a stub gives its record). A path that does not exist is simply absent. Stubs
+    written into and unreadable stub metadata go to ``skipped`` (the parent's entry is kept)."""
+    import errno
+
+    from jam_core.fs import is_jam_tmp
+    from jam_core.scan import Entry, classify, gc_paused, scan_stats
+
     items: dict[str, Item] = {}
     pending = []
+    learned = []
     cache = ix.ids()
 
     def on_error(rel, exc):
-        import errno
-
         if getattr(exc, "errno", None) == errno.ENOENT and rel in rels:
             return
         skipped.append((rel, describe(exc)))
 
     def tidy(dir_fd, dir_rel, entries):  # the same walk finds the symlinks
-        from jam_core.fs import is_jam_tmp
-
         prefix = "" if dir_rel == "." else dir_rel + "/"
         for e in entries:
             if e.is_symlink() and not is_jam_tmp(e.name) and not (not prefix and e.name == ".jam"):
@@ -129,27 +134,59 @@ def scan(root: Root, rels: list[str], ix: Index, skipped: list, on_local=None) -
                     st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
                 except OSError:
                     continue
-                if target:
-                    items[prefix + e.name] = Item(prefix + e.name, LINK, mtime_ns=st.st_mtime_ns, target=target)
+                rel = prefix + e.name
+                if target and under(rel, rels):
+                    items[rel] = Item(rel, LINK, mtime_ns=st.st_mtime_ns, target=target)
         return entries
 
-    for rel in rels:
-        for e in walk(str(root.path), rel, on_error, tidy=tidy):
-            if e.state == STUB:
-                r = e.record
-                items[e.rel] = Item(e.rel, FILE, r.oid, r.size, r.mode, r.mtime_ns)
-            elif e.state == LOCAL:
-                st = e.st
-                hit = cache.get((st.st_dev, st.st_ino))
-                if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                    items[e.rel] = Item(e.rel, FILE, hit[3], st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
-                else:
-                    pending.append(e)
-            elif e.state == DIRTY:
-                skipped.append((e.rel, "a stub that was written into: left as in the last snapshot (see `jam doctor`)"))
-            else:
-                skipped.append((e.rel, f"unreadable stub metadata ({e.problem}): left as in the last snapshot"))
-    return items, pending
+    for rel in rels:  # a symlink named itself (the walk yields only what is under a directory)
+        if rel == ".":
+            continue
+        from jam_core.fs import open_dir
+
+        parent, _, name = rel.rpartition("/")
+        try:
+            fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dfd = open_dir(fd, parent) if parent else os.dup(fd)
+            finally:
+                os.close(fd)
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(name, dir_fd=dfd)
+                    if target:
+                        items[rel] = Item(rel, LINK, mtime_ns=st.st_mtime_ns, target=target)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # missing, or reached through a symlink: the walk says so or it is absent
+    top = str(root.path).rstrip("/") + "/"
+    get = cache.get
+    with gc_paused():
+        for rel in rels:
+            for d, base, names, stats in scan_stats(str(root.path), rel, on_error, tidy=tidy):
+                prefix = "" if d == "." else d + "/"
+                for name, st in zip(names, stats, strict=True):
+                    path = prefix + name
+                    hit = get((st.st_dev, st.st_ino))
+                    if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns \
+                            and hit[2] == st.st_ctime_ns:
+                        items[path] = Item(path, FILE, hit[3], st.st_size, hit[4], st.st_mtime_ns)
+                        continue
+                    state, rec, problem = classify(base + name, st)
+                    if state == STUB:
+                        items[path] = Item(path, FILE, rec.oid, rec.size, rec.mode, rec.mtime_ns)
+                        learned.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, rec.oid,
+                                        rec.mode))
+                    elif state == LOCAL:
+                        pending.append(Entry(path, top + path, st, state, None, "", d))
+                    elif state == DIRTY:
+                        skipped.append((path, "a stub that was written into: left as in the last snapshot "
+                                              "(see `jam doctor`)"))
+                    else:
+                        skipped.append((path, f"unreadable stub metadata ({problem}): left as in the last snapshot"))
+    return items, pending, learned
 
 
 def hash_one(dirs: DirFds, e) -> tuple[int, str] | None:
@@ -214,18 +251,26 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
             if (now_ns or time.time_ns()) - last < interval * 1e9:
                 out.nothing = "the last commit is recent (history.auto); nothing done"
                 return out
-        parent = ix.load(head) if head else None
-        old = parent.by_path() if parent else {}
         try:
             items = _gather(root, pm, session, rels, ix, recorder, remotes, out)
+            if out.problems:  # a remote failed as a whole: a snapshot now would miss files
+                out.nothing = "nothing committed (a remote failed; see above)"
+                return out
+            from jam_core.policy.pins import read_pins
+
+            pins = sorted(p for p in read_pins(root))
+            if head and rels == ["."] and not out.skipped and _unchanged(ix, head, items, pins):
+                out.nothing = "nothing to commit (the tree is as in the last snapshot)"
+                out.id, out.files = head, len(items)
+                push(root, pm, session, ix, recorder, remotes, tree, machine, out)
+                return out
+            parent = ix.load(head) if head else None
+            old = parent.by_path() if parent else {}
             new = {p: i for p, i in old.items() if not under(p, rels)}
             new.update(items)
             for rel, _why in out.skipped:  # left as they were
                 if rel in old and under(rel, rels):
                     new[rel] = old[rel]
-            from jam_core.policy.pins import read_pins
-
-            pins = sorted(p for p in read_pins(root))
             added, modified, deleted = changes(old, new)
             out.files = len(new)
             if parent is not None and not (added or modified or deleted) and pins == sorted(parent.pins):
@@ -250,16 +295,42 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
     return out
 
 
+def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) -> bool:
+    """The tree is byte for byte what the newest snapshot recorded (its entry lines and pins
+    compared as text: no parse of 100,000 entries to find that nothing changed)."""
+    import json
+
+    from jam_core.history.snapshot import body, body_of, id_of
+
+    data = ix.read_bytes(head)
+    if data is None or id_of(data) != head:
+        return False
+    try:
+        text = body_of(data)
+    except JamError:
+        return False
+    if text != body(sorted(items.values(), key=lambda i: i.path)):
+        return False
+    import zlib
+
+    try:
+        first = zlib.decompressobj().decompress(data, 16 << 20).split(b"\n", 2)[1]
+        return sorted(json.loads(first).get("pins", ())) == pins
+    except (ValueError, AttributeError, IndexError, TypeError, zlib.error):
+        return False
+
+
 def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, recorder, remotes: list[Remote],
             out: CommitResult) -> dict[str, Item]:
     """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
-    items, pending = scan(root, rels, ix, out.skipped)
+    items, pending, learned = scan(root, rels, ix, out.skipped)
     known = ix.all_stored()
+    per_batch = _raise_fd_limit(BATCH_FILES + 256) - 256
     session.begin(sum(e.st.st_size for e in pending))
     with DirFds(root.path) as dirs:
         batch: list[_Up] = []
         size = 0
-        new_ids = []
+        new_ids = learned
         for e in pending:
             try:
                 got = hash_one(dirs, e)
@@ -272,7 +343,8 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
                 continue
             fd, oid = got
             st = e.st
-            new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, oid))
+            new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, oid,
+                            st.st_mode & 0o7777))
             item = Item(e.rel, FILE, oid, st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
             if st.st_size == 0 or oid in known:
                 os.close(fd)
@@ -280,13 +352,31 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
                 continue
             batch.append(_Up(e.rel, _Rec(oid, st.st_size), fd, item.mode, item.mtime_ns))
             size += st.st_size
-            if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            if len(batch) >= per_batch or size >= BATCH_BYTES:
                 _upload_batch(root, pm, session, batch, ix, recorder, remotes, items, known, out)
                 batch, size = [], 0
         if batch:
             _upload_batch(root, pm, session, batch, ix, recorder, remotes, items, known, out)
         ix.remember_ids(new_ids)
     return items
+
+
+def _raise_fd_limit(want: int) -> int:
+    """A batch holds a descriptor per file: lift the soft limit towards ``want``; returns the
+    soft limit now (at least 320: a batch is never fewer than 64 files)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return want
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return max(soft, 320)
 
 
 def _upload_batch(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recorder,
