@@ -301,13 +301,23 @@ def verify_clean(fd: int, rec: StubRecord) -> bool:
     return _zeros_from(fd, span, rec.size)
 
 
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
 def open_checked(path, st: os.stat_result | None = None) -> int | None:
     """A read-only descriptor of the regular file at ``path`` (never through a symlink, never
     blocking on a FIFO), or None if it is not one or, given ``st``, not that same file."""
     from jam_core.fs import open_regular
 
     try:
-        return open_regular(None, path, expect=st)
+        try:
+            # Looking is not using: the age and lru policies read atime as the last use, and a
+            # doctor or status that read every file's first block would make all of them recent.
+            return open_regular(None, path, expect=st, flags=os.O_RDONLY | _NOATIME)
+        except PermissionError:  # O_NOATIME is for the file's owner (or CAP_FOWNER) only
+            if not _NOATIME:
+                raise
+            return open_regular(None, path, expect=st)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ELOOP, errno.ESTALE):  # ESTALE: NotTheFile
             return None

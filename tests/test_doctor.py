@@ -114,3 +114,28 @@ def test_stub_overwritten_in_full_is_reported(runner, jam_root):
     assert code == 1 and [(p["kind"], p["path"]) for p in out["problems"]] == [("dirty", "a.bin")]
     assert runner.invoke(main, ["checkout", "a.bin"]).exit_code == 0
     assert Path("a.bin").read_bytes() == new
+
+
+def test_doctor_and_status_leave_last_use_alone(runner, jam_root):
+    """Looking is not using: doctor reads the first block of every local file (a copy of a stub
+    that lost its xattrs is recognised that way), and the age and lru policies read atime as the
+    last use. A file not touched for ten days must not look used after a doctor or a status."""
+    import pytest
+
+    path = jam_root.path / "old.bin"
+    make_file(path, 100_000)
+    month, ten_days = 30 * 86400, 10 * 86400
+    now = int(os.stat(path).st_mtime)
+    sentinel = jam_root.path / "sentinel.bin"
+    make_file(sentinel, 100_000)
+    for p in (path, sentinel):
+        os.utime(p, (now - ten_days, now - month))
+    with open(sentinel, "rb") as f:
+        f.read(4096)
+    if os.stat(sentinel).st_atime > now - ten_days + 1:
+        os.utime(sentinel, (now - ten_days, now - month))
+    else:
+        pytest.skip("this file system does not record reads in atime (noatime): nothing to protect")
+    for args in (["doctor"], ["doctor", "--deep"], ["status"]):
+        runner.invoke(main, args, catch_exceptions=False)
+        assert int(os.stat(path).st_atime) == now - ten_days, args
