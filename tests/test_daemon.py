@@ -446,8 +446,19 @@ def test_stub_stashed_by_the_roots_non_root_owner_hydrates(tmp_path_factory, jam
             idle(root)
             run("stash", "mine.bin")
             assert is_stub(root / "mine.bin")
+            # the user plants a symlink where the daemon's catalog journal goes: the daemon
+            # (root) writes the catalog with the user's rights alone, never through it
+            victim = base / "victim"
+            victim.write_bytes(b"root's file\n")
+            wal = root / ".jam" / "catalog.db-wal"
+            if wal.exists() or wal.is_symlink():
+                wal.unlink()
+            os.symlink(victim, wal)
+            os.lchown(wal, nobody.pw_uid, nobody.pw_gid)
             assert sha_file(root / "mine.bin") == sha(data)  # marked through the socket: filled on open
             idle(root)
+            assert victim.read_bytes() == b"root's file\n" and os.stat(victim).st_uid == 0
+            wal.unlink()
             assert os.stat(root / "mine.bin").st_uid == nobody.pw_uid
             # the daemon wrote the catalog (the fill): it stays the user's to write
             more = make_file(root / "more.bin", 200_000, 17)

@@ -93,3 +93,43 @@ def is_jam_pid(pid: int) -> bool:
         if base == b"jam" or arg.startswith(b"jam_core") or b"/jam_core/" in arg:
             return True
     return False
+
+
+class AsOwner:
+    """``with AsOwner(root_path):`` this thread's filesystem identity (setfsuid/setfsgid, which
+    Linux keeps per thread) is the root's owner's, so that what a daemon running as root creates
+    or opens in a user's ``.jam`` (the catalog and its journal files, the socket, the pid
+    file, the index) is the user's and is reached with the user's rights alone: a symlink the
+    user planted there leads nowhere the user could not write to anyway. Nothing changes for a
+    root owned by the daemon's own user."""
+
+    _libc = None
+
+    def __init__(self, root_path):
+        st = os.stat(root_path, follow_symlinks=False)
+        self.uid, self.gid = st.st_uid, st.st_gid
+        self.switch = os.geteuid() == 0 and self.uid != 0
+
+    @classmethod
+    def _c(cls):
+        if cls._libc is None:
+            import ctypes
+
+            cls._libc = ctypes.CDLL(None, use_errno=True)
+        return cls._libc
+
+    def __enter__(self):
+        if self.switch:
+            c = self._c()
+            c.setfsgid(self.gid)
+            c.setfsuid(self.uid)
+            if c.setfsuid(-1) != self.uid:  # setfsuid reports no error: check what it is now
+                raise OSError(errno.EPERM, "cannot take the root owner's filesystem identity")
+        return self
+
+    def __exit__(self, *exc):
+        if self.switch:
+            c = self._c()
+            c.setfsuid(0)
+            c.setfsgid(0)
+        return False

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jam_core.daemon import fanotify as F
 from jam_core.daemon.client import PID_FILE, SOCK_NAME
-from jam_core.daemon.marks import is_jam_pid, mark_fd, mark_stubs, unmark_fd
+from jam_core.daemon.marks import AsOwner, is_jam_pid, mark_fd, mark_stubs, unmark_fd
 from jam_core.daemon.worker import ANSWER, IDLE, IDLE_KEY, KEY
 from jam_core.errors import JamError, UsageError
 from jam_core.root import JAM_DIR
@@ -69,37 +69,39 @@ class Supervisor:
     def claim(self) -> None:
         """One daemon per root: an flock on ``.jam/daemon.pid`` (doctor reads it), then the socket."""
         for root in self.roots:
-            jd = root / JAM_DIR
-            fd = os.open(jd / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise UsageError(f"another jam daemon (pid {other or '?'}) already serves {root}") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.locks.append((root, fd))
-            sp = jd / SOCK_NAME
-            try:
-                os.unlink(sp)  # we hold the lock: a socket there is a dead daemon's
-            except FileNotFoundError:
-                pass
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            old = os.umask(0o077)
-            try:
-                s.bind(str(sp))
-            finally:
-                os.umask(old)
-            # the root's owner runs its `jam stash`: the socket is theirs (0600), and only they
-            # (and root) are served (SO_PEERCRED, checked per connection)
-            owner = os.stat(root, follow_symlinks=False).st_uid
-            if owner != os.geteuid():
-                os.chown(sp, owner, -1, follow_symlinks=False)
-            s.listen(64)
-            s.setblocking(False)
-            self.listeners.append(s)
-            self.owners[s] = (root, owner)
+            # in the user's .jam, as the user (a root of a normal user: the socket is theirs,
+            # 0600, and nothing planted there leads root anywhere the user could not write)
+            with AsOwner(root):
+                self.claim_one(root)
+
+    def claim_one(self, root: Path) -> None:
+        jd = root / JAM_DIR
+        fd = os.open(jd / PID_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"another jam daemon (pid {other or '?'}) already serves {root}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.locks.append((root, fd))
+        sp = jd / SOCK_NAME
+        try:
+            os.unlink(sp)  # we hold the lock: a socket there is a dead daemon's
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            s.bind(str(sp))
+        finally:
+            os.umask(old)
+        s.listen(64)
+        s.setblocking(False)
+        self.listeners.append(s)
+        # only the root's owner (and root) are served: SO_PEERCRED, checked per connection
+        self.owners[s] = (root, os.stat(root, follow_symlinks=False).st_uid)
 
     def start_worker(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -35,7 +35,7 @@ import threading
 import time
 
 from jam_core.daemon import fanotify as F
-from jam_core.daemon.marks import NEW_DIR_MASK, is_jam_pid, mark_dirs, unmark_fd
+from jam_core.daemon.marks import NEW_DIR_MASK, AsOwner, is_jam_pid, mark_dirs, unmark_fd
 from jam_core.errors import JamError, RemoteError
 from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr, syncfs
 from jam_core.objects import BIG, hasher, object_relpath, split_oid
@@ -135,7 +135,8 @@ class Worker:
         cats = self.catalogs.__dict__
         cat = cats.get(root.path)
         if cat is None:
-            cat = cats[root.path] = open_catalog(root)
+            with AsOwner(root.path):
+                cat = cats[root.path] = open_catalog(root)
         return cat
 
     def remotes(self, root: Root) -> list:
@@ -161,7 +162,6 @@ class Worker:
         self.session()
         for root in self.roots:
             try:
-                self.catalog(root)
                 self.remotes(root)
             except (JamError, OSError):
                 pass  # said when a fill needs it
@@ -218,8 +218,12 @@ class Worker:
 
         try:
             remotes = self.remotes(root)
-            known = self.catalog(root).remotes_of([rec.oid])[rec.oid] if len(remotes) > 1 else set()
-        except JamError as exc:
+            known = set()
+            if len(remotes) > 1:
+                cat = self.catalog(root)
+                with AsOwner(root.path):
+                    known = cat.remotes_of([rec.oid])[rec.oid]
+        except (JamError, OSError) as exc:
             raise FillError(errno.EIO, f"{root.path}: {exc}") from None
         self.fetches += 1
         problems: list[str] = []
@@ -367,7 +371,7 @@ class Worker:
                 now = time.time()
                 for root, filled, used in by_root.values():
                     try:
-                        with open_catalog(root) as cat, cat.transaction():
+                        with AsOwner(root.path), open_catalog(root) as cat, cat.transaction():
                             for rel in filled:
                                 cat.remove_stub(rel)
                             cat.record_use(list(used) + filled, now)
@@ -389,12 +393,13 @@ class Worker:
 
         for key, root in list(self.stale.items()):
             try:
-                if os.path.exists(root.jam_dir / LOCK):  # never create it: it is the user's file
-                    with root.lock(wait=False), open_catalog(root) as cat:
-                        clear_filled(root, cat)
-                else:
-                    with open_catalog(root) as cat:
-                        clear_filled(root, cat)
+                with AsOwner(root.path):
+                    if os.path.exists(root.jam_dir / LOCK):
+                        with root.lock(wait=False), open_catalog(root) as cat:
+                            clear_filled(root, cat)
+                    else:
+                        with open_catalog(root) as cat:
+                            clear_filled(root, cat)
             except UsageError:
                 continue  # a jam command holds the root: again on the next pass
             except (JamError, OSError) as exc:
@@ -525,28 +530,11 @@ class Worker:
 
 
 def open_catalog(root: Root):
-    """The root's catalog. The database and SQLite's ``-wal`` and ``-shm`` files this process (root) made
-    are given to the root's owner: left root's, they would make the catalog read-only to the
-    user's own jam commands."""
+    """The root's catalog. Callers hold ``AsOwner(root.path)`` while they use it: the database
+    and SQLite's journal files are then made and reached as the root's owner, never as root."""
     from jam_core.catalog import Catalog
 
-    db = root.jam_dir / CATALOG
-    cat = Catalog(db)
-    try:
-        top = os.stat(root.path, follow_symlinks=False)
-        me = os.geteuid()
-        if top.st_uid != me:
-            for suffix in ("", "-wal", "-shm"):
-                side = f"{db}{suffix}"
-                try:
-                    st = os.lstat(side)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISREG(st.st_mode) and st.st_uid == me:
-                    os.chown(side, top.st_uid, top.st_gid, follow_symlinks=False)
-    except OSError as exc:
-        _log(f"{db}: its journal files were not given to the root's owner ({exc.strerror})")
-    return cat
+    return Catalog(root.jam_dir / CATALOG)
 
 
 def _queued(fd: int) -> int:
