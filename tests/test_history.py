@@ -487,3 +487,30 @@ def test_commit_of_named_paths_carries_the_rest(tmp_path):
     assert jam("diff", cwd=t.root).out.splitlines() == ["~ b"]
     snap = parse((t.root / ".jam/history/objects" / _head(t).replace(":", "-")).read_bytes(), expect=_head(t))
     assert snap.by_path()["link"].target == "b" and "c" not in snap.by_path()
+
+
+def test_drop_from_another_root_keeps_what_a_snapshot_needs(tmp_path):
+    from jam_core.ops.remotes import add_remote
+
+    t = make_tree(tmp_path)
+    data = os.urandom(80_000)
+    (t.root / "f").write_bytes(data)
+    jam("commit", cwd=t.root)  # uploaded by the commit; f stays local
+    os.unlink(t.root / "f")  # now only the snapshot needs it
+    oid = "b3:" + b3_bytes(data)
+    other = tmp_path / "other"
+    other.mkdir()
+    second = tmp_path / "second"
+    second.mkdir()
+    r2, _ = Root.init(other)
+    add_remote(r2, make_plugin_manager(), "vault", str(t.remote))
+    add_remote(r2, make_plugin_manager(), "second", str(second))
+    with open(other / ".jam/config.toml", "a") as f:
+        f.write("\n[place]\ncopies = 2\n")
+    (other / "g").write_bytes(data)
+    jam("stash", "g", cwd=other)  # the same content, on both of its remotes
+    res = jam("drop", "--from", "vault", "g", cwd=other, check=1)
+    assert "kept" in res.err, res.err
+    assert oid in _objects(t.remote), "another root's drop removed what a snapshot needs"
+    jam("restore", "f", "--fetch", cwd=t.root)
+    assert b3(t.root / "f") == b3_bytes(data), "differs"
