@@ -470,3 +470,27 @@ def test_stub_stashed_by_the_roots_non_root_owner_hydrates(tmp_path_factory, jam
             assert d.stop() == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_corrupt_object_gives_eio_and_the_stub_stays(jam_root, stash, daemon):
+    """The object on the remote was changed (same size, other bytes): the reader gets EIO,
+    never those bytes, and the stub is left exactly as it was."""
+    from jam_core.stub import read_record, verify_clean_path
+
+    r = jam_root.path
+    data = make_file(r / "c.bin", 1 << 20, 18)
+    stash("c.bin")
+    rec = read_record(str(r / "c.bin"))
+    obj = object_path(jam_root, "c.bin")
+    good = obj.read_bytes()
+    os.chmod(obj, 0o644)
+    obj.write_bytes(bytes(len(good)))  # the right size, the wrong content
+    d = daemon()
+    with pytest.raises(OSError) as exc:
+        (r / "c.bin").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert d.stop() == 0  # (an open by this test would go to the daemon again)
+    assert is_stub(r / "c.bin") and verify_clean_path(r / "c.bin", rec)  # header and hole, untouched
+    obj.write_bytes(good)
+    daemon()
+    assert sha_file(r / "c.bin") == sha(data)
