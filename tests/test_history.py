@@ -164,17 +164,18 @@ def _raw(head: dict, rows: list) -> bytes:
     return zlib.compress(text)
 
 
-HEAD = {"parents": [], "time": 1, "machine": {"host": "h", "id": "m1"}, "tree": "t", "message": "", "pins": []}
+HEAD = {"parents": [], "parent_sizes": [], "time": 1, "machine": {"host": "h", "id": "m1"}, "tree": "t", "message": "", "pins": []}
 OID = "b3:" + "ab" * 32
 
 
 def test_format_round_trip_keeps_every_name():
     items = [Item("a/b", FILE, OID, 5, 0o644, 123), Item("caf\udce9", FILE, OID, 0, 0o600, -5),
              Item("l", "l", mtime_ns=7, target="../../anything"), Item("tab\tand\nnewline", FILE, OID, 1, 0, 0)]
-    s = _snap(items, parents=[OID], message="m\n2", pins=["a"])
+    s = _snap(items, parents=[OID], message="m\n2", pins=["a"], parent_sizes=[99])
     stored = encode(s)
     back = parse(stored, expect=s.id)
     assert back.items == sorted(items, key=lambda i: i.path) and back.pins == ["a"] and back.parents == [OID]
+    assert back.parent_sizes == [99]
     assert back.id == s.id == snapmod.id_of(stored)
 
 
@@ -189,7 +190,8 @@ def test_format_round_trip_keeps_every_name():
     ([["f", "a", OID, 1, 0, 0], ["f", "a/b", OID, 1, 0, 0]], HEAD, "both a file and a directory"),
     ([["l", "a", "x\u0000y", 0]], HEAD, "bad symlink target"),
     ([], {**HEAD, "tree": "../../etc"}, "bad tree name"),
-    ([], {**HEAD, "parents": ["nope"]}, "bad parents"),
+    ([], {**HEAD, "parents": ["nope"], "parent_sizes": [1]}, "bad parents"),
+    ([], {**HEAD, "parents": [OID], "parent_sizes": []}, "bad parent sizes"),
     ([], {**HEAD, "pins": ["../up"]}, "bad pin"),
 ])
 def test_hostile_snapshot_is_refused_with_one_line(rows, head, why):
@@ -463,8 +465,8 @@ def test_two_machines_committing_to_one_remote_keep_both_heads(tmp_path):
     assert set(heads) == {"machine-a", "machine-b"}
     from jam_core.history.store import decode_head
 
-    a, b = decode_head(heads["machine-a"]), decode_head(heads["machine-b"])
-    assert a == _head(t) and b == (two / ".jam/history/HEAD").read_text().strip()
+    (a, size), (b, _size) = decode_head(heads["machine-a"]), decode_head(heads["machine-b"])
+    assert a == _head(t) and size == (t.root / ".jam/history/objects" / a.replace(":", "-")).stat().st_size and b == (two / ".jam/history/HEAD").read_text().strip()
     assert {a, b} <= _objects(t.remote)
     snap = parse((t.remote / "objects/b3" / a[3:5] / a[3:]).read_bytes(), expect=a)
     assert snap.machine == "machine-a" and snap.tree == "shared"

@@ -3,17 +3,19 @@
 Canonical text (UTF-8, ``\\n`` after every line)::
 
     jam-snapshot 1
-    {"machine":{"host":"laptop","id":"<machine id>"},"message":"…","parents":["b3:…"],
-     "pins":["docs"],"time":1764576000000000000,"tree":"photos"}
+    {"machine":{"host":"laptop","id":"<machine id>"},"message":"…","parent_sizes":[4711],
+     "parents":["b3:…"],"pins":["docs"],"time":1764576000000000000,"tree":"photos"}
     ["f","a/b.txt","b3:<64 hex>",1234,420,1764575000123456789]
     ["l","a/link","../target",1764575000123456789]
 
 Line 2 is one JSON object (keys sorted, no spaces, ASCII): ``parents`` (snapshot ids, none for
-the first), ``time`` (UTC, ns since the epoch), ``machine`` (host name and the stable machine
-id), ``tree`` (``[history] name``), ``message``, ``pins``. Then one JSON array per entry, sorted
-by path (Python's str order, each path once): ``f`` a regular file (path, object id, size, mode
-bits, mtime_ns), ``l`` a symlink (path, target, mtime_ns). Names that are not UTF-8 are kept as
-surrogate escapes (``\\udcXX`` in JSON), so every name round-trips. Directories are implied.
+the first) and ``parent_sizes`` (their stored sizes: a backend fetches an object by id and exact
+size, so a reader can walk the history from a head alone), ``time`` (UTC, ns since the epoch),
+``machine`` (host name and the stable machine id), ``tree`` (``[history] name``), ``message``,
+``pins``. Then one JSON array per entry, sorted by path (Python's str order, each path once):
+``f`` a regular file (path, object id, size, mode bits, mtime_ns), ``l`` a symlink (path,
+target, mtime_ns). Names that are not UTF-8 are kept as surrogate escapes (``\\udcXX`` in
+JSON), so every name round-trips. Directories are implied.
 
 Stored bytes = ``zlib.compress(text)``; the snapshot's id = ``b3:`` of the stored bytes, so a
 backend verifies it as any object. ``parse`` is validation (invariant 7): a snapshot from a
@@ -82,6 +84,7 @@ class Snapshot:
     pins: list[str] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)  # sorted by path
     id: str = ""  # set by encode/parse
+    parent_sizes: list[int] = field(default_factory=list)  # stored size of each parent
 
     def by_path(self) -> dict[str, Item]:
         return {i.path: i for i in self.items}
@@ -100,7 +103,8 @@ def encode(snap: Snapshot) -> bytes:
     from jam_core.objects import hasher
 
     snap.items.sort(key=lambda i: i.path)
-    head = {"parents": list(snap.parents), "time": snap.time_ns, "machine": {"host": snap.host, "id": snap.machine},
+    head = {"parents": list(snap.parents), "parent_sizes": list(snap.parent_sizes), "time": snap.time_ns,
+            "machine": {"host": snap.host, "id": snap.machine},
             "tree": snap.tree, "message": snap.message, "pins": sorted(snap.pins)}
     stored = zlib.compress(MAGIC + _dumps(head).encode("ascii") + b"\n" + body(snap.items), 6)
     h = hasher("b3")
@@ -183,11 +187,15 @@ def _parse_text(text: bytes) -> Snapshot:
     if lines[-1] != b"" or len(lines) < 2:
         raise SnapshotError("truncated (no newline at the end)")
     head = json.loads(lines[0])
-    if not isinstance(head, dict) or set(head) != {"parents", "time", "machine", "tree", "message", "pins"}:
+    if not isinstance(head, dict) or set(head) != {"parents", "parent_sizes", "time", "machine", "tree", "message",
+                                                   "pins"}:
         raise SnapshotError("bad header fields")
-    parents = head["parents"]
+    parents, sizes = head["parents"], head["parent_sizes"]
     if not isinstance(parents, list) or len(parents) > MAX_PARENTS or not all(is_valid_oid(p) for p in parents):
         raise SnapshotError("bad parents")
+    if not isinstance(sizes, list) or len(sizes) != len(parents):
+        raise SnapshotError("bad parent sizes")
+    sizes = [_int(n, 1, MAX_TEXT, "parent size") for n in sizes]
     time_ns = _int(head["time"], 0, (1 << 63) - 1, "time")
     machine = head["machine"]
     if not isinstance(machine, dict) or set(machine) != {"host", "id"}:
@@ -249,7 +257,7 @@ def _parse_text(text: bytes) -> Snapshot:
             cut = path.rfind("/", 0, cut)
         add_file(path)
         add_item(item)
-    return Snapshot(parents, time_ns, host, mid, tree, message, pins, items)
+    return Snapshot(parents, time_ns, host, mid, tree, message, pins, items, parent_sizes=sizes)
 
 
 # -- naming ------------------------------------------------------------------------------

@@ -43,18 +43,23 @@ def head_name(tree: str, machine: str) -> str:
     return f"{HEADS}/{tree}/{machine}"
 
 
-def encode_head(sid: str) -> bytes:
-    return HEAD_MAGIC + sid.encode("ascii") + b"\n"
+def encode_head(sid: str, size: int) -> bytes:
+    """A head: ``jam-head 1``, the snapshot's id, its stored size (a fetch needs both)."""
+    return HEAD_MAGIC + f"{sid}\n{size}\n".encode("ascii")
 
 
-def decode_head(data: bytes) -> str | None:
-    """The snapshot id a head names, or None if it is not a valid head."""
+def decode_head(data: bytes) -> tuple[str, int] | None:
+    """(snapshot id, stored size) a head names, or None if it is not a valid head."""
+    from jam_core.history.snapshot import MAX_TEXT
     from jam_core.objects import is_valid_oid
 
-    if not data.startswith(HEAD_MAGIC):
+    if not data.startswith(HEAD_MAGIC) or len(data) > 256:
         return None
-    sid = data[len(HEAD_MAGIC):].decode("ascii", "replace").strip()
-    return sid if is_valid_oid(sid) else None
+    lines = data[len(HEAD_MAGIC):].decode("ascii", "replace").split("\n")
+    if len(lines) != 3 or lines[2] != "" or not is_valid_oid(lines[0]) or not lines[1].isdigit():
+        return None
+    size = int(lines[1])
+    return (lines[0], size) if 0 < size <= MAX_TEXT else None
 
 
 @dataclass
@@ -278,7 +283,8 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
                 out.id = head
             else:
                 snap = Snapshot([head] if head else [], now_ns or time.time_ns(), socket.gethostname()[:255],
-                                machine, tree, message, pins, list(new.values()))
+                                machine, tree, message, pins, list(new.values()),
+                                parent_sizes=[len(ix.read_bytes(head) or b"")] if head else [])
                 if parent is not None and snap.time_ns <= parent.time_ns:
                     snap.time_ns = parent.time_ns + 1
                 stored = encode(snap)
@@ -465,9 +471,9 @@ def _upload(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recor
 
 
 # -- push --------------------------------------------------------------------------------------
-def write_head(remote: Remote, name: str, sid: str, pm, session: Session) -> None:
+def write_head(remote: Remote, name: str, sid: str, size: int, pm, session: Session) -> None:
     """Replace this machine's head on ``remote`` (write_meta: atomic)."""
-    done = pm.hook.write_meta(remote=remote, name=name, data=encode_head(sid), session=session)
+    done = pm.hook.write_meta(remote=remote, name=name, data=encode_head(sid, size), session=session)
     if done is None:
         raise RemoteError(f"remote {remote.name!r}: its backend cannot write jam's metadata (no write_meta)")
 
@@ -513,16 +519,19 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
                         ix.record_pushed(sid, remote.name)
                 if head in going:
                     raise RemoteError(f"another root is removing snapshot {head[:19]} from it at this moment")
-            write_head(remote, head_name(tree, machine), head, pm, session)
+            size = len(ix.read_bytes(head) or b"")
+            if not size:
+                raise JamError(f"snapshot {head[:19]}: its cached bytes are missing ({ix.cache_path(head)})")
+            write_head(remote, head_name(tree, machine), head, size, pm, session)
             ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"head:{remote.name}", head))
         except (JamError, OSError) as exc:
             out.problems.append(f"remote {remote.name!r}: snapshot not sent ({describe(exc)}); "
                                 "it is recorded here and the next `jam commit` sends it")
 
 
-def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, str]:
-    """Every machine's head of ``tree`` on ``remote``: {machine id: snapshot id} (for sync and
-    clone; invalid heads are left out)."""
+def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, tuple[str, int]]:
+    """Every machine's head of ``tree`` on ``remote``: {machine id: (snapshot id, size)} (for
+    sync and clone; invalid heads are left out)."""
     names = pm.hook.list_meta(remote=remote, prefix=f"{HEADS}/{tree}", session=session) or []
     out = {}
     for name in names:
