@@ -18,9 +18,10 @@ The pieces, lowest first:
 Remote layout, for the readers to come (clone, sync): snapshot objects are ordinary objects
 under ``objects/``; each machine writes only its own head, ``meta/history/<tree name>/<machine
 id>`` = ``jam-head 1\\n<snapshot id>\\n<its stored size>\\n``, replaced atomically
-(``write_meta``). One file per machine means two machines committing at once never write the same file, so neither can lose
-the other's snapshot and no compare-and-swap is needed for commits; ``sync`` reads every
-machine's head and merges (a merge snapshot names several parents). A compare-and-swap on one
-shared head would need a conditional write every backend can do (sftp and rclone cannot
-without a lock file), and would make a commit fail when another machine won the race.
+(``write_meta``). One file per machine means two machines committing at once never write the
+same file, so neither can lose the other's snapshot and no compare-and-swap is needed for
+commits; ``sync`` reads every machine's head (``store.read_heads``) and merges (a merge
+snapshot names several parents). A compare-and-swap on one shared head would need a
+conditional write every backend can do (sftp and rclone have none without a lock file), and
+would make a commit fail whenever another machine won the race.
 """
