@@ -232,7 +232,8 @@ class Worker:
             for remote in _order(remotes, known):
                 try:
                     if self.dir_backend and remote.kind == "dir" and rec.size <= MEM_MAX:
-                        got = self.fetch_dir(root, remote, rec)
+                        with AsOwner(root.path):  # the user's remote, read (and its marker checked) as the user
+                            got = self.fetch_dir(root, remote, rec)
                     else:
                         if tmp < 0:
                             tmp = self.tmpfile(root)
