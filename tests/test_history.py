@@ -518,3 +518,28 @@ def test_drop_from_another_root_keeps_what_a_snapshot_needs(tmp_path):
     assert oid in _objects(t.remote), "another root's drop removed what a snapshot needs"
     jam("restore", "f", "--fetch", cwd=t.root)
     assert b3(t.root / "f") == b3_bytes(data), "differs"
+
+
+def test_snapshots_are_named_by_prefix_date_or_age(tmp_path, pm):
+    from jam_core.errors import UsageError
+    from jam_core.history.index import Index
+    from jam_core.history.restore import resolve
+    from jam_core.history.store import commit
+
+    t = make_tree(tmp_path)
+    root = Root(t.root)
+    day1 = int(time.mktime((2026, 3, 10, 9, 0, 0, 0, 0, -1)) * 1e9)
+    ids = []
+    for n, when in enumerate((day1, day1 + DAY, day1 + DAY + 3600 * 10**9)):
+        (t.root / "f").write_bytes(b"%d" % n)
+        ids.append(commit(root, pm, now_ns=when).id)
+    with Index(root) as ix:
+        assert resolve(ix, ids[0]) == ids[0] and resolve(ix, ids[1][3:9]) == ids[1]
+        assert resolve(ix, "2026-03-10") == ids[0]  # a day means its end
+        assert resolve(ix, "2026-03-11 09:30") == ids[1]
+        assert resolve(ix, "2026-03-12") == ids[2]
+        assert resolve(ix, "1d", now=(day1 + DAY + 1800 * 10**9) / 1e9) == ids[0]
+        with pytest.raises(UsageError, match="no snapshot at or before"):
+            resolve(ix, "2026-03-09")
+        with pytest.raises(UsageError, match="neither"):
+            resolve(ix, "yesterday-ish")

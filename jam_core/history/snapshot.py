@@ -35,7 +35,7 @@ from jam_core.objects import is_valid_oid
 from jam_core.root import check_rel
 
 MAGIC = b"jam-snapshot 1\n"
-MAX_TEXT = 1 << 30  # 1 GiB of text (about 7 million entries): anything larger is refused
+MAX_TEXT = 256 << 20  # 256 MiB of text (about 2 million entries): anything larger is refused
 MAX_SIZE = 1 << 50  # as stub.MAX_SIZE
 MAX_MESSAGE = 64 << 10
 MAX_PARENTS = 64
