@@ -177,8 +177,13 @@ def has(remote, oid, size, session):
         return None
     if not is_valid_oid(oid):
         return False
+    from jam_rclone.store import NotRegular
+
     st = _store(remote, session)
-    item = st.stat(_rel(oid), f"look up {oid}")
+    try:
+        item = st.stat(_rel(oid), f"look up {oid}")
+    except NotRegular:
+        return False  # a symlink or a special file in its place (or on the way): not an object of ours
     if item is None:
         st.confirm_absent(f"look up {oid}")
         return False
@@ -260,9 +265,14 @@ def stash_many(remote, items, session):
 
 
 def _get_one(st, oid, dest, size, progress) -> bool:
+    from jam_rclone.store import NotRegular
+
     if not is_valid_oid(oid):
         return False
-    return st.get(_rel(oid), dest, size, progress)
+    try:
+        return st.get(_rel(oid), dest, size, progress)
+    except NotRegular:
+        return False  # never read through a symlink, never open a FIFO: not held here
 
 
 @hookimpl
@@ -289,9 +299,14 @@ def hash_object(remote, oid, size, session):
 
     if not is_valid_oid(oid):
         return False
+    from jam_rclone.store import NotRegular
+
     st = _store(remote, session)
     what = f"read {oid}"
-    resp = st.open_get(_rel(oid), size, what)
+    try:
+        resp = st.open_get(_rel(oid), size, what)
+    except NotRegular:
+        return False
     if resp is None:
         return False
     algorithm = split_oid(oid)[0]
@@ -333,10 +348,16 @@ def list_objects(remote, session, sweep):
 def remove(remote, oid, session):
     if remote.kind != KIND:
         return None
+    from jam_rclone.store import NotRegular
+
     _check_oid(oid)
     st = _store(remote, session)
     what = f"remove {oid}"
-    if st.stat(_rel(oid), what) is None:
+    try:
+        item = st.stat(_rel(oid), what)
+    except NotRegular:
+        return False  # a symlink or a special file in its place: never removed, nor through
+    if item is None:
         st.confirm_absent(what)
         return False
     st.rc(what, "operations/deletefile", fs=st.fs, remote=_rel(oid))

@@ -41,6 +41,13 @@ STOP_TIMEOUT = 5.0
 _VERSION = re.compile(rb"rclone v(\d+)\.(\d+)(?:\.(\d+))?")
 _lock = threading.Lock()
 _KEY = ("jam_rclone", "daemon")
+# Listings never show a symlink or a special file (a FIFO, a device) as a file, nor follow one:
+# rclone's sftp lists them as what they point to unless ``skip_links`` is set, its local backend
+# follows them with ``copy_links`` and shows them as ``.rclonelink`` files with ``links``. Given
+# as flags, these beat the user's rclone config file and every RCLONE_* variable (a connection
+# string's own option would beat them: parse_url refuses those). store.py builds on it: an item
+# is a regular file only when its directory's listing shows it (see Store.stat).
+NO_LINKS = ("--sftp-skip-links", "--skip-links", "--copy-links=false", "--links=false")
 
 
 class RcError(Exception):
@@ -211,6 +218,7 @@ class Daemon:
                 with open(self.log, "wb") as log:
                     self.proc = sh.Command(self.binary)(
                         "rcd", "--rc-addr", f"unix://{self.socket}", "--rc-htpasswd", self.htpasswd, "--rc-serve",
+                        *NO_LINKS,
                         _bg=True, _bg_exc=False, _env=env, _out=log, _err=log,
                         _preexec_fn=_die_with_parent, _new_session=False, _cwd=self.dir)
             except BaseException as exc:  # noqa: BLE001 - reported by the caller

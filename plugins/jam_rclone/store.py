@@ -30,6 +30,17 @@ answers no item, HTTP 404) *and* the remote's identity marker is still found in 
 bucket that vanished or a server that lies with 404 is a RemoteError, not "absent" (the way
 git-annex-remote-rclone lost data).
 
+**Links and special files are never followed.** On a file system behind rclone (sftp, and any
+backend that is not bucket-based, wrappers included) an entry may be a symlink, a FIFO or a
+device; rclone's ``stat``, reads and deletes follow a symlink, and reading a FIFO hangs the
+server. Listings show neither (the daemon sets ``skip_links``, daemon.py ``NO_LINKS``), so there
+an item counts only when its directory's listing shows it as a regular file, and each directory
+on its way only when its parent's listing shows it as a directory (``Store.stat``,
+``Store.dir_state``; a directory checked once is trusted for the rest of the command). A name the
+listing does not show but ``stat`` finds is a symlink or a special file: ``NotRegular`` (the
+hooks answer "not an object of ours" for objects, an error for metadata and the marker); nothing
+is listed, read, stored or removed through it. Object stores have no links: one ``stat`` there.
+
 **Downloads** stream from the daemon's ``--rc-serve`` (``GET /[fs]/objects/...``): the length
 announced must be the size the stub says, else nothing is written; never more than ``size``
 bytes reach ``dest``, which is opened as a path (the core's ``/proc/self/fd/N``).
@@ -73,6 +84,10 @@ _FULL = ("no space left", "quotaexceeded", "quota exceeded", "insufficient stora
 _MODTIME = re.compile(r"\A(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?\Z")
 
 
+class NotRegular(RemoteError):
+    """A symlink, a FIFO or another special file where jam expects its file or directory."""
+
+
 class _LocalFull(Exception):
     """ENOSPC/EDQUOT writing the local file of a fetch."""
 
@@ -106,6 +121,7 @@ class Store:
         self.where = f"remote {remote.name!r} (rclone:{remote.location})"
         self._info: dict | None = None
         self.swept = False
+        self.real_dirs: set[str] = {""}  # directories seen in their parent's listing (see dir_state)
         options = remote.options or {}
         try:
             self.transfers = max(1, min(int(options.get("transfers", 8) or 8), 64))
@@ -149,16 +165,94 @@ class Store:
     def has_md5(self) -> bool:
         return "md5" in (self.info().get("Hashes") or [])
 
-    def stat(self, rel: str, what: str, hashes: bool = False) -> dict | None:
-        """The item at ``rel``; None only when rclone clearly says there is none."""
+    def links(self) -> bool:
+        """True where entries may be symlinks or special files: every backend that is not
+        bucket-based (sftp, ftp, smb, a local disk under a wrapper...). Object stores have none."""
+        return not (self.info().get("Features") or {}).get("BucketBased")
+
+    def _stat_any(self, rel: str, what: str, hashes: bool = False) -> dict | None:
+        """rclone's own stat (it follows a symlink): the item, a file or a directory, or None."""
         opt = {"noMimeType": True}
         if hashes:
             opt.update(showHash=True, hashTypes=["md5"])
-        out = self.rc(what, "operations/stat", fs=self.fs, remote=rel, opt=opt)
-        item = out.get("item")
+        item = self.rc(what, "operations/stat", fs=self.fs, remote=rel, opt=opt).get("item")
+        if item is not None and not isinstance(item, dict):
+            raise RemoteError(f"{self.where}: cannot {what}: rclone answered no item for {rel}")
+        return item
+
+    def _listed(self, rel: str, what: str) -> dict | None:
+        """``rel`` as its directory's listing shows it (a file or a directory; never a symlink
+        or a special file: the daemon's NO_LINKS), None if the listing does not show it."""
+        parent, _, name = rel.rpartition("/")
+        params = {"fs": self.fs, "remote": parent,
+                  "opt": {"recurse": False, "noMimeType": True, "noModTime": True},
+                  "_filter": {"IncludeRule": [f"/{rel}", f"/{rel}/**"]}}  # names are [A-Za-z0-9._-]
+        try:
+            out = self.d.call("operations/list", params)
+        except RcError as exc:
+            if "directory not found" in exc.message.lower():
+                return None
+            raise self.remote_error(what, exc) from None
+        except Lost as exc:
+            raise self.remote_error(what, exc) from None
+        items = out.get("list")
+        if not isinstance(items, list):
+            raise RemoteError(f"{self.where}: cannot {what}: rclone answered no listing")
+        for it in items:
+            if isinstance(it, dict) and it.get("Path") == rel:
+                return it
+        return None
+
+    def _odd(self, rel: str, what: str) -> dict | None:
+        """``rel`` is not in its directory's listing: absent (None), a symlink or a special file
+        (NotRegular), or made meanwhile by another jam (a second listing shows it: that item)."""
+        if self._stat_any(rel, what) is None:
+            return None
+        again = self._listed(rel, what)
+        if again is not None:
+            return again
+        raise NotRegular(f"{self.where}: {rel} is a symlink or a special file, not jam's; jam does not "
+                         f"follow it (cannot {what})")
+
+    def dir_state(self, rel: str, what: str) -> bool | None:
+        """True if the directory ``rel`` (and each one above it) is a real directory, None if it
+        (or one above) is absent; NotRegular for a symlink or a special file on the way, a
+        RemoteError for a file. Only where ``links()``; each directory is checked once."""
+        if rel in self.real_dirs:
+            return True
+        parent = rel.rpartition("/")[0]
+        if self.dir_state(parent, what) is None:
+            return None
+        item = self._listed(rel, what)
+        if item is None:
+            item = self._odd(rel, what)
+            if item is None:
+                return None
+        if not item.get("IsDir"):
+            raise RemoteError(f"{self.where}: {rel} is a file, not a directory (cannot {what})")
+        self.real_dirs.add(rel)
+        return True
+
+    def stat(self, rel: str, what: str, hashes: bool = False) -> dict | None:
+        """The regular file at ``rel``; None only when rclone clearly says there is none. Where
+        ``links()``, only what the listings show (a symlink or a special file there, or on the
+        way to it, is NotRegular; never followed)."""
+        if self.links():
+            if self.dir_state(rel.rpartition("/")[0], what) is None:
+                return None
+            item = self._listed(rel, what)
+            if item is None:
+                item = self._odd(rel, what)
+                if item is None:
+                    return None
+            if item.get("IsDir") or not isinstance(item.get("Size"), int):
+                raise RemoteError(f"{self.where}: {rel} is not a file (cannot {what})")
+            if not hashes:
+                return item
+        item = self._stat_any(rel, what, hashes)
         if item is None:
             return None
-        if not isinstance(item, dict) or item.get("IsDir") or not isinstance(item.get("Size"), int):
+        if item.get("IsDir") or not isinstance(item.get("Size"), int):
             raise RemoteError(f"{self.where}: {rel} is not a file (cannot {what})")
         return item
 
@@ -170,7 +264,11 @@ class Store:
                               "(bucket or directory removed or not mounted?); nothing was stored or fetched")
 
     def list(self, rel: str, what: str, recurse: bool, modtime: bool = False) -> list[dict] | None:
-        """The files under ``rel``; None when rclone says the directory does not exist."""
+        """The files under ``rel``; None when rclone says the directory does not exist. Where
+        ``links()``, ``rel`` and each directory above it must be real ones (a symlinked one is
+        NotRegular, never listed through); below it, the listings skip links (NO_LINKS)."""
+        if rel and self.links() and self.dir_state(rel, what) is None:
+            return None
         opt = {"recurse": recurse, "filesOnly": True, "noMimeType": True, "noModTime": not modtime}
         try:
             out = self.d.call("operations/list", {"fs": self.fs, "remote": rel, "opt": opt})
@@ -203,7 +301,10 @@ class Store:
             pass
 
     def stale_parts(self, remove: bool):
-        items = self.list("tmp", "list its tmp/", recurse=False, modtime=True) or []
+        try:
+            items = self.list("tmp", "list its tmp/", recurse=False, modtime=True) or []
+        except NotRegular:
+            return  # a symlinked tmp/: nothing in it is jam's to list or remove
         now = time.time()
         for it in items:
             name, size = it.get("Name"), it.get("Size")
@@ -225,6 +326,11 @@ class Store:
         staged = f"tmp/{part_name()}" if self.can_move() else None
         md5 = hashlib.md5(usedforsecurity=False) if self.verify == "stat" and self.has_md5() else None
         target = staged or rel
+        if staged is not None and self.links():
+            # never an upload into, nor a move through, a symlinked directory (absent ones are
+            # made by rclone as it stores)
+            self.dir_state("tmp", f"store {rel}")
+            self.dir_state(rel.rpartition("/")[0], f"store {rel}")
         try:
             self._upload(target, src_fd, size, oid, md5, progress)
             if staged is not None:
@@ -323,8 +429,14 @@ class Store:
 
     # -- downloads ---------------------------------------------------------------------------
 
-    def open_get(self, rel: str, size: int, what: str):
-        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``."""
+    def open_get(self, rel: str, size: int, what: str, checked: bool = False):
+        """A response streaming ``rel``, None if clearly absent. Its length must be ``size``.
+        Where ``links()``, ``rel`` is first checked to be a regular file (``stat``) unless the
+        caller ``checked`` it: a symlink is never read through, a FIFO never opened."""
+        if not checked and self.links():
+            if self.stat(rel, what) is None:
+                self.confirm_absent(what)
+                return None
         conn = self.d.connection()
         path = "/[" + quote(self.fs, safe="") + "]/" + quote(rel)
         try:
@@ -481,7 +593,7 @@ class Store:
             return None
         if item["Size"] > limit:
             raise RemoteError(f"{self.where}: {rel} is {item['Size']} bytes, more than {limit} (cannot {what})")
-        resp = self.open_get(rel, item["Size"], what)
+        resp = self.open_get(rel, item["Size"], what, checked=True)
         if resp is None:
             return None
         parts: list[bytes] = []
