@@ -543,3 +543,21 @@ def test_snapshots_are_named_by_prefix_date_or_age(tmp_path, pm):
             resolve(ix, "2026-03-09")
         with pytest.raises(UsageError, match="neither"):
             resolve(ix, "yesterday-ish")
+
+
+def test_commit_of_many_directories_within_a_small_descriptor_limit(tmp_path):
+    import resource
+
+    t = make_tree(tmp_path)
+    for d in range(400):
+        (t.root / f"d{d:03}").mkdir()
+        for f in range(2):
+            (t.root / f"d{d:03}/f{f}").write_bytes(b"%d-%d" % (d, f))
+
+    def low():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    res = subprocess.run([sys.executable, "-c", "from jam_core.cli import main; main(args=['commit'], prog_name='jam')"],
+                         cwd=t.root, capture_output=True, preexec_fn=low)
+    assert res.returncode == 0, res.stderr.decode()[-800:]
+    assert "800 files" in res.stdout.decode() and "800 new objects" in res.stdout.decode()

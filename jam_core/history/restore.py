@@ -140,11 +140,10 @@ class Diff:
 
 def tree_now(root: Root, rels: list[str], ix: Index, skipped: list) -> dict[str, Item]:
     """What the tree holds under ``rels`` now (local files hashed, through the ids cache)."""
-    from jam_core.fs import DirFds
-    from jam_core.history.store import hash_one, scan
+    from jam_core.history.store import OneDir, hash_one, scan
 
     items, pending, new_ids = scan(root, rels, ix, skipped)
-    with DirFds(root.path) as dirs:
+    with OneDir(root.path) as dirs:
         for e in pending:
             try:
                 got = hash_one(dirs, e)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import DirFds, NotTheFile, fd_path, open_regular, same_file
+from jam_core.fs import NotTheFile, fd_path, open_regular, same_file
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encode, machine_id, tree_name
 from jam_core.model import Remote, Session
@@ -194,7 +194,40 @@ def scan(root: Root, rels: list[str], ix: Index, skipped: list) -> tuple[dict[st
     return items, pending, learned
 
 
-def hash_one(dirs: DirFds, e) -> tuple[int, str] | None:
+class OneDir:
+    """The descriptor of one directory at a time (files come directory by directory from the
+    walk): a tree of 100,000 directories never holds 100,000 descriptors, as a cache would."""
+
+    def __init__(self, root_path):
+        self.root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.rel: str | None = None
+        self.fd = -1
+
+    def get(self, rel: str) -> int:
+        from jam_core.fs import open_dir
+
+        if rel != self.rel:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd, self.rel = -1, None
+            self.fd = open_dir(self.root_fd, rel) if rel != "." else os.dup(self.root_fd)
+            self.rel = rel
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        os.close(self.root_fd)
+
+    def __enter__(self) -> "OneDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def hash_one(dirs: "OneDir", e) -> tuple[int, str] | None:
     """Open and hash a local file; (fd, oid) with the fd still open, or None if it changed."""
     name = e.rel.rpartition("/")[2]
     try:
@@ -331,9 +364,9 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
     """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
     items, pending, learned = scan(root, rels, ix, out.skipped)
     known = ix.all_stored()
-    per_batch = _raise_fd_limit(BATCH_FILES + 256) - 256
+    per_batch = max(64, min(BATCH_FILES, _raise_fd_limit(BATCH_FILES + 256) - 256))
     session.begin(sum(e.st.st_size for e in pending))
-    with DirFds(root.path) as dirs:
+    with OneDir(root.path) as dirs:
         batch: list[_Up] = []
         size = 0
         new_ids = learned
