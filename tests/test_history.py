@@ -561,3 +561,15 @@ def test_commit_of_many_directories_within_a_small_descriptor_limit(tmp_path):
                          cwd=t.root, capture_output=True, preexec_fn=low)
     assert res.returncode == 0, res.stderr.decode()[-800:]
     assert "800 files" in res.stdout.decode() and "800 new objects" in res.stdout.decode()
+
+
+def test_index_counts_what_only_one_remote_holds(tmp_path, pm):
+    from jam_core.history.index import Index
+    from jam_core.history.store import commit
+
+    t = make_tree(tmp_path)
+    (t.root / "f").write_bytes(b"only here")
+    commit(Root(t.root), pm)
+    with Index(Root(t.root)) as ix:
+        assert ix.only_on("vault") == 2  # the content and the snapshot
+        assert ix.only_on("elsewhere") == 0

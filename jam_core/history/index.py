@@ -103,6 +103,17 @@ class Index:
             self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", pairs)
             self.db.execute("COMMIT")
 
+    def only_on(self, remote: str) -> int:
+        """How many objects the kept snapshots need (snapshots included) are known to be on
+        ``remote`` and on no other remote (for ``jam remote remove``)."""
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM objects o WHERE "
+            "(EXISTS (SELECT 1 FROM stored s WHERE s.oid = o.oid AND s.remote = ?1) "
+            " AND NOT EXISTS (SELECT 1 FROM stored s WHERE s.oid = o.oid AND s.remote != ?1)) OR "
+            "(EXISTS (SELECT 1 FROM pushed p WHERE p.id = o.oid AND p.remote = ?1) "
+            " AND NOT EXISTS (SELECT 1 FROM pushed p WHERE p.id = o.oid AND p.remote != ?1))", (remote,)).fetchone()
+        return int(row[0])
+
     def pushed_to(self, remote: str) -> set[str]:
         return {s for (s,) in self.db.execute("SELECT id FROM pushed WHERE remote = ?", (remote,))}
 
