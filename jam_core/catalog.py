@@ -214,6 +214,10 @@ class Catalog:
     def remove_stub(self, path: str) -> None:
         self.db.execute("DELETE FROM stubs WHERE path = ?", (_b(path),))
 
+    def remove_stubs(self, paths: Iterable[str]) -> None:
+        """Drop the rows of ``paths`` (files checked out, stubs gone) in one statement."""
+        self.db.executemany("DELETE FROM stubs WHERE path = ?", [(_b(p),) for p in paths])
+
     def stubs(self) -> dict[str, tuple[str, int]]:
         return {_s(p): (oid, size) for p, oid, size in self.db.execute("SELECT path, oid, size FROM stubs")}
 

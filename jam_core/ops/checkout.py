@@ -327,24 +327,27 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
         return  # the temporary files are removed by _drop_tmps
     used: list[str] = []
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
-        for w in ready:
-            try:
-                if w.entry.state == DIRTY:
-                    beside = keep_beside(w)
-                    result.done.append((beside, w.entry.record.size))
-                    result.skipped.append((w.entry.rel, f"written into since it was stashed: kept as it is; "
-                                           f"the stashed version is {beside}"))
+        try:
+            for w in ready:
+                try:
+                    if w.entry.state == DIRTY:
+                        beside = keep_beside(w)
+                        result.done.append((beside, w.entry.record.size))
+                        result.skipped.append((w.entry.rel, f"written into since it was stashed: kept as it is; "
+                                               f"the stashed version is {beside}"))
+                        continue
+                    swap_in(w)
+                except (JamError, OSError) as exc:
+                    result.failed.append((w.entry.rel, describe(exc)))
                     continue
-                swap_in(w)
-            except (JamError, OSError) as exc:
-                result.failed.append((w.entry.rel, describe(exc)))
-                continue
-            for name in w.cached:
-                cat.record_location(w.entry.record.oid, name, w.entry.record.size)
-            cat.remove_stub(w.entry.rel)
-            used.append(w.entry.rel)
-            result.done.append((w.entry.rel, w.entry.record.size))
-        cat.record_use(used)  # one statement for the batch
+                for name in w.cached:
+                    cat.record_location(w.entry.record.oid, name, w.entry.record.size)
+                used.append(w.entry.rel)
+                result.done.append((w.entry.rel, w.entry.record.size))
+        finally:  # the rows of what was swapped in go, even if the batch was interrupted
+            if used:
+                cat.remove_stubs(used)  # one statement each for the batch, not one per file
+                cat.record_use(used)
 
 
 def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:

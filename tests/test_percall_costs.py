@@ -1,0 +1,78 @@
+"""Issue 13 follow-up (per-file costs): checkout's catalog rows in one statement per batch, the
+hook's fetch without a worker thread for a single batch, records built by slot, doctor's quick
+rule for what may be a copy of a stub. Real files, real xattrs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jam_core.catalog import Catalog
+from jam_core.root import CATALOG
+from tests.conftest import make_file
+
+SIZE = 100_000
+
+
+def _stash(jam_root, n: int = 3) -> list[str]:
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.stash import stash
+
+    rels = [f"d/f{i}.bin" for i in range(n)]
+    for i, rel in enumerate(rels):
+        make_file(jam_root.path / rel, SIZE, i)
+    res = stash(jam_root, ["d"], make_plugin_manager(), Session())
+    assert len(res.done) == n and not res.failed, res
+    return rels
+
+
+def _stub_rows(root) -> set[str]:
+    with Catalog(root.jam_dir / CATALOG) as cat:
+        return set(cat.stubs())
+
+
+# -- 1. checkout: the catalog rows of a batch in one statement ------------------------------------
+def test_remove_stubs_drops_exactly_the_named_rows(jam_root):
+    rels = _stash(jam_root)
+    with Catalog(jam_root.jam_dir / CATALOG) as cat:
+        cat.remove_stubs([rels[0], rels[2], "no/such/row"])
+    assert _stub_rows(jam_root) == {rels[1]}
+
+
+def test_checkout_drops_the_rows_of_what_it_swapped_in(jam_root):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.checkout import checkout
+
+    rels = _stash(jam_root)
+    res = checkout(jam_root, [rels[1]], make_plugin_manager(), Session())
+    assert [r for r, _ in res.done] == [rels[1]]
+    assert _stub_rows(jam_root) == {rels[0], rels[2]}
+
+
+def test_an_interrupted_batch_still_drops_the_rows_of_the_files_already_swapped(jam_root, monkeypatch):
+    """Ctrl-C after the first swap of a batch: that file is local now, and its stub row must not
+    stay behind in the catalog (the rows go once per batch, after the swaps)."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops import checkout as co
+    from jam_core.stub import read_record
+
+    rels = _stash(jam_root)
+    real, calls = co.swap_in, []
+
+    def swap_then_interrupt(w):
+        calls.append(w.entry.rel)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(w)
+
+    monkeypatch.setattr(co, "swap_in", swap_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        co.checkout(jam_root, ["d"], make_plugin_manager(), Session())
+    first = calls[0]
+    assert read_record(str(jam_root.path / first)) is None  # swapped in: a local file now
+    assert first not in _stub_rows(jam_root)
+    assert _stub_rows(jam_root) == set(rels) - {first}
