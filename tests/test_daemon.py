@@ -408,17 +408,17 @@ def test_fill_clears_the_cd_hooks_index(jam_root, stash, daemon):
     assert os.stat(index / "d").st_uid == owner  # changed in place, never made anew
 
 
-def test_stub_stashed_by_the_roots_non_root_owner_hydrates(tmp_path_factory, jam_bin):
-    """The daemon runs as root; the root belongs to a user whose `jam stash` must reach
-    daemon.sock to have its new stubs marked. (The user keeps CAP_DAC_READ_SEARCH only to run
-    this test's Python from under /root; it does not open a root-only socket.)"""
+@pytest.fixture
+def nobody_root():
+    """A root owned by the user `nobody`, and `run(*args)`: jam as that user. The user keeps
+    CAP_DAC_READ_SEARCH only to run this test's Python from under /root; it does not open a
+    root-only socket."""
     import pwd
     import shutil
     import tempfile
 
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv is not installed")
+    assert setpriv, "setpriv (util-linux) is needed"
     nobody = pwd.getpwnam("nobody")
     base = Path(tempfile.mkdtemp(prefix="jam-daemon-user-", dir="/var/tmp"))
     try:
@@ -432,44 +432,96 @@ def test_stub_stashed_by_the_roots_non_root_owner_hydrates(tmp_path_factory, jam
         as_user = [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
                    "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
 
-        def run(*args):
+        def run(jam_bin, *args):
             res = subprocess.run([*as_user, jam_bin, *args], cwd=root, env=env, capture_output=True, text=True,
                                  timeout=HANG)
             assert res.returncode == 0, res.stderr
             return res
 
-        run("init", ".")
-        data = make_file(root / "mine.bin", 300_000, 16)
-        os.chown(root / "mine.bin", nobody.pw_uid, nobody.pw_gid)
-        d = Daemon(jam_bin, root)
-        try:
-            idle(root)
-            run("stash", "mine.bin")
-            assert is_stub(root / "mine.bin")
-            # the user plants a symlink where the daemon's catalog journal goes: the daemon
-            # (root) writes the catalog with the user's rights alone, never through it
-            victim = base / "victim"
-            victim.write_bytes(b"root's file\n")
-            wal = root / ".jam" / "catalog.db-wal"
-            if wal.exists() or wal.is_symlink():
-                wal.unlink()
-            os.symlink(victim, wal)
-            os.lchown(wal, nobody.pw_uid, nobody.pw_gid)
-            assert sha_file(root / "mine.bin") == sha(data)  # marked through the socket: filled on open
-            idle(root)
-            assert victim.read_bytes() == b"root's file\n" and os.stat(victim).st_uid == 0
-            wal.unlink()
-            assert os.stat(root / "mine.bin").st_uid == nobody.pw_uid
-            # the daemon wrote the catalog (the fill): it stays the user's to write
-            more = make_file(root / "more.bin", 200_000, 17)
-            os.chown(root / "more.bin", nobody.pw_uid, nobody.pw_gid)
-            run("stash", "more.bin")
-            run("status")
-            assert sha_file(root / "more.bin") == sha(more)
-        finally:
-            assert d.stop() == 0
+        yield base, root, run, nobody
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_stub_stashed_by_the_roots_non_root_owner_hydrates(nobody_root, jam_bin):
+    """The daemon runs as root; the root belongs to a user whose `jam stash` must reach
+    daemon.sock to have its new stubs marked."""
+    base, root, run_as, nobody = nobody_root
+
+    def run(*args):
+        return run_as(jam_bin, *args)
+
+    run("init", ".")
+    data = make_file(root / "mine.bin", 300_000, 16)
+    os.chown(root / "mine.bin", nobody.pw_uid, nobody.pw_gid)
+    d = Daemon(jam_bin, root)
+    try:
+        idle(root)
+        run("stash", "mine.bin")
+        assert is_stub(root / "mine.bin")
+        # the user plants a symlink where the daemon's catalog journal goes: the daemon
+        # (root) writes the catalog with the user's rights alone, never through it
+        victim = base / "victim"
+        victim.write_bytes(b"root's file\n")
+        wal = root / ".jam" / "catalog.db-wal"
+        if wal.exists() or wal.is_symlink():
+            wal.unlink()
+        os.symlink(victim, wal)
+        os.lchown(wal, nobody.pw_uid, nobody.pw_gid)
+        assert sha_file(root / "mine.bin") == sha(data)  # marked through the socket: filled on open
+        idle(root)
+        assert victim.read_bytes() == b"root's file\n" and os.stat(victim).st_uid == 0
+        wal.unlink()
+        assert os.stat(root / "mine.bin").st_uid == nobody.pw_uid
+        # the daemon wrote the catalog (the fill): it stays the user's to write
+        more = make_file(root / "more.bin", 200_000, 17)
+        os.chown(root / "more.bin", nobody.pw_uid, nobody.pw_gid)
+        run("stash", "more.bin")
+        run("status")
+        assert sha_file(root / "more.bin") == sha(more)
+    finally:
+        assert d.stop() == 0
+
+
+def test_fill_through_the_backends_keeps_the_users_config_the_users(nobody_root, jam_bin):
+    """An object too big for the in-memory path goes through the backends' fetch, which may
+    record an older remote's identity in ROOT/.jam/config.toml: the daemon (root) does that as
+    the root's owner, so the user can still change their own config afterwards."""
+    from jam_core.daemon.worker import MEM_MAX
+
+    base, root, run_as, nobody = nobody_root
+
+    def run(*args):
+        return run_as(jam_bin, *args)
+
+    run("init", ".")
+    big = root / "big.bin"
+    with open(big, "wb") as f:  # mostly a hole: quick to make, hash and store
+        f.truncate(MEM_MAX + (1 << 20))
+        f.write(os.urandom(4096))
+    os.chown(big, nobody.pw_uid, nobody.pw_gid)
+    want = sha_file(big)
+    run("stash", "big.bin")
+    config = root / ".jam" / "config.toml"
+    text = config.read_text()
+    kept, section = [], ""
+    for line in text.splitlines():  # an older jam's remote: no recorded id
+        section = line if line.startswith("[") else section
+        if not (section.startswith("[remote.") and line.startswith("id = ")):
+            kept.append(line)
+    older = "\n".join(kept)
+    assert older != text
+    config.write_text(older + "\n")
+    os.chown(config, nobody.pw_uid, nobody.pw_gid)
+    d = Daemon(jam_bin, root)
+    try:
+        idle(root)
+        assert sha_file(big) == want
+        idle(root)
+    finally:
+        assert d.stop() == 0
+    assert os.stat(config).st_uid == nobody.pw_uid
+    run("remote", "add", "spare", str(base / "home"))  # the user can still write their config
 
 
 def test_corrupt_object_gives_eio_and_the_stub_stays(jam_root, stash, daemon):

@@ -235,9 +235,12 @@ class Worker:
                         with AsOwner(root.path):  # the user's remote, read (and its marker checked) as the user
                             got = self.fetch_dir(root, remote, rec)
                     else:
-                        if tmp < 0:
-                            tmp = self.tmpfile(root)
-                        got = self.fetch_hooks(root, remote, rec, tmp)
+                        # As the user too: a backend may record a remote's identity in the
+                        # root's config.toml, which must stay the user's file.
+                        with AsOwner(root.path):
+                            if tmp < 0:
+                                tmp = self.tmpfile(root)
+                            got = self.fetch_hooks(root, remote, rec, tmp)
                 except RemoteError as exc:
                     problems.append(str(exc))
                     continue
