@@ -573,3 +573,24 @@ def test_index_counts_what_only_one_remote_holds(tmp_path, pm):
     with Index(Root(t.root)) as ix:
         assert ix.only_on("vault") == 2  # the content and the snapshot
         assert ix.only_on("elsewhere") == 0
+
+
+def test_an_unreadable_directory_is_carried_not_deleted(tmp_path, pm, monkeypatch):
+    from jam_core.history import store
+
+    t = make_tree(tmp_path)
+    (t.root / "d").mkdir()
+    (t.root / "d/f").write_bytes(b"f")
+    (t.root / "g").write_bytes(b"g")
+    store.commit(Root(t.root), pm)
+    (t.root / "g").write_bytes(b"g2")
+    real = store.scan
+
+    def failing(root, rels, ix, skipped):  # the walk could not open d/ (EACCES, EIO...)
+        items, pending, learned = real(root, rels, ix, skipped)
+        items.pop("d/f", None)
+        skipped.append(("d", "Permission denied"))
+        return items, pending, learned
+    monkeypatch.setattr(store, "scan", failing)
+    out = store.commit(Root(t.root), pm)
+    assert (out.modified, out.deleted) == (1, 0) and out.exit_code == 1

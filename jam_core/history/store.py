@@ -306,9 +306,10 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
             old = parent.by_path() if parent else {}
             new = {p: i for p, i in old.items() if not under(p, rels)}
             new.update(items)
-            for rel, _why in out.skipped:  # left as they were
-                if rel in old and under(rel, rels):
-                    new[rel] = old[rel]
+            unread = {rel for rel, _why in out.skipped}  # files, or directories that could not be read
+            for p, i in old.items():  # left as they were
+                if p not in items and under(p, rels) and _in(p, unread):
+                    new[p] = i
             added, modified, deleted = changes(old, new)
             out.files = len(new)
             if parent is not None and not (added or modified or deleted) and pins == sorted(parent.pins):
@@ -332,6 +333,18 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
                 used = [r for r in remotes if r.name in recorder.pending]
                 out.problems += recorder.publish(referenced(root, cat), used)
     return out
+
+
+def _in(path: str, paths: set[str]) -> bool:
+    """``path`` or one of its directories is in ``paths``."""
+    if path in paths:
+        return True
+    cut = path.rfind("/")
+    while cut > 0:
+        if path[:cut] in paths:
+            return True
+        cut = path.rfind("/", 0, cut)
+    return False
 
 
 def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) -> bool:
