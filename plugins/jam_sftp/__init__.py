@@ -114,9 +114,8 @@ def list_objects(remote: Remote, session: Session, sweep: bool):
 def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
-    from jam_sftp.transfer import ConnectionLost, SftpStatus
-
     from jam_sftp.parallel import RANGE_MIN, put_ranges
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
 
     pool = get_pool(remote, session)
     with pool.ops() as ops:
@@ -138,9 +137,8 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
 def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
-    from jam_sftp.transfer import ConnectionLost, SftpStatus
-
     from jam_sftp.parallel import RANGE_MIN, get_ranges
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
 
     pool = get_pool(remote, session)
     with pool.ops() as ops:
@@ -177,9 +175,8 @@ def stash_many(remote: Remote, items, session: Session):
             pool.sweep_tmp(ops)
             ranged = pool.size > 1
             big = {i for i, (_, _, size) in enumerate(items) if ranged and size >= RANGE_MIN}
-            done = dict(zip(sorted(set(range(len(items))) - big),
-                            put_spread(pool, ops, [it for i, it in enumerate(items) if i not in big],
-                                       session.progress)))
+            rest = [i for i in range(len(items)) if i not in big]
+            done = dict(zip(rest, put_spread(pool, ops, [items[i] for i in rest], session.progress), strict=True))
             for i in sorted(big):
                 done[i] = put_ranges(pool, ops, *items[i], session.progress)
             files = [done[i] for i in range(len(items))]
@@ -218,9 +215,8 @@ def fetch_many(remote: Remote, items, session: Session):
         try:
             ranged = pool.size > 1
             big = {i for i, (_, _, size) in enumerate(items) if ranged and size >= RANGE_MIN}
-            done = dict(zip(sorted(set(range(len(items))) - big),
-                            get_spread(pool, ops, [it for i, it in enumerate(items) if i not in big],
-                                       session.progress)))
+            rest = [i for i in range(len(items)) if i not in big]
+            done = dict(zip(rest, get_spread(pool, ops, [items[i] for i in rest], session.progress), strict=True))
             for i in sorted(big):
                 oid, dest, size = items[i]
                 f = done[i] = _File(oid, Path(dest), size)
