@@ -546,3 +546,53 @@ def test_corrupt_object_gives_eio_and_the_stub_stays(jam_root, stash, daemon):
     obj.write_bytes(good)
     daemon()
     assert sha_file(r / "c.bin") == sha(data)
+
+
+def test_a_filled_stub_is_never_filled_over_again(jam_root, stash):
+    """Once its readers are answered a filled stub may be written into before the finisher
+    makes it a plain file (xattrs removed). An open queued before the mark went, or a new
+    worker after one died in that window, must never fetch over those writes. The worker is
+    driven directly (no fanotify): its `handle` is what each event runs."""
+    from jam_core.daemon.worker import FILLING, Worker
+    from jam_core.fs import getxattr
+    from jam_core.stub import XATTR
+
+    data = make_file(jam_root.path / "a.bin", 300_000, 21)
+    data2 = make_file(jam_root.path / "b.bin", 300_000, 22)
+    stash("a.bin", "b.bin")
+    worker = Worker([str(jam_root.path)])
+    for name in ("a.bin", "b.bin"):
+        fd = os.open(jam_root.path / name, os.O_RDWR)
+        try:
+            assert worker.handle(fd) == 0  # the first event: filled
+        finally:
+            os.close(fd)
+    assert sha_file(jam_root.path / "a.bin") == sha(data)
+    assert getxattr(str(jam_root.path / "a.bin"), FILLING) == b"done"  # not finished yet
+    with open(jam_root.path / "a.bin", "r+b") as f:  # the answered reader writes
+        f.write(b"the user's edit")
+    edited = (jam_root.path / "a.bin").read_bytes()
+    fetches = worker.fetches
+    fd = os.open(jam_root.path / "a.bin", os.O_RDWR)  # an open queued before the mark went (event fds are O_RDWR)
+    try:
+        assert worker.handle(fd) == 0
+    finally:
+        os.close(fd)
+    assert worker.fetches == fetches
+    assert (jam_root.path / "a.bin").read_bytes() == edited, "a fill went over the user's write"
+    # a new worker (the first died before finishing): the edited file is kept as it is, the
+    # untouched one is finished (its content is the object's)
+    again = Worker([str(jam_root.path)])
+    for name in ("a.bin", "b.bin"):
+        fd = os.open(jam_root.path / name, os.O_RDWR)
+        try:
+            assert again.handle(fd) == 0
+        finally:
+            os.close(fd)
+    assert again.fetches == 0
+    assert (jam_root.path / "a.bin").read_bytes() == edited, "a new worker filled over the user's write"
+    assert sha_file(jam_root.path / "b.bin") == sha(data2)
+    fd, tmp = again.finishing.get_nowait()
+    assert os.path.samefile(f"/proc/self/fd/{fd}", jam_root.path / "b.bin")
+    os.close(fd)
+    assert XATTR in os.listxattr(jam_root.path / "a.bin")  # still marked: doctor reports it written into

@@ -38,7 +38,7 @@ from jam_core.daemon import fanotify as F
 from jam_core.daemon.marks import NEW_DIR_MASK, AsOwner, is_jam_pid, mark_dirs, unmark_fd
 from jam_core.errors import JamError, RemoteError
 from jam_core.fs import ACL_XATTR, _unpack, getxattr, removexattr, setxattr, syncfs
-from jam_core.objects import BIG, hasher, object_relpath, split_oid
+from jam_core.objects import BIG, hash_fd, hasher, object_relpath, split_oid
 from jam_core.root import CATALOG, JAM_DIR, Root, check_rel
 from jam_core.stub import XATTR, BadStub, read_record, verify_clean
 
@@ -47,6 +47,7 @@ ANSWER = struct.Struct("=QQiB")  # st_dev, st_ino, 0 or an errno, 1 if the worke
 IDLE = b"idle"  # supervisor -> worker: answer IDLE_KEY once nothing is in progress
 IDLE_KEY = (0, 0)  # no inode has st_ino 0
 FILLING = "user.jam.filling"  # on a stub whose content is being written in through its fd
+DONE = b"done"  # FILLING's value once the whole content is in, right before the reader is answered
 THREADS = 4
 MEM_MAX = 64 << 20  # an object up to this size from a dir remote is read into memory, hashed, written in
 KEEP_BUF = 8 << 20  # each fill thread keeps a buffer this large, faulted in before the first event
@@ -88,6 +89,7 @@ class Worker:
         self.updates: queue.Queue = queue.Queue()
         self.fetches = 0
         self.finishing: queue.Queue = queue.Queue()
+        self.filled: set[tuple[int, int]] = set()  # (dev, ino) filled and answered, not yet finished
         self.catalogs = threading.local()
         self.lock = threading.Lock()
         self.busy = 0  # events taken and not yet answered
@@ -184,11 +186,25 @@ class Worker:
                 return errno.EIO
             root, rel = where
             try:
-                getxattr(fd, FILLING)
-                filling = True
+                state = getxattr(fd, FILLING)
             except OSError:
-                filling = False
-            if not filling and not verify_clean(fd, rec):
+                state = None
+            if state == DONE:
+                # Filled and its readers answered: they may have written since. Never filled
+                # again (an open queued before the mark went, or a worker that died before
+                # finishing): finished if its content is still the object, else kept as the
+                # user's bytes (a stub written into: doctor reports it, checkout keeps it).
+                st = os.fstat(fd)
+                with self.lock:
+                    mine = (st.st_dev, st.st_ino) in self.filled
+                if not mine:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    if hash_fd(fd, split_oid(rec.oid)[0], limit=rec.size + 1) == (rec.oid, rec.size):
+                        self.finishing.put((os.dup(fd), -1))
+                    else:
+                        _log(f"{path}: written into after an unfinished fill; kept as it is")
+                return 0
+            if state is None and not verify_clean(fd, rec):
                 return 0  # written into since it was stashed: its bytes are the user's, never fetched over
             content = self.fetch(root, rec)
             try:
@@ -199,6 +215,9 @@ class Worker:
                 raise
             # durable in the background (and a temporary file freed there: closing 5 MiB costs
             # tens of ms): the reader goes on now
+            st = os.fstat(fd)
+            with self.lock:
+                self.filled.add((st.st_dev, st.st_ino))
             self.finishing.put((os.dup(fd), content if isinstance(content, int) else -1))
             if rel is not None:
                 self.updates.put(("filled", root, rel))
@@ -590,6 +609,7 @@ def fill(fd: int, content: memoryview | int, rec) -> None:
         except OSError:
             pass
     os.utime(fd, ns=(st.st_atime_ns, rec.mtime_ns))
+    setxattr(fd, FILLING, DONE)  # from here on readers may write: never filled over again
 
 
 def finish(fds: list[int]) -> None:
@@ -607,7 +627,7 @@ def finish(fds: list[int]) -> None:
             _log(f"a filled stub was not finished ({exc}); it fills again on its next open")
 
 
-def finisher(q: queue.Queue) -> None:
+def finisher(q: queue.Queue, worker: "Worker | None" = None) -> None:
     while True:
         items = [q.get()]
         while True:  # what was filled meanwhile is made durable together
@@ -624,6 +644,10 @@ def finisher(q: queue.Queue) -> None:
             _log(f"filled stubs were not made durable ({exc}); they fill again on their next open")
         finally:
             for fd, tmp in batch:
+                if worker is not None:
+                    st = os.fstat(fd)
+                    with worker.lock:
+                        worker.filled.discard((st.st_dev, st.st_ino))
                 os.close(fd)
                 if tmp >= 0:
                     os.close(tmp)
@@ -637,7 +661,7 @@ def serve(sock: socket.socket, worker: Worker, fan: int = -1) -> None:
     stop, uses_stop = threading.Event(), threading.Event()
     updater = threading.Thread(target=worker.updater, args=(stop,), daemon=True, name="catalog")
     uses = threading.Thread(target=worker.record_uses, args=(uses_stop,), daemon=True, name="uses")
-    finishing = threading.Thread(target=finisher, args=(worker.finishing,), daemon=True, name="finish")
+    finishing = threading.Thread(target=finisher, args=(worker.finishing, worker), daemon=True, name="finish")
     updater.start()
     uses.start()
     finishing.start()
