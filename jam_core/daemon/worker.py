@@ -577,9 +577,10 @@ def _p(r):
 def fill(fd: int, content: memoryview | int, rec) -> None:
     """Write the verified ``content`` (in memory, or at a temporary file's descriptor) into the
     stub open at ``fd`` and give it the original's mode, ACLs and mtime. It stays marked
-    ``user.jam`` + ``user.jam.filling`` until ``finish`` has made the content durable: a crash
-    before that leaves a stub that the next daemon fills again, never a file that reads as
-    zeros."""
+    ``user.jam`` + ``user.jam.filling`` until ``finish`` has made the content durable. A crash
+    mid-fill (``filling`` = 1: no reader was let in yet) leaves a stub that the next daemon fills
+    again, never a file that reads as zeros; once the content is in (``filling`` = done) it is
+    never filled over again, since answered readers may have written (see ``handle``)."""
     from jam_core.ops.checkout import _copy_fd
 
     st = os.fstat(fd)
