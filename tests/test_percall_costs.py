@@ -76,3 +76,87 @@ def test_an_interrupted_batch_still_drops_the_rows_of_the_files_already_swapped(
     assert read_record(str(jam_root.path / first)) is None  # swapped in: a local file now
     assert first not in _stub_rows(jam_root)
     assert _stub_rows(jam_root) == set(rels) - {first}
+
+
+# -- 2. one batch is moved in the calling thread, with the pool's guarantees -----------------------
+def _one_batch(move, prepare=lambda b: b, stop=lambda: False):
+    import threading
+
+    from jam_core.model import Session
+    from jam_core.ops import pipeline
+
+    log, threads = [], []
+    session = Session()
+    session.on_close(lambda: log.append("closed"))
+
+    def moving(p):
+        threads.append(threading.current_thread())
+        return move(p)
+
+    def finish(p, future):
+        log.append(("finish", p, future.result()))
+
+    try:
+        pipeline.run([7], prepare=prepare, move=moving, finish=finish, stop=stop, session=session,
+                     cleanup=lambda p: log.append(("cleanup", p)))
+    finally:
+        log.append(threads)
+    return log
+
+
+def test_a_single_batch_is_moved_here_and_finished_and_cleaned():
+    import threading
+
+    log = _one_batch(lambda b: b * 10)
+    assert log == [("finish", 7, 70), ("cleanup", 7), [threading.current_thread()]]
+
+
+def test_a_single_batch_whose_move_fails_reaches_finish_as_a_failed_future():
+    from jam_core.errors import RemoteError
+
+    seen = []
+
+    def move(b):
+        raise RemoteError("remote gone")
+
+    from jam_core.model import Session
+    from jam_core.ops import pipeline
+
+    def finish(p, future):
+        seen.append(type(future.exception()).__name__)
+        try:
+            future.result()
+        except RemoteError as exc:
+            seen.append(str(exc))
+
+    pipeline.run([1], prepare=lambda b: b, move=move, finish=finish, stop=lambda: False, session=Session(),
+                 cleanup=lambda p: seen.append(("cleanup", p)))
+    assert seen == ["RemoteError", "remote gone", ("cleanup", 1)]
+
+
+def test_an_interruption_in_the_single_batch_cleans_it_and_closes_the_session():
+    from jam_core.model import Session
+    from jam_core.ops import pipeline
+
+    log = []
+    session = Session()
+    session.on_close(lambda: log.append("closed"))
+
+    def move(b):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run([3], prepare=lambda b: b, move=move, finish=lambda p, f: log.append("finish"),
+                     stop=lambda: False, session=session, cleanup=lambda p: log.append(("cleanup", p)))
+    assert log == ["closed", ("cleanup", 3)]
+
+
+def test_a_single_batch_stopped_while_it_was_prepared_is_not_moved():
+    stopped, moved = [], []
+
+    def prepare(b):
+        stopped.append(True)  # e.g. the hashing found the run must end
+        return b
+
+    log = _one_batch(lambda b: moved.append(b), prepare=prepare, stop=lambda: bool(stopped))
+    assert moved == [] and log[:-1] == [("cleanup", 7)]

@@ -22,7 +22,11 @@ from jam_core import __version__
 from tests.conftest import make_file
 
 HEAVY = ("click", "paramiko", "textual", "rich", "importlib.metadata", "jam_sftp", "jam_rclone",
-         "jam_age", "jam_lru", "jam_budget", "jam_related")
+         "jam_age", "jam_lru", "jam_budget", "jam_related",
+         # a checkout of one batch runs in the calling thread (ops/pipeline.py: no ThreadPoolExecutor,
+         # which imports logging), and the dir backend imports uuid (and with it platform) only
+         # where it makes a probe name
+         "concurrent.futures", "logging", "platform", "uuid")
 
 # A third-party backend of kind "toy": the dir backend under another kind name, so only a
 # plugin manager that loaded the entry point can serve it.

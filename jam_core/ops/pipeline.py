@@ -48,7 +48,69 @@ def run(batches_: Iterable[B], prepare: Callable[[B], P], move: Callable[[P], ob
 
     On an interruption the session is closed first, so a backend's transfer in the worker
     stops at once instead of finishing its batch.
+
+    A single batch (the cd hook's few stubs, most checkouts) has nothing to overlap with: it is
+    moved here, with no worker thread (and no import of concurrent.futures and logging).
     """
+    it = iter(batches_)
+    first = next(it, _SKIPPED)
+    if first is _SKIPPED:
+        return
+    second = next(it, _SKIPPED)
+    if second is _SKIPPED:
+        _run_one(first, prepare, move, finish, stop, session, cleanup)
+        return
+    _run_pool(_chain(first, second, it), prepare, move, finish, stop, session, cleanup)
+
+
+def _chain(first, second, rest):
+    yield first
+    yield second
+    yield from rest
+
+
+class _Done:
+    """What ``finish`` is handed for a batch moved here: a finished future's ``result`` and
+    ``exception``."""
+
+    __slots__ = ("_value", "_exc")
+
+    def __init__(self, value=None, exc: BaseException | None = None):
+        self._value, self._exc = value, exc
+
+    def result(self):
+        if self._exc is not None:
+            raise self._exc
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        return self._exc
+
+
+def _run_one(batch, prepare, move, finish, stop, session, cleanup) -> None:
+    """One batch, all of it in this thread: the same order and the same guarantees as the pool."""
+    if stop():
+        return
+    prepared, ready = None, False
+    try:
+        prepared = prepare(batch)
+        ready = True
+        if stop():  # as the worker does: a run stopped meanwhile moves nothing more
+            return
+        try:
+            done = _Done(move(prepared))
+        except Exception as exc:  # finish sees it as a failed future's, as from the worker
+            done = _Done(exc=exc)
+        finish(prepared, done)
+    except BaseException:
+        session.close()
+        raise
+    finally:
+        if ready:
+            cleanup(prepared)
+
+
+def _run_pool(batches_: Iterable[B], prepare, move, finish, stop, session, cleanup) -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 

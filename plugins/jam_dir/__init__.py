@@ -15,7 +15,6 @@ import re
 import shutil
 import stat
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -92,6 +91,8 @@ def parse_url(url):
 def check_remote(remote, create):
     if remote.kind != KIND:
         return None
+    import uuid  # here, not at the top: uuid pulls in platform (milliseconds on the cd hook's path)
+
     base = _base(remote)
     try:
         if create:
