@@ -160,3 +160,68 @@ def test_a_single_batch_stopped_while_it_was_prepared_is_not_moved():
 
     log = _one_batch(lambda b: moved.append(b), prepare=prepare, stop=lambda: bool(stopped))
     assert moved == [] and log[:-1] == [("cleanup", 7)]
+
+
+# -- 3. records built by slot; the dry-run does not load the stash machinery ----------------------
+def test_records_are_built_by_slot_and_stay_frozen_dataclasses():
+    import dataclasses
+    import pickle
+
+    from jam_core.model import FileRecord, Nomination
+    from jam_core.policy.records import _record
+
+    assert _record is FileRecord  # one way to build them, not two
+    for cls in (FileRecord, Nomination):  # no object.__setattr__ per field
+        assert "__setattr__" not in cls.__init__.__code__.co_names
+    r = FileRecord("a/b", 12, 1.5, 2.5, 3.5)
+    assert (r.path, r.size, r.mtime, r.atime, r.last_used, r.state, r.pinned, r.nlink) == \
+        ("a/b", 12, 1.5, 2.5, 3.5, "local", False, 1)
+    same = FileRecord(path="a/b", size=12, mtime=1.5, atime=2.5, last_used=3.5, state="local", pinned=False, nlink=1)
+    assert r == same and hash(r) == hash(same) and r != FileRecord("a/b", 13, 1.5, 2.5, 3.5)
+    assert r != ("a/b", 12, 1.5, 2.5, 3.5, "local", False, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.size = 1
+    with pytest.raises(TypeError):
+        FileRecord("a/b", 12)
+    with pytest.raises(TypeError):
+        FileRecord("a/b", 12, 1.5, 2.5, 3.5, bogus=1)
+    assert dataclasses.replace(r, size=5).size == 5 and pickle.loads(pickle.dumps(r)) == r
+    assert [f.name for f in dataclasses.fields(FileRecord)] == list(FileRecord.__slots__)
+    n = Nomination("a/b", "age", "old")
+    assert n == Nomination(path="a/b", policy="age", reason="old") and hash(n) == hash(Nomination("a/b", "age", "old"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        n.reason = "x"
+
+
+def test_set_by_slot_leaves_a_class_it_cannot_build_alone():
+    import dataclasses
+
+    from jam_core.model import _set_by_slot
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        items: list = dataclasses.field(default_factory=list)
+
+    before = WithFactory.__init__
+    assert _set_by_slot(WithFactory) is WithFactory and WithFactory.__init__ is before
+    assert WithFactory().items == [] and WithFactory().items is not WithFactory().items
+
+
+def test_a_dry_run_does_not_load_the_stash_machinery(jam_root, tmp_path):
+    """`jam stash --auto --dry-run` only plans: it prints the plan without importing ops.stash."""
+    import subprocess
+    import sys
+
+    make_file(jam_root.path / "old.bin", 100_000, 1)
+    os.utime(jam_root.path / "old.bin", (1, 1))
+    with jam_root.lock():
+        jam_root.update_config(lambda t: t.setdefault("policy", {}).update({"age": {"older_than": "1d"}}))
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('LOADED' if 'jam_core.ops.stash' in sys.modules else 'CLEAN'))\n"
+            "sys.argv = ['jam', 'stash', '--auto', '--dry-run']\n"
+            "from jam_core.cli import main\nmain()\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=jam_root.path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "old.bin" in res.stdout, res.stdout
+    assert res.stdout.rstrip().endswith("CLEAN"), res.stdout

@@ -34,7 +34,6 @@ def init(path: str) -> None:
 def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
     """Turn files (directories recursively) into stubs once their content is on the remotes."""
     from jam_core.errors import UsageError
-    from jam_core.ops.stash import stash as do_stash
 
     if dry_run and not auto:
         raise UsageError("--dry-run goes with --auto (jam stash --auto --dry-run)")
@@ -47,6 +46,7 @@ def stash(paths: tuple[str, ...], auto: bool, dry_run: bool) -> None:
         raise SystemExit(stash_auto_command(dry_run))
     if not paths:
         raise UsageError("name the files or directories to stash (or use --auto)")
+    from jam_core.ops.stash import stash as do_stash  # not for --auto (its dry-run never stashes)
     root, rels = root_and_rels(paths)
     pm = plugin_manager()
     with session("stashing") as s:
