@@ -3,6 +3,7 @@ pyproject's list works in the editable development install and is absent for a u
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_wheel_holds_every_module_and_shell_file(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+    src = tmp_path / "src"  # a copy: setuptools would reuse a stale build/ of the working tree
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                               ".pytest_cache", ".ruff_cache"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
