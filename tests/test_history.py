@@ -594,3 +594,11 @@ def test_an_unreadable_directory_is_carried_not_deleted(tmp_path, pm, monkeypatc
     monkeypatch.setattr(store, "scan", failing)
     out = store.commit(Root(t.root), pm)
     assert (out.modified, out.deleted) == (1, 0) and out.exit_code == 1
+
+
+def test_entry_lines_are_exactly_json():
+    from jam_core.history.snapshot import body
+
+    items = [Item("a\"b\\\\c\u00e9\udcff\n", FILE, OID, 5, 0o644, -3), Item("l", "l", mtime_ns=7, target="t\"\u2603")]
+    lines = body(items).decode("ascii").splitlines()
+    assert lines == [json.dumps(i.row(), separators=(",", ":")) for i in items]

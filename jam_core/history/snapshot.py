@@ -50,7 +50,7 @@ class SnapshotError(JamError):
     exit_code = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
     """One entry: a regular file (``kind`` f: oid, size, mode) or a symlink (l: target)."""
 
@@ -115,8 +115,10 @@ def encode(snap: Snapshot) -> bytes:
 
 def body(items: list[Item]) -> bytes:
     """The entry lines of sorted ``items`` (the part of the text after the header line)."""
-    dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-    return "".join([dumps(i.row()) + "\n" for i in items]).encode("ascii")
+    from json.encoder import encode_basestring_ascii as q  # what json.dumps does for a str, in C
+
+    return "".join([f'["f",{q(i.path)},{q(i.oid)},{i.size},{i.mode},{i.mtime_ns}]\n' if i.kind == FILE else
+                    f'["l",{q(i.path)},{q(i.target)},{i.mtime_ns}]\n' for i in items]).encode("ascii")
 
 
 def body_of(stored: bytes) -> bytes:

@@ -376,7 +376,7 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
             out: CommitResult) -> dict[str, Item]:
     """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
     items, pending, learned = scan(root, rels, ix, out.skipped)
-    known = ix.all_stored()
+    known = ix.all_stored() if pending else set()
     per_batch = max(64, min(BATCH_FILES, _raise_fd_limit(BATCH_FILES + 256) - 256))
     session.begin(sum(e.st.st_size for e in pending))
     with OneDir(root.path) as dirs:
