@@ -121,13 +121,8 @@ def body(items: list[Item]) -> bytes:
                     f'["l",{q(i.path)},{q(i.target)},{i.mtime_ns}]\n' for i in items]).encode("ascii")
 
 
-def body_of(stored: bytes) -> bytes:
-    """The entry lines of verified stored bytes, unparsed (to compare with ``body``)."""
-    text = _inflate(stored, "")
-    return text[text.find(b"\n", len(MAGIC)) + 1:]
-
-
-def _inflate(stored: bytes, label: str) -> bytes:
+def inflate(stored: bytes, label: str) -> bytes:
+    """The canonical text of stored bytes (not validated; at most MAX_TEXT)."""
     try:
         d = zlib.decompressobj()
         text = d.decompress(stored, MAX_TEXT)
@@ -153,7 +148,7 @@ def parse(stored: bytes, expect: str | None = None) -> Snapshot:
     label = (expect or sid)[:19]
     if expect is not None and sid != expect:
         raise SnapshotError(f"snapshot {label}: its bytes do not match its id (corrupt or replaced); refused")
-    text = _inflate(stored, label)
+    text = inflate(stored, label)
     try:
         snap = _parse_text(text)
     except SnapshotError as exc:

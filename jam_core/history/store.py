@@ -352,23 +352,19 @@ def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) ->
     compared as text: no parse of 100,000 entries to find that nothing changed)."""
     import json
 
-    from jam_core.history.snapshot import body, body_of, id_of
+    from jam_core.history.snapshot import MAGIC, body, id_of, inflate
 
     data = ix.read_bytes(head)
     if data is None or id_of(data) != head:
         return False
     try:
-        text = body_of(data)
-    except JamError:
-        return False
-    if text != body(sorted(items.values(), key=lambda i: i.path)):
-        return False
-    import zlib
-
-    try:
-        first = zlib.decompressobj().decompress(data, 16 << 20).split(b"\n", 2)[1]
-        return sorted(json.loads(first).get("pins", ())) == pins
-    except (ValueError, AttributeError, IndexError, TypeError, zlib.error):
+        text = inflate(data, head[:19])
+        cut = text.find(b"\n", len(MAGIC))
+        if not text.startswith(MAGIC) or cut < 0 or text[cut + 1:] != body(sorted(items.values(),
+                                                                                  key=lambda i: i.path)):
+            return False
+        return sorted(json.loads(text[len(MAGIC):cut]).get("pins", ())) == pins
+    except (JamError, ValueError, AttributeError, TypeError):
         return False
 
 
