@@ -602,3 +602,20 @@ def test_entry_lines_are_exactly_json():
     items = [Item("a\"b\\\\c\u00e9\udcff\n", FILE, OID, 5, 0o644, -3), Item("l", "l", mtime_ns=7, target="t\"\u2603")]
     lines = body(items).decode("ascii").splitlines()
     assert lines == [json.dumps(i.row(), separators=(",", ":")) for i in items]
+
+
+def test_bad_settings_are_one_line_usage_errors(tmp_path):
+    t = make_tree(tmp_path)
+    (t.root / "f").write_bytes(b"f")
+    conf = t.root / ".jam/config.toml"
+    base = conf.read_text()
+    conf.write_text(base + '\n[history]\nname = "../../escape"\n')
+    res = jam("commit", cwd=t.root, check=2)
+    assert res.err.startswith("jam: ") and "history.name" in res.err and len(res.err.splitlines()) == 1
+    conf.write_text(base + '\n[history]\nauto = "soon"\n')
+    assert "history.auto" in jam("commit", "--auto", cwd=t.root, check=2).err
+    conf.write_text(base)
+    jam("commit", cwd=t.root)
+    assert "outside" in jam("restore", "f", "--as", str(tmp_path / "out"), cwd=t.root, check=2).err
+    assert not (tmp_path / "out").exists()
+    assert "history.auto is not set" in jam("commit", "--auto", cwd=t.root).out
