@@ -393,12 +393,14 @@ def test_sigkill_at_the_head_write_loses_nothing(tmp_path):
     (t.root / "a").write_bytes(b"a" * 1000)
     _killed(t, _AT_HEAD, "commit", "-m", "killed")
     first = _head(t)  # recorded here before the remote's head
+    (t.root / ".jam/history/objects/.b3-dead.999.tmp").write_bytes(b"half")  # as a kill mid-write leaves
     assert _remote_head(t) is None
     assert [r["message"] for r in _log(t)] == ["killed"]
     (t.root / "b").write_bytes(b"b" * 1000)
     jam("commit", "-m", "next", cwd=t.root)
     second = _head(t)
     assert _remote_head(t) == second != first
+    assert not list((t.root / ".jam/history/objects").glob(".*.tmp"))
     assert {first, second} <= _objects(t.remote)
     objects_verify(t.remote)
     jam("gc", cwd=t.root)

@@ -68,6 +68,21 @@ class Index:
     def close(self) -> None:
         self.db.close()
 
+    def tidy(self) -> None:
+        """Remove the temporary files of a killed commit (``.NAME.PID.tmp``). Only a commit,
+        under the root's lock, writes them: the caller holds it."""
+        for d in (self.dir, self.dir / "objects"):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    try:
+                        os.unlink(d / name)
+                    except OSError:
+                        pass
+
     def __enter__(self) -> "Index":
         return self
 

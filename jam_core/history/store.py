@@ -283,6 +283,7 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
         from jam_core.ops.refs import Recorder
 
         recorder = Recorder(root, pm, session)
+        ix.tidy()
         head = ix.head()
         if auto and head is not None:
             last = ix.rows()[0][1] if ix.rows() else 0
