@@ -54,6 +54,20 @@ class Entry:
 
 QUICK, LIKELY, ALWAYS = "quick", "likely", "always"
 
+# The shortest header a stub's first block can hold (the shortest id, size, mode and mtime, no
+# remotes, no name): a file with no ``user.jam`` shorter than this cannot be recognised from its
+# bytes as a stub's copy, so it is not opened to look.
+SHORTEST_HEADER = len(StubRecord("b3:" + "0" * 64, 0, 0, 0).header(""))
+
+
+def may_be_copy(st: os.stat_result) -> bool:
+    """The one rule for "might this file with no ``user.jam`` be a copy of a stub" (worth opening
+    to read its first block): read-only (``cp``, ``rsync -a`` keep a stub's mode) or sparse
+    (``cp`` keeps holes), and no shorter than the shortest header. A writable file written out
+    in full is an ordinary file, even if it began as a stub (status, the policies and doctor
+    agree on that; stash still reads every file's first block before it stores it)."""
+    return st.st_size >= SHORTEST_HEADER and (not st.st_mode & 0o222 or st.st_blocks * 512 < st.st_size)
+
 
 def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | None = None,
              verify: bool = False) -> tuple[str, StubRecord | None, str]:
@@ -64,7 +78,9 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     file may be a stub (read-only, sparse, or smaller than a block). ``quick`` (status,
     policies): not for a writable file that is not sparse, even a small one (only a stub
     someone made writable again could be missed; stash and checkout still look). ``always``
-    (doctor): for every file, so a stub overwritten in full is still reported.
+    (doctor): for every file, so a stub overwritten in full is still reported. Whatever the
+    look, a file with no ``user.jam`` is opened to read its first block only if ``may_be_copy``
+    says it might be a stub's copy (``likely``: whenever it may be a stub).
 
     ``stamp`` is what the catalog recorded of the stub at this path (size, mtime_ns, ino,
     ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
@@ -91,6 +107,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     except OSError as exc:
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
             return BAD, None, exc.strerror or str(exc)
+        if look != LIKELY and not may_be_copy(st):
+            return LOCAL, None, ""  # (quick and always: the rule above; stash and checkout still look)
         return _copy_of_a_stub(path, st)
     try:
         rec = StubRecord.unpack(raw)

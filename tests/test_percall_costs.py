@@ -225,3 +225,56 @@ def test_a_dry_run_does_not_load_the_stash_machinery(jam_root, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "old.bin" in res.stdout, res.stdout
     assert res.stdout.rstrip().endswith("CLEAN"), res.stdout
+
+
+# -- 4. doctor opens only a file that may be a copy of a stub (scan.may_be_copy) -------------------
+def _doctor(root):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.doctor import doctor
+
+    return doctor(root, ".", make_plugin_manager(), Session())
+
+
+def test_doctor_opens_only_files_that_may_be_a_stubs_copy(jam_root, monkeypatch):
+    from jam_core import scan
+
+    p = jam_root.path
+    make_file(p / "plain.bin", 50_000, 1)  # writable, written out in full: never opened
+    make_file(p / "ro.bin", 50_000, 2)
+    os.chmod(p / "ro.bin", 0o444)  # read-only: may be a cp of a stub
+    with open(p / "sparse.bin", "wb") as f:  # sparse: may be a cp of a stub
+        f.write(b"x" * 100)
+        f.truncate(1 << 20)
+    (p / "tiny.txt").write_bytes(b"# jam stub v1\nshort")
+    os.chmod(p / "tiny.txt", 0o444)  # shorter than any header: cannot be a stub's copy
+    opened = []
+    real = scan.record_from_copy
+    monkeypatch.setattr(scan, "record_from_copy", lambda path, st: (opened.append(st.st_size), real(path, st))[1])
+    res = _doctor(jam_root)
+    assert sorted(opened) == [50_000, 1 << 20]
+    assert res.exit_code == 0, res.problems
+
+
+def test_doctor_still_finds_a_non_sparse_read_only_copy_of_a_stub(jam_root):
+    """``shutil.copyfile`` (or rsync without -S) writes a stub out in full, holes and all, and
+    drops its xattrs; with the stub's read-only mode kept, it is still a stub that lost its xattrs."""
+    import shutil
+
+    rels = _stash(jam_root, 1)
+    src, copy = jam_root.path / rels[0], jam_root.path / "copy.bin"
+    shutil.copyfile(src, copy)
+    os.chmod(copy, 0o444)
+    st = os.lstat(copy)
+    assert st.st_blocks * 512 >= st.st_size and "user.jam" not in os.listxattr(copy)
+    res = _doctor(jam_root)
+    assert [(p.kind, p.path) for p in res.problems] == [("lost-xattr", "copy.bin")]
+
+
+def test_the_shortest_header_is_the_shortest_a_stub_can_have():
+    from jam_core.scan import SHORTEST_HEADER
+    from jam_core.stub import StubRecord
+
+    for oid in ("b3:" + "f" * 64, "sha256:" + "0" * 64):
+        for size, mode, mtime in ((0, 0, 0), (10**15, 0o7777, -(1 << 62)), (1, 0o644, 1)):
+            assert len(StubRecord(oid, size, mode, mtime).header("")) >= SHORTEST_HEADER
