@@ -40,6 +40,7 @@ def _group():
             pins,
             plugins_cmd,
             remotes,
+            sync,
             tui,
         )
 
