@@ -1,0 +1,432 @@
+"""``jam sync``: commit, push, fetch the other machines' snapshots of this tree, merge them.
+
+1. ``store.commit`` (nothing if unchanged; it pushes and writes this machine's head).
+2. Under the root's lock: read every machine's head of the tree on every remote
+   (``store.read_heads``); fetch each snapshot not known here and its parents until a known one
+   (each verified against its id and validated), kept in the history index (so gc keeps what
+   they need and ``jam log`` shows them).
+3. For each other head: the merge base is the newest common ancestor. A head that is an
+   ancestor of ours is done; if ours is an ancestor of it, its changes are applied and it
+   becomes HEAD (a fast-forward: no new snapshot, so two machines do not answer each other's
+   merges forever); otherwise three ways per path:
+
+   * changed only there: applied here. A new file arrives as a stub of its record; a file
+     deleted there is removed here, and a file modified there replaced by a stub of the new
+     version, only if the local file is exactly the base version (stub of that id, or a local
+     file of that hash), checked again after the atomic exchange (put back if it changed in
+     that instant). Renames are a delete and an add.
+   * changed on both sides, differently: both kept. Ours stays at the path; theirs arrives as
+     ``NAME (conflicted copy from HOST YYYY-MM-DD).EXT`` (a stub), reported (exit 1).
+     Deleted here and modified there: the modified version comes back. Deleted there and
+     modified here: ours stays.
+
+   The merge is recorded as a snapshot whose parents are ours and theirs.
+4. ``store.commit`` again: it records what the tree now is if it differs from the merge, and
+   pushes the merge and this machine's head.
+
+Killed at any instant, nothing is lost and the next sync completes: every change to the tree
+is an atomic rename or exchange of a file that is the base version (whose content the
+snapshots keep), heads are per machine (nobody else writes ours), and the merge is idempotent
+(what was applied already is the same on both sides at the next run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from jam_core.errors import JamError, UsageError, describe
+from jam_core.fs import exchange, same_file, tmp_name
+from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place, register_tree
+from jam_core.history.index import Index
+from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, parse, tree_name
+from jam_core.history.store import durable_remotes, read_heads
+from jam_core.model import Session
+from jam_core.objects import is_valid_oid
+from jam_core.root import Root, check_rel
+
+
+@dataclass
+class SyncResult:
+    committed: str = ""  # the snapshot the first commit made ("" if nothing changed)
+    merged: list[str] = field(default_factory=list)  # heads merged (or fast-forwarded to)
+    head: str = ""
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, its conflict copy)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why ours stayed)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.conflicts or self.problems else 0
+
+
+# -- the graph -----------------------------------------------------------------------------------
+def parents_of(data: bytes) -> list[str]:
+    """The parents a snapshot's verified stored bytes name (its header line only: no parse of
+    100,000 entries to walk the graph)."""
+    d = zlib.decompressobj()
+    text = d.decompress(data, 1 << 20)
+    line = text.split(b"\n", 2)[1]
+    head = json.loads(line)
+    parents = head.get("parents") if isinstance(head, dict) else None
+    if not isinstance(parents, list) or not all(isinstance(p, str) and is_valid_oid(p) for p in parents):
+        raise SnapshotError("bad parents")
+    return parents
+
+
+class Graph:
+    """Parents and times of the snapshots known here (read from the index's verified cache)."""
+
+    def __init__(self, ix: Index):
+        self.ix = ix
+        self.times = {r[0]: r[1] for r in ix.rows()}
+        self._parents: dict[str, list[str]] = {}
+
+    def known(self, sid: str) -> bool:
+        return sid in self.times and self.ix.read_bytes(sid) is not None
+
+    def parents(self, sid: str) -> list[str]:
+        if sid not in self._parents:
+            data = self.ix.read_bytes(sid)
+            self._parents[sid] = parents_of(data) if data is not None else []
+        return self._parents[sid]
+
+    def ancestors(self, sid: str) -> set[str]:
+        """``sid`` and every snapshot it descends from that is known here."""
+        seen, todo = set(), [sid]
+        while todo:
+            s = todo.pop()
+            if s in seen or not self.known(s):
+                continue
+            seen.add(s)
+            todo.extend(self.parents(s))
+        return seen
+
+    def base(self, ours: str, theirs: str) -> str | None:
+        """The newest common ancestor (None: none known)."""
+        common = self.ancestors(ours) & self.ancestors(theirs)
+        if not common:
+            return None
+        return max(common, key=lambda s: (self.times.get(s, 0), s))
+
+
+def _fetch_chain(root: Root, ix: Index, graph: Graph, remotes, sid: str, size: int, pm, session: Session) -> None:
+    """Fetch ``sid`` and its parents until known ones; each kept in the index (not HEAD)."""
+    todo = [(sid, size)]
+    fetched = 0
+    while todo:
+        s, n = todo.pop()
+        if graph.known(s):
+            continue
+        fetched += 1
+        if fetched > MAX_CHAIN:
+            raise SnapshotError(f"snapshot {sid[:19]}: more than {MAX_CHAIN} unknown ancestors; refused")
+        data = fetch_snapshot(root.jam_dir / "tmp", remotes, s, n, pm, session)
+        snap = parse(data, expect=s)
+        ix.add(snap, data, (0, 0, 0), make_head=False)
+        graph.times[s] = snap.time_ns
+        graph._parents[s] = list(snap.parents)
+        todo.extend(zip(snap.parents, snap.parent_sizes, strict=True))
+
+
+# -- the local side -------------------------------------------------------------------------------
+def _stat(dfd: int | None, name: str):
+    if dfd is None:
+        return None
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _is(dfd: int | None, name: str, item: Item | None) -> tuple[bool, os.stat_result | None]:
+    """Whether what is at ``name`` is exactly ``item`` (None: nothing is there); with its lstat."""
+    from jam_core.history.restore import _state
+
+    st = _stat(dfd, name)
+    if item is None:
+        return st is None, st
+    if st is None:
+        return False, None
+    return _state(dfd, name, item) == "same", st
+
+
+def conflict_name(path: str, host: str, time_ns: int) -> str:
+    """``dir/NAME (conflicted copy from HOST YYYY-MM-DD).EXT`` (Dropbox's form). HOST comes
+    from a snapshot (input): only letters, digits, ``.``, ``_`` and ``-`` are kept."""
+    parent, _, name = path.rpartition("/")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", host).strip(".-")[:40] or "another-computer"
+    day = time.strftime("%Y-%m-%d", time.localtime(time_ns / 1e9))
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    tag = f" (conflicted copy from {safe} {day})"
+    room = 250 - len(tag.encode()) - len(ext.encode()) - 1
+    while len(stem.encode("utf-8", "surrogateescape")) > room:
+        stem = stem[:-1]
+    new = f"{stem}{tag}{'.' + ext if ext else ''}"
+    return f"{parent}/{new}" if parent else new
+
+
+class _Tree:
+    """Directory descriptors of the root, opened without following symlinks, one at a time."""
+
+    def __init__(self, root: Root):
+        self.root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def parent(self, rel: str) -> int | None:
+        from jam_core.history.restore import _open_parent
+
+        try:
+            return _open_parent(self.root_fd, rel, create=False)
+        except JamError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+
+def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
+    """Remove ``rel`` if it is exactly ``base``: renamed aside atomically, checked again, then
+    unlinked (put back if it changed in that instant). True if it is gone."""
+    dfd = tree.parent(rel)
+    name = rel.rpartition("/")[2]
+    try:
+        ok, st = _is(dfd, name, base)
+        if st is None:
+            return True  # already gone
+        if not ok:
+            out.kept.append((rel, "deleted there, changed here: kept"))
+            return False
+        tmp = tmp_name()
+        os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
+        now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+        if not same_file(now, st):
+            from jam_core.fs import rename_noreplace
+
+            try:
+                rename_noreplace(dfd, tmp, name)
+            except FileExistsError:
+                out.problems.append(f"{rel}: changed while being removed; kept as {tmp}")
+                return False
+            out.kept.append((rel, "changed while being removed: kept"))
+            return False
+        os.unlink(tmp, dir_fd=dfd)
+        out.removed += 1
+        return True
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+# -- the merge -----------------------------------------------------------------------------------
+def _same(a: Item | None, b: Item | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.same(b))
+
+
+def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapshot | None, cat,
+          out: SyncResult) -> dict[str, Item]:
+    """Apply to the tree what changed from ``base`` to ``theirs`` and not here; returns the
+    merged entries (what the tree should now hold)."""
+    b = base.by_path() if base else {}
+    o, t = ours.by_path(), theirs.by_path()
+    merged = dict(o)
+    adds: list[Item] = []
+    replaces: dict[str, tuple[Item, os.stat_result | None]] = {}
+    removes: list[tuple[str, Item]] = []
+    for p in sorted(set(b) | set(o) | set(t)):
+        bi, oi, ti = b.get(p), o.get(p), t.get(p)
+        if _same(oi, ti) or _same(bi, ti):
+            continue  # the same on both sides, or changed only here
+        if _same(bi, oi):  # changed only there
+            if ti is None:
+                removes.append((p, oi))
+                merged.pop(p, None)
+            elif oi is None:
+                adds.append(ti)
+                merged[p] = ti
+            else:
+                replaces[p] = (ti, None)
+                merged[p] = ti
+        elif ti is None:
+            out.kept.append((p, "deleted there, changed here: kept"))
+        elif oi is None:
+            adds.append(ti)  # deleted here, changed there: it comes back
+            merged[p] = ti
+        else:  # both changed, differently: theirs arrives beside ours
+            copy = conflict_name(p, theirs.host or theirs.machine, theirs.time_ns)
+            try:
+                check_rel(copy)
+            except ValueError:
+                out.problems.append(f"{p}: changed on both sides; no valid name for the conflict copy")
+                continue
+            existing = o.get(copy)
+            if existing is not None and existing.same(ti):
+                out.conflicts.append((p, copy))  # already there (an earlier, interrupted sync)
+                continue
+            if copy in o or copy in t:
+                out.problems.append(f"{p}: changed on both sides and {copy} is taken; theirs not brought")
+                continue
+            item = Item(copy, ti.kind, ti.oid, ti.size, ti.mode, ti.mtime_ns, ti.target)
+            adds.append(item)
+            merged[copy] = item
+            out.conflicts.append((p, copy))
+    # drop entries that would sit below a file (or a file below an entry) in the merge
+    tree = _Tree(root)
+    try:
+        gone = []
+        for p, oi in removes:
+            if _remove(tree, p, oi, out):
+                gone.append(p)
+            else:
+                merged[p] = oi
+        if gone:
+            cat.remove_stubs(gone)
+        if replaces:
+            _replace(root, tree, ix, replaces, ours, merged, cat, out)
+    finally:
+        tree.close()
+    if adds:
+        adds.sort(key=lambda i: i.path)
+        problems: list[str] = []
+        made = set(place(root, adds, lambda oid: _remotes_of(root, ix, oid), cat, problems))
+        for i in adds:
+            if i.path not in made:
+                if o.get(i.path) is not None:
+                    merged[i.path] = o[i.path]
+                else:
+                    merged.pop(i.path, None)
+        out.added += len(made)
+        out.problems += problems
+    return merged
+
+
+def _remotes_of(root: Root, ix: Index, oid: str) -> list[str]:
+    return sorted(ix.stored_on(oid)) or [r.name for r in root.remotes()]
+
+
+def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merged: dict[str, Item], cat,
+             out: SyncResult) -> None:
+    """Each local file that is exactly ours (= the base) swapped for a stub of theirs: the
+    stub is made aside, exchanged atomically, and the file that came out checked to be the
+    one that was verified (exchanged back otherwise)."""
+    o = ours.by_path()
+    checked: dict[str, os.stat_result] = {}
+    for p in sorted(replaces):
+        dfd = tree.parent(p)
+        try:
+            ok, st = _is(dfd, p.rpartition("/")[2], o[p])
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        if ok and st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            checked[p] = st
+        else:
+            out.kept.append((p, "changed there and here meanwhile: kept (sync again)"))
+            merged[p] = o[p]
+
+    def swap(dfd: int, tmp: str, name: str, item: Item) -> bool:
+        rel = item.path
+        exchange(dfd, tmp, name)
+        now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+        if not same_file(now, checked[rel]):
+            exchange(dfd, tmp, name)  # it changed in the last instant: it goes back
+            out.kept.append((rel, "changed while being replaced: kept"))
+            merged[rel] = o[rel]
+            return False
+        os.unlink(tmp, dir_fd=dfd)
+        out.updated += 1
+        return True
+
+    items = [replaces[p][0] for p in sorted(checked)]
+    if items:
+        place(root, items, lambda oid: _remotes_of(root, ix, oid), cat, out.problems, rename=swap)
+        gone = [p for p in checked if merged.get(p) is not None and merged[p].kind != FILE]
+        if gone:
+            cat.remove_stubs(gone)
+
+
+# -- sync ----------------------------------------------------------------------------------------
+def sync(root: Root, pm, session: Session | None = None, message: str = "") -> SyncResult:
+    """See the module's docstring."""
+    from jam_core.catalog import Catalog
+    from jam_core.history.store import commit
+    from jam_core.ops.remotes import ensure_identity
+    from jam_core.root import CATALOG
+
+    session = session or Session()
+    out = SyncResult()
+    first = commit(root, pm, message, session=session)
+    out.problems += first.problems
+    out.problems += [f"{p}: {why}" for p, why in first.skipped]
+    if not first.nothing:
+        out.committed = first.id
+    tree, me = tree_name(root), machine_id()
+    remotes = durable_remotes(root)
+    with root.lock(), Index(root) as ix, Catalog(root.jam_dir / CATALOG) as cat:
+        heads: dict[str, int] = {}
+        for remote in remotes:
+            try:
+                ensure_identity(root, remote, pm, session)
+                for machine, (sid, size) in sorted(read_heads(remote, tree, pm, session).items()):
+                    if machine != me:
+                        heads.setdefault(sid, size)
+                register_tree(remote, tree, pm, session)
+            except (JamError, OSError) as exc:
+                out.problems.append(f"remote {remote.name!r}: heads not read ({describe(exc)})")
+        graph = Graph(ix)
+        for sid, size in sorted(heads.items()):
+            try:
+                _fetch_chain(root, ix, graph, remotes, sid, size, pm, session)
+            except (JamError, OSError) as exc:
+                out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
+                heads[sid] = 0
+        for sid in sorted((s for s, n in heads.items() if n), key=lambda s: (graph.times.get(s, 0), s)):
+            ours_id = ix.head()
+            if ours_id is None or sid == ours_id or sid in graph.ancestors(ours_id):
+                continue
+            try:
+                _merge_one(root, ix, graph, ours_id, sid, cat, out)
+            except (JamError, OSError) as exc:
+                out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
+        from jam_core.hook.index import refresh
+
+        refresh(root, cat)
+    last = commit(root, pm, message or "sync", session=session)
+    out.problems += last.problems
+    out.head = last.id
+    return out
+
+
+def _merge_one(root: Root, ix: Index, graph: Graph, ours_id: str, theirs_id: str, cat, out: SyncResult) -> None:
+    ours, theirs = ix.load(ours_id), ix.load(theirs_id)
+    base_id = graph.base(ours_id, theirs_id)
+    base = ix.load(base_id) if base_id else None
+    merged = merge(root, ix, ours, theirs, base, cat, out)
+    out.merged.append(theirs_id)
+    if base_id == ours_id and {p: i for p, i in merged.items()} == theirs.by_path():
+        # a fast-forward: theirs is now HEAD, no new snapshot
+        ix.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (theirs_id,))
+        ix.write_head_file(theirs_id)
+        return
+    snap = Snapshot([ours_id, theirs_id], max(time.time_ns(), ours.time_ns + 1, theirs.time_ns + 1),
+                    socket.gethostname()[:255], machine_id(), ours.tree, "merge", sorted(set(ours.pins)),
+                    sorted(merged.values(), key=lambda i: i.path),
+                    parent_sizes=[len(ix.read_bytes(ours_id) or b""), len(ix.read_bytes(theirs_id) or b"")])
+    stored = encode(snap)
+    from jam_core.history.snapshot import changes
+
+    a, m, d = changes(ours.by_path(), merged)
+    ix.add(snap, stored, (len(a), len(m), len(d)), make_head=True)
+
+
+__all__ = ["SyncResult", "sync", "merge", "conflict_name", "Graph", "parents_of", "UsageError"]
