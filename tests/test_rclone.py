@@ -57,6 +57,10 @@ def test_parse_url(pm, url, location):
     ("rclone::webdav,url=http://h,pass=SUPERSECRET:x", "holds a secret"),
     ("rclone::b2,account=a,key_file=SUPERSECRET:x", "holds a secret"),
     ("rclone::s3", "connection string"),
+    ("rclone::sftp,host=h,skip_links=false:/x", "follow symlinks"),
+    ("rclone::sftp,host=h,skip-links=false:/x", "follow symlinks"),
+    ("rclone::sftp,host=h,global.copy_links:/x", "follow symlinks"),
+    ("rclone::crypt,remote=\"sftp,host=h,links:/x\":y", "follow symlinks"),
 ])
 def test_parse_url_refuses(pm, url, words):
     with pytest.raises(UsageError) as exc:
@@ -417,3 +421,175 @@ def test_local_rclone_remote_refused(pm, rclone_env, monkeypatch, tmp_path):
         pm.hook.check_remote(remote=remote, session=s, create=True)
     assert "`dir` remote" in str(exc.value)
     assert list(store.iterdir()) == []
+
+
+# -- symlinks and special files on a file system behind rclone (its sftp, a real sshd) ---------------
+#
+# rclone's sftp follows a symlink on stat, read and delete, and a read of a FIFO hangs the server:
+# jam counts an item only as its directory's listing shows it (the daemon sets skip_links).
+
+@pytest.fixture
+def sftp_rclone(pm, sshd, tmp_path, monkeypatch):
+    """An rclone remote of type sftp on the real sshd (as the conformance kit's sftp class): its
+    store on the server's disk, where the tests put symlinks and FIFOs behind jam's back."""
+    from jam_core.model import Remote
+
+    store = tmp_path / "server" / "store"
+    store.mkdir(parents=True)
+    home = Path(os.environ["HOME"])
+    for k, v in {"TYPE": "sftp", "HOST": "127.0.0.1", "PORT": str(sshd.port), "USER": sshd.user,
+                 "KEY_FILE": str(sshd.client_key), "KNOWN_HOSTS_FILE": str(home / ".ssh" / "known_hosts")}.items():
+        monkeypatch.setenv(f"RCLONE_CONFIG_SSHTEST_{k}", v)
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "no-rclone.conf"))
+    remote = Remote(name="far", kind="rclone", url=f"rclone:sshtest:{store}", location=f"sshtest:{store}")
+    with Session() as s:
+        pm.hook.check_remote(remote=remote, session=s, create=True)
+        pm.hook.remote_id(remote=remote, session=s, create=True)
+    return remote, store
+
+
+def _object(tmp_path, name: str, n: int, seed: int):
+    src = tmp_path / name
+    make_file(src, n, seed=seed)
+    oid, size = hash_file(src)
+    return src, oid, size
+
+
+def _listed(pm, remote) -> set[str]:
+    with Session() as s:
+        return {oid for oid, _ in pm.hook.list_objects(remote=remote, session=s, sweep=False)}
+
+
+def test_symlink_in_an_objects_place_is_not_held(pm, sftp_rclone, tmp_path):
+    """A symlink at an object's path, to a file outside the store holding exactly that object's
+    bytes (so even a hash check would pass): not held, not listed, not fetched (nothing read
+    through it), not removed (the link and its target stay)."""
+    remote, store = sftp_rclone
+    src, oid, size = _object(tmp_path, "f", 5000, seed=21)
+    mine, mine_oid, mine_size = _object(tmp_path, "g", 3000, seed=22)
+    with Session() as s:
+        assert pm.hook.stash(remote=remote, oid=mine_oid, source=mine, size=mine_size, session=s) is True
+    outside = tmp_path / "server" / "outside"
+    outside.mkdir()
+    (outside / "copy").write_bytes(src.read_bytes())
+    link = store / "objects" / object_relpath(oid)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside / "copy")
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session() as s:
+        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False, "has() followed a symlink"
+        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
+        assert pm.hook.hash_object(remote=remote, oid=oid, size=size, session=s) is False
+        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
+        assert pm.hook.has(remote=remote, oid=mine_oid, size=mine_size, session=s) is True
+    assert _listed(pm, remote) == {mine_oid}
+    assert dest.read_bytes() == b"", "fetch read through a symlink"
+    assert link.is_symlink() and (outside / "copy").read_bytes() == src.read_bytes()
+
+
+def test_fifo_in_an_objects_place_is_never_opened(pm, sftp_rclone, tmp_path, monkeypatch):
+    """A FIFO at an object's path (size 0 to a stat): not held, and a fetch answers "not here"
+    at once instead of opening it (which hangs the server's sftp session: the daemon's I/O
+    timeout is cut to 20 s here, so a regression fails instead of hanging the suite)."""
+    import jam_rclone.daemon
+
+    monkeypatch.setattr(jam_rclone.daemon.Daemon.__init__, "__defaults__", (None, 20.0))
+    remote, store = sftp_rclone
+    empty, oid, size = _object(tmp_path, "empty", 0, seed=23)
+    fifo = store / "objects" / object_relpath(oid)
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session() as s:
+        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False
+        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
+        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
+    assert _listed(pm, remote) == set()
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_symlinked_fan_out_directory_is_not_followed(pm, sftp_rclone, tmp_path):
+    """``objects/b3/<xx>`` a symlink to a directory outside the store holding the object under
+    its name: nothing held, listed, fetched or removed through it; a store into it is refused
+    (RemoteError) and writes nothing there."""
+    remote, store = sftp_rclone
+    src, oid, size = _object(tmp_path, "f", 4000, seed=24)
+    rel = Path(object_relpath(oid))
+    outside = tmp_path / "server" / "elsewhere"
+    outside.mkdir()
+    (outside / rel.name).write_bytes(src.read_bytes())
+    fan = store / "objects" / rel.parent
+    fan.parent.mkdir(parents=True, exist_ok=True)
+    fan.symlink_to(outside)
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session() as s:
+        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False
+        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
+        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
+    assert _listed(pm, remote) == set()
+    assert (outside / rel.name).read_bytes() == src.read_bytes(), "removed through a symlinked directory"
+    (outside / rel.name).unlink()
+    with Session() as s, pytest.raises(RemoteError) as exc:
+        pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
+    assert "symlink" in str(exc.value) and "\n" not in str(exc.value)
+    assert list(outside.iterdir()) == [], "stored through a symlinked directory"
+
+
+def test_symlinked_tmp_is_neither_swept_nor_written(pm, sftp_rclone, tmp_path):
+    """``tmp/`` replaced by a symlink to another directory holding a stale part: the sweep
+    removes nothing there, a store writes nothing there (refused), and list_objects does not
+    list it."""
+    from jam_core import part_name
+
+    remote, store = sftp_rclone
+    src, oid, size = _object(tmp_path, "f", 2000, seed=25)
+    other = tmp_path / "server" / "other-tmp"
+    other.mkdir()
+    stale = other / part_name()
+    stale.write_bytes(b"someone's part")
+    os.utime(stale, (1, 1))  # ancient: a stale part if it were jam's
+    os.rmdir(store / "tmp")
+    (store / "tmp").symlink_to(other)
+    with Session() as s, pytest.raises(RemoteError):
+        pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
+    with Session() as s:
+        listed = [name for name, _ in pm.hook.list_objects(remote=remote, session=s, sweep=True)]
+    assert listed == []
+    assert sorted(p.name for p in other.iterdir()) == [stale.name], "removed or wrote through a symlinked tmp/"
+
+
+def test_users_rclone_settings_cannot_turn_links_on(pm, sftp_rclone, tmp_path, monkeypatch):
+    """The user's rclone settings (an RCLONE_CONFIG_<REMOTE>_SKIP_LINKS=false, a backend-wide
+    RCLONE_SFTP_SKIP_LINKS=false) do not make jam's daemon list a symlink or a FIFO as a file:
+    its flags win."""
+    remote, store = sftp_rclone
+    monkeypatch.setenv("RCLONE_CONFIG_SSHTEST_SKIP_LINKS", "false")
+    monkeypatch.setenv("RCLONE_SFTP_SKIP_LINKS", "false")
+    with Session() as s:
+        assert pm.hook.write_meta(remote=remote, name="refs/mine", data=b"mine\n", session=s) is True
+    secret = tmp_path / "server" / "secret"
+    secret.write_bytes(b"secret")
+    (store / "meta" / "refs" / "link").symlink_to(secret)
+    os.mkfifo(store / "meta" / "refs" / "fifo")
+    with Session() as s:
+        assert pm.hook.list_meta(remote=remote, prefix="refs", session=s) == ["refs/mine"]
+        with pytest.raises(RemoteError):
+            pm.hook.read_meta(remote=remote, name="refs/link", session=s)
+
+
+def test_symlinked_marker_is_not_an_identity(pm, sftp_rclone, tmp_path):
+    """The identity marker replaced by a symlink to another remote's marker: the remote is not
+    taken for that one (an error, never its id), and "absent" is never answered through it."""
+    remote, store = sftp_rclone
+    other = tmp_path / "server" / "other.json"
+    os.replace(store / MARKER_NAME, other)
+    (store / MARKER_NAME).symlink_to(other)
+    _, oid, size = _object(tmp_path, "f", 100, seed=26)
+    with Session() as s:
+        with pytest.raises(RemoteError):
+            pm.hook.remote_id(remote=remote, session=s, create=False)
+        with pytest.raises(RemoteError):
+            pm.hook.has(remote=remote, oid=oid, size=size, session=s)

@@ -43,6 +43,10 @@ _NAME = re.compile(r"\A[\w.+@][\w.+@ -]*\Z")
 _BACKEND = re.compile(r"\A[a-z0-9]+\Z")
 _SECRET = re.compile(r"(?:secret|pass|token|private_key|key_file|sas_url|credentials|service_account|"
                      r"client_key|session)[a-z_]*\s*=", re.IGNORECASE)
+# Options that would make rclone follow symlinks or show them as files (the daemon turns them off
+# with flags, daemon.py NO_LINKS; only a connection string's own option could turn them back on).
+_LINKS = re.compile(r",\s*(?:(?:override|global)\.)?(?:skip[_-]?links|copy[_-]?links|links|"
+                    r"translate[_-]?symlinks)\s*(?=[=,:'\")]|\Z)", re.IGNORECASE)
 # Backends whose objects would live on this machine (jam's dir kind, with its root/remote overlap
 # checks, is the way to a local directory) or vanish with the daemon.
 _REFUSED = {"local": "a local directory is a `dir` remote: give its path", "memory": "rclone's memory backend "
@@ -68,6 +72,9 @@ def parse_url(url):
         raise UsageError(f"rclone URL: option {secret.group(0).rstrip('= ')!r} holds a secret; put credentials "
                          "in rclone's config (`rclone config`) or its environment (RCLONE_CONFIG_NAME_...), "
                          "never in jam's config")
+    if fs.startswith(":") and _LINKS.search(fs):  # a remote's name cannot carry options (_NAME)
+        raise _bad(url, "jam never lets rclone follow symlinks (or show them as files): leave out the "
+                        "skip_links, copy_links and links options")
     if fs.startswith(":"):
         backend = re.split(r"[,:]", fs[1:], maxsplit=1)[0]
         if not _BACKEND.match(backend) or ":" not in fs[1:]:

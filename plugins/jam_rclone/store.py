@@ -206,13 +206,28 @@ class Store:
     def _odd(self, rel: str, what: str) -> dict | None:
         """``rel`` is not in its directory's listing: absent (None), a symlink or a special file
         (NotRegular), or made meanwhile by another jam (a second listing shows it: that item)."""
-        if self._stat_any(rel, what) is None:
-            return None
+        if self._stat_any(rel, what) is None and not self._is_dir_followed(rel, what):
+            return None  # nothing there (a dangling symlink is nothing either)
         again = self._listed(rel, what)
         if again is not None:
             return again
         raise NotRegular(f"{self.where}: {rel} is a symlink or a special file, not jam's; jam does not "
                          f"follow it (cannot {what})")
+
+    def _is_dir_followed(self, rel: str, what: str) -> bool:
+        """Whether rclone can list ``rel`` as a directory, following links (its stat answers
+        nothing for a symlinked directory: it looks the name up in the parent's listing)."""
+        params = {"fs": self.fs, "remote": rel, "opt": {"recurse": False, "noMimeType": True, "noModTime": True},
+                  "_filter": {"ExcludeRule": ["*"]}}  # its content is not wanted
+        try:
+            self.d.call("operations/list", params)
+        except RcError as exc:
+            if "directory not found" in exc.message.lower() or "not a directory" in exc.message.lower():
+                return False
+            raise self.remote_error(what, exc) from None
+        except Lost as exc:
+            raise self.remote_error(what, exc) from None
+        return True
 
     def dir_state(self, rel: str, what: str) -> bool | None:
         """True if the directory ``rel`` (and each one above it) is a real directory, None if it
