@@ -139,9 +139,11 @@ def test_a_conflict_keeps_both_versions(tmp_path):
     assert (b / "docs/one.txt").read_bytes() == b"one, by b\n"
     run(b, "checkout", str(copies[0].relative_to(b)), machine="bbb")
     assert copies[0].read_bytes() == b"one, by a\n"
-    sync(a, "aaa")
-    assert (a / "docs/one.txt").read_bytes() == b"one, by a\n"
-    assert (a / "docs" / copies[0].name).exists()
+    sync(a, "aaa")  # A takes the merge: both machines hold both versions under the same names
+    run(a, "checkout", "docs", machine="aaa")
+    assert (a / "docs/one.txt").read_bytes() == b"one, by b\n"
+    assert (a / "docs" / copies[0].name).read_bytes() == b"one, by a\n"
+    assert (a / ".jam/history/HEAD").read_text() == (b / ".jam/history/HEAD").read_text()
 
 
 def test_deleted_here_modified_there_comes_back(tmp_path):

@@ -210,7 +210,7 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
         tmp = tmp_name()
         os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
         now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
-        if not same_file(now, st):
+        if not same_file(now, st, ctime=False):  # a rename moves the ctime: the inode, size, mtime
             from jam_core.fs import rename_noreplace
 
             try:
@@ -336,9 +336,14 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
 
     def swap(dfd: int, tmp: str, name: str, item: Item) -> bool:
         rel = item.path
+        before = _stat(dfd, name)
+        if before is None or not same_file(before, checked[rel]):
+            out.kept.append((rel, "changed while being replaced: kept"))
+            merged[rel] = o[rel]
+            return False
         exchange(dfd, tmp, name)
         now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
-        if not same_file(now, checked[rel]):
+        if not same_file(now, checked[rel], ctime=False):  # the exchange moved its ctime
             exchange(dfd, tmp, name)  # it changed in the last instant: it goes back
             out.kept.append((rel, "changed while being replaced: kept"))
             merged[rel] = o[rel]
