@@ -259,7 +259,7 @@ class Meta:
                 off += n
             in_order = True
             error: SftpStatus | None = None
-            for off, n, num in pending:
+            for _off, n, num in pending:
                 t, msg = self.ops.r.wait(num)
                 if error is not None or not in_order or eof:
                     continue  # drain the replies still in flight
