@@ -203,10 +203,11 @@ class Store:
                 return it
         return None
 
-    def _odd(self, rel: str, what: str) -> dict | None:
+    def _odd(self, rel: str, what: str, as_dir: bool) -> dict | None:
         """``rel`` is not in its directory's listing: absent (None), a symlink or a special file
-        (NotRegular), or made meanwhile by another jam (a second listing shows it: that item)."""
-        if self._stat_any(rel, what) is None and not self._is_dir_followed(rel, what):
+        (NotRegular), or made meanwhile by another jam (a second listing shows it: that item).
+        Where a file is expected (not ``as_dir``), a symlink to a directory is nothing either."""
+        if self._stat_any(rel, what) is None and not (as_dir and self._is_dir_followed(rel, what)):
             return None  # nothing there (a dangling symlink is nothing either)
         again = self._listed(rel, what)
         if again is not None:
@@ -240,7 +241,7 @@ class Store:
             return None
         item = self._listed(rel, what)
         if item is None:
-            item = self._odd(rel, what)
+            item = self._odd(rel, what, as_dir=True)
             if item is None:
                 return None
         if not item.get("IsDir"):
@@ -257,7 +258,7 @@ class Store:
                 return None
             item = self._listed(rel, what)
             if item is None:
-                item = self._odd(rel, what)
+                item = self._odd(rel, what, as_dir=False)
                 if item is None:
                     return None
             if item.get("IsDir") or not isinstance(item.get("Size"), int):
