@@ -1,0 +1,96 @@
+"""`jam clone` of a 100,000-file snapshot against its peer in the same run: `git clone` of a
+local git repository holding the same tree.
+
+A tree of ``--files`` (100,000) small files (``--file-bytes``, 512, random) in directories of
+100 is committed once with `jam commit` (into a dir remote on the same disk) and once with git.
+Then, ``--repeat`` (3) times each on fresh destinations, the median reported:
+
+  * jam: `jam clone REMOTE DEST` (the newest snapshot fetched and verified, every file made a
+    stub: written aside, renamed in, one syncfs, one catalog transaction);
+  * git: `git clone REPO DEST` (local: objects hard-linked, every file checked out).
+
+    .venv/bin/python bench/bench_clone.py            # 100,000 files
+    .venv/bin/python bench/bench_clone.py --quick    # 10,000 files, once
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+JAM = str(Path(sys.executable).parent / "jam")
+
+
+def run(*args, cwd=None, env=None) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True)
+    took = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{args[0]} {args[1]} failed ({res.returncode}): {res.stderr.decode()[-500:]}")
+    return took
+
+
+def make_tree(top: Path, files: int, size: int) -> None:
+    for i in range(files):
+        d = top / f"d{i // 100:04}"
+        if i % 100 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:06}.dat").write_bytes(os.urandom(size))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--file-bytes", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.files, args.repeat = 10_000, 1
+    work = Path(tempfile.mkdtemp(prefix="bench-clone-", dir=os.environ.get("BENCH_DIR")))
+    env = dict(os.environ, HOME=str(work / "home"), XDG_DATA_HOME=str(work / "home/data"),
+               XDG_CONFIG_HOME=str(work / "home/config"), JAM_MACHINE_ID="bench-a",
+               GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
+    try:
+        src, remote, repo = work / "tree", work / "remote", work / "repo"
+        remote.mkdir()
+        make_tree(src, args.files, args.file_bytes)
+        shutil.copytree(src, repo, symlinks=True)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        run(sys.executable, "-c", "import sys; from jam_core.root import Root; "
+            "from jam_core.manager import make_plugin_manager; from jam_core.ops.remotes import add_remote; "
+            "r, _ = Root.init(sys.argv[1], default_remote=False); "
+            "add_remote(r, make_plugin_manager(), 'vault', sys.argv[2])", src, remote, env=env)
+        took = run(JAM, "commit", "-m", "bench", cwd=src, env=env)
+        print(f"setup: jam commit of {args.files:,} files: {took:.1f} s", flush=True)
+        run("git", "init", "-q", cwd=repo, env=env)
+        run("git", "add", "-A", cwd=repo, env=env)
+        run("git", "commit", "-q", "-m", "bench", cwd=repo, env=env)
+        jam_t, git_t = [], []
+        for n in range(args.repeat):
+            dest = work / f"jam-{n}"
+            jam_t.append(run(JAM, "clone", remote, dest, cwd=work, env=dict(env, JAM_MACHINE_ID=f"bench-{n}")))
+            made = sum(len(f) for _d, _s, f in os.walk(dest)) - sum(
+                len(f) for _d, _s, f in os.walk(dest / ".jam"))
+            assert made == args.files, f"jam clone made {made} files"
+            shutil.rmtree(dest)
+            gdest = work / f"git-{n}"
+            git_t.append(run("git", "clone", "-q", repo, gdest, cwd=work, env=env))
+            shutil.rmtree(gdest)
+            print(f"run {n + 1}: jam clone {jam_t[-1]:.2f} s, git clone {git_t[-1]:.2f} s", flush=True)
+        j, g = statistics.median(jam_t), statistics.median(git_t)
+        print(f"clone of {args.files:,} files: jam {j:.2f} s, git {g:.2f} s: jam/git = {j / g:.2f}x "
+              f"(median of {args.repeat})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
