@@ -84,8 +84,9 @@ def register_tree(remote: Remote, tree: str, pm, session: Session) -> None:
     pm.hook.write_meta(remote=remote, name=f"{REGISTRY}/{tree}", data=b"jam-tree 1\n", session=session)
 
 
-def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, pm, session: Session) -> bytes:
-    """The stored bytes of snapshot ``sid`` from the first of ``remotes`` that has it, verified
+def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, pm,
+                   session: Session) -> tuple[bytes, Snapshot]:
+    """The stored bytes of snapshot ``sid`` and the snapshot from the first of ``remotes`` that has it, verified
     against its id and validated (``parse``). SnapshotError / RemoteError with one line."""
     if not 0 < size <= (256 << 20):
         raise SnapshotError(f"snapshot {sid[:19]}: impossible size {size}; refused")
@@ -106,8 +107,7 @@ def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, p
             data = os.pread(fd, size + 1, 0)
         finally:
             os.close(fd)
-        parse(data, expect=sid)  # verified and validated, or refused
-        return data
+        return data, parse(data, expect=sid)  # verified and validated, or refused
     raise RemoteError(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
 
 
@@ -300,8 +300,7 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
         try:
             best: tuple[int, str, bytes, Snapshot] | None = None
             for machine, (sid, size) in sorted(heads.items()):
-                data = fetch_snapshot(tmp, [remote], sid, size, pm, session)
-                snap = parse(data, expect=sid)
+                data, snap = fetch_snapshot(tmp, [remote], sid, size, pm, session)
                 if snap.tree != tree:
                     raise SnapshotError(f"snapshot {sid[:19]} (head of {machine}) belongs to tree {snap.tree!r}, "
                                         f"not {tree!r}; refused")

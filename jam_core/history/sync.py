@@ -45,7 +45,7 @@ from jam_core.errors import JamError, UsageError, describe
 from jam_core.fs import exchange, same_file, tmp_name
 from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place, register_tree
 from jam_core.history.index import Index
-from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, parse, tree_name
+from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
 from jam_core.history.store import durable_remotes, read_heads
 from jam_core.model import Session
 from jam_core.objects import is_valid_oid
@@ -130,8 +130,7 @@ def _fetch_chain(root: Root, ix: Index, graph: Graph, remotes, sid: str, size: i
         fetched += 1
         if fetched > MAX_CHAIN:
             raise SnapshotError(f"snapshot {sid[:19]}: more than {MAX_CHAIN} unknown ancestors; refused")
-        data = fetch_snapshot(root.jam_dir / "tmp", remotes, s, n, pm, session)
-        snap = parse(data, expect=s)
+        data, snap = fetch_snapshot(root.jam_dir / "tmp", remotes, s, n, pm, session)
         ix.add(snap, data, (0, 0, 0), make_head=False)
         graph.times[s] = snap.time_ns
         graph._parents[s] = list(snap.parents)
