@@ -151,12 +151,12 @@ def test_deleted_here_modified_there_comes_back(tmp_path):
     (a / "docs/two.txt").unlink()
     run(b, "checkout", "docs/two.txt", machine="bbb")
     (b / "docs/two.txt").write_bytes(b"two, kept alive by b\n")
-    sync(a, "aaa")
     sync(b, "bbb")
-    assert (b / "docs/two.txt").read_bytes() == b"two, kept alive by b\n"
-    sync(a, "aaa")
+    sync(a, "aaa")  # deleted here (a), modified there (b): it comes back
     run(a, "checkout", "docs/two.txt", machine="aaa")
     assert (a / "docs/two.txt").read_bytes() == b"two, kept alive by b\n"
+    sync(b, "bbb")
+    assert (b / "docs/two.txt").read_bytes() == b"two, kept alive by b\n"
 
 
 def test_deleted_there_unchanged_here_is_removed_but_a_changed_file_stays(tmp_path):
@@ -337,3 +337,43 @@ def test_clone_and_sync_through_sftp(tmp_path, sshd, sftp_store):
     sync(a, "aaa")
     run(a, "checkout", "g.txt", machine="aaa")
     assert (a / "g.txt").read_bytes() == b"from b\n"
+
+
+def _sync_with_edit_after_commit(root, machine, monkeypatch, edit):
+    """``sync`` in this process, ``edit()`` run at the instant its first commit returns (the
+    user saves a file between the commit and the merge)."""
+    from jam_core.history import store
+    from jam_core.history.sync import sync as sync_
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+
+    monkeypatch.setenv("JAM_MACHINE_ID", machine)
+    real = store.commit
+    calls = []
+
+    def commit(*args, **kw):
+        out = real(*args, **kw)
+        if not calls:
+            edit()
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(store, "commit", commit)
+    return sync_(Root.find(root), make_plugin_manager())
+
+
+def test_a_file_changed_after_the_commit_is_never_removed_or_replaced(tmp_path, monkeypatch):
+    t, a, b = two(tmp_path)
+    (a / "docs/one.txt").unlink()
+    (a / "docs/two.txt").write_bytes(b"two, newer on a\n")
+    sync(a, "aaa")
+    run(b, "checkout", "docs", machine="bbb")
+
+    def edit():
+        (b / "docs/one.txt").write_bytes(b"saved on b at the last instant\n")
+        (b / "docs/two.txt").write_bytes(b"two, saved on b at the last instant\n")
+
+    out = _sync_with_edit_after_commit(b, "bbb", monkeypatch, edit)
+    assert (b / "docs/one.txt").read_bytes() == b"saved on b at the last instant\n"
+    assert (b / "docs/two.txt").read_bytes() == b"two, saved on b at the last instant\n"
+    assert {p for p, _why in out.kept} >= {"docs/one.txt", "docs/two.txt"}
