@@ -99,7 +99,7 @@ def test_corrupt_mirror_fetches_from_the_other(tmp_path, pm):
 def test_pool_spreads_by_free_space(tmp_path, pm, monkeypatch):
     """Two remotes of one tier: each object goes where the most space is free, lowered as
     objects are placed (free_space read once)."""
-    import plugins.jam_dir as jd
+    import jam_dir as jd  # the module the plugin manager loads (the entry point), not a second copy
 
     a, b = tmp_path / "a", tmp_path / "b"
     root = _root(tmp_path, "r", {"a": a, "b": b}, copies=1, pm=pm)
