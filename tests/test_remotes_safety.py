@@ -395,3 +395,18 @@ def test_remote_list_is_offline_and_remove_works(tmp_path):
     jam("remote", "remove", "vault", cwd=t.root)
     assert "vault" not in own_config(t.root)
     assert "no remotes" in jam("remote", "list", cwd=t.root).out
+
+
+def test_remote_remove_refuses_while_it_holds_the_only_copy_a_version_needs(tmp_path):
+    """A committed file that stays local has no stub, yet its snapshot and (once the file is
+    edited or deleted) its old content live only on the remote: forgetting the remote must be
+    refused as for a stub's only copy."""
+    t = make_tree(tmp_path)
+    make_file(t.root / "notes.txt", 70_000)
+    jam("commit", "-m", "first", cwd=t.root)
+    (t.root / "notes.txt").unlink()  # the old version now exists only as a kept version
+    res = jam("remote", "remove", "vault", cwd=t.root, check=2)
+    assert "kept versions" in res.err and "--move-to" in res.err and len(res.err.strip().splitlines()) == 1
+    assert "vault" in own_config(t.root)
+    jam("remote", "remove", "vault", "--force", cwd=t.root)
+    assert "vault" not in own_config(t.root)

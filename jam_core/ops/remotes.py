@@ -79,9 +79,17 @@ def remove_remote(root: Root, name: str, force: bool = False) -> None:
                              "root's; remove it there")
         with Catalog(root.jam_dir / CATALOG) as cat:
             only = cat.objects_only_on(name)
-        if only and not force:
+        versions = 0
+        from jam_core.history.index import Index, exists
+
+        if exists(root):
+            with Index(root, create=False) as ix:
+                versions = ix.only_on(name)  # objects kept versions need, known to be only there
+        if (only or versions) and not force:
+            what = " and ".join(w for w in (only and f"{only} stubbed file(s)",
+                                             versions and f"{versions} object(s) of kept versions") if w)
             raise UsageError(
-                f"remote {name!r} holds the only copy of {only} stubbed file(s); move them first with "
+                f"remote {name!r} holds the only copy of {what}; move them first with "
                 f"`jam remote remove {name} --move-to OTHER` (or check them out, or --force to forget it anyway)"
             )
         root.update_config(lambda own: _own_remotes(root, own).pop(name, None))
