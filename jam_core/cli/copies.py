@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import human, plugin_manager, plural, report, root_and_rels, session, show_path
+from jam_core.cli.common import plugin_manager, report, root_and_rels, session, show_path
 
 
 @main.command()
@@ -75,25 +75,3 @@ def drop(src: str, paths) -> None:
         result = drop_(root, rels, plugin_manager(), src, s)
     report(result, "Dropped", f"from {src}")
     raise SystemExit(result.exit_code)
-
-
-@main.command()
-@click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
-def gc(dry_run: bool) -> None:
-    """Remove from the remotes what nothing refers to any more (and stale uploads)."""
-    from jam_core.ops.gc import gc as gc_
-    from jam_core.root import Root
-
-    out = gc_(Root.find("."), plugin_manager(), dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
-    for line in out.problems:
-        click.echo(f"jam: {line}", err=True)
-    for remote, oid, why in out.kept[:20]:
-        click.echo(f"jam: kept {oid[:19]}… on {remote!r}: {why}", err=True)
-    n, size = len(out.removed), sum(s for *_x, s in out.removed)
-    e, esize = len(out.expired), sum(s for *_x, s in out.expired)
-    t, tsize = len(out.leftovers), sum(s for *_x, s in out.leftovers)
-    click.echo(f"gc: {verb} {plural(n, 'unused object')} ({human(size)}), "
-               f"{plural(e, 'expired cache copy', 'expired cache copies')} ({human(esize)}), "
-               f"{plural(t, 'stale upload')} ({human(tsize)})")
-    raise SystemExit(out.exit_code)

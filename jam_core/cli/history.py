@@ -189,6 +189,5 @@ def gc(dry_run: bool, keep: str | None) -> None:
     raise SystemExit(out.exit_code)
 
 
-# `jam gc` with --keep: this one supersedes cli/copies.py's (same output, plus the snapshots
-# forgotten); jam_core/cli/__init__.py imports this module after copies.
+# `jam gc` lives here: it thins snapshots (--keep) before it collects what nothing refers to.
 main.add_command(gc, "gc")
