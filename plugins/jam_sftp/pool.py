@@ -161,7 +161,13 @@ class Pool:
     @contextmanager
     def ops(self) -> Iterator[Ops]:
         """Lend a connection to this thread; translate failures into one-line RemoteErrors."""
-        conn = self._acquire()
+        with self._lend(self._acquire()) as ops:
+            yield ops
+
+    @contextmanager
+    def _lend(self, conn: Connection) -> Iterator[Ops]:
+        """``conn``'s Ops for this thread; a failure other than a status marks it broken; it
+        goes back to the pool in any case."""
         try:
             assert self.base is not None
             yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs)
@@ -199,15 +205,8 @@ class Pool:
         if conn is None:
             yield None
             return
-        try:
-            assert self.base is not None
-            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs)
-        except BaseException as exc:
-            if not isinstance(exc, (SftpStatus, JamError)):
-                conn.broken = True
-            raise
-        finally:
-            self._release(conn)
+        with self._lend(conn) as ops:
+            yield ops
 
     def close(self) -> None:
         with self._cond:
