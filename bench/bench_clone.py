@@ -19,30 +19,13 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_history import make_tree, run  # the same tree and runner as the commit benchmark
+
 JAM = str(Path(sys.executable).parent / "jam")
-
-
-def run(*args, cwd=None, env=None) -> float:
-    t0 = time.perf_counter()
-    res = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True)
-    took = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"{args[0]} {args[1]} failed ({res.returncode}): {res.stderr.decode()[-500:]}")
-    return took
-
-
-def make_tree(top: Path, files: int, size: int) -> None:
-    for i in range(files):
-        d = top / f"d{i // 100:04}"
-        if i % 100 == 0:
-            d.mkdir(parents=True)
-        (d / f"f{i:06}.dat").write_bytes(os.urandom(size))
 
 
 def main() -> None:
