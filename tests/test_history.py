@@ -588,8 +588,8 @@ def test_an_unreadable_directory_is_carried_not_deleted(tmp_path, pm, monkeypatc
     (t.root / "g").write_bytes(b"g2")
     real = store.scan
 
-    def failing(root, rels, ix, skipped):  # the walk could not open d/ (EACCES, EIO...)
-        items, pending, learned = real(root, rels, ix, skipped)
+    def failing(root, rels, ix, skipped, *more):  # the walk could not open d/ (EACCES, EIO...)
+        items, pending, learned = real(root, rels, ix, skipped, *more)
         items.pop("d/f", None)
         skipped.append(("d", "Permission denied"))
         return items, pending, learned

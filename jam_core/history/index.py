@@ -108,6 +108,9 @@ class Index:
     def stored_on(self, oid: str) -> set[str]:
         return {r for (r,) in self.db.execute("SELECT remote FROM stored WHERE oid = ?", (oid,))}
 
+    def stored_by(self, remote: str) -> set[str]:
+        return {o for (o,) in self.db.execute("SELECT oid FROM stored WHERE remote = ?", (remote,))}
+
     def all_stored(self) -> set[str]:
         return {o for (o,) in self.db.execute("SELECT DISTINCT oid FROM stored")}
 

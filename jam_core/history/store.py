@@ -5,8 +5,13 @@ take each stub's id from its record and each local file's from the ids cache (ha
 its (dev, ino, size, mtime_ns, ctime_ns) changed), upload the local files whose content no
 remote holds (``place`` chooses, refs recorded before each store as a stash does, verified by the
 backend, made durable with ``sync``; the files stay local), then record the snapshot locally
-(cached bytes, then one db transaction that makes it the head), then push: store every kept
-snapshot a remote lacks (same hooks) and write this machine's head there.
+(cached bytes, then one db transaction that makes it the head), then push to the head remotes
+(``head_remotes``: every durable remote but the embedded local default when there is
+another): store every kept snapshot a remote lacks (same hooks), make it hold every object
+the head needs (``complete``: what it lacks is copied from the other remotes, verified, by
+``ops.copies.copy_objects``), and only then write this machine's head there. A head on a
+remote is a promise that a clone from it alone finds every byte; a remote that cannot be
+completed gets no head (one problem line naming it and what it lacks).
 
 Killed at any instant, nothing is lost: before the local record nothing refers to the uploads
 (they become collectable, the next commit uploads what is missing); after it, the next commit
@@ -35,6 +40,7 @@ from jam_core.scan import DIRTY, LOCAL, STUB
 HEADS = "history"
 HEAD_MAGIC = b"jam-head 1\n"
 BATCH_BYTES = 256 << 20
+STUB_BIT = 0o1000000  # in the ids cache's mode: that (dev, ino) was a stub (its content is on the remotes)
 BATCH_FILES = 2048  # each file of a batch is held open; one sync per remote per batch
 
 
@@ -109,12 +115,16 @@ def under(path: str, rels: list[str]) -> bool:
 
 
 # -- the scan --------------------------------------------------------------------------------
-def scan(root: Root, rels: list[str], ix: Index, skipped: list) -> tuple[dict[str, Item], list, list]:
+def scan(root: Root, rels: list[str], ix: Index, skipped: list, stored: set[str] | None = None
+         ) -> tuple[dict[str, Item], list, list]:
     """Walk ``rels`` (the one walk, ``scan.scan_stats``): (items known without hashing, local
     files to hash as scan Entries, new rows for the ids cache). A file whose (dev, ino, size,
-    mtime_ns, ctime_ns) is in the ids cache is taken from it without opening it; any other is
-    classified (a stub gives its record). A path that does not exist is simply absent. Stubs
-    written into and unreadable stub metadata go to ``skipped`` (the parent's entry is kept)."""
+    mtime_ns, ctime_ns) is in the ids cache is taken from it without opening it (with
+    ``stored``, a commit's: a local file only if a remote holds its content, else it is
+    hashed and uploaded: the cache may come from a ``jam diff``); any other is classified (a
+    stub gives its record; its cache row is marked ``STUB_BIT``). A path that does not exist
+    is simply absent. Stubs written into and unreadable stub metadata go to ``skipped`` (the
+    parent's entry is kept)."""
     import errno
 
     from jam_core.fs import is_jam_tmp
@@ -176,14 +186,15 @@ def scan(root: Root, rels: list[str], ix: Index, skipped: list) -> tuple[dict[st
                     path = prefix + name
                     hit = get((st.st_dev, st.st_ino))
                     if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns \
-                            and hit[2] == st.st_ctime_ns:
-                        items[path] = Item(path, FILE, hit[3], st.st_size, hit[4], st.st_mtime_ns)
+                            and hit[2] == st.st_ctime_ns and (stored is None or hit[4] & STUB_BIT or not hit[0]
+                                                              or hit[3] in stored):
+                        items[path] = Item(path, FILE, hit[3], st.st_size, hit[4] & 0o7777, st.st_mtime_ns)
                         continue
                     state, rec, problem = classify(base + name, st)
                     if state == STUB:
                         items[path] = Item(path, FILE, rec.oid, rec.size, rec.mode, rec.mtime_ns)
                         learned.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, rec.oid,
-                                        rec.mode))
+                                        rec.mode | STUB_BIT))
                     elif state == LOCAL:
                         pending.append(Entry(path, top + path, st, state, None, "", d))
                     elif state == DIRTY:
@@ -372,8 +383,8 @@ def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) ->
 def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, recorder, remotes: list[Remote],
             out: CommitResult) -> dict[str, Item]:
     """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
-    items, pending, learned = scan(root, rels, ix, out.skipped)
-    known = ix.all_stored() if pending else set()
+    known = ix.all_stored()
+    items, pending, learned = scan(root, rels, ix, out.skipped, known)
     per_batch = max(64, min(BATCH_FILES, _raise_fd_limit(BATCH_FILES + 256) - 256))
     session.begin(sum(e.st.st_size for e in pending))
     with OneDir(root.path) as dirs:
@@ -533,7 +544,8 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
     if head is None:
         return
     kept = list(reversed(ix.snapshot_ids()))  # oldest first
-    for remote in remotes:
+    needed: dict[str, tuple[int, str]] | None = None
+    for remote in head_remotes(remotes):
         todo = [s for s in kept if s not in ix.pushed_to(remote.name)]
         written = ix.db.execute("SELECT value FROM meta WHERE key = ?", (f"head:{remote.name}",)).fetchone()
         if not todo and written is not None and written[0] == head:
@@ -565,11 +577,64 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
             size = len(ix.read_bytes(head) or b"")
             if not size:
                 raise JamError(f"snapshot {head[:19]}: its cached bytes are missing ({ix.cache_path(head)})")
+            if needed is None:
+                needed = {i.oid: (i.size, i.path) for i in ix.load(head).items if i.kind == FILE and i.size}
+            lacking = complete(root, pm, session, ix, recorder, remote, needed)
+            if lacking:
+                path, why = lacking[0]
+                out.problems.append(
+                    f"remote {remote.name!r}: head not written: it lacks {len(lacking)} "
+                    f"object{'s' if len(lacking) > 1 else ''} of snapshot {head[:19]} that could not be copied "
+                    f"there (e.g. {path}: {why})"[:600])
+                continue
             write_head(remote, head_name(tree, machine), head, size, pm, session)
             ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"head:{remote.name}", head))
         except (JamError, OSError) as exc:
             out.problems.append(f"remote {remote.name!r}: snapshot not sent ({describe(exc)}); "
                                 "it is recorded here and the next `jam commit` sends it")
+
+
+def head_remotes(remotes: list[Remote]) -> list[Remote]:
+    """The remotes that receive this root's snapshots and heads: every durable remote except
+    the embedded local default (``jam init``'s, under this user's data directory) when the root
+    has another one. That default is this computer's own disk: no other computer clones from
+    it, and a head there would make it hold every object the tree needs (every other machine's
+    files copied onto this disk)."""
+    from jam_core.root import DEFAULT_REMOTE, default_remote_location
+
+    if len(remotes) < 2:
+        return list(remotes)
+    here = os.path.realpath(default_remote_location())
+    return [r for r in remotes
+            if not (r.name == DEFAULT_REMOTE and r.kind == "dir" and os.path.realpath(r.location) == here)]
+
+
+def complete(root: Root, pm, session: Session, ix: Index, recorder, remote: Remote,
+             needed: dict[str, tuple[int, str]]) -> list[tuple[str, str]]:
+    """Make ``remote`` hold every object of ``needed`` ({oid: (size, a path)}: what a head
+    written there promises a clone). What the index knows is there is taken as there; the rest
+    is asked live (one listing when there are many, else ``has`` each); what is still missing
+    is copied from the other remotes (``ops.copies.copy_objects``: verified, refs first,
+    durable). Returns (path, why) for each object that could not be put there."""
+    from jam_core.ops.copies import copy_objects
+
+    there = ix.stored_by(remote.name)
+    unknown = {o: v for o, v in needed.items() if o not in there}
+    if not unknown:
+        return []
+    listing = pm.hook.list_objects(remote=remote, session=session, sweep=False) if len(unknown) > 64 else None
+    if listing is not None:
+        present = {o for o, n in listing if o in unknown and n == unknown[o][0]}
+    else:
+        present = {o for o, (n, _p) in unknown.items()
+                   if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
+    ix.record_stored((o, remote.name) for o in present)
+    missing = {o: v[0] for o, v in unknown.items() if o not in present}
+    if not missing:
+        return []
+    copied, failed = copy_objects(root, pm, session, remote, missing, holders=ix.stored_on, recorder=recorder)
+    ix.record_stored((o, remote.name) for o in copied)
+    return sorted((needed[o][1], why) for o, why in failed.items())
 
 
 def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, tuple[str, int]]:

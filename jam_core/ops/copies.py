@@ -292,6 +292,54 @@ def _transfer(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, se
         os.close(fd)
 
 
+def copy_objects(root: Root, pm, session: Session, dest: Remote, wanted: dict[str, int], holders=None,
+                 recorder: Recorder | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """Copy each object of ``wanted`` (oid -> size) onto ``dest`` from another remote of the
+    root: the remotes ``holders(oid)`` names first, then the others by tier; each through
+    :func:`_transfer` (fetched, verified, stored, verified by the backend). This root's refs
+    on ``dest`` are recorded before (``recorder``: published by the caller), ``dest`` is made
+    durable after, and a copy another root is removing from ``dest`` at this moment does not
+    count. The caller holds the root's lock. Returns (copied, failed with why)."""
+    copied: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    if not wanted:
+        return copied, failed
+    recorder = recorder or Recorder(root, pm, session)
+    _identity(root, dest, pm, session)
+    recorder.before_store(dest, set(wanted))
+    sources = [r for r in root.remotes() if r.name != dest.name]
+    down: dict[str, str] = {}
+    for oid, size in wanted.items():
+        near = holders(oid) if holders else set()
+        whys = []
+        for src in sorted(sources, key=lambda r: (r.name not in near, r.tier, r.name)):
+            if src.name in down:
+                whys.append(down[src.name])
+                continue
+            try:
+                _identity(root, src, pm, session)
+            except (JamError, OSError) as exc:
+                down[src.name] = f"remote {src.name!r}: {describe(exc)}"
+                whys.append(down[src.name])
+                continue
+            try:
+                _transfer(root, src, dest, oid, size, pm, session)
+            except (JamError, OSError) as exc:
+                whys.append(describe(exc))
+                continue
+            copied[oid] = size
+            break
+        else:
+            failed[oid] = "; ".join(whys) or "no other remote holds it"
+    if copied:
+        pm.hook.sync(remote=dest, session=session)
+        going = recorder.removing_elsewhere(dest)
+        for oid in [o for o in copied if o in going]:
+            del copied[oid]
+            failed[oid] = f"another root is removing it from {dest.name!r} at this moment"
+    return copied, failed
+
+
 def drop(root: Root, rels: Iterable[str], pm, src: str, session: Session | None = None) -> Result:
     """Remove the named stubs' content from remote ``src``, each only if enough verified copies
     remain elsewhere for every root that refers to it (:func:`remove_copies`)."""
