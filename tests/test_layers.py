@@ -35,9 +35,9 @@ LAYERS: list[set[str]] = [
     {"jam_core.hook.index", "jam_core.hook.visit", "jam_core.ops.remotes"},
     {"jam_core.hook.marks", "jam_core.ops.refs"},
     {"jam_core.policy.records"},
-    {"jam_core.ops.stash"},
+    {"jam_core.ops.stash", "jam_core.ops.copies"},  # copies: below history.store, whose push completes remotes
     {"jam_core.ops.checkout", "jam_core.ops.status", "jam_core.ops.doctor", "jam_core.history.store"},
-    {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse", "jam_core.ops.copies",
+    {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse",
      "jam_core.history.restore", "jam_core.history.clone"},
     {"jam_core.ops.demo", "jam_core.ops.gc", "jam_core.history.sync"},
     {"jam_core.daemon.marks"},

@@ -328,9 +328,9 @@ def test_clone_and_sync_through_sftp(tmp_path, sshd, sftp_store):
     url = f"sftp://{sshd.alias}{sftp_store}"
     add_remote(root, make_plugin_manager(), "far", url)
     (a / "f.txt").write_bytes(b"over ssh\n")
-    run(a, "sync", machine="aaa")  # sync registers the tree for listing
+    run(a, "commit", machine="aaa")  # a commit's push registers the tree (sftp lists files only)
     b = tmp_path / "b"
-    run(tmp_path, "clone", url, str(b), machine="bbb")
+    run(tmp_path, "clone", url, str(b), machine="bbb")  # no --tree: the registry names it
     assert is_stub(b / "f.txt")
     (b / "g.txt").write_bytes(b"from b\n")
     sync(b, "bbb")

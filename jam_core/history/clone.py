@@ -24,11 +24,10 @@ from pathlib import Path
 from jam_core.errors import JamError, RemoteError, UsageError, describe
 from jam_core.fs import DIR_FLAGS, fd_path, rename_noreplace, syncfs, tmp_name
 from jam_core.history.snapshot import _TREE, FILE, LINK, Item, Snapshot, SnapshotError, parse
-from jam_core.history.store import HEADS, read_heads
+from jam_core.history.store import HEADS, REGISTRY, read_heads
 from jam_core.model import Remote, Session
 from jam_core.root import Root
 
-REGISTRY = "history-trees"  # meta/history-trees/<tree>: a tree's name, for backends that list files only
 MAX_CHAIN = 100_000  # parents walked at most when looking for a known snapshot
 
 
@@ -53,7 +52,8 @@ def list_trees(remote: Remote, pm, session: Session) -> list[str]:
     """The trees whose heads ``remote`` holds. Three sources, as backends differ: a backend that
     lists ``meta/`` recursively (rclone) names ``history/<tree>/<machine>`` itself; a ``dir``
     remote's ``meta/history`` is read here (directory fd, no symlink followed); the registry
-    ``meta/history-trees/<tree>`` that ``jam sync`` writes covers the rest (sftp)."""
+    ``meta/history-trees/<tree>`` that every push writes (``store.register_tree``) covers the
+    rest (sftp)."""
     found: set[str] = set()
     for name in pm.hook.list_meta(remote=remote, prefix=HEADS, session=session) or []:
         parts = name.split("/")
@@ -75,13 +75,6 @@ def list_trees(remote: Remote, pm, session: Session) -> list[str]:
             finally:
                 os.close(fd)
     return sorted(found)
-
-
-def register_tree(remote: Remote, tree: str, pm, session: Session) -> None:
-    """Write ``meta/history-trees/<tree>`` (so a backend that lists files only can list trees)."""
-    if pm.hook.read_meta(remote=remote, name=f"{REGISTRY}/{tree}", session=session):
-        return
-    pm.hook.write_meta(remote=remote, name=f"{REGISTRY}/{tree}", data=b"jam-tree 1\n", session=session)
 
 
 def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, pm,

@@ -38,6 +38,7 @@ from jam_core.root import CATALOG, Root
 from jam_core.scan import DIRTY, LOCAL, STUB
 
 HEADS = "history"
+REGISTRY = "history-trees"  # meta/history-trees/<tree>: a tree's name, for backends that list files only
 HEAD_MAGIC = b"jam-head 1\n"
 BATCH_BYTES = 256 << 20
 STUB_BIT = 0o1000000  # in the ids cache's mode: that (dev, ino) was a stub (its content is on the remotes)
@@ -589,9 +590,21 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
                 continue
             write_head(remote, head_name(tree, machine), head, size, pm, session)
             ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"head:{remote.name}", head))
+            registered = ix.db.execute("SELECT value FROM meta WHERE key = ?", (f"tree:{remote.name}",)).fetchone()
+            if registered is None or registered[0] != tree:
+                register_tree(remote, tree, pm, session)
+                ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"tree:{remote.name}", tree))
         except (JamError, OSError) as exc:
             out.problems.append(f"remote {remote.name!r}: snapshot not sent ({describe(exc)}); "
                                 "it is recorded here and the next `jam commit` sends it")
+
+
+def register_tree(remote: Remote, tree: str, pm, session: Session) -> None:
+    """Write ``meta/history-trees/<tree>`` (so a backend that lists files only, sftp, can list
+    the trees a remote holds for ``jam clone``). Every push does, once per remote and tree."""
+    if pm.hook.read_meta(remote=remote, name=f"{REGISTRY}/{tree}", session=session):
+        return
+    pm.hook.write_meta(remote=remote, name=f"{REGISTRY}/{tree}", data=b"jam-tree 1\n", session=session)
 
 
 def head_remotes(remotes: list[Remote]) -> list[Remote]:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from jam_core.errors import JamError, UsageError, describe
 from jam_core.fs import exchange, same_file, tmp_name
-from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place, register_tree
+from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
 from jam_core.history.store import durable_remotes, read_heads
@@ -384,7 +384,6 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
                 for machine, (sid, size) in sorted(read_heads(remote, tree, pm, session).items()):
                     if machine != me:
                         heads.setdefault(sid, size)
-                register_tree(remote, tree, pm, session)
             except (JamError, OSError) as exc:
                 out.problems.append(f"remote {remote.name!r}: heads not read ({describe(exc)})")
         graph = Graph(ix)
