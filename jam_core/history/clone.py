@@ -10,7 +10,8 @@ empty files and symlinks as themselves, directories made without following symli
 the snapshot recorded are applied and the history index records the snapshot as HEAD, the
 parent of the next ``jam commit`` (or ``jam sync``).
 
-``fetch_snapshot`` and ``place`` are shared with ``sync``.
+``fetch_snapshot`` and ``place`` are shared with ``sync``; each entry is made by
+``store.make_entry``, the one way ``restore`` makes entries too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import DIR_FLAGS, fd_path, rename_noreplace, syncfs, tmp_name
-from jam_core.history.snapshot import _TREE, FILE, LINK, Item, Snapshot, SnapshotError, parse
-from jam_core.history.store import HEADS, REGISTRY, read_heads
+from jam_core.fs import DIR_FLAGS, fd_path, rename_noreplace, syncfs
+from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError, parse
+from jam_core.history.store import HEADS, REGISTRY, make_entry, read_heads
 from jam_core.model import Remote, Session
 from jam_core.root import Root
 
@@ -142,35 +143,6 @@ class DirStack:
         for fd in self.fds:
             os.close(fd)
         self.fds, self.names = [], []
-
-
-def make_entry(dfd: int, name: str, item: Item, remotes: tuple[str, ...], stamp: str, now_ns: int):
-    """Make ``item`` under a temporary name in ``dfd`` (a stub, an empty file, a symlink), as
-    ``restore`` does; returns (temporary name, StubRecord or None). Not yet durable."""
-    from jam_core.stub import StubRecord, write_stub
-
-    tmp = tmp_name()
-    if item.kind == LINK:
-        os.symlink(item.target, tmp, dir_fd=dfd)
-        os.utime(tmp, ns=(item.mtime_ns, item.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-        return tmp, None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-    try:
-        if item.size == 0:
-            os.fchmod(fd, item.mode)
-            os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
-            return tmp, None
-        rec = StubRecord(item.oid, item.size, item.mode, item.mtime_ns, remotes, stamp)
-        write_stub(fd, rec, name, now_ns, durable=False)
-        return tmp, rec
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        os.unlink(tmp, dir_fd=dfd)
-        raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
 
 
 def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],

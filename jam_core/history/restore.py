@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, UsageError, describe
-from jam_core.fs import DIR_FLAGS, rename_noreplace, syncfs, tmp_name
+from jam_core.fs import DIR_FLAGS, rename_noreplace, syncfs
 from jam_core.history.index import Index, exists
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes
-from jam_core.history.store import under
+from jam_core.history.store import make_entry, under
 from jam_core.root import CATALOG, Root, check_rel
 from jam_core.scan import LOCAL, STUB, classify
 
@@ -321,8 +321,9 @@ def _state(dir_fd: int | None, name: str, item: Item) -> str:
 
 
 def _restore(root: Root, snap: Snapshot, chosen: list[Item], dest_of: dict[str, str], stored, cat, out) -> None:
-    from jam_core.stub import StubRecord, write_stub
-
+    """Check every destination, then make each entry (``store.make_entry``, as clone and sync
+    do: written aside, renamed in without replacing anything), then one ``syncfs`` for all
+    before the catalog records the stubs."""
     root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         todo = []
@@ -342,52 +343,44 @@ def _restore(root: Root, snap: Snapshot, chosen: list[Item], dest_of: dict[str, 
                 raise _Conflict(f"{dest}: {st}, which differs from its version in snapshot "
                                 f"{short(snap.id)}; nothing restored (use --as NEWPATH)")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now_ns = time.time_ns()
         remotes_all = [r.name for r in root.remotes()]
         made = []
-        for i in todo:
-            dest = dest_of[i.path]
-            name = dest.rpartition("/")[2]
-            dfd = _open_parent(root_fd, dest, create=True)
-            tmp = tmp_name()
-            try:
-                if i.kind == LINK:
-                    os.symlink(i.target, tmp, dir_fd=dfd)
-                    os.utime(tmp, ns=(i.mtime_ns, i.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-                    rec = None
-                else:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                                 dir_fd=dfd)
-                    try:
-                        if i.size == 0:  # nothing to fetch: the empty file itself
-                            os.fchmod(fd, i.mode)
-                            os.utime(fd, ns=(i.mtime_ns, i.mtime_ns))
-                            rec = None
-                        else:
-                            rec = StubRecord(i.oid, i.size, i.mode, i.mtime_ns,
-                                             tuple(stored.get(i.oid) or remotes_all), stamp)
-                            write_stub(fd, rec, name, time.time_ns())
-                    finally:
-                        os.close(fd)
-                try:
-                    rename_noreplace(dfd, tmp, name)
-                except FileExistsError:
-                    raise _Conflict(f"{dest}: appeared while it was being restored; left as it is") from None
-                tmp = ""
-                if rec is not None:
-                    now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    made.append((dest, rec, now))
-                out.restored.append(dest)
-            finally:
-                if tmp:
-                    try:
-                        os.unlink(tmp, dir_fd=dfd)
-                    except FileNotFoundError:
-                        pass
-                os.close(dfd)
-        syncfs(root_fd)
-        with cat.transaction():
-            for dest, rec, now in made:
-                cat.add_stub(dest, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
-                             ino=now.st_ino, ctime_ns=now.st_ctime_ns)
+        try:
+            _make(root_fd, todo, dest_of, stored, remotes_all, stamp, now_ns, made, out)
+        finally:  # what was made (all, or those before a conflict) is made durable and recorded
+            syncfs(root_fd)
+            if made:
+                with cat.transaction():
+                    for dest, rec, now in made:
+                        cat.add_stub(dest, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
+                                     ino=now.st_ino, ctime_ns=now.st_ctime_ns)
     finally:
         os.close(root_fd)
+
+
+def _make(root_fd: int, todo: list[Item], dest_of, stored, remotes_all, stamp: str, now_ns: int, made: list,
+          out) -> None:
+    for i in todo:
+        dest = dest_of[i.path]
+        name = dest.rpartition("/")[2]
+        dfd = _open_parent(root_fd, dest, create=True)
+        tmp = ""
+        try:
+            tmp, rec = make_entry(dfd, name, i, tuple(stored.get(i.oid) or remotes_all), stamp, now_ns)
+            try:
+                rename_noreplace(dfd, tmp, name)
+            except FileExistsError:
+                raise _Conflict(f"{dest}: appeared while it was being restored; left as it is") from None
+            tmp = ""
+            if rec is not None:
+                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                made.append((dest, rec, now))
+            out.restored.append(dest)
+        finally:
+            if tmp:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+            os.close(dfd)

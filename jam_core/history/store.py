@@ -29,7 +29,7 @@ from pathlib import Path
 
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import NotTheFile, fd_path, open_regular, same_file
+from jam_core.fs import NotTheFile, fd_path, open_regular, same_file, tmp_name
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encode, machine_id, tree_name
 from jam_core.model import Remote, Session
@@ -259,6 +259,38 @@ def hash_one(dirs: "OneDir", e) -> tuple[int, str] | None:
         os.close(fd)
         raise
     return fd, oid
+
+
+# -- making entries (restore, clone, sync) ----------------------------------------------------
+def make_entry(dfd: int, name: str, item: Item, remotes: tuple[str, ...], stamp: str, now_ns: int):
+    """Make ``item`` under a temporary name in ``dfd`` (a stub, an empty file, a symlink): the
+    one way ``restore``, ``clone`` and ``sync`` make an entry of a snapshot. Returns (temporary
+    name, StubRecord or None). Not yet durable: the caller renames it in and makes the whole
+    batch durable with one ``syncfs`` (an fsync per file dominates the cost of small stubs)."""
+    from jam_core.stub import StubRecord, write_stub
+
+    tmp = tmp_name()
+    if item.kind == LINK:
+        os.symlink(item.target, tmp, dir_fd=dfd)
+        os.utime(tmp, ns=(item.mtime_ns, item.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        return tmp, None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        if item.size == 0:
+            os.fchmod(fd, item.mode)
+            os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
+            return tmp, None
+        rec = StubRecord(item.oid, item.size, item.mode, item.mtime_ns, remotes, stamp)
+        write_stub(fd, rec, name, now_ns, durable=False)
+        return tmp, rec
+    except BaseException:
+        os.close(fd)
+        fd = -1
+        os.unlink(tmp, dir_fd=dfd)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 # -- commit ------------------------------------------------------------------------------------
