@@ -593,3 +593,39 @@ def test_symlinked_marker_is_not_an_identity(pm, sftp_rclone, tmp_path):
             pm.hook.remote_id(remote=remote, session=s, create=False)
         with pytest.raises(RemoteError):
             pm.hook.has(remote=remote, oid=oid, size=size, session=s)
+
+
+def test_links_not_followed_through_a_wrapper_of_a_local_disk(pm, tmp_path, monkeypatch):
+    """An rclone wrapper (chunker) over a directory of this machine is not refused as ``local``
+    (rclone does not pass IsLocal through wrappers); its symlinks and FIFOs are still never
+    listed or read, even with the user's rclone settings asking to follow links (copy_links).
+    (The daemon's I/O timeout is cut to 20 s: a read that opens the FIFO fails, not hangs.)"""
+    import jam_rclone.daemon
+    from jam_core.model import Remote
+
+    monkeypatch.setattr(jam_rclone.daemon.Daemon.__init__, "__defaults__", (None, 20.0))
+
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    outside.mkdir()
+    (outside / "x").write_bytes(b"secret")
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "no-rclone.conf"))
+    monkeypatch.setenv("RCLONE_CONFIG_CHK_TYPE", "chunker")
+    monkeypatch.setenv("RCLONE_CONFIG_CHK_REMOTE", str(store))
+    monkeypatch.setenv("RCLONE_COPY_LINKS", "true")
+    monkeypatch.setenv("RCLONE_LOCAL_COPY_LINKS", "true")
+    remote = Remote(name="chk", kind="rclone", url="rclone:chk:", location="chk:")
+    with Session() as s:
+        pm.hook.check_remote(remote=remote, session=s, create=True)
+        pm.hook.remote_id(remote=remote, session=s, create=True)
+        assert pm.hook.write_meta(remote=remote, name="refs/mine", data=b"mine\n", session=s) is True
+    (store / "meta" / "refs" / "link").symlink_to(outside / "x")
+    os.mkfifo(store / "meta" / "refs" / "fifo")
+    (store / "meta" / "linked").symlink_to(outside)
+    with Session() as s:
+        assert pm.hook.list_meta(remote=remote, prefix="refs", session=s) == ["refs/mine"]
+        for name in ("refs/link", "refs/fifo", "linked/x"):
+            with pytest.raises(RemoteError):
+                pm.hook.read_meta(remote=remote, name=name, session=s)
+        with pytest.raises(RemoteError):
+            pm.hook.list_meta(remote=remote, prefix="linked", session=s)
