@@ -120,3 +120,47 @@ def test_a_file_hashed_by_diff_is_still_uploaded_by_the_next_commit(tmp_path):
     for name in ("docs/plan.txt", "docs/new.txt"):
         oid = "b3:" + b3(one.root / name)
         assert oid in _objects(vault) and oid in _objects(one.default), name
+
+
+def test_remote_remove_move_to_carries_what_kept_versions_need(tmp_path):
+    from tests.safety_support import jam, make_tree
+
+    t = make_tree(tmp_path)  # one remote: `vault`
+    (t.root / "old.txt").write_bytes(b"only in the first version\n")
+    jam("commit", "-m", "one", cwd=t.root)
+    first = (t.root / ".jam/history/HEAD").read_text().strip()
+    os.unlink(t.root / "old.txt")
+    jam("commit", "-m", "two", cwd=t.root)
+    second = (t.root / ".jam/history/HEAD").read_text().strip()
+    other = tmp_path / "other"
+    other.mkdir()
+    jam("remote", "add", "other", str(other), cwd=t.root)
+    oid = "b3:" + __import__("blake3").blake3(b"only in the first version\n").hexdigest()
+    assert oid in _objects(t.remote) and oid not in _objects(other)
+
+    jam("remote", "remove", "vault", "--move-to", "other", cwd=t.root)
+    assert {oid, first, second} <= _objects(other), "the versions' objects and the snapshots moved"
+    import shutil
+
+    shutil.rmtree(t.remote)  # the old remote is gone: the first version still comes back
+    jam("restore", "old.txt", "--at", first[3:12], "--fetch", cwd=t.root)
+    assert (t.root / "old.txt").read_bytes() == b"only in the first version\n"
+
+
+def test_remote_remove_move_to_refuses_when_a_versions_object_cannot_be_copied(tmp_path):
+    from tests.safety_support import jam, make_tree
+
+    t = make_tree(tmp_path)
+    (t.root / "old.txt").write_bytes(b"lost\n")
+    jam("commit", "-m", "one", cwd=t.root)
+    os.unlink(t.root / "old.txt")
+    jam("commit", "-m", "two", cwd=t.root)
+    other = tmp_path / "other"
+    other.mkdir()
+    jam("remote", "add", "other", str(other), cwd=t.root)
+    oid = "b3:" + __import__("blake3").blake3(b"lost\n").hexdigest()
+    (victim,) = [p for p in (t.remote / "objects").rglob("*") if p.is_file() and f"b3:{p.name}" == oid]
+    victim.unlink()
+    res = jam("remote", "remove", "vault", "--move-to", "other", cwd=t.root, check=1)
+    assert "old.txt" in res.err and "Traceback" not in res.err
+    assert "vault" in jam("remote", "list", cwd=t.root).out, "nothing removed"

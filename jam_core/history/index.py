@@ -135,6 +135,9 @@ class Index:
     def pushed_to(self, remote: str) -> set[str]:
         return {s for (s,) in self.db.execute("SELECT id FROM pushed WHERE remote = ?", (remote,))}
 
+    def pushed_on(self, sid: str) -> set[str]:
+        return {r for (r,) in self.db.execute("SELECT remote FROM pushed WHERE id = ?", (sid,))}
+
     def record_pushed(self, sid: str, remote: str) -> None:
         self.db.execute("INSERT OR IGNORE INTO pushed VALUES (?, ?)", (sid, remote))
 

@@ -386,13 +386,70 @@ def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Sessi
     return result
 
 
+def _move_versions(root: Root, cat: Catalog, pm, session: Session, src: str, dest: Remote, keep: set[str],
+                   copies: int, result: Result) -> None:
+    """The objects the kept snapshots need, and the snapshots themselves, that are known on
+    ``src`` and would be left with fewer than ``copies`` known copies without it (the
+    history index's ``stored`` and ``pushed``, the catalog's locations): copied to ``dest``
+    through :func:`copy_objects` (from ``src`` first), recorded there in the index. What
+    cannot be copied is a failure (the caller then removes nothing)."""
+    from jam_core.history.index import Index, exists
+
+    if not exists(root):
+        return
+    with Index(root) as ix:
+        kept = ix.kept_objects()
+        sids = set(ix.snapshot_ids())
+        candidates = (ix.stored_by(src) & kept) | (ix.pushed_to(src) & sids)
+        if not candidates:
+            return
+        known = cat.remotes_of(candidates - sids)
+        short: set[str] = set()
+        for oid in candidates:
+            holders = ix.pushed_on(oid) if oid in sids else ix.stored_on(oid) | known.get(oid, set())
+            if len(holders & keep) < copies:
+                short.add(oid)
+        if not short:
+            return
+        wanted: dict[str, int] = {}
+        label: dict[str, str] = {}
+        for sid in sorted(sids):
+            data = ix.read_bytes(sid)
+            if sid in short:
+                wanted[sid], label[sid] = len(data or b""), f"snapshot {sid[:19]}"
+            if not (short - sids - set(wanted)):
+                continue
+            for item in ix.load(sid).items:
+                if item.oid in short and item.oid not in wanted and item.size:
+                    wanted[item.oid], label[item.oid] = item.size, f"{item.path} (snapshot {sid[:19]})"
+        for oid in short - set(wanted):
+            result.failed.append((oid, "needed by a kept snapshot, size unknown here: not copied"))
+        recorder = Recorder(root, pm, session)
+        try:
+            copied, failed = copy_objects(root, pm, session, dest, wanted, holders=lambda _oid: {src},
+                                          recorder=recorder)
+        finally:
+            if recorder.pending:
+                for problem in recorder.publish(referenced(root, cat), [dest]):
+                    result.failed.append((".", problem))
+        ix.record_stored((o, dest.name) for o in copied if o not in sids)
+        for sid in (o for o in copied if o in sids):
+            ix.record_pushed(sid, dest.name)
+        for oid, size in copied.items():
+            result.done.append((label[oid], size))
+        for oid, why in failed.items():
+            result.failed.append((label[oid], why))
+
+
 def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None) -> Result:
     """Before remote ``src`` is forgotten (``jam remote remove SRC --move-to DST``): every object
     of this root's stubs that ``src`` holds and that would be left with fewer than ``[place]
     copies`` known copies without it is copied to ``dst`` and verified there (hashed in place
     where the backend can); then this root's objects are dropped from ``src`` through the one
     guarded removal (kept where another root still needs them there). Any object that could
-    not be copied and verified is a failure: the caller then removes nothing."""
+    not be copied and verified is a failure: the caller then removes nothing. The objects
+    the kept snapshots need whose only known copies are on ``src`` (and the snapshots) are
+    copied the same way (:func:`_move_versions`)."""
     if src == dst:
         raise UsageError("--move-to names the remote being removed")
     result = Result()
@@ -414,6 +471,7 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None)
             if len(holders & keep) < copies:  # without src it would have too few copies
                 short.append(e)
         there = _copy_entries(root, cat, short, pm, dest, session, result)
+        _move_versions(root, cat, pm, session, src, dest, keep, copies, result)
         for e in there:
             try:
                 ok = _verified(dest, e.record.oid, e.record.size, pm, session)
