@@ -451,7 +451,7 @@ class KillAfter:
     the bytes reported from threads named ``thread*``, if given: the core's transfer worker is
     ``jam-move``, while its own thread hashes the next batch)."""
 
-    def __init__(self, sshd: SSHD, after: int, thread: str = ""):
+    def __init__(self, sshd: SSHD, after: int, thread: str | tuple[str, ...] = ""):
         self.sshd, self.after, self.seen, self.fired = sshd, after, 0, False
         self.thread = thread
 

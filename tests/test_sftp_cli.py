@@ -149,9 +149,11 @@ def test_server_killed_mid_batch_through_the_core(runner, tmp_path, sshd, sftp_s
         except OSError:
             return False
 
-    # kill once a fifth of the bytes went over the wire (the core's transfer worker reports
-    # them; its own thread hashes the next batch meanwhile): the first batch is cut mid-way
-    killer = KillAfter(sshd, sum(len(d) for d in files.values()) // 5, thread="jam-move")
+    # kill once a fifth of the bytes went over the wire (the core's transfer worker and the
+    # sftp helpers on other connections report them; the core's own thread hashes the next batch
+    # meanwhile, so several batches are needed: one batch alone runs inline)
+    monkeypatch.setattr("jam_core.ops.pipeline.BATCH_FILES", 64)
+    killer = KillAfter(sshd, sum(len(d) for d in files.values()) // 5, thread=("jam-move", "jam-sftp"))
     with Session(progress=killer) as s:
         res = stash(Root(tree), ["d"], pm, s)
     assert killer.fired and res.exit_code != 0 and "lost during transfer" in res.aborted
