@@ -103,7 +103,10 @@ class Seaweed:
                f"-s3.port={self.s3_port}", f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
                f"-filer.port={self.filer_port}", "-admin.ui=false", "-webdav=false",
                *(f"-{k}.port.grpc={p}" for k, p in self.grpc_ports.items()),
-               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed ports by default: two servers would clash
+               "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed ports by default: two servers would clash
+               # every bucket is a collection with volumes of its own: with the default count (by free
+               # disk) a suite's hundred buckets ran out ("no free volumes left": PutObject 500)
+               "-volume.max=3000", "-master.volumeSizeLimitMB=64"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, cwd=self.workdir)
@@ -117,6 +120,19 @@ class Seaweed:
                 self.kill()
                 raise RuntimeError(f"weed mini did not answer on S3 port {self.s3_port}: {self._tail()}")
             time.sleep(0.05)  # polling a port with a deadline (not a synchronisation of the test)
+        self._wait_writable(deadline)
+
+    def _wait_writable(self, deadline: float) -> None:
+        """The S3 port answers before a volume takes writes (after a restart, PutObject gets 500
+        InternalError for a while): wait until a small object can be written and read back."""
+        while True:
+            r = self.rclone("rcat", "seaweed:jam-ready-probe/probe", input=b"ready", check=False)
+            if r.returncode == 0 and self.rclone("cat", "seaweed:jam-ready-probe/probe", check=False).stdout == b"ready":
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"weed mini answers but takes no writes: {r.stderr[-500:]!r}")
+            time.sleep(0.1)  # polling the server with a deadline (not a synchronisation of the test)
 
     def _answers(self) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", self.s3_port, timeout=2)

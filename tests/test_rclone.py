@@ -293,7 +293,9 @@ def test_small_objects_cost_one_request_up_and_two_down(pm, rclone_env, rclone_r
             {oid: True for oid, _, _ in items}
     assert up == {"PUT": 6}, up
     down = _requests(log, objects)
-    assert down == {"PUT": 6, "HEAD": 6, "GET": 6}, down
+    # at most one HEAD per object (rclone may answer one from what it just learned) and one GET
+    assert down["PUT"] == 6 and down["GET"] == 6 and down.get("HEAD", 0) <= 6 and set(down) <= {"PUT", "HEAD", "GET"}, \
+        down
     for (_, src, _), (_, d, _) in zip(items, dests):
         assert d.read_bytes() == src.read_bytes(), "differs"
 
