@@ -263,6 +263,14 @@ class Leases:
             self._held.add(fd)
             if not directed:
                 self._undirected.add(fd)
+        # A writer may have broken it before it was held: its notice found nothing to release,
+        # and the writer would wait for the next look (IDLE seconds). Look now.
+        try:
+            broken = fcntl.fcntl(fd, F_GETLEASE) != F_RDLCK
+        except OSError:
+            broken = True
+        if broken:
+            self._check()
         return True
 
     def _start(self) -> None:

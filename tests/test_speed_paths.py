@@ -223,6 +223,51 @@ def test_a_lease_break_notice_wakes_the_watcher_and_lets_the_writer_go(tmp_path,
         os.close(fd)
 
 
+def test_a_lease_broken_before_it_is_held_lets_the_writer_go(tmp_path, monkeypatch):
+    """A writer opens the file in the instant between F_SETLEASE and the lease being recorded as
+    held: its notice finds nothing to release. take() must look itself, or the writer waits for
+    the watcher's next look (IDLE; an hour here)."""
+    import fcntl
+
+    from jam_core import fs
+
+    monkeypatch.setattr(Leases, "IDLE", 3600.0)
+    monkeypatch.setattr(Leases, "POLL", 3600.0)
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    fd = os.open(path, os.O_RDONLY)
+    opened = threading.Event()
+    real = fcntl.fcntl
+    writers = []
+
+    def writer():
+        w = os.open(path, os.O_WRONLY)  # blocks until jam releases the lease
+        os.close(w)
+        opened.set()
+
+    def fcntl_then_writer(f, cmd, arg=0):
+        out = real(f, cmd, arg)
+        if f == fd and cmd == fs.F_SETLEASE and arg == fs.F_RDLCK and not writers:
+            writers.append(threading.Thread(target=writer))
+            writers[0].start()
+            while real(fd, fs.F_GETLEASE) == fs.F_RDLCK:  # the kernel is breaking it now
+                threading.Event().wait(0.001)
+        return out
+
+    leases = Leases()
+    try:
+        monkeypatch.setattr(fcntl, "fcntl", fcntl_then_writer)
+        assert leases.take(fd)
+        monkeypatch.setattr(fcntl, "fcntl", real)
+        writers[0].join(timeout=30)
+        assert opened.is_set(), "the writer was held: a break before the lease was recorded went unnoticed"
+        assert not leases.intact(fd)
+    finally:
+        monkeypatch.setattr(fcntl, "fcntl", real)
+        leases.close()
+        os.close(fd)
+
+
 def test_equal_content_stashed_twice_is_stored_once_and_both_check_out(tmp_path):
     t = make_tree(tmp_path)
     data = os.urandom(200_000)
