@@ -377,3 +377,27 @@ def test_a_file_changed_after_the_commit_is_never_removed_or_replaced(tmp_path, 
     assert (b / "docs/one.txt").read_bytes() == b"saved on b at the last instant\n"
     assert (b / "docs/two.txt").read_bytes() == b"two, saved on b at the last instant\n"
     assert {p for p, _why in out.kept} >= {"docs/one.txt", "docs/two.txt"}
+
+
+def test_a_file_open_for_writing_is_never_removed_or_replaced(tmp_path):
+    """Invariant 11 for sync: B's copies of a file deleted on A and of one modified on A are held
+    open for writing by a program (nothing written yet: their bytes are still the base version).
+    Sync keeps both; what the program then writes is in the files, not in unlinked inodes."""
+    t, a, b = two(tmp_path)
+    run(b, "checkout", "docs", machine="bbb")
+    (a / "docs/two.txt").unlink()
+    (a / "docs/one.txt").write_bytes(b"one, newer on a\n")
+    sync(a, "aaa")
+    for name in ("one.txt", "two.txt"):
+        os.chmod(b / "docs" / name, 0o644)
+    held = {name: os.open(b / "docs" / name, os.O_WRONLY) for name in ("one.txt", "two.txt")}
+    try:
+        res = sync(b, "bbb", check=None)
+        assert "open for writing" in res.out + res.err
+        for name, fd in held.items():
+            os.pwrite(fd, f"{name}: the program's save\n".encode(), 0)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    for name in ("one.txt", "two.txt"):
+        assert (b / "docs" / name).read_bytes().startswith(f"{name}: the program's save\n".encode()), name

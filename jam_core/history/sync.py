@@ -42,7 +42,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from jam_core.errors import JamError, UsageError, describe
-from jam_core.fs import exchange, same_file, tmp_name
+from jam_core.fs import FileBusy, Leases, exchange, open_regular, same_file, tmp_name
 from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
@@ -181,6 +181,31 @@ class _Tree:
 
     def __init__(self, root: Root):
         self.root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.leases = Leases()
+
+    def lease(self, dfd: int, name: str) -> int | None:
+        """A read lease on the regular file ``name``, held across its removal or replacement
+        (invariant 11: a file some program holds open for writing is never removed or replaced,
+        and one opened for writing meanwhile is put back). Its descriptor, or None for a
+        symlink; raises FileBusy if it is open for writing."""
+        try:
+            fd = open_regular(dfd, name)
+        except OSError:
+            return None  # not a regular file (a symlink): nobody writes into it
+        try:
+            self.leases.take(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def unlease(self, fd: int | None) -> None:
+        if fd is not None:
+            self.leases.release(fd)
+            os.close(fd)
+
+    def intact(self, fd: int | None) -> bool:
+        return fd is None or self.leases.intact(fd)
 
     def parent(self, rel: str) -> int | None:
         from jam_core.history.restore import _open_parent
@@ -191,6 +216,7 @@ class _Tree:
             return None
 
     def close(self) -> None:
+        self.leases.close()
         os.close(self.root_fd)
 
 
@@ -206,10 +232,19 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
         if not ok:
             out.kept.append((rel, "deleted there, changed here: kept"))
             return False
-        tmp = tmp_name()
-        os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
-        now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
-        if not same_file(now, st, ctime=False):  # a rename moves the ctime: the inode, size, mtime
+        try:
+            lease = tree.lease(dfd, name)
+        except FileBusy:
+            out.kept.append((rel, "deleted there, open for writing here: kept"))
+            return False
+        try:
+            tmp = tmp_name()
+            os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
+            now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+            changed = not same_file(now, st, ctime=False) or not tree.intact(lease)
+        finally:
+            tree.unlease(lease)
+        if changed:  # a rename moves the ctime: the inode, size, mtime; or opened for writing
             from jam_core.fs import rename_noreplace
 
             try:
@@ -340,9 +375,19 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
             out.kept.append((rel, "changed while being replaced: kept"))
             merged[rel] = o[rel]
             return False
-        exchange(dfd, tmp, name)
-        now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
-        if not same_file(now, checked[rel], ctime=False):  # the exchange moved its ctime
+        try:
+            lease = tree.lease(dfd, name)
+        except FileBusy:
+            out.kept.append((rel, "changed there, open for writing here: kept (sync again)"))
+            merged[rel] = o[rel]
+            return False
+        try:
+            exchange(dfd, tmp, name)
+            now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
+            changed = not same_file(now, checked[rel], ctime=False) or not tree.intact(lease)
+        finally:
+            tree.unlease(lease)
+        if changed:  # the exchange moved its ctime; or it was opened for writing meanwhile
             exchange(dfd, tmp, name)  # it changed in the last instant: it goes back
             out.kept.append((rel, "changed while being replaced: kept"))
             merged[rel] = o[rel]
