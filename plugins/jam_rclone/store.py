@@ -187,6 +187,13 @@ class Store:
         params = {"fs": self.fs, "remote": parent,
                   "opt": {"recurse": False, "noMimeType": True, "noModTime": True},
                   "_filter": {"IncludeRule": [f"/{rel}", f"/{rel}/**"]}}  # names are [A-Za-z0-9._-]
+        for it in self._list_call(params, what) or []:
+            if it.get("Path") == rel:
+                return it
+        return None
+
+    def _list_call(self, params: dict, what: str) -> list[dict] | None:
+        """rclone's ``operations/list``: its items; None when the directory does not exist."""
         try:
             out = self.d.call("operations/list", params)
         except RcError as exc:
@@ -198,10 +205,7 @@ class Store:
         items = out.get("list")
         if not isinstance(items, list):
             raise RemoteError(f"{self.where}: cannot {what}: rclone answered no listing")
-        for it in items:
-            if isinstance(it, dict) and it.get("Path") == rel:
-                return it
-        return None
+        return [i for i in items if isinstance(i, dict)]
 
     def _odd(self, rel: str, what: str, as_dir: bool) -> dict | None:
         """``rel`` is not in its directory's listing: absent (None), a symlink or a special file
@@ -286,18 +290,7 @@ class Store:
         if rel and self.links() and self.dir_state(rel, what) is None:
             return None
         opt = {"recurse": recurse, "filesOnly": True, "noMimeType": True, "noModTime": not modtime}
-        try:
-            out = self.d.call("operations/list", {"fs": self.fs, "remote": rel, "opt": opt})
-        except RcError as exc:
-            if "directory not found" in exc.message.lower():
-                return None
-            raise self.remote_error(what, exc) from None
-        except Lost as exc:
-            raise self.remote_error(what, exc) from None
-        items = out.get("list")
-        if not isinstance(items, list):
-            raise RemoteError(f"{self.where}: cannot {what}: rclone answered no listing")
-        return [i for i in items if isinstance(i, dict)]
+        return self._list_call({"fs": self.fs, "remote": rel, "opt": opt}, what)
 
     def check_location(self, what: str) -> None:
         """The location itself must exist (a bucket, a directory): never re-created."""
