@@ -7,17 +7,10 @@ from __future__ import annotations
 import json
 import os
 
-from jam_core.cli import main
 from jam_core.objects import object_relpath
 from jam_core.stub import XATTR, StubRecord
 from tests.conftest import make_file
-
-
-def jam(runner, *args, ok=True):
-    res = runner.invoke(main, list(args), catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, (res.output, res.stderr)
-    return res
+from tests.test_sftp_cli import jam  # the same CliRunner wrapper
 
 
 def one_clean_line(res) -> str:

@@ -102,27 +102,22 @@ def helpers_for(pool, files: Sequence[_File]) -> int:
 
 def put_spread(pool, ops: Ops, items, progress: Callable[[int], None]) -> list[_File]:
     """``batch.put_many`` over the caller's connection and free helpers, one shared feed."""
-    files = [_File(oid, Path(path), size) for oid, path, size in items]
-    if files:
-        feed = Feed(files)
-
-        def work(o: Ops) -> None:
-            up = Uploads(o, progress)
-            up.run(feed, up.start)
-
-        on_connections(pool, ops, work, helpers_for(pool, files))
-    return files
+    return _spread(pool, ops, items, progress, Uploads)
 
 
 def get_spread(pool, ops: Ops, items, progress: Callable[[int], None]) -> list[_File]:
     """``batch.get_many`` over the caller's connection and free helpers, one shared feed."""
+    return _spread(pool, ops, items, progress, Downloads)
+
+
+def _spread(pool, ops: Ops, items, progress: Callable[[int], None], transfers) -> list[_File]:
     files = [_File(oid, Path(path), size) for oid, path, size in items]
     if files:
         feed = Feed(files)
 
         def work(o: Ops) -> None:
-            down = Downloads(o, progress)
-            down.run(feed, down.start)
+            t = transfers(o, progress)
+            t.run(feed, t.start)
 
         on_connections(pool, ops, work, helpers_for(pool, files))
     return files
