@@ -49,10 +49,42 @@ def write_random(path: Path, size: int) -> None:
             i += 1
 
 
-def timed(fn) -> float:
+_SERVER_PID: list[int] = []  # the bench's sshd listener: its tree's CPU is the server's
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every process below it, including the ones
+    that exited and were reaped (their parent's cutime/cstime)."""
+    from tests.sshd import _descendants
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+def cpu_now() -> tuple[float, float]:
+    """(CPU seconds of this process and its waited children: jam or the peer client, of the sshd tree)."""
+    t = os.times()
+    server = tree_cpu(_SERVER_PID[0]) if _SERVER_PID else 0.0
+    return t.user + t.system + t.children_user + t.children_system, server
+
+
+def timed(fn) -> tuple[float, float, float]:
+    """Wall seconds, client CPU seconds, server CPU seconds of ``fn()``."""
+    c0, s0 = cpu_now()
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    c1, s1 = cpu_now()
+    return wall, c1 - c0, s1 - s0
 
 
 def per_file(one, items: list, threads: int) -> None:
@@ -76,6 +108,8 @@ class Bench:
     def __init__(self, work: Path, connections: int, fsync: bool):
         self.work = work
         self.server = SSHD(work / "sshd").start()
+        assert self.server.proc is not None
+        _SERVER_PID[:] = [self.server.proc.pid]
         self.home = work / "home"
         self.server.write_home(self.home)
         os.environ["HOME"] = str(self.home)
@@ -87,6 +121,7 @@ class Bench:
 
         self.pm = make_plugin_manager(load_entrypoints=False)
         self.results: list[tuple[str, str, float]] = []
+        self.cpu: list[tuple[str, str, float]] = []  # (case, who, CPU seconds of client + sshd)
 
     def close(self) -> None:
         self.server.kill()
@@ -133,16 +168,19 @@ class Bench:
 
         per_file(one, items, threads)
 
-    def record(self, case: str, who: str, nbytes: int, seconds: float) -> None:
+    def record(self, case: str, who: str, nbytes: int, timing: tuple[float, float, float]) -> None:
+        seconds, client, server = timing
         self.results.append((case, who, mbps(nbytes, seconds)))
-        print(f"  {case:<22} {who:<22} {mbps(nbytes, seconds):9.1f} MB/s  ({seconds:.2f} s)", flush=True)
+        self.cpu.append((case, who, client + server))
+        print(f"  {case:<22} {who:<22} {mbps(nbytes, seconds):9.1f} MB/s  ({seconds:.2f} s wall, "
+              f"CPU {client:.2f} s client + {server:.2f} s sshd)", flush=True)
 
-    def medians(self) -> dict[tuple[str, str], float]:
-        """The median MB/s of every (case, who) over the runs."""
+    def medians(self, cpu: bool = False) -> dict[tuple[str, str], float]:
+        """The median MB/s (or with ``cpu`` the median CPU seconds) of every (case, who) over the runs."""
         import statistics
 
         runs: dict[tuple[str, str], list[float]] = {}
-        for case, who, v in self.results:
+        for case, who, v in self.cpu if cpu else self.results:
             runs.setdefault((case, who), []).append(v)
         return {k: statistics.median(v) for k, v in runs.items()}
 
@@ -300,13 +338,15 @@ class Bench:
         print(f"\nratios of the median MB/s over {runs} run(s) (x / sftp -b, higher is better; "
               "goal for jam: large >= 0.8x, small >= 1.5x):")
         by = self.medians()
+        cpu = self.medians(cpu=True)
         for case in dict.fromkeys(c for c, _, _ in self.results):
             peer = by.get((case, "sftp -b"))
             if not peer:
                 continue
             for (c, who), v in by.items():
                 if c == case and who != "sftp -b":
-                    print(f"  {case:<12} {who:<24} {v / peer:5.2f}x")
+                    print(f"  {case:<12} {who:<24} {v / peer:5.2f}x   CPU (client + sshd) "
+                          f"{cpu[(c, who)]:6.2f} s vs {cpu[(c, 'sftp -b')]:6.2f} s")
 
 
 def main() -> None:
