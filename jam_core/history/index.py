@@ -5,7 +5,9 @@
   snapshots this root keeps, with the counts ``jam log`` shows), ``objects`` (the union of
   every kept snapshot's objects and the snapshots' own ids: what ``ops.refs.referenced``
   publishes, so no root removes them), ``stored`` (objects known to be on a remote), ``pushed``
-  (snapshots known to be on a remote), ``meta`` (``head``: the newest snapshot).
+  (snapshots known to be on a remote), ``meta`` (``head``: the newest snapshot), ``recipes`` and
+  ``chunks`` (the recipe of each object stored as content-defined chunks, ``chunks.py``, and the
+  chunks each recipe lists: the kept union counts the recipe and chunks of every kept object).
 * ``objects/<hex>``: the bytes of each kept snapshot, verified against their id on every read.
 * ``HEAD``: the id of the newest snapshot (a readable mirror of the db's head).
 
@@ -36,6 +38,9 @@ CREATE TABLE IF NOT EXISTS objects (oid TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stored (oid TEXT, remote TEXT, PRIMARY KEY (oid, remote)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pushed (id TEXT, remote TEXT, PRIMARY KEY (id, remote)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS recipes (whole TEXT PRIMARY KEY, size INTEGER NOT NULL, recipe TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (recipe TEXT, cid TEXT, size INTEGER NOT NULL, PRIMARY KEY (recipe, cid))
+    WITHOUT ROWID;
 """
 
 
@@ -253,10 +258,44 @@ class Index:
             except (SnapshotError, HistoryError, OSError) as exc:
                 raise HistoryError(f"cannot read snapshot {s[:19]} ({exc}); nothing forgotten") from None
             out.add(s)
-        return out
+        return out | self.pieces_of(out)
 
     def kept_objects(self) -> set[str]:
-        return {o for (o,) in self.db.execute("SELECT oid FROM objects")}
+        """The kept union, with the recipe and chunks of every object in it that was chunked."""
+        oids = {o for (o,) in self.db.execute("SELECT oid FROM objects")}
+        oids |= {o for (o,) in self.db.execute(
+            "SELECT r.recipe FROM recipes r JOIN objects o ON o.oid = r.whole UNION "
+            "SELECT c.cid FROM chunks c JOIN recipes r ON c.recipe = r.recipe JOIN objects o ON o.oid = r.whole")}
+        return oids
+
+    # -- content-defined chunks (chunks.py) ------------------------------------------------
+    def record_recipe(self, whole: str, size: int, recipe: str, chunks) -> None:
+        """Remember that ``whole`` is stored as the recipe ``recipe`` listing ``chunks`` ((id, length))."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("INSERT OR REPLACE INTO recipes VALUES (?, ?, ?)", (whole, size, recipe))
+            self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)",
+                                ((recipe, cid, n) for cid, n in chunks))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def recipe_of(self, whole: str) -> tuple[str, dict[str, int]] | None:
+        """(recipe id, {chunk id: length}) of a chunked object, or None."""
+        row = self.db.execute("SELECT recipe FROM recipes WHERE whole = ?", (whole,)).fetchone()
+        if row is None:
+            return None
+        return row[0], {c: n for c, n in self.db.execute("SELECT cid, size FROM chunks WHERE recipe = ?", row)}
+
+    def pieces_of(self, oids) -> set[str]:
+        """The recipes and chunks of those of ``oids`` that were chunked."""
+        out: set[str] = set()
+        for whole, recipe in list(self.db.execute("SELECT whole, recipe FROM recipes")):
+            if whole in oids:
+                out.add(recipe)
+                out |= {c for (c,) in self.db.execute("SELECT cid FROM chunks WHERE recipe = ?", (recipe,))}
+        return out
 
 
 def kept_objects(root: Root, without: set[str] | frozenset[str] = frozenset()) -> set[str]:

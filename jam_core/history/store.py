@@ -416,6 +416,9 @@ def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) ->
 def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, recorder, remotes: list[Remote],
             out: CommitResult) -> dict[str, Item]:
     """Every entry under ``rels``, local files hashed (cache) and uploaded where needed."""
+    from jam_core.history.chunks import threshold
+
+    above = threshold(root.config)
     known = ix.all_stored()
     items, pending, learned = scan(root, rels, ix, out.skipped, known)
     per_batch = max(64, min(BATCH_FILES, _raise_fd_limit(BATCH_FILES + 256) - 256))
@@ -425,6 +428,9 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
         size = 0
         new_ids = learned
         for e in pending:
+            if e.st.st_size >= above:
+                _chunked(root, pm, session, dirs, e, ix, recorder, remotes, items, known, new_ids, out)
+                continue
             try:
                 got = hash_one(dirs, e)
             except (JamError, OSError) as exc:
@@ -452,6 +458,50 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
             _upload_batch(root, pm, session, batch, ix, recorder, remotes, items, known, out)
         ix.remember_ids(new_ids)
     return items
+
+
+def _chunked(root: Root, pm, session: Session, dirs: "OneDir", e, ix: Index, recorder, remotes: list[Remote],
+             items: dict[str, Item], known: set[str], new_ids: list, out: CommitResult) -> None:
+    """A file of ``[history] chunk_above`` bytes or more: read once, hashed whole while it is
+    cut into content-defined chunks (``chunks.py``); if no remote holds it, only the chunks a
+    remote lacks are uploaded, then its recipe."""
+    from jam_core.history.chunks import cut, store_file
+
+    name = e.rel.rpartition("/")[2]
+    try:
+        fd = open_regular(dirs.get(e.dir), name, expect=e.st)
+    except (NotTheFile, FileNotFoundError):
+        out.skipped.append((e.rel, "changed while it was being read: left as in the last snapshot"))
+        return
+    except (JamError, OSError) as exc:
+        out.skipped.append((e.rel, f"could not be read ({describe(exc)}): left as in the last snapshot"))
+        return
+    try:
+        st0 = os.fstat(fd)
+        if not same_file(st0, e.st):
+            out.skipped.append((e.rel, "changed while it was being read: left as in the last snapshot"))
+            return
+        try:
+            c = cut(fd)
+        except (JamError, OSError) as exc:
+            out.skipped.append((e.rel, f"could not be read ({describe(exc)}): left as in the last snapshot"))
+            return
+        session.file_done(e.st.st_size)
+        if c.size != st0.st_size or not same_file(os.fstat(fd), st0):
+            out.skipped.append((e.rel, "changed while it was being read: left as in the last snapshot"))
+            return
+        st = e.st
+        new_ids.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, c.oid, st.st_mode & 0o7777))
+        item = Item(e.rel, FILE, c.oid, st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)
+        if c.oid not in known:
+            why = store_file(root, pm, session, ix, recorder, remotes, fd, c, out)
+            if why:
+                out.skipped.append((e.rel, f"not uploaded ({why}): left as in the last snapshot"))
+                return
+            known.add(c.oid)
+        items[e.rel] = item
+    finally:
+        os.close(fd)
 
 
 def _raise_fd_limit(want: int) -> int:

@@ -261,6 +261,9 @@ def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Sess
                     raise
                 except (JamError, OSError) as exc:
                     outcomes[oid] = exc
+        from jam_core.history.chunks import assemble_absent
+
+        assemble_absent(remote, items, outcomes, pm, session)  # no whole object there: from its chunks
     except RemoteError as exc:
         for w in wants:
             w.unreachable += 1

@@ -1,0 +1,419 @@
+"""Content-defined chunks: a large file that changes a little moves only its changed parts.
+
+A file of ``[history] chunk_above`` bytes or more (default 64 MiB) that no remote holds whole
+is cut by FastCDC (``pyfastcdc``: min 64 KiB, average 128 KiB, max 512 KiB) while its whole id
+is computed in the same read. Each chunk is an ordinary object (the id of its bytes, stored and
+verified by the backend as any object). A RECIPE is an object too: zlib-compressed text
+
+    jam-recipe 1
+    <whole id> <size>
+    <chunk id> <length>      (one line per chunk, in order)
+
+and ``meta/recipes/<algorithm>-<hex of the whole id>`` on each remote that holds the chunks
+points to it (``jam-recipe-pointer 1\\n<recipe id>\\n<stored size>\\n``, written with
+``write_meta``: atomic). So any root that needs X and finds no whole X on a remote finds its
+recipe there (``assemble``): the recipe is verified by its id and validated as it is parsed
+(hostile lengths, counts, ids, a total that is not the size, another file's recipe: refused in
+one line), every chunk is verified by its id and written at its offset, and the caller verifies
+the whole id as for any fetch: a lying recipe can only fail.
+
+The history index (``index.py``: tables ``recipes`` and ``chunks``) remembers each recipe, so the
+kept union (``kept_objects``, published by ``ops.refs.referenced``) holds the recipe and chunks
+of every kept whole object: gc, drop and move never remove them.
+
+The average is chosen so that a 100-byte edit of a 1 GiB file uploads well under 1 MiB, the
+recipe included: about 8,000 chunks make a recipe of ~300 KiB once compressed, and the edited
+chunk (or two, when the edit moves a cut point) are ~128 KiB each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, describe
+from jam_core.fs import fd_path
+from jam_core.objects import DEFAULT_ALGORITHM, hasher, is_valid_oid, split_oid
+
+MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 64 << 10, 128 << 10, 512 << 10
+DEFAULT_ABOVE = 64 << 20
+MAGIC = b"jam-recipe 1\n"
+POINTER_MAGIC = b"jam-recipe-pointer 1\n"
+POINTERS = "recipes"
+MAX_RECIPE = 64 << 20  # stored bytes of a recipe, and its text once inflated
+MAX_LENGTH = 64 << 20  # a chunk's length in a recipe (ours are at most MAX_CHUNK; others may differ)
+MAX_COUNT = 1 << 22  # chunks in one recipe
+FETCH_BATCH = 64  # chunks fetched at once (memory: at most FETCH_BATCH chunks of MAX_LENGTH... of their size)
+_LINE = re.compile(rb"\A(b3|sha256):([0-9a-f]{64}) ([1-9][0-9]{0,17})\Z")
+
+
+class RecipeError(JamError):
+    exit_code = 1
+
+
+def threshold(config) -> int:
+    """``[history] chunk_above`` (a size; default 64 MiB): files this large or larger are chunked."""
+    from jam_core.units import parse_size
+
+    table = config.get("history", {}) if isinstance(config, dict) else {}
+    if not isinstance(table, dict):
+        raise UsageError("'history' must be a table")
+    value = table.get("chunk_above")
+    if value is None:
+        return DEFAULT_ABOVE
+    n = parse_size(value, "history.chunk_above")
+    if n < 1:
+        raise UsageError("history.chunk_above must be at least 1 byte")
+    return n
+
+
+@dataclass
+class Cut:
+    oid: str  # the whole file's id
+    size: int
+    chunks: list[tuple[str, int, int]] = field(default_factory=list)  # (chunk id, offset, length)
+
+
+class _Reader:
+    """The file as a stream for the chunker, hashing the whole as it goes (one read)."""
+
+    def __init__(self, fd: int, whole, progress=None):
+        self.fd, self.whole, self.progress, self.size = fd, whole, progress, 0
+
+    def readinto(self, b) -> int:
+        n = os.readv(self.fd, [b])
+        if n:
+            self.whole.update(b[:n])
+            self.size += n
+            if self.progress is not None:
+                self.progress(n)
+        return n
+
+
+def cut(fd: int, progress=None) -> Cut:
+    """Read ``fd`` from its start once: the whole id, and its chunks with their ids."""
+    from pyfastcdc import FastCDC
+
+    os.lseek(fd, 0, os.SEEK_SET)
+    whole = hasher(DEFAULT_ALGORITHM, threads=True)
+    reader = _Reader(fd, whole, progress)
+    out: list[tuple[str, int, int]] = []
+    for c in FastCDC(avg_size=AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK).cut_stream(reader):
+        h = hasher(DEFAULT_ALGORITHM)
+        h.update(c.data)
+        out.append((f"{DEFAULT_ALGORITHM}:{h.hexdigest()}", c.offset, c.length))
+    return Cut(f"{DEFAULT_ALGORITHM}:{whole.hexdigest()}", reader.size, out)
+
+
+# -- the recipe ------------------------------------------------------------------------------
+def encode(oid: str, size: int, chunks) -> bytes:
+    """The stored bytes of a recipe (``chunks``: (id, offset, length) or (id, length))."""
+    lines = [MAGIC, f"{oid} {size}\n".encode("ascii")]
+    lines += [f"{c[0]} {c[-1]}\n".encode("ascii") for c in chunks]
+    return zlib.compress(b"".join(lines), 6)
+
+
+def id_of(data: bytes) -> str:
+    h = hasher(DEFAULT_ALGORITHM)
+    h.update(data)
+    return f"{DEFAULT_ALGORITHM}:{h.hexdigest()}"
+
+
+def parse(data: bytes, rid: str, oid: str, size: int) -> list[tuple[str, int]]:
+    """The chunks (id, length) of the recipe ``rid`` for ``oid`` of ``size`` bytes. Parsing is
+    validation: the bytes must hash to ``rid``, inflate within limits, name exactly this file
+    and size, list valid ids with lengths that add up to the size. RecipeError (one line)."""
+    what = f"recipe {rid[:19]} of {oid[:19]}"
+    if not is_valid_oid(rid) or id_of(data) != rid:
+        raise RecipeError(f"{what}: its bytes do not match its id")
+    try:
+        d = zlib.decompressobj()
+        text = d.decompress(data, MAX_RECIPE)
+        if d.unconsumed_tail or not d.eof:
+            raise RecipeError(f"{what}: larger than {MAX_RECIPE >> 20} MiB once inflated, or truncated")
+    except zlib.error:
+        raise RecipeError(f"{what}: not a recipe (cannot inflate)") from None
+    if not text.startswith(MAGIC) or not text.endswith(b"\n"):
+        raise RecipeError(f"{what}: not a recipe")
+    lines = text[len(MAGIC):-1].split(b"\n")
+    if len(lines) - 1 > MAX_COUNT:
+        raise RecipeError(f"{what}: lists {len(lines) - 1} chunks, more than {MAX_COUNT}")
+    if lines[0] != f"{oid} {size}".encode("ascii"):
+        raise RecipeError(f"{what}: it is the recipe of another file ({lines[0][:90].decode('ascii', 'replace')})")
+    out = []
+    total = 0
+    for line in lines[1:]:
+        m = _LINE.match(line)
+        if not m:
+            raise RecipeError(f"{what}: malformed line {line[:90].decode('ascii', 'replace')!r}")
+        n = int(m.group(3))
+        if n > MAX_LENGTH:
+            raise RecipeError(f"{what}: a chunk of {n} bytes (more than {MAX_LENGTH >> 20} MiB)")
+        total += n
+        if total > size:
+            raise RecipeError(f"{what}: its chunks add up to more than the file's {size} bytes")
+        out.append((line.split(b" ")[0].decode("ascii"), n))
+    if total != size:
+        raise RecipeError(f"{what}: its chunks add up to {total} bytes, not the file's {size}")
+    return out
+
+
+def pointer_name(oid: str) -> str:
+    algorithm, hexd = split_oid(oid)
+    return f"{POINTERS}/{algorithm}-{hexd}"
+
+
+def encode_pointer(rid: str, stored: int) -> bytes:
+    return POINTER_MAGIC + f"{rid}\n{stored}\n".encode("ascii")
+
+
+def decode_pointer(data: bytes) -> tuple[str, int] | None:
+    if not data.startswith(POINTER_MAGIC) or len(data) > 256:
+        return None
+    lines = data[len(POINTER_MAGIC):].decode("ascii", "replace").split("\n")
+    if len(lines) != 3 or lines[2] != "" or not is_valid_oid(lines[0]) or not lines[1].isdigit() \
+            or len(lines[1]) > 12:
+        return None
+    n = int(lines[1])
+    return (lines[0], n) if 0 < n <= MAX_RECIPE else None
+
+
+# -- reading -------------------------------------------------------------------------------
+def recipe_on(remote, oid: str, size: int, pm, session) -> tuple[str, int, list[tuple[str, int]]] | None:
+    """(recipe id, its stored size, its chunks) of ``oid`` on ``remote``; None if the remote has
+    no pointer for it. RecipeError for a pointer or recipe that is not valid; RemoteError if
+    the remote cannot be reached."""
+    data = pm.hook.read_meta(remote=remote, name=pointer_name(oid), session=session)
+    if not data:
+        return None
+    ptr = decode_pointer(bytes(data))
+    if ptr is None:
+        raise RecipeError(f"remote {remote.name!r}: the recipe pointer of {oid[:19]} is malformed")
+    rid, stored = ptr
+    fd = os.memfd_create("jam-recipe", os.MFD_CLOEXEC)
+    try:
+        ok = pm.hook.fetch(remote=remote, oid=rid, dest=Path(fd_path(fd)), size=stored, session=session)
+        if ok is None:
+            raise RemoteError(f"remote {remote.name!r}: no installed plugin handles kind {remote.kind!r}")
+        if ok is not True:
+            raise RecipeError(f"remote {remote.name!r}: the recipe {rid[:19]} of {oid[:19]} is missing")
+        if os.fstat(fd).st_size != stored:
+            raise RecipeError(f"remote {remote.name!r}: the recipe {rid[:19]} of {oid[:19]} has the wrong size")
+        data = os.pread(fd, stored, 0)
+    finally:
+        os.close(fd)
+    return rid, stored, parse(data, rid, oid, size)
+
+
+def assemble(remote, oid: str, size: int, dest_fd: int, pm, session) -> bool:
+    """Write ``oid`` into ``dest_fd`` (empty) from its chunks on ``remote``: False if the
+    remote has no recipe for it; True once every chunk, verified by its id, is at its offset
+    (the caller verifies the whole). RecipeError/IntegrityError for a bad recipe or chunk;
+    RemoteError if the remote cannot be reached."""
+    got = recipe_on(remote, oid, size, pm, session)
+    if got is None:
+        return False
+    _rid, _stored, chunks = got
+    offsets: dict[str, list[int]] = {}
+    lengths: dict[str, int] = {}
+    off = 0
+    for cid, n in chunks:
+        offsets.setdefault(cid, []).append(off)
+        if lengths.setdefault(cid, n) != n:
+            raise RecipeError(f"remote {remote.name!r}: the recipe of {oid[:19]} gives {cid[:19]} two lengths")
+        off += n
+    todo = list(offsets)
+    for i in range(0, len(todo), FETCH_BATCH):
+        _fetch_chunks(remote, todo[i:i + FETCH_BATCH], lengths, offsets, dest_fd, pm, session)
+    os.ftruncate(dest_fd, size)  # a recipe whose chunks end early leaves no hole unnoticed: the hash fails
+    return True
+
+
+def _fetch_chunks(remote, cids: list[str], lengths, offsets, dest_fd: int, pm, session) -> None:
+    fds: dict[str, int] = {}
+    try:
+        for cid in cids:
+            fds[cid] = os.memfd_create("jam-chunk", os.MFD_CLOEXEC)
+        items = [(cid, Path(fd_path(fds[cid])), lengths[cid]) for cid in cids]
+        outcomes = dict(pm.hook.fetch_many(remote=remote, items=items, session=session) or ())
+        for cid, dest, n in items:
+            if cid not in outcomes:
+                try:
+                    outcomes[cid] = pm.hook.fetch(remote=remote, oid=cid, dest=dest, size=n, session=session)
+                except RemoteError:
+                    raise
+                except (JamError, OSError) as exc:
+                    outcomes[cid] = exc
+        for cid in cids:
+            outcome = outcomes.get(cid)
+            if isinstance(outcome, Exception):
+                raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]}: {describe(outcome)}")
+            if outcome is not True:
+                raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]} of a recipe is missing")
+            fd, n = fds[cid], lengths[cid]
+            if os.fstat(fd).st_size != n:
+                raise IntegrityError(f"remote {remote.name!r}: chunk {cid[:19]} has the wrong size")
+            data = os.pread(fd, n, 0)
+            algorithm, _ = split_oid(cid)
+            h = hasher(algorithm)
+            h.update(data)
+            if f"{algorithm}:{h.hexdigest()}" != cid:
+                raise IntegrityError(f"remote {remote.name!r} returned a corrupt chunk {cid[:19]}")
+            for off in offsets[cid]:
+                done = 0
+                while done < n:
+                    done += os.pwrite(dest_fd, memoryview(data)[done:], off + done)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def assemble_absent(remote, items, outcomes: dict, pm, session) -> None:
+    """For checkout's ``fetch_from``: each object ``remote`` said it does not have (outcome
+    False) is assembled from its chunks there if it has a recipe (outcome True, or the
+    problem); the caller then verifies the whole id as for any fetch. RemoteError passes."""
+    for oid, dest, size in items:
+        if outcomes.get(oid, False) is not False:
+            continue
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+            outcomes[oid] = assemble(remote, oid, size, fd, pm, session)
+        except RemoteError:
+            raise
+        except (JamError, OSError) as exc:
+            outcomes[oid] = JamError(f"{describe(exc)}; stub left as it was")
+        finally:
+            os.close(fd)
+
+
+def held(remote, oid: str, size: int, pm, session, listing: dict[str, int] | None = None) -> bool:
+    """Whether ``remote`` holds ``oid`` as chunks: its recipe pointer, the recipe (verified)
+    and every chunk listed there (``listing``: {oid: size} of one ``list_objects``, else
+    ``has`` per chunk). For ``jam doctor``."""
+    try:
+        got = recipe_on(remote, oid, size, pm, session)
+    except RecipeError:
+        return False
+    if got is None:
+        return False
+    rid, stored, chunks = got
+    for cid, n in {c: n for c, n in chunks}.items():
+        if listing is not None:
+            if listing.get(cid) != n:
+                return False
+        elif pm.hook.has(remote=remote, oid=cid, size=n, session=session) is not True:
+            return False
+    return True
+
+
+# -- writing (``jam commit``) --------------------------------------------------------------
+@dataclass
+class _Rec:
+    oid: str
+    size: int
+
+
+@dataclass
+class _Piece:
+    """A chunk (or the recipe) on its way, in an anonymous memory file (``store_on``'s shape)."""
+
+    record: _Rec
+    fd: int
+
+
+def _piece(oid: str, data: bytes) -> _Piece:
+    fd = os.memfd_create("jam-chunk", os.MFD_CLOEXEC)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, memoryview(data)[done:])
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Piece(_Rec(oid, len(data)), fd)
+
+
+def store_file(root, pm, session, ix, recorder, remotes, fd: int, c: Cut, out) -> str:
+    """Store the file ``fd`` (cut as ``c``) on the remotes ``place`` chooses as chunks: only
+    the chunks a remote lacks (the index knows, else one listing or ``has``), then the recipe,
+    then (all durable) its pointer. Records the recipe and where each piece is in the index.
+    Returns "" when every chosen remote holds it, else why not (the file is then skipped)."""
+    from jam_core.ops.remotes import ensure_identity
+    from jam_core.ops.stash import Skip, choose_remotes, store_on
+    from jam_core.placement import Candidates, copies_of
+
+    by_name = {r.name: r for r in remotes}
+    try:
+        targets = [n for n in choose_remotes(root, pm, c.oid, c.size, Candidates(remotes, copies_of(root.config)))
+                   if n in by_name]
+    except Skip as exc:
+        return str(exc)
+    except JamError as exc:
+        return describe(exc)
+    if not targets:
+        return "no remote to store it on"
+    recipe = encode(c.oid, c.size, c.chunks)
+    rid = id_of(recipe)
+    first: dict[str, tuple[int, int]] = {}
+    for cid, off, n in c.chunks:
+        first.setdefault(cid, (off, n))
+    pieces = set(first) | {rid}
+    newly: dict[str, int] = {}
+    for name in targets:
+        remote = by_name[name]
+        try:
+            ensure_identity(root, remote, pm, session)
+            recorder.before_store(remote, pieces | {c.oid})
+            there = ix.stored_by(remote.name)
+            unknown = {cid: first[cid][1] for cid in first if cid not in there}
+            if len(unknown) > 64:
+                listing = pm.hook.list_objects(remote=remote, session=session, sweep=False)
+            else:
+                listing = None
+            if listing is not None:
+                present = {o for o, n in listing if unknown.get(o) == n}
+            else:
+                present = {o for o, n in unknown.items()
+                           if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
+            lacking = [cid for cid in unknown if cid not in present]
+            for i in range(0, len(lacking), FETCH_BATCH):
+                batch = []
+                try:
+                    for cid in lacking[i:i + FETCH_BATCH]:
+                        off, n = first[cid]
+                        batch.append(_piece(cid, os.pread(fd, n, off)))
+                    for p, err in store_on(remote, batch, pm, session):
+                        if err is not None:
+                            return f"remote {name!r}: chunk {p.record.oid[:19]}: {describe(err)}"
+                        newly[p.record.oid] = p.record.size
+                finally:
+                    for p in batch:
+                        os.close(p.fd)
+            p = _piece(rid, recipe)
+            try:
+                for _p, err in store_on(remote, [p], pm, session):
+                    if err is not None:
+                        return f"remote {name!r}: its recipe: {describe(err)}"
+                    newly[rid] = len(recipe)
+            finally:
+                os.close(p.fd)
+            pm.hook.sync(remote=remote, session=session)
+            if pm.hook.write_meta(remote=remote, name=pointer_name(c.oid), data=encode_pointer(rid, len(recipe)),
+                                  session=session) is None:
+                return f"remote {name!r}: its backend cannot write jam's metadata (no write_meta)"
+            going = recorder.removing_elsewhere(remote)
+            if going & (pieces | {c.oid}):
+                return f"another root is removing part of it from {name!r} at this moment"
+        except (JamError, OSError) as exc:
+            if isinstance(exc, RemoteError):
+                out.problems.append(f"remote {name!r}: {describe(exc)}")
+            return f"remote {name!r}: {describe(exc)}"
+        ix.record_recipe(c.oid, c.size, rid, [(cid, n) for cid, _off, n in c.chunks])
+        ix.record_stored([(o, name) for o in pieces | {c.oid}])
+    out.uploaded += len(newly)
+    out.bytes += sum(newly.values())
+    return ""
