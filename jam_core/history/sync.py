@@ -20,6 +20,10 @@
      Deleted here and modified there: the modified version comes back. Deleted there and
      modified here: ours stays.
 
+   Pins (``jam pin``, ``ROOT/.jam/pins``) merge the same way, per path: pinned or unpinned on
+   one side since the base -> as that side has it; with no common base, a pin either side has
+   stays (the safe side). What the merge changed is applied to the root's pins as a delta.
+
    The merge is recorded as a snapshot whose parents are ours and theirs.
 4. ``store.commit`` again: it records what the tree now is if it differs from the merge, and
    pushes the merge and this machine's head.
@@ -62,6 +66,8 @@ class SyncResult:
     removed: int = 0
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, its conflict copy)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why ours stayed)
+    pinned: list[str] = field(default_factory=list)  # pins the merge added here
+    unpinned: list[str] = field(default_factory=list)  # pins the merge removed here
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -404,6 +410,48 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
             cat.remove_stubs(gone)
 
 
+# -- pins ----------------------------------------------------------------------------------------
+def merge_pins(ours, theirs, base) -> set[str]:
+    """Pins merged three ways like files: pinned or unpinned on one side since the base -> as
+    that side has it; with no common base, a pin either side has stays (the safe side: a pin
+    only keeps a file from being stashed)."""
+    o, t = set(ours), set(theirs)
+    if base is None:
+        return o | t
+    b = set(base)
+    merged = set()
+    for p in b | o | t:
+        if (p in o) == (p in t):
+            keep = p in o
+        elif (p in b) == (p in o):  # changed only there
+            keep = p in t
+        elif (p in b) == (p in t):  # changed only here
+            keep = p in o
+        else:  # pragma: no cover  (a pin is in or out: one side always agrees with the base)
+            keep = True
+        if keep:
+            merged.add(p)
+    return merged
+
+
+def apply_pins(root: Root, ours, merged: set[str], out: SyncResult) -> set[str]:
+    """Apply to the root's pins (``ROOT/.jam/pins``, under the root's lock) what the merge
+    changed from our snapshot's pins: a delta over the pins now, so a ``jam pin`` made since
+    our commit is kept. Returns the pins the merge records."""
+    from jam_core.policy.pins import add_pins, read_pins, remove_pins
+
+    now, o = read_pins(root), set(ours)
+    add = sorted((merged - o) - now)
+    drop = sorted((o - merged) & now)
+    if add:
+        add_pins(root, add)
+        out.pinned += add
+    if drop:
+        remove_pins(root, drop)
+        out.unpinned += drop
+    return set(merged)
+
+
 # -- sync ----------------------------------------------------------------------------------------
 def sync(root: Root, pm, session: Session | None = None, message: str = "") -> SyncResult:
     """See the module's docstring."""
@@ -460,14 +508,16 @@ def _merge_one(root: Root, ix: Index, graph: Graph, ours_id: str, theirs_id: str
     base_id = graph.base(ours_id, theirs_id)
     base = ix.load(base_id) if base_id else None
     merged = merge(root, ix, ours, theirs, base, cat, out)
+    pins = apply_pins(root, ours.pins, merge_pins(ours.pins, theirs.pins, base.pins if base else None), out)
     out.merged.append(theirs_id)
-    if base_id == ours_id and {p: i for p, i in merged.items()} == theirs.by_path():
+    if base_id == ours_id and {p: i for p, i in merged.items()} == theirs.by_path() \
+            and pins == set(theirs.pins):
         # a fast-forward: theirs is now HEAD, no new snapshot
         ix.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (theirs_id,))
         ix.write_head_file(theirs_id)
         return
     snap = Snapshot([ours_id, theirs_id], max(time.time_ns(), ours.time_ns + 1, theirs.time_ns + 1),
-                    socket.gethostname()[:255], machine_id(), ours.tree, "merge", sorted(set(ours.pins)),
+                    socket.gethostname()[:255], machine_id(), ours.tree, "merge", sorted(pins),
                     sorted(merged.values(), key=lambda i: i.path),
                     parent_sizes=[len(ix.read_bytes(ours_id) or b""), len(ix.read_bytes(theirs_id) or b"")])
     stored = encode(snap)
