@@ -250,10 +250,11 @@ class Worker:
         try:
             for remote in _order(remotes, known):
                 try:
+                    got = None
                     if self.dir_backend and remote.kind == "dir" and rec.size <= MEM_MAX:
                         with AsOwner(root.path):  # the user's remote, read (and its marker checked) as the user
                             got = self.fetch_dir(root, remote, rec)
-                    else:
+                    if got is None:  # not a dir remote, or no whole object there (its chunks may be)
                         # As the user too: a backend may record a remote's identity in the
                         # root's config.toml, which must stay the user's file.
                         with AsOwner(root.path):
@@ -298,7 +299,7 @@ class Worker:
             return problem
         return f"remote {remote.name!r}: no answer for {rec.oid}"
 
-    def fetch_dir(self, root: Root, remote, rec) -> memoryview | str:
+    def fetch_dir(self, root: Root, remote, rec) -> memoryview | str | None:
         """The object of ``rec`` from a dir remote, straight from its file: read once into
         memory, hashed there, and those very bytes are what ``fill`` writes (nothing can change
         them between the check and the write). A problem with this object is a string; the
@@ -313,7 +314,7 @@ class Worker:
         except FileNotFoundError:
             if not os.path.isdir(remote.location):
                 raise RemoteError(f"{where}: the directory is missing (unplugged drive?)") from None
-            return f"remote {remote.name!r} does not have {rec.oid}"
+            return None  # the fetch hooks then try it as chunks (history/chunks.py), or say it is absent
         except OSError as exc:
             raise RemoteError(f"{where}: cannot read {rec.oid}: {exc.strerror}") from None
         try:

@@ -43,9 +43,11 @@ DEFAULT_ABOVE = 64 << 20
 MAGIC = b"jam-recipe 1\n"
 POINTER_MAGIC = b"jam-recipe-pointer 1\n"
 POINTERS = "recipes"
-MAX_RECIPE = 64 << 20  # stored bytes of a recipe, and its text once inflated
-MAX_LENGTH = 64 << 20  # a chunk's length in a recipe (ours are at most MAX_CHUNK; others may differ)
-MAX_COUNT = 1 << 22  # chunks in one recipe
+MAX_RECIPE = 64 << 20  # stored bytes of a recipe
+MAX_TEXT = 128 << 20  # its text once inflated
+MAX_LENGTH = 64 << 20  # a chunk's length in a recipe (ours are at most 4 x the average)
+MAX_COUNT = 1 << 20  # chunks in one recipe
+SPREAD = 1 << 19  # a file cut into more chunks than this at AVG_CHUNK gets larger chunks (doubled until not)
 FETCH_BATCH = 64  # chunks fetched at once (memory: at most FETCH_BATCH chunks of MAX_LENGTH... of their size)
 _LINE = re.compile(rb"\A(b3|sha256):([0-9a-f]{64}) ([1-9][0-9]{0,17})\Z")
 
@@ -98,10 +100,14 @@ def cut(fd: int, progress=None) -> Cut:
     from pyfastcdc import FastCDC
 
     os.lseek(fd, 0, os.SEEK_SET)
+    avg = AVG_CHUNK
+    while os.fstat(fd).st_size // avg > SPREAD:  # a recipe of at most ~SPREAD chunks (~40 MiB of text)
+        avg *= 2
     whole = hasher(DEFAULT_ALGORITHM, threads=True)
     reader = _Reader(fd, whole, progress)
     out: list[tuple[str, int, int]] = []
-    for c in FastCDC(avg_size=AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK).cut_stream(reader):
+    cdc = FastCDC(avg_size=avg, min_size=avg * MIN_CHUNK // AVG_CHUNK, max_size=avg * MAX_CHUNK // AVG_CHUNK)
+    for c in cdc.cut_stream(reader):
         h = hasher(DEFAULT_ALGORITHM)
         h.update(c.data)
         out.append((f"{DEFAULT_ALGORITHM}:{h.hexdigest()}", c.offset, c.length))
@@ -131,9 +137,9 @@ def parse(data: bytes, rid: str, oid: str, size: int) -> list[tuple[str, int]]:
         raise RecipeError(f"{what}: its bytes do not match its id")
     try:
         d = zlib.decompressobj()
-        text = d.decompress(data, MAX_RECIPE)
+        text = d.decompress(data, MAX_TEXT)
         if d.unconsumed_tail or not d.eof:
-            raise RecipeError(f"{what}: larger than {MAX_RECIPE >> 20} MiB once inflated, or truncated")
+            raise RecipeError(f"{what}: larger than {MAX_TEXT >> 20} MiB once inflated, or truncated")
     except zlib.error:
         raise RecipeError(f"{what}: not a recipe (cannot inflate)") from None
     if not text.startswith(MAGIC) or not text.endswith(b"\n"):
@@ -412,8 +418,58 @@ def store_file(root, pm, session, ix, recorder, remotes, fd: int, c: Cut, out) -
             if isinstance(exc, RemoteError):
                 out.problems.append(f"remote {name!r}: {describe(exc)}")
             return f"remote {name!r}: {describe(exc)}"
-        ix.record_recipe(c.oid, c.size, rid, [(cid, n) for cid, _off, n in c.chunks])
+        ix.record_recipe(c.oid, c.size, rid, len(recipe), [(cid, n) for cid, _off, n in c.chunks])
         ix.record_stored([(o, name) for o in pieces | {c.oid}])
     out.uploaded += len(newly)
     out.bytes += sum(newly.values())
     return ""
+
+
+def complete(root, pm, session, ix, remote, missing: dict[str, int], others, listing=None) -> set[str]:
+    """For ``store.complete``: make ``remote`` hold as chunks each object of ``missing`` (oid ->
+    size) that is chunked: its recipe (the index's, else found on ``remote`` or on one of
+    ``others``, verified, then remembered) and every chunk, what it lacks copied from the other
+    remotes (``ops.copies.copy_objects``: verified), then its pointer. Returns the objects it
+    now holds (recorded as stored there). ``listing``: {oid: size} of ``remote``, if known."""
+    from jam_core.ops.copies import copy_objects
+
+    done: set[str] = set()
+    there = ix.stored_by(remote.name)
+    for oid, size in missing.items():
+        rec = ix.recipe_of(oid)
+        found: set[str] = set()
+        if rec is None:
+            for r in [remote, *others]:
+                try:
+                    got = recipe_on(r, oid, size, pm, session)
+                except RecipeError:
+                    continue
+                if got is not None:
+                    ix.record_recipe(oid, size, got[0], got[1], got[2])
+                    rec = ix.recipe_of(oid)
+                    found.add(r.name)
+                    break
+        if rec is None:
+            continue
+        rid, stored, sizes = rec
+        need = {rid: stored, **sizes}
+        unknown = {o: n for o, n in need.items() if o not in there}
+        if listing is None and len(unknown) > 64:
+            got_listing = pm.hook.list_objects(remote=remote, session=session, sweep=False)
+            listing = dict(got_listing) if got_listing is not None else {}
+        if listing is not None:
+            present = {o for o, n in unknown.items() if listing.get(o) == n}
+        else:
+            present = {o for o, n in unknown.items()
+                       if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
+        lacking = {o: n for o, n in unknown.items() if o not in present}
+        if lacking:
+            _copied, failed = copy_objects(root, pm, session, remote, lacking,
+                                           holders=lambda o, near=found: ix.stored_on(o) | near)
+            if failed:
+                continue
+        pm.hook.write_meta(remote=remote, name=pointer_name(oid), data=encode_pointer(rid, stored), session=session)
+        ix.record_stored([(o, remote.name) for o in [*need, oid]])
+        there |= set(need)
+        done.add(oid)
+    return done

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS objects (oid TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stored (oid TEXT, remote TEXT, PRIMARY KEY (oid, remote)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pushed (id TEXT, remote TEXT, PRIMARY KEY (id, remote)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS recipes (whole TEXT PRIMARY KEY, size INTEGER NOT NULL, recipe TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recipes (whole TEXT PRIMARY KEY, size INTEGER NOT NULL, recipe TEXT NOT NULL,
+                                    stored INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (recipe TEXT, cid TEXT, size INTEGER NOT NULL, PRIMARY KEY (recipe, cid))
     WITHOUT ROWID;
 """
@@ -269,11 +270,12 @@ class Index:
         return oids
 
     # -- content-defined chunks (chunks.py) ------------------------------------------------
-    def record_recipe(self, whole: str, size: int, recipe: str, chunks) -> None:
-        """Remember that ``whole`` is stored as the recipe ``recipe`` listing ``chunks`` ((id, length))."""
+    def record_recipe(self, whole: str, size: int, recipe: str, stored: int, chunks) -> None:
+        """Remember that ``whole`` is stored as the recipe ``recipe`` (``stored`` bytes) listing
+        ``chunks`` ((id, length))."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("INSERT OR REPLACE INTO recipes VALUES (?, ?, ?)", (whole, size, recipe))
+            self.db.execute("INSERT OR REPLACE INTO recipes VALUES (?, ?, ?, ?)", (whole, size, recipe, stored))
             self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)",
                                 ((recipe, cid, n) for cid, n in chunks))
             self.db.execute("COMMIT")
@@ -281,12 +283,13 @@ class Index:
             self.db.execute("ROLLBACK")
             raise
 
-    def recipe_of(self, whole: str) -> tuple[str, dict[str, int]] | None:
-        """(recipe id, {chunk id: length}) of a chunked object, or None."""
-        row = self.db.execute("SELECT recipe FROM recipes WHERE whole = ?", (whole,)).fetchone()
+    def recipe_of(self, whole: str) -> tuple[str, int, dict[str, int]] | None:
+        """(recipe id, its stored size, {chunk id: length}) of a chunked object, or None."""
+        row = self.db.execute("SELECT recipe, stored FROM recipes WHERE whole = ?", (whole,)).fetchone()
         if row is None:
             return None
-        return row[0], {c: n for c, n in self.db.execute("SELECT cid, size FROM chunks WHERE recipe = ?", row)}
+        return row[0], row[1], {c: n for c, n in self.db.execute("SELECT cid, size FROM chunks WHERE recipe = ?",
+                                                                   (row[0],))}
 
     def pieces_of(self, oids) -> set[str]:
         """The recipes and chunks of those of ``oids`` that were chunked."""

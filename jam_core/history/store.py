@@ -262,35 +262,87 @@ def hash_one(dirs: "OneDir", e) -> tuple[int, str] | None:
 
 
 # -- making entries (restore, clone, sync) ----------------------------------------------------
-def make_entry(dfd: int, name: str, item: Item, remotes: tuple[str, ...], stamp: str, now_ns: int):
-    """Make ``item`` under a temporary name in ``dfd`` (a stub, an empty file, a symlink): the
-    one way ``restore``, ``clone`` and ``sync`` make an entry of a snapshot. Returns (temporary
-    name, StubRecord or None). Not yet durable: the caller renames it in and makes the whole
-    batch durable with one ``syncfs`` (an fsync per file dominates the cost of small stubs)."""
-    from jam_core.stub import StubRecord, write_stub
+class EntryMaker:
+    """Makes the entries of one batch (a stub, an empty file, a symlink) from snapshot items:
+    the one way ``restore``, ``clone`` and ``sync`` make them. A stub's header block is built
+    from parts computed once per batch (byte for byte ``StubRecord.header``, which it falls
+    back to for a name too long for one block) and its ``user.jam`` packed directly: the
+    items were validated when their snapshot was parsed. Nothing is made durable here: the
+    caller makes the whole batch durable with one ``syncfs`` (an fsync per file dominates
+    the cost of small stubs)."""
 
-    tmp = tmp_name()
-    if item.kind == LINK:
-        os.symlink(item.target, tmp, dir_fd=dfd)
-        os.utime(tmp, ns=(item.mtime_ns, item.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-        return tmp, None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-    try:
-        if item.size == 0:
-            os.fchmod(fd, item.mode)
-            os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
-            return tmp, None
-        rec = StubRecord(item.oid, item.size, item.mode, item.mtime_ns, remotes, stamp)
-        write_stub(fd, rec, name, now_ns, durable=False)
-        return tmp, rec
-    except BaseException:
-        os.close(fd)
-        fd = -1
-        os.unlink(tmp, dir_fd=dfd)
-        raise
-    finally:
-        if fd >= 0:
+    def __init__(self, stamp: str, now_ns: int):
+        from json.encoder import encode_basestring_ascii
+
+        from jam_core.stub import _ALGO_CODE, _PACK, HEADER_MAX, VERSION, XATTR, StubRecord
+
+        self.stamp, self.now_ns = stamp, now_ns
+        self._q, self._pack, self._codes, self._max = encode_basestring_ascii, _PACK.pack, _ALGO_CODE, HEADER_MAX
+        self._version, self._record = VERSION, StubRecord
+        probe = StubRecord("b3:" + "0" * 64, 1, 0, 0, (), stamp).header("")
+        self._lead = probe[:probe.index(b'{"jam":')].decode("ascii")  # the magic line and the notice
+        self._xattr = XATTR
+        self._tails: dict[tuple[str, ...], str] = {}
+
+    def header(self, rec, name: str) -> bytes:
+        """``rec.header(name)``, fast."""
+        tail = self._tails.get(rec.remotes)
+        if tail is None:
+            import json
+
+            tail = self._tails[rec.remotes] = (',"remotes":' + json.dumps(list(rec.remotes), ensure_ascii=True,
+                                                                          separators=(",", ":"))
+                                               + ',"stashed_at":' + self._q(rec.stashed_at) + ',"name":')
+        data = (f'{self._lead}{{"jam":{self._version},"id":"{rec.oid}","size":{rec.size},"mode":"{rec.mode:04o}",'
+                f'"mtime_ns":{rec.mtime_ns}{tail}{self._q(name)}}}\n').encode("ascii")
+        return data if len(data) <= self._max else rec.header(name)
+
+    def make(self, dfd: int, fname: str, name: str, item: Item, remotes: tuple[str, ...],
+             want_stat: bool = False):
+        """Make ``item`` as ``fname`` in ``dfd`` (created exclusively, never through a symlink;
+        its header names ``name``). Returns (StubRecord or None, its fstat or None): the stat
+        is taken last, so its ctime is the one a scan sees while nothing renames the entry."""
+        if item.kind == LINK:
+            os.symlink(item.target, fname, dir_fd=dfd)
+            os.utime(fname, ns=(item.mtime_ns, item.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            return None, None
+        fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            if item.size == 0:
+                os.fchmod(fd, item.mode)
+                os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
+                return None, None
+            rec = self._record(item.oid, item.size, item.mode, item.mtime_ns, remotes, self.stamp)
+            header = self.header(rec, name)
+            if len(header) > item.size:
+                header = header[:item.size]
+            os.write(fd, header)
+            if item.size > len(header):
+                os.ftruncate(fd, item.size)
+            algorithm, _, digest = item.oid.partition(":")
+            os.setxattr(fd, self._xattr, self._pack(self._version, self._codes[algorithm], bytes.fromhex(digest),
+                                              item.size, item.mode, item.mtime_ns))
+            os.fchmod(fd, item.mode & ~0o222)
+            os.utime(fd, ns=(self.now_ns, item.mtime_ns))
+            return rec, (os.fstat(fd) if want_stat else None)
+        except BaseException:
             os.close(fd)
+            fd = -1
+            os.unlink(fname, dir_fd=dfd)
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def make_entry(dfd: int, name: str, item: Item, remotes: tuple[str, ...], stamp: str, now_ns: int,
+               maker: EntryMaker | None = None):
+    """Make ``item`` under a temporary name in ``dfd`` (``EntryMaker``; pass one ``maker`` for
+    a batch). Returns (temporary name, StubRecord or None). Not yet durable: the caller
+    renames it in and makes the whole batch durable with one ``syncfs``."""
+    tmp = tmp_name()
+    rec, _st = (maker or EntryMaker(stamp, now_ns)).make(dfd, tmp, name, item, remotes)
+    return tmp, rec
 
 
 # -- commit ------------------------------------------------------------------------------------
@@ -718,13 +770,22 @@ def complete(root: Root, pm, session: Session, ix: Index, recorder, remote: Remo
     if not unknown:
         return []
     listing = pm.hook.list_objects(remote=remote, session=session, sweep=False) if len(unknown) > 64 else None
+    listed = None
     if listing is not None:
-        present = {o for o, n in listing if o in unknown and n == unknown[o][0]}
+        listed = dict(listing)
+        present = {o for o, v in unknown.items() if listed.get(o) == v[0]}
     else:
         present = {o for o, (n, _p) in unknown.items()
                    if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
     ix.record_stored((o, remote.name) for o in present)
     missing = {o: v[0] for o, v in unknown.items() if o not in present}
+    if not missing:
+        return []
+    from jam_core.history import chunks  # an object stored as content-defined chunks: its recipe and chunks
+
+    others = [r for r in durable_remotes(root) if r.name != remote.name]
+    for o in chunks.complete(root, pm, session, ix, remote, missing, others, listed):
+        del missing[o]
     if not missing:
         return []
     copied, failed = copy_objects(root, pm, session, remote, missing, holders=ix.stored_on, recorder=recorder)
