@@ -7,7 +7,6 @@ The CLI (jam_core/cli/hook.py) only prints and decides foreground or background.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from jam_core.errors import UsageError
 from jam_core.hook.marks import fold
@@ -21,17 +20,19 @@ from jam_core.scan import DIRTY, STUB, classify
 GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
 
 
-@dataclass
 class Arrival:
     """A visit the hook reported: the root, the directory (real path), what it covers.
     ``counted``: the fold at arrival already recorded this directory's visit as use (the
     shell's mark for this very ``cd``), so it need not be recorded a second time."""
 
-    root: Root
-    path: str
-    visit: Visit
-    settings: HookSettings
-    counted: bool = False
+    __slots__ = ("root", "path", "visit", "settings", "counted")
+
+    def __init__(self, root: Root, path: str, visit: Visit, settings: HookSettings, counted: bool = False):
+        self.root = root
+        self.path = path
+        self.visit = visit
+        self.settings = settings
+        self.counted = counted
 
 
 def arrive(directory: str) -> Arrival | None:

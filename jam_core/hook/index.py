@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from typing import Iterable
 
@@ -102,6 +101,8 @@ def _remove(name: str, dir_fd: int) -> None:
     """Remove an entry of the index that leads nowhere, never following a symlink."""
     st = os.lstat(name, dir_fd=dir_fd)
     if stat.S_ISDIR(st.st_mode):
+        import shutil
+
         shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows a symlink out
     else:
         os.unlink(name, dir_fd=dir_fd)

@@ -3,8 +3,6 @@ in the background."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from jam_core.errors import UsageError
 from jam_core.root import Root
 from jam_core.units import parse_size
@@ -13,13 +11,29 @@ DEFAULT_DEPTH = 0
 DEFAULT_MAX_FETCH = "1GB"
 
 
-@dataclass(frozen=True)
 class HookSettings:
-    """``[hook]`` in a root's config.toml. ``depth`` None means unlimited."""
+    """``[hook]`` in a root's config.toml. ``depth`` None means unlimited. A plain class (no
+    dataclass: its decoration costs the cd hook's fetch time for nothing)."""
 
-    depth: int | None = DEFAULT_DEPTH
-    max_fetch: int = parse_size(DEFAULT_MAX_FETCH)
-    background: bool = False
+    __slots__ = ("depth", "max_fetch", "background")
+
+    def __init__(self, depth: int | None = DEFAULT_DEPTH, max_fetch: int = parse_size(DEFAULT_MAX_FETCH),
+                 background: bool = False):
+        self.depth = depth
+        self.max_fetch = max_fetch
+        self.background = background
+
+    def _key(self) -> tuple:
+        return (self.depth, self.max_fetch, self.background)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is HookSettings and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"HookSettings(depth={self.depth!r}, max_fetch={self.max_fetch!r}, background={self.background!r})"
 
 
 def settings(root: Root) -> HookSettings:

@@ -7,25 +7,29 @@ this runs only when it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from jam_core.hook.settings import HookSettings
 from jam_core.root import Root
 from jam_core.scan import DIRTY, STUB, classify, scan_dirs
 
 
-@dataclass
 class Visit:
     """The visit's scope: its stubs (relative paths and sizes) and every regular file in it."""
 
-    rel: str
-    stubs: list[tuple[str, int]] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    dirty: int = 0
+    __slots__ = ("rel", "stubs", "files", "dirty")
+
+    def __init__(self, rel: str, stubs: list[tuple[str, int]] | None = None, files: list[str] | None = None,
+                 dirty: int = 0):
+        self.rel = rel
+        self.stubs = [] if stubs is None else stubs
+        self.files = [] if files is None else files
+        self.dirty = dirty
 
     @property
     def bytes(self) -> int:
         return sum(n for _, n in self.stubs)
+
+    def __repr__(self) -> str:
+        return f"Visit({self.rel!r}, {len(self.stubs)} stubs, {len(self.files)} files, dirty={self.dirty})"
 
 
 def plan(root: Root, rel: str, hs: HookSettings) -> Visit:
