@@ -97,14 +97,17 @@ def test_parse_refuses_hostile_recipes():
         msg = str(exc.value)
         assert why.strip() in msg and "\n" not in msg, (why, msg)
     # a count beyond the limit, and a zip bomb: refused before they cost anything
-    many = b"jam-recipe 1\n" + f"{oid} {size}\n".encode() + f"{c1} 1\n".encode() * (chunks.MAX_COUNT + 1)
+    many = b"jam-recipe 1\n" + f"{oid} {chunks.MAX_COUNT + 1}\n".encode() + f"{c1} 1\n".encode() * (chunks.MAX_COUNT + 1)
     data, r = _recipe(many)
-    with pytest.raises(RecipeError, match="more than"):
-        parse(data, r, oid, size)
+    with pytest.raises(RecipeError, match="chunks, more than"):
+        parse(data, r, oid, chunks.MAX_COUNT + 1)
     bomb = zlib.compress(b"jam-recipe 1\n" + b"\0" * (chunks.MAX_TEXT + 1))
     with pytest.raises(RecipeError, match="once inflated"):
         parse(bomb, id_of(bomb), oid, size)
+    assert chunks.decode_pointer(chunks.encode_pointer(rid, 10)) == (rid, 10)
     assert chunks.decode_pointer(b"jam-recipe-pointer 1\n../x\n12\n") is None
+    assert chunks.decode_pointer(b"jam-recipe-pointer 9\n" + f"{rid}\n10\n".encode()) is None  # not a pointer
+    assert chunks.decode_pointer(chunks.encode_pointer(rid, 10) + b" " * 300) is None
     assert chunks.decode_pointer(chunks.encode_pointer(rid, 10 ** 13)) is None
 
 
@@ -316,5 +319,26 @@ def test_gc_keeps_the_chunks_a_kept_snapshot_needs(tmp_path):
     _run(t.root, "gc", "--keep", "last 1", machine="aaa", check=None)
     have = set(_objects(t.remote))
     assert second <= have, "gc --keep removed chunks the kept snapshot needs"
+    assert not ((first - second) & have), "the forgotten snapshot's own chunks stay"
     _run(t.root, "restore", "big.bin", "--fetch", machine="aaa")
     assert b3(t.root / "big.bin") == b3_bytes(bytes(data)), "differs"
+
+
+def test_another_machine_syncs_a_chunked_file_and_its_push_completes(tmp_path):
+    """B (a clone) syncs after A committed a chunked file: B's push finds the object as chunks on
+    the remote (no whole object, no copy attempted), writes its head, and B's history then
+    counts the recipe and chunks as its own (its gc keeps them even once A is gone)."""
+    t, data = _committed(tmp_path)
+    b = _clone(tmp_path, t)
+    (b / "note.txt").write_bytes(b"from b\n")
+    res = _run(b, "sync", machine="bbb")
+    assert "head not written" not in res.out + res.err, res.out + res.err
+    heads = os.listdir(t.remote / "meta/history/" / os.listdir(t.remote / "meta/history")[0])
+    assert len(heads) == 2, heads
+    whole = "b3:" + b3_bytes(bytes(data))
+    rid, _ = chunks.decode_pointer((t.remote / "meta/recipes" / ("b3-" + whole[3:])).read_bytes())
+    pieces = _recipe_chunks(_objects(t.remote)[rid]) | {rid}
+    from jam_core.history.index import kept_objects
+    from jam_core.root import Root
+
+    assert pieces <= kept_objects(Root(b)), "B's history does not count the chunks it needs"
