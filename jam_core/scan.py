@@ -9,6 +9,7 @@ import os
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Iterator
 
 from jam_core.fs import (  # noqa: F401
@@ -136,16 +137,16 @@ def _copy_of_a_stub(path: str, st: os.stat_result) -> tuple[str, StubRecord | No
 
 
 def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
-              tidy=None, depth: int | None = None):
+              tidy=None, depth: int | None = None, tidy_tmps: bool = False):
     """Yield ``(dir_rel, [(name, path, lstat), ...])`` for every directory under ``rel`` that
     holds regular files (jam's temporary files left out): ``scan_stats`` with each file's
     ``path`` (``/proc/self/fd/N/name``, valid only until the next item is asked for)."""
-    for d, base, names, stats in scan_stats(root_path, rel, on_error, ordered, clean, tidy, depth):
+    for d, base, names, stats in scan_stats(root_path, rel, on_error, ordered, clean, tidy, depth, tidy_tmps):
         yield d, [(n, base + n, st) for n, st in zip(names, stats, strict=True)]
 
 
 def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
-               tidy=None, depth: int | None = None):
+               tidy=None, depth: int | None = None, tidy_tmps: bool = False):
     """The one walk. Yield ``(dir_rel, base, names, lstats)`` for every directory under
     ``rel`` that holds regular files (jam's temporary files left out): two parallel lists, no
     object per file but its lstat. A single file yields its directory with that one file.
@@ -162,7 +163,9 @@ def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tr
     first deletes the temporary files a killed jam provably left (``_disposable``).
     ``depth`` limits how many levels below ``rel`` are walked (None: all).
     ``tidy(dir_fd, dir_rel, entries) -> entries`` (doctor) sees each directory's listing
-    first and returns what is left of it (it may report and remove jam's temporary files).
+    first and returns what is left of it (it may report and remove jam's temporary files);
+    with ``tidy_tmps`` only the directories where a name looks like one of jam's temporary
+    files are shown to it (one test per directory on the joined names, not a call per entry).
     """
     try:
         root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -171,7 +174,7 @@ def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tr
             on_error(rel, exc)
         return
     try:
-        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy, depth)
+        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy, depth, tidy_tmps)
     finally:
         os.close(root_fd)
 
@@ -191,10 +194,11 @@ def gc_paused():
 
 
 _FMT, _REG, _DIR = stat.S_IFMT(0o177777), stat.S_IFREG, stat.S_IFDIR
+_name = attrgetter("name")
 
 
 def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
-               depth: int | None = None):
+               depth: int | None = None, tidy_tmps: bool = False):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -238,11 +242,15 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                         on_error(prefix[:-1] or ".", exc)
                     entries = []
                 nested = prefix or not top  # another root or a remote here is never ours
-                if nested and (clean or tidy is not None) and _foreign(fd, entries):
+                if tidy is not None and tidy_tmps and TMP_PREFIX not in "/".join(map(_name, entries)):
+                    touch = clean  # no name like jam's temporaries here: nothing to tidy
+                else:
+                    touch = clean or tidy is not None
+                if touch and nested and _foreign(fd, entries):
                     entries = []  # decided first: nothing is cleaned or tidied in there
                 if clean:
                     entries = _clean_entries(fd, entries)
-                if tidy is not None:
+                if touch and tidy is not None:
                     entries = tidy(fd, prefix[:-1] or ".", entries)
                 names: list[str] = []
                 stats: list[os.stat_result] = []

@@ -46,7 +46,7 @@ from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_dirs
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_stats
 from jam_core.stub import (
     HEADER_MAX,
     LOST_XATTRS,
@@ -587,21 +587,29 @@ class _Doctor:
         change or rename changes the ctime) is trusted without reading anything: its id and
         size come from the catalog row, validated. Any other file is classified by its xattr
         and, for a stub, its bytes (``check``). ``--deep`` trusts no stamp: it reads every
-        stub's header too (a block gone bad under an untouched inode)."""
+        stub's header too (a block gone bad under an untouched inode).
+
+        A writable file that is not sparse (what a stat says of an ordinary file) has its xattr
+        read only if its inode is one the catalog recorded for a stub: a stub overwritten in
+        full in place (or renamed, or hard-linked) keeps its inode, so it is still found and
+        reported dirty. Every file's xattr is read when the catalog cannot say that (a row with
+        no inode, a catalog rebuilt or missing) and with ``--deep``."""
         from jam_core.objects import is_valid_oid
 
         top = str(self.root.path).rstrip("/") + "/"
         catrows = {} if self.deep else self.stamps
         get, rows, objects, new = catrows.get, self.rows, self.objects, tuple.__new__
+        inodes = self.stub_inodes()
+        sizes, named = self.local_sizes, set(self.rels)
         trusted = 0
         for r in self.rels:
-            for dname, files in scan_dirs(top, r, tidy=self.tidy):
+            for dname, base, names, stats in scan_stats(top, r, tidy=self.tidy, tidy_tmps=True):
                 prefix = "" if dname == "." else dname + "/"
-                for name, path, st in files:
+                for name, st in zip(names, stats, strict=True):
                     rel = prefix + name
                     row = get(rel)
                     if row is not None and is_valid_oid(row[0]) and isinstance(row[3], str) and len(row[3]) <= 64:
-                        state, rec, problem = classify(path, st, ALWAYS, stamp=(row[1], row[2], row[4], row[5]))
+                        state, rec, problem = classify(base + name, st, ALWAYS, stamp=(row[1], row[2], row[4], row[5]))
                         if state == STUB and rec is None:  # the stamp vouches: counted, kept, object needed
                             trusted += 1
                             rows.append((rel, *row[:6]))
@@ -610,10 +618,30 @@ class _Doctor:
                                 need = objects[row[0]] = []
                             need.append((rel, new(_Known, row[:4])))
                             continue
+                    elif (inodes is not None and st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size
+                          and st.st_ino not in inodes and rel not in named):
+                        if st.st_size:  # an ordinary file, never a stub's inode: local
+                            need = sizes.get(st.st_size)
+                            if need is None:
+                                sizes[st.st_size] = [rel]
+                            else:
+                                need.append(rel)
+                        continue
                     else:
-                        state, rec, problem = classify(path, st, ALWAYS)
+                        state, rec, problem = classify(base + name, st, ALWAYS)
                     self.check(Entry(rel, top + rel, st, state, rec, problem, dname))
         self.res.stubs += trusted
+
+    def stub_inodes(self) -> set[int] | None:
+        """The inodes the catalog recorded for stubs (None: read every file's xattr)."""
+        if self.deep or self.rebuilt or self.cat is None:
+            return None
+        inodes = set()
+        for row in self.all_rows.values():
+            if not isinstance(row[4], int):
+                return None  # a row with no inode: the catalog cannot say which files were stubs
+            inodes.add(row[4])
+        return inodes
 
     def check(self, e: Entry) -> None:
         if e.state == LOCAL:
