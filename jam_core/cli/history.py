@@ -42,8 +42,21 @@ def commit(message: str, auto: bool, paths) -> None:
         from jam_core.root import Root
 
         root = Root.find(".")
-    with session("committing") as s:
-        out = commit_(root, plugin_manager(), message, rels, s, auto=auto)
+    from contextlib import nullcontext
+
+    from jam_core.history import auto as auto_
+
+    # one automatic commit of a root at a time, whoever started it (daemon, cd hook, cron)
+    with auto_.hold(root.jam_dir) if auto else nullcontext(True) as got:
+        if not got:
+            click.echo("another automatic commit of this root is running; nothing done")
+            raise SystemExit(0)
+        with session("committing") as s:
+            out = commit_(root, plugin_manager(), message, rels, s, auto=auto)
+        try:
+            auto_.stamp(root.jam_dir)  # the cd hook's clock: the next automatic commit one interval on
+        except OSError:
+            pass
     for rel, why in out.skipped[:20]:
         click.echo(f"jam: skipped: {show_path(rel)}: {why}", err=True)
     if len(out.skipped) > 20:

@@ -129,11 +129,13 @@ def _say(message: str) -> None:
 
 def _hook_fetch(directory: str) -> int:
     from jam_core.cli.common import human, show_path
+    from jam_core.history.auto import kick
     from jam_core.hook.fetch import arrive, count_visit, heal
 
     a = arrive(directory)
     if a is None:
         return 0
+    kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
     background = a.settings.background
     if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
         background = os.environ["JAM_BACKGROUND"] == "1"

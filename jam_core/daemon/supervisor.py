@@ -12,6 +12,13 @@ answers every pending event EAGAIN.
 
 It also serves ``ROOT/.jam/daemon.sock`` (client.py): a stub made while it runs is sent here,
 as a descriptor, before it is renamed into place, and marked before the answer.
+
+And it commits each root whose config sets ``[history] auto`` when that is due
+(jam_core/history/auto.py): a timer per root starts ``jam commit --auto`` as a child process, as
+the root's owner when the daemon runs as root (setgid, initgroups, setuid in the child: never
+as root for a user's root), one at a time per root (the commit also holds the automatic-commit
+lock, so one the cd hook or cron started is never overlapped); a failure is logged in one line
+and tried again one interval later.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from jam_core.errors import JamError, UsageError
 from jam_core.root import JAM_DIR
 
 CLIENT_DEADLINE = 5.0  # seconds a client of daemon.sock has to send its descriptor
+AUTO_RECHECK = 60.0  # seconds between looks at a root whose [history] auto is not set (or unreadable)
 RESPAWNS = 5  # worker deaths within RESPAWN_WINDOW before waiting readers are answered EIO
 RESPAWN_WINDOW = 10.0
 
@@ -64,6 +72,9 @@ class Supervisor:
         self.idle_asked = False
         self.owners: dict[socket.socket, tuple[Path, int]] = {}  # listener -> (root, its owner's uid)
         self.client_root: dict[socket.socket, Path] = {}
+        self.auto_next: dict[Path, float] = {}  # root -> when to look at its [history] auto (monotonic)
+        self.auto_runs: dict[int, tuple[Path, subprocess.Popen, bytearray]] = {}  # output fd -> its commit
+        self.auto_said: dict[Path, str] = {}  # root -> the last config problem logged (said once)
 
     # -- set-up ------------------------------------------------------------------------------
     def claim(self) -> None:
@@ -151,6 +162,7 @@ class Supervisor:
             where = ", ".join(map(str, self.roots))
             print(f"jam daemon: serving {self.marked} stubs in {where} (pid {os.getpid()})", file=self.out,
                   flush=True)
+            self.auto_next = {root: time.monotonic() for root in self.roots}
             if ready is not None:
                 ready()
             import gc
@@ -173,10 +185,13 @@ class Supervisor:
         wait = None
         if self.inflight:
             wait = max(0.0, min(self.inflight.values()) + self.timeout - time.monotonic())
-        rlist = [self.fan, rpipe, self.wsock, *self.listeners, *self.clients]
+        rlist = [self.fan, rpipe, self.wsock, *self.listeners, *self.clients, *self.auto_runs]
         if self.clients:
             cw = max(0.0, min(self.clients.values()) - time.monotonic())
             wait = cw if wait is None else min(wait, cw)
+        aw = self.auto_wait()
+        if aw is not None:
+            wait = aw if wait is None else min(wait, aw)
         try:
             ready, _, _ = select.select(rlist, [], [], wait)
         except InterruptedError:
@@ -193,7 +208,11 @@ class Supervisor:
         for s in self.listeners:
             if s in ready:
                 self.accept(s)
+        for fd in list(self.auto_runs):
+            if fd in ready:
+                self.auto_read(fd)
         now = time.monotonic()
+        self.auto_tick(now)
         for c, deadline in list(self.clients.items()):
             if c in ready:
                 self.serve_client(c)
@@ -395,8 +414,95 @@ class Supervisor:
             pass
         self.drop_client(c)
 
+    # -- [history] auto: automatic commits ------------------------------------------------------
+    def auto_wait(self) -> float | None:
+        """Seconds until the next root is due for a look (None: no root to look at)."""
+        running = {root for root, _p, _b in self.auto_runs.values()}
+        due = [t for root, t in self.auto_next.items() if root not in running]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def auto_tick(self, now: float) -> None:
+        running = {root for root, _p, _b in self.auto_runs.values()}
+        for root, due in list(self.auto_next.items()):
+            if due <= now and root not in running and not self.stopping:
+                self.auto_next[root] = time.monotonic() + self.auto_check(root)
+
+    def auto_check(self, root: Path) -> float:
+        """Start the root's automatic commit if it is due; returns the seconds until the next look."""
+        from jam_core.history import auto
+        from jam_core.root import Root
+
+        try:
+            with AsOwner(root) as owner:  # the user's config, read with the user's rights alone
+                r = Root(root)
+                every = auto.interval(r, r.own_config() if owner.switch else None)
+                left = auto.wait_left(root / JAM_DIR, every) if every is not None else None
+        except (JamError, OSError) as exc:
+            said = f"{root}: [history] auto not read: {exc}"
+            if self.auto_said.get(root) != said:
+                _log(_one_line(said))
+                self.auto_said[root] = said
+            return AUTO_RECHECK
+        self.auto_said.pop(root, None)
+        if every is None:
+            return AUTO_RECHECK
+        if left:
+            return left
+        self.auto_start(root)
+        return max(every, 1.0)
+
+    def auto_start(self, root: Path) -> None:
+        from jam_core.history import auto
+
+        try:
+            with AsOwner(root):
+                auto.stamp(root / JAM_DIR)  # started now: the cd hook does not start another
+            proc = subprocess.Popen(auto.command(), cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, **owner_identity(root))
+        except (OSError, ValueError, subprocess.SubprocessError, JamError) as exc:
+            _log(_one_line(f"{root}: automatic commit not started: {exc}; tried again in one interval"))
+            return
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        self.auto_runs[fd] = (root, proc, bytearray())
+
+    def auto_read(self, fd: int) -> None:
+        root, proc, tail = self.auto_runs[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            tail += data
+            del tail[:-4096]  # only the end is reported
+            return
+        del self.auto_runs[fd]
+        proc.stdout.close()
+        code = proc.wait()
+        if code != 0:
+            lines = [ln for ln in bytes(tail).decode(errors="replace").splitlines() if ln.strip()]
+            why = lines[-1] if lines else "no output"
+            _log(_one_line(f"{root}: automatic commit failed (exit {code}): {why}; tried again in one interval"))
+
+    def auto_stop(self) -> None:
+        """A planned stop: the running commits are ended (a commit killed at any instant loses
+        nothing; the next one completes)."""
+        for fd, (_root, proc, _tail) in list(self.auto_runs.items()):
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            del self.auto_runs[fd]
+
     # -- stopping ----------------------------------------------------------------------------
     def shutdown(self) -> None:
+        self.auto_stop()
         if self.fan >= 0:
             try:
                 F.mark(self.fan, F.FAN_MARK_FLUSH, 0)  # no new events: readers see the stubs' headers
@@ -438,3 +544,30 @@ class Supervisor:
         if self.fan >= 0:
             os.close(self.fan)
             self.fan = -1
+
+
+def _one_line(text: str) -> str:
+    """A log line: no control characters (a config or a commit's output is the user's), at most 400."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in text)
+    return clean if len(clean) <= 400 else clean[:399] + "…"
+
+
+def owner_identity(root: Path) -> dict:
+    """``subprocess.Popen`` arguments that run a child as the root's owner when this process is
+    root and the root is not root's: that user's uid, primary gid and groups (initgroups), and
+    an environment with that user's HOME, USER and LOGNAME (root's XDG directories dropped).
+    Empty when nothing changes."""
+    import pwd
+
+    st = os.stat(root, follow_symlinks=False)
+    if os.geteuid() != 0 or st.st_uid == 0:
+        return {}
+    try:
+        pw = pwd.getpwuid(st.st_uid)
+        gid, groups, home, name = pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), pw.pw_dir, pw.pw_name
+    except KeyError:  # a uid with no passwd entry: its own uid and the root's group, no others
+        gid, groups, home, name = st.st_gid, [], "/", str(st.st_uid)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XDG_", "SUDO_")) and k not in ("HOME", "USER", "LOGNAME", "MAIL")}
+    env.update(HOME=home, USER=name, LOGNAME=name)
+    return {"user": st.st_uid, "group": gid, "extra_groups": groups, "env": env}
