@@ -121,8 +121,39 @@ def test_kick_never_stamps_through_a_symlink(jam_root, spawned, tmp_path):
     old = victim.stat().st_mtime - 1000
     os.utime(victim, (old, old))
     os.symlink(victim, jam_root.jam_dir / auto.STAMP)
+    os.utime(jam_root.jam_dir / auto.STAMP, (old, old), follow_symlinks=False)  # the link looks due
     assert auto.kick(jam_root) is None and spawned == []
     assert victim.stat().st_mtime == old
+
+
+def test_the_detached_commit_starts_only_once_the_process_that_started_it_has_ended(jam_root, jam_bin):
+    """So the hook's own fetch never waits for the root's lock behind the commit it started:
+    the commit waits on a pipe only the starting process (and a background fetch it forks)
+    holds open. Here this test's process is the starter; closing its ends stands for its end."""
+    make_file(jam_root.path / "a.bin", 1000)
+    set_auto(jam_root, "1s")
+    pid = auto.spawn(str(jam_root.path), str(jam_root.jam_dir))
+    assert pid
+
+    def waiting() -> bool:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                return "pipe_read" in f.read()
+        except OSError:
+            return False
+
+    wait_for("the commit waiting for its starter's end", waiting)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"commit" not in f.read()  # not started yet
+    assert os.getsid(pid) != os.getsid(0)  # a session of its own: Ctrl-C in the shell never reaches it
+    assert snapshots(jam_bin, jam_root.path) == []
+    while auto._GATE:
+        os.close(auto._GATE.pop())  # this process "ends"
+    rows = wait_for("the automatic commit", lambda: snapshots(jam_bin, jam_root.path))
+    assert len(rows) == 1
+    text = wait_for("the commit's log", lambda: (jam_root.jam_dir / auto.LOG).exists()
+                    and (jam_root.jam_dir / auto.LOG).read_text())
+    assert "committed" in text, text
 
 
 # -- the cd hook in real shells ---------------------------------------------------------------------
