@@ -37,7 +37,7 @@ CODE = "jam_core = __import__('jam_core.cli').cli; jam_core.main()"
 
 
 def command() -> list[str]:
-    return [sys.executable, "-P", "-c", CODE, "commit", "--auto"]
+    return [sys.executable, "-P", "-c", CODE, "commit", "--auto", "-m", "auto"]
 
 
 def interval(root, config: dict | None = None) -> float | None:
