@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
     {"jam_core.hook.marks", "jam_core.ops.refs"},
     {"jam_core.policy.records"},
     {"jam_core.ops.stash", "jam_core.ops.copies"},  # copies: below history.store, whose push completes remotes
+    {"jam_core.history.chunks"},  # stores and copies chunks; checkout assembles an object from them
     {"jam_core.ops.checkout", "jam_core.ops.status", "jam_core.ops.doctor", "jam_core.history.store"},
     {"jam_core.policy.plan", "jam_core.hook.fetch", "jam_core.ops.browse",
      "jam_core.history.restore", "jam_core.history.clone"},
