@@ -16,6 +16,7 @@ from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, describe
 from jam_core.fs import (
     TMP_MARK,
+    Closer,
     DirFds,
     exchange,
     fd_path,
@@ -79,6 +80,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
 
         caches = [r for r in remotes if is_cache(r)]
         recorder = Recorder(root, pm, session) if todo and caches else None
+        closer = Closer()  # the old stubs' last closes free their blocks: waits on the disk, overlapped
         try:
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
@@ -89,9 +91,10 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
                 stop=lambda: bool(result.aborted),
                 session=session,
-                cleanup=_drop_tmps,
+                cleanup=lambda wants: _drop_tmps(wants, closer),
             )
         finally:
+            closer.stop()  # every old stub closed (its blocks free) before the checkout returns
             if result.done:  # the last swaps, durable before the checkout says it is done
                 try:
                     syncfs(dirs.root_fd)
@@ -152,6 +155,7 @@ class _Want:
         self.unreachable = 0
         self.source: Remote | None = None  # the remote it came from, once fetched
         self.cached: list[str] = []  # the edge caches it was put on
+        self.old = -1  # the stub it replaced, removed but still open: its last close frees its blocks
 
     @property
     def name(self) -> str:
@@ -170,6 +174,9 @@ class _Want:
         os.ftruncate(self.fd, 0)
 
     def drop_tmp(self) -> None:
+        if self.old >= 0:
+            os.close(self.old)
+            self.old = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -181,8 +188,11 @@ class _Want:
             self.tmp = ""
 
 
-def _drop_tmps(wants: list[_Want]) -> None:
+def _drop_tmps(wants: list[_Want], closer: Closer | None = None) -> None:
     for w in wants:
+        if closer is not None and w.old >= 0:
+            closer.close(w.old)
+            w.old = -1
         w.drop_tmp()
 
 
@@ -391,18 +401,20 @@ def swap_in(w: _Want) -> None:
                            "jam will not overwrite it (`jam checkout --keep-both` fetches the stashed "
                            "version beside it)")
         _restore_metadata(w, stub_fd)
-    finally:
+        exchange(w.dir_fd, w.tmp, w.name)
+        out = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
+        if (out.st_ino, out.st_dev, out.st_size, out.st_mtime_ns, out.st_blocks) != \
+                (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_blocks):
+            exchange(w.dir_fd, w.tmp, w.name)  # put back what was there; the content goes
+            raise JamError("the stub was replaced while its content was being fetched; left as it is")
+        os.close(w.fd)
+        w.fd = -1
+        os.unlink(w.tmp, dir_fd=w.dir_fd)  # the old stub: a name only while stub_fd holds it
+        w.tmp = ""
+    except BaseException:
         os.close(stub_fd)
-    exchange(w.dir_fd, w.tmp, w.name)
-    out = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
-    if (out.st_ino, out.st_dev, out.st_size, out.st_mtime_ns, out.st_blocks) != \
-            (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_blocks):
-        exchange(w.dir_fd, w.tmp, w.name)  # put back what was there; the content goes
-        raise JamError("the stub was replaced while its content was being fetched; left as it is")
-    os.close(w.fd)
-    w.fd = -1
-    os.unlink(w.tmp, dir_fd=w.dir_fd)  # the old stub
-    w.tmp = ""
+        raise
+    w.old = stub_fd  # closed (its blocks freed) in the background: _drop_tmps
 
 
 def keep_beside(w: _Want) -> str:

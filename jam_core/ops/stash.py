@@ -25,6 +25,7 @@ from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, d
 from jam_core.fs import (
     DirFds,
     FileBusy,
+    Closer,
     Leases,
     NotTheFile,
     carried_xattrs,
@@ -66,6 +67,7 @@ class Stored:
     targets: list[str]  # the names of the remotes ``place`` chose
     stored_on: set[str] = field(default_factory=set)
     tmp: str = ""  # the stub, written aside in dir_fd
+    swapped: bool = False  # the stub took the file's place; ``fd`` holds the removed original
 
     @property
     def name(self) -> str:
@@ -112,6 +114,7 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         recorder = Recorder(root, pm, session) if todo else None
         remotes = Candidates(remotes, copies_of(root.config), _free_space(remotes, pm, session) if todo else {})
         leases = Leases()
+        closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
         try:
             pipeline.run(
                 batches(todo, lambda e: e.st.st_size),
@@ -121,12 +124,13 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
                                                              dirs, leases),
                 stop=lambda: bool(result.aborted),
                 session=session,
-                cleanup=lambda hashed: _release(hashed, leases),
+                cleanup=lambda hashed: _release(hashed, leases, closer),
             )
         finally:
             leases.close()
             if result.done:
                 _settle(dirs, result)
+            closer.stop()  # every original closed (its space free) before the stash returns
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
@@ -176,14 +180,19 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _release(hashed: list[Stored], leases: Leases) -> None:
+def _release(hashed: list[Stored], leases: Leases, closer: Closer | None = None) -> None:
+    """Remove the stubs left aside and close every file. The close of an original swapped out
+    (already unlinked) frees its blocks: ``closer`` does those in the background."""
     for s in hashed:
         if s.tmp:
             _unlink_quietly(s.dir_fd, s.tmp)
             s.tmp = ""
         if s.fd >= 0:
             leases.release(s.fd)
-            os.close(s.fd)
+            if closer is not None and s.swapped:
+                closer.close(s.fd)
+            else:
+                os.close(s.fd)
             s.fd = -1
 
 
@@ -516,4 +525,5 @@ def _swap(s: Stored, leases: Leases) -> bool:
     leases.release(s.fd)
     os.unlink(s.tmp, dir_fd=s.dir_fd)  # the original: its content is on the remotes
     s.tmp = ""
+    s.swapped = True  # its blocks are freed by the last close (``_release``)
     return True
