@@ -22,8 +22,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from jam_core.errors import UsageError
 from jam_core.model import FETCH, STASH, FileRecord, Nomination
-from jam_core.policy.records import Records, inventory
+from jam_core.policy.records import Candidates, Records, inventory
 from jam_core.root import Root
+from jam_core.scan import gc_paused
 
 
 def configured_policies(config: Mapping[str, Any]) -> list[str]:
@@ -73,7 +74,7 @@ class Plan:
 
 def ask(pm, root: Root, records: Sequence[FileRecord], purpose: str, anchors: Sequence[str],
         local_bytes: int, stubs: Sequence[FileRecord] = ()) -> list[Nomination]:
-    offered = Records(records)
+    offered = records if isinstance(records, Records) else Records(records)
     offered.stubs = tuple(stubs)
     answers = pm.hook.select(root=root.path, records=offered, purpose=purpose,
                              anchors=tuple(anchors), config=root.config, local_bytes=local_bytes)
@@ -89,17 +90,23 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
           refused: list[tuple[str, str]] | None = None) -> list[PlanItem]:
     """One item per allowed file, with every policy's reason; anything else is dropped."""
     items: dict[str, PlanItem] = {}
-    get, allowed_get = items.get, allowed.get
+    get = items.get
+    if isinstance(allowed, Candidates):  # (size, last_used) from its lists: no record made
+        known = allowed.size_and_last
+    else:
+        def known(path, _get=allowed.get):
+            rec = _get(path)
+            return None if rec is None else (rec.size, rec.last_used)
     for n in nominations:
         path = n.path
         item = get(path)
         if item is None:
-            rec = allowed_get(path)
-            if rec is None:
+            sl = known(path)
+            if sl is None:
                 if refused is not None:
                     refused.append((path, n.policy))
                 continue
-            items[path] = PlanItem(path, rec.size, rec.last_used, [(n.policy, n.reason)])
+            items[path] = PlanItem(path, sl[0], sl[1], [(n.policy, n.reason)])
         elif (n.policy, n.reason) not in item.reasons:
             item.reasons.append((n.policy, n.reason))
     for item in items.values():
@@ -117,13 +124,14 @@ def plan_auto(root: Root, pm) -> Plan:
             f"no policy is configured for {root.path}: add a [policy.age], [policy.lru] or "
             f"[policy.budget] table to {root.config_path} (see the README, Policies)"
         )
-    inv = inventory(root)
-    plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
-                candidates=len(inv.candidates))
-    records = sorted(inv.candidates.values(), key=lambda r: r.path)
-    stubs = sorted(inv.stubs.values(), key=lambda r: r.path)
-    nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
-    plan.items = merge(nominations, inv.candidates, plan.refused)
+    with gc_paused():  # a record per file and no cycle: collections would only walk them again and again
+        inv = inventory(root)
+        plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
+                    candidates=len(inv.candidates))
+        records = Records(candidates=inv.candidates)  # FileRecords made only if a policy reads them
+        stubs = [inv.stubs[p] for p in sorted(inv.stubs)]
+        nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
+        plan.items = merge(nominations, inv.candidates, plan.refused)
     return plan
 
 

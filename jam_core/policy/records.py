@@ -10,8 +10,9 @@ must never leave are set aside with the reason: pinned, ignored by ``ROOT/.jamig
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from jam_core.errors import UsageError
 from jam_core.model import FileRecord
@@ -22,11 +23,65 @@ from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, s
 IGNORE_FILE = ".jamignore"
 
 
+class Candidates(Mapping):
+    """The local files policies may choose, ``{path: FileRecord}`` to read, held as parallel
+    lists (path, size, mtime, atime, last_used): a dry-run over 100,000 files makes a record
+    only for a path asked for (``Records.columns`` lets a policy choose on the lists)."""
+
+    __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "_index")
+
+    def __init__(self, records: Iterable[FileRecord] = ()):
+        self.paths: list[str] = []
+        self.sizes: list[int] = []
+        self.mtimes: list[float] = []
+        self.atimes: list[float] = []
+        self.lasts: list[float] = []
+        self._index: dict[str, int] | None = None
+        for r in records:
+            self.add(r.path, r.size, r.mtime, r.atime, r.last_used)
+
+    def add(self, path: str, size: int, mtime: float, atime: float, last_used: float) -> None:
+        self.paths.append(path)
+        self.sizes.append(size)
+        self.mtimes.append(mtime)
+        self.atimes.append(atime)
+        self.lasts.append(last_used)
+        self._index = None
+
+    def _where(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
+        return self._index
+
+    def size_and_last(self, path: str) -> tuple[int, float] | None:
+        """``(size, last_used)`` of a candidate, None if ``path`` is not one (no record made)."""
+        i = self._where().get(path)
+        return None if i is None else (self.sizes[i], self.lasts[i])
+
+    def record(self, i: int) -> FileRecord:
+        return FileRecord(self.paths[i], self.sizes[i], self.mtimes[i], self.atimes[i], self.lasts[i], LOCAL, False, 1)
+
+    def __getitem__(self, path: str) -> FileRecord:
+        return self.record(self._where()[path])
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._where()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __repr__(self) -> str:
+        return f"Candidates({len(self.paths)} files)"
+
+
 @dataclass
 class Inventory:
     """One scan of a root, split into what policies may choose and what they may not."""
 
-    candidates: dict[str, FileRecord] = field(default_factory=dict)  # local files policies may stash
+    candidates: Candidates = field(default_factory=Candidates)  # local files policies may stash
     stubs: dict[str, FileRecord] = field(default_factory=dict)  # clean stubs (for fetch)
     kept: dict[str, str] = field(default_factory=dict)  # path -> why policies may not have it
     local_bytes: int = 0  # true size of every file that is not a stub
@@ -93,7 +148,11 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     it) as a clean stub; only the rest have their xattr read. ``stash`` re-classifies every
     file it is handed thoroughly before touching it, so a stub made writable again is still
     never stashed."""
-    candidates, stubs, kept = inv.candidates, inv.stubs, inv.kept
+    stubs, kept = inv.stubs, inv.kept
+    cands = inv.candidates
+    add_path, add_size, add_mtime, add_atime, add_last = (cands.paths.append, cands.sizes.append,
+                                                          cands.mtimes.append, cands.atimes.append,
+                                                          cands.lasts.append)
     uses_get = uses.get if uses else None
     match = ignore.match_file if ignore is not None else None
     fsencode, stamp_of = os.fsencode, stamps.get
@@ -117,7 +176,11 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                         used = uses_get(rel)
                         if used is not None and used > last:
                             last = used
-                    candidates[rel] = record(rel, size, mtime, atime, last, LOCAL, False, 1)
+                    add_path(rel)  # no record made: Candidates holds the lists
+                    add_size(size)
+                    add_mtime(mtime)
+                    add_atime(atime)
+                    add_last(last)
                     continue
                 state = LOCAL
             else:
@@ -139,8 +202,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             if pinned or ignored or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0:
                 kept[rel] = _kept(state, st, pinned, ignored, min_size)
                 continue
-            candidates[rel] = record(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get),
-                                     LOCAL, False, 1)
+            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
     inv.local_bytes += local_bytes
 
 
@@ -180,10 +242,50 @@ def _kept(state: str, st: os.stat_result, pinned: bool, ignored: bool, min_size:
     return ""
 
 
-class Records(tuple):
-    """The records a policy is offered (a plain tuple to any plugin), carrying the rest of the
-    tree a share needs: ``stubs``, the clean stubs policies could have chosen had they been
-    local (pinned and ignored ones excluded). A share of "the tree" must count them, or it
-    shrinks with every run (``jam_lru``)."""
+class Records(Sequence):
+    """The records a policy is offered (a sequence of FileRecords, sorted by path), carrying
+    the rest of the tree a share needs: ``stubs``, the clean stubs policies could have chosen
+    had they been local (pinned and ignored ones excluded). A share of "the tree" must count
+    them, or it shrinks with every run (``jam_lru``).
 
-    stubs: tuple[FileRecord, ...] = ()
+    Made from ``Candidates``, the records are built on first use: a policy that reads only
+    ``columns`` (``(paths, last_used)``, two parallel lists in no particular order; None when
+    the records were given one by one) makes none (``jam_age``)."""
+
+    def __init__(self, records: Iterable[FileRecord] = (), candidates: Candidates | None = None):
+        self._candidates = candidates
+        self._items: tuple[FileRecord, ...] | None = None if candidates is not None else tuple(records)
+        self.stubs: tuple[FileRecord, ...] = ()
+
+    @property
+    def columns(self) -> tuple[list[str], list[float]] | None:
+        c = self._candidates
+        return None if c is None else (c.paths, c.lasts)
+
+    def _all(self) -> tuple[FileRecord, ...]:
+        if self._items is None:
+            c = self._candidates
+            self._items = tuple(map(c.record, sorted(range(len(c.paths)), key=c.paths.__getitem__)))
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._candidates) if self._items is None else len(self._items)
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[FileRecord]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Records):
+            other = other._all()
+        return isinstance(other, tuple) and self._all() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __add__(self, other):
+        return self._all() + tuple(other)
+
+    def __repr__(self) -> str:
+        return f"Records({len(self)} files, {len(self.stubs)} stubs)"

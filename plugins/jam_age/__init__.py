@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import time
+from itertools import compress, repeat
+from operator import lt
 from typing import Sequence
 
 from jam_core import STASH, FileRecord, Nomination, UsageError, format_duration, hookimpl, parse_duration, policy_table
@@ -31,18 +33,27 @@ def when(t: float, precise: bool) -> str:
 def select_older(records: Sequence[FileRecord], older_than: float, now: float) -> list[Nomination]:
     """Every record last used more than ``older_than`` seconds before ``now``."""
     limit = now - older_than
+    columns = getattr(records, "columns", None)  # the core's records as two lists: no record read
+    if columns is not None:
+        paths, lasts = columns
+        old = compress(zip(paths, lasts, strict=True), map(lt, lasts, repeat(limit)))
+    else:
+        old = ((r.path, r.last_used) for r in records if r.last_used < limit)
+    return _nominate(old, older_than)
+
+
+def _nominate(old, older_than: float) -> list[Nomination]:
+    """A nomination per ``(path, last_used)``, one reason string per minute of last use."""
     precise = older_than < 2 * 86400  # "last used 2026-09-01" says little about a 10m threshold
     text = format_duration(older_than)
     reasons: dict[int, str] = {}  # one reason per minute of last use, not one string per file
     out = []
-    for r in records:
-        last = r.last_used
-        if last < limit:
-            minute = int(last // 60)
-            reason = reasons.get(minute)
-            if reason is None:
-                reason = reasons[minute] = f"last used {_when(minute, precise)}, older than {text}"
-            out.append(Nomination(r.path, NAME, reason))
+    for path, last in old:
+        minute = int(last // 60)
+        reason = reasons.get(minute)
+        if reason is None:
+            reason = reasons[minute] = f"last used {_when(minute, precise)}, older than {text}"
+        out.append(Nomination(path, NAME, reason))
     return out
 
 
