@@ -342,3 +342,17 @@ def test_another_machine_syncs_a_chunked_file_and_its_push_completes(tmp_path):
     from jam_core.root import Root
 
     assert pieces <= kept_objects(Root(b)), "B's history does not count the chunks it needs"
+
+
+def test_a_file_stored_whole_already_is_not_cut_up_again(tmp_path):
+    """A large file stashed (stored whole) and checked out again: its commit finds the whole
+    object on the remote and uploads no chunk, no recipe."""
+    t = make_tree(tmp_path, "a")
+    _chunky(t.root)
+    (t.root / "big.bin").write_bytes(os.urandom(3 * MiB))
+    _run(t.root, "stash", "big.bin", machine="aaa")
+    _run(t.root, "checkout", "big.bin", machine="aaa")
+    before = set(_objects(t.remote))
+    _run(t.root, "commit", machine="aaa")
+    assert len(set(_objects(t.remote)) - before) == 1  # the snapshot alone
+    assert not (t.remote / "meta/recipes").exists()

@@ -48,7 +48,8 @@ MAX_TEXT = 128 << 20  # its text once inflated
 MAX_LENGTH = 64 << 20  # a chunk's length in a recipe (ours are at most 4 x the average)
 MAX_COUNT = 1 << 20  # chunks in one recipe
 SPREAD = 1 << 19  # a file cut into more chunks than this at AVG_CHUNK gets larger chunks (doubled until not)
-FETCH_BATCH = 64  # chunks fetched at once (memory: at most FETCH_BATCH chunks of MAX_LENGTH... of their size)
+FETCH_BATCH = 64  # chunks fetched or stored at once, in memory ...
+BATCH_BYTES = 64 << 20  # ... and at most this many bytes of them (a hostile recipe may list huge chunks)
 _LINE = re.compile(rb"\A(b3|sha256):([0-9a-f]{64}) ([1-9][0-9]{0,17})\Z")
 
 
@@ -231,11 +232,24 @@ def assemble(remote, oid: str, size: int, dest_fd: int, pm, session) -> bool:
         if lengths.setdefault(cid, n) != n:
             raise RecipeError(f"remote {remote.name!r}: the recipe of {oid[:19]} gives {cid[:19]} two lengths")
         off += n
-    todo = list(offsets)
-    for i in range(0, len(todo), FETCH_BATCH):
-        _fetch_chunks(remote, todo[i:i + FETCH_BATCH], lengths, offsets, dest_fd, pm, session)
+    for batch in _batches(list(offsets), lengths):
+        _fetch_chunks(remote, batch, lengths, offsets, dest_fd, pm, session)
     os.ftruncate(dest_fd, size)  # a recipe whose chunks end early leaves no hole unnoticed: the hash fails
     return True
+
+
+def _batches(cids: list[str], lengths: dict[str, int]):
+    """At most FETCH_BATCH chunks and BATCH_BYTES at once (each is held in memory)."""
+    batch: list[str] = []
+    size = 0
+    for cid in cids:
+        if batch and (len(batch) >= FETCH_BATCH or size + lengths[cid] > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(cid)
+        size += lengths[cid]
+    if batch:
+        yield batch
 
 
 def _fetch_chunks(remote, cids: list[str], lengths, offsets, dest_fd: int, pm, session) -> None:
@@ -374,6 +388,9 @@ def store_file(root, pm, session, ix, recorder, remotes, fd: int, c: Cut, out) -
         try:
             ensure_identity(root, remote, pm, session)
             recorder.before_store(remote, pieces | {c.oid})
+            if pm.hook.has(remote=remote, oid=c.oid, size=c.size, session=session) is True:
+                ix.record_stored([(c.oid, name)])  # stored whole already (a stash): nothing to cut up
+                continue
             there = ix.stored_by(remote.name)
             unknown = {cid: first[cid][1] for cid in first if cid not in there}
             if len(unknown) > 64:
@@ -386,10 +403,10 @@ def store_file(root, pm, session, ix, recorder, remotes, fd: int, c: Cut, out) -
                 present = {o for o, n in unknown.items()
                            if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
             lacking = [cid for cid in unknown if cid not in present]
-            for i in range(0, len(lacking), FETCH_BATCH):
+            for group in _batches(lacking, {cid: first[cid][1] for cid in lacking}):
                 batch = []
                 try:
-                    for cid in lacking[i:i + FETCH_BATCH]:
+                    for cid in group:
                         off, n = first[cid]
                         batch.append(_piece(cid, os.pread(fd, n, off)))
                     for p, err in store_on(remote, batch, pm, session):
