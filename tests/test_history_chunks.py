@@ -356,3 +356,25 @@ def test_a_file_stored_whole_already_is_not_cut_up_again(tmp_path):
     _run(t.root, "commit", machine="aaa")
     assert len(set(_objects(t.remote)) - before) == 1  # the snapshot alone
     assert not (t.remote / "meta/recipes").exists()
+
+
+def test_held_says_whether_a_remote_holds_an_object_as_chunks(tmp_path):
+    """What `jam doctor` asks (chunks.held): the pointer, the recipe and every chunk listed."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.root import Root
+
+    t, data = _committed(tmp_path)
+    pm, session = make_plugin_manager(), Session()
+    remote = Root(t.root).remotes()[0]
+    whole = "b3:" + b3_bytes(bytes(data))
+    listing = {o: p.stat().st_size for o, p in _objects(t.remote).items()}
+    assert chunks.held(remote, whole, len(data), pm, session, listing)
+    assert chunks.held(remote, whole, len(data), pm, session)  # has() per chunk
+    assert not chunks.held(remote, whole, len(data) + 1, pm, session, listing)  # another size: not its recipe
+    rid, _ = chunks.decode_pointer((t.remote / "meta/recipes" / ("b3-" + whole[3:])).read_bytes())
+    victim = sorted(_recipe_chunks(_objects(t.remote)[rid]))[0]
+    del listing[victim]
+    assert not chunks.held(remote, whole, len(data), pm, session, listing)
+    os.unlink(_objects(t.remote)[victim])
+    assert not chunks.held(remote, whole, len(data), pm, session)
