@@ -198,7 +198,7 @@ _name = attrgetter("name")
 
 
 def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
-               depth: int | None = None, tidy_tmps: bool = False):
+               depth: int | None = None, tidy_tmps: bool = False, skip: set | None = None):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -226,7 +226,8 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
         finally:
             os.close(pfd)
     top = rel == "."
-    skip = _remote_dirs(root_fd)
+    if skip is None:
+        skip = _remote_dirs(root_fd)
     fmt_mask, REG, DIR = _FMT, _REG, _DIR
     stack: list[list] = [[start_fd, prefix, None, 0]]
     try:
@@ -295,6 +296,163 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
     finally:
         for frame in stack:
             os.close(frame[0])
+
+
+# -- one walk shared with a helper process -------------------------------------------------------
+
+SHARE_AFTER = 20_000  # files walked before the rest of a large tree is shared with a helper
+
+
+def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int | None = None) -> None:
+    """``each(dir_rel, base, names, lstats)`` for every directory ``scan_stats(root_path, rel,
+    on_error, ordered=False)`` yields, in no particular order.
+
+    A large tree is walked by two processes on two cores: once ``after`` files were walked,
+    the root's top-level directories not yet walked are shared with one forked helper, each
+    process taking the next one from a pipe as it is done. ``share`` is ``(fresh, collect,
+    merge)``: the helper calls ``fresh()`` to forget what this process had found (``each``
+    adds to the same objects), then sends ``collect()`` (picklable) back when it is done;
+    this process hands it to ``merge``. If the helper fails, the directories it took are
+    walked again here (its findings are dropped whole). Only the whole root is shared, and
+    only from a process with one thread (a fork copies no other thread); the helper runs the
+    same walk (directory descriptors, no symlink followed, nested roots and remotes skipped)
+    and only reads: it writes nothing but its findings, and leaves with ``os._exit``."""
+    if after is None:
+        after = SHARE_AFTER
+    if share is None or rel != "." or not hasattr(os, "fork") or _threads() != 1:
+        for item in scan_stats(root_path, rel, on_error, ordered=False):
+            each(*item)
+        return
+    try:
+        root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        if on_error:
+            on_error(rel, exc)
+        return
+    try:
+        skip = _remote_dirs(root_fd)
+        seen = 0
+        for item in _scan_from(root_fd, ".", on_error, False, False, depth=0, skip=skip):
+            each(*item)  # the root's own files; its directories are the units shared
+            seen += len(item[2])
+        units = _top_dirs(root_fd, skip)
+        i = 0
+        while i < len(units) and (seen < after or len(units) - i < 2):
+            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+                each(*item)
+                seen += len(item[2])
+            i += 1
+        if i < len(units):
+            _shared(root_fd, units[i:], on_error, each, share, skip)
+    finally:
+        os.close(root_fd)
+
+
+def _threads() -> int:
+    import threading
+
+    return threading.active_count()
+
+
+def _top_dirs(root_fd: int, skip: set) -> list[str]:
+    """The root's directories (not ``.jam``, not a remote): the units a shared walk hands out."""
+    out = []
+    try:
+        with os.scandir(root_fd) as it:
+            for e in it:
+                if e.name == JAM_DIR or not e.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in skip:
+                    out.append(e.name)
+    except OSError:
+        pass  # (the walk of the root's own files said why)
+    return out
+
+
+_UNIT = 4  # bytes per unit number in the pipe: one read is one unit, whole (< PIPE_BUF)
+
+
+def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) -> None:
+    import pickle
+    import signal
+
+    fresh, collect, merge = share
+    if len(units) * _UNIT > 60_000:  # more than a pipe holds at once: the helper takes every other one
+        queue = None
+    else:
+        rq, wq = os.pipe()
+        os.write(wq, b"".join(i.to_bytes(_UNIT, "little") for i in range(len(units))))
+        os.close(wq)
+        queue = rq
+    rr, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper: walk, send what was found, leave without running anything else
+        code = 1
+        try:
+            os.close(rr)
+            fresh()
+            done = []
+            for i in _take(queue, len(units), 1):
+                for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+                    each(*item)
+                done.append(i)
+            data = memoryview(pickle.dumps((done, collect()), protocol=pickle.HIGHEST_PROTOCOL))
+            while data:
+                data = data[os.write(wr, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wr)
+    mine: list[int] = []
+    try:
+        for i in _take(queue, len(units), 0):
+            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+                each(*item)
+            mine.append(i)
+        chunks = []
+        while chunk := os.read(rr, 1 << 20):
+            chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        done: list[int] = []
+        if status == 0 and chunks:
+            try:
+                done, found = pickle.loads(b"".join(chunks))
+            except Exception:  # noqa: BLE001 (a helper cut short: walked here instead)
+                done = []
+            else:
+                merge(found)
+        left = set(range(len(units))) - set(mine) - set(done)
+        for i in sorted(left):  # the helper failed: its share is walked here
+            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+                each(*item)
+    finally:
+        os.close(rr)
+        if queue is not None:
+            os.close(queue)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            os.waitpid(pid, 0)
+
+
+def _take(queue, n: int, who: int):
+    """The unit numbers one process takes: the next from the pipe as it asks, or (no pipe)
+    every other one (``who`` 0 or 1)."""
+    if queue is None:
+        yield from range(who, n, 2)
+        return
+    while True:
+        b = os.read(queue, _UNIT)
+        if len(b) < _UNIT:
+            return
+        yield int.from_bytes(b, "little")
 
 
 def _remote_dirs(root_fd: int) -> set[tuple[int, int]]:

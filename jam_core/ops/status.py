@@ -8,7 +8,7 @@ from operator import attrgetter
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_stats
+from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
 from jam_core.stub import LOST_XATTRS
 
 _size, _blocks = attrgetter("st_size"), attrgetter("st_blocks")
@@ -91,12 +91,16 @@ def status(root: Root, rel: str = ".") -> Status:
 
 def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[bytes, tuple], on_error) -> list:
     """The tallies of one scan into ``result``; returns the stubs read and found clean whose
-    catalog row has no matching stamp (what ``_remember`` records)."""
+    catalog row has no matching stamp (what ``_remember`` records). A large root is walked by
+    two processes (``scan.scan_shared``): the helper's tallies, problems and stubs to stamp
+    come back to this one."""
     fsencode = os.fsencode
     get = known.get
     checked: list[tuple[bytes, str, os.stat_result]] = []  # read and found clean: stamps to record
     directories = result.directories
-    for d, base, names, stats in scan_stats(str(root.path), rel, on_error, ordered=False):
+    problems = result.problems
+
+    def each(d, base, names, stats):
         t = directories[d] = Tally()
         t.bytes = size_sum = sum(map(_size, stats))  # sums in C: no Python step per file
         t.disk_bytes = sum(map(_blocks, stats)) * 512
@@ -108,7 +112,7 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
             t.pinned += len(names) if covered(d, pins) else sum(
                 covered(n if d == "." else f"{d}/{n}", pins) for n in names)
         if not odd:
-            continue
+            return
         dprefix = b"" if d == "." else fsencode(d) + b"/"
         for i in odd:
             name, st = names[i], stats[i]
@@ -133,7 +137,21 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
                     problem = "stub written into after stashing" + (f" ({problem})" if problem else "")
                 elif problem == LOST_XATTRS:
                     problem = f"a stub that {problem}: `jam doctor --fix` restores them"
-                result.problems.append((rel_path, problem))
+                problems.append((rel_path, problem))
+
+    def fresh():  # in the helper: only what it finds goes back
+        directories.clear()
+        problems.clear()
+        checked.clear()
+
+    def merge(found):
+        dirs, probs, stamps = found
+        directories.update(dirs)
+        problems.extend(probs)
+        checked.extend(stamps)
+
+    scan_shared(str(root.path), rel, on_error, each,
+                (fresh, lambda: (directories, problems, checked), merge))
     total = result.total
     for t in directories.values():
         for k, v in t.__dict__.items():

@@ -18,7 +18,7 @@ from jam_core.errors import UsageError
 from jam_core.model import FileRecord
 from jam_core.policy.pins import covered, read_pins
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_stats
+from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
 
 IGNORE_FILE = ".jamignore"
 
@@ -157,8 +157,10 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     match = ignore.match_file if ignore is not None else None
     fsencode, stamp_of = os.fsencode, stamps.get
     record = FileRecord
-    local_bytes = 0
-    for d, base, names, stats in scan_stats(str(root.path), ".", on_error, ordered=False):
+    local = [0]  # local bytes (a list: each adds to it)
+
+    def each(d, base, names, stats):
+        local_bytes = 0
         prefix = "" if d == "." else d + "/"
         dprefix = None
         dir_pinned = covered(d, pins)
@@ -203,7 +205,31 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                 kept[rel] = _kept(state, st, pinned, ignored, min_size)
                 continue
             cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
-    inv.local_bytes += local_bytes
+        local[0] += local_bytes
+
+    columns = (cands.paths, cands.sizes, cands.mtimes, cands.atimes, cands.lasts)
+
+    def fresh():  # in the helper process: only what it finds goes back
+        for column in columns:
+            column.clear()
+        stubs.clear()
+        kept.clear()
+        inv.problems.clear()
+        local[0] = 0
+
+    def merge(found):
+        cols, more_stubs, more_kept, problems, more_local = found
+        for column, more in zip(columns, cols, strict=True):
+            column.extend(more)
+        cands._index = None
+        stubs.update(more_stubs)
+        kept.update(more_kept)
+        inv.problems.extend(problems)
+        local[0] += more_local
+
+    scan_shared(str(root.path), ".", on_error, each,
+                (fresh, lambda: (columns, stubs, kept, inv.problems, local[0]), merge))
+    inv.local_bytes += local[0]
 
 
 def _last_used(st: os.stat_result, rel: str, atime_ok: bool, uses_get) -> float:
