@@ -13,8 +13,11 @@ Upload of one object (``Uploads``):
   2. the writes, each chunk hashed as it is read (the exact bytes sent), never more than the
      size (one byte past it is read to notice growth): content that does not hash to the id,
      or of another size, is an IntegrityError and is never renamed into place;
-     ``fsync@openssh.com``, ``fstat``, ``close``: every status must be OK and the size the
-     server reports must be the size sent;
+     ``fsync@openssh.com``, ``close``: every status must be OK; an object larger than
+     ``PIPELINED_MAX`` (streamed, or written in ranges over several connections) is also
+     ``fstat``-ed before its close and the size the server reports must be the size sent (a
+     small one is one or a few writes of this connection, each status checked, on a file it
+     created empty: the request would only cost the server a round of work per object);
   3. with ``verify = "read"``: the temporary file is read back and re-hashed;
   4. ``mkdir`` of the fan-out directories not yet known, then ``posix-rename`` into place (the
      server handles requests in order, so the directories exist by then), over an object of
@@ -22,9 +25,15 @@ Upload of one object (``Uploads``):
      and a damaged copy is repaired). Without posix-rename, a plain rename that fails removes
      the old object and renames again (a brief gap, never a half object); a missing fan-out
      directory is made again and the rename retried once;
-  5. ``open`` of the final name, ``fsync@openssh.com``, ``close``: the rename is durable (SFTP
-     cannot fsync a directory; on journalling file systems the file's fsync commits the rename);
-     only then (every reply OK) does the object count as stored.
+  5. the rename made durable, once per directory for all the objects of a run (``sync_dirs``):
+     once every object of the run is renamed, each fan-out directory renamed into (and the
+     parent of each directory this run made) is opened read-only and ``fsync@openssh.com``-ed:
+     OpenSSH's sftp-server opens a directory as a file handle, so this is the directory fsync
+     POSIX asks for, one per directory instead of one per object. A server that refuses to open
+     or fsync a directory gets the per-object way for that run instead (``open`` of the final
+     name, ``fsync@openssh.com``, ``close``: on journalling file systems the file's fsync commits
+     the rename). Only then (every reply OK) does the object count as stored; without the
+     fsync extension (or with ``fsync = false``) it counts once renamed.
 An object that fails before the rename has its temporary file closed and removed; nothing is
 ever renamed into place unless every earlier reply of that object was OK.
 
@@ -82,6 +91,53 @@ class Uploads(Pipeline):
     def __init__(self, ops: Ops, progress: Callable[[int], None]):
         super().__init__(ops, progress)
         self.requested_dirs: set[str] = set()  # mkdirs already sent on this connection
+        self.unsynced: dict[str, list[_File]] = {}  # directory -> objects renamed into it, not yet durable
+        self.made_in: set[str] = set()  # parents of the directories this run made: fsynced too
+
+    def run(self, files, start: Callable[[_File], None]) -> None:
+        """Every object through the protocol, then the directories renamed into fsynced once."""
+        super().run(files, start)
+        self.sync_dirs()
+
+    def sync_dirs(self) -> None:
+        """Make the renames of this run durable: ``fsync@openssh.com`` of every directory an
+        object was renamed into (and of the parents of the directories made), each opened
+        read-only; then the objects waiting for them count as stored. If the server cannot
+        open or fsync a directory, each waiting object's final name is fsynced instead."""
+        if not self.unsynced:
+            return
+        waiting = [f for files in self.unsynced.values() for f in files]
+        dirs = []
+        for name in [*self.unsynced, *sorted(self.made_in - set(self.unsynced))]:
+            job = _File("", Path(), 0)  # one directory's fsync, through the same pipeline
+            job.final = name
+            dirs.append(job)
+        self.unsynced, self.made_in = {}, set()
+        super().run(dirs, self._sync_dir)
+        if all(job.outcome is True for job in dirs):
+            for f in waiting:
+                f.outcome = True
+            return
+        for f in waiting:  # the way of a server that cannot fsync a directory: each final name
+            f.done = False
+        super().run(waiting, self._sync_final)
+
+    def _sync_dir(self, d: _File) -> None:
+        d.step = self._dir_opened
+        self.send(d, self.handle(d, d.final), CMD_OPEN, d.final, SFTP_FLAG_READ, SFTPAttributes())
+
+    def _dir_opened(self, d: _File) -> None:
+        if d.error is not None or d.handle is None:
+            return self.finish(d)
+
+        def synced(t: int, msg: paramiko.Message) -> None:
+            self.status(d.final)(t, msg)
+            d.outcome = True
+
+        d.step = self.finish
+        self.send(d, synced, CMD_EXTENDED, "fsync@openssh.com", d.handle)
+        self.send(d, self.ignore, CMD_CLOSE, d.handle)  # a read-only handle: its close cannot lose data
+        d.handle = None
 
     def start(self, f: _File) -> None:
         try:
@@ -107,7 +163,7 @@ class Uploads(Pipeline):
 
     def _send_writes(self, f: _File) -> None:
         """Read, hash and send the next chunks while the window allows; after the last one,
-        check what was sent against the id, then ``fsync``, ``fstat``, ``close``."""
+        check what was sent against the id, then ``fsync``, (``fstat``), ``close``."""
         handle = f.handle
         while not f.eof and f.error is None and f.writes < INFLIGHT:
             try:  # never more than the size (plus one byte to notice growth)
@@ -141,10 +197,11 @@ class Uploads(Pipeline):
         if self.ops.fsync:
             self.send(f, self.status(f.tmp), CMD_EXTENDED, "fsync@openssh.com", handle)
 
-        def size(st: SFTPAttributes | None) -> None:
-            f.fstat = st
+        if f.size > PIPELINED_MAX:
+            def size(st: SFTPAttributes | None) -> None:
+                f.fstat = st
 
-        self.send(f, self.attrs(f.tmp, size), CMD_FSTAT, handle)
+            self.send(f, self.attrs(f.tmp, size), CMD_FSTAT, handle)
 
         def closed(t: int, msg: paramiko.Message) -> None:
             f.handle = None
@@ -154,7 +211,7 @@ class Uploads(Pipeline):
         f.handle = None  # its close is on its way
 
     def _written(self, f: _File) -> None:
-        if f.error is None and (f.fstat is None or f.fstat.st_size != f.size):
+        if f.error is None and f.size > PIPELINED_MAX and (f.fstat is None or f.fstat.st_size != f.size):
             held = f.fstat.st_size if f.fstat else "no"
             f.fail(IntegrityError(f"{f.oid}: the server holds {held} bytes of {f.size} after upload"))
         if f.error is not None:
@@ -203,6 +260,7 @@ class Uploads(Pipeline):
                 d = ops.path("objects", *rel[:depth])
                 if d not in ops.known_dirs and (d not in self.requested_dirs or f.retried):
                     self.requested_dirs.add(d)
+                    self.made_in.add(d.rsplit("/", 1)[0])  # its new entry is made durable too
                     self.send(f, self.ignore, CMD_MKDIR, d, SFTPAttributes())  # "exists" is fine
 
         def renamed(t: int, msg: paramiko.Message) -> None:
@@ -221,8 +279,13 @@ class Uploads(Pipeline):
             rel = object_relpath(f.oid).split("/")[:-1]
             for depth in range(1, len(rel) + 1):
                 self.ops.known_dirs.add(self.ops.path("objects", *rel[:depth]))
-            self.ops.known_dirs.add(f.final.rsplit("/", 1)[0])
-            return self._sync_final(f)
+            folder = f.final.rsplit("/", 1)[0]
+            self.ops.known_dirs.add(folder)
+            if not self.ops.fsync:
+                f.outcome = True
+            else:  # stored once its directory is fsynced, with the others of this run (sync_dirs)
+                self.unsynced.setdefault(folder, []).append(f)
+            return self.finish(f)
         err = f.error
         if isinstance(err, SftpStatus) and err.code == SFTP_NO_SUCH_FILE and not f.retried:
             f.retried = True  # a fan-out directory went away: make every level, then again
@@ -238,7 +301,8 @@ class Uploads(Pipeline):
         self._clean(f)
 
     def _sync_final(self, f: _File) -> None:
-        """Open the final name and fsync it: the rename is durable before the object counts."""
+        """Open the final name and fsync it: the rename is durable before the object counts (a
+        server that cannot fsync a directory; see ``sync_dirs``)."""
         if not self.ops.fsync:
             f.outcome = True
             return self.finish(f)
