@@ -155,8 +155,8 @@ def stash_many(remote: Remote, items, session: Session):
     """Store a batch, pipelined on one connection (see batch.py); a large object streams alone.
 
     Each object: ``(oid, None)`` once renamed into place after every reply was OK (written,
-    fsynced, size checked, hash of the bytes sent equal to the id, the final name fsynced after
-    the rename); ``(oid, IntegrityError)`` if the source no longer hashes to its id;
+    fsynced, hash of the bytes sent equal to the id, its directory fsynced after the rename,
+    or where the server cannot, its final name); ``(oid, IntegrityError)`` if the source no longer hashes to its id;
     ``(oid, OSError)`` if it cannot be read; ``(oid, JamError)`` if the server failed to store
     that object (a full disk: what fits is stored). A connection lost or a status the server
     refuses for the remote as a whole (permission, a missing directory) raises RemoteError for
