@@ -1,0 +1,272 @@
+"""Scans at the speed of `find` (issue 13), what must still hold: doctor reads the xattr of an
+ordinary file only where it could be a stub's inode, and still finds a stub overwritten in full,
+renamed, or a catalog that cannot say; jam's leftovers are still found when the walk no longer
+shows doctor every directory; a large root walked by two processes (``scan.scan_shared``) finds
+exactly what one walk finds, also when the helper dies; the dry-run's lazy records are the
+FileRecords a policy always saw. Real stubs, real xattrs, a real dir remote; the reads are counted
+by wrapping the functions that make them, the helper is forced with a threshold of 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+import jam_core.scan as scan_mod
+from jam_core.root import CATALOG
+from tests.conftest import make_file
+
+SIZE = 100_000
+DAY = 86400
+
+
+def _stash(runner, *paths):
+    from jam_core.cli import main
+
+    res = runner.invoke(main, ["stash", *paths])
+    assert res.exit_code == 0, res.output + res.stderr
+
+
+def _doctor(root, **kw):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.doctor import doctor
+
+    with Session() as s:
+        return doctor(root, ".", make_plugin_manager(), s, **kw)
+
+
+def _problems(res) -> set[tuple[str, str]]:
+    return {(p.kind, p.path) for p in res.problems}
+
+
+def _forget_inodes(root) -> None:
+    con = sqlite3.connect(root.jam_dir / CATALOG)
+    with con:
+        con.execute("UPDATE stubs SET ino = NULL, ctime_ns = NULL")
+    con.close()
+
+
+def _overwrite_in_full(path, seed: int) -> None:
+    """Make a stub writable and write new bytes over all of it, in place (same inode)."""
+    os.chmod(path, 0o644)
+    data = make_file_bytes(os.lstat(path).st_size, seed)
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def make_file_bytes(size: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.fixture
+def xattr_reads(monkeypatch):
+    """Every xattr read of the scan, by file name."""
+    seen: list[str] = []
+    real = scan_mod.getxattr
+
+    def counting(path, *a, **kw):
+        seen.append(os.path.basename(os.fsdecode(path)))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(scan_mod, "getxattr", counting)
+    return seen
+
+
+# -- doctor: whose xattr is read ------------------------------------------------------------------
+
+def test_doctor_finds_a_stub_overwritten_in_full_then_renamed(jam_root, runner):
+    """Its inode is the one the catalog recorded for a stub: read, found dirty, under its new name."""
+    make_file(jam_root.path / "d" / "a.bin", SIZE, 1)
+    _stash(runner, "d")
+    _overwrite_in_full(jam_root.path / "d" / "a.bin", 2)
+    os.rename(jam_root.path / "d" / "a.bin", jam_root.path / "d" / "b.bin")
+    res = _doctor(jam_root)
+    assert ("dirty", "d/b.bin") in _problems(res), _problems(res)
+
+
+def test_doctor_reads_no_xattr_of_an_ordinary_file(jam_root, runner, xattr_reads):
+    make_file(jam_root.path / "d" / "s.bin", SIZE, 1)
+    _stash(runner, "d")
+    for i in range(5):
+        make_file(jam_root.path / "d" / f"local{i}.bin", SIZE, 10 + i)
+    res = _doctor(jam_root)
+    assert res.exit_code == 0 and res.stubs == 1
+    assert not [n for n in xattr_reads if n.startswith("local")], xattr_reads
+
+
+def test_doctor_reads_every_xattr_when_the_catalog_cannot_say(jam_root, runner):
+    """A copy of a stub with its xattrs (a new inode), made writable and overwritten in full: with
+    a catalog row that has no inode, or with --deep, every file's xattr is read and it is dirty."""
+    make_file(jam_root.path / "d" / "a.bin", SIZE, 1)
+    _stash(runner, "d")
+    copy = jam_root.path / "d" / "copy.bin"
+    shutil.copy2(jam_root.path / "d" / "a.bin", copy)  # keeps user.jam
+    _overwrite_in_full(copy, 3)
+    assert ("dirty", "d/copy.bin") in _problems(_doctor(jam_root, deep=True))
+    _forget_inodes(jam_root)
+    assert ("dirty", "d/copy.bin") in _problems(_doctor(jam_root))
+
+
+def test_doctor_still_finds_leftovers_in_any_directory(jam_root, runner):
+    """The walk shows doctor's tidy only directories with a jam temporary name: those are found."""
+    from jam_core.fs import TMP_MARK
+
+    make_file(jam_root.path / "d" / "a.bin", SIZE, 1)
+    _stash(runner, "d")
+    ours = jam_root.path / "d" / "e" / ".jam-0123456789abcdef.tmp"
+    make_file(ours, 1000, 5)
+    os.setxattr(ours, TMP_MARK, b"1")
+    foreign = jam_root.path / "d" / ".jam-fedcba9876543210.tmp"
+    make_file(foreign, 1000, 6)
+    res = _doctor(jam_root)
+    found = {(c.kind, c.path) for c in res.findings}
+    assert ("leftover", "d/e/.jam-0123456789abcdef.tmp") in found, found
+    assert ("foreign-tmp", "d/.jam-fedcba9876543210.tmp") in found, found
+
+
+# -- one walk shared by two processes ------------------------------------------------------------
+
+def _tree(jam_root, runner, dirs: int = 6) -> None:
+    """Directories of local files and a stub each; one stub written into, one copy that lost its
+    xattrs (the problems status must report, wherever the walk finds them)."""
+    jam_root.update_config(lambda c: c.setdefault("core", {}).__setitem__("min_size", "1"))
+    old = time.time() - 40 * DAY
+    for k in range(dirs):
+        for i in range(4):
+            p = jam_root.path / f"d{k}" / f"f{i}.txt"
+            make_file(p, 2000 + i, k * 10 + i)
+            if i % 2:
+                os.utime(p, (old, old))
+        make_file(jam_root.path / f"d{k}" / "s.bin", SIZE, 100 + k)
+    make_file(jam_root.path / "top.txt", 3000, 99)
+    _stash(runner, *[f"d{k}/s.bin" for k in range(dirs)])
+    dirty = jam_root.path / f"d{dirs - 1}" / "s.bin"
+    st = os.lstat(dirty)
+    os.chmod(dirty, 0o644)
+    with open(dirty, "r+b") as f:
+        f.seek(100)
+        f.write(b"EDITED")
+    os.utime(dirty, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(dirty, st.st_mode & 0o7777)
+    lost = jam_root.path / f"d{dirs - 2}" / "lost.bin"
+    shutil.copyfile(jam_root.path / f"d{dirs - 2}" / "s.bin", lost)  # no xattrs
+    os.chmod(lost, 0o444)
+
+
+@pytest.fixture
+def shared(monkeypatch, tmp_path):
+    """Force the helper (threshold 0, one thread) and record which processes walked. The
+    processes meet through a pipe: the parent waits, as it starts its first directory, until
+    the helper has started one (so the helper surely takes a share); with ``die`` the helper is
+    killed right there, as it starts its first directory."""
+    log = tmp_path / "walkers"
+    real = scan_mod._scan_from
+    parent = os.getpid()
+    state = {"on": False, "die": False, "waited": False}
+    r, w = os.pipe()
+
+    def recording(root_fd, rel, *a, **kw):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        if state["on"] and rel != ".":
+            if os.getpid() != parent:
+                os.write(w, b"x")
+                if state["die"]:
+                    os._exit(3)
+            elif not state["waited"]:
+                state["waited"] = True
+                os.read(r, 1)
+        yield from real(root_fd, rel, *a, **kw)
+    monkeypatch.setattr(scan_mod, "_scan_from", recording)
+    monkeypatch.setattr(scan_mod, "_threads", lambda: 1)
+
+    def walkers() -> set[str]:
+        return set(log.read_text().split()) if log.exists() else set()
+
+    def share(on: bool, die: bool = False) -> None:
+        monkeypatch.setattr(scan_mod, "SHARE_AFTER", 0 if on else 10**12)
+        state.update(on=on, die=die, waited=False)
+        log.unlink(missing_ok=True)
+    share.walkers = walkers
+    yield share
+    os.close(r)
+    os.close(w)
+
+
+def _status_view(res):
+    return (res.total, sorted(res.directories.items()), sorted(res.problems))
+
+
+def test_a_shared_status_finds_what_one_walk_finds(jam_root, runner, shared):
+    from jam_core.ops.status import status
+
+    _tree(jam_root, runner)
+    _forget_inodes(jam_root)  # every stub read: stamps to record, from both processes
+    shared(False)
+    alone = _status_view(status(jam_root))
+    _forget_inodes(jam_root)
+    shared(True)
+    both = status(jam_root)
+    assert len(shared.walkers()) == 2, "a helper walked part of the root"
+    assert _status_view(both) == alone
+    assert ("d5/s.bin", "stub written into after stashing") in both.problems
+    assert any(p == "d4/lost.bin" for p, _ in both.problems)
+    from jam_core.catalog import Catalog
+
+    with Catalog(jam_root.jam_dir / CATALOG) as cat:  # the helper's clean stubs got their stamps too
+        got = cat.stub_stamps()
+    assert {k for k, v in got.items() if v[2] is not None} == {f"d{k}/s.bin".encode() for k in range(5)}
+
+
+def test_a_helper_that_dies_has_its_share_walked_again(jam_root, runner, shared):
+    from jam_core.ops.status import status
+
+    _tree(jam_root, runner)
+    shared(False)
+    alone = _status_view(status(jam_root))
+    shared(True, die=True)
+    assert _status_view(status(jam_root)) == alone
+    assert len(shared.walkers()) == 2, "the helper started a directory before it died"
+
+
+def test_a_shared_dry_run_plans_what_one_walk_plans(jam_root, runner, shared):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.policy.plan import plan_auto
+
+    _tree(jam_root, runner)
+    jam_root.update_config(lambda c: c.setdefault("policy", {}).__setitem__("age", {"older_than": "30d"}))
+    shared(False)
+    alone = plan_auto(jam_root, make_plugin_manager()).to_json()
+    shared(True)
+    both = plan_auto(jam_root, make_plugin_manager()).to_json()
+    assert len(shared.walkers()) == 2
+    assert both == alone
+    assert sorted(f["path"] for f in both["files"]) == sorted(f"d{k}/f{i}.txt" for k in range(6) for i in (1, 3))
+
+
+def test_lazy_records_are_the_file_records_a_policy_always_saw(jam_root, runner):
+    """A third-party policy iterating the records gets FileRecords sorted by path, equal to those
+    built one by one; jam_age choosing on the lists nominates the same files as on records."""
+    import jam_age
+    from jam_core.model import FileRecord
+    from jam_core.policy.records import Records, inventory
+
+    _tree(jam_root, runner, dirs=3)
+    inv = inventory(jam_root)
+    lazy = Records(candidates=inv.candidates)
+    built = tuple(sorted((inv.candidates[p] for p in inv.candidates), key=lambda r: r.path))
+    assert len(lazy) == len(built) == 13 and all(type(r) is FileRecord for r in lazy)
+    assert tuple(lazy) == built and lazy[0] == built[0] and lazy == built
+    now = time.time()
+    on_lists = jam_age.select_older(Records(candidates=inv.candidates), 30 * DAY, now)
+    on_records = jam_age.select_older(list(built), 30 * DAY, now)
+    assert sorted((n.path, n.reason) for n in on_lists) == sorted((n.path, n.reason) for n in on_records)
+    assert len(on_lists) == 6
