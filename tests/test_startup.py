@@ -302,3 +302,102 @@ def test_user_dirs_follow_platformdirs_without_importing_it(value, monkeypatch):
             monkeypatch.setenv(var, value)
     assert str(root.user_data_dir()) == platformdirs.user_data_dir("jam", appauthor=False)
     assert str(root.user_config_dir()) == platformdirs.user_config_dir("jam", appauthor=False)
+
+
+# -- the hook's own start: python -I -S -c BOOT hook-fetch -- DIR (jam_core.cli.hook.fast_start) --
+
+def _hook_text(jam_bin: str, env: dict, shell: str, *extra: str) -> str:
+    res = subprocess.run([jam_bin, "hook", shell, *extra], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _fast_cmd(jam_bin: str, env: dict) -> tuple[str, str]:
+    """(python, BOOT) as `jam hook bash` wrote them into the hook (read back by bash itself)."""
+    hook = _hook_text(jam_bin, env, "bash")
+    res = subprocess.run(["bash", "--norc", "--noprofile", "-c", hook + '\nprintf "%s\\0%s" "$_JAM_PY" "$_JAM_BOOT"'],
+                         env=dict(env, JAM_DISABLE="1"), capture_output=True, text=True, timeout=60)
+    py, boot = res.stdout.split("\0")
+    assert py and boot, res.stderr
+    return py, boot
+
+
+def _run_fast(py: str, boot: str, env: dict, d: Path, tmp_path: Path):
+    listing = tmp_path / "modules.txt"
+    listing.unlink(missing_ok=True)
+    res = subprocess.run([py, "-I", "-S", "-c", boot, "hook-fetch", "--", str(d)],
+                         env=dict(env, JAM_DEBUG_MODULES=str(listing)), capture_output=True, text=True,
+                         timeout=120, cwd=str(d))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    return res, set(listing.read_text().split())
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_the_hook_starts_its_fetch_without_site_and_brings_the_bytes_back(jam_bin, env, tmp_path, shell):
+    """A real shell with the hook as `jam hook SHELL` prints it: the cd's fetch runs in
+    `python -I -S` (no `site` module: no .pth files, no editable finder), bytes verified back."""
+    from tests.conftest import require_tool
+
+    exe = require_tool(shell)
+    root, digests = make_root(tmp_path)
+    d = root.path / "d"
+    stash(jam_bin, env, d)
+    listing = tmp_path / "modules.txt"
+    hook = tmp_path / f"hook.{shell}"
+    hook.write_text(_hook_text(jam_bin, env, shell))
+    script = {"bash": f"source {str(hook)!r}; cd {str(d)!r}; _jam_hook",
+              "zsh": f"source {str(hook)!r}; cd {str(d)!r}",
+              "fish": f"source {str(hook)!r}; cd {str(d)!r}"}[shell]
+    flags = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}[shell]
+    res = subprocess.run([exe, *flags, script], env=dict(env, JAM_DISABLE="", JAM_DEBUG_MODULES=str(listing)),
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert back(d, digests), "the hook's fast fetch did not bring the bytes back"
+    modules = set(listing.read_text().split())
+    assert "jam_dir" in modules and "jam_core.ops.checkout" in modules
+    assert "site" not in modules, "the hook's fetch went through the `jam` script's full start-up"
+
+
+def test_the_hook_with_bin_runs_that_jam(jam_bin, env):
+    text = _hook_text(jam_bin, env, "zsh", "--bin", "/opt/x/jam")
+    assert "_JAM_BIN=/opt/x/jam" in text and "typeset -g _JAM_PY=''" in text
+
+
+def test_a_fast_start_that_cannot_import_jam_hands_the_fetch_to_the_jam_command(jam_bin, env, tmp_path):
+    """jam moved or upgraded since the shell printed its hook: BOOT's sys.path no longer leads
+    to jam_core. The fetch is handed to `jam hook-fetch` (exec), which does it in full."""
+    root, digests = make_root(tmp_path)
+    d = root.path / "d"
+    stash(jam_bin, env, d)
+    py, boot = _fast_cmd(jam_bin, env)
+    lines = boot.splitlines()
+    assert lines[1].startswith("sys.path[:0]=")
+    stale = "\n".join([lines[0], "sys.path[:0]=['/nonexistent/jam']", *lines[2:]])
+    res, modules = _run_fast(py, stale, env, d, tmp_path)
+    assert "fetched 3 files" in res.stderr, res.stderr
+    assert back(d, digests)
+    assert "site" in modules  # the `jam` console script's own start-up did it
+
+
+def test_a_fast_start_in_a_root_with_a_third_party_backend_hands_it_to_jam(jam_bin, env, tmp_path):
+    """-I ignores PYTHONPATH and -S skips .pth files: a root whose remote is a third-party
+    backend's (here on PYTHONPATH) is handed to `jam hook-fetch` before any work, and fetches."""
+    root, digests = make_root(tmp_path, kind="toy")
+    d = root.path / "d"
+    stash(jam_bin, env, d)
+    py, boot = _fast_cmd(jam_bin, env)
+    res, modules = _run_fast(py, boot, env, d, tmp_path)
+    assert "fetched 3 files" in res.stderr, res.stderr
+    assert back(d, digests), "the toy backend's stubs did not come back"
+    assert "jam_toy" in modules and "site" in modules
+
+
+def test_a_fast_start_of_a_dir_root_stays_in_its_process(jam_bin, env, tmp_path):
+    root, digests = make_root(tmp_path)
+    d = root.path / "d"
+    stash(jam_bin, env, d)
+    py, boot = _fast_cmd(jam_bin, env)
+    res, modules = _run_fast(py, boot, env, d, tmp_path)
+    assert "fetched 3 files" in res.stderr and back(d, digests)
+    assert "site" not in modules and "importlib.metadata" not in modules and "click" not in modules
