@@ -274,3 +274,30 @@ def _nobody_log(run_as, jam_bin) -> list:
     except AssertionError as exc:  # no snapshot yet
         assert "no snapshot yet" in str(exc), exc
         return []
+
+
+def test_a_commit_that_ended_is_reaped_even_if_something_it_started_keeps_its_output_open(tmp_path, capsys):
+    """The daemon waits for a commit's output to close; a process the commit left behind
+    (holding that pipe) must not make the root look busy forever: the ended commit is reaped,
+    its failure logged, the root due again."""
+    from jam_core.daemon.supervisor import Supervisor
+
+    sup = Supervisor([tmp_path])
+    left = tmp_path / "left-behind.pid"
+    proc = subprocess.Popen(["sh", "-c", f"echo 'jam: it broke'; sleep 300 & echo $! > {shlex.quote(str(left))}; "
+                             "exit 3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        sup.auto_runs[fd] = (tmp_path, proc, bytearray())
+        sup.auto_next[tmp_path] = time.monotonic() + 3600
+        proc.wait()  # the commit ended; its `sleep` still holds the pipe
+        assert sup.auto_wait() is not None  # the loop wakes to look
+        sup.auto_tick(time.monotonic())
+        assert sup.auto_runs == {}
+        err = capsys.readouterr().err
+        assert "automatic commit failed (exit 3): jam: it broke" in err and len(err.splitlines()) == 1
+    finally:
+        proc.wait()
+        if left.exists():
+            os.kill(int(left.read_text()), 9)  # the sleep this test started

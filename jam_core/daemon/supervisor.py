@@ -44,6 +44,7 @@ from jam_core.root import JAM_DIR
 
 CLIENT_DEADLINE = 5.0  # seconds a client of daemon.sock has to send its descriptor
 AUTO_RECHECK = 60.0  # seconds between looks at a root whose [history] auto is not set (or unreadable)
+AUTO_REAP = 10.0  # seconds between checks that a running commit has not ended with its output still open
 RESPAWNS = 5  # worker deaths within RESPAWN_WINDOW before waiting readers are answered EIO
 RESPAWN_WINDOW = 10.0
 
@@ -419,9 +420,14 @@ class Supervisor:
         """Seconds until the next root is due for a look (None: no root to look at)."""
         running = {root for root, _p, _b in self.auto_runs.values()}
         due = [t for root, t in self.auto_next.items() if root not in running]
+        if running:
+            due.append(time.monotonic() + AUTO_REAP)
         return max(0.0, min(due) - time.monotonic()) if due else None
 
     def auto_tick(self, now: float) -> None:
+        for fd, (_root, proc, _tail) in list(self.auto_runs.items()):
+            if proc.poll() is not None:  # ended, while something it started keeps its output open
+                self.auto_read(fd, ended=True)
         running = {root for root, _p, _b in self.auto_runs.values()}
         for root, due in list(self.auto_next.items()):
             if due <= now and root not in running and not self.stopping:
@@ -466,18 +472,25 @@ class Supervisor:
         os.set_blocking(fd, False)
         self.auto_runs[fd] = (root, proc, bytearray())
 
-    def auto_read(self, fd: int) -> None:
+    def auto_read(self, fd: int, ended: bool = False) -> None:
+        """Read a running commit's output; at its end (EOF, or ``ended``) report a failure."""
         root, proc, tail = self.auto_runs[fd]
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            tail += data
-            del tail[:-4096]  # only the end is reported
-            return
+        for _ in range(64):  # a bounded share of the loop: readers of stubs come first
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data:
+                tail += data
+                del tail[:-4096]  # only the end is reported
+                continue
+            if data is None and not ended:
+                return
+            break
+        else:
+            return  # more to read: the next turn of the loop
         del self.auto_runs[fd]
         proc.stdout.close()
         code = proc.wait()
