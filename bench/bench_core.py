@@ -56,10 +56,24 @@ def run(*argv, cwd=None, env=None, out=subprocess.DEVNULL) -> None:
         sys.exit(f"bench: {' '.join(map(str, argv))} failed ({res.returncode}): {res.stderr.decode()[-2000:]}")
 
 
+CPU: list[float] = [0.0]  # user + sys seconds of the children the last timed() ran
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(*argv, cwd=None, env=None) -> float:
+    """Wall seconds of one command; its CPU time (user + sys) is left in ``CPU[0]``."""
+    c = _children_cpu()
     t = time.perf_counter()
     run(*argv, cwd=cwd, env=env)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    CPU[0] = _children_cpu() - c
+    return wall
 
 
 def mbps(nbytes: int, seconds: float) -> float:
@@ -105,25 +119,33 @@ class Bench:
         # warm the cache for everyone: read the data once
         run("cat", *(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src])
         runs: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
 
         def settle():  # nobody pays for flushing what an earlier step left dirty
             run("sync", "-f", self.work)
 
-        def take(step, who, seconds):
+        def take(step, who, seconds, cpu_seconds=None):
             runs.setdefault((step, who), []).append(seconds)
+            cpu.setdefault((step, who), []).append(CPU[0] if cpu_seconds is None else cpu_seconds)
+
+        def cp_sync(source, dest):  # wall and CPU of cp, then of sync -f, added
+            wall = timed("cp", "-r", source, dest)
+            spent = CPU[0]
+            wall += timed("sync", "-f", dest)
+            return wall, spent + CPU[0]
 
         for _ in range(repeat):
             peer.mkdir()
             settle()
             take("store", "cp", timed("cp", "-r", src, peer / "a"))
             settle()
-            take("store", "cp + sync", timed("cp", "-r", src, peer / "b") + timed("sync", "-f", peer / "b"))
+            take("store", "cp + sync", *cp_sync(src, peer / "b"))
             settle()
             take("store", "jam", timed(JAM, "stash", target, cwd=root, env=self.env))
             settle()
             take("fetch", "cp", timed("cp", "-r", peer / "a", peer / "c"))
             settle()
-            take("fetch", "cp + sync", timed("cp", "-r", peer / "a", peer / "d") + timed("sync", "-f", peer / "d"))
+            take("fetch", "cp + sync", *cp_sync(peer / "a", peer / "d"))
             settle()
             take("fetch", "jam", timed(JAM, "checkout", target, cwd=root, env=self.env))
             shutil.rmtree(peer)
@@ -136,6 +158,11 @@ class Bench:
             best = min(runs[step, "cp + sync"]) / min(runs[step, "jam"])
             print(f"  {c:<28} median of {repeat}: jam / cp {ratio(c, verb, 'cp')}, jam / (cp + sync) "
                   f"{ratio(c, verb, 'cp + sync')} (goal >= 0.8x); best runs: {best:.2f}x", flush=True)
+            wall_s = {who: statistics.median(runs[step, who]) for who in ("cp + sync", "jam")}
+            cpu_s = {who: statistics.median(cpu[step, who]) for who in ("cp + sync", "jam")}
+            print(f"  {c:<28} median wall / CPU (user+sys): {verb} {wall_s['jam']:.2f} s / "
+                  f"{cpu_s['jam']:.2f} s, cp + sync {wall_s['cp + sync']:.2f} s / {cpu_s['cp + sync']:.2f} s",
+                  flush=True)
         shutil.rmtree(remote)
         shutil.rmtree(root)
 

@@ -182,3 +182,39 @@ def test_closer_wait_returns_only_after_its_closes(tmp_path, monkeypatch):
     assert still_waiting, "wait() returned with closes still held"
     assert sorted(closed) == sorted(fds)
     assert len(c._threads) == 0
+
+
+def test_a_large_sparse_file_is_copied_in_the_kernel_holes_kept_and_verified(tmp_path, monkeypatch):
+    """A large object is copied by copy_file_range (not read, hashed and written in Python),
+    keeps its holes on the remote, and verifies; it checks out identical."""
+    import jam_dir
+
+    t = make_tree(tmp_path)
+    p = t.root / "sparse.img"
+    with open(p, "wb") as f:
+        f.truncate(24 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(3 << 20))
+        f.seek(17 << 20)
+        f.write(os.urandom(2 << 20))
+    digest = b3(p)
+    copied = []
+    real = os.copy_file_range
+
+    def counting(src, dst, count, offset_src=None, offset_dst=None):
+        n = real(src, dst, count, offset_src, offset_dst)
+        copied.append(n)
+        return n
+
+    monkeypatch.setattr(jam_dir.os, "copy_file_range", counting)
+    monkeypatch.setattr(jam_dir, "_copy_hashing", None)  # never the Python read-hash-write loop
+    with Session() as s:
+        res = stash(Root(t.root), ["sparse.img"], make_plugin_manager(), s)
+    assert len(res.done) == 1, res
+    assert sum(copied) == 5 << 20, "only the data extents are copied"
+    (obj,) = objects_verify(t.remote)
+    assert obj.name == digest and os.stat(obj).st_blocks * 512 < 8 << 20, "the object lost its holes"
+    monkeypatch.undo()
+    with Session() as s:
+        assert len(checkout(Root(t.root), ["sparse.img"], make_plugin_manager(), s).done) == 1
+    assert b3(p) == digest and not is_stub(p)

@@ -23,9 +23,9 @@ from jam_core.catalog import Catalog
 from jam_core.daemon.client import SOCK_NAME, mark_new_stub
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, describe
 from jam_core.fs import (
+    Closer,
     DirFds,
     FileBusy,
-    Closer,
     Leases,
     NotTheFile,
     carried_xattrs,
