@@ -198,22 +198,8 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
 
 
 # -- clone ---------------------------------------------------------------------------------------
-def _empty_target(path: Path) -> Path:
-    from jam_core.root import abspath
-
-    p = abspath(path)
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        if not os.path.isdir(p.parent):
-            raise UsageError(f"{p.parent} is not a directory") from None
-        p.mkdir(0o755)
-        return p
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{p} exists and is not a directory; clone into a new or empty directory")
-    if os.listdir(p):
-        raise UsageError(f"{p} is not empty; clone into a new or empty directory")
-    return p
+MARK = "cloning"  # STAGE/.jam/cloning, then ROOT/.jam/cloning until the clone is complete
+MARK_MAGIC = "jam-clone 1"
 
 
 def default_path(url: str) -> str:
@@ -221,14 +207,236 @@ def default_path(url: str) -> str:
     return tail or "jam-clone"
 
 
+def _write_mark(fd: int, state: dict) -> None:
+    """Rewrite the mark in place (the flock is on its inode): one short write."""
+    import json
+
+    data = (MARK_MAGIC + "\n" + json.dumps(state, sort_keys=True) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _read_mark(fd: int) -> dict | None:
+    """The state a mark records, None if it is not one (torn by a crash: nothing was moved yet)."""
+    import json
+
+    data = os.pread(fd, 1 << 16, 0)
+    magic, _, rest = data.partition(b"\n")
+    if magic != MARK_MAGIC.encode():
+        return None
+    try:
+        state = json.loads(rest)
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _lock_mark(fd: int, where: Path) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"another jam clone is making {where} now") from None
+
+
+@dataclass
+class _Unfinished:
+    """What a clone killed part-way left in PATH: its stage (``PATH/.jam-<hex>.tmp``, a root
+    being built) or, once the stage was moved in, ``PATH/.jam/cloning``."""
+
+    mark_fd: int = -1  # open and flocked
+    state: dict = field(default_factory=dict)
+    stage: str = ""  # the stage's name in PATH ("" once .jam was moved in)
+    empties: list[str] = field(default_factory=list)  # empty stages (killed as one was made)
+
+
+def _open_mark(dfd: int, parts: list[str]) -> int:
+    """The mark at ``parts`` under ``dfd``, each directory opened without following a symlink;
+    -1 if it is not there."""
+    fd = os.dup(dfd)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return -1
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink where jam makes a directory: not ours
+            return -1
+        raise
+    finally:
+        os.close(fd)
+
+
+def _only_empty(dfd: int, name: str) -> bool:
+    """``name`` is a directory holding nothing, or only an empty ``.jam`` (a stage killed as it
+    was being made): removing it loses nothing."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
+    except OSError:
+        return False
+    try:
+        inside = os.listdir(fd)
+        if not inside:
+            return True
+        if inside != [".jam"]:
+            return False
+        try:
+            sub = os.open(".jam", DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            return False
+        try:
+            return not os.listdir(sub)
+        finally:
+            os.close(sub)
+    finally:
+        os.close(fd)
+
+
+def _inspect(p: Path) -> tuple[list[str], _Unfinished | None]:
+    """(PATH's entries, what an unfinished clone left there or None). Nothing is changed."""
+    from jam_core.fs import is_jam_tmp
+    from jam_core.root import JAM_DIR
+
+    pfd = os.open(p, DIR_FLAGS)
+    try:
+        names = os.listdir(pfd)
+        if not names:
+            return names, None
+        if JAM_DIR in names:
+            fd = _open_mark(pfd, [JAM_DIR, MARK])
+            if fd < 0:
+                return names, None
+            return names, _Unfinished(fd, _read_mark(fd) or {})
+        found = None
+        empties = []
+        for n in names:
+            if not is_jam_tmp(n):
+                continue
+            fd = _open_mark(pfd, [n, JAM_DIR, MARK])
+            if fd >= 0:
+                if found is not None:  # two stages: not one clone's
+                    os.close(fd)
+                    os.close(found.mark_fd)
+                    return names, None
+                found = _Unfinished(fd, _read_mark(fd) or {}, n)
+            elif _only_empty(pfd, n):
+                empties.append(n)
+        if found is not None:
+            found.empties = empties
+        elif empties and len(empties) == len(names):
+            found = _Unfinished(-1, {}, "", empties)
+        return names, found
+    finally:
+        os.close(pfd)
+
+
+def _target(path: Path, rid: str) -> tuple[Path, bool, _Unfinished | None]:
+    """(PATH made absolute, made here?, an unfinished clone of this remote there). A PATH that
+    is not a directory, not empty and not this remote's unfinished clone is refused."""
+    from jam_core.root import abspath, find_root
+
+    p = abspath(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        if not os.path.isdir(p.parent):
+            raise UsageError(f"{p.parent} is not a directory") from None
+        inside = find_root(p.parent)
+        if inside is not None:
+            raise UsageError(f"{p} would be inside the jam root {inside}; clone somewhere else") from None
+        p.mkdir(0o755)
+        return p, True, None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{p} exists and is not a directory; clone into a new or empty directory")
+    names, left = _inspect(p)
+    if names and left is None:
+        raise UsageError(f"{p} is not empty; clone into a new or empty directory")
+    if left is not None and left.mark_fd >= 0:
+        _lock_mark(left.mark_fd, p)
+        if left.state.get("remote") not in (None, rid):
+            os.close(left.mark_fd)
+            raise UsageError(f"{p} holds an unfinished clone of another remote ({left.state.get('url', '?')[:200]}); "
+                             "rerun that clone, or remove it")
+        if left.state.get("state") != "moving" and left.stage and len(names) > 1 + len(left.empties):
+            os.close(left.mark_fd)
+            raise UsageError(f"{p} is not empty (beside an unfinished clone); clone into a new or empty directory")
+    inside = find_root(p.parent)
+    if inside is not None:
+        raise UsageError(f"{p} is inside the jam root {inside}; clone somewhere else")
+    return p, False, left
+
+
+def _stage_names(dfd: int) -> list[str]:
+    from jam_core.root import JAM_DIR
+
+    return sorted(n for n in os.listdir(dfd) if n != JAM_DIR)
+
+
+def _move_in(p: Path, stage: str) -> None:
+    """The finished root at ``PATH/stage`` moved into PATH: every top entry, ``.jam`` last (it
+    makes PATH a root), each renamed without replacing anything. Killed meanwhile, the next
+    ``jam clone`` of the same remote into PATH moves the rest."""
+    from jam_core.fs import RENAME_NOREPLACE, renameat2
+    from jam_core.root import JAM_DIR
+
+    pfd = os.open(p, DIR_FLAGS)
+    try:
+        sfd = os.open(stage, DIR_FLAGS, dir_fd=pfd)
+        try:
+            for n in _stage_names(sfd) + [JAM_DIR]:
+                try:
+                    renameat2(sfd, n, pfd, n, RENAME_NOREPLACE)
+                except FileExistsError:
+                    raise JamError(f"{p / n} appeared while the clone was being made; move it away and run the "
+                                   "same `jam clone` again to finish") from None
+        finally:
+            os.close(sfd)
+        os.rmdir(stage, dir_fd=pfd)
+        syncfs(pfd)
+    finally:
+        os.close(pfd)
+
+
+def _finish(p: Path, left: _Unfinished, out: CloneResult) -> None:
+    """Move the stage in (if not yet), remove the mark, register the root, its cd index."""
+    from jam_core.catalog import Catalog
+    from jam_core.hook.index import refresh
+    from jam_core.root import CATALOG, JAM_DIR, register_root
+
+    st = left.state
+    out.tree, out.snapshot, out.machine, out.host = (str(st.get(k, "")) for k in ("tree", "snapshot", "machine",
+                                                                               "host"))
+    out.files, out.stubs = int(st.get("files", 0)), int(st.get("stubs", 0))
+    if left.stage:
+        _move_in(p, left.stage)
+    pfd = os.open(p, DIR_FLAGS)
+    try:
+        for n in left.empties:  # stages a killed clone had only begun: nothing in them
+            if _only_empty(pfd, n):
+                try:
+                    os.rmdir(os.path.join(n, JAM_DIR), dir_fd=pfd)
+                except OSError:
+                    pass
+                os.rmdir(n, dir_fd=pfd)
+        os.unlink(os.path.join(JAM_DIR, MARK), dir_fd=pfd)
+    finally:
+        os.close(pfd)
+    root = Root(p)
+    register_root(p)
+    with Catalog(root.jam_dir / CATALOG) as cat:
+        refresh(root, cat)
+
+
 def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None, name: str = "origin",
           session: Session | None = None) -> CloneResult:
     """See the module's docstring. UsageError (exit 2) for a non-empty PATH, several trees
     without ``tree``, a URL that is no jam remote."""
-    from jam_core.catalog import Catalog
-    from jam_core.history.index import Index
-    from jam_core.ops.remotes import add_remote
-    from jam_core.root import CATALOG, check_remote_overlaps
+    from jam_core.root import check_remote_overlaps
 
     session = session or Session()
     if tree is not None and not _TREE.match(tree):
@@ -246,53 +454,158 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
         rid = pm.hook.remote_id(remote=remote, session=session, create=False)
         if rid == "":
             raise UsageError(f"{url}: no jam remote there (its identity marker is missing); nothing cloned")
-        trees = list_trees(remote, pm, session)
-        if tree is None:
-            if not trees:
-                raise UsageError(f"{url}: no tree with snapshots there (made by `jam commit`); nothing cloned")
-            if len(trees) > 1:
-                raise UsageError(f"{url} holds {len(trees)} trees ({', '.join(trees)}); name one with --tree NAME")
-            tree = trees[0]
-        heads = read_heads(remote, tree, pm, session)
-        if not heads:
-            raise UsageError(f"{url}: no snapshot of tree {tree!r} there"
-                             + (f" (trees: {', '.join(trees)})" if trees else ""))
-        target = _empty_target(Path(path if path is not None else default_path(url)))
-        if remote.kind == "dir":
-            check_remote_overlaps(remote.location, target)
-        tmp = target / ".jam-clone-tmp"  # O_TMPFILE needs a directory; .jam does not exist yet
-        tmp.mkdir(0o700)
+        rid = str(rid)
+        target = Path(path if path is not None else default_path(url))
+        p, made, left = _target(target, rid)
+        if left is not None:
+            try:
+                if left.mark_fd >= 0 and (left.state.get("state") == "moving" or not left.stage):
+                    out = CloneResult(p)  # the stage was complete: only moving it in was left to do
+                    _finish(p, left, out)
+                    return out
+                for n in ([left.stage] if left.stage else []) + left.empties:
+                    _remove_stage(p, n)  # killed while it was being built: begin again
+            finally:
+                if left.mark_fd >= 0:
+                    os.close(left.mark_fd)
         try:
+            if remote.kind == "dir":
+                check_remote_overlaps(remote.location, p)
+            trees = list_trees(remote, pm, session)
+            if tree is None:
+                if not trees:
+                    raise UsageError(f"{url}: no tree with snapshots there (made by `jam commit`); nothing cloned")
+                if len(trees) > 1:
+                    raise UsageError(f"{url} holds {len(trees)} trees ({', '.join(trees)}); name one with --tree NAME")
+                tree = trees[0]
+            heads = read_heads(remote, tree, pm, session)
+            if not heads:
+                raise UsageError(f"{url}: no snapshot of tree {tree!r} there"
+                                 + (f" (trees: {', '.join(trees)})" if trees else ""))
             best: tuple[int, str, bytes, Snapshot] | None = None
             for machine, (sid, size) in sorted(heads.items()):
-                data, snap = fetch_snapshot(tmp, [remote], sid, size, pm, session)
+                data, snap = fetch_snapshot(p, [remote], sid, size, pm, session)  # O_TMPFILE: invisible
                 if snap.tree != tree:
                     raise SnapshotError(f"snapshot {sid[:19]} (head of {machine}) belongs to tree {snap.tree!r}, "
                                         f"not {tree!r}; refused")
                 if best is None or (snap.time_ns, sid) > (best[0], best[1]):
                     best = (snap.time_ns, sid, data, snap)
-        finally:
-            os.rmdir(tmp)
+        except BaseException:
+            if made:
+                os.rmdir(p)
+            raise
     assert best is not None
     _t, sid, data, snap = best
-    out = CloneResult(target, tree, sid, snap.machine, snap.host)
-    root, _created = Root.init(target, default_remote=False)
-    add_remote(root, pm, name, url, 0)
-    with root.lock():
-        root.update_config(lambda own: own.setdefault("history", {}).__setitem__("name", tree))
-        with Index(root) as ix:
-            ix.add(snap, data, (len(snap.items), 0, 0), make_head=True)
-            ix.record_pushed(sid, name)
-        with Catalog(root.jam_dir / CATALOG) as cat:
-            names = (name,)
-            made = place(root, snap.items, lambda _oid: names, cat, out.problems)
-            out.files = len(made)
-            out.stubs = sum(1 for i in snap.items if i.kind == FILE and i.size)
+    out = CloneResult(p, tree, sid, snap.machine, snap.host)
+    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out)
+    return out
+
+
+def _remove_stage(p: Path, stage: str) -> None:
+    """Remove a stage this clone's mark proved to be jam's own (never through a symlink)."""
+    import shutil
+
+    pfd = os.open(p, DIR_FLAGS)
+    try:
+        shutil.rmtree(stage, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: str, data: bytes, snap: Snapshot,
+           pm, out: CloneResult) -> None:
+    """Build the root aside in PATH's stage (``PATH/.jam-<hex>.tmp``, its mark in its ``.jam``
+    first), then move it in (``_move_in``) and finish (``_finish``)."""
+    from jam_core.catalog import Catalog
+    from jam_core.fs import tmp_name
+    from jam_core.history.index import Index
+    from jam_core.ops.remotes import add_remote
+    from jam_core.root import CATALOG, JAM_DIR
+
+    stage = tmp_name()
+    sp = p / stage
+    state = {"remote": rid, "url": url, "tree": tree, "snapshot": sid, "machine": snap.machine,
+             "host": snap.host, "state": "building"}
+    mark = -1
+    moving = False
+    try:
+        os.mkdir(sp, 0o700)
+        os.mkdir(sp / JAM_DIR, 0o700)
+        mark = os.open(sp / JAM_DIR / MARK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
+        _lock_mark(mark, p)
+        _write_mark(mark, state)
+        root, _created = Root.init(sp, register=False, default_remote=False)
+        add_remote(root, pm, name, url, 0)
+        with root.lock():
+            root.update_config(lambda own: own.setdefault("history", {}).__setitem__("name", tree))
+            with Index(root) as ix:
+                ix.add(snap, data, (len(snap.items), 0, 0), make_head=True)
+                ix.record_pushed(sid, name)
+            with Catalog(root.jam_dir / CATALOG) as cat:
+                out.files = make_all(sp, snap.items, (name,), cat, out.problems)
+                out.stubs = sum(1 for i in snap.items if i.kind == FILE and i.size)
             if snap.pins:
                 from jam_core.policy.pins import add_pins
 
                 add_pins(root, snap.pins)
-            from jam_core.hook.index import refresh
+        syncfs(mark)  # the whole stage durable before the mark says it is complete
+        state.update(state="moving", files=out.files, stubs=out.stubs)
+        _write_mark(mark, state)
+        os.fsync(mark)
+        moving = True
+        _finish(p, _Unfinished(mark, state, stage), out)
+    except BaseException:
+        if not moving:  # nothing of it is in PATH yet: it goes (killed, the next clone removes it)
+            try:
+                _remove_stage(p, stage)
+                if made:
+                    os.rmdir(p)
+            except OSError:
+                pass
+        raise
+    finally:
+        if mark >= 0:
+            os.close(mark)
 
-            refresh(root, cat)
-    return out
+
+def make_all(top: Path, items: list[Item], remotes: tuple[str, ...], cat, problems: list[str]) -> int:
+    """Make every one of ``items`` (sorted by path) in ``top``, a directory this clone made and
+    nobody else sees yet: each entry created under its own name (exclusively, never through a
+    symlink: no temporary name, no rename), directories made once each, one ``syncfs`` for all
+    by the caller, one catalog transaction. Returns how many entries were made."""
+    from jam_core.history.store import EntryMaker
+
+    maker = EntryMaker(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.time_ns())
+    make = maker.make
+    rows = []
+    count = 0
+    top_fd = os.open(top, DIR_FLAGS)
+    dirs = DirStack(top_fd)
+    last_parent, dfd = None, -1
+    try:
+        for item in items:
+            parent, _, base = item.path.rpartition("/")
+            try:
+                if parent != last_parent:
+                    last_parent = None
+                    dfd = dirs.get(parent, create=True)
+                    last_parent = parent
+                rec, st = make(dfd, base, base, item, remotes, True)
+            except OSError as exc:
+                problems.append(f"{item.path}: not made ({exc.strerror or exc})")
+                continue
+            count += 1
+            if rec is not None:
+                rows.append((item.path, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, st.st_ino, st.st_ctime_ns))
+    finally:
+        dirs.close()
+        os.close(top_fd)
+    if rows:
+        cat.upsert_stubs(rows)  # one transaction
+        now = time.time()
+        with cat.transaction():  # the rows record_location writes, in one statement
+            cat.db.executemany("INSERT OR IGNORE INTO locations VALUES (?,?,?,?)",
+                               [(oid, name, size, now) for oid, size in {r[1]: r[2] for r in rows}.items()
+                                for name in remotes])
+    return count

@@ -212,7 +212,7 @@ def _parse_text(text: bytes) -> Snapshot:
     pins = [_rel(p, "pin") for p in pins]
     items: list[Item] = []
     files: set[str] = set()
-    last = ""
+    last = parent = ""
     rows = json.loads(b"[" + b",".join(lines[1:-1]) + b"]") if len(lines) > 2 else []
     lo, hi, big = -(1 << 63) + 1, (1 << 63) - 1, MAX_SIZE
     valid_oid, add_item, add_file = is_valid_oid, items.append, files.add
@@ -244,14 +244,19 @@ def _parse_text(text: bytes) -> Snapshot:
             raise SnapshotError(f"bad entry kind {str(kind)[:10]!r}")
         if type(path) is not str or path <= last:
             raise SnapshotError(f"entries out of order or repeated at {str(path)[:80]!r}")
-        _rel(path)
+        w = f"/{path}/"  # the common case (ASCII, normalised, not .jam) without check_rel's calls
+        if not path.isascii() or "\0" in w or "//" in w or "/./" in w or "/../" in w or w.startswith("/.jam/"):
+            _rel(path)  # says why, or accepts (a name that is not ASCII)
         last = path
-        # no entry may sit below another entry (a file is not a directory)
+        # no entry may sit below another entry (a file is not a directory); entries are sorted,
+        # so a directory's entries are contiguous: its ancestors are looked at once
         cut = path.rfind("/")
-        while cut > 0:
-            if path[:cut] in files:
-                raise SnapshotError(f"{path[:cut]!r} is both a file and a directory")
-            cut = path.rfind("/", 0, cut)
+        if cut < 0 or path[:cut] != parent:
+            parent = path[:cut] if cut > 0 else ""
+            while cut > 0:
+                if path[:cut] in files:
+                    raise SnapshotError(f"{path[:cut]!r} is both a file and a directory")
+                cut = path.rfind("/", 0, cut)
         add_file(path)
         add_item(item)
     return Snapshot(parents, time_ns, host, mid, tree, message, pins, items, parent_sizes=sizes)
