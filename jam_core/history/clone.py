@@ -208,27 +208,27 @@ def default_path(url: str) -> str:
 
 
 def _write_mark(fd: int, state: dict) -> None:
-    """Rewrite the mark in place (the flock is on its inode): one short write."""
+    """Rewrite the mark in place (the flock is on its inode): the new text first, then cut to
+    its length, so a kill between leaves the new lines complete (the rest is ignored)."""
     import json
 
     data = (MARK_MAGIC + "\n" + json.dumps(state, sort_keys=True) + "\n").encode()
-    os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def _read_mark(fd: int) -> dict | None:
-    """The state a mark records, None if it is not one (torn by a crash: nothing was moved yet)."""
+    """The state a mark records (its remote's id named), None if it is not one jam wrote."""
     import json
 
-    data = os.pread(fd, 1 << 16, 0)
-    magic, _, rest = data.partition(b"\n")
-    if magic != MARK_MAGIC.encode():
+    lines = os.pread(fd, 1 << 16, 0).split(b"\n")
+    if len(lines) < 3 or lines[0] != MARK_MAGIC.encode():
         return None
     try:
-        state = json.loads(rest)
+        state = json.loads(lines[1])
     except ValueError:
         return None
-    return state if isinstance(state, dict) else None
+    return state if isinstance(state, dict) and isinstance(state.get("remote"), str) else None
 
 
 def _lock_mark(fd: int, where: Path) -> None:
@@ -273,8 +273,8 @@ def _open_mark(dfd: int, parts: list[str]) -> int:
 
 
 def _only_empty(dfd: int, name: str) -> bool:
-    """``name`` is a directory holding nothing, or only an empty ``.jam`` (a stage killed as it
-    was being made): removing it loses nothing."""
+    """``name`` is a directory holding nothing, or only a ``.jam`` holding nothing or only an
+    empty mark (a stage killed as it was being made): removing it loses nothing."""
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
     except OSError:
@@ -290,7 +290,13 @@ def _only_empty(dfd: int, name: str) -> bool:
         except OSError:
             return False
         try:
-            return not os.listdir(sub)
+            names = os.listdir(sub)
+            if not names:
+                return True
+            if names != [MARK]:
+                return False
+            st = os.stat(MARK, dir_fd=sub, follow_symlinks=False)
+            return stat.S_ISREG(st.st_mode) and st.st_size == 0
         finally:
             os.close(sub)
     finally:
@@ -298,11 +304,13 @@ def _only_empty(dfd: int, name: str) -> bool:
 
 
 def _inspect(p: Path) -> tuple[list[str], _Unfinished | None]:
-    """(PATH's entries, what an unfinished clone left there or None). Nothing is changed."""
+    """(PATH's entries, what an unfinished clone left there or None). Only what a mark that jam
+    wrote (naming a remote) proves to be a clone's is taken as one. Nothing is changed."""
     from jam_core.fs import is_jam_tmp
     from jam_core.root import JAM_DIR
 
     pfd = os.open(p, DIR_FLAGS)
+    found: _Unfinished | None = None
     try:
         names = os.listdir(pfd)
         if not names:
@@ -311,26 +319,38 @@ def _inspect(p: Path) -> tuple[list[str], _Unfinished | None]:
             fd = _open_mark(pfd, [JAM_DIR, MARK])
             if fd < 0:
                 return names, None
-            return names, _Unfinished(fd, _read_mark(fd) or {})
-        found = None
+            state = _read_mark(fd)
+            if state is None:
+                os.close(fd)
+                return names, None
+            return names, _Unfinished(fd, state)
         empties = []
         for n in names:
             if not is_jam_tmp(n):
                 continue
-            fd = _open_mark(pfd, [n, JAM_DIR, MARK])
-            if fd >= 0:
-                if found is not None:  # two stages: not one clone's
-                    os.close(fd)
-                    os.close(found.mark_fd)
-                    return names, None
-                found = _Unfinished(fd, _read_mark(fd) or {}, n)
-            elif _only_empty(pfd, n):
+            if _only_empty(pfd, n):
                 empties.append(n)
+                continue
+            fd = _open_mark(pfd, [n, JAM_DIR, MARK])
+            if fd < 0:
+                continue
+            state = _read_mark(fd)
+            if state is None or found is not None:  # not jam's mark, or two stages: not one clone's
+                os.close(fd)
+                if found is not None:
+                    os.close(found.mark_fd)
+                    found = None
+                return names, None
+            found = _Unfinished(fd, state, n)
         if found is not None:
             found.empties = empties
         elif empties and len(empties) == len(names):
             found = _Unfinished(-1, {}, "", empties)
         return names, found
+    except BaseException:
+        if found is not None and found.mark_fd >= 0:
+            os.close(found.mark_fd)
+        raise
     finally:
         os.close(pfd)
 
@@ -358,7 +378,7 @@ def _target(path: Path, rid: str) -> tuple[Path, bool, _Unfinished | None]:
         raise UsageError(f"{p} is not empty; clone into a new or empty directory")
     if left is not None and left.mark_fd >= 0:
         _lock_mark(left.mark_fd, p)
-        if left.state.get("remote") not in (None, rid):
+        if left.state.get("remote") != rid:
             os.close(left.mark_fd)
             raise UsageError(f"{p} holds an unfinished clone of another remote ({left.state.get('url', '?')[:200]}); "
                              "rerun that clone, or remove it")
@@ -417,19 +437,14 @@ def _finish(p: Path, left: _Unfinished, out: CloneResult) -> None:
     pfd = os.open(p, DIR_FLAGS)
     try:
         for n in left.empties:  # stages a killed clone had only begun: nothing in them
-            if _only_empty(pfd, n):
-                try:
-                    os.rmdir(os.path.join(n, JAM_DIR), dir_fd=pfd)
-                except OSError:
-                    pass
-                os.rmdir(n, dir_fd=pfd)
-        os.unlink(os.path.join(JAM_DIR, MARK), dir_fd=pfd)
+            _remove_stage(p, n)
+        root = Root(p)
+        register_root(p)
+        with Catalog(root.jam_dir / CATALOG) as cat:
+            refresh(root, cat)
+        os.unlink(os.path.join(JAM_DIR, MARK), dir_fd=pfd)  # last: complete
     finally:
         os.close(pfd)
-    root = Root(p)
-    register_root(p)
-    with Catalog(root.jam_dir / CATALOG) as cat:
-        refresh(root, cat)
 
 
 def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None, name: str = "origin",
