@@ -5,8 +5,9 @@ Starts its own sshd on 127.0.0.1 (tests/sshd.py), then:
   2. ``--files`` (2000) files of ``--file-kib`` (64) KiB up and down through the user's path
      (jam_core.ops.stash.stash / jam_core.ops.checkout.checkout of a directory in a root whose remote is
      the sftp one: hashing, batches through stash_many/fetch_many, stubs), then the backend's
-     batch hooks alone and the per-file hook (where the time goes), ``sftp -b`` (one batch,
-     serial) and ``rsync -W -r`` over ssh.
+     batch hooks alone (with ``--per-file`` also the per-file hooks: where the time goes),
+     ``sftp -b`` (one batch, serial) and ``rsync -W -r`` over ssh. Each case prints its wall
+     time and the CPU seconds of the client (jam, or the peer's client) and of the sshd tree.
 Every case runs ``--runs`` times (jam and its peers in turn, so the load of a shared machine hits
 both); prints MB/s of each run and the ratios of the medians. A large object (>= 64 MiB) goes
 in ranges over ``--connections`` connections, a batch of small ones over the free ones. Goals (PRODUCT.md): large >= 0.8x sftp each way; small files
@@ -116,6 +117,7 @@ class Bench:
         os.environ.pop("SSH_AUTH_SOCK", None)
         self.opts = self.server.ssh_options(self.home)
         self.connections = connections
+        self.per_file = False  # --per-file: also the per-file hooks (slow; where the time goes)
         self.fsync = fsync
         from jam_core.manager import make_plugin_manager
 
@@ -223,7 +225,7 @@ class Bench:
         jam_core.ops.stash.stash and jam_core.ops.checkout.checkout on a root whose only remote is the
         sftp one: scan, hash, batches through stash_many/fetch_many, sync, stubs written and
         swapped (and the reverse). Beside it, the backend's hooks alone (the same batches, no
-        core work) and the per-file hook, to show where the time goes.
+        core work) and with ``--per-file`` the per-file hooks, to show where the time goes.
         """
         from jam_core.model import Session
         from jam_core.objects import hash_file
@@ -270,7 +272,8 @@ class Bench:
 
         # the backend's hooks alone, and the per-file hook
         items = [(hash_file(p)[0], p, size) for p in files]
-        for label, batch in (("jam stash_many hook", True), ("jam per-file hook", False)):
+        cases = [("jam stash_many hook", True)] + ([("jam per-file hook", False)] if self.per_file else [])
+        for label, batch in cases:
             store = self.work / "store-hooks"
             remote = self.remote(store)
             os.sync()
@@ -357,6 +360,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=4, help="the sftp remote's connections option (pool size)")
     ap.add_argument("--no-fsync", action="store_true", help="skip fsync@openssh.com (sftp does not fsync)")
     ap.add_argument("--no-rsync", action="store_true")
+    ap.add_argument("--per-file", action="store_true", help="also time the per-file hooks (stash/fetch of each file)")
     ap.add_argument("--only", choices=("large", "small"))
     ap.add_argument("--workdir", help="where to put files (default: a temp dir)")
     ap.add_argument("--runs", type=int, default=3,
@@ -364,6 +368,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="jam-bench-sftp-", dir=args.workdir))
     bench = Bench(work, args.connections, not args.no_fsync)
+    bench.per_file = args.per_file
     try:
         print(f"sshd on 127.0.0.1:{bench.server.port}, work dir {work}, fsync={'on' if bench.fsync else 'off'}")
         rsync = not args.no_rsync and shutil.which("rsync") is not None

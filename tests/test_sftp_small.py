@@ -159,3 +159,30 @@ def test_without_fsync_nothing_is_fsynced_and_objects_count_once_renamed(pm, ssh
     assert not [e for e in rec.events if e[0] == "req" and e[3] == CMD_EXTENDED and e[4][0] == "fsync@openssh.com"]
     for oid, _, size in items:
         verify_file(stored(sftp_store, oid), oid, size)
+
+
+def test_an_upload_batch_that_fsyncs_is_spread_by_its_count_not_its_bytes(pm, sftp_remote, tmp_path, monkeypatch):
+    """64 objects of 2 KB: too few bytes for a second connection by the byte rule, but each
+    costs an fsync on the server, and fsyncs of several sftp-servers overlap: the upload asks
+    for every connection of the pool (4), the download (no fsync) still for one. Mutation-
+    checked against _spread's ``synced`` argument."""
+    from jam_sftp import parallel
+
+    wanted: list[int] = []
+    orig = parallel.on_connections
+
+    def counting(pool, ops, work, want):
+        wanted.append(want)
+        return orig(pool, ops, work, want)
+
+    monkeypatch.setattr(parallel, "on_connections", counting)
+    paths = small_files(tmp_path, 64)
+    with Session() as s:
+        items, out = stash_many(pm, sftp_remote, paths, s)
+        assert all(err is None for err in out.values()), out
+        back = [(oid, tmp_path / f"back{i}", size) for i, (oid, _, size) in enumerate(items)]
+        for _, dest, _ in back:
+            dest.write_bytes(b"")
+        got = dict(pm.hook.fetch_many(remote=sftp_remote, items=back, session=s))
+    assert all(v is True for v in got.values()), got
+    assert wanted == [4, 1]

@@ -68,6 +68,8 @@ CHUNK = 16 << 20  # one range: what a connection takes at a time
 LEAD = 64 << 20  # an upload's range never starts this far ahead of the in-order hash
 SPREAD_FILES = 48  # a batch gets one more connection per this many objects...
 SPREAD_BYTES = 8 << 20  # ...or per this many bytes (a new connection costs a handshake)
+SPREAD_SYNCED = 16  # uploads that fsync: one more connection per this many objects, whatever
+#                     their bytes (the fsyncs of several sftp-servers share the disk's commits)
 
 
 def on_connections(pool, ops: Ops, work: Callable[[Ops], None], want: int) -> None:
@@ -98,7 +100,11 @@ def on_connections(pool, ops: Ops, work: Callable[[Ops], None], want: int) -> No
         raise errors[0]
 
 
-def helpers_for(pool, files: Sequence[_File]) -> int:
+def helpers_for(pool, files: Sequence[_File], synced: bool = False) -> int:
+    """How many connections a batch is spread over; ``synced``: uploads that fsync each object
+    (bound by the disk's fsyncs, which overlap across connections, more than by bytes)."""
+    if synced:
+        return max(1, min(pool.size, len(files) // SPREAD_SYNCED + 1))
     total = sum(f.size for f in files)
     return max(1, min(pool.size, len(files) // SPREAD_FILES + 1, total // SPREAD_BYTES + 1))
 
@@ -122,7 +128,7 @@ def _spread(pool, ops: Ops, items, progress: Callable[[int], None], transfers) -
             t = transfers(o, progress)
             t.run(feed, t.start)
 
-        on_connections(pool, ops, work, helpers_for(pool, files))
+        on_connections(pool, ops, work, helpers_for(pool, files, transfers is Uploads and ops.fsync))
     return files
 
 
