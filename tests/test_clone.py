@@ -248,3 +248,14 @@ def test_parse_refuses_bad_paths(paths):
 def test_parse_accepts_names_that_are_not_ascii_and_siblings():
     paths = ["a.txt", "a/b", "a/c", "b/c/d", "b/c/e", "b/d", "z/.jam/x", "é/ü", "é/ü.d/x"]
     assert [i.path for i in parse(_snap(paths)).items] == paths
+
+
+def test_killed_as_the_stage_was_made_the_rerun_begins_again(tmp_path):
+    """Killed after the stage and its empty mark were made, before the mark was written."""
+    t = source(tmp_path)
+    dest = tmp_path / "b"
+    killed_clone(tmp_path, t.remote, dest, "jam_core.history.clone", "_lock_mark", 1)
+    (stage,) = os.listdir(dest)
+    assert os.listdir(dest / stage / ".jam") == ["cloning"] and (dest / stage / ".jam/cloning").stat().st_size == 0
+    run(tmp_path, "clone", t.remote, dest)
+    check_clone(t, dest)
