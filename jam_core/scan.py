@@ -237,7 +237,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
             if subdirs is None:
                 try:
                     with os.scandir(fd) as it:
-                        entries = sorted(it, key=lambda e: e.name) if ordered else list(it)
+                        entries = sorted(it, key=_name) if ordered else list(it)
                 except OSError as exc:
                     if on_error:
                         on_error(prefix[:-1] or ".", exc)
