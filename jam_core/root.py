@@ -7,7 +7,6 @@ import fcntl
 import os
 import stat
 import sys
-import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -269,14 +268,110 @@ def load_config(path: Path) -> dict:
 
 
 def _read_toml(path: Path) -> dict | None:
-    """A TOML file's tables; None if it does not exist; UsageError if it is not TOML."""
+    """A TOML file's tables; None if it does not exist; UsageError if it is not TOML.
+
+    Parsed through a cache (:func:`_cached`): the cd hook's fetch reads the config on every
+    ``cd`` that fetches, and ``tomllib`` (its import and its parse) costs it ~6 ms."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            st = os.fstat(f.fileno())
+            key = _cache_key(st)
+            cached = _cached(path, key)
+            if cached is not None:
+                return cached
+            data = _parse_toml(f, path)
     except FileNotFoundError:
         return None
+    _keep(path, key, st, data)
+    return data
+
+
+def _parse_toml(f, path: Path) -> dict:
+    import tomllib
+
+    try:
+        return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+# The parsed-config cache: ``.NAME.cache`` beside the TOML file, JSON of {"key", "data"}. Used
+# only if it is a regular file (never through a symlink) of this user, writable by nobody else,
+# and its key is the TOML file's as read now: device, inode, size, mtime and ctime in ns (ctime
+# cannot be set by anyone: any write, rename or chmod of the file changes it). Written only for
+# a file whose mtime and ctime are RACY_S old (a write in the same clock tick as the one cached
+# would keep all five) and whose tables come back from JSON exactly (TOML dates do not: no cache).
+CACHE_FORMAT = 1
+RACY_S = 2.0
+CACHE_MAX = 1 << 20
+
+
+def _cache_key(st: os.stat_result) -> list:
+    return [CACHE_FORMAT, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _cache_path(path: Path) -> str:
+    return os.path.join(os.path.dirname(os.fspath(path)), f".{os.path.basename(os.fspath(path))}.cache")
+
+
+def _cached(path: Path, key: list) -> dict | None:
+    """The tables cached for ``path`` as it is now (``key``), or None."""
+    import json
+
+    try:
+        fd = os.open(_cache_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 \
+                or st.st_size > CACHE_MAX:
+            return None
+        raw = os.read(fd, CACHE_MAX + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("data"), dict):
+        return None
+    return doc["data"]
+
+
+def _keep(path: Path, key: list, st: os.stat_result, data: dict) -> None:
+    """Cache ``data`` for ``path`` (best effort: a directory not ours or read-only, a full
+    disk: no cache, nothing said)."""
+    import json
+    import time
+
+    now = time.time_ns()
+    if now - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_S * 1e9:
+        return
+    try:
+        text = json.dumps({"key": key, "data": data}, allow_nan=False)
+        if json.loads(text)["data"] != data:
+            return
+    except (TypeError, ValueError):  # dates, times, inf or nan: parsed each time
+        return
+    where = _cache_path(path)
+    try:
+        if os.stat(os.path.dirname(where) or ".").st_uid != os.geteuid():
+            return  # someone else's directory: leave it as it is
+        tmp = f"{where}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, where)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -395,9 +490,8 @@ def dir_remotes_of(root: Path) -> list[tuple[str, str]]:
     """(name, location) of every ``dir`` remote in ``root``'s own config; a root whose config
     is gone or unreadable has none (it cannot be stashed into anything)."""
     try:
-        with open(root / JAM_DIR / CONFIG, "rb") as f:
-            config = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        config = _read_toml(root / JAM_DIR / CONFIG) or {}
+    except (OSError, UsageError):
         return []
     out = []
     remotes = config.get("remote")
