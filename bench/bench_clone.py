@@ -5,9 +5,13 @@ A tree of ``--files`` (100,000) small files (``--file-bytes``, 512, random) in d
 100 is committed once with `jam commit` (into a dir remote on the same disk) and once with git.
 Then, ``--repeat`` (3) times each on fresh destinations, the median reported:
 
-  * jam: `jam clone REMOTE DEST` (the newest snapshot fetched and verified, every file made a
-    stub: written aside, renamed in, one syncfs, one catalog transaction);
+  * jam: `jam clone REMOTE DEST` (the newest snapshot fetched and verified, the root built
+    aside in DEST's stage: every file created as its stub under its own name, one syncfs, the
+    catalog in two statements, then the stage's top entries renamed into DEST);
   * git: `git clone REPO DEST` (local: objects hard-linked, every file checked out).
+
+Wall time and CPU time (user + sys of the child, from getrusage) are printed for both: on a
+shared machine the CPU time is the steadier figure.
 
     .venv/bin/python bench/bench_clone.py            # 100,000 files
     .venv/bin/python bench/bench_clone.py --quick    # 10,000 files, once
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -26,6 +31,14 @@ from pathlib import Path
 from bench_history import make_tree, run  # the same tree and runner as the commit benchmark
 
 JAM = str(Path(sys.executable).parent / "jam")
+
+
+def timed(*args, cwd=None, env=None) -> tuple[float, float]:
+    """(wall, CPU = user + sys) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run(*args, cwd=cwd, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -55,22 +68,31 @@ def main() -> None:
         print(f"setup: jam commit of {args.files:,} files: {took:.1f} s", flush=True)
         run("git", "init", "-q", cwd=repo, env=env)
         run("git", "add", "-A", cwd=repo, env=env)
-        run("git", "commit", "-q", "-m", "bench", cwd=repo, env=env)
-        jam_t, git_t = [], []
+        # no automatic gc: a `git gc --auto` started by the commit repacks in the background and
+        # makes a local clone fail ("failed to copy file") or race with it
+        run("git", "-c", "gc.auto=0", "commit", "-q", "-m", "bench", cwd=repo, env=env)
+        run("git", "config", "gc.auto", "0", cwd=repo, env=env)
+        jam_t, git_t, jam_c, git_c = [], [], [], []
         for n in range(args.repeat):
             dest = work / f"jam-{n}"
-            jam_t.append(run(JAM, "clone", remote, dest, cwd=work, env=dict(env, JAM_MACHINE_ID=f"bench-{n}")))
+            wall, cpu = timed(JAM, "clone", remote, dest, cwd=work, env=dict(env, JAM_MACHINE_ID=f"bench-{n}"))
+            jam_t.append(wall)
+            jam_c.append(cpu)
             made = sum(len(f) for _d, _s, f in os.walk(dest)) - sum(
                 len(f) for _d, _s, f in os.walk(dest / ".jam"))
             assert made == args.files, f"jam clone made {made} files"
             shutil.rmtree(dest)
             gdest = work / f"git-{n}"
-            git_t.append(run("git", "clone", "-q", repo, gdest, cwd=work, env=env))
+            wall, cpu = timed("git", "clone", "-q", repo, gdest, cwd=work, env=env)
+            git_t.append(wall)
+            git_c.append(cpu)
             shutil.rmtree(gdest)
-            print(f"run {n + 1}: jam clone {jam_t[-1]:.2f} s, git clone {git_t[-1]:.2f} s", flush=True)
+            print(f"run {n + 1}: jam clone {jam_t[-1]:.2f} s (CPU {jam_c[-1]:.2f} s), "
+                  f"git clone {git_t[-1]:.2f} s (CPU {git_c[-1]:.2f} s)", flush=True)
         j, g = statistics.median(jam_t), statistics.median(git_t)
-        print(f"clone of {args.files:,} files: jam {j:.2f} s, git {g:.2f} s: jam/git = {j / g:.2f}x "
-              f"(median of {args.repeat})")
+        jc, gc = statistics.median(jam_c), statistics.median(git_c)
+        print(f"clone of {args.files:,} files: jam {j:.2f} s, git {g:.2f} s: jam/git = {j / g:.2f}x wall; "
+              f"CPU jam {jc:.2f} s, git {gc:.2f} s: jam/git = {jc / gc:.2f}x (median of {args.repeat})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

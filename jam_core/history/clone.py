@@ -1,17 +1,32 @@
 """``jam clone URL [PATH]``: the tree a remote holds, made a root on this computer as stubs.
 
 The remote's ``meta/history/<tree>/<machine id>`` heads (``store.read_heads``) name the
-snapshots each machine made last; clone takes the newest head of the tree (any machine),
-fetches that snapshot (verified against its id, validated by ``snapshot.parse``), makes PATH a
-root with that remote (its identity marker checked first: an empty directory is not a remote)
-and ``[history] name`` set to the tree, then makes every entry: files as stubs (written aside,
-renamed in without replacing anything, one ``syncfs`` for all, one catalog transaction),
-empty files and symlinks as themselves, directories made without following symlinks. The pins
-the snapshot recorded are applied and the history index records the snapshot as HEAD, the
-parent of the next ``jam commit`` (or ``jam sync``).
+snapshots each machine made last; clone takes the newest head of the tree (any machine) and
+fetches that snapshot (verified against its id, validated by ``snapshot.parse``; into an
+unnamed O_TMPFILE in PATH) after the remote's identity marker was checked (an empty directory
+is not a remote).
 
-``fetch_snapshot`` and ``place`` are shared with ``sync``; each entry is made by
-``store.make_entry``, the one way ``restore`` makes entries too.
+The root is built aside, in a stage ``PATH/.jam-<16 hex>.tmp`` that nobody else sees: its
+``.jam/cloning`` mark first (JSON: the remote's id, the URL, the snapshot, the state; flocked
+while a clone works on it), then a root there (config with the remote and ``[history] name``,
+the history index with the snapshot as HEAD, the parent of the next commit), then every entry
+(``make_all``): each file created as its stub under its own name (``store.EntryMaker``: no
+temporary name, no rename, no fsync), empty files and symlinks as themselves, directories made
+once each, then one ``syncfs``, the catalog in two statements, the pins. Only then does the
+mark say ``moving`` and the stage's top entries move into PATH (``_move_in``: renamed without
+replacing anything, ``.jam`` last, which makes PATH a root), the root is registered, its cd
+index written, and the mark removed.
+
+Killed at any instant, the same ``jam clone URL PATH`` completes it: a stage whose mark says
+``moving`` (or a PATH whose ``.jam`` still holds the mark) is finished; a stage killed while
+being built is removed and the clone begins again. Only a mark jam wrote, naming the same
+remote, makes a stage jam's own; a PATH holding anything else (a user's file beside a stage,
+another remote's unfinished clone, a look-alike directory) is refused and left as it is, and
+a clone in progress (its mark flocked) is not disturbed.
+
+``fetch_snapshot`` and ``place`` are shared with ``sync`` (``place`` makes each entry with
+``store.make_entry`` under a temporary name and renames it in, as ``restore`` does: there
+the directories are the user's).
 """
 
 from __future__ import annotations
@@ -151,8 +166,11 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
     without replacing anything (``rename``: called with (dir fd, tmp, name, item) instead,
     for sync's replacements). One ``syncfs``, then one catalog transaction for the stubs.
     Returns the paths made; what could not be made is one line in ``problems``."""
+    from jam_core.history.store import EntryMaker
+
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     now_ns = time.time_ns()
+    maker = EntryMaker(stamp, now_ns)
     made: list[str] = []
     rows = []
     root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -164,7 +182,7 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
             dfd = -1
             try:
                 dfd = dirs.get(parent, create=True)
-                tmp, rec = make_entry(dfd, name, item, tuple(remotes_of(item.oid)), stamp, now_ns)
+                tmp, rec = make_entry(dfd, name, item, tuple(remotes_of(item.oid)), stamp, now_ns, maker=maker)
                 if rename is None:
                     rename_noreplace(dfd, tmp, name)
                 elif not rename(dfd, tmp, name, item):
