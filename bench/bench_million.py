@@ -9,6 +9,9 @@ own (``StubRecord``, its header, its ``user.jam`` xattr, read-only, sparse), wri
 fsync; they share ``--objects`` (1000) small objects on a ``dir`` remote, and the catalog gets
 their rows with the inode and ctime stamps a stash records.
 
+A large root is walked by two processes (``scan.scan_shared``: status and the dry-run): a
+command's CPU time and peak RSS from ``wait4`` include its helper's (reaped before it exits).
+
 Cases (median of ``--repeat`` runs, warm cache):
 
   * find -printf (the peer: one stat per file, one line out per file);
