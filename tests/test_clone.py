@@ -259,3 +259,32 @@ def test_killed_as_the_stage_was_made_the_rerun_begins_again(tmp_path):
     assert os.listdir(dest / stage / ".jam") == ["cloning"] and (dest / stage / ".jam/cloning").stat().st_size == 0
     run(tmp_path, "clone", t.remote, dest)
     check_clone(t, dest)
+
+
+def test_a_full_disk_clones_nothing_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC at the third entry: one line, no half root, PATH (made by the clone) removed."""
+    import errno
+
+    from jam_core.errors import JamError
+    from jam_core.history import clone, store
+    from jam_core.manager import make_plugin_manager
+
+    t = source(tmp_path)
+    monkeypatch.setenv("JAM_MACHINE_ID", "bbb")
+    real, calls = store.EntryMaker.make, [0]
+
+    def make(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(store.EntryMaker, "make", make)
+    with pytest.raises(JamError, match="No space left on device; nothing cloned"):
+        clone.clone(str(t.remote), tmp_path / "b", make_plugin_manager())
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()  # an empty PATH the user made stays, empty
+    calls[0] = 0
+    with pytest.raises(JamError):
+        clone.clone(str(t.remote), tmp_path / "c", make_plugin_manager())
+    assert os.listdir(tmp_path / "c") == []

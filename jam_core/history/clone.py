@@ -31,6 +31,7 @@ the directories are the user's).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -602,6 +603,9 @@ def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: s
             os.close(mark)
 
 
+_FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
+
+
 def make_all(top: Path, items: list[Item], remotes: tuple[str, ...], cat, problems: list[str]) -> int:
     """Make every one of ``items`` (sorted by path) in ``top``, a directory this clone made and
     nobody else sees yet: each entry created under its own name (exclusively, never through a
@@ -626,6 +630,8 @@ def make_all(top: Path, items: list[Item], remotes: tuple[str, ...], cat, proble
                     last_parent = parent
                 rec, st = make(dfd, base, base, item, remotes, True)
             except OSError as exc:
+                if exc.errno in _FATAL:  # every next entry would fail too: nothing is cloned
+                    raise JamError(f"{item.path}: {exc.strerror or exc}; nothing cloned") from None
                 problems.append(f"{item.path}: not made ({exc.strerror or exc})")
                 continue
             count += 1
