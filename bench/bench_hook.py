@@ -17,9 +17,7 @@ Then the figures of start-up and of the hook's fetch, each against its peer in t
   interleaved runs.
 - fetch: `zsh -f -c 'source HOOK; cd DIR'` where DIR holds 3 stubs of 64 KiB (dir remote),
   against the same with DIR a directory of the root with nothing to fetch; the stubs are made
-  again (jam stash, not timed) before every round and checked to be back after it. The hook
-  starts the fetch as `jam hook zsh` says (`python -I -S -c BOOT hook-fetch`: no site start-up);
-  the same cd with the hook calling the `jam` console script (`--bin`) is shown beside it.
+  again (jam stash, not timed) before every round and checked to be back after it.
 - where the hook's fetch spends its imports: `python -X importtime` of `jam hook-fetch -- DIR`,
   the top entries by cumulative time (best of 3 runs per module).
 
@@ -148,9 +146,6 @@ def fetch(tmp: Path, env: dict, rounds: int) -> dict:
     hook = tmp / "hook.zsh"
     hook.write_text(subprocess.run([JAM, "hook", "zsh"], env=env, check=True, capture_output=True,
                                    text=True).stdout)
-    plain = tmp / "hook-plain.zsh"  # the hook as it was: it runs the `jam` console script
-    plain.write_text(subprocess.run([JAM, "hook", "zsh", "--bin", JAM], env=env, check=True, capture_output=True,
-                                    text=True).stdout)
     zsh = shutil.which("zsh")
 
     def stubbed(_name: str) -> None:
@@ -158,12 +153,11 @@ def fetch(tmp: Path, env: dict, rounds: int) -> dict:
         assert (root / ".jam/stubdirs/stubs").stat().st_mode & 0o1000
 
     def back(name: str) -> None:
-        if name.startswith("cd, 3 stubs"):
+        if name == "cd, 3 stubs":
             for i, d in data.items():
                 assert (root / f"stubs/f{i}").read_bytes() == d, "the hook did not bring the stubs back"
 
     cmds = {"cd, 3 stubs": [zsh, "-f", "-c", f"source {str(hook)!r}; cd {str(root / 'stubs')!r}"],
-            "cd, 3 stubs, jam script": [zsh, "-f", "-c", f"source {str(plain)!r}; cd {str(root / 'stubs')!r}"],
             "cd, nothing to fetch": [zsh, "-f", "-c", f"source {str(hook)!r}; cd {str(root / 'empty')!r}"]}
     t = _run_times(cmds, rounds, dict(env, JAM_BACKGROUND="0"), before=stubbed, after=back)
     out = _figures(t)
@@ -172,25 +166,14 @@ def fetch(tmp: Path, env: dict, rounds: int) -> dict:
     return out
 
 
-def hook_command() -> list[str]:
-    """What the zsh hook runs for `jam hook-fetch` (jam_core.cli.hook.fast_start), without its
-    arguments: `python -I -S -c BOOT`, or the `jam` script where there is no fast start."""
-    from jam_core.cli.hook import fast_start
-
-    fast = fast_start(JAM)
-    return [fast[0], "-I", "-S", "-c", fast[1]] if fast else [JAM]
-
-
 def importtime(directory: Path, env: dict, restub, runs: int = 3, top: int = 15) -> list:
-    """(module, cumulative µs, self µs) of the top-level imports of the hook's `jam hook-fetch --
-    DIR` (as the hook starts it: hook_command), best of ``runs`` per module, largest first."""
+    """(module, cumulative µs, self µs) of the top-level imports of `jam hook-fetch -- DIR`,
+    best of ``runs`` per module, largest first."""
     best: dict[str, tuple[int, int]] = {}
-    cmd = hook_command()
-    cmd = [cmd[0], "-X", "importtime", *cmd[1:]] if len(cmd) > 1 else [sys.executable, "-X", "importtime", JAM]
     for i in range(runs):
         if i:
             restub("")
-        res = subprocess.run([*cmd, "hook-fetch", "--", str(directory)],
+        res = subprocess.run([sys.executable, "-X", "importtime", JAM, "hook-fetch", "--", str(directory)],
                              env=env, capture_output=True, text=True, check=True)
         for line in res.stderr.splitlines():
             if not line.startswith("import time:") or "cumulative" in line:
@@ -246,10 +229,9 @@ def main() -> int:
         f = extra["fetch"]
         a, b = f["cd, 3 stubs"], f["cd, nothing to fetch"]
         print("fetch on cd (zsh, dir remote, 3 x 64 KiB; ms, median / best / CPU median):")
-        for k in ("cd, 3 stubs", "cd, 3 stubs, jam script", "cd, nothing to fetch"):
-            print(f"  {k:25} {f[k]['median_ms']:7.1f} {f[k]['best_ms']:7.1f} {f[k]['cpu_median_ms']:7.1f}")
-        print(f"  the fetch adds {line(a, b)}  (goal: < 75 ms)")
-        print(f"  through the `jam` script it would add {line(f['cd, 3 stubs, jam script'], b)}")
+        for k in ("cd, 3 stubs", "cd, nothing to fetch"):
+            print(f"  {k:22} {f[k]['median_ms']:7.1f} {f[k]['best_ms']:7.1f} {f[k]['cpu_median_ms']:7.1f}")
+        print(f"  the fetch adds {line(a, b)}")
         print("  python -X importtime, jam hook-fetch, top-level imports (cumulative / self, ms):")
         for name, cum, own in f["importtime"]:
             print(f"    {cum / 1000:7.2f} {own / 1000:7.2f}  {name}")

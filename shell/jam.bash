@@ -8,10 +8,6 @@
 
 _JAM_BIN='jam' # filled in by `jam hook bash`
 _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook bash`
-# How `jam hook bash` says to start the fetch faster: _JAM_PY -I -S -c _JAM_BOOT (no site
-# start-up; jam_core.cli.hook_boot hands anything it cannot do to _JAM_BIN). Empty: _JAM_BIN.
-_JAM_PY='' # filled in by `jam hook bash`
-_JAM_BOOT='' # filled in by `jam hook bash`
 
 _jam_hook() {
     local _jam_status=$?
@@ -72,11 +68,7 @@ _jam_fetch() {
         return 0
     fi
     local _jam_rc=0
-    if [[ -n $_JAM_PY && -x $_JAM_PY ]]; then
-        "$_JAM_PY" -I -S -c "$_JAM_BOOT" hook-fetch -- "$1" >&2 || _jam_rc=$?
-    else
-        "$_JAM_BIN" hook-fetch -- "$1" >&2 || _jam_rc=$?
-    fi
+    "$_JAM_BIN" hook-fetch -- "$1" >&2 || _jam_rc=$?
     if ((_jam_rc != 0 && _jam_rc != 130)); then
         \builtin printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' \
             "$_JAM_BIN" "$_jam_rc" >&2

@@ -7,10 +7,6 @@
 
 set -g _jam_bin 'jam' # filled in by `jam hook fish`
 set -g _jam_roots_file (string join / -- (set -q XDG_DATA_HOME[1]; and echo $XDG_DATA_HOME; or echo ~/.local/share) jam roots) # filled in by `jam hook fish`
-# How `jam hook fish` says to start the fetch faster: _jam_py -I -S -c _jam_boot (no site
-# start-up; jam_core.cli.hook_boot hands anything it cannot do to _jam_bin). Empty: _jam_bin.
-set -g _jam_py '' # filled in by `jam hook fish`
-set -g _jam_boot '' # filled in by `jam hook fish`
 set -q _jam_roots_key; or set -g _jam_roots_key ''
 set -q _jam_roots; or set -g _jam_roots
 
@@ -92,11 +88,7 @@ function _jam_fetch
         set -g _jam_broken 1
         return 0
     end
-    if test -n "$_jam_py" -a -x "$_jam_py"
-        command $_jam_py -I -S -c $_jam_boot hook-fetch -- $argv[1] >&2
-    else
-        command $_jam_bin hook-fetch -- $argv[1] >&2
-    end
+    command $_jam_bin hook-fetch -- $argv[1] >&2
     set -l rc $status
     if test $rc -ne 0 -a $rc -ne 130
         printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' $_jam_bin $rc >&2

@@ -7,10 +7,6 @@
 
 typeset -g _JAM_BIN='jam' # filled in by `jam hook zsh`
 typeset -g _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook zsh`
-# How `jam hook zsh` says to start the fetch faster: _JAM_PY -I -S -c _JAM_BOOT (no site
-# start-up; jam_core.cli.hook_boot hands anything it cannot do to _JAM_BIN). Empty: _JAM_BIN.
-typeset -g _JAM_PY='' # filled in by `jam hook zsh`
-typeset -g _JAM_BOOT='' # filled in by `jam hook zsh`
 typeset -ga _jam_roots
 typeset -g _jam_roots_key=''
 
@@ -81,11 +77,7 @@ _jam_fetch() {
         return 0
     fi
     local rc=0
-    if [[ -n $_JAM_PY && -x $_JAM_PY ]]; then
-        $_JAM_PY -I -S -c $_JAM_BOOT hook-fetch -- $1 >&2 || rc=$?
-    else
-        $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
-    fi
+    $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
     if (( rc != 0 && rc != 130 )); then
         \builtin print -ru2 -- "jam: $_JAM_BIN hook-fetch failed (exit $rc); the cd hook is off in this shell"
         typeset -g _JAM_BROKEN=1

@@ -114,45 +114,6 @@ def _fast(args: list[str]) -> int | None:
             gc.enable()
 
 
-def hook_boot(jam_bin: str) -> None:
-    """The cd hook's own start of ``jam hook-fetch -- DIR``: ``PYTHON -I -S -c BOOT hook-fetch --
-    DIR`` (jam_core/cli/hook.py: :func:`~jam_core.cli.hook.fast_start` writes BOOT into the hook),
-    with ``sys.path`` as ``jam hook SHELL`` found it, so no ``site`` start-up (the .pth files of
-    site-packages, an editable install's finder). What this path cannot do as the ``jam``
-    command would, it hands to ``jam_bin`` (exec, same arguments and environment): a form other
-    than the plain one, a module that will not import from where it was (jam upgraded, moved),
-    and, before any work, a root whose fetch needs more than the built-in dir backend
-    (entry points, ``PYTHONPATH``, .pth files: only the full start-up sees them)."""
-    global FULL_JAM
-    try:
-        import blake3  # noqa: F401  (what the fetch imports from site-packages: there, or the full start)
-        import pluggy  # noqa: F401
-    except ImportError:
-        exec_jam(jam_bin)
-    FULL_JAM = jam_bin
-    code = _fast(sys.argv[1:])
-    if code is None:
-        exec_jam(jam_bin)
-    _leave(code)
-
-
-FULL_JAM: str | None = None  # set by hook_boot: the `jam` to hand a fetch it cannot do to
-
-
-def exec_jam(jam_bin: str) -> None:
-    """Replace this process by ``jam_bin`` with the same arguments (never returns)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    try:
-        os.execv(jam_bin, [jam_bin, *sys.argv[1:]])
-    except OSError as exc:
-        print(f"jam: the cd hook cannot run {jam_bin}: {exc.strerror or exc}", file=sys.stderr, flush=True)
-        os._exit(1)
-
-
 def _leave(code: int) -> None:
     """End the hook's ``jam hook-fetch`` process now: flush what it said and exit without the
     interpreter's teardown (a full collection and every module torn down: milliseconds the

@@ -66,47 +66,12 @@ def _quote(shell: str, value: str) -> str:
     return shlex.quote(value)
 
 
-def fast_start(jam_bin: str) -> tuple[str, str] | None:
-    """How the hook starts ``jam hook-fetch`` faster than the ``jam`` script can: (python, code)
-    for ``python -I -S -c CODE hook-fetch -- DIR``, or None (the hook runs ``jam_bin``).
-
-    ``-I -S``: no ``site`` (its .pth files, an editable install's finder: ~17 ms of the hook's
-    fetch), no ``PYTHON*`` variables, no current or script directory on ``sys.path``. CODE sets
-    ``sys.path`` to this process's own (absolute entries, in order), then the directories jam
-    was imported from (an editable install maps them with a finder, after the path: so last),
-    and runs :func:`jam_core.cli.hook_boot`, which hands anything it cannot do as ``jam`` would
-    to ``jam_bin`` (an import that fails, a root that needs third-party plugins). Linux only
-    (elsewhere the fetch path imports more from site-packages)."""
-    import importlib.util
-
-    py = sys.executable
-    if not sys.platform.startswith("linux") or not py or not os.path.isabs(py) or not os.access(py, os.X_OK):
-        return None
-    paths = [p for p in sys.path if isinstance(p, str) and os.path.isabs(p)]
-    for name in ("jam_core", "jam_dir"):
-        spec = importlib.util.find_spec(name)
-        where = list(spec.submodule_search_locations or ()) if spec is not None else []
-        if not where:
-            return None
-        paths.append(os.path.dirname(os.path.abspath(where[0])))
-    paths = list(dict.fromkeys(paths))
-    code = (f"import os,sys\nsys.path[:0]={ascii(paths)}\nb={ascii(jam_bin)}\n"
-            "try:from jam_core.cli import hook_boot\n"
-            "except ImportError:\n"
-            " try:os.execv(b,[b,*sys.argv[1:]])\n"
-            " except OSError:sys.exit('jam: the cd hook cannot run '+b)\n"
-            "hook_boot(b)\n")
-    return py, code
-
-
-def render(shell: str, jam_bin: str, roots_file: str, fast: tuple[str, str] | None = None) -> str:
-    """The hook's code for ``shell`` with the jam executable and the roots list filled in, and
-    ``fast`` (:func:`fast_start`) if given."""
+def render(shell: str, jam_bin: str, roots_file: str) -> str:
+    """The hook's code for ``shell`` with the jam executable and the roots list filled in."""
     with open(os.path.join(shell_dir(), f"jam.{shell}"), encoding="utf-8") as f:
         text = f.read()
-    py, boot = fast or ("", "")
-    fill = {"_JAM_BIN": jam_bin, "_JAM_ROOTS_FILE": roots_file, "_JAM_PY": py, "_JAM_BOOT": boot} \
-        if shell != "fish" else {"_jam_bin": jam_bin, "_jam_roots_file": roots_file, "_jam_py": py, "_jam_boot": boot}
+    fill = {"_JAM_BIN": jam_bin, "_JAM_ROOTS_FILE": roots_file} if shell != "fish" else \
+        {"_jam_bin": jam_bin, "_jam_roots_file": roots_file}
     out = []
     for line in text.splitlines(keepends=True):
         if line.rstrip().endswith(f"# filled in by `jam hook {shell}`"):
@@ -128,8 +93,7 @@ def register(group) -> None:
     def hook(shell: str, jam_bin: str | None) -> None:
         from jam_core.root import roots_file
 
-        fast = None if jam_bin else fast_start(jam_executable())  # --bin: that jam, always
-        click.echo(render(shell, jam_bin or jam_executable(), str(roots_file()), fast), nl=False)
+        click.echo(render(shell, jam_bin or jam_executable(), str(roots_file())), nl=False)
 
     @group.command("hook-fetch", hidden=True)
     @click.argument("directory", type=click.Path(file_okay=False))
@@ -168,7 +132,7 @@ def _hook_fetch(directory: str) -> int:
     from jam_core.history.auto import kick
     from jam_core.hook.fetch import arrive, count_visit, heal
 
-    a = arrive(directory, before=_only_dir_or_full)
+    a = arrive(directory)
     if a is None:
         return 0
     kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
@@ -203,18 +167,6 @@ def _hook_fetch(directory: str) -> int:
             sys.stderr.flush()
         os._exit(code)
     return _fetch(a, where, show_progress=v.bytes >= PROGRESS_FROM and sys.stderr.isatty())
-
-
-def _only_dir_or_full(root) -> None:
-    """Started by the hook's fast path (jam_core.cli.hook_boot) in a root that needs more than
-    the built-in dir backend: hand the whole fetch to the ``jam`` command before any work."""
-    from jam_core import cli
-
-    if cli.FULL_JAM is not None:
-        from jam_core.manager import dir_suffices
-
-        if not dir_suffices(root.config):
-            cli.exec_jam(cli.FULL_JAM)
 
 
 def _fetch(a, where: str, show_progress: bool) -> int:

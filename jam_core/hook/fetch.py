@@ -35,11 +35,9 @@ class Arrival:
         self.counted = counted
 
 
-def arrive(directory: str, before=None) -> Arrival | None:
+def arrive(directory: str) -> Arrival | None:
     """Where a ``cd`` landed, and what a fetch there would cover. None outside every root and
-    inside ``.jam``. The visit marks the hooks left are folded into the catalog's uses first;
-    ``before(root)``, if given, runs before anything is written (the CLI's last word on how to
-    fetch there)."""
+    inside ``.jam``. The visit marks the hooks left are folded into the catalog's uses first."""
     # The real directory (a symlink inside the root leads to where it points; the plan then
     # walks from the root's descriptor and follows none).
     path = abspath(os.path.realpath(abspath(directory)))
@@ -49,8 +47,6 @@ def arrive(directory: str, before=None) -> Arrival | None:
     root = Root(top)
     if path != top and path.relative_to(top).parts[0] == ".jam":
         return None
-    if before is not None:
-        before(root)
     folded: set[str] = set()
     fold(root, recorded=folded)
     hs = settings(root)
