@@ -274,14 +274,22 @@ def _read_toml(path: Path) -> dict | None:
     ``cd`` that fetches, and ``tomllib`` (its import and its parse) costs it ~6 ms."""
     try:
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            key = _cache_key(st)
-            cached = _cached(path, key)
-            if cached is not None:
-                return cached
-            data = _parse_toml(f, path)
+            return read_toml_fd(f.fileno(), path)
     except FileNotFoundError:
         return None
+
+
+def read_toml_fd(fd: int, path: str | os.PathLike) -> dict:
+    """The tables of the TOML file open at ``fd`` (at its start), named ``path`` (where
+    its cache is looked for; the cache must match the file at ``fd`` itself, wherever found).
+    UsageError if it is not TOML."""
+    st = os.fstat(fd)
+    key = _cache_key(st)
+    cached = _cached(path, key)
+    if cached is not None:
+        return cached
+    with open(fd, "rb", closefd=False) as f:
+        data = _parse_toml(f, path)
     _keep(path, key, st, data)
     return data
 
