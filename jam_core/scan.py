@@ -338,7 +338,7 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
         units = _top_dirs(root_fd, skip)
         i = 0
         while i < len(units) and (seen < after or len(units) - i < 2):
-            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+            for item in _walk_unit(root_fd, units[i], on_error, skip):
                 each(*item)
                 seen += len(item[2])
             i += 1
@@ -346,6 +346,18 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
             _shared(root_fd, units[i:], on_error, each, share, skip)
     finally:
         os.close(root_fd)
+
+
+def _walk_unit(root_fd: int, unit: str, on_error, skip: set):
+    """The walk of one of the root's directories, as the whole walk would have gone through it:
+    one replaced since it was listed (now a file, a symlink, gone) is passed over quietly."""
+    def quiet(rel, exc):
+        if not (rel == unit and getattr(exc, "errno", None) in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)):
+            on_error(rel, exc)
+
+    for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip):
+        if item[0] != ".":  # (a file there now: not a directory of the root any more)
+            yield item
 
 
 def _threads() -> int:
@@ -397,7 +409,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
             fresh()
             done = []
             for i in _take(queue, len(units), 1):
-                for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+                for item in _walk_unit(root_fd, units[i], on_error, skip):
                     each(*item)
                 done.append(i)
             data = memoryview(pickle.dumps((done, collect()), protocol=pickle.HIGHEST_PROTOCOL))
@@ -410,7 +422,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
     mine: list[int] = []
     try:
         for i in _take(queue, len(units), 0):
-            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+            for item in _walk_unit(root_fd, units[i], on_error, skip):
                 each(*item)
             mine.append(i)
         chunks = []
@@ -428,7 +440,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
                 merge(found)
         left = set(range(len(units))) - set(mine) - set(done)
         for i in sorted(left):  # the helper failed: its share is walked here
-            for item in _scan_from(root_fd, units[i], on_error, False, False, skip=skip):
+            for item in _walk_unit(root_fd, units[i], on_error, skip):
                 each(*item)
     finally:
         os.close(rr)

@@ -270,3 +270,26 @@ def test_lazy_records_are_the_file_records_a_policy_always_saw(jam_root, runner)
     on_records = jam_age.select_older(list(built), 30 * DAY, now)
     assert sorted((n.path, n.reason) for n in on_lists) == sorted((n.path, n.reason) for n in on_records)
     assert len(on_lists) == 6
+
+
+def test_a_top_directory_swapped_for_a_file_mid_walk_changes_nothing_else(jam_root, runner, shared, monkeypatch):
+    """Once the root's directories are listed for sharing, one is replaced by a file and one
+    removed: the walk passes over them quietly, as one walk would, and the root's own files
+    still count."""
+    from jam_core.ops.status import status
+
+    _tree(jam_root, runner, dirs=3)
+    shared(True)
+    real = scan_mod._top_dirs
+
+    def listed_then_swapped(root_fd, skip):
+        units = real(root_fd, skip)
+        shutil.rmtree(jam_root.path / "d0")
+        make_file(jam_root.path / "d0", 500, 7)  # a file where the directory was
+        shutil.rmtree(jam_root.path / "d1")  # and one gone
+        return units
+    monkeypatch.setattr(scan_mod, "_top_dirs", listed_then_swapped)
+    res = status(jam_root)
+    assert res.directories["."].files == 1 and res.directories["."].bytes == 3000  # top.txt
+    assert not [p for p, _ in res.problems if p.startswith(("d0", "d1"))], res.problems
+    assert sorted(res.directories) == [".", "d2"]
