@@ -288,3 +288,21 @@ def test_a_full_disk_clones_nothing_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(JamError):
         clone.clone(str(t.remote), tmp_path / "c", make_plugin_manager())
     assert os.listdir(tmp_path / "c") == []
+
+
+def test_the_cd_index_is_the_one_the_catalog_gives(tmp_path):
+    from jam_core.hook.index import index_path, refresh
+    from jam_core.root import Root
+
+    t = source(tmp_path)
+    run(tmp_path, "clone", t.remote, tmp_path / "b")
+    root = Root(tmp_path / "b")
+
+    def walk():
+        top = index_path(root)
+        return sorted((os.path.relpath(d, top), sorted(f)) for d, _s, f in os.walk(top))
+
+    made = walk()
+    assert len(made) > 3
+    refresh(root)  # from every stub the catalog holds
+    assert walk() == made

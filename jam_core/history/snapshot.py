@@ -248,8 +248,9 @@ def _parse_text(text: bytes) -> Snapshot:
         if not path.isascii() or "\0" in w or "//" in w or "/./" in w or "/../" in w or w.startswith("/.jam/"):
             _rel(path)  # says why, or accepts (a name that is not ASCII)
         last = path
-        # no entry may sit below another entry (a file is not a directory); entries are sorted,
-        # so a directory's entries are contiguous: its ancestors are looked at once
+        # no entry may sit below another entry (a file is not a directory); an entry in the
+        # same directory as the one before has the ancestors just looked at (only that
+        # sibling was added since)
         cut = path.rfind("/")
         if cut < 0 or path[:cut] != parent:
             parent = path[:cut] if cut > 0 else ""
