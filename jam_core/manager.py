@@ -102,6 +102,19 @@ def _load_entrypoints(pm: pluggy.PluginManager, only: set[str] | None) -> None:
             pm.jam_versions[name] = version
 
 
+def _marked(mod: types.ModuleType, kind: str) -> types.ModuleType:
+    """A module object of the same name holding only ``mod``'s functions marked as hook
+    ``kind`` ("impl" or "spec"): what pluggy would pick out of ``mod`` itself, without it
+    inspecting every other name (each import, constant and helper) statically: ~3 ms of
+    the cd hook's fetch. The functions are ``mod``'s own (their globals are ``mod``'s)."""
+    marker = f"{PROJECT}_{kind}"
+    out = types.ModuleType(mod.__name__, mod.__doc__)
+    for name, value in list(vars(mod).items()):
+        if isinstance(value, types.FunctionType) and marker in value.__dict__:
+            setattr(out, name, value)
+    return out
+
+
 def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True,
                         builtins: tuple[str, ...] = BUILTIN_PLUGINS) -> pluggy.PluginManager:
     """Build jam's plugin manager.
@@ -119,13 +132,13 @@ def make_plugin_manager(extra: tuple = (), load_entrypoints: bool = True,
     pm = pluggy.PluginManager(PROJECT)
     pm.jam_broken = []  # third-party plugins skipped, with why
     pm.jam_versions = {}  # entry-point plugin name -> its distribution's version
-    pm.add_hookspecs(hookspecs)
+    pm.add_hookspecs(_marked(hookspecs, "spec"))
     for name in _names(os.environ.get(ENV_BLOCK)):
         pm.set_blocked(name)
     for modname in builtins:
         if pm.is_blocked(modname):
             continue
-        pm.register(importlib.import_module(modname), name=modname)
+        pm.register(_marked(importlib.import_module(modname), "impl"), name=modname)
     if load_entrypoints:
         only = os.environ.get(ENV_LOAD)
         _load_entrypoints(pm, None if only is None else _names(only))

@@ -302,3 +302,27 @@ def test_user_dirs_follow_platformdirs_without_importing_it(value, monkeypatch):
             monkeypatch.setenv(var, value)
     assert str(root.user_data_dir()) == platformdirs.user_data_dir("jam", appauthor=False)
     assert str(root.user_config_dir()) == platformdirs.user_config_dir("jam", appauthor=False)
+
+
+def test_the_builtins_register_exactly_the_hooks_of_their_modules():
+    """manager._marked hands pluggy only the marked functions (no static inspection of every
+    name of a module): the same hooks, specs, implementations and options as the modules."""
+    import importlib
+
+    import pluggy
+
+    from jam_core import hookspecs
+    from jam_core.manager import BUILTIN_PLUGINS, make_plugin_manager
+
+    def table(pm):
+        return sorted((name, tuple((i.plugin_name, i.function, i.tryfirst, i.trylast, i.wrapper, i.hookwrapper)
+                                   for i in caller.get_hookimpls()), caller.spec is not None and caller.spec.opts.get("firstresult"))
+                      for name, caller in vars(pm.hook).items() if isinstance(caller, pluggy.HookCaller))
+
+    ours = make_plugin_manager(load_entrypoints=False)
+    plain = pluggy.PluginManager("jam")
+    plain.add_hookspecs(hookspecs)
+    for name in BUILTIN_PLUGINS:
+        plain.register(importlib.import_module(name), name=name)
+    assert table(ours) == table(plain)
+    assert {n for n, _ in ours.list_name_plugin()} == set(BUILTIN_PLUGINS)
