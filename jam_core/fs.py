@@ -380,48 +380,60 @@ class Leases:
 
 class Closer:
     """Closes descriptors of files that were just removed, several at a time, off the caller's
-    thread; ``wait()`` (and leaving the ``with``) returns once every one is closed.
+    thread; ``wait()`` (and ``stop()``, and leaving the ``with``) returns once every one is closed.
 
     The last close of an unlinked file frees its blocks, and on a disk mounted with discard
     (most VMs and SSDs) that waits on the device: 0.5-3 ms per file here, seconds for a large
     file or a thousand small ones, while the CPU idles. Those waits overlap when several
     closes are in flight, and overlap with the caller's next batch. Only what is already gone
     from the tree goes here (a stashed original, an old stub): nothing is lost if the process
-    dies before it is closed (the kernel closes it). Up to ``THREADS`` threads, started as jobs
-    arrive (no thread for a caller that closes nothing)."""
+    dies before it is closed (the kernel closes it). A batch's descriptors are handed over at
+    once (``close_all``) and split between at most ``THREADS`` threads, started as needed (no
+    thread for a caller that closes nothing); each thread closes its share in one job, so the
+    caller's thread is interrupted once per share, not once per file."""
 
-    THREADS = 8
-    _close = staticmethod(os.close)  # what each job does (tests hold it at the instant they need)
+    THREADS = 4
+    _close = staticmethod(os.close)  # what is done to each descriptor (tests hold it at the instant they need)
 
     def __init__(self) -> None:
         import queue
 
-        self._jobs: "queue.SimpleQueue[int | None]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue[list[int] | None]" = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._pending = 0
+        self._pending = 0  # jobs handed over and not finished
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
 
     def close(self, fd: int) -> None:
         """Close ``fd`` soon; the caller must not use (or close) it again."""
+        self.close_all([fd])
+
+    def close_all(self, fds: list[int]) -> None:
+        """Close every descriptor of ``fds`` soon, several threads sharing them."""
+        if not fds:
+            return
+        shares = min(self.THREADS, len(fds))
+        jobs = [fds[i::shares] for i in range(shares)]
         with self._lock:
-            self._pending += 1
-            grow = len(self._threads) < min(self.THREADS, self._pending)
-        if grow:
+            self._pending += len(jobs)
+            start = max(0, min(self.THREADS, self._pending) - len(self._threads))
+        for _ in range(start):
             t = threading.Thread(target=self._run, name="jam-close", daemon=True)
             self._threads.append(t)
             t.start()
-        self._jobs.put(fd)
+        for job in jobs:
+            self._jobs.put(job)
 
     def _run(self) -> None:
         while True:
-            fd = self._jobs.get()
-            if fd is None:
+            job = self._jobs.get()
+            if job is None:
                 return
-            try:
-                self._close(fd)
-            except OSError:
-                pass  # a descriptor opened read-only: nothing is lost by a failed close
+            for fd in job:
+                try:
+                    self._close(fd)
+                except OSError:
+                    pass  # a descriptor opened read-only: nothing is lost by a failed close
             with self._lock:
                 self._pending -= 1
                 if self._pending == 0:

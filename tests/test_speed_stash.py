@@ -43,23 +43,23 @@ class _HeldCloses:
         self.handed: list[int] = []
         self.closed: list[int] = []
         self.gate = threading.Event()
-        real_close, real_stop, real_hand = os.close, Closer.stop, Closer.close
+        real_close, real_stop, real_hand = os.close, Closer.stop, Closer.close_all
 
         def held_close(fd):
             self.gate.wait()
             real_close(fd)
             self.closed.append(fd)
 
-        def hand(closer, fd):
-            self.handed.append(fd)
-            real_hand(closer, fd)
+        def hand(closer, fds):
+            self.handed.extend(fds)
+            real_hand(closer, fds)
 
         def stop(closer):
             self.gate.set()
             real_stop(closer)
 
         monkeypatch.setattr(Closer, "_close", staticmethod(held_close))
-        monkeypatch.setattr(Closer, "close", hand)
+        monkeypatch.setattr(Closer, "close_all", hand)
         monkeypatch.setattr(Closer, "stop", stop)
 
 

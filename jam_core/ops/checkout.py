@@ -189,11 +189,16 @@ class _Want:
 
 
 def _drop_tmps(wants: list[_Want], closer: Closer | None = None) -> None:
-    for w in wants:
-        if closer is not None and w.old >= 0:
-            closer.close(w.old)
-            w.old = -1
-        w.drop_tmp()
+    gone = []
+    try:
+        for w in wants:
+            if closer is not None and w.old >= 0:
+                gone.append(w.old)
+                w.old = -1
+            w.drop_tmp()
+    finally:
+        if closer is not None:
+            closer.close_all(gone)
 
 
 def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds) -> list[_Want]:

@@ -183,17 +183,22 @@ def _raise_fd_limit() -> None:
 def _release(hashed: list[Stored], leases: Leases, closer: Closer | None = None) -> None:
     """Remove the stubs left aside and close every file. The close of an original swapped out
     (already unlinked) frees its blocks: ``closer`` does those in the background."""
-    for s in hashed:
-        if s.tmp:
-            _unlink_quietly(s.dir_fd, s.tmp)
-            s.tmp = ""
-        if s.fd >= 0:
-            leases.release(s.fd)
-            if closer is not None and s.swapped:
-                closer.close(s.fd)
-            else:
-                os.close(s.fd)
-            s.fd = -1
+    gone = []
+    try:
+        for s in hashed:
+            if s.tmp:
+                _unlink_quietly(s.dir_fd, s.tmp)
+                s.tmp = ""
+            if s.fd >= 0:
+                leases.release(s.fd)
+                if closer is not None and s.swapped:
+                    gone.append(s.fd)
+                else:
+                    os.close(s.fd)
+                s.fd = -1
+    finally:
+        if closer is not None:
+            closer.close_all(gone)
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:

@@ -553,6 +553,7 @@ def stash(remote, oid, source, size, session):
             except FileNotFoundError:
                 _mkdirs_below(base, final.parent)
                 os.rename(tmp, final)
+            tmp = None  # renamed: nothing left to remove (a failed unlink per object saved)
             session.cache.setdefault(_PENDING, {})[remote.name] = remote
         finally:
             if tmp is not None:
