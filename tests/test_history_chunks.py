@@ -378,3 +378,31 @@ def test_held_says_whether_a_remote_holds_an_object_as_chunks(tmp_path):
     assert not chunks.held(remote, whole, len(data), pm, session, listing)
     os.unlink(_objects(t.remote)[victim])
     assert not chunks.held(remote, whole, len(data), pm, session)
+
+
+def test_doctor_counts_an_object_held_as_chunks_and_reads_it_back_with_deep(tmp_path):
+    """A clone's stub of a chunked file: `jam doctor` proves it can come back (recipe and every
+    chunk listed), `--deep` reads it back through its chunks and hashes the whole; a missing chunk
+    makes it "missing", a corrupt one (same size) is caught by --deep."""
+    t, data = _committed(tmp_path)
+    b = _clone(tmp_path, t)
+    ok = _run(b, "doctor", machine="bbb")
+    assert "all can come back" in ok.out, ok.out
+    deep = _run(b, "doctor", "--deep", machine="bbb")
+    assert "read back and hashed 1 copies" in deep.out, deep.out
+    whole = "b3:" + b3_bytes(bytes(data))
+    rid, _n = chunks.decode_pointer((t.remote / "meta/recipes" / ("b3-" + whole[3:])).read_bytes())
+    objs = _objects(t.remote)
+    victim = objs[sorted(_recipe_chunks(objs[rid]))[2]]
+    good = victim.read_bytes()
+    _writable(victim)
+    victim.write_bytes(b"X" + good[1:])  # same size: only reading it back can tell
+    assert "all can come back" in _run(b, "doctor", machine="bbb").out
+    bad = _run(b, "doctor", "--deep", machine="bbb", check=1)
+    assert "big.bin" in bad.out and "all can come back" not in bad.out, bad.out
+    os.unlink(victim)
+    gone = _run(b, "doctor", machine="bbb", check=1)
+    assert "big.bin" in gone.out and "no reachable remote holds its object" in gone.out, gone.out
+    victim.write_bytes(good)
+    assert "all can come back" in _run(b, "doctor", machine="bbb").out
+    assert is_stub(b / "big.bin")

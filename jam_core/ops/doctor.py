@@ -44,6 +44,7 @@ from typing import NamedTuple, Sequence
 
 from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
+from jam_core.history import chunks
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root
 from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_stats
@@ -458,9 +459,9 @@ def _hydration(res: DoctorResult, root: Root) -> None:
     privileged = False
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    privileged = bool(int(line.split()[1], 16) & (1 << 21))  # CAP_SYS_ADMIN
+            for row in f:
+                if row.startswith("CapEff:"):
+                    privileged = bool(int(row.split()[1], 16) & (1 << 21))  # CAP_SYS_ADMIN
     except (OSError, ValueError):
         pass
     need = f"Linux >= {HYDRATION_KERNEL[0]}.{HYDRATION_KERNEL[1]} and CAP_SYS_ADMIN"
@@ -861,7 +862,8 @@ class _Doctor:
             listing = listings.get(r.name)
             if listing is None:
                 try:
-                    if self.pm.hook.has(remote=r, oid=oid, size=size, session=self.session):
+                    if (self.pm.hook.has(remote=r, oid=oid, size=size, session=self.session)
+                            or chunks.held(r, oid, size, self.pm, self.session)):
                         good.append(r)
                 except RemoteError as exc:
                     self.unusable[r.name] = str(exc)
@@ -872,6 +874,13 @@ class _Doctor:
                 good.append(r)
             elif have is not None:
                 wrong.append(f"{r.name} ({have} bytes)")
+            else:
+                try:  # not whole: content-defined chunks of a large file (``jam commit``)
+                    if chunks.held(r, oid, size, self.pm, self.session, listing):
+                        good.append(r)
+                except RemoteError as exc:
+                    self.unusable[r.name] = str(exc)
+                    self.res.add("setup", PROBLEM, "unreachable", r.name, str(exc))
         return good, wrong
 
     def check_objects(self, listings) -> None:
@@ -945,7 +954,7 @@ class _Doctor:
                 continue
             try:
                 got = self.pm.hook.hash_object(remote=r, oid=rec.oid, size=rec.size, session=self.session)
-                if got is None:  # the backend cannot hash in place: fetch and hash
+                if got is None or got is False:  # cannot hash in place, or not there whole (chunks?)
                     got = self.fetch_and_hash(r, rec)
                 if got is False:  # gone since the listing: not a copy
                     continue
@@ -1027,6 +1036,16 @@ class _Doctor:
         try:
             ok = self.pm.hook.fetch(remote=r, oid=rec.oid, dest=Path(fd_path(fd)), size=rec.size,
                                     session=self.session)
+            if ok is False:  # not there whole: its chunks, if a recipe says so (the hash decides)
+                os.ftruncate(fd, 0)
+                try:
+                    ok = chunks.assemble(r, rec.oid, rec.size, fd, self.pm, self.session)
+                except RemoteError:
+                    raise
+                except (JamError, OSError):
+                    return ""
+                if not ok:
+                    return False
             if not ok:
                 return ""  # fetch answers False for an object it cannot read back: not intact
             if os.fstat(fd).st_size != rec.size:
