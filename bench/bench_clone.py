@@ -8,7 +8,8 @@ Then, ``--repeat`` (3) times each on fresh destinations, the median reported:
   * jam: `jam clone REMOTE DEST` (the newest snapshot fetched and verified, the root built
     aside in DEST's stage: every file created as its stub under its own name, one syncfs, the
     catalog in two statements, then the stage's top entries renamed into DEST);
-  * git: `git clone REPO DEST` (local: objects hard-linked, every file checked out).
+  * git: `git clone REPO DEST` of the repository packed (`git gc`; local: the pack hard-linked,
+    every file checked out; git does not fsync the checkout).
 
 Wall time and CPU time (user + sys of the child, from getrusage) are printed for both: on a
 shared machine the CPU time is the steadier figure.
@@ -68,9 +69,10 @@ def main() -> None:
         print(f"setup: jam commit of {args.files:,} files: {took:.1f} s", flush=True)
         run("git", "init", "-q", cwd=repo, env=env)
         run("git", "add", "-A", cwd=repo, env=env)
-        # no automatic gc: a `git gc --auto` started by the commit repacks in the background and
-        # makes a local clone fail ("failed to copy file") or race with it
+        # packed now, as a repository one clones usually is; and no `git gc --auto` left to start
+        # in the background (it repacks under a local clone: "failed to copy file")
         run("git", "-c", "gc.auto=0", "commit", "-q", "-m", "bench", cwd=repo, env=env)
+        run("git", "gc", "-q", cwd=repo, env=env)
         run("git", "config", "gc.auto", "0", cwd=repo, env=env)
         jam_t, git_t, jam_c, git_c = [], [], [], []
         for n in range(args.repeat):
