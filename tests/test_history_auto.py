@@ -130,10 +130,29 @@ def test_the_detached_commit_starts_only_once_the_process_that_started_it_has_en
     """So the hook's own fetch never waits for the root's lock behind the commit it started:
     the commit waits on a pipe only the starting process (and a background fetch it forks)
     holds open. Here this test's process is the starter; closing its ends stands for its end."""
+    import fcntl
+
     make_file(jam_root.path / "a.bin", 1000)
     set_auto(jam_root, "1s")
+    held = os.open(jam_root.jam_dir / "lock", os.O_RDWR | os.O_CREAT)  # the root's lock, held by the starter
+    fcntl.flock(held, fcntl.LOCK_EX)
     pid = auto.spawn(str(jam_root.path), str(jam_root.jam_dir))
     assert pid
+    try:
+        _starts_after_its_starter(jam_root, jam_bin, pid, held)
+    finally:
+        while auto._GATE:
+            os.close(auto._GATE.pop())
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"pytest" in f.read():  # still this test's fork, left waiting by a failure
+                    os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def _starts_after_its_starter(jam_root, jam_bin, pid: int, held: int) -> None:
+    import fcntl
 
     def waiting() -> bool:
         try:
@@ -146,6 +165,14 @@ def test_the_detached_commit_starts_only_once_the_process_that_started_it_has_en
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"commit" not in f.read()  # not started yet
     assert os.getsid(pid) != os.getsid(0)  # a session of its own: Ctrl-C in the shell never reaches it
+    # the waiting commit holds none of the starter's descriptors: a lock the starter lets go of
+    # is free for it to take again (else it would wait for the commit that waits for it)
+    os.close(held)
+    again = os.open(jam_root.jam_dir / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(again)
     assert snapshots(jam_bin, jam_root.path) == []
     while auto._GATE:
         os.close(auto._GATE.pop())  # this process "ends"

@@ -154,20 +154,29 @@ def spawn(root_path: str, jam_dir: str, after_exit: bool = True) -> int | None:
             if grandchild:
                 os.write(w, str(grandchild).encode())
                 os._exit(0)
-            os.close(w)
+            os.close(w)  # else the caller would wait for this one to end
+            if gate_w >= 0:
+                os.close(gate_w)  # else it would wait for itself
+            # nothing of the caller's stays open while it waits: no terminal or pipe of the
+            # shell's, no descriptor holding a lock the caller may take again
+            if gate_r > 3:
+                os.closerange(3, gate_r)
+            os.closerange(max(gate_r, 2) + 1, os.sysconf("SC_OPEN_MAX"))
+            null = os.open(os.devnull, os.O_RDONLY)
+            if null != 0:
+                os.dup2(null, 0)
+                os.close(null)
+            log = os.open(os.path.join(jam_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                          | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            for n in (1, 2):
+                if log != n:
+                    os.dup2(log, n)
+            if log > 2:
+                os.close(log)
             if gate_r >= 0:
-                os.close(gate_w)
                 while os.read(gate_r, 1):  # EOF: the process that started it has ended
                     pass
                 os.close(gate_r)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.close(null)
-            log = os.open(os.path.join(jam_dir, LOG), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                          | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.close(log)
             os.chdir(root_path)
             env = {k: v for k, v in os.environ.items() if k not in ("JAM_DEBUG_MODULES", "JAM_BACKGROUND")}
             argv = command()
