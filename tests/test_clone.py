@@ -185,6 +185,9 @@ def test_an_unfinished_clone_of_another_remote_is_refused(tmp_path):
     res = run(tmp_path, "clone", other.remote, dest, check=2)
     assert res.err.startswith("jam: ") and "unfinished clone of another remote" in res.err
     assert sorted(os.listdir(dest)) == before
+    res = run(tmp_path, "clone", t.remote, dest, "--tree", "other", check=2)  # another tree of the same remote
+    assert res.err.startswith("jam: ") and "unfinished clone of tree 'a'" in res.err
+    assert sorted(os.listdir(dest)) == before
     run(tmp_path, "clone", t.remote, dest)
     check_clone(t, dest)
 

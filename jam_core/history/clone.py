@@ -508,6 +508,9 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
         p, made, left = _target(target, rid)
         if left is not None:
             try:
+                if tree is not None and left.state.get("tree", tree) != tree:
+                    raise UsageError(f"{p} holds an unfinished clone of tree {left.state.get('tree')!r}; rerun it "
+                                     "without --tree to finish it, or remove it")
                 if left.mark_fd >= 0 and (left.state.get("state") == "moving" or not left.stage):
                     out = CloneResult(p)  # the stage was complete: only moving it in was left to do
                     _finish(p, left, out)
