@@ -470,16 +470,17 @@ def _take(queue, n: int, who: int):
 def _remote_dirs(root_fd: int) -> set[tuple[int, int]]:
     """(st_dev, st_ino) of the root's ``dir`` remotes: never walked, even one an older jam let
     inside the root before it had an identity marker. Read from the root's own config file."""
-    import tomllib
+    from jam_core.errors import UsageError
+    from jam_core.fs import fd_path
+    from jam_core.root import read_toml_fd  # the cached parse: no tomllib on the hook's path
 
     try:
         fd = open_regular(root_fd, JAM_DIR + "/config.toml")
         try:
-            data = os.read(fd, 1 << 20)
+            remotes = read_toml_fd(fd, fd_path(root_fd) + "/" + JAM_DIR + "/config.toml").get("remote", {})
         finally:
             os.close(fd)
-        remotes = tomllib.loads(data.decode()).get("remote", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, UsageError):
         return set()
     out = set()
     for table in remotes.values() if isinstance(remotes, dict) else ():
