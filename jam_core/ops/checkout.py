@@ -276,9 +276,10 @@ def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Sess
                     raise
                 except (JamError, OSError) as exc:
                     outcomes[oid] = exc
-        from jam_core.history.chunks import assemble_absent
+        if any(outcomes.get(oid, False) is False for oid, _dest, _size in items):
+            from jam_core.history.chunks import assemble_absent  # only then: the hook's path stays light
 
-        assemble_absent(remote, items, outcomes, pm, session)  # no whole object there: from its chunks
+            assemble_absent(remote, items, outcomes, pm, session)  # no whole object there: from its chunks
     except RemoteError as exc:
         for w in wants:
             w.unreachable += 1

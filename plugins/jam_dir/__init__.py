@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import stat
 import time
 from pathlib import Path
@@ -103,6 +102,8 @@ def check_remote(remote, create):
         probe.unlink()
     except OSError as exc:
         raise _oserror(remote, "write", exc, item=False) from None
+    import shutil  # its only use: not on the cd hook's path
+
     usage = shutil.disk_usage(base)
     return f"directory {base}, {usage.free / 1e9:.1f} GB free"
 
