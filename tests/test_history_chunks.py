@@ -406,3 +406,38 @@ def test_doctor_counts_an_object_held_as_chunks_and_reads_it_back_with_deep(tmp_
     victim.write_bytes(good)
     assert "all can come back" in _run(b, "doctor", machine="bbb").out
     assert is_stub(b / "big.bin")
+
+
+def test_gc_keeps_the_chunks_a_clones_stub_needs_though_it_never_committed(tmp_path):
+    """B clones (never commits or syncs: it knows no recipe, its refs name only the whole id);
+    A then deletes the file and thins its history to nothing that needs it. A's gc must still
+    keep the recipe and chunks: B's stub comes back from them. (A remote's own recipe pointers
+    say which pieces a needed whole id is made of.)"""
+    t, data = _committed(tmp_path)
+    whole = "b3:" + b3_bytes(bytes(data))
+    rid, _ = chunks.decode_pointer((t.remote / "meta/recipes" / ("b3-" + whole[3:])).read_bytes())
+    pieces = _recipe_chunks(_objects(t.remote)[rid]) | {rid}
+    b = _clone(tmp_path, t)
+    _run(b, "gc", "--dry-run", machine="bbb")  # B's refs are on the remote (as a user would have them)
+    os.unlink(t.root / "big.bin")
+    _run(t.root, "commit", "-m", "gone", machine="aaa")
+    _run(t.root, "gc", "--keep", "last 1", machine="aaa", check=None)
+    assert pieces <= set(_objects(t.remote)), "gc removed the chunks a clone's stub needs"
+    _run(b, "checkout", "big.bin", machine="bbb")
+    assert b3(b / "big.bin") == b3_bytes(bytes(data)), "differs"
+
+
+def test_gc_removes_nothing_where_a_needed_recipe_cannot_be_read(tmp_path):
+    t, data = _committed(tmp_path)
+    whole = "b3:" + b3_bytes(bytes(data))
+    b = _clone(tmp_path, t)
+    _run(b, "gc", "--dry-run", machine="bbb")
+    os.unlink(t.root / "big.bin")
+    _run(t.root, "commit", "-m", "gone", machine="aaa")
+    pointer = t.remote / "meta/recipes" / ("b3-" + whole[3:])
+    _writable(pointer)
+    pointer.write_bytes(b"garbage")
+    before = set(_objects(t.remote))
+    res = _run(t.root, "gc", "--keep", "last 1", machine="aaa", check=None)
+    assert res.returncode != 0 and "malformed" in res.err + res.out, res.err + res.out
+    assert before <= set(_objects(t.remote)), "gc removed objects though it could not tell a recipe's pieces"

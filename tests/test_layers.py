@@ -22,7 +22,7 @@ CORE = REPO / "jam_core"
 LAYERS: list[set[str]] = [
     {"jam_core", "jam_core.errors"},
     {"jam_core.units", "jam_core.model"},
-    {"jam_core.objects", "jam_core.fs"},
+    {"jam_core.objects", "jam_core.fs", "jam_core.history.auto"},  # auto: on the hook's path, imports only errors and units
     {"jam_core.daemon", "jam_core.daemon.fanotify", "jam_core.daemon.client"},
     {"jam_core.stub"},
     {"jam_core.root"},

@@ -129,10 +129,11 @@ def id_of(data: bytes) -> str:
     return f"{DEFAULT_ALGORITHM}:{h.hexdigest()}"
 
 
-def parse(data: bytes, rid: str, oid: str, size: int) -> list[tuple[str, int]]:
-    """The chunks (id, length) of the recipe ``rid`` for ``oid`` of ``size`` bytes. Parsing is
-    validation: the bytes must hash to ``rid``, inflate within limits, name exactly this file
-    and size, list valid ids with lengths that add up to the size. RecipeError (one line)."""
+def parse(data: bytes, rid: str, oid: str, size: int | None) -> list[tuple[str, int]]:
+    """The chunks (id, length) of the recipe ``rid`` for ``oid`` of ``size`` bytes (None: the
+    size the recipe gives). Parsing is validation: the bytes must hash to ``rid``, inflate
+    within limits, name exactly this file and size, list valid ids with lengths that add up to
+    the size. RecipeError (one line)."""
     what = f"recipe {rid[:19]} of {oid[:19]}"
     if not is_valid_oid(rid) or id_of(data) != rid:
         raise RecipeError(f"{what}: its bytes do not match its id")
@@ -148,6 +149,10 @@ def parse(data: bytes, rid: str, oid: str, size: int) -> list[tuple[str, int]]:
     lines = text[len(MAGIC):-1].split(b"\n")
     if len(lines) - 1 > MAX_COUNT:
         raise RecipeError(f"{what}: lists {len(lines) - 1} chunks, more than {MAX_COUNT}")
+    if size is None:
+        head = lines[0].split(b" ")
+        if len(head) == 2 and head[0] == oid.encode("ascii") and head[1].isdigit() and len(head[1]) <= 18:
+            size = int(head[1])
     if lines[0] != f"{oid} {size}".encode("ascii"):
         raise RecipeError(f"{what}: it is the recipe of another file ({lines[0][:90].decode('ascii', 'replace')})")
     out = []
@@ -189,7 +194,7 @@ def decode_pointer(data: bytes) -> tuple[str, int] | None:
 
 
 # -- reading -------------------------------------------------------------------------------
-def recipe_on(remote, oid: str, size: int, pm, session) -> tuple[str, int, list[tuple[str, int]]] | None:
+def recipe_on(remote, oid: str, size: int | None, pm, session) -> tuple[str, int, list[tuple[str, int]]] | None:
     """(recipe id, its stored size, its chunks) of ``oid`` on ``remote``; None if the remote has
     no pointer for it. RecipeError for a pointer or recipe that is not valid; RemoteError if
     the remote cannot be reached."""
@@ -213,6 +218,34 @@ def recipe_on(remote, oid: str, size: int, pm, session) -> tuple[str, int, list[
     finally:
         os.close(fd)
     return rid, stored, parse(data, rid, oid, size)
+
+
+def pieces_needed(remote, needed: set[str], pm, session) -> tuple[set[str], list[str]]:
+    """(recipes and chunks on ``remote`` that objects in ``needed`` are made of, problems).
+    For gc: a root that refers to a large file by its whole id (a clone that never committed
+    knows no recipe) still needs the pieces its stub comes back from. Read from the remote's
+    own pointers (``meta/recipes/``): whoever wrote them, they are kept. A pointer or recipe
+    of a needed object that cannot be read is a problem (the caller then removes nothing)."""
+    names = pm.hook.list_meta(remote=remote, prefix=POINTERS, session=session)
+    if names is None:
+        return set(), [f"remote {remote.name!r}: its backend cannot list jam's metadata; nothing removed"]
+    keep: set[str] = set()
+    problems: list[str] = []
+    for name in names:
+        base = name.rpartition("/")[2]
+        algorithm, _, hexd = base.partition("-")
+        oid = f"{algorithm}:{hexd}"
+        if name != f"{POINTERS}/{base}" or oid not in needed or not is_valid_oid(oid):
+            continue
+        try:
+            got = recipe_on(remote, oid, None, pm, session)
+        except RecipeError as exc:
+            problems.append(f"{describe(exc)}; the pieces of {oid[:19]} cannot be told apart: nothing removed")
+            continue
+        if got is not None:
+            keep.add(got[0])
+            keep.update(c for c, _n in got[2])
+    return keep, problems
 
 
 def assemble(remote, oid: str, size: int, dest_fd: int, pm, session) -> bool:

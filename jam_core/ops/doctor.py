@@ -1098,6 +1098,12 @@ class _Doctor:
             if not listing:
                 continue
             extra = [(o, listing[o]) for o in listing.keys() - referenced]
+            if extra:  # not the pieces a referenced large file comes back from
+                try:
+                    pieces, _trouble = chunks.pieces_needed(r, referenced, self.pm, self.session)
+                except (JamError, OSError):
+                    pieces = set()
+                extra = [(o, s) for o, s in extra if o not in pieces]
             if extra:
                 self.res.add("leftovers", WARNING, "unused", r.name,
                              f"{len(extra)} objects ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "

@@ -114,6 +114,14 @@ def _one(root: Root, cat: Catalog, pm, session: Session, remote: Remote, own: se
         return
     others = set().union(*(oids for _c, oids in u.refs.values())) if u.refs else set()
     unused = {oid: size for oid, size in objects.items() if oid not in own and oid not in others}
+    if unused:  # the recipes and chunks a needed large file comes back from, whoever wrote them
+        from jam_core.history.chunks import pieces_needed
+
+        pieces, trouble = pieces_needed(remote, own | others, pm, session)
+        if trouble:
+            out.problems += [f"remote {remote.name!r}: {t}" for t in trouble]
+            return
+        unused = {oid: size for oid, size in unused.items() if oid not in pieces}
     expire: dict[str, int] = {}
     age = cache_age(remote)
     if age is not None:
