@@ -128,3 +128,16 @@ def objects_verify(remote: Path) -> list[Path]:
             assert b3(p) == p.name, f"half-written or corrupt object under its final name: {p}"
             found.append(p)
     return found
+
+
+def run_jam(cwd, *args, machine: str, check: int | None = 0):
+    """The real `jam` in ``cwd`` as machine ``machine`` (JAM_MACHINE_ID): never a traceback;
+    the exit code ``check`` unless None. The result has ``out`` and ``err`` as text."""
+    env = dict(os.environ, JAM_MACHINE_ID=machine)
+    res = subprocess.run([JAM, *map(str, args)], cwd=cwd, capture_output=True, env=env)
+    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    assert "Traceback" not in out + err, err
+    if check is not None:
+        assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{out}\n{err}"
+    res.out, res.err = out, err
+    return res

@@ -20,7 +20,7 @@ import pytest
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, parse
 from jam_core.history.store import EntryMaker
 from jam_core.stub import HEADER_MAX, StubRecord, read_record
-from tests.safety_support import JAM, b3, is_stub, make_tree
+from tests.safety_support import JAM, b3, is_stub, make_tree, run_jam
 
 FILES = {f"d{d}/f{i}.txt": f"file {d}/{i}\n".encode() * (i + 1) for d in range(3) for i in range(4)}
 FILES["top.bin"] = os.urandom(70_000)
@@ -28,14 +28,7 @@ FILES["zz/deep/er.txt"] = b"deeper\n"
 
 
 def run(cwd, *args, machine: str = "bbb", check: int | None = 0):
-    env = dict(os.environ, JAM_MACHINE_ID=machine)
-    res = subprocess.run([JAM, *map(str, args)], cwd=cwd, capture_output=True, env=env)
-    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
-    assert "Traceback" not in out + err, err
-    if check is not None:
-        assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{out}\n{err}"
-    res.out, res.err = out, err
-    return res
+    return run_jam(cwd, *args, machine=machine, check=check)
 
 
 def source(tmp_path):

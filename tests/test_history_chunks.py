@@ -16,7 +16,7 @@ import pytest
 
 from jam_core.history import chunks
 from jam_core.history.chunks import RecipeError, encode, id_of, parse
-from tests.safety_support import JAM, b3, is_stub, make_tree, record
+from tests.safety_support import JAM, b3, is_stub, make_tree, record, run_jam
 
 MiB = 1 << 20
 
@@ -37,14 +37,7 @@ def _chunky(root: Path) -> None:
         f.write("\n[history]\n" + ABOVE)
 
 
-def _run(cwd, *args, machine: str, check: int | None = 0):
-    res = subprocess.run([JAM, *args], cwd=cwd, capture_output=True, env=dict(os.environ, JAM_MACHINE_ID=machine))
-    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
-    assert "Traceback" not in out + err, err
-    if check is not None:
-        assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{out}\n{err}"
-    res.out, res.err = out, err
-    return res
+_run = run_jam
 
 
 def _committed(tmp_path, size=4 * MiB):

@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 
 from jam_core.history.snapshot import FILE, Item, Snapshot, encode
-from tests.safety_support import JAM, b3, is_stub, make_tree
+from tests.safety_support import JAM, b3, is_stub, make_tree, run_jam
 
 
 def run(root, *args, machine: str, check: int | None = 0, cwd=None):
-    env = dict(os.environ, JAM_MACHINE_ID=machine)
-    res = subprocess.run([JAM, *args], cwd=cwd or root, capture_output=True, env=env)
-    out, err = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
-    assert "Traceback" not in out + err, err
-    if check is not None:
-        assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{out}\n{err}"
-    res.out, res.err = out, err
-    return res
+    return run_jam(cwd or root, *args, machine=machine, check=check)
 
 
 def two(tmp_path):
