@@ -36,6 +36,7 @@ from pathlib import Path
 
 from jam_core.errors import IntegrityError, JamError, RemoteError, UsageError, describe
 from jam_core.fs import fd_path
+from jam_core.history import snapshot
 from jam_core.objects import DEFAULT_ALGORITHM, hasher, is_valid_oid, split_oid
 
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 64 << 10, 128 << 10, 512 << 10
@@ -138,12 +139,11 @@ def parse(data: bytes, rid: str, oid: str, size: int | None) -> list[tuple[str, 
     if not is_valid_oid(rid) or id_of(data) != rid:
         raise RecipeError(f"{what}: its bytes do not match its id")
     try:
-        d = zlib.decompressobj()
-        text = d.decompress(data, MAX_TEXT)
-        if d.unconsumed_tail or not d.eof:
-            raise RecipeError(f"{what}: larger than {MAX_TEXT >> 20} MiB once inflated, or truncated")
-    except zlib.error:
-        raise RecipeError(f"{what}: not a recipe (cannot inflate)") from None
+        text = snapshot.inflate_at_most(data, MAX_TEXT)
+    except ValueError:
+        raise RecipeError(f"{what}: larger than {MAX_TEXT >> 20} MiB once inflated, or truncated") from None
+    if text is None:
+        raise RecipeError(f"{what}: not a recipe (cannot inflate)")
     if not text.startswith(MAGIC) or not text.endswith(b"\n"):
         raise RecipeError(f"{what}: not a recipe")
     lines = text[len(MAGIC):-1].split(b"\n")
@@ -179,18 +179,11 @@ def pointer_name(oid: str) -> str:
 
 
 def encode_pointer(rid: str, stored: int) -> bytes:
-    return POINTER_MAGIC + f"{rid}\n{stored}\n".encode("ascii")
+    return snapshot.encode_pointer(POINTER_MAGIC, rid, stored)
 
 
 def decode_pointer(data: bytes) -> tuple[str, int] | None:
-    if not data.startswith(POINTER_MAGIC) or len(data) > 256:
-        return None
-    lines = data[len(POINTER_MAGIC):].decode("ascii", "replace").split("\n")
-    if len(lines) != 3 or lines[2] != "" or not is_valid_oid(lines[0]) or not lines[1].isdigit() \
-            or len(lines[1]) > 12:
-        return None
-    n = int(lines[1])
-    return (lines[0], n) if 0 < n <= MAX_RECIPE else None
+    return snapshot.decode_pointer(data, POINTER_MAGIC, MAX_RECIPE)
 
 
 # -- reading -------------------------------------------------------------------------------

@@ -121,16 +121,47 @@ def body(items: list[Item]) -> bytes:
                     f'["l",{q(i.path)},{q(i.target)},{i.mtime_ns}]\n' for i in items]).encode("ascii")
 
 
+def inflate_at_most(stored: bytes, limit: int) -> bytes | None:
+    """The inflated bytes, at most ``limit`` of them: None if they are not zlib data; ValueError
+    if truncated or larger (a zip bomb never inflates past ``limit``)."""
+    try:
+        d = zlib.decompressobj()
+        text = d.decompress(stored, limit)
+        if d.unconsumed_tail or not d.eof:
+            raise ValueError("truncated or too large")
+    except zlib.error:
+        return None
+    return text
+
+
 def inflate(stored: bytes, label: str) -> bytes:
     """The canonical text of stored bytes (not validated; at most MAX_TEXT)."""
     try:
-        d = zlib.decompressobj()
-        text = d.decompress(stored, MAX_TEXT)
-        if d.unconsumed_tail or not d.eof:
-            raise SnapshotError(f"snapshot {label}: truncated or larger than {MAX_TEXT >> 20} MiB; refused")
-    except zlib.error:
-        raise SnapshotError(f"snapshot {label}: not a jam snapshot (bad compression); refused") from None
+        text = inflate_at_most(stored, MAX_TEXT)
+    except ValueError:
+        raise SnapshotError(f"snapshot {label}: truncated or larger than {MAX_TEXT >> 20} MiB; refused") from None
+    if text is None:
+        raise SnapshotError(f"snapshot {label}: not a jam snapshot (bad compression); refused")
     return text
+
+
+def encode_pointer(magic: bytes, oid: str, size: int) -> bytes:
+    """A small meta file naming one object and its stored size: ``magic``, the id, the size
+    (a machine's head names its snapshot; a recipe pointer its recipe)."""
+    return magic + f"{oid}\n{size}\n".encode("ascii")
+
+
+def decode_pointer(data: bytes, magic: bytes, most: int) -> tuple[str, int] | None:
+    """(id, size) that :func:`encode_pointer` wrote, or None if ``data`` is not one: another
+    magic, over 256 bytes, not a valid id, a size not in 1..``most``."""
+    if not data.startswith(magic) or len(data) > 256:
+        return None
+    lines = data[len(magic):].decode("ascii", "replace").split("\n")
+    if len(lines) != 3 or lines[2] != "" or not is_valid_oid(lines[0]) or not lines[1].isdigit() \
+            or len(lines[1]) > 18:
+        return None
+    n = int(lines[1])
+    return (lines[0], n) if 0 < n <= most else None
 
 
 def id_of(stored: bytes) -> str:

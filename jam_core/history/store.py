@@ -52,21 +52,16 @@ def head_name(tree: str, machine: str) -> str:
 
 def encode_head(sid: str, size: int) -> bytes:
     """A head: ``jam-head 1``, the snapshot's id, its stored size (a fetch needs both)."""
-    return HEAD_MAGIC + f"{sid}\n{size}\n".encode("ascii")
+    from jam_core.history.snapshot import encode_pointer
+
+    return encode_pointer(HEAD_MAGIC, sid, size)
 
 
 def decode_head(data: bytes) -> tuple[str, int] | None:
     """(snapshot id, stored size) a head names, or None if it is not a valid head."""
-    from jam_core.history.snapshot import MAX_TEXT
-    from jam_core.objects import is_valid_oid
+    from jam_core.history.snapshot import MAX_TEXT, decode_pointer
 
-    if not data.startswith(HEAD_MAGIC) or len(data) > 256:
-        return None
-    lines = data[len(HEAD_MAGIC):].decode("ascii", "replace").split("\n")
-    if len(lines) != 3 or lines[2] != "" or not is_valid_oid(lines[0]) or not lines[1].isdigit():
-        return None
-    size = int(lines[1])
-    return (lines[0], size) if 0 < size <= MAX_TEXT else None
+    return decode_pointer(data, HEAD_MAGIC, MAX_TEXT)
 
 
 @dataclass
