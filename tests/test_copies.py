@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from jam_core import hookimpl
 from jam_core.manager import make_plugin_manager
 from jam_core.objects import object_relpath
 from jam_core.ops.checkout import checkout
@@ -241,3 +242,43 @@ def test_stash_never_swaps_onto_an_object_another_root_is_removing(tmp_path, pm)
     assert (root.path / "f.bin").read_bytes() == data
     (a / "meta" / "removing" / ("ab" * 16)).write_bytes(b"")  # B is done
     assert stash(root, ["f.bin"], pm).done
+
+
+class _TrustingStore:
+    """A backend for remote "b" that stores what the core hands it without hashing it (as a
+    simple third-party backend may): only the core's own check can keep corrupt bytes out."""
+
+    def __init__(self, loc: Path):
+        self.loc, self.stored = loc, []
+
+    @hookimpl(tryfirst=True)
+    def stash(self, remote, oid, source, size, session):
+        if remote.name != "b":
+            return None
+        dest = self.loc / "objects" / object_relpath(oid)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(source).read_bytes())
+        self.stored.append(oid)
+        return True
+
+
+def test_copy_never_stores_a_corrupt_copy_from_the_source(tmp_path):
+    """`jam copy --to b` of an object whose copy on "a" rotted (same size, other bytes): the
+    fetched bytes are hashed before anything is stored, so "b" never gets the bad copy, even
+    through a backend that would store it unverified; one line, exit 1."""
+    from jam_core.ops.copies import copy
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    trusting = _TrustingStore(b)
+    pm = make_plugin_manager(extra=(trusting,))
+    root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    stash(root, ["f.bin"], pm)
+    oid = _oid(root, "f.bin")
+    obj = a / "objects" / object_relpath(oid)
+    obj.chmod(0o644)
+    good = obj.read_bytes()
+    obj.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    res = copy(root, ["f.bin"], pm, "b")
+    assert res.exit_code == 1 and trusting.stored == [] and not _holds(b, oid)
+    assert any("corrupt" in why for _rel, why in res.failed), res.failed

@@ -21,7 +21,7 @@ from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
 from jam_core.fs import DirFds, fd_path
 from jam_core.model import Remote, Session
-from jam_core.objects import CHUNK, hasher, split_oid
+from jam_core.objects import hash_fd, split_oid
 from jam_core.ops.common import Result, collect
 from jam_core.ops.refs import Recorder, Users, referenced, users
 from jam_core.placement import copies_of, durable
@@ -275,15 +275,8 @@ def _transfer(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, se
             raise RemoteError(f"remote {src.name!r}: no installed plugin handles kind {src.kind!r}")
         if ok is not True:
             raise _Absent(f"remote {src.name!r} does not have {oid}")
-        algorithm, _ = split_oid(oid)
-        h, off = hasher(algorithm), 0
-        while True:
-            chunk = os.pread(fd, CHUNK, off)
-            if not chunk:
-                break
-            h.update(chunk)
-            off += len(chunk)
-        if off != size or f"{algorithm}:{h.hexdigest()}" != oid:
+        os.lseek(fd, 0, os.SEEK_SET)
+        if hash_fd(fd, split_oid(oid)[0], threads=True) != (oid, size):
             raise JamError(f"remote {src.name!r} returned corrupt content for {oid}")
         stored = pm.hook.stash(remote=dest, oid=oid, source=Path(fd_path(fd)), size=size, session=session)
         if stored is not True:
