@@ -434,3 +434,16 @@ def test_gc_removes_nothing_where_a_needed_recipe_cannot_be_read(tmp_path):
     res = _run(t.root, "gc", "--keep", "last 1", machine="aaa", check=None)
     assert res.returncode != 0 and "malformed" in res.err + res.out, res.err + res.out
     assert before <= set(_objects(t.remote)), "gc removed objects though it could not tell a recipe's pieces"
+
+
+def test_chunks_are_held_in_memory_in_bounded_batches():
+    """A hostile recipe listing many chunks of the largest allowed length (64 MiB each) is fetched
+    at most BATCH_BYTES at a time (a chunk over it alone), never 64 x 64 MiB at once."""
+    big = {f"b3:{i:064x}": chunks.MAX_LENGTH for i in range(10)}
+    small = {f"b3:{i + 100:064x}": 100 for i in range(200)}
+    lengths = {**big, **small}
+    batches = list(chunks._batches(list(lengths), lengths))
+    assert sorted(c for b in batches for c in b) == sorted(lengths)
+    for b in batches:
+        assert len(b) <= chunks.FETCH_BATCH
+        assert len(b) == 1 or sum(lengths[c] for c in b) <= chunks.BATCH_BYTES
