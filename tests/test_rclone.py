@@ -462,6 +462,18 @@ def _listed(pm, remote) -> set[str]:
         return {oid for oid, _ in pm.hook.list_objects(remote=remote, session=s, sweep=False)}
 
 
+def _nothing_through(pm, remote, oid: str, size: int, tmp_path) -> None:
+    """Not held, not fetched (nothing written), not removed, not listed."""
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"")
+    with Session() as s:
+        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False
+        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
+        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
+    assert _listed(pm, remote) == set()
+    assert dest.read_bytes() == b""
+
+
 def test_symlink_in_an_objects_place_is_not_held(pm, sftp_rclone, tmp_path):
     """A symlink at an object's path, to a file outside the store holding exactly that object's
     bytes (so even a hash check would pass): not held, not listed, not fetched (nothing read
@@ -502,13 +514,7 @@ def test_fifo_in_an_objects_place_is_never_opened(pm, sftp_rclone, tmp_path, mon
     fifo = store / "objects" / object_relpath(oid)
     fifo.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(fifo)
-    dest = tmp_path / "dest"
-    dest.write_bytes(b"")
-    with Session() as s:
-        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False
-        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
-        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
-    assert _listed(pm, remote) == set()
+    _nothing_through(pm, remote, oid, size, tmp_path)
     assert fifo.exists() and not fifo.is_file()
 
 
@@ -525,13 +531,7 @@ def test_symlinked_fan_out_directory_is_not_followed(pm, sftp_rclone, tmp_path):
     fan = store / "objects" / rel.parent
     fan.parent.mkdir(parents=True, exist_ok=True)
     fan.symlink_to(outside)
-    dest = tmp_path / "dest"
-    dest.write_bytes(b"")
-    with Session() as s:
-        assert pm.hook.has(remote=remote, oid=oid, size=size, session=s) is False
-        assert pm.hook.fetch(remote=remote, oid=oid, dest=dest, size=size, session=s) is False
-        assert pm.hook.remove(remote=remote, oid=oid, session=s) is False
-    assert _listed(pm, remote) == set()
+    _nothing_through(pm, remote, oid, size, tmp_path)
     assert (outside / rel.name).read_bytes() == src.read_bytes(), "removed through a symlinked directory"
     (outside / rel.name).unlink()
     with Session() as s, pytest.raises(RemoteError) as exc:
