@@ -213,7 +213,7 @@ def test_corrupt_or_missing_chunk_fails_in_one_line(tmp_path):
     victim = objs[cids[3]]
     good = victim.read_bytes()
     _writable(victim)
-    victim.write_bytes(b"X" + good[1:])  # same size, wrong bytes
+    victim.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])  # same size, wrong bytes
     _fails_cleanly(b, "corrupt chunk")
     victim.write_bytes(good)
     os.unlink(victim)
@@ -389,7 +389,7 @@ def test_doctor_counts_an_object_held_as_chunks_and_reads_it_back_with_deep(tmp_
     victim = objs[sorted(_recipe_chunks(objs[rid]))[2]]
     good = victim.read_bytes()
     _writable(victim)
-    victim.write_bytes(b"X" + good[1:])  # same size: only reading it back can tell
+    victim.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])  # same size: only reading it back can tell
     assert "all can come back" in _run(b, "doctor", machine="bbb").out
     bad = _run(b, "doctor", "--deep", machine="bbb", check=1)
     assert "big.bin" in bad.out and "all can come back" not in bad.out, bad.out
