@@ -117,8 +117,9 @@ def test_edit_in_the_middle_uploads_one_or_two_chunks(tmp_path):
     (t.root / "big.bin").write_bytes(data)
     out = _run(t.root, "commit", "-m", "two", machine="aaa").out
     new = set(_objects(t.remote)) - set(first)
-    # one or two chunks, the new recipe, the new snapshot
-    assert 3 <= len(new) <= 4, (len(new), out)
+    # one or two chunks (three when the edit moved a boundary near the next one), the new recipe,
+    # the new snapshot
+    assert 3 <= len(new) <= 5, (len(new), out)
     assert sum(_objects(t.remote)[o].stat().st_size for o in new) < 1 * MiB
     # the same content committed again (another name) uploads nothing
     (t.root / "copy.bin").write_bytes(data)
