@@ -115,8 +115,25 @@ def test_unused_object_is_a_warning_and_never_deleted(stashed):
     obj = _obj(t)
     jam("checkout", "a.bin", cwd=t.root)
     out = doctor(t, "--fix", check=0)
-    assert kinds(out, "warning")[-1][0] == "unused" and "1 objects" in out["warnings"][-1]["detail"]
+    assert kinds(out, "warning")[-1][0] == "unused" and "1 object (" in out["warnings"][-1]["detail"]
     assert obj.exists()
+
+
+def test_what_a_snapshot_keeps_is_not_unused(stashed):
+    """`jam commit` uploads a local file and its snapshot: both are kept by the history (gc keeps
+    them), so doctor must not call them unused; an object nothing keeps still is."""
+    t, data = stashed
+    (t.root / "local.txt").write_text("kept only by the snapshot\n")
+    jam("commit", "-m", "one", cwd=t.root)
+    out = doctor(t, check=0)
+    assert [k for k in kinds(out, "warning") if k[0] == "unused"] == [], out["warnings"]
+    (t.root / "later.bin").write_bytes(os.urandom(SIZE))  # stashed after the commit, then deleted
+    jam("stash", "later.bin", cwd=t.root)
+    jam("checkout", "later.bin", cwd=t.root)
+    (t.root / "later.bin").unlink()
+    out = doctor(t, check=0)
+    assert [w["detail"].split(" on remote")[0] for w in out["warnings"] if w["kind"] == "unused"] == \
+        ["1 object (200.0 KB)"], out["warnings"]
 
 
 # -- objects on remotes ----------------------------------------------------------------------------

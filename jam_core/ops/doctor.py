@@ -1093,6 +1093,14 @@ class _Doctor:
             return
         referenced = {r[1] for r in self.rows} | {v[0] for v in self.all_rows.values()}
         referenced.update(self.objects)
+        try:  # what the root's snapshots keep (`jam commit`) is not unused: gc keeps it too
+            from jam_core.history.index import kept_objects
+
+            referenced |= kept_objects(self.root)
+        except (JamError, OSError) as exc:
+            self.res.add("leftovers", WARNING, "unused", "history",
+                         f"unused objects not counted: {exc}")
+            return
         for r in self.remotes:
             listing = listings.get(r.name)
             if not listing:
@@ -1106,7 +1114,7 @@ class _Doctor:
                 extra = [(o, s) for o, s in extra if o not in pieces]
             if extra:
                 self.res.add("leftovers", WARNING, "unused", r.name,
-                             f"{len(extra)} objects ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
+                             f"{len(extra)} object{'' if len(extra) == 1 else 's'} ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
                              "nothing in this root refers to (older versions, or another root's); never deleted "
                              "by doctor")
 
