@@ -47,7 +47,8 @@ def sync(message: str) -> None:
     for line in out.problems[:20]:
         click.echo(f"jam: {line}", err=True)
     pins = (f", pinned {', '.join(map(show_path, out.pinned))}" if out.pinned else "") + \
-        (f", unpinned {', '.join(map(show_path, out.unpinned))}" if out.unpinned else "")
+        (f", unpinned {', '.join(map(show_path, out.unpinned))}" if out.unpinned else "") + \
+        (f", fetched {plural(len(out.fetched), 'pinned file')}" if out.fetched else "")
     click.echo(f"synced: {plural(len(out.merged), 'head')} merged, +{out.added} ~{out.updated} -{out.removed}, "
                f"{plural(len(out.conflicts), 'conflict')}{pins}" + (f"; head {short(out.head)}" if out.head else ""))
     raise SystemExit(out.exit_code)

@@ -27,6 +27,9 @@
    The merge is recorded as a snapshot whose parents are ours and theirs.
 4. ``store.commit`` again: it records what the tree now is if it differs from the merge, and
    pushes the merge and this machine's head.
+5. The stubs under the pins (a pin the merge brought, or a file that arrived under a pin) are
+   fetched as ``jam pin`` fetches them (``ops.checkout``): a pin means "kept on this device".
+   A fetch that fails is a problem (exit 1); the sync itself stands.
 
 Killed at any instant, nothing is lost and the next sync completes: every change to the tree
 is an atomic rename or exchange of a file that is the base version (whose content the
@@ -67,6 +70,7 @@ class SyncResult:
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, its conflict copy)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (path, why ours stayed)
     pinned: list[str] = field(default_factory=list)  # pins the merge added here
+    fetched: list[tuple[str, int]] = field(default_factory=list)  # pinned stubs brought back (path, bytes)
     unpinned: list[str] = field(default_factory=list)  # pins the merge removed here
     problems: list[str] = field(default_factory=list)
 
@@ -500,7 +504,34 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
     last = commit(root, pm, message or "sync", session=session)
     out.problems += last.problems
     out.head = last.id
+    fetch_pinned(root, pm, session, out)
     return out
+
+
+def fetch_pinned(root: Root, pm, session: Session, out: SyncResult) -> None:
+    """Bring back the stubs under the root's pins (those that exist), as ``jam pin`` does:
+    ``ops.checkout`` (verified, swapped only if the stub is unchanged). What could not come
+    back is a problem (one line each); a dirty stub is kept as it is (said)."""
+    from jam_core.ops.checkout import checkout
+    from jam_core.policy.pins import read_pins
+
+    try:
+        rels = sorted(p for p in read_pins(root) if os.path.lexists(root.abs(p)))
+    except (JamError, OSError) as exc:
+        out.problems.append(f"pinned files not fetched: {describe(exc)}")
+        return
+    if not rels:
+        return
+    try:
+        result = checkout(root, rels, pm, session)
+    except (JamError, OSError) as exc:
+        out.problems.append(f"pinned files not fetched: {describe(exc)}")
+        return
+    out.fetched += result.done
+    out.problems += [f"pinned {path}: not fetched: {why}" for path, why in result.failed]
+    out.kept += [(path, f"not fetched: {why}") for path, why in result.skipped]
+    if result.aborted:
+        out.problems.append(f"pinned files not fetched: {result.aborted}")
 
 
 def _merge_one(root: Root, ix: Index, graph: Graph, ours_id: str, theirs_id: str, cat, out: SyncResult) -> None:
