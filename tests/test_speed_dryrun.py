@@ -162,3 +162,20 @@ def test_an_unnamed_third_party_select_still_answers_the_dry_run(jam_bin, jam_ro
     out = run(jam_bin, str(site), "stash", "--auto", "--dry-run", cwd=jam_root.path)
     assert out.returncode == 0, out.stderr
     assert "a.txt  (greedy: greedy wants it)" in out.stdout
+
+
+def test_plan_lines_read_as_one_format_per_file():
+    """The plan's lines, made with sizes and reasons formatted once each, read exactly as
+    one format per file: a file with two reasons never borrows the text of one with the
+    first alone, equal sizes share their text, an unprintable path is escaped."""
+    from jam_core.cli.auto import plan_lines
+    from jam_core.cli.common import human, show_path
+    from jam_core.policy.plan import PlanItem
+
+    a, b = ("age", "last used 2025-01-01, older than 30 days"), ("lru", "among the least recently used 75% by bytes")
+    items = [PlanItem("one", 10, 1.0, [a]), PlanItem("two", 10, 1.0, [a, b]), PlanItem("three", 2_500_000, 1.0, [b]),
+             PlanItem("bad\nname\udcff", 7, 1.0, [a, b]), PlanItem("four", 10, 1.0, [b, a]), PlanItem("five", 3, 1.0, [a])]
+    expected = [f"{human(i.size):>10}  {show_path(i.path)}  ({'; '.join(f'{p}: {r}' for p, r in i.reasons)})"
+                for i in items]
+    assert plan_lines(items) == expected
+    assert "\n" not in "".join(plan_lines(items))

@@ -7,17 +7,36 @@ import click
 from jam_core.cli.common import human, plural, report, session, show_path
 
 
-def _path(rel: str) -> str:
-    return rel if rel.isprintable() else show_path(rel)
-
-
 def reasons_text(item) -> str:
     return "; ".join(f"{policy}: {reason}" for policy, reason in item.reasons)
 
 
+def plan_lines(items) -> list[str]:
+    """One line per planned file: its size, its path, its reasons. A plan of 100,000 files
+    holds few distinct sizes and reasons: each is formatted once (a dict per kind) and every
+    line is one f-string of three strings already made."""
+    sizes: dict[int, str] = {}
+    reasons: dict[tuple, str] = {}
+    lines = []
+    add = lines.append
+    for item in items:
+        size = item.size
+        shown = sizes.get(size)
+        if shown is None:
+            shown = sizes[size] = f"{human(size):>10}"
+        why = item.reasons
+        key = why[0] if len(why) == 1 else tuple(why)  # a pair, or a tuple of pairs: never equal
+        text = reasons.get(key)
+        if text is None:
+            text = reasons[key] = reasons_text(item)
+        path = item.path
+        add(f"{shown}  {path if path.isprintable() else show_path(path)}  ({text})")
+    return lines
+
+
 def print_plan(plan, dry_run: bool) -> None:
     verb = "would stash" if dry_run else "stashing"
-    lines = [f"{human(item.size):>10}  {_path(item.path)}  ({reasons_text(item)})" for item in plan.items]
+    lines = plan_lines(plan.items)
     if lines:
         click.echo("\n".join(lines))
     if plan.kept:

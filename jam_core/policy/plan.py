@@ -92,21 +92,25 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
     items: dict[str, PlanItem] = {}
     get = items.get
     if isinstance(allowed, Candidates):  # (size, last_used) from its lists: no record made
-        known = allowed.size_and_last
+        index, sizes, lasts = allowed.index().get, allowed.sizes, allowed.lasts
     else:
-        def known(path, _get=allowed.get):
-            rec = _get(path)
-            return None if rec is None else (rec.size, rec.last_used)
+        index = None
+        allowed_get = allowed.get
     for n in nominations:
         path = n.path
         item = get(path)
         if item is None:
-            sl = known(path)
-            if sl is None:
+            if index is not None:
+                i = index(path)
+                known = None if i is None else (sizes[i], lasts[i])
+            else:
+                rec = allowed_get(path)
+                known = None if rec is None else (rec.size, rec.last_used)
+            if known is None:
                 if refused is not None:
                     refused.append((path, n.policy))
                 continue
-            items[path] = PlanItem(path, sl[0], sl[1], [(n.policy, n.reason)])
+            items[path] = PlanItem(path, known[0], known[1], [(n.policy, n.reason)])
         elif (n.policy, n.reason) not in item.reasons:
             item.reasons.append((n.policy, n.reason))
     for item in items.values():

@@ -48,24 +48,25 @@ class Candidates(Mapping):
         self.lasts.append(last_used)
         self._index = None
 
-    def _where(self) -> dict[str, int]:
+    def index(self) -> dict[str, int]:
+        """``{path: position in the lists}`` (built once, until a file is added)."""
         if self._index is None:
             self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
         return self._index
 
     def size_and_last(self, path: str) -> tuple[int, float] | None:
         """``(size, last_used)`` of a candidate, None if ``path`` is not one (no record made)."""
-        i = self._where().get(path)
+        i = self.index().get(path)
         return None if i is None else (self.sizes[i], self.lasts[i])
 
     def record(self, i: int) -> FileRecord:
         return FileRecord(self.paths[i], self.sizes[i], self.mtimes[i], self.atimes[i], self.lasts[i], LOCAL, False, 1)
 
     def __getitem__(self, path: str) -> FileRecord:
-        return self.record(self._where()[path])
+        return self.record(self.index()[path])
 
     def __contains__(self, path: object) -> bool:
-        return path in self._where()
+        return path in self.index()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -88,10 +89,9 @@ class Inventory:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def kept_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for why in self.kept.values():
-            out[why] = out.get(why, 0) + 1
-        return out
+        from collections import Counter
+
+        return dict(Counter(self.kept.values()))
 
 
 def load_ignore(root: Root):
