@@ -179,3 +179,47 @@ def test_plan_lines_read_as_one_format_per_file():
                 for i in items]
     assert plan_lines(items) == expected
     assert "\n" not in "".join(plan_lines(items))
+
+
+from tests.test_speed_scans import _tree, shared  # noqa: E402,F401  (the forced helper, a tree of stubs)
+
+
+def _inventory_view(inv):
+    c = inv.candidates
+    return (sorted(zip(c.paths, c.sizes, c.mtimes, c.atimes, c.lasts, strict=True)), sorted(inv.stubs.items()),
+            sorted(inv.kept.items()), sorted(inv.problems), inv.local_bytes)
+
+
+def test_the_helpers_packed_findings_are_what_one_walk_finds(jam_root, runner, shared):
+    """What the helper sends back as blobs (paths joined, numbers as arrays) unpacks into the
+    same candidates, clean stubs (their FileRecords), kept files with their reasons and local
+    bytes as one walk finds: an undecodable name, a pinned, a small and a hard-linked file,
+    stubs and a use recorded by jam in the helper's share included."""
+    from jam_core.catalog import Catalog
+    from jam_core.policy.pins import add_pins
+    from jam_core.policy.records import inventory
+    from jam_core.root import CATALOG
+
+    _tree(jam_root, runner)
+    for k in range(6):
+        d = jam_root.path / f"d{k}"
+        (d / os.fsdecode(b"caf\xe9-\xff.txt")).write_bytes(b"x" * (100 + k))
+        (d / "small.txt").write_bytes(b"")
+        os.link(d / "f0.txt", d / "f0-link.txt")
+    add_pins(jam_root, ["d2/f2.txt", "d3"])
+    with Catalog(jam_root.jam_dir / CATALOG) as cat:
+        with cat.transaction():
+            cat.record_use(["d4/f1.txt"], 2_000_000_000.5)
+    shared(False)
+    alone = _inventory_view(inventory(jam_root))
+    shared(True)
+    both = _inventory_view(inventory(jam_root))
+    assert len(shared.walkers()) == 2, "a helper walked part of the root"
+    assert both == alone
+    cands, stubs, kept, _, _ = both
+    assert any(p.startswith("d5/caf") for p, *_ in cands) and ("d4/f1.txt" in {p for p, *_ in cands})
+    assert dict((p, last) for p, _, _, _, last in cands)["d4/f1.txt"] == 2_000_000_000.5
+    assert {"d0/s.bin", "d1/s.bin", "d2/s.bin", "d4/s.bin"} <= {p for p, _ in stubs} and "d3/s.bin" not in dict(stubs)
+    kept = dict(kept)
+    assert kept["d2/f2.txt"] == "pinned" and kept["d3/f1.txt"] == "pinned"
+    assert kept["d5/small.txt"] == "smaller than core.min_size" and kept["d1/f0-link.txt"] == "hard-linked"

@@ -10,6 +10,7 @@ must never leave are set aside with the reason: pinned, ignored by ``ROOT/.jamig
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,19 +218,52 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
         inv.problems.clear()
         local[0] = 0
 
+    def collect():  # in the helper: blobs, not objects (pickled and unpickled by one copy each)
+        st = list(stubs.values())
+        by_why: dict[str, list[str]] = {}
+        for rel, why in kept.items():
+            by_why.setdefault(why, []).append(rel)
+        return (_pack(columns, "qddd"),
+                _pack(([r.path for r in st], [r.size for r in st], [r.mtime for r in st], [r.atime for r in st],
+                       [r.last_used for r in st], [r.nlink for r in st]), "qdddq"),
+                {why: _SEP.join(rels) for why, rels in by_why.items()}, inv.problems, local[0])
+
     def merge(found):
         cols, more_stubs, more_kept, problems, more_local = found
-        for column, more in zip(columns, cols, strict=True):
+        for column, more in zip(columns, _unpack(cols, "qddd"), strict=True):
             column.extend(more)
         cands._index = None
-        stubs.update(more_stubs)
-        kept.update(more_kept)
+        for path, size, mtime, atime, last, nlink in zip(*_unpack(more_stubs, "qdddq"), strict=True):
+            stubs[path] = record(path, size, mtime, atime, last, STUB, False, nlink)
+        for why, rels in more_kept.items():
+            kept.update(dict.fromkeys(rels.split(_SEP), why))
         inv.problems.extend(problems)
         local[0] += more_local
 
-    scan_shared(str(root.path), ".", on_error, each,
-                (fresh, lambda: (columns, stubs, kept, inv.problems, local[0]), merge))
+    scan_shared(str(root.path), ".", on_error, each, (fresh, collect, merge))
     inv.local_bytes += local[0]
+
+
+_SEP = "\0"  # in no path
+
+
+def _pack(columns: Sequence[list], kinds: str) -> tuple:
+    """Parallel lists as one string of paths (joined by NUL) and one array of machine numbers
+    per other list (``kinds``: an array typecode each): what the shared walk's helper sends
+    back, pickled in a few large copies rather than an object per value."""
+    paths, *rest = columns
+    return (_SEP.join(paths), len(paths), *(array(k, col).tobytes() for k, col in zip(kinds, rest, strict=True)))
+
+
+def _unpack(packed: tuple, kinds: str) -> list[list]:
+    """The lists :func:`_pack` made."""
+    joined, n, *blobs = packed
+    out = [joined.split(_SEP) if n else []]
+    for kind, blob in zip(kinds, blobs, strict=True):
+        a = array(kind)
+        a.frombytes(blob)
+        out.append(a.tolist())
+    return out
 
 
 def _last_used(st: os.stat_result, rel: str, atime_ok: bool, uses_get) -> float:
