@@ -38,6 +38,39 @@ KIND = "sftp"
 _cache_lock = threading.Lock()
 
 
+class _Invoke:
+    """Stands in for ``invoke`` in ``paramiko.config``, which uses it only to run an ssh_config
+    ``Match exec`` command (``invoke.run(cmd, hide="stdout", warn=True)``): invoke is imported
+    when one runs (an ImportError then if it is not installed, as paramiko raises)."""
+
+    @staticmethod
+    def run(*args, **kwargs):
+        import invoke
+
+        return invoke.run(*args, **kwargs)
+
+
+def _import_paramiko() -> None:
+    """Import paramiko without ``invoke``: paramiko.config imports it at once (invoke, then
+    unittest.mock and asyncio: ~80 ms of paramiko's ~200 ms, on every command that talks to a
+    server) for the rare ``Match exec`` line; ``_Invoke`` imports it when one is met."""
+    import sys
+
+    if "paramiko" in sys.modules:
+        return
+    held = "invoke" not in sys.modules
+    if held:
+        sys.modules["invoke"] = None  # type: ignore[assignment]  # paramiko.config: "not installed"
+    try:
+        import paramiko.config
+    finally:
+        if held and sys.modules.get("invoke", 0) is None:
+            del sys.modules["invoke"]
+    if paramiko.config.invoke is None:
+        paramiko.config.invoke = _Invoke()
+        paramiko.config.invoke_import_error = None
+
+
 @hookimpl
 def parse_url(url: str) -> dict | None:
     target = parse(url)
@@ -48,6 +81,7 @@ def parse_url(url: str) -> dict | None:
 
 def get_pool(remote: Remote, session: Session) -> "Pool":
     """The command's connection pool for ``remote`` (created on first use, closed with the session)."""
+    _import_paramiko()
     from jam_sftp.pool import Pool
 
     key = ("jam_sftp", remote.name, remote.location)
@@ -83,6 +117,7 @@ def remote_id(remote: Remote, session: Session, create: bool) -> str | None:
 def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
     pool = get_pool(remote, session)
@@ -99,6 +134,7 @@ def list_objects(remote: Remote, session: Session, sweep: bool):
     over the fan-out directories (listing.py)."""
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.listing import list_objects as listed
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
@@ -114,6 +150,7 @@ def list_objects(remote: Remote, session: Session, sweep: bool):
 def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.parallel import RANGE_MIN, put_ranges
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
@@ -137,6 +174,7 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
 def fetch(remote: Remote, oid: str, dest: Path, size: int, session: Session) -> bool | None:
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.parallel import RANGE_MIN, get_ranges
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
@@ -164,6 +202,7 @@ def stash_many(remote: Remote, items, session: Session):
     """
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.parallel import RANGE_MIN, put_ranges, put_spread
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
@@ -204,6 +243,7 @@ def fetch_many(remote: Remote, items, session: Session):
     """
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.parallel import RANGE_MIN, get_ranges, get_spread
     from jam_sftp.pipeline import _File
     from jam_sftp.transfer import ConnectionLost, SftpStatus
@@ -241,6 +281,7 @@ def fetch_many(remote: Remote, items, session: Session):
 
 def _meta(remote: Remote, session: Session, what: str, work):
     """Run ``work(Meta)`` on a borrowed connection; every failure is one RemoteError line."""
+    _import_paramiko()
     from jam_sftp.meta import Meta
     from jam_sftp.transfer import ConnectionLost, SftpStatus
 
@@ -271,6 +312,7 @@ def write_meta(remote: Remote, name: str, data: bytes, session: Session) -> bool
     """``meta/NAME`` replaced atomically: a part in tmp/, fsynced, posix-renamed over."""
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.meta import check_name
 
     name = check_name(remote.name, name)
@@ -284,6 +326,7 @@ def read_meta(remote: Remote, name: str, session: Session) -> bytes | bool | Non
     """``meta/NAME``'s bytes (at most 64 MiB), False if absent; never through a symlink."""
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.meta import check_name
 
     name = check_name(remote.name, name)
@@ -295,6 +338,7 @@ def list_meta(remote: Remote, prefix: str, session: Session) -> list[str] | None
     """The regular files directly under ``meta/PREFIX`` (lstat: no symlinks), [] if absent."""
     if remote.kind != KIND:
         return None
+    _import_paramiko()
     from jam_sftp.meta import check_name
 
     prefix = check_name(remote.name, (prefix or "").strip("/"), prefix=True)
