@@ -8,6 +8,11 @@
 
 _JAM_BIN='jam' # filled in by `jam hook bash`
 _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook bash`
+# The quick start (filled in when `jam hook` runs as jam itself): this interpreter with no site,
+# the code that sets sys.path and answers hook-fetch; it exits 121 when it cannot, and the hook
+# runs $_JAM_BIN instead.
+_JAM_PY='' # filled in by `jam hook bash`
+_JAM_BOOT='' # filled in by `jam hook bash`
 
 _jam_hook() {
     local _jam_status=$?
@@ -67,8 +72,15 @@ _jam_fetch() {
         _JAM_BROKEN=1
         return 0
     fi
-    local _jam_rc=0
-    "$_JAM_BIN" hook-fetch -- "$1" >&2 || _jam_rc=$?
+    local _jam_rc=121
+    if [[ -n $_JAM_PY && -x $_JAM_PY ]]; then
+        _jam_rc=0
+        "$_JAM_PY" -I -S -c "$_JAM_BOOT" hook-fetch -- "$1" >&2 || _jam_rc=$?
+    fi
+    if ((_jam_rc == 121)); then
+        _jam_rc=0
+        "$_JAM_BIN" hook-fetch -- "$1" >&2 || _jam_rc=$?
+    fi
     if ((_jam_rc != 0 && _jam_rc != 130)); then
         \builtin printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' \
             "$_JAM_BIN" "$_jam_rc" >&2

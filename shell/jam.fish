@@ -6,6 +6,11 @@
 # off for this shell.
 
 set -g _jam_bin 'jam' # filled in by `jam hook fish`
+# The quick start (filled in when `jam hook` runs as jam itself): this interpreter with no site,
+# the code that sets sys.path and answers hook-fetch; it exits 121 when it cannot, and the hook
+# runs $_jam_bin instead.
+set -g _jam_py '' # filled in by `jam hook fish`
+set -g _jam_boot '' # filled in by `jam hook fish`
 set -g _jam_roots_file (string join / -- (set -q XDG_DATA_HOME[1]; and echo $XDG_DATA_HOME; or echo ~/.local/share) jam roots) # filled in by `jam hook fish`
 set -q _jam_roots_key; or set -g _jam_roots_key ''
 set -q _jam_roots; or set -g _jam_roots
@@ -88,8 +93,15 @@ function _jam_fetch
         set -g _jam_broken 1
         return 0
     end
-    command $_jam_bin hook-fetch -- $argv[1] >&2
-    set -l rc $status
+    set -l rc 121
+    if test -n "$_jam_py" -a -x "$_jam_py"
+        command $_jam_py -I -S -c $_jam_boot hook-fetch -- $argv[1] >&2
+        set rc $status
+    end
+    if test $rc -eq 121
+        command $_jam_bin hook-fetch -- $argv[1] >&2
+        set rc $status
+    end
     if test $rc -ne 0 -a $rc -ne 130
         printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' $_jam_bin $rc >&2
         set -g _jam_broken 1

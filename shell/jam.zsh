@@ -7,6 +7,11 @@
 
 typeset -g _JAM_BIN='jam' # filled in by `jam hook zsh`
 typeset -g _JAM_ROOTS_FILE="${XDG_DATA_HOME:-$HOME/.local/share}/jam/roots" # filled in by `jam hook zsh`
+# The quick start (filled in when `jam hook` runs as jam itself): this interpreter with no site,
+# the code that sets sys.path and answers hook-fetch; it exits 121 when it cannot, and the hook
+# runs $_JAM_BIN instead.
+typeset -g _JAM_PY='' # filled in by `jam hook zsh`
+typeset -g _JAM_BOOT='' # filled in by `jam hook zsh`
 typeset -ga _jam_roots
 typeset -g _jam_roots_key=''
 
@@ -76,8 +81,15 @@ _jam_fetch() {
         typeset -g _JAM_BROKEN=1
         return 0
     fi
-    local rc=0
-    $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
+    local rc=121
+    if [[ -n $_JAM_PY && -x $_JAM_PY ]]; then
+        rc=0
+        $_JAM_PY -I -S -c $_JAM_BOOT hook-fetch -- $1 >&2 || rc=$?
+    fi
+    if (( rc == 121 )); then
+        rc=0
+        $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
+    fi
     if (( rc != 0 && rc != 130 )); then
         \builtin print -ru2 -- "jam: $_JAM_BIN hook-fetch failed (exit $rc); the cd hook is off in this shell"
         typeset -g _JAM_BROKEN=1

@@ -18,9 +18,11 @@ import sys
 from jam_core import __version__
 
 EXIT_PIPE = 141  # what a shell reports for a tool that SIGPIPE ended (128 + 13)
+EXIT_BOOT = 121  # the hook's site-less start cannot answer this one: the hook runs jam instead
 ENV_SHOW_MODULES = "JAM_DEBUG_MODULES"  # a file: hook-fetch appends the modules it loaded (tests)
 
 _GROUP = None
+_BOOTED = False  # started by the hook's bootstrap (python -I -S, no site): see boot()
 
 
 def _group():
@@ -112,6 +114,25 @@ def _fast(args: list[str]) -> int | None:
         _show_modules()
         if was:
             gc.enable()
+
+
+def boot() -> None:
+    """The cd hook's site-less start: ``python -I -S -c BOOTSTRAP hook-fetch -- DIR``, the
+    bootstrap written by ``jam hook SHELL`` (jam_core/cli/hook.py) with the ``sys.path``
+    entries jam needs. Answers the plain form only; for anything else, and for a root whose
+    fetch needs more than the built-in dir backend (third-party plugins may come from .pth
+    files and import hooks only site sets up), it exits EXIT_BOOT and the hook runs the jam
+    script instead. Never returns."""
+    global _BOOTED
+    _BOOTED = True
+    args = sys.argv[1:]
+    code = _fast(args) if args[:1] == ["hook-fetch"] else None
+    _leave(EXIT_BOOT if code is None else code)
+
+
+def booted() -> bool:
+    """True in a process :func:`boot` started (no site)."""
+    return _BOOTED
 
 
 def _leave(code: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jam_core.cli import EXIT_BOOT
+
 SHELLS = ("bash", "zsh", "fish")
 PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
 
@@ -66,12 +68,68 @@ def _quote(shell: str, value: str) -> str:
     return shlex.quote(value)
 
 
-def render(shell: str, jam_bin: str, roots_file: str) -> str:
-    """The hook's code for ``shell`` with the jam executable and the roots list filled in."""
+BOOT_MODULES = ("jam_core", "jam_dir")  # what the hook's fetch in a root of dir remotes imports
+
+
+def boot_paths() -> list[str]:
+    """The ``sys.path`` entries the hook's site-less python needs, from this process (started
+    as ``jam``, with site): every entry site and the environment added (site-packages, .pth
+    lines, a user site), then the directories holding jam's own packages when an import hook
+    (an editable install's finder) rather than ``sys.path`` finds them. The script's own
+    directory and the working directory are left out. The bootstrap skips entries the bare
+    interpreter already has (the standard library)."""
+    import importlib.util
+
+    script = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+    out: list[str] = []
+    for entry in sys.path:
+        if not isinstance(entry, str) or not entry or not os.path.isabs(entry):
+            continue  # '' and relative entries: the working directory of whoever cds
+        if entry != script and entry not in out:
+            out.append(entry)
+    for name in BOOT_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        top = os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))  # above the package
+        if top not in out:
+            out.append(top)
+    return out
+
+
+def bootstrap(paths: list[str]) -> str:
+    """The code the hook hands ``python -I -S -c``: no site (its .pth files and finders cost
+    ~15 M instructions) and nothing from the environment or the working directory (-I: the
+    directory just entered is no place to import from). It adds ``paths``, checks that the
+    jam it imports is this one, and answers ``hook-fetch -- DIR``; anything it cannot answer
+    (jam moved or reinstalled elsewhere, $PYTHONPATH/$PYTHONHOME set, another form of the
+    command, a root that needs more than the dir backend) exits EXIT_BOOT, and the hook runs
+    the jam script instead."""
+    import jam_core.cli
+
+    return (
+        "import sys,os\n"
+        f'if os.environ.get("PYTHONPATH") or os.environ.get("PYTHONHOME"):raise SystemExit({EXIT_BOOT})\n'
+        f"p={paths!r}\n"
+        "sys.path+=[x for x in p if x not in sys.path]\n"
+        "try:\n"
+        " import jam_core.cli as c\n"
+        "except Exception:\n"
+        f" raise SystemExit({EXIT_BOOT})\n"
+        f"if c.__file__!={os.path.abspath(jam_core.cli.__file__)!r}:raise SystemExit({EXIT_BOOT})\n"
+        "c.boot()\n"
+    )
+
+
+def render(shell: str, jam_bin: str, roots_file: str, python: str = "", boot: str = "") -> str:
+    """The hook's code for ``shell`` with the jam executable and the roots list filled in, and
+    (``python``, ``boot``) the interpreter and bootstrap of the site-less start (empty: the
+    hook runs ``jam_bin``)."""
     with open(os.path.join(shell_dir(), f"jam.{shell}"), encoding="utf-8") as f:
         text = f.read()
-    fill = {"_JAM_BIN": jam_bin, "_JAM_ROOTS_FILE": roots_file} if shell != "fish" else \
-        {"_jam_bin": jam_bin, "_jam_roots_file": roots_file}
+    fill = {"_JAM_BIN": jam_bin, "_JAM_ROOTS_FILE": roots_file, "_JAM_PY": python, "_JAM_BOOT": boot} \
+        if shell != "fish" else \
+        {"_jam_bin": jam_bin, "_jam_roots_file": roots_file, "_jam_py": python, "_jam_boot": boot}
     out = []
     for line in text.splitlines(keepends=True):
         if line.rstrip().endswith(f"# filled in by `jam hook {shell}`"):
@@ -89,11 +147,15 @@ def register(group) -> None:
 
     @group.command("hook", help=HOOK_HELP)
     @click.argument("shell", type=click.Choice(SHELLS))
-    @click.option("--bin", "jam_bin", hidden=True, help="The jam the hook calls (tests, packagers).")
+    @click.option("--bin", "jam_bin", hidden=True,
+                  help="The jam the hook calls, always (tests, packagers): no site-less start.")
     def hook(shell: str, jam_bin: str | None) -> None:
         from jam_core.root import roots_file
 
-        click.echo(render(shell, jam_bin or jam_executable(), str(roots_file())), nl=False)
+        python, boot = "", ""
+        if jam_bin is None and sys.executable and os.path.isabs(sys.executable):
+            python, boot = sys.executable, bootstrap(boot_paths())
+        click.echo(render(shell, jam_bin or jam_executable(), str(roots_file()), python, boot), nl=False)
 
     @group.command("hook-fetch", hidden=True)
     @click.argument("directory", type=click.Path(file_okay=False))
@@ -127,6 +189,19 @@ def _say(message: str) -> None:
     print(f"jam: {message}", file=sys.stderr, flush=True)
 
 
+def _needs_site(config) -> bool:
+    """In a site-less start (jam_core.cli.boot): True unless fetching in a root of this config
+    needs the built-in dir backend alone (a third-party plugin may live where only site finds
+    it). Asked once there are stubs to fetch, before anything is fetched or forked."""
+    from jam_core.cli import booted
+
+    if not booted():
+        return False
+    from jam_core.manager import dir_suffices
+
+    return not dir_suffices(config)
+
+
 def _hook_fetch(directory: str) -> int:
     from jam_core.cli.common import human, show_path
     from jam_core.history.auto import kick
@@ -152,6 +227,8 @@ def _hook_fetch(directory: str) -> int:
              + ("." if where == "here" else _shell_word(a.path)))
         count_visit(a)
         return 0
+    if _needs_site(a.root.config):
+        return EXIT_BOOT  # the hook runs the jam script, which fetches them
     if background:
         if os.fork() != 0:
             return 0

@@ -1,0 +1,176 @@
+"""The cd hook's quick start: `jam hook SHELL` fills in the interpreter and a bootstrap with the
+sys.path entries jam needs, and the hook runs `python -I -S -c BOOT hook-fetch -- DIR` (no
+site, nothing from the environment or the directory just entered), falling back to the jam
+script when the bootstrap exits 121. Real shells (bash, zsh, fish) run the printed hook; the
+process's modules are read from $JAM_DEBUG_MODULES to tell which start answered."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_file, require_tool
+
+SHELLS = ["bash", "zsh", "fish"]
+FLAGS = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}
+EXIT_BOOT = 121
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def tree(jam_root):
+    """A root with 3 stubs in data/."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+
+    content = {f"data/f{i}": _digest(make_file(jam_root.path / f"data/f{i}", 70_000 + i, seed=i)) for i in range(3)}
+    assert len(stash(jam_root, ["data"], make_plugin_manager()).done) == 3
+    return jam_root, content
+
+
+def _hook(shell: str, jam_bin: str, env: dict) -> str:
+    res = subprocess.run([jam_bin, "hook", shell], env=env, capture_output=True, text=True, check=True)
+    return res.stdout
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, JAM_DISABLE="", JAM_DEBUG_MODULES=str(tmp_path / "modules"), JAM_BACKGROUND="0")
+    env.pop("PROMPT_COMMAND", None)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _cd(shell: str, hook_text: str, where: Path, env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A real `shell` that sources the hook and cds into ``where`` (bash: then what its
+    PROMPT_COMMAND runs, as a prompt would)."""
+    exe = require_tool(shell)
+    hook = tmp_path / f"hook.{shell}"
+    hook.write_text(hook_text)
+    after = "; _jam_hook" if shell == "bash" else ""
+    script = f"source {str(hook)!r}; cd {str(where)!r}{after}"
+    return subprocess.run([exe, *FLAGS[shell], script], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _modules(tmp_path: Path) -> set[str]:
+    path = tmp_path / "modules"
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def _back(root, content) -> bool:
+    return all(_digest((root.path / rel).read_bytes()) == d for rel, d in content.items())
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_hook_fetches_through_the_site_less_start(shell, tree, jam_bin, tmp_path):
+    root, content = tree
+    env = _env(tmp_path)
+    text = _hook(shell, jam_bin, env)
+    assert sys.executable in text or os.path.realpath(sys.executable) in text
+    res = _cd(shell, text, root.path / "data", env, tmp_path)
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert "failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _back(root, content), "differs"
+    mods = _modules(tmp_path)
+    assert "jam_core.hook.fetch" in mods
+    assert "site" not in mods, "the hook's fetch started with site"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_moved_jam_falls_back_to_the_script(shell, tree, jam_bin, tmp_path):
+    """The recorded jam is not the one found (a reinstall elsewhere): the bootstrap exits 121
+    and the hook runs the jam script, which fetches; nothing said, the hook stays on."""
+    import jam_core.cli
+
+    root, content = tree
+    env = _env(tmp_path)
+    text = _hook(shell, jam_bin, env)
+    recorded = os.path.abspath(jam_core.cli.__file__)
+    assert text.count(recorded) == 1
+    text = text.replace(recorded, "/nonexistent/jam_core/cli/__init__.py")
+    res = _cd(shell, text, root.path / "data", env, tmp_path)
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert "failed" not in res.stderr and "off in this shell" not in res.stderr, res.stderr
+    assert _back(root, content), "differs"
+    assert "site" in _modules(tmp_path)  # the jam script answered
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_unimportable_recorded_paths_fall_back(shell, tree, jam_bin, tmp_path):
+    """The recorded sys.path no longer holds jam (a moved venv): the script answers."""
+    root, content = tree
+    env = _env(tmp_path)
+    text = _hook(shell, jam_bin, env)
+    start = text.index("p=[")
+    end = text.index("]", start)
+    text = text[:start] + "p=[]" + text[end + 1:]  # the bare interpreter's path alone
+    res = _cd(shell, text, root.path / "data", env, tmp_path)
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert "failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _back(root, content), "differs"
+
+
+def _boot_cmd(directory: Path) -> list[str]:
+    from jam_core.cli.hook import boot_paths, bootstrap
+
+    return [sys.executable, "-I", "-S", "-c", bootstrap(boot_paths()), "hook-fetch", "--", str(directory)]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_nothing_is_imported_from_the_directory_entered(shell, tree, jam_bin, tmp_path):
+    """-I: the directory just entered (the hook's working directory) is not on sys.path, so a
+    json.py planted there is never imported."""
+    root, content = tree
+    marker = tmp_path / "planted-ran"
+    (root.path / "data/json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(7)\n")
+    env = _env(tmp_path)
+    res = _cd(shell, _hook(shell, jam_bin, env), root.path / "data", env, tmp_path)
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert not marker.exists()
+    assert _back(root, content), "differs"
+    assert "site" not in _modules(tmp_path)
+
+
+def test_pythonpath_hands_over_to_the_script(tree, tmp_path):
+    """$PYTHONPATH is ignored by -I: the bootstrap leaves the fetch to the script, which honours
+    it, before touching anything."""
+    root, content = tree
+    env = dict(_env(tmp_path), PYTHONPATH=str(tmp_path / "elsewhere"))
+    res = subprocess.run(_boot_cmd(root.path / "data"), env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == EXIT_BOOT, res.stderr
+    assert not _back(root, content)
+
+
+def test_a_root_that_needs_more_than_the_dir_backend_hands_over(tree, tmp_path):
+    """A third-party policy or remote kind may live where only site finds it (a .pth, an import
+    hook): the site-less start fetches nothing and exits 121; the script does the fetch."""
+    root, content = tree
+    with open(root.config_path, "a") as f:
+        f.write("\n[policy.thirdparty]\nwhatever = 1\n")
+    res = subprocess.run(_boot_cmd(root.path / "data"), env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == EXIT_BOOT, res.stderr
+    assert not _back(root, content)
+
+
+def test_other_forms_hand_over(tmp_path):
+    """Only the plain `hook-fetch -- DIR` is answered; --help and the like go to the script."""
+    cmd = _boot_cmd(tmp_path)
+    res = subprocess.run(cmd[:5] + ["hook-fetch", "--help"], env=_env(tmp_path), capture_output=True, text=True)
+    assert res.returncode == EXIT_BOOT and not res.stdout, res.stdout
+
+
+def test_hook_with_bin_runs_that_jam_only(jam_bin, tmp_path):
+    """`--bin` (tests, packagers) names the jam the hook runs: no site-less start then."""
+    env = _env(tmp_path)
+    for shell in SHELLS:
+        text = subprocess.run([jam_bin, "hook", shell, "--bin", "/opt/x/jam"], env=env, capture_output=True,
+                              text=True, check=True).stdout
+        assert "-c" in text and sys.executable not in text and "c.boot()" not in text
