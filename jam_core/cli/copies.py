@@ -16,10 +16,17 @@ from jam_core.cli.common import plugin_manager, report, root_and_rels, session, 
 @click.option("--json", "as_json", is_flag=True)
 def where(paths, check: bool, as_json: bool) -> None:
     """Which remotes hold each stubbed file's content."""
+    from jam_core.model import Session
     from jam_core.ops.copies import where as where_
 
     root, rels = root_and_rels(paths)
-    rows, result = where_(root, rels, plugin_manager(), check=check)
+    pm, s = plugin_manager(), Session()
+    pieces = None
+    if check:
+        from jam_core.history.chunks import Pieces
+
+        pieces = Pieces(root, pm, s)
+    rows, result = where_(root, rels, pm, check=check, session=s, pieces=pieces)
     if as_json:
         click.echo(json.dumps([{"path": w.path, "oid": w.oid, "size": w.size, "remotes": w.known,
                                 **({"check": w.live} if check else {})} for w in rows], indent=2))
@@ -39,11 +46,13 @@ def where(paths, check: bool, as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def copy(to: str, paths) -> None:
     """Put the content of stubbed files on remote TO as well."""
+    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import copy as copy_
 
     root, rels = root_and_rels(paths)
+    pm = plugin_manager()
     with session("Copying") as s:
-        result = copy_(root, rels, plugin_manager(), to, s)
+        result = copy_(root, rels, pm, to, s, pieces=Pieces(root, pm, s))
     report(result, "Copied", f"to {to}")
     raise SystemExit(result.exit_code)
 
@@ -54,11 +63,13 @@ def copy(to: str, paths) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def move(src: str, dst: str, paths) -> None:
     """Copy stubbed files' content to remote TO, then remove it from remote FROM."""
+    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import move as move_
 
     root, rels = root_and_rels(paths)
+    pm = plugin_manager()
     with session("Moving") as s:
-        result = move_(root, rels, plugin_manager(), src, dst, s)
+        result = move_(root, rels, pm, src, dst, s, pieces=Pieces(root, pm, s))
     report(result, "Moved", f"to {dst}")
     raise SystemExit(result.exit_code)
 
@@ -68,10 +79,12 @@ def move(src: str, dst: str, paths) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def drop(src: str, paths) -> None:
     """Remove stubbed files' content from remote FROM, only where enough copies remain."""
+    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import drop as drop_
 
     root, rels = root_and_rels(paths)
+    pm = plugin_manager()
     with session("Dropping") as s:
-        result = drop_(root, rels, plugin_manager(), src, s)
+        result = drop_(root, rels, pm, src, s, pieces=Pieces(root, pm, s))
     report(result, "Dropped", f"from {src}")
     raise SystemExit(result.exit_code)

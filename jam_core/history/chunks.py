@@ -516,3 +516,135 @@ def complete(root, pm, session, ix, remote, missing: dict[str, int], others, lis
         there |= set(need)
         done.add(oid)
     return done
+
+
+# -- copies and moves (``jam copy``, ``jam move``, ``jam remote remove --move-to``) ----------------
+class Pieces:
+    """What ``ops.copies`` needs to carry, verify and remove an object a remote holds only as
+    content-defined chunks (a large file committed, never stashed whole). ``ops.copies`` sits
+    below this module in the layers (its ``copy_objects`` is used here), so its callers hand it
+    one of these; without it, copies move whole objects only.
+
+    * ``carry``: the recipe (verified by its id and validated) read on the source, then the
+      recipe object and every chunk the destination lacks, each through ``copy_objects``
+      (fetched, hashed against its id, stored, verified by the backend; the source first, then
+      any other remote of the root), the destination made durable, and only then its pointer
+      (``write_meta``: atomic). A piece that cannot be copied: nothing is pointed at.
+    * ``verified``: the pointer, the recipe (verified) and every chunk hashed in place where the
+      backend can (else its size): a copy that counts before anything leaves the source.
+    * ``pointed``, ``of``, ``shared``, ``forget``: for the guarded removal of an object's
+      pieces from the source (``copies.remove_copies``): which objects have a pointer there,
+      the pieces of one, the pieces other needed objects share (``pieces_needed``: never
+      removed), and the pointer emptied once its pieces are gone (an empty pointer is no
+      pointer: ``recipe_on``)."""
+
+    def __init__(self, root, pm, session):
+        self.root, self.pm, self.session = root, pm, session
+
+    def carry(self, src, dest, oid: str, size: int, recorder) -> bool:
+        """Make ``dest`` hold ``oid`` as its pieces, read from ``src``'s recipe. False if
+        ``src`` has no recipe for it; raises (one line) if a piece cannot be copied."""
+        from jam_core.ops.copies import copy_objects
+
+        pm, session = self.pm, self.session
+        got = recipe_on(src, oid, size, pm, session)
+        if got is None:
+            return False
+        rid, stored, listed = got
+        need = {rid: stored, **dict(listed)}
+        recorder.before_store(dest, set(need) | {oid})  # referenced there before any piece lands
+        lacking = self._lacking(dest, need)
+        if lacking:
+            _copied, failed = copy_objects(self.root, pm, session, dest, lacking,
+                                           holders=lambda _o: {src.name}, recorder=recorder)
+            if failed:
+                piece, why = next(iter(failed.items()))
+                raise RecipeError(f"{len(failed)} of the {len(need)} pieces of {oid[:19]} not copied to "
+                                  f"{dest.name!r} (piece {piece[:19]}: {why})")
+        pm.hook.sync(remote=dest, session=session)
+        going = recorder.removing_elsewhere(dest)
+        if going & set(need):
+            raise RecipeError(f"another root is removing pieces of {oid[:19]} from {dest.name!r} at this moment")
+        _pointer_written(dest, oid)  # the instant before the pointer (tests inject faults here)
+        if pm.hook.write_meta(remote=dest, name=pointer_name(oid), data=encode_pointer(rid, stored),
+                              session=session) is None:
+            raise RemoteError(f"remote {dest.name!r}: its backend cannot write jam's metadata (no write_meta)")
+        self._remember(oid, size, rid, stored, listed, dest.name)
+        return True
+
+    def _lacking(self, remote, need: dict[str, int]) -> dict[str, int]:
+        pm, session = self.pm, self.session
+        listing = None
+        if len(need) > 64:
+            got = pm.hook.list_objects(remote=remote, session=session, sweep=False)
+            listing = dict(got) if got is not None else None
+        if listing is not None:
+            return {o: n for o, n in need.items() if listing.get(o) != n}
+        return {o: n for o, n in need.items() if pm.hook.has(remote=remote, oid=o, size=n, session=session) is not True}
+
+    def _remember(self, oid: str, size: int, rid: str, stored: int, listed, remote: str) -> None:
+        """The history index (if the root has one) learns the recipe, so the kept union counts
+        its pieces (gc, drop and move of this root keep them where a kept snapshot needs it)."""
+        from jam_core.history.index import Index, exists
+
+        if not exists(self.root):
+            return
+        with Index(self.root) as ix:
+            ix.record_recipe(oid, size, rid, stored, listed)
+            ix.record_stored([(o, remote) for o in {rid, oid, *(c for c, _n in listed)}])
+
+    def held(self, remote, oid: str, size: int) -> bool:
+        return held(remote, oid, size, self.pm, self.session)
+
+    def verified(self, remote, oid: str, size: int) -> bool:
+        """``remote`` holds an intact ``oid`` as chunks: its recipe verified, every chunk hashed
+        in place where the backend can (else its size)."""
+        pm, session = self.pm, self.session
+        try:
+            got = recipe_on(remote, oid, size, pm, session)
+        except RecipeError:
+            return False
+        if got is None:
+            return False
+        for cid, n in dict(got[2]).items():
+            h = pm.hook.hash_object(remote=remote, oid=cid, size=n, session=session)
+            if h is None:
+                if pm.hook.has(remote=remote, oid=cid, size=n, session=session) is not True:
+                    return False
+            elif h != cid:
+                return False
+        return True
+
+    def pointed(self, remote) -> set[str]:
+        """The whole ids ``remote`` has a recipe pointer for (empty ones included)."""
+        names = self.pm.hook.list_meta(remote=remote, prefix=POINTERS, session=self.session) or ()
+        out = set()
+        for name in names:
+            base = name.rpartition("/")[2]
+            algorithm, _, hexd = base.partition("-")
+            oid = f"{algorithm}:{hexd}"
+            if name == f"{POINTERS}/{base}" and is_valid_oid(oid):
+                out.add(oid)
+        return out
+
+    def of(self, remote, oid: str, size: int) -> tuple[str, dict[str, int]] | None:
+        """(recipe id, {piece: size}: the chunks then the recipe) of ``oid`` on ``remote``; None
+        without a pointer. RecipeError if the pointer or recipe cannot be read."""
+        got = recipe_on(remote, oid, size, self.pm, self.session)
+        if got is None:
+            return None
+        rid, stored, listed = got
+        out = dict(listed)
+        out[rid] = stored
+        return rid, out
+
+    def shared(self, remote, needed: set[str]) -> tuple[set[str], list[str]]:
+        return pieces_needed(remote, needed, self.pm, self.session)
+
+    def forget(self, remote, oid: str) -> None:
+        """Empty ``oid``'s pointer on ``remote`` (its pieces are gone from there)."""
+        self.pm.hook.write_meta(remote=remote, name=pointer_name(oid), data=b"", session=self.session)
+
+
+def _pointer_written(remote, oid: str) -> None:
+    """The instant before a carried object's pointer is written on ``remote``."""

@@ -8,6 +8,14 @@ that uses R refers to, and asks the other remotes live whether they hold X (hash
 where the backend can, else ``has``). X goes only if no root refers to it on R, or every root
 that does still has enough copies elsewhere (its ``[place] copies``), counting only remotes that
 root uses and copies no other root is about to remove. No flag bypasses it.
+
+An object a remote holds only as content-defined chunks (``history.chunks``: a large file
+committed, never stashed whole) is copied and moved as its pieces when the caller hands a
+``pieces`` carrier (``history.chunks.Pieces``; that module sits above this one in the layers):
+the recipe and every chunk the destination lacks, each verified by its id, then its pointer
+last. A move removes its pieces from the source only once the destination holds them all
+(verified), each piece through the same guard, never a piece another needed object's recipe
+lists there, and empties the source's pointer after its pieces.
 """
 
 from __future__ import annotations
@@ -62,8 +70,10 @@ class Where:
     live: dict[str, str] = field(default_factory=dict)  # with check: remote -> yes / no / unreachable: ...
 
 
-def where(root: Root, rels: Iterable[str], pm, check: bool = False, session: Session | None = None
-          ) -> tuple[list[Where], Result]:
+def where(root: Root, rels: Iterable[str], pm, check: bool = False, session: Session | None = None,
+          pieces=None) -> tuple[list[Where], Result]:
+    """Which remotes hold each named stub's object (``check``: asked live; with ``pieces``, a
+    copy held as chunks counts)."""
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
@@ -84,7 +94,7 @@ def where(root: Root, rels: Iterable[str], pm, check: bool = False, session: Ses
                         continue
                     try:
                         _identity(root, r, pm, session)
-                        w.live[r.name] = "yes" if _verified(r, rec.oid, rec.size, pm, session) else "no"
+                        w.live[r.name] = "yes" if _verified(r, rec.oid, rec.size, pm, session, pieces) else "no"
                     except (JamError, OSError) as exc:
                         down[r.name] = w.live[r.name] = f"unreachable: {describe(exc)}"
                 w.known = [n for n, v in w.live.items() if v == "yes"]
@@ -98,10 +108,11 @@ def _identity(root: Root, remote: Remote, pm, session: Session) -> None:
     ensure_identity(root, remote, pm, session)
 
 
-def _verified(remote: Remote, oid: str, size: int, pm, session: Session) -> bool:
+def _verified(remote: Remote, oid: str, size: int, pm, session: Session, pieces=None) -> bool:
     """Does ``remote`` hold an intact copy of ``oid``, asked live? Hashed in place where the
-    backend can (``hash_object``), else its size (``has``). Once per command and copy."""
-    key = ("jam.copies.verified", remote.name, oid)
+    backend can (``hash_object``), else its size (``has``); with ``pieces``, a copy held as
+    chunks counts too (``pieces.verified``). Once per command and copy."""
+    key = ("jam.copies.verified", remote.name, oid, pieces is not None)
     if key in session.cache:
         return session.cache[key]
     got = pm.hook.hash_object(remote=remote, oid=oid, size=size, session=session)
@@ -112,6 +123,8 @@ def _verified(remote: Remote, oid: str, size: int, pm, session: Session) -> bool
         ok = got is True
     else:
         ok = got == oid
+    if not ok and pieces is not None:
+        ok = pieces.verified(remote, oid, size)
     session.cache[key] = ok
     return ok
 
@@ -119,17 +132,33 @@ def _verified(remote: Remote, oid: str, size: int, pm, session: Session) -> bool
 # -- the guarded removal -------------------------------------------------------------------------
 
 def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote, wanted: dict[str, int],
-                  own: set[str], recorder: Recorder | None = None) -> tuple[dict[str, int], dict[str, str]]:
+                  own: set[str], recorder: Recorder | None = None, pieces=None
+                  ) -> tuple[dict[str, int], dict[str, str]]:
     """Remove from ``remote`` the objects of ``wanted`` (oid -> size) that may go; ``own`` is
     what this root refers to. The caller holds the root's lock. Returns (removed, refused with
-    why). Never removes on "unknown": an unreachable remote counts no copy."""
+    why). Never removes on "unknown": an unreachable remote counts no copy. ``pieces``
+    (``history.chunks.Pieces``): an object ``remote`` holds as chunks goes as its pieces
+    (:func:`_remove_pieces`), and copies held as chunks elsewhere count."""
     removed: dict[str, int] = {}
     refused: dict[str, str] = {}
     if not wanted:
         return removed, refused
     recorder = recorder or Recorder(root, pm, session)
     _identity(root, remote, pm, session)
-    recorder.intent(remote, wanted)
+    parts: dict[str, dict[str, int] | None] = {}  # chunked on ``remote``: its pieces (None: unreadable)
+    if pieces is not None:
+        pointed = pieces.pointed(remote)
+        for oid, size in wanted.items():
+            if oid in pointed:
+                try:
+                    got = pieces.of(remote, oid, size)
+                except RemoteError:
+                    raise
+                except JamError:
+                    got = (None, None)  # a dangling pointer (a killed move) or a bad recipe: emptied only
+                if got is not None:
+                    parts[oid] = got[1]
+    recorder.intent(remote, set(wanted).union(*(p for p in parts.values() if p)))
     try:
         here = users(remote, pm, session)
         others: list[tuple[Remote, Users]] = []
@@ -146,7 +175,7 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
             needing.pop(recorder.rid, None)  # this root's own need is read live, not from its refs
             if oid in own:
                 needing[recorder.rid] = recorder.copies
-            why = _short_of(oid, size, needing, others, recorder.rid, pm, session)
+            why = _short_of(oid, size, needing, others, recorder.rid, pm, session, pieces)
             if why:
                 refused[oid] = why
                 continue
@@ -158,8 +187,17 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
                 if isinstance(exc, RemoteError):
                     break
                 continue
+            if oid in parts:
+                continue  # its pieces next, once every whole object is decided
             removed[oid] = size
             cat.forget_location(oid, remote.name)
+        chunked = {o: parts[o] for o in parts if o not in refused}
+        if chunked and len(refused) + len(removed) + len(chunked) == len(wanted):
+            _remove_pieces(cat, pm, session, remote, chunked, wanted, own, here, others, recorder.rid,
+                           recorder.copies, pieces, removed, refused)
+        else:
+            for o in chunked:
+                refused.setdefault(o, f"remote {remote.name!r}: not every object could be decided; kept")
     finally:
         try:
             recorder.intent(remote, ())
@@ -168,7 +206,55 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
     return removed, refused
 
 
-def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm, session: Session) -> str:
+def _remove_pieces(cat: Catalog, pm, session: Session, remote: Remote, chunked: dict[str, dict[str, int] | None],
+                   wanted: dict[str, int], own: set[str], here: Users, others, me: str, copies: int, pieces,
+                   removed: dict[str, int], refused: dict[str, str]) -> None:
+    """The pieces of the objects of ``chunked`` (each already allowed to leave ``remote``: enough
+    verified copies elsewhere), chunks first, then recipes, then each pointer emptied. A piece
+    another object needed here is made of (whoever needs it: every root's refs and this root's,
+    read through the remote's own pointers) stays; a piece some root names itself goes only
+    through the same guard as any object."""
+    needed = set(own).union(*(oids for _c, oids in here.refs.values()))
+    keep, problems = pieces.shared(remote, needed - set(chunked))
+    if problems:
+        for oid in chunked:
+            refused[oid] = problems[0]
+        return
+    order: dict[str, int] = {}
+    for got in chunked.values():
+        for p, n in (got or {}).items():
+            if p not in keep:
+                order[p] = n
+    recipes = {next(reversed(got)) for got in chunked.values() if got}  # ``of`` lists the recipe last
+    gone: set[str] = set()
+    for p in sorted(order, key=lambda p: p in recipes):
+        needing = dict(here.needing(p))
+        needing.pop(me, None)
+        if p in own:
+            needing[me] = copies
+        if _short_of(p, order[p], needing, others, me, pm, session):
+            continue  # a root names this piece itself and would lack it: it stays
+        _about_to_remove(remote, p)
+        try:
+            pm.hook.remove(remote=remote, oid=p, session=session)
+        except (JamError, OSError) as exc:
+            for oid in chunked:
+                refused.setdefault(oid, describe(exc))
+            if isinstance(exc, RemoteError):
+                return
+            continue
+        gone.add(p)
+    for oid, got in chunked.items():
+        if oid in refused:
+            continue
+        if got is None or gone & set(got):
+            pieces.forget(remote, oid)  # after its pieces: a reader finds no pointer, not a broken one
+        removed[oid] = wanted[oid]
+        cat.forget_location(oid, remote.name)
+
+
+def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm, session: Session,
+              pieces=None) -> str:
     """Why ``oid`` may not leave (a root would have too few copies left), or "" if it may."""
     for rid, want in needing.items():
         want = max(want, 1)
@@ -179,7 +265,7 @@ def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm,
             if u.being_removed(oid, but=me):
                 continue  # another root is removing that copy right now
             try:
-                if _verified(r, oid, size, pm, session):
+                if _verified(r, oid, size, pm, session, pieces):
                     have += 1
             except (JamError, OSError):
                 continue
@@ -192,24 +278,26 @@ def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm,
 
 # -- copy, move, drop ----------------------------------------------------------------------------
 
-def copy(root: Root, rels: Iterable[str], pm, to: str, session: Session | None = None) -> Result:
+def copy(root: Root, rels: Iterable[str], pm, to: str, session: Session | None = None, pieces=None) -> Result:
     """Put the content of the named stubs on remote ``to`` too: fetched from the nearest remote
-    that holds it into a nameless local file, verified, stored on ``to`` and verified there."""
+    that holds it into a nameless local file, verified, stored on ``to`` and verified there.
+    ``pieces`` (``history.chunks.Pieces``): an object a remote holds only as chunks is
+    carried as its pieces."""
     result = Result()
     session = session or Session()
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
-        _copy(root, cat, dirs, rels, pm, _remote(root, to), session, result)
+        _copy(root, cat, dirs, rels, pm, _remote(root, to), session, result, pieces)
     return result
 
 
 def _copy(root: Root, cat: Catalog, dirs: DirFds, rels, pm, dest: Remote, session: Session,
-          result: Result) -> list:
+          result: Result, pieces=None) -> list:
     """Copy, under the lock; returns the entries that ``dest`` now holds."""
-    return _copy_entries(root, cat, _stubs(root, dirs, rels, result), pm, dest, session, result)
+    return _copy_entries(root, cat, _stubs(root, dirs, rels, result), pm, dest, session, result, pieces)
 
 
 def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, session: Session,
-                  result: Result) -> list:
+                  result: Result, pieces=None) -> list:
     if not entries:
         return []
     recorder = Recorder(root, pm, session)
@@ -239,13 +327,17 @@ def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, ses
         for src in order:
             try:
                 _identity(root, src, pm, session)
-                _transfer(root, src, dest, rec.oid, rec.size, pm, session)
+                _whole_or_pieces(root, src, dest, rec.oid, rec.size, pm, session, pieces, recorder)
             except (JamError, OSError) as exc:
                 problems.append(describe(exc))
                 continue
             done_oids[rec.oid] = rec.size
             break
         else:
+            if pieces is not None and _held_as_pieces(pieces, dest, rec.oid, rec.size):
+                there.append(e)  # a killed move's rerun: the destination holds it as chunks already
+                result.unchanged += 1
+                continue
             result.failed.append((e.rel, "; ".join(problems) or "no remote holds its content"))
             continue
         there.append(e)
@@ -262,6 +354,23 @@ def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, ses
 
 class _Absent(JamError):
     pass
+
+
+def _whole_or_pieces(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, session: Session, pieces,
+                     recorder: Recorder) -> None:
+    """:func:`_transfer` the whole object; if ``src`` has it only as chunks, carry its pieces."""
+    try:
+        _transfer(root, src, dest, oid, size, pm, session)
+    except _Absent:
+        if pieces is None or not pieces.carry(src, dest, oid, size, recorder):
+            raise
+
+
+def _held_as_pieces(pieces, remote: Remote, oid: str, size: int) -> bool:
+    try:
+        return pieces.held(remote, oid, size)
+    except (JamError, OSError):
+        return False
 
 
 def _transfer(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, session: Session) -> None:
@@ -286,7 +395,7 @@ def _transfer(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, se
 
 
 def copy_objects(root: Root, pm, session: Session, dest: Remote, wanted: dict[str, int], holders=None,
-                 recorder: Recorder | None = None) -> tuple[dict[str, int], dict[str, str]]:
+                 recorder: Recorder | None = None, pieces=None) -> tuple[dict[str, int], dict[str, str]]:
     """Copy each object of ``wanted`` (oid -> size) onto ``dest`` from another remote of the
     root: the remotes ``holders(oid)`` names first, then the others by tier; each through
     :func:`_transfer` (fetched, verified, stored, verified by the backend). This root's refs
@@ -316,7 +425,7 @@ def copy_objects(root: Root, pm, session: Session, dest: Remote, wanted: dict[st
                 whys.append(down[src.name])
                 continue
             try:
-                _transfer(root, src, dest, oid, size, pm, session)
+                _whole_or_pieces(root, src, dest, oid, size, pm, session, pieces, recorder)
             except (JamError, OSError) as exc:
                 whys.append(describe(exc))
                 continue
@@ -333,24 +442,26 @@ def copy_objects(root: Root, pm, session: Session, dest: Remote, wanted: dict[st
     return copied, failed
 
 
-def drop(root: Root, rels: Iterable[str], pm, src: str, session: Session | None = None) -> Result:
+def drop(root: Root, rels: Iterable[str], pm, src: str, session: Session | None = None, pieces=None) -> Result:
     """Remove the named stubs' content from remote ``src``, each only if enough verified copies
-    remain elsewhere for every root that refers to it (:func:`remove_copies`)."""
+    remain elsewhere for every root that refers to it (:func:`remove_copies`; ``pieces``: an
+    object held there as chunks goes as its pieces, copies held as chunks elsewhere count)."""
     result = Result()
     session = session or Session()
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         remote = _remote(root, src)
         entries = _stubs(root, dirs, rels, result)
-        _drop(root, cat, pm, session, remote, entries, result)
+        _drop(root, cat, pm, session, remote, entries, result, pieces)
     return result
 
 
-def _drop(root: Root, cat: Catalog, pm, session: Session, remote: Remote, entries, result: Result) -> None:
+def _drop(root: Root, cat: Catalog, pm, session: Session, remote: Remote, entries, result: Result,
+          pieces=None) -> None:
     if not entries:
         return
     wanted = {e.record.oid: e.record.size for e in entries}
     own = referenced(root, cat) | set(wanted)
-    removed, refused = remove_copies(root, cat, pm, session, remote, wanted, own)
+    removed, refused = remove_copies(root, cat, pm, session, remote, wanted, own, pieces=pieces)
     for e in entries:
         oid = e.record.oid
         if oid in removed:
@@ -362,8 +473,10 @@ def _drop(root: Root, cat: Catalog, pm, session: Session, remote: Remote, entrie
             result.unchanged += 1
 
 
-def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Session | None = None) -> Result:
-    """Copy to ``dst``, then drop from ``src`` what ``dst`` now holds."""
+def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Session | None = None,
+         pieces=None) -> Result:
+    """Copy to ``dst``, then drop from ``src`` what ``dst`` now holds (``pieces``: as for
+    :func:`copy`; an object held as chunks leaves ``src`` as its pieces)."""
     if src == dst:
         raise UsageError("--from and --to name the same remote")
     result = Result()
@@ -371,16 +484,16 @@ def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Sessi
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         source = _remote(root, src)
         dest = _remote(root, dst)
-        there = _copy(root, cat, dirs, rels, pm, dest, session, result)
+        there = _copy(root, cat, dirs, rels, pm, dest, session, result, pieces)
         copied = Result()
-        _drop(root, cat, pm, session, source, there, copied)
+        _drop(root, cat, pm, session, source, there, copied, pieces)
         result.skipped += copied.skipped
         result.partly = result.partly or copied.partly
     return result
 
 
 def _move_versions(root: Root, cat: Catalog, pm, session: Session, src: str, dest: Remote, keep: set[str],
-                   copies: int, result: Result) -> None:
+                   copies: int, result: Result, pieces=None) -> None:
     """The objects the kept snapshots need, and the snapshots themselves, that are known on
     ``src`` and would be left with fewer than ``copies`` known copies without it (the
     history index's ``stored`` and ``pushed``, the catalog's locations): copied to ``dest``
@@ -415,12 +528,21 @@ def _move_versions(root: Root, cat: Catalog, pm, session: Session, src: str, des
             for item in ix.load(sid).items:
                 if item.oid in short and item.oid not in wanted and item.size:
                     wanted[item.oid], label[item.oid] = item.size, f"{item.path} (snapshot {sid[:19]})"
+        made_of: dict[str, int] = {}  # the recipes and chunks of the large files among them, first
+        for oid in list(wanted):
+            rec = ix.recipe_of(oid)
+            if rec is not None:
+                for p, n in {**rec[2], rec[0]: rec[1]}.items():
+                    if p in short and p not in wanted and p not in made_of:
+                        made_of[p] = n
+                        label[p] = f"{label[oid]}: a piece"
+        wanted = {**made_of, **wanted}
         for oid in short - set(wanted):
             result.failed.append((oid, "needed by a kept snapshot, size unknown here: not copied"))
         recorder = Recorder(root, pm, session)
         try:
             copied, failed = copy_objects(root, pm, session, dest, wanted, holders=lambda _oid: {src},
-                                          recorder=recorder)
+                                          recorder=recorder, pieces=pieces)
         finally:
             if recorder.pending:
                 for problem in recorder.publish(referenced(root, cat), [dest]):
@@ -434,7 +556,7 @@ def _move_versions(root: Root, cat: Catalog, pm, session: Session, src: str, des
             result.failed.append((label[oid], why))
 
 
-def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None) -> Result:
+def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None, pieces=None) -> Result:
     """Before remote ``src`` is forgotten (``jam remote remove SRC --move-to DST``): every object
     of this root's stubs that ``src`` holds and that would be left with fewer than ``[place]
     copies`` known copies without it is copied to ``dst`` and verified there (hashed in place
@@ -442,7 +564,7 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None)
     guarded removal (kept where another root still needs them there). Any object that could
     not be copied and verified is a failure: the caller then removes nothing. The objects
     the kept snapshots need whose only known copies are on ``src`` (and the snapshots) are
-    copied the same way (:func:`_move_versions`)."""
+    copied the same way (:func:`_move_versions`). ``pieces``: as for :func:`copy`."""
     if src == dst:
         raise UsageError("--move-to names the remote being removed")
     result = Result()
@@ -463,11 +585,11 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None)
             on_src.append(e)
             if len(holders & keep) < copies:  # without src it would have too few copies
                 short.append(e)
-        there = _copy_entries(root, cat, short, pm, dest, session, result)
-        _move_versions(root, cat, pm, session, src, dest, keep, copies, result)
+        there = _copy_entries(root, cat, short, pm, dest, session, result, pieces)
+        _move_versions(root, cat, pm, session, src, dest, keep, copies, result, pieces)
         for e in there:
             try:
-                ok = _verified(dest, e.record.oid, e.record.size, pm, session)
+                ok = _verified(dest, e.record.oid, e.record.size, pm, session, pieces)
             except (JamError, OSError) as exc:
                 ok, why = False, describe(exc)
             else:
@@ -477,6 +599,6 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None)
         if result.failed or result.aborted:
             return result
         dropped = Result()
-        _drop(root, cat, pm, session, source, on_src, dropped)
+        _drop(root, cat, pm, session, source, on_src, dropped, pieces)
         result.skipped += dropped.skipped  # kept on src for another root: said, not a failure
     return result
