@@ -281,7 +281,7 @@ def _zeros_from(fd: int, offset: int, size: int) -> bool:
     return True
 
 
-def verify_clean(fd: int, rec: StubRecord) -> bool:
+def verify_clean(fd: int, rec: StubRecord, st: os.stat_result | None = None) -> bool:
     """The file open at ``fd`` holds exactly the bytes of ``rec``'s stub: its first block is the
     header that ``write_stub`` writes (for the name recorded in the header), padded with zeros,
     and nothing but zeros (a hole) after it. False for a stub written into, even one whose
@@ -290,8 +290,11 @@ def verify_clean(fd: int, rec: StubRecord) -> bool:
     Reads one block and seeks over the hole: cheap, but not free; ``is_dirty`` is the stat
     rule for scans, this is for decisions (checkout before its swap, doctor, status when the
     catalog cannot vouch for the stub's inode and ctime).
+
+    ``st``: the ``fstat`` of ``fd`` the caller just made (not asked again).
     """
-    st = os.fstat(fd)
+    if st is None:
+        st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size != rec.size:
         return False
     span = _span(st)

@@ -21,6 +21,8 @@ from jam_core.fs import (
     exchange,
     fd_path,
     open_regular,
+    open_regular_stat,
+    owner,
     removexattr,
     rename_noreplace,
     restore_xattrs,
@@ -31,7 +33,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import hash_fd, split_oid
+from jam_core.objects import BIG, hash_fd, split_oid
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -329,7 +331,7 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     os.lseek(w.fd, 0, os.SEEK_SET)
     # A large file is hashed with both cores (blake3 splits each read over threads) while the
     # disk writes it back (the dir backend started that as it copied).
-    got, off = hash_fd(w.fd, algorithm, session.progress, threads=True, limit=rec.size)
+    got, off = hash_fd(w.fd, algorithm, session.progress, threads=rec.size >= BIG, limit=rec.size)
     if got != rec.oid or off != rec.size:
         return (f"remote {remote.name!r} returned corrupt content for {rec.oid} "
                 f"(hash {got[:15]}…, {off} bytes); stub left as it was")
@@ -377,7 +379,7 @@ def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
 def _restore_metadata(w: _Want, stub_fd: int) -> None:
     """The original's owner, mode, xattrs (ACLs after the mode) and times, on the content."""
     rec, st = w.entry.record, w.entry.st
-    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+    if (st.st_uid, st.st_gid) != owner():
         os.fchown(w.fd, st.st_uid, st.st_gid)
     os.fchmod(w.fd, rec.mode)
     try:
@@ -393,16 +395,15 @@ def swap_in(w: _Want) -> None:
     untouched; if what went out was not the stub, exchange back and say so."""
     entry = w.entry
     try:
-        stub_fd = open_regular(w.dir_fd, w.name, expect=entry.st)
+        stub_fd, now = open_regular_stat(w.dir_fd, w.name, expect=entry.st)
     except FileNotFoundError:
         raise JamError("the stub disappeared while its content was being fetched") from None
     except OSError:
         raise JamError("the stub was replaced while its content was being fetched; left as it is") from None
     try:
-        now = os.fstat(stub_fd)
         if not same_file(now, entry.st):
             raise JamError("the stub changed while its content was being fetched; left as it is")
-        if not verify_clean(stub_fd, entry.record):
+        if not verify_clean(stub_fd, entry.record, now):
             raise JamError("this stub was written into after it was stashed (its bytes are not jam's); "
                            "jam will not overwrite it (`jam checkout --keep-both` fetches the stashed "
                            "version beside it)")

@@ -31,14 +31,15 @@ from jam_core.fs import (
     carried_xattrs,
     exchange,
     fd_path,
-    open_regular,
+    open_regular_stat,
+    owner,
     same_file,
     syncfs,
     tmp_name,
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
+from jam_core.objects import BIG, DEFAULT_ALGORITHM, hash_fd
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -128,9 +129,13 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             )
         finally:
             leases.close()
+            # Every original closed (its space free) before the stash returns, and before the
+            # last syncfs, which then writes the frees too: on ext4 without a journal, inodes
+            # freed in blocks not yet written are passed over by every new file of their group
+            # for 5 minutes (each creation scans them), for 5 seconds once they are written.
+            closer.stop()
             if result.done:
                 _settle(dirs, result)
-            closer.stop()  # every original closed (its space free) before the stash returns
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
@@ -442,11 +447,10 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
     dir_fd = dirs.get(entry.dir)
     name = entry.rel.rpartition("/")[2]
     try:
-        fd = open_regular(dir_fd, name, expect=entry.st)
+        fd, st0 = open_regular_stat(dir_fd, name, expect=entry.st)
     except (NotTheFile, FileNotFoundError):
         return None
     try:
-        st0 = os.fstat(fd)
         if not same_file(st0, entry.st):
             raise _Changed
         try:
@@ -462,7 +466,7 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
             if copy is not None:
                 raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
                            "(or `jam doctor --fix` restores its metadata)")
-        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=True)  # large: every core
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=st0.st_size >= BIG)  # large: every core
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
         xattrs = carried_xattrs(fd)
@@ -490,7 +494,7 @@ def write_stub_aside(s: Stored) -> str:
     tmp = tmp_name()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=s.dir_fd)
     try:
-        if (st0.st_uid, st0.st_gid) != (os.geteuid(), os.getegid()):
+        if (st0.st_uid, st0.st_gid) != owner():
             os.fchown(fd, st0.st_uid, st0.st_gid)
         write_stub(fd, s.record, s.name, st0.st_atime_ns, s.xattrs, durable=False)
     except BaseException:

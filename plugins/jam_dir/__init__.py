@@ -299,7 +299,9 @@ def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
             break
         _copy_range(src_fd, dst_fd, data, hole - data, progress)
         off = hole
-    os.ftruncate(dst_fd, size)
+    if off == size:  # copied up to the end (``_copy_range`` fails a source that ends early)
+        return
+    os.ftruncate(dst_fd, size)  # a hole at the end
     if os.fstat(src_fd).st_size < size:
         raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
 
@@ -352,7 +354,7 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="jam-dir-hash")
     try:
-        off = 0
+        off = written = 0
         flushed = 0
         extent_end = 0 if big else size  # end of the data being read; a small file is read through
         while off < size:
@@ -390,11 +392,13 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
                 if hashing is not None:
                     hashing.result()
             off += n
+            written = off
             progress(n)
             if big and off - flushed >= _WRITEBACK_STEP:
                 _start_writeback(dst_fd, flushed, off - flushed)
                 flushed = off
-        os.ftruncate(dst_fd, size)
+        if written != size:  # a hole at the end (the new file is as long as what was written)
+            os.ftruncate(dst_fd, size)
         if big and off > flushed:
             _start_writeback(dst_fd, flushed, off - flushed)
     finally:
@@ -463,13 +467,19 @@ def _mkdirs_below(base: Path, directory: Path) -> None:
         d.mkdir(exist_ok=True)
 
 
-def _open_object(path: Path) -> int:
-    """Open an object for reading: never through a symlink, never a FIFO or device."""
+def _open_object(path: Path) -> tuple[int, os.stat_result]:
+    """Open an object for reading: never through a symlink, never a FIFO or device. Returns
+    the descriptor and its ``fstat``."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return fd
+    return fd, st
 
 
 # Names jam's uploads have: part_name() (<host>.<pid>.<16 hex>.part) or older jams' <32 hex>.part.
@@ -514,7 +524,7 @@ def stash(remote, oid, source, size, session):
         _clean_parts(remote, base, session)
         final = base / "objects" / object_relpath(oid)
         try:
-            fd = _open_object(final)
+            fd, _st = _open_object(final)
         except FileNotFoundError:
             pass
         else:
@@ -585,7 +595,7 @@ def _open_sized(remote, oid: str, size: int, session, after: str = ""):
     (nothing is read of it), a remote unplugged since the command began a RemoteError."""
     try:
         path = _session_base(remote, session) / "objects" / object_relpath(oid)
-        src = _open_object(path)
+        src, st = _open_object(path)
     except FileNotFoundError:
         if not os.path.isdir(remote.location):  # unplugged since the command began: not "absent"
             raise RemoteError(f"remote {remote.name!r}: directory {remote.location} is missing "
@@ -593,7 +603,7 @@ def _open_sized(remote, oid: str, size: int, session, after: str = ""):
         return False
     except OSError as exc:
         raise _oserror(remote, f"read {oid}", exc, item=False) from None
-    have = os.fstat(src).st_size
+    have = st.st_size
     if have != size:  # never read more (or less) than the stub says: a wrong object
         os.close(src)
         raise IntegrityError(f"remote {remote.name!r} holds a corrupt {oid}: {have} bytes, not the "
