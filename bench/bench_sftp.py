@@ -318,22 +318,26 @@ class Bench:
 
     def jam_up_hooks(self, remote, items: list[tuple[str, Path, int]], batch: bool) -> None:
         from jam_core.model import Session
+        from jam_core.ops.pipeline import files_per_batch
 
+        step = files_per_batch()  # the core's batch size
         with Session() as s:
             if not batch:
                 return self.jam_up(remote, items, 1)
-            for i in range(0, len(items), 256):  # the core's batch size
-                out = list(self.pm.hook.stash_many(remote=remote, items=items[i:i + 256], session=s))
+            for i in range(0, len(items), step):
+                out = list(self.pm.hook.stash_many(remote=remote, items=items[i:i + step], session=s))
                 assert all(err is None for _, err in out), [err for _, err in out if err][:3]
 
     def jam_down_hooks(self, remote, items: list[tuple[str, Path, int]], batch: bool) -> None:
         from jam_core.model import Session
+        from jam_core.ops.pipeline import files_per_batch
 
         if not batch:
             return self.jam_down(remote, items, 1)
+        step = files_per_batch()  # the core's batch size
         with Session() as s:
-            for i in range(0, len(items), 256):
-                out = list(self.pm.hook.fetch_many(remote=remote, items=items[i:i + 256], session=s))
+            for i in range(0, len(items), step):
+                out = list(self.pm.hook.fetch_many(remote=remote, items=items[i:i + step], session=s))
                 assert all(ok is True for _, ok in out), [ok for _, ok in out if ok is not True][:3]
 
     def summary(self) -> None:

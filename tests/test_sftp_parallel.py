@@ -287,16 +287,17 @@ def spread(monkeypatch):
     monkeypatch.setattr(parallel, "SPREAD_BYTES", 1)
     orig_take = pipeline.Feed.take
 
-    def take(self, fits):
-        if not self._queue or not self._queue[-1].oid:  # empty, or a run's directory fsyncs (sync_dirs)
-            return orig_take(self, fits)
+    def take(self, fits, shard=0):
+        heads = [q[-1] for q in self._queues if q]
+        if not heads or not heads[0].oid:  # empty, or a run's directory fsyncs (sync_dirs)
+            return orig_take(self, fits, shard)
         helper_took = self.__dict__.setdefault("_test_gate", threading.Event())  # one gate per batch
         main_took = self.__dict__.setdefault("_test_gate_main", threading.Event())
         if threading.current_thread().name != HELPER:
             assert helper_took.wait(60), "no helper connection took an object"
         elif helper_took.is_set():  # a helper's second object waits for the caller's first
             assert main_took.wait(60), "the caller's connection took no object"
-        got = orig_take(self, fits)
+        got = orig_take(self, fits, shard)
         if got is not None:
             (helper_took if threading.current_thread().name == HELPER else main_took).set()
         return got

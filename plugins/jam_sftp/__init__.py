@@ -17,7 +17,8 @@ and up to ``connections`` transfers then run in parallel over one pool per remot
 home of the upload and download protocols; ``stash``/``fetch`` run one object through the same
 steps): dozens of files in flight per connection, their requests sent together, every reply
 checked; a batch is spread over the connections of the pool that are free (parallel.py: one
-shared feed of objects, one sftp-server process per connection). An object of at least
+shared feed of objects, one sftp-server process per connection; uploads sharded by fan-out
+directory, each connection fsyncing its directories through handles it keeps open). An object of at least
 ``parallel.RANGE_MIN`` (64 MiB) is split in ranges over several connections (parallel.py), up
 and down, with the same checks (hash of the bytes sent, every status, fsync, size, rename).
 """

@@ -29,7 +29,10 @@ Upload of one object (``Uploads``):
      once every object of the run is renamed, each fan-out directory renamed into (and the
      parent of each directory this run made) is opened read-only and ``fsync@openssh.com``-ed:
      OpenSSH's sftp-server opens a directory as a file handle, so this is the directory fsync
-     POSIX asks for, one per directory instead of one per object. A server that refuses to open
+     POSIX asks for, one per directory instead of one per object. In a batch (``keep_dirs``)
+     the connection keeps the handle open for its next runs (one request per directory then,
+     not three); a batch is sharded by directory over the connections (parallel.py), so each
+     directory is renamed into and fsynced by one connection, the same one batch after batch. A server that refuses to open
      or fsync a directory gets the per-object way for that run instead (``open`` of the final
      name, ``fsync@openssh.com``, ``close``: on journalling file systems the file's fsync commits
      the rename). Only then (every reply OK) does the object count as stored; without the
@@ -80,30 +83,43 @@ from jam_core import IntegrityError, hasher, object_relpath, split_oid
 from jam_sftp.pipeline import PIPELINED_MAX, WINDOW, WINDOW_BYTES, Pipeline, _File
 from jam_sftp.transfer import INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
 
-__all__ = ["PIPELINED_MAX", "WINDOW", "WINDOW_BYTES", "Downloads", "Pipeline", "Uploads", "get_many", "put_many"]
+DIR_HANDLES = 300  # directory handles a connection keeps open (256 fan-out directories, their parents)
+
+__all__ = ["DIR_HANDLES", "PIPELINED_MAX", "WINDOW", "WINDOW_BYTES", "Downloads", "Pipeline", "Uploads", "get_many",
+           "put_many"]
 
 # -- upload -----------------------------------------------------------------------------------
 
 
 class Uploads(Pipeline):
-    """``put`` for many objects; each ends with ``outcome`` True or ``error`` set."""
+    """``put`` for many objects; each ends with ``outcome`` True or ``error`` set.
 
-    def __init__(self, ops: Ops, progress: Callable[[int], None]):
+    ``keep_dirs``: the directories renamed into are fsynced through handles the connection
+    keeps open (``Connection.dir_handles``, at most ``DIR_HANDLES``): one request per directory
+    per run instead of three (open, fsync, close), for batches (spread over connections by
+    fan-out directory, so each connection meets the same directories batch after batch). An
+    fsync through a handle opened before the rename is the same fsync of the same directory;
+    a directory this command had to make again (it went away: ``Ops.remade_dirs``) is never
+    fsynced through a handle of the one that is gone: it is opened afresh and not kept."""
+
+    def __init__(self, ops: Ops, progress: Callable[[int], None], keep_dirs: bool = False):
         super().__init__(ops, progress)
+        self.keep_dirs = keep_dirs
         self.requested_dirs: set[str] = set()  # mkdirs already sent on this connection
         self.unsynced: dict[str, list[_File]] = {}  # directory -> objects renamed into it, not yet durable
         self.made_in: set[str] = set()  # parents of the directories this run made: fsynced too
 
-    def run(self, files, start: Callable[[_File], None]) -> None:
+    def run(self, files, start: Callable[[_File], None], shard: int = 0) -> None:
         """Every object through the protocol, then the directories renamed into fsynced once."""
-        super().run(files, start)
+        super().run(files, start, shard)
         self.sync_dirs()
 
     def sync_dirs(self) -> None:
         """Make the renames of this run durable: ``fsync@openssh.com`` of every directory an
         object was renamed into (and of the parents of the directories made), each opened
-        read-only; then the objects waiting for them count as stored. If the server cannot
-        open or fsync a directory, each waiting object's final name is fsynced instead."""
+        read-only (or through the handle kept open: ``keep_dirs``); then the objects waiting
+        for them count as stored. If the server cannot open or fsync a directory, each waiting
+        object's final name is fsynced instead."""
         if not self.unsynced:
             return
         waiting = [f for files in self.unsynced.values() for f in files]
@@ -123,21 +139,53 @@ class Uploads(Pipeline):
         super().run(waiting, self._sync_final)
 
     def _sync_dir(self, d: _File) -> None:
+        kept = self.ops.conn.dir_handles
+        if d.final in self.ops.remade_dirs:  # made again by this command: never an old handle
+            self._drop_dir(d)
+        elif self.keep_dirs and d.final in kept:
+            d.handle = kept.pop(d.final)
+            kept[d.final] = d.handle  # the most recently used last
+            d.kept = True
+            return self._fsync_dir(d)
         d.step = self._dir_opened
         self.send(d, self.handle(d, d.final), CMD_OPEN, d.final, SFTP_FLAG_READ, SFTPAttributes())
 
     def _dir_opened(self, d: _File) -> None:
         if d.error is not None or d.handle is None:
             return self.finish(d)
+        kept = self.ops.conn.dir_handles
+        if self.keep_dirs and d.final not in self.ops.remade_dirs:
+            kept[d.final] = d.handle  # kept open for the next runs on this connection
+            d.kept = True
+            while len(kept) > DIR_HANDLES:  # the least recently used one is closed
+                self.send(d, self.ignore, CMD_CLOSE, kept.pop(next(iter(kept))))
+        self._fsync_dir(d)
 
+    def _fsync_dir(self, d: _File) -> None:
         def synced(t: int, msg: paramiko.Message) -> None:
             self.status(d.final)(t, msg)
             d.outcome = True
 
-        d.step = self.finish
         self.send(d, synced, CMD_EXTENDED, "fsync@openssh.com", d.handle)
-        self.send(d, self.ignore, CMD_CLOSE, d.handle)  # a read-only handle: its close cannot lose data
+        if d.kept:
+            d.step = self._dir_synced
+        else:
+            d.step = self.finish
+            self.send(d, self.ignore, CMD_CLOSE, d.handle)  # a read-only handle: its close cannot lose data
         d.handle = None
+
+    def _dir_synced(self, d: _File) -> None:
+        if d.error is not None:  # the fsync through a kept handle failed: that handle is not used again
+            d.step = self.finish
+            self._drop_dir(d)
+            return self.settle(d)
+        self.finish(d)
+
+    def _drop_dir(self, d: _File) -> None:
+        """Close the handle kept open for ``d.final`` (if any): it is not used again."""
+        handle = self.ops.conn.dir_handles.pop(d.final, None)
+        if handle is not None:
+            self.send(d, self.ignore, CMD_CLOSE, handle)
 
     def start(self, f: _File) -> None:
         try:
@@ -290,6 +338,10 @@ class Uploads(Pipeline):
         if isinstance(err, SftpStatus) and err.code == SFTP_NO_SUCH_FILE and not f.retried:
             f.retried = True  # a fan-out directory went away: make every level, then again
             f.error = None
+            rel = object_relpath(f.oid).split("/")[:-1]
+            levels = {self.ops.path("objects", *rel[:depth]) for depth in range(1, len(rel) + 1)}
+            self.ops.known_dirs.difference_update(levels)  # not known any more: made again
+            self.ops.remade_dirs.update(levels)  # and never fsynced through a handle of the old one
             return self._rename(f, mkdirs=True)
         if isinstance(err, SftpStatus) and err.code == SFTP_FAILURE and not self.ops.posix_rename and not f.retried:
             # plain SFTP rename does not replace: an object of that name is there (never trusted

@@ -417,6 +417,8 @@ class Connection:
         self.sftp = sftp
         self.hops = hops
         self.broken = False
+        self.dir_handles: dict[str, bytes] = {}  # directories kept open for their fsyncs (batch.Uploads)
+        self.shard = (0, -1)  # (shards, shard) of the last batch spread by fan-out directory (parallel.py)
 
     @property
     def server_version(self) -> str:

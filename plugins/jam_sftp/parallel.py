@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,7 +59,7 @@ from paramiko.sftp import (
 )
 from paramiko.sftp_attr import SFTPAttributes
 
-from jam_core import IntegrityError, hasher, split_oid
+from jam_core import IntegrityError, hasher, object_relpath, split_oid
 from jam_sftp.batch import Downloads, Uploads
 from jam_sftp.pipeline import Feed, _File
 from jam_sftp.transfer import INFLIGHT, READ_INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
@@ -121,14 +122,32 @@ def get_spread(pool, ops: Ops, items, progress: Callable[[int], None]) -> list[_
 
 def _spread(pool, ops: Ops, items, progress: Callable[[int], None], transfers) -> list[_File]:
     files = [_File(oid, Path(path), size) for oid, path, size in items]
-    if files:
+    if not files:
+        return files
+    synced = transfers is Uploads and ops.fsync
+    want = helpers_for(pool, files, synced)
+    if not synced:
         feed = Feed(files)
 
         def work(o: Ops) -> None:
             t = transfers(o, progress)
             t.run(feed, t.start)
 
-        on_connections(pool, ops, work, helpers_for(pool, files, transfers is Uploads and ops.fsync))
+        on_connections(pool, ops, work, want)
+        return files
+    # uploads that fsync: sharded by fan-out directory, one shard per connection (the one it
+    # had in the last batch when it can): each directory renamed into and fsynced by one
+    # connection, through the handle it keeps open (batch.Uploads keep_dirs)
+    feed = Feed(files, want, lambda f: zlib.crc32(object_relpath(f.oid).rsplit("/", 1)[0].encode()))
+
+    def sharded(o: Ops) -> None:
+        shards, last = o.conn.shard
+        shard = feed.claim(last if shards == want else -1)
+        o.conn.shard = (want, shard)
+        t = Uploads(o, progress, keep_dirs=True)
+        t.run(feed, t.start, shard)
+
+    on_connections(pool, ops, sharded, want)
     return files
 
 

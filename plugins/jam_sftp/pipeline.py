@@ -47,7 +47,7 @@ class _File:
 
     __slots__ = ("oid", "path", "size", "tmp", "final", "handle", "pending", "step", "error", "outcome",
                  "placed", "fstat", "retried", "fd", "done", "sent", "eof", "writes", "hash", "reads",
-                 "next_read", "ahead", "hashed")
+                 "next_read", "ahead", "hashed", "kept")
 
     def __init__(self, oid: str, path: Path, size: int):
         self.oid, self.path, self.size = oid, path, size
@@ -70,6 +70,7 @@ class _File:
         self.next_read = 0  # offset of the next read to send
         self.ahead: dict[int, bytes] = {}  # verify: replies that came before the bytes in front of them
         self.hashed = 0  # verify: bytes hashed in order
+        self.kept = False  # a directory's fsync: through a handle its connection keeps open
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -77,19 +78,53 @@ class _File:
 
 
 class Feed:
-    """Objects waiting to start, shared by the pipelines of several connections (thread-safe)."""
+    """Objects waiting to start, shared by the pipelines of several connections (thread-safe).
 
-    def __init__(self, files: Sequence[_File]):
-        self._queue = list(reversed(files))
+    With ``shards`` > 1 the objects are dealt into that many queues by ``shard_of(object)``;
+    each pipeline ``claim``s one and takes from it first, then from the others once it is empty
+    (nobody waits while work is left). Uploads shard by fan-out directory: a directory is then
+    renamed into, and fsynced, by one connection per batch instead of by each of them, and the
+    same connection keeps it from batch to batch (its handle stays open: ``batch.Uploads``)."""
+
+    def __init__(self, files: Sequence[_File], shards: int = 1, shard_of: Callable[[_File], int] | None = None):
+        self._queues: list[list[_File]] = [[] for _ in range(max(1, shards))]
+        for f in reversed(files):
+            self._queues[shard_of(f) % len(self._queues) if shard_of else 0].append(f)
+        self._claimed: set[int] = set()
         self._lock = threading.Lock()
         self.stopped = False
 
-    def take(self, fits: Callable[[_File], bool]) -> _File | None:
-        """The next object if ``fits(it)``; None when it does not, when empty or stopped."""
+    @property
+    def shards(self) -> int:
+        return len(self._queues)
+
+    def claim(self, prefer: int = -1) -> int:
+        """A shard for one pipeline: ``prefer`` if nobody has it, else the first free one; -1
+        when every shard is taken (that pipeline only helps with what is left)."""
         with self._lock:
-            if self.stopped or not self._queue or not fits(self._queue[-1]):
+            free = [i for i in range(len(self._queues)) if i not in self._claimed]
+            if not free:
+                return -1
+            got = prefer if prefer in free else free[0]
+            self._claimed.add(got)
+            return got
+
+    def empty(self) -> bool:
+        with self._lock:
+            return not any(self._queues)
+
+    def take(self, fits: Callable[[_File], bool], shard: int = 0) -> _File | None:
+        """The next object of ``shard`` (or, once it is empty, of the fullest other queue) if
+        ``fits(it)``; None when it does not, when every queue is empty or the feed stopped."""
+        with self._lock:
+            if self.stopped:
                 return None
-            return self._queue.pop()
+            queue = self._queues[shard] if 0 <= shard < len(self._queues) else []
+            if not queue:
+                queue = max(self._queues, key=len)
+            if not queue or not fits(queue[-1]):
+                return None
+            return queue.pop()
 
     def stop(self) -> None:
         """No object starts any more (one pipeline failed: the batch fails)."""
@@ -192,18 +227,19 @@ class Pipeline:
         self.ops.conn.broken = True  # replies may still be in flight: never reuse it
         return _lost(exc)
 
-    def run(self, files: "Sequence[_File] | Feed", start: Callable[[_File], None]) -> None:
+    def run(self, files: "Sequence[_File] | Feed", start: Callable[[_File], None], shard: int = 0) -> None:
         """Start objects while the window allows; pump replies until every one is done.
 
         ``files`` may be a ``Feed`` shared with pipelines on other connections (each takes the
-        next object when its window has room); a failure here stops the feed for all."""
+        next object, of its ``shard`` first, when its window has room); a failure here stops
+        the feed for all."""
         feed = files if isinstance(files, Feed) else Feed(files)
         mine: list[_File] = []
         try:
             while True:
                 while True:
                     f = feed.take(lambda g: self.active == 0 or (
-                        g.size <= PIPELINED_MAX and self.active < WINDOW and self.active_bytes < WINDOW_BYTES))
+                        g.size <= PIPELINED_MAX and self.active < WINDOW and self.active_bytes < WINDOW_BYTES), shard)
                     if f is None:
                         break
                     mine.append(f)

@@ -79,6 +79,7 @@ class Pool:
         self.layout_checked = False
         self.swept = False  # tmp/ checked for stale uploads in this command
         self.known_dirs: set[str] = set()  # fan-out directories known to exist (shared by threads)
+        self.remade_dirs: set[str] = set()  # fan-out directories made again: no kept handle (batch.Uploads)
         self.real_dirs: set[str] = set()  # directories lstat-ed as real ones (not symlinks) by a removal
         self._cond = threading.Condition()
         self._first = threading.Lock()
@@ -170,7 +171,7 @@ class Pool:
         goes back to the pool in any case."""
         try:
             assert self.base is not None
-            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs)
+            yield Ops(conn, self.base, self.options["verify"], self.options["fsync"], self.known_dirs, self.remade_dirs)
         except BaseException as exc:
             if not isinstance(exc, (SftpStatus, JamError)):
                 conn.broken = True

@@ -186,10 +186,13 @@ class Ops:
     """The remote operations jam needs, on one connection and one remote location."""
 
     def __init__(
-        self, conn: Connection, base: str, verify: str = "sent", fsync: bool = True, known_dirs: set[str] | None = None
+        self, conn: Connection, base: str, verify: str = "sent", fsync: bool = True, known_dirs: set[str] | None = None,
+        remade_dirs: set[str] | None = None,
     ):
         self.conn = conn
         self.known_dirs = known_dirs if known_dirs is not None else set()  # fan-out dirs seen to exist
+        # fan-out dirs this command had to make again (they went away): no handle kept open of them
+        self.remade_dirs = remade_dirs if remade_dirs is not None else set()
         self.sftp = conn.sftp
         self.base = base.rstrip("/") or "/"
         self.verify = verify
