@@ -32,11 +32,12 @@ Upload of one object (``Uploads``):
      POSIX asks for, one per directory instead of one per object. In a batch (``keep_dirs``)
      the connection keeps the handle open for its next runs (one request per directory then,
      not three); a batch is sharded by directory over the connections (parallel.py), so each
-     directory is renamed into and fsynced by one connection, the same one batch after batch. A server that refuses to open
-     or fsync a directory gets the per-object way for that run instead (``open`` of the final
-     name, ``fsync@openssh.com``, ``close``: on journalling file systems the file's fsync commits
-     the rename). Only then (every reply OK) does the object count as stored; without the
-     fsync extension (or with ``fsync = false``) it counts once renamed.
+     directory is renamed into and fsynced by one connection, the same one batch after batch.
+     A server that refuses to open or fsync a directory gets the per-object way for that run
+     instead (``open`` of the final name, ``fsync@openssh.com``, ``close``: on journalling file
+     systems the file's fsync commits the rename). Only then (every reply OK) does the object
+     count as stored; without the fsync extension (or with ``fsync = false``) it counts once
+     renamed.
 An object that fails before the rename has its temporary file closed and removed; nothing is
 ever renamed into place unless every earlier reply of that object was OK.
 
