@@ -12,12 +12,14 @@ Backend hooks (``stash``, ``fetch``, ``has``, ``hash_object``, ``list_objects``,
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-
 import pluggy
 
-from jam_core.model import FileRecord, Nomination, Remote, Session
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the cd hook's fetch loads no policy records, pathlib or typing here
+    from pathlib import Path
+    from typing import Any, Iterable, Mapping, Sequence
+
+    from jam_core.model import FileRecord, Nomination, Remote, Session
 
 hookspec = pluggy.HookspecMarker("jam")
 

@@ -1,12 +1,21 @@
-"""Plain records passed between the core and plugins."""
+"""Plain records passed between the core and plugins.
+
+``FileRecord`` and ``Nomination`` (what policies read and answer) are built on first use
+(PEP 562 ``__getattr__``): the cd hook's fetch needs ``Remote`` and ``Session`` alone, and each
+dataclass decoration costs it ~5 M instructions. ``from jam_core.model import FileRecord``,
+``jam_core.model.FileRecord`` and pickling find them as ever (one class, built once)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Iterable, Mapping
 
 from jam_core.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable
 
 
 def _set_by_slot(cls):
@@ -48,36 +57,6 @@ class Remote:
     location: str
     tier: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@_set_by_slot
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """What a policy sees of one file: no I/O needed to decide.
-
-    ``path`` is relative to the root (``str``, undecodable bytes kept as surrogate escapes),
-    ``last_used`` is the newest of atime, mtime and jam's own record of use (epoch seconds),
-    ``state`` is ``local``, ``stub`` or ``dirty``.
-    """
-
-    path: str
-    size: int
-    mtime: float
-    atime: float
-    last_used: float
-    state: str = "local"
-    pinned: bool = False
-    nlink: int = 1
-
-
-@_set_by_slot
-@dataclass(frozen=True, slots=True)
-class Nomination:
-    """A policy's choice of one file, with the reason a person can read."""
-
-    path: str
-    policy: str
-    reason: str
 
 
 class Session:
@@ -133,6 +112,68 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_POLICY_RECORDS = ("FileRecord", "Nomination")
+
+
+def __getattr__(name: str):
+    if name in _POLICY_RECORDS:
+        _build_policy_records()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_POLICY_RECORDS})
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _build_policy_records() -> None:
+    """Define FileRecord and Nomination (once, whichever thread asks first) as this module's
+    own classes."""
+    with _BUILD_LOCK:
+        if "FileRecord" not in globals():
+            _define_policy_records()
+
+
+def _define_policy_records() -> None:
+
+    @_set_by_slot
+    @dataclass(frozen=True, slots=True)
+    class FileRecord:
+        """What a policy sees of one file: no I/O needed to decide.
+
+        ``path`` is relative to the root (``str``, undecodable bytes kept as surrogate escapes),
+        ``last_used`` is the newest of atime, mtime and jam's own record of use (epoch seconds),
+        ``state`` is ``local``, ``stub`` or ``dirty``.
+        """
+
+        path: str
+        size: int
+        mtime: float
+        atime: float
+        last_used: float
+        state: str = "local"
+        pinned: bool = False
+        nlink: int = 1
+
+    @_set_by_slot
+    @dataclass(frozen=True, slots=True)
+    class Nomination:
+        """A policy's choice of one file, with the reason a person can read."""
+
+        path: str
+        policy: str
+        reason: str
+
+    for cls in (FileRecord, Nomination):  # as if defined at the top level (repr, pickle)
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+        cls.__init__.__qualname__ = f"{cls.__name__}.__init__"
+    globals().update(FileRecord=FileRecord, Nomination=Nomination)
 
 
 # -- what a policy plugin reads --------------------------------------------------------------------

@@ -174,3 +174,39 @@ def test_hook_with_bin_runs_that_jam_only(jam_bin, tmp_path):
         text = subprocess.run([jam_bin, "hook", shell, "--bin", "/opt/x/jam"], env=env, capture_output=True,
                               text=True, check=True).stdout
         assert "-c" in text and sys.executable not in text and "c.boot()" not in text
+
+
+def _fetch_and_show(directory: Path, tmp_path: Path, show: str) -> subprocess.CompletedProcess:
+    """The hook's fetch in a fresh process (as the site-less start runs it), then ``show``."""
+    code = ("import sys, jam_core.cli as c\n"
+            "from jam_core.cli.hook import run_hook_fetch\n"
+            f"code = run_hook_fetch({str(directory)!r})\n"
+            f"print({show})\n")
+    return subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_fetch_builds_no_policy_records(tree, tmp_path):
+    """FileRecord and Nomination (dataclass decorations: ~5 M instructions each) are built on
+    first use; the hook's fetch never uses them. They are still the model's own classes."""
+    root, content = tree
+    res = _fetch_and_show(root.path / "data", tmp_path,
+                          "code, sorted(n for n in ('FileRecord', 'Nomination') if n in vars(sys.modules['jam_core.model']))")
+    assert res.stdout.strip() == "0 []", res.stderr
+    assert _back(root, content), "differs"
+
+
+def test_the_policy_records_are_built_once_whoever_asks(tmp_path):
+    code = ("import threading, pickle, jam_core.model as m\n"
+            "seen = []\n"
+            "ts = [threading.Thread(target=lambda: seen.append(m.FileRecord)) for _ in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "from jam_core import FileRecord, Nomination\n"
+            "r = FileRecord('a', 1, 2.0, 3.0, 4.0)\n"
+            "assert all(c is FileRecord for c in seen) and pickle.loads(pickle.dumps(r)) == r\n"
+            "assert m.__getattr__('FileRecord') is FileRecord and m.__getattr__('Nomination') is Nomination\n"
+            "assert repr(Nomination('p', 'age', 'old')) == \"Nomination(path='p', policy='age', reason='old')\"\n"
+            "assert 'FileRecord' in dir(m) and FileRecord.__qualname__ == 'FileRecord'\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "ok", res.stderr
