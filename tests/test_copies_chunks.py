@@ -318,3 +318,21 @@ def test_move_killed_at_each_step_loses_nothing_and_the_rerun_completes(tmp_path
     _after_move(t, second, v1, v2)
     run_jam(t.root, "checkout", "old.bin", machine="aaa")
     assert b3(t.root / "old.bin") == b3_bytes(v1), "differs"
+
+
+def test_sftp_move_there_and_back(tmp_path, sshd, sftp_store):
+    """A move to an sftp remote, then back from it: each time the source keeps only what the
+    other version needs, its pointer emptied; the file comes back byte-identical."""
+    t, second, v1, v2 = _versions(tmp_path)
+    w1 = "b3:" + b3_bytes(v1)
+    _add(t.root, "far", f"sftp://{sshd.alias}{sftp_store}")
+    run_jam(t.root, "move", "--from", "vault", "--to", "far", "old.bin", machine="aaa")
+    assert _held(t.root, "far", w1, len(v1)) and not _held(t.root, "vault", w1, len(v1))
+    assert _pointer(t.remote, w1).read_bytes() == b""
+    own = _pieces(sftp_store, w1) - _pieces(t.remote, "b3:" + b3_bytes(v2))
+    assert own and not own & set(_objects(t.remote))
+    run_jam(t.root, "move", "--from", "far", "--to", "vault", "old.bin", machine="aaa")
+    assert _held(t.root, "vault", w1, len(v1)) and not _held(t.root, "far", w1, len(v1))
+    assert _pointer(sftp_store, w1).read_bytes() == b"" and not own & set(_objects(sftp_store))
+    run_jam(t.root, "checkout", "old.bin", machine="aaa")
+    assert b3(t.root / "old.bin") == b3_bytes(v1), "differs"

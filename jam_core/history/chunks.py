@@ -573,6 +573,9 @@ class Pieces:
         return True
 
     def _lacking(self, remote, need: dict[str, int]) -> dict[str, int]:
+        """The pieces ``remote`` does not hold (by size), asked after this command's refs on it
+        name them (so what is listed present stays): one listing when there are many, else
+        ``has`` per piece."""
         pm, session = self.pm, self.session
         listing = None
         if len(need) > 64:
