@@ -335,3 +335,50 @@ def test_connections_keep_their_shard_from_batch_to_batch(pm, sshd, sftp_store, 
             shards = sorted(c.shard for c in get_pool(remote, s)._idle)
             assert shards == [(2, 0), (2, 1)], shards
     assert len(claims) == 4 and all(prefer == got for prefer, got in claims[2:]), claims
+
+
+# -- requests packed by hand, as paramiko packs them ------------------------------------------------
+
+
+def test_requests_are_packed_as_paramiko_packs_them():
+    """Pipeline.send packs SFTP requests itself (a write's data is not copied through a
+    Message): every kind of argument gives the bytes paramiko's ``_async_request`` would send,
+    a name outside ASCII included (UTF-8). Mutation-checked against the UTF-8 encoding and
+    the uint64 packing in Pipeline.send."""
+    import struct
+    import threading
+    from types import SimpleNamespace
+
+    import paramiko
+    from paramiko.sftp import CMD_OPEN, CMD_WRITE, int64
+    from paramiko.sftp_attr import SFTPAttributes
+
+    from jam_sftp.pipeline import Pipeline, _File
+
+    attrs = SFTPAttributes()
+    attrs.st_mode = 0o444
+    cases = [(CMD_OPEN, ("/srv/b3/ab/é-ø.part", 0x1A, attrs)),
+             (CMD_WRITE, (b"\x00\x00\x00\x07", int64(5 << 32 | 9), os.urandom(70_000))),
+             (CMD_EXTENDED, ("posix-rename@openssh.com", "/a/ü", "/b/ü"))]
+    sftp = SimpleNamespace(_lock=threading.Lock(), request_number=41, _expecting={})
+    p = Pipeline.__new__(Pipeline)
+    p.sftp, p.out, p.out_bytes, p.callbacks = sftp, [], 0, {}
+    expected = b""
+    for t, args in cases:
+        msg = paramiko.Message()
+        msg.add_int(sftp.request_number)
+        for item in args:
+            if isinstance(item, int64):
+                msg.add_int64(item)
+            elif isinstance(item, int):
+                msg.add_int(item)
+            elif isinstance(item, SFTPAttributes):
+                item._pack(msg)
+            else:
+                msg.add_string(item)
+        body = msg.asbytes()
+        expected += struct.pack(">IB", len(body) + 1, t) + body
+        p.send(_File("", Path(), 0), lambda t, m: None, t, *args)
+    got = b"".join(p.out)
+    assert got == expected, "packed differently"
+    assert p.out_bytes == len(expected) and sorted(sftp._expecting) == [41, 42, 43]

@@ -40,6 +40,9 @@ FLUSH_BYTES = 1 << 20  # send queued requests once this many bytes wait
 SEND_CHUNK = 1 << 15  # OpenSSH's largest channel packet
 
 Reply = Callable[[int, paramiko.Message], None]
+_HEAD = struct.Struct(">IB").pack  # an SFTP packet's length and type
+_U32 = struct.Struct(">I").pack
+_U64 = struct.Struct(">Q").pack
 
 
 class _File:
@@ -168,28 +171,34 @@ class Pipeline:
 
         Queued requests leave together on ``flush``: one channel write carries dozens of small
         requests, where one write each would cost a syscall, an SSH packet and a wake-up of
-        sshd per request.
+        sshd per request. The request is packed here (SFTP's encoding: uint32, uint64, string
+        with its length; paramiko's Message only for attributes): a write's data is queued as
+        it is, not copied into a Message and out again (~0.2 s of 2,000 x 64 KiB).
         """
         sftp = self.sftp
-        msg = paramiko.Message()
         with sftp._lock:
             num = sftp.request_number
-            msg.add_int(num)
-            for item in args:
-                if isinstance(item, int64):
-                    msg.add_int64(item)
-                elif isinstance(item, int):
-                    msg.add_int(item)
-                elif isinstance(item, SFTPAttributes):
-                    item._pack(msg)
-                else:
-                    msg.add_string(item)
             sftp._expecting[num] = self
             sftp.request_number += 1
-        body = msg.asbytes()
-        self.out.append(struct.pack(">IB", len(body) + 1, t))
-        self.out.append(body)
-        self.out_bytes += len(body) + 5
+        parts: list[bytes] = [b"", _U32(num)]
+        for item in args:
+            if isinstance(item, int64):
+                parts.append(_U64(item))
+            elif isinstance(item, int):
+                parts.append(_U32(item))
+            elif isinstance(item, SFTPAttributes):
+                m = paramiko.Message()
+                item._pack(m)
+                parts.append(m.asbytes())
+            else:
+                if isinstance(item, str):
+                    item = item.encode("utf8")
+                parts.append(_U32(len(item)))
+                parts.append(item)
+        n = sum(map(len, parts))
+        parts[0] = _HEAD(n + 1, t)
+        self.out.extend(parts)
+        self.out_bytes += n + 5
         self.callbacks[num] = (f, on_reply)
         f.pending += 1
         if self.out_bytes >= FLUSH_BYTES or f.size > PIPELINED_MAX:
