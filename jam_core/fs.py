@@ -169,7 +169,7 @@ def open_regular_stat(dir_fd: int | None, name, expect: os.stat_result | None = 
 
 
 _OWNER: list[tuple[int, int]] = []
-os.register_at_fork(after_in_child=_OWNER.clear)  # a child may change its ids: it asks again
+os.register_at_fork(after_in_child=lambda: _forget_at_fork())  # a child may change its ids: it asks again
 
 
 def owner() -> tuple[int, int]:
@@ -215,9 +215,42 @@ TMP_SUFFIX = ".tmp"
 TMP_MARK = "user.jam.part"  # on content jam is writing aside; removed just before the swap
 
 
+_RANDOM: list[bytes] = []  # random bytes not yet used in a name (read 4 KiB at a time)
+_RANDOM_LOCK = threading.Lock()
+_PID: list[int] = []
+
+
+def _forget_at_fork() -> None:
+    """A forked child draws its own names (never the parent's next ones), asks its pid and ids
+    again, and gets a lock no thread of the parent can have held at the fork."""
+    global _RANDOM_LOCK
+    _RANDOM_LOCK = threading.Lock()
+    _RANDOM.clear()
+    _PID.clear()
+    _OWNER.clear()
+
+
+def random_hex(n: int = 8) -> str:
+    """``n`` random bytes as hex, for a temporary name: from a pool read from the kernel 4 KiB
+    at a time (a syscall per name was one of the few a small file's stash or checkout
+    pays more than once); as unpredictable as ``os.urandom(n)``, never handed out twice."""
+    with _RANDOM_LOCK:
+        if not _RANDOM or len(_RANDOM[0]) < n:
+            _RANDOM[:] = [os.urandom(4096)]
+        pool = _RANDOM[0]
+        _RANDOM[0] = pool[n:]
+    return pool[:n].hex()
+
+
+def _pid() -> int:
+    if not _PID:
+        _PID.append(os.getpid())
+    return _PID[0]
+
+
 def tmp_name() -> str:
     """A fresh temporary name to create beside a file: ``.jam-<16 hex>.tmp``."""
-    return f"{TMP_PREFIX}{os.urandom(8).hex()}{TMP_SUFFIX}"
+    return f"{TMP_PREFIX}{random_hex(8)}{TMP_SUFFIX}"
 
 
 def is_jam_tmp(name: str) -> bool:
@@ -508,7 +541,7 @@ def _host() -> str:
 
 def part_name() -> str:
     """A temporary object name that says who wrote it: ``<host>.<pid>.<random>.part``."""
-    return f"{_host()}.{os.getpid()}.{os.urandom(8).hex()}{PART_SUFFIX}"
+    return f"{_host()}.{_pid()}.{random_hex(8)}{PART_SUFFIX}"
 
 
 def part_is_stale(name: str, mtime: float, now: float) -> bool:

@@ -204,3 +204,93 @@ def test_checkout_with_one_stat_still_refuses_a_stub_written_into(tmp_path):
     assert not res.done, res
     assert fingerprint(p) == fp
     assert len(objects_verify(t.remote)) == 1  # the stashed version, intact
+
+
+# -- temporary names from a pool of random bytes, the pid asked once -------------------------------
+
+def test_temporary_names_are_unique_and_a_forked_child_draws_its_own():
+    """Names come from a pool read 4 KiB at a time: never one twice, and a forked child never
+    draws the names its parent draws next (both would race for the same O_EXCL name)."""
+    names = {fs.tmp_name() for _ in range(5000)}
+    assert len(names) == 5000 and all(fs.is_jam_tmp(n) for n in names)
+    fs.tmp_name(), fs.part_name()  # the parent's pool is not empty at the fork, its pid is known
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next names, and the pid its part names carry
+        os.close(r)
+        os.write(w, (" ".join(fs.tmp_name() for _ in range(3)) + "\n" + fs.part_name()).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child_names, child_part = f.read().split("\n")
+    os.waitpid(pid, 0)
+    mine = [fs.tmp_name() for _ in range(3)]
+    assert set(child_names.split()).isdisjoint(mine), (child_names, mine)
+    assert child_part.split(".")[1] == str(pid) and fs.part_name().split(".")[1] == str(os.getpid())
+
+
+def test_a_stash_reads_a_small_file_once_and_a_file_grown_while_hashed_stays_local(tmp_path, monkeypatch):
+    """The hash stops at the size the file had (no read to find its end); a file that grew
+    meanwhile is caught by the stat after the hash and left local, with what was appended."""
+    t, sums = _tree(tmp_path, n=2)
+    reads = []
+    real_readv = os.readv
+
+    def readv(fd, bufs):
+        n = real_readv(fd, bufs)
+        reads.append(n)
+        return n
+
+    import jam_core.objects as objects
+
+    monkeypatch.setattr(objects.os, "readv", readv)
+    real_hash = stash_mod.hash_fd
+
+    def hash_fd(fd, *a, **kw):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/f1"):
+            with open(t.root / "f1", "ab") as f:  # a writer appends the instant before the hash
+                f.write(b"appended while hashed")
+        return real_hash(fd, *a, **kw)
+
+    monkeypatch.setattr(stash_mod, "hash_fd", hash_fd)
+    with Session() as s:
+        res = stash(Root(t.root), ["."], make_plugin_manager(), s)
+    monkeypatch.undo()
+    assert [r for r, _ in res.done] == ["f0"], res
+    assert res.skipped and res.skipped[0][0] == "f1", res
+    assert reads == [100_000, 100_000], reads  # one read each, none past the size it had
+    assert not is_stub(t.root / "f1") and (t.root / "f1").read_bytes().endswith(b"appended while hashed")
+    objects_verify(t.remote)
+
+
+def test_a_checkout_that_falls_back_to_a_second_remote_verifies_from_the_start(tmp_path):
+    """The first remote's copy is corrupt: the temporary file is emptied and the second
+    remote's copy is verified from its first byte (the failed verification had moved the
+    descriptor's offset to the end)."""
+    from jam_core.objects import object_relpath
+    from jam_core.ops.remotes import add_remote
+
+    t, sums = _tree(tmp_path, n=1)
+    far = tmp_path / "far"
+    far.mkdir()
+    root = Root(t.root)
+    add_remote(root, make_plugin_manager(), "far", str(far), tier=1)
+    cfg = t.root / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text() + "\n[place]\ncopies = 2\n")
+    with Session() as s:
+        res = stash(Root(t.root), ["f0"], make_plugin_manager(), s)
+    assert res.done, res
+    from tests.safety_support import record
+
+    obj = t.remote / "objects" / object_relpath(record(t.root / "f0").oid)
+    assert obj.is_file() and (far / "objects" / object_relpath(record(t.root / "f0").oid)).is_file()
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:  # the near copy: one byte flipped
+        f.seek(5000)
+        b = f.read(1)
+        f.seek(5000)
+        f.write(bytes([b[0] ^ 1]))
+    with Session() as s:
+        res = checkout(Root(t.root), ["f0"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["f0"], res
+    assert b3(t.root / "f0") == sums["f0"]

@@ -172,8 +172,10 @@ class _Want:
         setxattr(fd, TMP_MARK, b"1")
 
     def reset(self) -> None:
-        """Empty the temporary file for another remote's attempt."""
+        """Empty the temporary file for another remote's attempt (and read it from its start
+        again: the verification of the last attempt moved its offset)."""
         os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
 
     def drop_tmp(self) -> None:
         if self.old >= 0:
@@ -328,7 +330,8 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
         return (f"remote {remote.name!r} returned {got_size} bytes for {rec.oid}, not {rec.size}; "
                 "stub left as it was")
     algorithm, _ = split_oid(rec.oid)
-    os.lseek(w.fd, 0, os.SEEK_SET)
+    # ``w.fd`` is at offset 0: created empty, written only through its own reopened path or
+    # at explicit offsets, and put back at 0 by ``reset`` after a failed attempt.
     # A large file is hashed with both cores (blake3 splits each read over threads) while the
     # disk writes it back (the dir backend started that as it copied).
     got, off = hash_fd(w.fd, algorithm, session.progress, threads=rec.size >= BIG, limit=rec.size)

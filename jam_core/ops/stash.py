@@ -466,7 +466,10 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
             if copy is not None:
                 raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
                            "(or `jam doctor --fix` restores its metadata)")
-        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=st0.st_size >= BIG)  # large: every core
+        # Large: every core. No read past the size it had (a file that grew is caught below by
+        # its stat), so a small file costs one read, not a second one that finds its end.
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=st0.st_size >= BIG,
+                            limit=st0.st_size)
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
         xattrs = carried_xattrs(fd)
