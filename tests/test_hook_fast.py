@@ -210,3 +210,68 @@ def test_the_policy_records_are_built_once_whoever_asks(tmp_path):
             "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "ok", res.stderr
+
+
+def _count_checkpoints(monkeypatch, root) -> list[bool]:
+    """Record, at each catalog close, whether SQLite checkpointed and removed the WAL then (it
+    does when the process's last connection to the file closes)."""
+    from jam_core.catalog import Catalog
+
+    wal = root.jam_dir / "catalog.db-wal"
+    closes: list[bool] = []
+    orig = Catalog.close
+
+    def close(self):
+        before = wal.exists()
+        orig(self)
+        closes.append(before and not wal.exists())
+
+    monkeypatch.setattr(Catalog, "close", close)
+    return closes
+
+
+@pytest.mark.parametrize("mark", [False, True], ids=["no-mark", "shell-mark"])
+def test_one_catalog_checkpoint_per_hook_fetch(tree, monkeypatch, mark):
+    """The fold, the checkout and the visit's record share one checkpoint (the WAL made
+    durable into the database and removed: four fdatasyncs) at the end, not one each."""
+    from jam_core.cli.hook import run_hook_fetch
+    from jam_core.hook.marks import encode
+
+    root, content = tree
+    monkeypatch.setenv("JAM_BACKGROUND", "0")
+    if mark:  # what the shell's cd leaves: the fold records it in the catalog
+        (root.jam_dir / "visits").mkdir(mode=0o700, exist_ok=True)
+        (root.jam_dir / "visits" / os.fsdecode(encode("data"))).touch()
+    closes = _count_checkpoints(monkeypatch, root)
+    assert run_hook_fetch(str(root.path / "data")) == 0
+    assert _back(root, content), "differs"
+    assert len(closes) >= 3 and closes[-1] and sum(closes) == 1, closes
+    assert not (root.jam_dir / "catalog.db-wal").exists()  # the held connection was closed
+
+
+def test_the_held_catalog_is_closed_before_a_background_fork(tree, monkeypatch):
+    """No SQLite connection crosses the background fetch's fork: the held one is closed (and
+    checkpointed) in the parent before it forks."""
+    from jam_core.cli import hook as cli_hook
+    from jam_core.hook import fetch as hook_fetch
+
+    root, content = tree
+    monkeypatch.setenv("JAM_BACKGROUND", "1")
+    seen = []
+
+    def fork():
+        seen.append([a for a in arrived if a.held is not None])  # connections still open now
+        return 1  # the parent's side only; the child is not started
+
+    arrived = []
+    orig_arrive = hook_fetch.arrive
+
+    def arrive(directory):
+        a = orig_arrive(directory)
+        arrived.append(a)
+        return a
+
+    monkeypatch.setattr(hook_fetch, "arrive", arrive)
+    monkeypatch.setattr(cli_hook.os, "fork", fork)
+    assert cli_hook.run_hook_fetch(str(root.path / "data")) == 0
+    assert len(arrived) == 1 and seen == [[]], seen

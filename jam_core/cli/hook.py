@@ -203,13 +203,22 @@ def _needs_site(config) -> bool:
 
 
 def _hook_fetch(directory: str) -> int:
-    from jam_core.cli.common import human, show_path
-    from jam_core.history.auto import kick
-    from jam_core.hook.fetch import arrive, count_visit, heal
+    from jam_core.hook.fetch import arrive, leave
 
     a = arrive(directory)
     if a is None:
         return 0
+    try:
+        return _arrived(a)
+    finally:
+        leave(a)  # the catalog's one checkpoint
+
+
+def _arrived(a) -> int:
+    from jam_core.cli.common import human, show_path
+    from jam_core.history.auto import kick
+    from jam_core.hook.fetch import count_visit, heal, leave
+
     kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
     background = a.settings.background
     if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
@@ -230,6 +239,7 @@ def _hook_fetch(directory: str) -> int:
     if _needs_site(a.root.config):
         return EXIT_BOOT  # the hook runs the jam script, which fetches them
     if background:
+        leave(a)  # no SQLite connection crosses a fork
         if os.fork() != 0:
             return 0
         _detach()

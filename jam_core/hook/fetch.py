@@ -25,14 +25,42 @@ class Arrival:
     ``counted``: the fold at arrival already recorded this directory's visit as use (the
     shell's mark for this very ``cd``), so it need not be recorded a second time."""
 
-    __slots__ = ("root", "path", "visit", "settings", "counted")
+    __slots__ = ("root", "path", "visit", "settings", "counted", "held")
 
-    def __init__(self, root: Root, path: str, visit: Visit, settings: HookSettings, counted: bool = False):
+    def __init__(self, root: Root, path: str, visit: Visit, settings: HookSettings, counted: bool = False,
+                 held=None):
         self.root = root
         self.path = path
         self.visit = visit
         self.settings = settings
         self.counted = counted
+        self.held = held  # see hold_catalog; closed by leave()
+
+
+def hold_catalog(root: Root):
+    """A connection to the root's catalog, open (and idle: no transaction, no lock) until
+    :func:`leave`: the fold, the checkout and the record of the visit each open and close
+    their own, and SQLite checkpoints the WAL into the database (two fdatasyncs), deletes it
+    and makes it again (two more) whenever the last connection of a process closes. Held
+    open, that happens once per hook-fetch, at leave(). None if the catalog cannot be opened
+    (the step that needs it says why)."""
+    from jam_core.catalog import Catalog
+    from jam_core.errors import JamError
+    from jam_core.root import CATALOG
+
+    if not os.path.isfile(root.jam_dir / CATALOG):
+        return None  # a root without a catalog yet: nothing to hold (and none to create here)
+    try:
+        return Catalog(root.jam_dir / CATALOG)
+    except JamError:
+        return None
+
+
+def leave(a: Arrival | None) -> None:
+    """Close what :func:`arrive` held open (before a fork, and before the process ends)."""
+    if a is not None and a.held is not None:
+        held, a.held = a.held, None
+        held.close()
 
 
 def arrive(directory: str) -> Arrival | None:
@@ -47,11 +75,17 @@ def arrive(directory: str) -> Arrival | None:
     root = Root(top)
     if path != top and path.relative_to(top).parts[0] == ".jam":
         return None
-    folded: set[str] = set()
-    fold(root, recorded=folded)
-    hs = settings(root)
-    rel = root.rel(path)
-    return Arrival(root, str(path), plan(root, rel, hs), hs, counted=rel in folded)
+    held = hold_catalog(root)
+    try:
+        folded: set[str] = set()
+        fold(root, recorded=folded)
+        hs = settings(root)
+        rel = root.rel(path)
+        return Arrival(root, str(path), plan(root, rel, hs), hs, counted=rel in folded, held=held)
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise
 
 
 def count_visit(a: Arrival) -> None:
