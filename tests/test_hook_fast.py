@@ -275,3 +275,28 @@ def test_the_held_catalog_is_closed_before_a_background_fork(tree, monkeypatch):
     monkeypatch.setattr(cli_hook.os, "fork", fork)
     assert cli_hook.run_hook_fetch(str(root.path / "data")) == 0
     assert len(arrived) == 1 and seen == [[]], seen
+
+
+def test_a_fetched_directory_leaves_the_index_without_shutil(tree, tmp_path):
+    """The common case, a directory fetched whole, removes a leaf of ROOT/.jam/stubdirs with
+    one rmdir: no shutil (and its compression modules) on the hook's path."""
+    root, content = tree
+    assert (root.jam_dir / "stubdirs/data").is_dir()
+    res = _fetch_and_show(root.path / "data", tmp_path, "code, 'shutil' in sys.modules")
+    assert res.stdout.strip() == "0 False", res.stderr
+    assert _back(root, content), "differs"
+    assert not (root.jam_dir / "stubdirs/data").exists()
+
+
+def test_a_subtree_of_the_index_still_goes(tree):
+    """A directory of the index with directories below it (planted, or left by another depth)
+    is removed whole, through descriptors."""
+    from jam_core.hook.index import sync
+
+    root, _ = tree
+    base = root.jam_dir / "stubdirs"
+    (base / "data/x/y").mkdir(parents=True)
+    (base / "data/x/y/junk").write_text("")
+    os.symlink("/", base / "data/x/link")
+    sync(str(base), set())
+    assert not (base / "data").exists() and os.listdir("/")
