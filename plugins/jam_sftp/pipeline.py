@@ -207,12 +207,12 @@ class Pipeline:
     def flush(self) -> None:
         if not self.out:
             return
-        data, self.out, self.out_bytes = b"".join(self.out), [], 0
+        data, self.out, self.out_bytes = memoryview(b"".join(self.out)), [], 0
         chan = self.sftp.sock
         try:
             off = 0
             while off < len(data):  # a packet's worth at a time (paramiko's _write_all re-copies the rest)
-                n = chan.send(data[off : off + SEND_CHUNK])
+                n = chan.send(data[off : off + SEND_CHUNK])  # a view: paramiko copies it once, into its Message
                 if n <= 0:
                     raise EOFError()
                 off += n
