@@ -18,10 +18,14 @@ Then the figures of start-up and of the hook's fetch, each against its peer in t
 - fetch: `zsh -f -c 'source HOOK; cd DIR'` where DIR holds 3 stubs of 64 KiB (dir remote),
   against the same with DIR a directory of the root with nothing to fetch; the stubs are made
   again (jam stash, not timed) before every round and checked to be back after it.
-- where the hook's fetch spends its imports: `python -X importtime` of `jam hook-fetch -- DIR`,
-  the top entries by cumulative time (best of 3 runs per module).
+- where the hook's fetch spends its imports: `python -X importtime` of the command the hook
+  runs (`python -I -S -c BOOTSTRAP hook-fetch -- DIR`, see `jam hook zsh`), the top entries by
+  cumulative time (best of 3 runs per module).
+- with --instructions (valgrind installed): instructions of that command against `python -c
+  pass` and `python -I -S -c pass`, counted by callgrind (steady on a loaded machine, unlike
+  time); median of --instruction-runs.
 
-    python bench/bench_hook.py [--n 1000] [--runs 5] [--rounds 15] [--skip-cd] [--json]
+    python bench/bench_hook.py [--n 1000] [--runs 5] [--rounds 15] [--skip-cd] [--instructions] [--json]
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ def startup(env: dict, rounds: int) -> dict:
     return _figures(t)
 
 
-def fetch(tmp: Path, env: dict, rounds: int) -> dict:
+def fetch(tmp: Path, env: dict, rounds: int, counting: bool = False, runs: int = 3) -> dict:
     """cd into a directory with 3 stubs of 64 KiB (zsh hook, dir remote) vs one with none."""
     root = tmp / "froot"
     (root / "stubs").mkdir(parents=True)
@@ -163,18 +167,55 @@ def fetch(tmp: Path, env: dict, rounds: int) -> dict:
     out = _figures(t)
     stubbed("")
     out["importtime"] = importtime(root / "stubs", env, stubbed)
+    if counting and shutil.which("valgrind"):
+        out["instructions"] = instructions(root / "stubs", dict(env, JAM_BACKGROUND="0"), stubbed, runs)
+    return out
+
+
+def hook_command(directory: Path, env: dict) -> list[str]:
+    """The command the zsh hook runs for a cd into ``directory``: its interpreter and bootstrap
+    read from `jam hook zsh` (or the jam script, for a hook that has none)."""
+    text = subprocess.run([JAM, "hook", "zsh"], env=env, check=True, capture_output=True, text=True).stdout
+    got = subprocess.run([shutil.which("zsh") or "zsh", "-f", "-c", f"{text}\nprint -rn -- \"$_JAM_PY\"$'\\0'\"$_JAM_BOOT\""],
+                         env=dict(env, JAM_DISABLE="1"), check=True, capture_output=True, text=True).stdout
+    py, _, boot = got.partition("\0")
+    if not py:
+        return [JAM, "hook-fetch", "--", str(directory)]
+    return [py, "-I", "-S", "-c", boot, "hook-fetch", "--", str(directory)]
+
+
+def instructions(directory: Path, env: dict, restub, runs: int = 3) -> dict:
+    """Instructions (callgrind) of the hook's fetch of 3 stubs and of the bare interpreter."""
+    import re as _re
+
+    def count(cmd: list[str]) -> int:
+        res = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+                             env=dict(env, PYTHONHASHSEED="0"), capture_output=True, text=True, check=True)
+        return int(_re.search(r"Collected : (\d+)", res.stderr).group(1))
+
+    py = sys.executable
+    cmds = {"hook fetch, 3 stubs": hook_command(directory, env), "python -c pass": [py, "-c", "pass"],
+            "python -I -S -c pass": [py, "-I", "-S", "-c", "pass"]}
+    out = {}
+    for name, cmd in cmds.items():
+        got = []
+        for _ in range(runs):
+            restub("")
+            got.append(count(cmd))
+        out[name] = sorted(got)[len(got) // 2]
     return out
 
 
 def importtime(directory: Path, env: dict, restub, runs: int = 3, top: int = 15) -> list:
-    """(module, cumulative µs, self µs) of the top-level imports of `jam hook-fetch -- DIR`,
+    """(module, cumulative µs, self µs) of the top-level imports of the hook's fetch command,
     best of ``runs`` per module, largest first."""
     best: dict[str, tuple[int, int]] = {}
+    cmd = hook_command(directory, env)
+    cmd = [cmd[0], "-X", "importtime", *cmd[1:]] if cmd[0] != JAM else [sys.executable, "-X", "importtime", *cmd]
     for i in range(runs):
         if i:
             restub("")
-        res = subprocess.run([sys.executable, "-X", "importtime", JAM, "hook-fetch", "--", str(directory)],
-                             env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         for line in res.stderr.splitlines():
             if not line.startswith("import time:") or "cumulative" in line:
                 continue
@@ -193,6 +234,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=15, help="rounds of the start-up and fetch figures")
     ap.add_argument("--skip-cd", action="store_true", help="only the start-up and fetch figures")
+    ap.add_argument("--instructions", action="store_true", help="count instructions with callgrind")
+    ap.add_argument("--instruction-runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -200,7 +243,7 @@ def main() -> int:
         s = setup(Path(t))
         extra = {"startup": startup(s["env"], args.rounds)}
         if shutil.which("zsh"):
-            extra["fetch"] = fetch(Path(t), s["env"], args.rounds)
+            extra["fetch"] = fetch(Path(t), s["env"], args.rounds, args.instructions, args.instruction_runs)
         for shell in ("bash", "zsh", "fish") if not args.skip_cd else ():
             if not shutil.which(shell):
                 continue
@@ -232,7 +275,11 @@ def main() -> int:
         for k in ("cd, 3 stubs", "cd, nothing to fetch"):
             print(f"  {k:22} {f[k]['median_ms']:7.1f} {f[k]['best_ms']:7.1f} {f[k]['cpu_median_ms']:7.1f}")
         print(f"  the fetch adds {line(a, b)}")
-        print("  python -X importtime, jam hook-fetch, top-level imports (cumulative / self, ms):")
+        if "instructions" in f:
+            ins = f["instructions"]
+            print("  instructions (callgrind, median): " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in ins.items()))
+            print(f"  the hook's fetch over python -c pass: {(ins['hook fetch, 3 stubs'] - ins['python -c pass']) / 1e6:+.1f} M")
+        print("  python -X importtime, the hook's hook-fetch, top-level imports (cumulative / self, ms):")
         for name, cum, own in f["importtime"]:
             print(f"    {cum / 1000:7.2f} {own / 1000:7.2f}  {name}")
     if rows:
