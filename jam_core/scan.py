@@ -300,7 +300,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
 
 # -- one walk shared with a helper process -------------------------------------------------------
 
-SHARE_AFTER = 20_000  # files walked before the rest of a large tree is shared with a helper
+SHARE_AFTER = 5_000  # files walked before the rest of a large tree is shared with a helper (~40 ms)
 
 
 def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int | None = None) -> None:

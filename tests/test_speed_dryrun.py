@@ -223,3 +223,45 @@ def test_the_helpers_packed_findings_are_what_one_walk_finds(jam_root, runner, s
     kept = dict(kept)
     assert kept["d2/f2.txt"] == "pinned" and kept["d3/f1.txt"] == "pinned"
     assert kept["d5/small.txt"] == "smaller than core.min_size" and kept["d1/f0-link.txt"] == "hard-linked"
+
+
+def test_the_collector_never_walks_the_plan_of_a_dry_run(jam_root, monkeypatch):
+    """While the dry-run's plan lives, the cyclic collector does not run: the plan (an object
+    per file, no cycle) is printed and freed first, not walked."""
+    import gc
+    import weakref
+
+    from jam_core.cli import auto
+    from jam_core.policy import plan as plan_mod
+
+    jam_root.update_config(lambda c: c.setdefault("policy", {}).__setitem__("age", {"older_than": "1d"}))
+    jam_root.update_config(lambda c: c.setdefault("core", {}).__setitem__("min_size", "1"))
+    old = 1_000_000_000
+    for i in range(1500):
+        p = jam_root.path / f"d{i % 3}" / f"f{i}.txt"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x" * (i + 1))
+        os.utime(p, (old, old))
+    state = {"on": False, "runs": 0}
+
+    def counting(phase, info):
+        if phase == "start" and state["on"]:
+            state["runs"] += 1
+
+    real = plan_mod.plan_auto
+
+    def planned(*a, **kw):
+        gc.collect()  # nothing left to collect: any run from here is the plan's doing
+        state["on"] = True  # from here until the plan is freed
+        out = real(*a, **kw)
+        weakref.finalize(out, state.__setitem__, "on", False)
+        return out
+
+    monkeypatch.setattr(plan_mod, "plan_auto", planned)
+    gc.callbacks.append(counting)
+    try:
+        assert auto.stash_auto_command(dry_run=True) == 0
+    finally:
+        state["on"] = False
+        gc.callbacks.remove(counting)
+    assert state["runs"] == 0

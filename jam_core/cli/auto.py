@@ -57,16 +57,19 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
     from jam_core.cli.common import plugin_manager
     from jam_core.policy.plan import carry_out, plan_auto
     from jam_core.root import Root
+    from jam_core.scan import gc_paused
 
     root = Root.find(".")
     pm = plugin_manager()
-    plan = plan_auto(root, pm)
-    if as_json:
-        click.echo(json.dumps(plan.to_json(), indent=2))
-    else:
-        print_plan(plan, dry_run)
-    if dry_run or not plan.items:
-        return 0
+    with gc_paused():  # an object per file and no cycle: a collection on the way would walk them all
+        plan = plan_auto(root, pm)
+        if as_json:
+            click.echo(json.dumps(plan.to_json(), indent=2))
+        else:
+            print_plan(plan, dry_run)
+        if dry_run or not plan.items:
+            del plan  # freed before the collector is back, not walked by it first
+            return 0
     with session("stashing") as s:
         result = carry_out(root, plan, pm, s)
     report(result, "stashed", "freed")

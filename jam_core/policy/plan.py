@@ -37,7 +37,7 @@ def configured_policies(config: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in policy.items() if isinstance(v, Mapping))
 
 
-@dataclass
+@dataclass(slots=True)
 class PlanItem:
     path: str
     size: int

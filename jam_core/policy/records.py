@@ -10,6 +10,7 @@ must never leave are set aside with the reason: pinned, ignored by ``ROOT/.jamig
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -157,10 +158,53 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     uses_get = uses.get if uses else None
     match = ignore.match_file if ignore is not None else None
     fsencode, stamp_of = os.fsencode, stamps.get
+    fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
     record = FileRecord
     local = [0]  # local bytes (a list: each adds to it)
 
+    lo = max(min_size, 1)  # an empty file is never a candidate
+    pin_dirs = {p.rpartition("/")[0] or "." for p in pins}  # directories holding a pin
+
     def each(d, base, names, stats):
+        if match is not None or (pins and (d in pin_dirs or covered(d, pins))):
+            return each_pinned(d, base, names, stats)
+        local_bytes = 0  # a directory with no pin and no .jamignore: no test per file for them
+        prefix = "" if d == "." else d + "/"
+        for name, st in zip(names, stats, strict=True):
+            size = st.st_size
+            if st.st_mode & 0o222 and st.st_blocks * 512 >= size:  # writable, not sparse: local
+                local_bytes += size
+                if size >= lo and st.st_nlink == 1:
+                    rel = prefix + name  # the common case: a candidate
+                    mtime = st.st_mtime
+                    atime = st.st_atime
+                    last = atime if atime_ok and atime > mtime else mtime
+                    if uses_get is not None:
+                        used = uses_get(rel)
+                        if used is not None and used > last:
+                            last = used
+                    add_path(rel)  # no record made: Candidates holds the lists
+                    add_size(size)
+                    add_mtime(mtime)
+                    add_atime(atime)
+                    add_last(last)
+                else:
+                    kept[prefix + name] = _kept(LOCAL, st, False, False, min_size)
+                continue
+            rel = prefix + name  # the catalog's stamps are keyed by os.fsencode(rel)
+            state = classify(base + name, st, QUICK, stamp=stamp_of(rel.encode(fs_encoding, fs_errors)))[0]
+            if state == STUB:  # a clean stub's size is its original's (else it is dirty)
+                stubs[rel] = record(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get),
+                                    STUB, False, st.st_nlink)
+                continue
+            local_bytes += size
+            if state != LOCAL or st.st_nlink != 1 or size < lo:
+                kept[rel] = _kept(state, st, False, False, min_size)
+                continue
+            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
+        local[0] += local_bytes
+
+    def each_pinned(d, base, names, stats):
         local_bytes = 0
         prefix = "" if d == "." else d + "/"
         dprefix = None
