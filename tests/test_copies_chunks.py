@@ -18,6 +18,7 @@ import pytest
 from jam_core.history import chunks
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
+from jam_core.objects import object_relpath
 from jam_core.ops.remotes import add_remote
 from jam_core.root import Root
 from tests.safety_support import JAM, b3, is_stub, record, run_jam
@@ -124,6 +125,28 @@ def test_a_corrupt_chunk_on_the_source_is_never_copied(tmp_path):
     assert not _held(b, "second", whole, len(data))
     victim.write_bytes(good)
     run_jam(b, "copy", "--to", "second", "big.bin", machine="bbb")
+    assert _held(b, "second", whole, len(data))
+
+
+def test_a_piece_the_source_lost_is_taken_from_another_remote(tmp_path):
+    """The pieces go in batches from the source; one it lost (a batch fails) is then copied
+    piece by piece from any remote of the root that holds it, verified by its id."""
+    t, data = _committed(tmp_path)
+    whole = "b3:" + b3_bytes(bytes(data))
+    b = _clone(tmp_path, t)
+    third, second = tmp_path / "third", tmp_path / "second"
+    third.mkdir()
+    second.mkdir()
+    _add(b, "third", str(third))
+    _add(b, "second", str(second))
+    rid, _n = chunks.decode_pointer(_pointer(t.remote, whole).read_bytes())
+    lost = sorted(_recipe_chunks(_objects(t.remote)[rid]))[7]
+    keep = third / "objects" / object_relpath(lost)  # third holds that one chunk, no recipe
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(_objects(t.remote)[lost], keep)
+    res = run_jam(b, "copy", "--to", "second", "big.bin", machine="bbb")
+    assert "Copied 1 file" in res.out, res.out + res.err
+    assert "b3:" + b3(_objects(second)[lost]) == lost
     assert _held(b, "second", whole, len(data))
 
 

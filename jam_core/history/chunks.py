@@ -278,36 +278,45 @@ def _batches(cids: list[str], lengths: dict[str, int]):
         yield batch
 
 
+def _fetched(remote, cids: list[str], lengths, fds: dict[str, int], pm, session):
+    """Fetch ``cids`` from ``remote`` into their memory files ``fds`` (``fetch_many`` where the
+    backend offers it, else ``fetch`` each) and yield (id, bytes), each verified by its size
+    and its id. RecipeError/IntegrityError for a missing or corrupt chunk; RemoteError passes."""
+    items = [(cid, Path(fd_path(fds[cid])), lengths[cid]) for cid in cids]
+    outcomes = dict(pm.hook.fetch_many(remote=remote, items=items, session=session) or ())
+    for cid, dest, n in items:
+        if cid not in outcomes:
+            try:
+                outcomes[cid] = pm.hook.fetch(remote=remote, oid=cid, dest=dest, size=n, session=session)
+            except RemoteError:
+                raise
+            except (JamError, OSError) as exc:
+                outcomes[cid] = exc
+    for cid in cids:
+        outcome = outcomes.get(cid)
+        if isinstance(outcome, Exception):
+            raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]}: {describe(outcome)}")
+        if outcome is not True:
+            raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]} of a recipe is missing")
+        fd, n = fds[cid], lengths[cid]
+        if os.fstat(fd).st_size != n:
+            raise IntegrityError(f"remote {remote.name!r}: chunk {cid[:19]} has the wrong size")
+        data = os.pread(fd, n, 0)
+        algorithm, _ = split_oid(cid)
+        h = hasher(algorithm)
+        h.update(data)
+        if f"{algorithm}:{h.hexdigest()}" != cid:
+            raise IntegrityError(f"remote {remote.name!r} returned a corrupt chunk {cid[:19]}")
+        yield cid, data
+
+
 def _fetch_chunks(remote, cids: list[str], lengths, offsets, dest_fd: int, pm, session) -> None:
     fds: dict[str, int] = {}
     try:
         for cid in cids:
             fds[cid] = os.memfd_create("jam-chunk", os.MFD_CLOEXEC)
-        items = [(cid, Path(fd_path(fds[cid])), lengths[cid]) for cid in cids]
-        outcomes = dict(pm.hook.fetch_many(remote=remote, items=items, session=session) or ())
-        for cid, dest, n in items:
-            if cid not in outcomes:
-                try:
-                    outcomes[cid] = pm.hook.fetch(remote=remote, oid=cid, dest=dest, size=n, session=session)
-                except RemoteError:
-                    raise
-                except (JamError, OSError) as exc:
-                    outcomes[cid] = exc
-        for cid in cids:
-            outcome = outcomes.get(cid)
-            if isinstance(outcome, Exception):
-                raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]}: {describe(outcome)}")
-            if outcome is not True:
-                raise RecipeError(f"remote {remote.name!r}: chunk {cid[:19]} of a recipe is missing")
-            fd, n = fds[cid], lengths[cid]
-            if os.fstat(fd).st_size != n:
-                raise IntegrityError(f"remote {remote.name!r}: chunk {cid[:19]} has the wrong size")
-            data = os.pread(fd, n, 0)
-            algorithm, _ = split_oid(cid)
-            h = hasher(algorithm)
-            h.update(data)
-            if f"{algorithm}:{h.hexdigest()}" != cid:
-                raise IntegrityError(f"remote {remote.name!r} returned a corrupt chunk {cid[:19]}")
+        for cid, data in _fetched(remote, cids, lengths, fds, pm, session):
+            n = lengths[cid]
             for off in offsets[cid]:
                 done = 0
                 while done < n:
@@ -555,8 +564,12 @@ class Pieces:
         recorder.before_store(dest, set(need) | {oid})  # referenced there before any piece lands
         lacking = self._lacking(dest, need)
         if lacking:
-            _copied, failed = copy_objects(self.root, pm, session, dest, lacking,
-                                           holders=lambda _o: {src.name}, recorder=recorder)
+            try:
+                self._copy_batched(src, dest, lacking)
+                failed = {}
+            except (JamError, OSError):  # piece by piece, from any remote that holds each (verified)
+                _copied, failed = copy_objects(self.root, pm, session, dest, lacking,
+                                               holders=lambda _o: {src.name}, recorder=recorder)
             if failed:
                 piece, why = next(iter(failed.items()))
                 raise RecipeError(f"{len(failed)} of the {len(need)} pieces of {oid[:19]} not copied to "
@@ -571,6 +584,27 @@ class Pieces:
             raise RemoteError(f"remote {dest.name!r}: its backend cannot write jam's metadata (no write_meta)")
         self._remember(oid, size, rid, stored, listed, dest.name)
         return True
+
+    def _copy_batched(self, src, dest, lacking: dict[str, int]) -> None:
+        """Copy the pieces ``lacking`` from ``src`` to ``dest`` in memory-bounded batches: each
+        batch fetched at once into memory files and verified by its ids (``_fetched``), then
+        stored at once (``ops.stash.store_on``: the backend verifies again). Raises at the first
+        problem (the caller then copies piece by piece)."""
+        from jam_core.ops.stash import store_on
+
+        for batch in _batches(list(lacking), lacking):
+            fds: dict[str, int] = {}
+            try:
+                for cid in batch:
+                    fds[cid] = os.memfd_create("jam-chunk", os.MFD_CLOEXEC)
+                ready = [_Piece(_Rec(cid, lacking[cid]), fds[cid])
+                         for cid, _data in _fetched(src, batch, lacking, fds, self.pm, self.session)]
+                for p, err in store_on(dest, ready, self.pm, self.session):
+                    if err is not None:
+                        raise RecipeError(f"remote {dest.name!r}: piece {p.record.oid[:19]}: {describe(err)}")
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
 
     def _lacking(self, remote, need: dict[str, int]) -> dict[str, int]:
         """The pieces ``remote`` does not hold (by size), asked after this command's refs on it
