@@ -300,3 +300,37 @@ def test_a_subtree_of_the_index_still_goes(tree):
     os.symlink("/", base / "data/x/link")
     sync(str(base), set())
     assert not (base / "data").exists() and os.listdir("/")
+
+
+@pytest.mark.slow
+def test_a_pip_installed_jam_in_its_own_venv(tree, tmp_path):
+    """A real `pip install` of the wheel into a fresh venv (as pipx makes one; its dependencies
+    reached through a .pth line): the hook that venv's jam prints fetches through the
+    site-less start, with the venv's own jam_core."""
+    import shutil
+    import sysconfig
+
+    root, content = tree
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                               ".pytest_cache", ".ruff_cache", "tests", "bench"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wh"), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (wheel,) = (tmp_path / "wh").glob("*.whl")
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q",
+                          "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (site_dir,) = (venv / "lib").glob("python3*/site-packages")
+    (site_dir / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # pluggy, blake3, click...
+    env = _env(tmp_path)
+    text = _hook("zsh", str(venv / "bin/jam"), env)
+    assert str(site_dir / "jam_core/cli/__init__.py") in text  # the venv's own jam is the one checked
+    res = _cd("zsh", text, root.path / "data", env, tmp_path)
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
+    assert "failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _back(root, content), "differs"
+    assert "site" not in _modules(tmp_path)
