@@ -445,7 +445,13 @@ class Closer:
     dies before it is closed (the kernel closes it). A batch's descriptors are handed over at
     once (``close_all``) and split between at most ``THREADS`` threads, started as needed (no
     thread for a caller that closes nothing); each thread closes its share in one job, so the
-    caller's thread is interrupted once per share, not once per file."""
+    caller's thread is interrupted once per share, not once per file.
+
+    ``hold`` keeps descriptors open until ``flush`` (or ``stop``) hands them over: a stash
+    frees a batch's originals only once the next batch's stubs are created, because on ext4
+    without a journal every new inode of a block group is searched for past the inodes freed
+    there in the last minutes (a thousand frees made each of the next thousand creations scan
+    a thousand inodes)."""
 
     THREADS = 4
     _close = staticmethod(os.close)  # what is done to each descriptor (tests hold it at the instant they need)
@@ -458,6 +464,16 @@ class Closer:
         self._pending = 0  # jobs handed over and not finished
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._held: list[int] = []
+
+    def hold(self, fds: list[int]) -> None:
+        """Close every descriptor of ``fds`` after the next ``flush`` (at the latest ``stop``)."""
+        self._held.extend(fds)
+
+    def flush(self) -> None:
+        """Hand over every descriptor held so far (``close_all``)."""
+        fds, self._held = self._held, []
+        self.close_all(fds)
 
     def close(self, fd: int) -> None:
         """Close ``fd`` soon; the caller must not use (or close) it again."""
@@ -501,7 +517,9 @@ class Closer:
                 self._idle.wait()
 
     def stop(self) -> None:
-        """Wait for every close, then end the threads (the Closer may be used again)."""
+        """Close what is held, wait for every close, then end the threads (the Closer may be
+        used again)."""
+        self.flush()
         self.wait()
         for _ in self._threads:
             self._jobs.put(None)

@@ -294,3 +294,49 @@ def test_a_checkout_that_falls_back_to_a_second_remote_verifies_from_the_start(t
         res = checkout(Root(t.root), ["f0"], make_plugin_manager(), s)
     assert [r for r, _ in res.done] == ["f0"], res
     assert b3(t.root / "f0") == sums["f0"]
+
+
+def test_a_batch_s_originals_are_freed_only_after_the_next_batch_s_stubs_are_created(tmp_path, monkeypatch):
+    """Batches of two: the originals of batch 1 are handed to the closer after batch 2's stubs
+    are written aside (the frees would make each of those creations scan past them) and before
+    its swaps (still overlapped with work), the last batch's at the end; every original is
+    closed before the stash returns."""
+    import jam_core.ops.pipeline as pipeline
+
+    t = make_tree(tmp_path)
+    sums = {}
+    for i in range(4):
+        p = t.root / f"f{i}"
+        make_file(p, 100_000, seed=950 + i)
+        sums[p.name] = b3(p)
+    events = []
+    real_aside, real_hand, real_close = stash_mod.write_stub_aside, Closer.close_all, os.close
+    real_swap = stash_mod._swap
+
+    def aside(s):
+        events.append(("stub", s.name))
+        return real_aside(s)
+
+    def hand(closer, fds):
+        events.extend(("free", fd) for fd in fds)
+        real_hand(closer, fds)
+
+    closed = []
+    monkeypatch.setattr(pipeline, "files_per_batch", lambda: 2)
+    monkeypatch.setattr(stash_mod, "write_stub_aside", aside)
+    monkeypatch.setattr(stash_mod, "_swap", lambda s, leases: events.append(("swap", s.name)) or real_swap(s, leases))
+    monkeypatch.setattr(Closer, "close_all", hand)
+    monkeypatch.setattr(Closer, "_close", staticmethod(lambda fd: closed.append(fd) or real_close(fd)))
+    with Session() as s:
+        res = stash(Root(t.root), ["."], make_plugin_manager(), s)
+    monkeypatch.undo()
+    assert len(res.done) == 4, res
+    kinds = [k for k, _ in events]
+    # batch 1's originals go while batch 2 is swapped in (overlapped), batch 2's at the end
+    assert kinds == ["stub", "stub", "swap", "swap", "stub", "stub", "free", "free", "swap", "swap",
+                     "free", "free"], events
+    assert sorted(closed) == sorted(fd for k, fd in events if k == "free")
+    assert all(is_stub(t.root / n) for n in sums)
+    with Session() as s:
+        assert len(checkout(Root(t.root), ["."], make_plugin_manager(), s).done) == 4
+    assert {n: b3(t.root / n) for n in sums} == sums

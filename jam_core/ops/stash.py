@@ -122,7 +122,7 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
                 prepare=lambda batch: _hash_batch(root, batch, dirs, leases, remotes, pm, session, result),
                 move=lambda hashed: _store_batch(root, hashed, remotes, pm, session, recorder),
                 finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result,
-                                                             dirs, leases),
+                                                             dirs, leases, closer),
                 stop=lambda: bool(result.aborted),
                 session=session,
                 cleanup=lambda hashed: _release(hashed, leases, closer),
@@ -187,7 +187,8 @@ def _raise_fd_limit() -> None:
 
 def _release(hashed: list[Stored], leases: Leases, closer: Closer | None = None) -> None:
     """Remove the stubs left aside and close every file. The close of an original swapped out
-    (already unlinked) frees its blocks: ``closer`` does those in the background."""
+    (already unlinked) frees its blocks: ``closer`` does those in the background, once the next
+    batch's stubs are created (``_swap_batch`` flushes it) or at the end of the stash."""
     gone = []
     try:
         for s in hashed:
@@ -203,7 +204,7 @@ def _release(hashed: list[Stored], leases: Leases, closer: Closer | None = None)
                 s.fd = -1
     finally:
         if closer is not None:
-            closer.close_all(gone)
+            closer.hold(gone)
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:
@@ -279,7 +280,7 @@ def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, se
 
 
 def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Session, cat: Catalog,
-                  result: Result, dirs: DirFds, leases: Leases) -> None:
+                  result: Result, dirs: DirFds, leases: Leases, closer: Closer | None = None) -> None:
     """Wait for a batch's store, then swap every file whose every chosen remote holds it."""
     try:
         errors, used = storing.result()
@@ -307,7 +308,7 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
         else:
             result.failed.append((s.entry.rel, describe(err)))
     if stored:
-        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases)
+        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases, closer)
 
 
 def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Iterator[tuple[Stored, Exception | None]]:
@@ -344,7 +345,7 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
 
 
 def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
-                dirs: DirFds, leases: Leases) -> None:
+                dirs: DirFds, leases: Leases, closer: Closer | None = None) -> None:
     """Write a batch's stubs aside, make them and the batch's objects durable (one syncfs of
     the root's filesystem, then one ``sync`` per remote: a remote on the same disk finds
     nothing left to flush), then swap them in one by one. Nothing is swapped unless all of
@@ -358,6 +359,8 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             ready.append(s)
         except OSError as exc:
             result.failed.append((s.entry.rel, describe(exc)))
+    if closer is not None:  # the last batch's originals: freed now, beside this batch's syncfs and swaps
+        closer.flush()
     if not ready:
         return
     try:
