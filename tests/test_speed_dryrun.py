@@ -265,3 +265,32 @@ def test_the_collector_never_walks_the_plan_of_a_dry_run(jam_root, monkeypatch):
         state["on"] = False
         gc.callbacks.remove(counting)
     assert state["runs"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lru_and_budget_choose_on_the_lists_what_they_choose_on_records(seed):
+    """jam_lru and jam_budget read the core's lists (paths, last-used times, sizes) and make
+    no record: they nominate exactly what they nominate from FileRecords, ties included
+    (equal last-used times, equal sizes: the order by path decides)."""
+    import random
+
+    from jam_budget import select_budget
+    from jam_core.model import FileRecord
+    from jam_core.policy.records import Candidates, Records
+    from jam_lru import select_lru
+
+    rnd = random.Random(seed)
+    recs = [FileRecord(f"d{rnd.randrange(5)}/f{i:04d}", rnd.choice([1, 10, 10, 500, 4096]), 0.0, 0.0,
+                       float(rnd.randrange(40)), "local", False, 1) for i in range(400)]
+    rnd.shuffle(recs)  # the core's lists come in no particular order
+    stubs = tuple(FileRecord(f"s{i}", 100, 0.0, 0.0, 1.0, "stub", False, 1) for i in range(30))
+    plain = sorted(recs, key=lambda r: r.path)
+    lists = Records(candidates=Candidates(recs))
+    lists.stubs = stubs
+    local = sum(r.size for r in recs)
+    for keep in (0.1, 0.5, 0.9):
+        for by in ("bytes", "count"):
+            assert select_lru(lists, keep, by, stubs) == select_lru(plain, keep, by, stubs)
+    for max_local, low in ((local // 2, local // 3), (local - 1, local // 2), (local, local)):
+        assert select_budget(lists, local, max_local, low) == select_budget(plain, local, max_local, low)
+    assert lists._items is None, "no FileRecord was made"

@@ -354,7 +354,8 @@ class Records(Sequence):
 
     Made from ``Candidates``, the records are built on first use: a policy that reads only
     ``columns`` (``(paths, last_used)``, two parallel lists in no particular order; None when
-    the records were given one by one) makes none (``jam_age``)."""
+    the records were given one by one) makes none (``jam_age``); ``sizes`` is the list of
+    sizes parallel to them (``jam_lru``, ``jam_budget``)."""
 
     def __init__(self, records: Iterable[FileRecord] = (), candidates: Candidates | None = None):
         self._candidates = candidates
@@ -365,6 +366,12 @@ class Records(Sequence):
     def columns(self) -> tuple[list[str], list[float]] | None:
         c = self._candidates
         return None if c is None else (c.paths, c.lasts)
+
+    @property
+    def sizes(self) -> list[int] | None:
+        """The sizes, parallel to ``columns`` (None when they are)."""
+        c = self._candidates
+        return None if c is None else c.sizes
 
     def _all(self) -> tuple[FileRecord, ...]:
         if self._items is None:

@@ -28,15 +28,24 @@ def select_budget(records: Sequence[FileRecord], local_bytes: int, max_local: in
         return []
     reason = (f"local {human(local_bytes, trim=True)} > {human(max_local, trim=True)}, "
               f"evicting least recently used down to {human(low, trim=True)}")
+    columns, sizes = getattr(records, "columns", None), getattr(records, "sizes", None)
+    if columns is not None and sizes is not None:  # the core's records as lists: no record made
+        paths, lasts = columns
+        order = sorted(range(len(paths)), key=paths.__getitem__)
+        order.sort(key=sizes.__getitem__, reverse=True)  # (stable: equal sizes stay by path)
+        order.sort(key=lasts.__getitem__)
+        chosen = ((paths[i], sizes[i]) for i in order)
+    else:
+        by_path = sorted(records, key=attrgetter("path"))
+        by_size = sorted(by_path, key=attrgetter("size"), reverse=True)
+        chosen = ((r.path, r.size) for r in sorted(by_size, key=attrgetter("last_used")))
     out = []
     left = local_bytes
-    by_path = sorted(records, key=attrgetter("path"))
-    by_size = sorted(by_path, key=attrgetter("size"), reverse=True)
-    for r in sorted(by_size, key=attrgetter("last_used")):  # least recent, then biggest, then path
+    for path, size in chosen:  # least recent, then biggest, then path
         if left <= low:
             break
-        out.append(Nomination(r.path, NAME, reason))
-        left -= r.size
+        out.append(Nomination(path, NAME, reason))
+        left -= size
     return out
 
 

@@ -33,21 +33,35 @@ def select_lru(records: Sequence[FileRecord], keep: float, by: str = "bytes",
                stubs: Sequence[FileRecord] = ()) -> list[Nomination]:
     """Nominate the least recently used ``records`` beyond the most recent ``keep`` share of
     ``records`` plus ``stubs`` (the tree's stubs count in the total, never as kept)."""
-    weight = (lambda r: r.size) if by == "bytes" else (lambda r: 1)
-    total = sum(weight(r) for r in records) + sum(weight(r) for r in stubs)
-    if total == 0 or keep >= 1:
-        return []
+    columns, sizes = getattr(records, "columns", None), getattr(records, "sizes", None)
+    if columns is not None and sizes is not None:  # the core's records as lists: no record made
+        paths, lasts = columns
+        n = len(paths)
+        weights = sizes if by == "bytes" else None
+        total = (sum(sizes) if weights is not None else n) + sum(r.size if weights is not None else 1 for r in stubs)
+        if total == 0 or keep >= 1:
+            return []
+        order = sorted(range(n), key=paths.__getitem__)
+        order.sort(key=lasts.__getitem__, reverse=True)  # most recent first; ties: by path
+        groups = ((last, [(paths[i], weights[i] if weights is not None else 1) for i in group])
+                  for last, group in itertools.groupby(order, key=lasts.__getitem__))
+    else:
+        weight = (lambda r: r.size) if by == "bytes" else (lambda r: 1)
+        total = sum(weight(r) for r in records) + sum(weight(r) for r in stubs)
+        if total == 0 or keep >= 1:
+            return []
+        ordered = sorted(sorted(records, key=_path), key=_last_used, reverse=True)  # ties: by path
+        groups = ((last, [(r.path, weight(r)) for r in group])
+                  for last, group in itertools.groupby(ordered, key=_last_used))
     goal = keep * total
-    ordered = sorted(sorted(records, key=_path), key=_last_used, reverse=True)  # ties: by path
     kept = 0
     out = []
     reason = f"among the least recently used {round((1 - keep) * 100, 2):g}% by {by}"
-    for _, group in itertools.groupby(ordered, key=lambda r: r.last_used):
-        group = list(group)
+    for _, group in groups:  # files used at the same instant stay or go together
         if kept < goal:
-            kept += sum(weight(r) for r in group)
+            kept += sum(w for _, w in group)
             continue
-        out.extend(Nomination(r.path, NAME, reason) for r in group)
+        out.extend(Nomination(path, NAME, reason) for path, _ in group)
     return out
 
 
