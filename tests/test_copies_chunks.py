@@ -128,6 +128,31 @@ def test_a_corrupt_chunk_on_the_source_is_never_copied(tmp_path):
     assert _held(b, "second", whole, len(data))
 
 
+def test_a_hostile_pointer_or_recipe_on_the_source_is_refused_in_one_line(tmp_path):
+    """Metadata is input: a malformed pointer, or one naming another file's recipe, on the
+    source: the copy fails in one line and nothing is pointed at on the destination."""
+    t, data = _committed(tmp_path)
+    (t.root / "other.bin").write_bytes(os.urandom(2 * MiB))
+    run_jam(t.root, "commit", machine="aaa")
+    whole = "b3:" + b3_bytes(bytes(data))
+    b = _clone(tmp_path, t)
+    second = tmp_path / "second"
+    second.mkdir()
+    _add(b, "second", str(second))
+    ptr = _pointer(t.remote, whole)
+    honest = ptr.read_bytes()
+    os.chmod(ptr, 0o644)
+    for bad, word in ((b"jam-recipe-pointer 1\n../../etc/passwd\n5\n", "malformed"),
+                      (_pointer(t.remote, "b3:" + b3(t.root / "other.bin")).read_bytes(), "another file")):
+        ptr.write_bytes(bad)
+        res = run_jam(b, "copy", "--to", "second", "big.bin", machine="bbb", check=1)
+        _one_line(res, "big.bin", word)
+        assert not _pointer(second, whole).exists()
+    ptr.write_bytes(honest)
+    run_jam(b, "copy", "--to", "second", "big.bin", machine="bbb")
+    assert _held(b, "second", whole, len(data))
+
+
 def test_a_piece_the_source_lost_is_taken_from_another_remote(tmp_path):
     """The pieces go in batches from the source; one it lost (a batch fails) is then copied
     piece by piece from any remote of the root that holds it, verified by its id."""
