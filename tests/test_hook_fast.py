@@ -334,3 +334,74 @@ def test_a_pip_installed_jam_in_its_own_venv(tree, tmp_path):
     assert "failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert _back(root, content), "differs"
     assert "site" not in _modules(tmp_path)
+
+
+def _pluggy_order(pm, name: str) -> list:
+    return [impl.function for impl in reversed(pm.hook.__dict__[name].get_hookimpls())]  # pluggy's call order
+
+
+def test_the_fetch_calls_the_built_ins_as_pluggy_would():
+    """The dir-only fetch's hooks, called straight: for every hook, the same functions in
+    pluggy's order, the same firstresult, the same arguments handed over."""
+    from jam_core.manager import DIR_ONLY, DirectHooks, fetch_plugin_manager, make_plugin_manager
+
+    direct = fetch_plugin_manager({"remote": {"r": {"kind": "dir"}}})
+    assert isinstance(direct, DirectHooks) and direct.jam_scope == "dir"
+    pm = make_plugin_manager(load_entrypoints=False, builtins=DIR_ONLY)
+    names = {n for n, c in vars(pm.hook).items() if hasattr(c, "get_hookimpls") and c.spec is not None}
+    assert names == set(vars(direct.hook))
+    for name in names:
+        caller = getattr(direct.hook, name)
+        assert [f for f, _ in caller.impls] == _pluggy_order(pm, name), name
+        assert caller.firstresult == bool(pm.hook.__dict__[name].spec.opts.get("firstresult")), name
+        for impl in pm.hook.__dict__[name].get_hookimpls():
+            assert dict(caller.impls)[impl.function] == (tuple(impl.argnames), tuple(impl.kwargnames)), name
+    assert [n for n, _ in direct.list_name_plugin()] == [n for n, _ in pm.list_name_plugin()]
+    assert direct.get_plugin("jam_dir") is not None and direct.has_plugin("jam_dir")
+
+
+def test_direct_calls_keep_pluggy_s_answers(monkeypatch):
+    """Order (tryfirst, later registered, trylast), firstresult and non-firstresult answers,
+    on built-ins made for the test; a wrapper hands the job back to pluggy."""
+    import types
+
+    from jam_core import hookimpl
+    from jam_core.manager import direct_hooks, make_plugin_manager
+
+    calls = []
+
+    def module(name, **fns):
+        mod = types.ModuleType(name)
+        for k, v in fns.items():
+            setattr(mod, k, v)
+        monkeypatch.setitem(sys.modules, name, mod)
+        return name
+
+    def impl(tag, answer, **opts):
+        def fetch(remote, oid, size=5, colour="red"):  # with defaults: given by name when the call has them
+            calls.append((tag, size, colour))
+            return answer
+        return hookimpl(**opts)(fetch)
+
+    def sel(answer):
+        def select(purpose):
+            return answer
+        return hookimpl(select)
+
+    first = module("t_first", fetch=impl("first", None, tryfirst=True), select=sel(["a"]))
+    second = module("t_second", fetch=impl("second", None))
+    third = module("t_third", fetch=impl("third", "got"), select=sel(["c"]))
+    fourth = module("t_fourth", fetch=impl("fourth", "last", trylast=True))
+    mods = (first, second, third, fourth)
+    direct = direct_hooks(mods)
+    pm = make_plugin_manager(load_entrypoints=False, builtins=mods)
+    kw = dict(remote=None, oid="x", dest=None, size=1, session=None)
+    assert direct.hook.fetch(**kw) == "got"
+    got_direct, calls[:] = list(calls), []
+    assert pm.hook.fetch(**kw) == "got"
+    assert got_direct == calls == [("first", 1, "red"), ("third", 1, "red")]
+    calls.clear()
+    sargs = dict(root=None, records=[], purpose="stash", anchors=[], config={}, now=0.0, local_bytes=0)
+    assert direct.hook.select(**sargs) == pm.hook.select(**sargs) == [["c"], ["a"]]
+    monkeypatch.setattr(sys.modules["t_second"], "fetch", hookimpl(hookwrapper=True)(lambda remote: (yield)))
+    assert direct_hooks(mods) is None
