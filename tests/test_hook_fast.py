@@ -405,3 +405,21 @@ def test_direct_calls_keep_pluggy_s_answers(monkeypatch):
     assert direct.hook.select(**sargs) == pm.hook.select(**sargs) == [["c"], ["a"]]
     monkeypatch.setattr(sys.modules["t_second"], "fetch", hookimpl(hookwrapper=True)(lambda remote: (yield)))
     assert direct_hooks(mods) is None
+
+
+def test_the_hook_fetch_builds_no_plugin_manager(tree, monkeypatch):
+    """In a root of dir remotes the hook's fetch calls the built-ins straight: pluggy's
+    PluginManager (each signature inspected) is never built."""
+    import pluggy
+
+    from jam_core.cli.hook import run_hook_fetch
+
+    root, content = tree
+    monkeypatch.setenv("JAM_BACKGROUND", "0")
+
+    def refuse(*a, **k):
+        raise AssertionError("a PluginManager was built on the hook's fetch")
+
+    monkeypatch.setattr(pluggy, "PluginManager", refuse)
+    assert run_hook_fetch(str(root.path / "data")) == 0
+    assert _back(root, content), "differs"
