@@ -249,6 +249,34 @@ def test_drop_after_copy_removes_the_pieces_and_counts_the_copy_held_as_chunks(t
     _after_move(t, second, v1, v2)
 
 
+def test_move_keeps_the_pieces_a_stub_the_catalog_does_not_know_shares(tmp_path):
+    """The other version is needed only by a stub of this root that neither the catalog nor the
+    refs on the source list yet (no history, refs written before the stub came): the move walks
+    the root afresh, as gc does, and keeps the chunks that version shares on the source."""
+    import shutil
+    import sqlite3
+
+    from jam_core.ops.refs import encode, root_id
+
+    t, second, v1, v2 = _versions(tmp_path)
+    w1, w2 = "b3:" + b3_bytes(v1), "b3:" + b3_bytes(v2)
+    os.unlink(t.root / "big.bin")
+    run_jam(t.root, "restore", "big.bin", machine="aaa")  # v2 as a stub: held only as chunks on vault
+    shutil.rmtree(t.root / ".jam/history")
+    with sqlite3.connect(t.root / ".jam/catalog.db") as db:
+        assert db.execute("DELETE FROM stubs WHERE path = ?", (b"big.bin",)).rowcount == 1
+    refs = t.remote / "meta/refs"
+    rid = root_id(Root(t.root))
+    for p in refs.iterdir():
+        os.unlink(p)
+    (refs / rid).write_bytes(encode(1, {w1}))
+    run_jam(t.root, "move", "--from", "vault", "--to", "second", "old.bin", machine="aaa")
+    assert _held(t.root, "second", w1, len(v1))
+    assert _held(t.root, "vault", w2, len(v2)), "the move removed chunks the other stub comes back from"
+    run_jam(t.root, "checkout", "big.bin", machine="aaa")
+    assert b3(t.root / "big.bin") == b3_bytes(v2), "differs"
+
+
 def test_move_keeps_everything_another_root_still_needs_there(tmp_path):
     """A clone's move: root A (which never uses 'second') still needs the object on the
     source, so no piece leaves it (said, exit 1); the copy stands."""

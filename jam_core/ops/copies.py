@@ -31,7 +31,7 @@ from jam_core.fs import DirFds, fd_path
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_fd, split_oid
 from jam_core.ops.common import Result, collect
-from jam_core.ops.refs import Recorder, Users, referenced, users
+from jam_core.ops.refs import Recorder, Users, live_oids, referenced, users
 from jam_core.placement import copies_of, durable
 from jam_core.root import CATALOG, Root
 from jam_core.scan import DIRTY, STUB
@@ -193,7 +193,7 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
             cat.forget_location(oid, remote.name)
         chunked = {o: parts[o] for o in parts if o not in refused}
         if chunked and len(refused) + len(removed) + len(chunked) == len(wanted):
-            _remove_pieces(cat, pm, session, remote, chunked, wanted, own, here, others, recorder.rid,
+            _remove_pieces(root, cat, pm, session, remote, chunked, wanted, own, here, others, recorder.rid,
                            recorder.copies, pieces, removed, refused)
         else:
             for o in chunked:
@@ -206,15 +206,17 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
     return removed, refused
 
 
-def _remove_pieces(cat: Catalog, pm, session: Session, remote: Remote, chunked: dict[str, dict[str, int] | None],
+def _remove_pieces(root: Root, cat: Catalog, pm, session: Session, remote: Remote,
+                   chunked: dict[str, dict[str, int] | None],
                    wanted: dict[str, int], own: set[str], here: Users, others, me: str, copies: int, pieces,
                    removed: dict[str, int], refused: dict[str, str]) -> None:
     """The pieces of the objects of ``chunked`` (each already allowed to leave ``remote``: enough
     verified copies elsewhere), chunks first, then recipes, then each pointer emptied. A piece
     another object needed here is made of (whoever needs it: every root's refs and this root's,
     read through the remote's own pointers) stays; a piece some root names itself goes only
-    through the same guard as any object."""
-    needed = set(own).union(*(oids for _c, oids in here.refs.values()))
+    through the same guard as any object. This root's stubs are walked afresh (as gc does): a
+    stub the catalog does not know yet still needs its pieces."""
+    needed = set(own).union(live_oids(root, cat), *(oids for _c, oids in here.refs.values()))
     keep, problems = pieces.shared(remote, needed - set(chunked))
     if problems:
         for oid in chunked:
