@@ -382,3 +382,29 @@ def test_requests_are_packed_as_paramiko_packs_them():
     got = b"".join(p.out)
     assert got == expected, "packed differently"
     assert p.out_bytes == len(expected) and sorted(sftp._expecting) == [41, 42, 43]
+
+
+def test_kept_handles_leave_room_for_the_servers_descriptor_limit(pm, sshd, one_conn, sftp_store, tmp_path):
+    """The server may open only 140 descriptors (its RLIMIT_NOFILE, lowered with prlimit; it
+    says so in ``limits@openssh.com``): a batch over more directories than that still stores
+    every object, keeping at most what leaves room for a full window of objects. Mutation-
+    checked against the cap in Uploads._dir_opened (the handles then exhaust the server's
+    descriptors and objects fail)."""
+    import shutil
+    import subprocess
+
+    from jam_sftp.batch import HANDLES_SPARE, WINDOW
+
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    subprocess.run([prlimit, "--pid", str(sshd.proc.pid), "--nofile=140:140"], check=True)
+    paths = [tmp_path / "src" / f"s{i}" for i in range(260)]
+    for i, p in enumerate(paths):
+        make_file(p, 1000 + i, seed=i)
+    with Session() as s:
+        items, out = stash_many(pm, one_conn, paths, s)
+        assert all(err is None for err in out.values()), [e for e in out.values() if e][:3]
+        assert server_dir_fds(sshd, sftp_store) <= 135 - WINDOW - HANDLES_SPARE
+    for oid, _, size in items:
+        verify_file(stored(sftp_store, oid), oid, size)

@@ -60,6 +60,7 @@ from paramiko.sftp import (
     CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
     CMD_FSTAT,
     CMD_HANDLE,
     CMD_MKDIR,
@@ -85,11 +86,37 @@ from jam_sftp.pipeline import PIPELINED_MAX, WINDOW, WINDOW_BYTES, Pipeline, _Fi
 from jam_sftp.transfer import INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
 
 DIR_HANDLES = 300  # directory handles a connection keeps open (256 fan-out directories, their parents)
+DIR_HANDLES_UNKNOWN = 128  # ...on a server that does not say how many handles it allows
+HANDLES_SPARE = 32  # handles left free beside a full window of objects (listing, meta, a verify)
 
 __all__ = ["DIR_HANDLES", "PIPELINED_MAX", "WINDOW", "WINDOW_BYTES", "Downloads", "Pipeline", "Uploads", "get_many",
            "put_many"]
 
 # -- upload -----------------------------------------------------------------------------------
+
+
+def dir_handles_cap(ops: Ops) -> int:
+    """How many directory handles this connection may keep open: ``DIR_HANDLES``, or fewer so
+    that a full window of objects and ``HANDLES_SPARE`` more still fit in what the server allows
+    (``limits@openssh.com``'s open handles: its descriptor limit; asked once per connection,
+    before a batch, never with requests in flight); ``DIR_HANDLES_UNKNOWN`` if it does not say."""
+    conn = ops.conn
+    if conn.dir_cap is not None:
+        return conn.dir_cap
+    cap = DIR_HANDLES_UNKNOWN
+    if "limits@openssh.com" in ops.sftp.extensions:
+        try:
+            t, msg = ops.r.call(CMD_EXTENDED, "limits@openssh.com")
+            if t == CMD_EXTENDED_REPLY:
+                for _ in range(3):  # packet, read and write lengths
+                    msg.get_int64()
+                handles = msg.get_int64()
+                cap = DIR_HANDLES if handles == 0 else max(0, min(DIR_HANDLES, handles - WINDOW - HANDLES_SPARE))
+        except SftpStatus:
+            pass
+    conn.dir_cap = cap
+    return cap
+
 
 
 class Uploads(Pipeline):
@@ -155,10 +182,11 @@ class Uploads(Pipeline):
         if d.error is not None or d.handle is None:
             return self.finish(d)
         kept = self.ops.conn.dir_handles
-        if self.keep_dirs and d.final not in self.ops.remade_dirs:
+        cap = dir_handles_cap(self.ops)
+        if self.keep_dirs and cap and d.final not in self.ops.remade_dirs:
             kept[d.final] = d.handle  # kept open for the next runs on this connection
             d.kept = True
-            while len(kept) > DIR_HANDLES:  # the least recently used one is closed
+            while len(kept) > cap:  # the least recently used one is closed
                 self.send(d, self.ignore, CMD_CLOSE, kept.pop(next(iter(kept))))
         self._fsync_dir(d)
 

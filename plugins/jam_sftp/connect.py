@@ -425,6 +425,7 @@ class Connection:
         self.hops = hops
         self.broken = False
         self.dir_handles: dict[str, bytes] = {}  # directories kept open for their fsyncs (batch.Uploads)
+        self.dir_cap: int | None = None  # how many it may keep (batch.dir_handles_cap, asked once)
         self.shard = (0, -1)  # (shards, shard) of the last batch spread by fan-out directory (parallel.py)
 
     @property

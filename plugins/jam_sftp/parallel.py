@@ -60,7 +60,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import IntegrityError, hasher, object_relpath, split_oid
-from jam_sftp.batch import Downloads, Uploads
+from jam_sftp.batch import Downloads, Uploads, dir_handles_cap
 from jam_sftp.pipeline import Feed, _File
 from jam_sftp.transfer import INFLIGHT, READ_INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
 
@@ -141,6 +141,7 @@ def _spread(pool, ops: Ops, items, progress: Callable[[int], None], transfers) -
     feed = Feed(files, want, lambda f: zlib.crc32(object_relpath(f.oid).rsplit("/", 1)[0].encode()))
 
     def sharded(o: Ops) -> None:
+        dir_handles_cap(o)  # asked before the run: nothing of it in flight yet
         shards, last = o.conn.shard
         shard = feed.claim(last if shards == want else -1)
         o.conn.shard = (want, shard)
