@@ -188,8 +188,8 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                     add_mtime(mtime)
                     add_atime(atime)
                     add_last(last)
-                else:
-                    kept[prefix + name] = _kept(LOCAL, st, False, False, min_size)
+                else:  # (not pinned, not ignored, local: a single link means too small)
+                    kept[prefix + name] = SMALL if st.st_nlink == 1 else _kept(LOCAL, st, False, False, min_size)
                 continue
             rel = prefix + name  # the catalog's stamps are keyed by os.fsencode(rel)
             state = classify(base + name, st, QUICK, stamp=stamp_of(rel.encode(fs_encoding, fs_errors)))[0]
@@ -289,6 +289,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
 
 
 _SEP = "\0"  # in no path
+SMALL = "smaller than core.min_size"
 
 
 def _pack(columns: Sequence[list], kinds: str) -> tuple:
@@ -342,7 +343,7 @@ def _kept(state: str, st: os.stat_result, pinned: bool, ignored: bool, min_size:
     if st.st_nlink > 1:
         return "hard-linked"
     if st.st_size == 0 or st.st_size < min_size:
-        return "smaller than core.min_size"
+        return SMALL
     return ""
 
 
