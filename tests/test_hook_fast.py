@@ -423,3 +423,28 @@ def test_the_hook_fetch_builds_no_plugin_manager(tree, monkeypatch):
     monkeypatch.setattr(pluggy, "PluginManager", refuse)
     assert run_hook_fetch(str(root.path / "data")) == 0
     assert _back(root, content), "differs"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_recorded_interpreter_and_bootstrap_survive_the_shell_s_quoting(shell, tmp_path):
+    """Paths with quotes, spaces, $(...), backticks, backslashes and newlines are written into
+    the hook as data: the shell reads back exactly the interpreter and bootstrap jam wrote, and
+    runs nothing of them."""
+    from jam_core.cli.hook import bootstrap, render
+
+    marker = tmp_path / "injected"
+    weird = [f"/tmp/a b'c\"d$(touch {marker})`touch {marker}`\\e\nf", "/tmp/x;touch " + str(marker)]
+    boot = bootstrap(weird)
+    py = f"/opt/py th'on$(touch {marker})/bin/python3"
+    text = render(shell, "/opt/jam/bin/jam", str(tmp_path / "roots"), py, boot)
+    script = tmp_path / f"hook.{shell}"
+    script.write_text(text)
+    out = tmp_path / "out"
+    show = {"fish": f"printf '%s\\0%s' \"$_jam_py\" \"$_jam_boot\" > {str(out)!r}",
+            }.get(shell, f"printf '%s\\0%s' \"$_JAM_PY\" \"$_JAM_BOOT\" > {str(out)!r}")
+    exe = require_tool(shell)
+    res = subprocess.run([exe, *FLAGS[shell], f"source {str(script)!r}; {show}"],
+                         env=dict(os.environ, JAM_DISABLE="1"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes().split(b"\0") == [py.encode(), boot.encode()]
+    assert not marker.exists()
