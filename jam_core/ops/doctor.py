@@ -1113,8 +1113,9 @@ class _Doctor:
                     pieces = set()
                 extra = [(o, s) for o, s in extra if o not in pieces]
             if extra:
+                n = f"{len(extra)} object{'' if len(extra) == 1 else 's'}"
                 self.res.add("leftovers", WARNING, "unused", r.name,
-                             f"{len(extra)} object{'' if len(extra) == 1 else 's'} ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
+                             f"{n} ({_human(sum(s for _, s in extra))}) on remote {r.name!r} that "
                              "nothing in this root refers to (older versions, or another root's); never deleted "
                              "by doctor")
 
