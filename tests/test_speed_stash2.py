@@ -340,3 +340,26 @@ def test_a_batch_s_originals_are_freed_only_after_the_next_batch_s_stubs_are_cre
     with Session() as s:
         assert len(checkout(Root(t.root), ["."], make_plugin_manager(), s).done) == 4
     assert {n: b3(t.root / n) for n in sums} == sums
+
+
+def test_the_copy_buffer_is_reused_and_a_shorter_object_never_takes_the_last_one_s_bytes(tmp_path):
+    """Small objects are copied through one buffer per thread (no 1 MiB zero-filled per
+    object); a shorter object copied after a longer one holds its own bytes only, in its
+    store and on the disk, and a sparse one its holes as zeros."""
+    import jam_dir
+
+    first = jam_dir._buffer(jam_dir._COPY_CHUNK)
+    for i, (size, hole) in enumerate([(300_000, 0), (1000, 0), (5000, 4000)]):
+        src, dst = tmp_path / f"s{i}", tmp_path / f"d{i}"
+        src.write_bytes(os.urandom(size - hole))
+        if hole:
+            os.truncate(src, size)
+        sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            got, n = jam_dir._copy_hashing(sfd, dfd, size, "b3", lambda n: None)
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+        assert n == size and os.path.getsize(dst) == size
+        assert got == f"b3:{b3(src)}" == f"b3:{b3(dst)}", i
+    assert jam_dir._buffer(jam_dir._COPY_CHUNK) is first

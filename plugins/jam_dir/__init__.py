@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import stat
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -329,6 +330,21 @@ def _start_writeback(fd: int, off: int, count: int) -> None:
 
 
 _COPY_CHUNK = 1 << 20
+_BUFFERS = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    """This thread's copy buffer of ``size`` bytes, made once: a fresh buffer per object was
+    zero-filled and faulted in page by page for each small file (its memset alone cost more
+    instructions than anything but hashing and the interpreter). Used until the thread's next
+    call; a store runs in one thread from its read to its write."""
+    bufs = getattr(_BUFFERS, "bufs", None)
+    if bufs is None:
+        bufs = _BUFFERS.bufs = {}
+    view = bufs.get(size)
+    if view is None:
+        view = bufs[size] = memoryview(bytearray(size))
+    return view
 _BIG = 8 << 20  # from this size on, hashing runs in a second thread beside the writes
 _BIG_CHUNK = 4 << 20
 
@@ -345,8 +361,7 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
     it goes. Raises IntegrityError if the source ends before ``size``."""
     big = size >= _BIG
     h = hasher(algorithm)
-    buf = bytearray(_BIG_CHUNK if big else min(_COPY_CHUNK, max(size, 1)))  # small: no 1 MiB to fault in
-    view = memoryview(buf)
+    view = _buffer(_BIG_CHUNK if big else _COPY_CHUNK)
     zeros = None
     pool = None
     if big:
@@ -370,14 +385,14 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
                     extent_end = size
                 while off < data:  # a hole reads as zeros, and so it is hashed
                     if zeros is None:
-                        zeros = bytes(len(buf))
+                        zeros = bytes(len(view))
                     n = min(len(zeros), data - off)
                     h.update(zeros[:n] if n < len(zeros) else zeros)
                     off += n
                     progress(n)
                 if off >= size:
                     break
-            n = os.preadv(src_fd, [view[:min(len(buf), extent_end - off)]], off)
+            n = os.preadv(src_fd, [view[:min(len(view), extent_end - off)]], off)
             if n == 0:
                 raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
             chunk = view[:n]
