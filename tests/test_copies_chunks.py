@@ -294,19 +294,14 @@ def test_move_keeps_everything_another_root_still_needs_there(tmp_path):
 
 
 def test_remote_remove_move_to_carries_chunk_only_objects(tmp_path):
-    """`jam remote remove vault --move-to second` (move_off handed the carrier): the stub's
-    chunk-only object and what the kept snapshots need (pieces included) land on second,
-    verified, before anything leaves vault; then the root works from second alone."""
-    from jam_core.ops.copies import move_off
-
+    """`jam remote remove vault --move-to second`: the stub's chunk-only object and what the
+    kept snapshots need (pieces included) land on second, verified, before anything leaves
+    vault; then the root works from second alone."""
     t, second, v1, v2 = _versions(tmp_path)
-    root, pm = Root(t.root), make_plugin_manager()
-    session = Session()
-    res = move_off(root, pm, "vault", "second", session, pieces=chunks.Pieces(root, pm, session))
-    assert not res.failed and not res.aborted, res
+    res = run_jam(t.root, "remote", "remove", "vault", "--move-to", "second", machine="aaa")
+    assert "Removed remote 'vault'" in res.out, res.out + res.err
     for v in (v1, v2):
         assert _held(t.root, "second", "b3:" + b3_bytes(v), len(v))
-    run_jam(t.root, "remote", "remove", "vault", "--force", machine="aaa")
     os.rename(t.remote, tmp_path / "vault-gone")
     run_jam(t.root, "checkout", "old.bin", machine="aaa")
     assert b3(t.root / "old.bin") == b3_bytes(v1), "differs"
@@ -412,3 +407,30 @@ def test_sftp_move_there_and_back(tmp_path, sshd, sftp_store):
     assert _pointer(sftp_store, w1).read_bytes() == b"" and not own & set(_objects(sftp_store))
     run_jam(t.root, "checkout", "old.bin", machine="aaa")
     assert b3(t.root / "old.bin") == b3_bytes(v1), "differs"
+
+
+# -- the history index forgets what a removal took away ----------------------------------------------------
+def test_a_commit_after_a_move_does_not_take_moved_content_for_stored(tmp_path):
+    """Committed content moved off 'vault' (`jam move`): the history index must not keep
+    counting it as stored there, or the next commit names 'vault' a complete copy of the tree
+    (its head lands there) and a clone from 'vault' alone cannot bring the file back."""
+    from tests.safety_support import make_tree
+
+    t = make_tree(tmp_path, "a")
+    data = os.urandom(200_000)
+    (t.root / "f.bin").write_bytes(data)
+    run_jam(t.root, "commit", "-m", "one", machine="aaa")  # f.bin uploaded to vault, stays local
+    second = tmp_path / "second"
+    second.mkdir()
+    _add(t.root, "second", str(second))
+    run_jam(t.root, "stash", "f.bin", machine="aaa")
+    run_jam(t.root, "move", "--from", "vault", "--to", "second", "f.bin", machine="aaa")
+    oid = "b3:" + b3_bytes(data)
+    assert oid not in _objects(t.remote) and oid in _objects(second)
+    run_jam(t.root, "checkout", "f.bin", machine="aaa")  # local again: a commit can upload it
+    (t.root / "n.txt").write_bytes(b"x\n")
+    run_jam(t.root, "commit", "-m", "two", machine="aaa")
+    b = tmp_path / "b"
+    run_jam(tmp_path, "clone", str(t.remote), str(b), machine="bbb")
+    run_jam(b, "checkout", "f.bin", machine="bbb")
+    assert b3(b / "f.bin") == b3_bytes(data), "differs"

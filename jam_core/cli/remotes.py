@@ -68,10 +68,12 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
                                   type=click.Choice(others + ["no"]), default=others[0], err=True)
             move_to = None if answer == "no" else answer
     if move_to is not None:
+        from jam_core.history.chunks import Pieces
         from jam_core.ops.copies import move_off
 
+        pm = plugin_manager()
         with session("Moving") as s:
-            result = move_off(root, plugin_manager(), name, move_to, s)
+            result = move_off(root, pm, name, move_to, s, pieces=Pieces(root, pm, s))
         report(result, "Moved", f"to {move_to}", quiet=True)
         if result.failed or result.aborted:
             raise SystemExit(1)

@@ -127,6 +127,15 @@ class Index:
             self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", pairs)
             self.db.execute("COMMIT")
 
+    def forget_stored(self, pairs) -> None:
+        """Objects no longer on a remote (removed through ``ops.copies.remove_copies``): a
+        later commit must upload such content again, not take it for stored."""
+        pairs = list(pairs)
+        if pairs:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM stored WHERE oid = ? AND remote = ?", pairs)
+            self.db.execute("COMMIT")
+
     def only_on(self, remote: str) -> int:
         """How many objects the kept snapshots need (snapshots included) are known to be on
         ``remote`` and on no other remote (for ``jam remote remove``)."""

@@ -141,6 +141,7 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
     (:func:`_remove_pieces`), and copies held as chunks elsewhere count."""
     removed: dict[str, int] = {}
     refused: dict[str, str] = {}
+    gone: set[str] = set()  # pieces (chunks, recipes) removed
     if not wanted:
         return removed, refused
     recorder = recorder or Recorder(root, pm, session)
@@ -194,7 +195,7 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
         chunked = {o: parts[o] for o in parts if o not in refused}
         if chunked and len(refused) + len(removed) + len(chunked) == len(wanted):
             _remove_pieces(root, cat, pm, session, remote, chunked, wanted, own, here, others, recorder.rid,
-                           recorder.copies, pieces, removed, refused)
+                           recorder.copies, pieces, removed, refused, gone)
         else:
             for o in chunked:
                 refused.setdefault(o, f"remote {remote.name!r}: not every object could be decided; kept")
@@ -203,13 +204,31 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
             recorder.intent(remote, ())
         except (JamError, OSError):
             pass  # a stale intent only makes other roots count fewer copies: safe
+        _forget_stored(root, remote, gone.union(removed))
     return removed, refused
+
+
+def _forget_stored(root: Root, remote: Remote, oids: set[str]) -> None:
+    """The history index no longer counts ``oids`` as stored on ``remote``: a commit would
+    otherwise take content moved or collected away for stored and upload nothing."""
+    import sqlite3
+
+    from jam_core.history.index import HistoryError, Index, exists
+
+    if not oids or not exists(root):
+        return
+    try:
+        with Index(root, create=False) as ix:
+            ix.forget_stored((o, remote.name) for o in oids)
+    except sqlite3.Error as exc:
+        raise HistoryError(f"removed from {remote.name!r}, but the history index could not record it: {exc}; "
+                           "run `jam commit` with care (it may take that content for stored)") from None
 
 
 def _remove_pieces(root: Root, cat: Catalog, pm, session: Session, remote: Remote,
                    chunked: dict[str, dict[str, int] | None],
                    wanted: dict[str, int], own: set[str], here: Users, others, me: str, copies: int, pieces,
-                   removed: dict[str, int], refused: dict[str, str]) -> None:
+                   removed: dict[str, int], refused: dict[str, str], gone: set[str]) -> None:
     """The pieces of the objects of ``chunked`` (each already allowed to leave ``remote``: enough
     verified copies elsewhere), chunks first, then recipes, then each pointer emptied. A piece
     another object needed here is made of (whoever needs it: every root's refs and this root's,
@@ -228,7 +247,6 @@ def _remove_pieces(root: Root, cat: Catalog, pm, session: Session, remote: Remot
             if p not in keep:
                 order[p] = n
     recipes = {next(reversed(got)) for got in chunked.values() if got}  # ``of`` lists the recipe last
-    gone: set[str] = set()
     for p in sorted(order, key=lambda p: p in recipes):
         needing = dict(here.needing(p))
         needing.pop(me, None)
