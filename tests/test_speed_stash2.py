@@ -363,3 +363,24 @@ def test_the_copy_buffer_is_reused_and_a_shorter_object_never_takes_the_last_one
         assert n == size and os.path.getsize(dst) == size
         assert got == f"b3:{b3(src)}" == f"b3:{b3(dst)}", i
     assert jam_dir._buffer(jam_dir._COPY_CHUNK) is first
+
+
+def test_a_stash_interrupted_while_its_frees_are_waited_for_still_syncs_its_swaps(tmp_path, monkeypatch):
+    """Ctrl-C while the stash waits for its originals' closes: the swaps already made are
+    still made durable by the last syncfs, and the interruption goes on up."""
+    t, sums = _tree(tmp_path, n=2)
+    events = []
+    real_stop, real_syncfs = Closer.stop, stash_mod.syncfs
+
+    def stop(closer):
+        real_stop(closer)
+        events.append("stop")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Closer, "stop", stop)
+    monkeypatch.setattr(stash_mod, "syncfs", lambda fd: events.append("syncfs") or real_syncfs(fd))
+    with Session() as s, pytest.raises(KeyboardInterrupt):
+        stash(Root(t.root), ["."], make_plugin_manager(), s)
+    monkeypatch.undo()
+    assert events[-2:] == ["stop", "syncfs"], events
+    assert all(is_stub(t.root / n) for n in sums)

@@ -133,9 +133,11 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
             # last syncfs, which then writes the frees too: on ext4 without a journal, inodes
             # freed in blocks not yet written are passed over by every new file of their group
             # for 5 minutes (each creation scans them), for 5 seconds once they are written.
-            closer.stop()
-            if result.done:
-                _settle(dirs, result)
+            try:
+                closer.stop()
+            finally:  # interrupted while waiting for the frees: the swaps made are still synced
+                if result.done:
+                    _settle(dirs, result)
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
