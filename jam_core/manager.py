@@ -272,120 +272,15 @@ def dir_suffices(config) -> bool:
         return False
 
 
-def fetch_plugin_manager(config):
+def fetch_plugin_manager(config) -> pluggy.PluginManager:
     """The plugin manager a fetch in a root with this config needs: the core's placement and
     the dir backend alone when :func:`dir_suffices` (no entry-point scan, no sftp or rclone
-    import: the cd hook's path to its first byte; called straight, see :class:`DirectHooks`),
-    else the full one."""
+    import: the cd hook's path to its first byte), else the full one."""
     if dir_suffices(config):
-        pm = direct_hooks(DIR_ONLY) or make_plugin_manager(load_entrypoints=False, builtins=DIR_ONLY)
+        pm = make_plugin_manager(load_entrypoints=False, builtins=DIR_ONLY)
         pm.jam_scope = DIR_KIND
         return pm
     return make_plugin_manager()
-
-
-class _Caller:
-    """One hook of :class:`DirectHooks`: pluggy's call, for plain implementations."""
-
-    __slots__ = ("name", "impls", "firstresult")
-
-    def __init__(self, name: str, impls: list, firstresult: bool):
-        self.name, self.impls, self.firstresult = name, impls, firstresult
-
-    def __call__(self, **kwargs):
-        out = []
-        for func, (names, optional) in self.impls:
-            try:
-                args = [kwargs[n] for n in names]
-            except KeyError as exc:
-                raise pluggy.HookCallError(f"hook call must provide argument {exc.args[0]!r}") from exc
-            res = func(*args, **{n: kwargs[n] for n in optional if n in kwargs}) if optional else func(*args)
-            if res is not None:
-                if self.firstresult:
-                    return res
-                out.append(res)
-        return None if self.firstresult else out
-
-
-class DirectHooks:
-    """A fetch's plugin manager with the built-ins alone (:func:`fetch_plugin_manager` when
-    :func:`dir_suffices`): their hook functions called straight, as pluggy would call them
-    (tryfirst ones first, then the later registered before the earlier, trylast ones last;
-    firstresult hooks answer the first result that is not None, the others the list of those
-    results; each function gets the arguments it names), without building a PluginManager
-    (which inspects every spec's and implementation's signature: ~5 M instructions of the cd
-    hook's fetch). Answers what jam asks of a fetch's manager: ``hook.NAME(**kwargs)``,
-    ``list_name_plugin``, ``get_plugin``, ``has_plugin``, ``is_blocked``."""
-
-    def __init__(self, plugins: list[tuple[str, types.ModuleType]], callers: dict[str, _Caller]):
-        self._plugins = plugins
-        self.hook = types.SimpleNamespace(**callers)
-        self.jam_broken: list[dict] = []
-        self.jam_versions: dict[str, str] = {}
-
-    def list_name_plugin(self) -> list:
-        return list(self._plugins)
-
-    def get_plugin(self, name: str):
-        return dict(self._plugins).get(name)
-
-    def has_plugin(self, name: str) -> bool:
-        return name in dict(self._plugins)
-
-    def is_blocked(self, name: str) -> bool:
-        return name in _names(os.environ.get(ENV_BLOCK))
-
-    def __repr__(self) -> str:
-        return f"<DirectHooks {[n for n, _ in self._plugins]}>"
-
-
-def _argnames(func) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """The arguments pluggy hands ``func``, as pluggy.varnames reads them: its positional
-    parameters without a default (always given), then those with one (given by name when the
-    call has them). None for anything pluggy would treat otherwise (keyword-only parameters,
-    *args, a method)."""
-    code = getattr(func, "__code__", None)
-    if code is None or code.co_kwonlyargcount or code.co_flags & 0x0C:  # CO_VARARGS | CO_VARKEYWORDS
-        return None
-    names = code.co_varnames[:code.co_argcount]
-    if names[:1] in (("self",), ("cls",)):
-        return None
-    n = len(names) - len(func.__defaults__ or ())
-    return names[:n], names[n:]
-
-
-def direct_hooks(builtins: tuple[str, ...]) -> DirectHooks | None:
-    """:class:`DirectHooks` over the built-in modules ``builtins`` (those not blocked), or None
-    when one of their hooks needs more of pluggy than a straight call (a wrapper, a historic
-    spec, another spec name, an argument its spec does not have): the caller then builds a
-    PluginManager, which says what is wrong."""
-    blocked = _names(os.environ.get(ENV_BLOCK))
-    specs = {}
-    for name, func in vars(hookspecs).items():
-        opts = getattr(func, f"{PROJECT}_spec", None) if isinstance(func, types.FunctionType) else None
-        if isinstance(opts, dict):
-            if opts.get("historic") or _argnames(func) is None:
-                return None
-            specs[name] = (bool(opts.get("firstresult")), {*_argnames(func)[0], *_argnames(func)[1]})
-    plugins = []
-    tiers: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in specs}
-    for modname in builtins:
-        if modname in blocked:
-            continue
-        mod = importlib.import_module(modname)
-        plugins.append((modname, mod))
-        for name, func in vars(mod).items():
-            opts = getattr(func, f"{PROJECT}_impl", None) if isinstance(func, types.FunctionType) else None
-            if not isinstance(opts, dict):
-                continue
-            names = _argnames(func)
-            if (opts.get("wrapper") or opts.get("hookwrapper") or opts.get("specname") or name not in specs
-                    or names is None or not set(names[0]) <= specs[name][1]):
-                return None
-            tier = 0 if opts.get("tryfirst") else 2 if opts.get("trylast") else 1
-            tiers[name][tier].insert(0, (func, names))  # the later registered is called first
-    callers = {name: _Caller(name, [i for t in tiers[name] for i in t], specs[name][0]) for name in specs}
-    return DirectHooks(plugins, callers)
 
 
 def broken_plugins(pm: pluggy.PluginManager) -> list[dict]:
