@@ -40,6 +40,7 @@ _LAZY = {
     "hasher": "jam_core.objects",
     "hash_fd": "jam_core.objects",
     "hash_file": "jam_core.objects",
+    "read_buffer": "jam_core.objects",
     "object_relpath": "jam_core.objects",
     "MARKER_NAME": "jam_core.objects",
     "marker_bytes": "jam_core.objects",

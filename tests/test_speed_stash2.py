@@ -347,8 +347,9 @@ def test_the_copy_buffer_is_reused_and_a_shorter_object_never_takes_the_last_one
     object); a shorter object copied after a longer one holds its own bytes only, in its
     store and on the disk, and a sparse one its holes as zeros."""
     import jam_dir
+    from jam_core.objects import read_buffer
 
-    first = jam_dir._buffer(jam_dir._COPY_CHUNK)
+    first = read_buffer(jam_dir._COPY_CHUNK)
     for i, (size, hole) in enumerate([(300_000, 0), (1000, 0), (5000, 4000)]):
         src, dst = tmp_path / f"s{i}", tmp_path / f"d{i}"
         src.write_bytes(os.urandom(size - hole))
@@ -362,7 +363,7 @@ def test_the_copy_buffer_is_reused_and_a_shorter_object_never_takes_the_last_one
             os.close(dfd)
         assert n == size and os.path.getsize(dst) == size
         assert got == f"b3:{b3(src)}" == f"b3:{b3(dst)}", i
-    assert jam_dir._buffer(jam_dir._COPY_CHUNK) is first
+    assert read_buffer(jam_dir._COPY_CHUNK) is first
 
 
 def test_a_stash_interrupted_while_its_frees_are_waited_for_still_syncs_its_swaps(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import stat
-import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -34,6 +33,7 @@ from jam_core import (
     parse_marker,
     part_is_stale,
     part_name,
+    read_buffer,
     syncfs,
 )
 
@@ -330,21 +330,6 @@ def _start_writeback(fd: int, off: int, count: int) -> None:
 
 
 _COPY_CHUNK = 1 << 20
-_BUFFERS = threading.local()
-
-
-def _buffer(size: int) -> memoryview:
-    """This thread's copy buffer of ``size`` bytes, made once: a fresh buffer per object was
-    zero-filled and faulted in page by page for each small file (its memset alone cost more
-    instructions than anything but hashing and the interpreter). Used until the thread's next
-    call; a store runs in one thread from its read to its write."""
-    bufs = getattr(_BUFFERS, "bufs", None)
-    if bufs is None:
-        bufs = _BUFFERS.bufs = {}
-    view = bufs.get(size)
-    if view is None:
-        view = bufs[size] = memoryview(bytearray(size))
-    return view
 _BIG = 8 << 20  # from this size on, hashing runs in a second thread beside the writes
 _BIG_CHUNK = 4 << 20
 
@@ -361,7 +346,7 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
     it goes. Raises IntegrityError if the source ends before ``size``."""
     big = size >= _BIG
     h = hasher(algorithm)
-    view = _buffer(_BIG_CHUNK if big else _COPY_CHUNK)
+    view = read_buffer(_BIG_CHUNK if big else _COPY_CHUNK)  # used until this function returns
     zeros = None
     pool = None
     if big:
