@@ -636,6 +636,8 @@ class Pieces:
     def verified(self, remote, oid: str, size: int) -> bool:
         """``remote`` holds an intact ``oid`` as chunks: its recipe verified, every chunk hashed
         in place where the backend can (else its size)."""
+        from jam_core.ops.copies import _verified  # the one "intact copy, asked live" check
+
         pm, session = self.pm, self.session
         try:
             got = recipe_on(remote, oid, size, pm, session)
@@ -643,14 +645,7 @@ class Pieces:
             return False
         if got is None:
             return False
-        for cid, n in dict(got[2]).items():
-            h = pm.hook.hash_object(remote=remote, oid=cid, size=n, session=session)
-            if h is None:
-                if pm.hook.has(remote=remote, oid=cid, size=n, session=session) is not True:
-                    return False
-            elif h != cid:
-                return False
-        return True
+        return all(_verified(remote, cid, n, pm, session) for cid, n in dict(got[2]).items())
 
     def pointed(self, remote) -> set[str]:
         """The whole ids ``remote`` has a recipe pointer for (empty ones included)."""
