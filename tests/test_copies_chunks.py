@@ -249,6 +249,23 @@ def test_drop_after_copy_removes_the_pieces_and_counts_the_copy_held_as_chunks(t
     _after_move(t, second, v1, v2)
 
 
+def test_drop_refuses_while_the_copy_held_as_chunks_elsewhere_has_a_corrupt_chunk(tmp_path):
+    """The copy on 'second' counts only if every chunk hashes to its id there: one chunk with a
+    byte flipped (same size) and the drop from 'vault' is refused, nothing removed."""
+    t, second, v1, v2 = _versions(tmp_path)
+    w1 = "b3:" + b3_bytes(v1)
+    run_jam(t.root, "copy", "--to", "second", "old.bin", machine="aaa")
+    rid, _n = chunks.decode_pointer(_pointer(second, w1).read_bytes())
+    victim = _objects(second)[sorted(_recipe_chunks(_objects(second)[rid]))[0]]
+    good = victim.read_bytes()
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
+    before = set(_objects(t.remote))
+    res = run_jam(t.root, "drop", "--from", "vault", "old.bin", machine="aaa", check=1)
+    assert "needs 1 verified copy elsewhere and 0 are left" in res.out + res.err, res.out + res.err
+    assert set(_objects(t.remote)) == before and _held(t.root, "vault", w1, len(v1)), "removed"
+
+
 def test_move_keeps_the_pieces_a_stub_the_catalog_does_not_know_shares(tmp_path):
     """The other version is needed only by a stub of this root that neither the catalog nor the
     refs on the source list yet (no history, refs written before the stub came): the move walks
