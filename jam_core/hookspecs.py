@@ -190,8 +190,8 @@ def hash_object(remote: Remote, oid: str, size: int, session: Session) -> str | 
     hash that. First non-None answer wins: the backend of ``remote.kind``.
 
     :param remote: where the object is.
-    :param oid: the content id; hash with its algorithm (``jam_core.hash_fd(fd, algorithm,
-        threads=True)`` hashes a large object with every core).
+    :param oid: the content id; hash with its algorithm (``jam_core.hash_fd(fd, algorithm)``
+        reads it in cache-sized pieces, the fastest way measured).
     :param size: the size the object must have.
     :param session: per-command state (connections, ``session.progress`` for the bytes read).
     :return: the id the stored bytes hash to (equal to ``oid`` when the copy is intact);

@@ -33,7 +33,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import BIG, hash_fd, split_oid
+from jam_core.objects import hash_fd, split_oid
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -334,7 +334,7 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     # at explicit offsets, and put back at 0 by ``reset`` after a failed attempt.
     # A large file is hashed with both cores (blake3 splits each read over threads) while the
     # disk writes it back (the dir backend started that as it copied).
-    got, off = hash_fd(w.fd, algorithm, session.progress, threads=rec.size >= BIG, limit=rec.size)
+    got, off = hash_fd(w.fd, algorithm, session.progress, limit=rec.size)
     if got != rec.oid or off != rec.size:
         return (f"remote {remote.name!r} returned corrupt content for {rec.oid} "
                 f"(hash {got[:15]}…, {off} bytes); stub left as it was")

@@ -405,7 +405,7 @@ def _transfer(root: Root, src: Remote, dest: Remote, oid: str, size: int, pm, se
         if ok is not True:
             raise _Absent(f"remote {src.name!r} does not have {oid}")
         os.lseek(fd, 0, os.SEEK_SET)
-        if hash_fd(fd, split_oid(oid)[0], threads=True) != (oid, size):
+        if hash_fd(fd, split_oid(oid)[0]) != (oid, size):
             raise JamError(f"remote {src.name!r} returned corrupt content for {oid}")
         stored = pm.hook.stash(remote=dest, oid=oid, source=Path(fd_path(fd)), size=size, session=session)
         if stored is not True:

@@ -1051,7 +1051,7 @@ class _Doctor:
             if os.fstat(fd).st_size != rec.size:
                 return ""
             os.lseek(fd, 0, os.SEEK_SET)
-            got, n = hash_fd(fd, rec.oid.split(":")[0], threads=True)
+            got, n = hash_fd(fd, rec.oid.split(":")[0])
             return got if n == rec.size else ""
         finally:
             os.close(fd)

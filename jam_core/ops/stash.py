@@ -39,7 +39,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import BIG, DEFAULT_ALGORITHM, hash_fd
+from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -471,10 +471,9 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
             if copy is not None:
                 raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
                            "(or `jam doctor --fix` restores its metadata)")
-        # Large: every core. No read past the size it had (a file that grew is caught below by
-        # its stat), so a small file costs one read, not a second one that finds its end.
-        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, threads=st0.st_size >= BIG,
-                            limit=st0.st_size)
+        # No read past the size it had (a file that grew is caught below by its stat), so a
+        # small file costs one read, not a second one that finds its end.
+        oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, limit=st0.st_size)
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
         xattrs = carried_xattrs(fd)

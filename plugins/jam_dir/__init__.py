@@ -417,7 +417,7 @@ def _copy_verifying(src_fd: int, dst_fd: int, size: int, algorithm: str, progres
     before ``size``."""
     _copy(src_fd, dst_fd, size, progress)
     os.lseek(dst_fd, 0, os.SEEK_SET)
-    return hash_fd(dst_fd, algorithm, threads=True, limit=size)
+    return hash_fd(dst_fd, algorithm, limit=size)
 
 
 def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress) -> None:
@@ -621,7 +621,7 @@ def hash_object(remote, oid, size, session):
     if src is False:
         return False
     try:
-        got, n = hash_fd(src, oid.split(":")[0], session.progress, threads=True)
+        got, n = hash_fd(src, oid.split(":")[0], session.progress)
         return got if n == size else f"{got} ({n} bytes)"
     except OSError as exc:
         raise _oserror(remote, f"read {oid}", exc, item=False) from None
