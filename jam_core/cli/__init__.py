@@ -23,6 +23,9 @@ ENV_SHOW_MODULES = "JAM_DEBUG_MODULES"  # a file: hook-fetch appends the modules
 
 _GROUP = None
 _BOOTED = False  # started by the hook's bootstrap (python -I -S, no site): see boot()
+_SCRIPT = False  # running as the console script (``jam ...``), not main(args=...)
+_DONE = False  # the command said it finished with everything written and closed: see finished()
+_KEPT: tuple = ()  # what such a command made: never freed one by one
 
 
 def _group():
@@ -62,6 +65,14 @@ class _Main:
                 if sys.argv[1:2] == ["hook-fetch"]:
                     _leave(code)
                 sys.exit(code)
+            global _SCRIPT
+            _SCRIPT = True
+            try:
+                return _group()()
+            except SystemExit as exc:
+                if _DONE and (exc.code is None or isinstance(exc.code, int)):
+                    _leave_done(exc.code or 0)
+                raise
         return _group()(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -144,6 +155,40 @@ def _leave(code: int) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    os._exit(code)
+
+
+def finished(*keep) -> bool:
+    """Said by a command that has done its work: its output written, its files and catalogs
+    closed, no thread left. Run as the console script (``jam ...``), the process then leaves
+    with ``os._exit`` once stdout and stderr are flushed, without the interpreter's teardown:
+    ``keep`` (what the command made, e.g. a dry-run's plan of 100,000 files) is never freed
+    object by object, and nothing made so far is walked by the collector again (``gc.freeze``);
+    ~30 ms after a dry-run over 100,000 files. Returns False, and does nothing, under
+    ``main(args=...)`` (CliRunner, callers): their process goes on."""
+    global _DONE, _KEPT
+    if not _SCRIPT:
+        return False
+    import gc
+
+    _DONE, _KEPT = True, keep
+    gc.freeze()
+    return True
+
+
+def _leave_done(code: int) -> None:
+    """:func:`_leave` for a command that said it :func:`finished`, only if nothing could still
+    need the teardown: one thread, and stdout and stderr flushed (a flush that fails goes the
+    interpreter's usual way, with its usual message and exit code)."""
+    import threading
+
+    if threading.active_count() != 1:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
     os._exit(code)
 
 

@@ -68,7 +68,10 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
         else:
             print_plan(plan, dry_run)
         if dry_run or not plan.items:
-            del plan  # freed before the collector is back, not walked by it first
+            from jam_core.cli import finished
+
+            if not finished(plan):  # the console script leaves without freeing the plan
+                del plan  # freed before the collector is back, not walked by it first
             return 0
     with session("stashing") as s:
         result = carry_out(root, plan, pm, s)
