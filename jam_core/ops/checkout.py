@@ -33,7 +33,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import hash_fd, split_oid
+from jam_core.objects import hash_fd, split_oid, verified_copy
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -329,6 +329,9 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     if got_size != rec.size:
         return (f"remote {remote.name!r} returned {got_size} bytes for {rec.oid}, not {rec.size}; "
                 "stub left as it was")
+    if verified_copy(w.fd, rec.oid, rec.size):  # hashed as it was copied (objects.hash_while_copying)
+        session.progress(rec.size)
+        return None
     algorithm, _ = split_oid(rec.oid)
     # ``w.fd`` is at offset 0: created empty, written only through its own reopened path or
     # at explicit offsets, and put back at 0 by ``reset`` after a failed attempt.
