@@ -37,6 +37,15 @@ _ALGO_CODE = {"b3": 1, "sha256": 2}
 _CODE_ALGO = {v: k for k, v in _ALGO_CODE.items()}
 
 
+_NOTICE = (
+    MAGIC.decode("ascii")
+    + "This file is stored by jam: its content is on a remote, not on this disk.\n"
+    "Bring it back with:  jam checkout <this file>   (or cd into its directory with\n"
+    "the jam shell hook). Do not edit this placeholder.\n"
+)
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps(s, ensure_ascii=True) of a str
+
+
 class BadStub(ValueError):
     """Stub metadata that cannot be trusted (malformed, hostile or from a newer jam)."""
 
@@ -86,26 +95,17 @@ class StubRecord:
 
     # -- header block ---------------------------------------------------------------------
     def header(self, name: str) -> bytes:
-        meta = {
-            "jam": VERSION,
-            "id": self.oid,
-            "size": self.size,
-            "mode": f"{self.mode:04o}",
-            "mtime_ns": self.mtime_ns,
-            "remotes": list(self.remotes),
-            "stashed_at": self.stashed_at,
-            "name": name,
-        }
-        text = (
-            "This file is stored by jam: its content is on a remote, not on this disk.\n"
-            "Bring it back with:  jam checkout <this file>   (or cd into its directory with\n"
-            "the jam shell hook). Do not edit this placeholder.\n"
-            f"{json.dumps(meta, ensure_ascii=True, separators=(',', ':'))}\n"
-        ).encode("ascii")
-        data = MAGIC + text
+        """The header block: the notice, then the metadata as one line of JSON (ASCII, no
+        spaces). Built from a template with the JSON encoder's own string escaping: byte for
+        byte what ``json.dumps`` of the same dict made (a test compares them), at a fraction
+        of its cost per stub."""
+        enc = _json_str
+        rem = ",".join([enc(r) for r in self.remotes])
+        data = (f'{_NOTICE}{{"jam":{VERSION},"id":{enc(self.oid)},"size":{int(self.size)},'
+                f'"mode":"{self.mode:04o}","mtime_ns":{int(self.mtime_ns)},"remotes":[{rem}],'
+                f'"stashed_at":{enc(self.stashed_at)},"name":{enc(name)}}}\n').encode("ascii")
         if len(data) > HEADER_MAX:  # a pathological name: drop it rather than spill a block
-            meta["name"] = ""
-            return self.header("")
+            return self.header("") if name else data
         return data
 
     @classmethod

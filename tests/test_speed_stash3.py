@@ -6,6 +6,8 @@ Behaviour only, never time.
   back from the destination itself, so the hash verifies the copy); a checkout then finds the
   fetched file verified (``objects.verified_copy``) and does not hash it a second time, unless
   it changed since or holds other bytes;
+* the stash asks ``place`` only where its answer can differ from the default one;
+* a stub's header is built from a cached template, byte for byte what ``json.dumps`` made.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 import jam_core.objects as objects
 import jam_core.ops.checkout as checkout_mod
+from jam_core import hookimpl
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
 from jam_core.objects import hash_while_copying, verified_copy
@@ -160,3 +163,113 @@ def test_a_fetched_file_written_after_its_copy_is_hashed_again(tmp_path, monkeyp
     assert not res.done and res.failed, res
     assert is_stub(t.root / "big")
 
+
+# -- the per-stub cost: one `place` call per command where its answer cannot differ -----------
+
+class _CountPlace:
+    """Counts the calls of ``place`` and lets the default answer (returns None)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl(tryfirst=True)
+    def place(self, oid):
+        self.calls += 1
+        return None
+
+
+def _count_default_place(monkeypatch):
+    import jam_core.placement as placement
+
+    calls = []
+    real = placement.place.__wrapped__ if hasattr(placement.place, "__wrapped__") else placement.choose
+    monkeypatch.setattr(placement, "choose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _header_remotes(path) -> tuple:
+    from jam_core.stub import StubRecord
+
+    with open(path, "rb") as f:
+        return StubRecord.from_header(f.read(4096)).remotes
+
+
+def _stash_n(tmp_path, pm, n=4, config="", extra_remote=None):
+    t = make_tree(tmp_path)
+    for i in range(n):
+        make_file(t.root / f"f{i}", 70_000, seed=70 + i)
+    if extra_remote is not None:
+        from jam_core.ops.remotes import add_remote
+
+        far = tmp_path / "far"
+        far.mkdir()
+        add_remote(Root(t.root), make_plugin_manager(), "far", str(far), **extra_remote)
+    if config:
+        cfg = t.root / ".jam" / "config.toml"
+        cfg.write_text(cfg.read_text() + config)
+    with Session() as s:
+        res = stash(Root(t.root), [f"f{i}" for i in range(n)], pm, s)
+    return t, res
+
+
+def test_the_default_placement_is_asked_once_per_stash(tmp_path, monkeypatch):
+    calls = _count_default_place(monkeypatch)
+    t, res = _stash_n(tmp_path, make_plugin_manager())
+    assert len(res.done) == 4, res
+    assert calls == [1]
+    assert {_header_remotes(t.root / f"f{i}") for i in range(4)} == {(Root(t.root).remotes()[0].name,)}
+
+
+def test_a_place_plugin_is_asked_for_every_object(tmp_path):
+    counter = _CountPlace()
+    t, res = _stash_n(tmp_path, make_plugin_manager(extra=(counter,)))
+    assert len(res.done) == 4, res
+    assert counter.calls == 4
+
+
+@pytest.mark.parametrize("case", ["copies2", "pool", "cache"])
+def test_more_copies_a_pool_or_a_cache_ask_place_for_every_object(tmp_path, monkeypatch, case):
+    calls = _count_default_place(monkeypatch)
+    if case == "copies2":
+        t, res = _stash_n(tmp_path, make_plugin_manager(), config="\n[place]\ncopies = 2\n",
+                          extra_remote={"tier": 1})
+    elif case == "pool":
+        t, res = _stash_n(tmp_path, make_plugin_manager(), extra_remote={"tier": 0})
+    else:
+        t, res = _stash_n(tmp_path, make_plugin_manager(), extra_remote={"tier": 1, "options": {"cache": "7d"}})
+    assert len(res.done) == 4, res
+    assert len(calls) == 4
+    if case == "copies2":
+        assert all(len(_header_remotes(t.root / f"f{i}")) == 2 for i in range(4))
+
+
+# -- the header, from a template --------------------------------------------------------------
+
+def _old_header(rec, name: str) -> bytes:
+    """The header as json.dumps made it (before the template)."""
+    import json
+
+    from jam_core.stub import HEADER_MAX, MAGIC, VERSION
+
+    meta = {"jam": VERSION, "id": rec.oid, "size": rec.size, "mode": f"{rec.mode:04o}", "mtime_ns": rec.mtime_ns,
+            "remotes": list(rec.remotes), "stashed_at": rec.stashed_at, "name": name}
+    text = ("This file is stored by jam: its content is on a remote, not on this disk.\n"
+            "Bring it back with:  jam checkout <this file>   (or cd into its directory with\n"
+            "the jam shell hook). Do not edit this placeholder.\n"
+            f"{json.dumps(meta, ensure_ascii=True, separators=(',', ':'))}\n").encode("ascii")
+    data = MAGIC + text
+    return _old_header(rec, "") if len(data) > HEADER_MAX and name else data
+
+
+@pytest.mark.parametrize("name", ["f", 'quo"te\\back', "tab\tnew\nline\x01\x7f", "été ☃ 𝄞", "bad\udcffbyte",
+                                  "</script>", "x" * 3000, "y" * 5000, ""], ids=lambda n: f"{n[:12]!r}-{len(n)}")
+def test_the_header_is_byte_for_byte_what_json_dumps_made(name):
+    from jam_core.stub import StubRecord, record_from_block
+
+    for remotes, stashed, mtime, mode in [((), "", 0, 0), (("a", 'b"c', "ü"), "2026-12-01T00:00:00Z", -5, 0o7777),
+                                          (("n",) * 3, "t", (1 << 62), 0o644)]:
+        rec = StubRecord(oid="b3:" + "ab" * 32, size=(1 << 50), mode=mode, mtime_ns=mtime, remotes=remotes,
+                         stashed_at=stashed)
+        new = rec.header(name)
+        assert new == _old_header(rec, name), name
+        assert record_from_block(new, rec.size) == rec

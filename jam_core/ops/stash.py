@@ -114,6 +114,7 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
 
         recorder = Recorder(root, pm, session) if todo else None
         remotes = Candidates(remotes, copies_of(root.config), _free_space(remotes, pm, session) if todo else {})
+        remotes.fixed = [] if _placement_is_fixed(pm, remotes) else None  # see choose_remotes
         leases = Leases()
         closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
         try:
@@ -426,6 +427,9 @@ def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -
     the free space of the remotes chosen is lowered by ``size``, so a pool fills evenly."""
     from jam_core.placement import is_cache
 
+    fixed = getattr(remotes, "fixed", None)
+    if fixed:  # the one answer of the default placement for this command (_placement_is_fixed)
+        return list(fixed)
     copies = getattr(remotes, "copies", 1)
     free = getattr(remotes, "free", {})
     chosen = pm.hook.place(root=root.path, oid=oid, size=size, remotes=remotes, copies=copies, free=dict(free))
@@ -441,7 +445,30 @@ def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -
     for n in out:
         if free.get(n) is not None:
             free[n] = max(0, free[n] - size)
+    if fixed is not None:
+        remotes.fixed = list(out)
     return out
+
+
+def _placement_is_fixed(pm, remotes) -> bool:
+    """True where ``place`` gives every object of this command the same answer: only the
+    core's default placement is installed, ``[place] copies = 1``, no tier holds several remotes
+    (a pool, chosen by free space) and no remote is a cache. Then it is asked for the first
+    object only and its answer reused (a call through pluggy per file cost 0.14 ms: 0.28 s of
+    a 2,000-file stash). Any ``place`` plugin, more copies, a pool or a cache: asked per object."""
+    from collections import Counter
+
+    from jam_core.placement import is_cache
+
+    try:
+        impls = pm.hook.place.get_hookimpls()
+    except AttributeError:
+        return False
+    if [i.plugin_name for i in impls] != ["jam_core.placement"] or getattr(remotes, "copies", 1) != 1:
+        return False
+    if any(is_cache(r) for r in remotes):
+        return False
+    return all(n == 1 for n in Counter(r.tier for r in remotes).values())
 
 
 def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remotes: list[Remote], pm,
