@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import threading
+
+from jam_core.units import LazyRe
 
 _libc = None
 
@@ -540,8 +541,8 @@ class Closer:
 # when it is older than any transfer could take (another machine's jam, which we cannot ask).
 
 PART_SUFFIX = ".part"
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-_HEX16 = re.compile(r"[0-9a-f]{16}")
+_HEX32 = LazyRe(r"[0-9a-f]{32}")
+_HEX16 = LazyRe(r"[0-9a-f]{16}")
 PART_MAX_AGE = 7 * 24 * 3600  # seconds: no single object upload takes a week
 
 

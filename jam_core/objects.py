@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
 from jam_core.errors import IntegrityError
+from jam_core.units import LazyRe
 
 DEFAULT_ALGORITHM = "b3"
 CHUNK = 128 << 10  # reads of 128 KiB: they stay in the CPU's cache between read and hash
@@ -15,7 +15,7 @@ CHUNK = 128 << 10  # reads of 128 KiB: they stay in the CPU's cache between read
 # 4 MiB reads hashed with every core 0.52 s: a buffer larger than the cache is written to memory
 # by the read and read back from it by the hash)
 
-_OID = re.compile(r"\A(b3|sha256):([0-9a-f]{64})\Z")
+_OID = LazyRe(r"\A(b3|sha256):([0-9a-f]{64})\Z")
 
 
 def is_valid_oid(oid: object) -> bool:

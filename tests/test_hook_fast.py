@@ -359,3 +359,46 @@ def test_the_recorded_interpreter_and_bootstrap_survive_the_shell_s_quoting(shel
     assert res.returncode == 0, res.stderr
     assert out.read_bytes().split(b"\0") == [py.encode(), boot.encode()]
     assert not marker.exists()
+
+
+# The hook's path compiles no regex at import (units.LazyRe: each compile ~0.4 M instructions).
+_COMPILES_AT_IMPORT = r"""
+import re, sys
+seen = []
+real = re._compile
+def spy(pattern, flags):
+    f = sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__", "").startswith("re"):
+        f = f.f_back
+    if f is not None and f.f_globals.get("__name__", "").startswith("jam_core"):
+        seen.append((f.f_globals["__name__"], pattern))
+    return real(pattern, flags)
+re._compile = spy
+import jam_core.fs, jam_core.units, jam_core.objects, jam_core.hook.marks, jam_core.hook.fetch
+import jam_core.ops.refs, jam_core.ops.remotes
+print(repr(seen))
+"""
+
+
+def test_the_hook_s_modules_compile_no_regex_at_import():
+    res = subprocess.run([sys.executable, "-c", _COMPILES_AT_IMPORT], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_a_lazy_regex_compiles_once_on_first_use_and_matches_as_re_does(monkeypatch):
+    import copy
+    import re
+
+    from jam_core.units import LazyRe
+
+    calls = []
+    real = re.compile
+    monkeypatch.setattr(re, "compile", lambda *a: calls.append(a) or real(*a))
+    hexid, bad = LazyRe(r"\A[0-9a-f]{4}\Z"), LazyRe(rb"%(?![0-9A-Fa-f]{2})")
+    copy.copy(hexid)
+    assert calls == [] and "0-9a-f" in repr(hexid)
+    assert hexid.match("beef") and hexid.fullmatch("beef") and not hexid.match("bee") and not hexid.match("BEEF")
+    assert bad.search(b"%2G") and not bad.search(b"%2F")
+    assert calls == [(r"\A[0-9a-f]{4}\Z", 0), (rb"%(?![0-9A-Fa-f]{2})", 0)]
+    assert hexid.pattern == r"\A[0-9a-f]{4}\Z" and hexid.match("cafe").group(0) == "cafe"
+    assert len(calls) == 2  # later uses go straight to the compiled pattern

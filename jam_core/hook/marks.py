@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import time
 from urllib.parse import unquote_to_bytes
 
 from jam_core.fs import DIR_FLAGS
 from jam_core.root import CATALOG, JAM_DIR, Root
+from jam_core.units import LazyRe
 
 MARKS = "visits"
 FOLDING = "visits.folding"  # marks being folded (moved here first, so no visit is lost)
 AHEAD = 86400  # a mark dated further ahead than this is junk, not a visit
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_BAD_ESCAPE = LazyRe(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def marks_dir(root: Root) -> str:

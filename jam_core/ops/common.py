@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 from typing import Iterable
 
 from jam_core.fs import DirFds, ThroughSymlink
@@ -12,16 +11,33 @@ from jam_core.root import Root
 from jam_core.scan import Entry, walk
 
 
-@dataclass
 class Result:
-    """What an operation did, file by file. ``done`` holds (path, bytes) pairs."""
+    """What an operation did, file by file. ``done`` holds (path, bytes) pairs. A plain class
+    (not a dataclass: its decoration cost the cd hook's fetch ~3 M instructions), with the
+    same constructor, equality and repr."""
 
-    done: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    unchanged: int = 0  # already in the wanted state
-    aborted: str = ""  # why the run stopped early (e.g. a remote is gone)
-    partly: bool = False  # a file was left undone for a reason the user must act on
+    __slots__ = ("done", "skipped", "failed", "unchanged", "aborted", "partly")
+
+    def __init__(self, done: list[tuple[str, int]] | None = None, skipped: list[tuple[str, str]] | None = None,
+                 failed: list[tuple[str, str]] | None = None, unchanged: int = 0, aborted: str = "",
+                 partly: bool = False):
+        self.done = [] if done is None else done
+        self.skipped = [] if skipped is None else skipped
+        self.failed = [] if failed is None else failed
+        self.unchanged = unchanged  # already in the wanted state
+        self.aborted = aborted  # why the run stopped early (e.g. a remote is gone)
+        self.partly = partly  # a file was left undone for a reason the user must act on
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        return self._fields() == other._fields() if type(other) is Result else NotImplemented
+
+    __hash__ = None  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return "Result(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
 
     @property
     def bytes(self) -> int:

@@ -15,20 +15,18 @@ The root's id is ``[core] id`` in ``ROOT/.jam/config.toml``, recorded on first n
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import is_valid_oid
 from jam_core.placement import copies_of
 from jam_core.root import Root
+from jam_core.units import LazyRe
 
 REFS = "refs"
 REMOVING = "removing"
 MAGIC = b"jam-refs 1\n"
-_ID = re.compile(r"\A[0-9a-f]{32}\Z")
-_NAME = re.compile(r"\A([0-9a-f]{32})(?:\.pending\.([0-9]{1,6}))?\Z")
+_ID = LazyRe(r"\A[0-9a-f]{32}\Z")
+_NAME = LazyRe(r"\A([0-9a-f]{32})(?:\.pending\.([0-9]{1,6}))?\Z")
 
 
 def root_id(root: Root) -> str:
@@ -81,13 +79,20 @@ def decode(data: bytes) -> tuple[int, set[str]]:
     return copies, oids
 
 
-@dataclass
 class Users:
     """What the roots that use one remote refer to: ``{root id: (copies, oids)}``, and what each
-    is about to remove from it (``removing``)."""
+    is about to remove from it (``removing``). A plain class: the module is on the cd hook's
+    path, where a dataclass's decoration costs ~3 M instructions."""
 
-    refs: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
-    removing: dict[str, set[str]] = field(default_factory=dict)
+    __slots__ = ("refs", "removing")
+
+    def __init__(self, refs: dict[str, tuple[int, set[str]]] | None = None,
+                 removing: dict[str, set[str]] | None = None):
+        self.refs = {} if refs is None else refs
+        self.removing = {} if removing is None else removing
+
+    def __repr__(self) -> str:
+        return f"Users(refs={self.refs!r}, removing={self.removing!r})"
 
     def needing(self, oid: str) -> dict[str, int]:
         return {rid: copies for rid, (copies, oids) in self.refs.items() if oid in oids}

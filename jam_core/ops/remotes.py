@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
 from jam_core.catalog import Catalog
 from jam_core.errors import RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, DEFAULT_REMOTE, Root, check_remote_overlaps, default_remote_location
+from jam_core.units import LazyRe
 
 __all__ = ["add_remote", "remove_remote", "ensure_default_remote", "ensure_identity", "default_remote_location"]
 
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+_NAME = LazyRe(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_ID = LazyRe(r"\A[0-9a-f]{32}\Z")
 
 
 def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict | None = None,
