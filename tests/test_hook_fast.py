@@ -402,3 +402,40 @@ def test_a_lazy_regex_compiles_once_on_first_use_and_matches_as_re_does(monkeypa
     assert calls == [(r"\A[0-9a-f]{4}\Z", 0), (rb"%(?![0-9A-Fa-f]{2})", 0)]
     assert hexid.pattern == r"\A[0-9a-f]{4}\Z" and hexid.match("cafe").group(0) == "cafe"
     assert len(calls) == 2  # later uses go straight to the compiled pattern
+
+
+# Which dataclasses the hook's path decorates at import (each decoration execs generated code:
+# ~3-5 M instructions). Result and Users are plain classes; these are what is left.
+_DECORATED_AT_IMPORT = r"""
+import dataclasses
+seen = []
+real = dataclasses._process_class
+def spy(cls, *a, **k):
+    seen.append(cls.__qualname__)
+    return real(cls, *a, **k)
+dataclasses._process_class = spy
+import jam_core.hook.fetch, jam_core.ops.refs, jam_core.ops.remotes, jam_core.cli.common, jam_core.manager
+print(" ".join(sorted(seen)))
+"""
+STILL_DATACLASSES = {"Remote", "StubRecord", "Entry"}  # model (public API: dataclasses.replace), stub, scan
+
+
+def test_the_hook_s_modules_decorate_no_dataclass_but_the_public_records():
+    res = subprocess.run([sys.executable, "-c", _DECORATED_AT_IMPORT], capture_output=True, text=True, check=True)
+    assert set(res.stdout.split()) <= STILL_DATACLASSES, res.stdout
+
+
+def test_result_and_users_keep_their_constructor_equality_and_repr():
+    from jam_core.ops.common import Result
+    from jam_core.ops.refs import Users
+
+    a, b = Result(), Result()
+    a.done.append(("f", 3))
+    assert b.done == [] and a != b and a.bytes == 3 and a.exit_code == 0
+    assert Result(done=[("f", 3)]) == a and Result(aborted="gone").exit_code == 1
+    assert repr(a).startswith("Result(done=[('f', 3)]") and "partly=False" in repr(a)
+    u, v = Users(), Users()
+    u.refs["r"] = (1, {"b3:x"})
+    assert v.refs == {} and u.needing("b3:x") == {"r": 1} and "removing={}" in repr(u)
+    with pytest.raises(AttributeError):
+        a.stray = 1  # slotted: a misspelled field is an error, not a silent new attribute
