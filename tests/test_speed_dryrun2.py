@@ -120,3 +120,46 @@ def test_callers_of_main_keep_their_process(jam_root, runner):
     assert result.exit_code == 0 and "would stash 20 of 20" in result.output
     assert cli._KEPT == () and not cli._DONE and gc.get_freeze_count() == frozen
     assert sys.modules["jam_core.cli"] is cli
+
+
+def _with_stubs(root, runner, n: int = 4) -> list[str]:
+    from jam_core.cli import main
+
+    names = []
+    root.update_config(lambda c: c.setdefault("core", {}).__setitem__("min_size", "1"))
+    for i in range(n):
+        p = root.path / "s" / f"stub{i}.bin"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(os.urandom(100_000 + i))
+        os.utime(p, (OLD, OLD))
+        names.append(f"s/stub{i}.bin")
+    res = runner.invoke(main, ["stash", "s"])
+    assert res.exit_code == 0, res.output
+    assert all(os.stat(root.path / n).st_blocks * 512 < 100_000 for n in names), res.output
+    return names
+
+
+@pytest.mark.parametrize("policy, made", [("age", False), ("lru", True)])
+def test_a_stubs_record_is_made_only_for_a_policy_that_reads_them(jam_root, runner, monkeypatch, policy, made):
+    """The scan holds the clean stubs as lists: the age policy (which never reads
+    ``records.stubs``) costs no FileRecord per stub; lru (whose share counts them) is
+    offered every one, by path, and its plan is what it was."""
+    from jam_core.cli import main
+    from jam_core.policy import records
+
+    stubs = _with_stubs(jam_root, runner)
+    _old_files(jam_root, 8)
+    table = {"older_than": "30d"} if policy == "age" else {"keep": "50%", "by": "count"}
+    jam_root.update_config(lambda c: c.setdefault("policy", {}).__setitem__(policy, table))
+    jam_root.update_config(lambda c: c.setdefault("core", {}).__setitem__("min_size", "1"))
+    made_for = []
+    real = records.Stubs.record
+    monkeypatch.setattr(records.Stubs, "record", lambda self, i: made_for.append(self.paths[i]) or real(self, i))
+    res = runner.invoke(main, ["stash", "--auto", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert sorted(made_for) == (stubs if made else [])
+    # lru: 8 candidates and 4 stubs by count, keep 50% = 6 kept, so the 6 least recent candidates
+    # go (all equally old: one group stays whole, so none is nominated); age: all 8.
+    assert res.output.count("would stash") == 1
+    if policy == "age":
+        assert "would stash 8 of 8" in res.output

@@ -62,7 +62,8 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
     root = Root.find(".")
     pm = plugin_manager()
     with gc_paused():  # an object per file and no cycle: a collection on the way would walk them all
-        plan = plan_auto(root, pm)
+        scan: list = []  # the plan's scan: freed with the plan, not as plan_auto returns
+        plan = plan_auto(root, pm, scan)
         if as_json:
             click.echo(json.dumps(plan.to_json(), indent=2))
         else:
@@ -70,9 +71,10 @@ def stash_auto_command(dry_run: bool, as_json: bool = False) -> int:
         if dry_run or not plan.items:
             from jam_core.cli import finished
 
-            if not finished(plan):  # the console script leaves without freeing the plan
-                del plan  # freed before the collector is back, not walked by it first
+            if not finished(plan, scan):  # the console script leaves without freeing them
+                del plan, scan  # freed before the collector is back, not walked by it first
             return 0
+        del scan
     with session("stashing") as s:
         result = carry_out(root, plan, pm, s)
     report(result, "stashed", "freed")

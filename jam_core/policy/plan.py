@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from jam_core.errors import UsageError
 from jam_core.model import FETCH, STASH, FileRecord, Nomination
@@ -73,9 +73,11 @@ class Plan:
 
 
 def ask(pm, root: Root, records: Sequence[FileRecord], purpose: str, anchors: Sequence[str],
-        local_bytes: int, stubs: Sequence[FileRecord] = ()) -> list[Nomination]:
+        local_bytes: int, stubs: Sequence[FileRecord] | Callable[[], Sequence[FileRecord]] = ()) -> list[Nomination]:
+    """Every policy's nominations. ``stubs`` (or a function that makes them, called only if a
+    policy reads ``records.stubs``) are the tree's clean stubs, by path."""
     offered = records if isinstance(records, Records) else Records(records)
-    offered.stubs = tuple(stubs)
+    offered.stubs = stubs
     answers = pm.hook.select(root=root.path, records=offered, purpose=purpose,
                              anchors=tuple(anchors), config=root.config, local_bytes=local_bytes)
     out = []
@@ -119,8 +121,10 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
     return sorted(items.values(), key=attrgetter("path"))
 
 
-def plan_auto(root: Root, pm) -> Plan:
-    """What the configured policies would stash, with their reasons. Reads no file content."""
+def plan_auto(root: Root, pm, keep: list | None = None) -> Plan:
+    """What the configured policies would stash, with their reasons. Reads no file content.
+    ``keep`` (a list) gets the scan and the nominations the plan was made from, for a caller
+    that would rather not have them freed here (a dry-run about to leave with ``os._exit``)."""
     config = root.config
     names = configured_policies(config)
     if not names:
@@ -133,9 +137,11 @@ def plan_auto(root: Root, pm) -> Plan:
         plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
                     candidates=len(inv.candidates))
         records = Records(candidates=inv.candidates)  # FileRecords made only if a policy reads them
-        stubs = [inv.stubs[p] for p in sorted(inv.stubs)]
+        stubs = inv.stubs.sorted_records  # made only if a policy reads them (lru)
         nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
         plan.items = merge(nominations, inv.candidates, plan.refused)
+        if keep is not None:
+            keep += (inv, records, stubs, nominations)
     return plan
 
 
@@ -158,7 +164,7 @@ def related(root: Root, pm, anchors: Sequence[str]) -> list[PlanItem]:
     """Stubs the select hook (purpose ``fetch``) nominates to come along with ``anchors``."""
     anchors = [a for a in anchors if root.abs(a).is_file()]  # a directory comes whole anyway
     inv = inventory(root)
-    records = sorted(inv.stubs.values(), key=lambda r: r.path)
+    records = inv.stubs.sorted_records()
     nominations = ask(pm, root, records, FETCH, list(anchors), inv.local_bytes)
     anchor_set = set(anchors)
     return [i for i in merge(nominations, inv.stubs) if i.path not in anchor_set]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,20 +80,80 @@ class Candidates(Mapping):
         return f"Candidates({len(self.paths)} files)"
 
 
+class Stubs(Mapping):
+    """The clean stubs of a scan, ``{path: FileRecord}`` to read, held as parallel lists
+    (path, size, mtime, atime, last_used, nlink): a FileRecord is made only for a stub asked
+    for (the age policy asks for none)."""
+
+    __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "nlinks", "_index")
+
+    def __init__(self):
+        self.paths: list[str] = []
+        self.sizes: list[int] = []
+        self.mtimes: list[float] = []
+        self.atimes: list[float] = []
+        self.lasts: list[float] = []
+        self.nlinks: list[int] = []
+        self._index: dict[str, int] | None = None
+
+    def columns(self) -> tuple[list, ...]:
+        return self.paths, self.sizes, self.mtimes, self.atimes, self.lasts, self.nlinks
+
+    def add(self, path: str, size: int, mtime: float, atime: float, last_used: float, nlink: int) -> None:
+        for column, value in zip(self.columns(), (path, size, mtime, atime, last_used, nlink), strict=True):
+            column.append(value)
+        self._index = None
+
+    def _where(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
+        return self._index
+
+    def record(self, i: int) -> FileRecord:
+        return FileRecord(self.paths[i], self.sizes[i], self.mtimes[i], self.atimes[i], self.lasts[i], STUB, False,
+                          self.nlinks[i])
+
+    def sorted_records(self) -> list[FileRecord]:
+        """Every stub's record, by path."""
+        return [self.record(i) for i in sorted(range(len(self.paths)), key=self.paths.__getitem__)]
+
+    def __getitem__(self, path: str) -> FileRecord:
+        return self.record(self._where()[path])
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._where()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __repr__(self) -> str:
+        return f"Stubs({len(self.paths)} files)"
+
+
 @dataclass
 class Inventory:
     """One scan of a root, split into what policies may choose and what they may not."""
 
     candidates: Candidates = field(default_factory=Candidates)  # local files policies may stash
-    stubs: dict[str, FileRecord] = field(default_factory=dict)  # clean stubs (for fetch)
-    kept: dict[str, str] = field(default_factory=dict)  # path -> why policies may not have it
+    stubs: Stubs = field(default_factory=Stubs)  # clean stubs (for fetch)
+    # why policies may not have a file, a group per directory and reason: (why, "dir/", names)
+    kept_groups: list[tuple[str, str, list[str]]] = field(default_factory=list)
     local_bytes: int = 0  # true size of every file that is not a stub
     problems: list[tuple[str, str]] = field(default_factory=list)
 
-    def kept_counts(self) -> dict[str, int]:
-        from collections import Counter
+    @property
+    def kept(self) -> dict[str, str]:
+        """``{path: why}`` of the files policies may not have (made from the groups)."""
+        return {prefix + name: why for why, prefix, names in self.kept_groups for name in names}
 
-        return dict(Counter(self.kept.values()))
+    def kept_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for why, _, names in self.kept_groups:
+            counts[why] = counts.get(why, 0) + len(names)
+        return counts
 
 
 def load_ignore(root: Root):
@@ -150,7 +210,9 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     it) as a clean stub; only the rest have their xattr read. ``stash`` re-classifies every
     file it is handed thoroughly before touching it, so a stub made writable again is still
     never stashed."""
-    stubs, kept = inv.stubs, inv.kept
+    stubs, groups = inv.stubs, inv.kept_groups
+    add_stub = stubs.add
+    add_group = groups.append
     cands = inv.candidates
     add_path, add_size, add_mtime, add_atime, add_last = (cands.paths.append, cands.sizes.append,
                                                           cands.mtimes.append, cands.atimes.append,
@@ -159,7 +221,6 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     match = ignore.match_file if ignore is not None else None
     fsencode, stamp_of = os.fsencode, stamps.get
     fs_encoding, fs_errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
-    record = FileRecord
     local = [0]  # local bytes (a list: each adds to it)
 
     lo = max(min_size, 1)  # an empty file is never a candidate
@@ -170,6 +231,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             return each_pinned(d, base, names, stats)
         local_bytes = 0  # a directory with no pin and no .jamignore: no test per file for them
         prefix = "" if d == "." else d + "/"
+        small = []  # the directory's files too small to choose: one group, no path made
         for name, st in zip(names, stats, strict=True):
             size = st.st_size
             if st.st_mode & 0o222 and st.st_blocks * 512 >= size:  # writable, not sparse: local
@@ -188,20 +250,23 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                     add_mtime(mtime)
                     add_atime(atime)
                     add_last(last)
-                else:  # (not pinned, not ignored, local: a single link means too small)
-                    kept[prefix + name] = SMALL if st.st_nlink == 1 else _kept(LOCAL, st, False, False, min_size)
+                elif st.st_nlink == 1:  # (not pinned, not ignored, local: a single link means too small)
+                    small.append(name)
+                else:
+                    add_group((_kept(LOCAL, st, False, False, min_size), prefix, [name]))
                 continue
             rel = prefix + name  # the catalog's stamps are keyed by os.fsencode(rel)
             state = classify(base + name, st, QUICK, stamp=stamp_of(rel.encode(fs_encoding, fs_errors)))[0]
             if state == STUB:  # a clean stub's size is its original's (else it is dirty)
-                stubs[rel] = record(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get),
-                                    STUB, False, st.st_nlink)
+                add_stub(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get), st.st_nlink)
                 continue
             local_bytes += size
             if state != LOCAL or st.st_nlink != 1 or size < lo:
-                kept[rel] = _kept(state, st, False, False, min_size)
+                add_group((_kept(state, st, False, False, min_size), prefix, [name]))
                 continue
             cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
+        if small:
+            add_group((SMALL, prefix, small))
         local[0] += local_bytes
 
     def each_pinned(d, base, names, stats):
@@ -241,46 +306,37 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             ignored = match is not None and match(rel)
             if state == STUB:  # a clean stub's size is its original's (else it is dirty)
                 if not pinned and not ignored:
-                    mtime = st.st_mtime
-                    atime = st.st_atime
-                    stubs[rel] = record(rel, size, mtime, atime, _last_used(st, rel, atime_ok, uses_get),
-                                        STUB, False, st.st_nlink)
+                    add_stub(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get), st.st_nlink)
                 continue
             if pinned or ignored or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0:
-                kept[rel] = _kept(state, st, pinned, ignored, min_size)
+                add_group((_kept(state, st, pinned, ignored, min_size), prefix, [name]))
                 continue
             cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
         local[0] += local_bytes
 
     columns = (cands.paths, cands.sizes, cands.mtimes, cands.atimes, cands.lasts)
+    stub_columns = stubs.columns()
 
     def fresh():  # in the helper process: only what it finds goes back
-        for column in columns:
+        for column in columns + stub_columns:
             column.clear()
-        stubs.clear()
-        kept.clear()
+        groups.clear()
         inv.problems.clear()
         local[0] = 0
 
     def collect():  # in the helper: blobs, not objects (pickled and unpickled by one copy each)
-        st = list(stubs.values())
-        by_why: dict[str, list[str]] = {}
-        for rel, why in kept.items():
-            by_why.setdefault(why, []).append(rel)
-        return (_pack(columns, "qddd"),
-                _pack(([r.path for r in st], [r.size for r in st], [r.mtime for r in st], [r.atime for r in st],
-                       [r.last_used for r in st], [r.nlink for r in st]), "qdddq"),
-                {why: _SEP.join(rels) for why, rels in by_why.items()}, inv.problems, local[0])
+        return (_pack(columns, "qddd"), _pack(stub_columns, "qdddq"),
+                [(why, prefix, _SEP.join(names)) for why, prefix, names in groups], inv.problems, local[0])
 
     def merge(found):
         cols, more_stubs, more_kept, problems, more_local = found
         for column, more in zip(columns, _unpack(cols, "qddd"), strict=True):
             column.extend(more)
         cands._index = None
-        for path, size, mtime, atime, last, nlink in zip(*_unpack(more_stubs, "qdddq"), strict=True):
-            stubs[path] = record(path, size, mtime, atime, last, STUB, False, nlink)
-        for why, rels in more_kept.items():
-            kept.update(dict.fromkeys(rels.split(_SEP), why))
+        for column, more in zip(stub_columns, _unpack(more_stubs, "qdddq"), strict=True):
+            column.extend(more)
+        stubs._index = None
+        groups.extend((why, prefix, names.split(_SEP)) for why, prefix, names in more_kept)
         inv.problems.extend(problems)
         local[0] += more_local
 
@@ -361,7 +417,20 @@ class Records(Sequence):
     def __init__(self, records: Iterable[FileRecord] = (), candidates: Candidates | None = None):
         self._candidates = candidates
         self._items: tuple[FileRecord, ...] | None = None if candidates is not None else tuple(records)
-        self.stubs: tuple[FileRecord, ...] = ()
+        self._stubs: tuple[FileRecord, ...] | Callable[[], Iterable[FileRecord]] = ()
+
+    @property
+    def stubs(self) -> tuple[FileRecord, ...]:
+        """The tree's clean stubs (a tuple of FileRecords, by path), made on first read when
+        the core handed a function that makes them."""
+        stubs = self._stubs
+        if callable(stubs):
+            stubs = self._stubs = tuple(stubs())
+        return stubs
+
+    @stubs.setter
+    def stubs(self, value) -> None:
+        self._stubs = value if callable(value) else tuple(value)
 
     @property
     def columns(self) -> tuple[list[str], list[float]] | None:
