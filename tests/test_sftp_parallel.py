@@ -70,17 +70,25 @@ def die_after(parallel, monkeypatch, name: str, requests: int):
 
     def wrapped(ops, *args, **kw):
         if threading.current_thread().name == HELPER and not died.is_set():
-            send = ops.r.send
+            send, send_request = ops.r.send, ops.r.send_request
             count = [0]
 
-            def dying_send(t, *a):
+            def one_more():
                 count[0] += 1
                 if count[0] > requests:
                     died.set()
                     ops.conn.transport.close()
+
+            def dying(t, *a):
+                one_more()
                 return send(t, *a)
 
-            ops.r.send = dying_send
+            def dying_request(buf):  # a range's writes, packed whole (transfer.write_request)
+                one_more()
+                return send_request(buf)
+
+            ops.r.send = dying
+            ops.r.send_request = dying_request
         return orig(ops, *args, **kw)
 
     monkeypatch.setattr(parallel, name, wrapped)

@@ -47,7 +47,6 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_REMOVE,
     CMD_STATUS,
-    CMD_WRITE,
     SFTP_EOF,
     SFTP_FAILURE,
     SFTP_FLAG_CREATE,
@@ -62,7 +61,16 @@ from paramiko.sftp_attr import SFTPAttributes
 from jam_core import IntegrityError, hasher, object_relpath, split_oid
 from jam_sftp.batch import Downloads, Uploads, dir_handles_cap
 from jam_sftp.pipeline import Feed, _File
-from jam_sftp.transfer import INFLIGHT, READ_INFLIGHT, REQUEST, Ops, SftpStatus, write_sparse, wrong_size
+from jam_sftp.transfer import (
+    INFLIGHT,
+    READ_INFLIGHT,
+    REQUEST,
+    Ops,
+    SftpStatus,
+    write_request,
+    write_sparse,
+    wrong_size,
+)
 
 RANGE_MIN = 64 << 20  # objects at least this big are split over several connections
 CHUNK = 16 << 20  # one range: what a connection takes at a time
@@ -321,11 +329,11 @@ def _write_ranges(ops: Ops, tmp: str, handle: bytes, src: int, ranges: Ranges,
                     break
                 piece = [(off, min(REQUEST, got[1] - off)) for off in range(got[0], got[1], REQUEST)][::-1]
             off, n = piece.pop()
-            data = os.pread(src, n, off)
+            request, data = write_request(handle, src, off, n)  # read into the request: no copies
             if len(data) != n:
                 raise IntegrityError(f"content changed while it was being stored (shorter than {ranges.size} bytes)")
             ranges.deliver(off, data)
-            inflight.append((r.send(CMD_WRITE, handle, int64(off), data), n))
+            inflight.append((r.send_request(request), n))
         if not inflight:
             return
         num, n = inflight.popleft()
