@@ -95,6 +95,28 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
 
 
 @hookspec(firstresult=True)
+def stash_ahead(remote: Remote, source: Path, size: int, session: Session) -> bool | None:
+    """Optional: start copying a large file to ``remote`` while the core still hashes it.
+
+    Called by ``stash`` for a file of at least 64 MiB, before its id is known, where the
+    remotes ``place`` will choose cannot depend on the id (only the core's placement, one
+    copy, no pool, no cache). A backend may start a copy of ``source`` to a temporary name
+    of its own (in the background: this call must return at once) and, when ``stash`` comes
+    for the same file with its id, move it into place only if the bytes it holds hash to that
+    id (verified as ``stash`` verifies any copy). A backend that does nothing here answers
+    ``False`` or does not implement it; what it started and ``stash`` never used must be
+    removed when the session closes (``session.on_close``). Nothing may become visible as an
+    object before ``stash`` verified it.
+
+    :param remote: a remote ``place`` will choose for this file.
+    :param source: as for ``stash``: ``/proc/self/fd/N`` of the open, leased file.
+    :param size: the file's size.
+    :param session: per-command state (``cache`` and ``on_close`` for the copy started).
+    :return: ``True`` if a copy was started.
+    """
+
+
+@hookspec(firstresult=True)
 def stash_many(
     remote: Remote, items: Sequence[tuple[str, Path, int]], session: Session
 ) -> Iterable[tuple[str, Exception | None]] | None:

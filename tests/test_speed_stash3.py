@@ -273,3 +273,85 @@ def test_the_header_is_byte_for_byte_what_json_dumps_made(name):
         new = rec.header(name)
         assert new == _old_header(rec, name), name
         assert record_from_block(new, rec.size) == rec
+
+
+# -- a large file's copy started while the core hashes it (stash_ahead) -------------------------
+
+def _ahead_tree(tmp_path, monkeypatch):
+    import jam_core.ops.stash as stash_mod
+
+    monkeypatch.setattr(stash_mod, "AHEAD_MIN", 9 << 20)  # the hook's threshold, lowered for a small test
+    t = make_tree(tmp_path)
+    make_file(t.root / "big", BIG, seed=41)
+    return t, b3(t.root / "big")
+
+
+def _copies(monkeypatch, corrupt_ahead: bool = False):
+    """Count the dir backend's large copies by thread; ``corrupt_ahead``: the copy started
+    ahead holds other bytes than the file (one flipped after it was written)."""
+    import threading
+
+    import jam_dir
+
+    seen = []
+    real = jam_dir._copy_verifying
+
+    def counted(src, dst, size, algorithm, progress):
+        ahead = threading.current_thread().name == "jam-dir-ahead"
+        seen.append("ahead" if ahead else "stash")
+        got = real(src, dst, size, algorithm, progress)
+        if ahead and corrupt_ahead:
+            b = os.pread(dst, 1, 12345)
+            os.pwrite(dst, bytes([b[0] ^ 1]), 12345)
+            os.lseek(dst, 0, os.SEEK_SET)
+            got = jam_dir.hash_fd(dst, algorithm, limit=size)
+        return got
+
+    monkeypatch.setattr(jam_dir, "_copy_verifying", counted)
+    return seen
+
+
+def _no_parts(t) -> bool:
+    return not os.listdir(t.remote / "tmp")
+
+
+def test_a_large_stash_takes_the_copy_started_while_it_hashed(tmp_path, monkeypatch):
+    t, want = _ahead_tree(tmp_path, monkeypatch)
+    seen = _copies(monkeypatch)
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["big"], res
+    assert seen == ["ahead"]  # one copy, made while the core hashed
+    oid = record(t.root / "big").oid
+    assert b3(t.remote / "objects" / objects.object_relpath(oid)) == want == oid.split(":")[1]
+    assert _no_parts(t)
+
+
+def test_a_copy_ahead_that_does_not_hash_to_the_id_is_never_taken(tmp_path, monkeypatch):
+    t, want = _ahead_tree(tmp_path, monkeypatch)
+    seen = _copies(monkeypatch, corrupt_ahead=True)
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["big"], res
+    assert seen == ["ahead", "stash"]  # copied again, and that copy verified
+    oid = record(t.root / "big").oid
+    assert b3(t.remote / "objects" / objects.object_relpath(oid)) == want
+    assert _no_parts(t)
+
+
+def test_a_copy_ahead_of_a_file_that_stays_local_is_removed(tmp_path, monkeypatch):
+    """The file changed while it was hashed: it stays local, and the copy started for it is
+    stopped and removed when the command ends."""
+    import jam_core.ops.stash as stash_mod
+
+    t, want = _ahead_tree(tmp_path, monkeypatch)
+    seen = _copies(monkeypatch)
+    real = stash_mod.hash_fd
+    monkeypatch.setattr(stash_mod, "hash_fd", lambda *a, **k: (lambda r: (r[0], r[1] - 1))(real(*a, **k)))
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+    assert not res.done and res.skipped, res
+    assert seen == ["ahead"]
+    assert b3(t.root / "big") == want and not is_stub(t.root / "big")
+    assert _no_parts(t)
+    assert not list((t.remote / "objects").rglob("*")) or not any(p.is_file() for p in (t.remote / "objects").rglob("*"))

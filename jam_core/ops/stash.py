@@ -115,6 +115,11 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
         recorder = Recorder(root, pm, session) if todo else None
         remotes = Candidates(remotes, copies_of(root.config), _free_space(remotes, pm, session) if todo else {})
         remotes.fixed = [] if _placement_is_fixed(pm, remotes) else None  # see choose_remotes
+        if remotes.fixed is not None and any(e.st.st_size >= AHEAD_MIN for e in todo):
+            try:  # known before the first id (the default placement ignores it): stash_ahead
+                choose_remotes(root, pm, "", 0, remotes)
+            except (JamError, OSError):
+                remotes.fixed = None  # each file will hear why
         leases = Leases()
         closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
         try:
@@ -498,6 +503,8 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
             if copy is not None:
                 raise Skip("a copy of a jam stub that lost its xattrs, not content: `jam checkout` it "
                            "(or `jam doctor --fix` restores its metadata)")
+        if st0.st_size >= AHEAD_MIN and getattr(remotes, "fixed", None):
+            _stash_ahead(fd, st0.st_size, remotes, pm, session)
         # No read past the size it had (a file that grew is caught below by its stat), so a
         # small file costs one read, not a second one that finds its end.
         oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, limit=st0.st_size)
@@ -516,6 +523,22 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
     rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
                      remotes=tuple(targets), stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return Stored(entry, st0, fd, dir_fd, rec, xattrs, targets)
+
+
+AHEAD_MIN = 64 << 20  # from this size on, the backends may start copying while the core hashes
+
+
+def _stash_ahead(fd: int, size: int, remotes, pm, session: Session) -> None:
+    """Let the backends of the remotes already chosen (``remotes.fixed``) start copying the
+    file while it is hashed here (the ``stash_ahead`` hook): the copy and its own hash overlap
+    this hash, and the disk starts writing sooner. Best effort: a failure only means the copy
+    is made after the hash, as for any other file."""
+    by_name = {r.name: r for r in remotes}
+    for name in remotes.fixed:
+        try:
+            pm.hook.stash_ahead(remote=by_name[name], source=Path(fd_path(fd)), size=size, session=session)
+        except (JamError, OSError, KeyError):
+            pass
 
 
 class _Changed(Exception):

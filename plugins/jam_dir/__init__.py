@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from jam_core import (
+    DEFAULT_ALGORITHM,
     MARKER_NAME,
     IntegrityError,
     JamError,
@@ -523,6 +524,127 @@ def _clean_parts(remote, base: Path, session) -> None:
         os.close(fd)
 
 
+_AHEAD = "jam_dir.ahead"  # session.cache key: copies started by stash_ahead, by (remote, dev, ino)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Ahead:
+    """A copy of a file to ``tmp`` started before its id is known (``stash_ahead``), hashed as
+    it is written; ``stash`` moves it into place only if that hash is the id."""
+
+    def __init__(self, src: int, dst: int, tmp: Path, size: int, session) -> None:
+        import threading
+
+        self.src, self.dst, self.tmp, self.size = src, dst, tmp, size
+        self.got: tuple[str, int] | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._session = session
+        self._thread = threading.Thread(target=self._run, name="jam-dir-ahead", daemon=True)
+        self._thread.start()
+
+    def _progress(self, n: int) -> None:
+        if self.cancelled:
+            raise _Cancelled()
+        self._session.progress(n)
+
+    def _run(self) -> None:
+        try:
+            self.got = _copy_verifying(self.src, self.dst, self.size, DEFAULT_ALGORITHM, self._progress)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            os.close(self.dst)
+            os.close(self.src)
+
+    def result(self) -> tuple[str, int] | None:
+        """The (oid, size) of what the copy holds once it is over; None if it failed."""
+        self._thread.join()
+        return self.got if self.error is None else None
+
+    def drop(self) -> None:
+        """Stop the copy if it runs and remove its temporary file (unless ``stash`` took it)."""
+        self.cancelled = True
+        self._thread.join()
+        if self.tmp is not None:
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self.tmp = None
+
+
+def _source_key(remote, st: os.stat_result) -> tuple:
+    return (remote.name, st.st_dev, st.st_ino)
+
+
+@hookimpl
+def stash_ahead(remote, source, size, session):
+    """Start copying ``source`` to ``tmp/`` (and hashing the copy) in a thread of its own
+    while the core hashes the file; ``stash`` takes it if its hash is the id."""
+    if remote.kind != KIND:
+        return None
+    if size < _BIG:
+        return False
+    try:
+        base = _session_base(remote, session)
+        _clean_parts(remote, base, session)
+        src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # /proc/self/fd/N: follow it
+    except (OSError, JamError):
+        return False
+    try:
+        st = os.fstat(src)
+        tmp = base / "tmp" / part_name()
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            dst = os.open(tmp, flags, 0o444)
+        except FileNotFoundError:
+            _mkdirs_below(base, tmp.parent)
+            dst = os.open(tmp, flags, 0o444)
+    except OSError:
+        os.close(src)
+        return False
+    ahead = _Ahead(src, dst, tmp, size, session)
+    started = session.cache.setdefault(_AHEAD, {})
+    if not started:
+        session.on_close(lambda: [a.drop() for a in started.values()] and started.clear())
+    old = started.pop(_source_key(remote, st), None)
+    if old is not None:
+        old.drop()
+    started[_source_key(remote, st)] = ahead
+    return True
+
+
+def _take_ahead(remote, oid: str, source, size: int, final: Path, session) -> bool:
+    """Move the copy ``stash_ahead`` made of ``source`` into place as ``final``, if its bytes
+    hash to ``oid``; True if it did. Any other outcome removes it (the caller copies anew)."""
+    started = session.cache.get(_AHEAD)
+    if not started:
+        return False
+    try:
+        st = os.stat(source)
+    except OSError:
+        return False
+    ahead = started.pop(_source_key(remote, st), None)
+    if ahead is None:
+        return False
+    try:
+        if ahead.result() != (oid, size):  # changed meanwhile, or the copy failed
+            return False
+        try:
+            os.rename(ahead.tmp, final)
+        except FileNotFoundError:
+            _mkdirs_below(_session_base(remote, session), final.parent)
+            os.rename(ahead.tmp, final)
+        ahead.tmp = None
+        return True
+    finally:
+        ahead.drop()
+
+
 @hookimpl
 def stash(remote, oid, source, size, session):
     if remote.kind != KIND:
@@ -533,6 +655,9 @@ def stash(remote, oid, source, size, session):
         base = _session_base(remote, session)
         _clean_parts(remote, base, session)
         final = base / "objects" / object_relpath(oid)
+        if _take_ahead(remote, oid, source, size, final, session):
+            session.cache.setdefault(_PENDING, {})[remote.name] = remote
+            return True
         try:
             fd, _st = _open_object(final)
         except FileNotFoundError:
