@@ -355,3 +355,18 @@ def test_a_copy_ahead_of_a_file_that_stays_local_is_removed(tmp_path, monkeypatc
     assert b3(t.root / "big") == want and not is_stub(t.root / "big")
     assert _no_parts(t)
     assert not list((t.remote / "objects").rglob("*")) or not any(p.is_file() for p in (t.remote / "objects").rglob("*"))
+
+
+def test_a_stash_without_a_session_removes_the_copy_ahead_it_did_not_take(tmp_path, monkeypatch):
+    """Called without a session (a library caller), the stash closes the one it made: the
+    copy started for a file that stayed local does not stay on the remote."""
+    import jam_core.ops.stash as stash_mod
+
+    t, want = _ahead_tree(tmp_path, monkeypatch)
+    seen = _copies(monkeypatch)
+    real = stash_mod.hash_fd
+    monkeypatch.setattr(stash_mod, "hash_fd", lambda *a, **k: (lambda r: (r[0], r[1] - 1))(real(*a, **k)))
+    res = stash(Root(t.root), ["big"], make_plugin_manager())
+    assert not res.done and res.skipped, res
+    assert seen == ["ahead"]
+    assert _no_parts(t)

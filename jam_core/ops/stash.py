@@ -86,8 +86,14 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     and the remotes (``sync``), then swap each file that did not change; one syncfs at the end
     makes the last swaps durable.
     """
+    if session is None:  # one of its own: closed here (what backends left for it is cleaned up)
+        with Session() as own:
+            return _stash(root, rels, pm, own, explicit)
+    return _stash(root, rels, pm, session, explicit)
+
+
+def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool) -> Result:
     result = Result()
-    session = session or Session()
     remotes = root.remotes()
     if not remotes:
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
