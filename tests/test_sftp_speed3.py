@@ -159,3 +159,73 @@ def test_every_connection_reads_through_a_chunk_pipe(pm, sftp_remote, sftp_store
         assert pm.hook.fetch(remote=sftp_remote, oid=oid, dest=back, size=size, session=s) is True
     verify_file(back, oid)
     assert sum(reads) >= size
+
+
+def _count_early_fsyncs(monkeypatch, bogus: bool = False) -> list:
+    """Count the fsyncs a range upload asks for through ``Replies.send`` (the final one goes
+    through the batch protocol's pipeline); ``bogus``: they name a handle the server never gave."""
+    from jam_sftp.transfer import Replies
+
+    early = []
+    orig = Replies.send
+
+    def send(self, t, *args):
+        if args and args[0] == "fsync@openssh.com":
+            early.append(t)
+            if bogus:
+                args = (args[0], b"no such handle")
+        return orig(self, t, *args)
+
+    monkeypatch.setattr(Replies, "send", send)
+    return early
+
+
+def test_a_range_upload_starts_its_writeback_before_the_end(pm, sftp_remote, sftp_store, tmp_path, small_ranges,
+                                                            monkeypatch):
+    """Mutation-checked: without the fsync every SYNC_EVERY bytes in ``_write_ranges`` no early
+    fsync is asked for (the whole file was left dirty for the final fsync)."""
+    monkeypatch.setattr(small_ranges, "SYNC_EVERY", 512 << 10)
+    early = _count_early_fsyncs(monkeypatch)
+    src = tmp_path / "big.bin"
+    make_file(src, (3 << 20) + 77, seed=13)
+    oid, size = hash_file(src)
+    with Session() as s:
+        assert pm.hook.stash(remote=sftp_remote, oid=oid, source=src, size=size, session=s)
+    verify_file(sftp_store / "objects" / object_relpath(oid), oid)
+    assert len(early) >= 3
+
+
+def test_no_early_fsync_when_fsync_is_off(pm, sshd, sftp_store, tmp_path, small_ranges, monkeypatch):
+    from tests.conftest_sshd import sftp_remote_for
+
+    (sftp_store / "objects").mkdir()
+    (sftp_store / "tmp").mkdir()
+    remote = sftp_remote_for(f"sftp://{sshd.alias}{sftp_store}", fsync=False)
+    monkeypatch.setattr(small_ranges, "SYNC_EVERY", 512 << 10)
+    early = _count_early_fsyncs(monkeypatch)
+    src = tmp_path / "big.bin"
+    make_file(src, (3 << 20) + 5, seed=14)
+    oid, size = hash_file(src)
+    with Session() as s:
+        assert pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
+    verify_file(sftp_store / "objects" / object_relpath(oid), oid)
+    assert early == []
+
+
+def test_an_early_fsync_that_fails_fails_the_object(pm, sftp_remote, sftp_store, tmp_path, small_ranges,
+                                                    monkeypatch):
+    """The server refuses an early fsync: nothing is stored, the part is removed (every early
+    fsync's status is checked like a write's; mutation-checked: its reply ignored, the object
+    is stored)."""
+    monkeypatch.setattr(small_ranges, "SYNC_EVERY", 512 << 10)
+    early = _count_early_fsyncs(monkeypatch, bogus=True)
+    src = tmp_path / "big.bin"
+    make_file(src, (3 << 20) + 9, seed=15)
+    oid, size = hash_file(src)
+    from jam_core.errors import RemoteError
+
+    with Session() as s, pytest.raises(RemoteError, match="cannot store"):  # the server's "no such handle"
+        pm.hook.stash_many(remote=sftp_remote, items=[(oid, src, size)], session=s)
+    assert early
+    assert [p for p in (sftp_store / "objects").rglob("*") if p.is_file()] == []
+    assert list((sftp_store / "tmp").iterdir()) == []

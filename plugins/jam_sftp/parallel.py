@@ -42,6 +42,7 @@ from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
     CMD_DATA,
+    CMD_EXTENDED,
     CMD_FSETSTAT,
     CMD_FSTAT,
     CMD_READ,
@@ -75,6 +76,7 @@ from jam_sftp.transfer import (
 RANGE_MIN = 64 << 20  # objects at least this big are split over several connections
 CHUNK = 16 << 20  # one range: what a connection takes at a time
 LEAD = 64 << 20  # an upload's range never starts this far ahead of the in-order hash
+SYNC_EVERY = 64 << 20  # an upload in ranges asks for an fsync of the part each time it reaches this many bytes
 SPREAD_FILES = 48  # a batch gets one more connection per this many objects...
 SPREAD_BYTES = 8 << 20  # ...or per this many bytes (a new connection costs a handshake)
 SPREAD_SYNCED = 16  # uploads that fsync: one more connection per this many objects, whatever
@@ -328,6 +330,10 @@ def _write_ranges(ops: Ops, tmp: str, handle: bytes, src: int, ranges: Ranges,
                 if got is None:
                     break
                 piece = [(off, min(REQUEST, got[1] - off)) for off in range(got[0], got[1], REQUEST)][::-1]
+                if ops.fsync and got[0] and got[0] % SYNC_EVERY == 0:
+                    # what is written so far starts to go to the disk now, not all in the final
+                    # fsync (a GiB stays dirty in a large page cache: seconds of waiting at the end)
+                    inflight.append((r.send(CMD_EXTENDED, "fsync@openssh.com", handle), 0))
             off, n = piece.pop()
             request, data = write_request(handle, src, off, n)  # read into the request: no copies
             if len(data) != n:
