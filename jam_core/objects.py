@@ -102,6 +102,11 @@ class _Mark:
         self.upto = 0
         self.done = False
         self.error: BaseException | None = None
+        self.stopped = False  # the hashing thread gave up: the copy's next report ends it
+
+
+class _Stopped(Exception):
+    pass
 
 
 def hash_while_copying(dst_fd: int, size: int, copy, algorithm: str = DEFAULT_ALGORITHM,
@@ -118,6 +123,8 @@ def hash_while_copying(dst_fd: int, size: int, copy, algorithm: str = DEFAULT_AL
     mark = _Mark()
 
     def report(upto: int) -> None:
+        if mark.stopped:  # interrupted (Ctrl-C, a cancelled copy): copy no further
+            raise _Stopped()
         with mark.cond:
             mark.upto = upto
             mark.cond.notify()
@@ -160,6 +167,9 @@ def hash_while_copying(dst_fd: int, size: int, copy, algorithm: str = DEFAULT_AL
                     progress(n)
             if done:
                 break
+    except BaseException:
+        mark.stopped = True  # the worker stops at its next report instead of copying the rest
+        raise
     finally:
         worker.join()
     if mark.error is not None:
@@ -180,6 +190,16 @@ def _remember(fd: int, oid: str) -> None:
         if len(_VERIFIED) > 4096:
             _VERIFIED.clear()
         _VERIFIED[st.st_dev, st.st_ino] = (oid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def forget_copy(fd: int) -> None:
+    """Forget what ``hash_while_copying`` remembered of ``fd``'s file (before it is written
+    again: a new attempt at a fetch, a temporary file reset or reused)."""
+    if not _VERIFIED:  # nothing remembered (every small file): no fstat
+        return
+    st = os.fstat(fd)
+    with _VERIFIED_LOCK:
+        _VERIFIED.pop((st.st_dev, st.st_ino), None)
 
 
 def verified_copy(fd: int, oid: str, size: int) -> bool:

@@ -370,3 +370,92 @@ def test_a_stash_without_a_session_removes_the_copy_ahead_it_did_not_take(tmp_pa
     assert not res.done and res.skipped, res
     assert seen == ["ahead"]
     assert _no_parts(t)
+
+
+# -- an interrupted hash stops its copy; a hash never outlives its attempt ----------------------
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_interrupted_hash_stops_the_copy_at_its_next_report(tmp_path):
+    import threading
+
+    chunk, n = 1 << 20, 8
+    (tmp_path / "src").write_bytes(os.urandom(chunk * n))
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
+    interrupted = threading.Event()
+    written = []
+
+    def copy(report):
+        for k in range(n):
+            os.pwrite(dst, os.pread(src, chunk, k * chunk), k * chunk)
+            written.append(k)
+            report((k + 1) * chunk)
+            if k == 0:
+                interrupted.wait()  # held until the hashing thread is interrupted
+
+    def progress(nbytes):
+        interrupted.set()
+        raise _Stop()  # Ctrl-C while the first chunk is hashed
+
+    try:
+        with pytest.raises(_Stop):
+            hash_while_copying(dst, chunk * n, copy, progress=progress)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert len(written) <= 2, written
+
+
+class _Checker:
+    """A second backend (kind ``check``): it records whether a hash was still remembered for
+    its temporary file when it was asked, then writes garbage of the right size."""
+
+    def __init__(self):
+        self.remembered = []
+
+    @hookimpl
+    def fetch(self, remote, oid, dest, size, session):
+        if remote.kind != "check":
+            return None
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            self.remembered.append((st.st_dev, st.st_ino) in objects._VERIFIED)
+            os.pwrite(fd, b"\xa5" * size, 0)
+        finally:
+            os.close(fd)
+        return True
+
+
+def test_a_hash_made_by_a_failed_attempt_is_forgotten_before_the_next(tmp_path, monkeypatch):
+    """The dir remote hashes the whole temporary file as it copies and then fails: before the
+    next remote writes into the same file, that hash is forgotten (on a coarse clock the next
+    bytes could keep its size, mtime and ctime)."""
+    import errno as errno_
+
+    import jam_dir
+
+    t, want = _big_tree(tmp_path)
+    cfg = t.root / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text() + '\n[remote.check]\nkind = "check"\nurl = "check://x"\nlocation = "check://x"\n'
+                   'tier = 1\n')
+    real = jam_dir.hash_fd
+
+    def hash_then_fail(dst, *a, **k):
+        got = real(dst, *a, **k)
+        if k.get("copy") is not None:
+            raise OSError(errno_.EIO, "injected: failed after the copy was hashed")
+        return got
+
+    monkeypatch.setattr(jam_dir, "hash_fd", hash_then_fail)
+    checker = _Checker()
+    pm = make_plugin_manager()
+    pm.register(checker, name="check-backend")
+    with Session() as s:
+        res = checkout(Root(t.root), ["big"], pm, s)
+    assert checker.remembered == [False]
+    assert not res.done and res.failed, res
+    assert is_stub(t.root / "big")
