@@ -180,3 +180,95 @@ def test_a_stash_killed_during_its_copy_ahead_leaves_no_object_and_its_part_is_r
     assert os.listdir(t.remote / "tmp") == []
     oid = record(t.root / "big").oid
     assert b3(t.remote / "objects" / objects.object_relpath(oid)) == want
+
+
+# -- 8b73d8e / e3e144c: the dry-run's nominations, as the code at 5185f06 made them ----------
+
+_OLD = "5185f06"  # before this session's dry-run changes
+
+
+def _git_tree(rev: str, into: Path) -> Path | None:
+    """The code at ``rev`` (jam_core and the plugins), or None where git or history is missing."""
+    try:
+        arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "jam_core", "plugins"],
+                              capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=arch, check=True)
+    return into
+
+
+def _run_jam(code_dir: Path | None, args: list[str], cwd: Path, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    """The console script's path (``main()`` with sys.argv): os._exit and all; ``code_dir``:
+    another version of jam_core and its plugins first on the path."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    prog = "import sys; from jam_core.cli import main; sys.argv[0] = 'jam'; main()"
+    if code_dir is not None:
+        env["PYTHONPATH"] = f"{code_dir}:{code_dir / 'plugins'}"
+        prog = (f"import sys, jam_core, jam_age; assert jam_core.__file__.startswith({str(code_dir)!r}); "
+                f"assert jam_age.__file__.startswith({str(code_dir)!r}); " + prog)
+    return subprocess.run([sys.executable, "-c", prog, *args], cwd=cwd, env=env, stdout=stdout,
+                          stderr=subprocess.PIPE)
+
+
+def _tricky_tree(tmp_path: Path, large: bool = True) -> Path:
+    """Old and new, large and below min_size, local and stubbed, in directories and names a
+    careless join or split would break: spaces, quotes, a newline, a tab, a backslash, a
+    leading dash, non-UTF-8 bytes, a glob, unicode, deep nesting."""
+    t = make_tree(tmp_path)
+    cfg = t.root / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text().replace('min_size = "64KiB"', 'min_size = "4KiB"')
+                   + '\n[policy.age]\nolder_than = "30d"\n\n[policy.lru]\nkeep = "40%"\nby = "count"\n')
+    old = 1_600_000_000
+    names = [b"plain", b"with space", b"quo\"te'", b"new\nline", b"tab\there", b"back\\slash", b"-dash",
+             b"bad\xff\xfebytes", b"glob*?[x]", "été ☃".encode(), b"a/b/c/d/e/deep", b"sub dir/x",
+             b"sub dir/y\nz", b"\xff dir/\xfe"]
+    root = os.fsencode(t.root)
+    k = 0
+    for i, name in enumerate(names):
+        for size, age in ((20_000 + i, old), (100 + i, old), (30_000 + i, None), (50 + i, None)):
+            k += 1
+            path = os.path.join(root, name + b".%d" % k)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(bytes([k % 251]) * size)
+            when = old + 1000 * k if age else None
+            if when:
+                os.utime(path, (when, when))
+    # Over 5,000 files in 24 top directories: the walk shares the later ones with its forked
+    # helper (scan.SHARE_AFTER), whose findings come back joined and split (records._SEP).
+    for d in range(24 if large else 0):
+        top = os.path.join(root, b"top%02d" % d)
+        os.makedirs(top)
+        for j in range(230):
+            with open(os.path.join(top, b"s%d" % j), "wb") as f:
+                f.write(b"x")
+        for i, name in enumerate(names[:10]):
+            for size, when in ((10_000 + d * 10 + i, old + 7 * d + i), (10, old), (12_000 + i, None)):
+                k += 1
+                path = os.path.join(top, name + b".%d" % k)
+                with open(path, "wb") as f:
+                    f.write(bytes([k % 251]) * size)
+                if when is not None:
+                    os.utime(path, (when, when))
+    with Session() as s:  # some stubs too (clean stubs are nominated by no policy but count)
+        stash(Root(t.root), [os.fsdecode(b"plain.1"), os.fsdecode(b"bad\xff\xfebytes.29")],
+              make_plugin_manager(), s)
+    return t.root
+
+
+def test_the_dry_run_nominates_what_it_did_before_this_session(tmp_path):
+    old_code = _git_tree(_OLD, tmp_path / "old")
+    if old_code is None:
+        pytest.skip("no git history here")
+    root = _tricky_tree(tmp_path)
+    args = ["stash", "--auto", "--dry-run"]
+    before = _run_jam(old_code, args, root)
+    after = _run_jam(None, args, root)
+    assert before.returncode == 0, before.stderr.decode(errors="replace")[-3000:]
+    assert after.returncode == before.returncode, after.stderr.decode(errors="replace")[-3000:]
+    assert after.stderr == before.stderr
+    assert before.stdout.count(b"\n") >= 200  # the tree did nominate files
+    assert after.stdout == before.stdout, "the nominations differ"
