@@ -3,10 +3,12 @@ at the exact instant (monkeypatch, a second process that kills itself), on real 
 xattrs; none sleeps and none times anything.
 
 * cd83613 ``objects.hash_while_copying``: a copy interrupted in the hashing thread (Ctrl-C, a
-  cancelled copy ahead) must stop the copy worker, not wait for the rest of the file;
+  cancelled copy ahead) must stop the copy worker, not wait for the rest of the file (found
+  here as a strict xfail; fixed in 5a61882);
 * cd83613 ``verified_copy``: a dir remote's fetch that hashed the temporary file and then
   failed leaves a remembered hash behind; another remote's wrong bytes written into the same
-  (reset) temporary file must still be hashed and refused;
+  (reset) temporary file must still be hashed and refused (checkout.forget_copy; the
+  timestamps alone would not tell on a coarse clock);
 * ef6c50e ``stash_ahead``: a stash SIGKILLed while its copy ahead runs leaves only a part no
   object, and the next command removes that part.
 """
@@ -43,11 +45,6 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: hash_while_copying joins its copy worker after an error in the hashing thread "
-    "(Ctrl-C, _Ahead's cancellation through progress) without telling it to stop: the worker "
-    "copies the rest of the file first (a cancelled 100 GiB copy ahead, or Ctrl-C on a large "
-    "stash/checkout, waits for the whole copy). Fix in the report: report() raises once stopped"))
 def test_an_interrupted_hash_stops_its_copy(tmp_path):
     chunk, n = 1 << 20, 8
     (tmp_path / "src").write_bytes(os.urandom(chunk * n))
