@@ -269,3 +269,62 @@ def test_the_dry_run_nominates_what_it_did_before_this_session(tmp_path):
     assert after.stderr == before.stderr
     assert before.stdout.count(b"\n") >= 200  # the tree did nominate files
     assert after.stdout == before.stdout, "the nominations differ"
+
+
+# -- ddd6464: the connection dropped while a reply is read through ChunkPipe ------------------
+
+@pytest.mark.parametrize("after_reads", [1, 7])
+def test_a_connection_dropped_mid_read_fails_the_fetch_and_never_returns_it_whole(
+        sshd, sftp_store, tmp_path, monkeypatch, after_reads):
+    """A big object fetched in ranges; after a few reads from the channel's ChunkPipe (a reply
+    partly taken, chunks still buffered) the SSH transport drops. The fetch must end with a
+    one-line RemoteError (no hang, no traceback), and with the core's own check the stub stays."""
+    import paramiko
+
+    from jam_core.errors import RemoteError
+    from jam_sftp import parallel
+    from jam_sftp.connect import ChunkPipe
+    from tests.conftest_sshd import sftp_remote_for
+
+    monkeypatch.setattr(parallel, "RANGE_MIN", 1 << 20)
+    monkeypatch.setattr(parallel, "CHUNK", 256 << 10)
+    (sftp_store / "objects").mkdir()
+    (sftp_store / "tmp").mkdir()
+    remote = sftp_remote_for(f"sftp://{sshd.alias}{sftp_store}")
+    pm = make_plugin_manager(load_entrypoints=False)
+    src = tmp_path / "big.bin"
+    make_file(src, (3 << 20) + 555, seed=19)
+    oid, size = objects.hash_file(src)
+    with Session() as s:
+        assert pm.hook.stash(remote=remote, oid=oid, source=src, size=size, session=s)
+
+    orig = ChunkPipe.read
+    reads = []
+    dropped = []
+
+    def drop_after(self, nbytes, timeout=None):
+        out = orig(self, nbytes, timeout)  # (outside the pipe's lock: a close takes it)
+        reads.append(len(out))
+        if len(reads) == after_reads and not dropped:
+            # the reader's own transport: found through the channel whose buffer this is
+            for t in list(_transports):
+                t.close()
+            dropped.append(True)
+        return out
+
+    _transports: list[paramiko.Transport] = []
+    orig_start = paramiko.Transport.start_client
+
+    def track(self, *a, **k):
+        _transports.append(self)
+        return orig_start(self, *a, **k)
+
+    monkeypatch.setattr(paramiko.Transport, "start_client", track)
+    back = tmp_path / "back"
+    back.write_bytes(b"")
+    with Session() as s:
+        monkeypatch.setattr(ChunkPipe, "read", drop_after)
+        with pytest.raises(RemoteError) as info:
+            pm.hook.fetch(remote=remote, oid=oid, dest=back, size=size, session=s)
+    assert dropped
+    assert "\n" not in str(info.value) and str(info.value), info.value
