@@ -328,3 +328,53 @@ def test_a_connection_dropped_mid_read_fails_the_fetch_and_never_returns_it_whol
             pm.hook.fetch(remote=remote, oid=oid, dest=back, size=size, session=s)
     assert dropped
     assert "\n" not in str(info.value) and str(info.value), info.value
+
+
+# -- 995c8ec: a place plugin through the real entry-point group still decides per object ------
+
+_SPLITTER = '''
+from jam_core import hookimpl
+
+
+@hookimpl
+def place(oid, remotes):
+    """Objects whose id's last hex digit is even go to 'even', the others to 'odd'."""
+    want = "even" if int(oid[-1], 16) % 2 == 0 else "odd"
+    return [r for r in remotes if r.name == want] or None
+'''
+
+
+def test_a_place_plugin_from_an_entry_point_decides_for_every_object(tmp_path):
+    """Two remotes on two tiers (the default placement would send all to the nearer); a
+    third-party place plugin loaded by the real `jam` through its entry point (and chosen by
+    JAM_LOAD_PLUGINS) splits the objects by id: every stub names the remote it chose, never
+    the first answer reused (mutation-checked: stash._placement_is_fixed forced True fails it)."""
+    from jam_core.ops.remotes import add_remote
+    from tests.safety_support import jam
+
+    site = tmp_path / "site"
+    (site / "jam_test_splitter-0.1.dist-info").mkdir(parents=True)
+    (site / "jam_test_splitter.py").write_text(_SPLITTER)
+    (site / "jam_test_splitter-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: jam-test-splitter\nVersion: 0.1\n")
+    (site / "jam_test_splitter-0.1.dist-info" / "entry_points.txt").write_text(
+        "[jam]\nsplitter = jam_test_splitter\n")
+    root_dir = tmp_path / "root"
+    root_dir.mkdir()
+    root, _ = Root.init(root_dir)
+    for name, tier in (("even", 0), ("odd", 1)):
+        (tmp_path / name).mkdir()
+        add_remote(root, make_plugin_manager(), name, str(tmp_path / name), tier=tier)
+    want, oids = {}, {}
+    for i in range(12):
+        make_file(root_dir / f"f{i}", 70_000 + i, seed=100 + i)
+        oids[f"f{i}"] = oid = "b3:" + b3(root_dir / f"f{i}")
+        want[f"f{i}"] = "even" if int(oid[-1], 16) % 2 == 0 else "odd"
+    assert set(want.values()) == {"even", "odd"}  # both answers are needed
+    env = dict(os.environ, PYTHONPATH=str(site), JAM_LOAD_PLUGINS="splitter")
+    jam("stash", *want, cwd=root_dir, env=env)
+    assert all(is_stub(root_dir / name) for name in want)
+    got = {name: tuple(r for r in ("even", "odd")
+                       if (tmp_path / r / "objects" / objects.object_relpath(oids[name])).is_file())
+           for name in want}
+    assert got == {name: (r,) for name, r in want.items()}
