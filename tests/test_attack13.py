@@ -378,3 +378,42 @@ def test_a_place_plugin_from_an_entry_point_decides_for_every_object(tmp_path):
                        if (tmp_path / r / "objects" / objects.object_relpath(oids[name])).is_file())
            for name in want}
     assert got == {name: (r,) for name, r in want.items()}
+
+
+# -- ef6c50e: the remote full in the middle of the copy ahead ---------------------------------
+
+def test_a_copy_ahead_that_fills_the_remote_leaves_no_part_and_the_stash_copies_again(tmp_path, monkeypatch):
+    """The first large copy (the one started ahead) writes a MiB and then finds the remote full;
+    the stash is not harmed: its half-written part is removed before the copy made after the
+    hash, which stores a verified object (mutation-checked: _Ahead.drop without its unlink
+    leaves the part behind)."""
+    import jam_core.ops.stash as stash_mod
+    import jam_dir
+
+    monkeypatch.setattr(stash_mod, "AHEAD_MIN", 9 << 20)
+    t = make_tree(tmp_path)
+    make_file(t.root / "big", BIG, seed=29)
+    want = b3(t.root / "big")
+    real = jam_dir._copy_range
+    calls = []
+    parts_at_second_copy = []
+
+    def full_once(src, dst, off, count, progress, report=None):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:  # the space the half copy ahead took is free again by now
+            parts_at_second_copy.extend(os.listdir(t.remote / "tmp"))
+        if len(calls) == 1:
+            real(src, dst, off, min(count, 1 << 20), progress, report)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(src, dst, off, count, progress, report)
+
+    monkeypatch.setattr(jam_dir, "_copy_range", full_once)
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+        parts_before_close = os.listdir(t.remote / "tmp")
+    assert len(calls) >= 2  # the copy ahead, then the stash's own copy
+    assert len(parts_at_second_copy) == 1, parts_at_second_copy  # its own part only
+    assert [r for r, _ in res.done] == ["big"], res
+    assert parts_before_close == [] and os.listdir(t.remote / "tmp") == []
+    oid = record(t.root / "big").oid
+    assert b3(t.remote / "objects" / objects.object_relpath(oid)) == want == oid.split(":")[1]
