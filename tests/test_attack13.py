@@ -41,6 +41,7 @@ BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel, hash
 
 # -- cd83613: an interrupted hash must stop its copy ------------------------------------------
 
+
 class _Stop(Exception):
     pass
 
@@ -76,6 +77,7 @@ def test_an_interrupted_hash_stops_its_copy(tmp_path):
 
 # -- cd83613: a hash remembered by a failed attempt, then another remote's bytes ---------------
 
+
 class _Liar:
     """A third-party backend (kind ``liar``) that never hashes: it writes ``size`` bytes of
     garbage into the temporary file and says it fetched the object."""
@@ -105,7 +107,9 @@ def test_a_hash_left_by_a_failed_fetch_never_vouches_for_the_next_remote(tmp_pat
         res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
     assert [r for r, _ in res.done] == ["big"], res
     cfg = t.root / ".jam" / "config.toml"
-    cfg.write_text(cfg.read_text() + '\n[remote.liar]\nkind = "liar"\nurl = "liar://x"\nlocation = "liar://x"\ntier = 1\n')
+    cfg.write_text(
+        cfg.read_text() + '\n[remote.liar]\nkind = "liar"\nurl = "liar://x"\nlocation = "liar://x"\ntier = 1\n'
+    )
     oid = record(t.root / "big").oid
     real = jam_dir.hash_fd
     hashed = []
@@ -187,8 +191,9 @@ _OLD = "5185f06"  # before this session's dry-run changes
 def _git_tree(rev: str, into: Path) -> Path | None:
     """The code at ``rev`` (jam_core and the plugins), or None where git or history is missing."""
     try:
-        arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "jam_core", "plugins"],
-                              capture_output=True, check=True).stdout
+        arch = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "jam_core", "plugins"], capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     into.mkdir()
@@ -204,10 +209,11 @@ def _run_jam(code_dir: Path | None, args: list[str], cwd: Path, stdout=subproces
     prog = "import sys; from jam_core.cli import main; sys.argv[0] = 'jam'; main()"
     if code_dir is not None:
         env["PYTHONPATH"] = f"{code_dir}:{code_dir / 'plugins'}"
-        prog = (f"import sys, jam_core, jam_age; assert jam_core.__file__.startswith({str(code_dir)!r}); "
-                f"assert jam_age.__file__.startswith({str(code_dir)!r}); " + prog)
-    return subprocess.run([sys.executable, "-c", prog, *args], cwd=cwd, env=env, stdout=stdout,
-                          stderr=subprocess.PIPE)
+        prog = (
+            f"import sys, jam_core, jam_age; assert jam_core.__file__.startswith({str(code_dir)!r}); "
+            f"assert jam_age.__file__.startswith({str(code_dir)!r}); " + prog
+        )
+    return subprocess.run([sys.executable, "-c", prog, *args], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE)
 
 
 def _tricky_tree(tmp_path: Path, large: bool = True) -> Path:
@@ -216,12 +222,27 @@ def _tricky_tree(tmp_path: Path, large: bool = True) -> Path:
     leading dash, non-UTF-8 bytes, a glob, unicode, deep nesting."""
     t = make_tree(tmp_path)
     cfg = t.root / ".jam" / "config.toml"
-    cfg.write_text(cfg.read_text().replace('min_size = "64KiB"', 'min_size = "4KiB"')
-                   + '\n[policy.age]\nolder_than = "30d"\n\n[policy.lru]\nkeep = "40%"\nby = "count"\n')
+    cfg.write_text(
+        cfg.read_text().replace('min_size = "64KiB"', 'min_size = "4KiB"')
+        + '\n[policy.age]\nolder_than = "30d"\n\n[policy.lru]\nkeep = "40%"\nby = "count"\n'
+    )
     old = 1_600_000_000
-    names = [b"plain", b"with space", b"quo\"te'", b"new\nline", b"tab\there", b"back\\slash", b"-dash",
-             b"bad\xff\xfebytes", b"glob*?[x]", "été ☃".encode(), b"a/b/c/d/e/deep", b"sub dir/x",
-             b"sub dir/y\nz", b"\xff dir/\xfe"]
+    names = [
+        b"plain",
+        b"with space",
+        b"quo\"te'",
+        b"new\nline",
+        b"tab\there",
+        b"back\\slash",
+        b"-dash",
+        b"bad\xff\xfebytes",
+        b"glob*?[x]",
+        "été ☃".encode(),
+        b"a/b/c/d/e/deep",
+        b"sub dir/x",
+        b"sub dir/y\nz",
+        b"\xff dir/\xfe",
+    ]
     root = os.fsencode(t.root)
     k = 0
     for i, name in enumerate(names):
@@ -251,8 +272,7 @@ def _tricky_tree(tmp_path: Path, large: bool = True) -> Path:
                 if when is not None:
                     os.utime(path, (when, when))
     with Session() as s:  # some stubs too (clean stubs are nominated by no policy but count)
-        stash(Root(t.root), [os.fsdecode(b"plain.1"), os.fsdecode(b"bad\xff\xfebytes.29")],
-              make_plugin_manager(), s)
+        stash(Root(t.root), [os.fsdecode(b"plain.1"), os.fsdecode(b"bad\xff\xfebytes.29")], make_plugin_manager(), s)
     return t.root
 
 
@@ -273,9 +293,11 @@ def test_the_dry_run_nominates_what_it_did_before_this_session(tmp_path):
 
 # -- ddd6464: the connection dropped while a reply is read through ChunkPipe ------------------
 
+
 @pytest.mark.parametrize("after_reads", [1, 7])
 def test_a_connection_dropped_mid_read_fails_the_fetch_and_never_returns_it_whole(
-        sshd, sftp_store, tmp_path, monkeypatch, after_reads):
+    sshd, sftp_store, tmp_path, monkeypatch, after_reads
+):
     """A big object fetched in ranges; after a few reads from the channel's ChunkPipe (a reply
     partly taken, chunks still buffered) the SSH transport drops. The fetch must end with a
     one-line RemoteError (no hang, no traceback), and with the core's own check the stub stays."""
@@ -356,9 +378,9 @@ def test_a_place_plugin_from_an_entry_point_decides_for_every_object(tmp_path):
     (site / "jam_test_splitter-0.1.dist-info").mkdir(parents=True)
     (site / "jam_test_splitter.py").write_text(_SPLITTER)
     (site / "jam_test_splitter-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: jam-test-splitter\nVersion: 0.1\n")
-    (site / "jam_test_splitter-0.1.dist-info" / "entry_points.txt").write_text(
-        "[jam]\nsplitter = jam_test_splitter\n")
+        "Metadata-Version: 2.1\nName: jam-test-splitter\nVersion: 0.1\n"
+    )
+    (site / "jam_test_splitter-0.1.dist-info" / "entry_points.txt").write_text("[jam]\nsplitter = jam_test_splitter\n")
     root_dir = tmp_path / "root"
     root_dir.mkdir()
     root, _ = Root.init(root_dir)
@@ -374,13 +396,17 @@ def test_a_place_plugin_from_an_entry_point_decides_for_every_object(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site), JAM_LOAD_PLUGINS="splitter")
     jam("stash", *want, cwd=root_dir, env=env)
     assert all(is_stub(root_dir / name) for name in want)
-    got = {name: tuple(r for r in ("even", "odd")
-                       if (tmp_path / r / "objects" / objects.object_relpath(oids[name])).is_file())
-           for name in want}
+    got = {
+        name: tuple(
+            r for r in ("even", "odd") if (tmp_path / r / "objects" / objects.object_relpath(oids[name])).is_file()
+        )
+        for name in want
+    }
     assert got == {name: (r,) for name, r in want.items()}
 
 
 # -- ef6c50e: the remote full in the middle of the copy ahead ---------------------------------
+
 
 def test_a_copy_ahead_that_fills_the_remote_leaves_no_part_and_the_stash_copies_again(tmp_path, monkeypatch):
     """The first large copy (the one started ahead) writes a MiB and then finds the remote full;
