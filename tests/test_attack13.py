@@ -443,3 +443,38 @@ def test_a_copy_ahead_that_fills_the_remote_leaves_no_part_and_the_stash_copies_
     assert parts_before_close == [] and os.listdir(t.remote / "tmp") == []
     oid = record(t.root / "big").oid
     assert b3(t.remote / "objects" / objects.object_relpath(oid)) == want == oid.split(":")[1]
+
+
+def _closed_after_first_line(code_dir: Path | None, args: list[str], cwd: Path) -> tuple[int, bytes]:
+    """Run jam with stdout a pipe of one page, closed by its reader after the first line (as
+    ``| head -1``): the exit status and stderr."""
+    import fcntl
+
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    prog = "import sys; from jam_core.cli import main; sys.argv[0] = 'jam'; main()"
+    if code_dir is not None:
+        env["PYTHONPATH"] = f"{code_dir}:{code_dir / 'plugins'}"
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: the output is more than the pipe holds
+    proc = subprocess.Popen([sys.executable, "-c", prog, *args], cwd=cwd, env=env, stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r, "rb") as out:
+        out.readline()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    return proc.wait(), err
+
+
+def test_a_dry_run_whose_reader_leaves_ends_as_before(tmp_path):
+    """`jam stash --auto --dry-run | head -1`: the reader goes after one line; the dry-run ends
+    as the code at 5185f06 did (SIGPIPE's status, nothing on stderr), os._exit or not."""
+    old_code = _git_tree(_OLD, tmp_path / "old")
+    if old_code is None:
+        pytest.skip("no git history here")
+    root = _tricky_tree(tmp_path)
+    args = ["stash", "--auto", "--dry-run"]
+    before = _closed_after_first_line(old_code, args, root)
+    after = _closed_after_first_line(None, args, root)
+    assert b"Traceback" not in before[1] + after[1]
+    assert after == before, (after, before)
