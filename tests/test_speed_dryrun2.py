@@ -163,3 +163,32 @@ def test_a_stubs_record_is_made_only_for_a_policy_that_reads_them(jam_root, runn
     assert res.output.count("would stash") == 1
     if policy == "age":
         assert "would stash 8 of 8" in res.output
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_plan_merged_on_the_lists_is_the_general_merge(seed):
+    """Nominations naming each candidate once are merged on the candidates' lists (C passes,
+    named tuples built from the lists): the same items, in path order, as the general merge
+    over records; a path named twice, or named but not a candidate, goes the general way
+    (every reason kept, the stranger refused)."""
+    import random
+
+    from jam_core.model import FileRecord, Nomination
+    from jam_core.policy import plan
+    from jam_core.policy.records import Candidates
+
+    rng = random.Random(seed)
+    recs = [FileRecord(f"d{rng.randrange(9)}/f{i:04d}-{rng.random():.6f}", rng.randrange(1, 10**6), 1.0 * i,
+                       2.0 * i, rng.random() * 1e9) for i in range(400)]
+    by_path = {r.path: r for r in recs}
+    cands = Candidates(recs)
+    chosen = rng.sample(recs, 150)
+    once = [Nomination(r.path, "age", f"reason {rng.randrange(3)}") for r in chosen]
+    fast = plan.merge(once, cands, [])
+    assert fast == plan.merge(once, by_path, []) and [i.path for i in fast] == sorted(r.path for r in chosen)
+    assert all(isinstance(i, plan.PlanItem) and i.reasons == [("age", i.reasons[0][1])] for i in fast)
+    twice = once + [Nomination(chosen[0].path, "lru", "also"), Nomination("not/a/candidate", "lru", "x")]
+    refused_fast, refused_general = [], []
+    assert plan.merge(twice, cands, refused_fast) == plan.merge(twice, by_path, refused_general)
+    assert refused_fast == refused_general == [("not/a/candidate", "lru")]
+    assert plan._merge_once(once, cands, None) is not None and plan._merge_once(twice, cands, None) is None

@@ -17,8 +17,9 @@ Configuration (``ROOT/.jam/config.toml`` over the user's defaults):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from jam_core.errors import UsageError
 from jam_core.model import FETCH, STASH, FileRecord, Nomination
@@ -37,8 +38,9 @@ def configured_policies(config: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in policy.items() if isinstance(v, Mapping))
 
 
-@dataclass(slots=True)
-class PlanItem:
+class PlanItem(NamedTuple):
+    """One file a plan stashes (a named tuple: a plan of 100,000 files builds them in C)."""
+
     path: str
     size: int
     last_used: float
@@ -91,6 +93,11 @@ def ask(pm, root: Root, records: Sequence[FileRecord], purpose: str, anchors: Se
 def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
           refused: list[tuple[str, str]] | None = None) -> list[PlanItem]:
     """One item per allowed file, with every policy's reason; anything else is dropped."""
+    if isinstance(allowed, Candidates):
+        nominations = nominations if isinstance(nominations, list) else list(nominations)
+        items = _merge_once(nominations, allowed, refused)
+        if items is not None:
+            return items
     items: dict[str, PlanItem] = {}
     get = items.get
     if isinstance(allowed, Candidates):  # (size, last_used) from its lists: no record made
@@ -119,6 +126,31 @@ def merge(nominations: Iterable[Nomination], allowed: Mapping[str, FileRecord],
         if len(item.reasons) > 1:
             item.reasons.sort()
     return sorted(items.values(), key=attrgetter("path"))
+
+
+_path, _policy, _reason = attrgetter("path"), attrgetter("policy"), attrgetter("reason")
+
+
+def _merge_once(nominations: list[Nomination], cands: Candidates,
+                refused: list[tuple[str, str]] | None) -> list[PlanItem] | None:
+    """``merge`` of nominations that name each file once (one policy: the dry-run's common
+    case) on the candidates' lists, in C passes: which candidates are named is asked of a
+    dict of the named paths (no index of every candidate), and the items are built from the
+    lists (no Python step per file). None when a path is named twice (``merge`` then keeps
+    every reason its own way)."""
+    named = dict(zip(map(_path, nominations), nominations, strict=True))
+    if len(named) != len(nominations) or len(named) < 2:
+        return None
+    paths = cands.paths
+    at = list(compress(range(len(paths)), map(named.__contains__, paths)))
+    if len(at) != len(named):  # named but not a candidate: refused, in order (and the general way)
+        return None
+    at.sort(key=paths.__getitem__)
+    chosen = itemgetter(*at)(paths)
+    by = itemgetter(*chosen)(named)
+    reasons = [[pair] for pair in zip(map(_policy, by), map(_reason, by), strict=True)]  # [(policy, reason)] each
+    return list(map(tuple.__new__, repeat(PlanItem),
+                    zip(chosen, itemgetter(*at)(cands.sizes), itemgetter(*at)(cands.lasts), reasons, strict=True)))
 
 
 def plan_auto(root: Root, pm, keep: list | None = None) -> Plan:
