@@ -516,8 +516,9 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
             n = min(1 << 20, end - off)
             real(src, dst, off, n, progress, report)
             off += n
-            if report is not None and not wrote and off < end:
-                first_hashed.wait()  # the hasher has read (and hashed) the first bytes
+            if not wrote and off < end:
+                if report is not None:  # hashed as copied: once the hasher read the first bytes
+                    first_hashed.wait()
                 other = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY)  # another writer's own open
                 try:
                     os.pwrite(other, b"\0SOMEONE ELSE WROTE THIS\0", 100)
@@ -526,8 +527,16 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
                 wrote.append(True)
 
     monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
+    real_hash = jam_dir.hash_fd
+
+    def hash_fd(fd, algorithm, progress=None, **k):  # the copy's own hasher: tell when it read
+        if k.get("copy") is not None:
+            inner = progress
+            progress = lambda n: (inner and inner(n), first_hashed.set())  # noqa: E731
+        return real_hash(fd, algorithm, progress, **k)
+
+    monkeypatch.setattr(jam_dir, "hash_fd", hash_fd)
     with Session() as s:
-        s._on_progress = lambda n: first_hashed.set()
         res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote
     if res.done:  # taken: then it must hold the object's bytes, not the other writer's
@@ -562,8 +571,9 @@ def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(
             n = min(1 << 20, end - off)
             real(src, dst, off, n, progress, report)
             off += n
-            if report is not None and not wrote and off < end:
-                first_hashed.wait()  # the hasher has read (and hashed) the first bytes
+            if not wrote and off < end:
+                if report is not None:  # hashed as copied: once the hasher read the first bytes
+                    first_hashed.wait()
                 other = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY)  # another writer's own open
                 try:
                     os.pwrite(other, b"\0SOMEONE ELSE WROTE THIS\0", 100)
@@ -572,8 +582,16 @@ def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(
                 wrote.append(True)
 
     monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
+    real_hash = jam_dir.hash_fd
+
+    def hash_fd(fd, algorithm, progress=None, **k):  # the copy's own hasher: tell when it read
+        if k.get("copy") is not None:
+            inner = progress
+            progress = lambda n: (inner and inner(n), first_hashed.set())  # noqa: E731
+        return real_hash(fd, algorithm, progress, **k)
+
+    monkeypatch.setattr(jam_dir, "hash_fd", hash_fd)
     with Session() as s:
-        s._on_progress = lambda n: first_hashed.set()
         res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote
     if res.done:  # stubbed: the remote must hold the file's bytes under its id
