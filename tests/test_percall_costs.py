@@ -216,8 +216,13 @@ def test_a_dry_run_does_not_load_the_stash_machinery(jam_root, tmp_path):
     os.utime(jam_root.path / "old.bin", (1, 1))
     with jam_root.lock():
         jam_root.update_config(lambda t: t.setdefault("policy", {}).update({"age": {"older_than": "1d"}}))
-    code = ("import sys, atexit\n"
-            "atexit.register(lambda: print('LOADED' if 'jam_core.ops.stash' in sys.modules else 'CLEAN'))\n"
+    # Checked at the very end, whichever way the process ends (a finished dry-run leaves by
+    # os._exit, without atexit: cli.finished).
+    code = ("import sys, os, atexit\n"
+            "def check(): print('LOADED' if 'jam_core.ops.stash' in sys.modules else 'CLEAN', flush=True)\n"
+            "atexit.register(check)\n"
+            "_exit = os._exit\n"
+            "os._exit = lambda c: (atexit.unregister(check), check(), _exit(c))\n"
             "sys.argv = ['jam', 'stash', '--auto', '--dry-run']\n"
             "from jam_core.cli import main\nmain()\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=jam_root.path, capture_output=True, text=True,
