@@ -259,38 +259,19 @@ def hash_one(dirs: "OneDir", e) -> tuple[int, str] | None:
 # -- making entries (restore, clone, sync) ----------------------------------------------------
 class EntryMaker:
     """Makes the entries of one batch (a stub, an empty file, a symlink) from snapshot items:
-    the one way ``restore``, ``clone`` and ``sync`` make them. A stub's header block is built
-    from parts computed once per batch (byte for byte ``StubRecord.header``, which it falls
-    back to for a name too long for one block) and its ``user.jam`` packed directly: the
+    the one way ``restore``, ``clone`` and ``sync`` make them. A stub's header block is
+    ``StubRecord.header`` and its ``user.jam`` packed directly: the
     items were validated when their snapshot was parsed. Nothing is made durable here: the
     caller makes the whole batch durable with one ``syncfs`` (an fsync per file dominates
     the cost of small stubs)."""
 
     def __init__(self, stamp: str, now_ns: int):
-        from json.encoder import encode_basestring_ascii
-
-        from jam_core.stub import _ALGO_CODE, _PACK, HEADER_MAX, VERSION, XATTR, StubRecord
+        from jam_core.stub import _ALGO_CODE, _PACK, VERSION, XATTR, StubRecord
 
         self.stamp, self.now_ns = stamp, now_ns
-        self._q, self._pack, self._codes, self._max = encode_basestring_ascii, _PACK.pack, _ALGO_CODE, HEADER_MAX
+        self._pack, self._codes = _PACK.pack, _ALGO_CODE
         self._version, self._record = VERSION, StubRecord
-        probe = StubRecord("b3:" + "0" * 64, 1, 0, 0, (), stamp).header("")
-        self._lead = probe[:probe.index(b'{"jam":')].decode("ascii")  # the magic line and the notice
         self._xattr = XATTR
-        self._tails: dict[tuple[str, ...], str] = {}
-
-    def header(self, rec, name: str) -> bytes:
-        """``rec.header(name)``, fast."""
-        tail = self._tails.get(rec.remotes)
-        if tail is None:
-            import json
-
-            tail = self._tails[rec.remotes] = (',"remotes":' + json.dumps(list(rec.remotes), ensure_ascii=True,
-                                                                          separators=(",", ":"))
-                                               + ',"stashed_at":' + self._q(rec.stashed_at) + ',"name":')
-        data = (f'{self._lead}{{"jam":{self._version},"id":"{rec.oid}","size":{rec.size},"mode":"{rec.mode:04o}",'
-                f'"mtime_ns":{rec.mtime_ns}{tail}{self._q(name)}}}\n').encode("ascii")
-        return data if len(data) <= self._max else rec.header(name)
 
     def make(self, dfd: int, fname: str, name: str, item: Item, remotes: tuple[str, ...],
              want_stat: bool = False):
@@ -308,7 +289,7 @@ class EntryMaker:
                 os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
                 return None, None
             rec = self._record(item.oid, item.size, item.mode, item.mtime_ns, remotes, self.stamp)
-            header = self.header(rec, name)
+            header = rec.header(name)
             if len(header) > item.size:
                 header = header[:item.size]
             os.write(fd, header)
