@@ -65,20 +65,14 @@ def read_buffer(size: int) -> memoryview:
 
 
 def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None, threads: bool = False,
-            limit: int | None = None, copy=None) -> tuple[str, int]:
+            limit: int | None = None) -> tuple[str, int]:
     """Hash everything readable from ``fd`` (from its current offset), or at most ``limit``
-    bytes. Returns (oid, size). With ``copy``: ``hash_while_copying(fd, limit, copy, ...)``,
-    the destination of a copy hashed from offset 0 as the copy writes it (the form a plugin
-    reaches through ``jam_core``'s public names).
+    bytes. Returns (oid, size).
 
     ``threads`` is accepted for the plugins that pass it and changes nothing: reads of
     ``CHUNK`` bytes hashed by one thread beat blake3's threads over larger reads (above), and a
     reading thread beside the hash did not help either (0.33-0.39 s for the same 512 MiB:
     the hand-offs cost more than they overlap)."""
-    if copy is not None:
-        if limit is None:
-            raise ValueError("hash_fd(copy=...) needs the size the copy writes (limit)")
-        return hash_while_copying(fd, limit, copy, algorithm, progress)
     h = hasher(algorithm)
     view = read_buffer(CHUNK)
     total = 0
@@ -92,124 +86,6 @@ def hash_fd(fd: int, algorithm: str = DEFAULT_ALGORITHM, progress=None, threads:
         if progress is not None:
             progress(n)
     return f"{algorithm}:{h.hexdigest()}", total
-
-
-class _Mark:
-    """How far a copy in another thread has got: every byte below ``upto`` is final."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.upto = 0
-        self.done = False
-        self.error: BaseException | None = None
-        self.stopped = False  # the hashing thread gave up: the copy's next report ends it
-
-
-class _Stopped(Exception):
-    pass
-
-
-def hash_while_copying(dst_fd: int, size: int, copy, algorithm: str = DEFAULT_ALGORITHM,
-                       progress=None) -> tuple[str, int]:
-    """Run ``copy(report)`` in a worker thread and hash what it wrote to ``dst_fd`` meanwhile,
-    read back from ``dst_fd`` itself: the hash is of the destination's own bytes, so it verifies
-    the copy. ``copy`` writes ``dst_fd`` from offset 0 up to ``size`` in order and calls
-    ``report(offset)`` each time every byte below ``offset`` is final (holes left unwritten
-    read as zeros and are hashed so). Both the copy (copy_file_range) and the hash let go of
-    the GIL, so on two cores the copy of chunk k+1 overlaps the hash of chunk k: one pass in
-    the time of the longer of the two, not their sum. An error of ``copy`` is raised here.
-    Returns (oid, bytes hashed), at most ``size`` bytes; the id is remembered for
-    ``verified_copy`` while the file stays as it was hashed."""
-    mark = _Mark()
-
-    def report(upto: int) -> None:
-        if mark.stopped:  # interrupted (Ctrl-C, a cancelled copy): copy no further
-            raise _Stopped()
-        with mark.cond:
-            mark.upto = upto
-            mark.cond.notify()
-
-    def work() -> None:
-        try:
-            copy(report)
-        except BaseException as exc:  # handed to the hashing thread
-            mark.error = exc
-        finally:
-            with mark.cond:
-                mark.done = True
-                mark.cond.notify()
-
-    worker = threading.Thread(target=work, name="jam-copy", daemon=True)
-    worker.start()
-    h = hasher(algorithm)
-    view = read_buffer(CHUNK)
-    off = seen = 0
-    try:
-        while off < size:
-            with mark.cond:
-                while mark.upto <= seen and not mark.done:
-                    mark.cond.wait()
-                seen, done = mark.upto, mark.done
-            if mark.error is not None:
-                break
-            # Below ``seen`` every byte is final; a hole not yet followed by data reads as the
-            # end of the file: read on after the next report. Once the copy is over, up to
-            # ``size`` or the end.
-            end = size if done else min(seen, size)
-            while off < end:
-                want = view if end - off >= len(view) else view[:end - off]
-                n = os.preadv(dst_fd, [want], off)
-                if n == 0:
-                    break
-                h.update(view[:n])
-                off += n
-                if progress is not None:
-                    progress(n)
-            if done:
-                break
-    except BaseException:
-        mark.stopped = True  # the worker stops at its next report instead of copying the rest
-        raise
-    finally:
-        worker.join()
-    if mark.error is not None:
-        raise mark.error
-    oid = f"{algorithm}:{h.hexdigest()}"
-    if off == size:
-        _remember(dst_fd, oid)
-    return oid, off
-
-
-_VERIFIED: dict[tuple[int, int], tuple[str, int, int, int]] = {}
-_VERIFIED_LOCK = threading.Lock()
-
-
-def _remember(fd: int, oid: str) -> None:
-    st = os.fstat(fd)
-    with _VERIFIED_LOCK:
-        if len(_VERIFIED) > 4096:
-            _VERIFIED.clear()
-        _VERIFIED[st.st_dev, st.st_ino] = (oid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def forget_copy(fd: int) -> None:
-    """Forget what ``hash_while_copying`` remembered of ``fd``'s file (before it is written
-    again: a new attempt at a fetch, a temporary file reset or reused)."""
-    if not _VERIFIED:  # nothing remembered (every small file): no fstat
-        return
-    st = os.fstat(fd)
-    with _VERIFIED_LOCK:
-        _VERIFIED.pop((st.st_dev, st.st_ino), None)
-
-
-def verified_copy(fd: int, oid: str, size: int) -> bool:
-    """True if ``fd`` was hashed as ``oid`` by ``hash_while_copying`` in this process and has
-    not changed since (same inode, size, mtime and ctime): the caller need not hash it again.
-    Forgets it either way (one answer per copy)."""
-    st = os.fstat(fd)
-    with _VERIFIED_LOCK:
-        seen = _VERIFIED.pop((st.st_dev, st.st_ino), None)
-    return seen == (oid, size, st.st_mtime_ns, st.st_ctime_ns) and st.st_size == size
 
 
 def hash_file(path: str | os.PathLike, algorithm: str = DEFAULT_ALGORITHM, progress=None) -> tuple[str, int]:

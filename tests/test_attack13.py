@@ -3,11 +3,11 @@ at the exact instant (monkeypatch, events between the copy and the hash threads,
 process that kills itself, a real sshd), on real files with real xattrs; none sleeps and none
 times anything.
 
-* cd83613 ``objects.hash_while_copying``: a copy interrupted in the hashing thread (Ctrl-C, a
-  cancelled copy ahead) must stop its copy worker (found here as a strict xfail; fixed in
-  5a61882); a hash remembered by a failed fetch never vouches for the next remote's bytes;
-  STILL OPEN (strict xfails): a write by another open of the file DURING the copy, after the
-  hasher read that region, is vouched for (checkout) or stored as the object (stash);
+* cd83613 hashed the dir remote's large copy chunk by chunk while the copy went on, and let the
+  checkout trust that hash: a write by another open of the file DURING the copy, after the
+  hasher read that region, was vouched for (checkout) or stored as the object (stash): found
+  here, so the copy is hashed once it is over again (and the checkout hashes what it
+  fetched); a failed fetch followed by another remote's wrong bytes is refused;
 * ef6c50e ``stash_ahead``: SIGKILL during the copy ahead leaves only a part (removed by the next
   command), the remote full during it leaves no part and the stash copies again;
 * 995c8ec: a place plugin loaded through its entry point still decides per object;
@@ -40,46 +40,7 @@ from tests.conftest import make_file
 from tests.safety_support import b3, is_stub, make_tree, record
 
 REPO = Path(__file__).resolve().parent.parent
-BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel, hashed as it goes
-
-
-# -- cd83613: an interrupted hash must stop its copy ------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-def test_an_interrupted_hash_stops_its_copy(tmp_path):
-    chunk, n = 1 << 20, 8
-    (tmp_path / "src").write_bytes(os.urandom(chunk * n))
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
-    hashed_first = threading.Event()
-    written = []
-
-    def copy(report):
-        for k in range(n):
-            os.pwrite(dst, os.pread(src, chunk, k * chunk), k * chunk)
-            written.append(k)
-            report((k + 1) * chunk)
-            if k == 0:
-                hashed_first.wait()  # the hashing thread has read chunk 0 and is interrupted
-
-    def progress(nbytes):
-        hashed_first.set()
-        raise _Stop()  # Ctrl-C (or _Ahead.cancelled) while the first chunk is hashed
-
-    try:
-        with pytest.raises(_Stop):
-            objects.hash_while_copying(dst, chunk * n, copy, progress=progress)
-    finally:
-        os.close(src)
-        os.close(dst)
-    assert len(written) <= 2, f"the copy went on for {len(written)} of {n} chunks after the interrupt"
-
-
-# -- cd83613: a hash remembered by a failed attempt, then another remote's bytes ---------------
+BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel
 
 
 class _Liar:
@@ -99,9 +60,9 @@ class _Liar:
 
 
 def test_a_hash_left_by_a_failed_fetch_never_vouches_for_the_next_remote(tmp_path, monkeypatch):
-    """The dir remote's fetch hashes the whole temporary file (remembered as verified) and then
-    fails; the core resets the file and asks the next remote, which writes wrong bytes of the
-    same size into the same inode. The core must hash them and refuse them."""
+    """The dir remote's fetch copies the whole object into the temporary file and then fails;
+    the core resets the file and asks the next remote, which writes wrong bytes of the same
+    size into the same inode. The core must hash them and refuse them."""
     import jam_dir
 
     t = make_tree(tmp_path)
@@ -115,23 +76,21 @@ def test_a_hash_left_by_a_failed_fetch_never_vouches_for_the_next_remote(tmp_pat
         cfg.read_text() + '\n[remote.liar]\nkind = "liar"\nurl = "liar://x"\nlocation = "liar://x"\ntier = 1\n'
     )
     oid = record(t.root / "big").oid
-    real = jam_dir.hash_fd
-    hashed = []
+    real = jam_dir._copy
+    copied = []
 
-    def hash_then_fail(dst, *a, **k):
-        got = real(dst, *a, **k)
-        if k.get("copy") is not None:
-            hashed.append(got)
-            raise OSError(errno.EIO, "injected: the remote failed after the copy was hashed")
-        return got
+    def copy_then_fail(src, dst, size, progress):
+        real(src, dst, size, progress)
+        copied.append(size)
+        raise OSError(errno.EIO, "injected: the remote failed after the copy")
 
-    monkeypatch.setattr(jam_dir, "hash_fd", hash_then_fail)
+    monkeypatch.setattr(jam_dir, "_copy", copy_then_fail)
     pm = make_plugin_manager()
     pm.register(_Liar(), name="liar-backend")
     root = Root(t.root)
     with Session() as s:
         res = checkout(root, ["big"], pm, s)
-    assert hashed and hashed[0][0] == oid  # the dir remote did hash the right bytes first
+    assert copied == [BIG]  # the dir remote did write the right bytes first
     assert not res.done and res.failed, res
     why = res.failed[0][1]
     assert "injected" in why and "liar" in why and "corrupt" in why, why  # the liar was asked and refused
@@ -151,8 +110,8 @@ from jam_core.model import Session
 from jam_core.root import Root
 real = jam_dir._copy_range
 
-def killing(src, dst, off, count, progress, report=None):
-    real(src, dst, off, min(count, 1 << 20), progress, report)  # a first MiB of the copy ahead
+def killing(src, dst, off, count, progress):
+    real(src, dst, off, min(count, 1 << 20), progress)  # a first MiB of the copy ahead
     os.kill(os.getpid(), signal.SIGKILL)
 
 jam_dir._copy_range = killing
@@ -428,14 +387,14 @@ def test_a_copy_ahead_that_fills_the_remote_leaves_no_part_and_the_stash_copies_
     calls = []
     parts_at_second_copy = []
 
-    def full_once(src, dst, off, count, progress, report=None):
+    def full_once(src, dst, off, count, progress):
         calls.append(threading.current_thread().name)
         if len(calls) == 2:  # the space the half copy ahead took is free again by now
             parts_at_second_copy.extend(os.listdir(t.remote / "tmp"))
         if len(calls) == 1:
-            real(src, dst, off, min(count, 1 << 20), progress, report)
+            real(src, dst, off, min(count, 1 << 20), progress)
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return real(src, dst, off, count, progress, report)
+        return real(src, dst, off, count, progress)
 
     monkeypatch.setattr(jam_dir, "_copy_range", full_once)
     with Session() as s:
@@ -484,19 +443,9 @@ def test_a_dry_run_whose_reader_leaves_ends_as_before(tmp_path):
     assert after == before, (after, before)
 
 
-# -- cd83613: a write into the fetched file DURING its copy, after its first bytes were hashed --
+# -- a write into the fetched file or the part DURING the copy is in what is hashed -----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: hash_while_copying remembers (mtime, ctime) only after the copy ends, so a write "
-        "by another open of the temporary file during the copy, after the hasher read that "
-        "region, is inside the remembered state: verified_copy vouches for bytes it never "
-        "hashed and checkout swaps in corrupt content. Before cd83613 the core hashed the "
-        "whole file after the fetch and refused it. Fix in the report."
-    ),
-)
 def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(tmp_path, monkeypatch):
     import jam_dir
 
@@ -507,18 +456,15 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
         res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
     assert [r for r, _ in res.done] == ["big"], res
     real = jam_dir._copy_range
-    first_hashed = threading.Event()
     wrote = []
 
-    def in_pieces(src, dst, off, count, progress, report=None):
+    def in_pieces(src, dst, off, count, progress):
         end = off + count
         while off < end:
             n = min(1 << 20, end - off)
-            real(src, dst, off, n, progress, report)
+            real(src, dst, off, n, progress)
             off += n
             if not wrote and off < end:
-                if report is not None:  # hashed as copied: once the hasher read the first bytes
-                    first_hashed.wait()
                 other = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY)  # another writer's own open
                 try:
                     os.pwrite(other, b"\0SOMEONE ELSE WROTE THIS\0", 100)
@@ -527,15 +473,6 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
                 wrote.append(True)
 
     monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
-    real_hash = jam_dir.hash_fd
-
-    def hash_fd(fd, algorithm, progress=None, **k):  # the copy's own hasher: tell when it read
-        if k.get("copy") is not None:
-            inner = progress
-            progress = lambda n: (inner and inner(n), first_hashed.set())  # noqa: E731
-        return real_hash(fd, algorithm, progress, **k)
-
-    monkeypatch.setattr(jam_dir, "hash_fd", hash_fd)
     with Session() as s:
         res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote
@@ -545,16 +482,6 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
         assert is_stub(t.root / "big")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the same hole on the stash side (cd83613, _copy_verifying through "
-        "hash_fd(copy=...)): a write into the remote's part during the copy, after the hasher "
-        "read that region, is never hashed; the part is renamed into place as the object and the "
-        "file becomes a stub of an object that does not hold its bytes (before cd83613 the part "
-        "was hashed after the copy). Fix in the report."
-    ),
-)
 def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(tmp_path, monkeypatch):
     import jam_dir
 
@@ -562,18 +489,15 @@ def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(
     make_file(t.root / "big", BIG, seed=43)
     want = b3(t.root / "big")
     real = jam_dir._copy_range
-    first_hashed = threading.Event()
     wrote = []
 
-    def in_pieces(src, dst, off, count, progress, report=None):
+    def in_pieces(src, dst, off, count, progress):
         end = off + count
         while off < end:
             n = min(1 << 20, end - off)
-            real(src, dst, off, n, progress, report)
+            real(src, dst, off, n, progress)
             off += n
             if not wrote and off < end:
-                if report is not None:  # hashed as copied: once the hasher read the first bytes
-                    first_hashed.wait()
                 other = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY)  # another writer's own open
                 try:
                     os.pwrite(other, b"\0SOMEONE ELSE WROTE THIS\0", 100)
@@ -582,15 +506,6 @@ def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(
                 wrote.append(True)
 
     monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
-    real_hash = jam_dir.hash_fd
-
-    def hash_fd(fd, algorithm, progress=None, **k):  # the copy's own hasher: tell when it read
-        if k.get("copy") is not None:
-            inner = progress
-            progress = lambda n: (inner and inner(n), first_hashed.set())  # noqa: E731
-        return real_hash(fd, algorithm, progress, **k)
-
-    monkeypatch.setattr(jam_dir, "hash_fd", hash_fd)
     with Session() as s:
         res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote

@@ -1,104 +1,28 @@
-"""Issue 13, third pass: the large copy hashed as it is copied, and the core's per-stub cost.
-Behaviour only, never time.
+"""Issue 13, third pass: the large copy started while the core hashes (``stash_ahead``), and
+the core's per-stub cost. Behaviour only, never time.
 
-* ``objects.hash_while_copying``: the dir backend's large copy (stash and fetch) runs in a
-  worker thread while this thread hashes what is already final in the destination (read
-  back from the destination itself, so the hash verifies the copy); a checkout then finds the
-  fetched file verified (``objects.verified_copy``) and does not hash it a second time, unless
-  it changed since or holds other bytes;
+* a corrupt large object is refused by checkout;
 * the stash asks ``place`` only where its answer can differ from the default one;
 * a stub's header is built from a cached template, byte for byte what ``json.dumps`` made.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest
 
 import jam_core.objects as objects
-import jam_core.ops.checkout as checkout_mod
 from jam_core import hookimpl
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
-from jam_core.objects import hash_while_copying, verified_copy
 from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
 from tests.safety_support import b3, is_stub, make_tree, record
 
-BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel, hashed as it goes
-
-
-def _copier(src: int, dst: int, size: int, step: int = 1 << 20, hole: tuple[int, int] | None = None):
-    """A copy in steps of ``step`` bytes that reports each step (a hole left unwritten)."""
-    def copy(report):
-        off = 0
-        while off < size:
-            n = min(step, size - off)
-            if hole is None or not (hole[0] <= off < hole[1]):
-                os.pwrite(dst, os.pread(src, n, off), off)
-            off += n
-            report(off)
-        os.ftruncate(dst, size)
-        report(size)
-    return copy
-
-
-def test_hash_while_copying_hashes_the_destination_as_written(tmp_path):
-    data = os.urandom(3 << 20) + bytes(2 << 20) + os.urandom(12345)  # a hole in the middle
-    (tmp_path / "src").write_bytes(data)
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        seen = []
-        oid, n = hash_while_copying(dst, len(data), _copier(src, dst, len(data), hole=(3 << 20, 5 << 20)),
-                                    progress=seen.append)
-    finally:
-        os.close(src)
-    assert n == len(data) and sum(seen) == len(data)
-    assert oid == "b3:" + b3(tmp_path / "src") and b3(tmp_path / "src") == b3(tmp_path / "dst")
-    assert verified_copy(dst, oid, len(data))
-    assert not verified_copy(dst, oid, len(data))  # one answer per copy
-    os.close(dst)
-
-
-def test_a_copy_that_fails_raises_and_leaves_nothing_verified(tmp_path):
-    (tmp_path / "src").write_bytes(os.urandom(4 << 20))
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
-    inner = _copier(src, dst, 4 << 20)
-
-    def failing(report):
-        report(1 << 20)
-        raise OSError(errno.ENOSPC, "no space left")
-
-    try:
-        with pytest.raises(OSError) as info:
-            hash_while_copying(dst, 4 << 20, failing)
-        assert info.value.errno == errno.ENOSPC
-        oid, n = hash_while_copying(dst, 4 << 20, inner)  # the fd still works; then a write after it
-        os.pwrite(dst, b"x", 10)
-        os.utime(dst, ns=(0, 0))  # even a write that lands in the same clock tick changes ctime here
-        assert not verified_copy(dst, oid, 4 << 20)
-    finally:
-        os.close(src)
-        os.close(dst)
-
-
-def test_a_destination_shorter_than_the_copy_said_is_not_verified(tmp_path):
-    (tmp_path / "src").write_bytes(os.urandom(2 << 20))
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        oid, n = hash_while_copying(dst, 3 << 20, _copier(src, dst, 2 << 20))
-        assert n == 2 << 20
-        assert not verified_copy(dst, oid, 3 << 20)
-    finally:
-        os.close(src)
-        os.close(dst)
+BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel
 
 
 def _big_tree(tmp_path):
@@ -111,22 +35,9 @@ def _big_tree(tmp_path):
     return t, want
 
 
-def test_a_large_checkout_reads_the_fetched_file_once(tmp_path, monkeypatch):
-    """The dir backend hashed the copy as it wrote it: the core does not hash it again."""
-    t, want = _big_tree(tmp_path)
-    calls = []
-    real = checkout_mod.hash_fd
-    monkeypatch.setattr(checkout_mod, "hash_fd", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with Session() as s:
-        res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["big"], res
-    assert b3(t.root / "big") == want
-    assert calls == []
-
-
 def test_a_corrupt_large_object_is_still_refused(tmp_path):
-    """The copy hashed as it went holds other bytes than the stub's id: the core hashes it
-    itself, finds it corrupt and leaves the stub."""
+    """The object holds other bytes than the stub's id: the core's hash of the fetched file
+    finds it corrupt and leaves the stub."""
     t, want = _big_tree(tmp_path)
     obj = t.remote / "objects" / objects.object_relpath(record(t.root / "big").oid)
     os.chmod(obj, 0o644)
@@ -140,28 +51,6 @@ def test_a_corrupt_large_object_is_still_refused(tmp_path):
     assert not res.done and res.failed, res
     assert is_stub(t.root / "big")
     assert [n for n in os.listdir(t.root) if n != ".jam"] == ["big"]
-
-
-def test_a_fetched_file_written_after_its_copy_is_hashed_again(tmp_path, monkeypatch):
-    """Someone writes into the fetched file between the copy and the core's check: the
-    remembered hash no longer counts, the core hashes it and refuses it."""
-    import jam_dir
-
-    t, want = _big_tree(tmp_path)
-    real = jam_dir.hash_fd
-
-    def then_write(dst, *a, **k):
-        got = real(dst, *a, **k)
-        if k.get("copy") is not None:
-            os.pwrite(dst, b"\0garbage", 4096)
-            os.utime(dst, ns=(1, 1))  # the same mtime tick would not show: the utime changes ctime
-        return got
-
-    monkeypatch.setattr(jam_dir, "hash_fd", then_write)
-    with Session() as s:
-        res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)
-    assert not res.done and res.failed, res
-    assert is_stub(t.root / "big")
 
 
 # -- the per-stub cost: one `place` call per command where its answer cannot differ -----------
@@ -370,92 +259,3 @@ def test_a_stash_without_a_session_removes_the_copy_ahead_it_did_not_take(tmp_pa
     assert not res.done and res.skipped, res
     assert seen == ["ahead"]
     assert _no_parts(t)
-
-
-# -- an interrupted hash stops its copy; a hash never outlives its attempt ----------------------
-
-class _Stop(Exception):
-    pass
-
-
-def test_an_interrupted_hash_stops_the_copy_at_its_next_report(tmp_path):
-    import threading
-
-    chunk, n = 1 << 20, 8
-    (tmp_path / "src").write_bytes(os.urandom(chunk * n))
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT, 0o600)
-    interrupted = threading.Event()
-    written = []
-
-    def copy(report):
-        for k in range(n):
-            os.pwrite(dst, os.pread(src, chunk, k * chunk), k * chunk)
-            written.append(k)
-            report((k + 1) * chunk)
-            if k == 0:
-                interrupted.wait()  # held until the hashing thread is interrupted
-
-    def progress(nbytes):
-        interrupted.set()
-        raise _Stop()  # Ctrl-C while the first chunk is hashed
-
-    try:
-        with pytest.raises(_Stop):
-            hash_while_copying(dst, chunk * n, copy, progress=progress)
-    finally:
-        os.close(src)
-        os.close(dst)
-    assert len(written) <= 2, written
-
-
-class _Checker:
-    """A second backend (kind ``check``): it records whether a hash was still remembered for
-    its temporary file when it was asked, then writes garbage of the right size."""
-
-    def __init__(self):
-        self.remembered = []
-
-    @hookimpl
-    def fetch(self, remote, oid, dest, size, session):
-        if remote.kind != "check":
-            return None
-        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            self.remembered.append((st.st_dev, st.st_ino) in objects._VERIFIED)
-            os.pwrite(fd, b"\xa5" * size, 0)
-        finally:
-            os.close(fd)
-        return True
-
-
-def test_a_hash_made_by_a_failed_attempt_is_forgotten_before_the_next(tmp_path, monkeypatch):
-    """The dir remote hashes the whole temporary file as it copies and then fails: before the
-    next remote writes into the same file, that hash is forgotten (on a coarse clock the next
-    bytes could keep its size, mtime and ctime)."""
-    import errno as errno_
-
-    import jam_dir
-
-    t, want = _big_tree(tmp_path)
-    cfg = t.root / ".jam" / "config.toml"
-    cfg.write_text(cfg.read_text() + '\n[remote.check]\nkind = "check"\nurl = "check://x"\nlocation = "check://x"\n'
-                   'tier = 1\n')
-    real = jam_dir.hash_fd
-
-    def hash_then_fail(dst, *a, **k):
-        got = real(dst, *a, **k)
-        if k.get("copy") is not None:
-            raise OSError(errno_.EIO, "injected: failed after the copy was hashed")
-        return got
-
-    monkeypatch.setattr(jam_dir, "hash_fd", hash_then_fail)
-    checker = _Checker()
-    pm = make_plugin_manager()
-    pm.register(checker, name="check-backend")
-    with Session() as s:
-        res = checkout(Root(t.root), ["big"], pm, s)
-    assert checker.remembered == [False]
-    assert not res.done and res.failed, res
-    assert is_stub(t.root / "big")

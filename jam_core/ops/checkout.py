@@ -33,7 +33,7 @@ from jam_core.fs import (
 )
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
-from jam_core.objects import forget_copy, hash_fd, split_oid, verified_copy
+from jam_core.objects import hash_fd, split_oid
 from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
@@ -266,8 +266,6 @@ def fetch_from(root: Root, remote: Remote, wants: list[_Want], pm, session: Sess
     for w in wants:
         by_oid.setdefault(w.entry.record.oid, []).append(w)
     items = [(oid, Path(fd_path(group[0].fd)), group[0].entry.record.size) for oid, group in by_oid.items()]
-    for group in by_oid.values():  # only a hash made by this attempt may vouch for its bytes
-        forget_copy(group[0].fd)
     outcomes: dict[str, object] = {}
     try:
         ensure_identity(root, remote, pm, session)
@@ -323,7 +321,6 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     """None if ``w``'s temporary file now holds exactly the content of its id, else what went
     wrong. Never reads more than the stub's size: a longer object is corrupt as it stands."""
     rec = w.entry.record
-    verified = verified_copy(w.fd, rec.oid, rec.size)  # consumed whatever the outcome
     if isinstance(outcome, Exception):
         return describe(outcome)
     if outcome is not True:
@@ -332,14 +329,11 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     if got_size != rec.size:
         return (f"remote {remote.name!r} returned {got_size} bytes for {rec.oid}, not {rec.size}; "
                 "stub left as it was")
-    if verified:  # hashed as it was copied (objects.hash_while_copying)
-        session.progress(rec.size)
-        return None
     algorithm, _ = split_oid(rec.oid)
     # ``w.fd`` is at offset 0: created empty, written only through its own reopened path or
     # at explicit offsets, and put back at 0 by ``reset`` after a failed attempt.
-    # A large file is hashed with both cores (blake3 splits each read over threads) while the
-    # disk writes it back (the dir backend started that as it copied).
+    # A large file is hashed while the disk writes it back (the dir backend started that as
+    # it copied).
     got, off = hash_fd(w.fd, algorithm, session.progress, limit=rec.size)
     if got != rec.oid or off != rec.size:
         return (f"remote {remote.name!r} returned corrupt content for {rec.oid} "

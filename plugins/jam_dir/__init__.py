@@ -278,15 +278,13 @@ def list_objects(remote, session, sweep):
     return _list(remote, _base(remote), sweep)
 
 
-def _copy(src_fd: int, dst_fd: int, size: int, progress, report=None) -> None:
+def _copy(src_fd: int, dst_fd: int, size: int, progress) -> None:
     """Copy the first ``size`` bytes of ``src_fd`` to ``dst_fd``, never reading past ``size``.
 
     Only data extents are copied (SEEK_DATA/SEEK_HOLE) and the destination is truncated to
     ``size``, so a sparse file stays sparse; each extent is copied in the kernel
     (copy_file_range reflinks or copies without crossing to Python). Raises IntegrityError
     if the source ends before ``size``; an OSError writing ``dst_fd`` propagates.
-    ``report(offset)``, if given, is called each time every byte of ``dst_fd`` below
-    ``offset`` is final (``hash_fd(copy=...)`` hashes up to there meanwhile).
     """
     off = 0
     while off < size:
@@ -301,15 +299,13 @@ def _copy(src_fd: int, dst_fd: int, size: int, progress, report=None) -> None:
         hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), size)
         if hole <= data:  # the file shrank under us
             break
-        _copy_range(src_fd, dst_fd, data, hole - data, progress, report)
+        _copy_range(src_fd, dst_fd, data, hole - data, progress)
         off = hole
     if off == size:  # copied up to the end (``_copy_range`` fails a source that ends early)
         return
     os.ftruncate(dst_fd, size)  # a hole at the end
     if os.fstat(src_fd).st_size < size:
         raise IntegrityError(f"the source is shorter than the {size} bytes expected (it changed while copied)")
-    if report is not None:
-        report(size)
 
 
 _WRITEBACK_STEP = 32 << 20  # start writing to the disk every 32 MiB written (see _start_writeback)
@@ -415,21 +411,20 @@ def _copy_hashing(src_fd: int, dst_fd: int, size: int, algorithm: str, progress)
 def _copy_verifying(src_fd: int, dst_fd: int, size: int, algorithm: str, progress) -> tuple[str, int]:
     """A large object: copied in the kernel (``_copy``: copy_file_range over the data extents,
     holes kept, writeback started as it goes; a reflink where the filesystem shares extents),
-    and what the destination holds is hashed as it is written (read back from the page cache
-    just written, each chunk while the next is copied: ``hash_fd(copy=...)``). The hash is of
-    the object's own bytes, so it verifies the copy itself.
+    then what the destination now holds is hashed (read back from the page cache just
+    written). The hash is of the object's own bytes, so it verifies the copy itself; it starts
+    only once the copy is over, so a write into the part by anyone else during the copy is in
+    what it hashes (a hash of each chunk while the next was copied missed a write behind it:
+    tests/test_attack13.py).
     Half the CPU of reading, hashing and writing each byte in Python (``_copy_hashing``), and a
     third of its time. Returns (oid, bytes hashed); raises IntegrityError if the source ends
     before ``size``."""
-    return hash_fd(dst_fd, algorithm, progress, limit=size,
-                   copy=lambda report: _copy(src_fd, dst_fd, size, _no_progress, report))
+    _copy(src_fd, dst_fd, size, progress)
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    return hash_fd(dst_fd, algorithm, limit=size)
 
 
-def _no_progress(n: int) -> None:
-    """The copy runs in a worker thread: its progress is told by the hashing thread."""
-
-
-def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress, report=None) -> None:
+def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress) -> None:
     """Copy ``count`` bytes at ``off`` from src to the same offset in dst."""
     end = off + count
     while off < end:
@@ -451,8 +446,6 @@ def _copy_range(src_fd: int, dst_fd: int, off: int, count: int, progress, report
             _start_writeback(dst_fd, off, n)
         off += n
         progress(n)
-        if report is not None:
-            report(off)
 
 
 def _session_base(remote, session) -> Path:
@@ -532,8 +525,8 @@ class _Cancelled(Exception):
 
 
 class _Ahead:
-    """A copy of a file to ``tmp`` started before its id is known (``stash_ahead``), hashed as
-    it is written; ``stash`` moves it into place only if that hash is the id."""
+    """A copy of a file to ``tmp`` started before its id is known (``stash_ahead``), then hashed
+    (``_copy_verifying``); ``stash`` moves it into place only if that hash is the id."""
 
     def __init__(self, src: int, dst: int, tmp: Path, size: int, session) -> None:
         import threading
@@ -772,16 +765,9 @@ def fetch(remote, oid, dest, size, session):
     if src is False:
         return False
     try:
-        # may be /proc/self/fd/N: follow it. A large object is hashed as it is copied (read
-        # back from the destination): the core then finds it verified (``objects.verified_copy``)
-        big = size >= _BIG
-        dst = os.open(dest, (os.O_RDWR if big else os.O_WRONLY) | os.O_CLOEXEC)
+        dst = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
         try:
-            if big:
-                hash_fd(dst, oid.split(":")[0], session.progress, limit=size,
-                        copy=lambda report: _copy(src, dst, size, _no_progress, report))
-            else:
-                _copy(src, dst, size, session.progress)
+            _copy(src, dst, size, session.progress)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # only writes fail so: the local file
                 raise _LocalFull() from exc
