@@ -446,17 +446,13 @@ def test_a_dry_run_whose_reader_leaves_ends_as_before(tmp_path):
 # -- a write into the fetched file or the part DURING the copy is in what is hashed -----------
 
 
-def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(tmp_path, monkeypatch):
+def _another_writer_during_the_copy(monkeypatch) -> list:
+    """The dir remote copies in 1 MiB pieces; after the first, another open of the copy's
+    destination writes into bytes already copied. Returns the list that says it wrote."""
     import jam_dir
 
-    t = make_tree(tmp_path)
-    make_file(t.root / "big", BIG, seed=37)
-    want = b3(t.root / "big")
-    with Session() as s:
-        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["big"], res
     real = jam_dir._copy_range
-    wrote = []
+    wrote: list = []
 
     def in_pieces(src, dst, off, count, progress):
         end = off + count
@@ -473,6 +469,19 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
                 wrote.append(True)
 
     monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
+    return wrote
+
+
+def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(tmp_path, monkeypatch):
+    import jam_dir
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "big", BIG, seed=37)
+    want = b3(t.root / "big")
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["big"], res
+    wrote = _another_writer_during_the_copy(monkeypatch)
     with Session() as s:
         res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote
@@ -488,24 +497,7 @@ def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(
     t = make_tree(tmp_path)
     make_file(t.root / "big", BIG, seed=43)
     want = b3(t.root / "big")
-    real = jam_dir._copy_range
-    wrote = []
-
-    def in_pieces(src, dst, off, count, progress):
-        end = off + count
-        while off < end:
-            n = min(1 << 20, end - off)
-            real(src, dst, off, n, progress)
-            off += n
-            if not wrote and off < end:
-                other = os.open(f"/proc/self/fd/{dst}", os.O_WRONLY)  # another writer's own open
-                try:
-                    os.pwrite(other, b"\0SOMEONE ELSE WROTE THIS\0", 100)
-                finally:
-                    os.close(other)
-                wrote.append(True)
-
-    monkeypatch.setattr(jam_dir, "_copy_range", in_pieces)
+    wrote = _another_writer_during_the_copy(monkeypatch)
     with Session() as s:
         res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
     assert wrote

@@ -517,6 +517,17 @@ def _clean_parts(remote, base: Path, session) -> None:
         os.close(fd)
 
 
+def _new_part(base: Path, tmp: Path) -> int:
+    """Create the part ``tmp`` (read-only, never through a symlink, its directory made if
+    missing) and return it open for reading and writing."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o444)
+    except FileNotFoundError:
+        _mkdirs_below(base, tmp.parent)
+        return os.open(tmp, flags, 0o444)
+
+
 _AHEAD = "jam_dir.ahead"  # session.cache key: copies started by stash_ahead, by (remote, dev, ino)
 
 
@@ -591,12 +602,7 @@ def stash_ahead(remote, source, size, session):
     try:
         st = os.fstat(src)
         tmp = base / "tmp" / part_name()
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            dst = os.open(tmp, flags, 0o444)
-        except FileNotFoundError:
-            _mkdirs_below(base, tmp.parent)
-            dst = os.open(tmp, flags, 0o444)
+        dst = _new_part(base, tmp)
     except OSError:
         os.close(src)
         return False
@@ -668,12 +674,7 @@ def stash(remote, oid, source, size, session):
         try:
             src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
             try:
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                try:
-                    dst = os.open(tmp, flags, 0o444)
-                except FileNotFoundError:
-                    _mkdirs_below(base, tmp.parent)
-                    dst = os.open(tmp, flags, 0o444)
+                dst = _new_part(base, tmp)
                 try:
                     if size >= _BIG:
                         got, got_size = _copy_verifying(src, dst, size, algorithm, session.progress)
