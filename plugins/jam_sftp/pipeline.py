@@ -31,13 +31,12 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import IntegrityError
-from jam_sftp.transfer import READ_INFLIGHT, REQUEST, ConnectionLost, Ops, SftpStatus, _lost
+from jam_sftp.transfer import READ_INFLIGHT, REQUEST, ConnectionLost, Ops, SftpStatus, _lost, send_views
 
 WINDOW = 64  # objects in flight on one connection
 WINDOW_BYTES = 16 << 20  # and at most this many bytes of theirs
 PIPELINED_MAX = 4 << 20  # larger objects start only when nothing else is in flight
 FLUSH_BYTES = 1 << 20  # send queued requests once this many bytes wait
-SEND_CHUNK = 1 << 15  # OpenSSH's largest channel packet
 
 Reply = Callable[[int, paramiko.Message], None]
 _HEAD = struct.Struct(">IB").pack  # an SFTP packet's length and type
@@ -208,14 +207,8 @@ class Pipeline:
         if not self.out:
             return
         data, self.out, self.out_bytes = memoryview(b"".join(self.out)), [], 0
-        chan = self.sftp.sock
         try:
-            off = 0
-            while off < len(data):  # a packet's worth at a time (paramiko's _write_all re-copies the rest)
-                n = chan.send(data[off : off + SEND_CHUNK])  # a view: paramiko copies it once, into its Message
-                if n <= 0:
-                    raise EOFError()
-                off += n
+            send_views(self.sftp.sock, data)
         except (EOFError, socket.error, paramiko.SSHException) as exc:
             raise self._lost(exc) from None
 

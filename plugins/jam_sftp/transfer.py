@@ -112,6 +112,18 @@ _OFFSET_LEN = struct.Struct(">QI")  # a write's offset and data length
 SEND_MAX = 1 << 15  # a channel packet's data at most (OpenSSH's largest; paramiko sends 64 bytes less)
 
 
+def send_views(chan, data: memoryview) -> None:
+    """Send ``data`` on ``chan`` as views of it, a channel packet at a time: paramiko copies
+    each view once, into its Message (given the whole, its ``_write_all`` copies all that is
+    left again for every packet). EOFError if the channel takes nothing."""
+    off = 0
+    while off < len(data):
+        n = chan.send(data[off : off + SEND_MAX])
+        if n <= 0:
+            raise EOFError()
+        off += n
+
+
 def write_request(handle: bytes, fd: int, offset: int, n: int) -> tuple[bytearray, memoryview]:
     """An ``SSH_FXP_WRITE`` of up to ``n`` bytes of ``fd`` at ``offset``, read (``preadv``)
     straight into the request's own buffer behind its header; returns the request (for
@@ -155,15 +167,8 @@ class Replies:
             sftp._expecting[num] = self
             sftp.request_number += 1
         struct.pack_into(">I", buf, 5, num)
-        data = memoryview(buf)[: 4 + struct.unpack_from(">I", buf)[0]]
-        chan = sftp.sock
         try:
-            off = 0
-            while off < len(data):
-                n = chan.send(data[off : off + SEND_MAX])  # a view: paramiko copies it once, into its Message
-                if n <= 0:
-                    raise EOFError()
-                off += n
+            send_views(sftp.sock, memoryview(buf)[: 4 + struct.unpack_from(">I", buf)[0]])
         except (EOFError, socket.error, paramiko.SSHException) as exc:
             raise self._lost(exc) from None
         return num
