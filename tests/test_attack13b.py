@@ -33,7 +33,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -353,19 +352,10 @@ def test_a_stash_and_checkout_over_more_directories_than_the_fd_limit_do_them_al
 
 @pytest.fixture
 def deep_away(tmp_path):
-    """Removes the test's deep chains once it is done (pytest's own clean-up recurses)."""
+    """Removes the test's deep trees once it is done (the root, its index in .jam/stubdirs):
+    pytest's own clean-up recurses and dies on them; rm(1) does not."""
     yield
-    if os.path.isdir(tmp_path / "root" / "dd"):
-        cur, i = tmp_path / "root" / "dd", 0
-        while True:
-            child = cur / "dd"
-            if not os.path.isdir(child):
-                shutil.rmtree(cur)
-                break
-            up = tmp_path / f".up{i}"
-            os.rename(child, up)
-            shutil.rmtree(cur)
-            cur, i = up, i + 1
+    subprocess.run(["rm", "-rf", str(tmp_path / "root")], check=False)
 
 
 def _deep(base: Path, depth: int, name: str) -> Path:
@@ -405,7 +395,8 @@ def test_status_dry_run_and_doctor_finish_at_depth_1100(tmp_path, deep_away):
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: fs.DirFds.get opens a directory's ancestors by recursion: a stash "
-    "deeper than ~990 directories ends in 'internal error: RecursionError'",
+    "deeper than ~990 directories ends in 'internal error: RecursionError' (and, that fixed, the "
+    "checkout's index refresh does too: hook.index._remove uses shutil.rmtree, recursive in 3.11)",
 )
 def test_a_stash_at_depth_1100_makes_its_stub_and_checkout_brings_it_back(tmp_path, deep_away):
     t = _root(tmp_path)
@@ -430,7 +421,7 @@ def test_a_stash_at_depth_1100_makes_its_stub_and_checkout_brings_it_back(tmp_pa
     "directories whose path passes PATH_MAX are missed, so doctor says the hook's index is out of "
     "step for ever (--fix cannot change that)",
 )
-def test_doctor_after_a_stash_deeper_than_path_max_finds_the_hook_index_in_step(tmp_path):
+def test_doctor_after_a_stash_deeper_than_path_max_finds_the_hook_index_in_step(tmp_path, deep_away):
     t = _root(tmp_path)
     _deep(t.root, 90, "x" * 50)  # 4,590 bytes of directories
     jam("stash", "--auto", cwd=t.root)
