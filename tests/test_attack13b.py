@@ -13,7 +13,9 @@ Holes found (strict xfails, the fix is in the report):
 * doctor in a tree deeper than PATH_MAX calls the cd hook's index out of step for ever
   (``ops.doctor._index_marks`` walks the index by path, ``os.walk`` drops what it cannot open);
 * a write into a new stub between its swap and the stamp the stash records (an lstat by name
-  after the swap) is vouched for: status counts the dirty stub clean, doctor never reports it.
+  after the swap) is vouched for: status counts the dirty stub clean, doctor never reports it;
+  doctor --fix does the same with the row it saves for a stub it checked (an lstat after the
+  check).
 
 Guards checked (each test fails with its guard removed):
 
