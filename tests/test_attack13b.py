@@ -537,3 +537,48 @@ def test_a_stub_written_into_just_after_doctor_checked_it_is_not_stamped_clean(t
     assert wrote == [1]
     s = json.loads(jam("status", "--json", cwd=t.root).out)["total"]
     assert (s["stubs"], s["dirty"]) == (0, 1), s
+
+
+# -- 3. the cd hook's start --------------------------------------------------------------------
+
+_SHELL_FLAGS = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: with $PYTHONPATH set the hook falls back to the jam script, run in the directory just "
+    "entered: an empty or relative entry (PYTHONPATH=$PYTHONPATH:/x with an empty start gives ':/x') "
+    "imports a jam_core planted there, so a cd runs the directory's code",
+)
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_a_cd_never_imports_code_from_the_directory_entered(shell, tmp_path):
+    """A directory with stubs also holds ``jam_core/__init__.py`` (an unpacked archive, a
+    synced folder); the user's PYTHONPATH is ``:/opt/lib`` (the common ``PYTHONPATH=
+    $PYTHONPATH:/opt/lib`` with nothing before it: the empty entry is the working directory).
+    The cd must fetch the stubs with jam's own code and never run the planted module."""
+    from tests.conftest import require_tool
+
+    exe = require_tool(shell)
+    t = _root(tmp_path, policy=False)
+    data = t.root / "data"
+    for i in range(2):
+        _write(data / f"f{i}", random.Random(i).randbytes(70_000))
+    want = [b3(data / f"f{i}") for i in range(2)]
+    jam("stash", "data", cwd=t.root)
+    marker = tmp_path / "planted-code-ran"
+    (data / "jam_core").mkdir()
+    (data / "jam_core" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    env = dict(os.environ, JAM_DISABLE="", JAM_BACKGROUND="0", PYTHONPATH=":/nonexistent-r4")
+    env.pop("PROMPT_COMMAND", None)
+    hook = tmp_path / f"hook.{shell}"
+    hook.write_text(subprocess.run([JAM, "hook", shell], env=env, capture_output=True, text=True, check=True).stdout)
+    after = "; _jam_hook" if shell == "bash" else ""
+    res = subprocess.run(
+        [exe, *_SHELL_FLAGS[shell], f"source {str(hook)!r}; cd {str(data)!r}{after}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert not marker.exists(), res.stderr
+    assert [b3(data / f"f{i}") for i in range(2)] == want, res.stderr
