@@ -45,7 +45,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from jam_core import object_relpath, part_name
-from jam_sftp.connect import Connection
+from jam_sftp.connect import Connection, send_data
 
 REQUEST = 255 * 1024  # OpenSSH's sftp-server serves reads of up to 255 KiB
 INFLIGHT = 32  # write requests in flight per object (8 MiB)
@@ -109,19 +109,10 @@ class ConnectionLost(Exception):
 
 _WRITE_HEAD = struct.Struct(">IBII")  # an SFTP packet's length and type, request number, handle length
 _OFFSET_LEN = struct.Struct(">QI")  # a write's offset and data length
-SEND_MAX = 1 << 15  # a channel packet's data at most (OpenSSH's largest; paramiko sends 64 bytes less)
-
-
 def send_views(chan, data: memoryview) -> None:
-    """Send ``data`` on ``chan`` as views of it, a channel packet at a time: paramiko copies
-    each view once, into its Message (given the whole, its ``_write_all`` copies all that is
-    left again for every packet). EOFError if the channel takes nothing."""
-    off = 0
-    while off < len(data):
-        n = chan.send(data[off : off + SEND_MAX])
-        if n <= 0:
-            raise EOFError()
-        off += n
+    """Send ``data`` on ``chan``: ``connect.send_data`` (sealed in batches under AES-GCM,
+    paramiko's ``Channel.send`` a view at a time otherwise). EOFError if the channel takes nothing."""
+    send_data(chan, data)
 
 
 def write_request(handle: bytes, fd: int, offset: int, n: int) -> tuple[bytearray, memoryview]:
