@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 import threading
+from collections import OrderedDict
 
 from jam_core.units import LazyRe
 
@@ -98,32 +99,95 @@ def open_dir(base_fd: int, rel: str) -> int:
         raise
 
 
+def fd_budget() -> int:
+    """How many files a batch may hold open: two batches are in flight, each file holds up to
+    two descriptors and its directory one (``DirFds.hold``), with 64 left for everything else.
+    A low soft RLIMIT_NOFILE (``ulimit -n 256``) makes the batches smaller, never fail."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return max(16, (soft - 64) // 6)
+
+
 class DirFds:
-    """Open directory descriptors below a root, by relative path, kept for a batch.
+    """Open directory descriptors below a root, by relative path, opened once and kept.
 
-    ``get(rel_dir)`` opens ``rel_dir`` once (walking from the root without following
-    symlinks) and keeps it; ``close()`` closes them all. Not for concurrent use."""
+    ``get(rel_dir)`` opens ``rel_dir`` (from its nearest open ancestor, one component at a time,
+    never following a symlink) and returns its descriptor, valid until the next call on this
+    object; ``hold(rel_dir)`` returns one that stays open until as many ``release(rel_dir)``.
+    Directories no one holds stay open for reuse up to ``fd_budget()`` in all, the least
+    recently used closed first: a tree of a million files has more directories than a process
+    may hold descriptors. ``close()`` closes them all. Not for concurrent use."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, limit: int | None = None):
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, int] = {}  # every directory open, held or not
+        self._holds: dict[str, int] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()  # those no one holds, least recently used first
+        self.limit = limit
 
     def get(self, rel_dir: str) -> int:
         rel_dir = rel_dir or "."
         fd = self._fds.get(rel_dir)
-        if fd is None:
-            if rel_dir == ".":
-                fd = os.dup(self.root_fd)
-            else:
-                parent, _, name = rel_dir.rpartition("/")
-                fd = open_dir(self.get(parent or "."), name)
-            self._fds[rel_dir] = fd
+        if fd is not None:
+            if rel_dir in self._idle:
+                self._idle.move_to_end(rel_dir)
+            return fd
+        if rel_dir == ".":
+            return self._keep(".", os.dup(self.root_fd))
+        parts = rel_dir.split("/")
+        # From the nearest ancestor already open (no recursion: a tree may be deeper than
+        # Python's recursion limit) down one level at a time, each level kept for its siblings.
+        top = len(parts) - 1
+        while top > 0 and "/".join(parts[:top]) not in self._fds:
+            top -= 1
+        fd = self._fds["/".join(parts[:top])] if top else self.get(".")
+        for i in range(top, len(parts)):
+            fd = self._keep("/".join(parts[:i + 1]), open_dir(fd, parts[i]))
         return fd
+
+    def hold(self, rel_dir: str) -> int:
+        """``get``, and keep the descriptor open until the matching ``release``."""
+        fd = self.get(rel_dir)
+        rel_dir = rel_dir or "."
+        self._holds[rel_dir] = self._holds.get(rel_dir, 0) + 1
+        self._idle.pop(rel_dir, None)
+        return fd
+
+    def release(self, rel_dir: str) -> None:
+        rel_dir = rel_dir or "."
+        left = self._holds.pop(rel_dir, 0) - 1
+        if left > 0:
+            self._holds[rel_dir] = left
+        elif rel_dir in self._fds:
+            self._idle[rel_dir] = None
+            self._trim(rel_dir)
+
+    def _keep(self, rel_dir: str, fd: int) -> int:
+        self._fds[rel_dir] = fd
+        self._idle[rel_dir] = None
+        self._trim(rel_dir)
+        return fd
+
+    def _trim(self, spare: str) -> None:
+        """Close the least recently used directories no one holds while more than the budget
+        are open, never ``spare`` (the one just handed out)."""
+        if self.limit is None:
+            self.limit = fd_budget()
+        while len(self._fds) > self.limit and self._idle:
+            rel = next(iter(self._idle))
+            if rel == spare:  # the most recently used: every other idle one is closed
+                return
+            del self._idle[rel]
+            os.close(self._fds.pop(rel))
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._holds.clear()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -133,6 +197,70 @@ class DirFds:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def walk_dirs(top_fd: int):
+    """Every directory below the directory ``top_fd`` and itself, depth first: yields
+    ``(rel, fd)`` ("" for the top; ``fd`` valid until the next step). Through descriptors, one
+    per level and no recursion, never following a symlink: a tree may nest deeper than
+    PATH_MAX or Python's stack. A directory removed while walked is passed over; any other
+    error is raised."""
+    stack: list[list] = [[os.dup(top_fd), "", None]]
+    try:
+        while stack:
+            frame = stack[-1]
+            fd, rel, subs = frame
+            if subs is None:
+                yield rel, fd
+                with os.scandir(fd) as it:
+                    frame[2] = subs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            if not subs:
+                os.close(stack.pop()[0])
+                continue
+            name = subs.pop()
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            stack.append([child, f"{rel}/{name}" if rel else name, None])
+    finally:
+        for frame in stack:
+            os.close(frame[0])
+
+
+def remove_tree(name: str, dir_fd: int) -> None:
+    """Remove the directory ``name`` in ``dir_fd`` and everything in it, through descriptors,
+    never following a symlink (one found inside is removed, not entered) and without recursion
+    (``shutil.rmtree`` recurses: a tree deeper than Python's stack stops it)."""
+    stack: list[list] = [[dir_fd, name, os.open(name, DIR_FLAGS, dir_fd=dir_fd), None]]
+    try:
+        while stack:
+            frame = stack[-1]
+            parent, nm, fd, subs = frame
+            if subs is None:
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                frame[3] = subs = []
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        subs.append(e.name)
+                    else:
+                        os.unlink(e.name, dir_fd=fd)
+            if subs:
+                sub = subs.pop()
+                try:
+                    stack.append([fd, sub, os.open(sub, DIR_FLAGS, dir_fd=fd), None])
+                except FileNotFoundError:
+                    pass
+                continue
+            os.close(stack.pop()[2])
+            try:
+                os.rmdir(nm, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+    finally:
+        for frame in stack:
+            os.close(frame[2])
 
 
 def fd_path(fd: int) -> str:

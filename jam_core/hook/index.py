@@ -21,7 +21,7 @@ import stat
 from typing import Iterable
 
 from jam_core.errors import UsageError
-from jam_core.fs import DIR_FLAGS
+from jam_core.fs import DIR_FLAGS, remove_tree, walk_dirs
 from jam_core.hook.settings import DEFAULT_DEPTH, settings
 from jam_core.root import JAM_DIR, Root, valid_rel
 
@@ -107,9 +107,7 @@ def _remove(name: str, dir_fd: int) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-        import shutil  # ~8 M instructions: only for a subtree
-
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: never follows a symlink out
+        remove_tree(name, dir_fd)  # fd-based: never follows a symlink out
     else:
         os.unlink(name, dir_fd=dir_fd)
 
@@ -176,7 +174,7 @@ def _enter(fd: int, rel: str, node: dict, marked: set[str]):
 def clear_filled(root: Root, cat) -> None:
     """Clear the mark of indexed directories that have no stubs to fetch any more (``jam
     daemon``, after it filled stubs in place). Only changes the mode of directories already in
-    the index, each through a descriptor (``os.fwalk``, never following a symlink); never
+    the index, each through a descriptor (``fs.walk_dirs``, never following a symlink); never
     creates or removes one, so an index owned by the root's user stays its own when a daemon
     running as root updates it."""
     try:
@@ -187,8 +185,11 @@ def clear_filled(root: Root, cat) -> None:
     base = index_path(root)
     if not os.path.isdir(base):
         return
-    for dirpath, _dirs, _files, dfd in os.fwalk(base, follow_symlinks=False):
-        rel = os.path.relpath(dirpath, base)
-        mode = stat.S_IMODE(os.fstat(dfd).st_mode)
-        if mode & MARK and (rel if rel != "." else "") not in keep:
-            os.fchmod(dfd, mode & ~MARK)
+    top = os.open(base, DIR_FLAGS)
+    try:
+        for rel, dfd in walk_dirs(top):
+            mode = stat.S_IMODE(os.fstat(dfd).st_mode)
+            if mode & MARK and rel not in keep:
+                os.fchmod(dfd, mode & ~MARK)
+    finally:
+        os.close(top)

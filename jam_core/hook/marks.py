@@ -257,9 +257,9 @@ def _record(root: Root, visits: dict[str, float], recorded: set[str] | None = No
 def _remove(name: str, dir_fd: int, st: os.stat_result) -> None:
     try:
         if stat.S_ISDIR(st.st_mode):
-            import shutil
+            from jam_core.fs import remove_tree
 
-            shutil.rmtree(name, dir_fd=dir_fd)  # junk; fd-based, never follows a symlink out
+            remove_tree(name, dir_fd)  # junk; fd-based, never follows a symlink out
         else:
             os.unlink(name, dir_fd=dir_fd)
     except OSError:

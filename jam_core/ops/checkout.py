@@ -93,7 +93,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
                 stop=lambda: bool(result.aborted),
                 session=session,
-                cleanup=lambda wants: _drop_tmps(wants, closer),
+                cleanup=lambda wants: _drop_tmps(wants, dirs, closer),
             )
         finally:
             closer.stop()  # every old stub closed (its blocks free) before the checkout returns
@@ -192,7 +192,8 @@ class _Want:
             self.tmp = ""
 
 
-def _drop_tmps(wants: list[_Want], closer: Closer | None = None) -> None:
+def _drop_tmps(wants: list[_Want], dirs: DirFds, closer: Closer | None = None) -> None:
+    """Close and remove each want's temporary file and let its directory go (``_wants`` held it)."""
     gone = []
     try:
         for w in wants:
@@ -200,22 +201,25 @@ def _drop_tmps(wants: list[_Want], closer: Closer | None = None) -> None:
                 gone.append(w.old)
                 w.old = -1
             w.drop_tmp()
+            if w.dir_fd >= 0:
+                dirs.release(w.entry.dir)
+                w.dir_fd = -1  # may be closed from now on: never used again
     finally:
         if closer is not None:
             closer.close_all(gone)
 
 
 def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds) -> list[_Want]:
-    """Here (not in the worker): open each stub's directory and create its temporary file."""
+    """Here (not in the worker): open (and hold) each stub's directory and create its temporary file."""
     known = cat.remotes_of(e.record.oid for e in batch)
     wants = []
     try:
         for e in batch:
-            w = _Want(e, _order(remotes, known[e.record.oid]), dirs.get(e.dir))
+            w = _Want(e, _order(remotes, known[e.record.oid]), dirs.hold(e.dir))
             wants.append(w)
             w.new_tmp()
     except BaseException:
-        _drop_tmps(wants)
+        _drop_tmps(wants, dirs)
         raise
     return wants
 

@@ -376,20 +376,24 @@ def _shell_hook(res: DoctorResult) -> None:
 
 
 def _index_marks(base: str) -> set[str] | None:
-    """The directories the cd-hook index marks (relative, "" = the root); None if unreadable."""
+    """The directories the cd-hook index marks (relative, "" = the root); None if unreadable.
+    Walked by descriptor (``fs.walk_dirs``): the index mirrors the root's directories, which
+    may nest deeper than PATH_MAX or Python's stack."""
     if not os.path.isdir(base) or os.path.islink(base):
         return set() if not os.path.lexists(base) else None
+    from jam_core.fs import DIR_FLAGS, walk_dirs
     from jam_core.hook.index import MARK
 
-    out = set()
-    for dirpath, _dirs, _ in os.walk(base):  # never follows a symlink
-        rel = os.path.relpath(dirpath, base)
-        try:
-            if os.lstat(dirpath).st_mode & MARK:
-                out.add("" if rel == "." else rel)
-        except OSError:
-            return None
-    return out
+    try:
+        top = os.open(base, DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        return {rel for rel, fd in walk_dirs(top) if os.fstat(fd).st_mode & MARK}
+    except OSError:
+        return None
+    finally:
+        os.close(top)
 
 
 def _index_wanted(root: Root, cat: Catalog, catrows: dict[str, tuple] | None = None) -> set[str]:

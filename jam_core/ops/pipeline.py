@@ -14,14 +14,11 @@ BATCH_BYTES = 256 << 20
 
 
 def files_per_batch() -> int:
-    """BATCH_FILES, or fewer where the descriptor limit is low: two batches are in flight and
-    each holds a descriptor per file."""
-    import resource
+    """BATCH_FILES, or fewer where the descriptor limit is low (``fs.fd_budget``: two batches
+    in flight, descriptors per file and per directory)."""
+    from jam_core.fs import fd_budget
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return BATCH_FILES
-    return max(16, min(BATCH_FILES, (soft - 64) // 4))
+    return min(BATCH_FILES, fd_budget())
 
 
 def batches(items: list, size_of) -> Iterable[list]:

@@ -137,7 +137,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                                                              dirs, leases, closer),
                 stop=lambda: bool(result.aborted),
                 session=session,
-                cleanup=lambda hashed: _release(hashed, leases, closer),
+                cleanup=lambda hashed: _release(hashed, leases, dirs, closer),
             )
         finally:
             leases.close()
@@ -199,16 +199,20 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _release(hashed: list[Stored], leases: Leases, closer: Closer | None = None) -> None:
-    """Remove the stubs left aside and close every file. The close of an original swapped out
-    (already unlinked) frees its blocks: ``closer`` does those in the background, once the next
-    batch's stubs are created (``_swap_batch`` flushes it) or at the end of the stash."""
+def _release(hashed: list[Stored], leases: Leases, dirs: DirFds, closer: Closer | None = None) -> None:
+    """Remove the stubs left aside, close every file and let its directory go. The close of an
+    original swapped out (already unlinked) frees its blocks: ``closer`` does those in the
+    background, once the next batch's stubs are created (``_swap_batch`` flushes it) or at the
+    end of the stash."""
     gone = []
     try:
         for s in hashed:
             if s.tmp:
                 _unlink_quietly(s.dir_fd, s.tmp)
                 s.tmp = ""
+            if s.dir_fd >= 0:
+                dirs.release(s.entry.dir)
+                s.dir_fd = -1  # may be closed from now on: never used again
             if s.fd >= 0:
                 leases.release(s.fd)
                 if closer is not None and s.swapped:
@@ -486,8 +490,21 @@ def hash_and_place(root: Root, entry: Entry, dirs: DirFds, leases: Leases, remot
                    session: Session) -> Stored | None:
     """Open, lease and hash a file, and let ``place`` choose its remotes. None if it changed
     since the scan; raises Skip for a file that must stay as it is (open for writing, a copy
-    of a stub). On success the returned Stored owns the open, leased descriptor."""
-    dir_fd = dirs.get(entry.dir)
+    of a stub). On success the returned Stored owns the open, leased descriptor, and holds its
+    directory's in ``dirs`` (``_release`` lets it go)."""
+    dir_fd = dirs.hold(entry.dir)
+    try:
+        s = _hash_and_place(root, entry, dir_fd, leases, remotes, pm, session)
+    except BaseException:
+        dirs.release(entry.dir)
+        raise
+    if s is None:
+        dirs.release(entry.dir)
+    return s
+
+
+def _hash_and_place(root: Root, entry: Entry, dir_fd: int, leases: Leases, remotes: list[Remote], pm,
+                    session: Session) -> Stored | None:
     name = entry.rel.rpartition("/")[2]
     try:
         fd, st0 = open_regular_stat(dir_fd, name, expect=entry.st)
