@@ -135,3 +135,25 @@ def test_a_closed_channel_stops_the_send(sshd, tmp_path):
             connect.send_data(chan, memoryview(b"x" * 100_000))
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("cores, width", [(1, 2), (2, 2), (3, 3), (8, 4)])
+def test_ranges_go_over_no_more_connections_than_cores(pm, sftp_remote, sftp_store, tmp_path, small_ranges,
+                                                       monkeypatch, cores, width):
+    """A pool of 4: the ranges of one object go over at most this machine's cores' worth of
+    connections (at least 2), up and down. Mutation-checked: without the cap in
+    ``range_width`` 4 are asked for on 1 or 2 cores."""
+    from jam_sftp import parallel
+
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: cores)
+    wanted = []
+    orig = parallel.on_connections
+
+    def on_connections(pool, ops, work, want):
+        wanted.append(want)
+        return orig(pool, ops, work, want)
+
+    monkeypatch.setattr(parallel, "on_connections", on_connections)
+    src, oid, size = _big(tmp_path, (4 << 20) + 17, seed=45)
+    _round_trip(pm, sftp_remote, sftp_store, src, oid, size, tmp_path)
+    assert wanted == [width, width]
