@@ -78,8 +78,11 @@ _jam_fetch() {
         "$_JAM_PY" -I -S -c "$_JAM_BOOT" hook-fetch -- "$1" >&2 || _jam_rc=$?
     fi
     if ((_jam_rc == 121)); then
+        # The jam script honours $PYTHONPATH, whose empty or relative entries name the working
+        # directory: run it from / so that a cd never imports code from the directory entered
+        # (JAM_HOOK_CWD tells it where the shell is, for its messages).
         _jam_rc=0
-        "$_JAM_BIN" hook-fetch -- "$1" >&2 || _jam_rc=$?
+        (builtin cd / && JAM_HOOK_CWD=$1 exec "$_JAM_BIN" hook-fetch -- "$1") >&2 || _jam_rc=$?
     fi
     if ((_jam_rc != 0 && _jam_rc != 130)); then
         \builtin printf 'jam: %s hook-fetch failed (exit %s); the cd hook is off in this shell\n' \

@@ -99,7 +99,10 @@ function _jam_fetch
         set rc $status
     end
     if test $rc -eq 121
-        command $_jam_bin hook-fetch -- $argv[1] >&2
+        # The jam script honours $PYTHONPATH, whose empty or relative entries name the working
+        # directory: run it from / so that a cd never imports code from the directory entered
+        # (JAM_HOOK_CWD tells it where the shell is, for its messages).
+        JAM_HOOK_CWD=$argv[1] command /bin/sh -c 'cd / && exec "$@"' jam-hook $_jam_bin hook-fetch -- $argv[1] >&2
         set rc $status
     end
     if test $rc -ne 0 -a $rc -ne 130

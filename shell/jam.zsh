@@ -87,8 +87,11 @@ _jam_fetch() {
         $_JAM_PY -I -S -c $_JAM_BOOT hook-fetch -- $1 >&2 || rc=$?
     fi
     if (( rc == 121 )); then
+        # The jam script honours $PYTHONPATH, whose empty or relative entries name the working
+        # directory: run it from / so that a cd never imports code from the directory entered
+        # (JAM_HOOK_CWD tells it where the shell is, for its messages).
         rc=0
-        $_JAM_BIN hook-fetch -- $1 >&2 || rc=$?
+        (builtin cd -q / && JAM_HOOK_CWD=$1 exec $_JAM_BIN hook-fetch -- $1) >&2 || rc=$?
     fi
     if (( rc != 0 && rc != 130 )); then
         \builtin print -ru2 -- "jam: $_JAM_BIN hook-fetch failed (exit $rc); the cd hook is off in this shell"

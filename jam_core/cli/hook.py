@@ -12,6 +12,7 @@ import sys
 from jam_core.cli import EXIT_BOOT
 
 SHELLS = ("bash", "zsh", "fish")
+ENV_HOOK_CWD = "JAM_HOOK_CWD"  # set by the hooks when they run the jam script from /: the shell's directory
 PROGRESS_FROM = 16 * 10**6  # show a progress bar for fetches larger than this (on a terminal)
 
 HOOK_HELP = """Print the cd hook for SHELL: `cd` into a directory of a jam root and its stubs
@@ -228,7 +229,9 @@ def _arrived(a) -> int:
         heal(a)
         count_visit(a)
         return 0
-    where = "here" if os.path.abspath(os.getcwd()) == a.path else show_path(a.path)
+    shell_cwd = os.environ.get(ENV_HOOK_CWD)  # the jam script runs from / (the hooks' fallback)
+    cwd = os.path.realpath(shell_cwd) if shell_cwd else os.path.abspath(os.getcwd())
+    where = "here" if cwd == a.path else show_path(a.path)
     n = len(v.stubs)
     if v.bytes > a.settings.max_fetch:
         _say(f"{n} stub{'s' if n != 1 else ''} ({human(v.bytes)}) {'in ' if where != 'here' else ''}{where}, "
