@@ -555,11 +555,11 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
 
 def _remove_stage(p: Path, stage: str) -> None:
     """Remove a stage this clone's mark proved to be jam's own (never through a symlink)."""
-    import shutil
+    from jam_core.fs import remove_tree
 
     pfd = os.open(p, DIR_FLAGS)
     try:
-        shutil.rmtree(stage, dir_fd=pfd)
+        remove_tree(stage, pfd)
     finally:
         os.close(pfd)
 
