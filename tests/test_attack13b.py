@@ -12,15 +12,15 @@ Holes found, fixed by 3f919f7 (these tests failed before it):
   (``fs.DirFds.get`` opened each ancestor recursively; the index's removal used shutil.rmtree);
 * doctor in a tree deeper than PATH_MAX called the cd hook's index out of step for ever
   (``ops.doctor._index_marks`` walked the index by path);
+* with an empty or relative entry in $PYTHONPATH, the cd hook's fallback ran the jam script in
+  the directory just entered, which imported a ``jam_core`` planted there (fixed by 4d17f8f);
 
 Holes found, still open (strict xfails, the fix is in the report):
 
 * a write into a new stub between its swap and the stamp the stash records (an lstat by name
   after the swap) is vouched for: status counts the dirty stub clean, doctor never reports it;
   doctor --fix does the same with the row it saves for a stub it checked (an lstat after the
-  check);
-* with an empty or relative entry in $PYTHONPATH, the cd hook's fallback runs the jam script in
-  the directory just entered, which imports a ``jam_core`` planted there.
+  check).
 
 Guards checked (each test fails with its guard removed):
 
@@ -531,12 +531,6 @@ def test_a_stub_written_into_just_after_doctor_checked_it_is_not_stamped_clean(t
 _SHELL_FLAGS = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with $PYTHONPATH set the hook falls back to the jam script, run in the directory just "
-    "entered: an empty or relative entry (PYTHONPATH=$PYTHONPATH:/x with an empty start gives ':/x') "
-    "imports a jam_core planted there, so a cd runs the directory's code",
-)
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_a_cd_never_imports_code_from_the_directory_entered(shell, tmp_path):
     """A directory with stubs also holds ``jam_core/__init__.py`` (an unpacked archive, a
