@@ -99,6 +99,24 @@ def open_dir(base_fd: int, rel: str) -> int:
         raise
 
 
+def raise_fd_limit(want: int = 65536) -> int:
+    """Lift the soft RLIMIT_NOFILE towards ``want`` (never past the hard limit): batches in
+    flight hold descriptors per file. Returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return want
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def fd_budget() -> int:
     """How many files a batch may hold open: two batches are in flight, each file holds up to
     two descriptors and its directory one (``DirFds.hold``), with 64 left for everything else.

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import NotTheFile, fd_path, open_regular, same_file, tmp_name
+from jam_core.fs import NotTheFile, fd_path, open_regular, raise_fd_limit, same_file, tmp_name
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encode, machine_id, tree_name
 from jam_core.model import Remote, Session
@@ -449,7 +449,7 @@ def _gather(root: Root, pm, session: Session, rels: list[str], ix: Index, record
     above = threshold(root.config)
     known = ix.all_stored()
     items, pending, learned = scan(root, rels, ix, out.skipped, known)
-    per_batch = max(64, min(BATCH_FILES, _raise_fd_limit(BATCH_FILES + 256) - 256))
+    per_batch = max(64, min(BATCH_FILES, max(raise_fd_limit(BATCH_FILES + 256), 320) - 256))
     session.begin(sum(e.st.st_size for e in pending))
     with OneDir(root.path) as dirs:
         batch: list[_Up] = []
@@ -530,24 +530,6 @@ def _chunked(root: Root, pm, session: Session, dirs: "OneDir", e, ix: Index, rec
         items[e.rel] = item
     finally:
         os.close(fd)
-
-
-def _raise_fd_limit(want: int) -> int:
-    """A batch holds a descriptor per file: lift the soft limit towards ``want``; returns the
-    soft limit now (at least 320: a batch is never fewer than 64 files)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return want
-    if soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-        except (ValueError, OSError):
-            pass
-    return max(soft, 320)
 
 
 def _upload_batch(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recorder,

@@ -23,6 +23,7 @@ from jam_core.fs import (
     open_regular,
     open_regular_stat,
     owner,
+    raise_fd_limit,
     removexattr,
     rename_noreplace,
     restore_xattrs,
@@ -59,6 +60,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
+    raise_fd_limit()  # batches hold descriptors per file and directory: as many as allowed
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         todo = []
         for entry, _named in collect(root, dirs, rels, result):

@@ -663,7 +663,7 @@ class _Doctor:
         if e.state == DIRTY:
             self.res.stubs += 1
             if not lost:
-                self.rows.append(self.row(e.rel, rec, e.st))
+                self.rows.append(self.row(e.rel, rec, e.st, vouch=False))
             what = "a copy of a stub (it lost its xattrs) " if lost else ""
             self.problem("dirty", e.rel, f"{what}written into after it was stashed; jam will not fetch over it: "
                          + keep_both_hint(e.rel))
@@ -677,8 +677,8 @@ class _Doctor:
         elif not self.clean(e, rec):
             return
         self.res.stubs += 1
-        if not lost or self.fix:
-            self.rows.append(self.row(e.rel, rec, _lstat(e.path) or e.st))
+        if not lost or self.fix:  # clean (its bytes checked after e.st was taken), or its xattrs restored just now
+            self.rows.append(self.row(e.rel, rec, e.st, vouch=not lost))
         self.need(e.rel, rec)
 
     def need(self, rel: str, rec: StubRecord) -> None:
@@ -710,7 +710,7 @@ class _Doctor:
             p.fixed = self.restore_xattr(e, rec)
         if p.fixed:  # a stub again: it counts, and its object must be there
             self.res.stubs += 1
-            self.rows.append(self.row(e.rel, rec, _lstat(e.path) or e.st))
+            self.rows.append(self.row(e.rel, rec, e.st, vouch=False))  # repaired just now: read again next time
             self.need(e.rel, rec)
 
     def restore_xattr(self, e: Entry, rec: StubRecord) -> bool:
@@ -747,7 +747,7 @@ class _Doctor:
             os.close(fd)
         if not (zeros or untouched) or not _only_header_differs(e.path, rec, e.st):
             self.res.stubs += 1
-            self.rows.append(self.row(e.rel, rec, e.st))
+            self.rows.append(self.row(e.rel, rec, e.st, vouch=False))
             self.problem("dirty", e.rel, "written into after it was stashed (its size and mtime were put back); "
                          "jam will not fetch over it: " + keep_both_hint(e.rel))
             return False
@@ -779,8 +779,12 @@ class _Doctor:
             os.close(fd)
 
     @staticmethod
-    def row(rel: str, rec: StubRecord, st: os.stat_result) -> tuple:
-        return (rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, st.st_ino, st.st_ctime_ns)
+    def row(rel: str, rec: StubRecord, st: os.stat_result, vouch: bool = True) -> tuple:
+        """The catalog's row of a stub. Its stamp (inode and ctime) lets later scans trust the
+        stub without reading it while both hold, so the ctime is recorded only from a stat
+        taken before the stub's bytes were found clean (``vouch``): never for a dirty stub, nor
+        from a stat taken after its check (a write in between would be vouched for)."""
+        return (rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, st.st_ino, st.st_ctime_ns if vouch else None)
 
     # -- the catalog against the tree -------------------------------------------------------------
     def check_catalog(self) -> None:
@@ -1156,11 +1160,6 @@ def _only_header_differs(path: str, rec: StubRecord, st: os.stat_result) -> bool
         os.close(fd)
 
 
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
 
 
 def _human(n: int) -> str:

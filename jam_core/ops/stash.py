@@ -33,6 +33,7 @@ from jam_core.fs import (
     fd_path,
     open_regular_stat,
     owner,
+    raise_fd_limit,
     same_file,
     syncfs,
     tmp_name,
@@ -44,7 +45,7 @@ from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify
 from jam_core.stub import HEADER_MAX, MAGIC, BadStub, StubRecord, record_from_block, write_stub
 
 
@@ -98,7 +99,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
     if not remotes:
         raise UsageError(f"{root.path} has no remote (add one with `jam remote add NAME URL`)")
     min_size = root.min_size
-    _raise_fd_limit()
+    raise_fd_limit()
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         from jam_core.policy.pins import covered, read_pins
 
@@ -184,19 +185,6 @@ def _free_space(remotes: list[Remote], pm, session: Session) -> dict[str, int | 
             except (JamError, OSError):
                 free[r.name] = None
     return free
-
-
-def _raise_fd_limit() -> None:
-    """Batches in flight hold a descriptor per file: lift the soft limit to the hard one."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft != resource.RLIM_INFINITY and soft < min(want, 65536):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
-        except (ValueError, OSError):
-            pass
 
 
 def _release(hashed: list[Stored], leases: Leases, dirs: DirFds, closer: Closer | None = None) -> None:
@@ -405,8 +393,12 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
                 continue
             rec = s.record
             now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
+            # The catalog's stamp vouches that the stub is as jam wrote it while its inode and
+            # ctime hold: its bytes are checked after this stat (anything written in since the
+            # swap is seen now, or changes the ctime), else it goes unstamped and is read again.
+            clean = classify(f"{fd_path(s.dir_fd)}/{s.name}", now, look=ALWAYS, verify=True)[0] == STUB
             cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
-                         ino=now.st_ino, ctime_ns=now.st_ctime_ns)
+                         ino=now.st_ino, ctime_ns=now.st_ctime_ns if clean else None)
             result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
 
 
