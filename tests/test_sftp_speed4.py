@@ -58,11 +58,15 @@ def _channel_data_through_paramiko(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.parametrize("into", [True, False])
 def test_a_range_upload_is_sealed_in_batches_and_arrives_whole(pm, sftp_remote, sftp_store, tmp_path, small_ranges,
-                                                               monkeypatch):
-    """Mutation-checked: with ``_aead_ready`` answering False, every packet goes through
-    ``Channel.send`` and none is sealed here."""
+                                                               monkeypatch, into):
+    """Sealed into the batch (``encrypt_into``) or sealed apart and copied in (an older
+    cryptography). Mutation-checked: with ``_aead_ready`` answering False, every packet goes
+    through ``Channel.send`` and none is sealed here."""
     from jam_sftp import connect
+
+    monkeypatch.setattr(connect, "SEAL_INTO", into)
 
     through_paramiko = _channel_data_through_paramiko(monkeypatch)
     before = connect.sealed_packets
