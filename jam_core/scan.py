@@ -122,6 +122,17 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     return STUB, rec, ""
 
 
+def new_stub_stamp(dir_fd: int, name: str) -> tuple[int, int | None]:
+    """The catalog's stamp ``(inode, ctime)`` of a stub jam just put at ``name`` in ``dir_fd``
+    (a stash, a clone, a restore): from its lstat, with the ctime (which lets later scans trust
+    the stub unread) only if the stub's bytes are found clean after that stat. A write between
+    the stub's rename and this call is seen by that check, or changes the ctime; never vouched
+    for (None: the next scan reads the stub)."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    clean = classify(f"{fd_path(dir_fd)}/{name}", st, look=ALWAYS, verify=True)[0] == STUB
+    return st.st_ino, (st.st_ctime_ns if clean else None)
+
+
 def _copy_of_a_stub(path: str, st: os.stat_result) -> tuple[str, StubRecord | None, str]:
     """No xattr: a stub copied without it (plain cp) still says what it is in its first block."""
     try:

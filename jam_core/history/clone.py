@@ -44,6 +44,7 @@ from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError
 from jam_core.history.store import HEADS, REGISTRY, make_entry, read_heads
 from jam_core.model import Remote, Session
 from jam_core.root import Root
+from jam_core.scan import new_stub_stamp
 
 MAX_CHAIN = 100_000  # parents walked at most when looking for a known snapshot
 
@@ -190,8 +191,7 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
                     continue  # the callback said why (tmp removed below)
                 tmp = ""
                 if rec is not None:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    rows.append((item.path, rec, st))
+                    rows.append((item.path, rec, new_stub_stamp(dfd, name)))
                 made.append(item.path)
             except FileExistsError:
                 problems.append(f"{item.path}: something appeared there meanwhile; left as it is")
@@ -210,9 +210,9 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
         os.close(root_fd)
     if rows:
         with cat.transaction():
-            for path, rec, st in rows:
+            for path, rec, (ino, ctime) in rows:
                 cat.add_stub(path, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
-                             ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+                             ino=ino, ctime_ns=ctime)
     return made
 
 

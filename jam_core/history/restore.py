@@ -28,7 +28,7 @@ from jam_core.history.index import Index, exists
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes
 from jam_core.history.store import make_entry, under
 from jam_core.root import CATALOG, Root, check_rel
-from jam_core.scan import LOCAL, STUB, classify
+from jam_core.scan import LOCAL, STUB, classify, new_stub_stamp
 
 _HEX = re.compile(r"\A(?:b3:)?([0-9a-f]{4,64})\Z")
 _DATE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})(?:[ T](\d{2}):(\d{2})(?::(\d{2}))?)?\Z")
@@ -352,9 +352,9 @@ def _restore(root: Root, snap: Snapshot, chosen: list[Item], dest_of: dict[str, 
             syncfs(root_fd)
             if made:
                 with cat.transaction():
-                    for dest, rec, now in made:
+                    for dest, rec, (ino, ctime) in made:
                         cat.add_stub(dest, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
-                                     ino=now.st_ino, ctime_ns=now.st_ctime_ns)
+                                     ino=ino, ctime_ns=ctime)
     finally:
         os.close(root_fd)
 
@@ -374,8 +374,7 @@ def _make(root_fd: int, todo: list[Item], dest_of, stored, remotes_all, stamp: s
                 raise _Conflict(f"{dest}: appeared while it was being restored; left as it is") from None
             tmp = ""
             if rec is not None:
-                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                made.append((dest, rec, now))
+                made.append((dest, rec, new_stub_stamp(dfd, name)))
             out.restored.append(dest)
         finally:
             if tmp:

@@ -45,7 +45,7 @@ from jam_core.ops import pipeline
 from jam_core.ops.common import Result, collect
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify
+from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry, new_stub_stamp
 from jam_core.stub import HEADER_MAX, MAGIC, BadStub, StubRecord, record_from_block, write_stub
 
 
@@ -392,13 +392,9 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
                 result.partly = True
                 continue
             rec = s.record
-            now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
-            # The catalog's stamp vouches that the stub is as jam wrote it while its inode and
-            # ctime hold: its bytes are checked after this stat (anything written in since the
-            # swap is seen now, or changes the ctime), else it goes unstamped and is read again.
-            clean = classify(f"{fd_path(s.dir_fd)}/{s.name}", now, look=ALWAYS, verify=True)[0] == STUB
+            ino, ctime = new_stub_stamp(s.dir_fd, s.name)  # vouched for only if still clean
             cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
-                         ino=now.st_ino, ctime_ns=now.st_ctime_ns if clean else None)
+                         ino=ino, ctime_ns=ctime)
             result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
 
 
