@@ -4,23 +4,19 @@ directories). Each test works on real files with real xattrs through the real `j
 faults are injected at the exact instant (a wrapper around the function that runs then), never
 by sleeping, and nothing is timed.
 
-Holes found, fixed by 3f919f7 (these tests failed before it):
+Holes found (each test here failed before its fix):
 
-* a stash or checkout over more directories than RLIMIT_NOFILE allows failed every file after
+* (3f919f7) a stash or checkout over more directories than RLIMIT_NOFILE allows failed every file after
   the limit (``fs.DirFds`` kept a descriptor per directory for the whole command);
-* a stash in a tree deeper than ~990 directories died with a RecursionError
+* (3f919f7) a stash in a tree deeper than ~990 directories died with a RecursionError
   (``fs.DirFds.get`` opened each ancestor recursively; the index's removal used shutil.rmtree);
-* doctor in a tree deeper than PATH_MAX called the cd hook's index out of step for ever
+* (3f919f7) doctor in a tree deeper than PATH_MAX called the cd hook's index out of step for ever
   (``ops.doctor._index_marks`` walked the index by path);
-* with an empty or relative entry in $PYTHONPATH, the cd hook's fallback ran the jam script in
-  the directory just entered, which imported a ``jam_core`` planted there (fixed by 4d17f8f);
-
-Holes found, still open (strict xfails, the fix is in the report):
-
-* a write into a new stub between its swap and the stamp the stash records (an lstat by name
-  after the swap) is vouched for: status counts the dirty stub clean, doctor never reports it;
-  doctor --fix does the same with the row it saves for a stub it checked (an lstat after the
-  check).
+* (4d17f8f) with an empty or relative entry in $PYTHONPATH, the cd hook's fallback ran the jam
+  script in the directory just entered, which imported a ``jam_core`` planted there;
+* (453fc1d) a write into a new stub between its swap and the stamp the stash recorded (an lstat by name
+  after the swap) was vouched for: status counted the dirty stub clean, doctor never reported
+  it; doctor --fix did the same with the row it saved for a stub it checked.
 
 Guards checked (each test fails with its guard removed):
 
@@ -425,12 +421,6 @@ def test_doctor_after_a_stash_deeper_than_path_max_finds_the_hook_index_in_step(
 # -- 1b. the stamp the stash records ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ops.stash._swap_batch stamps the new stub from an lstat by name taken after the swap: "
-    "a write into the stub in between is vouched for, status counts the dirty stub clean and doctor "
-    "never reports it",
-)
 def test_a_stub_written_into_just_after_its_swap_is_not_stamped_clean(tmp_path, monkeypatch):
     """The stash swaps the stub in, then takes the stamp the catalog keeps (``_swap_batch``:
     an lstat by name after the swap). Another process writes into the new stub in between
@@ -486,11 +476,6 @@ def _write_into_stub(p: Path) -> None:
     os.chmod(p, st.st_mode & 0o7777)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: doctor --fix saves a checked stub's row with an lstat taken after its check "
-    "(_Doctor.check: self.row(..., _lstat(e.path) or e.st)): a write in between is vouched for",
-)
 def test_a_stub_written_into_just_after_doctor_checked_it_is_not_stamped_clean(tmp_path, monkeypatch):
     """doctor --fix reads a stub the catalog cannot vouch for (no stamp), finds it clean and
     saves its row; another process writes into it between that check and the lstat doctor
