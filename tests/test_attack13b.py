@@ -18,6 +18,12 @@ Holes found (each test here failed before its fix):
   after the swap) was vouched for: status counted the dirty stub clean, doctor never reported
   it; doctor --fix did the same with the row it saved for a stub it checked.
 
+Still open (strict xfail, the fix is in the report):
+
+* ``scan.new_stub_stamp`` (453fc1d) vouches for whatever clean stub is at the name after the
+  swap: another clean stub moved over the new one in between gets the row's stamp, and doctor
+  trusts the row's object id instead of reading the stub's own.
+
 Guards checked (each test fails with its guard removed):
 
 * the ctime in the catalog's stamp (``scan.classify``): a stub deleted and replaced, on the
@@ -548,3 +554,45 @@ def test_a_cd_never_imports_code_from_the_directory_entered(shell, tmp_path):
     )
     assert not marker.exists(), res.stderr
     assert [b3(data / f"f{i}") for i in range(2)] == want, res.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: scan.new_stub_stamp vouches for whatever clean stub is at the name after the swap, "
+    "not for the stub the stash made: another stub moved over it in between gets the new row's stamp, "
+    "and doctor then trusts the row's object id instead of reading the stub's own",
+)
+def test_another_stub_moved_over_a_new_stub_before_its_stamp_is_not_vouched_for(tmp_path, monkeypatch):
+    """The stash swaps f's stub in; before it takes the stamp, another clean stub of the same
+    size and mtime (``other/g``, whose object the remote has lost) is moved over ``f``. The
+    catalog's row for ``f`` names f's object; its stamp must not vouch for g's stub, or doctor
+    trusts the row and never sees that the object ``f`` now needs is on no remote."""
+    import jam_core.ops.stash as stash_mod
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.root import Root
+
+    t = _root(tmp_path, policy=False)
+    f, g = t.root / "f", t.root / "other" / "g"
+    _write(f, random.Random(5).randbytes(100_000))
+    _write(g, random.Random(6).randbytes(100_000))
+    jam("stash", "other/g", cwd=t.root)
+    lost = record(g).oid.split(":")[1]
+    for obj in t.objects.rglob(lost):
+        obj.unlink()  # the remote lost g's object
+    real = stash_mod._swap
+    moved = []
+
+    def swap_then_move(s, leases):
+        ok = real(s, leases)
+        if ok and s.name == "f":
+            os.rename(g, f)  # g's clean stub (same size, same mtime) takes f's name
+            moved.append(1)
+        return ok
+
+    monkeypatch.setattr(stash_mod, "_swap", swap_then_move)
+    with Session() as s:
+        res = stash_mod.stash(Root(t.root), ["f"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["f"] and moved == [1]
+    doc = json.loads(jam("doctor", "--json", cwd=t.root, check=None).out)
+    assert ("missing", "f") in [(p["kind"], p["path"]) for p in doc["problems"]], doc["problems"]
