@@ -122,14 +122,15 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     return STUB, rec, ""
 
 
-def new_stub_stamp(dir_fd: int, name: str) -> tuple[int, int | None]:
-    """The catalog's stamp ``(inode, ctime)`` of a stub jam just put at ``name`` in ``dir_fd``
-    (a stash, a clone, a restore): from its lstat, with the ctime (which lets later scans trust
-    the stub unread) only if the stub's bytes are found clean after that stat. A write between
-    the stub's rename and this call is seen by that check, or changes the ctime; never vouched
-    for (None: the next scan reads the stub)."""
+def new_stub_stamp(dir_fd: int, name: str, made: StubRecord) -> tuple[int, int | None]:
+    """The catalog's stamp ``(inode, ctime)`` of the stub ``made`` that jam just put at ``name``
+    in ``dir_fd`` (a stash, a clone, a restore): from its lstat, with the ctime (which lets later
+    scans trust the stub unread) only if what is there after that stat is still that stub, clean.
+    A write between the stub's rename and this call, or another stub moved over it, is seen by
+    that check or changes the ctime; never vouched for (None: the next scan reads it)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    clean = classify(f"{fd_path(dir_fd)}/{name}", st, look=ALWAYS, verify=True)[0] == STUB
+    state, rec, problem = classify(f"{fd_path(dir_fd)}/{name}", st, look=ALWAYS, verify=True)
+    clean = state == STUB and not problem and rec is not None and rec.same_content(made)
     return st.st_ino, (st.st_ctime_ns if clean else None)
 
 

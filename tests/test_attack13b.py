@@ -18,11 +18,11 @@ Holes found (each test here failed before its fix):
   after the swap) was vouched for: status counted the dirty stub clean, doctor never reported
   it; doctor --fix did the same with the row it saved for a stub it checked.
 
-Still open (strict xfail, the fix is in the report):
+Fixed by the commit that added this paragraph's last item:
 
-* ``scan.new_stub_stamp`` (453fc1d) vouches for whatever clean stub is at the name after the
-  swap: another clean stub moved over the new one in between gets the row's stamp, and doctor
-  trusts the row's object id instead of reading the stub's own.
+* ``scan.new_stub_stamp`` (453fc1d) vouched for whatever clean stub was at the name after the
+  swap: another clean stub moved over the new one in between got the row's stamp, and doctor
+  trusted the row's object id instead of reading the stub's own (now: only the stub made).
 
 Guards checked (each test fails with its guard removed):
 
@@ -556,12 +556,6 @@ def test_a_cd_never_imports_code_from_the_directory_entered(shell, tmp_path):
     assert [b3(data / f"f{i}") for i in range(2)] == want, res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: scan.new_stub_stamp vouches for whatever clean stub is at the name after the swap, "
-    "not for the stub the stash made: another stub moved over it in between gets the new row's stamp, "
-    "and doctor then trusts the row's object id instead of reading the stub's own",
-)
 def test_another_stub_moved_over_a_new_stub_before_its_stamp_is_not_vouched_for(tmp_path, monkeypatch):
     """The stash swaps f's stub in; before it takes the stamp, another clean stub of the same
     size and mtime (``other/g``, whose object the remote has lost) is moved over ``f``. The

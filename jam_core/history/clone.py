@@ -191,7 +191,7 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
                     continue  # the callback said why (tmp removed below)
                 tmp = ""
                 if rec is not None:
-                    rows.append((item.path, rec, new_stub_stamp(dfd, name)))
+                    rows.append((item.path, rec, new_stub_stamp(dfd, name, rec)))
                 made.append(item.path)
             except FileExistsError:
                 problems.append(f"{item.path}: something appeared there meanwhile; left as it is")

@@ -374,7 +374,7 @@ def _make(root_fd: int, todo: list[Item], dest_of, stored, remotes_all, stamp: s
                 raise _Conflict(f"{dest}: appeared while it was being restored; left as it is") from None
             tmp = ""
             if rec is not None:
-                made.append((dest, rec, new_stub_stamp(dfd, name)))
+                made.append((dest, rec, new_stub_stamp(dfd, name, rec)))
             out.restored.append(dest)
         finally:
             if tmp:

@@ -392,7 +392,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
                 result.partly = True
                 continue
             rec = s.record
-            ino, ctime = new_stub_stamp(s.dir_fd, s.name)  # vouched for only if still clean
+            ino, ctime = new_stub_stamp(s.dir_fd, s.name, s.record)  # vouched for only if still clean
             cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
                          ino=ino, ctime_ns=ctime)
             result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
