@@ -119,14 +119,15 @@ def raise_fd_limit(want: int = 65536) -> int:
 
 def fd_budget() -> int:
     """How many files a batch may hold open: two batches are in flight, each file holds up to
-    two descriptors and its directory one (``DirFds.hold``), with 64 left for everything else.
-    A low soft RLIMIT_NOFILE (``ulimit -n 256``) makes the batches smaller, never fail."""
+    two descriptors and its directory one (``DirFds.hold``), with 64 (half of a smaller limit)
+    left for everything else. A low soft RLIMIT_NOFILE (``ulimit -n 64``) makes the batches
+    smaller, never fail."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 16
-    return max(16, (soft - 64) // 6)
+    return max(1, (soft - min(64, soft // 2)) // 6)
 
 
 class DirFds:

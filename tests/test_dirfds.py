@@ -139,4 +139,34 @@ def test_the_budget_follows_the_descriptor_limit(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 256))
     assert fs.fd_budget() == (256 - 64) // 6
     monkeypatch.setattr(resource, "getrlimit", lambda _: (64, 64))
-    assert fs.fd_budget() == 16
+    assert fs.fd_budget() == (64 - 32) // 6
+
+
+def _limited(n: int):
+    def pre():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))  # `ulimit -n N` in the user's shell
+
+    return pre
+
+
+@pytest.mark.parametrize("limit", [64, 128])
+def test_a_stash_and_checkout_under_a_tiny_descriptor_limit_do_every_file(tmp_path, limit):
+    """`ulimit -n 64` (soft and hard): the batches shrink to what fits, every file is stashed
+    and checked out, nothing fails with EMFILE."""
+    import random
+    import subprocess
+
+    from tests.safety_support import JAM, b3, is_stub, make_tree
+
+    t = make_tree(tmp_path)
+    files = [t.root / "w" / f"d{i:02}" / f"f{j}" for i in range(40) for j in range(2)]
+    for k, f in enumerate(files):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(random.Random(k).randbytes(70_000))
+    want = [b3(f) for f in files]
+    for cmd, stubs in (("stash", len(files)), ("checkout", 0)):
+        res = subprocess.run([JAM, cmd, "w"], cwd=t.root, capture_output=True, text=True, preexec_fn=_limited(limit))
+        assert (res.returncode, sum(map(is_stub, files))) == (0, stubs), res.stderr[-600:]
+    assert [b3(f) for f in files] == want
