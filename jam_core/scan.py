@@ -210,7 +210,8 @@ _name = attrgetter("name")
 
 
 def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
-               depth: int | None = None, tidy_tmps: bool = False, skip: set | None = None):
+               depth: int | None = None, tidy_tmps: bool = False, skip: set | None = None,
+               below: list | None = None):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -289,6 +290,8 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     keep = [i for i, n in enumerate(names) if not is_jam_tmp(n)]
                     if len(keep) != len(names):
                         names, stats = [names[i] for i in keep], [stats[i] for i in keep]
+                if below is not None and level == 0:  # the directories the walk would enter next
+                    below.extend(prefix + n for n in subdirs)
                 frame[2] = iter(subdirs if depth is None or level < depth else ())
                 if names:
                     yield prefix[:-1] or ".", fd_path(fd) + "/", names, stats
@@ -313,6 +316,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
 # -- one walk shared with a helper process -------------------------------------------------------
 
 SHARE_AFTER = 5_000  # files walked before the rest of a large tree is shared with a helper (~40 ms)
+OPEN_UP = 8  # a lone directory to share is opened up (its subdirectories shared) this deep at most
 
 
 def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int | None = None) -> None:
@@ -350,9 +354,18 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
         units = _top_dirs(root_fd, skip)
         i = 0
         while i < len(units) and (seen < after or len(units) - i < 2):
-            for item in _walk_unit(root_fd, units[i], on_error, skip):
-                each(*item)
-                seen += len(item[2])
+            if len(units) - i < 2 and units[i].count("/") < OPEN_UP:
+                # One directory left to share: walk its own files here and share what is in it
+                # (a root whose content sits under one directory still takes two cores).
+                inside: list[str] = []
+                for item in _walk_unit(root_fd, units[i], on_error, skip, inside):
+                    each(*item)
+                    seen += len(item[2])
+                units[i + 1:i + 1] = inside
+            else:
+                for item in _walk_unit(root_fd, units[i], on_error, skip):
+                    each(*item)
+                    seen += len(item[2])
             i += 1
         if i < len(units):
             _shared(root_fd, units[i:], on_error, each, share, skip)
@@ -360,15 +373,19 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
         os.close(root_fd)
 
 
-def _walk_unit(root_fd: int, unit: str, on_error, skip: set):
-    """The walk of one of the root's directories, as the whole walk would have gone through it:
-    one replaced since it was listed (now a file, a symlink, gone) is passed over quietly."""
+def _walk_unit(root_fd: int, unit: str, on_error, skip: set, inside: list | None = None):
+    """The walk of one directory of the root, as the whole walk would have gone through it:
+    one replaced since it was listed (now a file, a symlink, gone) is passed over quietly.
+    With ``inside``, only the directory's own files: the directories the walk would enter next
+    are added to ``inside`` instead (as one walk would find them: no nested root, no remote)."""
     def quiet(rel, exc):
         if not (rel == unit and getattr(exc, "errno", None) in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)):
             on_error(rel, exc)
 
-    for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip):
-        if item[0] != ".":  # (a file there now: not a directory of the root any more)
+    parent = unit.rpartition("/")[0] or "."
+    for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip,
+                           depth=None if inside is None else 0, below=inside):
+        if item[0] != parent:  # (a file there now: not a directory any more)
             yield item
 
 
