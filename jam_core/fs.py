@@ -207,6 +207,7 @@ class DirFds:
             os.close(fd)
         self._fds.clear()
         self._holds.clear()
+        self._idle.clear()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1

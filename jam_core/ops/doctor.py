@@ -1160,8 +1160,6 @@ def _only_header_differs(path: str, rec: StubRecord, st: os.stat_result) -> bool
         os.close(fd)
 
 
-
-
 def _human(n: int) -> str:
     from jam_core.units import human
 
