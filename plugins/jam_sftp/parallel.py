@@ -175,7 +175,6 @@ def range_width(pool, size: int) -> int:
     return max(1, min(pool.size, size // (2 * CHUNK) + 1, max(2, os.cpu_count() or 2)))
 
 
-
 class Ranges:
     """The ranges of one object, handed out in order; with ``ordered``, the bytes of the
     ranges are hashed in order (``deliver``) and a range starts at most ``LEAD`` bytes ahead."""

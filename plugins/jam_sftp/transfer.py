@@ -109,6 +109,8 @@ class ConnectionLost(Exception):
 
 _WRITE_HEAD = struct.Struct(">IBII")  # an SFTP packet's length and type, request number, handle length
 _OFFSET_LEN = struct.Struct(">QI")  # a write's offset and data length
+
+
 def send_views(chan, data: memoryview) -> None:
     """Send ``data`` on ``chan``: ``connect.send_data`` (sealed in batches under AES-GCM,
     paramiko's ``Channel.send`` a view at a time otherwise). EOFError if the channel takes nothing."""
