@@ -427,42 +427,52 @@ def test_doctor_after_a_stash_deeper_than_path_max_finds_the_hook_index_in_step(
 # -- 1b. the stamp the stash records ------------------------------------------------------------
 
 
+def _stash_f_then(t, monkeypatch, after) -> None:
+    """Stash ``f`` through the real stash, running ``after()`` the instant its stub is swapped
+    in (before the stamp the catalog keeps is taken)."""
+    import jam_core.ops.stash as stash_mod
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.root import Root
+
+    real = stash_mod._swap
+    ran = []
+
+    def swap_then(s, leases):
+        ok = real(s, leases)
+        if ok and s.name == "f":
+            after()
+            ran.append(1)
+        return ok
+
+    monkeypatch.setattr(stash_mod, "_swap", swap_then)
+    with Session() as session:
+        res = stash_mod.stash(Root(t.root), ["f"], make_plugin_manager(), session)
+    assert [r for r, _ in res.done] == ["f"] and ran == [1]
+
+
 def test_a_stub_written_into_just_after_its_swap_is_not_stamped_clean(tmp_path, monkeypatch):
     """The stash swaps the stub in, then takes the stamp the catalog keeps (``_swap_batch``:
     an lstat by name after the swap). Another process writes into the new stub in between
     (chmod, a byte in its header block, mtime and mode put back): the stamp must not vouch for
     those bytes, or status calls the dirty stub clean and doctor never reports it
     (invariant 5)."""
-    import jam_core.ops.stash as stash_mod
-    from jam_core.manager import make_plugin_manager
-    from jam_core.model import Session
-    from jam_core.root import Root
-
     t = _root(tmp_path, policy=False)
     p = t.root / "f"
     _write(p, random.Random(3).randbytes(100_000))
-    real = stash_mod._swap
-    wrote = []
 
-    def swap_then_write(s, leases):
-        ok = real(s, leases)
-        if ok:
-            st = os.lstat(p)
-            os.chmod(p, 0o600)
-            fd = os.open(p, os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"#", 200)  # inside the header block: no block more, same size
-            finally:
-                os.close(fd)
-            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.chmod(p, st.st_mode & 0o7777)
-            wrote.append(1)
-        return ok
+    def write_into():
+        st = os.lstat(p)
+        os.chmod(p, 0o600)
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"#", 200)  # inside the header block: no block more, same size
+        finally:
+            os.close(fd)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.chmod(p, st.st_mode & 0o7777)
 
-    monkeypatch.setattr(stash_mod, "_swap", swap_then_write)
-    with Session() as s:
-        res = stash_mod.stash(Root(t.root), ["f"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["f"] and wrote == [1]
+    _stash_f_then(t, monkeypatch, write_into)
     s = json.loads(jam("status", "--json", cwd=t.root).out)["total"]
     doc = json.loads(jam("doctor", "--json", cwd=t.root, check=None).out)
     found = [p["kind"] for p in doc["problems"]]
@@ -561,11 +571,6 @@ def test_another_stub_moved_over_a_new_stub_before_its_stamp_is_not_vouched_for(
     size and mtime (``other/g``, whose object the remote has lost) is moved over ``f``. The
     catalog's row for ``f`` names f's object; its stamp must not vouch for g's stub, or doctor
     trusts the row and never sees that the object ``f`` now needs is on no remote."""
-    import jam_core.ops.stash as stash_mod
-    from jam_core.manager import make_plugin_manager
-    from jam_core.model import Session
-    from jam_core.root import Root
-
     t = _root(tmp_path, policy=False)
     f, g = t.root / "f", t.root / "other" / "g"
     _write(f, random.Random(5).randbytes(100_000))
@@ -574,19 +579,6 @@ def test_another_stub_moved_over_a_new_stub_before_its_stamp_is_not_vouched_for(
     lost = record(g).oid.split(":")[1]
     for obj in t.objects.rglob(lost):
         obj.unlink()  # the remote lost g's object
-    real = stash_mod._swap
-    moved = []
-
-    def swap_then_move(s, leases):
-        ok = real(s, leases)
-        if ok and s.name == "f":
-            os.rename(g, f)  # g's clean stub (same size, same mtime) takes f's name
-            moved.append(1)
-        return ok
-
-    monkeypatch.setattr(stash_mod, "_swap", swap_then_move)
-    with Session() as s:
-        res = stash_mod.stash(Root(t.root), ["f"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["f"] and moved == [1]
+    _stash_f_then(t, monkeypatch, lambda: os.rename(g, f))  # g's clean stub (same size and mtime) takes f's name
     doc = json.loads(jam("doctor", "--json", cwd=t.root, check=None).out)
     assert ("missing", "f") in [(p["kind"], p["path"]) for p in doc["problems"]], doc["problems"]

@@ -208,11 +208,12 @@ def _status_view(res):
     return (res.total, sorted(res.directories.items()), sorted(res.problems))
 
 
-def test_a_shared_status_finds_what_one_walk_finds(jam_root, runner, shared):
+def _alone_then_shared(jam_root, shared):
+    """Status walked by one process, then by two (every stub read both times: stamps to record,
+    from both processes); the second finds exactly what the first found. Returns the second."""
     from jam_core.ops.status import status
 
-    _tree(jam_root, runner)
-    _forget_inodes(jam_root)  # every stub read: stamps to record, from both processes
+    _forget_inodes(jam_root)
     shared(False)
     alone = _status_view(status(jam_root))
     _forget_inodes(jam_root)
@@ -220,6 +221,13 @@ def test_a_shared_status_finds_what_one_walk_finds(jam_root, runner, shared):
     both = status(jam_root)
     assert len(shared.walkers()) == 2, "a helper walked part of the root"
     assert _status_view(both) == alone
+    return both
+
+
+def test_a_shared_status_finds_what_one_walk_finds(jam_root, runner, shared):
+
+    _tree(jam_root, runner)
+    both = _alone_then_shared(jam_root, shared)
     assert ("d5/s.bin", "stub written into after stashing") in both.problems
     assert any(p == "d4/lost.bin" for p, _ in both.problems)
     from jam_core.catalog import Catalog
@@ -233,18 +241,9 @@ def test_a_root_whose_content_sits_under_one_directory_is_still_shared(jam_root,
     """Everything under ``home/me/`` (one directory at the top, one below it): the lone
     directories are opened up and their subdirectories shared; the helper walks part of them
     and status finds exactly what one walk finds, problems included."""
-    from jam_core.ops.status import status
-
     _tree(jam_root, runner, under="home/me/")
     (jam_root.path / "home" / "me" / "notes.txt").write_text("the lone directory's own file")
-    _forget_inodes(jam_root)
-    shared(False)
-    alone = _status_view(status(jam_root))
-    _forget_inodes(jam_root)
-    shared(True)
-    both = status(jam_root)
-    assert len(shared.walkers()) == 2, "a helper walked part of the root"
-    assert _status_view(both) == alone
+    both = _alone_then_shared(jam_root, shared)
     assert both.directories["home/me"].files == 1
     assert ("home/me/d5/s.bin", "stub written into after stashing") in both.problems
 
