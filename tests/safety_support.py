@@ -20,6 +20,7 @@ import blake3
 from jam_core.stub import XATTR, StubRecord
 
 JAM = str(Path(sys.executable).parent / "jam")
+BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel
 
 
 @dataclass
@@ -47,6 +48,24 @@ def make_tree(base: Path, name: str = "root") -> Tree:
     root, _ = Root.init(path)
     add_remote(root, make_plugin_manager(), "vault", str(remote))
     return Tree(path, remote)
+
+
+def stashed_big(tmp_path: Path, seed: int) -> tuple["Tree", str]:
+    """A tree whose file ``big`` (BIG bytes) was stashed through the real stash; returns the
+    tree and the file's b3sum."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+    from tests.conftest import make_file
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "big", BIG, seed=seed)
+    want = b3(t.root / "big")
+    with Session() as s:
+        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
+    assert [r for r, _ in res.done] == ["big"], res
+    return t, want
 
 
 def jam(*args, cwd, check: int | None = 0, env=None) -> subprocess.CompletedProcess:

@@ -37,10 +37,9 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import b3, is_stub, make_tree, record
+from tests.safety_support import BIG, b3, is_stub, make_tree, record, stashed_big
 
 REPO = Path(__file__).resolve().parent.parent
-BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel
 
 
 class _Liar:
@@ -239,11 +238,16 @@ def _tricky_tree(tmp_path: Path, large: bool = True) -> Path:
     return t.root
 
 
-def test_the_dry_run_nominates_what_it_did_before_this_session(tmp_path):
+def _old_code_and_tricky_tree(tmp_path):
+    """The code at 5185f06 (from git history: skipped without it) and a tree of tricky names."""
     old_code = _git_tree(_OLD, tmp_path / "old")
     if old_code is None:
         pytest.skip("no git history here")
-    root = _tricky_tree(tmp_path)
+    return old_code, _tricky_tree(tmp_path)
+
+
+def test_the_dry_run_nominates_what_it_did_before_this_session(tmp_path):
+    old_code, root = _old_code_and_tricky_tree(tmp_path)
     args = ["stash", "--auto", "--dry-run"]
     before = _run_jam(old_code, args, root)
     after = _run_jam(None, args, root)
@@ -432,10 +436,7 @@ def _closed_after_first_line(code_dir: Path | None, args: list[str], cwd: Path) 
 def test_a_dry_run_whose_reader_leaves_ends_as_before(tmp_path):
     """`jam stash --auto --dry-run | head -1`: the reader goes after one line; the dry-run ends
     as the code at 5185f06 did (SIGPIPE's status, nothing on stderr), os._exit or not."""
-    old_code = _git_tree(_OLD, tmp_path / "old")
-    if old_code is None:
-        pytest.skip("no git history here")
-    root = _tricky_tree(tmp_path)
+    old_code, root = _old_code_and_tricky_tree(tmp_path)
     args = ["stash", "--auto", "--dry-run"]
     before = _closed_after_first_line(old_code, args, root)
     after = _closed_after_first_line(None, args, root)
@@ -475,12 +476,7 @@ def _another_writer_during_the_copy(monkeypatch) -> list:
 def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(tmp_path, monkeypatch):
     import jam_dir
 
-    t = make_tree(tmp_path)
-    make_file(t.root / "big", BIG, seed=37)
-    want = b3(t.root / "big")
-    with Session() as s:
-        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["big"], res
+    t, want = stashed_big(tmp_path, seed=37)
     wrote = _another_writer_during_the_copy(monkeypatch)
     with Session() as s:
         res = checkout(Root(t.root), ["big"], make_plugin_manager(), s)

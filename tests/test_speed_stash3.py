@@ -20,25 +20,13 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import b3, is_stub, make_tree, record
-
-BIG = 9 << 20  # over the dir backend's _BIG (8 MiB): copied in the kernel
-
-
-def _big_tree(tmp_path):
-    t = make_tree(tmp_path)
-    make_file(t.root / "big", BIG, seed=31)
-    want = b3(t.root / "big")
-    with Session() as s:
-        res = stash(Root(t.root), ["big"], make_plugin_manager(), s)
-    assert [r for r, _ in res.done] == ["big"], res
-    return t, want
+from tests.safety_support import BIG, b3, is_stub, make_tree, record, stashed_big
 
 
 def test_a_corrupt_large_object_is_still_refused(tmp_path):
     """The object holds other bytes than the stub's id: the core's hash of the fetched file
     finds it corrupt and leaves the stub."""
-    t, want = _big_tree(tmp_path)
+    t, want = stashed_big(tmp_path, seed=31)
     obj = t.remote / "objects" / objects.object_relpath(record(t.root / "big").oid)
     os.chmod(obj, 0o644)
     with open(obj, "r+b") as f:
