@@ -1,0 +1,146 @@
+"""Issue 13, a third attacker's review of the newest speed code (R5): the directory descriptors
+closed past the budget and reopened by name (``fs.DirFds``), the shared scan's opened-up lone
+directory (``scan.scan_shared``), the catalog's stamps, the SFTP batches sealed outside
+paramiko's Packetizer and the hooks' fallback run from ``/``. Real files, real xattrs, real
+shells, the real `jam`; faults are injected at the exact instant (a wrapper around the function
+that runs then), never by sleeping, and nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.safety_support import JAM, b3, is_stub, jam, make_tree
+
+OLD = 1_500_000_000
+
+
+def _write(path: Path, data: bytes, old: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if old:
+        os.utime(path, (OLD, OLD))
+
+
+# -- 1. DirFds: a directory closed past the budget, reopened later by name -----------------------
+
+# Nine files in the order the stash (and the checkout) is asked for them: with a budget of two
+# descriptors (two files a batch), "a/b" is closed past the budget while "a" stays open, and the
+# last file's batch reopens "a/b" from the descriptor of "a" it kept.
+ORDER = ["a/b/f1", "a/f0", "x/g", "a/f00", "y/h", "z/i", "a/f01", "w/j", "a/b/f2"]
+
+
+def _small_budget(monkeypatch, n: int = 2) -> None:
+    import jam_core.fs as fs
+
+    monkeypatch.setattr(fs, "fd_budget", lambda: n)
+
+
+def _at_reopen(monkeypatch, module, target: str, ancestor: str, action) -> list:
+    """Run ``action()`` once, the instant the operation (after its walk of the named paths,
+    ``module.collect``) asks ``DirFds`` for ``target`` while it is closed and ``ancestor`` is
+    open: the reopen by name from that ancestor. Returns a list that holds 1 once it ran."""
+    import jam_core.fs as fs
+
+    real_get, real_collect = fs.DirFds.get, module.collect
+    ran, phase = [], []
+
+    def collect(*args, **kwargs):
+        out = real_collect(*args, **kwargs)
+        phase.append(1)
+        return out
+
+    def get(self, rel_dir):
+        if phase and not ran and rel_dir == target and target not in self._fds and ancestor in self._fds:
+            ran.append(1)
+            action()
+        return real_get(self, rel_dir)
+
+    monkeypatch.setattr(module, "collect", collect)
+    monkeypatch.setattr(fs.DirFds, "get", get)
+    return ran
+
+
+def _files(root: Path) -> dict[str, str]:
+    out = {}
+    for rel in ORDER:
+        _write(root / rel, random.Random(rel).randbytes(5000))
+        out[rel] = b3(root / rel)
+    return out
+
+
+def _run(op: str, root: Path, rels: list[str]):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+
+    with Session() as s:
+        return (stash if op == "stash" else checkout)(Root(root), rels, make_plugin_manager(), s)
+
+
+def _f2_untouched_outside(outside: Path, stub: bool, digest: str) -> None:
+    """``a/b/f2``, moved out of the root, is as the user left it, and jam left no temporary
+    file out there."""
+    f2 = outside / "a" / "b" / "f2"
+    assert (is_stub(f2), b3(f2)) == (stub, digest), "jam wrote a/b/f2 outside the root"
+    assert not [p.name for p in outside.rglob(".jam-*")], "jam left a temporary file outside the root"
+
+
+def _ancestor_moved_out(t, outside: Path):
+    """Move ``a`` (with ``a/b`` and the file ``a/b/f2`` in it) out of the root, to ``outside``,
+    and put a fresh empty ``a/b`` in its place."""
+
+    def move():
+        os.rename(t.root / "a", outside / "a")
+        (t.root / "a" / "b").mkdir(parents=True)
+
+    return move
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: DirFds.get reopens a closed directory from a kept ancestor "
+                   "descriptor that may have left the root: the stash stubs a file outside the root")
+def test_a_stash_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_path, monkeypatch):
+    """``a/b`` was closed past the budget, ``a`` kept open; the user moves ``a`` out of the
+    root (same filesystem) and makes a new ``a/b``. The reopen of ``a/b`` by name from the
+    kept ``a`` lands outside the root: nothing may be written there (invariant 7), no stub, no
+    temporary file, the user's file left whole."""
+    t = make_tree(tmp_path)
+    _files(t.root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _small_budget(monkeypatch)
+    import jam_core.ops.stash as stash_mod
+
+    ran = _at_reopen(monkeypatch, stash_mod, "a/b", "a", _ancestor_moved_out(t, outside))
+    want_f2 = b3(t.root / "a/b/f2")
+    res = _run("stash", t.root, ORDER)
+    assert ran == [1]
+    _f2_untouched_outside(outside, False, want_f2)
+    assert "a/b/f2" not in [r for r, _ in res.done]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: DirFds.get reopens a closed directory from a kept ancestor "
+                   "descriptor that may have left the root: the checkout writes a file outside the root")
+def test_a_checkout_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_path, monkeypatch):
+    t = make_tree(tmp_path)
+    _files(t.root)
+    assert not _run("stash", t.root, ORDER).failed
+    stub_f2 = b3(t.root / "a/b/f2")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _small_budget(monkeypatch)
+    import jam_core.ops.checkout as checkout_mod
+
+    ran = _at_reopen(monkeypatch, checkout_mod, "a/b", "a", _ancestor_moved_out(t, outside))
+    res = _run("checkout", t.root, ORDER)
+    assert ran == [1]
+    _f2_untouched_outside(outside, True, stub_f2)
+    assert "a/b/f2" not in [r for r, _ in res.done]
