@@ -47,8 +47,6 @@ def write_into_stub_keeping_its_stat(path: Path, data: bytes) -> None:
 
 
 # -- 1. sync over a stub written into (its stat put back) ------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: restore._state classifies without verify: a dirty stub with its stat "
-                   "put back is 'the base version', so sync removes or replaces it")
 @pytest.mark.parametrize("there", ["deleted", "modified"])
 def test_sync_never_removes_or_replaces_a_stub_written_into_with_its_stat_put_back(tmp_path, there):
     """Invariant 5 for sync: B's stub of docs/one.txt is written into (the user's bytes, mtime

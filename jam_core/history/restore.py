@@ -302,7 +302,9 @@ def _state(dir_fd: int | None, name: str, item: Item) -> str:
     from jam_core.fs import fd_path
 
     path = f"{fd_path(dir_fd)}/{name}"
-    state, rec, _problem = classify(path, st)
+    # verify: this decides whether the file may be removed or replaced (sync) as the version a
+    # snapshot keeps; a stub written into with its size, mtime and blocks put back is DIRTY
+    state, rec, _problem = classify(path, st, verify=True)
     if state == STUB and rec is not None:
         return "same" if rec.oid == item.oid else "a stub of other content is there"
     if state == LOCAL:
