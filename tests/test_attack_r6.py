@@ -63,3 +63,17 @@ def test_sync_never_removes_or_replaces_a_stub_written_into_with_its_stat_put_ba
     run(b, "sync", machine="bbb", check=None)
     p = b / "docs/one.txt"
     assert p.exists() and p.read_bytes().startswith(mine), "B's written bytes were lost"
+
+
+# -- 4. hostile input to log / diff / restore -------------------------------------------------------
+@pytest.mark.parametrize("when", ["2026-13-45", "2099-02-30", "2099-01-01 25:61"])
+def test_a_date_that_does_not_exist_is_refused_not_read_as_another_day(tmp_path, when):
+    """`--at 2026-13-45` is a typo, not a date: mktime would roll it over into 2027 (the newest
+    snapshot, silently); it is one `jam: ` line, exit 2, nothing restored."""
+    t = make_tree(tmp_path, "a")
+    (t.root / "f").write_bytes(b"f\n")
+    run(t.root, "commit", machine="aaa")
+    (t.root / "f").unlink()
+    res = run(t.root, "restore", "f", "--at", when, machine="aaa", check=2)
+    assert res.err.startswith("jam: ") and len(res.err.splitlines()) == 1, res.err
+    assert not (t.root / "f").exists()

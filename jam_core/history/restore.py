@@ -71,6 +71,12 @@ def _instant(text: str, now: float | None) -> int | None:
     m = _DATE.match(text.strip())
     if m:
         y, mo, d, h, mi, s = m.groups()
+        try:  # a day or an hour that does not exist is a typo: mktime would roll it over
+            import datetime
+
+            datetime.datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(s or 0))
+        except ValueError:
+            return None
         try:
             if h is None:
                 t = time.mktime((int(y), int(mo), int(d), 23, 59, 59, 0, 0, -1)) + 0.999999999
