@@ -207,3 +207,68 @@ def test_a_checkout_past_a_directory_swapped_for_a_symlink_does_the_other_files(
     assert [r for r, _ in res.failed] == ["a/b/f2"], res
     assert not is_stub(t.root / "v/k") and not is_stub(t.root / "v/l")
     assert all(b3(t.root / r) == d for r, d in files.items() if r != "a/b/f2")
+
+
+# -- 2. scan_shared: a lone directory opened up, its subdirectories shared ------------------------
+
+
+def _opened_up_tree(root: Path) -> None:
+    """Everything under the lone ``home`` (opened up: its subdirectories are the units shared
+    with the helper): three directories of three old files each."""
+    for d in ("d1", "d2", "d3"):
+        for i in range(3):
+            _write(root / "home" / d / f"f{i}", random.Random(f"{d}{i}").randbytes(70_000))
+
+
+def _force_shared(monkeypatch, when_unit: str, action) -> None:
+    """The shared walk forced (a threshold of 0, one thread); ``action()`` runs once, in
+    whichever process takes the unit ``when_unit``, just before it walks it."""
+    import jam_core.scan as scan_mod
+
+    real = scan_mod._walk_unit
+    monkeypatch.setattr(scan_mod, "SHARE_AFTER", 0)
+    monkeypatch.setattr(scan_mod, "_threads", lambda: 1)
+    forks = []
+    real_shared = scan_mod._shared
+
+    def shared(*a, **kw):
+        forks.append(a[1])
+        return real_shared(*a, **kw)
+
+    def walk_unit(root_fd, unit, *a, **kw):
+        if unit == when_unit:
+            action()
+        return real(root_fd, unit, *a, **kw)
+
+    monkeypatch.setattr(scan_mod, "_walk_unit", walk_unit)
+    monkeypatch.setattr(scan_mod, "_shared", shared)
+    return forks
+
+
+@pytest.mark.parametrize("to", ["inside", "outside"])
+def test_an_opened_up_unit_swapped_for_a_symlink_before_its_walk_is_not_followed(tmp_path, monkeypatch, to):
+    """``home/d2``, one of the units the lone ``home`` was opened up into, is moved out of the
+    root and a symlink put in its place (to its sibling ``home/d1``: counted twice if followed;
+    to where it went: outside the root) just before its walk, in the parent or the helper: the
+    plan names the files of d1 and d3 once each, and nothing from d2 (guard: ``_scan_from``'s
+    lstat of a unit, a symlink is not a directory, and its O_NOFOLLOW open)."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.policy.plan import plan_auto
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path)
+    cfg = t.root / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text() + '\n[policy.age]\nolder_than = "1d"\n')
+    _opened_up_tree(t.root)
+    away = tmp_path / "away"
+
+    def swap():
+        os.rename(t.root / "home" / "d2", away)
+        os.symlink(t.root / "home" / "d1" if to == "inside" else away, t.root / "home" / "d2")
+
+    forks = _force_shared(monkeypatch, "home/d2", swap)
+    plan = plan_auto(Root(t.root), make_plugin_manager()).to_json()
+    assert [sorted(f) for f in forks] == [["home/d1", "home/d2", "home/d3"]], forks
+    assert os.path.islink(t.root / "home" / "d2")
+    got = [f["path"] for f in plan["files"]]
+    assert sorted(got) == [f"home/{d}/f{i}" for d in ("d1", "d3") for i in range(3)], got
