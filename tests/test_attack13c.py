@@ -12,6 +12,8 @@ import json
 import os
 import random
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,105 @@ def test_an_opened_up_unit_swapped_for_a_symlink_before_its_walk_is_not_followed
     assert os.path.islink(t.root / "home" / "d2")
     got = [f["path"] for f in plan["files"]]
     assert sorted(got) == [f"home/{d}/f{i}" for d in ("d1", "d3") for i in range(3)], got
+
+
+# -- 4. connect.send_data: batches sealed outside paramiko's Packetizer ---------------------------
+
+
+def _sftp_round(server, store: Path, src: Path, connections: int):
+    """Stash ``src`` on an sftp remote of ``server``; returns (stashed, oid, the server's hash
+    of the object it now holds under that id)."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.objects import hash_file, object_relpath
+    from tests.conftest_sshd import sftp_remote_for
+
+    (store / "objects").mkdir(exist_ok=True)
+    (store / "tmp").mkdir(exist_ok=True)
+    remote = sftp_remote_for(f"sftp://{server.alias}{store}", connections=connections)
+    oid, size = hash_file(src)
+    with Session() as s:
+        ok = make_plugin_manager(load_entrypoints=False).hook.stash(remote=remote, oid=oid, source=src, size=size,
+                                                                    session=s)
+    there = store / "objects" / object_relpath(oid)
+    return ok, oid, (hash_file(there)[0] if there.exists() else None)
+
+
+class _Watched:
+    """A transport's ``clear_to_send`` event, shared with a test: the sending thread's first
+    wait for it returns only once the exchange's NEWKEYS is out (``newkeys``); its next wait
+    (it found the keys not ready and looks again) sets ``went_on``."""
+
+    def __init__(self, event, newkeys, went_on):
+        self.event, self.newkeys, self.went_on = event, newkeys, went_on
+        self.sender = threading.get_ident()
+        self.waits = 0
+
+    def set(self):
+        self.event.set()
+
+    def clear(self):
+        self.event.clear()
+
+    def is_set(self):
+        return self.event.is_set()
+
+    def wait(self, timeout=None):
+        if threading.get_ident() == self.sender:
+            self.waits += 1
+            if self.waits == 1:
+                assert self.newkeys.wait(60), "the exchange never reached NEWKEYS"
+            else:
+                self.went_on.set()
+        return self.event.wait(timeout)
+
+
+def test_a_key_exchange_begun_between_a_batchs_window_and_its_sealing_is_waited_for(
+        sshd, tmp_path, tmp_path_factory, monkeypatch):
+    """The instant ``send_data`` has taken a batch's window (``_wait_for_send_window``, under the
+    channel's lock) and before it seals, this side begins a key exchange (its KEXINIT goes out);
+    the batch is held until this side's NEWKEYS is out and its new keys not yet in use (paramiko
+    sends NEWKEYS, then switches keys, outside the packetizer's write lock). The batch must wait
+    for the new keys: one sealed then with the old ones arrives after NEWKEYS and the server
+    drops the connection. The upload succeeds and the server holds the object's bytes (guard:
+    ``send_data``'s wait until ``clear_to_send`` is set, under ``clear_to_send_lock``)."""
+    import paramiko
+
+    newkeys, went_on = threading.Event(), threading.Event()  # went on: waited again, or sealed
+    begun, calls = [], []
+    real_window = paramiko.Channel._wait_for_send_window
+    real_set_out = paramiko.Packetizer.set_outbound_cipher
+    real_write = paramiko.Packetizer.write_all
+
+    def window(self, size):
+        n = real_window(self, size)
+        if sys._getframe(1).f_code.co_name == "send_data" and n > 0:
+            calls.append(n)
+            if len(calls) == 10 and not begun:
+                begun.append(1)
+                t = self.transport
+                t.clear_to_send = _Watched(t.clear_to_send, newkeys, went_on)
+                t._send_kex_init()  # what renegotiate_keys starts with; the exchange goes on in its reader
+        return n
+
+    def set_outbound_cipher(self, *a, **kw):
+        if begun and not newkeys.is_set():  # NEWKEYS is out, the new keys not yet in use
+            newkeys.set()
+            assert went_on.wait(60), "the sender never went on"
+        return real_set_out(self, *a, **kw)
+
+    def write_all(self, out):
+        if newkeys.is_set() and sys._getframe(1).f_code.co_name == "send_data":
+            went_on.set()
+        return real_write(self, out)
+
+    monkeypatch.setattr(paramiko.Channel, "_wait_for_send_window", window)
+    monkeypatch.setattr(paramiko.Packetizer, "set_outbound_cipher", set_outbound_cipher)
+    monkeypatch.setattr(paramiko.Packetizer, "write_all", write_all)
+    src = tmp_path / "big.bin"
+    from tests.conftest import make_file
+
+    make_file(src, (3 << 20) + 4567, seed=8)
+    ok, oid, there = _sftp_round(sshd, tmp_path_factory.mktemp("store"), src, 1)
+    assert begun == [1] and newkeys.is_set()
+    assert ok is True and there == oid
