@@ -137,8 +137,6 @@ def _remote_objects(remote: Path) -> set[str]:
     return {p.name for p in (remote / "objects").rglob("*") if p.is_file()}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: history.index takes a missing or empty history.db for no history: gc "
-                   "removes every old version's objects, commit starts a parentless history over the head")
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])
 def test_a_lost_history_db_never_starts_a_new_history_over_the_old_one(tmp_path, damage):
     """ROOT/.jam/history/history.db deleted or truncated to nothing (a bad restore from backup,

@@ -54,7 +54,10 @@ def history_dir(root: Root) -> Path:
 
 
 def exists(root: Root) -> bool:
-    return (history_dir(root) / DB).is_file()
+    """Whether this root has a history: its db, or a ``HEAD`` (a db lost while ``HEAD`` stays is
+    a history whose records are missing, refused by ``Index``: never taken for none)."""
+    d = history_dir(root)
+    return (d / DB).is_file() or os.path.lexists(d / "HEAD")
 
 
 class Index:
@@ -70,6 +73,26 @@ class Index:
             self.db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise HistoryError(f"cannot open {self.dir / DB}: {exc}; jam keeps every object meanwhile") from None
+        try:
+            self._check_records()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_records(self) -> None:
+        """``HEAD`` is written only after the db recorded that head, so a db with no head
+        beside a ``HEAD`` lost its records (deleted, emptied, an empty file put back): refused.
+        Taken for "no history", a gc would remove every object only older versions need and a
+        commit would start a new history over this machine's head on the remotes."""
+        try:
+            if self.db.execute("SELECT 1 FROM meta WHERE key = 'head'").fetchone() is not None:
+                return
+        except sqlite3.Error as exc:
+            raise HistoryError(f"cannot read {self.dir / DB}: {exc}; jam keeps every object meanwhile") from None
+        if os.path.lexists(self.dir / "HEAD"):
+            raise HistoryError(f"{self.dir / DB} has lost the history's records ({self.dir / 'HEAD'} names a "
+                               "snapshot it does not know: deleted, emptied or damaged); nothing done: put it back "
+                               "from a backup (jam keeps every object meanwhile)")
 
     def close(self) -> None:
         self.db.close()
