@@ -161,3 +161,34 @@ def test_a_lost_history_db_never_starts_a_new_history_over_the_old_one(tmp_path,
         assert res.returncode == 1 and res.err.startswith("jam: ") and len(res.err.splitlines()) == 1, (cmd, res.err)
         assert "history" in res.err, res.err
     assert _remote_objects(t.remote) >= before, "objects an older version needs were removed"
+
+
+# -- 1. restore: a directory on the path swapped for a symlink out of the root mid-restore ---------
+def test_restore_never_writes_through_a_directory_swapped_for_a_symlink_after_its_check(tmp_path, monkeypatch):
+    """`jam restore d` checks every destination, then makes them. In between, d (a real directory
+    when checked) is replaced by a symlink to a directory outside the root. Nothing may be made
+    outside the root; the restore stops with one line (guard: each component opened O_NOFOLLOW)."""
+    from jam_core.errors import JamError
+    from jam_core.history import restore as R
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path, "a")
+    (t.root / "d").mkdir()
+    (t.root / "d/x").write_bytes(b"x\n" * 3000)
+    run(t.root, "commit", machine="aaa")
+    (t.root / "d/x").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = R._make
+
+    def make(root_fd, todo, *args, **kw):
+        os.rename(t.root / "d", t.root / "d.moved")
+        os.symlink(outside, t.root / "d")
+        return real(root_fd, todo, *args, **kw)
+
+    monkeypatch.setattr(R, "_make", make)
+    with pytest.raises(JamError) as info:
+        R.restore(Root(t.root), "d", make_plugin_manager())
+    assert "d" in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(outside) == [], "restore wrote outside the root"
