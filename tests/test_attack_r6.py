@@ -199,8 +199,6 @@ def _conflict_copies(top: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in top.rglob("*conflicted copy*") if p.is_file()}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync keeps a file changed here that no commit saw but drops theirs "
-                   "(no conflict copy): their edit ends in no tree")
 def test_a_stub_written_into_here_and_modified_there_keeps_both_versions_in_both_trees(tmp_path):
     """B's user made B's stub of docs/one.txt writable and wrote into it (a dirty stub: a commit
     leaves it as in the last snapshot); A modified the same file and synced. Both edits must be

@@ -14,7 +14,9 @@
      deleted there is removed here, and a file modified there replaced by a stub of the new
      version, only if the local file is exactly the base version (stub of that id, or a local
      file of that hash), checked again after the atomic exchange (put back if it changed in
-     that instant). Renames are a delete and an add.
+     that instant). Renames are a delete and an add. A file modified there that is not
+     the base version here after all (changed since the commit, a stub written into, open
+     for writing) stays, and theirs arrives beside it as a conflict copy (below).
    * changed on both sides, differently: both kept. Ours stays at the path; theirs arrives as
      ``NAME (conflicted copy from HOST YYYY-MM-DD).EXT`` (a stub), reported (exit 1).
      Deleted here and modified there: the modified version comes back. Deleted there and
@@ -287,6 +289,27 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
     adds: list[Item] = []
     replaces: dict[str, tuple[Item, os.stat_result | None]] = {}
     removes: list[tuple[str, Item]] = []
+
+    def keep_theirs(p: str, ti: Item) -> None:
+        """Both sides changed ``p``: ours stays, theirs arrives beside it as a conflict copy."""
+        copy = conflict_name(p, theirs.host or theirs.machine, theirs.time_ns)
+        try:
+            check_rel(copy)
+        except ValueError:
+            out.problems.append(f"{p}: changed on both sides; no valid name for the conflict copy")
+            return
+        existing = o.get(copy)
+        if existing is not None and existing.same(ti):
+            out.conflicts.append((p, copy))  # already there (an earlier, interrupted sync)
+            return
+        if copy in o or copy in t or copy in merged:
+            out.problems.append(f"{p}: changed on both sides and {copy} is taken; theirs not brought")
+            return
+        item = Item(copy, ti.kind, ti.oid, ti.size, ti.mode, ti.mtime_ns, ti.target)
+        adds.append(item)
+        merged[copy] = item
+        out.conflicts.append((p, copy))
+
     for p in sorted(set(b) | set(o) | set(t)):
         bi, oi, ti = b.get(p), o.get(p), t.get(p)
         if _same(oi, ti) or _same(bi, ti):
@@ -307,23 +330,7 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
             adds.append(ti)  # deleted here, changed there: it comes back
             merged[p] = ti
         else:  # both changed, differently: theirs arrives beside ours
-            copy = conflict_name(p, theirs.host or theirs.machine, theirs.time_ns)
-            try:
-                check_rel(copy)
-            except ValueError:
-                out.problems.append(f"{p}: changed on both sides; no valid name for the conflict copy")
-                continue
-            existing = o.get(copy)
-            if existing is not None and existing.same(ti):
-                out.conflicts.append((p, copy))  # already there (an earlier, interrupted sync)
-                continue
-            if copy in o or copy in t:
-                out.problems.append(f"{p}: changed on both sides and {copy} is taken; theirs not brought")
-                continue
-            item = Item(copy, ti.kind, ti.oid, ti.size, ti.mode, ti.mtime_ns, ti.target)
-            adds.append(item)
-            merged[copy] = item
-            out.conflicts.append((p, copy))
+            keep_theirs(p, ti)
     # drop entries that would sit below a file (or a file below an entry) in the merge
     tree = _Tree(root)
     try:
@@ -336,7 +343,11 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
         if gone:
             cat.remove_stubs(gone)
         if replaces:
-            _replace(root, tree, ix, replaces, ours, merged, cat, out)
+            # a file changed here that no commit saw (written into after the commit, a stub
+            # written into, open for writing) stays; theirs then arrives beside it, as when
+            # both sides changed it: recorded as ours alone, their edit would be in no tree
+            for p in _replace(root, tree, ix, replaces, ours, merged, cat, out):
+                keep_theirs(p, replaces[p][0])
     finally:
         tree.close()
     if adds:
@@ -359,10 +370,11 @@ def _remotes_of(root: Root, ix: Index, oid: str) -> list[str]:
 
 
 def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merged: dict[str, Item], cat,
-             out: SyncResult) -> None:
+             out: SyncResult) -> list[str]:
     """Each local file that is exactly ours (= the base) swapped for a stub of theirs: the
     stub is made aside, exchanged atomically, and the file that came out checked to be the
-    one that was verified (exchanged back otherwise)."""
+    one that was verified (exchanged back otherwise). Returns the paths left as they were
+    (``merged`` records ours there)."""
     o = ours.by_path()
     checked: dict[str, os.stat_result] = {}
     for p in sorted(replaces):
@@ -407,11 +419,16 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
         return True
 
     items = [replaces[p][0] for p in sorted(checked)]
+    made: set[str] = set()
     if items:
-        place(root, items, lambda oid: _remotes_of(root, ix, oid), cat, out.problems, rename=swap)
-        gone = [p for p in checked if merged.get(p) is not None and merged[p].kind != FILE]
+        made = set(place(root, items, lambda oid: _remotes_of(root, ix, oid), cat, out.problems, rename=swap))
+        gone = [p for p in made if merged.get(p) is not None and merged[p].kind != FILE]
         if gone:
             cat.remove_stubs(gone)
+    kept = sorted(p for p in replaces if p not in made)
+    for p in kept:  # not replaced (changed, busy, or not made: a problem said why): ours stays
+        merged[p] = o[p]
+    return kept
 
 
 # -- pins ----------------------------------------------------------------------------------------
