@@ -409,3 +409,70 @@ def test_a_key_exchange_begun_between_a_batchs_window_and_its_sealing_is_waited_
     ok, oid, there = _sftp_round(sshd, tmp_path_factory.mktemp("store"), src, 1)
     assert begun == [1] and newkeys.is_set()
     assert ok is True and there == oid
+
+
+class _WatchedLock:
+    """A packetizer's write lock, shared with a test: ``tried`` is set when a thread other
+    than ``sender`` asks for it (before it may have to wait)."""
+
+    def __init__(self, lock, sender: int, tried):
+        self.lock, self.sender, self.tried = lock, sender, tried
+
+    def acquire(self, *a, **kw):
+        if threading.get_ident() != self.sender:
+            self.tried.set()
+        return self.lock.acquire(*a, **kw)
+
+    def release(self):
+        return self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def test_a_message_paramiko_sends_on_its_own_while_a_batch_is_sealed_waits_for_the_batch(
+        sshd, tmp_path, tmp_path_factory, monkeypatch):
+    """paramiko's reader thread answers some messages itself with ``Transport._send_message``
+    (a keepalive's global request, a key exchange), under the packetizer's write lock alone.
+    The instant a batch is being sealed (its sequence number and nonce read, its padding being
+    drawn), another thread sends such a message: it must wait for the batch, or both use the
+    same sequence number and nonce and the server drops the connection. The upload succeeds and
+    the server holds the object's bytes (guard: ``send_data`` seals and writes under
+    ``Packetizer``'s write lock)."""
+    import paramiko
+    from paramiko.common import cMSG_IGNORE
+
+    from jam_sftp import connect
+
+    tried, sent = threading.Event(), threading.Event()
+    draws = []
+    real_urandom = connect.os.urandom
+
+    def urandom(n):
+        if sys._getframe(1).f_code.co_name == "send_data":
+            draws.append(n)
+            if len(draws) == 40:  # a batch being sealed, well into the upload
+                t = sys._getframe(1).f_locals["t"]
+                p = t.packetizer
+                p.__dict__[connect._P + "write_lock"] = _WatchedLock(p.__dict__[connect._P + "write_lock"],
+                                                                    threading.get_ident(), tried)
+                m = paramiko.Message()
+                m.add_byte(cMSG_IGNORE)
+                m.add_string(b"another thread's message")
+                threading.Thread(target=lambda: (t._send_message(m), sent.set()), daemon=True).start()
+                assert tried.wait(60), "the other thread never asked for the write lock"
+        return real_urandom(n)
+
+    monkeypatch.setattr(connect.os, "urandom", urandom)
+    src = tmp_path / "big.bin"
+    from tests.conftest import make_file
+
+    make_file(src, (3 << 20) + 4567, seed=9)
+    ok, oid, there = _sftp_round(sshd, tmp_path_factory.mktemp("store"), src, 1)
+    assert len(draws) > 40 and tried.is_set()
+    assert ok is True and there == oid
+    assert sent.wait(60)
