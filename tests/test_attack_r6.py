@@ -227,8 +227,6 @@ def _files(top: Path) -> dict[str, bytes]:
             if p.is_file() and ".jam" not in p.relative_to(top).parts}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync drops theirs where a file/directory of ours blocks it; the other "
-                   "machine's next sync then removes its own file (in no tree)")
 @pytest.mark.parametrize("a_makes", ["file", "dir"])
 def test_a_file_and_a_directory_of_one_name_on_two_machines_are_both_kept(tmp_path, a_makes):
     """A makes `x` a file, B makes `x` a directory holding `x/y` (or the other way round), each

@@ -16,7 +16,10 @@
      file of that hash), checked again after the atomic exchange (put back if it changed in
      that instant). Renames are a delete and an add. A file modified there that is not
      the base version here after all (changed since the commit, a stub written into, open
-     for writing) stays, and theirs arrives beside it as a conflict copy (below).
+     for writing) stays, and theirs arrives beside it as a conflict copy (below). So does
+     what cannot be made because the tree holds another kind of entry on its path (a file
+     here, a directory there of one name): the blocked part is renamed as a conflict copy.
+     Directories that removals left empty are removed.
    * changed on both sides, differently: both kept. Ours stays at the path; theirs arrives as
      ``NAME (conflicted copy from HOST YYYY-MM-DD).EXT`` (a stub), reported (exit 1).
      Deleted here and modified there: the modified version comes back. Deleted there and
@@ -274,6 +277,25 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
             os.close(dfd)
 
 
+def _prune_dirs(tree: _Tree, gone: list[str]) -> None:
+    """The directories the removals left empty go too (an empty directory is in no snapshot,
+    and left behind it would block a file of that name arriving from another machine); each
+    one's parent opened without following symlinks, and rmdir removes only an empty one."""
+    dirs = {p.rpartition("/")[0] for p in gone} - {""}
+    for d in sorted(dirs, key=lambda d: -d.count("/")):
+        while d:
+            pfd = tree.parent(d)
+            if pfd is None:
+                break
+            try:
+                os.rmdir(d.rpartition("/")[2], dir_fd=pfd)
+            except OSError:
+                break
+            finally:
+                os.close(pfd)
+            d = d.rpartition("/")[0]
+
+
 # -- the merge -----------------------------------------------------------------------------------
 def _same(a: Item | None, b: Item | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and a.same(b))
@@ -342,6 +364,7 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
                 merged[p] = oi
         if gone:
             cat.remove_stubs(gone)
+            _prune_dirs(tree, gone)
         if replaces:
             # a file changed here that no commit saw (written into after the commit, a stub
             # written into, open for writing) stays; theirs then arrives beside it, as when
@@ -361,8 +384,71 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
                 else:
                     merged.pop(i.path, None)
         out.added += len(made)
+        blocked = [i for i in adds if i.path not in made]
+        if blocked:  # a file here where theirs needs a directory, or the other way round
+            problems = _beside(root, ix, blocked, theirs, o, t, merged, cat, out, problems)
         out.problems += problems
     return merged
+
+
+def _blocked_at(root: Root, path: str) -> str | None:
+    """The part of ``path`` that the tree holds as something else (a file or symlink where a
+    directory is needed, anything at the path itself), looked at without following symlinks."""
+    parts = path.split("/")
+    for n in range(1, len(parts) + 1):
+        try:
+            st = os.lstat(os.path.join(root.path, *parts[:n]))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        if n == len(parts) or not stat.S_ISDIR(st.st_mode):
+            return "/".join(parts[:n])
+    return None
+
+
+def _beside(root: Root, ix: Index, blocked: list[Item], theirs: Snapshot, o: dict[str, Item], t: dict[str, Item],
+            merged: dict[str, Item], cat, out: SyncResult, problems: list[str]) -> list[str]:
+    """Entries of theirs that could not be made because the tree holds something else on
+    their path (a file and a directory of one name, made on two machines) arrive beside it:
+    the blocked part renamed as a conflict copy (a whole directory of theirs under one new
+    name). Dropped from the merge instead, they would be removed from the other machine's
+    tree by its next sync (unchanged there since its commit): in no tree at all. Returns the
+    problems still to report (those of the entries that could not be brought either)."""
+    left: dict[str, str] = {}  # path -> its problem line
+    for line in problems:
+        left.setdefault(line.partition(":")[0], line)
+    moved: list[Item] = []
+    firsts: dict[str, str] = {}
+    for i in blocked:
+        part = _blocked_at(root, i.path)
+        if part is None:
+            continue  # not blocked by the tree (a failure said in its problem line)
+        new = conflict_name(part, theirs.host or theirs.machine, theirs.time_ns) + i.path[len(part):]
+        try:
+            check_rel(new)
+        except ValueError:
+            continue
+        mine = o.get(new)
+        if mine is not None and mine.same(i):  # brought by an earlier, interrupted sync
+            left.pop(i.path, None)
+            merged[new] = mine
+            out.conflicts.append((i.path, new))
+            continue
+        if new in o or new in t or new in merged:
+            continue
+        moved.append(Item(new, i.kind, i.oid, i.size, i.mode, i.mtime_ns, i.target))
+        firsts[new] = i.path
+    if moved:
+        again: list[str] = []
+        made = set(place(root, moved, lambda oid: _remotes_of(root, ix, oid), cat, again))
+        for m in moved:
+            if m.path in made:
+                merged[m.path] = m
+                left.pop(firsts[m.path], None)
+                out.conflicts.append((firsts[m.path], m.path))
+        out.added += len(made)
+    return list(left.values())
 
 
 def _remotes_of(root: Root, ix: Index, oid: str) -> list[str]:
