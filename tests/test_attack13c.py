@@ -181,6 +181,38 @@ def test_a_stash_never_writes_into_a_kept_directory_moved_out_of_the_root(tmp_pa
     assert not res.done, res
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: the checkout swaps a fetched file into the directory it "
+                   "holds open after that directory left the root (a symlink to it in its place)")
+def test_a_checkout_never_restores_into_a_directory_moved_out_of_the_root_before_its_swap(tmp_path, monkeypatch):
+    """One batch, no budget: ``a/b`` is held open from the temporary files' creation to the
+    swaps. The instant the batch's swaps begin, ``a/b`` is moved out of the root and a symlink
+    to it put in its place: the stub out there stays a stub, its file fails."""
+    t = make_tree(tmp_path)
+    rels = [f"a/b/f{i}" for i in range(1, 4)]
+    for r in rels:
+        _write(t.root / r, random.Random(r).randbytes(5000))
+    assert not _run("stash", t.root, rels).failed
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    import jam_core.ops.checkout as checkout_mod
+
+    real, ran = checkout_mod._swap_batch, []
+
+    def swap_batch(ready, *a, **kw):
+        if ready and not ran:
+            ran.append(1)
+            os.rename(t.root / "a" / "b", outside / "b")
+            os.symlink(outside / "b", t.root / "a" / "b")
+        return real(ready, *a, **kw)
+
+    monkeypatch.setattr(checkout_mod, "_swap_batch", swap_batch)
+    res = _run("checkout", t.root, rels)
+    assert ran == [1]
+    assert [n for n in sorted(os.listdir(outside / "b")) if not is_stub(outside / "b" / n)] == [], \
+        "jam restored files outside the root"
+    assert sorted(r for r, _ in res.failed) == rels, res
+
+
 def _swapped_for_symlink(t, outside: Path):
     """Move ``a/b`` out of the root and put a symlink to it in its place."""
 
