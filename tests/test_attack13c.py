@@ -1,9 +1,34 @@
 """Issue 13, a third attacker's review of the newest speed code (R5): the directory descriptors
 closed past the budget and reopened by name (``fs.DirFds``), the shared scan's opened-up lone
 directory (``scan.scan_shared``), the catalog's stamps, the SFTP batches sealed outside
-paramiko's Packetizer and the hooks' fallback run from ``/``. Real files, real xattrs, real
-shells, the real `jam`; faults are injected at the exact instant (a wrapper around the function
+paramiko's Packetizer and the hooks' fallback run from ``/``. Real files, real xattrs, a real
+sshd, the real `jam`; faults are injected at the exact instant (a wrapper around the function
 that runs then), never by sleeping, and nothing is timed.
+
+Holes found (strict xfails; the fixes are in R5's report):
+
+* ``DirFds.get`` reopens a directory closed past the budget from the nearest ancestor it kept
+  open; a kept descriptor follows its directory when it is moved, so an ancestor moved out of the
+  root leads the stash (a stub, the user's file unlinked) and the checkout (a restored file)
+  outside the root;
+* more generally no kept directory descriptor is checked against the root before the swaps: a
+  directory moved out of the root between two batches, or between a checkout's fetch and its
+  swap (a symlink to it in its place), gets stubs or restored files out there (a stub outside
+  every root: nothing refers to its object, gc may remove it);
+* ``checkout._wants`` lets one directory that cannot be opened (swapped for a symlink, removed)
+  end the whole checkout (the stash fails only that directory's files).
+
+Guards checked (each test fails with its guard removed, in a scratch copy of the code):
+
+* ``fs.open_dir``'s O_NOFOLLOW: a directory swapped for a symlink before its reopen is not
+  followed by the stash;
+* ``scan._scan_from``'s lstat and O_NOFOLLOW open of a unit: a unit of an opened-up lone
+  directory swapped for a symlink (inside or outside the root) is not walked by either process;
+* ``connect.send_data``'s wait for ``clear_to_send`` under ``clear_to_send_lock``: a batch whose
+  window was taken as a key exchange began is sealed with the new keys, not between NEWKEYS and
+  the switch;
+* ``connect.send_data``'s packetizer write lock: a message paramiko's own thread sends while a
+  batch is sealed waits for it (no shared sequence number or nonce).
 """
 
 from __future__ import annotations
