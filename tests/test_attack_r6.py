@@ -252,8 +252,6 @@ def test_a_file_and_a_directory_of_one_name_on_two_machines_are_both_kept(tmp_pa
             {b"A's file x/y\n", b"B's file x\n"} <= contents, (who, sorted(_files(top)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync records the merge without an entry it could not make (ENOSPC); "
-                   "the other machine's next sync removes its own file")
 def test_a_new_file_that_cannot_be_made_here_is_not_merged_and_stays_on_the_other_machine(tmp_path, monkeypatch):
     """A makes a new file x and syncs; B's sync cannot make x's stub (the disk is full at that
     instant: ENOSPC from make_entry for x alone). B's merge must not record A's head as merged

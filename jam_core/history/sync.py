@@ -386,8 +386,17 @@ def merge(root: Root, ix: Index, ours: Snapshot, theirs: Snapshot, base: Snapsho
         out.added += len(made)
         blocked = [i for i in adds if i.path not in made]
         if blocked:  # a file here where theirs needs a directory, or the other way round
-            problems = _beside(root, ix, blocked, theirs, o, t, merged, cat, out, problems)
-        out.problems += problems
+            problems, lost = _beside(root, ix, blocked, theirs, o, t, merged, cat, out, problems)
+            out.problems += problems
+            if lost:
+                # Recorded as merged without them, the other machine's next sync would remove
+                # its own copies (unchanged there since its commit): they would be in no tree.
+                # Not merged: the next sync tries again (what was applied is the same on both
+                # sides by then).
+                raise JamError(f"{len(lost)} of its entries could not be made here (e.g. {lost[0]}); "
+                               "the next sync tries again")
+        else:
+            out.problems += problems
     return merged
 
 
@@ -408,18 +417,19 @@ def _blocked_at(root: Root, path: str) -> str | None:
 
 
 def _beside(root: Root, ix: Index, blocked: list[Item], theirs: Snapshot, o: dict[str, Item], t: dict[str, Item],
-            merged: dict[str, Item], cat, out: SyncResult, problems: list[str]) -> list[str]:
+            merged: dict[str, Item], cat, out: SyncResult, problems: list[str]) -> tuple[list[str], list[str]]:
     """Entries of theirs that could not be made because the tree holds something else on
     their path (a file and a directory of one name, made on two machines) arrive beside it:
     the blocked part renamed as a conflict copy (a whole directory of theirs under one new
     name). Dropped from the merge instead, they would be removed from the other machine's
     tree by its next sync (unchanged there since its commit): in no tree at all. Returns the
-    problems still to report (those of the entries that could not be brought either)."""
+    problems still to report and the paths of the entries that could not be brought either."""
     left: dict[str, str] = {}  # path -> its problem line
     for line in problems:
         left.setdefault(line.partition(":")[0], line)
     moved: list[Item] = []
     firsts: dict[str, str] = {}
+    brought: set[str] = set()
     for i in blocked:
         part = _blocked_at(root, i.path)
         if part is None:
@@ -434,6 +444,7 @@ def _beside(root: Root, ix: Index, blocked: list[Item], theirs: Snapshot, o: dic
             left.pop(i.path, None)
             merged[new] = mine
             out.conflicts.append((i.path, new))
+            brought.add(i.path)
             continue
         if new in o or new in t or new in merged:
             continue
@@ -447,8 +458,9 @@ def _beside(root: Root, ix: Index, blocked: list[Item], theirs: Snapshot, o: dic
                 merged[m.path] = m
                 left.pop(firsts[m.path], None)
                 out.conflicts.append((firsts[m.path], m.path))
+                brought.add(firsts[m.path])
         out.added += len(made)
-    return list(left.values())
+    return list(left.values()), [i.path for i in blocked if i.path not in brought]
 
 
 def _remotes_of(root: Root, ix: Index, oid: str) -> list[str]:
