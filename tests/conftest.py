@@ -34,6 +34,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("JAM_BLOCK_PLUGINS", raising=False)
     monkeypatch.delenv("JAM_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("JAM_DEBUG", raising=False)
+    monkeypatch.setenv("JAM_HOOK_SERVER_IDLE", "120")  # the hooks' warm servers leave soon after the tests
     return home
 
 

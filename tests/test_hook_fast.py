@@ -87,14 +87,14 @@ def test_the_hook_fetches_through_the_site_less_start(shell, tree, jam_bin, tmp_
 def test_a_moved_jam_falls_back_to_the_script(shell, tree, jam_bin, tmp_path):
     """The recorded jam is not the one found (a reinstall elsewhere): the bootstrap exits 121
     and the hook runs the jam script, which fetches; nothing said, the hook stays on."""
-    import jam_core.cli
+    import jam_core.cli.hook_server
 
     root, content = tree
     env = _env(tmp_path)
     text = _hook(shell, jam_bin, env)
-    recorded = os.path.abspath(jam_core.cli.__file__)
+    recorded = os.path.abspath(jam_core.cli.hook_server.__file__)
     assert text.count(recorded) == 1
-    text = text.replace(recorded, "/nonexistent/jam_core/cli/__init__.py")
+    text = text.replace(recorded, "/nonexistent/jam_core/cli/hook_server.py")
     res = _cd(shell, text, root.path / "data", env, tmp_path)
     assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
     assert "failed" not in res.stderr and "off in this shell" not in res.stderr, res.stderr
@@ -328,7 +328,7 @@ def test_a_pip_installed_jam_in_its_own_venv(tree, tmp_path):
     (site_dir / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # pluggy, blake3, click...
     env = _env(tmp_path)
     text = _hook("zsh", str(venv / "bin/jam"), env)
-    assert str(site_dir / "jam_core/cli/__init__.py") in text  # the venv's own jam is the one checked
+    assert str(site_dir / "jam_core/cli/hook_server.py") in text  # the venv's own jam is the one checked
     res = _cd("zsh", text, root.path / "data", env, tmp_path)
     assert res.returncode == 0 and "fetched 3 files" in res.stderr, res.stderr
     assert "failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -133,12 +133,18 @@ def boot() -> None:
     entries jam needs. Answers the plain form only; for anything else, and for a root whose
     fetch needs more than the built-in dir backend (third-party plugins may come from .pth
     files and import hooks only site sets up), it exits EXIT_BOOT and the hook runs the jam
-    script instead. Never returns."""
+    script instead. Never returns. (The bootstrap of today's hooks goes through the warm
+    server first: jam_core/cli/hook_server.py; this is the one of hooks loaded before it.)"""
+    _leave(boot_code())
+
+
+def boot_code() -> int:
+    """:func:`boot`'s answer, as an exit code (also the warm server's child's)."""
     global _BOOTED
     _BOOTED = True
     args = sys.argv[1:]
     code = _fast(args) if args[:1] == ["hook-fetch"] else None
-    _leave(EXIT_BOOT if code is None else code)
+    return EXIT_BOOT if code is None else code
 
 
 def booted() -> bool:

@@ -102,23 +102,28 @@ def bootstrap(paths: list[str]) -> str:
     """The code the hook hands ``python -I -S -c``: no site (its .pth files and finders cost
     ~15 M instructions) and nothing from the environment or the working directory (-I: the
     directory just entered is no place to import from). It adds ``paths``, checks that the
-    jam it imports is this one, and answers ``hook-fetch -- DIR``; anything it cannot answer
-    (jam moved or reinstalled elsewhere, $PYTHONPATH/$PYTHONHOME set, another form of the
-    command, a root that needs more than the dir backend) exits EXIT_BOOT, and the hook runs
-    the jam script instead."""
-    import jam_core.cli
+    jam it imports is this one, and answers ``hook-fetch -- DIR``: through the warm server
+    when one runs (jam_core/cli/hook_server.py), else itself. Anything it cannot answer (jam moved
+    or reinstalled elsewhere, $PYTHONPATH/$PYTHONHOME set, another form of the command, a root
+    that needs more than the dir backend) exits EXIT_BOOT, and the hook runs the jam script
+    instead."""
+    import hashlib
 
+    import jam_core.cli.hook_server as server
+
+    mine = os.path.abspath(server.__file__)
+    key = hashlib.sha256("\0".join([sys.executable, mine, *paths]).encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return (
         "import sys,os\n"
         f'if os.environ.get("PYTHONPATH") or os.environ.get("PYTHONHOME"):raise SystemExit({EXIT_BOOT})\n'
         f"p={paths!r}\n"
         "sys.path+=[x for x in p if x not in sys.path]\n"
         "try:\n"
-        " import jam_core.cli as c\n"
+        " import jam_core.cli.hook_server as v\n"
         "except Exception:\n"
         f" raise SystemExit({EXIT_BOOT})\n"
-        f"if c.__file__!={os.path.abspath(jam_core.cli.__file__)!r}:raise SystemExit({EXIT_BOOT})\n"
-        "c.boot()\n"
+        f"if v.__file__!={mine!r}:raise SystemExit({EXIT_BOOT})\n"
+        f"v.start({key!r})\n"
     )
 
 

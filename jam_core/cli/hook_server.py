@@ -1,0 +1,411 @@
+"""The cd hook's warm start: a per-user process that has already imported what the hook's
+fetch needs, and forks a child for each ``jam hook-fetch -- DIR`` (a zygote, as Android starts
+apps and Mercurial's chg starts hg).
+
+A cold ``python -I -S`` hook-fetch spends ~70% of its time importing (pathlib, sqlite3,
+pluggy and jam's own modules); the child of a warm server starts with all of that done. The hook's
+bootstrap (``jam hook SHELL``, jam_core/cli/hook.py) calls :func:`start`: :func:`ask` hands the
+request to the server if one answers, else the fetch runs cold in this process, which then
+starts a server (:func:`spawn`) for the next one.
+
+What makes the child the same as a cold start: it takes the client's stdin, stdout and stderr
+(passed over the socket), working directory, umask, arguments and whole environment; the server
+itself runs nothing of jam before forking (only imports), so no state of an earlier request
+exists. Ctrl-C in the shell reaches the child (the client forwards SIGINT); the child's exit
+code is the client's.
+
+Safety: the socket lives in a directory of this user's alone (``$XDG_RUNTIME_DIR/jam-UID`` or
+``/tmp/jam-UID``: a real directory, owned by the user, no access for group or others; anything
+else and no server is used), both sides check the other's uid (SO_PEERCRED), and a server whose
+code changed on disk since it started (an upgrade, an edit) answers no request: it exits and the
+client runs cold. A server with no request for :data:`IDLE` seconds exits. ``JAM_HOOK_SERVER=0``
+turns it off (every fetch runs cold, and none is started).
+
+This module imports only ``os`` and ``sys`` at its top: the client side runs before anything
+else of the hook's fetch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV_SERVER = "JAM_HOOK_SERVER"  # 0/off/no/false: no server (cold starts only)
+ENV_IDLE = "JAM_HOOK_SERVER_IDLE"  # seconds a server waits for a request before it exits (tests)
+IDLE = 900.0
+ANSWER = 10.0  # seconds a server has to start the child: past that it is taken for hung
+MAGIC = b"jam-hook-1"
+MAX_MESSAGE = 1 << 20  # a request: arguments, working directory and environment
+
+# What a hook-fetch in a root of dir remotes imports (tests/test_hook_server.py checks that a cold
+# fetch loads nothing the server did not import first).
+WARM = (
+    "jam_core.cli",
+    "jam_core.cli.hook",
+    "jam_core.cli.common",
+    "jam_core.hook.fetch",
+    "jam_core.history.auto",
+    "jam_core.manager",
+    "jam_core.hookspecs",
+    "jam_core.ops.checkout",
+    "jam_core.ops.refs",
+    "jam_core.ops.remotes",
+    "jam_dir",
+    "blake3",
+    "ctypes",
+    "queue",
+)
+
+
+def _off() -> bool:
+    return os.environ.get(ENV_SERVER, "").strip().lower() in ("0", "off", "no", "false")
+
+
+def run_dir(create: bool = False) -> str | None:
+    """This user's directory for the socket, or None if it is missing (``create`` False) or is
+    not one only this user can reach."""
+    uid = os.geteuid()
+    base = os.environ.get("XDG_RUNTIME_DIR") or ""
+    if not base or not os.path.isabs(base) or not _private(base, uid):
+        base = "/tmp"
+    d = os.path.join(base, f"jam-{uid}")
+    if create:
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    return d if _private(d, uid) else None
+
+
+def _private(path: str, uid: int) -> bool:
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+
+
+def socket_path(d: str, key: str) -> str:
+    return os.path.join(d, f"hook-{key}.sock")
+
+
+def _peer_uid(s) -> int:
+    import _socket
+
+    cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(cred[4:8], sys.byteorder)
+
+
+def _request() -> bytes:
+    """The request: magic, the encodings this process decodes names with, working directory,
+    umask, arguments, then the environment (each NUL-separated)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    head = [
+        MAGIC,
+        sys.getfilesystemencoding().encode(),
+        os.getcwdb(),
+        str(mask).encode(),
+        str(len(sys.argv) - 1).encode(),
+    ]
+    args = [os.fsencode(a) for a in sys.argv[1:]]
+    env = [k + b"=" + v for k, v in os.environb.items()]
+    return b"\0".join(head + args + env)
+
+
+def ask(key: str) -> int | None:
+    """Have the warm server answer this process's ``hook-fetch`` (its ``sys.argv``); its exit
+    code, or None when no server answered (none runs, it refused, its code changed): the caller
+    then runs the fetch itself."""
+    if _off():
+        return None
+    d = run_dir()
+    if d is None:
+        return None
+    import _signal
+    import _socket
+
+    try:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    child = [0, False]  # the child's pid once known; a Ctrl-C that came before
+
+    def interrupt(signum, frame):
+        if child[0]:
+            os.kill(child[0], _signal.SIGINT)
+        else:
+            child[1] = True
+
+    try:
+        try:
+            s.connect(socket_path(d, key))
+            if _peer_uid(s) != os.geteuid():
+                return None
+            message = _request()
+            s.settimeout(ANSWER)
+        except OSError:
+            return None
+        previous = _signal.signal(_signal.SIGINT, interrupt)
+        try:
+            try:
+                s.sendmsg(
+                    [message],
+                    [
+                        (
+                            _socket.SOL_SOCKET,
+                            _socket.SCM_RIGHTS,
+                            b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2)),
+                        )
+                    ],
+                )
+            except OSError:
+                return None
+            while True:
+                try:
+                    reply = s.recv(64)
+                except OSError:
+                    reply = b""
+                if not reply:  # the server went away: before the child began, nothing was done
+                    return None if not child[0] else 1
+                kind, value = reply[:1], reply[1:]
+                if kind == b"P" and value.isdigit():
+                    s.settimeout(None)  # the child runs: as long as the fetch takes
+                    child[0] = int(value)
+                    if child[1]:
+                        os.kill(child[0], _signal.SIGINT)
+                elif kind == b"C" and value.isdigit():
+                    return int(value)
+                else:  # "S": stale or not for this process
+                    return None
+        finally:
+            _signal.signal(_signal.SIGINT, previous)
+    finally:
+        s.close()
+
+
+def start(key: str) -> None:
+    """The hook's bootstrap: the server's answer if one gives it, else the cold fetch here, and a
+    server started for the next one. Never returns."""
+    code = ask(key)
+    if code is None:
+        from jam_core import cli
+
+        code = cli.boot_code()
+        if code != cli.EXIT_BOOT and not _off():
+            spawn(key)
+        cli._leave(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def spawn(key: str) -> None:
+    """Start a server in the background, detached (its own session, no terminal); it takes the
+    socket only if no other server holds it. Silent if it cannot."""
+    code = (
+        "import sys\n"
+        "sys.path[:]=sys.argv[3:]\n"
+        "import jam_core.cli.hook_server as v\n"
+        "if v.__file__==sys.argv[2]:v.serve(sys.argv[1])\n"
+    )
+    paths = [p for p in sys.path if isinstance(p, str) and os.path.isabs(p)]
+    try:
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-I", "-S", "-c", code, key, __file__, *paths],
+            os.environ,
+            setsid=True,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_DUP2, 0, 2),
+            ],
+        )
+    except OSError:
+        pass
+
+
+# The server side.
+
+_LOCK = [-1]  # the server's lock on its key (a child closes its copy)
+
+
+def _stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _stamps() -> dict[str, tuple | None]:
+    """Every file this process's code came from (the interpreter, each module's source or
+    extension): a change in any and the server no longer answers."""
+    files = {sys.executable}
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if isinstance(f, str) and os.path.isabs(f):
+            files.add(f)
+    return {f: _stamp(f) for f in files}
+
+
+def serve(key: str) -> None:
+    """Run the server for ``key`` until it has been idle for :data:`IDLE` seconds, its socket is
+    gone or replaced, or its code changed on disk. Exits at once if another server holds the
+    key's lock."""
+    import fcntl
+    import gc
+    import importlib
+    import signal
+    import socket
+    import time
+
+    if _off():
+        return
+    d = run_dir(create=True)
+    if d is None:
+        return
+    path = socket_path(d, key)
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another server has it (or it cannot be had)
+    _LOCK[0] = lock
+    os.ftruncate(lock, 0)
+    os.write(lock, b"%d\n" % os.getpid())  # which process serves (the lock file says, for people and tests)
+    os.chdir("/")
+    try:
+        idle = float(os.environ.get(ENV_IDLE, "") or IDLE)
+    except ValueError:
+        idle = IDLE
+    for name in WARM:
+        importlib.import_module(name)
+    from jam_core import fs
+
+    fs._c()  # libc, loaded once here rather than in each child
+    stamps = _stamps()
+    try:
+        os.unlink(path)  # a dead server's socket: the lock says nobody serves it
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    mine = os.lstat(path).st_ino
+    listener.listen(64)
+    try:
+        os.write(1, b"ready\n")  # for whoever waits on it (tests); /dev/null when spawned
+    except OSError:
+        pass
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    gc.collect()
+    gc.freeze()  # what the server made is never walked again (no copy-on-write in the children)
+    listener.settimeout(min(idle, 30.0))
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                if time.monotonic() - last >= idle or _stamp(path) is None or os.lstat(path).st_ino != mine:
+                    return
+                continue
+            last = time.monotonic()
+            with conn:
+                if not _serve_one(conn, listener, stamps):
+                    return
+    finally:
+        try:
+            if os.lstat(path).st_ino == mine:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _serve_one(conn, listener, stamps) -> bool:
+    """Fork a child for the request on ``conn``. False when this server must stop (its code
+    changed on disk)."""
+    import socket
+
+    fds: list[int] = []
+    try:
+        conn.settimeout(1.0)
+        if _peer_uid(conn) != os.geteuid():
+            return True
+        message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+        if len(fds) != 3 or not message.startswith(MAGIC + b"\0"):
+            return True
+        if _stamps() != stamps:
+            conn.send(b"S")
+            return False
+        fields = message.split(b"\0")
+        if fields[1] != sys.getfilesystemencoding().encode():
+            conn.send(b"S")  # names decode otherwise in this process than in the client's
+            return True
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                _child(conn, fields, fds)
+            finally:
+                os._exit(1)
+        return True
+    except OSError:
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _child(conn, fields: list[bytes], fds: list[int]) -> None:
+    """Become the client's hook-fetch (its descriptors, directory, umask, arguments and
+    environment) and answer it; the exit code goes back over ``conn``."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _LOCK[0] >= 0:
+        os.close(_LOCK[0])
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[4])
+    args = [os.fsdecode(a) for a in fields[5 : 5 + nargs]]
+    env = fields[5 + nargs :]
+    os.environb.clear()
+    for item in env:
+        k, sep, v = item.partition(b"=")
+        if sep and k:
+            os.environb[k] = v
+    os.umask(mask)
+    os.chdir(cwd)
+    sys.argv = ["-c", *args]
+    conn.settimeout(None)
+    conn.send(b"P%d" % os.getpid())
+    from jam_core import cli
+
+    code = cli.boot_code()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        conn.send(b"C%d" % code)
+    except OSError:
+        pass
+    os._exit(code)
