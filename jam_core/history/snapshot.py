@@ -39,6 +39,10 @@ MAX_TEXT = 256 << 20  # 256 MiB of text (about 2 million entries): anything larg
 MAX_SIZE = 1 << 50  # as stub.MAX_SIZE
 MAX_MESSAGE = 64 << 10
 MAX_PARENTS = 64
+# The latest time a snapshot may have (ns; 2261-09): below the largest SQLite INTEGER by room
+# for its descendants, each later than its parents. A head dated at the end of time could
+# have no merge nor commit after it (every sync an error, after its merge changed the tree).
+MAX_TIME = (1 << 63) - 1 - (1 << 54)
 _TREE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
 _MACHINE = re.compile(r"\A[a-z0-9][a-z0-9-]{0,63}\Z")
 FILE, LINK = "f", "l"
@@ -102,6 +106,9 @@ def encode(snap: Snapshot) -> bytes:
     """The stored bytes of ``snap`` (its items sorted here); sets ``snap.id``."""
     from jam_core.objects import hasher
 
+    if not 0 <= snap.time_ns <= MAX_TIME:
+        raise SnapshotError(f"a snapshot dated {snap.time_ns} ns (after a parent dated after 2261-09) "
+                            "cannot be recorded; refused")
     snap.items.sort(key=lambda i: i.path)
     head = {"parents": list(snap.parents), "parent_sizes": list(snap.parent_sizes), "time": snap.time_ns,
             "machine": {"host": snap.host, "id": snap.machine},
@@ -224,7 +231,7 @@ def _parse_text(text: bytes) -> Snapshot:
     if not isinstance(sizes, list) or len(sizes) != len(parents):
         raise SnapshotError("bad parent sizes")
     sizes = [_int(n, 1, MAX_TEXT, "parent size") for n in sizes]
-    time_ns = _int(head["time"], 0, (1 << 63) - 1, "time")
+    time_ns = _int(head["time"], 0, MAX_TIME, "time")
     machine = head["machine"]
     if not isinstance(machine, dict) or set(machine) != {"host", "id"}:
         raise SnapshotError("bad machine")
