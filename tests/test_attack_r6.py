@@ -322,3 +322,22 @@ def test_a_head_dated_at_the_end_of_time_is_refused_and_changes_nothing(tmp_path
     res = run(b, "sync", machine="bbb", check=1)
     assert "internal error" not in res.err
     assert run(b, "log", "new.txt", machine="bbb").out.strip(), "B's own change was not committed"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: entries whose sizes add up past 2**63 make sync an internal error "
+                   "(OverflowError in the history index)")
+def test_a_head_whose_sizes_add_up_past_any_integer_is_one_line(tmp_path):
+    """A hostile head of 9,000 entries of 1 PiB each (each size valid alone, their sum past
+    2**63): sync and clone refuse it or take it, in `jam: ` lines, never an internal error."""
+    from jam_core.history.snapshot import FILE, Item
+
+    t, a, b = two(tmp_path)
+    import shutil
+
+    shutil.rmtree(t.remote / "meta/history/a")
+    _plant_head(t.remote, [Item(f"f{n:05}", FILE, "b3:" + "0" * 64, 1 << 50, 0o644, 1) for n in range(9000)], 5)
+    res = run(b, "sync", machine="bbb", check=None)
+    assert res.returncode in (0, 1) and "internal error" not in res.err, res.err
+    res = run(tmp_path, "clone", str(t.remote), str(tmp_path / "c"), machine="ccc", check=None)
+    assert res.returncode in (1, 2) and "internal error" not in res.err, res.err
+    assert all(line.startswith("jam: ") for line in res.err.splitlines()), res.err
