@@ -324,8 +324,6 @@ def test_a_head_dated_at_the_end_of_time_is_refused_and_changes_nothing(tmp_path
     assert run(b, "log", "new.txt", machine="bbb").out.strip(), "B's own change was not committed"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: entries whose sizes add up past 2**63 make sync an internal error "
-                   "(OverflowError in the history index)")
 def test_a_head_whose_sizes_add_up_past_any_integer_is_one_line(tmp_path):
     """A hostile head of 9,000 entries of 1 PiB each (each size valid alone, their sum past
     2**63): sync and clone refuse it or take it, in `jam: ` lines, never an internal error."""

@@ -37,6 +37,7 @@ from jam_core.root import check_rel
 MAGIC = b"jam-snapshot 1\n"
 MAX_TEXT = 256 << 20  # 256 MiB of text (about 2 million entries): anything larger is refused
 MAX_SIZE = 1 << 50  # as stub.MAX_SIZE
+MAX_TOTAL = 1 << 62  # all of a snapshot's files together (the history index keeps the sum as an integer)
 MAX_MESSAGE = 64 << 10
 MAX_PARENTS = 64
 # The latest time a snapshot may have (ns; 2261-09): below the largest SQLite INTEGER by room
@@ -298,6 +299,8 @@ def _parse_text(text: bytes) -> Snapshot:
                 cut = path.rfind("/", 0, cut)
         add_file(path)
         add_item(item)
+    if sum(i.size for i in items) > MAX_TOTAL:  # each size possible, not all of them together
+        raise SnapshotError("its files add up to an impossible size")
     return Snapshot(parents, time_ns, host, mid, tree, message, pins, items, parent_sizes=sizes)
 
 
