@@ -167,6 +167,26 @@ class DirFds:
             fd = self._keep("/".join(parts[:i + 1]), open_dir(fd, parts[i]))
         return fd
 
+    def still_there(self, rel_dir: str) -> bool:
+        """True if ``rel_dir``, opened again from the root by name (no symlink followed), is the
+        directory held open for it: not moved out of the root or replaced since it was opened (a
+        kept descriptor follows its directory wherever it is moved). Asked right before swaps."""
+        rel_dir = rel_dir or "."
+        fd = self._fds.get(rel_dir)
+        if fd is None:
+            return False
+        if rel_dir == ".":
+            return True
+        try:
+            fresh = open_dir(self.root_fd, rel_dir)
+        except OSError:
+            return False
+        try:
+            a, b = os.fstat(fresh), os.fstat(fd)
+        finally:
+            os.close(fresh)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     def hold(self, rel_dir: str) -> int:
         """``get``, and keep the descriptor open until the matching ``release``."""
         fd = self.get(rel_dir)

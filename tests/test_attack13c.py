@@ -5,7 +5,8 @@ paramiko's Packetizer and the hooks' fallback run from ``/``. Real files, real x
 sshd, the real `jam`; faults are injected at the exact instant (a wrapper around the function
 that runs then), never by sleeping, and nothing is timed.
 
-Holes found (strict xfails; the fixes are in R5's report):
+Holes found, fixed since (each test failed before its fix: ``DirFds.still_there`` checked right
+before the stash's and the checkout's swaps, ``checkout._wants`` failing a directory's files alone):
 
 * ``DirFds.get`` reopens a directory closed past the budget from the nearest ancestor it kept
   open; a kept descriptor follows its directory when it is moved, so an ancestor moved out of the
@@ -132,8 +133,6 @@ def _ancestor_moved_out(t, outside: Path):
     return move
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DirFds.get reopens a closed directory from a kept ancestor "
-                   "descriptor that may have left the root: the stash stubs a file outside the root")
 def test_a_stash_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_path, monkeypatch):
     """``a/b`` was closed past the budget, ``a`` kept open; the user moves ``a`` out of the
     root (same filesystem) and makes a new ``a/b``. The reopen of ``a/b`` by name from the
@@ -154,8 +153,6 @@ def test_a_stash_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_path
     assert "a/b/f2" not in [r for r, _ in res.done]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DirFds.get reopens a closed directory from a kept ancestor "
-                   "descriptor that may have left the root: the checkout writes a file outside the root")
 def test_a_checkout_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_path, monkeypatch):
     t = make_tree(tmp_path)
     _files(t.root)
@@ -173,8 +170,6 @@ def test_a_checkout_never_writes_through_an_ancestor_moved_out_of_the_root(tmp_p
     assert "a/b/f2" not in [r for r, _ in res.done]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a directory descriptor kept from an earlier batch is used "
-                   "after the directory left the root: the stash stubs files outside the root")
 def test_a_stash_never_writes_into_a_kept_directory_moved_out_of_the_root(tmp_path, monkeypatch):
     """Two batches in ``a/b`` (a budget of two: two files a batch); ``a/b`` stays open from
     the first. The instant the second batch asks for it, the user moves ``a`` out of the root.
@@ -206,8 +201,6 @@ def test_a_stash_never_writes_into_a_kept_directory_moved_out_of_the_root(tmp_pa
     assert not res.done, res
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the checkout swaps a fetched file into the directory it "
-                   "holds open after that directory left the root (a symlink to it in its place)")
 def test_a_checkout_never_restores_into_a_directory_moved_out_of_the_root_before_its_swap(tmp_path, monkeypatch):
     """One batch, no budget: ``a/b`` is held open from the temporary files' creation to the
     swaps. The instant the batch's swaps begin, ``a/b`` is moved out of the root and a symlink
@@ -272,8 +265,6 @@ def test_a_stash_never_follows_a_directory_swapped_for_a_symlink_before_its_reop
     assert sorted(r for r, _ in res.done) == sorted(r for r in ORDER + ["v/k"] if r != "a/b/f2")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkout._wants lets a directory that cannot be opened "
-                   "(swapped for a symlink) end the whole checkout: later batches stay stubs")
 def test_a_checkout_past_a_directory_swapped_for_a_symlink_does_the_other_files(tmp_path, monkeypatch):
     """The same swap before the checkout reopens ``a/b``: the stub out there stays a stub, and
     only its file fails; the others, ``v/k`` in the same batch and later ones, come back (the

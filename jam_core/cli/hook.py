@@ -234,7 +234,8 @@ def _arrived(a) -> int:
         heal(a)
         count_visit(a)
         return 0
-    shell_cwd = os.environ.get(ENV_HOOK_CWD)  # the jam script runs from / (the hooks' fallback)
+    # The jam script runs from / (the hooks' fallback); an exported JAM_HOOK_CWD means nothing elsewhere.
+    shell_cwd = os.environ.get(ENV_HOOK_CWD) if os.getcwd() == "/" else None
     cwd = os.path.realpath(shell_cwd) if shell_cwd else os.path.abspath(os.getcwd())
     where = "here" if cwd == a.path else show_path(a.path)
     n = len(v.stubs)

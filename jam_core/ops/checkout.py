@@ -89,7 +89,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
                 batches(todo, lambda e: e.record.size),
-                prepare=lambda batch: _wants(batch, remotes, cat, dirs),
+                prepare=lambda batch: _wants(batch, remotes, cat, dirs, result, session),
                 move=lambda wants: _warm(root, _fetch_all(root, wants, pm, session, result), caches, pm,
                                          session, recorder),
                 finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
@@ -211,15 +211,30 @@ def _drop_tmps(wants: list[_Want], dirs: DirFds, closer: Closer | None = None) -
             closer.close_all(gone)
 
 
-def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds) -> list[_Want]:
-    """Here (not in the worker): open (and hold) each stub's directory and create its temporary file."""
+def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds, result: Result,
+           session: Session) -> list[_Want]:
+    """Here (not in the worker): open (and hold) each stub's directory and create its temporary
+    file. A directory that cannot be opened (swapped for a symlink, removed) or written fails its
+    files alone."""
     known = cat.remotes_of(e.record.oid for e in batch)
     wants = []
     try:
         for e in batch:
-            w = _Want(e, _order(remotes, known[e.record.oid]), dirs.hold(e.dir))
+            try:
+                dir_fd = dirs.hold(e.dir)
+            except OSError as exc:
+                result.failed.append((e.rel, describe(exc)))
+                session.file_done(2 * e.record.size)
+                continue
+            w = _Want(e, _order(remotes, known[e.record.oid]), dir_fd)
             wants.append(w)
-            w.new_tmp()
+            try:
+                w.new_tmp()
+            except OSError as exc:
+                result.failed.append((e.rel, describe(exc)))
+                session.file_done(2 * e.record.size)
+                wants.pop()
+                _drop_tmps([w], dirs)
     except BaseException:
         _drop_tmps(wants, dirs)
         raise
@@ -356,9 +371,14 @@ def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) 
         result.aborted = result.aborted or f"cannot make the fetched files durable: {describe(exc)}"
         return  # the temporary files are removed by _drop_tmps
     used: list[str] = []
+    moved = {d for d in {w.entry.dir for w in ready} if not dirs.still_there(d)}
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         try:
             for w in ready:
+                if w.entry.dir in moved:  # its directory left the root (or was replaced) since it was opened
+                    result.failed.append((w.entry.rel, "its directory was moved or replaced while its content "
+                                          "was being fetched; left as it is"))
+                    continue
                 try:
                     if w.entry.state == DIRTY:
                         beside = keep_beside(w)

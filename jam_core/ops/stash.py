@@ -377,9 +377,15 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
         result.aborted = describe(exc)
         return  # the stubs written aside are removed by _release
     daemon = (root.jam_dir / SOCK_NAME).exists()  # a `jam daemon` serves the root: it marks new stubs
+    moved = {d for d in {s.entry.dir for s in ready} if not dirs.still_there(d)}
     with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
         for s in ready:
             e = s.entry
+            if e.dir in moved:  # its directory left the root (or was replaced) since it was opened
+                result.skipped.append((e.rel, "its directory was moved or replaced while it was being stashed; "
+                                       "left as it is"))
+                result.partly = True
+                continue
             try:
                 if daemon:
                     mark_new_stub(root.path, s.dir_fd, s.tmp)  # before the rename: hydrates from its first instant
