@@ -408,3 +408,30 @@ def _wait_listening(sock_dir: Path) -> None:
             s.close()
         select.select([], [], [], 0.01)  # a deadline of 30 s, not a synchronisation
     raise AssertionError("the server never listened")
+
+
+def test_the_spawned_server_keeps_nothing_the_shell_left_open(tree, warm):
+    """The first (cold) fetch starts the server in the background; a descriptor the shell had
+    open (here a pipe, as a terminal or a coprocess leaves one) is not held by it: whoever waits
+    for the pipe's end does not wait for the server."""
+    root, content = tree
+    r, w = os.pipe()
+    try:
+        boot = (f"import sys\nsys.path+={warm.paths!r}\nimport jam_core.cli.hook_server as v\n"
+                f"v.start({warm.key!r})\n")
+        res = subprocess.run([sys.executable, "-I", "-S", "-c", boot, "hook-fetch", "--", str(root.path / "data")],
+                             env=warm.env, cwd=root.path / "data", capture_output=True, text=True, timeout=120,
+                             pass_fds=(w,))
+        assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+        sock_dir = warm.socket().parent
+        pid = _lock_holder(sock_dir)
+        try:
+            _wait_listening(sock_dir)
+            pipe = os.fstat(w).st_ino
+            held = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+            assert f"pipe:[{pipe}]" not in held, held
+        finally:
+            os.kill(pid, signal.SIGTERM)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -270,6 +270,9 @@ def serve(key: str) -> None:
 
     if _off():
         return
+    # Whatever the shell that started the first fetch left open (a terminal's pipe, a coprocess):
+    # a reader waiting for its end must not wait for this server.
+    os.closerange(3, 1 << 16)
     d = run_dir(create=True)
     if d is None:
         return
