@@ -339,3 +339,32 @@ def test_a_head_whose_sizes_add_up_past_any_integer_is_one_line(tmp_path):
     res = run(tmp_path, "clone", str(t.remote), str(tmp_path / "c"), machine="ccc", check=None)
     assert res.returncode in (1, 2) and "internal error" not in res.err, res.err
     assert all(line.startswith("jam: ") for line in res.err.splitlines()), res.err
+
+
+def test_a_destination_replaced_by_a_fifo_while_restore_looks_at_it_is_one_conflict(tmp_path, monkeypatch):
+    """`jam restore f`: f is there, a local file of f's size (it may be the same version). In the
+    instant between restore's look at it (lstat) and its read (hash), f is replaced by a FIFO.
+    The restore must end as a conflict (JamError, one line, nothing written), not an OSError
+    out of the middle of it; and the FIFO is never opened for reading (no hang)."""
+    from jam_core.errors import JamError
+    from jam_core.history import restore as R
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path, "a")
+    (t.root / "f").write_bytes(b"version one\n")
+    run(t.root, "commit", machine="aaa")
+    (t.root / "f").write_bytes(b"version two\n")
+    real = R.classify
+
+    def classify(path, st, *args, **kw):
+        out = real(path, st, *args, **kw)
+        os.unlink(t.root / "f")
+        os.mkfifo(t.root / "f")
+        return out
+
+    monkeypatch.setattr(R, "classify", classify)
+    with pytest.raises(JamError) as info:
+        R.restore(Root(t.root), "f", make_plugin_manager())
+    assert "f" in str(info.value) and "\n" not in str(info.value)
+    assert (t.root / "f").is_fifo()

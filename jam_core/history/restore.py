@@ -316,10 +316,13 @@ def _state(dir_fd: int | None, name: str, item: Item) -> str:
     if state == LOCAL:
         if st.st_size != item.size:
             return "a local file with other content is there"
-        from jam_core.fs import open_regular
+        from jam_core.fs import NotTheFile, open_regular
         from jam_core.objects import hash_fd, split_oid
 
-        fd = open_regular(dir_fd, name, expect=st)
+        try:
+            fd = open_regular(dir_fd, name, expect=st)
+        except (NotTheFile, FileNotFoundError):  # replaced (a FIFO, another file) or gone meanwhile
+            return "something that changed while it was being looked at is there"
         try:
             oid, _size = hash_fd(fd, split_oid(item.oid)[0])
         finally:
