@@ -435,3 +435,42 @@ def test_the_spawned_server_keeps_nothing_the_shell_left_open(tree, warm):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_ctrl_c_before_the_server_started_a_child_fetches_nothing(warm, tmp_path):
+    """A Ctrl-C that came while the server had not yet started the child, which then never came
+    (the server died): the hook's fetch stops there (130), it does not go on to fetch cold. Run
+    in a process of its own: the "server" is a thread that receives the request, sends SIGINT to
+    its own process, waits for the client's handler to have run, and hangs up."""
+    script = f"""
+import os, signal, socket, sys, threading
+sys.path += {warm.paths!r}
+import _signal
+import jam_core.cli.hook_server as v
+handled = threading.Event()
+real = _signal.signal
+def spy(signum, handler):
+    if signum == signal.SIGINT and callable(handler):
+        def wrapped(*a):
+            handler(*a)
+            handled.set()
+        return real(signum, wrapped)
+    return real(signum, handler)
+_signal.signal = spy
+d = v.run_dir(create=True)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(v.socket_path(d, {warm.key!r}))
+listener.listen(1)
+def server():
+    conn, _ = listener.accept()
+    socket.recv_fds(conn, 1 << 20, 3)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert handled.wait(60)
+    conn.close()
+threading.Thread(target=server, daemon=True).start()
+sys.argv = ["-c", "hook-fetch", "--", {str(tmp_path)!r}]
+print(v.ask({warm.key!r}))
+"""
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", script], env=warm.env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "130", (res.stdout, res.stderr)

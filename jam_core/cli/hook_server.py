@@ -170,8 +170,10 @@ def ask(key: str) -> int | None:
                     reply = s.recv(64)
                 except OSError:
                     reply = b""
-                if not reply:  # the server went away: before the child began, nothing was done
-                    return None if not child[0] else 1
+                if not reply:  # the server went away (or never answered): before the child began, nothing was done
+                    if child[0]:
+                        return 1
+                    return 130 if child[1] else None  # Ctrl-C before any child: nothing to fetch cold either
                 kind, value = reply[:1], reply[1:]
                 if kind == b"P" and value.isdigit():
                     s.settimeout(None)  # the child runs: as long as the fetch takes
