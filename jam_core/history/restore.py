@@ -290,9 +290,12 @@ def _open_parent(root_fd: int, rel: str, create: bool) -> int | None:
     return fd
 
 
-def _state(dir_fd: int | None, name: str, item: Item) -> str:
+def _state(dir_fd: int | None, name: str, item: Item, verify: bool = False) -> str:
     """What is at a destination: "missing", "same" (as the snapshot), or a description of
-    what differs."""
+    what differs. ``verify`` (sync, before it removes or replaces what is "same"): a stub is
+    judged by its bytes too (~0.1 ms each), so one written into with its size, mtime and
+    blocks put back is not "same"; restore, which never writes over what is there, looks at
+    stats alone."""
     if dir_fd is None:
         return "missing"
     try:
@@ -308,9 +311,7 @@ def _state(dir_fd: int | None, name: str, item: Item) -> str:
     from jam_core.fs import fd_path
 
     path = f"{fd_path(dir_fd)}/{name}"
-    # verify: this decides whether the file may be removed or replaced (sync) as the version a
-    # snapshot keeps; a stub written into with its size, mtime and blocks put back is DIRTY
-    state, rec, _problem = classify(path, st, verify=True)
+    state, rec, _problem = classify(path, st, verify=verify)
     if state == STUB and rec is not None:
         return "same" if rec.oid == item.oid else "a stub of other content is there"
     if state == LOCAL:

@@ -171,7 +171,9 @@ def _is(dfd: int | None, name: str, item: Item | None) -> tuple[bool, os.stat_re
         return st is None, st
     if st is None:
         return False, None
-    return _state(dfd, name, item) == "same", st
+    # verify: "same" here lets sync remove or replace it (a stub written into with its stat put
+    # back is the user's bytes, not the version a snapshot keeps)
+    return _state(dfd, name, item, verify=True) == "same", st
 
 
 def conflict_name(path: str, host: str, time_ns: int) -> str:
