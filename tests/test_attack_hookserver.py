@@ -1,0 +1,276 @@
+"""R7: an attacker's review of the cd hook's warm server (jam_core/cli/hook_server.py).
+
+Real processes only: the server is started as spawn() starts it, the client is the hook's
+bootstrap (``python -I -S -c ... v.start(KEY)``), faults are real process attributes, signals,
+descriptors and files. Which side answered a fetch is read from $JAM_DEBUG_MODULES (the server's
+child carries the server's ``socket`` module, a cold fetch never imports it). Every server a test
+starts is killed at its end (the ones the tests start themselves, and any holder of a key's lock).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_file
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stash(root, names: list[str], size: int = 70_000) -> dict:
+    """(Re)make ``names`` as files of ``size`` bytes and stash them; their digests."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+
+    out = {}
+    for i, rel in enumerate(sorted(names)):
+        path = root.path / rel
+        if not path.exists() or path.read_bytes()[:13] != b"# jam stub v1":
+            make_file(path, size + i, seed=i)
+        out[rel] = _digest(path.read_bytes())
+    assert len(stash(root, sorted(out), make_plugin_manager()).done) == len(out)
+    return out
+
+
+def _back(root, content: dict) -> bool:
+    return all(_digest((root.path / rel).read_bytes()) == d for rel, d in content.items())
+
+
+def _stubs(root, content: dict) -> bool:
+    return all((root.path / rel).read_bytes()[:13] == b"# jam stub v1" for rel in content)
+
+
+SERVER = (
+    "import sys\nsys.path[:]=sys.argv[3:]\nimport jam_core.cli.hook_server as v\n"
+    "if v.__file__==sys.argv[2]:v.serve(sys.argv[1])\n"
+)
+
+
+class Warm:
+    """One test's key, private run directory and code paths; starts servers, runs clients, and
+    kills every server of its run directory at the end."""
+
+    def __init__(self, tmp_path: Path):
+        from jam_core.cli.hook import boot_paths
+
+        self.tmp = tmp_path
+        self.key = uuid.uuid4().hex[:20]
+        self.run = tmp_path / "run"
+        self.run.mkdir(mode=0o700)
+        self.paths = boot_paths()
+        self.env = dict(
+            os.environ, XDG_RUNTIME_DIR=str(self.run), JAM_DEBUG_MODULES=str(tmp_path / "modules"), JAM_BACKGROUND="0"
+        )
+        for name in ("PYTHONPATH", "JAM_HOOK_SERVER", "LD_PRELOAD", "LD_LIBRARY_PATH"):
+            self.env.pop(name, None)
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def file(self) -> str:
+        for p in self.paths:
+            f = os.path.join(p, "jam_core/cli/hook_server.py")
+            if os.path.isfile(f):
+                return f
+        raise AssertionError("no jam_core on the paths")
+
+    @property
+    def dir(self) -> Path:
+        return self.run / f"jam-{os.geteuid()}"
+
+    def socket(self) -> Path:
+        return self.dir / f"hook-{self.key}.sock"
+
+    def serve(self, preexec_fn=None, **env) -> subprocess.Popen:
+        """A server, as spawn() starts it, once it listens."""
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", SERVER, self.key, self.file, *self.paths],
+            env=dict(self.env, **env),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,
+        )
+        self.procs.append(proc)
+        assert proc.stdout.readline() == b"ready\n", "the server did not start"
+        return proc
+
+    def boot(self, before: str = "") -> str:
+        """The hook's bootstrap (``before``: lines run first, e.g. a shorter ANSWER)."""
+        return (
+            f"import sys\nsys.path+={self.paths!r}\nimport jam_core.cli.hook_server as v\n"
+            f"assert v.__file__=={self.file!r}\n{before}v.start({self.key!r})\n"
+        )
+
+    def command(self, directory: Path, before: str = "") -> list[str]:
+        return [sys.executable, "-I", "-S", "-c", self.boot(before), "hook-fetch", "--", str(directory)]
+
+    def fetch(self, directory: Path, cwd=None, preexec_fn=None, before: str = "", **env):
+        (self.tmp / "modules").unlink(missing_ok=True)
+        return subprocess.run(
+            self.command(directory, before),
+            env=dict(self.env, **env),
+            cwd=cwd or directory,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=preexec_fn,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def runs(self) -> list[bool]:
+        """For each hook-fetch since the last fetch(): True if a server's child ran it."""
+        text = (self.tmp / "modules").read_text() if (self.tmp / "modules").exists() else ""
+        # each run appends its sorted module list: a run ends where the names stop ascending
+        out, names, prev = [], [], ""
+        for name in text.split():
+            if names and name < prev:
+                out.append("socket" in names)
+                names = []
+            names.append(name)
+            prev = name
+        if names:
+            out.append("socket" in names)
+        return out
+
+    def served(self) -> bool:
+        return self.runs() == [True]
+
+    def holder(self) -> int | None:
+        """The pid holding this key's lock (from /proc/locks), if any."""
+        lock = self.dir / f"hook-{self.key}.sock.lock"
+        try:
+            ino = lock.stat().st_ino
+        except OSError:
+            return None
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(f":{ino}"):
+                return int(parts[4])
+        return None
+
+    def wait_holder(self) -> int:
+        for _ in range(3000):
+            pid = self.holder()
+            if pid:
+                return pid
+            select.select([], [], [], 0.01)  # a deadline of 30 s, not a synchronisation
+        raise AssertionError("no server took the lock")
+
+    def wait_listening(self) -> None:
+        for _ in range(3000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                s.connect(str(self.socket()))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+            select.select([], [], [], 0.01)  # a deadline of 30 s, not a synchronisation
+        raise AssertionError("the server never listened")
+
+    def close(self) -> None:
+        pid = self.holder()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(timeout=30)
+            if proc.stdout:
+                proc.stdout.close()
+
+
+@pytest.fixture
+def warm(tmp_path):
+    w = Warm(tmp_path)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def tree(jam_root):
+    """A root with 3 stubs of ~70 KB in data/ (and the digests of their content)."""
+    return jam_root, _stash(jam_root, [f"data/f{i}" for i in range(3)])
+
+
+# 1. The child is not a cold start: what a process inherits from its parent is the server's.
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: rlimits are the server's, not the client's (hook_server._child)")
+def test_a_file_size_limit_of_the_first_shell_is_not_every_later_fetch_s(tree, warm):
+    """The server was spawned by a fetch in a shell that had run ``ulimit -f 60`` (60 KB);
+    rlimits are inherited by fork, not sent with the request: for as long as the server lives,
+    every fetch of a file over 60 KB, from any shell (here: no limit), fails (EFBIG) and the
+    files stay stubs, where a cold start fetches them."""
+    root, content = tree
+
+    def small():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    warm.serve(preexec_fn=small)
+    res = warm.fetch(root.path / "data")
+    assert warm.served()
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+
+
+EATMYDATA = r"""
+#include <fcntl.h>
+#include <unistd.h>
+static void mark(void) {
+    int fd = open(MARK, O_WRONLY | O_APPEND | O_CREAT, 0600);
+    if (fd >= 0) { write(fd, "x", 1); close(fd); }
+}
+int fsync(int fd) { mark(); return 0; }
+int fdatasync(int fd) { mark(); return 0; }
+int syncfs(int fd) { mark(); return 0; }
+void sync(void) { mark(); }
+"""
+
+
+def _eatmydata(tmp_path: Path) -> tuple[str, Path]:
+    """A preload library that turns every sync into a no-op (as eatmydata does) and notes each
+    call in a file; (the library, the file)."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    mark = tmp_path / "synced"
+    src = tmp_path / "eat.c"
+    src.write_text(EATMYDATA)
+    lib = tmp_path / "libeat.so"
+    subprocess.run([cc, "-shared", "-fPIC", f'-DMARK="{mark}"', "-o", str(lib), str(src)], check=True)
+    return str(lib), mark
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: LD_PRELOAD/LD_LIBRARY_PATH of the server's first shell, not the client's")
+def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(tree, warm, tmp_path):
+    """The first cd happened under ``eatmydata`` (LD_PRELOAD: fsync and syncfs do nothing); the
+    server it spawned keeps that library for its whole life, so a later fetch from a shell
+    without it swaps the stubs out with content never made durable (a crash then leaves empty
+    files where the stubs were: the silent zeros of invariant 4). A cold start syncs."""
+    root, content = tree
+    lib, mark = _eatmydata(tmp_path)
+    warm.serve(LD_PRELOAD=lib)
+    res = warm.fetch(root.path / "data")
+    assert warm.served()
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+    assert not mark.exists(), "the fetch's syncs went to the first shell's preload library (no-ops)"
