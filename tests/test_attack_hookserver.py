@@ -274,3 +274,22 @@ def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(tre
     assert warm.served()
     assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
     assert not mark.exists(), "the fetch's syncs went to the first shell's preload library (no-ops)"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an exception out of the child's boot_code is never printed (hook_server._child)")
+def test_jam_debug_shows_the_traceback_through_the_server_too(tree, warm):
+    """JAM_DEBUG=1 is how a user shows where jam broke (here: ROOT/.jam/lock is a directory, an
+    OSError the fetch re-raises under JAM_DEBUG): a cold start prints the traceback. The server's
+    child said nothing: the exception left _child, and _serve_one's ``finally: os._exit(1)`` ended
+    the child without the interpreter's report."""
+    root, content = tree
+    lock = root.path / ".jam" / "lock"
+    lock.unlink()
+    lock.mkdir()
+    cold = warm.fetch(root.path / "data", JAM_DEBUG="1", JAM_HOOK_SERVER="0")
+    assert cold.returncode == 1 and "Traceback" in cold.stderr and "IsADirectoryError" in cold.stderr, cold.stderr
+    warm.serve()
+    res = warm.fetch(root.path / "data", JAM_DEBUG="1")
+    assert warm.served()
+    assert res.returncode == 1 and "IsADirectoryError" in res.stderr, res.stderr
+    assert _stubs(root, content)
