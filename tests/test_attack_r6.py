@@ -368,3 +368,42 @@ def test_a_destination_replaced_by_a_fifo_while_restore_looks_at_it_is_one_confl
         R.restore(Root(t.root), "f", make_plugin_manager())
     assert "f" in str(info.value) and "\n" not in str(info.value)
     assert (t.root / "f").is_fifo()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: EntryMaker makes a snapshot's mode as it is: another machine's head "
+                   "makes a setuid-root program on a root that syncs or clones")
+@pytest.mark.parametrize("how", ["sync", "clone"])
+def test_a_setuid_mode_from_another_machine_is_never_made(tmp_path, how):
+    """Metadata is input: a head of another machine (hostile, or a shared remote others can
+    write) records `tool` with mode 4755 (setuid) and 2755 (setgid). Synced or cloned by root,
+    the stub, and the file checked out from it, would be a setuid-root program whose bytes the
+    other machine chose. Only the permission bits (0777) are made, as git and Syncthing do."""
+    import shutil
+    import stat as S
+
+    from jam_core.history.snapshot import FILE, Item
+    from jam_core.objects import object_relpath
+
+    t, a, b = two(tmp_path)
+    payload = b"#!/bin/sh\nid\n"
+    (a / "payload").write_bytes(payload)
+    run(a, "commit", machine="aaa")  # puts the payload's object on the remote
+    oid = "b3:" + b3(a / "payload")
+    assert (t.remote / "objects" / object_relpath(oid)).exists()
+    if how == "clone":
+        shutil.rmtree(t.remote / "meta/history/a")
+    _plant_head(t.remote, [Item("docs/one.txt", FILE, "b3:" + b3(a / "docs/one.txt"), 4000, 0o644, 1),
+                           Item("docs/two.txt", FILE, "b3:" + b3(a / "docs/two.txt"), 4000, 0o644, 1),
+                           Item("tool", FILE, oid, len(payload), 0o4755, 1),
+                           Item("tool2", FILE, oid, len(payload), 0o2755, 1)], 2)
+    top = b if how == "sync" else tmp_path / "c"
+    if how == "sync":
+        run(b, "sync", machine="bbb", check=None)
+    else:
+        run(tmp_path, "clone", str(t.remote), str(top), machine="ccc", check=None)
+    for name in ("tool", "tool2"):
+        assert not os.stat(top / name).st_mode & (S.S_ISUID | S.S_ISGID), f"{name}: a setuid/setgid stub"
+    run(top, "checkout", "tool", "tool2", machine="ccc", check=None)
+    for name in ("tool", "tool2"):
+        assert (top / name).read_bytes() == payload
+        assert not os.stat(top / name).st_mode & (S.S_ISUID | S.S_ISGID), f"{name}: a setuid/setgid file"
