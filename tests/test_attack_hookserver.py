@@ -293,3 +293,81 @@ def test_jam_debug_shows_the_traceback_through_the_server_too(tree, warm):
     assert warm.served()
     assert res.returncode == 1 and "IsADirectoryError" in res.stderr, res.stderr
     assert _stubs(root, content)
+
+
+
+# 3. The socket: a server that does not answer.
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    for _ in range(3000):
+        if _state(pid) in "tT":
+            return
+        select.select([], [], [], 0.01)  # a deadline of 30 s, not a synchronisation
+    raise AssertionError("the server did not stop")
+
+
+def _in_connect(pid: int) -> bool:
+    """The process sleeps in connect(2) (x86_64: syscall 42)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "42" and _state(pid) == "S"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the client's connect() has no timeout (hook_server.ask)")
+def test_a_stopped_server_with_a_full_backlog_does_not_hang_the_hook(tree, warm):
+    """The server is stopped (SIGSTOP, a debugger, a frozen cgroup) and 64 connections wait in
+    its backlog (earlier cds: each client gave up after ANSWER seconds, but a connection nobody
+    accepted stays queued). The next client's blocking connect() then waits for ever: the cd
+    never returns. ask() sets its timeout only after connect(): with it set before, connect()
+    fails at once (EAGAIN) and the fetch runs cold."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("reads the syscall number of x86_64")
+    root, content = tree
+    server = warm.serve()
+    _stop(server.pid)
+    queued = []
+    try:
+        for _ in range(1000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            queued.append(s)
+            try:
+                s.connect(str(warm.socket()))
+            except BlockingIOError:
+                break
+        else:
+            raise AssertionError("the backlog never filled")
+        client = subprocess.Popen(
+            warm.command(root.path / "data"), env=warm.env, cwd=root.path / "data",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            hung = False
+            for _ in range(6000):  # 60 s at most, a deadline
+                if client.poll() is not None:
+                    break
+                if _in_connect(client.pid):
+                    hung = True
+                    break
+                select.select([], [], [], 0.01)
+            assert not hung, "the hook waits for ever in connect()"
+            assert client.wait(timeout=60) == 0
+            err = client.stderr.read().decode()
+            assert "fetched 3 files" in err and _back(root, content), err
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait(timeout=30)
+            client.stderr.close()
+    finally:
+        for s in queued:
+            s.close()
+
