@@ -370,8 +370,6 @@ def test_a_destination_replaced_by_a_fifo_while_restore_looks_at_it_is_one_confl
     assert (t.root / "f").is_fifo()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: EntryMaker makes a snapshot's mode as it is: another machine's head "
-                   "makes a setuid-root program on a root that syncs or clones")
 @pytest.mark.parametrize("how", ["sync", "clone"])
 def test_a_setuid_mode_from_another_machine_is_never_made(tmp_path, how):
     """Metadata is input: a head of another machine (hostile, or a shared remote others can

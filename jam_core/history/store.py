@@ -41,6 +41,7 @@ HEADS = "history"
 REGISTRY = "history-trees"  # meta/history-trees/<tree>: a tree's name, for backends that list files only
 HEAD_MAGIC = b"jam-head 1\n"
 BATCH_BYTES = 256 << 20
+SETID = stat.S_ISUID | stat.S_ISGID  # never made from a snapshot (EntryMaker)
 STUB_BIT = 0o1000000  # in the ids cache's mode: that (dev, ino) was a stub (its content is on the remotes)
 BATCH_FILES = 2048  # each file of a batch is held open; one sync per remote per batch
 
@@ -283,12 +284,16 @@ class EntryMaker:
             os.utime(fname, ns=(item.mtime_ns, item.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             return None, None
         fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        # A snapshot is input (another machine's, or a remote others can write): only the
+        # permission bits and the sticky bit are made, never setuid/setgid (a root that syncs
+        # would hold a setuid-root program whose bytes another machine chose), as git does.
+        mode = item.mode & ~SETID
         try:
             if item.size == 0:
-                os.fchmod(fd, item.mode)
+                os.fchmod(fd, mode)
                 os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
                 return None, None
-            rec = self._record(item.oid, item.size, item.mode, item.mtime_ns, remotes, self.stamp)
+            rec = self._record(item.oid, item.size, mode, item.mtime_ns, remotes, self.stamp)
             header = rec.header(name)
             if len(header) > item.size:
                 header = header[:item.size]
@@ -297,8 +302,8 @@ class EntryMaker:
                 os.ftruncate(fd, item.size)
             algorithm, _, digest = item.oid.partition(":")
             os.setxattr(fd, self._xattr, self._pack(self._version, self._codes[algorithm], bytes.fromhex(digest),
-                                              item.size, item.mode, item.mtime_ns))
-            os.fchmod(fd, item.mode & ~0o222)
+                                              item.size, mode, item.mtime_ns))
+            os.fchmod(fd, mode & ~0o222)
             os.utime(fd, ns=(self.now_ns, item.mtime_ns))
             return rec, (os.fstat(fd) if want_stat else None)
         except BaseException:
