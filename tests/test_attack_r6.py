@@ -288,9 +288,9 @@ def test_a_new_file_that_cannot_be_made_here_is_not_merged_and_stays_on_the_othe
 
 def _plant_head(remote: Path, items, time_ns: int, tree: str = "a", machine: str = "evil") -> str:
     """A snapshot of another machine's making on the remote, and that machine's head naming it."""
-    from jam_core.history.snapshot import Snapshot, encode, id_of
-
     import zlib
+
+    from jam_core.history.snapshot import Snapshot, encode, id_of
 
     stored = encode(Snapshot([], 1, machine, machine, tree, "", [], items))  # its time as given, unchecked
     stored = zlib.compress(zlib.decompress(stored).replace(b'"time":1,', f'"time":{time_ns},'.encode(), 1))
