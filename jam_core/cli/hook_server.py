@@ -100,16 +100,32 @@ def _peer_uid(s) -> int:
     return int.from_bytes(cred[4:8], sys.byteorder)
 
 
+def _limit_numbers(resource) -> list[int]:
+    """The resource limits a request carries (every RLIMIT_* this Python knows)."""
+    return sorted({getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")})
+
+
+def _exec_env(items) -> list[tuple[bytes, bytes]]:
+    """The variables that act when a program starts (the dynamic loader's, glibc's tunables and
+    malloc's): a server started under one set keeps them for its whole life, so it answers only
+    clients with the same set (an LD_PRELOAD of eatmydata would make every fetch undurable)."""
+    return sorted((k, v) for k, v in items if k.startswith((b"LD_", b"GLIBC_TUNABLES", b"MALLOC_")))
+
+
 def _request() -> bytes:
-    """The request: magic, the encodings this process decodes names with, working directory,
-    umask, arguments, then the environment (each NUL-separated)."""
+    """The request: magic, the encoding this process decodes names with, working directory,
+    umask, resource limits, arguments, then the environment (each NUL-separated)."""
     mask = os.umask(0o022)
     os.umask(mask)
+    import resource
+
+    limits = ",".join(f"{n}:{resource.getrlimit(n)[0]}:{resource.getrlimit(n)[1]}" for n in _limit_numbers(resource))
     head = [
         MAGIC,
         sys.getfilesystemencoding().encode(),
         os.getcwdb(),
         str(mask).encode(),
+        limits.encode(),
         str(len(sys.argv) - 1).encode(),
     ]
     args = [os.fsencode(a) for a in sys.argv[1:]]
@@ -143,11 +159,11 @@ def ask(key: str) -> int | None:
 
     try:
         try:
+            s.settimeout(ANSWER)  # a stopped server with a full backlog: connect fails at once
             s.connect(socket_path(d, key))
             if _peer_uid(s) != os.geteuid():
                 return None
             message = _request()
-            s.settimeout(ANSWER)
         except OSError:
             return None
         previous = _signal.signal(_signal.SIGINT, interrupt)
@@ -238,6 +254,7 @@ def spawn(key: str) -> None:
 # The server side.
 
 _LOCK = [-1]  # the server's lock on its key (a child closes its copy)
+_EXEC_ENV: list = []  # _exec_env of the server's own start
 
 
 def _stamp(path: str) -> tuple | None:
@@ -298,6 +315,7 @@ def serve(key: str) -> None:
 
     fs._c()  # libc, loaded once here rather than in each child
     stamps = _stamps()
+    _EXEC_ENV[:] = _exec_env(os.environb.items())
     try:
         os.unlink(path)  # a dead server's socket: the lock says nobody serves it
     except FileNotFoundError:
@@ -356,8 +374,10 @@ def _serve_one(conn, listener, stamps) -> bool:
             conn.send(b"S")
             return False
         fields = message.split(b"\0")
-        if fields[1] != sys.getfilesystemencoding().encode():
-            conn.send(b"S")  # names decode otherwise in this process than in the client's
+        nargs = int(fields[5])
+        env = [item.partition(b"=") for item in fields[6 + nargs :]]
+        if fields[1] != sys.getfilesystemencoding().encode() or _exec_env((k, v) for k, _, v in env) != _EXEC_ENV:
+            conn.send(b"S")  # names decode otherwise, or another loader's set-up: not for this server
             return True
         pid = os.fork()
         if pid == 0:
@@ -367,7 +387,7 @@ def _serve_one(conn, listener, stamps) -> bool:
             finally:
                 os._exit(1)
         return True
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return True
     finally:
         for fd in fds:
@@ -388,9 +408,12 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[4])
-    args = [os.fsdecode(a) for a in fields[5 : 5 + nargs]]
-    env = fields[5 + nargs :]
+    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[5])
+    args = [os.fsdecode(a) for a in fields[6 : 6 + nargs]]
+    env = fields[6 + nargs :]
+    if not _take_limits(fields[4]):
+        conn.send(b"S")  # the client's limits cannot be had here: it runs cold
+        os._exit(1)
     os.environb.clear()
     for item in env:
         k, sep, v = item.partition(b"=")
@@ -403,7 +426,13 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     conn.send(b"P%d" % os.getpid())
     from jam_core import cli
 
-    code = cli.boot_code()
+    try:
+        code = cli.boot_code()
+    except BaseException:  # what the interpreter would print and exit with (JAM_DEBUG=1 re-raises)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -414,3 +443,18 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     except OSError:
         pass
     os._exit(code)
+
+
+def _take_limits(field: bytes) -> bool:
+    """Set this process's resource limits to the client's (``num:soft:hard,...``); False if one
+    cannot be had (a hard limit above this server's)."""
+    import resource
+
+    try:
+        for item in field.decode().split(","):
+            n, soft, hard = (int(x) for x in item.split(":"))
+            if resource.getrlimit(n) != (soft, hard):
+                resource.setrlimit(n, (soft, hard))
+    except (ValueError, OSError):
+        return False
+    return True
