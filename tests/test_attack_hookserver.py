@@ -218,7 +218,6 @@ def tree(jam_root):
 # 1. The child is not a cold start: what a process inherits from its parent is the server's.
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rlimits are the server's, not the client's (hook_server._child)")
 def test_a_file_size_limit_of_the_first_shell_is_not_every_later_fetch_s(tree, warm):
     """The server was spawned by a fetch in a shell that had run ``ulimit -f 60`` (60 KB);
     rlimits are inherited by fork, not sent with the request: for as long as the server lives,
@@ -264,7 +263,6 @@ def _eatmydata(tmp_path: Path) -> tuple[str, Path]:
     return str(lib), mark
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LD_PRELOAD/LD_LIBRARY_PATH of the server's first shell, not the client's")
 def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(tree, warm, tmp_path):
     """The first cd happened under ``eatmydata`` (LD_PRELOAD: fsync and syncfs do nothing); the
     server it spawned keeps that library for its whole life, so a later fetch from a shell
@@ -278,7 +276,6 @@ def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(tre
     assert not mark.exists(), "the fetch's syncs went to the first shell's preload library (no-ops)"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an exception out of the child's boot_code is never printed (hook_server._child)")
 def test_jam_debug_shows_the_traceback_through_the_server_too(tree, warm):
     """JAM_DEBUG=1 is how a user shows where jam broke (here: ROOT/.jam/lock is a directory, an
     OSError the fetch re-raises under JAM_DEBUG): a cold start prints the traceback. The server's
@@ -323,7 +320,6 @@ def _in_connect(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the client's connect() has no timeout (hook_server.ask)")
 def test_a_stopped_server_with_a_full_backlog_does_not_hang_the_hook(tree, warm):
     """The server is stopped (SIGSTOP, a debugger, a frozen cgroup) and 64 connections wait in
     its backlog (earlier cds: each client gave up after ANSWER seconds, but a connection nobody
