@@ -461,3 +461,23 @@ def test_a_reader_waiting_on_a_daemon_killed_as_a_whole_never_reads_the_stub_as_
     got = out.get("data")
     right = got is None or got == data  # (a bool: never let pytest diff a MiB)
     assert right, "the reader read the stub's header and zeros as the file's content"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: snapshot.parse accepts a `.jam` component below "
+                   "the top: docs/.jam/ made by sync hides docs from every walk, and the next commits delete it")
+def test_a_head_with_a_jam_directory_below_the_top_never_hides_a_directory_from_commits(tmp_path):
+    """A hostile head (another machine's, or a remote others can write) lists `docs/.jam/x`.
+    Made here, `docs/.jam/` makes docs look like another root to every walk: B's next commit
+    would record all of docs as deleted and A's next sync would remove A's own files there
+    (unchanged since its commit). A snapshot with a `.jam` component at any depth is refused."""
+    from jam_core.history.snapshot import FILE, Item
+
+    t, a, b = two(tmp_path)
+    (a / "docs/three.txt").write_bytes(b"three\n")
+    run(a, "sync", machine="aaa")
+    items = [Item("docs/.jam/x", FILE, "b3:" + b3(a / "docs/one.txt"), 4000, 0o644, 1)]
+    _plant_head(t.remote, items, 3)
+    run(b, "sync", machine="bbb", check=None)
+    assert not (b / "docs/.jam").exists(), "another root's .jam was made inside docs"
+    run(a, "sync", machine="aaa", check=None)
+    assert sorted(os.listdir(a / "docs")) == ["one.txt", "three.txt", "two.txt"], "A's files were removed"
