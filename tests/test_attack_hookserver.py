@@ -640,3 +640,53 @@ def test_ctrl_c_outside_the_fetch_s_own_handler_does_not_turn_the_hook_off(tree,
             client.kill()
         client.wait(timeout=30)
         client.stderr.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the child has the server's capabilities, not the client's (hook_server._serve_one)")
+def test_a_client_without_capabilities_gets_no_fetch_with_them(tree, warm):
+    """A root shell confined by its capability bounding set (here: no CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH, CAP_FOWNER, as a systemd unit's CapabilityBoundingSet= or a container
+    leaves it) cds into a directory it may not write (mode 555). A cold start cannot fetch
+    there (EACCES) and says so; the server's child, forked from a process with every
+    capability, writes there for it: the peer's uid is checked, not what the peer may do
+    (the same holds for supplementary groups, no_new_privs, seccomp, namespaces, cgroups)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("no setpriv")
+    root, content = tree
+    data = root.path / "data"
+    confine = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    data.chmod(0o555)
+    try:
+        cold = subprocess.run(confine + warm.command(data), env=dict(warm.env, JAM_HOOK_SERVER="0"), cwd=data,
+                              capture_output=True, text=True, timeout=120)
+        assert "fetched" not in cold.stderr and _stubs(root, content), cold.stderr
+        warm.serve()
+        res = subprocess.run(confine + warm.command(data), env=warm.env, cwd=data,
+                             capture_output=True, text=True, timeout=120)
+        assert "fetched" not in res.stderr and _stubs(root, content), "the server fetched where its client may not write"
+    finally:
+        data.chmod(0o755)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the child takes the limits the request claims, not the peer's (hook_server._take_limits)")
+def test_a_client_cannot_shed_its_hard_limits_by_claiming_others(tree, warm):
+    """A process under a hard file-size limit it cannot raise (an admin's pam_limits or a unit's
+    LimitFSIZE=) is its own client: it sends a request that claims no limits (here it replaces
+    resource.getrlimit in itself). The child sets the claimed limits, which the server's own hard
+    limits allow, and writes the 70 KB files the process could not. What the peer may do must be
+    read from the kernel (resource.prlimit(peer pid), /proc/PID/status), not from the request."""
+    root, content = tree
+
+    def confined():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    warm.serve()
+    lie = ("import resource\nresource.getrlimit=lambda n,real=resource.getrlimit:"
+           "(resource.RLIM_INFINITY,)*2 if n==resource.RLIMIT_FSIZE else real(n)\n")
+    res = warm.fetch(root.path / "data", preexec_fn=confined, before=lie)
+    assert "fetched" not in res.stderr and _stubs(root, content), "the child wrote past its client's hard limit"
