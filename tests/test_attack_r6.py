@@ -463,8 +463,6 @@ def test_a_reader_waiting_on_a_daemon_killed_as_a_whole_never_reads_the_stub_as_
     assert right, "the reader read the stub's header and zeros as the file's content"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: snapshot.parse accepts a `.jam` component below "
-                   "the top: docs/.jam/ made by sync hides docs from every walk, and the next commits delete it")
 def test_a_head_with_a_jam_directory_below_the_top_never_hides_a_directory_from_commits(tmp_path):
     """A hostile head (another machine's, or a remote others can write) lists `docs/.jam/x`.
     Made here, `docs/.jam/` makes docs look like another root to every walk: B's next commit
@@ -481,3 +479,19 @@ def test_a_head_with_a_jam_directory_below_the_top_never_hides_a_directory_from_
     assert not (b / "docs/.jam").exists(), "another root's .jam was made inside docs"
     run(a, "sync", machine="aaa", check=None)
     assert sorted(os.listdir(a / "docs")) == ["one.txt", "three.txt", "two.txt"], "A's files were removed"
+    # a file named .jam below the top is a file like any other: committed, synced, restored
+    (a / "docs/.jam").write_bytes(b"a file named .jam\n")
+    run(a, "sync", machine="aaa", check=None)  # (the hostile head stays on the remote: refused at each sync)
+    run(b, "sync", machine="bbb", check=None)
+    run(b, "checkout", "docs", machine="bbb")
+    assert (b / "docs/.jam").read_bytes() == b"a file named .jam\n"
+
+
+def test_parse_refuses_a_jam_directory_at_any_depth_and_accepts_a_file_named_jam():
+    from jam_core.history.snapshot import SnapshotError, parse
+    from tests.test_clone import _snap
+
+    for paths in (["z/.jam/x"], ["a/b/.jam/c/d"]):
+        with pytest.raises(SnapshotError, match="a .jam directory inside the tree"):
+            parse(_snap(paths))
+    assert [i.path for i in parse(_snap(["a/.jam", "b/c/.jam"])).items] == ["a/.jam", "b/c/.jam"]

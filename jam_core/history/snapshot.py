@@ -211,6 +211,12 @@ def _rel(v, what: str = "path") -> str:
         raise SnapshotError(f"bad {what} {str(v)[:80]!r}: {exc}") from None
     if rel == ".":
         raise SnapshotError(f"bad {what} '.'")
+    if "/.jam/" in f"/{rel}":
+        # a .jam directory at any depth: made here, it would make its directory look like
+        # another root to every walk (skipped: every file in it taken for deleted by the next
+        # commit, and removed on the other machines by their next sync). No commit records one
+        # (walks skip such directories); a file named .jam is a file like any other.
+        raise SnapshotError(f"bad {what} {str(v)[:80]!r}: a .jam directory inside the tree")
     return rel
 
 
@@ -284,7 +290,7 @@ def _parse_text(text: bytes) -> Snapshot:
         if type(path) is not str or path <= last:
             raise SnapshotError(f"entries out of order or repeated at {str(path)[:80]!r}")
         w = f"/{path}/"  # the common case (ASCII, normalised, not .jam) without check_rel's calls
-        if not path.isascii() or "\0" in w or "//" in w or "/./" in w or "/../" in w or w.startswith("/.jam/"):
+        if not path.isascii() or "\0" in w or "//" in w or "/./" in w or "/../" in w or "/.jam/" in w:
             _rel(path)  # says why, or accepts (a name that is not ASCII)
         last = path
         # no entry may sit below another entry (a file is not a directory); an entry in the
