@@ -772,3 +772,62 @@ def test_a_long_runtime_directory_still_gets_a_server(tree, warm, tmp_path):
     res = warm.fetch(root.path / "data", XDG_RUNTIME_DIR=str(deep))
     assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
     assert warm.served(), "a server listens, the client does not find it"
+
+
+# 4. Leftovers.
+
+
+def test_the_spawned_server_holds_nothing_of_the_root(tree, warm):
+    """The first cold fetch, run from inside the root, spawns the server: the server must not keep
+    its working directory (nor any descriptor) in the root, or the user's ``umount`` of the
+    root's disk says "target is busy" for as long as the server lives. Guard (mutation-checked):
+    serve()'s ``os.chdir("/")``."""
+    root, content = tree
+    res = warm.fetch(root.path / "data")
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+    pid = warm.wait_holder()
+    warm.wait_listening()
+    top = str(root.path)
+    assert not os.readlink(f"/proc/{pid}/cwd").startswith(top), "the server's working directory is in the root"
+    held = []
+    for f in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            held.append(os.readlink(f))
+        except OSError:
+            pass
+    assert not [h for h in held if h.startswith(top)], held
+
+
+def test_the_server_leaves_no_zombies(tree, warm):
+    """Each request forks a child that exits when its fetch is done; the server never waits for
+    them, so they must not stay as zombies (one per cd for up to the server's life). Guard
+    (mutation-checked): serve()'s ``signal.signal(signal.SIGCHLD, signal.SIG_IGN)``."""
+    root, content = tree
+    server = warm.serve()
+    res = warm.fetch(root.path / "data")
+    assert res.returncode == 0 and warm.served() and _back(root, content), res.stderr
+    for _ in range(6000):  # every child gone or a zombie (60 s at most)
+        kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        states = []
+        for k in kids:
+            try:
+                states.append(_state(int(k)))
+            except OSError:
+                pass
+        if all(s == "Z" for s in states):
+            break
+        select.select([], [], [], 0.01)  # a deadline, not a synchronisation
+    assert "Z" not in states, "the server's children stay as zombies"
+
+
+def test_a_directory_named_in_another_encoding_is_fetched_through_the_server(tree, warm):
+    """A directory whose name is not UTF-8 (Latin-1 ``caf\\xe9``): its path goes to the child
+    as bytes and back as the same name (os.fsencode / os.fsdecode with surrogateescape), the
+    child fetches there and says "here". Guard (mutation-checked): _child's ``os.fsdecode``."""
+    root, _ = tree
+    name = os.fsdecode(b"caf\xe9")
+    content = _stash(root, [f"{name}/g0", f"{name}/g1"])
+    warm.serve()
+    res = warm.fetch(root.path / name)
+    assert res.returncode == 0 and "fetched 2 files" in res.stderr and "here" in res.stderr, res.stderr
+    assert warm.served() and _back(root, content), res.stderr
