@@ -495,3 +495,33 @@ def test_parse_refuses_a_jam_directory_at_any_depth_and_accepts_a_file_named_jam
         with pytest.raises(SnapshotError, match="a .jam directory inside the tree"):
             parse(_snap(paths))
     assert [i.path for i in parse(_snap(["a/.jam", "b/c/.jam"])).items] == ["a/.jam", "b/c/.jam"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (scan.py, the lead's): a directory that becomes "
+                   "'a remote' (a jam-remote.json from another machine, fetched) is skipped by walks, so the next "
+                   "commit records every file in it as deleted; fix proposed in the report")
+def test_a_marker_file_from_another_machine_never_makes_a_commit_delete_its_directory(tmp_path):
+    """A hostile head lists docs/jam-remote.json whose content is a valid remote identity
+    marker. Synced, then fetched (`jam checkout docs`), it makes docs look like a remote to
+    every walk: B's next commit records docs/one.txt and docs/two.txt as deleted (and a clone
+    from that head lacks them). The files are still there: they must stay in B's snapshots."""
+    from jam_core.history.snapshot import FILE, Item
+    from jam_core.objects import object_relpath
+
+    t, a, b = two(tmp_path)
+    marker = (t.remote / "jam-remote.json").read_bytes()
+    (tmp_path / "m").write_bytes(marker)
+    oid = "b3:" + b3(tmp_path / "m")
+    obj = t.remote / "objects" / object_relpath(oid)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(marker)
+    _plant_head(t.remote, [Item("docs/jam-remote.json", FILE, oid, len(marker), 0o644, 1)], 3)
+    run(b, "sync", machine="bbb", check=None)
+    run(b, "checkout", "docs", machine="bbb", check=None)
+    run(b, "sync", machine="bbb", check=None)
+    from jam_core.history.index import Index
+    from jam_core.root import Root
+
+    with Index(Root(b), create=False) as ix:
+        paths = set(ix.load(ix.head()).by_path())
+    assert {"docs/one.txt", "docs/two.txt"} <= paths, "B's snapshot records docs as deleted"
