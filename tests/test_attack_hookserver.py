@@ -104,7 +104,9 @@ class Warm:
         return self.run / f"jam-{os.geteuid()}"
 
     def socket(self) -> Path:
-        return self.dir / f"hook-{self.key}.sock"
+        """The key's socket (its name may carry a tag after the key)."""
+        found = sorted(self.dir.glob(f"hook-{self.key}*.sock")) if self.dir.is_dir() else []
+        return found[0] if found else self.dir / f"hook-{self.key}.sock"
 
     def serve(self, preexec_fn=None, **env) -> subprocess.Popen:
         """A server, as spawn() starts it, once it listens."""
@@ -163,14 +165,16 @@ class Warm:
 
     def holder(self) -> int | None:
         """The pid holding this key's lock (from /proc/locks), if any."""
-        lock = self.dir / f"hook-{self.key}.sock.lock"
-        try:
-            ino = lock.stat().st_ino
-        except OSError:
-            return None
+        locks = sorted(self.dir.glob(f"hook-{self.key}*.sock.lock")) if self.dir.is_dir() else []
+        inos = set()
+        for lock in locks:
+            try:
+                inos.add(lock.stat().st_ino)
+            except OSError:
+                pass
         for line in Path("/proc/locks").read_text().splitlines():
             parts = line.split()
-            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(f":{ino}"):
+            if len(parts) > 5 and parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) in inos:
                 return int(parts[4])
         return None
 
