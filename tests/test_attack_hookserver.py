@@ -467,6 +467,37 @@ def test_a_huge_environment_runs_cold_and_fetches(tree, warm):
 
 
 
+
+def test_a_fifo_left_at_the_socket_s_name_is_replaced_by_the_next_server(tree, warm):
+    """A dead server's name (SIGKILL leaves its socket) with a FIFO put in its place: the next
+    fetch does not hang on it (connect() is refused), runs cold, and the server it spawns takes
+    the name back, so the fetch after is warm. Guard (mutation-checked): serve()'s unlink of
+    whatever is at the socket's name once it holds the key's lock."""
+    root, content = tree
+    res = warm.fetch(root.path / "data")
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+    pid = warm.wait_holder()
+    warm.wait_listening()
+    name = warm.socket()
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(3000):  # its lock released (30 s at most)
+        if warm.holder() is None:
+            break
+        select.select([], [], [], 0.01)  # a deadline, not a synchronisation
+    name.unlink()
+    os.mkfifo(name)
+    content = _stash(root, list(content))
+    res = warm.fetch(root.path / "data")
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+    assert warm.runs() == [False]
+    warm.wait_holder()
+    warm.wait_listening()
+    content = _stash(root, list(content))
+    res = warm.fetch(root.path / "data")
+    assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+    assert warm.served(), "the FIFO kept every later fetch cold"
+
+
 def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
