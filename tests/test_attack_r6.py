@@ -497,9 +497,6 @@ def test_parse_refuses_a_jam_directory_at_any_depth_and_accepts_a_file_named_jam
     assert [i.path for i in parse(_snap(["a/.jam", "b/c/.jam"])).items] == ["a/.jam", "b/c/.jam"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (scan.py, the lead's): a directory that becomes "
-                   "'a remote' (a jam-remote.json from another machine, fetched) is skipped by walks, so the next "
-                   "commit records every file in it as deleted; fix proposed in the report")
 def test_a_marker_file_from_another_machine_never_makes_a_commit_delete_its_directory(tmp_path):
     """A hostile head lists docs/jam-remote.json whose content is a valid remote identity
     marker. Synced, then fetched (`jam checkout docs`), it makes docs look like a remote to
@@ -525,3 +522,10 @@ def test_a_marker_file_from_another_machine_never_makes_a_commit_delete_its_dire
     with Index(Root(b), create=False) as ix:
         paths = set(ix.load(ix.head()).by_path())
     assert {"docs/one.txt", "docs/two.txt"} <= paths, "B's snapshot records docs as deleted"
+    res = run(b, "diff", machine="bbb", check=None)
+    assert "- docs/one.txt" not in res.out and "docs: holds another jam root" in res.err, res.out + res.err
+    # a root of its own nested in this one (nothing of it in any snapshot) is no news
+    (a / "sub/.jam").mkdir(parents=True)  # (what `jam init` made there before this root was)
+    (a / "sub/inner.txt").write_bytes(b"inner\n")
+    res = run(a, "commit", "-m", "nested", machine="aaa")
+    assert "sub" not in res.err, res.err

@@ -184,10 +184,14 @@ def diff(root: Root, a: str | None = None, b: str | None = None, rel: str = ".")
             out.b = resolve(ix, b)
             new = {p: i for p, i in ix.load(out.b).by_path().items() if under(p, [rel])}
         else:
+            from jam_core.history.store import settle_foreign
+
             new = tree_now(root, [rel], ix, out.skipped)
-            for p, _why in out.skipped:  # unreadable now: not reported as deleted
-                if p in old:
-                    new.setdefault(p, old[p])
+            out.skipped = settle_foreign(out.skipped, old)
+            for p, _why in out.skipped:  # unreadable now (a file, or a directory): not reported as deleted
+                for q in old:
+                    if q == p or q.startswith(p + "/"):
+                        new.setdefault(q, old[q])
         added, modified, deleted = changes(old, new)
         out.added = [new[p] for p in added]
         out.modified = [(old[p], new[p]) for p in modified]

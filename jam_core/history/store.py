@@ -138,6 +138,9 @@ def scan(root: Root, rels: list[str], ix: Index, skipped: list, stored: set[str]
         skipped.append((rel, describe(exc)))
 
     def tidy(dir_fd, dir_rel, entries):  # the same walk finds the symlinks
+        if not entries and dir_rel != "." and _foreign_dir(dir_fd):
+            skipped.append((dir_rel, FOREIGN))  # (see settle_foreign)
+            return entries
         prefix = "" if dir_rel == "." else dir_rel + "/"
         for e in entries:
             if e.is_symlink() and not is_jam_tmp(e.name) and not (not prefix and e.name == ".jam"):
@@ -200,6 +203,36 @@ def scan(root: Root, rels: list[str], ix: Index, skipped: list, stored: set[str]
                     else:
                         skipped.append((path, f"unreadable stub metadata ({problem}): left as in the last snapshot"))
     return items, pending, learned
+
+
+FOREIGN = "holds another jam root or a remote's identity marker, so it is not walked: left as in the last snapshot"
+
+
+def _foreign_dir(dir_fd: int) -> bool:
+    """Does this directory (the walk found it empty: it may have been skipped) hold another
+    root or a remote? The walk's own test, on its listing."""
+    from jam_core.scan import _foreign
+
+    try:
+        with os.scandir(dir_fd) as it:
+            entries = list(it)
+    except OSError:
+        return False
+    return bool(entries) and _foreign(dir_fd, entries)
+
+
+def settle_foreign(skipped: list, old: dict) -> list:
+    """The walk skips a directory that holds another root or a remote (``FOREIGN``). One the
+    last snapshot had files under became one since (a ``jam-remote.json`` or a ``.jam`` that
+    came from another machine, or made here): its files are carried, never taken for deleted
+    (the next commit would delete them on every machine), and it is said. One it had nothing
+    under (a root of its own nested in this one) is no news: dropped from ``skipped``."""
+    out = []
+    for p, why in skipped:
+        if why == FOREIGN and not any(q.startswith(p + "/") for q in old):
+            continue
+        out.append((p, why))
+    return out
 
 
 class OneDir:
@@ -372,6 +405,8 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
             if out.problems:  # a remote failed as a whole: a snapshot now would miss files
                 out.nothing = "nothing committed (a remote failed; see above)"
                 return out
+            if any(why == FOREIGN for _p, why in out.skipped):
+                out.skipped = settle_foreign(out.skipped, ix.load(head).by_path() if head else {})
             from jam_core.policy.pins import read_pins
 
             pins = sorted(p for p in read_pins(root))
