@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -59,9 +60,11 @@ class Warm:
         from jam_core.cli.hook import boot_paths
 
         self.tmp = tmp_path
-        self.key = uuid.uuid4().hex[:20]
-        self.run = tmp_path / "run"
-        self.run.mkdir(mode=0o700)
+        from jam_core.cli.hook_server import _tag
+
+        self.key = uuid.uuid4().hex[:20]  # what the bootstrap holds; start() adds this process's tag
+        self.full = f"{self.key}-{_tag()}"  # the server's key (its children's powers: the test's)
+        self.run = Path(tempfile.mkdtemp(prefix="jr", dir="/tmp"))  # short: a socket's path has 107 bytes
         self.paths = paths or boot_paths()
         self.env = dict(
             os.environ, XDG_RUNTIME_DIR=str(self.run), JAM_DEBUG_MODULES=str(tmp_path / "modules"), JAM_BACKGROUND="0"
@@ -80,7 +83,7 @@ class Warm:
         raise AssertionError("no jam_core on the paths")
 
     def socket(self) -> Path:
-        return self.run / f"jam-{os.geteuid()}" / f"hook-{self.key}.sock"
+        return self.run / f"jam-{os.geteuid()}" / f"hook-{self.full}.sock"
 
     def serve(self, **env) -> subprocess.Popen:
         """A server, as spawn() starts it, once it listens."""
@@ -97,7 +100,7 @@ class Warm:
             "import sys\nsys.path[:]=sys.argv[3:]\nimport jam_core.cli.hook_server as v\n"
             "if v.__file__==sys.argv[2]:v.serve(sys.argv[1])\n"
         )
-        return [sys.executable, "-I", "-S", "-c", code, self.key, self.file, *self.paths]
+        return [sys.executable, "-I", "-S", "-c", code, self.full, self.file, *self.paths]
 
     def fetch(self, directory: Path, cwd: Path | None = None, **env) -> subprocess.CompletedProcess:
         """The hook's bootstrap answering ``hook-fetch -- DIRECTORY``."""
@@ -128,6 +131,7 @@ class Warm:
                 proc.kill()
             proc.wait(timeout=30)
             proc.stdout.close()
+        shutil.rmtree(self.run, ignore_errors=True)
 
 
 @pytest.fixture
@@ -231,6 +235,7 @@ def test_a_socket_served_by_another_user_is_not_trusted(tree, warm):
             while True:
                 conn, _ = s.accept()
                 try:
+                    conn.send(b"R")
                     socket.recv_fds(conn, 1 << 20, 3)
                     conn.send(b"C0")
                 finally:
@@ -290,6 +295,7 @@ def test_ctrl_c_reaches_the_child(tmp_path, warm):
     def serve():
         conn, _ = listener.accept()
         with conn:
+            conn.send(b"R")
             got["request"] = socket.recv_fds(conn, 1 << 20, 3)
             for fd in got["request"][1]:
                 os.close(fd)
@@ -338,8 +344,7 @@ def test_the_hook_starts_a_server_and_the_next_cd_uses_it(shell, tree, jam_bin, 
     background; once it listens, the next cd's fetch is its child's. The server is stopped at the end."""
     root, content = tree
     exe = require_tool(shell)
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
+    run = Path(tempfile.mkdtemp(prefix="jr", dir="/tmp"))  # short: a socket's path has 107 bytes
     env = dict(
         os.environ,
         JAM_DISABLE="",
@@ -373,6 +378,7 @@ def test_the_hook_starts_a_server_and_the_next_cd_uses_it(shell, tree, jam_bin, 
         assert "socket" in (tmp_path / "modules").read_text().split(), "the second cd did not use the server"
     finally:
         os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _lock_holder(sock_dir: Path) -> int:
@@ -459,18 +465,42 @@ def spy(signum, handler):
 _signal.signal = spy
 d = v.run_dir(create=True)
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-listener.bind(v.socket_path(d, {warm.key!r}))
+listener.bind(v.socket_path(d, {warm.full!r}))
 listener.listen(1)
 def server():
     conn, _ = listener.accept()
+    conn.send(b"R")
     socket.recv_fds(conn, 1 << 20, 3)
     os.kill(os.getpid(), signal.SIGINT)
     assert handled.wait(60)
     conn.close()
 threading.Thread(target=server, daemon=True).start()
 sys.argv = ["-c", "hook-fetch", "--", {str(tmp_path)!r}]
-print(v.ask({warm.key!r}))
+print(v.ask({warm.full!r}))
 """
     res = subprocess.run([sys.executable, "-I", "-S", "-c", script], env=warm.env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "130", (res.stdout, res.stderr)
+
+
+def test_a_server_of_other_powers_does_not_answer(tree, warm):
+    """A server whose process may do less (or more) than its client, here one started without
+    CAP_DAC_OVERRIDE under the client's own key: it refuses (its child would fetch with its
+    powers, not the client's), and the fetch runs cold, as the client may."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (capabilities)")
+    setpriv = require_tool("setpriv")
+    root, content = tree
+    data = root.path / "data"
+    data.chmod(0o555)  # root writes here only with CAP_DAC_OVERRIDE
+    try:
+        proc = subprocess.Popen([setpriv, "--bounding-set=-dac_override,-dac_read_search", "--",
+                                 *warm.server_command()], env=warm.env, stdout=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        warm.servers.append(proc)
+        assert proc.stdout.readline() == b"ready\n", "the server did not start"
+        res = warm.fetch(data)
+        assert res.returncode == 0 and "fetched 3 files" in res.stderr and _back(root, content), res.stderr
+        assert not warm.served(), "a server of other powers answered"
+    finally:
+        data.chmod(0o755)

@@ -112,7 +112,7 @@ def bootstrap(paths: list[str]) -> str:
     import jam_core.cli.hook_server as server
 
     mine = os.path.abspath(server.__file__)
-    key = hashlib.sha256("\0".join([sys.executable, mine, *paths]).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([sys.executable, mine, *paths]).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return (
         "import sys,os\n"
         f'if os.environ.get("PYTHONPATH") or os.environ.get("PYTHONHOME"):raise SystemExit({EXIT_BOOT})\n'

@@ -34,7 +34,7 @@ ENV_SERVER = "JAM_HOOK_SERVER"  # 0/off/no/false: no server (cold starts only)
 ENV_IDLE = "JAM_HOOK_SERVER_IDLE"  # seconds a server waits for a request before it exits (tests)
 IDLE = 900.0
 ANSWER = 10.0  # seconds a server has to start the child: past that it is taken for hung
-MAGIC = b"jam-hook-1"
+MAGIC = b"jam-hook-2"
 MAX_MESSAGE = 1 << 20  # a request: arguments, working directory and environment
 
 # What a hook-fetch in a root of dir remotes imports (tests/test_hook_server.py checks that a cold
@@ -66,8 +66,8 @@ def run_dir(create: bool = False) -> str | None:
     not one only this user can reach."""
     uid = os.geteuid()
     base = os.environ.get("XDG_RUNTIME_DIR") or ""
-    if not base or not os.path.isabs(base) or not _private(base, uid):
-        base = "/tmp"
+    if not base or not os.path.isabs(base) or len(base) > 50 or not _private(base, uid):
+        base = "/tmp"  # (a socket's path has at most 107 bytes)
     d = os.path.join(base, f"jam-{uid}")
     if create:
         try:
@@ -94,10 +94,61 @@ def socket_path(d: str, key: str) -> str:
 
 
 def _peer_uid(s) -> int:
+    return _peer(s)[1]
+
+
+def _peer(s) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of ``s``."""
     import _socket
 
     cred = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
-    return int.from_bytes(cred[4:8], sys.byteorder)
+    return int.from_bytes(cred[0:4], sys.byteorder), int.from_bytes(cred[4:8], sys.byteorder)
+
+
+_CRED_LINES = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:", b"CapAmb:",
+               b"NoNewPrivs:", b"Seccomp:", b"Seccomp_filters:")
+_NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def _powers(pid: int | str) -> bytes | None:
+    """What process ``pid`` may do, beyond its uid: its ids and groups, capabilities, no_new_privs,
+    seccomp, namespaces, cgroup and security label. A child forked by the server has the server's;
+    it answers only a client whose are the same (a root shell without CAP_DAC_OVERRIDE must not get
+    a fetch written with it). None if they cannot be read."""
+    try:
+        status = _read(f"/proc/{pid}/status")
+        out = [line for line in status.split(b"\n") if line.startswith(_CRED_LINES)]
+        out.append(_read(f"/proc/{pid}/cgroup"))
+        for n in _NAMESPACES:
+            try:
+                out.append(os.fsencode(os.readlink(f"/proc/{pid}/ns/{n}")))
+            except FileNotFoundError:
+                out.append(b"")
+    except OSError:
+        return None
+    try:
+        out.append(_read(f"/proc/{pid}/attr/current"))
+    except OSError:
+        out.append(b"")
+    return b"\0".join(out)
+
+
+def _tag() -> str:
+    """This process's :func:`_powers`, digested (FNV-1a, 64 bits, the high half): part of the socket's name, so
+    that shells of other privileges, namespaces or cgroups (a tmux server, a container, a
+    confined root shell) each have their own server rather than none."""
+    h = 0xCBF29CE484222325
+    for b in _powers("self") or b"":
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h >> 32:08x}"
 
 
 def _limit_numbers(resource) -> list[int]:
@@ -163,6 +214,10 @@ def ask(key: str) -> int | None:
             s.connect(socket_path(d, key))
             if _peer_uid(s) != os.geteuid():
                 return None
+            # The server says it took the connection (and is not stale) before any descriptor of
+            # ours goes: a request queued to a stopped server would hold our stdout for its life.
+            if s.recv(64) != b"R":
+                return None
             message = _request()
         except OSError:
             return None
@@ -209,6 +264,7 @@ def ask(key: str) -> int | None:
 def start(key: str) -> None:
     """The hook's bootstrap: the server's answer if one gives it, else the cold fetch here, and a
     server started for the next one. Never returns."""
+    key = f"{key}-{_tag()}"
     code = ask(key)
     if code is None:
         from jam_core import cli
@@ -255,6 +311,7 @@ def spawn(key: str) -> None:
 
 _LOCK = [-1]  # the server's lock on its key (a child closes its copy)
 _EXEC_ENV: list = []  # _exec_env of the server's own start
+_POWERS: list = [None]  # _powers of the server itself
 
 
 def _stamp(path: str) -> tuple | None:
@@ -267,12 +324,23 @@ def _stamp(path: str) -> tuple | None:
 
 def _stamps() -> dict[str, tuple | None]:
     """Every file this process's code came from (the interpreter, each module's source or
-    extension): a change in any and the server no longer answers."""
+    extension, every shared library mapped): a change in any and the server no longer answers."""
     files = {sys.executable}
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
         if isinstance(f, str) and os.path.isabs(f):
             files.add(f)
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as maps:
+            for line in maps:
+                parts = line.rstrip("\n").split(None, 5)
+                f = parts[5] if len(parts) == 6 else ""
+                if f.endswith(" (deleted)"):
+                    f = f[: -len(" (deleted)")]  # replaced under us: the file there now differs
+                if f.startswith("/"):
+                    files.add(f)
+    except OSError:
+        pass
     return {f: _stamp(f) for f in files}
 
 
@@ -316,6 +384,7 @@ def serve(key: str) -> None:
     fs._c()  # libc, loaded once here rather than in each child
     stamps = _stamps()
     _EXEC_ENV[:] = _exec_env(os.environb.items())
+    _POWERS[0] = _powers(os.getpid())
     try:
         os.unlink(path)  # a dead server's socket: the lock says nobody serves it
     except FileNotFoundError:
@@ -324,6 +393,8 @@ def serve(key: str) -> None:
     old = os.umask(0o077)
     try:
         listener.bind(path)
+    except OSError:
+        return  # (a path too long for a socket, a full disk): the fetches run cold
     finally:
         os.umask(old)
     mine = os.lstat(path).st_ino
@@ -365,14 +436,19 @@ def _serve_one(conn, listener, stamps) -> bool:
     fds: list[int] = []
     try:
         conn.settimeout(1.0)
-        if _peer_uid(conn) != os.geteuid():
+        pid, uid = _peer(conn)
+        if uid != os.geteuid():
             return True
+        if _POWERS[0] is None or _powers(pid) != _POWERS[0]:
+            conn.send(b"S")  # another set of privileges, namespaces or cgroup: it runs cold
+            return True
+        if _stamps() != stamps:  # whatever the request (a newer jam's may not parse here)
+            conn.send(b"S")
+            return False
+        conn.send(b"R")
         message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
         if len(fds) != 3 or not message.startswith(MAGIC + b"\0"):
             return True
-        if _stamps() != stamps:
-            conn.send(b"S")
-            return False
         fields = message.split(b"\0")
         nargs = int(fields[5])
         env = [item.partition(b"=") for item in fields[6 + nargs :]]
@@ -428,6 +504,8 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
 
     try:
         code = cli.boot_code()
+    except KeyboardInterrupt:  # Ctrl-C outside the fetch's own handler: a cold start dies of SIGINT (130)
+        code = 130
     except BaseException:  # what the interpreter would print and exit with (JAM_DEBUG=1 re-raises)
         import traceback
 
