@@ -163,9 +163,40 @@ def _exec_env(items) -> list[tuple[bytes, bytes]]:
     return sorted((k, v) for k, v in items if k.startswith((b"LD_", b"GLIBC_TUNABLES", b"MALLOC_")))
 
 
+def _sched() -> str:
+    """This process's scheduling: nice value, CPUs it may run on, OOM score adjustment."""
+    try:
+        oom = _read("/proc/self/oom_score_adj").strip().decode()
+    except OSError:
+        oom = ""
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    return f"{os.getpriority(os.PRIO_PROCESS, 0)}:{cpus}:{oom}"
+
+
+def _take_sched(field: bytes) -> bool:
+    """Take the client's :func:`_sched`; False if it cannot be had (a nice value below this
+    server's needs a privilege)."""
+    try:
+        nice, cpus, oom = field.decode().split(":")
+        if os.getpriority(os.PRIO_PROCESS, 0) != int(nice):
+            os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+        want = {int(c) for c in cpus.split(",") if c}
+        if want and os.sched_getaffinity(0) != want:
+            os.sched_setaffinity(0, want)
+        if oom and _read("/proc/self/oom_score_adj").strip().decode() != oom:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, oom.encode())
+            finally:
+                os.close(fd)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def _request() -> bytes:
     """The request: magic, the encoding this process decodes names with, working directory,
-    umask, resource limits, arguments, then the environment (each NUL-separated)."""
+    umask, resource limits, scheduling, arguments, then the environment (each NUL-separated)."""
     mask = os.umask(0o022)
     os.umask(mask)
     import resource
@@ -177,6 +208,7 @@ def _request() -> bytes:
         os.getcwdb(),
         str(mask).encode(),
         limits.encode(),
+        _sched().encode(),
         str(len(sys.argv) - 1).encode(),
     ]
     args = [os.fsencode(a) for a in sys.argv[1:]]
@@ -450,8 +482,8 @@ def _serve_one(conn, listener, stamps) -> bool:
         if len(fds) != 3 or not message.startswith(MAGIC + b"\0"):
             return True
         fields = message.split(b"\0")
-        nargs = int(fields[5])
-        env = [item.partition(b"=") for item in fields[6 + nargs :]]
+        nargs = int(fields[6])
+        env = [item.partition(b"=") for item in fields[7 + nargs :]]
         if fields[1] != sys.getfilesystemencoding().encode() or _exec_env((k, v) for k, _, v in env) != _EXEC_ENV:
             conn.send(b"S")  # names decode otherwise, or another loader's set-up: not for this server
             return True
@@ -484,11 +516,11 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[5])
-    args = [os.fsdecode(a) for a in fields[6 : 6 + nargs]]
-    env = fields[6 + nargs :]
-    if not _take_limits(fields[4]):
-        conn.send(b"S")  # the client's limits cannot be had here: it runs cold
+    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[6])
+    args = [os.fsdecode(a) for a in fields[7 : 7 + nargs]]
+    env = fields[7 + nargs :]
+    if not _take_limits(fields[4]) or not _take_sched(fields[5]):
+        conn.send(b"S")  # the client's limits or scheduling cannot be had here: it runs cold
         os._exit(1)
     os.environb.clear()
     for item in env:
