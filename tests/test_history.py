@@ -621,3 +621,17 @@ def test_bad_settings_are_one_line_usage_errors(tmp_path):
     assert "outside" in jam("restore", "f", "--as", str(tmp_path / "out"), cwd=t.root, check=2).err
     assert not (tmp_path / "out").exists()
     assert "history.auto is not set" in jam("commit", "--auto", cwd=t.root).out
+
+
+def test_diff_of_a_name_that_is_neither_a_snapshot_nor_a_path_says_so(tmp_path):
+    """`jam diff typo`: no snapshot by that id and no such path, now or in the snapshot: one line
+    and exit 2, not an empty diff that reads as "nothing changed". A path deleted since the
+    snapshot still diffs."""
+    t = make_tree(tmp_path)
+    (t.root / "docs").mkdir()
+    (t.root / "docs/a.txt").write_bytes(b"one\n")
+    jam("commit", "-m", "one", cwd=t.root)
+    res = jam("diff", "no-such-thing", cwd=t.root, check=2)
+    assert res.err.startswith("jam: no-such-thing: neither a snapshot nor a path") and res.out == "", res.err
+    (t.root / "docs/a.txt").unlink()
+    assert jam("diff", "docs", cwd=t.root).out.splitlines() == ["- docs/a.txt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import click
@@ -131,6 +132,8 @@ def diff(args, as_json: bool) -> None:
             else:
                 rel = root.rel(a)
     out = diff_(root, snaps[0] if snaps else None, snaps[1] if len(snaps) > 1 else None, rel)
+    if rel != "." and not (out.added or out.modified or out.deleted) and not os.path.lexists(root.abs(rel)):
+        raise UsageError(f"{args[-1]}: neither a snapshot nor a path of this root (now or in the snapshots compared)")
     if as_json:
         click.echo(json.dumps({"a": out.a, "b": out.b or None,
                                "added": [i.path for i in out.added], "modified": [n.path for _o, n in out.modified],
