@@ -9,17 +9,21 @@ request to the server if one answers, else the fetch runs cold in this process, 
 starts a server (:func:`spawn`) for the next one.
 
 What makes the child the same as a cold start: it takes the client's stdin, stdout and stderr
-(passed over the socket), working directory, umask, arguments and whole environment; the server
+(passed over the socket once the server said it took the connection), working directory, umask,
+resource limits, scheduling (nice, CPUs, OOM score), arguments and whole environment; the server
 itself runs nothing of jam before forking (only imports), so no state of an earlier request
-exists. Ctrl-C in the shell reaches the child (the client forwards SIGINT); the child's exit
-code is the client's.
+exists. What cannot be handed over is checked instead: a server answers only clients of its own
+powers (ids, groups, capabilities, no_new_privs, seccomp, namespaces, cgroup, security label;
+their digest is in the socket's name, so each kind of shell has its own server) and loader
+variables (LD_*...); anything else goes cold. Ctrl-C in the shell reaches the child (the client
+forwards SIGINT); the child's exit code is the client's.
 
 Safety: the socket lives in a directory of this user's alone (``$XDG_RUNTIME_DIR/jam-UID`` or
 ``/tmp/jam-UID``: a real directory, owned by the user, no access for group or others; anything
 else and no server is used), both sides check the other's uid (SO_PEERCRED), and a server whose
-code changed on disk since it started (an upgrade, an edit) answers no request: it exits and the
-client runs cold. A server with no request for :data:`IDLE` seconds exits. ``JAM_HOOK_SERVER=0``
-turns it off (every fetch runs cold, and none is started).
+code changed on disk since it started (an upgrade, an edit, a shared library replaced) answers
+no request: it exits and the client runs cold. A server with no request for :data:`IDLE`
+seconds exits. ``JAM_HOOK_SERVER=0`` turns it off (every fetch runs cold, and none is started).
 
 This module imports only ``os`` and ``sys`` at its top: the client side runs before anything
 else of the hook's fetch.
@@ -142,9 +146,9 @@ def _powers(pid: int | str) -> bytes | None:
 
 
 def _tag() -> str:
-    """This process's :func:`_powers`, digested (FNV-1a, 64 bits, the high half): part of the socket's name, so
-    that shells of other privileges, namespaces or cgroups (a tmux server, a container, a
-    confined root shell) each have their own server rather than none."""
+    """This process's :func:`_powers`, digested (FNV-1a, 64 bits, the high half): part of the
+    socket's name, so that shells of other privileges, namespaces or cgroups (a tmux server, a
+    container, a confined root shell) each have their own server rather than none."""
     h = 0xCBF29CE484222325
     for b in _powers("self") or b"":
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
