@@ -925,7 +925,6 @@ def _nice(pid: int) -> int:
     return int(text[text.rindex(")") + 2 :].split()[16])  # field 19 of stat: nice
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the child runs at the server's nice value, not the client's (hook_server)")
 def test_the_first_shell_s_nice_is_not_every_later_fetch_s(tree, warm, tmp_path):
     """The first cd happened in a shell under ``nice -n 19`` (a build's shell, a batch job): the
     server keeps that priority and so does every child it forks, so each later fetch, from any
