@@ -693,7 +693,8 @@ def test_a_shared_library_upgraded_under_the_server_makes_it_stale(tree, warm, t
     libssl or libc with a security fix; here a library every shell of the user preloads, in the
     same environment for server and client): the server's stamps cover the interpreter and each
     module's file, not the libraries, so its children keep running the old one for as long as
-    cds keep the server alive, where a cold start loads the new one."""
+    cds keep the server alive, where a cold start loads the new one. (Failed before d42ef72;
+    guard, mutation-checked: _stamps() reads /proc/self/maps.)"""
     root, content = tree
     lib, mark = _eatmydata(tmp_path, note="1")
     warm.serve(LD_PRELOAD=lib)
@@ -715,7 +716,8 @@ def test_ctrl_c_outside_the_fetch_s_own_handler_does_not_turn_the_hook_off(tree,
     appends to $JAM_DEBUG_MODULES, a FIFO nobody reads, the instant made to last; in life the
     moments around the fetch). A cold start dies of the SIGINT, which the shell sees as 130, a
     code the hook takes calmly; the child reports 1, and on any code but 0, 121 and 130 the hook
-    says "hook-fetch failed" and turns itself off in that shell."""
+    says "hook-fetch failed" and turns itself off in that shell. (Failed before d42ef72; guard,
+    mutation-checked: _child's ``except KeyboardInterrupt: code = 130``.)"""
     if os.uname().machine != "x86_64":
         pytest.skip("reads the syscall number of x86_64")
     root, content = tree
@@ -753,7 +755,9 @@ def test_a_client_without_capabilities_gets_no_fetch_with_them(tree, warm):
     leaves it) cds into a directory it may not write (mode 555). A cold start cannot fetch
     there (EACCES) and says so; the server's child, forked from a process with every
     capability, writes there for it: the peer's uid is checked, not what the peer may do
-    (the same holds for supplementary groups, no_new_privs, seccomp, namespaces, cgroups)."""
+    (the same holds for supplementary groups, no_new_privs, seccomp, namespaces, cgroups).
+    (Failed before d42ef72; guards, mutation-checked together: the socket name's _tag() of the
+    client's powers, and _serve_one's ``_powers(pid) != _POWERS[0]``; either one suffices.)"""
     import shutil
 
     if os.geteuid() != 0:
@@ -839,7 +843,9 @@ def test_a_long_runtime_directory_still_gets_a_server(tree, warm, tmp_path):
     directory): the socket's path is longer than sockaddr_un allows (108 bytes). The server
     dies in bind() with a traceback nobody sees; each cold fetch spawns another that dies the
     same way, and no fetch is ever warm. Either the run directory falls back to /tmp/jam-UID
-    when the path would not fit, or the server leaves quietly."""
+    when the path would not fit, or the server leaves quietly. (Failed before d42ef72; guards,
+    mutation-checked together: run_dir's ``len(base) > 50`` fallback and serve()'s quiet return
+    when bind() fails.)"""
     root, content = tree
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True, mode=0o700)
