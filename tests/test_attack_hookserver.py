@@ -938,6 +938,41 @@ def test_a_directory_named_in_another_encoding_is_fetched_through_the_server(tre
     assert warm.served() and _back(root, content), res.stderr
 
 
+def _nice_of_fetch(warm, root, server, tmp_path, preexec_fn=None, before: str = "") -> int:
+    """The nice value of whatever fetches root/data (the server's child or the client itself),
+    read at an instant made to last: it opens $JAM_DEBUG_MODULES, a FIFO, once the fetch is done."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    client = subprocess.Popen(
+        warm.command(root.path / "data", before), env=dict(warm.env, JAM_DEBUG_MODULES=str(fifo)),
+        cwd=root.path / "data", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        where, nice = None, None
+        for _ in range(6000):  # 60 s at most, a deadline
+            kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+            for pid in [int(k) for k in kids] + [client.pid]:
+                try:
+                    if _state(pid) == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == OPENAT:
+                        where, nice = pid, _nice(pid)
+                except (OSError, IndexError):
+                    pass
+            if where or client.poll() is not None:
+                break
+            select.select([], [], [], 0.01)
+        assert where, "nobody reached the FIFO"
+        with open(fifo, "rb") as f:  # let it finish
+            f.read()
+        assert client.wait(timeout=60) == 0, client.stderr.read()
+        return nice
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait(timeout=30)
+        client.stderr.close()
+
+
 def _nice(pid: int) -> int:
     text = Path(f"/proc/{pid}/stat").read_text()
     return int(text[text.rindex(")") + 2 :].split()[16])  # field 19 of stat: nice
@@ -955,33 +990,24 @@ def test_the_first_shell_s_nice_is_not_every_later_fetch_s(tree, warm, tmp_path)
     root, content = tree
     server = warm.serve(preexec_fn=lambda: os.nice(19))
     _control(warm, root, preexec_fn=lambda: os.nice(19))
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    client = subprocess.Popen(
-        warm.command(root.path / "data"), env=dict(warm.env, JAM_DEBUG_MODULES=str(fifo)), cwd=root.path / "data",
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        where, nice = None, None
-        for _ in range(6000):  # whoever fetches (the server's child, or the client itself) at the FIFO
-            kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-            for pid in [int(k) for k in kids] + [client.pid]:
-                try:
-                    if _state(pid) == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == OPENAT:
-                        where, nice = pid, _nice(pid)
-                except (OSError, IndexError):
-                    pass
-            if where or client.poll() is not None:
-                break
-            select.select([], [], [], 0.01)  # a deadline, not a synchronisation
-        assert where, "nobody reached the FIFO"
-        with open(fifo, "rb") as f:  # let it finish
-            f.read()
-        assert client.wait(timeout=60) == 0
-        assert _back(root, content)
-        assert nice == _nice(os.getpid()), f"the fetch ran at nice {nice}, its shell at {_nice(os.getpid())}"
-    finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=30)
-        client.stderr.close()
+    nice = _nice_of_fetch(warm, root, server, tmp_path)
+    assert _back(root, content)
+    assert nice == _nice(os.getpid()), f"the fetch ran at nice {nice}, its shell at {_nice(os.getpid())}"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the child takes the nice value the request claims, not the peer's (hook_server._take_sched)")
+def test_a_client_cannot_shed_its_nice_value_by_claiming_another(tree, warm, tmp_path):
+    """A process put at nice 19 (a batch job; an unprivileged process cannot lower its nice value
+    again) is its own client and claims nice 0 in its request (it replaces os.getpriority in
+    itself): the child, forked from a server at 0, takes the claim and the fetch runs at full
+    priority. The peer's nice value must be read from the kernel (os.getpriority(PRIO_PROCESS,
+    peer pid)), as its affinity (os.sched_getaffinity(pid)) and OOM score (/proc/PID/oom_score_adj)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("reads the syscall number of x86_64")
+    root, content = tree
+    server = warm.serve()
+    _control(warm, root)
+    lie = "import os\nos.getpriority=lambda *a:0\n"
+    nice = _nice_of_fetch(warm, root, server, tmp_path, preexec_fn=lambda: os.nice(19), before=lie)
+    assert _back(root, content)
+    assert nice == 19, f"the fetch of a process at nice 19 ran at {nice}"
