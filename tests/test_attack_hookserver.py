@@ -15,7 +15,7 @@ backlog hung the cd for ever); the shell's descriptors travelled before the serv
 request (a stopped server held the shell's stdout after the hook exited); a stale server dropped a
 newer protocol's request before its staleness check and lived on; a shared library replaced under
 the server was not noticed; a socket path over 107 bytes killed every server in bind().
-Still open (strict xfails): a client's claimed hard limits are believed; an upgrade during the
+Still open (strict xfails): a client's claimed hard limits and nice value are believed; an upgrade during the
 server's imports is served for ever; a stopped server costs ANSWER seconds on every cd.
 """
 
