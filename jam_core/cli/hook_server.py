@@ -38,7 +38,7 @@ ENV_SERVER = "JAM_HOOK_SERVER"  # 0/off/no/false: no server (cold starts only)
 ENV_IDLE = "JAM_HOOK_SERVER_IDLE"  # seconds a server waits for a request before it exits (tests)
 IDLE = 900.0
 ANSWER = 10.0  # seconds a server has to start the child: past that it is taken for hung
-MAGIC = b"jam-hook-2"
+MAGIC = b"jam-hook-3"
 MAX_MESSAGE = 1 << 20  # a request: arguments, working directory and environment
 
 # What a hook-fetch in a root of dir remotes imports (tests/test_hook_server.py checks that a cold
@@ -156,7 +156,7 @@ def _tag() -> str:
 
 
 def _limit_numbers(resource) -> list[int]:
-    """The resource limits a request carries (every RLIMIT_* this Python knows)."""
+    """The resource limits a child takes from its client (every RLIMIT_* this Python knows)."""
     return sorted({getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")})
 
 
@@ -167,52 +167,16 @@ def _exec_env(items) -> list[tuple[bytes, bytes]]:
     return sorted((k, v) for k, v in items if k.startswith((b"LD_", b"GLIBC_TUNABLES", b"MALLOC_")))
 
 
-def _sched() -> str:
-    """This process's scheduling: nice value, CPUs it may run on, OOM score adjustment."""
-    try:
-        oom = _read("/proc/self/oom_score_adj").strip().decode()
-    except OSError:
-        oom = ""
-    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-    return f"{os.getpriority(os.PRIO_PROCESS, 0)}:{cpus}:{oom}"
-
-
-def _take_sched(field: bytes) -> bool:
-    """Take the client's :func:`_sched`; False if it cannot be had (a nice value below this
-    server's needs a privilege)."""
-    try:
-        nice, cpus, oom = field.decode().split(":")
-        if os.getpriority(os.PRIO_PROCESS, 0) != int(nice):
-            os.setpriority(os.PRIO_PROCESS, 0, int(nice))
-        want = {int(c) for c in cpus.split(",") if c}
-        if want and os.sched_getaffinity(0) != want:
-            os.sched_setaffinity(0, want)
-        if oom and _read("/proc/self/oom_score_adj").strip().decode() != oom:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, oom.encode())
-            finally:
-                os.close(fd)
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 def _request() -> bytes:
     """The request: magic, the encoding this process decodes names with, working directory,
-    umask, resource limits, scheduling, arguments, then the environment (each NUL-separated)."""
+    umask, arguments, then the environment (each NUL-separated)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    import resource
-
-    limits = ",".join(f"{n}:{resource.getrlimit(n)[0]}:{resource.getrlimit(n)[1]}" for n in _limit_numbers(resource))
     head = [
         MAGIC,
         sys.getfilesystemencoding().encode(),
         os.getcwdb(),
         str(mask).encode(),
-        limits.encode(),
-        _sched().encode(),
         str(len(sys.argv) - 1).encode(),
     ]
     args = [os.fsencode(a) for a in sys.argv[1:]]
@@ -244,10 +208,12 @@ def ask(key: str) -> int | None:
         else:
             child[1] = True
 
+    path = socket_path(d, key)
     try:
         try:
             s.settimeout(ANSWER)  # a stopped server with a full backlog: connect fails at once
-            s.connect(socket_path(d, key))
+            there = os.lstat(path).st_ino
+            s.connect(path)
             if _peer_uid(s) != os.geteuid():
                 return None
             # The server says it took the connection (and is not stale) before any descriptor of
@@ -255,6 +221,9 @@ def ask(key: str) -> int | None:
             if s.recv(64) != b"R":
                 return None
             message = _request()
+        except TimeoutError:
+            _give_up(path, there)
+            return None
         except OSError:
             return None
         previous = _signal.signal(_signal.SIGINT, interrupt)
@@ -275,6 +244,9 @@ def ask(key: str) -> int | None:
             while True:
                 try:
                     reply = s.recv(64)
+                except TimeoutError:
+                    _give_up(path, there)
+                    reply = b""
                 except OSError:
                     reply = b""
                 if not reply:  # the server went away (or never answered): before the child began, nothing was done
@@ -295,6 +267,17 @@ def ask(key: str) -> int | None:
             _signal.signal(_signal.SIGINT, previous)
     finally:
         s.close()
+
+
+def _give_up(path: str, ino: int) -> None:
+    """The server at ``path`` did not answer in time (stopped, hung): take its socket away, so
+    that the next fetch runs cold at once (or with a new server) rather than wait for it too. The
+    server, if it ever goes on, finds its socket gone and leaves."""
+    try:
+        if os.lstat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def start(key: str) -> None:
@@ -413,12 +396,15 @@ def serve(key: str) -> None:
         idle = float(os.environ.get(ENV_IDLE, "") or IDLE)
     except ValueError:
         idle = IDLE
+    began = time.time_ns()
     for name in WARM:
         importlib.import_module(name)
     from jam_core import fs
 
     fs._c()  # libc, loaded once here rather than in each child
     stamps = _stamps()
+    if any(st is not None and st[3] >= began for st in stamps.values()):
+        return  # a file changed while it was being imported (an upgrade under way): which is loaded?
     _EXEC_ENV[:] = _exec_env(os.environb.items())
     _POWERS[0] = _powers(os.getpid())
     try:
@@ -472,10 +458,10 @@ def _serve_one(conn, listener, stamps) -> bool:
     fds: list[int] = []
     try:
         conn.settimeout(1.0)
-        pid, uid = _peer(conn)
+        client, uid = _peer(conn)
         if uid != os.geteuid():
             return True
-        if _POWERS[0] is None or _powers(pid) != _POWERS[0]:
+        if _POWERS[0] is None or _powers(client) != _POWERS[0]:
             conn.send(b"S")  # another set of privileges, namespaces or cgroup: it runs cold
             return True
         if _stamps() != stamps:  # whatever the request (a newer jam's may not parse here)
@@ -486,8 +472,8 @@ def _serve_one(conn, listener, stamps) -> bool:
         if len(fds) != 3 or not message.startswith(MAGIC + b"\0"):
             return True
         fields = message.split(b"\0")
-        nargs = int(fields[6])
-        env = [item.partition(b"=") for item in fields[7 + nargs :]]
+        nargs = int(fields[4])
+        env = [item.partition(b"=") for item in fields[5 + nargs :]]
         if fields[1] != sys.getfilesystemencoding().encode() or _exec_env((k, v) for k, _, v in env) != _EXEC_ENV:
             conn.send(b"S")  # names decode otherwise, or another loader's set-up: not for this server
             return True
@@ -495,7 +481,7 @@ def _serve_one(conn, listener, stamps) -> bool:
         if pid == 0:
             try:
                 listener.close()
-                _child(conn, fields, fds)
+                _child(conn, fields, fds, client)
             finally:
                 os._exit(1)
         return True
@@ -506,9 +492,9 @@ def _serve_one(conn, listener, stamps) -> bool:
             os.close(fd)
 
 
-def _child(conn, fields: list[bytes], fds: list[int]) -> None:
-    """Become the client's hook-fetch (its descriptors, directory, umask, arguments and
-    environment) and answer it; the exit code goes back over ``conn``."""
+def _child(conn, fields: list[bytes], fds: list[int], client: int) -> None:
+    """Become the hook-fetch of process ``client`` (its descriptors, directory, umask, limits,
+    scheduling, arguments and environment) and answer it; the exit code goes back over ``conn``."""
     import signal
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -520,10 +506,10 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[6])
-    args = [os.fsdecode(a) for a in fields[7 : 7 + nargs]]
-    env = fields[7 + nargs :]
-    if not _take_limits(fields[4]) or not _take_sched(fields[5]):
+    cwd, mask, nargs = fields[2], int(fields[3]), int(fields[4])
+    args = [os.fsdecode(a) for a in fields[5 : 5 + nargs]]
+    env = fields[5 + nargs :]
+    if not _take_process(client):
         conn.send(b"S")  # the client's limits or scheduling cannot be had here: it runs cold
         os._exit(1)
     os.environb.clear()
@@ -559,16 +545,31 @@ def _child(conn, fields: list[bytes], fds: list[int]) -> None:
     os._exit(code)
 
 
-def _take_limits(field: bytes) -> bool:
-    """Set this process's resource limits to the client's (``num:soft:hard,...``); False if one
-    cannot be had (a hard limit above this server's)."""
+def _take_process(pid: int) -> bool:
+    """Make this process's resource limits and scheduling (nice value, CPUs, OOM score
+    adjustment) those of process ``pid`` (the client, read from the kernel, never from its
+    request: a client at nice 19 or under a low hard limit cannot shed it by claiming others).
+    False if one cannot be had here (a lower nice or a higher hard limit needs a privilege)."""
     import resource
 
     try:
-        for item in field.decode().split(","):
-            n, soft, hard = (int(x) for x in item.split(":"))
-            if resource.getrlimit(n) != (soft, hard):
-                resource.setrlimit(n, (soft, hard))
+        for n in _limit_numbers(resource):
+            want = resource.prlimit(pid, n)
+            if resource.getrlimit(n) != want:
+                resource.setrlimit(n, want)
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+        if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        cpus = os.sched_getaffinity(pid)
+        if os.sched_getaffinity(0) != cpus:
+            os.sched_setaffinity(0, cpus)
+        oom = _read(f"/proc/{pid}/oom_score_adj").strip()
+        if _read("/proc/self/oom_score_adj").strip() != oom:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, oom)
+            finally:
+                os.close(fd)
     except (ValueError, OSError):
         return False
     return True
