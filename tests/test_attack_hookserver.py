@@ -17,6 +17,8 @@ newer protocol's request before its staleness check and lived on; a shared libra
 the server was not noticed; a socket path over 107 bytes killed every server in bind(); a
 client's claimed hard limits and nice value were believed; an upgrade during the server's imports
 was served for ever; a stopped server cost ANSWER seconds on every cd.
+Still open (strict xfail): an upgrade between the server's first imports (jam_core, jam_core.cli,
+hook_server: the spawn code's own import) and serve()'s ``began`` is served for ever.
 """
 
 from __future__ import annotations
