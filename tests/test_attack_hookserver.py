@@ -227,9 +227,28 @@ class Warm:
             select.select([], [], [], 0.01)  # a deadline of 30 s, not a synchronisation
         raise AssertionError("the server never listened")
 
+    def holders(self) -> list[int]:
+        """Every pid holding a lock of this key, here or in /tmp/jam-UID (a fallback)."""
+        inos = set()
+        for d in (self.dir, Path(f"/tmp/jam-{os.geteuid()}")):
+            for lock in sorted(d.glob(f"hook-{self.key}*.sock.lock")) if d.is_dir() else []:
+                try:
+                    inos.add(lock.stat().st_ino)
+                except OSError:
+                    pass
+        out = []
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) in inos:
+                out.append(int(parts[4]))
+        return out
+
     def close(self) -> None:
-        pid = self.holder()
-        if pid:
+        # A server a cold fetch spawned may start only now: a run directory others could reach
+        # makes it leave at once (it falls back to /tmp only when $XDG_RUNTIME_DIR itself is unfit).
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.dir.chmod(0o755)
+        for pid in self.holders():
             try:
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
@@ -242,9 +261,11 @@ class Warm:
             proc.wait(timeout=30)
             if proc.stdout:
                 proc.stdout.close()
-        import shutil
-
-        shutil.rmtree(self.run, ignore_errors=True)
+        for f in self.dir.iterdir():  # the directories stay (see above), their files go
+            try:
+                f.unlink()
+            except OSError:
+                pass
 
 
 @pytest.fixture
