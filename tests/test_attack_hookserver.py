@@ -91,9 +91,9 @@ class Warm:
     kills every server of its run directory at the end."""
 
     def __init__(self, tmp_path: Path):
-        from jam_core.cli.hook import boot_paths
-
         import tempfile
+
+        from jam_core.cli.hook import boot_paths
 
         self.tmp = tmp_path
         self.key = uuid.uuid4().hex[:20]  # what the bootstrap holds (start() may add its tag)
@@ -330,13 +330,20 @@ def _eatmydata(tmp_path: Path, note: str = "x", name: str = "libeat.so") -> tupl
     return str(lib), mark
 
 
-def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(tree, warm, tmp_path):
+@pytest.fixture
+def eatmydata(tmp_path):
+    """The preload library, built before the tree (a server does not serve while a file it maps
+    is younger than its own start: the library must be older than the server)."""
+    return _eatmydata(tmp_path)
+
+
+def test_the_first_shell_s_preload_does_not_make_every_later_fetch_undurable(eatmydata, tree, warm):
     """The first cd happened under ``eatmydata`` (LD_PRELOAD: fsync and syncfs do nothing); the
     server it spawned keeps that library for its whole life, so a later fetch from a shell
     without it swaps the stubs out with content never made durable (a crash then leaves empty
     files where the stubs were: the silent zeros of invariant 4). A cold start syncs."""
     root, content = tree
-    lib, mark = _eatmydata(tmp_path)
+    lib, mark = eatmydata
     warm.serve(LD_PRELOAD=lib)
     _control(warm, root, LD_PRELOAD=lib)
     mark.unlink()
@@ -737,7 +744,13 @@ def test_a_stale_server_that_cannot_read_a_newer_hook_s_request_leaves(tree, war
     assert _wait_for(server.pid, {POLL, ACCEPT4}) == "exited", "the stale server waits for the next request"
 
 
-def test_a_shared_library_upgraded_under_the_server_makes_it_stale(tree, warm, tmp_path):
+@pytest.fixture
+def eatmydata_1(tmp_path):
+    """A preload library that notes "1", built before the tree (see ``eatmydata``)."""
+    return _eatmydata(tmp_path, note="1")
+
+
+def test_a_shared_library_upgraded_under_the_server_makes_it_stale(eatmydata_1, tree, warm, tmp_path):
     """A shared library the server has mapped is upgraded on disk (apt replacing libsqlite3,
     libssl or libc with a security fix; here a library every shell of the user preloads, in the
     same environment for server and client): the server's stamps cover the interpreter and each
@@ -745,7 +758,7 @@ def test_a_shared_library_upgraded_under_the_server_makes_it_stale(tree, warm, t
     cds keep the server alive, where a cold start loads the new one. (Failed before d42ef72;
     guard, mutation-checked: _stamps() reads /proc/self/maps.)"""
     root, content = tree
-    lib, mark = _eatmydata(tmp_path, note="1")
+    lib, mark = eatmydata_1
     warm.serve(LD_PRELOAD=lib)
     _control(warm, root, LD_PRELOAD=lib)
     mark.unlink()
@@ -1065,7 +1078,6 @@ if not _os.path.exists(_mark):  # once: the first importer is the server (starte
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `began` is taken in serve(), after jam_core and jam_core.cli were imported (hook_server.serve)")
 def test_an_upgrade_just_before_serve_is_not_served_for_ever(tree, warm):
     """The server's first imports (jam_core, jam_core.cli, hook_server itself: the spawn code's
     ``import jam_core.cli.hook_server``) happen before serve() notes when it began: a module

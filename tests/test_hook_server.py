@@ -176,16 +176,24 @@ def test_the_child_takes_the_client_s_environment_and_directory(tree, warm, tmp_
     assert warm.served() and _back(root, content), "differs"
 
 
-def test_a_server_whose_code_changed_answers_nothing_and_exits(tree, tmp_path):
+@pytest.fixture
+def code(tmp_path) -> Path:
+    """A copy of jam_core and jam_dir (an installation a test may upgrade), made before the tree:
+    a server does not serve while a file it loaded is younger than its own start."""
+    code = tmp_path / "code"
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "jam_core", code / "jam_core", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "plugins/jam_dir", code / "jam_dir", ignore=shutil.ignore_patterns("__pycache__"))
+    return code
+
+
+def test_a_server_whose_code_changed_answers_nothing_and_exits(code, tree, tmp_path):
     """An upgrade or an edit of any module the server loaded: it refuses, exits, and the fetch
     runs cold (with the new code)."""
     from jam_core.cli.hook import boot_paths
 
     root, content = tree
-    code = tmp_path / "code"
     repo = Path(__file__).resolve().parent.parent
-    shutil.copytree(repo / "jam_core", code / "jam_core", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(repo / "plugins/jam_dir", code / "jam_dir", ignore=shutil.ignore_patterns("__pycache__"))
     paths = [p for p in boot_paths() if p not in (str(repo), str(repo / "plugins"))] + [str(code)]
     w = Warm(tmp_path, paths)
     try:

@@ -156,12 +156,17 @@ def _leave(code: int) -> None:
     """End the hook's ``jam hook-fetch`` process now: flush what it said and exit without the
     interpreter's teardown (a full collection and every module torn down: milliseconds the
     prompt waits for, with nothing left to do: catalogs are closed, no thread runs)."""
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
+    """Flush stdout and stderr, quietly (a closed pipe, a full disk, a stream the shell closed)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # (AttributeError: closed by the shell, it is None)
             pass
-    os._exit(code)
 
 
 def finished(*keep) -> bool:
@@ -193,7 +198,7 @@ def _leave_done(code: int) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return
     os._exit(code)
 

@@ -283,21 +283,15 @@ def _give_up(path: str, ino: int) -> None:
 def start(key: str) -> None:
     """The hook's bootstrap: the server's answer if one gives it, else the cold fetch here, and a
     server started for the next one. Never returns."""
+    from jam_core import cli  # (the package this module is in: imported already)
+
     key = f"{key}-{_tag()}"
     code = ask(key)
     if code is None:
-        from jam_core import cli
-
         code = cli.boot_code()
         if code != cli.EXIT_BOOT and not _off():
             spawn(key)
-        cli._leave(code)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    cli._leave(code)
 
 
 def spawn(key: str) -> None:
@@ -363,6 +357,18 @@ def _stamps() -> dict[str, tuple | None]:
     return {f: _stamp(f) for f in files}
 
 
+def _began_ns() -> int:
+    """When this process started (realtime ns), before any of its imports (the spawn code's
+    own come before :func:`serve`); 20 ms earlier for the 10 ms tick of /proc's start time and
+    the coarse clock file change times come from."""
+    import time
+
+    stat = _read("/proc/self/stat")
+    ticks = int(stat.rsplit(b")", 1)[1].split()[19])
+    age = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ticks * 10**9 // os.sysconf("SC_CLK_TCK")
+    return time.time_ns() - age - 20_000_000
+
+
 def serve(key: str) -> None:
     """Run the server for ``key`` until it has been idle for :data:`IDLE` seconds, its socket is
     gone or replaced, or its code changed on disk. Exits at once if another server holds the
@@ -378,7 +384,7 @@ def serve(key: str) -> None:
         return
     # Whatever the shell that started the first fetch left open (a terminal's pipe, a coprocess):
     # a reader waiting for its end must not wait for this server.
-    os.closerange(3, 1 << 16)
+    os.closerange(3, 2**31 - 1)
     d = run_dir(create=True)
     if d is None:
         return
@@ -396,7 +402,7 @@ def serve(key: str) -> None:
         idle = float(os.environ.get(ENV_IDLE, "") or IDLE)
     except ValueError:
         idle = IDLE
-    began = time.time_ns()
+    began = _began_ns()
     for name in WARM:
         importlib.import_module(name)
     from jam_core import fs
@@ -461,7 +467,11 @@ def _serve_one(conn, listener, stamps) -> bool:
         client, uid = _peer(conn)
         if uid != os.geteuid():
             return True
-        if _POWERS[0] is None or _powers(client) != _POWERS[0]:
+        mine = _powers(os.getpid())
+        if mine is None or mine != _POWERS[0]:
+            conn.send(b"S")  # this server changed since it started (moved to another cgroup): it leaves
+            return False
+        if _powers(client) != mine:
             conn.send(b"S")  # another set of privileges, namespaces or cgroup: it runs cold
             return True
         if _stamps() != stamps:  # whatever the request (a newer jam's may not parse here)
@@ -533,11 +543,7 @@ def _child(conn, fields: list[bytes], fds: list[int], client: int) -> None:
 
         traceback.print_exc()
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    cli._flush()
     try:
         conn.send(b"C%d" % code)
     except OSError:
