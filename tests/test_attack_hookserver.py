@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file
+from tests.test_hook_server import hook_server_file
 
 
 def _digest(data: bytes) -> str:
@@ -120,11 +121,7 @@ class Warm:
 
     @property
     def file(self) -> str:
-        for p in self.paths:
-            f = os.path.join(p, "jam_core/cli/hook_server.py")
-            if os.path.isfile(f):
-                return f
-        raise AssertionError("no jam_core on the paths")
+        return hook_server_file(self.paths)
 
     @property
     def dir(self) -> Path:
@@ -865,19 +862,28 @@ def test_a_client_cannot_shed_its_hard_limits_by_claiming_others(tree, warm):
 
 
 
-UPGRADE_AT_IMPORT = """
+def _upgrade_code(up: int, target: str, old: str, new: str) -> str:
+    """Code that, put at the end of a module of the copy, upgrades ``target`` (a path below the
+    copy's top, ``up`` directories above that module) once, in the first process that imports the
+    module (the server): ``old`` replaced by ``new``, written aside and renamed in as pip does."""
+    return f"""
 import os as _os
-_here = _os.path.dirname(_os.path.abspath(__file__))
-_mark = _os.path.join(_here, "..", "upgraded")
-if not _os.path.exists(_mark):  # once: the first process that imports jam_dir is the server
+_top = _os.path.abspath(__file__)
+for _ in range({up}):
+    _top = _os.path.dirname(_top)
+_mark = _os.path.join(_top, "upgraded")
+if not _os.path.exists(_mark):  # once: the first importer is the server (started first)
     open(_mark, "w").close()
-    _hook = _os.path.join(_here, "..", "jam_core", "cli", "hook.py")
-    with open(_hook, encoding="utf-8") as _f:
-        _text = _f.read().replace('f"fetched {n} file', 'f"FETCHED {n} file')
-    with open(_hook + ".new", "w", encoding="utf-8") as _f:
+    _file = _os.path.join(_top, {target!r})
+    with open(_file, encoding="utf-8") as _f:
+        _text = _f.read().replace({old!r}, {new!r})
+    with open(_file + ".new", "w", encoding="utf-8") as _f:
         _f.write(_text)
-    _os.replace(_hook + ".new", _hook)
+    _os.replace(_file + ".new", _file)
 """
+
+
+UPGRADE_AT_IMPORT = _upgrade_code(2, "jam_core/cli/hook.py", 'f"fetched {n} file', 'f"FETCHED {n} file')
 
 
 def test_an_upgrade_during_the_server_s_imports_is_not_served_for_ever(tree, warm):
@@ -1063,19 +1069,8 @@ def test_a_client_cannot_shed_its_nice_value_by_claiming_another(tree, warm, tmp
     assert nice == 19, f"the fetch of a process at nice 19 ran at {nice}"
 
 
-UPGRADE_BEFORE_SERVE = """
-import os as _os
-_top = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-_mark = _os.path.join(_top, "upgraded")
-if not _os.path.exists(_mark):  # once: the first importer is the server (started first)
-    open(_mark, "w").close()
-    _cli = _os.path.join(_top, "jam_core", "cli", "__init__.py")
-    with open(_cli, encoding="utf-8") as _f:
-        _text = _f.read().replace('for name in sorted(sys.modules)))', 'for name in sorted(sys.modules)) + "~new-code~\\\\n")')
-    with open(_cli + ".new", "w", encoding="utf-8") as _f:
-        _f.write(_text)
-    _os.replace(_cli + ".new", _cli)
-"""
+UPGRADE_BEFORE_SERVE = _upgrade_code(3, "jam_core/cli/__init__.py", "for name in sorted(sys.modules)))",
+                                     'for name in sorted(sys.modules)) + "~new-code~\\n")')
 
 
 def test_an_upgrade_just_before_serve_is_not_served_for_ever(tree, warm):

@@ -53,6 +53,15 @@ def _back(root, content) -> bool:
     return all(_digest((root.path / rel).read_bytes()) == d for rel, d in content.items())
 
 
+def hook_server_file(paths: list[str]) -> str:
+    """The hook_server.py these ``sys.path`` entries import."""
+    for p in paths:
+        f = os.path.join(p, "jam_core/cli/hook_server.py")
+        if os.path.isfile(f):
+            return f
+    raise AssertionError("no jam_core on the paths")
+
+
 class Warm:
     """One test's server key, run directory and code paths; starts servers and runs clients."""
 
@@ -75,12 +84,7 @@ class Warm:
 
     @property
     def file(self) -> str:
-        """The hook_server.py these paths import."""
-        for p in self.paths:
-            f = os.path.join(p, "jam_core/cli/hook_server.py")
-            if os.path.isfile(f):
-                return f
-        raise AssertionError("no jam_core on the paths")
+        return hook_server_file(self.paths)
 
     def socket(self) -> Path:
         return self.run / f"jam-{os.geteuid()}" / f"hook-{self.full}.sock"
