@@ -16,9 +16,9 @@ request (a stopped server held the shell's stdout after the hook exited); a stal
 newer protocol's request before its staleness check and lived on; a shared library replaced under
 the server was not noticed; a socket path over 107 bytes killed every server in bind(); a
 client's claimed hard limits and nice value were believed; an upgrade during the server's imports
-was served for ever; a stopped server cost ANSWER seconds on every cd.
-Still open (strict xfail): an upgrade between the server's first imports (jam_core, jam_core.cli,
-hook_server: the spawn code's own import) and serve()'s ``began`` is served for ever.
+was served for ever; a stopped server cost ANSWER seconds on every cd; an upgrade between the
+server's first imports (the spawn code's own) and serve() was served for ever (fixed since: a
+server's start is its process's, read from /proc/self/stat).
 """
 
 from __future__ import annotations
