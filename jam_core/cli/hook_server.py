@@ -449,11 +449,12 @@ def serve(key: str) -> None:
                 if not _serve_one(conn, listener, stamps):
                     return
     finally:
-        try:
-            if os.lstat(path).st_ino == mine:
-                os.unlink(path)
-        except OSError:
-            pass
+        for name, ino in ((path, mine), (path + ".lock", os.fstat(lock).st_ino)):
+            try:
+                if os.lstat(name).st_ino == ino:  # ours still (not a newer server's)
+                    os.unlink(name)
+            except OSError:
+                pass
 
 
 def _serve_one(conn, listener, stamps) -> bool:
