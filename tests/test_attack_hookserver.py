@@ -215,7 +215,7 @@ class Warm:
         for _ in range(3000):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                s.connect(str(self.socket()))
+                s.connect(str(self.socket()))  # asked again each time: its name is known once it exists
                 return
             except OSError:
                 pass
@@ -371,6 +371,14 @@ def test_jam_debug_shows_the_traceback_through_the_server_too(tree, warm):
 # 3. The socket: a server that does not answer.
 
 
+def _reap(client: subprocess.Popen) -> None:
+    """End a client a test started (killed if it still runs) and close its stderr pipe."""
+    if client.poll() is None:
+        client.kill()
+    client.wait(timeout=30)
+    client.stderr.close()
+
+
 def _state(pid: int) -> str:
     text = Path(f"/proc/{pid}/stat").read_text()
     return text[text.rindex(")") + 2]
@@ -502,10 +510,7 @@ def test_a_stopped_server_costs_one_slow_cd_not_every_cd(tree, warm):
         assert waits == "exited", "the next cd waits for the stopped server again"
         assert client.wait(timeout=60) == 0 and _back(root, content)
     finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=30)
-        client.stderr.close()
+        _reap(client)
 
 
 def test_a_server_killed_with_the_request_queued_lets_the_fetch_run_cold_at_once(tree, warm):
@@ -530,10 +535,7 @@ def test_a_server_killed_with_the_request_queued_lets_the_fetch_run_cold_at_once
         err = client.stderr.read().decode()
         assert "fetched 3 files" in err and _back(root, content), err
     finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=30)
-        client.stderr.close()
+        _reap(client)
 
 
 def test_a_client_that_never_sends_does_not_take_the_server(tree, warm):
@@ -802,10 +804,7 @@ def test_ctrl_c_outside_the_fetch_s_own_handler_does_not_turn_the_hook_off(tree,
         assert _back(root, content), err  # fetched before
         assert code in (130, -signal.SIGINT), (code, err)
     finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=30)
-        client.stderr.close()
+        _reap(client)
 
 
 def test_a_client_without_capabilities_gets_no_fetch_with_them(tree, warm):
@@ -1023,10 +1022,7 @@ def _nice_of_fetch(warm, root, server, tmp_path, preexec_fn=None, before: str = 
         assert client.wait(timeout=60) == 0, client.stderr.read()
         return nice
     finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=30)
-        client.stderr.close()
+        _reap(client)
 
 
 def _nice(pid: int) -> int:
