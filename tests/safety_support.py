@@ -160,3 +160,19 @@ def run_jam(cwd, *args, machine: str, check: int | None = 0):
         assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{out}\n{err}"
     res.out, res.err = out, err
     return res
+
+
+def held_fds(pid: int) -> list[str]:
+    """What process ``pid``'s descriptors point at now (readlink of /proc/PID/fd/*). A descriptor
+    closed between the listing and its readlink (the process is working) is left out."""
+    held = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return held
+    for fd in fds:
+        try:
+            held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return held

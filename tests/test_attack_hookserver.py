@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file
+from tests.safety_support import held_fds
 from tests.test_hook_server import hook_server_file
 
 
@@ -949,12 +950,7 @@ def test_the_spawned_server_holds_nothing_of_the_root(tree, warm):
     warm.wait_listening()
     top = str(root.path)
     assert not os.readlink(f"/proc/{pid}/cwd").startswith(top), "the server's working directory is in the root"
-    held = []
-    for f in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            held.append(os.readlink(f))
-        except OSError:
-            pass
+    held = held_fds(pid)
     assert not [h for h in held if h.startswith(top)], held
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file, require_tool
+from tests.safety_support import held_fds
 
 FLAGS = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}
 
@@ -447,7 +448,7 @@ def test_the_spawned_server_keeps_nothing_the_shell_left_open(tree, warm):
         try:
             _wait_listening(sock_dir)
             pipe = os.fstat(w).st_ino
-            held = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+            held = held_fds(pid)
             assert f"pipe:[{pipe}]" not in held, held
         finally:
             os.kill(pid, signal.SIGTERM)

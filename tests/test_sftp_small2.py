@@ -99,6 +99,7 @@ from jam_core.model import Session  # noqa: E402
 from jam_core.objects import hash_file, object_relpath, verify_file  # noqa: E402
 from tests.conftest import make_file  # noqa: E402
 from tests.conftest_sshd import sftp_remote_for  # noqa: E402
+from tests.safety_support import held_fds  # noqa: E402
 from tests.test_sftp_safety import Recorder, stash_many, stored  # noqa: E402
 
 
@@ -221,15 +222,7 @@ def server_dir_fds(sshd, store: Path) -> int:
 
     n = 0
     for pid in _descendants(sshd.proc.pid):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
+        for target in held_fds(pid):
             if target.startswith(str(store / "objects")) and os.path.isdir(target):
                 n += 1
     return n
