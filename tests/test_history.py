@@ -635,3 +635,22 @@ def test_diff_of_a_name_that_is_neither_a_snapshot_nor_a_path_says_so(tmp_path):
     assert res.err.startswith("jam: no-such-thing: neither a snapshot nor a path") and res.out == "", res.err
     (t.root / "docs/a.txt").unlink()
     assert jam("diff", "docs", cwd=t.root).out.splitlines() == ["- docs/a.txt"]
+
+
+def test_a_damaged_history_db_is_named_as_the_history_not_the_catalog(tmp_path):
+    """history.db damaged past its header (opens, then a query fails): the one line names the
+    history, whose records no `jam doctor --fix` can rebuild, not the catalog. Guard
+    (mutation-checked): cli._sqlite_error's ``_raised_in(exc, jam_core/history/)``."""
+    t = make_tree(tmp_path)
+    for i in range(200):
+        (t.root / f"f{i}").write_bytes(os.urandom(100) + str(i).encode())
+    jam("commit", "-m", "one", cwd=t.root)
+    db = t.root / ".jam" / "history" / "history.db"
+    data = bytearray(db.read_bytes())
+    for off in range(4096, len(data), 4096):  # every page but the first (the header and schema)
+        data[off + 100:off + 400] = os.urandom(300)
+    db.write_bytes(bytes(data))
+    for args in (("commit", "-m", "two"), ("diff", "HEAD")):
+        res = jam(*args, cwd=t.root, check=1)
+        assert res.err.startswith("jam: the history (.jam/history/history.db) is damaged"), res.err
+        assert "catalog" not in res.err and "Traceback" not in res.err and res.err.count("\n") == 1, res.err

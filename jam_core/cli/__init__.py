@@ -270,14 +270,31 @@ def _unexpected(exc: Exception) -> str:
 
 
 def _sqlite_error(exc: Exception) -> str:
+    """One line for an sqlite3 error that reached the CLI: the catalog's, or the history's
+    (``jam_core/history`` in its traceback), which no doctor can rebuild from the tree."""
+    history = _raised_in(exc, os.path.join("jam_core", "history", ""))
+    what, where = ("the history", ".jam/history/history.db") if history else ("the catalog", ".jam/catalog.db")
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
-        return ("the catalog (.jam/catalog.db) is locked by another process; "
+        return (f"{what} ({where}) is locked by another process; "
                 "wait for it to finish and run the command again")
     if "full" in text:
-        return "no space left on the local disk for the catalog (.jam/catalog.db); free some space and run it again"
+        return f"no space left on the local disk for {what} ({where}); free some space and run it again"
     if "i/o" in text or "readonly" in text or "read-only" in text or "unable to open" in text:
-        return (f"cannot write the catalog (.jam/catalog.db): {exc}; check the disk and "
-                "the permissions of .jam, then run the command again")
-    return (f"the catalog (.jam/catalog.db) is damaged ({exc}); `jam doctor --fix` rebuilds it "
+        return (f"cannot write {what} ({where}): {exc}; check the disk and "
+                f"the permissions of {os.path.dirname(where)}, then run the command again")
+    if history:
+        return (f"the history ({where}) is damaged ({exc}); the command stopped there: put it back from a "
+                "backup (jam keeps every object meanwhile)")
+    return (f"the catalog ({where}) is damaged ({exc}); `jam doctor --fix` rebuilds it "
             "from the tree")
+
+
+def _raised_in(exc: BaseException, part: str) -> bool:
+    """True if a frame of ``exc``'s traceback runs code from a path containing ``part``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if part in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
