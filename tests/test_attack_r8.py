@@ -1,0 +1,86 @@
+"""R8: an attacker's review of every path that removes something (gc, drop/move, doctor --fix,
+remote remove), on real dir remotes, real files and real xattrs.
+
+Each test is either a hole (strict xfail, "BUG: ...") or a guard that was mutation-checked
+(its docstring names the guard that was commented out once to watch it fail).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jam_core.manager import make_plugin_manager
+from jam_core.objects import object_relpath
+from jam_core.ops.remotes import add_remote
+from jam_core.ops.stash import stash
+from jam_core.root import Root
+from jam_core.scan import DIRTY, STUB, walk
+from tests.conftest import make_file
+
+JAM = str(Path(sys.executable).parent / "jam")
+
+
+@pytest.fixture
+def pm():
+    return make_plugin_manager()
+
+
+def _root(tmp_path: Path, name: str, remotes: dict[str, Path], copies: int = 1, pm=None) -> Root:
+    pm = pm or make_plugin_manager()
+    path = tmp_path / name
+    path.mkdir()
+    root, _ = Root.init(path, default_remote=False)
+    for rname, loc in remotes.items():
+        loc.mkdir(exist_ok=True)
+        add_remote(root, pm, rname, str(loc), 0)
+    with root.lock():
+        root.update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", copies))
+    return root
+
+
+def _holds(loc: Path, oid: str) -> bool:
+    return (loc / "objects" / object_relpath(oid)).is_file()
+
+
+def _oid(root: Root, rel: str) -> str:
+    for e in walk(str(root.path), rel):
+        assert e.state in (STUB, DIRTY)
+        return e.record.oid
+    raise AssertionError(rel)
+
+
+def _jam(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([JAM, *args], cwd=cwd, capture_output=True, text=True, env=os.environ.copy(),
+                          timeout=120)
+
+
+# -- 1. the last copy ------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: one remote added twice under two names (same identity "
+                   "marker) counts as two copies: drop from one removes the only copy")
+def test_one_location_added_under_two_names_is_never_counted_as_two_copies(tmp_path, pm):
+    """`jam remote add a2 /same/dir` reuses the marker of remote a: a and a2 are one place.
+    `jam drop --from a f` then asks a2 whether it holds f (yes: it is the same directory) and
+    removes the only copy."""
+    a = tmp_path / "a"
+    root = _root(tmp_path, "r", {"a": a}, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    try:
+        add_remote(root, pm, "a2", str(a), 1)  # refusing this is one acceptable fix
+    except Exception as exc:  # noqa: BLE001 - a refusal must be a clear one-line error
+        from jam_core.errors import JamError
+
+        assert isinstance(exc, JamError), exc
+        return
+    from jam_core.ops.copies import drop
+
+    drop(root, ["f.bin"], pm, "a")
+    assert _holds(a, oid), "the only copy was removed"
