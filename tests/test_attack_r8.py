@@ -135,3 +135,36 @@ def test_gc_never_takes_another_roots_damaged_refs_for_no_refs(tmp_path, pm, dam
     out = gc(ra, pm)
     assert _holds(a, y), f"B's only copy was collected ({out.removed})"
     assert out.exit_code == 1 and out.problems, "a damaged refs file must be said"
+
+
+# -- 4. remote remove --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["catalog lost", "catalog rows gone"])
+@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove` counts the only copies from the catalog "
+                   "alone: with the catalog lost (or its rows gone) it forgets the remote that holds "
+                   "every stub's only copy, exit 0")
+def test_remote_remove_never_forgets_the_only_holder_because_the_catalog_forgot(tmp_path, pm, how):
+    """Guard wanted: the stubs themselves (a walk, as gc does) say which objects this root needs,
+    not only the catalog's location rows."""
+    from jam_core.root import CATALOG
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    assert _holds(a, oid) and not _holds(b, oid)
+    db = root.jam_dir / CATALOG
+    if how == "catalog lost":
+        db.unlink()
+        for side in root.jam_dir.glob(CATALOG + "-*"):
+            side.unlink()
+    else:
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM locations")
+    r = _jam(root.path, "remote", "remove", "a")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("jam: ") and "only copy" in r.stderr, (r.returncode, r.stderr)
+    assert "a" in {x.name for x in Root.find(root.path).remotes()}
