@@ -518,3 +518,18 @@ def test_a_server_of_other_powers_does_not_answer(tree, warm):
         assert not warm.served(), "a server of other powers answered"
     finally:
         data.chmod(0o755)
+
+
+def test_a_server_that_cannot_listen_leaves_quietly_and_leaves_nothing(warm):
+    """A directory where the socket should be: the server cannot listen there. It leaves at once,
+    quietly (the fetches run cold), and takes its lock file with it: before, the 0-byte lock file
+    stayed for ever. Guards (mutation-checked): serve()'s ``except OSError: return`` after the
+    socket's unlink (else a traceback) and its ``finally`` around everything after the lock."""
+    run = warm.socket().parent
+    run.mkdir(mode=0o700)
+    warm.socket().mkdir()
+    proc = subprocess.run(warm.server_command(), env=warm.env, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
+    assert sorted(p.name for p in run.iterdir()) == [warm.socket().name], "the lock file stayed"
+    assert warm.socket().is_dir()

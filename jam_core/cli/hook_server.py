@@ -395,63 +395,66 @@ def serve(key: str) -> None:
     except OSError:
         return  # another server has it (or it cannot be had)
     _LOCK[0] = lock
-    os.ftruncate(lock, 0)
-    os.write(lock, b"%d\n" % os.getpid())  # which process serves (the lock file says, for people and tests)
-    os.chdir("/")
+    mine: list[int | None] = [None]  # the socket's inode once bound
     try:
-        idle = float(os.environ.get(ENV_IDLE, "") or IDLE)
-    except ValueError:
-        idle = IDLE
-    began = _began_ns()
-    for name in WARM:
-        importlib.import_module(name)
-    from jam_core import fs
+        os.ftruncate(lock, 0)
+        os.write(lock, b"%d\n" % os.getpid())  # which process serves (the lock file says, for people and tests)
+        os.chdir("/")
+        try:
+            idle = float(os.environ.get(ENV_IDLE, "") or IDLE)
+        except ValueError:
+            idle = IDLE
+        began = _began_ns()
+        for name in WARM:
+            importlib.import_module(name)
+        from jam_core import fs
 
-    fs._c()  # libc, loaded once here rather than in each child
-    stamps = _stamps()
-    if any(st is not None and st[3] >= began for st in stamps.values()):
-        return  # a file changed while it was being imported (an upgrade under way): which is loaded?
-    _EXEC_ENV[:] = _exec_env(os.environb.items())
-    _POWERS[0] = _powers(os.getpid())
-    try:
-        os.unlink(path)  # a dead server's socket: the lock says nobody serves it
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    except OSError:
-        return  # (a path too long for a socket, a full disk): the fetches run cold
-    finally:
-        os.umask(old)
-    mine = os.lstat(path).st_ino
-    listener.listen(64)
-    try:
-        os.write(1, b"ready\n")  # for whoever waits on it (tests); /dev/null when spawned
-    except OSError:
-        pass
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    gc.collect()
-    gc.freeze()  # what the server made is never walked again (no copy-on-write in the children)
-    listener.settimeout(min(idle, 30.0))
-    last = time.monotonic()
-    try:
+        fs._c()  # libc, loaded once here rather than in each child
+        stamps = _stamps()
+        if any(st is not None and st[3] >= began for st in stamps.values()):
+            return  # a file changed while it was being imported (an upgrade under way): which is loaded?
+        _EXEC_ENV[:] = _exec_env(os.environb.items())
+        _POWERS[0] = _powers(os.getpid())
+        try:
+            os.unlink(path)  # a dead server's socket: the lock says nobody serves it
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # not a socket we may remove (a directory there): the fetches run cold
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            listener.bind(path)
+        except OSError:
+            return  # (a path too long for a socket, a full disk): the fetches run cold
+        finally:
+            os.umask(old)
+        mine[0] = os.lstat(path).st_ino
+        listener.listen(64)
+        try:
+            os.write(1, b"ready\n")  # for whoever waits on it (tests); /dev/null when spawned
+        except OSError:
+            pass
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+        gc.collect()
+        gc.freeze()  # what the server made is never walked again (no copy-on-write in the children)
+        listener.settimeout(min(idle, 30.0))
+        last = time.monotonic()
         while True:
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
-                if time.monotonic() - last >= idle or _stamp(path) is None or os.lstat(path).st_ino != mine:
+                if time.monotonic() - last >= idle or _stamp(path) is None or os.lstat(path).st_ino != mine[0]:
                     return
                 continue
             last = time.monotonic()
             with conn:
                 if not _serve_one(conn, listener, stamps):
                     return
-    finally:
-        for name, ino in ((path, mine), (path + ".lock", os.fstat(lock).st_ino)):
+    finally:  # whenever it leaves, even before it listened: its socket and lock file go (if still its own)
+        for name, ino in ((path, mine[0]), (path + ".lock", os.fstat(lock).st_ino)):
             try:
-                if os.lstat(name).st_ino == ino:  # ours still (not a newer server's)
+                if ino is not None and os.lstat(name).st_ino == ino:  # ours still (not a newer server's)
                     os.unlink(name)
             except OSError:
                 pass
