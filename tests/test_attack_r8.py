@@ -203,3 +203,34 @@ def test_gc_stops_for_a_root_of_this_machine_that_names_the_remote_without_an_id
     out = gc(ra, pm)
     assert _holds(a, y), f"B's only copy was collected ({out.removed})"
     assert out.exit_code == 1 and any("has recorded no refs" in p for p in out.problems), out.problems
+
+
+# -- 2. copies between tiers -----------------------------------------------------------------------
+
+def _b3(p: Path) -> str:
+    import blake3
+
+    return "b3:" + blake3.blake3(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam copy --to B` takes a same-size copy already on B for "
+                   "the object (has() compares sizes only) and records it as a copy; `jam remote remove A` "
+                   "then forgets the only intact copy, every step exit 0")
+def test_copy_never_records_a_corrupt_copy_already_on_the_destination(tmp_path, pm):
+    """B holds a copy of f's object with the right size and the wrong bytes (a bad sector, an
+    interrupted tool). `jam copy --to b f` must verify it (hash in place, as drop does) and
+    copy again, or fail; never say the content is on b."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    bad = b / "objects" / object_relpath(oid)
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"\xff" * 200_000)  # same size, other bytes
+    r = _jam(root.path, "copy", "--to", "b", "f.bin")
+    assert "Traceback" not in r.stderr, r.stderr
+    intact = _b3(bad) == oid
+    assert intact or r.returncode != 0, f"copy said done ({r.returncode}, {r.stdout!r}) over a corrupt copy"
+    r = _jam(root.path, "remote", "remove", "a")
+    assert intact or r.returncode != 0, "remote remove forgot the only intact copy"
