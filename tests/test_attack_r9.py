@@ -1,0 +1,131 @@
+"""R9: an attacker's review of tiers and object stores through rclone (S3 on a real SeaweedFS).
+
+Each test injects one fault on real files, a real rclone and a real S3 server. A test marked
+``xfail(strict=True, reason="BUG: ...")`` proves a hole (the fix is in the review's report);
+the others pass only because of the guard named in their docstring (each was mutation-checked:
+that guard commented out, the test failed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from jam_core.objects import object_relpath
+from jam_core.stub import XATTR, StubRecord
+from tests.conftest import make_file
+from tests.test_sftp_cli import jam  # the same CliRunner wrapper
+
+
+def is_stub(path) -> bool:
+    try:
+        os.getxattr(path, XATTR)
+        return True
+    except OSError:
+        return False
+
+
+def one_clean_line(res) -> str:
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) >= 1 and lines[0].startswith("jam: "), res.stderr
+    return "\n".join(lines)
+
+
+def oid_of(path) -> str:
+    return StubRecord.unpack(os.getxattr(path, XATTR)).oid
+
+
+def on_server(server, bucket: str, prefix: str, oid: str) -> bytes | None:
+    """The object's bytes on the server, read behind jam's back; None if it is not there
+    (`rclone cat` of a missing name prints nothing and exits 0: list it first)."""
+    path = f"seaweed:{bucket}/{prefix}/objects/{object_relpath(oid)}"
+    listed = json.loads(server.rclone("lsjson", "--files-only", path, check=False).stdout or b"[]")
+    if not listed:
+        return None
+    return server.rclone("cat", path).stdout
+
+
+def s3_root(runner, tmp_path, monkeypatch, url: str, name: str = "s3", tier: int | None = None):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    jam(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    jam(runner, "remote", "add", name, url)
+    jam(runner, "remote", "remove", "default")
+    return tree
+
+
+# -- 1. a stub never points at an object that is not there ------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: RCLONE_DRY_RUN=true in the environment reaches jam's rclone rcd: "
+                   "uploads answer success, store nothing, and the file becomes a stub of nothing")
+def test_rclone_dry_run_in_the_users_environment_never_makes_a_stub(runner, tmp_path, rclone_env, s3_bucket,
+                                                                    monkeypatch):
+    """RCLONE_DRY_RUN=true (a user's shell, left from a try of `rclone sync --dry-run`): rclone's
+    uploads answer success and store nothing. A file may become a stub only if its object is
+    really on the server."""
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
+    data = make_file(tree / "small.bin", 200_000, seed=1)
+    monkeypatch.setenv("RCLONE_DRY_RUN", "true")
+    jam(runner, "stash", "small.bin", ok=False)
+    if is_stub(tree / "small.bin"):
+        got = on_server(rclone_env, s3_bucket, "jam", oid_of(tree / "small.bin"))
+        assert got is not None, "a stub whose object is not on the server: the file is lost"
+        assert got == data, "a stub whose object holds other bytes"
+    else:
+        assert (tree / "small.bin").read_bytes() == data
+
+
+# -- 3. tiers and copies: the same place under two names --------------------------------------
+
+def _same_place_twice(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """A root with remotes 'a' (rclone:seaweed:B/jam) and 'b' (rclone:twin:B/jam, a second rclone
+    remote of the user's for the very same server) and ``[place] copies = 2``; jam's remote add
+    of 'b' is allowed or refused: returns (tree, whether 'b' was added)."""
+    from jam_core.root import Root
+
+    for k, v in rclone_env.env("twin").items():
+        monkeypatch.setenv(k, v)
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam", name="a")
+    res = jam(runner, "remote", "add", "b", f"rclone:twin:{s3_bucket}/jam", ok=False)
+    Root(tree).update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", 2))
+    return tree, res.exit_code == 0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a second remote on the same place (same identity marker) is accepted; "
+                   "drop --from one counts the other as a copy and removes the only one")
+def test_drop_never_removes_the_last_copy_held_under_two_names(runner, tmp_path, rclone_env, s3_bucket,
+                                                               monkeypatch):
+    """Two remotes that are one place (two rclone names for one bucket), copies = 1: `jam copy
+    --to b` then `jam drop --from a` must not count b's "copy" (the same object) and remove it."""
+    from jam_core.root import Root
+
+    tree, added = _same_place_twice(runner, tmp_path, rclone_env, s3_bucket, monkeypatch)
+    if not added:
+        return  # refused at `remote add`: nothing can count one place twice
+    Root(tree).update_config(lambda own: own["place"].__setitem__("copies", 1))
+    data = make_file(tree / "f.bin", 150_000, seed=3)
+    jam(runner, "stash", "f.bin")
+    oid = oid_of(tree / "f.bin")
+    jam(runner, "copy", "--to", "b", "f.bin", ok=False)
+    jam(runner, "drop", "--from", "a", "f.bin", ok=False)
+    got = on_server(rclone_env, s3_bucket, "jam", oid)
+    assert got is not None, "the only copy of a stub was dropped: the file is lost"
+    assert got == data, "differs"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: [place] copies = 2 is met by one place under two remote names "
+                   "(same identity marker): `jam where` lists two copies")
+def test_copies_two_is_not_met_by_one_place_under_two_names(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """``[place] copies = 2`` with 'a' and 'b' one place: the file may not become a stub said to
+    be held by two remotes (one bucket lost loses it)."""
+    tree, added = _same_place_twice(runner, tmp_path, rclone_env, s3_bucket, monkeypatch)
+    if not added:
+        return
+    make_file(tree / "f.bin", 150_000, seed=4)
+    jam(runner, "stash", "f.bin", ok=False)
+    if is_stub(tree / "f.bin"):
+        held = jam(runner, "where", "f.bin").output.split("\t", 1)[1].strip()
+        assert held.count(",") == 0, f"one place counted as two copies: {held}"
