@@ -234,3 +234,30 @@ def test_copy_never_records_a_corrupt_copy_already_on_the_destination(tmp_path, 
     assert intact or r.returncode != 0, f"copy said done ({r.returncode}, {r.stdout!r}) over a corrupt copy"
     r = _jam(root.path, "remote", "remove", "a")
     assert intact or r.returncode != 0, "remote remove forgot the only intact copy"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a stash publishes this root's refs from the catalog alone: "
+                   "a stub the catalog does not know (a `cp -a` of a stub) drops out of the refs, and "
+                   "another root's gc removes its only copy")
+def test_a_stub_copied_with_cp_a_stays_in_the_refs_another_roots_gc_reads(tmp_path, pm):
+    """Root A: f stashed; the user `cp -a f g` (xattrs kept: g is a stub of the same object, the
+    catalog does not know it) and checks f out; a later stash of h publishes A's refs from the
+    catalog ({h}). Root B's gc then finds f's object on no root's list and removes it: g is a
+    stub with no content anywhere. (A's own gc walks the tree and keeps it: the hole is in what
+    A tells the others.)"""
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.gc import gc
+
+    a = tmp_path / "a"
+    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
+    make_file(ra.path / "f.bin", 200_000, seed=1)
+    assert stash(ra, ["f.bin"], pm).exit_code == 0
+    x = _oid(ra, "f.bin")
+    subprocess.run(["cp", "-a", str(ra.path / "f.bin"), str(ra.path / "g.bin")], check=True)
+    assert _oid(ra, "g.bin") == x
+    assert checkout(ra, ["f.bin"], pm).exit_code == 0
+    make_file(ra.path / "h.bin", 200_000, seed=2)
+    assert stash(ra, ["h.bin"], pm).exit_code == 0
+    out = gc(rb, pm)
+    assert _holds(a, x), f"g.bin's only copy was collected by B's gc ({out.removed})"
