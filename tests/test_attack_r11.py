@@ -86,6 +86,13 @@ def _env() -> dict:
 def _hook_file(kind: str, jam_bin: str, tmp_path: Path) -> Path:
     text = subprocess.run([jam_bin, "hook", kind, "--bin", jam_bin], capture_output=True, text=True,
                           check=True, env=_env()).stdout
+    # Mutation checks without touching shell/ (a shared tree): R11_MUTATE="old=>new" edits the
+    # hook this test sources (the guard taken out once; the test must then fail).
+    mutate = os.environ.get("R11_MUTATE")
+    if mutate:
+        old, new = mutate.split("=>", 1)
+        assert old in text, f"R11_MUTATE: {old!r} is not in the {kind} hook"
+        text = text.replace(old, new)
     path = tmp_path / f"hook.{kind}"
     path.write_text(text)
     return path
@@ -142,3 +149,39 @@ def test_bash_with_errexit_survives_a_directory_whose_mark_cannot_be_written(ter
     deep.mkdir(parents=True)
     t = term("bash", "set -e")
     assert t.alive_after(f"cd {shlex.quote(str(deep))}", "echo after")
+
+
+def _is_stub(path: Path) -> bool:
+    from jam_core.scan import STUB, classify
+
+    return classify(str(path), os.lstat(path))[0] == STUB
+
+
+# A directory name that is code in every shell's syntax, a glob, a newline, a leading '-' and
+# a byte that is not UTF-8: the hook must treat it as data from $PWD to `jam hook-fetch`.
+HOSTILE = os.fsdecode(b"-n $(touch PWNED) `touch PWNED`; touch PWNED\n*?[a] \xff")
+
+
+def test_a_cd_into_a_hostile_directory_name_fetches_there_and_runs_nothing(jam_root, jam_bin, tmp_path):
+    """Stubs in a directory named like code: the cd fetches them (the name reaches jam whole)
+    and nothing of the name runs. Guard (bash; zsh and fish do not split words, and passed
+    unguarded): the quoting of `_jam_fetch "$PWD"` and of `hook-fetch -- "$1"` (either one
+    unquoted: the name splits into words and the fetch fails)."""
+    kind = "bash"
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+
+    d = jam_root.path / "data" / HOSTILE
+    data = {f"g{i}": make_file(d / f"g{i}", 70_000 + i, seed=i) for i in range(2)}
+    assert len(stash(jam_root, [f"data/{HOSTILE}"], make_plugin_manager()).done) == 2
+    env = dict(_env(), R11DIR=str(d))
+    t = Term(kind, _hook_file(kind, jam_bin, tmp_path), tmp_path, env)
+    try:
+        out = t.run('cd -- "$R11DIR"')
+    finally:
+        t.close()
+    assert "fetched 2 files" in out, out
+    assert "Traceback" not in out and "off in this shell" not in out, out
+    for name, content in data.items():
+        assert not _is_stub(d / name) and (d / name).read_bytes() == content, "differs"
+    assert not list(tmp_path.rglob("PWNED")) and not list(jam_root.path.rglob("PWNED"))
