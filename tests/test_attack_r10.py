@@ -1,0 +1,292 @@
+"""Review R10: a hostile user at the command line, in the config and in the TUI.
+
+Every test runs on a real root (real xattrs, a real dir remote). A hole found is a test marked
+``xfail(strict=True, reason="BUG: ...")``; a guard that holds is kept only if its test was seen
+failing with that guard commented out (named in the docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from jam_core.cli import main
+from tests.conftest import make_file
+from tests.safety_support import JAM, make_tree
+
+ESC_PAYLOADS = ("\x1b]0;pwn\x07", "\x1b[2J", "\r")
+
+
+def invoke(runner, *args, color=False):
+    """``jam ARGS`` in process; ``color=True`` is a terminal (click strips nothing)."""
+    return runner.invoke(main, list(args), color=color)
+
+
+def one_line(res) -> str:
+    """The single ``jam: `` line a mistake gets on stderr (never a traceback, never usage text)."""
+    err = res.stderr
+    assert "Traceback" not in err and "Traceback" not in res.output, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("jam: "), err
+    return lines[0]
+
+
+def no_control(text: str) -> None:
+    """Nothing a terminal would act on: no ESC, BEL, CR, and no bidi override."""
+    for c in ("\x1b", "\x07", "\r", "\u202e", "\u2066", "\u2067"):
+        assert c not in text, repr(text)
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    t = make_tree(tmp_path)
+    monkeypatch.chdir(t.root)
+    return t
+
+
+def tree_state(path) -> dict:
+    """Every entry under ``path``: (mode, size, mtime_ns, user.jam) (what 'nothing changed' means)."""
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            try:
+                x = os.getxattr(p, "user.jam", follow_symlinks=False)
+            except OSError:
+                x = None
+            out[p] = (st.st_mode, st.st_size, st.st_mtime_ns, x)
+    return out
+
+
+# -- 1. output injection ----------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: a path outside the root is echoed raw in the error line "
+                   "(Root.find / Root.rel messages): ESC sequences reach the terminal")
+@pytest.mark.parametrize("command", ["stash", "checkout", "status", "log"])
+def test_an_error_naming_a_hostile_path_outside_the_root_sends_no_escape_to_the_terminal(tree, runner, command):
+    """`jam stash ~/Downloads/*` where a file of Downloads is named ``x\\e[2J``: the error line
+    names it escaped, as every other jam line does (show_path), never the raw bytes."""
+    outside = tree.root.parent / "x\x1b]0;pwn\x07\x1b[2J"
+    make_file(outside, 100)
+    res = invoke(runner, command, str(outside), color=True)
+    assert res.exit_code == 2
+    line = one_line(res)
+    no_control(line)
+    assert "x" in line
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor's keep-both hint (ops/doctor.keep_both_hint) shell-quotes "
+                   "the raw name: ESC/BEL/CR reach the terminal even when piped")
+def test_doctor_report_on_a_hostile_dirty_stub_sends_no_control_characters(tree, runner):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+
+    name = "a\x1b]0;pwn\x07\x1b[2J\r.bin"
+    make_file(tree.root / name, 100_000)
+    assert len(stash(Root.find(tree.root), [name], make_plugin_manager()).done) == 1
+    with open(tree.root / name, "r+b") as f:  # written into: doctor suggests --keep-both with its name
+        f.seek(50_000)
+        f.write(b"mine")
+    res = invoke(runner, "doctor")  # piped: click strips CSI sequences, nothing else
+    assert res.exit_code == 1
+    assert "dirty" in res.output
+    no_control(res.output)
+    no_control(res.stderr)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: show_path escapes C0 controls only: a bidi override (U+202E) "
+                   "in a name reaches the terminal and reorders the line")
+def test_a_bidi_override_in_a_name_is_shown_escaped(tree, runner):
+    """``invoice\\u202efdp.exe`` shows as ``invoiceexe.pdf`` on a terminal: `jam where` and
+    the stash report must show the override escaped, like any control character."""
+    name = "invoice\u202efdp.exe"
+    make_file(tree.root / name, 100_000)
+    res = invoke(runner, "stash", name)
+    assert res.exit_code == 0
+    res = invoke(runner, "where", name)
+    assert res.exit_code == 0 and "vault" in res.output
+    no_control(res.output)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the root's own path is printed raw (status' last line, init): "
+                   "a root directory named with ESC sequences drives the terminal")
+def test_a_root_whose_path_holds_escapes_is_printed_escaped(tmp_path, runner, monkeypatch):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.remotes import add_remote
+    from jam_core.root import Root
+
+    top = tmp_path / "t\x1b]0;pwn\x07\x1b[2J"
+    top.mkdir()
+    (tmp_path / "remote").mkdir()
+    res = invoke(runner, "init", str(top), color=True)
+    assert res.exit_code == 0, res.output
+    no_control(res.output)
+    add_remote(Root.find(top), make_plugin_manager(), "vault", str(tmp_path / "remote"))
+    monkeypatch.chdir(top)
+    res = invoke(runner, "status", color=True)
+    assert res.exit_code == 0 and "total" in res.output
+    no_control(res.output)
+
+
+def test_json_output_stays_valid_and_names_round_trip(tree, runner):
+    """`--json` of status and where: valid JSON whatever the names (control characters,
+    undecodable bytes, bidi), and each name reads back to the bytes on disk."""
+    names = ["a\x1b[2J\n.bin", os.fsdecode(b"b\xff\xfe.bin"), "c\u202e.bin", "d\"\\.bin"]
+    for n in names:
+        make_file(tree.root / n, 100_000)
+    assert invoke(runner, "stash", ".").exit_code == 0
+    rows = json.loads(invoke(runner, "where", "--json", ".").output)
+    back = {os.fsencode(r["path"]) for r in rows}
+    assert back == {os.fsencode(n) for n in names}
+    st = json.loads(invoke(runner, "status", "--json").output)
+    assert st["total"]["stubs"] == 4
+
+
+# -- 2. bad input on the command line ------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: click's usage errors (unknown option, extra or missing argument, "
+                   "unknown command) print Usage/Try/Error lines, not one `jam: ` line")
+@pytest.mark.parametrize("args", [["stash", "--bogus", "a.bin"], ["status", "a.bin", "b.bin"],
+                                  ["remote", "add", "only-a-name"], ["stahs", "a.bin"], ["--bogus"],
+                                  ["remote", "add", "r", "/x", "--tier", "many"]],
+                         ids=["unknown-option", "extra-arg", "missing-arg", "unknown-command", "top-option",
+                              "bad-int"])
+def test_a_usage_mistake_is_one_jam_line_exit_2(tree, args):
+    make_file(tree.root / "a.bin", 100_000)
+    make_file(tree.root / "b.bin", 100_000)
+    before = tree_state(tree.root)
+    res = subprocess.run([JAM, *args], capture_output=True, text=True, cwd=tree.root, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("jam: "), res.stderr
+    assert tree_state(tree.root) == before
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: parse_size('1e300GB') overflows int(inf): "
+                   "'internal error: OverflowError', exit 1, not a config error")
+def test_a_min_size_too_big_for_any_disk_is_a_config_error(tree, runner):
+    make_file(tree.root / "a.bin", 100_000)
+    cfg = tree.root / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text().replace('min_size = "64KiB"', 'min_size = "1e300GB"'))
+    before = tree_state(tree.root)
+    res = invoke(runner, "stash", "a.bin")
+    line = one_line(res)
+    assert res.exit_code == 2 and "min_size" in line and "internal error" not in line
+    assert tree_state(tree.root) == before
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: parse_duration accepts a number that overflows to inf "
+                   "('--older-than 999...9d'): 'verified less than infs ago'")
+def test_an_infinite_duration_is_refused(tree, runner):
+    res = invoke(runner, "doctor", "--deep", "--older-than", "9" * 400 + "d")
+    assert res.exit_code == 2
+    assert "--older-than" in one_line(res)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam daemon --timeout nan` passes the `timeout <= 0` check: "
+                   "no fetch ever times out and the supervisor's wait becomes 0 (a busy loop)")
+@pytest.mark.parametrize("value", ["nan", "-nan"])
+def test_a_daemon_timeout_that_is_not_a_number_is_refused(tree, runner, monkeypatch, value):
+    import jam_core.daemon.fanotify as fan
+    import jam_core.daemon.supervisor as sup
+
+    started = []
+
+    class Fake:
+        def __init__(self, roots, timeout):
+            started.append(timeout)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(fan, "probe", lambda: None)  # as on a kernel that has it
+    monkeypatch.setattr(sup, "Supervisor", Fake)
+    res = invoke(runner, "daemon", "--timeout", value)
+    assert started == [] and res.exit_code == 2, (started, res.output)
+    assert "--timeout" in one_line(res)
+
+
+# -- 3. config.toml and the environment ------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: _read_toml opens the config with a blocking open and reads it "
+                   "whole: a FIFO at ~/.config/jam/config.toml hangs every command without a word")
+def test_a_user_config_that_is_a_fifo_is_one_line_not_a_hang(tree):
+    cfg = tree.root.parent / "xdg-config" / "jam"
+    cfg.mkdir(parents=True)
+    os.mkfifo(cfg / "config.toml")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(cfg.parent))
+    try:  # the bound is a hang detector only: the answer takes well under a second
+        res = subprocess.run([JAM, "remote", "list"], capture_output=True, text=True, cwd=tree.root, env=env,
+                             stdin=subprocess.DEVNULL, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("jam hung on a FIFO config")
+    assert res.returncode == 2 and res.stderr.startswith("jam: ") and "config.toml" in res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a user config that is a symlink to /dev/zero is read whole: "
+                   "all memory, then 'internal error: MemoryError'")
+def test_a_user_config_linked_to_dev_zero_is_one_line(tree):
+    cfg = tree.root.parent / "xdg-config" / "jam"
+    cfg.mkdir(parents=True)
+    os.symlink("/dev/zero", cfg / "config.toml")
+    env = dict(os.environ, XDG_CONFIG_HOME=str(cfg.parent))
+
+    def cap():  # what the machine would lose otherwise: all of its memory
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    res = subprocess.run([JAM, "remote", "list"], capture_output=True, text=True, cwd=tree.root, env=env,
+                         stdin=subprocess.DEVNULL, preexec_fn=cap, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("jam: ") and "config.toml" in res.stderr and "internal error" not in res.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a user config that is a directory is an OSError line, exit 1, "
+                   "not a configuration error (exit 2)")
+def test_a_user_config_that_is_a_directory_is_a_config_error(tree, runner, monkeypatch):
+    cfg = tree.root.parent / "xdg-config"
+    (cfg / "jam" / "config.toml").mkdir(parents=True)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(cfg))
+    res = invoke(runner, "remote", "list")
+    assert res.exit_code == 2 and "config.toml" in one_line(res)
+
+
+# -- 4. two commands at once -------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: Root.lock says it waits only when stderr is a terminal: "
+                   "from cron or a pipe, a second jam waits without a word")
+def test_a_command_waiting_for_the_lock_says_so_even_when_stderr_is_not_a_terminal(tree, runner, monkeypatch):
+    """The lock is held by another process (an open file description of ours); at the instant
+    stash is about to block on it, its stderr must already say why it waits."""
+    import jam_core.root as rootmod
+
+    make_file(tree.root / "a.bin", 100_000)
+    holder = os.open(tree.root / ".jam" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    real = fcntl.flock
+    said = []
+
+    class Flock:
+        def flock(self, fd, op):
+            if fd != holder and op == fcntl.LOCK_EX:  # about to wait: what has the user been told?
+                said.append(op)
+                os.close(holder)  # the other process finishes
+            return real(fd, op)
+
+        def __getattr__(self, name):
+            return getattr(fcntl, name)
+
+    monkeypatch.setattr(rootmod, "fcntl", Flock())
+    res = invoke(runner, "stash", "a.bin")
+    assert res.exit_code == 0, res.output
+    assert len(said) == 1
+    assert "waiting for another jam process" in res.stderr
