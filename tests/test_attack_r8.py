@@ -290,3 +290,38 @@ def test_doctor_fix_never_forgets_the_object_of_a_stub_it_left_as_it_is(tmp_path
     r = _jam(root.path, "gc")
     assert "Traceback" not in r.stderr, r.stderr
     assert _holds(a, x), "the damaged stub's object was collected after doctor --fix"
+
+
+@pytest.mark.parametrize("entry", ["symlink", "directory", "fifo"])
+@pytest.mark.xfail(strict=True, reason="BUG: an entry of meta/refs/ that is not a regular file (a symlink, "
+                   "a directory, a FIFO) is skipped by list_meta: that root's refs count as absent and gc "
+                   "removes its only copies instead of stopping on that remote")
+def test_gc_stops_on_a_refs_entry_it_cannot_read(tmp_path, pm, entry):
+    """Root B (another machine) refers to y; its refs entry on the shared remote is not a regular
+    file (a sync tool that keeps symlinks, a restore gone wrong). jam must not read that as
+    "B refers to nothing": it cannot tell, so it removes nothing there and says why."""
+    from jam_core.ops.gc import gc
+    from jam_core.ops.refs import root_id
+
+    a = tmp_path / "a"
+    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
+    make_file(rb.path / "y.bin", 200_000, seed=5)
+    assert stash(rb, ["y.bin"], pm).exit_code == 0
+    y = _oid(rb, "y.bin")
+    with rb.lock():
+        rid = root_id(rb)
+    (rb.path / ".jam" / "config.toml").unlink()  # B is on another machine: not a root here
+    refs = a / "meta" / "refs" / rid
+    real = tmp_path / "elsewhere"
+    real.write_bytes(refs.read_bytes())
+    refs.unlink()
+    if entry == "symlink":
+        refs.symlink_to(real)
+    elif entry == "directory":
+        refs.mkdir()
+    else:
+        os.mkfifo(refs)
+    out = gc(ra, pm)
+    assert _holds(a, y), f"B's only copy was collected ({out.removed})"
+    assert out.exit_code == 1 and out.problems, "an unreadable refs entry must be said"
