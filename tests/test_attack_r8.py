@@ -325,3 +325,29 @@ def test_gc_stops_on_a_refs_entry_it_cannot_read(tmp_path, pm, entry):
     out = gc(ra, pm)
     assert _holds(a, y), f"B's only copy was collected ({out.removed})"
     assert out.exit_code == 1 and out.problems, "an unreadable refs entry must be said"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove` leaves the catalog's location rows "
+                   "of that name; a new remote added under the old name inherits them, and `jam remote "
+                   "remove` of the real only holder is then allowed (exit 0, no word)")
+def test_a_name_reused_for_another_remote_never_vouches_for_the_old_ones_copies(tmp_path, pm):
+    """f is on a (old disk) and b. The user forgets a (`remote remove a`: b holds a copy, so
+    it is allowed), plugs in a new empty disk and adds it as a. b now holds f's only
+    copy; `jam remote remove b` must refuse, not count the old a's copy under the new a."""
+    old, b, new = tmp_path / "old", tmp_path / "b", tmp_path / "new"
+    root = _root(tmp_path, "r", {"a": old, "b": b}, copies=2, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    assert _holds(old, oid) and _holds(b, oid)
+    with root.lock():
+        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    r = _jam(root.path, "remote", "remove", "a")
+    assert r.returncode == 0, r.stderr
+    new.mkdir()
+    r = _jam(root.path, "remote", "add", "a", str(new))
+    assert r.returncode == 0, r.stderr
+    assert not _holds(new, oid)
+    r = _jam(root.path, "remote", "remove", "b")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("jam: ") and "only copy" in r.stderr, (r.returncode, r.stderr)
