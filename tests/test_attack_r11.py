@@ -185,3 +185,62 @@ def test_a_cd_into_a_hostile_directory_name_fetches_there_and_runs_nothing(jam_r
     for name, content in data.items():
         assert not _is_stub(d / name) and (d / name).read_bytes() == content, "differs"
     assert not list(tmp_path.rglob("PWNED")) and not list(jam_root.path.rglob("PWNED"))
+
+
+def test_zsh_with_err_exit_and_no_unset_survives_a_mark_that_cannot_be_written(term, stubbed):
+    """zsh with `setopt err_exit no_unset` (the same hostile user as above): a cd into a
+    directory whose mark cannot be made (name > 255 bytes) and a prompt after `false && true`
+    leave the shell alive. Guard: `emulate -L zsh` in _jam_chpwd (without it the failed
+    redirection ends the shell)."""
+    deep = stubbed.path / ("a" * 200) / ("b" * 200)
+    deep.mkdir(parents=True)
+    t = term("zsh", "setopt err_exit no_unset")
+    assert t.alive_after(f"cd {shlex.quote(str(deep))}", "false && true", f"cd {shlex.quote(str(stubbed.path))}",
+                         "echo after")
+
+
+def _jam(jam_bin: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([jam_bin, *args], capture_output=True, cwd=cwd, env=_env(), timeout=120)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam init` of a path that is not UTF-8 dies in register_root "
+                   "(UnicodeEncodeError, 'internal error', exit 1) after making .jam: the root is never in the "
+                   "roots list, so the cd hooks never serve it and a second init says 'already a jam root'")
+def test_a_root_whose_path_is_not_utf8_is_registered_for_the_hooks(tmp_path, jam_bin):
+    """Linux paths are bytes: a directory named in Latin-1 (an old archive, a USB stick). `jam
+    init` there must either work whole (the roots list holds its bytes, so the hooks, which
+    compare bytes, find it) or refuse before making anything, with one line."""
+    from jam_core.root import roots_file
+
+    top = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    top.mkdir()
+    res = _jam(jam_bin, "init", str(top))
+    assert b"internal error" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
+    if res.returncode == 0:
+        assert bytes(top) in roots_file().read_bytes().splitlines()
+    else:
+        assert res.returncode == 2 and res.stderr.startswith(b"jam: ") and res.stderr.count(b"\n") == 1
+        assert not (top / ".jam").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a root path with a newline is written into the one-per-line "
+                   "roots list as two lines: the hooks never see the root, and the overlap check (invariant 10) "
+                   "misses it, so another root's `jam remote add` puts a remote inside it")
+def test_a_root_whose_path_has_a_newline_is_never_lost_from_the_roots_list(tmp_path, jam_bin):
+    """`jam init` of `nl<newline>C` writes `.../nl` and `C` as two roots. registered_roots()
+    then knows neither (neither has .jam/config.toml), so from another root `jam remote add y
+    ROOT/sub`, a dir remote inside this root, is accepted: invariant 10 (a root and a remote
+    never overlap) broken, and the hooks never fetch in this root. Either `jam init` refuses
+    such a path with one line (nothing made), or the root stays known."""
+    odd = tmp_path / "nl\nC"
+    (odd / "sub").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert _jam(jam_bin, "init", str(other)).returncode == 0
+    res = _jam(jam_bin, "init", str(odd))
+    if res.returncode != 0:
+        assert res.returncode == 2 and res.stderr.startswith(b"jam: ") and res.stderr.count(b"\n") == 1, res.stderr
+        assert not (odd / ".jam").exists()
+        return
+    res = _jam(jam_bin, "remote", "add", "y", str(odd / "sub"), cwd=other)
+    assert res.returncode == 2 and b"must not overlap" in res.stderr, res.stderr
