@@ -129,3 +129,41 @@ def test_copies_two_is_not_met_by_one_place_under_two_names(runner, tmp_path, rc
     if is_stub(tree / "f.bin"):
         held = jam(runner, "where", "f.bin").output.split("\t", 1)[1].strip()
         assert held.count(",") == 0, f"one place counted as two copies: {held}"
+
+
+
+# -- 3. tiers: a copy gone on the near tier, corrupt on the far one ---------------------------
+
+def _overwrite(server, bucket: str, prefix: str, oid: str, data: bytes) -> None:
+    server.rclone("rcat", f"seaweed:{bucket}/{prefix}/objects/{object_relpath(oid)}", input=data)
+
+
+def test_near_copy_gone_and_far_copy_corrupt_leave_the_stub(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """Two tiers on S3 (copies = 2). File x: its tier-0 object deleted, its tier-1 object
+    overwritten with other bytes of the same size (S3 keeps no history): checkout must refuse
+    it in one `jam:` line, exit 1, the stub as it was. File y: tier 0 overwritten the same way,
+    tier 1 intact: checkout falls back and brings the true bytes. Guard: checkout._problem's
+    hash of the fetched content (rclone's download checks only the length)."""
+    from jam_core.root import Root
+
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/near", name="near")
+    jam(runner, "remote", "add", "far", f"rclone:seaweed:{s3_bucket}/far", "--tier", "1")
+    Root(tree).update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", 2))
+    x = make_file(tree / "x.bin", 180_000, seed=11)
+    y = make_file(tree / "y.bin", 2 * 1024 * 1024 + 3, seed=12)  # past STAT_MIN: another upload path
+    jam(runner, "stash", "x.bin", "y.bin")
+    assert jam(runner, "where", "x.bin", "y.bin").output.count("near, far") == 2
+    ox, oy = oid_of(tree / "x.bin"), oid_of(tree / "y.bin")
+    stub_x = (tree / "x.bin").read_bytes()
+    rclone_env.rclone("deletefile", f"seaweed:{s3_bucket}/near/objects/{object_relpath(ox)}")
+    _overwrite(rclone_env, s3_bucket, "far", ox, bytes(b ^ 0x5A for b in x))
+    _overwrite(rclone_env, s3_bucket, "near", oy, bytes(len(y)))
+
+    res = jam(runner, "checkout", "x.bin", "y.bin", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "x.bin" in res.stderr and "corrupt" in res.stderr, res.stderr
+    assert is_stub(tree / "x.bin") and (tree / "x.bin").read_bytes() == stub_x, "the stub was replaced"
+    assert not is_stub(tree / "y.bin")
+    assert (tree / "y.bin").read_bytes() == y, "y came back with the near tier's corrupt bytes"
+    assert StubRecord.unpack(os.getxattr(tree / "x.bin", XATTR)).oid == ox
+    assert sorted(p.name for p in tree.iterdir()) == [".jam", "x.bin", "y.bin"], "a temporary was left"
