@@ -351,3 +351,72 @@ def test_a_name_reused_for_another_remote_never_vouches_for_the_old_ones_copies(
     r = _jam(root.path, "remote", "remove", "b")
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == 2 and r.stderr.startswith("jam: ") and "only copy" in r.stderr, (r.returncode, r.stderr)
+
+
+# -- 1b. gc in one root while another stashes the same content -------------------------------------
+
+def _shared_content(tmp_path, pm):
+    """Roots A and B on one remote; A stashed then checked out d (its object is unused by A,
+    still on the remote); B has a local file with the same bytes."""
+    from jam_core.ops.checkout import checkout
+
+    a = tmp_path / "a"
+    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
+    data = make_file(ra.path / "d.bin", 200_000, seed=9)
+    assert stash(ra, ["d.bin"], pm).exit_code == 0
+    x = _oid(ra, "d.bin")
+    assert checkout(ra, ["d.bin"], pm).exit_code == 0
+    (rb.path / "d.bin").write_bytes(data)
+    make_file(rb.path / "e.bin", 200_000, seed=10)
+    assert stash(rb, ["e.bin"], pm).exit_code == 0  # B has refs on the remote (no silent root)
+    return a, ra, rb, x
+
+
+def test_gc_after_reading_the_refs_never_removes_what_a_stash_just_swapped_on(tmp_path, pm, monkeypatch):
+    """A's gc has read the refs (d's object is unused) when B, another process, stashes d: B's
+    refs land before A writes its removal intent. The guard: remove_copies reads the refs again,
+    live, after its intent (``here = users(...)``), not the list gc computed before; mutation-
+    checked by handing remove_copies an empty ``Users()`` there: B's stub lost its object."""
+    from jam_core.ops import gc as gcmod
+
+    a, ra, rb, x = _shared_content(tmp_path, pm)
+    ran = []
+    real = gcmod.users
+
+    def users_then_b_stashes(remote, pm_, session):
+        u = real(remote, pm_, session)
+        ran.append(_jam(rb.path, "stash", "d.bin"))
+        return u
+
+    monkeypatch.setattr(gcmod, "users", users_then_b_stashes)
+    out = gcmod.gc(ra, pm)
+    assert ran and ran[0].returncode == 0, ran
+    assert _oid(rb, "d.bin") == x  # B's d.bin is a stub now
+    assert _holds(a, x), f"B's stub lost its only copy ({out.removed})"
+    assert any(o == x for _r, o, _why in out.kept), out
+
+
+def test_gc_between_a_stashs_store_and_its_swap_keeps_the_object(tmp_path, pm, monkeypatch):
+    """B (in this process) has written its pending refs for d, stored it (the object was there
+    already), found no removal under way, and is about to swap d for its stub when A's gc
+    (another process) runs whole. The guard: ``refs.users`` reads the pending lists
+    (``<id>.pending.<n>``) as refs; mutation-checked by skipping the pending names there: A's
+    gc removed the object and B swapped d onto nothing."""
+    from jam_core.ops.refs import Recorder
+
+    a, ra, rb, x = _shared_content(tmp_path, pm)
+    ran = []
+    real = Recorder.removing_elsewhere
+
+    def then_a_collects(self, remote):
+        going = real(self, remote)
+        if not ran:
+            ran.append(_jam(ra.path, "gc"))
+        return going
+
+    monkeypatch.setattr(Recorder, "removing_elsewhere", then_a_collects)
+    res = stash(rb, ["d.bin"], pm)
+    assert ran and "Traceback" not in ran[0].stderr, ran
+    assert res.done and _oid(rb, "d.bin") == x, res
+    assert _holds(a, x), "B swapped d.bin onto an object A's gc removed"
