@@ -167,3 +167,43 @@ def test_near_copy_gone_and_far_copy_corrupt_leave_the_stub(runner, tmp_path, rc
     assert (tree / "y.bin").read_bytes() == y, "y came back with the near tier's corrupt bytes"
     assert StubRecord.unpack(os.getxattr(tree / "x.bin", XATTR)).oid == ox
     assert sorted(p.name for p in tree.iterdir()) == [".jam", "x.bin", "y.bin"], "a temporary was left"
+
+
+# -- 1. the rclone config changed to point elsewhere -------------------------------------------
+
+def test_rclone_remote_redefined_elsewhere_is_noticed(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """The user's rclone remote ``seaweed`` is redefined (an alias of another bucket, which holds
+    another jam remote): same URL, another place. `jam doctor` must report the identity problem
+    (exit 1), and a stash must store nothing there and leave the file local. Guard: doctor's
+    identity check (its marker's id against the recorded one) and ensure_identity."""
+    import uuid
+
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from tests.conftest_seaweed import rclone_remote_for
+
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
+    make_file(tree / "old.bin", 100_000, seed=20)
+    jam(runner, "stash", "old.bin")
+    other = f"jam-{uuid.uuid4().hex[:12]}"
+    rclone_env.make_bucket(other)
+    elsewhere = rclone_remote_for(f"seaweed:{other}/{s3_bucket}/jam")
+    pm = make_plugin_manager(load_entrypoints=False)
+    with Session() as s:  # another root's remote, where the redefined name now leads
+        pm.hook.check_remote(remote=elsewhere, session=s, create=True)
+        pm.hook.remote_id(remote=elsewhere, session=s, create=True)
+    for k, v in rclone_env.env("real").items():
+        monkeypatch.setenv(k, v)
+    for k in rclone_env.env("seaweed"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RCLONE_CONFIG_SEAWEED_TYPE", "alias")
+    monkeypatch.setenv("RCLONE_CONFIG_SEAWEED_REMOTE", f"real:{other}")
+
+    res = jam(runner, "doctor", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "another remote's marker" in res.output + res.stderr, res.output
+    data = make_file(tree / "new.bin", 100_000, seed=21)
+    res = jam(runner, "stash", "new.bin", ok=False)
+    assert res.exit_code != 0 and not is_stub(tree / "new.bin") and (tree / "new.bin").read_bytes() == data
+    listed = rclone_env.rclone("lsf", "-R", f"seaweed:{other}/{s3_bucket}/jam").stdout.decode().split()
+    assert listed == ["jam-remote.json"], f"stored into another remote: {listed}"
