@@ -420,3 +420,25 @@ def test_gc_between_a_stashs_store_and_its_swap_keeps_the_object(tmp_path, pm, m
     assert ran and "Traceback" not in ran[0].stderr, ran
     assert res.done and _oid(rb, "d.bin") == x, res
     assert _holds(a, x), "B swapped d.bin onto an object A's gc removed"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove A --move-to B` picks what to copy from the "
+                   "catalog's locations: a copy the catalog remembers on C but C lost is not copied, the "
+                   "guarded drop keeps A's copy (said as skipped), and A is forgotten anyway, exit 0")
+def test_remote_remove_move_to_never_forgets_a_remote_that_still_holds_the_only_copy(tmp_path, pm):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    root = _root(tmp_path, "r", {"a": a, "c": c}, copies=2, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    assert _holds(a, oid) and _holds(c, oid)
+    with root.lock():
+        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    (c / "objects" / object_relpath(oid)).unlink()  # c lost its copy (a bad disk, a hand)
+    b.mkdir()
+    assert add_remote(root, pm, "b", str(b), 0)
+    r = _jam(root.path, "remote", "remove", "a", "--move-to", "b")
+    assert "Traceback" not in r.stderr, r.stderr
+    names = {x.name for x in Root.find(root.path).remotes()}
+    moved = _holds(b, oid) and _b3(b / "objects" / object_relpath(oid)) == oid
+    assert moved or ("a" in names and r.returncode != 0), (r.returncode, r.stdout, r.stderr, names)
