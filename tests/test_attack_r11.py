@@ -304,3 +304,69 @@ def test_budget_counts_a_sparse_file_by_what_it_holds_on_this_disk(runner, jam_r
     res = runner.invoke(main, ["stash", "--auto", "--dry-run"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "would stash 0 of" in res.output, res.output
+
+
+# -- 3. SFTP ------------------------------------------------------------------------------------
+
+
+def _cli(runner, *args, ok=True):
+    from jam_core.cli import main
+
+    res = runner.invoke(main, list(args), catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, (res.output, res.stderr)
+    assert "Traceback" not in res.output and "Traceback" not in (res.stderr or "")
+    return res
+
+
+def _oid(path: Path) -> str:
+    from jam_core.stub import XATTR, StubRecord
+
+    return StubRecord.unpack(os.getxattr(path, XATTR)).oid
+
+
+@pytest.fixture
+def mirrored(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    """A root with `far` (sftp, tier 0) and `near` (dir, tier 1), `[place] copies = 2`, and
+    f.bin stashed on both; then `copies = 1` (either copy alone would do)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _cli(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    _cli(runner, "remote", "add", "far", f"sftp://{sshd.alias}{sftp_store}")
+    near = tmp_path / "near"
+    near.mkdir()
+    _cli(runner, "remote", "add", "near", str(near), "--tier", "1")
+    _cli(runner, "remote", "remove", "default")
+    cfg = tree / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text() + "\n[place]\ncopies = 2\n")
+    data = make_file(tree / "f.bin", 300_000, seed=7)
+    assert "stashed 1 file" in _cli(runner, "stash", "f.bin").output
+    cfg.write_text(cfg.read_text().replace("copies = 2", "copies = 1"))
+    return tree, sftp_store, near, data
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: sftp has() stats through a symlink and checks the size only: "
+                   "a server-side object replaced by a symlink to another file of its size counts as a verified "
+                   "copy, so `jam drop --from near` removes the last intact copy")
+def test_drop_never_counts_an_sftp_object_that_is_a_symlink_to_another_file(runner, mirrored, tmp_path):
+    """The server's copy of f.bin (on `far`) is replaced by a symlink to another file of the
+    same size (someone with access to the server; a restore gone wrong). jam's own rules say a
+    symlink in objects/ is not its object (remove() and list_objects() refuse it), and a fetch
+    through it fails its hash. `jam drop --from near f.bin` asks `far` live whether it holds
+    the object: sftp has no hash_object, so `has` answers, by a stat that follows the symlink
+    and compares sizes. The drop then removes near's copy, the only intact one, and f.bin can
+    never come back."""
+    from jam_core.objects import object_relpath
+
+    tree, far, near, data = mirrored
+    oid = _oid(tree / "f.bin")
+    obj = far / "objects" / object_relpath(oid)
+    decoy = tmp_path / "decoy"  # elsewhere on the server, the same size, other bytes
+    decoy.write_bytes(os.urandom(len(data)))
+    obj.chmod(0o644)
+    obj.unlink()
+    obj.symlink_to(decoy)
+    res = _cli(runner, "drop", "--from", "near", "f.bin", ok=False)
+    kept = (near / "objects" / object_relpath(oid)).is_file()
+    assert res.exit_code == 1 and kept, (res.exit_code, res.output, res.stderr)
