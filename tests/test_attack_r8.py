@@ -442,3 +442,26 @@ def test_remote_remove_move_to_never_forgets_a_remote_that_still_holds_the_only_
     names = {x.name for x in Root.find(root.path).remotes()}
     moved = _holds(b, oid) and _b3(b / "objects" / object_relpath(oid)) == oid
     assert moved or ("a" in names and r.returncode != 0), (r.returncode, r.stdout, r.stderr, names)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: refs files are capped at 64 MiB (META_MAX) while a root of a "
+                   "million stubbed objects writes ~68 MB of refs: every other root's gc and drop on that "
+                   "remote fails for ever")
+def test_gc_works_beside_a_root_of_a_million_stubbed_objects(tmp_path, pm):
+    """The product's scale (1,000,000 files) with distinct contents: root B's refs on the shared
+    remote list a million ids (what ``refs.encode`` writes for it, planted here). A's gc must
+    still work (and keep B's objects)."""
+    from jam_core.ops.gc import gc
+    from jam_core.ops.refs import encode
+
+    a = tmp_path / "a"
+    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
+    make_file(ra.path / "x.bin", 200_000, seed=3)
+    assert stash(ra, ["x.bin"], pm).exit_code == 0
+    raw = os.urandom(32 * 1_000_000).hex()
+    oids = ["b3:" + raw[i:i + 64] for i in range(0, len(raw), 64)]
+    data = encode(1, oids)
+    (a / "meta" / "refs" / ("cd" * 16)).write_bytes(data)
+    del raw, oids
+    out = gc(ra, pm, dry_run=True)
+    assert out.exit_code == 0, (len(data), out.problems)
