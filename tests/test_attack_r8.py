@@ -465,3 +465,33 @@ def test_gc_works_beside_a_root_of_a_million_stubbed_objects(tmp_path, pm):
     del raw, oids
     out = gc(ra, pm, dry_run=True)
     assert out.exit_code == 0, (len(data), out.problems)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove R` leaves this root's refs on R: other roots "
+                   "still count R's copies for it, and a drop elsewhere removes the last copy it can reach")
+def test_a_remote_a_root_forgot_never_counts_as_its_copy(tmp_path, pm):
+    """B used a and r, then forgot r (`jam remote remove r`: a holds its copy, so allowed). Its
+    refs file on r stays. A (a and r) drops y from a: the guard counts r's copy for B (B has
+    refs on r), so a's copy goes, and B, whose remotes are now a alone, cannot get y back."""
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.copies import drop
+
+    a, r = tmp_path / "a", tmp_path / "r"
+    ra = _root(tmp_path, "ra", {"a": a, "r": r}, copies=2, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a, "r": r}, copies=2, pm=pm)
+    data = make_file(ra.path / "y.bin", 200_000, seed=4)
+    (rb.path / "y.bin").write_bytes(data)
+    assert stash(ra, ["y.bin"], pm).exit_code == 0
+    assert stash(rb, ["y.bin"], pm).exit_code == 0
+    y = _oid(rb, "y.bin")
+    assert _holds(a, y) and _holds(r, y)
+    for root in (ra, rb):
+        with root.lock():
+            root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    res = _jam(rb.path, "remote", "remove", "r")
+    assert res.returncode == 0, res.stderr
+    assert _jam(rb.path, "gc", "--dry-run").returncode == 0  # B's refs on a: copies 1
+    drop(ra, ["y.bin"], pm, "a")
+    got = checkout(rb, ["y.bin"], pm)
+    assert got.exit_code == 0 and (rb.path / "y.bin").read_bytes() == data, \
+        f"B lost y.bin: {got.failed} (a: {_holds(a, y)}, r: {_holds(r, y)})"
