@@ -207,3 +207,68 @@ def test_rclone_remote_redefined_elsewhere_is_noticed(runner, tmp_path, rclone_e
     assert res.exit_code != 0 and not is_stub(tree / "new.bin") and (tree / "new.bin").read_bytes() == data
     listed = rclone_env.rclone("lsf", "-R", f"seaweed:{other}/{s3_bucket}/jam").stdout.decode().split()
     assert listed == ["jam-remote.json"], f"stored into another remote: {listed}"
+
+
+# -- 1. jam's own rclone killed mid-transfer ---------------------------------------------------
+
+def _rclone_children() -> list[int]:
+    """The pids of the rclone processes this (jam) process started."""
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index(b"(") + 1:stat.rindex(b")")]
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        if ppid == me and comm == b"rclone":
+            out.append(int(name))
+    return out
+
+
+class KillRclone:
+    """A progress callback that SIGKILLs jam's own rclone once ``after`` bytes have moved."""
+
+    def __init__(self, after: int):
+        self.after, self.seen, self.killed = after, 0, []
+
+    def __call__(self, n: int) -> None:
+        import signal
+
+        self.seen += n
+        if not self.killed and self.seen >= self.after:
+            self.killed = _rclone_children()
+            for pid in self.killed:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_jams_rclone_killed_mid_stash(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """jam's `rclone rcd` is SIGKILLed (found as jam's child) the moment the body of an upload
+    was sent, before rclone answered: the file stays local, as it was, and a rerun (a new
+    rclone) stashes it with its object whole on the server. Guard: Store._upload takes a
+    connection that broke before the answer for a failed store (RemoteError), never a stored
+    one (objects under STAT_MIN get no stat after their upload to catch it)."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
+    data = make_file(tree / "f.bin", 900_000, seed=30)  # < STAT_MIN: sent whole, not stat'ed after
+    pm = make_plugin_manager(load_entrypoints=False)
+    killer = KillRclone(1)
+    with Session(progress=killer) as s:
+        res = stash(Root(tree), ["f.bin"], pm, s)
+    assert killer.killed and res.exit_code != 0
+    if is_stub(tree / "f.bin"):
+        got = on_server(rclone_env, s3_bucket, "jam", oid_of(tree / "f.bin"))
+        assert got is not None, "a stub of an object that is not there"
+        assert got == data, "a stub of a partial object"
+    else:
+        assert (tree / "f.bin").read_bytes() == data, "differs"
+    jam(runner, "stash", "f.bin")
+    got = on_server(rclone_env, s3_bucket, "jam", oid_of(tree / "f.bin"))
+    assert got is not None and got == data, "differs"
