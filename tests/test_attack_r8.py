@@ -495,3 +495,37 @@ def test_a_remote_a_root_forgot_never_counts_as_its_copy(tmp_path, pm):
     got = checkout(rb, ["y.bin"], pm)
     assert got.exit_code == 0 and (rb.path / "y.bin").read_bytes() == data, \
         f"B lost y.bin: {got.failed} (a: {_holds(a, y)}, r: {_holds(r, y)})"
+
+
+# -- 1c. a clone on a second computer -------------------------------------------------------------------
+
+def _elsewhere(tmp_path: Path, machine: str) -> dict:
+    """The environment of another computer: its own HOME, data dir (roots list) and machine id."""
+    home = tmp_path / f"home-{machine}"
+    home.mkdir(exist_ok=True)
+    return dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
+                XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
+                JAM_MACHINE_ID=machine)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam clone` records no refs on the remote: a second computer's "
+                   "fresh clone is invisible to the first one's `jam gc --keep`, which removes the objects "
+                   "of the snapshot the clone's stubs stand for")
+def test_gc_keep_on_one_computer_never_strands_a_fresh_clone_on_another(tmp_path):
+    from tests.safety_support import make_tree, run_jam
+
+    t = make_tree(tmp_path, "a")
+    data = os.urandom(70_000)
+    (t.root / "f.bin").write_bytes(data)
+    run_jam(t.root, "commit", "-m", "one", machine="aaa")
+    x = "b3:" + __import__("blake3").blake3(data).hexdigest()
+    assert _holds(t.remote, x)
+    clone = tmp_path / "clone"
+    r = subprocess.run([JAM, "clone", str(t.remote), str(clone)], cwd=tmp_path, capture_output=True, text=True,
+                       env=_elsewhere(tmp_path, "bbb"))
+    assert r.returncode == 0, r.stderr
+    assert _oid(Root.find(clone), "f.bin") == x
+    (t.root / "f.bin").write_bytes(os.urandom(70_000))
+    run_jam(t.root, "commit", "-m", "two", machine="aaa")
+    res = run_jam(t.root, "gc", "--keep", "daily 1", machine="aaa", check=None)
+    assert _holds(t.remote, x), f"the clone's f.bin lost its only copy: {res.out} {res.err}"
