@@ -151,20 +151,6 @@ def test_log_shows_a_hostile_commit_message_escaped(tree, runner):
     no_control(res.output)
 
 
-def test_json_output_stays_valid_and_names_round_trip(tree, runner):
-    """`--json` of status and where: valid JSON whatever the names (control characters,
-    undecodable bytes, bidi), and each name reads back to the bytes on disk."""
-    names = ["a\x1b[2J\n.bin", os.fsdecode(b"b\xff\xfe.bin"), "c\u202e.bin", "d\"\\.bin"]
-    for n in names:
-        make_file(tree.root / n, 100_000)
-    assert invoke(runner, "stash", ".").exit_code == 0
-    rows = json.loads(invoke(runner, "where", "--json", ".").output)
-    back = {os.fsencode(r["path"]) for r in rows}
-    assert back == {os.fsencode(n) for n in names}
-    st = json.loads(invoke(runner, "status", "--json").output)
-    assert st["total"]["stubs"] == 4
-
-
 # -- 2. bad input on the command line ------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="BUG: click's usage errors (unknown option, extra or missing argument, "
@@ -186,16 +172,48 @@ def test_a_usage_mistake_is_one_jam_line_exit_2(tree, args):
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: parse_size('1e300GB') overflows int(inf): "
-                   "'internal error: OverflowError', exit 1, not a config error")
-def test_a_min_size_too_big_for_any_disk_is_a_config_error(tree, runner):
+                   "'internal error: OverflowError' (or a plugin blamed), exit 1, not a config error")
+@pytest.mark.parametrize("table,key,command", [
+    ("core", "min_size", ["stash", "a.bin"]),
+    ("policy.budget", "max_local", ["stash", "--auto", "--dry-run"]),
+    ("history", "chunk_above", ["commit"]),
+])
+def test_a_size_too_big_for_any_disk_is_a_config_error(tree, runner, table, key, command):
     make_file(tree.root / "a.bin", 100_000)
     cfg = tree.root / ".jam" / "config.toml"
-    cfg.write_text(cfg.read_text().replace('min_size = "64KiB"', 'min_size = "1e300GB"'))
+    text = cfg.read_text()
+    if table == "core":
+        text = text.replace('min_size = "64KiB"', 'min_size = "1e300GB"')
+    else:
+        text += f'\n[{table}]\n{key} = "1e300GB"\n'
+    cfg.write_text(text)
     before = tree_state(tree.root)
-    res = invoke(runner, "stash", "a.bin")
+    res = invoke(runner, *command)
     line = one_line(res)
-    assert res.exit_code == 2 and "min_size" in line and "internal error" not in line
+    assert res.exit_code == 2 and key in line and "internal error" not in line and "plugin" not in line, line
     assert tree_state(tree.root) == before
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor never validates the config: with a value that makes stash, "
+                   "commit or every cd fail, it says 'all can come back', exit 0")
+@pytest.mark.parametrize("edit,key", [
+    (('min_size = "64KiB"', "min_size = []"), "min_size"),
+    (None, "copies"),
+    (None, "depth"),
+])
+def test_doctor_reports_a_config_that_breaks_commands(tree, runner, edit, key):
+    cfg = tree.root / ".jam" / "config.toml"
+    text = cfg.read_text()
+    if key == "min_size":
+        text = text.replace(*edit)
+    elif key == "copies":
+        text += "\n[place]\ncopies = 99\n"
+    else:
+        text += '\n[hook]\ndepth = "x"\n'
+    cfg.write_text(text)
+    res = invoke(runner, "doctor")
+    assert "Traceback" not in res.output
+    assert res.exit_code != 0 and key in (res.output + res.stderr), res.output
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: parse_duration accepts a number that overflows to inf "
