@@ -272,3 +272,23 @@ def test_jams_rclone_killed_mid_stash(runner, tmp_path, rclone_env, s3_bucket, m
     jam(runner, "stash", "f.bin")
     got = on_server(rclone_env, s3_bucket, "jam", oid_of(tree / "f.bin"))
     assert got is not None and got == data, "differs"
+
+
+# -- 4. rclone missing -------------------------------------------------------------------------
+
+def test_rclone_missing_is_one_clear_line(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """No rclone beside jam's Python and none on PATH (the package uninstalled): a stash says
+    so in one `jam:` line, exit 1, and the file stays local. Guard: daemon.find_rclone's check
+    (without it rclone "None" is started and the message says nothing of what is missing)."""
+    import sys
+
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
+    data = make_file(tree / "f.bin", 100_000, seed=40)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))
+    monkeypatch.setenv("PATH", str(empty))
+    res = jam(runner, "stash", "f.bin", ok=False)
+    line = one_clean_line(res)
+    assert res.exit_code == 1 and "rclone is not installed" in line, line
+    assert not is_stub(tree / "f.bin") and (tree / "f.bin").read_bytes() == data
