@@ -529,3 +529,26 @@ def test_gc_keep_on_one_computer_never_strands_a_fresh_clone_on_another(tmp_path
     run_jam(t.root, "commit", "-m", "two", machine="aaa")
     res = run_jam(t.root, "gc", "--keep", "daily 1", machine="aaa", check=None)
     assert _holds(t.remote, x), f"the clone's f.bin lost its only copy: {res.out} {res.err}"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the dir backend's remove (and has/hash_object) follow a symlinked "
+                   "fan-out directory: with b's objects/b3 a symlink to a's, `jam drop --from b` counts a's "
+                   "copy, then unlinks that very file through the symlink: the last copy")
+def test_drop_never_removes_through_a_symlinked_fan_out_directory(tmp_path, pm):
+    """The user "deduplicated" two remote disks: b/objects/b3 is a symlink to a/objects/b3.
+    `jam drop --from b f` finds an intact copy on a (so b's may go), then removes b's copy by
+    a path that goes through the symlink: a's file, the only one there is."""
+    from jam_core.ops.copies import drop
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, "r", {"a": a, "b": b}, copies=2, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    assert _holds(a, oid) and _holds(b, oid)
+    with root.lock():
+        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    shutil.rmtree(b / "objects" / "b3")
+    (b / "objects" / "b3").symlink_to(a / "objects" / "b3")
+    res = drop(root, ["f.bin"], pm, "b")
+    assert (a / "objects" / object_relpath(oid)).is_file(), f"a's only copy was removed through b ({res})"
