@@ -292,3 +292,23 @@ def test_rclone_missing_is_one_clear_line(runner, tmp_path, rclone_env, s3_bucke
     line = one_clean_line(res)
     assert res.exit_code == 1 and "rclone is not installed" in line, line
     assert not is_stub(tree / "f.bin") and (tree / "f.bin").read_bytes() == data
+
+
+# -- 2. hostile rclone configs -----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: a named rclone remote of type memory is accepted by `remote add` "
+                   "(rclone::memory: is refused); the next command finds its marker gone")
+def test_a_named_rclone_memory_remote_is_refused_at_add(runner, tmp_path, rclone_env, monkeypatch):
+    """The user's rclone config names a remote of type ``memory`` (``rclone::memory:`` is refused
+    by parse_url, a named one is not): `remote add` must refuse it in one line as it refuses
+    the connection string, not answer "Added" for a store that forgets everything when jam's
+    rclone stops (the next stash then stops on "identity marker missing; the drive looks
+    unplugged", which sends the user looking for a drive)."""
+    monkeypatch.setenv("RCLONE_CONFIG_MEM_TYPE", "memory")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    jam(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    res = jam(runner, "remote", "add", "m", "rclone:mem:", ok=False)
+    line = one_clean_line(res)
+    assert res.exit_code == 2 and "forgets everything" in line, line
