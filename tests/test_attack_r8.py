@@ -552,3 +552,30 @@ def test_drop_never_removes_through_a_symlinked_fan_out_directory(tmp_path, pm):
     (b / "objects" / "b3").symlink_to(a / "objects" / "b3")
     res = drop(root, ["f.bin"], pm, "b")
     assert (a / "objects" / object_relpath(oid)).is_file(), f"a's only copy was removed through b ({res})"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: two remotes of one identity (one place) count as two copies: "
+                   "stash with [place] copies = 2 removes the local file with one copy, doctor says the "
+                   "copies are all there (exit 0)")
+def test_copies_two_on_one_place_under_two_names_is_one_copy(tmp_path, pm):
+    """The config names one directory twice (hand-written, or added before a fix refuses it;
+    a symlinked path to the same disk is the same): stash must not count it as two copies, and
+    doctor must not say all is well."""
+    import tomllib
+
+    import tomli_w
+
+    a = tmp_path / "a"
+    root = _root(tmp_path, "r", {"a": a}, copies=2, pm=pm)
+    (tmp_path / "a-link").symlink_to(a)
+    cfg = root.jam_dir / "config.toml"
+    conf = tomllib.loads(cfg.read_text())
+    conf["remote"]["a2"] = dict(conf["remote"]["a"], url=str(tmp_path / "a-link"),
+                                location=str(tmp_path / "a-link"))
+    cfg.write_text(tomli_w.dumps(conf))
+    root = Root.find(root.path)
+    make_file(root.path / "f.bin", 200_000)
+    res = stash(root, ["f.bin"], pm)
+    if res.done:
+        r = _jam(root.path, "doctor")
+        assert r.returncode == 1, f"stash made a stub with one copy of two and doctor says: {r.stdout[-600:]}"
