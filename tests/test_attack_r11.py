@@ -406,3 +406,36 @@ def test_a_config_dated_in_the_future_costs_one_process_not_one_per_cd(stubbed, 
         t.close()
     calls = [line for line in log.read_text().splitlines() if line.startswith("hook-fetch")]
     assert len(calls) <= 1, calls
+
+
+def test_a_drop_never_removes_through_a_symlinked_objects_directory(runner, tmp_path, tmp_path_factory, sshd,
+                                                                    sftp_store, monkeypatch):
+    """Two sftp remotes on one server, `far` and `far2`, f.bin stashed on both (`copies = 2`);
+    then the admin merges far2's storage into far's (`far2/objects -> far/objects`: the same
+    objects, one directory). With `copies = 1`, `jam drop --from far2 f.bin` asks `far` live
+    (it holds the object) and would remove far2's copy through the symlinked objects/: far's
+    copy, the last one. Guard: Meta.location_present's lstat of objects/ (jam_sftp/meta.py;
+    a stat, or no check, and the drop removes the last copy): the drop is refused."""
+    from jam_core.objects import object_relpath
+
+    store2 = tmp_path_factory.mktemp("store2")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _cli(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    _cli(runner, "remote", "add", "far", f"sftp://{sshd.alias}{sftp_store}")
+    _cli(runner, "remote", "add", "far2", f"sftp://{sshd.alias}{store2}")
+    _cli(runner, "remote", "remove", "default")
+    import shutil
+
+    cfg = tree / ".jam" / "config.toml"
+    cfg.write_text(cfg.read_text() + "\n[place]\ncopies = 2\n")
+    make_file(tree / "f.bin", 300_000, seed=8)
+    assert "stashed 1 file" in _cli(runner, "stash", "f.bin").output
+    oid = _oid(tree / "f.bin")
+    shutil.rmtree(store2 / "objects")  # the admin merges far2's storage into far's (same objects)
+    (store2 / "objects").symlink_to(sftp_store / "objects")
+    cfg.write_text(cfg.read_text().replace("copies = 2", "copies = 1"))
+    res = _cli(runner, "drop", "--from", "far2", "f.bin", ok=False)
+    assert res.exit_code == 1, (res.output, res.stderr)
+    assert (sftp_store / "objects" / object_relpath(oid)).is_file(), "the last copy of f.bin was removed"
