@@ -439,3 +439,16 @@ def test_a_drop_never_removes_through_a_symlinked_objects_directory(runner, tmp_
     res = _cli(runner, "drop", "--from", "far2", "f.bin", ok=False)
     assert res.exit_code == 1, (res.output, res.stderr)
     assert (sftp_store / "objects" / object_relpath(oid)).is_file(), "the last copy of f.bin was removed"
+
+
+@pytest.mark.parametrize("path", ["/srv/%2e%2e/etc", "/srv/.%2E/etc", "/srv%2F..%2Fetc", "/~/%2e%2e", "/srv/x%00y"])
+def test_an_sftp_url_that_decodes_to_dotdot_or_nul_is_refused(path, monkeypatch):
+    """`..` and NUL spelt in percent-escapes (a URL pasted from a web page, or crafted): the
+    path is checked after it is decoded, so `%2e%2e` is refused as `..` is. Guard:
+    jam_sftp.url.parse decodes (`unquote`) before its `..`/NUL check (checked on the raw
+    path, every one of these passes)."""
+    from jam_core import UsageError
+    from jam_sftp.url import parse
+
+    with pytest.raises(UsageError, match=r"may not contain '\.\.' or NUL"):
+        parse(f"sftp://host{path}")
