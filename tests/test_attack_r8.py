@@ -579,3 +579,26 @@ def test_copies_two_on_one_place_under_two_names_is_one_copy(tmp_path, pm):
     if res.done:
         r = _jam(root.path, "doctor")
         assert r.returncode == 1, f"stash made a stub with one copy of two and doctor says: {r.stdout[-600:]}"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix replaces the catalog row of a stub whose xattr was "
+                   "swapped for another stub's (header and catalog still name its own object) with the "
+                   "xattr's id: its own object is then unreferenced and gc removes it")
+def test_doctor_fix_never_trades_a_stubs_object_for_the_one_a_swapped_xattr_names(tmp_path, pm):
+    """f's user.jam was overwritten with g's (a tool that copies xattrs between files). f's header
+    block and the catalog still say f's object; doctor --fix records the xattr's instead, and
+    the next gc removes f's content from the only remote."""
+    a = tmp_path / "a"
+    root = _root(tmp_path, "r", {"a": a}, pm=pm)
+    make_file(root.path / "f.bin", 200_000, seed=1)
+    make_file(root.path / "g.bin", 200_000, seed=2)
+    assert stash(root, ["f.bin", "g.bin"], pm).exit_code == 0
+    x = _oid(root, "f.bin")
+    os.setxattr(root.path / "f.bin", "user.jam", os.getxattr(root.path / "g.bin", "user.jam"))
+    r = _jam(root.path, "gc", "--dry-run")
+    assert "would remove 0 unused objects" in r.stdout, ("control: the catalog row keeps it", r.stdout)
+    r = _jam(root.path, "doctor", "--fix")
+    assert "Traceback" not in r.stderr and r.returncode == 1, (r.returncode, r.stdout[-800:], r.stderr)
+    r = _jam(root.path, "gc")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert _holds(a, x), f"f.bin's own object was collected after doctor --fix: {r.stdout}"
