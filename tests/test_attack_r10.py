@@ -419,3 +419,69 @@ def test_info_pane_shows_hostile_header_metadata_as_text(tree):
     asyncio.run(go())
     assert seen.get("code") == 0
     assert "[/x]" in seen["text"] and "[link=https://evil.example]y" in seen["text"], seen
+
+
+def test_a_notification_naming_a_markup_like_file_shows_it_as_text(tree):
+    """Guard: JamApp.notify's ``markup=False`` default (jam_core/tui/app.py). The stub
+    ``[/x].bin`` (file ``x].bin`` in directory ``[``) was written into: a fetch skips it and the
+    notification names its path, which parsed as markup would crash the app (MarkupError)."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+    from jam_core.tui.app import make_app
+    from jam_core.tui.widgets.listing import Listing
+
+    name = "[/x].bin"
+    make_file(tree.root / name, 100_000)
+    root = Root.find(tree.root)
+    assert len(stash(root, [name], make_plugin_manager()).done) == 1
+    with open(tree.root / name, "r+b") as f:
+        f.seek(50_000)
+        f.write(b"mine")
+    seen = {}
+
+    async def go():
+        app = make_app(root, ".", make_plugin_manager())
+        async with app.run_test(size=SIZE, notifications=True) as pilot:  # toasts drawn, as on a terminal
+            await _settle(pilot)
+            assert app.screen.query_one(Listing).current.name == "["  # the only entry
+            await pilot.press("enter")
+            await _settle(pilot)
+            assert app.screen.query_one(Listing).current.name == "x].bin"
+            await pilot.press("f")
+            await _settle(pilot)
+            seen["notices"] = list(app.notices)
+            await pilot.press("q")
+        seen["code"] = app.return_code
+
+    asyncio.run(go())
+    assert seen.get("code") == 0, seen
+    assert any(name in text for _sev, text in seen["notices"]), seen
+
+
+def test_a_listing_row_never_carries_a_terminal_escape(tree):
+    """Guard: listing._printable (jam_core/tui/widgets/listing.py): a name with ESC, BEL, CR
+    or a bidi override is drawn with each of them replaced, never sent to the terminal."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+    from jam_core.tui.app import make_app
+    from jam_core.tui.widgets.listing import Listing
+
+    name = "e\x1b]0;pwn\x07\x1b[2J\r\u202egnp.exe"
+    make_file(tree.root / name, 70_000)
+    root = Root.find(tree.root)
+    seen = {}
+
+    async def go():
+        app = make_app(root, ".", make_plugin_manager())
+        async with app.run_test(size=SIZE) as pilot:
+            await _settle(pilot)
+            listing = app.screen.query_one(Listing)
+            rows = [r for r in listing.view if r.name == name]
+            assert len(rows) == 1
+            seen["text"] = listing.row_text(rows[0], 80)
+            await pilot.press("q")
+
+    asyncio.run(go())
+    assert seen["text"].lstrip().startswith("e")
+    no_control(seen["text"])
