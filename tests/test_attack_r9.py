@@ -312,3 +312,31 @@ def test_a_named_rclone_memory_remote_is_refused_at_add(runner, tmp_path, rclone
     res = jam(runner, "remote", "add", "m", "rclone:mem:", ok=False)
     line = one_clean_line(res)
     assert res.exit_code == 2 and "forgets everything" in line, line
+
+
+# -- 3. tiers: the near tier (S3) down ---------------------------------------------------------
+
+def test_near_s3_tier_down_checkout_falls_back_to_the_far_tier(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """copies = 2 on an S3 tier 0 and a directory tier 1; the S3 server dies: a checkout takes
+    every file from tier 1 (byte-identical), and a stash of a new file leaves it local (a mirror
+    down stops the stash). Guard: checkout's fallback to the next remote on a RemoteError."""
+    from jam_core.root import Root
+
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam", name="near")
+    far = tmp_path / "far"
+    far.mkdir()
+    jam(runner, "remote", "add", "far", str(far), "--tier", "1")
+    Root(tree).update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", 2))
+    files = {f"f{i}.bin": make_file(tree / f"f{i}.bin", 120_000 + i, seed=60 + i) for i in range(3)}
+    jam(runner, "stash", *files)
+    rclone_env.kill()
+    try:
+        res = jam(runner, "checkout", *files, ok=False)
+        assert res.exit_code == 0, res.stderr
+        assert all((tree / rel).read_bytes() == data and not is_stub(tree / rel) for rel, data in files.items())
+        new = make_file(tree / "new.bin", 100_000, seed=70)
+        res = jam(runner, "stash", "new.bin", ok=False)
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        assert not is_stub(tree / "new.bin") and (tree / "new.bin").read_bytes() == new
+    finally:
+        rclone_env.start()
