@@ -527,7 +527,7 @@ def test_gc_keep_on_one_computer_never_strands_a_fresh_clone_on_another(tmp_path
     assert _oid(Root.find(clone), "f.bin") == x
     (t.root / "f.bin").write_bytes(os.urandom(70_000))
     run_jam(t.root, "commit", "-m", "two", machine="aaa")
-    res = run_jam(t.root, "gc", "--keep", "daily 1", machine="aaa", check=None)
+    res = run_jam(t.root, "gc", "--keep", "last 1", machine="aaa", check=None)
     assert _holds(t.remote, x), f"the clone's f.bin lost its only copy: {res.out} {res.err}"
 
 
