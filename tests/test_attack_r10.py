@@ -485,3 +485,60 @@ def test_a_listing_row_never_carries_a_terminal_escape(tree):
     asyncio.run(go())
     assert seen["text"].lstrip().startswith("e")
     no_control(seen["text"])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a TUI action waiting for the root's lock shows only 'stashing… "
+                   "(Esc cancels)': no word of the other jam process (Root.lock speaks only to a terminal stderr)")
+def test_the_tui_says_why_an_action_waits_for_another_jam(tree, monkeypatch):
+    """Another jam (here: our own open file description) holds the root's lock when `s` is
+    pressed. At the instant the stash is about to block on the lock, the screen must already
+    say that it waits for another jam process, not just 'stashing…'."""
+    import threading
+
+    import jam_core.root as rootmod
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+    from jam_core.tui.app import make_app
+    from jam_core.tui.widgets.listing import Listing
+
+    make_file(tree.root / "a.bin", 100_000)
+    root = Root.find(tree.root)
+    holder = os.open(tree.root / ".jam" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    real = fcntl.flock
+    blocking = threading.Event()
+    release = threading.Event()
+
+    class Flock:
+        def flock(self, fd, op):
+            if fd != holder and op == fcntl.LOCK_EX:  # the worker is about to wait for the holder
+                blocking.set()
+                release.wait(60)  # (bounded: a broken test never hangs the suite)
+                os.close(holder)  # the other jam finishes
+            return real(fd, op)
+
+        def __getattr__(self, name):
+            return getattr(fcntl, name)
+
+    monkeypatch.setattr(rootmod, "fcntl", Flock())
+    seen = {}
+
+    async def go():
+        app = make_app(root, ".", make_plugin_manager())
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await _settle(pilot)
+            assert app.screen.query_one(Listing).current.name == "a.bin"
+            await pilot.press("s")
+            assert await asyncio.to_thread(blocking.wait, 60)
+            for _ in range(3):
+                await pilot.pause()
+            seen["screen"] = " ".join(t for _s, t in app.notices) + " " + app.export_screenshot()
+            release.set()
+            await _settle(pilot)
+            await pilot.press("q")
+
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+    assert "another jam" in seen["screen"], seen
