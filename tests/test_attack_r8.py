@@ -602,3 +602,22 @@ def test_doctor_fix_never_trades_a_stubs_object_for_the_one_a_swapped_xattr_name
     r = _jam(root.path, "gc")
     assert "Traceback" not in r.stderr, r.stderr
     assert _holds(a, x), f"f.bin's own object was collected after doctor --fix: {r.stdout}"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a remote removed and added again under another name is not "
+                   "known to hold anything (the catalog's locations are by name): `jam remote remove` of it "
+                   "forgets the only holder of every stub, exit 0")
+def test_a_remote_re_added_under_another_name_is_still_the_only_holder(tmp_path, pm):
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    oid = _oid(root, "f.bin")
+    assert _holds(a, oid) and not _holds(b, oid)
+    r = _jam(root.path, "remote", "remove", "a", "--force")  # "I will add it again as 'nas'"
+    assert r.returncode == 0, r.stderr
+    r = _jam(root.path, "remote", "add", "nas", str(a))
+    assert r.returncode == 0, r.stderr
+    r = _jam(root.path, "remote", "remove", "nas")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "only copy" in r.stderr, (r.returncode, r.stdout, r.stderr)
