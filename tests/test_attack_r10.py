@@ -326,6 +326,18 @@ def test_two_remotes_at_one_location_are_never_two_copies(tree, runner, how):
     assert blake3.blake3((tree.root / "f.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
+                   "exit 1, not a usage error that says what is in the way")
+def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
+    top = tmp_path / "t"
+    top.mkdir()
+    (top / ".jam").write_text("mine")
+    res = invoke(runner, "init", str(top))
+    line = one_line(res)
+    assert res.exit_code == 2 and ".jam" in line and "not a directory" in line, line
+    assert (top / ".jam").read_text() == "mine" and os.listdir(top) == [".jam"]
+
+
 # -- 4. two commands at once -------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="BUG: Root.lock says it waits only when stderr is a terminal: "
