@@ -468,3 +468,27 @@ def test_an_sftp_url_that_decodes_to_dotdot_or_nul_is_refused(path, monkeypatch)
 
     with pytest.raises(UsageError, match=r"may not contain '\.\.' or NUL"):
         parse(f"sftp://host{path}")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a host key marked `@revoked` in known_hosts is accepted (paramiko's "
+                   "HostKeys.load does not know markers; ssh refuses such a key)")
+def test_a_host_key_marked_revoked_in_known_hosts_is_refused(sshd, sftp_remote):
+    """The server's key is in known_hosts (it was trusted), and the admin has since marked it
+    `@revoked` (a stolen key: OpenSSH's sshd(8) "SSH_KNOWN_HOSTS FILE FORMAT"). `ssh` refuses
+    to connect ("marked as revoked"); jam must too (invariant 9: host keys are checked as ssh
+    does), with one line. paramiko's HostKeys.load reads `@revoked` as a host name, fails on
+    the line and jam skips the rest of the file: the key stays trusted."""
+    from jam_core import RemoteError
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+
+    kh = Path(os.environ["HOME"]) / ".ssh" / "known_hosts"
+    line = sshd.known_hosts_line()
+    kh.write_text(f"{line}\n@revoked {line}\n")
+    ssh = subprocess.run(["ssh", "-F", str(kh.parent / "config"), "-o", "BatchMode=yes",
+                          "-o", f"UserKnownHostsFile={kh}", sshd.alias, "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert ssh.returncode != 0 and "revoked" in ssh.stderr  # what OpenSSH does with this file
+    with Session() as s, pytest.raises(RemoteError) as exc:
+        make_plugin_manager().hook.check_remote(remote=sftp_remote, session=s, create=False)
+    assert "revoked" in str(exc.value).lower() and "\n" not in str(exc.value)
