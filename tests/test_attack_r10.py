@@ -326,6 +326,33 @@ def test_two_remotes_at_one_location_are_never_two_copies(tree, runner, how):
     assert blake3.blake3((tree.root / "f.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: root_id reads the merged config: a root's config.toml copied as "
+                   "the user's defaults gives every new root its [core] id; one root's gc then removes the "
+                   "other's objects (the file is lost)")
+def test_a_root_config_copied_as_user_defaults_never_shares_the_root_id(tree, runner, monkeypatch, isolated_home):
+    """A user likes root A's config and copies it to ~/.config/jam/config.toml. Root B, made
+    later, must still get its own id: otherwise B's refs on the shared remote replace A's and
+    `jam gc` in B removes what A's stubs need."""
+    import blake3
+
+    data = make_file(tree.root / "a.bin", 100_000, 3)
+    assert invoke(runner, "stash", "a.bin").exit_code == 0
+    user_cfg = isolated_home / ".config" / "jam"
+    user_cfg.mkdir(parents=True, exist_ok=True)
+    (user_cfg / "config.toml").write_bytes((tree.root / ".jam" / "config.toml").read_bytes())
+    b = tree.root.parent / "B"
+    b.mkdir()
+    assert invoke(runner, "init", str(b)).exit_code == 0
+    monkeypatch.chdir(b)
+    make_file(b / "b.bin", 100_000, 4)
+    assert invoke(runner, "stash", "b.bin").exit_code == 0
+    invoke(runner, "gc")
+    monkeypatch.chdir(tree.root)
+    res = invoke(runner, "checkout", "a.bin")
+    assert res.exit_code == 0, (res.output, res.stderr)
+    assert blake3.blake3((tree.root / "a.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
                    "exit 1, not a usage error that says what is in the way")
 def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
