@@ -353,6 +353,28 @@ def test_a_root_config_copied_as_user_defaults_never_shares_the_root_id(tree, ru
     assert blake3.blake3((tree.root / "a.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: a root copied with `cp -a` keeps [core] id: the copy's refs replace "
+                   "the original's on the shared remote and `jam gc` in the copy removes the original's newer "
+                   "object (the file is lost)")
+def test_a_copied_root_never_lets_its_gc_remove_the_originals_objects(tree, runner, monkeypatch):
+    import blake3
+
+    make_file(tree.root / "a.bin", 100_000, 3)
+    assert invoke(runner, "stash", "a.bin").exit_code == 0
+    copy = tree.root.parent / "copy"
+    subprocess.run(["cp", "-a", str(tree.root), str(copy)], check=True)  # a user backs the project up
+    data = make_file(tree.root / "new.bin", 100_000, 5)
+    assert invoke(runner, "stash", "new.bin").exit_code == 0
+    monkeypatch.chdir(copy)
+    make_file(copy / "c.bin", 100_000, 6)
+    invoke(runner, "stash", "c.bin")
+    invoke(runner, "gc")
+    monkeypatch.chdir(tree.root)
+    res = invoke(runner, "checkout", "new.bin")
+    assert res.exit_code == 0, (res.output, res.stderr)
+    assert blake3.blake3((tree.root / "new.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
                    "exit 1, not a usage error that says what is in the way")
 def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
