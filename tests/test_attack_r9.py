@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -37,14 +38,22 @@ def oid_of(path) -> str:
     return StubRecord.unpack(os.getxattr(path, XATTR)).oid
 
 
+def clean_rclone(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The rclone CLI against the server, behind jam's back, with none of the RCLONE_* settings
+    a test gave jam (a filter or a dry run must not blind the check itself)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+    env.update(server.env("seaweed"), RCLONE_CONFIG="/dev/null")
+    return subprocess.run([server.rclone_bin, *args], capture_output=True, env=env, check=check, timeout=120)
+
+
 def on_server(server, bucket: str, prefix: str, oid: str) -> bytes | None:
     """The object's bytes on the server, read behind jam's back; None if it is not there
     (`rclone cat` of a missing name prints nothing and exits 0: list it first)."""
     path = f"seaweed:{bucket}/{prefix}/objects/{object_relpath(oid)}"
-    listed = json.loads(server.rclone("lsjson", "--files-only", path, check=False).stdout or b"[]")
+    listed = json.loads(clean_rclone(server, "lsjson", "--files-only", path, check=False).stdout or b"[]")
     if not listed:
         return None
-    return server.rclone("cat", path).stdout
+    return clean_rclone(server, "cat", path).stdout
 
 
 def s3_root(runner, tmp_path, monkeypatch, url: str, name: str = "s3", tier: int | None = None):
@@ -205,7 +214,7 @@ def test_rclone_remote_redefined_elsewhere_is_noticed(runner, tmp_path, rclone_e
     data = make_file(tree / "new.bin", 100_000, seed=21)
     res = jam(runner, "stash", "new.bin", ok=False)
     assert res.exit_code != 0 and not is_stub(tree / "new.bin") and (tree / "new.bin").read_bytes() == data
-    listed = rclone_env.rclone("lsf", "-R", f"seaweed:{other}/{s3_bucket}/jam").stdout.decode().split()
+    listed = clean_rclone(rclone_env, "lsf", "-R", f"seaweed:{other}/{s3_bucket}/jam").stdout.decode().split()
     assert listed == ["jam-remote.json"], f"stored into another remote: {listed}"
 
 
