@@ -514,3 +514,28 @@ def test_a_cert_authority_line_does_not_hide_the_known_hosts_lines_after_it(sshd
     assert ssh.returncode == 0, ssh.stderr  # what OpenSSH does with this file
     with Session() as s:
         assert make_plugin_manager().hook.check_remote(remote=sftp_remote, session=s, create=False)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a file dated after 2262-04-11 (ext4 allows 2446) overflows the stub's "
+                   "int64 mtime_ns: struct.error, 'internal error', and every file of its batch stays local")
+def test_a_file_dated_past_2262_is_one_line_and_its_neighbours_are_stashed(jam_root, jam_bin):
+    """A file with a bogus far-future mtime (a zip with a broken date, a camera's clock): the
+    stub format keeps mtime_ns as a signed 64-bit number, whose last day is 2262-04-11. A
+    stash of its directory (by hand, or `--auto`: budget nominates it, every run) dies with
+    `jam: internal error: error: argument out of range` and stashes none of the batch (and
+    has read them all: their atimes now say "just used"). Either jam records such a date or
+    it leaves that file local with one line, and stashes the others."""
+    d = jam_root.path / "d"
+    for i in range(3):
+        _old(d / f"old{i}", 100_000, seed=20 + i)
+    far = d / "far-future"
+    make_file(far, 100_000, seed=30)
+    t = 13_569_465_600  # 2400-01-01
+    os.utime(far, (t, t))
+    assert os.stat(far).st_mtime == t  # the filesystem keeps it (ext4: up to 2446)
+    res = _jam(jam_bin, "stash", "d", cwd=jam_root.path)
+    assert b"internal error" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
+    assert all(_is_stub(d / f"old{i}") for i in range(3)), (res.stdout, res.stderr)
+    if not _is_stub(far):
+        assert res.returncode == 1 and b"far-future" in res.stderr, res.stderr
+    assert os.stat(far).st_mtime == t
