@@ -219,6 +219,26 @@ def test_doctor_reports_a_config_that_breaks_commands(tree, runner, edit, key):
     assert res.exit_code != 0 and key in (res.output + res.stderr), res.output
 
 
+def test_a_negative_tier_is_refused_and_nothing_is_written(tree, runner, tmp_path):
+    """Guard: add_remote's ``tier < 0`` check (jam_core/ops/remotes.py)."""
+    (tmp_path / "other").mkdir()
+    before = (tree.root / ".jam" / "config.toml").read_bytes()
+    res = invoke(runner, "remote", "add", "r", str(tmp_path / "other"), "--tier", "-5")
+    assert res.exit_code == 2 and "--tier" in one_line(res)
+    assert (tree.root / ".jam" / "config.toml").read_bytes() == before
+    assert os.listdir(tmp_path / "other") == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `--tier 99999999999999999999999` is accepted and written to "
+                   "config.toml as an integer TOML does not allow (64-bit): other TOML readers refuse the file")
+def test_a_tier_beyond_any_toml_integer_is_refused(tree, runner, tmp_path):
+    (tmp_path / "other").mkdir()
+    before = (tree.root / ".jam" / "config.toml").read_bytes()
+    res = invoke(runner, "remote", "add", "r", str(tmp_path / "other"), "--tier", "9" * 23)
+    assert res.exit_code == 2 and "--tier" in one_line(res)
+    assert (tree.root / ".jam" / "config.toml").read_bytes() == before
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: parse_duration accepts a number that overflows to inf "
                    "('--older-than 999...9d'): 'verified less than infs ago'")
 def test_an_infinite_duration_is_refused(tree, runner):
