@@ -648,3 +648,28 @@ def test_drop_never_counts_a_corrupt_sftp_copy_of_the_right_size(runner, tmp_pat
     assert res.exit_code == 1
     jam(runner, "checkout", "f.bin")
     assert (tree / "f.bin").read_bytes() == data, "differs"
+
+
+def test_drop_never_counts_a_copy_on_a_remote_the_other_root_does_not_use(tmp_path, pm):
+    """A uses a and p (its private disk); B uses a alone; both stashed y. A's drop of y from a
+    leaves A a copy on p, but none B can reach: refused. The guard: ``copies._short_of`` counts a
+    copy on r for another root only if that root has refs on r (``rid not in u.refs``);
+    mutation-checked by counting every remote for every root: B's only copy went."""
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.copies import drop
+
+    a, p = tmp_path / "a", tmp_path / "p"
+    ra = _root(tmp_path, "ra", {"a": a, "p": p}, copies=2, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
+    data = make_file(ra.path / "y.bin", 200_000, seed=4)
+    (rb.path / "y.bin").write_bytes(data)
+    assert stash(ra, ["y.bin"], pm).exit_code == 0
+    assert stash(rb, ["y.bin"], pm).exit_code == 0
+    y = _oid(rb, "y.bin")
+    assert _holds(a, y) and _holds(p, y)
+    with ra.lock():
+        ra.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    res = drop(ra, ["y.bin"], pm, "a")
+    assert _holds(a, y), "B's only reachable copy was dropped"
+    assert res.exit_code == 1 and "needs 1 verified copy" in str(res.skipped), res
+    assert checkout(rb, ["y.bin"], pm).exit_code == 0 and (rb.path / "y.bin").read_bytes() == data, "differs"
