@@ -118,6 +118,29 @@ def test_a_bidi_override_in_a_name_is_shown_escaped(tree, runner):
     no_control(res.output)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: report() prints a failure's reason raw: a remote's own words "
+                   "(an SFTP server's status text, rclone's stderr) drive the terminal")
+def test_a_remotes_error_text_reaches_the_terminal_escaped(tree, runner, monkeypatch):
+    """A server answers a fetch with a message of its own making; jam prints it as a reason."""
+    import jam_core.cli.files as files
+    from jam_core import hookimpl
+    from jam_core.errors import RemoteError
+    from jam_core.manager import make_plugin_manager
+
+    make_file(tree.root / "a.bin", 100_000)
+    assert invoke(runner, "stash", "a.bin").exit_code == 0
+
+    class HostileServer:
+        @hookimpl
+        def fetch(self, remote, oid, dest, size, session):
+            raise RemoteError(f"remote {remote.name!r}: server says \x1b]0;pwn\x07\x1b[2Jall fine")
+
+    monkeypatch.setattr(files, "plugin_manager", lambda *a: make_plugin_manager(extra=(HostileServer(),)))
+    res = invoke(runner, "checkout", "a.bin", color=True)
+    assert res.exit_code == 1 and "server says" in res.stderr, (res.output, res.stderr)
+    no_control(res.stderr)
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: the root's own path is printed raw (status' last line, init): "
                    "a root directory named with ESC sequences drives the terminal")
 def test_a_root_whose_path_holds_escapes_is_printed_escaped(tmp_path, runner, monkeypatch):
