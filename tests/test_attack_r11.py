@@ -608,3 +608,27 @@ def test_a_moved_root_is_served_by_the_hook_again_or_doctor_says_why_not(tmp_pat
                               f"cd {shlex.quote(str(new / 'd'))}; _jam_hook"],
                              capture_output=True, text=True, env=_env(), timeout=120)
         assert listed and not _is_stub(new / "d" / "f"), (res.stderr, doctor.stdout)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam init` (or `jam init .`) in a directory reached through a symlink "
+                   "registers the physical path (getcwd); the hooks match $PWD, so a cd through the path the user "
+                   "typed never fetches")
+def test_jam_init_through_a_symlinked_path_registers_the_path_the_shell_uses(tmp_path, jam_bin):
+    """`~/data -> /mnt/disk/data` (a synced tree on a second disk, linked into home): the user
+    types `cd ~/data; jam init`. os.path.abspath(".") is getcwd(), the physical path, so the
+    roots list gets /mnt/disk/data while every shell's $PWD says ~/data: the README's "a root
+    is matched by the path you cd through" then means never. The hook in that same shell must
+    fetch there."""
+    real, link = tmp_path / "disk" / "data", tmp_path / "data"
+    (real / "d").mkdir(parents=True)
+    link.symlink_to(real)
+    make_file(real / "d" / "f", 100_000, seed=4)
+    init = subprocess.run(["bash", "--norc", "--noprofile", "-c", f"cd {shlex.quote(str(link))} && {jam_bin} init"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert init.returncode == 0, init.stderr
+    assert _jam(jam_bin, "stash", "d", cwd=real).returncode == 0
+    res = subprocess.run(["bash", "--norc", "--noprofile", "-c",
+                          f"source {shlex.quote(str(_hook_file('bash', jam_bin, tmp_path)))}; "
+                          f"cd {shlex.quote(str(link / 'd'))}; _jam_hook"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert not _is_stub(real / "d" / "f"), (init.stdout, res.stderr)
