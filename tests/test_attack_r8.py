@@ -3,6 +3,25 @@ remote remove), on real dir remotes, real files and real xattrs.
 
 Each test is either a hole (strict xfail, "BUG: ...") or a guard that was mutation-checked
 (its docstring names the guard that was commented out once to watch it fail).
+
+Holes found (the last copy of an object, or a copy counted that is not one):
+- one place under two names (same identity marker, or a symlinked path): counted as two copies
+  by drop, stash and doctor;
+- a root copied with `cp -a` keeps the original's [core] id (also found by R10);
+- another root's refs damaged (garbage, cut, JSON, emptied) or not a regular file: read as "no refs";
+- a root of this machine naming the remote without an id: gc's silent-root stop misses it;
+- refs published from the catalog alone: a `cp -a`'d stub drops out of them;
+- `jam clone` records no refs: a second computer's clone is invisible to the first one's gc;
+- `jam remote remove` keeps its refs on the remote: other roots still count that copy for it;
+- the dir backend removes through a symlinked fan-out directory;
+- a removal counts an sftp copy by its size (no hash_object in jam_sftp);
+- `jam copy --to` takes a corrupt same-size copy on the destination for a copy;
+- doctor --fix forgets a damaged stub's object, or trades it for a swapped xattr's;
+- `jam remote remove` trusts the catalog's location rows (lost catalog, a reused or changed
+  name, a copy lost elsewhere with --move-to);
+- refs of a million objects exceed META_MAX: nobody can gc or drop on that remote.
+Guards checked: gc's removal reads the refs again after its intent; pending refs count; a copy on
+a remote another root does not use is no copy for it.
 """
 
 from __future__ import annotations
