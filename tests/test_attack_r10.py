@@ -337,6 +337,23 @@ def test_a_user_config_that_is_a_directory_is_a_config_error(tree, runner, monke
     assert res.exit_code == 2 and "config.toml" in one_line(res)
 
 
+def test_relative_or_empty_xdg_dirs_are_ignored_as_the_spec_says(tmp_path, runner, monkeypatch, isolated_home):
+    """Guard: root._xdg's ``os.path.isabs`` (a relative $XDG_DATA_HOME is ignored). Taken as
+    is, ``XDG_DATA_HOME=rel`` would put the default remote under the cwd: inside the root."""
+    top = tmp_path / "t"
+    top.mkdir()
+    monkeypatch.chdir(top)
+    monkeypatch.setenv("XDG_DATA_HOME", "rel")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "")
+    res = invoke(runner, "init")
+    assert res.exit_code == 0, (res.output, res.stderr)
+    assert sorted(os.listdir(top)) == [".jam"]
+    assert str(isolated_home / ".local" / "share" / "jam" / "remotes" / "default") in res.output
+    make_file(top / "a.bin", 100_000)
+    assert invoke(runner, "stash", "a.bin").exit_code == 0
+    assert sorted(os.listdir(top)) == [".jam", "a.bin"]
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: two remotes at one location (same identity marker) are taken "
                    "for two copies: `jam drop --from A` removes the only copy (the file is lost)")
 @pytest.mark.parametrize("how", ["remote-add", "through-a-symlink", "hand-edited"])
