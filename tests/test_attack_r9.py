@@ -349,3 +349,27 @@ def test_near_s3_tier_down_checkout_falls_back_to_the_far_tier(runner, tmp_path,
         assert not is_stub(tree / "new.bin") and (tree / "new.bin").read_bytes() == new
     finally:
         rclone_env.start()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam doctor` says all is well with two remotes that are one place "
+                   "(the same identity marker) counted as two copies")
+def test_doctor_reports_two_remotes_that_are_one_place(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
+    """A config written before `remote add` refused a second name for one place (or by hand):
+    'a' and 'b' lead to one bucket and carry one identity, copies = 2. Every stub is "on two
+    remotes"; `jam doctor` must not exit 0 (all well): one disk lost loses everything."""
+    from jam_core.root import Root
+
+    for k, v in rclone_env.env("twin").items():
+        monkeypatch.setenv(k, v)
+    tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam", name="a")
+    root = Root(tree)
+    a = dict(root.own_config()["remote"]["a"])
+
+    def twin(own):
+        own["remote"]["b"] = a | {"url": f"rclone:twin:{s3_bucket}/jam", "location": f"twin:{s3_bucket}/jam"}
+        own.setdefault("place", {})["copies"] = 2
+    root.update_config(twin)
+    make_file(tree / "f.bin", 150_000, seed=5)
+    jam(runner, "stash", "f.bin")
+    res = jam(runner, "doctor", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
