@@ -447,6 +447,21 @@ def test_a_copied_root_never_lets_its_gc_remove_the_originals_objects(tree, runn
     assert blake3.blake3((tree.root / "new.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: check_root_overlaps ignores the user config's remotes: `jam init` "
+                   "makes a root around a dir remote of ~/.config/jam/config.toml (invariant 10), then writes "
+                   "the remote's marker inside the root and stash fails with 'No such file or directory'")
+def test_init_refuses_a_root_around_a_remote_of_the_user_config(tmp_path, runner, isolated_home):
+    top = tmp_path / "top"
+    (top / "backup" / "objects").mkdir(parents=True)
+    user_cfg = isolated_home / ".config" / "jam"
+    user_cfg.mkdir(parents=True, exist_ok=True)
+    (user_cfg / "config.toml").write_text(f'[remote.backup]\nkind = "dir"\nurl = "{top}/backup"\n'
+                                          f'location = "{top}/backup"\ntier = 0\n')
+    res = invoke(runner, "init", str(top))
+    assert res.exit_code == 2 and "overlap" in one_line(res)
+    assert sorted(os.listdir(top)) == ["backup"]
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
                    "exit 1, not a usage error that says what is in the way")
 def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
