@@ -373,3 +373,29 @@ def test_doctor_reports_two_remotes_that_are_one_place(runner, tmp_path, rclone_
     jam(runner, "stash", "f.bin")
     res = jam(runner, "doctor", ok=False)
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+
+
+# -- 2. hostile names: a location holding ']' ---------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: an rclone location holding ']' cannot be read through rclone's "
+                   "--rc-serve ([fs]/path, split at the first ']'): `remote add` fails with 'marker vanished'")
+def test_a_location_with_a_closing_bracket_works_or_is_refused_plainly(runner, tmp_path, rclone_env, s3_bucket,
+                                                                       monkeypatch):
+    """``rclone:seaweed:BUCKET/photos [old]/jam`` (a folder named as people name folders): jam
+    reads through rclone's ``GET /[fs]/path``, which rclone splits at the first ']' (another
+    path). It must round-trip, or be refused in one line that says why, never "its identity
+    marker vanished as it was read" (which sends the user hunting for a deleted file)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    jam(runner, "init", str(tree))
+    monkeypatch.chdir(tree)
+    res = jam(runner, "remote", "add", "s3", f"rclone:seaweed:{s3_bucket}/photos [old]/jam", ok=False)
+    if res.exit_code != 0:
+        line = one_clean_line(res)
+        assert "']'" in line and "vanished" not in line, line  # names the character, not a ghost
+        return
+    jam(runner, "remote", "remove", "default")
+    data = make_file(tree / "f.bin", 150_000, seed=80)
+    jam(runner, "stash", "f.bin")
+    jam(runner, "checkout", "f.bin")
+    assert (tree / "f.bin").read_bytes() == data and not is_stub(tree / "f.bin")
