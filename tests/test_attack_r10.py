@@ -693,3 +693,32 @@ def test_the_tui_says_why_an_action_waits_for_another_jam(tree, monkeypatch):
     finally:
         release.set()
     assert "another jam" in seen["screen"], seen
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the info pane builds markup with rich.markup.escape, which Textual's "
+                   "markup reads otherwise: a name ending in a backslash shows as 'x\\[/b]', 'a\\[b]' as 'a\\\\[b]'")
+@pytest.mark.parametrize("name", ["x\\", "a\\[b]"])
+def test_info_pane_shows_a_name_with_backslashes_as_it_is(tree, name):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+    from jam_core.tui.app import make_app
+    from jam_core.tui.widgets.info_pane import InfoPane
+    from jam_core.tui.widgets.listing import Listing
+
+    make_file(tree.root / name, 70_000)
+    root = Root.find(tree.root)
+    seen = {}
+
+    async def go():
+        app = make_app(root, ".", make_plugin_manager())
+        async with app.run_test(size=SIZE) as pilot:
+            await _settle(pilot)
+            assert app.screen.query_one(Listing).current.name == name  # the only entry
+            await pilot.press("i")
+            await _settle(pilot)
+            rendered = app.screen.query_one(InfoPane).render()
+            seen["text"] = getattr(rendered, "plain", str(rendered))
+            await pilot.press("q")
+
+    asyncio.run(go())
+    assert seen["text"].splitlines()[0] == name, seen
