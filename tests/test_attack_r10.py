@@ -722,3 +722,36 @@ def test_info_pane_shows_a_name_with_backslashes_as_it_is(tree, name):
 
     asyncio.run(go())
     assert seen["text"].splitlines()[0] == name, seen
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: TiersScreen calls Screen.notify, whose markup=True default overrides "
+                   "JamApp.notify's: an unplugged remote at a path holding '[/x]' crashes the TUI (MarkupError)")
+def test_the_tiers_screen_names_an_unplugged_remote_as_text(tmp_path, monkeypatch):
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.remotes import add_remote
+    from jam_core.root import Root
+    from jam_core.tui.app import make_app
+
+    top = tmp_path / "root"
+    top.mkdir()
+    drive = tmp_path / "a[" / "x]"  # the location reads .../a[/x]
+    drive.mkdir(parents=True)
+    root, _ = Root.init(top)
+    add_remote(root, make_plugin_manager(), "vault", str(drive))
+    os.rename(tmp_path / "a[", tmp_path / "unplugged")  # the drive is gone
+    monkeypatch.chdir(top)
+    seen = {}
+
+    async def go():
+        app = make_app(root, ".", make_plugin_manager())
+        async with app.run_test(size=SIZE, notifications=True) as pilot:  # toasts drawn, as on a terminal
+            await _settle(pilot)
+            await pilot.press("t")
+            await _settle(pilot)
+            seen["notices"] = list(app.notices)
+            await pilot.press("q")
+        seen["code"] = app.return_code
+
+    asyncio.run(go())
+    assert any("[/x]" in text for _s, text in seen.get("notices", [])), seen
+    assert seen.get("code") == 0, seen
