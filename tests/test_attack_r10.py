@@ -462,6 +462,25 @@ def test_init_refuses_a_root_around_a_remote_of_the_user_config(tmp_path, runner
     assert sorted(os.listdir(top)) == ["backup"]
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: register_root writes a root's path as is into the one-per-line roots "
+                   "file: a newline in it registers another directory as a root (the cd hooks then fetch there) and "
+                   "loses this one")
+def test_a_root_path_with_a_newline_never_registers_another_directory(tmp_path, runner, isolated_home):
+    from jam_core.root import roots_file
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    top = tmp_path / f"evil\n{victim}"  # the directories "evil\n", then tmp_path's path under it
+    top.mkdir(parents=True)
+    res = invoke(runner, "init", str(top))
+    if res.exit_code != 0:  # refused: fine, if said in one line and nothing registered
+        assert res.exit_code == 2 and one_line(res)
+        assert not roots_file().exists() or str(victim) not in roots_file().read_text()
+        return
+    lines = roots_file().read_text().splitlines()
+    assert str(victim) not in lines, lines
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
                    "exit 1, not a usage error that says what is in the way")
 def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
