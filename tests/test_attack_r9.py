@@ -370,7 +370,7 @@ def test_doctor_reports_two_remotes_that_are_one_place(runner, tmp_path, rclone_
         own.setdefault("place", {})["copies"] = 2
     root.update_config(twin)
     make_file(tree / "f.bin", 150_000, seed=5)
-    jam(runner, "stash", "f.bin")
+    jam(runner, "stash", "f.bin", ok=False)  # a fixed placement leaves it local (one place, copies = 2)
     res = jam(runner, "doctor", ok=False)
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
 
