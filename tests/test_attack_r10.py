@@ -104,6 +104,21 @@ def test_doctor_report_on_a_hostile_dirty_stub_sends_no_control_characters(tree,
     no_control(res.stderr)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: checkout --keep-both's reason names the new file raw ('the stashed "
+                   "version is NAME (stashed version)'): report() prints reasons unescaped")
+def test_keep_both_message_names_the_new_file_escaped(tree, runner):
+    name = "k\x1b]0;pwn\x07\x1b[2J.bin"
+    make_file(tree.root / name, 100_000)
+    assert invoke(runner, "stash", name).exit_code == 0
+    with open(tree.root / name, "r+b") as f:
+        f.seek(50_000)
+        f.write(b"mine")
+    res = invoke(runner, "checkout", "--keep-both", name, color=True)
+    assert "stashed version" in res.stderr, (res.output, res.stderr)
+    no_control(res.output)
+    no_control(res.stderr)
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: show_path escapes C0 controls only: a bidi override (U+202E) "
                    "in a name reaches the terminal and reorders the line")
 def test_a_bidi_override_in_a_name_is_shown_escaped(tree, runner):
