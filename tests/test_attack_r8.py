@@ -105,12 +105,10 @@ def test_one_location_added_under_two_names_is_never_counted_as_two_copies(tmp_p
     assert _holds(a, oid), "the only copy was removed"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a root copied with `cp -a` shares its [core] id with the "
-                   "original; the original's gc overwrites the copy's refs and removes the only copy of "
-                   "the copy's stubs")
 def test_a_root_copied_with_cp_a_never_loses_its_stubs_to_the_originals_gc(tmp_path, pm):
     """Two roots, one id: the copy stashes y (refs/<id> = {x, y}), then the original runs gc:
-    it publishes refs/<id> = {x} and y, on no list any more, goes."""
+    it publishes refs/<id> = {x} and y, on no list any more, goes. Guard (mutation-checked):
+    refs.root_id takes a new id where ``[core] home`` is not this .jam directory."""
     a = tmp_path / "a"
     orig = _root(tmp_path, "orig", {"a": a}, pm=pm)
     make_file(orig.path / "x.bin", 200_000, seed=1)

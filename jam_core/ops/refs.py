@@ -15,6 +15,8 @@ The root's id is ``[core] id`` in ``ROOT/.jam/config.toml``, recorded on first n
 
 from __future__ import annotations
 
+import os
+
 from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.model import Remote, Session
 from jam_core.objects import is_valid_oid
@@ -32,22 +34,33 @@ _NAME = LazyRe(r"\A([0-9a-f]{32})(?:\.pending\.([0-9]{1,6}))?\Z")
 def root_id(root: Root) -> str:
     """This root's id (``[core] id``), recorded in its own config on first need. The caller
     holds ``root.lock()``. A malformed id is a usage error (never silently replaced: other
-    roots' removals trust it)."""
-    core = root.config.get("core", {})
+    roots' removals trust it).
+
+    Only the root's own config counts (an id in the user's defaults, copied there from a
+    root's config, would be every root's). And an id belongs to the ``.jam`` directory it was
+    made in (``[core] home``, that directory's inode): a root copied with ``cp -a`` (or
+    restored from a backup) has another one, and takes a new id, or its refs would replace the
+    original's on every remote they share and one's `jam gc` remove what the other's stubs
+    need. (A root moved to another filesystem takes a new id too: the refs of its old one are
+    then left on the remotes, keeping their objects.)"""
+    core = root.own_config().get("core", {})
     rid = core.get("id") if isinstance(core, dict) else None
-    if rid is not None:
-        if not (isinstance(rid, str) and _ID.match(rid)):
-            raise UsageError(f"{root.config_path}: core.id {str(rid)[:40]!r} is malformed (32 hex digits expected)")
+    home = core.get("home") if isinstance(core, dict) else None
+    if rid is not None and not (isinstance(rid, str) and _ID.match(rid)):
+        raise UsageError(f"{root.config_path}: core.id {str(rid)[:40]!r} is malformed (32 hex digits expected)")
+    here = os.stat(root.jam_dir).st_ino
+    if rid is not None and home == here:
         return rid
     import uuid
 
-    new = uuid.uuid4().hex
+    new = uuid.uuid4().hex if rid is None or home is not None else rid  # no home yet (an older jam's root): bound now
 
     def record(own: dict) -> None:
         table = own.setdefault("core", {})
         if not isinstance(table, dict):
             raise UsageError(f"{root.config_path}: 'core' must be a table")
-        table.setdefault("id", new)
+        if table.get("id") == rid and table.get("home") == home:  # nobody changed it meanwhile
+            table["id"], table["home"] = new, here
     own = root.update_config(record)
     return own["core"]["id"]
 
