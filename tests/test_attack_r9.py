@@ -418,3 +418,45 @@ def test_a_server_down_is_not_reported_as_a_file(runner, tmp_path, rclone_env, s
     line = one_clean_line(res)
     assert res.exit_code == 1 and not is_stub(tree / "f.bin") and (tree / "f.bin").read_bytes() == data
     assert "is a file" not in line, line
+
+
+# -- 1. a server that accepts and never answers -------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: jam's rclone keeps rclone's 5-minute I/O timeout: an S3 endpoint that "
+                   "accepts connections and never answers hangs a stash for 10 minutes (measured: 607 s)")
+def test_jams_rclone_has_a_bounded_io_timeout(pm_rclone_session, rclone_remote):
+    """Measured by hand (too slow for a test): an endpoint that accepts TCP and never answers
+    kept `jam stash` waiting 607 s (jam's own 600 s socket timeout) before "cannot reach it: timed
+    out"; daemon.py promises "a server that does not answer fails the command within seconds"
+    but bounds only the connect (RCLONE_CONTIMEOUT), not rclone's I/O idle timeout (5 min, times
+    its low-level retries). Checked here on jam's running rclone: its --timeout / RCLONE_TIMEOUT
+    must be at most 2 minutes."""
+    pm, session = pm_rclone_session
+    pm.hook.check_remote(remote=rclone_remote, session=session, create=False)  # starts jam's rclone
+    (pid,) = _rclone_children()
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    value = env.get(b"RCLONE_TIMEOUT")
+    for i, a in enumerate(args):
+        if a.startswith(b"--timeout="):
+            value = a.split(b"=", 1)[1]
+        elif a == b"--timeout" and i + 1 < len(args):
+            value = args[i + 1]
+    assert value is not None, "rclone's default I/O timeout (5m) applies"
+    import re
+
+    m = re.fullmatch(rb"(\d+)(ms|s|m)?", value.strip())
+    assert m, value
+    seconds = int(m.group(1)) * {b"ms": 0.001, b"s": 1, b"m": 60, None: 1}[m.group(2)]
+    assert 0 < seconds <= 120, value
+
+
+@pytest.fixture
+def pm_rclone_session():
+    from jam_core.manager import make_plugin_manager
+    from jam_core.model import Session
+
+    with Session() as s:
+        yield make_plugin_manager(load_entrypoints=False), s
