@@ -123,7 +123,7 @@ def put_meta_oddity(store: Path, name: str, what: str) -> None:
         os.mkfifo(path)
     elif what == "huge":
         with open(path, "wb") as f:
-            f.truncate((64 << 20) + 1)
+            f.truncate((256 << 20) + 1)
     else:
         raise NotImplementedError(what)
 

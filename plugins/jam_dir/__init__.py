@@ -789,7 +789,7 @@ def fetch(remote, oid, dest, size, session):
 # -- removal, metadata files, free space (copies, drop, gc) ---------------------------------
 
 _META_NAME = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,127}(?:/[a-z0-9][a-z0-9._-]{0,127}){0,3}\Z")
-META_MAX = 64 << 20
+META_MAX = 256 << 20  # refs of ~3.8 million objects (a million-file root writes ~68 MB)
 
 
 def _meta_path(remote, name: str) -> Path:

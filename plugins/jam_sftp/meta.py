@@ -42,7 +42,7 @@ from jam_sftp.transfer import REQUEST, Ops, SftpStatus
 
 # As the dir backend: up to four segments of [a-z0-9._-], none starting with a dot or a dash.
 META_NAME = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,127}(?:/[a-z0-9][a-z0-9._-]{0,127}){0,3}\Z")
-META_MAX = 64 << 20
+META_MAX = 256 << 20  # refs of ~3.8 million objects (a million-file root writes ~68 MB)
 WINDOW = 16  # requests in flight while writing or reading a metadata file
 
 
