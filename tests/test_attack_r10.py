@@ -401,9 +401,6 @@ def test_two_remotes_at_one_location_are_never_two_copies(tree, runner, how):
     assert blake3.blake3((tree.root / "f.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: root_id reads the merged config: a root's config.toml copied as "
-                   "the user's defaults gives every new root its [core] id; one root's gc then removes the "
-                   "other's objects (the file is lost)")
 def test_a_root_config_copied_as_user_defaults_never_shares_the_root_id(tree, runner, monkeypatch, isolated_home):
     """A user likes root A's config and copies it to ~/.config/jam/config.toml. Root B, made
     later, must still get its own id: otherwise B's refs on the shared remote replace A's and
@@ -440,9 +437,6 @@ def test_doctor_names_an_unknown_config_key(tree, runner, table, key):
     assert key in res.output + res.stderr, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a root copied with `cp -a` keeps [core] id: the copy's refs replace "
-                   "the original's on the shared remote and `jam gc` in the copy removes the original's newer "
-                   "object (the file is lost)")
 def test_a_copied_root_never_lets_its_gc_remove_the_originals_objects(tree, runner, monkeypatch):
     import blake3
 
