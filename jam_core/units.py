@@ -40,6 +40,7 @@ class LazyRe:
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
+_SIZE_LIMIT = 2**63  # no file or disk is that big (and an off_t holds less)
 
 
 def parse_size(value: Any, what: str = "size") -> int:
@@ -49,6 +50,8 @@ def parse_size(value: Any, what: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise UsageError(f"{what}: a size cannot be negative ({value})")
+        if value >= _SIZE_LIMIT:
+            raise UsageError(f"{what}: {value} is more than any disk holds")
         return value
     text = str(value).strip().lower().replace(" ", "")
     num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -59,7 +62,13 @@ def parse_size(value: Any, what: str = "size") -> int:
         n = -1.0
     if unit not in _UNITS or n < 0 or n != n or n == float("inf"):
         raise UsageError(f"{what}: expected a size like 64KiB or 20GB, got {value!r}")
-    return int(n * _UNITS[unit])
+    try:
+        size = int(n * _UNITS[unit])
+    except OverflowError:  # "1e300GB": the product is inf
+        size = _SIZE_LIMIT
+    if size >= _SIZE_LIMIT:
+        raise UsageError(f"{what}: {value!r} is more than any disk holds")
+    return size
 
 
 def human(n: float, trim: bool = False) -> str:
@@ -97,7 +106,10 @@ def parse_duration(value: Any, what: str = "duration") -> float:
     m = _DURATION_RE.match(value.lower())
     if not m or m.group(2) not in _DURATION_UNITS:
         raise UsageError(hint)
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds == float("inf"):  # "999...9d": more digits than a float holds
+        raise UsageError(f"{what}: {value!r} is longer than any clock counts")
+    return seconds
 
 
 def parse_percent(value: Any, what: str = "percentage") -> float:

@@ -212,15 +212,15 @@ def test_a_usage_mistake_is_one_jam_line_exit_2(tree, args):
     assert tree_state(tree.root) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_size('1e300GB') overflows int(inf): "
-                   "'internal error: OverflowError' (or a plugin blamed), exit 1, not a config error")
 @pytest.mark.parametrize("table,key,command", [
     ("core", "min_size", ["stash", "a.bin"]),
     ("policy.budget", "max_local", ["stash", "--auto", "--dry-run"]),
     ("history", "chunk_above", ["commit"]),
 ])
 def test_a_size_too_big_for_any_disk_is_a_config_error(tree, runner, table, key, command):
+    """Guard (mutation-checked): units.parse_size's ``size >= _SIZE_LIMIT`` check (an overflowing product is the limit)."""
     make_file(tree.root / "a.bin", 100_000)
+    invoke(runner, "commit")  # a root in use: its first-use bookkeeping (catalog, root id) is done
     cfg = tree.root / ".jam" / "config.toml"
     text = cfg.read_text()
     if table == "core":
@@ -232,7 +232,10 @@ def test_a_size_too_big_for_any_disk_is_a_config_error(tree, runner, table, key,
     res = invoke(runner, *command)
     line = one_line(res)
     assert res.exit_code == 2 and key in line and "internal error" not in line and "plugin" not in line, line
-    assert tree_state(tree.root) == before
+    after = tree_state(tree.root)
+    for state in (before, after):  # (.jam's own mtime: the catalog's journal comes and goes)
+        del state[str(tree.root / ".jam")]
+    assert after == before
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: doctor never validates the config: with a value that makes stash, "
@@ -277,18 +280,16 @@ def test_a_tier_beyond_any_toml_integer_is_refused(tree, runner, tmp_path):
     assert (tree.root / ".jam" / "config.toml").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_duration accepts a number that overflows to inf "
-                   "('--older-than 999...9d'): 'verified less than infs ago'")
 def test_an_infinite_duration_is_refused(tree, runner):
+    """Guard (mutation-checked): units.parse_duration's ``seconds == inf`` check."""
     res = invoke(runner, "doctor", "--deep", "--older-than", "9" * 400 + "d")
     assert res.exit_code == 2
     assert "--older-than" in one_line(res)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam daemon --timeout nan` passes the `timeout <= 0` check: "
-                   "no fetch ever times out and the supervisor's wait becomes 0 (a busy loop)")
 @pytest.mark.parametrize("value", ["nan", "-nan"])
 def test_a_daemon_timeout_that_is_not_a_number_is_refused(tree, runner, monkeypatch, value):
+    """Guard (mutation-checked): cli/daemon.py's ``0 < timeout < inf`` check."""
     import jam_core.daemon.fanotify as fan
     import jam_core.daemon.supervisor as sup
 

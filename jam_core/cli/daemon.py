@@ -24,7 +24,7 @@ def daemon(roots: tuple[str, ...], timeout: float) -> None:
     from jam_core.errors import JamError, UsageError
     from jam_core.root import Root
 
-    if timeout <= 0:
+    if not 0 < timeout < float("inf"):  # (nan fails both comparisons)
         raise UsageError("--timeout must be a positive number of seconds")
     found = []
     for r in roots or (".",):
