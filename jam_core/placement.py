@@ -59,13 +59,20 @@ def durable(remotes: Sequence[Remote]) -> list[Remote]:
 
 
 def choose(remotes: Sequence[Remote], copies: int, free: Mapping[str, int | None]) -> list[Remote]:
-    """``copies`` distinct non-cache remotes, nearest tier first; within a tier (a pool) the one
+    """``copies`` distinct non-cache remotes (distinct stores: two names of one identity are one),
+    nearest tier first; within a tier (a pool) the one
     with the most free space first (unknown last), ties by name; then every cache remote."""
     def key(r: Remote):
         space = free.get(r.name)
         return (r.tier, space is None, -(space or 0), r.name)
 
-    chosen = sorted(durable(remotes), key=key)[:copies]
+    chosen: list[Remote] = []
+    stores: set[str] = set()
+    for r in sorted(durable(remotes), key=key):
+        store = r.options.get("id") or r.name
+        if store not in stores and len(chosen) < copies:  # one store under two names is one copy
+            stores.add(store)
+            chosen.append(r)
     caches = sorted((r for r in remotes if is_cache(r)), key=lambda r: (r.tier, r.name))
     return chosen + caches
 

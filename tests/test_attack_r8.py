@@ -81,12 +81,12 @@ def _jam(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 # -- 1. the last copy ------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: one remote added twice under two names (same identity "
-                   "marker) counts as two copies: drop from one removes the only copy")
 def test_one_location_added_under_two_names_is_never_counted_as_two_copies(tmp_path, pm):
     """`jam remote add a2 /same/dir` reuses the marker of remote a: a and a2 are one place.
     `jam drop --from a f` then asks a2 whether it holds f (yes: it is the same directory) and
-    removes the only copy."""
+    removes the only copy.
+    Guards: remotes.add_remote's refusal and copies.remove_copies' skip of the store's other names
+    (each alone keeps the copy here; tests/test_same_store.py checks each)."""
     a = tmp_path / "a"
     root = _root(tmp_path, "r", {"a": a}, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -231,13 +231,11 @@ def _b3(p: Path) -> str:
     return "b3:" + blake3.blake3(p.read_bytes()).hexdigest()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam copy --to B` takes a same-size copy already on B for "
-                   "the object (has() compares sizes only) and records it as a copy; `jam remote remove A` "
-                   "then forgets the only intact copy, every step exit 0")
 def test_copy_never_records_a_corrupt_copy_already_on_the_destination(tmp_path, pm):
     """B holds a copy of f's object with the right size and the wrong bytes (a bad sector, an
     interrupted tool). `jam copy --to b f` must verify it (hash in place, as drop does) and
-    copy again, or fail; never say the content is on b."""
+    copy again, or fail; never say the content is on b.
+    Guard (mutation-checked): copies._copy_entries asks _verified (hashed in place), not has()."""
     a, b = tmp_path / "a", tmp_path / "b"
     root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -569,13 +567,11 @@ def test_drop_never_removes_through_a_symlinked_fan_out_directory(tmp_path, pm):
     assert (a / "objects" / object_relpath(oid)).is_file(), f"a's only copy was removed through b ({res})"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two remotes of one identity (one place) count as two copies: "
-                   "stash with [place] copies = 2 removes the local file with one copy, doctor says the "
-                   "copies are all there (exit 0)")
 def test_copies_two_on_one_place_under_two_names_is_one_copy(tmp_path, pm):
     """The config names one directory twice (hand-written, or added before a fix refuses it;
     a symlinked path to the same disk is the same): stash must not count it as two copies, and
-    doctor must not say all is well."""
+    doctor must not say all is well.
+    Guard (mutation-checked): stash.choose_remotes counts the stores chosen (ids), not their names."""
     import tomllib
 
     import tomli_w
@@ -640,13 +636,11 @@ def test_a_remote_re_added_under_another_name_is_still_the_only_holder(tmp_path,
 
 # -- 2b. the other copy on an sftp mirror (real OpenSSH server) ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: the sftp backend has no hash_object, so a removal counts an sftp "
-                   "copy by its size alone (has): `jam drop --from near` removes the last intact copy while "
-                   "the sftp mirror's copy is corrupt (same size)")
 def test_drop_never_counts_a_corrupt_sftp_copy_of_the_right_size(runner, tmp_path, sshd, sftp_store, monkeypatch):
     """far (sftp) and near (dir) both hold f; far's copy has a flipped byte. With copies = 1,
     `jam drop --from near f` must find far's copy bad (read it back and hash it, as doctor --deep
-    does for a backend that cannot hash in place) and keep near's."""
+    does for a backend that cannot hash in place) and keep near's.
+    Guard (mutation-checked): jam_sftp's hash_object hook (Ops.hash_object streams and hashes the copy)."""
     from tests.test_sftp_copies import flip, holds, jam, mirrored_root, oid_of, set_copies
 
     near = tmp_path / "near"

@@ -163,9 +163,10 @@ def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote
     try:
         here = users(remote, pm, session)
         others: list[tuple[Remote, Users]] = []
+        me = remote.options.get("id")
         for r in durable(root.remotes()):
-            if r.name == remote.name:
-                continue
+            if r.name == remote.name or (me is not None and r.options.get("id") == me):
+                continue  # the same store under another name: no other copy
             try:
                 _identity(root, r, pm, session)
                 others.append((r, users(r, pm, session)))
@@ -279,7 +280,11 @@ def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm,
     for rid, want in needing.items():
         want = max(want, 1)
         have = 0
+        counted: set[str] = set()  # each store once, under whatever names it is configured
         for r, u in others:
+            store = r.options.get("id") or r.name
+            if store in counted:
+                continue
             if rid != me and rid not in u.refs:
                 continue  # that root does not use this remote: its copy there is no copy for it
             if u.being_removed(oid, but=me):
@@ -287,6 +292,7 @@ def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm,
             try:
                 if _verified(r, oid, size, pm, session, pieces):
                     have += 1
+                    counted.add(store)
             except (JamError, OSError):
                 continue
         if have < want:
@@ -327,7 +333,7 @@ def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, ses
     todo, there = [], []
     for e in entries:
         rec = e.record
-        if pm.hook.has(remote=dest, oid=rec.oid, size=rec.size, session=session) is True:
+        if _verified(dest, rec.oid, rec.size, pm, session, pieces):  # a copy there of the right size may be corrupt
             cat.record_location(rec.oid, dest.name, rec.size)
             there.append(e)
             result.unchanged += 1
@@ -352,6 +358,7 @@ def _copy_entries(root: Root, cat: Catalog, entries: list, pm, dest: Remote, ses
                 problems.append(describe(exc))
                 continue
             done_oids[rec.oid] = rec.size
+            session.cache.pop(("jam.copies.verified", dest.name, rec.oid, pieces is not None), None)  # asked again
             break
         else:
             if pieces is not None and _held_as_pieces(pieces, dest, rec.oid, rec.size):

@@ -48,6 +48,10 @@ def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict
         if rid is not None and not (isinstance(rid, str) and _ID.match(rid)):
             raise RemoteError(f"remote {name!r} ({remote.location}): its backend gave no valid identity")
         if rid is not None:
+            for other, t in _remote_tables(root.config).items():
+                if isinstance(t, dict) and t.get("id") == rid:
+                    raise UsageError(f"remote {name!r}: {url} is remote {other!r} already (the same store, identity "
+                                     f"{rid[:8]}); a second name would count its one copy as two")
             opts["id"] = rid
             remote = Remote(name=name, kind=remote.kind, url=url, location=remote.location, tier=tier,
                             options=opts)

@@ -447,7 +447,7 @@ def choose_remotes(root: Root, pm, oid: str, size: int, remotes: list[Remote]) -
         raise UsageError("the place hook chose no configured remote")
     out = list(dict.fromkeys(r.name for r in chosen))
     by_name = {r.name: r for r in remotes}
-    durable = [n for n in out if not is_cache(by_name[n])]
+    durable = {by_name[n].options.get("id") or n for n in out if not is_cache(by_name[n])}  # stores, not names
     if len(durable) < copies:
         raise Skip(f"[place] copies = {copies}, but only {len(durable)} remote(s) that are not caches "
                    "were chosen; left local (add remotes or lower copies)")
