@@ -87,7 +87,8 @@ class TiersScreen(Screen[None]):
         text = "yes" if m.ok else "NO"
         self.query_one(DataTable).update_cell(m.name, "reachable", text)
         if not m.ok:
-            self.notify(f"{m.name}: {m.detail}", title="remote down", severity="warning")
+            # (Screen.notify's markup=True default would override the app's: a path is text)
+            self.notify(f"{m.name}: {m.detail}", title="remote down", severity="warning", markup=False)
 
     def on_holdings_ready(self, m: HoldingsReady) -> None:
         from jam_core.ops.browse import Holding

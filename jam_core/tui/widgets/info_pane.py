@@ -17,36 +17,43 @@ class InfoPane(Static):
     """
 
     def show_details(self, d, reasons: list[str], totals=None) -> None:
+        """Every piece is text, never markup: names, the header's metadata (a stub carried over
+        from elsewhere says what it likes) and the policies' reasons are appended to a
+        ``rich.text.Text`` as they are, control characters replaced."""
+        from rich.text import Text
+
         from jam_core.tui.widgets.listing import _printable
 
-        lines = [f"[b]{_escape(_printable(d.rel.rpartition('/')[2] or d.rel))}[/b]", f"kind    {d.kind}"]
+        out = Text(no_wrap=False)
+        out.append(_printable(d.rel.rpartition('/')[2] or d.rel), style="bold")
+
+        def line(label: str, value) -> None:
+            out.append("\n" + label)
+            out.append(_printable(str(value)))
+
+        line("kind    ", d.kind)
         if d.state:
-            lines.append(f"state   {d.state}")
+            line("state   ", d.state)
         if d.kind == "file":
-            lines.append(f"size    {human(d.size)} ({d.size} B)")
+            line("size    ", f"{human(d.size)} ({d.size} B)")
         if d.mode:
-            lines.append(f"mode    {d.mode:04o}")
+            line("mode    ", f"{d.mode:04o}")
         if d.mtime_ns:
-            lines.append("mtime   " + time.strftime("%Y-%m-%d %H:%M", time.localtime(d.mtime_ns / 1e9)))
+            line("mtime   ", time.strftime("%Y-%m-%d %H:%M", time.localtime(d.mtime_ns / 1e9)))
         if d.oid:
-            lines.append(f"id      {d.oid[:22]}…")
+            line("id      ", f"{d.oid[:22]}…")
         if d.stashed_at:
-            lines.append(f"stashed {d.stashed_at}")
+            line("stashed ", d.stashed_at)
         if d.oid or d.remotes:
-            lines.append("remotes " + (", ".join(d.remotes) or "none known"))
+            line("remotes ", ", ".join(str(r) for r in d.remotes) or "none known")
         if totals is not None:
-            lines.append(f"files   {totals.files} ({totals.stubs} stubs)")
-            lines.append(f"true    {human(totals.size)}")
-            lines.append(f"local   {human(totals.local)}")
+            line("files   ", f"{totals.files} ({totals.stubs} stubs)")
+            line("true    ", human(totals.size))
+            line("local   ", human(totals.local))
         if d.problem:
-            lines.append(f"problem {_escape(d.problem)}")
-        lines.append("pins    " + (", ".join(_escape(_printable(p)) for p in d.pins) or "none"))
-        lines.append("policies:")
-        lines.extend(f"  {_escape(r)}" for r in reasons) if reasons else lines.append("  would not stash it now")
-        self.update("\n".join(lines))
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+            line("problem ", d.problem)
+        line("pins    ", ", ".join(d.pins) or "none")
+        out.append("\npolicies:")
+        for r in reasons or ["would not stash it now"]:
+            line("  ", r)
+        self.update(out)
