@@ -452,8 +452,10 @@ def test_jams_rclone_has_a_bounded_io_timeout(pm_rclone_session, rclone_remote):
     kept `jam stash` waiting 607 s (jam's own 600 s socket timeout) before "cannot reach it: timed
     out"; daemon.py promises "a server that does not answer fails the command within seconds"
     but bounds only the connect (RCLONE_CONTIMEOUT), not rclone's I/O idle timeout (5 min, times
-    its low-level retries). Checked here on jam's running rclone: its --timeout / RCLONE_TIMEOUT
-    must be at most 2 minutes."""
+    the S3 SDK's attempts, times rclone's low-level retries). Checked here on jam's running
+    rclone: its --timeout / RCLONE_TIMEOUT must be at most 2 minutes. Necessary, not enough:
+    with RCLONE_TIMEOUT=30s alone the same stash still took 370 s (see the review's report for
+    the whole fix)."""
     pm, session = pm_rclone_session
     pm.hook.check_remote(remote=rclone_remote, session=session, create=False)  # starts jam's rclone
     (pid,) = _rclone_children()
