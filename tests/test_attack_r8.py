@@ -281,13 +281,11 @@ def test_a_stub_copied_with_cp_a_stays_in_the_refs_another_roots_gc_reads(tmp_pa
 
 # -- 3. doctor --fix -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix drops the catalog row of a stub whose xattr and "
-                   "header are both damaged (reported 'left as it is'): the last record of its object id "
-                   "goes, and the next gc removes the object the damaged stub stands for")
 def test_doctor_fix_never_forgets_the_object_of_a_stub_it_left_as_it_is(tmp_path, pm):
     """f's user.jam is garbage and its header block too: doctor reports bad-metadata and leaves
     the file alone. Until then the catalog's row keeps f's object referenced (gc keeps it); after
-    `doctor --fix` replaces the stub table with the walk's rows, nothing does."""
+    `doctor --fix` replaces the stub table with the walk's rows, nothing does.
+    Guard (mutation-checked): doctor._Doctor.keep_row (the old row kept for a stub left as it is)."""
     a = tmp_path / "a"
     root = _root(tmp_path, "r", {"a": a}, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -592,13 +590,11 @@ def test_copies_two_on_one_place_under_two_names_is_one_copy(tmp_path, pm):
         assert r.returncode == 1, f"stash made a stub with one copy of two and doctor says: {r.stdout[-600:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix replaces the catalog row of a stub whose xattr was "
-                   "swapped for another stub's (header and catalog still name its own object) with the "
-                   "xattr's id: its own object is then unreferenced and gc removes it")
 def test_doctor_fix_never_trades_a_stubs_object_for_the_one_a_swapped_xattr_names(tmp_path, pm):
     """f's user.jam was overwritten with g's (a tool that copies xattrs between files). f's header
     block and the catalog still say f's object; doctor --fix records the xattr's instead, and
-    the next gc removes f's content from the only remote."""
+    the next gc removes f's content from the only remote.
+    Guard (mutation-checked): doctor._Doctor.keep_row (the old row kept where the xattr names another object)."""
     a = tmp_path / "a"
     root = _root(tmp_path, "r", {"a": a}, pm=pm)
     make_file(root.path / "f.bin", 200_000, seed=1)

@@ -662,8 +662,7 @@ class _Doctor:
         lost = e.problem == LOST_XATTRS
         if e.state == DIRTY:
             self.res.stubs += 1
-            if not lost:
-                self.rows.append(self.row(e.rel, rec, e.st, vouch=False))
+            self.keep_row(e, None if lost else rec)
             what = "a copy of a stub (it lost its xattrs) " if lost else ""
             self.problem("dirty", e.rel, f"{what}written into after it was stashed; jam will not fetch over it: "
                          + keep_both_hint(e.rel))
@@ -703,6 +702,7 @@ class _Doctor:
                 os.close(fd)
         if rec is None:
             self.problem("bad-metadata", e.rel, f"{e.problem}; left as it is")
+            self.keep_row(e, None)
             return
         p = self.problem("bad-metadata", e.rel, f"{e.problem}, but its header is intact: "
                          "`jam doctor --fix` restores user.jam from it")
@@ -712,6 +712,19 @@ class _Doctor:
             self.res.stubs += 1
             self.rows.append(self.row(e.rel, rec, e.st, vouch=False))  # repaired just now: read again next time
             self.need(e.rel, rec)
+        else:
+            self.keep_row(e, None)
+
+    def keep_row(self, e: Entry, rec: StubRecord | None) -> None:
+        """The catalog row of a stub left as it is (dirty, or metadata jam cannot read): the row
+        it had, unvouched, where its metadata now names no object or another one (an xattr
+        copied from another stub), so that its own object stays referenced and no gc removes
+        it; else the row of what it says."""
+        old = self.stamps.get(e.rel)
+        if old is not None and (rec is None or old[0] != rec.oid):
+            self.rows.append((e.rel, *old[:5], None))
+        elif rec is not None:
+            self.rows.append(self.row(e.rel, rec, e.st, vouch=False))
 
     def restore_xattr(self, e: Entry, rec: StubRecord) -> bool:
         """Give a stub whose bytes are intact its ``user.jam`` back (from its header), read-only
@@ -747,7 +760,7 @@ class _Doctor:
             os.close(fd)
         if not (zeros or untouched) or not _only_header_differs(e.path, rec, e.st):
             self.res.stubs += 1
-            self.rows.append(self.row(e.rel, rec, e.st, vouch=False))
+            self.keep_row(e, rec)
             self.problem("dirty", e.rel, "written into after it was stashed (its size and mtime were put back); "
                          "jam will not fetch over it: " + keep_both_hint(e.rel))
             return False
