@@ -418,6 +418,8 @@ def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
         return f"hard-linked ({st.st_nlink} links); stashing would break the links"
     if st.st_size == 0:
         return "empty"
+    if not -(1 << 63) <= st.st_mtime_ns < 1 << 63:  # what a stub records (int64 nanoseconds)
+        return "dated past 2262-04-11 (or before 1677), which a stub cannot record; give it a real date to stash it"
     if not explicit and st.st_size < min_size:
         return f"smaller than core.min_size ({st.st_size} bytes)"
     return None
