@@ -248,8 +248,13 @@ class Root:
             except BlockingIOError:
                 if not wait:
                     raise UsageError(f"another jam process is working on {self.path}") from None
-                if sys.stderr.isatty():
-                    print(f"jam: waiting for another jam process working on {self.path}...", file=sys.stderr)
+                # always (from cron or a pipe too): a wait without a word looks like a hang
+                try:
+                    if sys.stderr is not None:
+                        print(f"jam: waiting for another jam process working on {self.path}...",
+                              file=sys.stderr, flush=True)
+                except (OSError, ValueError):  # stderr closed: wait all the same
+                    pass
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:

@@ -505,11 +505,10 @@ def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
 
 # -- 4. two commands at once -------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: Root.lock says it waits only when stderr is a terminal: "
-                   "from cron or a pipe, a second jam waits without a word")
 def test_a_command_waiting_for_the_lock_says_so_even_when_stderr_is_not_a_terminal(tree, runner, monkeypatch):
     """The lock is held by another process (an open file description of ours); at the instant
-    stash is about to block on it, its stderr must already say why it waits."""
+    stash is about to block on it, its stderr must already say why it waits.
+    Guard (mutation-checked): Root.lock prints its waiting line (flushed) whatever stderr is."""
     import jam_core.root as rootmod
 
     make_file(tree.root / "a.bin", 100_000)
@@ -666,12 +665,11 @@ def test_a_listing_row_never_carries_a_terminal_escape(tree):
     no_control(seen["text"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a TUI action waiting for the root's lock shows only 'stashing… "
-                   "(Esc cancels)': no word of the other jam process (Root.lock speaks only to a terminal stderr)")
 def test_the_tui_says_why_an_action_waits_for_another_jam(tree, monkeypatch):
     """Another jam (here: our own open file description) holds the root's lock when `s` is
     pressed. At the instant the stash is about to block on the lock, the screen must already
-    say that it waits for another jam process, not just 'stashing…'."""
+    say that it waits for another jam process, not just 'stashing…'.
+    Guard (mutation-checked): MainScreen._say_if_locked (a root.lock(wait=False) probe, then a notice)."""
     import threading
 
     import jam_core.root as rootmod

@@ -399,6 +399,7 @@ class MainScreen(Screen[None]):
     def run_action(self, verb: str, rels: list[str], session: TuiSession) -> None:
         worker = get_current_worker()
         try:
+            self._say_if_locked(verb)
             text, severity, lines = self._do(verb, rels, session, worker)
         except Cancelled:
             text, severity, lines = f"{verb}: cancelled; what finished stays finished", "warning", []
@@ -409,6 +410,19 @@ class MainScreen(Screen[None]):
         finally:
             session.close()
         self.post_message(ActionDone(verb, text, severity, lines))
+
+    def _say_if_locked(self, verb: str) -> None:
+        """Another jam holds the root's lock: say so before the action waits for it (Root.lock's
+        own line goes to a stderr nobody sees here)."""
+        from jam_core.errors import UsageError
+
+        try:
+            with self.root.lock(wait=False):
+                pass
+        except UsageError:
+            self.app.call_from_thread(
+                self.app.notify, f"waiting for another jam process working on {_printable(str(self.root.path))}",
+                title=VERBS.get(verb, verb), severity="warning", markup=False)
 
     def _do(self, verb: str, rels: list[str], session: TuiSession, worker):
         from jam_core.ops.common import Result
