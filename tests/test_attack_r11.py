@@ -361,9 +361,6 @@ def mirrored(runner, tmp_path, sshd, sftp_store, monkeypatch):
     return tree, sftp_store, near, data
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sftp has() stats through a symlink and checks the size only: "
-                   "a server-side object replaced by a symlink to another file of its size counts as a verified "
-                   "copy, so `jam drop --from near` removes the last intact copy")
 def test_drop_never_counts_an_sftp_object_that_is_a_symlink_to_another_file(runner, mirrored, tmp_path):
     """The server's copy of f.bin (on `far`) is replaced by a symlink to another file of the
     same size (someone with access to the server; a restore gone wrong). jam's own rules say a
@@ -371,7 +368,9 @@ def test_drop_never_counts_an_sftp_object_that_is_a_symlink_to_another_file(runn
     through it fails its hash. `jam drop --from near f.bin` asks `far` live whether it holds
     the object: sftp has no hash_object, so `has` answers, by a stat that follows the symlink
     and compares sizes. The drop then removes near's copy, the only intact one, and f.bin can
-    never come back."""
+    never come back.
+    Guard (mutation-checked): jam_sftp's hash_object (the copy read and hashed) and Ops.has's lstat +
+    S_ISREG (with hash_object taken out, has() by a stat and a size fails this test)."""
     from jam_core.objects import object_relpath
 
     tree, far, near, data = mirrored
@@ -469,14 +468,13 @@ def test_an_sftp_url_that_decodes_to_dotdot_or_nul_is_refused(path, monkeypatch)
         parse(f"sftp://host{path}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a host key marked `@revoked` in known_hosts is accepted (paramiko's "
-                   "HostKeys.load does not know markers; ssh refuses such a key)")
 def test_a_host_key_marked_revoked_in_known_hosts_is_refused(sshd, sftp_remote):
     """The server's key is in known_hosts (it was trusted), and the admin has since marked it
     `@revoked` (a stolen key: OpenSSH's sshd(8) "SSH_KNOWN_HOSTS FILE FORMAT"). `ssh` refuses
     to connect ("marked as revoked"); jam must too (invariant 9: host keys are checked as ssh
     does), with one line. paramiko's HostKeys.load reads `@revoked` as a host name, fails on
-    the line and jam skips the rest of the file: the key stays trusted."""
+    the line and jam skips the rest of the file: the key stays trusted.
+    Guard (mutation-checked): jam_sftp.connect.check_host_key's `key.asbytes() in known.revoked`."""
     from jam_core import RemoteError
     from jam_core.manager import make_plugin_manager
     from jam_core.model import Session
@@ -493,13 +491,13 @@ def test_a_host_key_marked_revoked_in_known_hosts_is_refused(sshd, sftp_remote):
     assert "revoked" in str(exc.value).lower() and "\n" not in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: one line paramiko cannot parse (an `@cert-authority` line) makes jam "
-                   "skip the rest of that known_hosts file: a host ssh connects to is refused as 'unknown host key'")
 def test_a_cert_authority_line_does_not_hide_the_known_hosts_lines_after_it(sshd, sftp_remote, tmp_path):
     """An organisation's SSH CA in known_hosts (`@cert-authority *.corp ssh-ed25519 ...`, as
     its setup guide says), then the server's own key. ssh connects (the CA line is for other
     hosts); jam's _load_host_keys hands the whole file to paramiko's HostKeys.load, which
-    raises on the CA line, and the `except Exception: pass` drops every line after it."""
+    raises on the CA line, and the `except Exception: pass` drops every line after it.
+    Guard (mutation-checked): jam_sftp.connect.KnownHosts.load reads line by line and add_line skips an
+    @cert-authority line alone (stopping at it, as HostKeys.load's exception did, fails this test)."""
     from jam_core.manager import make_plugin_manager
     from jam_core.model import Session
     from tests.sshd import keygen

@@ -130,6 +130,28 @@ def has(remote: Remote, oid: str, size: int, session: Session) -> bool | None:
 
 
 @hookimpl
+def hash_object(remote: Remote, oid: str, size: int, session: Session) -> str | bool | None:
+    """``doctor --deep`` and a removal's count of the other copies: the object read once through
+    the SFTP connection and hashed as it streams, written nowhere (``Ops.hash_object``: a
+    symlink, a FIFO or anything but a regular file in its place is False, never opened)."""
+    if remote.kind != KIND:
+        return None
+    from jam_core import is_valid_oid
+
+    if not is_valid_oid(oid):  # refused before a path is made of it
+        return False
+    _import_paramiko()
+    from jam_sftp.transfer import ConnectionLost, SftpStatus
+
+    pool = get_pool(remote, session)
+    with pool.ops() as ops:
+        try:
+            return ops.hash_object(oid, size, session.progress)
+        except (SftpStatus, ConnectionLost, OSError, JamError) as exc:
+            raise pool.error(f"read {oid}", exc, ops, size) from None
+
+
+@hookimpl
 def list_objects(remote: Remote, session: Session, sweep: bool):
     """Every object and its size, and the stale uploads in ``tmp/``, in one pipelined pass
     over the fan-out directories (listing.py)."""

@@ -13,7 +13,10 @@ Imported lazily (paramiko costs ~120 ms): only when a command talks to an sftp r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hmac
 import logging
 import os
 import socket
@@ -194,14 +197,82 @@ def _local_user() -> str:
 # -- host keys ------------------------------------------------------------------------------
 
 
-def _load_host_keys(ep: Endpoint) -> paramiko.HostKeys:
-    keys = paramiko.HostKeys()
+class KnownHosts:
+    """The host keys of the known_hosts files, read line by line as ssh reads them.
+
+    A line that cannot be read (a key type paramiko does not know, garbage) is skipped alone,
+    never the rest of its file. ``@revoked`` keys are collected in ``revoked`` and refused for
+    every host, before anything else is looked at (a stolen key: sshd(8) "SSH_KNOWN_HOSTS FILE
+    FORMAT"; a revoked key is refused even where its line names another host, stricter than
+    ssh). ``@cert-authority`` lines (host certificates, which jam does not use) and any other
+    marker are skipped. A host's key is accepted if any line for it holds that exact key.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[list[str], paramiko.PKey]] = []  # (host names, key) of every host key line
+        self.revoked: set[bytes] = set()  # the key blobs of the @revoked lines
+
+    def load(self, path: str) -> None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:  # unreadable: as if absent, as ssh does
+            return
+        for line in text.splitlines():
+            self.add_line(line)
+
+    def add_line(self, line: str) -> None:
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            return
+        marker = fields.pop(0) if fields[0].startswith("@") else None
+        if len(fields) < 3 or marker not in (None, "@revoked"):
+            return  # @cert-authority (host certificates) or an unknown marker: not a host key line
+        names, key_type, b64 = fields[:3]
+        try:
+            blob = base64.b64decode(b64, validate=True)
+        except (ValueError, binascii.Error):
+            return
+        if marker == "@revoked":
+            self.revoked.add(blob)
+            return
+        try:
+            key = paramiko.PKey.from_type_string(key_type, blob)
+        except Exception:  # a key type paramiko does not know, a damaged key: this line alone
+            return
+        self.lines.append(([h for h in names.split(",") if h], key))
+
+    def lookup(self, name: str) -> dict[str, paramiko.PKey] | None:
+        """The keys known for ``name`` by key type (the first line's of each type), or None."""
+        out: dict[str, paramiko.PKey] = {}
+        for hosts, key in self.lines:
+            if key.get_name() not in out and any(_host_matches(h, name) for h in hosts):
+                out[key.get_name()] = key
+        return out or None
+
+    def holds(self, name: str, key: paramiko.PKey) -> bool:
+        """Does a line for ``name`` hold exactly ``key``?"""
+        blob = key.asbytes()
+        return any(k.asbytes() == blob and any(_host_matches(h, name) for h in hosts) for hosts, k in self.lines)
+
+
+def _host_matches(pattern: str, name: str) -> bool:
+    """A known_hosts host name (plain, or hashed ``|1|salt|hash``) names ``name``."""
+    if pattern == name:
+        return True
+    if pattern.startswith("|1|"):
+        try:
+            return hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+        except Exception:  # a damaged hashed name
+            return False
+    return False
+
+
+def _load_host_keys(ep: Endpoint) -> KnownHosts:
+    keys = KnownHosts()
     for path in [*ep.known_hosts, *ep.global_known_hosts]:
         if os.path.isfile(path):
-            try:
-                keys.load(path)
-            except Exception:  # unreadable lines are skipped, as ssh does
-                pass
+            keys.load(path)
     return keys
 
 
@@ -214,14 +285,19 @@ def _describe(key: paramiko.PKey) -> str:
     return f"{_key_kind(key)} key {key.fingerprint}"
 
 
-def check_host_key(ep: Endpoint, key: paramiko.PKey, known: paramiko.HostKeys) -> None:
-    """Accept a known key; refuse a changed or unknown one (or ask on a terminal)."""
+def check_host_key(ep: Endpoint, key: paramiko.PKey, known: KnownHosts) -> None:
+    """Refuse a revoked key; accept a known key; refuse a changed or unknown one (or ask on a terminal)."""
     name = ep.host_key_name
+    if key.asbytes() in known.revoked:
+        raise RemoteError(
+            f"REVOKED HOST KEY for {ep.label()}: it sent {_describe(key)}, marked @revoked in known_hosts; "
+            "refusing to connect (the key may be stolen: ask the server's admin)"
+        )
+    if known.holds(name, key):
+        return
     entry = known.lookup(name)
     if entry is not None and key.get_name() in entry:
         expected = entry[key.get_name()]
-        if expected.asbytes() == key.asbytes():
-            return
         raise RemoteError(
             f"HOST KEY CHANGED for {ep.label()}: it sent {_describe(key)} but known_hosts has "
             f"{expected.fingerprint} for {name}; refusing to connect (a man-in-the-middle, or the server "

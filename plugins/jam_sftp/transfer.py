@@ -12,20 +12,25 @@ final name, fsync of the final name; bounded reads, a read past the end) live in
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket
+import stat as statmod
 import struct
 from pathlib import Path
 from typing import Any, Callable
 
 import paramiko
 from paramiko.sftp import (
+    CMD_ATTRS,
     CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSTAT,
     CMD_HANDLE,
+    CMD_LSTAT,
     CMD_OPEN,
     CMD_READ,
     CMD_STATUS,
@@ -311,8 +316,100 @@ class Ops:
         return self.path("objects", object_relpath(oid))
 
     def has(self, oid: str, size: int) -> bool:
-        st = self.stat(self.object_path(oid))
-        return st is not None and st.st_size == size
+        """A regular file of ``size`` bytes in the object's place (lstat: a symlink there, to
+        whatever file of that size, is not jam's object)."""
+        st = self.lstat(self.object_path(oid))
+        return st is not None and statmod.S_ISREG(st.st_mode or 0) and st.st_size == size
+
+    def hash_object(self, oid: str, size: int, progress: Callable[[int], None]) -> str | bool:
+        """The id the object's bytes hash to, read once through this connection and copied
+        nowhere (``doctor --deep``, a removal's count of the other copies); False if there is no
+        regular file in its place (nothing, a symlink, a FIFO: never followed nor opened), or if
+        ``objects/`` itself is not a directory (a symlink to another store's: not this remote's
+        copy). IntegrityError if it has another size than ``size`` (by lstat, fstat or the reads:
+        one byte past the size is asked for and must be end-of-file)."""
+        from jam_core import IntegrityError, hasher, split_oid
+
+        path = self.object_path(oid)
+        label = self.conn.endpoint.label()
+        top, obj = self.r.send(CMD_LSTAT, self.path("objects")), self.r.send(CMD_LSTAT, path)
+        sts = [self._attrs(self.r.wait(num), p) for num, p in ((top, self.path("objects")), (obj, path))]
+        if any(st is None for st in sts) or not statmod.S_ISDIR(sts[0].st_mode or 0) \
+                or not statmod.S_ISREG(sts[1].st_mode or 0):
+            return False
+        if sts[1].st_size is not None and sts[1].st_size != size:
+            raise IntegrityError(wrong_size(oid, label, sts[1].st_size, size))
+        try:
+            handle = self.open(path, SFTP_FLAG_READ)
+        except SftpStatus as exc:
+            if exc.code == SFTP_NO_SUCH_FILE:
+                return False
+            raise
+        try:
+            t, msg = self.r.call(CMD_FSTAT, handle, path=path)
+            if t != CMD_ATTRS:
+                raise SftpStatus(SFTP_FAILURE, "unexpected reply to fstat", path)
+            st = SFTPAttributes._from_msg(msg)
+            if not statmod.S_ISREG(st.st_mode or 0):  # replaced since the lstat
+                return False
+            if st.st_size is not None and st.st_size != size:
+                raise IntegrityError(wrong_size(oid, label, st.st_size, size))
+            algorithm = split_oid(oid)[0]
+            h = hasher(algorithm)
+            hashed = 0
+            ahead: dict[int, bytes] = {}  # replies that came before the bytes in front of them
+            inflight: collections.deque[tuple[int, int, int]] = collections.deque()  # (number, offset, length)
+            todo: collections.deque[tuple[int, int]] = collections.deque(
+                (off, min(REQUEST, size - off)) for off in range(0, size, REQUEST))
+            todo.append((size, 1))  # one byte past the size: must be end-of-file
+            while todo or inflight:
+                while todo and len(inflight) < READ_INFLIGHT:
+                    off, n = todo.popleft()
+                    inflight.append((self.r.send(CMD_READ, handle, int64(off), n), off, n))
+                num, off, n = inflight.popleft()
+                t, msg = self.r.wait(num)
+                if t == CMD_STATUS:
+                    code = msg.get_int()
+                    if code == SFTP_EOF and off == size:
+                        continue
+                    if code == SFTP_EOF:
+                        raise IntegrityError(wrong_size(oid, label, f"fewer than {size} (end at byte {off})", size))
+                    raise SftpStatus(code, msg.get_text(), path)
+                if t != CMD_DATA:
+                    raise SftpStatus(SFTP_FAILURE, "unexpected reply to read", path)
+                data = msg.get_binary()
+                if off == size:
+                    raise IntegrityError(wrong_size(oid, label, f"more than {size}", size))
+                if not data or len(data) > n:
+                    raise SftpStatus(SFTP_FAILURE, "the server sent more (or less) than was asked", path)
+                if len(data) < n:  # a short read: ask for the rest
+                    todo.appendleft((off + len(data), n - len(data)))
+                ahead[off] = data
+                while hashed in ahead:
+                    chunk = ahead.pop(hashed)
+                    h.update(chunk)
+                    hashed += len(chunk)
+                    progress(len(chunk))
+            return f"{algorithm}:{h.hexdigest()}"
+        finally:
+            if self.conn.alive:
+                try:
+                    self.r.wait(self.r.send(CMD_CLOSE, handle))  # a read-only handle: its close cannot lose data
+                except Exception:
+                    pass
+
+    @staticmethod
+    def _attrs(reply: tuple[int, paramiko.Message], path: str) -> SFTPAttributes | None:
+        """An lstat's reply: its attributes, None for "no such file"; another status raises."""
+        t, msg = reply
+        if t == CMD_STATUS:
+            code = msg.get_int()
+            if code == SFTP_NO_SUCH_FILE:
+                return None
+            raise SftpStatus(code, msg.get_text(), path)
+        if t != CMD_ATTRS:
+            raise SftpStatus(SFTP_FAILURE, "unexpected reply to lstat", path)
+        return SFTPAttributes._from_msg(msg)
 
     def put(self, oid: str, source: os.PathLike | str, size: int, progress: Callable[[int], None]) -> None:
         """Store ``source`` as ``oid``: a batch of one through ``batch.Uploads`` (the protocol)."""
