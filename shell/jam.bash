@@ -51,7 +51,7 @@ _jam_visit() {
         _jam_rel=${_jam_rel//%/%25}
         _jam_mark=$_jam_marks/${_jam_rel//\//%2F}
         if [[ ! -L $_jam_mark && (-f $_jam_mark || ! -e $_jam_mark) ]]; then
-            { : >|"$_jam_mark"; } 2>/dev/null
+            { : >|"$_jam_mark"; } 2>/dev/null || : # a mark that cannot be made fails nothing (set -e)
         fi
     fi
     # One stat: the mirror of $PWD in ROOT/.jam/stubdirs carries the sticky bit when a cd
@@ -93,17 +93,19 @@ _jam_fetch() {
 }
 
 # Install once: PROMPT_COMMAND in array form (bash >= 5.1) or string form, first in line so
-# it sees the user's $? and hands it on unchanged.
+# it sees the user's $? and hands it on unchanged. `&& :`: the hook's non-zero status (the
+# user's) is then that of a command in an && list, which neither `set -e` nor an ERR trap
+# acts on (they did on the user's command already).
 _jam_install() {
     local _jam_c
     for _jam_c in "${PROMPT_COMMAND[@]}"; do
-        [[ ";$_jam_c;" == *";_jam_hook;"* ]] && return 0
+        [[ ";$_jam_c;" == *";_jam_hook;"* || ";$_jam_c;" == *";_jam_hook && :;"* ]] && return 0
     done
     if [[ -n ${PROMPT_COMMAND+set} && ${PROMPT_COMMAND@a} == *a* ]]; then
-        PROMPT_COMMAND=(_jam_hook "${PROMPT_COMMAND[@]}")
+        PROMPT_COMMAND=("_jam_hook && :" "${PROMPT_COMMAND[@]}")
     else
         # shellcheck disable=SC2128,SC2178
-        PROMPT_COMMAND="_jam_hook${PROMPT_COMMAND:+;$PROMPT_COMMAND}"
+        PROMPT_COMMAND="_jam_hook && :${PROMPT_COMMAND:+;$PROMPT_COMMAND}"
     fi
 }
 _jam_install

@@ -31,21 +31,21 @@ function _jam_on_pwd --on-variable PWD --description 'jam: fetch the stubs of th
     end
     test -n "$root"; or return 0
     set root (string trim -r -c / -- $root)
-    set -l rest (string sub -s (math (string length -- $root) + 1) -- $PWD | string collect)
+    # The path from the root with a '/' after it (`/` for the root itself, `/d/` below it):
+    # `string collect` trims one trailing newline, then that of the output, never the name's.
+    set -l rest (string sub -s (math (string length -- $root) + 1) -- "$PWD/" | string collect)
     # The visit counts as use (LRU): truncate ROOT/.jam/visits/<this directory, %-encoded>, a
     # builtin redirection that dates it; jam folds these marks into its catalog. fish warns
     # when a redirection fails, whatever stderr is, so what can be checked first is.
     set -l marks $root/.jam/visits
     switch "$rest"
-        case /.jam '/.jam/*'
+        case /.jam/ '/.jam/*'
         case '*'
             # Never through a symlink: .jam and visits must be real directories, visits ours
             # (jam makes it 0700 and refuses one that others can write into; fish has no
             # builtin to read a mode), the mark a regular file or absent.
             if test -d $marks -a -O $marks -a -w $marks; and not test -L $marks; and not test -L $root/.jam
-                set -l dir /
-                test -n "$rest"; and set dir $rest
-                string escape --style=url -- $dir | string replace -a / %2F | read -l name
+                string escape --style=url -- $rest | string replace -r -- '(?<=.)/$' '' | string replace -a / %2F | read -l name
                 set -l mark $marks/$name
                 if not string match -qr -- '^.{256}' $name
                     if not test -L $mark; and begin

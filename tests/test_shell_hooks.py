@@ -216,7 +216,7 @@ def test_hook_writes_nothing_on_stdout_and_installs_once(tree, logged, jam_exe, 
         if kind == "bash":  # the array form of PROMPT_COMMAND too
             out = subprocess.run([exe, *args, f'PROMPT_COMMAND=(true "echo x"); {src}; {src}; declare -p PROMPT_COMMAND'],
                                  env=env, capture_output=True, text=True, cwd=tmp_path)
-            assert out.stdout.strip() == 'declare -a PROMPT_COMMAND=([0]="_jam_hook" [1]="true" [2]="echo x")'
+            assert out.stdout.strip() == 'declare -a PROMPT_COMMAND=([0]="_jam_hook && :" [1]="true" [2]="echo x")'
     assert not is_stub(root.path / "data/a.bin")
 
 
