@@ -141,16 +141,28 @@ class Root:
         ``default_remote`` is False: the caller gives the root another remote) or any ``dir``
         remote of a registered root. Everything is checked before anything is created."""
         p = abspath(path)
+        if b"\n" in os.fsencode(p):  # the roots list the cd hooks read holds one root per line
+            raise UsageError(f"{str(p)!r}: a jam root's path must not contain a newline "
+                             "(the roots list holds one root per line); rename the directory")
         if not p.is_dir():
             raise UsageError(f"{p} is not a directory")
         existing = find_root(p)
         if existing == p:
+            if register:  # a root moved with mv: `jam init .` puts it back on the hooks' list
+                register_root(p)
             return cls(p), False
         if existing is not None:
             raise UsageError(f"{p} is already inside the jam root {existing}")
+        jd = p / JAM_DIR
+        try:
+            in_the_way = not stat.S_ISDIR(os.lstat(jd).st_mode)
+        except FileNotFoundError:
+            in_the_way = False
+        if in_the_way:
+            raise UsageError(f"{jd} is in the way: it is not a directory (jam keeps its data there); "
+                             "move it away and run `jam init` again")
         check_root_overlaps(p, default_remote)
         check_filesystem(p)
-        jd = p / JAM_DIR
         for d in (jd, jd / "tmp", jd / "visits"):  # visits: the cd hooks' marks (jam_core.hook.marks)
             d.mkdir(mode=0o700, exist_ok=True)
             if not stat.S_ISDIR(os.lstat(d).st_mode):  # a symlink planted there: not ours
@@ -278,32 +290,62 @@ def _read_toml(path: Path) -> dict | None:
     Parsed through a cache (:func:`_cached`): the cd hook's fetch reads the config on every
     ``cd`` that fetches, and ``tomllib`` (its import and its parse) costs it ~6 ms."""
     try:
-        with open(path, "rb") as f:
-            return read_toml_fd(f.fileno(), path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: never waited on
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read this config file: {exc.strerror}") from None
+    try:
+        return read_toml_fd(fd, path)
+    finally:
+        os.close(fd)
 
 
 def read_toml_fd(fd: int, path: str | os.PathLike) -> dict:
     """The tables of the TOML file open at ``fd`` (at its start), named ``path`` (where
     its cache is looked for; the cache must match the file at ``fd`` itself, wherever found).
-    UsageError if it is not TOML."""
+    UsageError if it is not TOML, not a regular file or larger than CONFIG_MAX."""
     st = os.fstat(fd)
     key = _cache_key(st)
-    cached = _cached(path, key)
+    cached = _cached(path, key) if stat.S_ISREG(st.st_mode) else None
     if cached is not None:
         return cached
-    with open(fd, "rb", closefd=False) as f:
-        data = _parse_toml(f, path)
+    raw = read_capped(fd, st, path, CONFIG_MAX, "a config file")
+    data = _parse_toml(raw, path)
     _keep(path, key, st, data)
     return data
 
 
-def _parse_toml(f, path: Path) -> dict:
+CONFIG_MAX = 1 << 20  # a config file larger than this is not one anybody wrote by hand
+
+
+def read_capped(fd: int, st: os.stat_result, path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of the file open at ``fd`` (``st`` its fstat), read from where it is; UsageError
+    if it is not a regular file (a FIFO, a device, a directory) or holds more than ``limit``."""
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path}: not a regular file")
+    if st.st_size > limit:
+        raise UsageError(f"{path}: {st.st_size} bytes is too large for {what}")
+    chunks, left = [], limit + 1
+    while left > 0:
+        try:
+            b = os.read(fd, min(left, 1 << 20))
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read it: {exc.strerror}") from None
+        if not b:
+            break
+        chunks.append(b)
+        left -= len(b)
+    if left <= 0:  # it grew while read
+        raise UsageError(f"{path}: too large for {what}")
+    return b"".join(chunks)
+
+
+def _parse_toml(raw: bytes, path: str | os.PathLike) -> dict:
     import tomllib
 
     try:
-        return tomllib.load(f)
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
@@ -396,19 +438,24 @@ def _merge(into: dict, new: dict) -> None:
 
 
 def register_root(path: Path) -> None:
-    """Add ``path`` to the roots list the shell hooks read (atomically rewritten)."""
+    """Add ``path`` to the roots list the shell hooks read (atomically rewritten). The list
+    is bytes, one root per line, as the hooks compare $PWD: any path a file name can be,
+    except one with a newline (UsageError)."""
+    s = os.fsencode(path)
+    if b"\n" in s:
+        raise UsageError(f"{os.fsdecode(s)!r}: a jam root's path must not contain a newline "
+                         "(the roots list holds one root per line)")
     f = roots_file()
     f.parent.mkdir(parents=True, exist_ok=True)
     try:
-        roots = [line for line in f.read_text().splitlines() if line]
+        roots = [line for line in f.read_bytes().split(b"\n") if line]
     except FileNotFoundError:
         roots = []
-    s = str(path)
     if s in roots:
         return
     roots.append(s)
     tmp = f.with_name(f".roots.{os.getpid()}")
-    tmp.write_text("".join(r + "\n" for r in roots))
+    tmp.write_bytes(b"".join(r + b"\n" for r in roots))
     os.replace(tmp, f)
 
 
@@ -495,7 +542,7 @@ def registered_roots() -> list[Path]:
         text = roots_file().read_text(errors="surrogateescape")
     except OSError:
         return []
-    return [Path(line) for line in text.splitlines()
+    return [Path(line) for line in text.split("\n")
             if line.startswith("/") and os.path.isfile(os.path.join(line, JAM_DIR, CONFIG))]
 
 

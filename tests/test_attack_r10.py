@@ -311,9 +311,8 @@ def test_a_daemon_timeout_that_is_not_a_number_is_refused(tree, runner, monkeypa
 
 # -- 3. config.toml and the environment ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: _read_toml opens the config with a blocking open and reads it "
-                   "whole: a FIFO at ~/.config/jam/config.toml hangs every command without a word")
 def test_a_user_config_that_is_a_fifo_is_one_line_not_a_hang(tree):
+    """Guard (mutation-checked): root._read_toml's O_NONBLOCK open and read_capped's S_ISREG check."""
     cfg = tree.root.parent / "xdg-config" / "jam"
     cfg.mkdir(parents=True)
     os.mkfifo(cfg / "config.toml")
@@ -326,9 +325,8 @@ def test_a_user_config_that_is_a_fifo_is_one_line_not_a_hang(tree):
     assert res.returncode == 2 and res.stderr.startswith("jam: ") and "config.toml" in res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a user config that is a symlink to /dev/zero is read whole: "
-                   "all memory, then 'internal error: MemoryError'")
 def test_a_user_config_linked_to_dev_zero_is_one_line(tree):
+    """Guard (mutation-checked): root.read_capped's S_ISREG check (and its CONFIG_MAX cap)."""
     cfg = tree.root.parent / "xdg-config" / "jam"
     cfg.mkdir(parents=True)
     os.symlink("/dev/zero", cfg / "config.toml")
@@ -343,9 +341,8 @@ def test_a_user_config_linked_to_dev_zero_is_one_line(tree):
     assert res.stderr.startswith("jam: ") and "config.toml" in res.stderr and "internal error" not in res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a user config that is a directory is an OSError line, exit 1, "
-                   "not a configuration error (exit 2)")
 def test_a_user_config_that_is_a_directory_is_a_config_error(tree, runner, monkeypatch):
+    """Guard (mutation-checked): root.read_capped's S_ISREG check."""
     cfg = tree.root.parent / "xdg-config"
     (cfg / "jam" / "config.toml").mkdir(parents=True)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(cfg))
@@ -472,10 +469,8 @@ def test_init_refuses_a_root_around_a_remote_of_the_user_config(tmp_path, runner
     assert sorted(os.listdir(top)) == ["backup"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: register_root writes a root's path as is into the one-per-line roots "
-                   "file: a newline in it registers another directory as a root (the cd hooks then fetch there) and "
-                   "loses this one")
 def test_a_root_path_with_a_newline_never_registers_another_directory(tmp_path, runner, isolated_home):
+    """Guard (mutation-checked): Root.init's refusal of a path with a newline (register_root refuses one too)."""
     from jam_core.root import roots_file
 
     victim = tmp_path / "victim"
@@ -491,9 +486,8 @@ def test_a_root_path_with_a_newline_never_registers_another_directory(tmp_path, 
     assert str(victim) not in lines, lines
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam init` where .jam is a file: 'File exists' from mkdir, "
-                   "exit 1, not a usage error that says what is in the way")
 def test_init_where_dot_jam_is_a_file_is_a_usage_error(tmp_path, runner):
+    """Guard (mutation-checked): Root.init's lstat of .jam (not a directory: UsageError, exit 2)."""
     top = tmp_path / "t"
     top.mkdir()
     (top / ".jam").write_text("mine")

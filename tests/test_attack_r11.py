@@ -216,13 +216,11 @@ def _jam(jam_bin: str, *args: str, cwd: Path | None = None) -> subprocess.Comple
     return subprocess.run([jam_bin, *args], capture_output=True, cwd=cwd, env=_env(), timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam init` of a path that is not UTF-8 dies in register_root "
-                   "(UnicodeEncodeError, 'internal error', exit 1) after making .jam: the root is never in the "
-                   "roots list, so the cd hooks never serve it and a second init says 'already a jam root'")
 def test_a_root_whose_path_is_not_utf8_is_registered_for_the_hooks(tmp_path, jam_bin):
     """Linux paths are bytes: a directory named in Latin-1 (an old archive, a USB stick). `jam
     init` there must either work whole (the roots list holds its bytes, so the hooks, which
-    compare bytes, find it) or refuse before making anything, with one line."""
+    compare bytes, find it) or refuse before making anything, with one line.
+    Guard (mutation-checked): root.register_root works in bytes (os.fsencode, read_bytes/write_bytes)."""
     from jam_core.root import roots_file
 
     top = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
@@ -236,15 +234,13 @@ def test_a_root_whose_path_is_not_utf8_is_registered_for_the_hooks(tmp_path, jam
         assert not (top / ".jam").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a root path with a newline is written into the one-per-line "
-                   "roots list as two lines: the hooks never see the root, and the overlap check (invariant 10) "
-                   "misses it, so another root's `jam remote add` puts a remote inside it")
 def test_a_root_whose_path_has_a_newline_is_never_lost_from_the_roots_list(tmp_path, jam_bin):
     """`jam init` of `nl<newline>C` writes `.../nl` and `C` as two roots. registered_roots()
     then knows neither (neither has .jam/config.toml), so from another root `jam remote add y
     ROOT/sub`, a dir remote inside this root, is accepted: invariant 10 (a root and a remote
     never overlap) broken, and the hooks never fetch in this root. Either `jam init` refuses
-    such a path with one line (nothing made), or the root stays known."""
+    such a path with one line (nothing made), or the root stays known.
+    Guard (mutation-checked): Root.init's refusal of a path with b"\\n" (before anything is made)."""
     odd = tmp_path / "nl\nC"
     (odd / "sub").mkdir(parents=True)
     other = tmp_path / "other"
@@ -274,12 +270,11 @@ def _old(path: Path, size: int, seed: int, days: float = 10) -> None:
     os.utime(path, (t, t))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the budget counts a hard-linked file once per name: 1 MB "
-                   "under ten names is 10 MB 'local', so a root far under max_local stashes its files")
 def test_budget_counts_a_hard_linked_file_once(runner, jam_root):
     """A 1 MB file with ten names (hard links: one inode, 1 MB on this disk; policies never
     take it) and three old 100 KB files: 1.3 MB on disk, under `max_local = "2MB"`. The budget
-    must leave everything local; it counts 10.3 MB and nominates the three files."""
+    must leave everything local; it counts 10.3 MB and nominates the three files.
+    Guard (mutation-checked): policy.records._scan counts a local file's size // st_nlink."""
     from jam_core.cli import main
 
     _old(jam_root.path / "big/one", 1_000_000, seed=1)
@@ -297,13 +292,12 @@ def test_budget_counts_a_hard_linked_file_once(runner, jam_root):
     assert "would stash 0 of 3" in res.output, res.output
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the budget counts a sparse local file (not a stub) by its "
-                   "apparent size: a 50 MB sparse image holding nothing makes a root under max_local stash its files")
 def test_budget_counts_a_sparse_file_by_what_it_holds_on_this_disk(runner, jam_root):
     """A sparse 50 MB disk image that holds 4 KiB (a VM image, a torrent being filled in: not
     a stub) and three old 100 KB files: 0.3 MB on this disk, under `max_local = "2MB"`.
     The budget ("keep the bytes on this disk under a size") must leave them local; it counts
-    the image's 50 MB and nominates the three files."""
+    the image's 50 MB and nominates the three files.
+    Guard (mutation-checked): policy.records.on_disk's min(st_size, st_blocks * 512)."""
     from jam_core.cli import main
 
     img = jam_root.path / "vm.img"
@@ -384,15 +378,14 @@ def test_drop_never_counts_an_sftp_object_that_is_a_symlink_to_another_file(runn
     assert res.exit_code == 1 and kept, (res.exit_code, res.output, res.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a config.toml dated in the future stays newer than the hook's "
-                   "index after every refresh (os.utime(top) stamps now): every cd in the root starts Python")
 def test_a_config_dated_in_the_future_costs_one_process_not_one_per_cd(stubbed, tmp_path, jam_bin):
     """config.toml restored from a backup or copied from a machine whose clock runs ahead,
     dated a day ahead. The hook asks jam once when config.toml is newer than
     ROOT/.jam/stubdirs (hook.depth may have changed); jam refreshes the index and stamps it
     with the time now, still older than the config, so every later `cd` inside the root (even
     with nothing to fetch) starts a Python process: the hook's "no process" promise gone until
-    that date passes."""
+    that date passes.
+    Guard (mutation-checked): hook.index._stamp dates the index max(now, config.toml's mtime)."""
     import time
 
     log = tmp_path / "calls"
@@ -574,15 +567,13 @@ def test_a_file_saved_between_the_plan_and_the_stash_is_not_stashed_by_policy(ja
     assert (jam_root.path / "a.txt").read_bytes() == saved, "differs"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a root moved with mv is never re-registered in the roots list (not even "
-                   "by `jam init .`, 'already a jam root'): the cd hook is silently off there while doctor says it is "
-                   "installed and all is well")
 def test_a_moved_root_is_served_by_the_hook_again_or_doctor_says_why_not(tmp_path, jam_bin):
     """`mv ~/data ~/archive` (a root renamed, as people do with folders). The roots list the
     hooks read still names the old path, so a cd into the moved root never fetches; `jam
     init .` there answers "already a jam root" and registers nothing; `jam doctor` reports
     "the cd hook is installed" and no problem. Either a command in the root puts it back on
-    the list (then the hook fetches), or doctor warns with a way out."""
+    the list (then the hook fetches), or doctor warns with a way out.
+    Guard (mutation-checked): Root.init's register_root(p) for an existing root (`existing == p`)."""
     from jam_core.root import roots_file
 
     old, new = tmp_path / "data", tmp_path / "archive"
@@ -605,15 +596,13 @@ def test_a_moved_root_is_served_by_the_hook_again_or_doctor_says_why_not(tmp_pat
         assert listed and not _is_stub(new / "d" / "f"), (res.stderr, doctor.stdout)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam init` (or `jam init .`) in a directory reached through a symlink "
-                   "registers the physical path (getcwd); the hooks match $PWD, so a cd through the path the user "
-                   "typed never fetches")
 def test_jam_init_through_a_symlinked_path_registers_the_path_the_shell_uses(tmp_path, jam_bin):
     """`~/data -> /mnt/disk/data` (a synced tree on a second disk, linked into home): the user
     types `cd ~/data; jam init`. os.path.abspath(".") is getcwd(), the physical path, so the
     roots list gets /mnt/disk/data while every shell's $PWD says ~/data: the README's "a root
     is matched by the path you cd through" then means never. The hook in that same shell must
-    fetch there."""
+    fetch there.
+    Guard (mutation-checked): cli.files._as_the_shell_says (a relative PATH joined to $PWD)."""
     real, link = tmp_path / "disk" / "data", tmp_path / "data"
     (real / "d").mkdir(parents=True)
     link.symlink_to(real)
@@ -666,15 +655,15 @@ def _holds(pid: int, ino: int) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ROOT/.jamignore is read with a plain read_text(): a FIFO there hangs "
-                   "`jam stash --auto` (and --dry-run) for ever, a symlink to /dev/zero eats memory")
 def test_a_jamignore_that_is_a_fifo_is_refused_not_waited_on(jam_root, jam_bin):
     """The pins file is opened O_NONBLOCK and must be a regular file (a FIFO there is refused
     with one line); `.jamignore` sits in the tree itself (a tar unpacked at the top can hold a
     FIFO) and load_ignore reads it with Path.read_text: the open blocks until a writer comes,
     so a cron'd `jam stash --auto` never ends. Made deterministic: this test holds the FIFO's
     other end, waits until jam has it open (it is reading), then closes it: jam then reads an
-    empty ignore file and goes on (exit 0); refused, it exits 2 with one line."""
+    empty ignore file and goes on (exit 0); refused, it exits 2 with one line.
+    Guard (mutation-checked): policy.records.load_ignore's O_NONBLOCK open and root.read_capped's S_ISREG
+    check (either one holds it: both taken out, the test fails)."""
     import time
 
     _old(jam_root.path / "old.bin", 100_000, seed=1, days=60)

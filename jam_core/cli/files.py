@@ -14,10 +14,15 @@ from jam_core.cli.common import human, plugin_manager, plural, report, root_and_
 @click.argument("path", default=".", type=click.Path(file_okay=False))
 def init(path: str) -> None:
     """Make PATH (default: here) a jam root. Adds the embedded default remote if none is set."""
-    from jam_core.ops.remotes import ensure_default_remote
-    from jam_core.root import Root
+    import os
 
-    root, created = Root.init(path)
+    from jam_core.ops.remotes import ensure_default_remote
+    from jam_core.root import Root, register_root
+
+    root, created = Root.init(_as_the_shell_says(path))
+    real = os.path.realpath(root.path)
+    if real != str(root.path):  # the overlap checks and a shell that resolved links use this one
+        register_root(real)
     remote = ensure_default_remote(root, plugin_manager())
     if created:
         click.echo(f"Initialised jam root {root.path}")
@@ -25,6 +30,22 @@ def init(path: str) -> None:
         click.echo(f"{root.path} is already a jam root")
     if remote is not None:
         click.echo(f"Added remote {remote.name!r}: {remote.location} (tier {remote.tier})")
+
+
+def _as_the_shell_says(path: str) -> str:
+    """A relative PATH joined to $PWD when that names the same directory: the path the user
+    reached it through (a symlink on the way: ``cd ~/data; jam init``), which the cd hooks
+    compare $PWD with; getcwd() would give the physical path. Otherwise PATH as given."""
+    import os
+
+    pwd = os.environ.get("PWD", "")
+    if os.path.isabs(path) or not os.path.isabs(pwd):
+        return path
+    joined = os.path.normpath(os.path.join(pwd, path))
+    try:
+        return joined if os.path.samefile(joined, path) else path
+    except (OSError, ValueError):
+        return path
 
 
 @main.command()

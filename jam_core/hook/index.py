@@ -23,7 +23,7 @@ from typing import Iterable
 from jam_core.errors import UsageError
 from jam_core.fs import DIR_FLAGS, remove_tree, walk_dirs
 from jam_core.hook.settings import DEFAULT_DEPTH, settings
-from jam_core.root import JAM_DIR, Root, valid_rel
+from jam_core.root import CONFIG, JAM_DIR, Root, valid_rel
 
 INDEX = "stubdirs"
 MARK = stat.S_ISVTX  # the sticky bit: "cd here fetches"
@@ -151,13 +151,27 @@ def sync(base: str, marked: set[str]) -> None:
                 except BaseException:
                     os.close(cfd)
                     raise
-            os.utime(top)  # the stamp a hook compares config.toml against
+            _stamp(top, parent)
         finally:
             for fd, _ in stack[1:]:
                 os.close(fd)
             os.close(top)
     finally:
         os.close(parent)
+
+
+def _stamp(top: int, jam_fd: int) -> None:
+    """Date the index (``top``) now, the stamp a hook compares config.toml against; never
+    older than config.toml (``jam_fd``: ROOT/.jam): one dated in the future (a clock ahead,
+    a backup restored) would otherwise stay newer and make every cd start jam until then."""
+    import time
+
+    t = time.time_ns()
+    try:
+        t = max(t, os.stat(CONFIG, dir_fd=jam_fd, follow_symlinks=False).st_mtime_ns)
+    except OSError:
+        pass
+    os.utime(top, ns=(t, t))
 
 
 def _enter(fd: int, rel: str, node: dict, marked: set[str]):

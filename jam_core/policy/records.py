@@ -23,6 +23,7 @@ from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
 
 IGNORE_FILE = ".jamignore"
+IGNORE_MAX = 16 << 20  # as the pins file's cap
 
 
 class Candidates(Mapping):
@@ -141,7 +142,7 @@ class Inventory:
     stubs: Stubs = field(default_factory=Stubs)  # clean stubs (for fetch)
     # why policies may not have a file, a group per directory and reason: (why, "dir/", names)
     kept_groups: list[tuple[str, str, list[str]]] = field(default_factory=list)
-    local_bytes: int = 0  # true size of every file that is not a stub
+    local_bytes: int = 0  # the bytes on this disk of every file that is not a stub (see on_disk)
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -158,17 +159,33 @@ class Inventory:
 
 def load_ignore(root: Root):
     """The ``ROOT/.jamignore`` matcher (gitignore syntax), or None if there is no such file."""
+    from jam_core.root import read_capped
+
     path = root.path / IGNORE_FILE
-    try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    try:  # it sits in the tree (a tar unpacked there): a FIFO is never waited on, a device never read
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it: {exc.strerror}") from None
+    try:
+        text = read_capped(fd, os.fstat(fd), path, IGNORE_MAX, "an ignore file").decode(
+            "utf-8", errors="surrogateescape")
+    finally:
+        os.close(fd)
     import pathspec
 
     try:
         return pathspec.GitIgnoreSpec.from_lines(text.splitlines())
     except Exception as exc:  # pathspec raises several kinds for a bad pattern
         raise UsageError(f"{path}: bad pattern: {exc}") from None
+
+
+def on_disk(st: os.stat_result) -> int:
+    """What a file that is not a stub holds on this disk, for the budget: its size, or less
+    when sparse (its allocated blocks), shared among its hard links (each name counts its part,
+    so a file with ten names counts once)."""
+    return min(st.st_size, st.st_blocks * 512) // max(st.st_nlink, 1)
 
 
 def use_atime(config: Mapping[str, Any]) -> bool:
@@ -235,7 +252,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
         for name, st in zip(names, stats, strict=True):
             size = st.st_size
             if st.st_mode & 0o222 and st.st_blocks * 512 >= size:  # writable, not sparse: local
-                local_bytes += size
+                local_bytes += size if st.st_nlink == 1 else size // st.st_nlink  # once per inode
                 if size >= lo and st.st_nlink == 1:
                     rel = prefix + name  # the common case: a candidate
                     mtime = st.st_mtime
@@ -260,7 +277,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             if state == STUB:  # a clean stub's size is its original's (else it is dirty)
                 add_stub(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get), st.st_nlink)
                 continue
-            local_bytes += size
+            local_bytes += on_disk(st)
             if state != LOCAL or st.st_nlink != 1 or size < lo:
                 add_group((_kept(state, st, False, False, min_size), prefix, [name]))
                 continue
@@ -277,7 +294,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
         for name, st in zip(names, stats, strict=True):
             size = st.st_size
             if st.st_mode & 0o222 and st.st_blocks * 512 >= size:  # writable, not sparse: local
-                local_bytes += size
+                local_bytes += size if st.st_nlink == 1 else size // st.st_nlink  # once per inode
                 if (not dir_pinned and size >= min_size and size and st.st_nlink == 1
                         and not (pins and prefix + name in pins) and (match is None or not match(prefix + name))):
                     rel = prefix + name  # the common case: a candidate
@@ -300,7 +317,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                     dprefix = b"" if d == "." else fsencode(d) + b"/"
                 state = classify(base + name, st, QUICK, stamp=stamp_of(dprefix + fsencode(name)))[0]
                 if state != STUB:
-                    local_bytes += size
+                    local_bytes += on_disk(st)
             rel = prefix + name
             pinned = dir_pinned or (pins and rel in pins)
             ignored = match is not None and match(rel)
