@@ -194,14 +194,13 @@ def test_log_shows_a_hostile_commit_message_escaped(tree, runner, monkeypatch):
 
 # -- 2. bad input on the command line ------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: click's usage errors (unknown option, extra or missing argument, "
-                   "unknown command) print Usage/Try/Error lines, not one `jam: ` line")
 @pytest.mark.parametrize("args", [["stash", "--bogus", "a.bin"], ["status", "a.bin", "b.bin"],
                                   ["remote", "add", "only-a-name"], ["stahs", "a.bin"], ["--bogus"],
                                   ["remote", "add", "r", "/x", "--tier", "many"]],
                          ids=["unknown-option", "extra-arg", "missing-arg", "unknown-command", "top-option",
                               "bad-int"])
 def test_a_usage_mistake_is_one_jam_line_exit_2(tree, args):
+    """Guard (mutation-checked): JamGroup.parse_args/invoke turn click's UsageError into JamUsageError (cli/app.py)."""
     make_file(tree.root / "a.bin", 100_000)
     make_file(tree.root / "b.bin", 100_000)
     before = tree_state(tree.root)

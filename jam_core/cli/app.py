@@ -20,6 +20,34 @@ from jam_core.errors import JamError
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
+class JamUsageError(click.UsageError):
+    """A mistake on the command line (unknown option or command, an argument too many or
+    missing, a value of the wrong type): one ``jam: `` line and exit 2, instead of click's
+    Usage/Try/Error block."""
+
+    @classmethod
+    def of(cls, exc: click.UsageError) -> JamUsageError:
+        new = cls(exc.format_message(), exc.ctx)
+        new.__cause__, new.__suppress_context__ = exc.__cause__, True
+        return new
+
+    def show(self, file=None) -> None:
+        from jam_core.cli.common import show_path
+
+        message = show_path(" ".join(self.format_message().split()))  # one line, nothing a terminal acts on
+        where = "jam"
+        if self.ctx is not None:  # `jam remote add --help`, whatever name the program was called by
+            where = " ".join(["jam", *self.ctx.command_path.split(" ")[1:]])
+        click.echo(f"jam: {message} (`{show_path(where)} --help` for help)", file=file, err=file is None)
+
+
+def _usage(exc: click.UsageError) -> click.UsageError:
+    """``exc`` as one ``jam: `` line; a group called without its subcommand still shows its help."""
+    if isinstance(exc, (JamUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc
+    return JamUsageError.of(exc)
+
+
 class JamGroup(click.Group):
     """Turns every error into one line on stderr and its exit code; never a traceback.
 
@@ -28,11 +56,19 @@ class JamGroup(click.Group):
     what to do, a plugin's hook that raises is named, anything else is one line (the
     traceback with ``JAM_DEBUG=1``)."""
 
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _usage(exc) from None
+
     def invoke(self, ctx):
         try:
             out = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
             return out
+        except click.UsageError as exc:  # a subcommand's: unknown option, argument too many...
+            raise _usage(exc) from None
         except JamError as exc:
             click.echo(f"jam: {exc}", err=True)
             ctx.exit(exc.exit_code)
