@@ -92,7 +92,7 @@ def test_copies_two_store_on_both_and_a_corrupt_mirror_is_survived(runner, mirro
     assert holds(far, oid) and holds(near, oid)
     rid = (tree / ".jam" / "config.toml").read_text().split('id = "')[1][:32]
     refs = (far / "meta" / "refs" / rid).read_bytes()
-    assert refs.startswith(b"jam-refs 1\ncopies 2\n") and oid.encode() in refs  # write_meta on sftp
+    assert refs.startswith(b"jam-refs 2\ncopies 2\n") and oid.encode() in refs  # write_meta on sftp
     assert os.listdir(far / "tmp") == []
 
     flip(far / "objects" / object_relpath(oid))  # the nearer mirror is corrupt

@@ -65,7 +65,7 @@ def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, no
                 reachable.append(r)
             except (JamError, OSError) as exc:
                 out.problems.append(f"remote {r.name!r}: skipped: {describe(exc)}")
-        out.problems += recorder.publish(own, reachable)  # this root's refs are current first
+        out.problems += recorder.publish(own, reachable, exact=True)  # this root's refs are current first
         for r in reachable:
             try:
                 _one(root, cat, pm, session, r, own, recorder, dry_run, now, out)

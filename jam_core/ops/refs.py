@@ -26,7 +26,8 @@ from jam_core.units import LazyRe
 
 REFS = "refs"
 REMOVING = "removing"
-MAGIC = b"jam-refs 1\n"
+MAGIC = b"jam-refs 2\n"  # ends with "end <count>": a file cut short is told from a short list
+_MAGIC1 = b"jam-refs 1\n"  # older jams: no end line
 _ID = LazyRe(r"\A[0-9a-f]{32}\Z")
 _NAME = LazyRe(r"\A([0-9a-f]{32})(?:\.pending\.([0-9]{1,6}))?\Z")
 
@@ -66,29 +67,45 @@ def root_id(root: Root) -> str:
 
 
 def encode(copies: int, oids) -> bytes:
-    return MAGIC + f"copies {copies}\n".encode() + "".join(f"{o}\n" for o in sorted(set(oids))).encode()
+    ids = sorted(set(oids))
+    return MAGIC + f"copies {copies}\n".encode() + "".join(f"{o}\n" for o in ids).encode() + f"end {len(ids)}\n".encode()
 
 
 def decode(data: bytes) -> tuple[int, set[str]]:
-    """(copies, oids) of a refs file. Hostile content: a line that is not an id is ignored, a
-    copies count out of range is read as the most conservative (every copy needed). An empty
-    file (an emptied pending list) refers to nothing."""
+    """(copies, oids) of a refs file, a pending list or a removal intent. An empty file (an
+    emptied pending list or intent) refers to nothing. Anything else that is not what
+    :func:`encode` writes (a line that is no id, another format, a file cut short: the count
+    of its end line) raises ValueError: a damaged list is never read as a shorter one. A
+    copies count out of range is read as the most conservative (every copy needed)."""
     if not data:
         return 0, set()
-    lines = data.decode("ascii", "replace").splitlines()
-    copies, oids = 1, set()
-    if lines and lines[0] + "\n" == MAGIC.decode():
-        lines = lines[1:]
-    for line in lines:
-        if line.startswith("copies "):
+    if data.startswith(MAGIC):
+        whole = True
+    elif data.startswith(_MAGIC1):
+        whole = False
+    else:
+        raise ValueError("not a jam refs file")
+    if not data.endswith(b"\n"):
+        raise ValueError("cut short")
+    lines = data[len(MAGIC):-1].split(b"\n")
+    copies, oids, end = 1, set(), None
+    for i, line in enumerate(lines):
+        if line.startswith(b"copies ") and i == 0:
             try:
                 copies = int(line[7:])
             except ValueError:
                 copies = 1 << 30
             if not 1 <= copies <= 1 << 30:
                 copies = 1 << 30
-        elif is_valid_oid(line):
-            oids.add(line)
+        elif whole and i == len(lines) - 1 and line.startswith(b"end ") and line[4:].isdigit():
+            end = int(line[4:])
+        else:
+            text = line.decode("ascii", "replace")
+            if not is_valid_oid(text):
+                raise ValueError(f"line {i + 2} is not an object id")
+            oids.add(text)
+    if whole and end != len(oids):
+        raise ValueError("cut short (its end line is missing or does not count its ids)")
     return copies, oids
 
 
@@ -122,6 +139,19 @@ def _read(remote: Remote, name: str, pm, session: Session) -> bytes:
     return b"" if data is False else bytes(data)
 
 
+def _decoded(remote: Remote, name: str, data: bytes, whole: bool) -> tuple[int, set[str]]:
+    """:func:`decode`, a damaged file (or an empty one where only a whole list is ever written:
+    ``whole``) raised as a RemoteError: jam removes nothing from a remote it cannot read."""
+    try:
+        if whole and not data:
+            raise ValueError("empty")
+        return decode(data)
+    except ValueError as exc:
+        raise RemoteError(f"remote {remote.name!r}: meta/{name} is damaged ({exc}); jam removes nothing "
+                          "from it until it is repaired (the root it belongs to rewrites it: run any jam "
+                          "command there that stores, or `jam gc`)") from None
+
+
 def users(remote: Remote, pm, session: Session) -> Users:
     """Read, live, every root's refs, pending lists and removal intents on ``remote``.
     Unreachable, or a backend without metadata: RemoteError (never taken for "no user")."""
@@ -137,7 +167,7 @@ def users(remote: Remote, pm, session: Session) -> Users:
             if not m or name != f"{prefix}/{base}":
                 continue
             rid = m.group(1)
-            copies, oids = decode(_read(remote, name, pm, session))
+            copies, oids = _decoded(remote, name, _read(remote, name, pm, session), prefix == REFS and not m.group(2))
             if prefix == REMOVING:
                 out.removing.setdefault(rid, set()).update(oids)
                 continue
@@ -178,21 +208,30 @@ class Recorder:
         for name in names or ():
             m = _NAME.match(name.rpartition("/")[2])
             if m and not m.group(2) and m.group(1) != self.rid and name == f"{REMOVING}/{m.group(1)}":
-                going |= decode(_read(remote, name, self.pm, self.session))[1]
+                going |= _decoded(remote, name, _read(remote, name, self.pm, self.session), False)[1]
         return going
 
     def intent(self, remote: Remote, oids) -> None:
         """Say on ``remote`` which objects this root is about to remove from it."""
         _write(remote, f"{REMOVING}/{self.rid}", encode(self.copies, oids) if oids else b"", self.pm, self.session)
 
-    def publish(self, oids, remotes) -> list[str]:
+    def publish(self, oids, remotes, exact: bool = False) -> list[str]:
         """Write the full refs on each of ``remotes`` and empty this command's pending lists.
         Returns one line per remote that could not be written (its pending lists stay: more
-        is kept, never less)."""
-        data = encode(self.copies, oids)
+        is kept, never less). Unless ``exact`` (gc's list, from a walk of the tree), what the
+        refs listed before is kept too: ``oids`` comes from the catalog, which may not know a
+        stub (a stash killed between its swap and its catalog write, a stub copied by hand)."""
+        oids = set(oids)
         problems = []
         for remote in remotes:
             try:
+                mine = oids
+                if not exact:
+                    try:
+                        mine = oids | decode(_read(remote, f"{REFS}/{self.rid}", self.pm, self.session))[1]
+                    except (JamError, OSError, ValueError):
+                        pass  # unreadable: written anew from what the catalog knows
+                data = encode(self.copies, mine)
                 _write(remote, f"{REFS}/{self.rid}", data, self.pm, self.session)
                 for n in range(self.pending.pop(remote.name, 0)):
                     _write(remote, f"{REFS}/{self.rid}.pending.{n}", b"", self.pm, self.session)

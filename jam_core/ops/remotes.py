@@ -14,6 +14,8 @@ _NAME = LazyRe(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _ID = LazyRe(r"\A[0-9a-f]{32}\Z")
 
 
+MAX_TIER = 1000  # tiers are an order, not a measure: and TOML's integers end at 2**63
+
 def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict | None = None,
                session: Session | None = None) -> tuple[Remote, str]:
     """Add a remote after checking it once. Returns (remote, the backend's description).
@@ -23,8 +25,8 @@ def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict
     an existing marker is reused) is recorded as ``id`` in the root's own config."""
     if not _NAME.match(name):
         raise UsageError(f"remote name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
-    if tier < 0:
-        raise UsageError("--tier must be 0 or more (0 = nearest)")
+    if not 0 <= tier <= MAX_TIER:
+        raise UsageError(f"--tier must be from 0 (the nearest) to {MAX_TIER}")
     if not url.strip():
         raise UsageError("the remote URL is empty (an unset variable?); give a path, file:///path "
                          "or sftp://[user@]host[:port]/path")
