@@ -77,19 +77,23 @@ def test_a_fifo_in_an_objects_place_is_never_opened(pm, sshd, sftp_store, tmp_pa
     assert _ask(pm, remote, "has", oid, 0) is False
 
 
-def test_hash_object_through_a_symlinked_objects_directory_is_not_a_copy(pm, sshd, sftp_store,
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_hash_object_through_a_symlinked_objects_directory_is_not_a_copy(pm, sshd, sftp_store, depth,
                                                                          tmp_path_factory, tmp_path):
-    """Two remotes on one server, far2's objects/ a symlink to far's (an admin merged the
-    stores): far2 "holds" far's object only through far's directory; counted as a copy, a drop
-    from far would remove the only one. Guard (mutation-checked): Ops.hash_object's S_ISDIR of
-    the lstat of objects/ (taken out: far2 answers the id)."""
+    """Two remotes on one server, far2's objects/ (or its fan-out directory objects/b3, or
+    objects/b3/xx) a symlink to far's (an admin merged the stores): far2 "holds" far's object
+    only through far's directory; counted as a copy, a drop from far would remove the only
+    one. Guard (mutation-checked): Ops.hash_object's S_ISDIR of the lstat of objects/ and of
+    each fan-out directory (taken out: far2 answers the id)."""
     (sftp_store / "objects").mkdir()
     (sftp_store / "tmp").mkdir()
     far = sftp_remote_for(f"sftp://{sshd.alias}{sftp_store}")
     oid, size = _stored(pm, far, tmp_path, os.urandom(100_000))
     store2 = tmp_path_factory.mktemp("store2")
     (store2 / "tmp").mkdir()
-    (store2 / "objects").symlink_to(sftp_store / "objects")
+    rel = Path("objects", *object_relpath(oid).split("/")[:depth])
+    (store2 / rel).parent.mkdir(parents=True, exist_ok=True)
+    (store2 / rel).symlink_to(sftp_store / rel)
     far2 = sftp_remote_for(f"sftp://{sshd.alias}{store2}", name="far2")
     assert _ask(pm, far, "hash_object", oid, size) == oid
     assert _ask(pm, far2, "hash_object", oid, size) is False

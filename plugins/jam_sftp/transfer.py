@@ -325,20 +325,23 @@ class Ops:
         """The id the object's bytes hash to, read once through this connection and copied
         nowhere (``doctor --deep``, a removal's count of the other copies); False if there is no
         regular file in its place (nothing, a symlink, a FIFO: never followed nor opened), or if
-        ``objects/`` itself is not a directory (a symlink to another store's: not this remote's
-        copy). IntegrityError if it has another size than ``size`` (by lstat, fstat or the reads:
-        one byte past the size is asked for and must be end-of-file)."""
+        ``objects/`` or a fan-out directory on the way is not a directory (a symlink to another
+        store's: not this remote's copy). IntegrityError if it has another size than ``size``
+        (by lstat, fstat or the reads: one byte past the size is asked for and must be end-of-file)."""
         from jam_core import IntegrityError, hasher, split_oid
 
         path = self.object_path(oid)
         label = self.conn.endpoint.label()
-        top, obj = self.r.send(CMD_LSTAT, self.path("objects")), self.r.send(CMD_LSTAT, path)
-        sts = [self._attrs(self.r.wait(num), p) for num, p in ((top, self.path("objects")), (obj, path))]
-        if any(st is None for st in sts) or not statmod.S_ISDIR(sts[0].st_mode or 0) \
-                or not statmod.S_ISREG(sts[1].st_mode or 0):
+        parts = object_relpath(oid).split("/")
+        dirs = [self.path("objects", *parts[:i]) for i in range(len(parts))]  # objects/, its fan-out dirs
+        asked = [(self.r.send(CMD_LSTAT, p), p) for p in [*dirs, path]]  # one round trip for all
+        sts = [self._attrs(self.r.wait(num), p) for num, p in asked]
+        obj = sts.pop()
+        if any(st is None or not statmod.S_ISDIR(st.st_mode or 0) for st in sts) \
+                or obj is None or not statmod.S_ISREG(obj.st_mode or 0):
             return False
-        if sts[1].st_size is not None and sts[1].st_size != size:
-            raise IntegrityError(wrong_size(oid, label, sts[1].st_size, size))
+        if obj.st_size is not None and obj.st_size != size:
+            raise IntegrityError(wrong_size(oid, label, obj.st_size, size))
         try:
             handle = self.open(path, SFTP_FLAG_READ)
         except SftpStatus as exc:
