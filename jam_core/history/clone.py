@@ -549,7 +549,7 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
     assert best is not None
     _t, sid, data, snap = best
     out = CloneResult(p, tree, sid, snap.machine, snap.host)
-    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out)
+    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out, session)
     return out
 
 
@@ -565,7 +565,7 @@ def _remove_stage(p: Path, stage: str) -> None:
 
 
 def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: str, data: bytes, snap: Snapshot,
-           pm, out: CloneResult) -> None:
+           pm, out: CloneResult, session: Session | None = None) -> None:
     """Build the root aside in PATH's stage (``PATH/.jam-<hex>.tmp``, its mark in its ``.jam``
     first), then move it in (``_move_in``) and finish (``_finish``)."""
     from jam_core.catalog import Catalog
@@ -595,9 +595,13 @@ def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: s
             with Index(root) as ix:
                 ix.add(snap, data, (len(snap.items), 0, 0), make_head=True)
                 ix.record_pushed(sid, name)
+            recorder, origin = _refer(root, pm, session or Session())
             with Catalog(root.jam_dir / CATALOG) as cat:
                 out.files = make_all(sp, snap.items, (name,), cat, out.problems, firsts)
                 out.stubs = sum(1 for i in snap.items if i.kind == FILE and i.size)
+                from jam_core.ops.refs import referenced
+
+                out.problems += recorder.publish(referenced(root, cat), [origin])
             if snap.pins:
                 from jam_core.policy.pins import add_pins
 
@@ -620,6 +624,25 @@ def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: s
     finally:
         if mark >= 0:
             os.close(mark)
+
+
+def _refer(root: Root, pm, session: Session):
+    """Before any stub is made: record on the remote (``refs``) that this new root refers to
+    every object of the snapshot it clones, so that no other root's removal (the first
+    computer's ``jam gc --keep``) takes them from under it; and refuse if one is being removed
+    there at this moment. Returns the recorder and the remote."""
+    from jam_core.history.index import kept_objects
+    from jam_core.ops.refs import Recorder
+
+    origin = root.remotes()[0]
+    recorder = Recorder(root, pm, session)
+    wanted = kept_objects(root)
+    recorder.before_store(origin, wanted)
+    going = recorder.removing_elsewhere(origin) & wanted
+    if going:
+        raise JamError(f"another root is removing {len(going)} object(s) of this snapshot from {origin.url} at "
+                       "this moment; nothing cloned (run the clone again)")
+    return recorder, origin
 
 
 _FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE}
