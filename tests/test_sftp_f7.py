@@ -179,3 +179,31 @@ def test_a_revoked_key_is_refused_whatever_the_line_order_and_host_pattern(pm, s
     with Session() as s, pytest.raises(RemoteError) as exc:
         pm.hook.check_remote(remote=sftp_remote, session=s, create=False)
     assert "REVOKED HOST KEY" in str(exc.value) and "\n" not in str(exc.value)
+
+
+# -- doctor --deep on an sftp remote (hash_object is its read-back now) ---------------------------
+
+
+def test_doctor_deep_fix_repairs_a_corrupt_sftp_copy(runner, tmp_path, sshd, sftp_store, monkeypatch):
+    """far (sftp) and near (dir) hold f.bin; on the server its copy has a flipped byte.
+    `jam doctor --deep` (hash_object reads far's copy back) names the corrupt copy on far (exit
+    1); `--deep --fix` copies it again from near and reads it back there; a second `--deep`
+    finds all well, and far's copy has the right bytes."""
+    from tests.conftest import make_file
+    from tests.test_sftp_copies import flip, jam, mirrored_root, oid_of
+
+    near = tmp_path / "near"
+    tree = mirrored_root(runner, tmp_path, "tree", sshd, sftp_store, near, monkeypatch)
+    make_file(tree / "f.bin", 300_000, seed=11)
+    jam(runner, "stash", "f.bin")
+    oid = oid_of(tree / "f.bin")
+    place = sftp_store / "objects" / object_relpath(oid)
+    flip(place)
+    res = jam(runner, "doctor", "--deep", ok=False)
+    out = res.output + (res.stderr or "")
+    assert res.exit_code == 1 and "remote 'far' holds a corrupt copy" in out, out
+    res = jam(runner, "doctor", "--deep", "--fix", ok=False)
+    assert "copied again from 'near' (fixed)" in res.output, res.output
+    res = jam(runner, "doctor", "--deep")  # exit 0
+    assert "corrupt" not in res.output and "read back and hashed 2 copies" in res.output, res.output
+    assert hash_file(place)[0] == oid
