@@ -549,7 +549,7 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
     assert best is not None
     _t, sid, data, snap = best
     out = CloneResult(p, tree, sid, snap.machine, snap.host)
-    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out, session)
+    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out)
     return out
 
 
@@ -565,7 +565,7 @@ def _remove_stage(p: Path, stage: str) -> None:
 
 
 def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: str, data: bytes, snap: Snapshot,
-           pm, out: CloneResult, session: Session | None = None) -> None:
+           pm, out: CloneResult) -> None:
     """Build the root aside in PATH's stage (``PATH/.jam-<hex>.tmp``, its mark in its ``.jam``
     first), then move it in (``_move_in``) and finish (``_finish``)."""
     from jam_core.catalog import Catalog
@@ -590,12 +590,12 @@ def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: s
         _write_mark(mark, state)
         root, _created = Root.init(sp, register=False, default_remote=False)
         add_remote(root, pm, name, url, 0)
-        with root.lock():
+        with Session() as rs, root.lock():  # rs: the refs' connection to the remote
             root.update_config(lambda own: own.setdefault("history", {}).__setitem__("name", tree))
             with Index(root) as ix:
                 ix.add(snap, data, (len(snap.items), 0, 0), make_head=True)
                 ix.record_pushed(sid, name)
-            recorder, origin = _refer(root, pm, session or Session())
+            recorder, origin = _refer(root, pm, rs)
             with Catalog(root.jam_dir / CATALOG) as cat:
                 out.files = make_all(sp, snap.items, (name,), cat, out.problems, firsts)
                 out.stubs = sum(1 for i in snap.items if i.kind == FILE and i.size)
