@@ -77,7 +77,7 @@ class Stored:
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
-          explicit: bool = True) -> Result:
+          explicit: bool = True, changed_after_ns: int | None = None) -> Result:
     """Stash files and directories (relative to the root). Holds the root's lock throughout.
 
     ``explicit=False`` (policies chose) applies the minimum size to named files too and, under
@@ -85,15 +85,17 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     in batches: hash each, store the batch on its remotes (``stash_many`` where a backend
     offers it, else ``stash`` per file), write the stubs aside, make them durable (one syncfs)
     and the remotes (``sync``), then swap each file that did not change; one syncfs at the end
-    makes the last swaps durable.
+    makes the last swaps durable. ``changed_after_ns`` (a policy's plan): a file whose ctime is
+    not before it changed after the plan looked at it, and stays.
     """
     if session is None:  # one of its own: closed here (what backends left for it is cleaned up)
         with Session() as own:
-            return _stash(root, rels, pm, own, explicit)
-    return _stash(root, rels, pm, session, explicit)
+            return _stash(root, rels, pm, own, explicit, changed_after_ns)
+    return _stash(root, rels, pm, session, explicit, changed_after_ns)
 
 
-def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool) -> Result:
+def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool,
+           changed_after_ns: int | None = None) -> Result:
     result = Result()
     remotes = root.remotes()
     if not remotes:
@@ -109,6 +111,8 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
             why = _skip_reason(entry, named and explicit, min_size)
             if why is None and pins and covered(entry.rel, pins):
                 why = "pinned"
+            if why is None and changed_after_ns is not None and entry.st.st_ctime_ns >= changed_after_ns:
+                why = "changed since the policies chose it; left for the next run"
             if why == "":
                 result.unchanged += 1
             elif why:

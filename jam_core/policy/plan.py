@@ -57,6 +57,7 @@ class Plan:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (path, policy) dropped by the core
     local_bytes: int = 0
     candidates: int = 0
+    began_ns: int = 0  # when the scan began: a file changed since (its ctime) is not stashed on this plan
 
     @property
     def bytes(self) -> int:
@@ -164,10 +165,15 @@ def plan_auto(root: Root, pm, keep: list | None = None) -> Plan:
             f"no policy is configured for {root.path}: add a [policy.age], [policy.lru] or "
             f"[policy.budget] table to {root.config_path} (see the README, Policies)"
         )
+    import time
+
+    # (Kernels before 6.13 stamp ctimes from a clock up to a tick behind: a change in that
+    # tick after this may go unseen; later ones stamp it finely.)
+    began = time.time_ns()
     with gc_paused():  # a record per file and no cycle: collections would only walk them again and again
         inv = inventory(root)
         plan = Plan(policies=names, kept=inv.kept_counts(), local_bytes=inv.local_bytes,
-                    candidates=len(inv.candidates))
+                    candidates=len(inv.candidates), began_ns=began)
         records = Records(candidates=inv.candidates)  # FileRecords made only if a policy reads them
         stubs = inv.stubs.sorted_records  # made only if a policy reads them (lru)
         nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
@@ -186,10 +192,13 @@ def stash_auto(root: Root, pm, session=None, dry_run: bool = False):
 
 
 def carry_out(root: Root, plan: Plan, pm, session=None):
-    """Stash what a plan chose, as policies do: minimum size applies, pins are re-checked."""
+    """Stash what a plan chose, as policies do: minimum size applies, pins are re-checked, and a
+    file changed since the plan's scan began is left for the next run (the policies chose its
+    old version)."""
     from jam_core.ops.stash import stash
 
-    return stash(root, [i.path for i in plan.items], pm, session, explicit=False)
+    return stash(root, [i.path for i in plan.items], pm, session, explicit=False,
+                 changed_after_ns=plan.began_ns or None)
 
 
 def related(root: Root, pm, anchors: Sequence[str]) -> list[PlanItem]:
