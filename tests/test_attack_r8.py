@@ -187,13 +187,11 @@ def test_remote_remove_never_forgets_the_only_holder_because_the_catalog_forgot(
     assert "a" in {x.name for x in Root.find(root.path).remotes()}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gc's check for a root of this machine with no refs yet "
-                   "(_silent_roots) matches remotes by recorded id only: a root whose config names the "
-                   "remote without an id (added by an older jam) is not seen, and its only copies go")
 def test_gc_stops_for_a_root_of_this_machine_that_names_the_remote_without_an_id(tmp_path, pm):
     """Root B (registered here) uses the shared remote from an older jam: its config has the
     remote's location but no id, and it never recorded refs. A's gc must stop on that remote
-    (as it does for a root whose config has the id), not collect B's objects."""
+    (as it does for a root whose config has the id), not collect B's objects.
+    Guard (mutation-checked): gc._silent_roots.names_it (a table without id matched by url or real path)."""
     import tomllib
 
     import tomli_w
@@ -304,13 +302,11 @@ def test_doctor_fix_never_forgets_the_object_of_a_stub_it_left_as_it_is(tmp_path
 
 
 @pytest.mark.parametrize("entry", ["symlink", "directory", "fifo"])
-@pytest.mark.xfail(strict=True, reason="BUG: an entry of meta/refs/ that is not a regular file (a symlink, "
-                   "a directory, a FIFO) is skipped by list_meta: that root's refs count as absent and gc "
-                   "removes its only copies instead of stopping on that remote")
 def test_gc_stops_on_a_refs_entry_it_cannot_read(tmp_path, pm, entry):
     """Root B (another machine) refers to y; its refs entry on the shared remote is not a regular
     file (a sync tool that keeps symlinks, a restore gone wrong). jam must not read that as
-    "B refers to nothing": it cannot tell, so it removes nothing there and says why."""
+    "B refers to nothing": it cannot tell, so it removes nothing there and says why.
+    Guard (mutation-checked): jam_dir.list_meta lists every entry of a jam name (no is_file filter)."""
     from jam_core.ops.gc import gc
     from jam_core.ops.refs import root_id
 
@@ -536,14 +532,12 @@ def test_gc_keep_on_one_computer_never_strands_a_fresh_clone_on_another(tmp_path
     assert _holds(t.remote, x), f"the clone's f.bin lost its only copy: {res.out} {res.err}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the dir backend's remove (and has/hash_object) follow a symlinked "
-                   "fan-out directory: with b's objects/b3 a symlink to a's, `jam drop --from b` counts a's "
-                   "copy, then unlinks that very file through the symlink: the last copy")
 def test_drop_never_removes_through_a_symlinked_fan_out_directory(tmp_path, pm):
     """The user "deduplicated" two remote disks: b/objects/b3 is a symlink to a/objects/b3.
     `jam drop --from b f` finds an intact copy on a (so b's may go), then removes b's copy by
     a path that goes through the symlink: a's file, the only one there is.
-    Guard (mutation-checked): clone._refer (refs recorded before any stub is made) and the publish after."""
+    Guard (mutation-checked): jam_dir._object_dirfd (objects/, its algorithm and fan-out dirs opened
+    O_NOFOLLOW one below the other; remove, has and _open_object go through it)."""
     from jam_core.ops.copies import drop
 
     a, b = tmp_path / "a", tmp_path / "b"

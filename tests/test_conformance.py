@@ -319,8 +319,8 @@ class Faulty:
     @hookimpl
     def list_meta(self, remote, prefix, session):
         top = Path(remote.location, "meta", prefix)
-        if os.environ.get(FAULT) == "meta_lists_all" and prefix == "refs" and top.is_dir():
-            return sorted(f"{prefix}/{n}" for n in os.listdir(top))
+        if os.environ.get(FAULT) == "meta_lists_regular" and prefix == "refs" and top.is_dir():
+            return sorted(f"{prefix}/{n}" for n in os.listdir(top) if (top / n).is_file() and not (top / n).is_symlink())
         return None
 
     @hookimpl
@@ -361,7 +361,7 @@ class _FaultyDirKit(TestDirBackend):  # not collected: run case by case below
     ("meta_any_name", "test_meta_hostile_names", "instead of raising"),
     ("meta_unknown_is_absent", "test_meta_remote_gone", "answered 'False' instead of raising"),
     ("meta_follows", "test_meta_odd_entries", "answered \"b'secret'\" instead of raising"),
-    ("meta_lists_all", "test_meta_odd_entries", "listed something that is not a regular file"),
+    ("meta_lists_regular", "test_meta_odd_entries", "left out an entry it cannot read"),
     ("free_unbounded", "test_free_space", "free_space of a full remote"),
 ])
 def test_the_kit_catches(fault, case, why, tmp_path, monkeypatch):

@@ -198,5 +198,11 @@ class TestRcloneSftpBackend(BackendConformance):
 
         put_meta_oddity(self.store, name, what)
 
+    @pytest.mark.xfail(strict=True, reason="LIMIT (R8): rclone's listings hide symlinks and special files "
+                       "by design (daemon.py NO_LINKS) and list files only: an odd meta/refs/ entry on an "
+                       "rclone sftp remote is not listed, so gc and drop do not stop for it")
+    def test_meta_odd_entries(self, pm, remote, tmp_path):
+        super().test_meta_odd_entries(pm, remote, tmp_path)
+
     def hold_meta(self, remote, name):
         return open(self.store / "meta" / name, "rb")

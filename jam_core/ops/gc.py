@@ -14,6 +14,7 @@ collectable in the same run.
 
 from __future__ import annotations
 
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -154,11 +155,24 @@ def _last_used(cat: Catalog, remote: Remote) -> dict[str, float]:
 
 
 def _silent_roots(root: Root, remote: Remote, ids: set[str]) -> list[str]:
-    """Other roots of this machine that name this remote (by its identity) in their config but
-    have no refs on it."""
+    """Other roots of this machine that name this remote in their config but have no refs on it.
+    A table names it by its identity; a table without an id (written by an older jam), or any
+    table when this remote has none, by its place: the same url, or for a ``dir`` remote the
+    same real path."""
     rid = remote.options.get("id")
-    if not rid:
-        return []
+    here = os.path.realpath(remote.location) if remote.kind == "dir" else None
+
+    def names_it(t) -> bool:
+        if not isinstance(t, dict):
+            return False
+        if rid and t.get("id"):
+            return t.get("id") == rid
+        if isinstance(t.get("url"), str) and t.get("url") == remote.url:
+            return True
+        loc = t.get("location")
+        return (here is not None and t.get("kind") == "dir" and isinstance(loc, str)
+                and os.path.realpath(loc) == here)
+
     out = []
     for other in registered_roots():
         if other == root.path:
@@ -169,8 +183,7 @@ def _silent_roots(root: Root, remote: Remote, ids: set[str]) -> list[str]:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             continue
         tables = config.get("remote")
-        if not isinstance(tables, dict) or not any(isinstance(t, dict) and t.get("id") == rid
-                                                   for t in tables.values()):
+        if not isinstance(tables, dict) or not any(names_it(t) for t in tables.values()):
             continue
         core = config.get("core")
         their = core.get("id") if isinstance(core, dict) else None

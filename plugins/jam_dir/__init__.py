@@ -52,10 +52,6 @@ def _base(remote) -> Path:
     return base
 
 
-def _object_path(remote, oid: str) -> Path:
-    return _base(remote) / "objects" / object_relpath(oid)
-
-
 def _oserror(remote, what: str, exc: OSError, item: bool = True) -> JamError:
     """One line for an OSError on the remote. A full remote disk fails only the object being
     stored (a JamError, not a RemoteError, so the core goes on with the others: what fits is
@@ -202,9 +198,20 @@ def has(remote, oid, size):
     if remote.kind != KIND:
         return None
     try:
-        return _object_path(remote, oid).stat().st_size == size
+        dfd, name = _object_dirfd(_base(remote), oid)
+    except FileNotFoundError:  # also a symlinked objects/ or fan-out directory: no copy here
+        return False
+    except OSError as exc:
+        raise _oserror(remote, f"look for {oid}", exc, item=False) from None
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise _oserror(remote, f"look for {oid}", exc, item=False) from None
+    finally:
+        os.close(dfd)
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 _ALGOS = ("b3", "sha256")
@@ -471,10 +478,45 @@ def _mkdirs_below(base: Path, directory: Path) -> None:
         d.mkdir(exist_ok=True)
 
 
-def _open_object(path: Path) -> tuple[int, os.stat_result]:
-    """Open an object for reading: never through a symlink, never a FIFO or device. Returns
-    the descriptor and its ``fstat``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+class _SymlinkedDir(FileNotFoundError):
+    """``objects/``, the algorithm's or the fan-out directory of an object is a symlink (or not
+    a directory): whatever lies beyond it is another place's, never a copy on this remote."""
+
+
+def _object_dirfd(base: Path, oid: str) -> tuple[int, str]:
+    """The fan-out directory of ``oid`` opened (objects/, then the algorithm's directory, then
+    the fan-out directory, each relative to the one before with O_DIRECTORY|O_NOFOLLOW: never
+    through a symlink), and the object's name in it. A symlink or non-directory on the way
+    raises _SymlinkedDir (a FileNotFoundError: "not held"); a missing one FileNotFoundError."""
+    algo, fan, name = object_relpath(oid).split("/")
+    where = base / "objects"
+    try:
+        fd = os.open(where, _DIRFLAGS)
+        try:
+            for part in (algo, fan):
+                where = where / part
+                nfd = os.open(part, _DIRFLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _SymlinkedDir(errno.ENOENT, "a symlink or not a directory", str(where)) from None
+        raise
+    return fd, name
+
+
+def _open_object(base: Path, oid: str) -> tuple[int, os.stat_result]:
+    """Open an object for reading: never through a symlink (neither the file nor a directory
+    on its way: ``_object_dirfd``), never a FIFO or device. Returns the descriptor and its
+    ``fstat``."""
+    dfd, name = _object_dirfd(base, oid)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -482,7 +524,7 @@ def _open_object(path: Path) -> tuple[int, os.stat_result]:
         raise
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
+        raise OSError(errno.EINVAL, "not a regular file", str(base / "objects" / object_relpath(oid)))
     return fd, st
 
 
@@ -658,7 +700,10 @@ def stash(remote, oid, source, size, session):
             session.cache.setdefault(_PENDING, {})[remote.name] = remote
             return True
         try:
-            fd, _st = _open_object(final)
+            fd, _st = _open_object(base, oid)
+        except _SymlinkedDir as exc:  # what is stored beyond it would be another place's copy
+            raise RemoteError(f"remote {remote.name!r} ({remote.location}): {exc.filename} is a symlink "
+                              f"or not a directory; {oid} not stored there") from None
         except FileNotFoundError:
             pass
         else:
@@ -723,8 +768,7 @@ def _open_sized(remote, oid: str, size: int, session, after: str = ""):
     the object is not there; a copy of another size than the stub says is an IntegrityError
     (nothing is read of it), a remote unplugged since the command began a RemoteError."""
     try:
-        path = _session_base(remote, session) / "objects" / object_relpath(oid)
-        src, st = _open_object(path)
+        src, st = _open_object(_session_base(remote, session), oid)
     except FileNotFoundError:
         if not os.path.isdir(remote.location):  # unplugged since the command began: not "absent"
             raise RemoteError(f"remote {remote.name!r}: directory {remote.location} is missing "
@@ -815,17 +859,26 @@ def remove(remote, oid, session):
         return None
     try:
         base = _session_base(remote, session)
-        path = base / "objects" / object_relpath(oid)
         try:
-            st = os.lstat(path)
+            dfd, name = _object_dirfd(base, oid)  # never through a symlinked objects/ or fan-out dir
+        except _SymlinkedDir as exc:
+            raise RemoteError(f"remote {remote.name!r} ({remote.location}): {exc.filename} is a symlink "
+                              f"or not a directory; {oid} not removed") from None
         except FileNotFoundError:
             if not base.is_dir():
                 raise RemoteError(f"remote {remote.name!r}: directory {base} is missing (unplugged drive?)") from None
             return False
-        if not stat.S_ISREG(st.st_mode):  # a symlink or anything else in its place: not an object of ours
-            return False
-        os.unlink(path)
-        fsync_dir(path.parent)
+        try:
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(st.st_mode):  # a symlink or anything else in its place: not an object of ours
+                return False
+            os.unlink(name, dir_fd=dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError as exc:
         raise _oserror(remote, f"remove {oid}", exc, item=False) from None
     return True
@@ -911,8 +964,11 @@ def list_meta(remote, prefix, session):
         raise _oserror(remote, f"list meta/{prefix}", exc, item=False) from None
     try:
         with os.scandir(fd) as it:
+            # Every entry of a jam name, not only regular files: a symlink, directory or FIFO
+            # listed is refused by read_meta, so a root's refs that cannot be read stop gc and
+            # drop on this remote instead of counting as "no refs" (tests/test_attack_r8.py).
             return sorted(f"{prefix}/{e.name}" if prefix else e.name for e in it
-                          if _META_NAME.match(e.name) and e.is_file(follow_symlinks=False))
+                          if _META_NAME.match(e.name))
     except OSError as exc:
         raise _oserror(remote, f"list meta/{prefix}", exc, item=False) from None
     finally:

@@ -293,7 +293,7 @@ class Meta:
             return []
         names = []
         for name, st in self.ops.listdir_attr(folder):
-            if META_NAME.match(name) and statmod.S_ISREG(st.st_mode or 0):
+            if META_NAME.match(name):  # not only regular files: read refuses the others (gc stops)
                 names.append(f"{prefix}/{name}" if prefix else name)
         return sorted(names)
 
