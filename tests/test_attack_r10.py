@@ -69,12 +69,11 @@ def tree_state(path) -> dict:
 
 # -- 1. output injection ----------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: a path outside the root is echoed raw in the error line "
-                   "(Root.find / Root.rel messages): ESC sequences reach the terminal")
 @pytest.mark.parametrize("command", ["stash", "checkout", "status", "log"])
 def test_an_error_naming_a_hostile_path_outside_the_root_sends_no_escape_to_the_terminal(tree, runner, command):
     """`jam stash ~/Downloads/*` where a file of Downloads is named ``x\\e[2J``: the error line
-    names it escaped, as every other jam line does (show_path), never the raw bytes."""
+    names it escaped, as every other jam line does (show_path), never the raw bytes.
+    Guard (mutation-checked): JamGroup.invoke prints a JamError as ``show_text(exc)`` (cli/app.py)."""
     outside = tree.root.parent / "x\x1b]0;pwn\x07\x1b[2J"
     make_file(outside, 100)
     res = invoke(runner, command, str(outside), color=True)
@@ -84,9 +83,9 @@ def test_an_error_naming_a_hostile_path_outside_the_root_sends_no_escape_to_the_
     assert "x" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor's keep-both hint (ops/doctor.keep_both_hint) shell-quotes "
-                   "the raw name: ESC/BEL/CR reach the terminal even when piped")
 def test_doctor_report_on_a_hostile_dirty_stub_sends_no_control_characters(tree, runner):
+    """Guard (mutation-checked): ops/doctor.keep_both_hint quotes a non-printable name as $'...\\xHH'
+    (_shell_word), and cli/doctor prints each detail through show_text."""
     from jam_core.manager import make_plugin_manager
     from jam_core.ops.stash import stash
     from jam_core.root import Root
@@ -100,13 +99,13 @@ def test_doctor_report_on_a_hostile_dirty_stub_sends_no_control_characters(tree,
     res = invoke(runner, "doctor")  # piped: click strips CSI sequences, nothing else
     assert res.exit_code == 1
     assert "dirty" in res.output
+    assert "--keep-both $'a\\x1b]0;pwn\\x07\\x1b[2J\\x0d.bin'" in res.output, res.output  # bash reads it back
     no_control(res.output)
     no_control(res.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkout --keep-both's reason names the new file raw ('the stashed "
-                   "version is NAME (stashed version)'): report() prints reasons unescaped")
 def test_keep_both_message_names_the_new_file_escaped(tree, runner):
+    """Guard (mutation-checked): cli/common.report prints each reason as ``show_text(why)``."""
     name = "k\x1b]0;pwn\x07\x1b[2J.bin"
     make_file(tree.root / name, 100_000)
     assert invoke(runner, "stash", name).exit_code == 0
@@ -119,11 +118,10 @@ def test_keep_both_message_names_the_new_file_escaped(tree, runner):
     no_control(res.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: show_path escapes C0 controls only: a bidi override (U+202E) "
-                   "in a name reaches the terminal and reorders the line")
 def test_a_bidi_override_in_a_name_is_shown_escaped(tree, runner):
     """``invoice\\u202efdp.exe`` shows as ``invoiceexe.pdf`` on a terminal: `jam where` and
-    the stash report must show the override escaped, like any control character."""
+    the stash report must show the override escaped, like any control character.
+    Guard (mutation-checked): cli/common.show_text escapes every character not ``str.isprintable()``."""
     name = "invoice\u202efdp.exe"
     make_file(tree.root / name, 100_000)
     res = invoke(runner, "stash", name)
@@ -133,10 +131,9 @@ def test_a_bidi_override_in_a_name_is_shown_escaped(tree, runner):
     no_control(res.output)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: report() prints a failure's reason raw: a remote's own words "
-                   "(an SFTP server's status text, rclone's stderr) drive the terminal")
 def test_a_remotes_error_text_reaches_the_terminal_escaped(tree, runner, monkeypatch):
-    """A server answers a fetch with a message of its own making; jam prints it as a reason."""
+    """A server answers a fetch with a message of its own making; jam prints it as a reason.
+    Guard (mutation-checked): cli/common.report prints the stop reason as ``show_text(result.aborted)``."""
     import jam_core.cli.files as files
     from jam_core import hookimpl
     from jam_core.errors import RemoteError
@@ -176,11 +173,10 @@ def test_a_root_whose_path_holds_escapes_is_printed_escaped(tmp_path, runner, mo
     no_control(res.output)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam log` prints a snapshot's message (and host) raw: a message "
-                   "made on another machine drives this terminal (OSC survives even a pipe)")
 def test_log_shows_a_hostile_commit_message_escaped(tree, runner, monkeypatch):
     """Snapshots travel between machines (`jam sync`): their message and host are data from
-    elsewhere and must reach the terminal escaped, like names."""
+    elsewhere and must reach the terminal escaped, like names.
+    Guard (mutation-checked): cli/history.log prints message and host through show_text."""
     import socket
 
     monkeypatch.setattr(socket, "gethostname", lambda: "host\x1b]0;pwn\x07")
@@ -237,14 +233,14 @@ def test_a_size_too_big_for_any_disk_is_a_config_error(tree, runner, table, key,
     assert after == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor never validates the config: with a value that makes stash, "
-                   "commit or every cd fail, it says 'all can come back', exit 0")
 @pytest.mark.parametrize("edit,key", [
     (('min_size = "64KiB"', "min_size = []"), "min_size"),
     (None, "copies"),
     (None, "depth"),
 ])
 def test_doctor_reports_a_config_that_breaks_commands(tree, runner, edit, key):
+    """Guard (mutation-checked): ops/doctor._config reads what commands read (root.min_size,
+    placement.copies_of, hook settings...) and reports each UsageError as a problem."""
     cfg = tree.root / ".jam" / "config.toml"
     text = cfg.read_text()
     if key == "min_size":
@@ -422,8 +418,8 @@ def test_a_root_config_copied_as_user_defaults_never_shares_the_root_id(tree, ru
     assert blake3.blake3((tree.root / "a.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: unknown config keys are ignored without a word, doctor included: "
-                   "a misspelt [place] copies leaves one copy where the user asked for two")
+    """Guard (mutation-checked): ops/doctor._config's KNOWN_KEYS check (a key jam does not read in
+    a table it owns is a problem, with the known key it is likely a typo of)."""
 @pytest.mark.parametrize("table,key", [("place", "copie"), ("core", "min_sise"), ("hook", "dept")])
 def test_doctor_names_an_unknown_config_key(tree, runner, table, key):
     cfg = tree.root / ".jam" / "config.toml"

@@ -119,7 +119,9 @@ def _fast(args: list[str]) -> int | None:
     except Exception as exc:
         if os.environ.get("JAM_DEBUG"):
             raise
-        print(f"jam: {_unexpected(exc)}", file=sys.stderr, flush=True)
+        from jam_core.cli.common import show_text
+
+        print(f"jam: {show_text(_unexpected(exc))}", file=sys.stderr, flush=True)
         return 1
     finally:
         _show_modules()

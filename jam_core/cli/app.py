@@ -15,6 +15,7 @@ import click
 
 from jam_core import __version__
 from jam_core.cli import EXIT_PIPE, _os_error, _quiet_stdout, _unexpected
+from jam_core.cli.common import show_text
 from jam_core.errors import JamError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -70,7 +71,7 @@ class JamGroup(click.Group):
         except click.UsageError as exc:  # a subcommand's: unknown option, argument too many...
             raise _usage(exc) from None
         except JamError as exc:
-            click.echo(f"jam: {exc}", err=True)
+            click.echo(f"jam: {show_text(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("jam: interrupted; nothing was lost (files not yet done are as they were)", err=True)
@@ -83,12 +84,12 @@ class JamGroup(click.Group):
                 ctx.exit(EXIT_PIPE)
             if os.environ.get("JAM_DEBUG"):
                 raise
-            click.echo(f"jam: {_os_error(exc)}", err=True)
+            click.echo(f"jam: {show_text(_os_error(exc))}", err=True)
             ctx.exit(1)
         except Exception as exc:
             if os.environ.get("JAM_DEBUG"):
                 raise
-            click.echo(f"jam: {_unexpected(exc)}", err=True)
+            click.echo(f"jam: {show_text(_unexpected(exc))}", err=True)
             ctx.exit(1)
 
 

@@ -87,12 +87,34 @@ def root_and_rels(paths: Iterable[str]):
     return root, [root.rel(p) for p in paths]
 
 
+def show_text(text: str) -> str:
+    """Text jam did not write (a name, a remote's message, a snapshot's message, a URL) as one
+    line a terminal shows and never acts on: every character that is not printable (C0/C1
+    controls, DEL, bidi overrides and isolates, line and paragraph separators) escaped
+    (``\\x1b``, ``\\u202e``), an undecodable byte (a surrogate) as ``\\xHH``; when anything
+    is escaped, a backslash is doubled so the escapes read back unambiguously."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        elif "\udc80" <= c <= "\udcff":  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif 0xD800 <= ord(c) <= 0xDFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def show_path(rel: str) -> str:
-    """A path as one printable line: undecodable bytes and control characters escaped."""
-    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if any(ord(c) < 32 or c == "\x7f" for c in text):
-        text = text.encode("unicode_escape").decode("ascii")
-    return text
+    """A path as one printable line: undecodable bytes and non-printable characters escaped
+    (``show_text``)."""
+    return show_text(rel)
 
 
 @contextmanager
@@ -129,11 +151,11 @@ def report(result, verb: str, noun_done: str, quiet: bool = False, max_lines: in
 
     for items, label in ((result.failed, "failed"), (result.skipped, "skipped")):
         for rel, why in items[:max_lines]:
-            click.echo(f"jam: {label}: {show_path(rel)}: {why}", err=True)
+            click.echo(f"jam: {label}: {show_path(rel)}: {show_text(why)}", err=True)
         if len(items) > max_lines:
             click.echo(f"jam: ... and {len(items) - max_lines} more {label}", err=True)
     if result.aborted:
-        click.echo(f"jam: stopped: {result.aborted}", err=True)
+        click.echo(f"jam: stopped: {show_text(result.aborted)}", err=True)
     if not quiet:
         parts = [f"{verb} {plural(len(result.done), 'file')} ({human(result.bytes)} {noun_done})"]
         if result.unchanged:

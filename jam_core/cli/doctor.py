@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import plugin_manager, plural, root_and_rels, session, show_path
+from jam_core.cli.common import plugin_manager, plural, root_and_rels, session, show_path, show_text
 
 MARKS = {"ok": "ok", "info": "info", "warning": "warning", "problem": "problem"}
 
@@ -46,7 +46,7 @@ def doctor(paths: tuple[str, ...], deep: bool, fix: bool, as_json: bool, older_t
         where = f"{show_path(f.path)}: " if f.path else ""
         label = f"{f.kind}: " if f.status in ("problem", "warning") else ""
         done = " (fixed)" if f.fixed else ""
-        click.echo(f"  {MARKS[f.status]:<8} {label}{where}{f.detail}{done}")
+        click.echo(f"  {MARKS[f.status]:<8} {label}{where}{show_text(f.detail)}{done}")
     unfixed, fixed, warnings = len(res.unfixed), sum(1 for p in res.problems if p.fixed), len(res.warnings)
     line = f"checked {plural(res.stubs, 'stub')} on {plural(len(res.remotes), 'remote')}: "
     line += "all can come back" if not unfixed else f"{plural(unfixed, 'problem')} to look at"

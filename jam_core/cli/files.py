@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import human, plugin_manager, plural, report, root_and_rels, session, show_path
+from jam_core.cli.common import human, plugin_manager, plural, report, root_and_rels, session, show_path, show_text
 
 
 @main.command()
@@ -126,11 +126,12 @@ def status(path: str, as_json: bool) -> None:
         click.echo(f"{d:<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}{extra}")
     t = st.total
     click.echo(f"{'total':<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}")
-    click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, root {root.path}")
+    click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, "
+               f"root {show_path(str(root.path))}")
     if st.pins:
         click.echo(f"{plural(t.pinned, 'file')} pinned by: {', '.join(show_path(p) for p in st.pins)}")
     for rel, why in st.problems[:20]:
-        click.echo(f"jam: {show_path(rel)}: {why}", err=True)
+        click.echo(f"jam: {show_path(rel)}: {show_text(why)}", err=True)
 
 
 @main.command()

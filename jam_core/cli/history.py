@@ -9,7 +9,7 @@ import time
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import human, plugin_manager, plural, report, session, show_path
+from jam_core.cli.common import human, plugin_manager, plural, report, session, show_path, show_text
 
 
 def _root_rels(paths):
@@ -59,11 +59,11 @@ def commit(message: str, auto: bool, paths) -> None:
         except OSError:
             pass
     for rel, why in out.skipped[:20]:
-        click.echo(f"jam: skipped: {show_path(rel)}: {why}", err=True)
+        click.echo(f"jam: skipped: {show_path(rel)}: {show_text(why)}", err=True)
     if len(out.skipped) > 20:
         click.echo(f"jam: ... and {len(out.skipped) - 20} more skipped", err=True)
     for line in out.problems:
-        click.echo(f"jam: {line}", err=True)
+        click.echo(f"jam: {show_text(line)}", err=True)
     if out.nothing:
         click.echo(out.nothing)
     else:
@@ -97,8 +97,8 @@ def log(path, as_json: bool) -> None:
             what = f"{r.change}, {human(r.item.size)}" if r.item.kind == "f" else f"{r.change} (symlink)"
         elif r.change == "deleted" and rels[0] != "." and r.added == r.modified == 0:
             what = "deleted" if r.deleted == 1 else what
-        msg = f"  {r.message.splitlines()[0]}" if r.message else ""
-        click.echo(f"{short(r.id)}  {_when(r.time_ns)}  {r.host or r.machine}  {what}{msg}")
+        msg = f"  {show_text(r.message.splitlines()[0])}" if r.message else ""  # made elsewhere: data
+        click.echo(f"{show_text(short(r.id))}  {_when(r.time_ns)}  {show_text(r.host or r.machine)}  {what}{msg}")
 
 
 @main.command()
@@ -140,7 +140,7 @@ def diff(args, as_json: bool) -> None:
                                "deleted": [i.path for i in out.deleted]}, indent=2))
     else:
         for rel_, why in out.skipped[:20]:
-            click.echo(f"jam: skipped: {show_path(rel_)}: {why}", err=True)
+            click.echo(f"jam: skipped: {show_path(rel_)}: {show_text(why)}", err=True)
         for i in out.added:
             click.echo(f"+ {show_path(i.path)}")
         for _o, n in out.modified:
@@ -190,11 +190,11 @@ def gc(dry_run: bool, keep: str | None) -> None:
     out = gc_(Root.find("."), plugin_manager(), dry_run=dry_run, keep=keep)
     verb = "would remove" if dry_run else "removed"
     for sid, why in out.forgotten:
-        click.echo(f"{'would forget' if dry_run else 'forgot'} snapshot {short(sid)}: {why}")
+        click.echo(f"{'would forget' if dry_run else 'forgot'} snapshot {short(sid)}: {show_text(why)}")
     for line in out.problems:
-        click.echo(f"jam: {line}", err=True)
+        click.echo(f"jam: {show_text(line)}", err=True)
     for remote, oid, why in out.kept[:20]:
-        click.echo(f"jam: kept {oid[:19]}… on {remote!r}: {why}", err=True)
+        click.echo(f"jam: kept {show_text(oid[:19])}… on {show_text(repr(remote))}: {show_text(why)}", err=True)
     n, size = len(out.removed), sum(s for *_x, s in out.removed)
     e, esize = len(out.expired), sum(s for *_x, s in out.expired)
     t, tsize = len(out.leftovers), sum(s for *_x, s in out.leftovers)

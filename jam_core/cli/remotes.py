@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import plugin_manager, report, session
+from jam_core.cli.common import plugin_manager, report, session, show_text
 
 
 @main.group()
@@ -25,7 +25,7 @@ def remote_add(name: str, url: str, tier: int) -> None:
     from jam_core.root import Root
 
     r, desc = add_remote(Root.find("."), plugin_manager(), name, url, tier)
-    click.echo(f"Added remote {r.name!r} (tier {r.tier}): {desc}")
+    click.echo(f"Added remote {show_text(repr(r.name))} (tier {r.tier}): {show_text(desc)}")
 
 
 @remote.command("list")
@@ -42,7 +42,7 @@ def remote_list(as_json: bool) -> None:
     if not remotes:
         click.echo("no remotes (add one with `jam remote add NAME URL`)")
     for r in remotes:
-        click.echo(f"{r.name}\t{r.kind}\ttier {r.tier}\t{r.url}")
+        click.echo(f"{show_text(r.name)}\t{show_text(r.kind)}\ttier {r.tier}\t{show_text(r.url)}")
 
 
 @remote.command("remove")

@@ -2,7 +2,8 @@
 
 Four sections, each a list of findings marked ``ok`` / ``info`` / ``warning`` / ``problem``:
 
-* **setup**: jam's version and plugins (broken ones named); the root's filesystem (user
+* **setup**: jam's version and plugins (broken ones named); the config as commands read it
+  (a value they would refuse, a key jam does not know in a table it owns); the root's filesystem (user
   xattrs, sparse files: probed in ``ROOT/.jam/tmp``); each remote reachable and writable,
   its identity marker the one recorded (read-only unless ``fix``), its free space; the
   shell hook in the user's rc files; the cd-hook index in step with the catalog; what
@@ -142,7 +143,17 @@ class DoctorResult:
 
 
 def keep_both_hint(rel: str) -> str:
-    return f"keep both versions with `jam checkout --keep-both {shlex.quote(rel)}`"
+    """The command to type, with ``rel`` quoted for the shell; a name holding anything not
+    printable (ESC, CR, a bidi override, an undecodable byte) in bash's ``$'...'`` quoting,
+    each such byte as ``\\xHH``: the hint is printed, and a terminal must never act on it."""
+    return f"keep both versions with `jam checkout --keep-both {_shell_word(rel)}`"
+
+
+def _shell_word(rel: str) -> str:
+    if rel.isprintable():
+        return shlex.quote(rel)
+    raw = rel.encode("utf-8", "surrogateescape")
+    return "$'" + "".join(chr(b) if 0x20 <= b < 0x7F and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
 
 
 def _outermost(rels: Sequence[str]) -> list[str]:
@@ -184,16 +195,20 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
         except OSError:
             pass  # a missing path is reported by the walk
     res = DoctorResult(paths=rels, deep=deep, fix=fix)
-    remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
-    res.remotes = [r.name for r in remotes]
     _versions(res, pm)
+    found = _config(res, root)
+    remotes = sorted(found or [], key=lambda r: (r.tier, r.name))
+    res.remotes = [r.name for r in remotes]
     _filesystem(res, root)
     import gc
 
     collecting = gc.isenabled()
     gc.disable()  # 100,000 stubs make millions of small tuples and no cycle: collections only cost
     try:
-        _checks(res, root, pm, session, remotes, rels, deep, fix, older_than, now)
+        if found is not None:  # without its remotes no stub can be proven: the config line says why
+            _checks(res, root, pm, session, remotes, rels, deep, fix, older_than, now)
+    except UsageError as exc:  # a value the checks read that the config check did not foresee
+        res.add("setup", PROBLEM, "config", "", f"{exc} (the checks of the stubs stopped there)")
     finally:
         if collecting:
             gc.enable()
@@ -236,6 +251,61 @@ def _versions(res: DoctorResult, pm) -> None:
     for b in broken_plugins(pm):
         res.add("setup", WARNING, "plugin", b["name"], f"plugin {b['name']} was skipped: {b['reason']} (fix or "
                 f"uninstall it; block it with JAM_BLOCK_PLUGINS={b['name']})")
+
+
+# The keys jam itself reads, per table it owns ([remote.*] options and [policy.*] belong to the
+# backends and policies, other tables to plugins: those are not judged here).
+KNOWN_KEYS = {
+    "core": ("min_size", "id", "home"),
+    "place": ("copies",),
+    "hook": ("depth", "max_fetch", "background"),
+    "history": ("auto", "name", "chunk_above"),
+}
+
+
+def _config(res: DoctorResult, root: Root) -> list[Remote] | None:
+    """The config as the commands read it: each value a command would refuse is a problem
+    (the command would stop with that line), each key jam does not know in a table it owns a
+    problem (a misspelt key is silently ignored by every command). Returns the remotes, None
+    when their tables are broken."""
+    import difflib
+
+    from jam_core import placement
+    from jam_core.history import auto, snapshot
+    from jam_core.hook.settings import settings
+
+    before = len(res.problems)
+    remotes = None
+    try:
+        config = root.config
+    except UsageError as exc:
+        res.add("setup", PROBLEM, "config", "", str(exc))
+        return None
+    checks = (("remotes", root.remotes), ("core.min_size", lambda: root.min_size),
+              ("place.copies", lambda: placement.copies_of(config)), ("hook", lambda: settings(root)),
+              ("history.chunk_above", lambda: chunks.threshold(config)), ("history.auto", lambda: auto.interval(root)),
+              ("history.name", lambda: snapshot.tree_name(root)))
+    for what, read in checks:
+        try:
+            value = read()
+        except UsageError as exc:
+            text = str(exc)
+            res.add("setup", PROBLEM, "config", "", text if what.rpartition(".")[2] in text else f"{what}: {text}")
+            continue
+        if what == "remotes":
+            remotes = value
+    for table, known in KNOWN_KEYS.items():
+        values = config.get(table)
+        if not isinstance(values, dict):
+            continue
+        for key in sorted(set(values) - set(known)):
+            like = difflib.get_close_matches(key, known, n=1)
+            hint = f" (a typo of {like[0]}?)" if like else f" (jam reads {', '.join(known)} there)"
+            res.add("setup", PROBLEM, "config", "", f"unknown key [{table}] {key}{hint}: every command ignores "
+                    f"it; fix it in {root.config_path} (or the user config)")
+    if len(res.problems) == before:
+        res.add("setup", OK, "config", "", "the config: every value valid, no unknown key in jam's tables")
+    return remotes
 
 
 def _setxattr(fd: int, name: str, value: bytes) -> None:  # one place for the probe (tests inject here)
