@@ -313,6 +313,12 @@ class Catalog:
         """``remote`` no longer holds ``oid`` (it was removed from it)."""
         self.db.execute("DELETE FROM locations WHERE oid = ? AND remote = ?", (oid, remote))
 
+    def forget_remote(self, remote: str) -> None:
+        """Remote ``remote`` was removed from the config: its location rows (and scrub records)
+        go, so a remote added later under that name vouches for none of its old copies."""
+        self.db.execute("DELETE FROM locations WHERE remote = ?", (remote,))
+        self.db.execute("DELETE FROM verified WHERE remote = ?", (remote,))
+
     def oids(self) -> set[str]:
         """Every object id a stub row of this root refers to."""
         return {oid for (oid,) in self.db.execute("SELECT DISTINCT oid FROM stubs")}

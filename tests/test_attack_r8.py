@@ -157,12 +157,10 @@ def test_gc_never_takes_another_roots_damaged_refs_for_no_refs(tmp_path, pm, dam
 # -- 4. remote remove --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["catalog lost", "catalog rows gone"])
-@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove` counts the only copies from the catalog "
-                   "alone: with the catalog lost (or its rows gone) it forgets the remote that holds "
-                   "every stub's only copy, exit 0")
 def test_remote_remove_never_forgets_the_only_holder_because_the_catalog_forgot(tmp_path, pm, how):
     """Guard wanted: the stubs themselves (a walk, as gc does) say which objects this root needs,
-    not only the catalog's location rows."""
+    not only the catalog's location rows.
+    Guard (mutation-checked): remotes._only_on (stubs walked, each object asked live of the other remotes)."""
     from jam_core.root import CATALOG
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -334,13 +332,11 @@ def test_gc_stops_on_a_refs_entry_it_cannot_read(tmp_path, pm, entry):
     assert out.exit_code == 1 and out.problems, "an unreadable refs entry must be said"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove` leaves the catalog's location rows "
-                   "of that name; a new remote added under the old name inherits them, and `jam remote "
-                   "remove` of the real only holder is then allowed (exit 0, no word)")
 def test_a_name_reused_for_another_remote_never_vouches_for_the_old_ones_copies(tmp_path, pm):
     """f is on a (old disk) and b. The user forgets a (`remote remove a`: b holds a copy, so
     it is allowed), plugs in a new empty disk and adds it as a. b now holds f's only
-    copy; `jam remote remove b` must refuse, not count the old a's copy under the new a."""
+    copy; `jam remote remove b` must refuse, not count the old a's copy under the new a.
+    Guard (mutation-checked): remotes._only_on (the other remotes asked live, not the catalog's rows)."""
     old, b, new = tmp_path / "old", tmp_path / "b", tmp_path / "new"
     root = _root(tmp_path, "r", {"a": old, "b": b}, copies=2, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -429,10 +425,9 @@ def test_gc_between_a_stashs_store_and_its_swap_keeps_the_object(tmp_path, pm, m
     assert _holds(a, x), "B swapped d.bin onto an object A's gc removed"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove A --move-to B` picks what to copy from the "
-                   "catalog's locations: a copy the catalog remembers on C but C lost is not copied, the "
-                   "guarded drop keeps A's copy (said as skipped), and A is forgotten anyway, exit 0")
 def test_remote_remove_move_to_never_forgets_a_remote_that_still_holds_the_only_copy(tmp_path, pm):
+    """Guard (mutation-checked): copies.move_off counts the copies left live (_verified), and
+    remotes._only_on refuses the removal behind it."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     root = _root(tmp_path, "r", {"a": a, "c": c}, copies=2, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -600,10 +595,8 @@ def test_doctor_fix_never_trades_a_stubs_object_for_the_one_a_swapped_xattr_name
     assert _holds(a, x), f"f.bin's own object was collected after doctor --fix: {r.stdout}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a remote removed and added again under another name is not "
-                   "known to hold anything (the catalog's locations are by name): `jam remote remove` of it "
-                   "forgets the only holder of every stub, exit 0")
 def test_a_remote_re_added_under_another_name_is_still_the_only_holder(tmp_path, pm):
+    """Guard (mutation-checked): remotes._only_on (the stubs' objects, not the rows under the old name)."""
     a, b = tmp_path / "a", tmp_path / "b"
     root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
     make_file(root.path / "f.bin", 200_000)

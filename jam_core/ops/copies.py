@@ -602,15 +602,33 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None,
             raise UsageError(f"remote {dst!r} is an edge cache: its copies do not count; move to another remote")
         entries = _stubs(root, dirs, ["."], result)
         known = cat.remotes_of(e.record.oid for e in entries)
-        keep = {r.name for r in durable(root.remotes())} - {src}
+        me = source.options.get("id")
+        stay = [r for r in durable(root.remotes()) if r.name != src and not (me and r.options.get("id") == me)]
+        keep = {r.name for r in stay}
         copies = copies_of(root.config)
+
+        def copies_left(oid: str, size: int) -> int:
+            """Intact copies without src, asked live (the catalog's rows may be wrong: a copy
+            lost, a name reused); each store once, an unreachable one counts none."""
+            counted: set[str] = set()
+            for r in stay:
+                try:
+                    _identity(root, r, pm, session)
+                    if _verified(r, oid, size, pm, session, pieces):
+                        counted.add(r.options.get("id") or r.name)
+                except (JamError, OSError):
+                    continue
+                if len(counted) >= copies:
+                    break
+            return len(counted)
+
         on_src, short = [], []
         for e in entries:
             holders = known[e.record.oid] | set(e.record.remotes)
-            if src not in holders:
-                continue
+            if holders and src not in holders:
+                continue  # a catalog that knows no holder (lost, its rows gone) names none: asked below
             on_src.append(e)
-            if len(holders & keep) < copies:  # without src it would have too few copies
+            if copies_left(e.record.oid, e.record.size) < copies:  # without src it would have too few copies
                 short.append(e)
         there = _copy_entries(root, cat, short, pm, dest, session, result, pieces)
         _move_versions(root, cat, pm, session, src, dest, keep, copies, result, pieces)
