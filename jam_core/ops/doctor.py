@@ -288,15 +288,16 @@ def _config(res: DoctorResult, root: Root) -> list[Remote] | None:
     for what, read in checks:
         try:
             value = read()
-        except UsageError as exc:
-            text = str(exc)
+        except (UsageError, AttributeError, TypeError, ValueError) as exc:  # (a table that is not a table)
+            text = str(exc) if isinstance(exc, UsageError) else f"cannot be read ({exc}): commands that read it fail"
             res.add("setup", PROBLEM, "config", "", text if what.rpartition(".")[2] in text else f"{what}: {text}")
             continue
         if what == "remotes":
             remotes = value
     for table, known in KNOWN_KEYS.items():
-        values = config.get(table)
+        values = config.get(table, {})
         if not isinstance(values, dict):
+            res.add("setup", PROBLEM, "config", "", f"{table} = {str(values)[:40]!r}: expected a table ([{table}])")
             continue
         for key in sorted(set(values) - set(known)):
             like = difflib.get_close_matches(key, known, n=1)
