@@ -43,8 +43,9 @@ def select(
     :param purpose: ``"stash"`` (choose what leaves) or ``"fetch"`` (choose what comes back).
     :param anchors: for ``"fetch"``, the paths the user asked for; empty for ``"stash"``.
     :param config: the root's whole configuration (a policy reads its own ``policy.NAME`` table).
-    :param local_bytes: the true size of every file of the root that is not a stub, including
-        those not offered in ``records`` (pinned, ignored, small): what a size budget measures.
+    :param local_bytes: the bytes on this disk of every file of the root that is not a stub (a
+        sparse file by its blocks, a hard-linked file once), including those not offered in
+        ``records`` (pinned, ignored, small): what a size budget measures.
     :return: nominations (or ``None`` for none). The core drops pinned, ignored, hard-linked
         and dirty files whatever a policy says.
     """
