@@ -26,7 +26,7 @@ def plugin_manager(fetch_config=None):
 
     pm = make_plugin_manager() if fetch_config is None else fetch_plugin_manager(fetch_config)
     for b in broken_plugins(pm):
-        print(f"jam: plugin {b['name']} skipped: {b['reason']} "
+        print(f"jam: plugin {show_text(b['name'])} skipped: {show_text(b['reason'])} "
               f"(block it with JAM_BLOCK_PLUGINS={b['name']})", file=sys.stderr, flush=True)
     _LAST_PM = pm
     return pm
