@@ -268,8 +268,6 @@ def _config(res: DoctorResult, root: Root) -> list[Remote] | None:
     (the command would stop with that line), each key jam does not know in a table it owns a
     problem (a misspelt key is silently ignored by every command). Returns the remotes, None
     when their tables are broken."""
-    import difflib
-
     from jam_core import placement
     from jam_core.history import auto, snapshot
     from jam_core.hook.settings import settings
@@ -300,7 +298,9 @@ def _config(res: DoctorResult, root: Root) -> list[Remote] | None:
             res.add("setup", PROBLEM, "config", "", f"{table} = {str(values)[:40]!r}: expected a table ([{table}])")
             continue
         for key in sorted(set(values) - set(known)):
-            like = difflib.get_close_matches(key, known, n=1)
+            from difflib import get_close_matches  # only for a key jam does not know
+
+            like = get_close_matches(key, known, n=1)
             hint = f" (a typo of {like[0]}?)" if like else f" (jam reads {', '.join(known)} there)"
             res.add("setup", PROBLEM, "config", "", f"unknown key [{table}] {key}{hint}: every command ignores "
                     f"it; fix it in {root.config_path} (or the user config)")
