@@ -418,10 +418,10 @@ def test_a_root_config_copied_as_user_defaults_never_shares_the_root_id(tree, ru
     assert blake3.blake3((tree.root / "a.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
-    """Guard (mutation-checked): ops/doctor._config's KNOWN_KEYS check (a key jam does not read in
-    a table it owns is a problem, with the known key it is likely a typo of)."""
 @pytest.mark.parametrize("table,key", [("place", "copie"), ("core", "min_sise"), ("hook", "dept")])
 def test_doctor_names_an_unknown_config_key(tree, runner, table, key):
+    """Guard (mutation-checked): ops/doctor._config's KNOWN_KEYS check (a key jam does not read in
+    a table it owns is a problem, with the known key it is likely a typo of)."""
     cfg = tree.root / ".jam" / "config.toml"
     cfg.write_text(cfg.read_text() + f"\n[{table}]\n{key} = 2\n" if table != "core"
                    else cfg.read_text().replace('min_size = "64KiB"', f'min_size = "64KiB"\n{key} = 2'))
