@@ -68,13 +68,12 @@ def s3_root(runner, tmp_path, monkeypatch, url: str, name: str = "s3"):
 
 # -- 1. a stub never points at an object that is not there ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: RCLONE_DRY_RUN=true in the environment reaches jam's rclone rcd: "
-                   "uploads answer success, store nothing, and the file becomes a stub of nothing")
 def test_rclone_dry_run_in_the_users_environment_never_makes_a_stub(runner, tmp_path, rclone_env, s3_bucket,
                                                                     monkeypatch):
     """RCLONE_DRY_RUN=true (a user's shell, left from a try of `rclone sync --dry-run`): rclone's
     uploads answer success and store nothing. A file may become a stub only if its object is
-    really on the server."""
+    really on the server.
+    Guard (mutation-checked): daemon.NO_DRY_RUN on rclone rcd's command line."""
     tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
     data = make_file(tree / "small.bin", 200_000, seed=1)
     monkeypatch.setenv("RCLONE_DRY_RUN", "true")
@@ -289,14 +288,13 @@ def test_rclone_missing_is_one_clear_line(runner, tmp_path, rclone_env, s3_bucke
 
 # -- 2. hostile rclone configs -----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: a named rclone remote of type memory is accepted by `remote add` "
-                   "(rclone::memory: is refused); the next command finds its marker gone")
 def test_a_named_rclone_memory_remote_is_refused_at_add(runner, tmp_path, rclone_env, monkeypatch):
     """The user's rclone config names a remote of type ``memory`` (``rclone::memory:`` is refused
     by parse_url, a named one is not): `remote add` must refuse it in one line as it refuses
     the connection string, not answer "Added" for a store that forgets everything when jam's
     rclone stops (the next stash then stops on "identity marker missing; the drive looks
-    unplugged", which sends the user looking for a drive)."""
+    unplugged", which sends the user looking for a drive).
+    Guard (mutation-checked): jam_rclone.check_remote refuses a memory backend."""
     monkeypatch.setenv("RCLONE_CONFIG_MEM_TYPE", "memory")
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -335,12 +333,11 @@ def test_near_s3_tier_down_checkout_falls_back_to_the_far_tier(runner, tmp_path,
         rclone_env.start()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam doctor` says all is well with two remotes that are one place "
-                   "(the same identity marker) counted as two copies")
 def test_doctor_reports_two_remotes_that_are_one_place(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
     """A config written before `remote add` refused a second name for one place (or by hand):
     'a' and 'b' lead to one bucket and carry one identity, copies = 2. Every stub is "on two
-    remotes"; `jam doctor` must not exit 0 (all well): one disk lost loses everything."""
+    remotes"; `jam doctor` must not exit 0 (all well): one disk lost loses everything.
+    Guard (mutation-checked): doctor._check_remotes' seen identities."""
     tree = _twin_by_hand(runner, tmp_path, rclone_env, s3_bucket, monkeypatch, copies=2)
     make_file(tree / "f.bin", 150_000, seed=5)
     jam(runner, "stash", "f.bin", ok=False)  # a fixed placement leaves it local (one place, copies = 2)
@@ -350,14 +347,13 @@ def test_doctor_reports_two_remotes_that_are_one_place(runner, tmp_path, rclone_
 
 # -- 2. hostile names: a location holding ']' ---------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: an rclone location holding ']' cannot be read through rclone's "
-                   "--rc-serve ([fs]/path, split at the first ']'): `remote add` fails with 'marker vanished'")
 def test_a_location_with_a_closing_bracket_works_or_is_refused_plainly(runner, tmp_path, rclone_env, s3_bucket,
                                                                        monkeypatch):
     """``rclone:seaweed:BUCKET/photos [old]/jam`` (a folder named as people name folders): jam
     reads through rclone's ``GET /[fs]/path``, which rclone splits at the first ']' (another
     path). It must round-trip, or be refused in one line that says why, never "its identity
-    marker vanished as it was read" (which sends the user hunting for a deleted file)."""
+    marker vanished as it was read" (which sends the user hunting for a deleted file).
+    Guard (mutation-checked): jam_rclone.parse_url refuses ']'."""
     tree = tmp_path / "tree"
     tree.mkdir()
     jam(runner, "init", str(tree))
@@ -374,13 +370,12 @@ def test_a_location_with_a_closing_bracket_works_or_is_refused_plainly(runner, t
     assert (tree / "f.bin").read_bytes() == data and not is_stub(tree / "f.bin")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an S3 server that is down is reported as 'is a file not a directory' "
-                   "(rclone's NewFs probe of BUCKET/path; jam strips the trailing '/' that would skip it)")
 def test_a_server_down_is_not_reported_as_a_file(runner, tmp_path, rclone_env, s3_bucket, monkeypatch):
     """The S3 server is down: the stash stops in one line that says the remote cannot be
     reached, never "is a file not a directory" (a user would go looking for a file where the
     folder should be). rclone probes ``BUCKET/jam`` as a possible file on every new fs unless it
-    is given as ``BUCKET/jam/``."""
+    is given as ``BUCKET/jam/``.
+    Guard (mutation-checked): store.Store's fs ends with '/'."""
     tree = s3_root(runner, tmp_path, monkeypatch, f"rclone:seaweed:{s3_bucket}/jam")
     data = make_file(tree / "f.bin", 120_000, seed=90)
     rclone_env.kill()
@@ -395,8 +390,6 @@ def test_a_server_down_is_not_reported_as_a_file(runner, tmp_path, rclone_env, s
 
 # -- 1. a server that accepts and never answers -------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: an S3 endpoint that accepts connections and never answers hangs every "
-                   "command 10 minutes (measured: 607 s) on jam's 600 s socket timeout, even for a stat")
 def test_a_silent_endpoint_cannot_hang_the_identity_check_for_minutes(rclone_remote, monkeypatch):
     """Measured by hand (too slow for a test): an endpoint that accepts TCP and never answers
     kept `jam stash` waiting 607 s before "cannot reach it: timed out"; with RCLONE_TIMEOUT=30s
@@ -405,7 +398,8 @@ def test_a_silent_endpoint_cannot_hang_the_identity_check_for_minutes(rclone_rem
     ended by jam's own 600 s socket timeout. daemon.py promises "a server that does not answer
     fails the command within seconds". The first request of every command is the identity
     marker's stat (it moves no data): the socket timeout jam waits on for it is recorded here
-    (at getresponse, the request sent) and must be at most 2 minutes."""
+    (at getresponse, the request sent) and must be at most 2 minutes.
+    Guard (mutation-checked): daemon.call's QUICK_TIMEOUT for _QUICK methods."""
     from jam_core.manager import make_plugin_manager
     from jam_core.model import Session
     from jam_rclone.daemon import _UnixConnection

@@ -359,6 +359,7 @@ def _check_remotes(res: DoctorResult, root: Root, pm, session: Session, remotes:
     from jam_core.ops.remotes import _ID, ensure_identity
 
     bad: dict[str, str] = {}
+    seen: dict[str, str] = {}  # identity -> the first remote holding it
     if not remotes:
         res.add("setup", PROBLEM, "remote", "", "no remote is configured: nothing can be stashed "
                 "(`jam remote add NAME URL`)")
@@ -413,6 +414,13 @@ def _check_remotes(res: DoctorResult, root: Root, pm, session: Session, remotes:
             ident = "identity recorded now" if f.fixed else "no identity"
         else:
             ident = "identity marker matches"
+            twin = seen.setdefault(got, r.name)
+            if twin != r.name:
+                bad[r.name] = f"the same place as remote {twin!r}"
+                res.add("setup", PROBLEM, "identity", r.name, f"{where} is the same place as remote {twin!r} (the "
+                        f"same identity marker, id {got}): its copies are not second copies; remove one of them "
+                        f"(`jam remote remove {r.name}`)")
+                continue
         m = _FREE.search(desc)
         low = m is not None and float(m.group(1)) < LOW_SPACE_GB
         res.add("setup", WARNING if low else OK, "remote", r.name,

@@ -67,6 +67,8 @@ def parse_url(url):
                         "rclone::BACKEND,option=value:path")
     if any(ord(c) < 32 or ord(c) == 127 for c in fs):
         raise _bad(url, "it contains control characters")
+    if "]" in fs:  # jam reads through rclone's GET /[fs]/path, which ends the fs at the first ']'
+        raise _bad(url, "rclone cannot serve a location holding ']' to jam; rename that folder")
     secret = _SECRET.search(fs)
     if secret:  # never echoed: the line may end up in a terminal's scrollback or a log
         raise UsageError(f"rclone URL: option {secret.group(0).rstrip('= ')!r} holds a secret; put credentials "
@@ -128,6 +130,8 @@ def check_remote(remote, session, create):
     import uuid
 
     st = _store(remote, session)
+    if str(st.info().get("String") or "").startswith("Memory root"):
+        raise UsageError(f"{st.where}: rclone's memory backend forgets everything when jam's rclone stops")
     if (st.info().get("Features") or {}).get("IsLocal"):
         # an rclone remote of type local (or an alias of one) would bypass the checks that keep
         # a root and a remote apart (a remote inside the root stashes its own objects)

@@ -48,6 +48,14 @@ _KEY = ("jam_rclone", "daemon")
 # string's own option would beat them: parse_url refuses those). store.py builds on it: an item
 # is a regular file only when its directory's listing shows it (see Store.stat).
 NO_LINKS = ("--sftp-skip-links", "--skip-links", "--copy-links=false", "--links=false")
+# RCLONE_DRY_RUN=true (or RCLONE_INTERACTIVE) in the user's environment: every upload would answer success
+# and store nothing, and the stubs would stand for nothing. Flags beat RCLONE_* variables and the config.
+NO_DRY_RUN = ("--dry-run=false", "--interactive=false")
+# Calls that move no data answer within a minute or never: a server that accepts connections
+# and never answers fails the command after QUICK_TIMEOUT, not after a transfer's io_timeout.
+QUICK_TIMEOUT = 60.0
+_QUICK = frozenset({"rc/noop", "operations/fsinfo", "operations/stat", "operations/mkdir", "operations/deletefile",
+                    "operations/about", "core/stats", "core/stats-delete", "job/status", "job/stop"})
 
 
 class RcError(Exception):
@@ -218,7 +226,7 @@ class Daemon:
                 with open(self.log, "wb") as log:
                     self.proc = sh.Command(self.binary)(
                         "rcd", "--rc-addr", f"unix://{self.socket}", "--rc-htpasswd", self.htpasswd, "--rc-serve",
-                        *NO_LINKS,
+                        *NO_LINKS, *NO_DRY_RUN,
                         _bg=True, _bg_exc=False, _env=env, _out=log, _err=log,
                         _preexec_fn=_die_with_parent, _new_session=False, _cwd=self.dir)
             except BaseException as exc:  # noqa: BLE001 - reported by the caller
@@ -299,7 +307,9 @@ class Daemon:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def connection(self) -> _UnixConnection:
+    def connection(self, timeout: float | None = None) -> _UnixConnection:
+        """This thread's kept-alive connection to rclone, waiting at most ``timeout`` seconds
+        (default ``io_timeout``: a transfer) for each answer."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self.closed:
@@ -308,6 +318,9 @@ class Daemon:
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
+        conn.timeout = timeout or self.io_timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(conn.timeout)
         return conn
 
     def drop_connection(self) -> None:
@@ -323,7 +336,7 @@ class Daemon:
         """POST ``method`` with JSON ``params``; the JSON answer, or RcError / Lost."""
         body = json.dumps(params).encode()
         for attempt in (0, 1):
-            conn = self.connection()
+            conn = self.connection(QUICK_TIMEOUT if method in _QUICK else None)
             try:
                 conn.request("POST", "/" + method, body, self.headers(**{"Content-Type": "application/json"}))
                 resp = conn.getresponse()

@@ -117,7 +117,8 @@ class Store:
     def __init__(self, remote, daemon: Daemon):
         self.remote = remote
         self.d = daemon
-        self.fs = remote.location
+        loc = remote.location  # with its '/': rclone then never asks whether the location is a file
+        self.fs = loc if loc.endswith((":", "/")) else loc + "/"  # (a server down read as "is a file")
         self.where = f"remote {remote.name!r} (rclone:{remote.location})"
         self._info: dict | None = None
         self.swept = False
