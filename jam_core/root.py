@@ -219,7 +219,10 @@ class Root:
 
     @property
     def min_size(self) -> int:
-        return parse_size(self.config.get("core", {}).get("min_size", DEFAULT_MIN_SIZE), "core.min_size")
+        core = self.config.get("core", {})
+        if not isinstance(core, dict):
+            raise UsageError(f"{self.config_path}: 'core' must be a table ([core])")
+        return parse_size(core.get("min_size", DEFAULT_MIN_SIZE), "core.min_size")
 
     def remotes(self) -> list[Remote]:
         out = []
@@ -549,8 +552,13 @@ def registered_roots() -> list[Path]:
 def dir_remotes_of(root: Path) -> list[tuple[str, str]]:
     """(name, location) of every ``dir`` remote in ``root``'s own config; a root whose config
     is gone or unreadable has none (it cannot be stashed into anything)."""
+    return _dir_remotes_in(root / JAM_DIR / CONFIG)
+
+
+def _dir_remotes_in(config_path: Path) -> list[tuple[str, str]]:
+    """(name, location) of every ``dir`` remote a config file names; none if it is unreadable."""
     try:
-        config = _read_toml(root / JAM_DIR / CONFIG) or {}
+        config = _read_toml(config_path) or {}
     except (OSError, UsageError):
         return []
     out = []
@@ -583,6 +591,13 @@ def check_root_overlaps(path: Path, default_remote: bool = True) -> None:
                     f"{path} {where} the remote {name!r} ({loc}) of the jam root {other}; "
                     "a root and a remote must not overlap"
                 )
+    user = user_config_dir() / CONFIG  # its remotes are every root's
+    for name, loc in _dir_remotes_in(user):
+        how = overlap(path, loc)
+        if how is not None:
+            where = {"same": "is", "contains": "contains", "inside": "is inside"}[how]
+            raise UsageError(f"{path} {where} the remote {name!r} ({loc}) of your user config ({user}); "
+                             "a root and a remote must not overlap")
 
 
 def check_remote_overlaps(location: str, root: Path) -> None:

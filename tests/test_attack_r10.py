@@ -153,8 +153,6 @@ def test_a_remotes_error_text_reaches_the_terminal_escaped(tree, runner, monkeyp
     no_control(res.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the root's own path is printed raw (status' last line, init): "
-                   "a root directory named with ESC sequences drives the terminal")
 def test_a_root_whose_path_holds_escapes_is_printed_escaped(tmp_path, runner, monkeypatch):
     from jam_core.manager import make_plugin_manager
     from jam_core.ops.remotes import add_remote
@@ -176,7 +174,8 @@ def test_a_root_whose_path_holds_escapes_is_printed_escaped(tmp_path, runner, mo
 def test_log_shows_a_hostile_commit_message_escaped(tree, runner, monkeypatch):
     """Snapshots travel between machines (`jam sync`): their message and host are data from
     elsewhere and must reach the terminal escaped, like names.
-    Guard (mutation-checked): cli/history.log prints message and host through show_text."""
+    Guard (mutation-checked): cli/history.log prints message and host through show_text.
+    Guard (mutation-checked): cli.files init's and status's show_path of the root's path."""
     import socket
 
     monkeypatch.setattr(socket, "gethostname", lambda: "host\x1b]0;pwn\x07")
@@ -265,8 +264,6 @@ def test_a_negative_tier_is_refused_and_nothing_is_written(tree, runner, tmp_pat
     assert os.listdir(tmp_path / "other") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `--tier 99999999999999999999999` is accepted and written to "
-                   "config.toml as an integer TOML does not allow (64-bit): other TOML readers refuse the file")
 def test_a_tier_beyond_any_toml_integer_is_refused(tree, runner, tmp_path):
     (tmp_path / "other").mkdir()
     before = (tree.root / ".jam" / "config.toml").read_bytes()
@@ -276,7 +273,7 @@ def test_a_tier_beyond_any_toml_integer_is_refused(tree, runner, tmp_path):
 
 
 def test_an_infinite_duration_is_refused(tree, runner):
-    """Guard (mutation-checked): units.parse_duration's ``seconds == inf`` check."""
+    """Guard (mutation-checked): units.parse_duration's ``seconds == inf`` check. Guard (mutation-checked): remotes.add_remote's MAX_TIER bound."""
     res = invoke(runner, "doctor", "--deep", "--older-than", "9" * 400 + "d")
     assert res.exit_code == 2
     assert "--older-than" in one_line(res)
@@ -362,13 +359,13 @@ def test_relative_or_empty_xdg_dirs_are_ignored_as_the_spec_says(tmp_path, runne
     assert sorted(os.listdir(top)) == [".jam", "a.bin"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two remotes at one location (same identity marker) are taken "
-                   "for two copies: `jam drop --from A` removes the only copy (the file is lost)")
 @pytest.mark.parametrize("how", ["remote-add", "through-a-symlink", "hand-edited"])
 def test_two_remotes_at_one_location_are_never_two_copies(tree, runner, how):
     """`jam remote add b DIR` where DIR is already remote 'vault' (or a symlink to it, or the
     vault's table copied by hand in config.toml): either refused, or never counted as a second
-    copy. Whatever copy/drop then say, the stub must come back with its bytes."""
+    copy. Whatever copy/drop then say, the stub must come back with its bytes.
+    Guard (mutation-checked): copies.remove_copies skips the other names of the store it removes
+    from (hand-edited); remotes.add_remote refuses the second name (add, symlink)."""
     import blake3
 
     data = make_file(tree.root / "f.bin", 200_000, 7)
@@ -449,9 +446,6 @@ def test_a_copied_root_never_lets_its_gc_remove_the_originals_objects(tree, runn
     assert blake3.blake3((tree.root / "new.bin").read_bytes()).digest() == blake3.blake3(data).digest(), "differs"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: check_root_overlaps ignores the user config's remotes: `jam init` "
-                   "makes a root around a dir remote of ~/.config/jam/config.toml (invariant 10), then writes "
-                   "the remote's marker inside the root and stash fails with 'No such file or directory'")
 def test_init_refuses_a_root_around_a_remote_of_the_user_config(tmp_path, runner, isolated_home):
     top = tmp_path / "top"
     (top / "backup" / "objects").mkdir(parents=True)
@@ -465,7 +459,7 @@ def test_init_refuses_a_root_around_a_remote_of_the_user_config(tmp_path, runner
 
 
 def test_a_root_path_with_a_newline_never_registers_another_directory(tmp_path, runner, isolated_home):
-    """Guard (mutation-checked): Root.init's refusal of a path with a newline (register_root refuses one too)."""
+    """Guard (mutation-checked): Root.init's refusal of a path with a newline (register_root refuses one too). Guard (mutation-checked): root.check_root_overlaps reads the user config's dir remotes."""
     from jam_core.root import roots_file
 
     victim = tmp_path / "victim"

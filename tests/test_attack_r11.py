@@ -504,15 +504,14 @@ def test_a_cert_authority_line_does_not_hide_the_known_hosts_lines_after_it(sshd
         assert make_plugin_manager().hook.check_remote(remote=sftp_remote, session=s, create=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a file dated after 2262-04-11 (ext4 allows 2446) overflows the stub's "
-                   "int64 mtime_ns: struct.error, 'internal error', and every file of its batch stays local")
 def test_a_file_dated_past_2262_is_one_line_and_its_neighbours_are_stashed(jam_root, jam_bin):
     """A file with a bogus far-future mtime (a zip with a broken date, a camera's clock): the
     stub format keeps mtime_ns as a signed 64-bit number, whose last day is 2262-04-11. A
     stash of its directory (by hand, or `--auto`: budget nominates it, every run) dies with
     `jam: internal error: error: argument out of range` and stashes none of the batch (and
     has read them all: their atimes now say "just used"). Either jam records such a date or
-    it leaves that file local with one line, and stashes the others."""
+    it leaves that file local with one line, and stashes the others.
+    Guard (mutation-checked): stash._skip_reason's int64 mtime_ns range check."""
     d = jam_root.path / "d"
     for i in range(3):
         _old(d / f"old{i}", 100_000, seed=20 + i)
@@ -525,13 +524,12 @@ def test_a_file_dated_past_2262_is_one_line_and_its_neighbours_are_stashed(jam_r
     assert b"internal error" not in res.stderr and b"Traceback" not in res.stderr, res.stderr
     assert all(_is_stub(d / f"old{i}") for i in range(3)), (res.stdout, res.stderr)
     if not _is_stub(far):
-        assert res.returncode == 1 and b"far-future" in res.stderr, res.stderr
+        # left local with one line, like the other files a stash leaves as they are (exit 0: a
+        # `stash --auto` would otherwise fail every run for a date the user may not control)
+        assert res.returncode == 0 and b"far-future" in res.stderr, res.stderr
     assert os.stat(far).st_mtime == t
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stash --auto plans outside the lock and never re-checks a nominated "
-                   "file under it: a file saved after the plan (or while another jam held the lock) is stashed "
-                   "although no policy would choose it now")
 def test_a_file_saved_between_the_plan_and_the_stash_is_not_stashed_by_policy(jam_root, monkeypatch):
     """`[policy.age] older_than = "30d"`: a.txt and b.txt are old, the plan nominates both.
     Between the plan and the stash (the plan of a big tree takes seconds, and the stash waits
@@ -540,7 +538,8 @@ def test_a_file_saved_between_the_plan_and_the_stash_is_not_stashed_by_policy(ja
     content is safe on the remote, but the file the user is working on leaves the disk on a
     decision made about its old version. Pins are re-checked under the lock; the file's own
     state (size, mtime) must be too. Injected at the instant: jam_core.ops.stash.stash, which
-    carry_out calls with the plan."""
+    carry_out calls with the plan.
+    Guard (mutation-checked): stash._stash skips a file whose ctime is not before the plan's began_ns (policy.plan.carry_out passes it)."""
     import time
 
     import jam_core.ops.stash as stash_mod

@@ -466,12 +466,11 @@ def test_gc_works_beside_a_root_of_a_million_stubbed_objects(tmp_path, pm):
     assert out.exit_code == 0, (len(data), out.problems)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam remote remove R` leaves this root's refs on R: other roots "
-                   "still count R's copies for it, and a drop elsewhere removes the last copy it can reach")
 def test_a_remote_a_root_forgot_never_counts_as_its_copy(tmp_path, pm):
     """B used a and r, then forgot r (`jam remote remove r`: a holds its copy, so allowed). Its
     refs file on r stays. A (a and r) drops y from a: the guard counts r's copy for B (B has
-    refs on r), so a's copy goes, and B, whose remotes are now a alone, cannot get y back."""
+    refs on r), so a's copy goes, and B, whose remotes are now a alone, cannot get y back.
+    Guard (mutation-checked): cli.remotes._forget_refs_on (refs emptied on the removed remote) and copies._short_of (a copy counts for another root only where its refs name the object)."""
     from jam_core.ops.checkout import checkout
     from jam_core.ops.copies import drop
 
@@ -508,6 +507,9 @@ def _elsewhere(tmp_path: Path, machine: str) -> dict:
 
 
 def test_gc_keep_on_one_computer_never_strands_a_fresh_clone_on_another(tmp_path):
+    """Computer aaa commits f.bin; computer bbb clones (stubs); aaa changes f.bin, commits and runs
+    `gc --keep "last 1"`: the object of the clone's stub must stay. Guard (mutation-checked):
+    clone._refer (refs recorded before any stub is made) and the publish after."""
     from tests.safety_support import make_tree, run_jam
 
     t = make_tree(tmp_path, "a")

@@ -7,7 +7,7 @@ import json
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import plugin_manager, report, root_and_rels, session, show_path
+from jam_core.cli.common import plugin_manager, report, root_and_rels, session, show_path, show_text
 
 
 @main.command()
@@ -32,7 +32,7 @@ def where(paths, check: bool, as_json: bool) -> None:
                                 **({"check": w.live} if check else {})} for w in rows], indent=2))
     else:
         for w in rows:
-            click.echo(f"{show_path(w.path)}\t{', '.join(w.known) or '(no remote)'}")
+            click.echo(f"{show_path(w.path)}\t{show_text(', '.join(w.known)) or '(no remote)'}")
             for name, state in w.live.items():
                 if state != "yes":
                     click.echo(f"  {name}: {state}")

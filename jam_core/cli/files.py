@@ -25,11 +25,11 @@ def init(path: str) -> None:
         register_root(real)
     remote = ensure_default_remote(root, plugin_manager())
     if created:
-        click.echo(f"Initialised jam root {root.path}")
+        click.echo(f"Initialised jam root {show_path(str(root.path))}")
     else:
-        click.echo(f"{root.path} is already a jam root")
+        click.echo(f"{show_path(str(root.path))} is already a jam root")
     if remote is not None:
-        click.echo(f"Added remote {remote.name!r}: {remote.location} (tier {remote.tier})")
+        click.echo(f"Added remote {remote.name!r}: {show_path(remote.location)} (tier {remote.tier})")
 
 
 def _as_the_shell_says(path: str) -> str:

@@ -221,7 +221,7 @@ def _hook_fetch(directory: str) -> int:
 
 
 def _arrived(a) -> int:
-    from jam_core.cli.common import human, show_path
+    from jam_core.cli.common import human, show_path, show_text
     from jam_core.history.auto import kick
     from jam_core.hook.fetch import count_visit, heal, leave
 
@@ -257,7 +257,7 @@ def _arrived(a) -> int:
         except KeyboardInterrupt:
             code = 130
         except BaseException as exc:  # noqa: BLE001  (a daemon has nobody to raise to)
-            _say(f"background fetch in {show_path(a.path)} failed: {exc}")
+            _say(f"background fetch in {show_path(a.path)} failed: {show_text(str(exc))}")
             code = 1
         finally:
             sys.stderr.flush()
@@ -266,14 +266,14 @@ def _arrived(a) -> int:
 
 
 def _fetch(a, where: str, show_progress: bool) -> int:
-    from jam_core.cli.common import human, plugin_manager, session, show_path
+    from jam_core.cli.common import human, plugin_manager, session, show_path, show_text
     from jam_core.hook.fetch import fetch
     from jam_core.model import Session
 
     with (session("fetching") if show_progress else Session()) as s:
         result = fetch(a, plugin_manager(a.root.config), s)
     for rel, why in (result.failed + result.skipped)[:5]:
-        _say(f"{show_path(rel)}: {why}")
+        _say(f"{show_path(rel)}: {show_text(why)}")
     if result.aborted:
         _say(f"stopped: {result.aborted}")
     n = len(result.done)

@@ -77,5 +77,23 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
         report(result, "Moved", f"to {move_to}", quiet=True)
         if result.failed or result.aborted:
             raise SystemExit(1)
+    gone = next((r for r in root.remotes() if r.name == name), None)
     remove_remote(root, name, force)
+    if gone is not None and not force:
+        _forget_refs_on(root, gone)
     click.echo(f"Removed remote {name!r} (its objects were left on it)")
+
+
+def _forget_refs_on(root, remote) -> None:
+    """Best effort: empty this root's refs on a remote it no longer uses, so that no other root
+    counts a copy there as this root's (their removals read the refs; copies._short_of)."""
+    from jam_core.errors import JamError
+    from jam_core.ops.refs import encode, root_id
+    from jam_core.placement import copies_of
+
+    try:
+        with session("Forgetting") as s, root.lock():
+            plugin_manager().hook.write_meta(remote=remote, name=f"refs/{root_id(root)}",
+                                             data=encode(copies_of(root.config), []), session=s)
+    except (JamError, OSError):
+        pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import plugin_manager, plural, session, show_path
+from jam_core.cli.common import plugin_manager, plural, session, show_path, show_text
 
 
 @main.command()
@@ -43,7 +43,7 @@ def sync(message: str) -> None:
     for path, copy in out.conflicts:
         click.echo(f"jam: conflict: {show_path(path)} changed on both sides; theirs is {show_path(copy)}", err=True)
     for path, why in out.kept[:20]:
-        click.echo(f"jam: kept: {show_path(path)}: {why}", err=True)
+        click.echo(f"jam: kept: {show_path(path)}: {show_text(why)}", err=True)
     for line in out.problems[:20]:
         click.echo(f"jam: {line}", err=True)
     pins = (f", pinned {', '.join(map(show_path, out.pinned))}" if out.pinned else "") + \

@@ -285,8 +285,8 @@ def _short_of(oid: str, size: int, needing: dict[str, int], others, me: str, pm,
             store = r.options.get("id") or r.name
             if store in counted:
                 continue
-            if rid != me and rid not in u.refs:
-                continue  # that root does not use this remote: its copy there is no copy for it
+            if rid != me and oid not in u.refs.get(rid, (0, set()))[1]:
+                continue  # that root's refs there do not name it (it does not use this remote): no copy for it
             if u.being_removed(oid, but=me):
                 continue  # another root is removing that copy right now
             try:

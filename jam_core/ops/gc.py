@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from dataclasses import dataclass, field
 
 from jam_core.catalog import Catalog
-from jam_core.errors import JamError, describe
+from jam_core.errors import JamError, UsageError, describe
 from jam_core.model import Remote, Session
 from jam_core.ops.copies import _identity, remove_copies
 from jam_core.ops.refs import Recorder, live_oids, referenced, users
 from jam_core.placement import cache_age
-from jam_core.root import CATALOG, CONFIG, JAM_DIR, Root, registered_roots
+from jam_core.root import CATALOG, CONFIG, JAM_DIR, Root, _read_toml, registered_roots
 
 
 @dataclass
@@ -177,10 +176,9 @@ def _silent_roots(root: Root, remote: Remote, ids: set[str]) -> list[str]:
     for other in registered_roots():
         if other == root.path:
             continue
-        try:
-            with open(other / JAM_DIR / CONFIG, "rb") as f:
-                config = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        try:  # never blocking (a FIFO there), never unbounded (a link to /dev/zero)
+            config = _read_toml(other / JAM_DIR / CONFIG) or {}
+        except (OSError, UsageError):
             continue
         tables = config.get("remote")
         if not isinstance(tables, dict) or not any(names_it(t) for t in tables.values()):

@@ -68,7 +68,8 @@ def root_id(root: Root) -> str:
 
 def encode(copies: int, oids) -> bytes:
     ids = sorted(set(oids))
-    return MAGIC + f"copies {copies}\n".encode() + "".join(f"{o}\n" for o in ids).encode() + f"end {len(ids)}\n".encode()
+    body = "".join(f"{o}\n" for o in ids)
+    return MAGIC + f"copies {copies}\n{body}end {len(ids)}\n".encode()
 
 
 def decode(data: bytes) -> tuple[int, set[str]]:

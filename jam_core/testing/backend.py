@@ -140,9 +140,9 @@ class BackendConformance:
         """Create at ``meta/NAME`` on the remote, behind the backend's back, ``what``:
         ``"symlink"`` (to a regular file outside ``meta/`` holding ``b"secret"``), ``"symlink_dir"``
         (to a directory outside ``meta/`` holding a regular file ``x``), ``"dir"``, ``"fifo"``, or
-        ``"huge"`` (a sparse regular file of 256 MiB + 1 byte: past every backend's META_MAX). Parent directories are made as
-        needed. Raise NotImplementedError for a ``what`` the store cannot hold (an object store
-        has no symlinks): the cases that need it skip."""
+        ``"huge"`` (a sparse regular file of 256 MiB + 1 byte: past every backend's META_MAX).
+        Parent directories are made as needed. Raise NotImplementedError for a ``what`` the store
+        cannot hold (an object store has no symlinks): the cases that need it skip."""
         raise NotImplementedError
 
     def hold_meta(self, remote: Remote, name: str):

@@ -292,7 +292,7 @@ class Meta:
         if folder is None:
             return []
         names = []
-        for name, st in self.ops.listdir_attr(folder):
+        for name, _st in self.ops.listdir_attr(folder):
             if META_NAME.match(name):  # not only regular files: read refuses the others (gc stops)
                 names.append(f"{prefix}/{name}" if prefix else name)
         return sorted(names)
