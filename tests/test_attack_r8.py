@@ -41,6 +41,7 @@ from jam_core.ops.stash import stash
 from jam_core.root import Root
 from jam_core.scan import DIRTY, STUB, walk
 from tests.conftest import make_file
+from tests.test_copies import _holds, _root
 
 JAM = str(Path(sys.executable).parent / "jam")
 
@@ -50,28 +51,31 @@ def pm():
     return make_plugin_manager()
 
 
-def _root(tmp_path: Path, name: str, remotes: dict[str, Path], copies: int = 1, pm=None) -> Root:
-    pm = pm or make_plugin_manager()
-    path = tmp_path / name
-    path.mkdir()
-    root, _ = Root.init(path, default_remote=False)
-    for rname, loc in remotes.items():
-        loc.mkdir(exist_ok=True)
-        add_remote(root, pm, rname, str(loc), 0)
-    with root.lock():
-        root.update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", copies))
-    return root
-
-
-def _holds(loc: Path, oid: str) -> bool:
-    return (loc / "objects" / object_relpath(oid)).is_file()
-
-
 def _oid(root: Root, rel: str) -> str:
     for e in walk(str(root.path), rel):
         assert e.state in (STUB, DIRTY)
         return e.record.oid
     raise AssertionError(rel)
+
+
+def _another_machine_refers_to_y(tmp_path: Path, pm) -> tuple[Path, Root, str, Path]:
+    """Roots A and B share the dir remote a; B stashed y.bin there, then B's config goes (B is
+    another machine's root: not in this machine's roots list). Returns (a, A, y's id, B's refs
+    file on a)."""
+    from jam_core.ops.refs import root_id
+
+    a = tmp_path / "a"
+    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
+    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
+    make_file(rb.path / "y.bin", 200_000, seed=5)
+    assert stash(rb, ["y.bin"], pm).exit_code == 0
+    y = _oid(rb, "y.bin")
+    with rb.lock():
+        rid = root_id(rb)
+    refs = a / "meta" / "refs" / rid
+    assert y in refs.read_text()
+    (rb.path / ".jam" / "config.toml").unlink()
+    return a, ra, y, refs
 
 
 def _jam(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -132,19 +136,8 @@ def test_gc_never_takes_another_roots_damaged_refs_for_no_refs(tmp_path, pm, dam
     some other tool, emptied: only a pending list is ever emptied on purpose). Root A's gc must not read that as "B needs nothing".
     Guard (mutation-checked): refs.decode raises on what encode does not write (its end line counts the ids), refs._decoded turns that into a RemoteError."""
     from jam_core.ops.gc import gc
-    from jam_core.ops.refs import root_id
 
-    a = tmp_path / "a"
-    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
-    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
-    make_file(rb.path / "y.bin", 200_000, seed=5)
-    assert stash(rb, ["y.bin"], pm).exit_code == 0
-    y = _oid(rb, "y.bin")
-    with rb.lock():
-        rid = root_id(rb)
-    refs = a / "meta" / "refs" / rid
-    assert y in refs.read_text()
-    (rb.path / ".jam" / "config.toml").unlink()  # B is on another machine: not a root here
+    a, ra, y, refs = _another_machine_refers_to_y(tmp_path, pm)
     refs.write_bytes({"garbage": os.urandom(300),
                       "cut": refs.read_bytes()[:20],
                       "json": b'{"copies": 1, "oids": ["' + y.encode() + b'"]}',
@@ -306,18 +299,8 @@ def test_gc_stops_on_a_refs_entry_it_cannot_read(tmp_path, pm, entry):
     "B refers to nothing": it cannot tell, so it removes nothing there and says why.
     Guard (mutation-checked): jam_dir.list_meta lists every entry of a jam name (no is_file filter)."""
     from jam_core.ops.gc import gc
-    from jam_core.ops.refs import root_id
 
-    a = tmp_path / "a"
-    ra = _root(tmp_path, "ra", {"a": a}, pm=pm)
-    rb = _root(tmp_path, "rb", {"a": a}, pm=pm)
-    make_file(rb.path / "y.bin", 200_000, seed=5)
-    assert stash(rb, ["y.bin"], pm).exit_code == 0
-    y = _oid(rb, "y.bin")
-    with rb.lock():
-        rid = root_id(rb)
-    (rb.path / ".jam" / "config.toml").unlink()  # B is on another machine: not a root here
-    refs = a / "meta" / "refs" / rid
+    a, ra, y, refs = _another_machine_refers_to_y(tmp_path, pm)
     real = tmp_path / "elsewhere"
     real.write_bytes(refs.read_bytes())
     refs.unlink()

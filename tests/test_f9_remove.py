@@ -42,17 +42,22 @@ def test_move_to_copies_what_a_copy_lost_elsewhere_leaves_short(tmp_path, pm):
     assert "a" not in {x.name for x in Root.find(root.path).remotes()}
 
 
+def _on_a_and_b(tmp_path, pm) -> Root:
+    """A root whose f.bin is stashed on both a and b (copies = 2), now wanting one copy."""
+    root = _root(tmp_path, "r", {"a": tmp_path / "a", "b": tmp_path / "b"}, copies=2, pm=pm)
+    make_file(root.path / "f.bin", 200_000)
+    assert stash(root, ["f.bin"], pm).exit_code == 0
+    with root.lock():
+        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    return root
+
+
 def test_remove_forgets_the_location_rows_of_that_name(tmp_path, pm):
     """After `remote remove a` (b holds a copy: allowed), no catalog row says a holds anything:
     a remote added later as a vouches for none of the old one's copies (the interactive prompt
     and `jam where` read those rows). Guard (mutation-checked): Catalog.forget_remote's call in
     remotes.remove_remote."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    root = _root(tmp_path, "r", {"a": a, "b": b}, copies=2, pm=pm)
-    make_file(root.path / "f.bin", 200_000)
-    assert stash(root, ["f.bin"], pm).exit_code == 0
-    with root.lock():
-        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    root = _on_a_and_b(tmp_path, pm)
     remove_remote(Root.find(root.path), "a", pm=pm)
     with sqlite3.connect(root.jam_dir / CATALOG) as conn:
         rows = conn.execute("SELECT COUNT(*) FROM locations WHERE remote = 'a'").fetchone()[0]
@@ -64,12 +69,8 @@ def test_remove_refuses_while_the_other_remote_cannot_be_asked(tmp_path, pm):
     """b is said (by the catalog) to hold f too, but b's disk is unplugged (its marker gone):
     an unreachable remote holds nothing that can be counted, so `remote remove a` refuses.
     Guard (mutation-checked): remotes._only_on's reachable() (ensure_identity) before any has()."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    root = _root(tmp_path, "r", {"a": a, "b": b}, copies=2, pm=pm)
-    make_file(root.path / "f.bin", 200_000)
-    assert stash(root, ["f.bin"], pm).exit_code == 0
-    with root.lock():
-        root.update_config(lambda own: own["place"].__setitem__("copies", 1))
+    b = tmp_path / "b"
+    root = _on_a_and_b(tmp_path, pm)
     (b / MARKER_NAME).unlink()  # the drive unplugged: an empty mount point
     r = _jam(root.path, "remote", "remove", "a")
     assert "Traceback" not in r.stderr, r.stderr

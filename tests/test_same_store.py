@@ -4,26 +4,10 @@ Each test here names the guard it was mutation-checked against."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from jam_core.manager import make_plugin_manager
-from jam_core.objects import object_relpath
-from jam_core.ops.remotes import add_remote
 from jam_core.root import Root
 from tests.conftest import make_file
 from tests.safety_support import jam, record
-
-
-def _root(tmp_path: Path, remotes: dict[str, Path], copies: int) -> Root:
-    path = tmp_path / "root"
-    path.mkdir()
-    root, _ = Root.init(path, default_remote=False)
-    for name, loc in remotes.items():
-        loc.mkdir(exist_ok=True)
-        add_remote(root, make_plugin_manager(), name, str(loc), 0)
-    with root.lock():
-        root.update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", copies))
-    return root
+from tests.test_copies import _holds, _root
 
 
 def _second_name(root: Root, name: str, of: str) -> None:
@@ -32,14 +16,10 @@ def _second_name(root: Root, name: str, of: str) -> None:
         root.update_config(lambda own: own["remote"].__setitem__(name, dict(own["remote"][of])))
 
 
-def _holds(loc: Path, oid: str) -> bool:
-    return (loc / "objects" / object_relpath(oid)).is_file()
-
-
 def test_a_second_name_for_a_configured_store_is_refused(tmp_path):
     """Guard (mutation-checked): remotes.add_remote's loop over the configured identities."""
     a = tmp_path / "a"
-    root = _root(tmp_path, {"a": a}, 1)
+    root = _root(tmp_path, "root", {"a": a})
     (tmp_path / "a-link").symlink_to(a)
     before = root.config_path.read_bytes()
     for where in (a, tmp_path / "a-link"):
@@ -55,7 +35,7 @@ def test_placement_spreads_copies_over_stores_not_names(tmp_path):
     file ("only 1 remote") though c was there. Guard (mutation-checked): placement.choose's
     ``store not in stores``."""
     a, c = tmp_path / "a", tmp_path / "c"
-    root = _root(tmp_path, {"a": a, "c": c}, 2)
+    root = _root(tmp_path, "root", {"a": a, "c": c}, 2)
     _second_name(root, "a2", "a")
     make_file(root.path / "f.bin", 200_000, seed=1)
     jam("stash", "f.bin", cwd=root.path)
@@ -68,7 +48,7 @@ def test_a_drop_never_counts_two_names_of_one_other_store_as_two_copies(tmp_path
     store holding it (c, under two names), one short of two: refused. Guard (mutation-checked):
     copies._short_of counts each store once (``counted``)."""
     a, c = tmp_path / "a", tmp_path / "c"
-    root = _root(tmp_path, {"a": a, "c": c}, 2)
+    root = _root(tmp_path, "root", {"a": a, "c": c}, 2)
     make_file(root.path / "f.bin", 200_000, seed=2)
     jam("stash", "f.bin", cwd=root.path)
     oid = record(root.path / "f.bin").oid
