@@ -353,8 +353,10 @@ def list_meta(remote: Remote, prefix: str, session: Session) -> list[str] | None
     """The names of the metadata files under ``meta/PREFIX`` on ``remote`` (e.g. every root's
     ``refs/`` file), relative to ``meta/``.
 
-    Called by the removal paths before ``read_meta``; only regular files directly under
-    ``meta/PREFIX`` are listed, never through a symlink.
+    Called by the removal paths before ``read_meta``; every entry directly under
+    ``meta/PREFIX`` whose name jam could have written is listed, whatever it is (a symlink, a
+    directory, a FIFO there: ``read_meta`` then refuses it, and no removal goes on as if that
+    root's refs were absent); the listing never goes through a symlinked ``meta/PREFIX``.
 
     :param remote: where to list.
     :param prefix: a directory under ``meta/`` (``refs``, ``removing``).

@@ -358,7 +358,8 @@ def read_meta(remote: Remote, name: str, session: Session) -> bytes | bool | Non
 
 @hookimpl
 def list_meta(remote: Remote, prefix: str, session: Session) -> list[str] | None:
-    """The regular files directly under ``meta/PREFIX`` (lstat: no symlinks), [] if absent."""
+    """Every entry of a jam name directly under ``meta/PREFIX`` (a symlink or FIFO too:
+    ``read_meta`` refuses those), [] if absent."""
     if remote.kind != KIND:
         return None
     _import_paramiko()
