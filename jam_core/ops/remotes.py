@@ -14,7 +14,8 @@ _NAME = LazyRe(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _ID = LazyRe(r"\A[0-9a-f]{32}\Z")
 
 
-MAX_TIER = 1000  # tiers are an order, not a measure: and TOML's integers end at 2**63
+MAX_TIER = 1000  # tiers are an order, not a measure (and TOML's integers end at 2**63)
+
 
 def add_remote(root: Root, pm, name: str, url: str, tier: int = 0, options: dict | None = None,
                session: Session | None = None) -> tuple[Remote, str]:
