@@ -75,3 +75,25 @@ def test_remove_refuses_while_the_other_remote_cannot_be_asked(tmp_path, pm):
     r = _jam(root.path, "remote", "remove", "a")
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == 2 and r.stderr.startswith("jam: ") and "only copy" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_remove_does_not_count_a_corrupt_copy_of_the_right_size(tmp_path, pm):
+    """f is on a and b; b's copy rotted (same size, other bytes). `jam remote remove a` must
+    refuse: a is the only intact copy, as `drop --from a` already knows (copies._verified).
+    Guard (mutation-checked): remotes._only_on's intact() (``has``, a size check, in its place:
+    a was forgotten and f could no longer come back)."""
+    b = tmp_path / "b"
+    root = _on_a_and_b(tmp_path, pm)
+    oid = _oid(root, "f.bin")
+    obj = b / "objects" / object_relpath(oid)
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[1000] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    r = _jam(root.path, "remote", "remove", "a")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "only copy of 1 stubbed file" in r.stderr, (r.returncode, r.stderr)
+    assert "a" in {x.name for x in Root.find(root.path).remotes()}
+    r = _jam(root.path, "checkout", "f.bin")
+    assert r.returncode == 0, r.stderr
+    assert _b3(root.path / "f.bin") == oid

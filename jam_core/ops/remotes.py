@@ -116,11 +116,15 @@ def remove_remote(root: Root, name: str, force: bool = False, pm=None) -> None:
 
 def _only_on(root: Root, name: str, pm, session: Session) -> int:
     """How many objects of this root's stubs (the catalog's and a fresh walk's: a lost catalog
-    forgets none) no other durable remote holds, asked live (``has``; a chunked object by its
-    recipe and every chunk), while ``name`` may (it says so, or cannot be asked). The catalog's
-    location rows only order the asking. An unreachable remote holds nothing."""
+    forgets none) no other durable remote holds intact, asked live (``copies._verified``, as
+    ``drop`` asks: hashed in place where the backend can, so a corrupt copy of the right size
+    counts for nothing; a chunked object by its recipe and every chunk), while ``name`` may (it
+    says so by ``has``, or cannot be asked). The catalog's location rows only order the
+    asking. An unreachable remote holds nothing."""
     from jam_core.errors import JamError
+    from jam_core.history.chunks import Pieces
     from jam_core.history.index import Index, exists
+    from jam_core.ops.copies import _verified
     from jam_core.placement import durable
     from jam_core.scan import DIRTY, STUB, walk
 
@@ -153,8 +157,15 @@ def _only_on(root: Root, name: str, pm, session: Session) -> int:
               if r.name != name and not (me and r.options.get("id") == me) and reachable(r)]
     ask_target = target is not None and reachable(target)
     ix = Index(root, create=False) if exists(root) else None
+    pieces = Pieces(root, pm, session)
     try:
-        def holds(r: Remote, oid: str, size: int, unknown: bool = False) -> bool:
+        def intact(r: Remote, oid: str, size: int) -> bool:
+            try:
+                return _verified(r, oid, size, pm, session, pieces)
+            except (JamError, OSError):
+                return False
+
+        def may_hold(r: Remote, oid: str, size: int) -> bool:
             try:
                 if pm.hook.has(remote=r, oid=oid, size=size, session=session) is True:
                     return True
@@ -165,14 +176,14 @@ def _only_on(root: Root, name: str, pm, session: Session) -> int:
                 return pm.hook.has(remote=r, oid=rid, size=stored, session=session) is True and all(
                     pm.hook.has(remote=r, oid=c, size=n, session=session) is True for c, n in chunks.items())
             except (JamError, OSError):
-                return unknown
+                return True  # cannot be asked: it may hold the only copy
 
         only = 0
         for oid, size in needed.items():
             first = known.get(oid, set())
-            if any(holds(r, oid, size) for r in sorted(others, key=lambda r: r.name not in first)):
+            if any(intact(r, oid, size) for r in sorted(others, key=lambda r: r.name not in first)):
                 continue
-            if ask_target and not holds(target, oid, size, unknown=True) and (
+            if ask_target and not may_hold(target, oid, size) and (
                     ix is None or ix.recipe_of(oid) is None):
                 continue  # lost everywhere, ``name`` included: forgetting it loses nothing
             only += 1
