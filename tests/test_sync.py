@@ -394,3 +394,62 @@ def test_a_file_open_for_writing_is_never_removed_or_replaced(tmp_path):
             os.close(fd)
     for name in ("one.txt", "two.txt"):
         assert (b / "docs" / name).read_bytes().startswith(f"{name}: the program's save\n".encode()), name
+
+
+_KILL_AFTER_MERGE = r"""
+import os, sys
+from jam_core.history import store
+real, calls = store.commit, []
+def commit(*args, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the merge is done, its stubs are in the tree: killed before the last commit
+        os.kill(os.getpid(), 9)
+    return real(*args, **kw)
+store.commit = commit
+from jam_core.cli import main
+sys.argv = ["jam", "sync"]
+main()
+"""
+
+
+def test_gc_keep_elsewhere_never_strands_a_stub_a_sync_just_made(tmp_path):
+    """aaa commits new.bin; bbb's sync makes its stub and is killed before its last commit (which
+    would publish bbb's refs); aaa deletes new.bin, commits and runs `gc --keep "last 1"`. The
+    object of bbb's stub must stay: the sync recorded it on the remote before making the stub,
+    as a clone does. Guard (mutation-checked): sync._refer's before_store."""
+    t, a, b = two(tmp_path)
+    data = os.urandom(70_000)
+    (a / "new.bin").write_bytes(data)
+    run(a, "commit", "-m", "new", machine="aaa")
+    env = dict(os.environ, JAM_MACHINE_ID="bbb")
+    p = subprocess.run([sys.executable, "-c", _KILL_AFTER_MERGE], cwd=b, env=env, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert is_stub(b / "new.bin")
+    (a / "new.bin").unlink()
+    run(a, "commit", "-m", "gone", machine="aaa")
+    run(a, "gc", "--keep", "last 1", machine="aaa", check=None)
+    run(b, "checkout", "new.bin", machine="bbb")
+    assert (b / "new.bin").read_bytes() == data
+
+
+def test_sync_merges_no_head_whose_objects_another_root_is_removing_now(tmp_path):
+    """Another root has said on the remote that it is removing new.bin's object at this moment
+    (meta/removing/<its id>): bbb's sync must not make a stub of it (one line, exit 1), and the
+    next sync, once that removal is over, merges it. Guard (mutation-checked): sync._refer's
+    removing_elsewhere check."""
+    from jam_core.ops.refs import encode
+
+    t, a, b = two(tmp_path)
+    data = os.urandom(70_000)
+    (a / "new.bin").write_bytes(data)
+    run(a, "commit", "-m", "new", machine="aaa")
+    intent = t.remote / "meta" / "removing" / ("e" * 32)
+    intent.parent.mkdir(parents=True, exist_ok=True)
+    intent.write_bytes(encode(1, ["b3:" + b3(a / "new.bin")]))
+    res = sync(b, "bbb", check=1)
+    assert "another root is removing 1 of its object(s)" in res.err, res.err
+    assert not os.path.lexists(b / "new.bin")
+    intent.write_bytes(b"")  # that removal is over
+    sync(b, "bbb")
+    run(b, "checkout", "new.bin", machine="bbb")
+    assert (b / "new.bin").read_bytes() == data

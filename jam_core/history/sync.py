@@ -5,6 +5,9 @@
    (``store.read_heads``); fetch each snapshot not known here and its parents until a known one
    (each verified against its id and validated), kept in the history index (so gc keeps what
    they need and ``jam log`` shows them).
+   Before any merge, the objects of those heads are recorded in this root's refs on every
+   remote that answered (``_refer``, as ``jam clone`` does), so no root's removal takes them
+   from under the stubs about to be made; the full refs are published after the merges.
 3. For each other head: the merge base is the newest common ancestor. A head that is an
    ancestor of ours is done; if ours is an ancestor of it, its changes are applied and it
    becomes HEAD (a fast-forward: no new snapshot, so two machines do not answer each other's
@@ -592,12 +595,14 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
     remotes = durable_remotes(root)
     with root.lock(), Index(root) as ix, Catalog(root.jam_dir / CATALOG) as cat:
         heads: dict[str, int] = {}
+        answered = []  # the remotes whose heads were read
         for remote in remotes:
             try:
                 ensure_identity(root, remote, pm, session)
                 for machine, (sid, size) in sorted(read_heads(remote, tree, pm, session).items()):
                     if machine != me:
                         heads.setdefault(sid, size)
+                answered.append(remote)
             except (JamError, OSError) as exc:
                 out.problems.append(f"remote {remote.name!r}: heads not read ({describe(exc)})")
         graph = Graph(ix)
@@ -607,14 +612,22 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
             except (JamError, OSError) as exc:
                 out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
                 heads[sid] = 0
-        for sid in sorted((s for s, n in heads.items() if n), key=lambda s: (graph.times.get(s, 0), s)):
-            ours_id = ix.head()
-            if ours_id is None or sid == ours_id or sid in graph.ancestors(ours_id):
-                continue
-            try:
-                _merge_one(root, ix, graph, ours_id, sid, cat, out)
-            except (JamError, OSError) as exc:
-                out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
+        recorder = _refer(root, ix, heads, answered, pm, session, out)
+        try:
+            for sid in sorted((s for s, n in heads.items() if n), key=lambda s: (graph.times.get(s, 0), s)):
+                ours_id = ix.head()
+                if ours_id is None or sid == ours_id or sid in graph.ancestors(ours_id):
+                    continue
+                try:
+                    _merge_one(root, ix, graph, ours_id, sid, cat, out)
+                except (JamError, OSError) as exc:
+                    out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
+        finally:
+            if recorder.pending:
+                from jam_core.ops.refs import referenced
+
+                out.problems += recorder.publish(referenced(root, cat), [r for r in answered
+                                                                          if r.name in recorder.pending])
         from jam_core.hook.index import refresh
 
         refresh(root, cat)
@@ -623,6 +636,46 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
     out.head = last.id
     fetch_pinned(root, pm, session, out)
     return out
+
+
+def _refer(root: Root, ix: Index, heads: dict[str, int], remotes, pm, session: Session, out: SyncResult):
+    """Before any stub of another machine's snapshot is made here: record on every remote that
+    answered (``refs``, pending) that this root refers to the objects of the heads about to be
+    merged, as ``jam clone`` does, so that no root's removal (the other computer's ``jam gc
+    --keep``, once it has moved on) takes them from under the new stubs. A head is not merged
+    this time (a problem; the next sync merges it) if a remote could not record them, or if
+    another root is removing some of its objects at this moment. Returns the recorder (the
+    caller publishes the full refs once the merges are done)."""
+    from jam_core.ops.refs import Recorder
+
+    recorder = Recorder(root, pm, session)
+    wanted: dict[str, set[str]] = {}
+    for sid in [s for s, n in heads.items() if n]:
+        try:
+            wanted[sid] = {i.oid for i in ix.load(sid).items if i.kind == FILE and i.size}
+        except (JamError, OSError) as exc:
+            out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
+            heads[sid] = 0
+    every = set().union(*wanted.values()) if wanted else set()
+    if not every:
+        return recorder
+    going: set[str] = set()
+    for remote in remotes:
+        try:
+            recorder.before_store(remote, every)
+            going |= recorder.removing_elsewhere(remote)
+        except (JamError, OSError) as exc:
+            for sid in wanted:
+                heads[sid] = 0
+            out.problems.append(f"remote {remote.name!r}: the objects of the other machines' snapshots could not be "
+                                f"recorded there ({describe(exc)}); nothing merged")
+            return recorder
+    for sid, oids in wanted.items():
+        if oids & going:
+            heads[sid] = 0
+            out.problems.append(f"head {sid[:19]}: not merged: another root is removing {len(oids & going)} of its "
+                                "object(s) at this moment (run `jam sync` again)")
+    return recorder
 
 
 def fetch_pinned(root: Root, pm, session: Session, out: SyncResult) -> None:
