@@ -719,10 +719,8 @@ _HOST: list[str] = []
 
 def _host() -> str:
     """This machine's name as parts carry it (asked once: a store per object asked each time)."""
-    if not _HOST:
-        import socket
-
-        _HOST.append("".join(c for c in socket.gethostname() if c.isalnum() or c in "-_")[:64] or "host")
+    if not _HOST:  # os.uname's node name is gethostname's, without importing socket (~8 ms)
+        _HOST.append("".join(c for c in os.uname().nodename if c.isalnum() or c in "-_")[:64] or "host")
     return _HOST[0]
 
 

@@ -153,7 +153,7 @@ def test_gc_never_takes_another_roots_damaged_refs_for_no_refs(tmp_path, pm, dam
 def test_remote_remove_never_forgets_the_only_holder_because_the_catalog_forgot(tmp_path, pm, how):
     """Guard wanted: the stubs themselves (a walk, as gc does) say which objects this root needs,
     not only the catalog's location rows.
-    Guard (mutation-checked): remotes._only_on (stubs walked, each object asked live of the other remotes)."""
+    Guard (mutation-checked): copies._only_on (stubs walked, each object asked live of the other remotes)."""
     from jam_core.root import CATALOG
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -319,7 +319,7 @@ def test_a_name_reused_for_another_remote_never_vouches_for_the_old_ones_copies(
     """f is on a (old disk) and b. The user forgets a (`remote remove a`: b holds a copy, so
     it is allowed), plugs in a new empty disk and adds it as a. b now holds f's only
     copy; `jam remote remove b` must refuse, not count the old a's copy under the new a.
-    Guard (mutation-checked): remotes._only_on (the other remotes asked live, not the catalog's rows)."""
+    Guard (mutation-checked): copies._only_on (the other remotes asked live, not the catalog's rows)."""
     old, b, new = tmp_path / "old", tmp_path / "b", tmp_path / "new"
     root = _root(tmp_path, "r", {"a": old, "b": b}, copies=2, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -410,7 +410,7 @@ def test_gc_between_a_stashs_store_and_its_swap_keeps_the_object(tmp_path, pm, m
 
 def test_remote_remove_move_to_never_forgets_a_remote_that_still_holds_the_only_copy(tmp_path, pm):
     """Guard (mutation-checked): copies.move_off counts the copies left live (_verified), and
-    remotes._only_on refuses the removal behind it."""
+    copies._only_on refuses the removal behind it."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     root = _root(tmp_path, "r", {"a": a, "c": c}, copies=2, pm=pm)
     make_file(root.path / "f.bin", 200_000)
@@ -581,7 +581,7 @@ def test_doctor_fix_never_trades_a_stubs_object_for_the_one_a_swapped_xattr_name
 
 
 def test_a_remote_re_added_under_another_name_is_still_the_only_holder(tmp_path, pm):
-    """Guard (mutation-checked): remotes._only_on (the stubs' objects, not the rows under the old name)."""
+    """Guard (mutation-checked): copies._only_on (the stubs' objects, not the rows under the old name)."""
     a, b = tmp_path / "a", tmp_path / "b"
     root = _root(tmp_path, "r", {"a": a, "b": b}, pm=pm)
     make_file(root.path / "f.bin", 200_000)

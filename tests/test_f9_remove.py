@@ -9,7 +9,8 @@ import pytest
 
 from jam_core.manager import make_plugin_manager
 from jam_core.objects import MARKER_NAME, object_relpath
-from jam_core.ops.remotes import add_remote, remove_remote
+from jam_core.ops.copies import remove_remote
+from jam_core.ops.remotes import add_remote
 from jam_core.ops.stash import stash
 from jam_core.root import CATALOG, Root
 from tests.conftest import make_file
@@ -56,7 +57,7 @@ def test_remove_forgets_the_location_rows_of_that_name(tmp_path, pm):
     """After `remote remove a` (b holds a copy: allowed), no catalog row says a holds anything:
     a remote added later as a vouches for none of the old one's copies (the interactive prompt
     and `jam where` read those rows). Guard (mutation-checked): Catalog.forget_remote's call in
-    remotes.remove_remote."""
+    copies.remove_remote."""
     root = _on_a_and_b(tmp_path, pm)
     remove_remote(Root.find(root.path), "a", pm=pm)
     with sqlite3.connect(root.jam_dir / CATALOG) as conn:
@@ -68,7 +69,7 @@ def test_remove_forgets_the_location_rows_of_that_name(tmp_path, pm):
 def test_remove_refuses_while_the_other_remote_cannot_be_asked(tmp_path, pm):
     """b is said (by the catalog) to hold f too, but b's disk is unplugged (its marker gone):
     an unreachable remote holds nothing that can be counted, so `remote remove a` refuses.
-    Guard (mutation-checked): remotes._only_on's reachable() (ensure_identity) before any has()."""
+    Guard (mutation-checked): copies._only_on's reachable() (ensure_identity) before any has()."""
     b = tmp_path / "b"
     root = _on_a_and_b(tmp_path, pm)
     (b / MARKER_NAME).unlink()  # the drive unplugged: an empty mount point
@@ -80,7 +81,7 @@ def test_remove_refuses_while_the_other_remote_cannot_be_asked(tmp_path, pm):
 def test_remove_does_not_count_a_corrupt_copy_of_the_right_size(tmp_path, pm):
     """f is on a and b; b's copy rotted (same size, other bytes). `jam remote remove a` must
     refuse: a is the only intact copy, as `drop --from a` already knows (copies._verified).
-    Guard (mutation-checked): remotes._only_on's intact() (``has``, a size check, in its place:
+    Guard (mutation-checked): copies._only_on's intact() (``has``, a size check, in its place:
     a was forgotten and f could no longer come back)."""
     b = tmp_path / "b"
     root = _on_a_and_b(tmp_path, pm)

@@ -54,7 +54,9 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
     import sys
 
     from jam_core.catalog import Catalog
-    from jam_core.ops.remotes import remove_remote
+    from jam_core.history.chunks import Pieces
+    from jam_core.model import Session
+    from jam_core.ops.copies import remove_remote
     from jam_core.root import CATALOG, Root
 
     root = Root.find(".")
@@ -78,7 +80,9 @@ def remote_remove(name: str, force: bool, move_to: str | None) -> None:
         if result.failed or result.aborted:
             raise SystemExit(1)
     gone = next((r for r in root.remotes() if r.name == name), None)
-    remove_remote(root, name, force)
+    pm = plugin_manager()
+    with Session() as s:
+        remove_remote(root, name, force, pm=pm, session=s, pieces=Pieces(root, pm, s))
     if gone is not None and not force:
         _forget_refs_on(root, gone)
     click.echo(f"Removed remote {name!r} (its objects were left on it)")

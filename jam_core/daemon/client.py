@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 
 SOCK_NAME = "daemon.sock"
 PID_FILE = "daemon.pid"
@@ -28,6 +27,8 @@ def mark_new_stub(root_path, dir_fd: int, name: str) -> bool:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return False
+    import socket  # here: stash imports this module, and most roots have no daemon
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.settimeout(TIMEOUT)
@@ -68,6 +69,8 @@ def wait_idle(root_path, timeout: float = 60.0) -> bool:
     reader answered, every fill made durable, every recorded open written to the catalog and
     the cd hook's index updated. False if no daemon answers within ``timeout`` (benchmarks and
     tests look only after this)."""
+    import socket
+
     sp = os.path.join(os.fspath(root_path), ".jam", SOCK_NAME)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:

@@ -131,6 +131,130 @@ def _verified(remote: Remote, oid: str, size: int, pm, session: Session, pieces=
 
 # -- the guarded removal -------------------------------------------------------------------------
 
+def remove_remote(root: Root, name: str, force: bool = False, pm=None, session: Session | None = None,
+                  pieces=None) -> None:
+    """Forget remote ``name`` (its objects stay on it). Unless ``force``: refused while it may
+    hold the only copy of an object this root's stubs stand for (:func:`_only_on`: the stubs
+    walked, each object asked live of the other durable remotes; never the catalog's location
+    rows alone, which a lost catalog, a reused name or a copy lost elsewhere make wrong) or of
+    a kept version. Then the catalog's location rows of that name are forgotten: a remote
+    added later under it vouches for none of the old one's copies. ``pieces``
+    (``history.chunks.Pieces``, of ``pm`` and ``session``): copies held as
+    chunks on the other remotes count too.
+
+    In this module, not ``ops.remotes``: another remote's copy counts only if it verifies
+    (:func:`_verified`, the check ``drop`` makes)."""
+    with root.lock():
+        from jam_core.ops.remotes import _own_remotes, _remote_tables, _user_config
+
+        if name not in _remote_tables(root.config):
+            raise UsageError(f"no remote named {name!r}")
+        if name not in _remote_tables(root.own_config()):
+            raise UsageError(f"remote {name!r} is set in your user config ({_user_config()}), not in this "
+                             "root's; remove it there")
+        if not force:
+            if pm is None:
+                from jam_core.manager import make_plugin_manager
+
+                pm = make_plugin_manager()
+            if session is None:
+                with Session() as own:
+                    only = _only_on(root, name, pm, own, pieces)
+            else:
+                only = _only_on(root, name, pm, session, pieces)
+            versions = 0
+            from jam_core.history.index import Index, exists
+
+            if exists(root):
+                with Index(root, create=False) as ix:
+                    versions = ix.only_on(name)  # objects kept versions need, known to be only there
+            if only or versions:
+                what = " and ".join(w for w in (only and f"{only} stubbed file(s)",
+                                                 versions and f"{versions} object(s) of kept versions") if w)
+                raise UsageError(
+                    f"remote {name!r} holds the only copy of {what}; move them first with "
+                    f"`jam remote remove {name} --move-to OTHER` (or check them out, or --force to forget it anyway)"
+                )
+        root.update_config(lambda own: _own_remotes(root, own).pop(name, None))
+        with Catalog(root.jam_dir / CATALOG) as cat:
+            cat.forget_remote(name)
+
+
+def _only_on(root: Root, name: str, pm, session: Session, pieces=None) -> int:
+    """How many objects of this root's stubs (the catalog's and a fresh walk's: a lost catalog
+    forgets none) no other durable remote holds intact, asked live (``copies._verified``, as
+    ``drop`` asks: hashed in place where the backend can, so a corrupt copy of the right size
+    counts for nothing; a chunked object by its recipe and every chunk), while ``name`` may (it
+    says so by ``has``, or cannot be asked). The catalog's location rows only order the
+    asking. An unreachable remote holds nothing."""
+    from jam_core.history.index import Index, exists
+    from jam_core.scan import walk
+
+    def on_error(rel, exc):
+        raise UsageError(f"{rel}: {getattr(exc, 'strerror', None) or exc}; jam cannot tell which objects only "
+                         f"remote {name!r} holds (--force forgets it anyway)")
+
+    needed: dict[str, int] = {}
+    with Catalog(root.jam_dir / CATALOG) as cat:
+        for oid, size in cat.stubs().values():
+            needed[oid] = size
+        for e in walk(str(root.path), ".", on_error):
+            if e.state in (STUB, DIRTY) and e.record is not None:
+                needed[e.record.oid] = e.record.size
+        if not needed:
+            return 0
+        known = cat.remotes_of(needed)
+    remotes = root.remotes()
+    target = next((r for r in remotes if r.name == name), None)
+    me = target.options.get("id") if target is not None else None
+
+    def reachable(r: Remote) -> bool:
+        try:
+            _identity(root, r, pm, session)
+            return True
+        except (JamError, OSError):
+            return False
+
+    others = [r for r in durable(remotes)
+              if r.name != name and not (me and r.options.get("id") == me) and reachable(r)]
+    ask_target = target is not None and reachable(target)
+    ix = Index(root, create=False) if exists(root) else None
+    try:
+        def intact(r: Remote, oid: str, size: int) -> bool:
+            try:
+                return _verified(r, oid, size, pm, session, pieces)
+            except (JamError, OSError):
+                return False
+
+        def may_hold(r: Remote, oid: str, size: int) -> bool:
+            try:
+                if pm.hook.has(remote=r, oid=oid, size=size, session=session) is True:
+                    return True
+                recipe = ix.recipe_of(oid) if ix is not None else None
+                if recipe is None:
+                    return False
+                rid, stored, chunks = recipe
+                return pm.hook.has(remote=r, oid=rid, size=stored, session=session) is True and all(
+                    pm.hook.has(remote=r, oid=c, size=n, session=session) is True for c, n in chunks.items())
+            except (JamError, OSError):
+                return True  # cannot be asked: it may hold the only copy
+
+        only = 0
+        for oid, size in needed.items():
+            first = known.get(oid, set())
+            if any(intact(r, oid, size) for r in sorted(others, key=lambda r: r.name not in first)):
+                continue
+            if ask_target and not may_hold(target, oid, size) and (
+                    ix is None or ix.recipe_of(oid) is None):
+                continue  # lost everywhere, ``name`` included: forgetting it loses nothing
+            only += 1
+        return only
+    finally:
+        if ix is not None:
+            ix.close()
+
+
+
 def remove_copies(root: Root, cat: Catalog, pm, session: Session, remote: Remote, wanted: dict[str, int],
                   own: set[str], recorder: Recorder | None = None, pieces=None
                   ) -> tuple[dict[str, int], dict[str, str]]:
