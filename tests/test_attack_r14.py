@@ -1,0 +1,91 @@
+"""R14: an attacker's review of `jam doctor` (exit 0 only if every stub can come back; --fix never
+loses a byte). Each test breaks one thing on real files (real xattrs, real dir remotes, real
+processes, a real mount) and checks what doctor says. Attacks already in test_doctor*.py,
+test_stub_safety.py, test_attack_r8/r9/r10.py, test_history_chunks.py and test_copies_faults.py
+are not repeated here. A test marked xfail(strict=True) is a hole found (the fix is in R14's
+report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jam_core.manager import make_plugin_manager
+from jam_core.objects import object_relpath
+from jam_core.ops.remotes import add_remote
+from jam_core.root import Root
+from tests.conftest import make_file
+from tests.safety_support import JAM, jam, make_tree, record
+
+SIZE = 200_000
+
+
+def _doctor(cwd, *args, check, env=None) -> dict:
+    return json.loads(jam("doctor", "--json", *args, cwd=cwd, check=check, env=env).out)
+
+
+def _problems(out) -> list[tuple[str, str, bool]]:
+    return [(c["kind"], c["path"], c["fixed"]) for c in out["checks"] if c["status"] == "problem"]
+
+
+def _root(tmp_path: Path, remotes: dict[str, tuple[Path, int, dict]], copies: int = 1) -> Root:
+    """A root with dir remotes ``{name: (location, tier, options)}`` and ``[place] copies``."""
+    pm = make_plugin_manager()
+    path = tmp_path / "r"
+    path.mkdir()
+    root, _ = Root.init(path, default_remote=False)
+    for name, (loc, tier, opts) in remotes.items():
+        loc.mkdir(exist_ok=True)
+        add_remote(root, pm, name, str(loc), tier, options=opts)
+    with root.lock():
+        root.update_config(lambda own: own.setdefault("place", {}).__setitem__("copies", copies))
+    return Root.find(path)
+
+
+def _obj(loc: Path, oid: str) -> Path:
+    return loc / "objects" / object_relpath(oid)
+
+
+# -- 1. a copy on an edge cache is not a copy -------------------------------------------------------------
+
+def _edge_setup(tmp_path, copies):
+    edge, far, far2 = tmp_path / "edge", tmp_path / "far", tmp_path / "far2"
+    remotes = {"edge": (edge, 0, {"cache": "7d"}), "far": (far, 1, {})}
+    if copies > 1:
+        remotes["far2"] = (far2, 2, {})
+    root = _root(tmp_path, remotes, copies)
+    make_file(root.path / "f.bin", SIZE, seed=1)
+    jam("stash", "f.bin", cwd=root.path)
+    oid = record(root.path / "f.bin").oid
+    assert _obj(edge, oid).is_file() and _obj(far, oid).is_file()
+    return root, edge, far, far2, oid
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor counts an edge cache's copy toward [place] copies")
+def test_an_edge_cache_copy_does_not_make_up_for_a_lost_mirror(tmp_path):
+    """copies = 2 over `far` and `far2`, with an edge cache in front (README: a cache's copies do
+    not count as copies; `jam gc` expires it only while the count holds elsewhere). far2 loses
+    the object: one durable copy is left, and doctor must say so (`copies`, exit 1), not count
+    the edge's copy as the second."""
+    root, edge, far, far2, oid = _edge_setup(tmp_path, copies=2)
+    assert _obj(far2, oid).is_file()
+    _obj(far2, oid).unlink()
+    out = _doctor(root.path, check=1)
+    assert ("copies", "f.bin", False) in _problems(out), out["checks"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor takes an object held only by an edge cache as safe")
+def test_an_object_only_on_an_edge_cache_is_reported(tmp_path):
+    """copies = 1: `far`, the only durable remote, loses the object; only the edge cache (which
+    expires what is not used) holds it. The stub can come back today, but no copy that counts is
+    left: doctor must not answer "all can come back" with exit 0."""
+    root, edge, far, _far2, oid = _edge_setup(tmp_path, copies=1)
+    _obj(far, oid).unlink()
+    out = _doctor(root.path, check=1)
+    assert any(k in ("copies", "missing") and p == "f.bin" for k, p, _ in _problems(out)), out["checks"]
