@@ -17,44 +17,21 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file, require_tool
+from tests.terminal import PromptShell
 
 pexpect = pytest.importorskip("pexpect")
 
 PROMPT = "R11PROMPT>"
 
 
-class Term:
+class Term(PromptShell):
     """One interactive shell under a terminal, its prompt ``PROMPT``, the hook sourced once."""
 
     def __init__(self, kind: str, hook: Path, cwd: Path, env: dict, setup: str = ""):
-        self.kind = kind
-        exe = require_tool(kind)
-        args = {"bash": ["--norc", "--noprofile", "-i"], "zsh": ["-f", "-i"], "fish": ["--no-config", "-i"]}[kind]
-        self.p = pexpect.spawn(exe, args, cwd=str(cwd), env=env, encoding="utf-8", timeout=60,
-                               dimensions=(40, 250), codec_errors="replace")
-        if kind == "bash":
-            self.p.sendline(f"PS1='{PROMPT} '; PROMPT_COMMAND=")
-        elif kind == "zsh":
-            self.p.sendline(f"PROMPT='{PROMPT} '; unsetopt zle 2>/dev/null")
-        else:
-            self.p.sendline(f"function fish_prompt; echo -n '{PROMPT} '; end; set -g fish_greeting")
-        self.sync()
+        super().__init__(kind, PROMPT, cwd, env)
         self.run(f"source {shlex.quote(str(hook))}")
         if setup:
             self.run(setup)
-
-    def sync(self) -> str:
-        """Wait until the shell is idle at a prompt; returns what it printed before it."""
-        token = "SYNC" + os.urandom(4).hex()
-        self.p.sendline(f"echo {token[:6]}''{token[6:]}")
-        self.p.expect_exact(token)
-        before = self.p.before
-        self.p.expect_exact(PROMPT)
-        return before
-
-    def run(self, line: str) -> str:
-        self.p.sendline(line)
-        return self.sync()
 
     def alive_after(self, *lines: str) -> bool:
         """Type ``lines``, then ask the shell to answer: False when it ended meanwhile."""
@@ -67,11 +44,6 @@ class Term:
         except pexpect.EOF:
             return False
         return True
-
-    def close(self) -> None:
-        if self.p.isalive():
-            self.p.sendline("exit")
-        self.p.close(force=True)
 
 
 def _env() -> dict:

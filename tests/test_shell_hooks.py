@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, make_file, require_tool
+from tests.terminal import PromptShell
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -49,41 +50,15 @@ main()
     return str(path)
 
 
-class Shell:
+class Shell(PromptShell):
     """One interactive shell under pexpect, with the hook installed twice."""
 
     def __init__(self, kind: str, jam: str, hook_bin: str, cwd: Path, env: dict):
-        self.kind = kind
-        exe = require_tool(kind)
-        args = {"bash": ["--norc", "--noprofile", "-i"], "zsh": ["-f", "-i"], "fish": ["--no-config", "-i"]}[kind]
-        self.p = pexpect.spawn(exe, args, cwd=str(cwd), env=env, encoding="utf-8", timeout=60,
-                               dimensions=(40, 250), codec_errors="replace")
-        if kind == "bash":
-            self.p.sendline(f"PS1='{PROMPT} '; PROMPT_COMMAND=")
-        elif kind == "zsh":
-            self.p.sendline(f"PROMPT='{PROMPT} '; unsetopt zle 2>/dev/null")
-        else:
-            self.p.sendline(f"function fish_prompt; echo -n '{PROMPT} '; end; set -g fish_greeting")
-        self.sync()
+        super().__init__(kind, PROMPT, cwd, env)
         src = {"fish": f"{shlex.quote(jam)} hook fish --bin {shlex.quote(hook_bin)} | source"}.get(
             kind, f'eval "$({shlex.quote(jam)} hook {kind} --bin {shlex.quote(hook_bin)})"')
         self.run(src)
         self.run(src)  # installing twice leaves one hook
-
-    def sync(self) -> str:
-        """Wait until the shell is idle at a prompt; returns what it printed before it."""
-        token = "SYNC" + os.urandom(4).hex()
-        split = f"{token[:6]}''{token[6:]}" if self.kind != "fish" else f"{token[:6]}''{token[6:]}"
-        self.p.sendline(f"echo {split}")
-        self.p.expect_exact(token)
-        before = self.p.before
-        self.p.expect_exact(PROMPT)
-        return before
-
-    def run(self, line: str) -> str:
-        """Type a line, wait until it is done; returns its output (with the echoed line)."""
-        self.p.sendline(line)
-        return self.sync()
 
     def type(self, line: str) -> str:
         """Type a line and wait for the next prompt (keeps $? for the next line)."""
@@ -98,11 +73,6 @@ class Shell:
         code = int(self.p.match.group(1))
         self.p.expect_exact(PROMPT)
         return code
-
-    def close(self) -> None:
-        self.p.sendline("exit")
-        self.p.close(force=True)
-
 
 @pytest.fixture
 def tree(jam_root):
