@@ -150,3 +150,33 @@ def test_a_directory_doctor_cannot_read_is_never_all_well(nobody_tree):
     as_nobody("doctor", "--fix", check=1)
     again = as_nobody("doctor", check=1)
     assert "all can come back" not in again.stdout, again.stdout
+
+
+# -- 3. --fix's claims --------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix's reupload trusts the backend's answer: a missing "
+                   "object is marked stored again (exit 0) while no remote holds it")
+def test_fix_never_claims_a_reupload_the_remote_does_not_hold(tmp_path, monkeypatch):
+    """f.bin's object is gone from the only remote; copy.bin is a local file with the same
+    content, so `--fix` stores it again from there. The backend answers "stored" but holds
+    nothing (a buggy or lying backend; the same injection as test_copies_faults' re-copy
+    test, whose fix is checked by hashing in place): the finding must stay unfixed, exit 1."""
+    import jam_dir as jd
+
+    from jam_core.model import Session
+    from jam_core.ops.doctor import doctor
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "f.bin", SIZE, seed=3)
+    make_file(t.root / "copy.bin", SIZE, seed=3)
+    jam("stash", "f.bin", cwd=t.root)
+    oid = record(t.root / "f.bin").oid
+    _obj(t.remote, oid).unlink()
+    liar = jd.hookimpl(tryfirst=True)(lambda remote, oid, source, size, session: True)  # "stored", nothing written
+    monkeypatch.setattr(jd, "stash", liar)
+    with Session() as s:
+        res = doctor(Root.find(t.root), ".", make_plugin_manager(), s, fix=True)
+    assert not _obj(t.remote, oid).exists()
+    missing = [f for f in res.findings if f.kind == "missing"]
+    assert missing and not any(f.fixed for f in missing), missing
+    assert res.exit_code == 1
