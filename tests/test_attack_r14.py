@@ -180,3 +180,53 @@ def test_fix_never_claims_a_reupload_the_remote_does_not_hold(tmp_path, monkeypa
     missing = [f for f in res.findings if f.kind == "missing"]
     assert missing and not any(f.fixed for f in missing), missing
     assert res.exit_code == 1
+
+
+def _zero_header(path: Path) -> None:
+    """The stub's header block lost to zeros, its mtime and mode put back (a bad block)."""
+    from jam_core.stub import HEADER_MAX
+
+    st = os.lstat(path)
+    os.chmod(path, 0o644)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\0" * HEADER_MAX, 0)
+    finally:
+        os.close(fd)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(path, st.st_mode & 0o7777)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix writes the header back in place over a write "
+                   "another process made after doctor's check (the user's bytes are lost)")
+def test_fix_never_writes_a_header_over_a_concurrent_write(tmp_path, monkeypatch):
+    """f.bin's header block was lost to zeros: `doctor --fix` writes it again (``rewrite``),
+    in place, after checking the ctime. Another process (root, or the owner once doctor made
+    the stub writable for its write) writes the user's text into it at that instant (injected
+    in ``stub.rewrite_header``, the call that writes). The user's bytes must survive: --fix
+    never touches a stub written into (README), so the header goes in through a new inode
+    swapped in and checked after, as stash's swaps are, or not at all."""
+    import jam_core.ops.doctor as doc
+    from jam_core.model import Session
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "f.bin", SIZE, seed=4)
+    jam("stash", "f.bin", cwd=t.root)
+    p = t.root / "f.bin"
+    _zero_header(p)
+    mine = b"the user's own words, written at the last instant\n" * 20
+    real = doc.rewrite_header
+
+    def racing(fd, rec, name):
+        w = os.open(p, os.O_WRONLY)  # another process's descriptor: root writes past the mode
+        try:
+            os.pwrite(w, mine, 0)
+        finally:
+            os.close(w)
+        return real(fd, rec, name)
+
+    monkeypatch.setattr(doc, "rewrite_header", racing)
+    with Session() as s:
+        res = doc.doctor(Root.find(t.root), ".", make_plugin_manager(), s, fix=True)
+    assert [f.kind for f in res.problems] == ["bad-header"], res.problems
+    assert p.read_bytes()[:len(mine)] == mine, "the user's write was overwritten by the header"
