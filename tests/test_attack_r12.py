@@ -169,3 +169,36 @@ def test_gc_keep_never_collects_the_snapshot_a_remote_still_names_as_this_machin
     res = run(tmp_path, "clone", str(t.remote), str(b), machine="bbb", check=None)
     assert res.returncode == 0, res.err
     run(b, "checkout", "new.bin", machine="bbb")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: two roots of one machine whose directories share a name write one head "
+                   "file (meta/history/<dir name>/<machine>): each commit replaces the other's head")
+def test_two_roots_with_one_directory_name_on_one_remote_never_replace_each_others_head(tmp_path):
+    """~/work/notes and ~/home/notes on one machine both use the vault: both default to tree
+    'notes' and write meta/history/notes/<machine id>. X commits, Y commits (replacing X's
+    head), X commits again (unchanged: nothing sent). A second computer cloning the vault gets
+    Y's files as X's tree and never sees X's; its sync would then merge Y's tree into X's.
+    Expected: Y's commit refuses (one line, exit 1/2) or the two roots' heads differ."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.remotes import add_remote
+    from jam_core.root import Root
+
+    vault = tmp_path / "vault"
+    vault.mkdir()
+    roots = []
+    for parent in ("work", "home"):
+        p = tmp_path / parent / "notes"
+        p.mkdir(parents=True)
+        root, _ = Root.init(p)
+        add_remote(root, make_plugin_manager(), "vault", str(vault))
+        roots.append(p)
+    x, y = roots
+    (x / "x-only.txt").write_bytes(b"x\n")
+    (y / "y-only.txt").write_bytes(b"y\n")
+    run(x, "commit", "-m", "x", machine="aaa")
+    ry = run(y, "commit", "-m", "y", machine="aaa", check=None)
+    run(x, "commit", "-m", "x again", machine="aaa", check=None)
+    c = tmp_path / "c"
+    rc = run(tmp_path, "clone", str(vault), str(c), "--tree", "notes", machine="ccc", check=None)
+    assert ry.returncode != 0 or (rc.returncode == 0 and os.path.lexists(c / "x-only.txt")), \
+        "the vault's 'notes' head is Y's: X's tree is not there for a second computer"
