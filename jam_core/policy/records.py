@@ -26,10 +26,41 @@ IGNORE_FILE = ".jamignore"
 IGNORE_MAX = 16 << 20  # as the pins file's cap
 
 
-class Candidates(Mapping):
-    """The local files policies may choose, ``{path: FileRecord}`` to read, held as parallel
-    lists (path, size, mtime, atime, last_used): a dry-run over 100,000 files makes a record
-    only for a path asked for (``Records.columns`` lets a policy choose on the lists)."""
+class _Columns(Mapping):
+    """``{path: FileRecord}`` to read, held as parallel lists whose first is ``paths``: a record
+    is made only for a path asked for (``record(i)``, by the subclass)."""
+
+    __slots__ = ()
+
+    def index(self) -> dict[str, int]:
+        """``{path: position in the lists}`` (built once, until a file is added)."""
+        if self._index is None:
+            self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
+        return self._index
+
+    def record(self, i: int) -> FileRecord:
+        raise NotImplementedError
+
+    def __getitem__(self, path: str) -> FileRecord:
+        return self.record(self.index()[path])
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.index()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.paths)} files)"
+
+
+class Candidates(_Columns):
+    """The local files policies may choose, held as parallel lists (path, size, mtime, atime,
+    last_used): a dry-run over 100,000 files makes a record only for a path asked for
+    (``Records.columns`` lets a policy choose on the lists)."""
 
     __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "_index")
 
@@ -51,12 +82,6 @@ class Candidates(Mapping):
         self.lasts.append(last_used)
         self._index = None
 
-    def index(self) -> dict[str, int]:
-        """``{path: position in the lists}`` (built once, until a file is added)."""
-        if self._index is None:
-            self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
-        return self._index
-
     def size_and_last(self, path: str) -> tuple[int, float] | None:
         """``(size, last_used)`` of a candidate, None if ``path`` is not one (no record made)."""
         i = self.index().get(path)
@@ -65,26 +90,10 @@ class Candidates(Mapping):
     def record(self, i: int) -> FileRecord:
         return FileRecord(self.paths[i], self.sizes[i], self.mtimes[i], self.atimes[i], self.lasts[i], LOCAL, False, 1)
 
-    def __getitem__(self, path: str) -> FileRecord:
-        return self.record(self.index()[path])
 
-    def __contains__(self, path: object) -> bool:
-        return path in self.index()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
-
-    def __repr__(self) -> str:
-        return f"Candidates({len(self.paths)} files)"
-
-
-class Stubs(Mapping):
-    """The clean stubs of a scan, ``{path: FileRecord}`` to read, held as parallel lists
-    (path, size, mtime, atime, last_used, nlink): a FileRecord is made only for a stub asked
-    for (the age policy asks for none)."""
+class Stubs(_Columns):
+    """The clean stubs of a scan, held as parallel lists (path, size, mtime, atime, last_used,
+    nlink): a FileRecord is made only for a stub asked for (the age policy asks for none)."""
 
     __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "nlinks", "_index")
 
@@ -105,11 +114,6 @@ class Stubs(Mapping):
             column.append(value)
         self._index = None
 
-    def _where(self) -> dict[str, int]:
-        if self._index is None:
-            self._index = dict(zip(self.paths, range(len(self.paths)), strict=True))
-        return self._index
-
     def record(self, i: int) -> FileRecord:
         return FileRecord(self.paths[i], self.sizes[i], self.mtimes[i], self.atimes[i], self.lasts[i], STUB, False,
                           self.nlinks[i])
@@ -117,21 +121,6 @@ class Stubs(Mapping):
     def sorted_records(self) -> list[FileRecord]:
         """Every stub's record, by path."""
         return [self.record(i) for i in sorted(range(len(self.paths)), key=self.paths.__getitem__)]
-
-    def __getitem__(self, path: str) -> FileRecord:
-        return self.record(self._where()[path])
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._where()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
-
-    def __repr__(self) -> str:
-        return f"Stubs({len(self.paths)} files)"
 
 
 @dataclass
