@@ -202,3 +202,36 @@ def test_two_roots_with_one_directory_name_on_one_remote_never_replace_each_othe
     rc = run(tmp_path, "clone", str(vault), str(c), "--tree", "notes", machine="ccc", check=None)
     assert ry.returncode != 0 or (rc.returncode == 0 and os.path.lexists(c / "x-only.txt")), \
         "the vault's 'notes' head is Y's: X's tree is not there for a second computer"
+
+
+# -- 2. sync writing into the tree ----------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="BUG: sync's replace swaps through a directory descriptor that followed "
+                   "its directory out of the root (no still-in-the-root check before the exchange)")
+def test_sync_never_replaces_a_file_in_a_directory_moved_out_of_the_root(tmp_path, monkeypatch):
+    """aaa modifies docs/one.txt; bbb syncs. As the replace takes its lease (after its checks),
+    the user moves bbb's docs/ out of the root (same filesystem). The exchange must not happen
+    in the moved directory: nothing written outside the root (invariant 7), the file there
+    left as it was."""
+    from jam_core.history import sync as sync_mod
+    from jam_core.stub import read_record
+
+    t, a, b = two(tmp_path)
+    (a / "docs/one.txt").write_bytes(b"one v2\n")
+    run(a, "commit", "-m", "v2", machine="aaa")
+    before = read_record(str(b / "docs/one.txt")).oid
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = sync_mod._Tree.lease
+    moved = []
+
+    def lease(self, dfd, name):
+        if not moved:
+            os.rename(b / "docs", outside / "docs")
+            moved.append(1)
+        return real(self, dfd, name)
+
+    monkeypatch.setattr(sync_mod._Tree, "lease", lease)
+    _sync_in_process(b, monkeypatch, "_refer", lambda: None)
+    assert moved
+    assert sorted(os.listdir(outside / "docs")) == ["one.txt"], os.listdir(outside / "docs")
+    assert read_record(str(outside / "docs/one.txt")).oid == before, "swapped outside the root"
