@@ -291,3 +291,33 @@ def test_stubs_in_a_directory_taken_for_another_root_are_never_forgotten(tmp_pat
     jam("doctor", "--fix", cwd=t.root, check=None)
     jam("gc", cwd=t.root, check=None)
     assert _obj(t.remote, oid).is_file(), "gc removed the only copy of a stub doctor --fix forgot"
+
+
+# -- 5. hangs ------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor opens ~/.zshrc etc. blocking: an rc file that is a FIFO "
+                   "(no writer) hangs `jam doctor` forever")
+def test_doctor_never_opens_an_rc_file_that_is_a_fifo(jam_root, isolated_home, monkeypatch):
+    """~/.zshrc is a named pipe (a dotfile manager's trick, or a mistake): opening it for
+    reading blocks until someone writes. doctor's shell-hook check must not open it (a regular
+    file only, opened with O_NONBLOCK); a warning or nothing, never a hang. Injected: the
+    ``open`` doctor's module calls is wrapped, a FIFO is refused there instead of blocking."""
+    import jam_core.ops.doctor as doc
+    from jam_core.model import Session
+
+    fifo = isolated_home / ".zshrc"
+    os.mkfifo(fifo)
+    opened_fifos = []
+    real_open = open
+
+    def watching(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and \
+                not os.path.isfile(path) and os.path.realpath(path) == str(fifo):
+            opened_fifos.append(path)
+            raise OSError(6, "this open would block forever")  # rather than hang the test
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(doc, "open", watching, raising=False)
+    with Session() as s:
+        doc.doctor(jam_root, ".", make_plugin_manager(), s)
+    assert opened_fifos == [], "doctor opened a FIFO for reading: without a writer it hangs"
