@@ -321,3 +321,25 @@ def test_doctor_never_opens_an_rc_file_that_is_a_fifo(jam_root, isolated_home, m
     with Session() as s:
         doc.doctor(jam_root, ".", make_plugin_manager(), s)
     assert opened_fifos == [], "doctor opened a FIFO for reading: without a writer it hangs"
+
+
+# -- 6. what a named path is ---------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: `jam doctor LINK` (a symlink, a FIFO) checks nothing and answers "
+                   "'checked 0 stubs: all can come back', exit 0")
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_named_path_that_is_no_file_is_never_all_well(tmp_path, kind):
+    """The user asks about `link` (a symlink to a stub whose object the remote lost) or `pipe`
+    (a FIFO): doctor follows no symlink and reads no FIFO, so it proves nothing about it. It
+    must say so (a local file named gets `not-a-stub`, exit 1; a symlink through a directory
+    is a usage error, exit 2), never "all can come back" with exit 0."""
+    t = make_tree(tmp_path)
+    make_file(t.root / "g.bin", SIZE, seed=8)
+    jam("stash", "g.bin", cwd=t.root)
+    _obj(t.remote, record(t.root / "g.bin").oid).unlink()
+    if kind == "symlink":
+        os.symlink("g.bin", t.root / "named")
+    else:
+        os.mkfifo(t.root / "named")
+    res = jam("doctor", "named", cwd=t.root, check=None)
+    assert res.returncode != 0 and "all can come back" not in res.out, (res.returncode, res.out)
