@@ -206,13 +206,15 @@ def _cap_net_bind_service() -> bytes:
     return (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a file's own file capabilities (security.capability) are dropped "
-                   "without a word: stash carries only user.* xattrs and ACLs, and checkout brings the file "
-                   "back without them")
-def test_a_file_with_capabilities_keeps_them_or_stays_local(tmp_path):
-    """`setcap cap_net_bind_service=ep server` then `jam stash`: the stub cannot carry the
-    capability safely (a stub's xattrs are writable by its owner), so the file must stay local
-    with a reason; instead it is stashed and comes back from checkout without its capability."""
+@pytest.mark.xfail(strict=True, reason="BUG: a file's own capabilities (security.capability) and trusted.* "
+                   "xattrs are dropped without a word: stash carries only user.* xattrs and ACLs, and checkout "
+                   "brings the file back without them")
+@pytest.mark.parametrize("xattr_name", ["security.capability", "trusted.backup-tag"])
+def test_a_file_with_capabilities_keeps_them_or_stays_local(tmp_path, xattr_name):
+    """`setcap cap_net_bind_service=ep server` (or a backup tool's trusted.* xattr) then `jam
+    stash`: the stub cannot carry them safely (a stub's xattrs are writable by its owner), so
+    the file must stay local with a reason; instead it is stashed and comes back from
+    checkout without them."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     t = make_tree(tmp_path)
@@ -220,13 +222,13 @@ def test_a_file_with_capabilities_keeps_them_or_stays_local(tmp_path):
     make_file(f, 200_000, seed=6)
     os.chmod(f, 0o755)
     try:
-        os.setxattr(f, "security.capability", _cap_net_bind_service())
+        os.setxattr(f, xattr_name, _cap_net_bind_service() if xattr_name == "security.capability" else b"kept")
     except OSError as exc:
-        pytest.skip(f"no file capabilities here: {exc}")
+        pytest.skip(f"no {xattr_name} here: {exc}")
     res = _stash(t, ["server"])
     if is_stub(f):
         assert _checkout(t, ["server"]).done
-    assert "security.capability" in os.listxattr(f), res
+    assert xattr_name in os.listxattr(f), res
 
 
 @pytest.mark.parametrize("flag", ["i", "a"])
@@ -347,3 +349,38 @@ def test_keep_both_fetches_the_stashed_version_of_a_stub_with_a_long_name(tmp_pa
     assert len(beside) == 1 and b3(beside[0]) == want, (res.out, res.err)
     assert f.read_bytes()[:8] == b"my notes"
     assert _tmp_names(t.root) == []
+
+
+def _acl(uid: int) -> bytes:
+    """A binary POSIX ACL: owner rwx, user ``uid`` rwx, group rx, mask rwx, other rx."""
+    import struct
+
+    entries = [(0x01, 7, 0xFFFFFFFF), (0x02, 7, uid), (0x04, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF),
+               (0x20, 5, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: checkout's content file inherits the directory's default ACL and "
+                   "_restore_metadata never removes it when the original had no ACL: a file comes back "
+                   "readable by a user the original never let in")
+def test_a_file_without_an_acl_in_a_directory_with_a_default_acl_comes_back_without_one(tmp_path):
+    """A shared directory carries a default ACL granting user 4242 access to new files; the
+    user's file in it has no ACL of its own (made before the default, or cleared with
+    `setfacl -b`), mode 0640: user 4242 cannot read it. Checkout creates the content as a
+    new file in that directory: it inherits the default ACL, and as the original had none to
+    restore, it stays: after the round trip user 4242 can read the file."""
+    t = make_tree(tmp_path)
+    d = t.root / "shared"
+    d.mkdir()
+    f = d / "review.txt"
+    make_file(f, 200_000, seed=11)
+    os.chmod(f, 0o640)
+    try:
+        os.setxattr(d, "system.posix_acl_default", _acl(4242))
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs here: {exc}")
+    assert "system.posix_acl_access" not in os.listxattr(f)
+    assert _stash(t, ["shared/review.txt"]).done
+    assert _checkout(t, ["shared/review.txt"]).done
+    assert "system.posix_acl_access" not in os.listxattr(f), "user 4242 was let in by the directory's default ACL"
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
