@@ -99,22 +99,33 @@ def test_a_chmod_600_in_the_last_instant_before_the_swap_is_never_undone(tmp_pat
 # -- another filesystem mounted inside the root ---------------------------------------------------
 
 def _devs_synced(module, monkeypatch) -> tuple[list[int], list[tuple[int, bool]]]:
-    """Wrap ``module``'s syncfs and exchange: the devices synced, and for each exchange its
-    directory's device and whether that device had been synced before it."""
+    """Watch what is made durable and what is exchanged: every syncfs (``module``'s and
+    jam_core.fs's) and every fsync records its filesystem's device; every exchange of ``module``
+    records its directory's device and whether that device was made durable before it."""
+    import jam_core.fs as fs
+
     synced: list[int] = []
     swaps: list[tuple[int, bool]] = []
-    real_sync, real_ex = module.syncfs, module.exchange
 
-    def rec_sync(fd):
-        synced.append(os.fstat(fd).st_dev if isinstance(fd, int) else os.stat(fd).st_dev)
-        return real_sync(fd)
+    def dev_of(fd):
+        return os.fstat(fd).st_dev if isinstance(fd, int) else os.stat(fd).st_dev
+
+    def watch(real):
+        def wrapped(fd, *a, **kw):
+            synced.append(dev_of(fd))
+            return real(fd, *a, **kw)
+        return wrapped
+
+    real_ex = module.exchange
 
     def rec_ex(dir_fd, a, b):
         dev = os.fstat(dir_fd).st_dev
         swaps.append((dev, dev in synced))
         return real_ex(dir_fd, a, b)
 
-    monkeypatch.setattr(module, "syncfs", rec_sync)
+    monkeypatch.setattr(module, "syncfs", watch(module.syncfs))
+    monkeypatch.setattr(fs, "syncfs", watch(fs.syncfs))
+    monkeypatch.setattr(os, "fsync", watch(os.fsync))
     monkeypatch.setattr(module, "exchange", rec_ex)
     return synced, swaps
 
