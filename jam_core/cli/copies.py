@@ -46,14 +46,21 @@ def where(paths, check: bool, as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def copy(to: str, paths) -> None:
     """Put the content of stubbed files on remote TO as well."""
-    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import copy as copy_
+
+    _run(paths, "Copying", "Copied", f"to {to}", lambda root, rels, pm, s, p: copy_(root, rels, pm, to, s, pieces=p))
+
+
+def _run(paths, title: str, verb: str, where: str, op) -> None:
+    """One of copy, move, drop: the root and paths named, one session, the pieces (copies held
+    as chunks count: ``history.chunks.Pieces``), the report and its exit code."""
+    from jam_core.history.chunks import Pieces
 
     root, rels = root_and_rels(paths)
     pm = plugin_manager()
-    with session("Copying") as s:
-        result = copy_(root, rels, pm, to, s, pieces=Pieces(root, pm, s))
-    report(result, "Copied", f"to {to}")
+    with session(title) as s:
+        result = op(root, rels, pm, s, Pieces(root, pm, s))
+    report(result, verb, where)
     raise SystemExit(result.exit_code)
 
 
@@ -63,15 +70,10 @@ def copy(to: str, paths) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def move(src: str, dst: str, paths) -> None:
     """Copy stubbed files' content to remote TO, then remove it from remote FROM."""
-    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import move as move_
 
-    root, rels = root_and_rels(paths)
-    pm = plugin_manager()
-    with session("Moving") as s:
-        result = move_(root, rels, pm, src, dst, s, pieces=Pieces(root, pm, s))
-    report(result, "Moved", f"to {dst}")
-    raise SystemExit(result.exit_code)
+    _run(paths, "Moving", "Moved", f"to {dst}",
+         lambda root, rels, pm, s, p: move_(root, rels, pm, src, dst, s, pieces=p))
 
 
 @main.command()
@@ -79,12 +81,7 @@ def move(src: str, dst: str, paths) -> None:
 @click.argument("paths", nargs=-1, required=True)
 def drop(src: str, paths) -> None:
     """Remove stubbed files' content from remote FROM, only where enough copies remain."""
-    from jam_core.history.chunks import Pieces
     from jam_core.ops.copies import drop as drop_
 
-    root, rels = root_and_rels(paths)
-    pm = plugin_manager()
-    with session("Dropping") as s:
-        result = drop_(root, rels, pm, src, s, pieces=Pieces(root, pm, s))
-    report(result, "Dropped", f"from {src}")
-    raise SystemExit(result.exit_code)
+    _run(paths, "Dropping", "Dropped", f"from {src}",
+         lambda root, rels, pm, s, p: drop_(root, rels, pm, src, s, pieces=p))
