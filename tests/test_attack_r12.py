@@ -291,3 +291,25 @@ def test_a_head_whose_objects_no_remote_holds_never_replaces_a_local_file(tmp_pa
     (d / "evil").write_bytes(f"jam-head 1\n{sid}\n{len(stored)}\n".encode())
     run(b, "sync", machine="bbb", check=None)
     assert (b / "docs/one.txt").read_bytes() == b"one\n", "a local file became a stub of nothing"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: two computers with one machine id (a home directory restored on a new "
+                   "laptop) write one head and skip it as their own: sync says all is merged and merges nothing")
+def test_two_computers_sharing_a_machine_id_are_told_not_silently_unsynced(tmp_path):
+    """The new laptop got ~/.local/share/jam/machine-id from a backup of the old one: both are
+    machine 'aaa'. The old one commits an edit; the new one's `jam sync` reads the heads, skips
+    'aaa' as its own, and answers "synced: 0 heads merged" (exit 0): a user trusts that.
+    Its push then replaces the old laptop's head with its own older one: a third computer's
+    clone no longer sees the edit. Expected: the edit arrives, or the sync says why not (exit
+    1), and the remote's head never goes back."""
+    t, a, b = two(tmp_path)
+    (a / "docs/one.txt").write_bytes(b"edited on the old laptop\n")
+    run(a, "commit", "-m", "edit", machine="aaa")
+    res = run(b, "sync", machine="aaa", check=None)
+    if res.returncode == 0:
+        run(b, "checkout", "docs/one.txt", machine="aaa")
+        assert (b / "docs/one.txt").read_bytes() == b"edited on the old laptop\n", res.out
+    c = tmp_path / "c"
+    run(tmp_path, "clone", str(t.remote), str(c), machine="ccc")
+    run(c, "checkout", "docs/one.txt", machine="ccc")
+    assert (c / "docs/one.txt").read_bytes() == b"edited on the old laptop\n", "the remote's head went back"
