@@ -313,3 +313,57 @@ def test_two_computers_sharing_a_machine_id_are_told_not_silently_unsynced(tmp_p
     run(tmp_path, "clone", str(t.remote), str(c), machine="ccc")
     run(c, "checkout", "docs/one.txt", machine="ccc")
     assert (c / "docs/one.txt").read_bytes() == b"edited on the old laptop\n", "the remote's head went back"
+
+
+# -- 2. restore and sync never write over what appeared in the last instant ------------------------
+def test_a_file_saved_where_restore_is_making_its_stub_is_never_replaced(tmp_path, monkeypatch):
+    """`jam restore notes.txt` (deleted) checks that nothing is there, then makes the stub aside;
+    in that instant the user saves a new notes.txt. The user's file stays, byte for byte, and the
+    restore says so (exit 1). Guard (mutation-checked): restore._make's rename_noreplace (an
+    os.rename there replaces the user's file)."""
+    from jam_core.errors import JamError
+    from jam_core.history import restore as restore_mod
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path, "a")
+    (t.root / "notes.txt").write_bytes(b"old notes\n" * 100)
+    run(t.root, "commit", "-m", "one", machine="aaa")
+    (t.root / "notes.txt").unlink()
+    real = restore_mod.make_entry
+
+    def saved_meanwhile(dfd, name, *args, **kw):
+        out = real(dfd, name, *args, **kw)
+        (t.root / "notes.txt").write_bytes(b"the user's new notes\n")
+        return out
+
+    monkeypatch.setattr(restore_mod, "make_entry", saved_meanwhile)
+    with pytest.raises(JamError) as exc:
+        restore_mod.restore(Root.find(t.root), "notes.txt")
+    assert "appeared" in str(exc.value)
+    assert (t.root / "notes.txt").read_bytes() == b"the user's new notes\n"
+    assert not [n for n in os.listdir(t.root) if n.startswith(".jam-")], "no leftover"
+
+
+def test_a_file_saved_where_sync_is_making_a_new_stub_is_never_replaced(tmp_path, monkeypatch):
+    """aaa adds new.txt; bbb's sync makes its stub aside; in that instant bbb's user saves a
+    new.txt of their own. Theirs must not replace it. Guard (mutation-checked): clone.place's
+    rename_noreplace (an os.rename there replaces the user's file)."""
+    from jam_core.history import clone as clone_mod
+
+    t, a, b = two(tmp_path)
+    (a / "new.txt").write_bytes(b"from aaa\n")
+    run(a, "commit", "-m", "new", machine="aaa")
+    real = clone_mod.make_entry
+    saved = []
+
+    def saved_meanwhile(dfd, name, *args, **kw):
+        out = real(dfd, name, *args, **kw)
+        if name == "new.txt" and not saved:
+            (b / "new.txt").write_bytes(b"bbb's own new.txt\n")
+            saved.append(1)
+        return out
+
+    monkeypatch.setattr(clone_mod, "make_entry", saved_meanwhile)
+    res = _sync_in_process(b, monkeypatch, "_refer", lambda: None)
+    assert saved and (b / "new.txt").read_bytes() == b"bbb's own new.txt\n"
+    assert res.exit_code == 1
