@@ -367,3 +367,45 @@ def test_a_file_saved_where_sync_is_making_a_new_stub_is_never_replaced(tmp_path
     res = _sync_in_process(b, monkeypatch, "_refer", lambda: None)
     assert saved and (b / "new.txt").read_bytes() == b"bbb's own new.txt\n"
     assert res.exit_code == 1
+
+
+def _env(tmp_path: Path, machine: str) -> dict:
+    home = tmp_path / f"home-{machine}"
+    home.mkdir(exist_ok=True)
+    return dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
+                XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"), JAM_MACHINE_ID=machine)
+
+
+def _jam(cwd, env, *args, check: int | None = 0):
+    res = subprocess.run([JAM, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+    assert "Traceback" not in res.stderr, res.stderr
+    if check is not None:
+        assert res.returncode == check, f"jam {args}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+# -- 1. removals that break a head's promise --------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="BUG: drop --from vault removes an object the head on vault needs (the local "
+                   "default's copy is counted): a clone from vault then lacks it")
+def test_drop_never_takes_from_a_remote_an_object_the_head_there_promises(tmp_path):
+    """The laptop's root has the embedded `default` (its own disk) and `vault`. `jam commit`
+    puts f.bin on vault (the head there promises a clone every byte); the user then stashes it
+    and runs `jam drop --from vault f.bin` (the copy on `default` counts). The second computer's
+    clone from vault can never fetch f.bin. Expected: drop keeps it (one line) while the head
+    there needs it."""
+    env = _env(tmp_path, "aaa")
+    root, vault = tmp_path / "root", tmp_path / "vault"
+    root.mkdir()
+    vault.mkdir()
+    _jam(root, env, "init", ".")
+    _jam(root, env, "remote", "add", "vault", str(vault))
+    assert "default" in _jam(root, env, "remote", "list").stdout
+    data = os.urandom(70_000)
+    (root / "f.bin").write_bytes(data)
+    _jam(root, env, "commit", "-m", "one")
+    _jam(root, env, "stash", "f.bin")
+    _jam(root, env, "drop", "--from", "vault", "f.bin", check=None)
+    env_b = _env(tmp_path, "bbb")
+    _jam(tmp_path, env_b, "clone", str(vault), str(tmp_path / "c"))
+    _jam(tmp_path / "c", env_b, "checkout", "f.bin")
+    assert (tmp_path / "c" / "f.bin").read_bytes() == data, "differs"
