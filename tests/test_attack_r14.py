@@ -299,28 +299,38 @@ def test_stubs_in_a_directory_taken_for_another_root_are_never_forgotten(tmp_pat
                    "(no writer) hangs `jam doctor` forever")
 def test_doctor_never_opens_an_rc_file_that_is_a_fifo(jam_root, isolated_home, monkeypatch):
     """~/.zshrc is a named pipe (a dotfile manager's trick, or a mistake): opening it for
-    reading blocks until someone writes. doctor's shell-hook check must not open it (a regular
-    file only, opened with O_NONBLOCK); a warning or nothing, never a hang. Injected: the
-    ``open`` doctor's module calls is wrapped, a FIFO is refused there instead of blocking."""
+    reading blocks until someone writes (`jam doctor` hangs: seen with the real command). The
+    shell-hook check must not open it blocking (a regular file only; O_NONBLOCK then fstat).
+    Injected: ``open`` in doctor's module and ``os.open`` are wrapped, and a blocking open of
+    the FIFO is refused there (recorded) instead of hanging the test."""
     import jam_core.ops.doctor as doc
     from jam_core.model import Session
 
     fifo = isolated_home / ".zshrc"
     os.mkfifo(fifo)
-    opened_fifos = []
-    real_open = open
+    blocking_opens = []
+    real_open, real_os_open = open, os.open
+
+    def is_fifo(path) -> bool:
+        return isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(path) == str(fifo)
 
     def watching(path, *args, **kwargs):
-        if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and \
-                not os.path.isfile(path) and os.path.realpath(path) == str(fifo):
-            opened_fifos.append(path)
+        if is_fifo(path):
+            blocking_opens.append(path)
             raise OSError(6, "this open would block forever")  # rather than hang the test
         return real_open(path, *args, **kwargs)
 
+    def watching_os(path, flags, *args, **kwargs):
+        if is_fifo(path) and kwargs.get("dir_fd") is None and not flags & os.O_NONBLOCK:
+            blocking_opens.append(path)
+            raise OSError(6, "this open would block forever")
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(doc, "open", watching, raising=False)
+    monkeypatch.setattr(os, "open", watching_os)
     with Session() as s:
         doc.doctor(jam_root, ".", make_plugin_manager(), s)
-    assert opened_fifos == [], "doctor opened a FIFO for reading: without a writer it hangs"
+    assert blocking_opens == [], "doctor opened a FIFO for reading, blocking: without a writer it hangs"
 
 
 # -- 6. what a named path is ---------------------------------------------------------------------------------
