@@ -481,3 +481,47 @@ def test_ctrl_c_as_checkout_puts_back_a_file_saved_over_the_stub_never_deletes_i
     import blake3
 
     assert blake3.blake3(new).hexdigest() in _contents(t.root), "the file saved in the last instant is gone"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: checkout as root applies the setgid/setuid bits a stub's owner wrote "
+                   "into its user.jam xattr: a user outside group 3333 gets a setgid-3333 program of content of "
+                   "their choosing, which the kernel would never let them make")
+def test_checkout_as_root_never_makes_a_setgid_file_its_owner_could_not_make(tmp_path):
+    """A user (uid 4321, not in group 3333) owns a directory of the project group 3333, setgid
+    (files made in it take group 3333). The kernel never lets that user set the setgid bit on
+    a file of group 3333 (chmod clears it). But a stub's record is theirs to write: they copy
+    a stub of any program jam stashed (here `pub/tool`, content on the remote), set its
+    user.jam record's mode to 02755 (a stub is metadata its owner writes), and wait for root's
+    checkout (the cd hook in a root shell, a cron job): root creates the file with the
+    stub's owner and group and applies the record's mode, setgid included (root has
+    CAP_FSETID). The user now runs a program with group 3333."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from dataclasses import replace
+
+    from jam_core.stub import write_stub
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "pub" / "tool", 200_000, seed=14)
+    os.chmod(t.root / "pub" / "tool", 0o755)
+    assert _stash(t, ["pub/tool"]).done
+    rec = record(t.root / "pub" / "tool")
+    proj = t.root / "proj"
+    proj.mkdir()
+    os.chown(proj, 4321, 3333)
+    os.chmod(proj, 0o2775)
+    # What the user can do without jam: a file in their directory takes group 3333; chmod g+s
+    # by them is refused (cleared by the kernel). What they write: a stub of their own, with
+    # the record of pub/tool and mode 02755 (their own file's user.jam xattr).
+    forged = replace(rec, mode=0o2755)
+    fd = os.open(proj / "tool", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchown(fd, 4321, -1)
+        write_stub(fd, forged, "tool", rec.mtime_ns)
+    finally:
+        os.close(fd)
+    assert os.stat(proj / "tool").st_gid == 3333
+    _checkout(t, ["proj/tool"])
+    st = os.lstat(proj / "tool")
+    made = (st.st_uid, st.st_gid, bool(st.st_mode & stat.S_ISGID))
+    assert not (made[1] == 3333 and made[2]), f"a setgid-3333 file of user 4321: {made}, {oct(st.st_mode)}"
