@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from jam_core.errors import JamError
@@ -43,6 +44,9 @@ CREATE TABLE IF NOT EXISTS recipes (whole TEXT PRIMARY KEY, size INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS chunks (recipe TEXT, cid TEXT, size INTEGER NOT NULL, PRIMARY KEY (recipe, cid))
     WITHOUT ROWID;
 """
+
+
+MAX_CACHED = 256 << 20  # a snapshot's stored bytes at most (as fetch_snapshot refuses more)
 
 
 class HistoryError(JamError):
@@ -203,12 +207,34 @@ class Index:
         return self.dir / "objects" / sid.replace(":", "-")
 
     def read_bytes(self, sid: str) -> bytes | None:
-        """The cached stored bytes of ``sid``, or None if not cached here (not yet verified)."""
+        """The cached stored bytes of ``sid``, or None if not cached here (not yet verified).
+        Only a regular file is read (opened without following a symlink, without waiting on a
+        FIFO), at most MAX_CACHED bytes: anything else there is a one-line HistoryError."""
+        path = self.cache_path(sid)
         try:
-            with open(self.cache_path(sid), "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise HistoryError(f"{path}: {exc.strerror or exc} (not a snapshot jam cached; remove it)") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # guard: a FIFO, a device, a socket is never read
+                raise HistoryError(f"{path}: not a regular file (not a snapshot jam cached; remove it)")
+            if st.st_size > MAX_CACHED:
+                raise HistoryError(f"{path}: {st.st_size} bytes, too large for a snapshot; remove it")
+            chunks, got = [], 0
+            while True:
+                b = os.read(fd, min(1 << 20, MAX_CACHED + 1 - got))
+                if not b:
+                    break
+                chunks.append(b)
+                got += len(b)
+                if got > MAX_CACHED:
+                    raise HistoryError(f"{path}: too large for a snapshot; remove it")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def load(self, sid: str) -> Snapshot:
         """The snapshot ``sid`` from the local cache, verified and validated."""
