@@ -67,6 +67,40 @@ def syncfs(path_or_fd: str | os.PathLike | int) -> None:
         os.close(fd)
 
 
+class Filesystems:
+    """Every filesystem a command writes to below a root: the root's own, and each other disk
+    mounted inside it (a syncfs of the root's filesystem leaves another disk's writes in its
+    cache). ``of(dir_fds)``: a descriptor on the root's filesystem and one on each other
+    filesystem that holds a directory of ``dir_fds``, to syncfs each (one per device);
+    ``seen()``: one on each filesystem met so far (a descriptor is kept per other device: the
+    directories may be closed by then)."""
+
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        self.root_dev = os.fstat(root_fd).st_dev
+        self._fds: dict[int, int] = {}  # another device -> a descriptor on it (dup'd, ours)
+
+    def of(self, dir_fds) -> list[int]:
+        out, done = [self.root_fd], {self.root_dev}
+        for fd in set(dir_fds):
+            dev = os.fstat(fd).st_dev
+            if dev in done:
+                continue
+            if dev not in self._fds:
+                self._fds[dev] = os.dup(fd)
+            out.append(self._fds[dev])
+            done.add(dev)
+        return out
+
+    def seen(self) -> list[int]:
+        return [self.root_fd, *self._fds.values()]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 # -- directory descriptors ---------------------------------------------------------------------
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

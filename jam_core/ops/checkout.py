@@ -18,6 +18,7 @@ from jam_core.fs import (
     TMP_MARK,
     Closer,
     DirFds,
+    Filesystems,
     exchange,
     fd_path,
     open_regular,
@@ -85,6 +86,7 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
         caches = [r for r in remotes if is_cache(r)]
         recorder = Recorder(root, pm, session) if todo and caches else None
         closer = Closer()  # the old stubs' last closes free their blocks: waits on the disk, overlapped
+        disks = Filesystems(dirs.root_fd)  # the root's, and any other disk mounted inside it
         try:
             # While a worker fetches and verifies batch N, swap batch N-1 in.
             pipeline.run(
@@ -92,18 +94,21 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
                 prepare=lambda batch: _wants(batch, remotes, cat, dirs, result, session),
                 move=lambda wants: _warm(root, _fetch_all(root, wants, pm, session, result), caches, pm,
                                          session, recorder),
-                finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs),
+                finish=lambda wants, fetching: _swap_batch(fetching.result(), cat, result, dirs, disks),
                 stop=lambda: bool(result.aborted),
                 session=session,
                 cleanup=lambda wants: _drop_tmps(wants, dirs, closer),
             )
         finally:
             closer.stop()  # every old stub closed (its blocks free) before the checkout returns
-            if result.done:  # the last swaps, durable before the checkout says it is done
-                try:
-                    syncfs(dirs.root_fd)
-                except OSError as exc:
-                    result.aborted = result.aborted or f"the files may not be on the disk yet: {describe(exc)}"
+            try:
+                if result.done:  # the last swaps, durable before the checkout says it is done (every disk)
+                    for fd in disks.seen():
+                        syncfs(fd)
+            except OSError as exc:
+                result.aborted = result.aborted or f"the files may not be on the disk yet: {describe(exc)}"
+            finally:
+                disks.close()
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
                 by_name = {r.name: r for r in remotes}
@@ -362,11 +367,12 @@ def _problem(remote: Remote, w: _Want, outcome, session: Session) -> str | None:
     return None
 
 
-def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds) -> None:
+def _swap_batch(ready: list[_Want], cat: Catalog, result: Result, dirs: DirFds, disks: Filesystems) -> None:
     if not ready:
         return
-    try:
-        syncfs(dirs.root_fd)  # the batch's content durable before any stub is swapped out
+    try:  # the batch's content durable before any stub is swapped out: on every disk it went to
+        for fd in disks.of(w.dir_fd for w in ready):
+            syncfs(fd)
     except OSError as exc:
         result.aborted = result.aborted or f"cannot make the fetched files durable: {describe(exc)}"
         return  # the temporary files are removed by _drop_tmps

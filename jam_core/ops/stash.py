@@ -4,8 +4,8 @@ For each file: open it relative to its directory's descriptor (never through a s
 blocking on a FIFO), take a read lease (a file open for writing is left alone), read and hash
 it, let ``place`` choose remotes, let each remote's backend store and verify the object; once
 a batch is stored, write the stubs beside their files, make them durable (one syncfs of the
-root's filesystem) and the remotes too (``sync``), and exchange each stub with its file in one atomic
-``renameat2(RENAME_EXCHANGE)``, only if the file did not change meanwhile (size, mtime,
+root's filesystem, and of each other disk mounted inside it) and the remotes too (``sync``),
+and exchange each stub with its file in one atomic ``renameat2(RENAME_EXCHANGE)``, only if the file did not change meanwhile (size, mtime,
 inode, ctime, the lease). What was exchanged out is then checked: if it is not the inode that
 was hashed (a file saved over it in the last instant), it is exchanged back.
 """
@@ -26,6 +26,7 @@ from jam_core.fs import (
     Closer,
     DirFds,
     FileBusy,
+    Filesystems,
     Leases,
     NotTheFile,
     carried_xattrs,
@@ -133,13 +134,14 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 remotes.fixed = None  # each file will hear why
         leases = Leases()
         closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
+        disks = Filesystems(dirs.root_fd)  # the root's, and any other disk mounted inside it
         try:
             pipeline.run(
                 batches(todo, lambda e: e.st.st_size),
                 prepare=lambda batch: _hash_batch(root, batch, dirs, leases, remotes, pm, session, result),
                 move=lambda hashed: _store_batch(root, hashed, remotes, pm, session, recorder),
                 finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result,
-                                                             dirs, leases, closer),
+                                                             dirs, leases, closer, disks=disks),
                 stop=lambda: bool(result.aborted),
                 session=session,
                 cleanup=lambda hashed: _release(hashed, leases, dirs, closer),
@@ -154,7 +156,8 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 closer.stop()
             finally:  # interrupted while waiting for the frees: the swaps made are still synced
                 if result.done:
-                    _settle(dirs, result)
+                    _settle(disks, result)
+                disks.close()
             refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
@@ -165,11 +168,13 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
     return result
 
 
-def _settle(dirs: DirFds, result: Result) -> None:
+def _settle(disks: Filesystems, result: Result) -> None:
     """Make the last swaps durable before the stash says it is done: one syncfs of the root's
-    filesystem for the whole run (it was an fsync per directory per batch)."""
+    filesystem for the whole run (it was an fsync per directory per batch), and one of each
+    other disk mounted inside the root that the stash wrote to."""
     try:
-        syncfs(dirs.root_fd)
+        for fd in disks.seen():
+            syncfs(fd)
     except OSError as exc:
         result.aborted = result.aborted or f"the stubs may not be on the disk yet: {describe(exc)}"
 
@@ -290,7 +295,8 @@ def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, se
 
 
 def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Session, cat: Catalog,
-                  result: Result, dirs: DirFds, leases: Leases, closer: Closer | None = None) -> None:
+                  result: Result, dirs: DirFds, leases: Leases, closer: Closer | None = None,
+                  *, disks: Filesystems) -> None:
     """Wait for a batch's store, then swap every file whose every chosen remote holds it."""
     try:
         errors, used = storing.result()
@@ -318,7 +324,7 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
         else:
             result.failed.append((s.entry.rel, describe(err)))
     if stored:
-        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases, closer)
+        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases, closer, disks=disks)
 
 
 def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Iterator[tuple[Stored, Exception | None]]:
@@ -355,10 +361,12 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
 
 
 def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
-                dirs: DirFds, leases: Leases, closer: Closer | None = None) -> None:
+                dirs: DirFds, leases: Leases, closer: Closer | None = None,
+                *, disks: Filesystems) -> None:
     """Write a batch's stubs aside, make them and the batch's objects durable (one syncfs of
-    the root's filesystem, then one ``sync`` per remote: a remote on the same disk finds
-    nothing left to flush), then swap them in one by one. Nothing is swapped unless all of
+    the root's filesystem and one of each other disk mounted inside the root that holds one of
+    them, then one ``sync`` per remote: a remote on the same disk finds nothing left to flush),
+    then swap them in one by one. Nothing is swapped unless all of
     those succeeded. Every file is its own success or failure: one unwritable directory fails
     only its files. The swaps become durable with the next batch's syncfs, or the one that
     ends the stash (``_settle``)."""
@@ -374,7 +382,8 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
     if not ready:
         return
     try:
-        syncfs(dirs.root_fd)
+        for fd in disks.of(s.dir_fd for s in ready):
+            syncfs(fd)
         for remote in remotes:
             pm.hook.sync(remote=remote, session=session)
     except (RemoteError, OSError) as exc:
