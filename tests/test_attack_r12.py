@@ -77,13 +77,12 @@ def _sync_in_process(b: Path, monkeypatch, at: str, action) -> object:
     return sync_mod.sync(Root.find(b), make_plugin_manager())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync (and clone) record their refs after reading the heads and never "
-                   "check the objects are still there: a gc that ran wholly in between leaves stubs of nothing")
 def test_a_gc_elsewhere_between_the_head_read_and_the_refs_never_leaves_a_stub_of_nothing(tmp_path, monkeypatch):
     """aaa commits new.bin. bbb's sync reads aaa's head; in that instant aaa deletes new.bin,
     commits and runs `gc --keep "last 1"`, which removes new.bin's object (no root's refs name
     it yet) and ends (its removal intent emptied). bbb's _refer then records its pending refs
-    and finds no intent: it makes a stub of an object no remote holds."""
+    and finds no intent: it makes a stub of an object no remote holds.
+    Guard (mutation-checked): sync._refer, the store.absent check after the refs are recorded."""
     t, a, b = two(tmp_path)
     data = os.urandom(70_000)
     (a / "new.bin").write_bytes(data)
@@ -258,13 +257,12 @@ def test_a_cached_snapshot_replaced_by_a_fifo_is_one_line_not_a_hang(tmp_path):
 
 
 # -- 3. hostile remote content --------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: sync replaces a local file by a stub of an object no remote holds "
-                   "(a head naming a snapshot whose objects are nowhere): no presence check before the merge")
 def test_a_head_whose_objects_no_remote_holds_never_replaces_a_local_file(tmp_path):
     """A head of machine 'evil' names a valid snapshot, child of bbb's head, in which
     docs/one.txt is an object that no remote holds. bbb's docs/one.txt is local (the base
     version): the sync must not swap it for a stub that can never come back (then every later
-    commit of bbb fails to write its head: the remote lacks that object)."""
+    commit of bbb fails to write its head: the remote lacks that object).
+    Guard (mutation-checked): sync._refer, the store.absent check (the head is not merged)."""
     from jam_core.history.index import Index
     from jam_core.history.snapshot import Item, Snapshot, encode, id_of
     from jam_core.root import Root

@@ -130,13 +130,13 @@ def nobody_tree():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor's walk ignores a directory it cannot read; --fix then "
-                   "forgets its stubs and every later doctor says all can come back")
 def test_a_directory_doctor_cannot_read_is_never_all_well(nobody_tree):
     """`locked/g.bin` is a stub whose object the remote lost; the user (not root) made `locked`
     unreadable (chmod 000). doctor cannot see it, so it cannot prove it comes back: it must say
     which directory it could not read and exit 1, also after `--fix` (which must not forget the
-    catalog's rows of stubs it could not see as "no longer there")."""
+    catalog's rows of stubs it could not see as "no longer there").
+    Guard (mutation-checked, both removed): doctor._Doctor.walk_error (an unreadable directory is
+    `unseen`) and _Doctor.hidden in check_catalog (the row of a stub it could not look at is kept)."""
     t, env, as_nobody = nobody_tree
     make_file(t.root / "f.bin", SIZE, seed=1)
     make_file(t.root / "locked" / "g.bin", SIZE, seed=2)
@@ -203,9 +203,11 @@ def test_fix_never_writes_a_header_over_a_concurrent_write(tmp_path, monkeypatch
     """f.bin's header block was lost to zeros: `doctor --fix` writes it again (``rewrite``),
     in place, after checking the ctime. Another process (root, or the owner once doctor made
     the stub writable for its write) writes the user's text into it at that instant (injected
-    in ``stub.rewrite_header``, the call that writes). The user's bytes must survive: --fix
+    in ``stub.rewrite_header``, the call that writes in place, or in ``fs.exchange`` for a repair
+made aside and swapped in). The user's bytes must survive: --fix
     never touches a stub written into (README), so the header goes in through a new inode
     swapped in and checked after, as stash's swaps are, or not at all."""
+    import jam_core.fs as jam_fs
     import jam_core.ops.doctor as doc
     from jam_core.model import Session
 
@@ -215,20 +217,32 @@ def test_fix_never_writes_a_header_over_a_concurrent_write(tmp_path, monkeypatch
     p = t.root / "f.bin"
     _zero_header(p)
     mine = b"the user's own words, written at the last instant\n" * 20
-    real = doc.rewrite_header
+    written = []
 
-    def racing(fd, rec, name):
-        w = os.open(p, os.O_WRONLY)  # another process's descriptor: root writes past the mode
-        try:
-            os.pwrite(w, mine, 0)
-        finally:
-            os.close(w)
-        return real(fd, rec, name)
+    def user_writes():
+        if not written:
+            written.append(True)
+            w = os.open(p, os.O_WRONLY)  # another process's descriptor: root writes past the mode
+            try:
+                os.pwrite(w, mine, 0)
+            finally:
+                os.close(w)
 
-    monkeypatch.setattr(doc, "rewrite_header", racing)
+    real_rewrite, real_exchange = doc.rewrite_header, jam_fs.exchange
+
+    def rewrite_racing(fd, rec, name):  # the instant an in-place repair writes
+        user_writes()
+        return real_rewrite(fd, rec, name)
+
+    def exchange_racing(dir_fd, a, b):  # the instant a repair by exchange swaps its new stub in
+        user_writes()
+        return real_exchange(dir_fd, a, b)
+
+    monkeypatch.setattr(doc, "rewrite_header", rewrite_racing)
+    monkeypatch.setattr(jam_fs, "exchange", exchange_racing)
     with Session() as s:
         res = doc.doctor(Root.find(t.root), ".", make_plugin_manager(), s, fix=True)
-    assert [f.kind for f in res.problems] == ["bad-header"], res.problems
+    assert written and [f.kind for f in res.problems] == ["bad-header"], res.problems
     assert p.read_bytes()[:len(mine)] == mine, "the user's write was overwritten by the header"
 
 
@@ -256,13 +270,12 @@ def mount_over():
             subprocess.run(["umount", "-l", str(point)])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stubs hidden under a mount point are 'catalog-stale'; --fix "
-                   "forgets them and the next gc removes their only copy")
 def test_stubs_hidden_by_a_mount_are_never_forgotten(tmp_path, mount_over):
     """`sub/g.bin` is a stub; a drive is then mounted on `sub` (an sshfs, a USB stick: people
     mount into their trees), hiding it. doctor cannot see the stub, so `--fix` must not forget
     its catalog row as "no longer there": the row is what keeps its object referenced, and the
-    next `jam gc` would remove the only copy. After the unmount the stub must still come back."""
+    next `jam gc` would remove the only copy. After the unmount the stub must still come back.
+    Guard (mutation-checked): doctor._Doctor.probe_dir's st_dev check (a mount on the way hides the stub)."""
     t = make_tree(tmp_path)
     make_file(t.root / "sub" / "g.bin", SIZE, seed=5)
     make_file(t.root / "f.bin", SIZE, seed=6)
@@ -276,13 +289,12 @@ def test_stubs_hidden_by_a_mount_are_never_forgotten(tmp_path, mount_over):
     jam("checkout", "sub/g.bin", cwd=t.root)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: stubs in a directory the walk skips as another root's (a .jam "
-                   "directory appeared there) are forgotten by --fix, and gc removes their only copy")
 def test_stubs_in_a_directory_taken_for_another_root_are_never_forgotten(tmp_path):
     """`proj/g.bin` is a stub of this root; then `proj/.jam/` appears (a tool's folder, a
     repository cloned there, a half-made root): every walk now skips `proj` as another root's.
     doctor cannot see g.bin, so `--fix` must not forget its row, or `jam gc` removes its only
-    copy (it can still be checked out by name)."""
+    copy (it can still be checked out by name).
+    Guard (mutation-checked): doctor._Doctor.probe_dir's _foreign check (a directory every walk skips)."""
     t = make_tree(tmp_path)
     make_file(t.root / "proj" / "g.bin", SIZE, seed=7)
     jam("stash", "proj/g.bin", cwd=t.root)

@@ -611,6 +611,9 @@ class _Doctor:
         self.leftovers = 0
         self.foreign_tmps = 0
         self.rebuilt = False
+        # directories doctor could not look into: {dir: [why, stubs the catalog lists there]}
+        self.unseen: dict[str, list] = {}
+        self.probed: dict[str, tuple[str, str] | None] = {}  # dir of a catalog row -> why unseen
 
     def problem(self, kind: str, rel: str, detail: str, fixed: bool = False) -> Problem:
         self.reported.add(rel)
@@ -619,6 +622,7 @@ class _Doctor:
     def run(self) -> None:
         self.walk()
         self.check_catalog()
+        self.report_unseen()
         listings = self.list_remotes()
         self.check_objects(listings)
         self.unused(listings)
@@ -687,7 +691,8 @@ class _Doctor:
         sizes, named = self.local_sizes, set(self.rels)
         trusted = 0
         for r in self.rels:
-            for dname, base, names, stats in scan_stats(top, r, tidy=self.tidy, tidy_tmps=True):
+            for dname, base, names, stats in scan_stats(top, r, on_error=self.walk_error, tidy=self.tidy,
+                                                        tidy_tmps=True):
                 prefix = "" if dname == "." else dname + "/"
                 for name, st in zip(names, stats, strict=True):
                     rel = prefix + name
@@ -715,6 +720,77 @@ class _Doctor:
                         state, rec, problem = classify(base + name, st, ALWAYS)
                     self.check(Entry(rel, top + rel, st, state, rec, problem, dname))
         self.res.stubs += trusted
+
+    def walk_error(self, rel: str, exc: OSError) -> None:
+        """A directory the walk could not open or list: its stubs cannot be proven."""
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # gone, or a symlink: not followed
+            self.unseen.setdefault(rel, [f"cannot be read ({exc.strerror or exc})", 0])
+
+    def hidden(self, rel: str) -> tuple[str, str] | None:
+        """Why the walk could not see the catalog's stub ``rel``, if it could not: (the
+        directory, why). A directory it could not open, list or look into, a filesystem
+        mounted on the way (st_dev differs from the root's: what was under it is hidden), a
+        directory skipped as another root's or a remote's. None: ``rel`` is provably no
+        longer a file (a missing name, a directory, a symlink on the way)."""
+        from jam_core.fs import DIR_FLAGS
+        from jam_core.scan import _foreign
+
+        parent = rel.rpartition("/")[0]
+        if parent in self.probed:
+            why = self.probed[parent]
+        else:
+            why = self.probed[parent] = self.probe_dir(parent, DIR_FLAGS, _foreign)
+        if why is None or why[0]:
+            return why
+        try:  # the directories are there and ours: the name itself (EACCES: listed, not searchable)
+            os.stat(os.path.join(str(self.root.path), rel), follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return parent or ".", f"cannot be read ({exc.strerror})"
+        return None  # gone, or there and walked (a local file now: checked out by hand)
+
+    def probe_dir(self, parent: str, dir_flags: int, foreign) -> tuple | None:
+        """``hidden``'s look at the directories from the root down to ``parent``, each opened
+        by descriptor without following a symlink: (dir, why) if one hides what is below it,
+        ("", "") when all are there and ours, None when one is gone."""
+        try:
+            fd = os.open(self.root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            return ".", f"cannot be read ({exc.strerror})"
+        try:
+            dev = os.fstat(fd).st_dev
+            here = ""
+            for part in parent.split("/") if parent else ():
+                here = f"{here}/{part}" if here else part
+                try:
+                    nfd = os.open(part, dir_flags, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        return None
+                    return here, f"cannot be read ({exc.strerror})"
+                os.close(fd)
+                fd = nfd
+                if os.fstat(fd).st_dev != dev:
+                    return here, "a filesystem is mounted on it, hiding what was there"
+                try:
+                    with os.scandir(fd) as it:
+                        entries = list(it)
+                except OSError as exc:
+                    return here, f"cannot be read ({exc.strerror})"
+                if foreign(fd, entries):
+                    return here, "it holds a .jam directory (or a remote's marker): every walk skips it as " \
+                                 "another root's"
+            return "", ""
+        finally:
+            os.close(fd)
+
+    def report_unseen(self) -> None:
+        for d, (why, n) in sorted(self.unseen.items()):
+            what = (f"the {n} stub{'' if n == 1 else 's'} the catalog lists under it cannot be looked at, so "
+                    "nothing proves they come back (their catalog rows are kept)") if n else \
+                "doctor could not look inside, so nothing proves the stubs there come back"
+            self.problem("unseen", d, f"{why}: {what}; make it readable (or unmount what hides it, or move the "
+                         ".jam away) and run `jam doctor` again")
 
     def stub_inodes(self) -> set[int] | None:
         """The inodes the catalog recorded for stubs (None: read every file's xattr)."""
@@ -884,7 +960,17 @@ class _Doctor:
             return
         known = self.stamps
         seen = {row[0] for row in self.rows}
-        orphans = sorted(known.keys() - seen - self.reported)
+        orphans = []
+        for p in sorted(known.keys() - seen - self.reported):
+            hidden = self.hidden(p)
+            if hidden is None:
+                orphans.append(p)
+                continue
+            # a stub doctor could not look at: its row is kept (it is what keeps its object
+            # referenced: forgotten, the next gc would remove the only copy)
+            self.unseen.setdefault(hidden[0], [hidden[1], 0])[1] += 1
+            self.reported.add(p)
+            self.rows.append((p, *known[p][:5], None))
         cat_oids: dict[str, list[str]] = {}
         for p in orphans:
             cat_oids.setdefault(known[p][0], []).append(p)
