@@ -412,14 +412,12 @@ def _contents(top: Path) -> set[str]:
     return {b3(p) for p in top.rglob("*") if p.is_file() and not p.is_symlink() and ".jam" not in p.parts}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Ctrl-C between stash's exchange and its put-back (a file saved "
-                   "over the original in the last instant) lets _release unlink s.tmp, which is then the user's "
-                   "new file: the save is lost")
 def test_ctrl_c_as_stash_puts_back_a_file_saved_in_the_last_instant_never_deletes_it(tmp_path, monkeypatch):
     """The user saves over the file in the last instant before the exchange (as in
     test_save_over_the_original_in_the_last_instant_is_kept) and presses Ctrl-C as the
     exchange returns: the new file is then at jam's temporary name, waiting to be exchanged
-    back; the KeyboardInterrupt skips the put-back and the cleanup unlinks that name."""
+    back; the KeyboardInterrupt skips the put-back and the cleanup unlinks that name.
+    Guard (mutation-checked): stash._put_back (tmp no longer the stub's inode: exchange back)."""
     import signal
 
     t = make_tree(tmp_path)
@@ -447,14 +445,12 @@ def test_ctrl_c_as_stash_puts_back_a_file_saved_in_the_last_instant_never_delete
     assert blake3.blake3(new).hexdigest() in _contents(t.root), "the file saved in the last instant is gone"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Ctrl-C between checkout's exchange and its put-back (a file saved "
-                   "over the stub in the last instant) lets drop_tmp unlink w.tmp, which is then the user's new "
-                   "file: the save is lost and the old content takes its name")
 def test_ctrl_c_as_checkout_puts_back_a_file_saved_over_the_stub_never_deletes_it(tmp_path, monkeypatch):
     """As above for checkout (a Ctrl-C during the cd hook's fetch): the user saves a new file
     over the stub just after swap_in checked it; the exchange puts the fetched content at the
     name and the user's file at jam's temporary name; Ctrl-C skips the put-back and
-    ``_drop_tmps`` unlinks the user's file."""
+    ``_drop_tmps`` unlinks the user's file.
+    Guard (mutation-checked): checkout._put_back (tmp no longer the content's inode: exchange back)."""
     import signal
 
     t = make_tree(tmp_path)
@@ -540,3 +536,49 @@ def test_status_counts_a_small_stub_made_writable_as_a_stub(tmp_path):
     os.chmod(t.root / "small.cfg", 0o664)
     total = status_json(t.root)["total"]
     assert (total["stubs"], total["local"], total["stub_bytes"]) == (1, 0, 3000), total
+
+
+def test_a_file_mapped_writable_by_a_program_that_closed_it_stays_local(tmp_path):
+    """A program maps a file shared and writable, then closes its descriptor (databases and
+    editors do): no descriptor is open for writing, yet every store through the mapping
+    changes the file. Stashing it would unlink the inode the program keeps writing to. The
+    read lease cannot be taken while the mapping holds the file open for writing, so the file
+    stays local. Mutation-checked: with ``Leases.take`` answering False (no lease support) the
+    file is stashed and a later store through the mapping is lost."""
+    t = make_tree(tmp_path)
+    f = t.root / "db.bin"
+    make_file(f, 256 << 10, seed=16)
+    code = ("import ctypes, os, sys\n"  # libc's mmap: Python's mmap object keeps a dup of the descriptor
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_long)\n"
+            "libc.msync.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "size = os.fstat(fd).st_size\n"
+            "addr = libc.mmap(None, size, 3, 1, fd, 0)\n"  # PROT_READ|PROT_WRITE, MAP_SHARED
+            "assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()\n"
+            "os.close(fd)\n"
+            "print('mapped', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "ctypes.memmove(addr, b'SAVED', 5)\n"
+            "libc.msync(addr, size, 4)\n"  # MS_SYNC
+            "print('stored', flush=True)\n"
+            "sys.stdin.readline()\n")
+    import sys
+
+    prog = subprocess.Popen([sys.executable, "-c", code, str(f)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert prog.stdout.readline().strip() == "mapped"
+        assert not [p for p in os.listdir(f"/proc/{prog.pid}/fd") if os.path.realpath(f"/proc/{prog.pid}/fd/{p}")
+                    == str(f)], "the program still holds a descriptor"
+        res = _stash(t, ["db.bin"])
+        prog.stdin.write("\n")
+        prog.stdin.flush()
+        assert prog.stdout.readline().strip() == "stored"
+    finally:
+        prog.stdin.close()
+        prog.wait(timeout=30)
+    assert not is_stub(f), res
+    assert f.read_bytes()[:5] == b"SAVED"
