@@ -202,13 +202,12 @@ def test_two_roots_with_one_directory_name_on_one_remote_never_replace_each_othe
 
 
 # -- 2. sync writing into the tree ----------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: sync's replace swaps through a directory descriptor that followed "
-                   "its directory out of the root (no still-in-the-root check before the exchange)")
 def test_sync_never_replaces_a_file_in_a_directory_moved_out_of_the_root(tmp_path, monkeypatch):
     """aaa modifies docs/one.txt; bbb syncs. As the replace takes its lease (after its checks),
     the user moves bbb's docs/ out of the root (same filesystem). The exchange must not happen
     in the moved directory: nothing written outside the root (invariant 7), the file there
-    left as it was."""
+    left as it was.
+    Guard (mutation-checked): sync._replace's swap, its _still_in check before the exchange."""
     from jam_core.history import sync as sync_mod
     from jam_core.stub import read_record
 

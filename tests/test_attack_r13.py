@@ -265,16 +265,14 @@ def test_an_immutable_or_append_only_file_stays_as_it_is_and_leaves_nothing_behi
 
 # -- resource faults ------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: the local disk filling up as stash records a stub it just swapped "
-                   "in (sqlite 'database or disk is full' from Catalog.add_stub) ends the command with 'run it "
-                   "again': the files already stubbed are never reported and the catalog does not know them")
 def test_the_disk_filling_up_as_stash_records_its_stubs_never_hides_what_was_stashed(tmp_path, monkeypatch,
                                                                                    runner):
     """The root's disk fills up mid-batch: the stubs written aside and swapped in took the last
     blocks and SQLite cannot grow the catalog as the second stub is recorded (injected at that
     instant: ``Catalog.add_stub``). That file is already a stub; jam says only "no space left
     ... run the command again", the catalog (and the cd hook's index, made from it) does not
-    know the stub, and nothing tells the user to run `jam doctor --fix`."""
+    know the stub, and nothing tells the user to run `jam doctor --fix`.
+    Guard (mutation-checked): stash._swap_all/_swap_batch catch the catalog's sqlite3.Error (_not_recorded)."""
     import sqlite3
 
     from jam_core.catalog import Catalog
