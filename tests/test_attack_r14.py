@@ -394,3 +394,22 @@ def test_a_stub_naming_a_held_object_with_the_wrong_size_is_reported(tmp_path):
     jam("doctor", "--fix", cwd=t.root, check=None)  # the catalog learns b.bin (catalog-unknown, fixed)
     out = _doctor(t.root, check=1)
     assert any(p == "b.bin" for _k, p, _f in _problems(out)), out["checks"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix's reupload asks `place` without [place] copies: with "
+                   "copies = 2 it stores one copy, and no later --fix stores the second")
+def test_fix_stores_a_lost_object_again_on_as_many_remotes_as_copies_asks(tmp_path):
+    """copies = 2 over `a` and `b`; both lose f.bin's object; copy.bin has the same content.
+    `jam doctor --fix` stores it again (README), and must do so on the two remotes the copy
+    count asks for (as stash would), not on the nearest alone: after it the root is clean."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    root = _root(tmp_path, {"a": (a, 0, {}), "b": (b, 1, {})}, copies=2)
+    make_file(root.path / "f.bin", SIZE, seed=10)
+    make_file(root.path / "copy.bin", SIZE, seed=10)
+    jam("stash", "f.bin", cwd=root.path)
+    oid = record(root.path / "f.bin").oid
+    for loc in (a, b):
+        _obj(loc, oid).unlink()
+    jam("doctor", "--fix", cwd=root.path, check=None)
+    assert _obj(a, oid).is_file() and _obj(b, oid).is_file(), "stored again on one remote only"
+    _doctor(root.path, check=0)
