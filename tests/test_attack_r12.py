@@ -168,14 +168,14 @@ def test_gc_keep_never_collects_the_snapshot_a_remote_still_names_as_this_machin
     run(b, "checkout", "new.bin", machine="bbb")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two roots of one machine whose directories share a name write one head "
-                   "file (meta/history/<dir name>/<machine>): each commit replaces the other's head")
 def test_two_roots_with_one_directory_name_on_one_remote_never_replace_each_others_head(tmp_path):
     """~/work/notes and ~/home/notes on one machine both use the vault: both default to tree
     'notes' and write meta/history/notes/<machine id>. X commits, Y commits (replacing X's
     head), X commits again (unchanged: nothing sent). A second computer cloning the vault gets
     Y's files as X's tree and never sees X's; its sync would then merge Y's tree into X's.
-    Expected: Y's commit refuses (one line, exit 1/2) or the two roots' heads differ."""
+    Expected: Y's commit refuses (one line, exit 1/2) or the two roots' heads differ.
+    Guard (mutation-checked): store.push, _strange_head (a head of this machine naming a snapshot this
+    root never made nor saw is not replaced)."""
     from jam_core.manager import make_plugin_manager
     from jam_core.ops.remotes import add_remote
     from jam_core.root import Root
@@ -287,15 +287,15 @@ def test_a_head_whose_objects_no_remote_holds_never_replaces_a_local_file(tmp_pa
     assert (b / "docs/one.txt").read_bytes() == b"one\n", "a local file became a stub of nothing"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two computers with one machine id (a home directory restored on a new "
-                   "laptop) write one head and skip it as their own: sync says all is merged and merges nothing")
 def test_two_computers_sharing_a_machine_id_are_told_not_silently_unsynced(tmp_path):
     """The new laptop got ~/.local/share/jam/machine-id from a backup of the old one: both are
     machine 'aaa'. The old one commits an edit; the new one's `jam sync` reads the heads, skips
     'aaa' as its own, and answers "synced: 0 heads merged" (exit 0): a user trusts that.
     Its push then replaces the old laptop's head with its own older one: a third computer's
     clone no longer sees the edit. Expected: the edit arrives, or the sync says why not (exit
-    1), and the remote's head never goes back."""
+    1), and the remote's head never goes back.
+    Guard (mutation-checked): sync.sync's known_here check of "our" heads (exit 1, said) and
+    store.push's _strange_head (the head is not replaced)."""
     t, a, b = two(tmp_path)
     (a / "docs/one.txt").write_bytes(b"edited on the old laptop\n")
     run(a, "commit", "-m", "edit", machine="aaa")

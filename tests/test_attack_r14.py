@@ -413,3 +413,26 @@ def test_fix_stores_a_lost_object_again_on_as_many_remotes_as_copies_asks(tmp_pa
     jam("doctor", "--fix", cwd=root.path, check=None)
     assert _obj(a, oid).is_file() and _obj(b, oid).is_file(), "stored again on one remote only"
     _doctor(root.path, check=0)
+
+
+# -- 8. guarded (kept: each fails without the guard named) ----------------------------------------------------
+
+def test_a_drive_swapped_for_another_remote_holding_the_same_objects_is_not_all_well(tmp_path):
+    """The remote's directory is now another jam remote (a second backup drive plugged in
+    where the first was, mounted at the same path) that holds the very same objects: every
+    object is "there", with its size, yet this is not the drive the stubs' copies were
+    counted on. doctor must say so (`identity`, exit 1), not "all can come back".
+    Guard (mutation-checked): ops/doctor._check_remotes's ``elif recorded and got != recorded``
+    (another marker: the remote is unusable for this run)."""
+    t = make_tree(tmp_path)
+    other = make_tree(tmp_path, "other")
+    make_file(t.root / "f.bin", SIZE, seed=11)
+    make_file(other.root / "f.bin", SIZE, seed=11)
+    jam("stash", "f.bin", cwd=t.root)
+    jam("stash", "f.bin", cwd=other.root)
+    os.rename(t.remote, tmp_path / "first-drive")
+    os.rename(other.remote, t.remote)  # the other drive, where the first was
+    assert _obj(t.remote, record(t.root / "f.bin").oid).is_file()
+    out = _doctor(t.root, check=1)
+    assert ("identity", "vault", False) in _problems(out), out["checks"]
+    assert "all can come back" not in jam("doctor", cwd=t.root, check=1).out
