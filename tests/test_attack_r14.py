@@ -197,8 +197,6 @@ def _zero_header(path: Path) -> None:
     os.chmod(path, st.st_mode & 0o7777)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix writes the header back in place over a write "
-                   "another process made after doctor's check (the user's bytes are lost)")
 def test_fix_never_writes_a_header_over_a_concurrent_write(tmp_path, monkeypatch):
     """f.bin's header block was lost to zeros: `doctor --fix` writes it again (``rewrite``),
     in place, after checking the ctime. Another process (root, or the owner once doctor made
@@ -206,7 +204,9 @@ def test_fix_never_writes_a_header_over_a_concurrent_write(tmp_path, monkeypatch
     in ``stub.rewrite_header``, the call that writes in place, or in ``fs.exchange`` for a repair
 made aside and swapped in). The user's bytes must survive: --fix
     never touches a stub written into (README), so the header goes in through a new inode
-    swapped in and checked after, as stash's swaps are, or not at all."""
+    swapped in and checked after, as stash's swaps are, or not at all.
+    Guard (mutation-checked): doctor._Doctor.rewrite's check after the exchange (the inode that went
+    out must be unchanged: size, mtime, bytes), else it is exchanged back."""
     import jam_core.fs as jam_fs
     import jam_core.ops.doctor as doc
     from jam_core.model import Session
