@@ -443,12 +443,17 @@ def swap_in(w: _Want) -> None:
                            "jam will not overwrite it (`jam checkout --keep-both` fetches the stashed "
                            "version beside it)")
         _restore_metadata(w, stub_fd)
-        exchange(w.dir_fd, w.tmp, w.name)
-        out = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
-        if (out.st_ino, out.st_dev, out.st_size, out.st_mtime_ns, out.st_blocks) != \
-                (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_blocks):
-            exchange(w.dir_fd, w.tmp, w.name)  # put back what was there; the content goes
-            raise JamError("the stub was replaced while its content was being fetched; left as it is")
+        content = os.fstat(w.fd).st_ino
+        try:
+            exchange(w.dir_fd, w.tmp, w.name)
+            out = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
+            if (out.st_ino, out.st_dev, out.st_size, out.st_mtime_ns, out.st_blocks) != \
+                    (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_blocks):
+                exchange(w.dir_fd, w.tmp, w.name)  # put back what was there; the content goes
+                raise JamError("the stub was replaced while its content was being fetched; left as it is")
+        except BaseException:
+            _put_back(w, content)  # interrupted (Ctrl-C) in the middle: what was at the name returns to it
+            raise
         os.close(w.fd)
         w.fd = -1
         os.unlink(w.tmp, dir_fd=w.dir_fd)  # the old stub: a name only while stub_fd holds it
@@ -457,6 +462,20 @@ def swap_in(w: _Want) -> None:
         os.close(stub_fd)
         raise
     w.old = stub_fd  # closed (its blocks freed) in the background: _drop_tmps
+
+
+def _put_back(w: _Want, content: int) -> None:
+    """After an exchange interrupted before its check ended (a Ctrl-C as it returned): if the
+    temporary name no longer holds the fetched content (inode ``content``), the exchange was
+    made and what was at the name (the stub, or a file saved over it in the last instant) is
+    there: exchange it back, so that ``drop_tmp``, which unlinks the temporary name, removes
+    only the fetched content."""
+    try:
+        at_tmp = os.stat(w.tmp, dir_fd=w.dir_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if at_tmp.st_ino != content:
+        exchange(w.dir_fd, w.tmp, w.name)
 
 
 def keep_beside(w: _Want) -> str:

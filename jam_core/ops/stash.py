@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class Stored:
     targets: list[str]  # the names of the remotes ``place`` chose
     stored_on: set[str] = field(default_factory=set)
     tmp: str = ""  # the stub, written aside in dir_fd
+    stub_ino: int = 0  # its inode: tells whether an interrupted exchange was made (``_swap``)
     swapped: bool = False  # the stub took the file's place; ``fd`` holds the removed original
 
     @property
@@ -135,13 +137,15 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
         leases = Leases()
         closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
         disks = Filesystems(dirs.root_fd)  # the root's, and any other disk mounted inside it
+        unrecorded: set[str] = set()  # objects of stubs swapped in that the catalog could not record
         try:
             pipeline.run(
                 batches(todo, lambda e: e.st.st_size),
                 prepare=lambda batch: _hash_batch(root, batch, dirs, leases, remotes, pm, session, result),
                 move=lambda hashed: _store_batch(root, hashed, remotes, pm, session, recorder),
                 finish=lambda hashed, storing: _finish_batch(root, hashed, storing, pm, session, cat, result,
-                                                             dirs, leases, closer, disks=disks),
+                                                             dirs, leases, closer, disks=disks,
+                                                             unrecorded=unrecorded),
                 stop=lambda: bool(result.aborted),
                 session=session,
                 cleanup=lambda hashed: _release(hashed, leases, dirs, closer),
@@ -163,7 +167,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 used = [r for r in remotes if r.name in recorder.pending]
                 from jam_core.ops.refs import referenced
 
-                for problem in recorder.publish(referenced(root, cat), used):
+                for problem in recorder.publish(referenced(root, cat) | unrecorded, used):
                     result.skipped.append((".", problem))
     return result
 
@@ -296,7 +300,7 @@ def _store_batch(root: Root, hashed: list[Stored], remotes: list[Remote], pm, se
 
 def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Session, cat: Catalog,
                   result: Result, dirs: DirFds, leases: Leases, closer: Closer | None = None,
-                  *, disks: Filesystems) -> None:
+                  *, disks: Filesystems, unrecorded: set[str]) -> None:
     """Wait for a batch's store, then swap every file whose every chosen remote holds it."""
     try:
         errors, used = storing.result()
@@ -324,7 +328,8 @@ def _finish_batch(root: Root, hashed: list[Stored], storing, pm, session: Sessio
         else:
             result.failed.append((s.entry.rel, describe(err)))
     if stored:
-        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases, closer, disks=disks)
+        _swap_batch(root, stored, used.values(), pm, session, cat, result, dirs, leases, closer, disks=disks,
+                    unrecorded=unrecorded)
 
 
 def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Iterator[tuple[Stored, Exception | None]]:
@@ -362,14 +367,16 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
 
 def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Catalog, result: Result,
                 dirs: DirFds, leases: Leases, closer: Closer | None = None,
-                *, disks: Filesystems) -> None:
+                *, disks: Filesystems, unrecorded: set[str]) -> None:
     """Write a batch's stubs aside, make them and the batch's objects durable (one syncfs of
     the root's filesystem and one of each other disk mounted inside the root that holds one of
     them, then one ``sync`` per remote: a remote on the same disk finds nothing left to flush),
     then swap them in one by one. Nothing is swapped unless all of
     those succeeded. Every file is its own success or failure: one unwritable directory fails
     only its files. The swaps become durable with the next batch's syncfs, or the one that
-    ends the stash (``_settle``)."""
+    ends the stash (``_settle``). A catalog that cannot record a stub swapped in (the disk
+    full) stops the stash: that file is stashed all the same, and said to be (``unrecorded``:
+    its object stays in the refs; `jam doctor --fix` records it in the catalog)."""
     ready = []
     for s in batch:
         try:
@@ -391,30 +398,58 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
         return  # the stubs written aside are removed by _release
     daemon = (root.jam_dir / SOCK_NAME).exists()  # a `jam daemon` serves the root: it marks new stubs
     moved = {d for d in {s.entry.dir for s in ready} if not dirs.still_there(d)}
-    with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
-        for s in ready:
-            e = s.entry
-            if e.dir in moved:  # its directory left the root (or was replaced) since it was opened
-                result.skipped.append((e.rel, "its directory was moved or replaced while it was being stashed; "
-                                       "left as it is"))
-                result.partly = True
-                continue
-            try:
-                if daemon:
-                    mark_new_stub(root.path, s.dir_fd, s.tmp)  # before the rename: hydrates from its first instant
-                swapped = _swap(s, leases)
-            except OSError as exc:
-                result.failed.append((e.rel, describe(exc)))
-                continue
-            if not swapped:
-                result.skipped.append((e.rel, "changed while it was being stashed; left local"))
-                result.partly = True
-                continue
-            rec = s.record
-            ino, ctime = new_stub_stamp(s.dir_fd, s.name, s.record)  # vouched for only if still clean
+    made: list[str] = []  # the objects of this batch's stubs swapped in (a failed commit loses their rows)
+    try:
+        with cat.transaction(keep_on_error=True):  # one commit per batch, not per file
+            _swap_all(root, ready, daemon, moved, cat, result, leases, made, unrecorded)
+    except sqlite3.Error as exc:  # the commit (or the BEGIN): none of this batch's rows may be recorded
+        unrecorded.update(made)
+        _not_recorded(result, exc, len(made))
+
+
+def _not_recorded(result: Result, exc: Exception, n: int) -> None:
+    if n:
+        result.aborted = result.aborted or (
+            f"the catalog cannot record what was stashed ({describe(exc)}); the files said stashed are "
+            "stubs, their content on the remotes: free some space, then run `jam doctor --fix` so the "
+            "catalog knows them")
+    else:
+        result.aborted = result.aborted or describe(exc)
+
+
+def _swap_all(root: Root, ready: list[Stored], daemon: bool, moved: set[str], cat: Catalog, result: Result,
+              leases: Leases, made: list[str], unrecorded: set[str]) -> None:
+    """Swap each file of ``ready`` for its stub and record it in the catalog (in the caller's
+    transaction); ``made``: the objects of the stubs swapped in."""
+    for s in ready:
+        e = s.entry
+        if e.dir in moved:  # its directory left the root (or was replaced) since it was opened
+            result.skipped.append((e.rel, "its directory was moved or replaced while it was being stashed; "
+                                   "left as it is"))
+            result.partly = True
+            continue
+        try:
+            if daemon:
+                mark_new_stub(root.path, s.dir_fd, s.tmp)  # before the rename: hydrates from its first instant
+            swapped = _swap(s, leases)
+        except OSError as exc:
+            result.failed.append((e.rel, describe(exc)))
+            continue
+        if not swapped:
+            result.skipped.append((e.rel, "changed while it was being stashed; left local"))
+            result.partly = True
+            continue
+        rec = s.record
+        made.append(rec.oid)
+        result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))  # a stub now, whatever follows
+        ino, ctime = new_stub_stamp(s.dir_fd, s.name, s.record)  # vouched for only if still clean
+        try:
             cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes,
                          ino=ino, ctime_ns=ctime)
-            result.done.append((e.rel, max(0, e.st.st_blocks * 512 - HEADER_MAX)))
+        except sqlite3.Error as exc:  # the disk full: no more swaps (nothing more could be recorded)
+            unrecorded.add(rec.oid)
+            _not_recorded(result, exc, len(made))
+            return
 
 
 def _skip_reason(entry: Entry, explicit: bool, min_size: int) -> str | None:
@@ -586,6 +621,7 @@ def write_stub_aside(s: Stored) -> str:
         if (st0.st_uid, st0.st_gid) != owner():
             os.fchown(fd, st0.st_uid, st0.st_gid)
         write_stub(fd, s.record, s.name, st0.st_atime_ns, s.xattrs, durable=False)
+        s.stub_ino = os.fstat(fd).st_ino
     except BaseException:
         os.close(fd)
         _unlink_quietly(s.dir_fd, tmp)
@@ -608,20 +644,37 @@ def _swap(s: Stored, leases: Leases) -> bool:
     if not same_file(now, s.st0) or not leases.intact(s.fd):
         return False
     try:
-        exchange(s.dir_fd, s.tmp, s.name)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(exc.errno, "this filesystem cannot exchange two names atomically "
-                          "(renameat2 RENAME_EXCHANGE); jam will not swap files on it") from None
+        try:
+            exchange(s.dir_fd, s.tmp, s.name)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise OSError(exc.errno, "this filesystem cannot exchange two names atomically "
+                              "(renameat2 RENAME_EXCHANGE); jam will not swap files on it") from None
+            raise
+        out = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
+        held = os.fstat(s.fd)
+        if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
+                or held.st_mtime_ns != s.st0.st_mtime_ns or not leases.intact(s.fd)):
+            exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
+            return False
+        leases.release(s.fd)
+        os.unlink(s.tmp, dir_fd=s.dir_fd)  # the original: its content is on the remotes
+    except BaseException:
+        _put_back(s)  # interrupted (Ctrl-C) in the middle: what was at the name returns to it
         raise
-    out = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
-    held = os.fstat(s.fd)
-    if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
-            or held.st_mtime_ns != s.st0.st_mtime_ns or not leases.intact(s.fd)):
-        exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
-        return False
-    leases.release(s.fd)
-    os.unlink(s.tmp, dir_fd=s.dir_fd)  # the original: its content is on the remotes
     s.tmp = ""
     s.swapped = True  # its blocks are freed by the last close (``_release``)
     return True
+
+
+def _put_back(s: Stored) -> None:
+    """After an exchange interrupted before its checks ended (a Ctrl-C as it returned): if the
+    temporary name no longer holds the stub, the exchange was made and what was at the file's
+    name (the original, or a file saved over it in the last instant) is there: exchange it
+    back, so that ``_release``, which unlinks the temporary name, removes only the stub."""
+    try:
+        at_tmp = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
+    except OSError:
+        return  # unlinked: the original, once checked (the swap was complete)
+    if at_tmp.st_ino != s.stub_ino:
+        exchange(s.dir_fd, s.tmp, s.name)
