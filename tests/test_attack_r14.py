@@ -154,13 +154,13 @@ def test_a_directory_doctor_cannot_read_is_never_all_well(nobody_tree):
 
 # -- 3. --fix's claims --------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix's reupload trusts the backend's answer: a missing "
-                   "object is marked stored again (exit 0) while no remote holds it")
 def test_fix_never_claims_a_reupload_the_remote_does_not_hold(tmp_path, monkeypatch):
     """f.bin's object is gone from the only remote; copy.bin is a local file with the same
     content, so `--fix` stores it again from there. The backend answers "stored" but holds
     nothing (a buggy or lying backend; the same injection as test_copies_faults' re-copy
-    test, whose fix is checked by hashing in place): the finding must stay unfixed, exit 1."""
+    test, whose fix is checked by hashing in place): the finding must stay unfixed, exit 1.
+    Guard (mutation-checked): doctor._Doctor.reupload's ``self.holds(r, oid, size)`` (each copy
+    hashed in place on its remote, else ``has``) before it counts as stored."""
     import jam_dir as jd
 
     from jam_core.model import Session
@@ -396,12 +396,12 @@ def test_a_stub_naming_a_held_object_with_the_wrong_size_is_reported(tmp_path):
     assert any(p == "b.bin" for _k, p, _f in _problems(out)), out["checks"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix's reupload asks `place` without [place] copies: with "
-                   "copies = 2 it stores one copy, and no later --fix stores the second")
 def test_fix_stores_a_lost_object_again_on_as_many_remotes_as_copies_asks(tmp_path):
     """copies = 2 over `a` and `b`; both lose f.bin's object; copy.bin has the same content.
     `jam doctor --fix` stores it again (README), and must do so on the two remotes the copy
-    count asks for (as stash would), not on the nearest alone: after it the root is clean."""
+    count asks for (as stash would), not on the nearest alone: after it the root is clean.
+    Guard (mutation-checked): doctor._Doctor.reupload asks ``place`` with
+    ``placement.Candidates(usable, copies)`` ([place] copies carried to the default placement)."""
     a, b = tmp_path / "a", tmp_path / "b"
     root = _root(tmp_path, {"a": (a, 0, {}), "b": (b, 1, {})}, copies=2)
     make_file(root.path / "f.bin", SIZE, seed=10)

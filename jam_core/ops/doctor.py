@@ -1161,12 +1161,15 @@ class _Doctor:
                 detail = "no reachable remote holds its object " + oid
                 if wrong:
                     detail += " (wrong size on " + ", ".join(wrong) + ")"
-                fixed = self.fix and self.reupload(oid, rec)
+                stored = self.reupload(oid, rec) if self.fix else []
+                fixed = bool(stored)  # only copies verified on the remote (a backend's "stored" is not proof)
                 if fixed:
-                    good, _ = self.holders(oid, rec.size, {})
-                    detail += ": stored again from a local file with the same content"
+                    good = stored
+                    detail += (": stored again from a local file with the same content, on "
+                               + ", ".join(r.name for r in stored))
                 else:
-                    detail += ("; no local file has the same content" if self.fix
+                    detail += ("; not stored again: no local file has the same content, or no remote holds "
+                               "it after storing it" if self.fix
                                else "; `jam doctor --fix` stores it again if a local file has the same content")
                 for s_rel, _ in stubs:
                     self.problem("missing", s_rel, detail, fixed=fixed)
@@ -1313,15 +1316,18 @@ class _Doctor:
         finally:
             os.close(fd)
 
-    def reupload(self, oid: str, rec: StubRecord) -> bool:
+    def reupload(self, oid: str, rec: StubRecord) -> list[Remote]:
         """Store a missing object again from a local file of the tree with the same content
-        (candidates of the same size, hashed), on the remotes ``place`` chooses."""
+        (candidates of the same size, hashed), on the remotes ``place`` chooses for ``[place]
+        copies`` (as a stash would). Each copy is then checked on its remote (hashed in place
+        where the backend can, else ``has``): the remotes that verifiably hold it now."""
         from jam_core.fs import fd_path
         from jam_core.objects import hash_fd
+        from jam_core.placement import Candidates
 
         usable = [r for r in self.remotes if r.name not in self.unusable]
         if not usable:
-            return False
+            return []
         for cand in self.local_sizes.get(rec.size, ()):
             try:
                 fd = os.open(self.root.path / cand, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1330,19 +1336,39 @@ class _Doctor:
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode) or hash_fd(fd, oid.split(":")[0]) != (oid, rec.size):
                     continue
-                chosen = self.pm.hook.place(root=self.root.path, oid=oid, size=rec.size, remotes=usable) or usable[:1]
-                for r in chosen:
-                    self.pm.hook.stash(remote=r, oid=oid, source=Path(fd_path(fd)), size=rec.size,
-                                       session=self.session)
-                    self.pm.hook.sync(remote=r, session=self.session)
-                return True
-            except JamError:
-                continue
-            except OSError:
+                copies = _copies(self.root)
+                chosen = self.pm.hook.place(root=self.root.path, oid=oid, size=rec.size, copies=copies, free={},
+                                            remotes=Candidates(usable, copies)) or usable[:1]
+                by_name = {r.name: r for r in usable}
+                stored = []
+                for name in dict.fromkeys(getattr(r, "name", None) for r in chosen):
+                    r = by_name.get(name)
+                    if r is None:  # not one of the usable remotes: never stored on
+                        continue
+                    try:
+                        if self.pm.hook.stash(remote=r, oid=oid, source=Path(fd_path(fd)), size=rec.size,
+                                              session=self.session) is not True:
+                            continue
+                        self.pm.hook.sync(remote=r, session=self.session)
+                        if self.holds(r, oid, rec.size):
+                            stored.append(r)
+                    except JamError:
+                        continue
+                if stored:
+                    return stored
+            except (JamError, OSError):
                 continue
             finally:
                 os.close(fd)
-        return False
+        return []
+
+    def holds(self, r: Remote, oid: str, size: int) -> bool:
+        """Does ``r`` hold ``oid`` whole, as read back now: hashed in place where the backend
+        can (``hash_object``), else its answer to ``has``."""
+        got = self.pm.hook.hash_object(remote=r, oid=oid, size=size, session=self.session)
+        if got is None:
+            return self.pm.hook.has(remote=r, oid=oid, size=size, session=self.session) is True
+        return got == oid
 
     def unused(self, listings) -> None:
         """Objects on a remote that nothing of this root refers to: reported, never deleted."""
