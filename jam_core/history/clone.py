@@ -40,7 +40,7 @@ from pathlib import Path
 
 from jam_core.errors import JamError, RemoteError, UsageError, describe
 from jam_core.fs import DIR_FLAGS, fd_path, rename_noreplace, syncfs
-from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError, parse
+from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError, machine_id, parse
 from jam_core.history.store import HEADS, REGISTRY, make_entry, read_heads
 from jam_core.model import Remote, Session
 from jam_core.root import Root
@@ -535,11 +535,15 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
                 raise UsageError(f"{url}: no snapshot of tree {tree!r} there"
                                  + (f" (trees: {', '.join(trees)})" if trees else ""))
             best: tuple[int, str, bytes, Snapshot] | None = None
+            me = machine_id()
+            ours: list[tuple[bytes, Snapshot]] = []  # this machine's own head (a root of it that was lost)
             for machine, (sid, size) in sorted(heads.items()):
                 data, snap = fetch_snapshot(p, [remote], sid, size, pm, session)  # O_TMPFILE: invisible
                 if snap.tree != tree:
                     raise SnapshotError(f"snapshot {sid[:19]} (head of {machine}) belongs to tree {snap.tree!r}, "
                                         f"not {tree!r}; refused")
+                if machine == me:
+                    ours.append((data, snap))
                 if best is None or (snap.time_ns, sid) > (best[0], best[1]):
                     best = (snap.time_ns, sid, data, snap)
         except BaseException:
@@ -549,7 +553,7 @@ def clone(url: str, path: str | os.PathLike | None, pm, tree: str | None = None,
     assert best is not None
     _t, sid, data, snap = best
     out = CloneResult(p, tree, sid, snap.machine, snap.host)
-    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out)
+    _build(p, made, url, rid, name, tree, sid, data, snap, pm, out, [o for o in ours if o[1].id != sid])
     return out
 
 
@@ -565,7 +569,7 @@ def _remove_stage(p: Path, stage: str) -> None:
 
 
 def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: str, data: bytes, snap: Snapshot,
-           pm, out: CloneResult) -> None:
+           pm, out: CloneResult, ours: list[tuple[bytes, Snapshot]] = ()) -> None:
     """Build the root aside in PATH's stage (``PATH/.jam-<hex>.tmp``, its mark in its ``.jam``
     first), then move it in (``_move_in``) and finish (``_finish``)."""
     from jam_core.catalog import Catalog
@@ -595,6 +599,9 @@ def _build(p: Path, made: bool, url: str, rid: str, name: str, tree: str, sid: s
             with Index(root) as ix:
                 ix.add(snap, data, (len(snap.items), 0, 0), make_head=True)
                 ix.record_pushed(sid, name)
+                for d, s in ours:  # this machine's head there (a root of it lost, cloned again): known here,
+                    ix.add(s, d, (len(s.items), 0, 0), make_head=False)  # so this root may replace it
+                    ix.record_pushed(s.id, name)
             recorder, origin = _refer(root, pm, rs)
             with Catalog(root.jam_dir / CATALOG) as cat:
                 out.files = make_all(sp, snap.items, (name,), cat, out.problems, firsts)
@@ -634,6 +641,9 @@ def _refer(root: Root, pm, session: Session):
     from jam_core.history.index import kept_objects
     from jam_core.ops.refs import Recorder
 
+    from jam_core.history.index import Index
+    from jam_core.history.store import absent
+
     origin = root.remotes()[0]
     recorder = Recorder(root, pm, session)
     wanted = kept_objects(root)
@@ -642,6 +652,16 @@ def _refer(root: Root, pm, session: Session):
     if going:
         raise JamError(f"another root is removing {len(going)} object(s) of this snapshot from {origin.url} at "
                        "this moment; nothing cloned (run the clone again)")
+    # the refs recorded, what the remote holds now is what the stubs can count on: a removal
+    # that ran wholly between the head's read and the refs has taken what it took
+    with Index(root, create=False) as ix:
+        items = [i for i in ix.load(ix.head()).items if i.kind == FILE and i.size]
+    gone = absent([origin], {i.oid: i.size for i in items}, pm, session)
+    if gone:
+        lost = [i.path for i in items if i.oid in gone]
+        raise JamError(f"{origin.url} no longer holds {len(lost)} file(s) of this snapshot (e.g. {lost[0]}; removed "
+                       "by another computer's `jam gc` meanwhile, or never stored); nothing cloned (run the clone "
+                       "again: it takes the head as it is now)")
     return recorder, origin
 
 

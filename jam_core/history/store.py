@@ -720,6 +720,10 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
                     f"object{'s' if len(lacking) > 1 else ''} of snapshot {head[:19]} that could not be copied "
                     f"there (e.g. {path}: {why})"[:600])
                 continue
+            stranger = _strange_head(remote, ix, tree, machine, head, pm, session)
+            if stranger:
+                out.problems.append(f"remote {remote.name!r}: head not written: {stranger}")
+                continue
             write_head(remote, head_name(tree, machine), head, size, pm, session)
             ix.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"head:{remote.name}", head))
             registered = ix.db.execute("SELECT value FROM meta WHERE key = ?", (f"tree:{remote.name}",)).fetchone()
@@ -729,6 +733,33 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
         except (JamError, OSError) as exc:
             out.problems.append(f"remote {remote.name!r}: snapshot not sent ({describe(exc)}); "
                                 "it is recorded here and the next `jam commit` sends it")
+
+
+def known_here(ix: Index, sid: str) -> bool:
+    """Whether this root made or saw snapshot ``sid`` (in its history, or the head it last
+    wrote on a remote, even if ``gc --keep`` forgot it since)."""
+    if ix.db.execute("SELECT 1 FROM snapshots WHERE id = ?", (sid,)).fetchone() is not None:
+        return True
+    return ix.db.execute("SELECT 1 FROM meta WHERE key LIKE 'head:%' AND value = ?", (sid,)).fetchone() is not None
+
+
+def shared_id_problem(machine: str, tree: str, sid: str) -> str:
+    return (f"this machine's head of tree {tree!r} there (machine id {machine}) names snapshot {sid[:19]}, which "
+            "this root never made nor saw: another root writes it (another computer with this machine id: give "
+            "one of them its own with JAM_MACHINE_ID, or remove jam's machine-id file there; or another root of "
+            "this computer whose directory has this name: set `name` under [history] in .jam/config.toml)")
+
+
+def _strange_head(remote: Remote, ix: Index, tree: str, machine: str, head: str, pm, session: Session) -> str:
+    """Why this machine's head of ``tree`` on ``remote`` must not be replaced ("" if it may):
+    it names a snapshot this root never made nor saw, so another root writes it (two roots
+    of one machine with one tree name, or two computers with one machine id). Replacing it
+    would take that root's tree away from every other computer (and it would take ours)."""
+    data = pm.hook.read_meta(remote=remote, name=head_name(tree, machine), session=session)
+    prev = decode_head(bytes(data)) if data else None
+    if prev is None or prev[0] == head or known_here(ix, prev[0]):
+        return ""
+    return shared_id_problem(machine, tree, prev[0])
 
 
 def register_tree(remote: Remote, tree: str, pm, session: Session) -> None:
@@ -789,6 +820,35 @@ def complete(root: Root, pm, session: Session, ix: Index, recorder, remote: Remo
     copied, failed = copy_objects(root, pm, session, remote, missing, holders=ix.stored_on, recorder=recorder)
     ix.record_stored((o, remote.name) for o in copied)
     return sorted((needed[o][1], why) for o, why in failed.items())
+
+
+def absent(remotes: list[Remote], needed: dict[str, int], pm, session: Session) -> set[str]:
+    """The objects of ``needed`` ({oid: size}) that none of ``remotes`` holds now, asked live
+    (never what the index remembers: another root's removal may have run since): one listing
+    per remote when there are many, else ``has`` each; an object stored as chunks is held if
+    its recipe and every chunk are there. For sync and clone, after their refs were recorded
+    and before any stub is made: a stub of an object no remote holds could never come back.
+    RemoteError/JamError if a remote cannot be asked (the caller then makes nothing)."""
+    from jam_core.history import chunks
+
+    missing = dict(needed)
+    for remote in remotes:
+        if not missing:
+            break
+        listing = pm.hook.list_objects(remote=remote, session=session, sweep=False) if len(missing) > 64 else None
+        if listing is not None:
+            listed = dict(listing)
+            present = {o for o, n in missing.items() if listed.get(o) == n}
+        else:
+            listed = None
+            present = {o for o, n in missing.items()
+                       if pm.hook.has(remote=remote, oid=o, size=n, session=session) is True}
+        for o in present:
+            del missing[o]
+        for o, n in list(missing.items()):
+            if chunks.held(remote, o, n, pm, session, listed):
+                del missing[o]
+    return set(missing)
 
 
 def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, tuple[str, int]]:

@@ -61,7 +61,7 @@ from jam_core.fs import FileBusy, Leases, exchange, open_regular, same_file, tmp
 from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
-from jam_core.history.store import durable_remotes, read_heads
+from jam_core.history.store import durable_remotes, known_here, read_heads, shared_id_problem
 from jam_core.model import Session
 from jam_core.objects import is_valid_oid
 from jam_core.root import Root, check_rel
@@ -85,6 +85,9 @@ class SyncResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.conflicts or self.problems else 0
+
+
+_SHARED = "which this root never made nor saw"  # in store.shared_id_problem's line
 
 
 # -- the graph -----------------------------------------------------------------------------------
@@ -280,6 +283,22 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
     finally:
         if dfd is not None:
             os.close(dfd)
+
+
+def _still_in(tree: _Tree, rel: str, dfd: int) -> bool:
+    """Whether ``dfd`` is still the directory of ``rel`` in the root: opened again from the root
+    by name (no symlink followed), it is the same inode (a descriptor follows its directory
+    wherever it is moved: a swap through it must not land outside the root)."""
+    if "/" not in rel:
+        return True  # the root itself
+    fresh = tree.parent(rel)
+    if fresh is None:
+        return False
+    try:
+        a, b = os.fstat(fresh), os.fstat(dfd)
+    finally:
+        os.close(fresh)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _prune_dirs(tree: _Tree, gone: list[str]) -> None:
@@ -507,6 +526,10 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
             merged[rel] = o[rel]
             return False
         try:
+            if not _still_in(tree, rel, dfd):  # its directory moved out of the root meanwhile (invariant 7)
+                out.kept.append((rel, "its directory moved while being replaced: kept (sync again)"))
+                merged[rel] = o[rel]
+                return False
             exchange(dfd, tmp, name)
             now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
             changed = not same_file(now, checked[rel], ctime=False) or not tree.intact(lease)
@@ -602,6 +625,8 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
                 for machine, (sid, size) in sorted(read_heads(remote, tree, pm, session).items()):
                     if machine != me:
                         heads.setdefault(sid, size)
+                    elif not known_here(ix, sid):  # "our" head, written by another root: said, never skipped
+                        out.problems.append(f"remote {remote.name!r}: {shared_id_problem(me, tree, sid)}")
                 answered.append(remote)
             except (JamError, OSError) as exc:
                 out.problems.append(f"remote {remote.name!r}: heads not read ({describe(exc)})")
@@ -612,7 +637,7 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
             except (JamError, OSError) as exc:
                 out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
                 heads[sid] = 0
-        recorder = _refer(root, ix, heads, answered, pm, session, out)
+        recorder = _refer(root, ix, heads, answered, pm, session, out, graph)
         try:
             for sid in sorted((s for s, n in heads.items() if n), key=lambda s: (graph.times.get(s, 0), s)):
                 ours_id = ix.head()
@@ -633,26 +658,41 @@ def sync(root: Root, pm, session: Session | None = None, message: str = "") -> S
         refresh(root, cat)
     last = commit(root, pm, message or "sync", session=session)
     out.problems += last.problems
+    said: set[str] = set()  # a head another root writes is said once per remote, not once per step
+    kept = []
+    for p in out.problems:
+        if _SHARED in p:
+            if p.partition(": ")[0] in said:
+                continue
+            said.add(p.partition(": ")[0])
+        kept.append(p)
+    out.problems = kept
     out.head = last.id
     fetch_pinned(root, pm, session, out)
     return out
 
 
-def _refer(root: Root, ix: Index, heads: dict[str, int], remotes, pm, session: Session, out: SyncResult):
+def _refer(root: Root, ix: Index, heads: dict[str, int], remotes, pm, session: Session, out: SyncResult,
+           graph: Graph | None = None):
     """Before any stub of another machine's snapshot is made here: record on every remote that
     answered (``refs``, pending) that this root refers to the objects of the heads about to be
     merged, as ``jam clone`` does, so that no root's removal (the other computer's ``jam gc
     --keep``, once it has moved on) takes them from under the new stubs. A head is not merged
-    this time (a problem; the next sync merges it) if a remote could not record them, or if
-    another root is removing some of its objects at this moment. Returns the recorder (the
-    caller publishes the full refs once the merges are done)."""
+    this time (a problem; the next sync merges it) if a remote could not record them, if
+    another root is removing some of its objects at this moment, or if, the refs recorded, no
+    remote holds one of its new objects (``store.absent``, asked live: a removal that ran
+    wholly between the heads' read and the refs, or a head naming what was never stored): a
+    stub of it could never come back. Returns the recorder (the caller publishes the full
+    refs once the merges are done)."""
     from jam_core.ops.refs import Recorder
 
     recorder = Recorder(root, pm, session)
     wanted: dict[str, set[str]] = {}
+    snaps: dict[str, Snapshot] = {}
     for sid in [s for s, n in heads.items() if n]:
         try:
-            wanted[sid] = {i.oid for i in ix.load(sid).items if i.kind == FILE and i.size}
+            snaps[sid] = ix.load(sid)
+            wanted[sid] = {i.oid for i in snaps[sid].items if i.kind == FILE and i.size}
         except (JamError, OSError) as exc:
             out.problems.append(f"head {sid[:19]}: not merged ({describe(exc)})")
             heads[sid] = 0
@@ -675,6 +715,35 @@ def _refer(root: Root, ix: Index, heads: dict[str, int], remotes, pm, session: S
             heads[sid] = 0
             out.problems.append(f"head {sid[:19]}: not merged: another root is removing {len(oids & going)} of its "
                                 "object(s) at this moment (run `jam sync` again)")
+    # Only now, with the refs recorded, is what the remotes hold what the stubs can count on
+    # (a removal that ran wholly between the heads' read and the refs is over by now): a head
+    # one of whose new objects no remote holds is not merged (its stubs would be of nothing).
+    head = ix.head()
+    try:
+        ours = {i.oid for i in ix.load(head).items if i.kind == FILE} if head else set()
+    except (JamError, OSError):
+        ours = set()
+    done = (graph or Graph(ix)).ancestors(head) if head else set()  # merged already: nothing of theirs is made
+    sizes = {}
+    for sid in [s for s, n in heads.items() if n and s not in done]:
+        sizes.update((i.oid, i.size) for i in snaps[sid].items if i.kind == FILE and i.size and i.oid not in ours)
+    if sizes:
+        from jam_core.history.store import absent
+
+        try:
+            gone = absent(remotes, sizes, pm, session)
+        except (JamError, OSError) as exc:
+            for sid in wanted:
+                heads[sid] = 0
+            out.problems.append(f"the remotes could not be asked whether they hold the other machines' objects "
+                                f"({describe(exc)}); nothing merged")
+            return recorder
+        for sid in [s for s, n in heads.items() if n and s not in done]:
+            lost = [i.path for i in snaps[sid].items if i.kind == FILE and i.oid in gone]
+            if lost:
+                heads[sid] = 0
+                out.problems.append(f"head {sid[:19]}: not merged: no remote holds {len(lost)} of its file(s) "
+                                    f"(e.g. {lost[0]}; removed by another computer's `jam gc`, or never stored)")
     return recorder
 
 

@@ -75,7 +75,8 @@ def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, no
 
 
 def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult) -> set[str]:
-    """Forget the snapshots ``rules`` do not keep (HEAD always stays). Returns their ids."""
+    """Forget the snapshots ``rules`` do not keep (HEAD always stays, and so does every snapshot
+    a remote names as this machine's head: ``head:<remote>`` in the index). Returns their ids."""
     from jam_core.history.index import Index, exists
     from jam_core.history.prune import plan
 
@@ -83,6 +84,14 @@ def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult) -> se
         return set()
     with Index(root, create=False) as ix:
         kept, forgotten = plan([(r[0], r[1]) for r in ix.rows()], rules, ix.head())
+        # what a remote still names as this machine's head (a later head write failed there):
+        # a clone from that remote fetches it and every object it names, so it stays
+        named = {row[1]: row[0][5:] for row in ix.db.execute("SELECT key, value FROM meta WHERE key LIKE 'head:%'")}
+        used = {r.name for r in root.remotes()}
+        for sid, remote in sorted(named.items()):
+            if sid in forgotten and remote in used:
+                del forgotten[sid]
+                kept[sid] = f"this machine's head on remote {remote!r}"
         out.snapshots_kept = sorted(kept.items())
         out.forgotten = sorted(forgotten.items())
         if forgotten and not dry_run:
