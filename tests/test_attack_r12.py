@@ -38,14 +38,14 @@ def _holds(remote: Path, oid: str) -> bool:
 
 
 # -- 1. gc --keep on one computer, sync on the other -------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: a snapshot in the middle of another machine's chain, thinned by its "
-                   "gc --keep, wedges every later sync of that head (fetch of a parent no remote holds)")
 def test_a_head_whose_chain_passes_through_a_thinned_snapshot_still_merges(tmp_path):
     """aaa commits twice after bbb cloned, then `gc --keep "last 1"` (its middle snapshot is
     forgotten and collected: no root's refs name it). bbb's sync must still merge aaa's head:
     the parent walk meets a snapshot no remote holds. Today the first sync fails on it ("no
     remote has it") and the next merges against no base: a false conflict for a file bbb never
-    touched."""
+    touched.
+    Guard (mutation-checked): sync._fetch_chain stops at a parent no remote holds (SnapshotAbsent) and
+    Graph.base bridges the cut with that machine's earlier snapshots."""
     t, a, b = two(tmp_path)
     (a / "docs/one.txt").write_bytes(b"one v2\n")
     run(a, "commit", "-m", "middle", machine="aaa")
@@ -405,11 +405,10 @@ def test_drop_never_takes_from_a_remote_an_object_the_head_there_promises(tmp_pa
     assert (tmp_path / "c" / "f.bin").read_bytes() == data, "differs"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: clone.fetch_snapshot gives up on the first remote whose copy is corrupt "
-                   "(parse raises outside the per-remote loop): the good copy on the next remote is never tried")
 def test_a_snapshot_corrupt_on_one_remote_is_fetched_from_the_other(tmp_path):
     """aaa's head is on vault and on vault2; the snapshot's bytes on vault rotted (same size).
-    bbb (which uses both) must merge it from vault2, not give up on the first copy."""
+    bbb (which uses both) must merge it from vault2, not give up on the first copy.
+    Guard (mutation-checked): clone.fetch_snapshot, a SnapshotError of one remote's copy goes on to the next."""
     from jam_core.manager import make_plugin_manager
     from jam_core.ops.remotes import add_remote
     from jam_core.root import Root
