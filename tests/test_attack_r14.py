@@ -67,12 +67,13 @@ def _edge_setup(tmp_path, copies):
     return root, edge, far, far2, oid
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor counts an edge cache's copy toward [place] copies")
 def test_an_edge_cache_copy_does_not_make_up_for_a_lost_mirror(tmp_path):
     """copies = 2 over `far` and `far2`, with an edge cache in front (README: a cache's copies do
     not count as copies; `jam gc` expires it only while the count holds elsewhere). far2 loses
     the object: one durable copy is left, and doctor must say so (`copies`, exit 1), not count
-    the edge's copy as the second."""
+    the edge's copy as the second.
+    Guard (mutation-checked): doctor._Doctor.check_objects's ``held = (...) - caches``
+    (placement.is_cache: a cache's copy is not counted)."""
     root, edge, far, far2, oid = _edge_setup(tmp_path, copies=2)
     assert _obj(far2, oid).is_file()
     _obj(far2, oid).unlink()
@@ -80,11 +81,12 @@ def test_an_edge_cache_copy_does_not_make_up_for_a_lost_mirror(tmp_path):
     assert ("copies", "f.bin", False) in _problems(out), out["checks"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor takes an object held only by an edge cache as safe")
 def test_an_object_only_on_an_edge_cache_is_reported(tmp_path):
     """copies = 1: `far`, the only durable remote, loses the object; only the edge cache (which
     expires what is not used) holds it. The stub can come back today, but no copy that counts is
-    left: doctor must not answer "all can come back" with exit 0."""
+    left: doctor must not answer "all can come back" with exit 0.
+    Guard (mutation-checked): doctor._Doctor.check_objects counts copies whenever a remote is a
+    cache, caches taken out (``held = (...) - caches``)."""
     root, edge, far, _far2, oid = _edge_setup(tmp_path, copies=1)
     _obj(far, oid).unlink()
     out = _doctor(root.path, check=1)

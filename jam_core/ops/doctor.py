@@ -1141,8 +1141,12 @@ class _Doctor:
         return good, wrong
 
     def check_objects(self, listings) -> None:
+        from jam_core.placement import is_cache
+
         copies = _copies(self.root)
-        known = self.cat.remotes_of(self.objects) if self.cat is not None and copies > 1 else {}
+        caches = {r.name for r in self.remotes if is_cache(r)}  # an edge cache's copy is no copy: it expires
+        counted = copies > 1 or bool(caches)
+        known = self.cat.remotes_of(self.objects) if self.cat is not None and counted else {}
         verified = self.recently_verified()
         bad_before = len(self.res.unfixed)
         fine = 0
@@ -1177,12 +1181,18 @@ class _Doctor:
                     continue
             if self.fix:
                 self.locations.extend((oid, r.name, rec.size) for r in good)
-            if copies > 1:
-                held = {r.name for r in good} | (known.get(oid, set()) & set(self.unusable))
+            if counted:
+                held = ({r.name for r in good} | (known.get(oid, set()) & set(self.unusable))) - caches
                 if len(held) < copies:
+                    on_caches = sorted({r.name for r in good} & caches)
+                    detail = (f"{len(held)} of the {copies} copies `[place] copies` asks for"
+                              + (f" ({', '.join(sorted(held))})" if held else ""))
+                    if on_caches:
+                        detail += (f"; the edge cache{'s' if len(on_caches) > 1 else ''} {', '.join(on_caches)} "
+                                   "do not count (a cache expires what is not used): `jam copy --to REMOTE` "
+                                   "stores a copy that counts")
                     for s_rel, _ in stubs:
-                        self.problem("copies", s_rel, f"{len(held)} of the {copies} copies `[place] copies` asks "
-                                     f"for ({', '.join(sorted(held))})")
+                        self.problem("copies", s_rel, detail)
             if self.deep:
                 self.deep_check(stubs, good, verified)
             fine += len(stubs)
