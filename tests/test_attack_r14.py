@@ -371,13 +371,13 @@ def test_a_named_path_that_is_no_file_is_never_all_well(tmp_path, kind):
 
 # -- 7. hostile metadata -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor checks each object once, at the size of the first stub "
-                   "naming it: a second stub naming it with another size is passed unchecked")
 def test_a_stub_naming_a_held_object_with_the_wrong_size_is_reported(tmp_path):
     """a.bin is a good stub. b.bin is a clean stub (header and xattr agree) of the same object
     id but another size: made by hand, or by a tool that wrote a record of its own (metadata
     is input). `jam checkout b.bin` cannot bring it back (the object has another size), so
-    doctor must not pass it because a.bin's size matched."""
+    doctor must not pass it because a.bin's size matched.
+    Guard (mutation-checked): doctor._by_size (check_objects checks each (object, size) the stubs
+    name apart)."""
     import time
 
     from jam_core.stub import StubRecord, write_stub

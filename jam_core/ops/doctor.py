@@ -1155,7 +1155,7 @@ class _Doctor:
         usable = [r for r in self.remotes if r.name not in self.unusable]
         listed = [(r, listings[r.name]) for r in usable if listings.get(r.name) is not None]
         only = listed[0] if len(listed) == 1 == len(usable) else None  # the common case, checked inline
-        for oid, stubs in self.objects.items():
+        for oid, stubs in _by_size(self.objects):
             rel, rec = stubs[0]
             if only is not None and only[1].get(oid) == rec.size:
                 good = [only[0]]
@@ -1420,6 +1420,20 @@ class _Known(NamedTuple):
     size: int
     mtime_ns: int
     stashed_at: str
+
+
+def _by_size(objects: dict[str, list[tuple[str, StubRecord]]]):
+    """``(oid, stubs)`` for each object and size the stubs name: a stub naming a held object
+    with another size (hostile or hand-made metadata) cannot come back, and is checked apart."""
+    for oid, stubs in objects.items():
+        size = stubs[0][1].size
+        if len(stubs) == 1 or all(r.size == size for _, r in stubs):
+            yield oid, stubs
+            continue
+        sizes: dict[int, list[tuple[str, StubRecord]]] = {}
+        for s in stubs:
+            sizes.setdefault(s[1].size, []).append(s)
+        yield from ((oid, group) for group in sizes.values())
 
 
 def _exchange(dir_fd: int, a: str, b: str) -> None:
