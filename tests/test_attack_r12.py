@@ -432,3 +432,35 @@ def test_a_snapshot_corrupt_on_one_remote_is_fetched_from_the_other(tmp_path):
     assert res.returncode == 0, res.err
     run(b, "checkout", "docs/one.txt", machine="bbb")
     assert (b / "docs/one.txt").read_bytes() == b"one v2\n"
+
+
+# -- 5. cost that grows with the whole history -------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="BUG: Graph.known reads a cached snapshot whole to learn it exists, and "
+                   "ancestors() walks the whole history several times per sync: every sync reads every kept "
+                   "snapshot ~4 times (5 MB each for 100,000 files)")
+def test_a_sync_reads_the_snapshots_it_merges_not_the_whole_history(tmp_path, monkeypatch):
+    """bbb has 30 snapshots of its own; aaa commits one edit; bbb's sync walks back to the base
+    (one header each is what the walk needs) and loads ours, theirs and the base. It reads each
+    cached snapshot of the walk whole ~4 times instead (Graph.known -> Index.read_bytes only to
+    learn it exists; ancestors() of ours redone in base(), _refer and the merge loop). Bound:
+    each snapshot read at most twice (once for the graph, once to load it)."""
+    from jam_core.history import index
+    from jam_core.history.store import commit
+    from jam_core.manager import make_plugin_manager
+    from jam_core.root import Root
+
+    t, a, b = two(tmp_path)
+    monkeypatch.setenv("JAM_MACHINE_ID", "bbb")
+    pm, rb = make_plugin_manager(), Root.find(b)
+    for i in range(30):
+        (b / f"n{i}.txt").write_bytes(b"n")
+        commit(rb, pm, f"c{i}")
+    (a / "docs/one.txt").write_bytes(b"one v2\n")
+    run(a, "commit", "-m", "edit", machine="aaa")
+    reads = []
+    real = index.Index.read_bytes
+    monkeypatch.setattr(index.Index, "read_bytes", lambda self, sid: reads.append(sid) or real(self, sid))
+    res = _sync_in_process(b, monkeypatch, "_refer", lambda: None)
+    assert res.exit_code == 0, res.problems
+    most = max(reads.count(s) for s in set(reads))
+    assert most <= 2, f"{len(reads)} whole reads of {len(set(reads))} cached snapshots (one of them {most} times)"
