@@ -582,14 +582,14 @@ def test_a_file_mapped_writable_by_a_program_that_closed_it_stays_local(tmp_path
     assert f.read_bytes()[:5] == b"SAVED"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the dir backend stores every object 0444 under 0755 directories (the "
-                   "default remote too): a private file (0600) becomes readable by every local user once stashed")
 def test_stashing_a_private_file_never_lets_another_local_user_read_it(tmp_path):
     """A home directory others may enter (0755: Debian and Ubuntu before 21.04, many servers)
     holds a root with the embedded default remote (~/.local/share/jam/remotes/default). The
     user's file is private (0600): user 4321 cannot read it. After `jam stash`, the same bytes
     sit in the remote's objects/ as a 0444 file under 0755 directories: user 4321 lists them
-    and reads the private file."""
+    and reads the private file.
+    Guard (mutation-checked): jam_dir.check_remote and _mkdirs_below make objects/, tmp/ and the
+    fan-out directories 0700, and ensure_default_remote the default remote's directory."""
     if os.geteuid() != 0:
         pytest.skip("needs root (to act as another user)")
     import shutil

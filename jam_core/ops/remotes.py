@@ -86,7 +86,7 @@ def ensure_default_remote(root: Root, pm) -> Remote | None:
     if root.remotes():
         return None
     location = default_remote_location()
-    location.mkdir(parents=True, exist_ok=True)
+    location.mkdir(mode=0o700, parents=True, exist_ok=True)  # in a home others may enter: private
     remote, _ = add_remote(root, pm, DEFAULT_REMOTE, str(location), 0)
     return remote
 

@@ -92,9 +92,9 @@ def check_remote(remote, create):
 
     base = _base(remote)
     try:
-        if create:
-            (base / "objects").mkdir(exist_ok=True)
-            (base / "tmp").mkdir(exist_ok=True)
+        if create:  # private: the objects are the users' files, whatever their own modes were
+            (base / "objects").mkdir(mode=0o700, exist_ok=True)
+            (base / "tmp").mkdir(mode=0o700, exist_ok=True)
         probe = base / "tmp" / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -475,7 +475,7 @@ def _mkdirs_below(base: Path, directory: Path) -> None:
     if not base.is_dir():
         raise FileNotFoundError(2, "the remote's directory disappeared", str(base))
     for d in reversed(missing):
-        d.mkdir(exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)  # private, as check_remote makes objects/ and tmp/
 
 
 class _SymlinkedDir(FileNotFoundError):
