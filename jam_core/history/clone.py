@@ -65,6 +65,10 @@ class CloneResult:
         return 1 if self.problems else 0
 
 
+class SnapshotAbsent(RemoteError):
+    """Every remote asked answered that it does not hold the snapshot (none failed)."""
+
+
 # -- reading a remote ----------------------------------------------------------------------------
 def list_trees(remote: Remote, pm, session: Session) -> list[str]:
     """The trees whose heads ``remote`` holds. Three sources, as backends differ: a backend that
@@ -102,6 +106,7 @@ def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, p
     if not 0 < size <= (256 << 20):
         raise SnapshotError(f"snapshot {sid[:19]}: impossible size {size}; refused")
     errors = []
+    refused: SnapshotError | None = None
     for remote in remotes:
         fd = os.open(root_tmp, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
@@ -113,12 +118,20 @@ def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, p
             if ok is not True:
                 errors.append(f"{remote.name}: not there")
                 continue
-            if os.fstat(fd).st_size != size:
-                raise SnapshotError(f"snapshot {sid[:19]} on remote {remote.name!r}: not {size} bytes; refused")
-            data = os.pread(fd, size + 1, 0)
+            try:
+                if os.fstat(fd).st_size != size:
+                    raise SnapshotError(f"snapshot {sid[:19]} on remote {remote.name!r}: not {size} bytes; refused")
+                data = os.pread(fd, size + 1, 0)
+                return data, parse(data, expect=sid)  # verified and validated, or refused
+            except SnapshotError as exc:  # a copy damaged (or hostile) there: the next remote's may be whole
+                refused = refused or exc
+                errors.append(f"{remote.name}: {describe(exc)}")
         finally:
             os.close(fd)
-        return data, parse(data, expect=sid)  # verified and validated, or refused
+    if refused is not None:
+        raise refused
+    if errors and all(e.endswith(": not there") for e in errors):
+        raise SnapshotAbsent(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
     raise RemoteError(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
 
 

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 from jam_core.errors import JamError, UsageError, describe
 from jam_core.fs import FileBusy, Leases, exchange, open_regular, same_file, tmp_name
-from jam_core.history.clone import MAX_CHAIN, fetch_snapshot, place
+from jam_core.history.clone import MAX_CHAIN, SnapshotAbsent, fetch_snapshot, place
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
 from jam_core.history.store import durable_remotes, known_here, read_heads, shared_id_problem
@@ -109,7 +109,9 @@ class Graph:
 
     def __init__(self, ix: Index):
         self.ix = ix
-        self.times = {r[0]: r[1] for r in ix.rows()}
+        rows = ix.rows()
+        self.times = {r[0]: r[1] for r in rows}
+        self.machines = {r[0]: r[2] for r in rows}
         self._parents: dict[str, list[str]] = {}
 
     def known(self, sid: str) -> bool:
@@ -133,8 +135,17 @@ class Graph:
         return seen
 
     def base(self, ours: str, theirs: str) -> str | None:
-        """The newest common ancestor (None: none known)."""
-        common = self.ancestors(ours) & self.ancestors(theirs)
+        """The newest common ancestor (None: none known). A chain of theirs cut by a snapshot
+        no remote holds any more (thinned by its machine's ``gc --keep``) is bridged: every
+        snapshot a machine makes is a child of its HEAD then, and HEAD only moves forward, so
+        a snapshot of ours made by that machine before the snapshot above the cut is an
+        ancestor of it too (never a base guessed from times across machines)."""
+        mine, their = self.ancestors(ours), self.ancestors(theirs)
+        common = mine & their
+        for c in their:
+            if any(not self.known(p) for p in self.parents(c)):  # the chain is cut below c
+                m, t = self.machines.get(c), self.times.get(c, 0)
+                common |= {x for x in mine if m and self.machines.get(x) == m and self.times.get(x, 0) < t}
         if not common:
             return None
         return max(common, key=lambda s: (self.times.get(s, 0), s))
@@ -151,9 +162,15 @@ def _fetch_chain(root: Root, ix: Index, graph: Graph, remotes, sid: str, size: i
         fetched += 1
         if fetched > MAX_CHAIN:
             raise SnapshotError(f"snapshot {sid[:19]}: more than {MAX_CHAIN} unknown ancestors; refused")
-        data, snap = fetch_snapshot(root.jam_dir / "tmp", remotes, s, n, pm, session)
+        try:
+            data, snap = fetch_snapshot(root.jam_dir / "tmp", remotes, s, n, pm, session)
+        except SnapshotAbsent:
+            if s == sid:
+                raise
+            continue  # thinned there (gc --keep): the walk stops; Graph.base bridges the cut
         ix.add(snap, data, (0, 0, 0), make_head=False)
         graph.times[s] = snap.time_ns
+        graph.machines[s] = snap.machine
         graph._parents[s] = list(snap.parents)
         todo.extend(zip(snap.parents, snap.parent_sizes, strict=True))
 
