@@ -309,14 +309,14 @@ def test_stubs_in_a_directory_taken_for_another_root_are_never_forgotten(tmp_pat
 
 # -- 5. hangs ------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor opens ~/.zshrc etc. blocking: an rc file that is a FIFO "
-                   "(no writer) hangs `jam doctor` forever")
 def test_doctor_never_opens_an_rc_file_that_is_a_fifo(jam_root, isolated_home, monkeypatch):
     """~/.zshrc is a named pipe (a dotfile manager's trick, or a mistake): opening it for
     reading blocks until someone writes (`jam doctor` hangs: seen with the real command). The
     shell-hook check must not open it blocking (a regular file only; O_NONBLOCK then fstat).
     Injected: ``open`` in doctor's module and ``os.open`` are wrapped, and a blocking open of
-    the FIFO is refused there (recorded) instead of hanging the test."""
+    the FIFO is refused there (recorded) instead of hanging the test.
+    Guard (mutation-checked): doctor._shell_hook opens each rc file with O_NONBLOCK and reads it
+    with root.read_capped (a regular file only)."""
     import jam_core.ops.doctor as doc
     from jam_core.model import Session
 
@@ -349,14 +349,14 @@ def test_doctor_never_opens_an_rc_file_that_is_a_fifo(jam_root, isolated_home, m
 
 # -- 6. what a named path is ---------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: `jam doctor LINK` (a symlink, a FIFO) checks nothing and answers "
-                   "'checked 0 stubs: all can come back', exit 0")
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 def test_a_named_path_that_is_no_file_is_never_all_well(tmp_path, kind):
     """The user asks about `link` (a symlink to a stub whose object the remote lost) or `pipe`
     (a FIFO): doctor follows no symlink and reads no FIFO, so it proves nothing about it. It
     must say so (a local file named gets `not-a-stub`, exit 1; a symlink through a directory
-    is a usage error, exit 2), never "all can come back" with exit 0."""
+    is a usage error, exit 2), never "all can come back" with exit 0.
+    Guard (mutation-checked): doctor.doctor's lstat of each named path (``_not_a_file``: a
+    symlink, FIFO, socket or device named is `not-a-stub`, a problem)."""
     t = make_tree(tmp_path)
     make_file(t.root / "g.bin", SIZE, seed=8)
     jam("stash", "g.bin", cwd=t.root)

@@ -186,15 +186,30 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
         raise UsageError("--older-than chooses what --deep reads again: use it with --deep")
     if older_than is not None and older_than < 0:
         raise UsageError("--older-than must not be negative")
+    not_files: list[tuple[str, str]] = []
     for r in rels:
         try:
-            os.close(open_dir(os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), r.rpartition("/")[0]))
+            root_fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dir_fd = open_dir(root_fd, r.rpartition("/")[0])
+            finally:
+                os.close(root_fd)
+            try:
+                if r != ".":  # what the name itself is: the walk looks only at files and directories
+                    kind = _not_a_file(os.stat(r.rpartition("/")[2], dir_fd=dir_fd, follow_symlinks=False))
+                    if kind:
+                        not_files.append((r, kind))
+            finally:
+                os.close(dir_fd)
         except ThroughSymlink as exc:
             raise UsageError(f"{r} is reached through the symlink {exc.filename}: "
                              "jam does not follow symlinks") from None
         except OSError:
             pass  # a missing path is reported by the walk
     res = DoctorResult(paths=rels, deep=deep, fix=fix)
+    for r, kind in not_files:  # nothing to prove about it, and it must not read as all well
+        res.add("stubs", PROBLEM, "not-a-stub", r, f"{kind}, not a file or a stub: doctor follows no symlink and "
+                "reads no pipe or device, so it proves nothing about it (name the file itself)")
     _versions(res, pm)
     found = _config(res, root)
     remotes = sorted(found or [], key=lambda r: (r.tier, r.name))
@@ -215,6 +230,19 @@ def doctor(root: Root, rel: str | Sequence[str], pm, session: Session, deep: boo
     _shell_hook(res)
     _hydration(res, root)
     return res
+
+
+def _not_a_file(st: os.stat_result) -> str:
+    """What a named path is when it is neither a regular file nor a directory ("" if it is one)."""
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return ""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    return "a device"
 
 
 def _checks(res: DoctorResult, root: Root, pm, session: Session, remotes: list[Remote], rels: list[str],
@@ -435,14 +463,22 @@ def _rc_files() -> list[Path]:
 
 
 def _shell_hook(res: DoctorResult) -> None:
+    from jam_core.root import read_capped
+
     found = []
     for rc in _rc_files():
-        try:
-            with open(rc, "rb") as f:
-                if b"jam hook" in f.read(1 << 20):
-                    found.append(rc)
+        try:  # never blocking (an rc file that is a FIFO would hang doctor), a regular file only
+            fd = os.open(rc, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
+        try:
+            st = os.fstat(fd)
+            if b"jam hook" in read_capped(fd, st, rc, 1 << 24, "an rc file"):
+                found.append(rc)
+        except (OSError, UsageError):
+            continue  # not a regular file, too large, unreadable: it does not install the hook
+        finally:
+            os.close(fd)
     if found:
         res.add("setup", OK, "shell-hook", "", "the cd hook is installed in " + ", ".join(map(str, found)))
         return
