@@ -522,3 +522,32 @@ def test_restore_never_makes_a_stub_in_a_directory_moved_out_of_the_root(tmp_pat
     except Exception as exc:  # refusing (one line) is right
         assert "Traceback" not in str(exc)
     assert sorted(os.listdir(outside / "docs")) == ["keep.txt"], os.listdir(outside / "docs")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: sync's _remove renames and unlinks through a parent descriptor that "
+                   "followed its directory out of the root: a file deleted outside the root")
+def test_sync_never_removes_a_file_from_a_directory_moved_out_of_the_root(tmp_path, monkeypatch):
+    """aaa deletes docs/one.txt; bbb's sync checks bbb's copy is the base version, then (as it
+    takes its lease) the user moves docs/ out of the root to keep it. The file in the moved
+    directory must stay (invariant 7: nothing outside the root is touched)."""
+    from jam_core.history import sync as sync_mod
+
+    t, a, b = two(tmp_path)
+    (a / "docs/one.txt").unlink()
+    (a / "docs/two.txt").write_bytes(b"two\n")  # docs/ stays a directory there
+    run(a, "commit", "-m", "rm", machine="aaa")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = sync_mod._Tree.lease
+    moved = []
+
+    def lease(self, dfd, name):
+        if not moved:
+            os.rename(b / "docs", outside / "docs")
+            moved.append(1)
+        return real(self, dfd, name)
+
+    monkeypatch.setattr(sync_mod._Tree, "lease", lease)
+    _sync_in_process(b, monkeypatch, "_refer", lambda: None)
+    assert moved
+    assert os.path.lexists(outside / "docs/one.txt"), "deleted outside the root"
