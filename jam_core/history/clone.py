@@ -175,6 +175,26 @@ class DirStack:
         self.fds, self.names = [], []
 
 
+def still_in(root_fd: int, rel: str, dfd: int) -> bool:
+    """Whether ``dfd`` is still the directory of ``rel`` in the root ``root_fd``: opened again
+    from the root by name (no symlink followed), the same inode. A descriptor follows its
+    directory wherever it is moved: asked right before an entry is renamed in through it."""
+    from jam_core.fs import open_dir
+
+    parent = rel.rpartition("/")[0]
+    if not parent:
+        return True
+    try:
+        fresh = open_dir(root_fd, parent)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(fresh), os.fstat(dfd)
+    finally:
+        os.close(fresh)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
           rename=None) -> list[str]:
     """Make each of ``items`` (sorted by path) where nothing is: written aside, renamed in
@@ -198,6 +218,9 @@ def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
             try:
                 dfd = dirs.get(parent, create=True)
                 tmp, rec = make_entry(dfd, name, item, tuple(remotes_of(item.oid)), stamp, now_ns, maker=maker)
+                if not still_in(root_fd, item.path, dfd):  # its directory moved out of the root (invariant 7)
+                    problems.append(f"{item.path}: its directory moved while it was being made; not made")
+                    continue  # (tmp removed below)
                 if rename is None:
                     rename_noreplace(dfd, tmp, name)
                 elif not rename(dfd, tmp, name, item):

@@ -384,6 +384,10 @@ def _make(root_fd: int, todo: list[Item], dest_of, stored, remotes_all, stamp: s
         tmp = ""
         try:
             tmp, rec = make_entry(dfd, name, i, tuple(stored.get(i.oid) or remotes_all), stamp, now_ns)
+            from jam_core.history.clone import still_in
+
+            if not still_in(root_fd, dest, dfd):  # its directory moved out of the root meanwhile (invariant 7)
+                raise _Conflict(f"{dest}: its directory moved while it was being restored; nothing written there")
             try:
                 rename_noreplace(dfd, tmp, name)
             except FileExistsError:
