@@ -1,0 +1,64 @@
+"""F10: doctor's fixes for R14's holes, the paths R14's tests do not reach on their own: an
+unknown stub in a directory doctor cannot open, and a header repaired through a new stub
+swapped in (owner, xattrs and mode kept; a second run clean)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+from jam_core.stub import HEADER_MAX
+from tests.conftest import make_file
+from tests.safety_support import jam, make_tree, record
+from tests.test_attack_r14 import NOBODY, SIZE, _obj, _zero_header, nobody_tree  # noqa: F401  (the fixture)
+
+
+def test_an_unknown_stub_in_a_directory_doctor_cannot_open_is_unseen(nobody_tree):
+    """`locked/g.bin` is a stub the catalog does not know (its row deleted: no row makes doctor
+    look again), its object lost; `locked` is mode 000 for the user running doctor. The walk
+    cannot open it: doctor names it (`unseen`, exit 1), before and after --fix.
+    Guard (mutation-checked): ops/doctor._Doctor.walk_error (the walk's error on a directory it
+    cannot open is recorded as `unseen`)."""
+    t, env, as_nobody = nobody_tree
+    make_file(t.root / "locked" / "g.bin", SIZE, seed=21)
+    jam("stash", "locked/g.bin", cwd=t.root, env=env)
+    _obj(t.remote, record(t.root / "locked" / "g.bin").oid).unlink()
+    db = sqlite3.connect(t.root / ".jam" / "catalog.db")
+    db.execute("DELETE FROM stubs")
+    db.commit()
+    db.close()
+    os.chmod(t.root / "locked", 0)
+    for args in (("doctor", "--json"), ("doctor", "--fix", "--json")):
+        out = json.loads(as_nobody(*args, check=1).stdout)
+        assert ("unseen", "locked", False) in {(c["kind"], c["path"], c["fixed"]) for c in out["problems"]}, out
+
+
+def test_a_lost_header_comes_back_through_a_new_stub_keeping_owner_and_xattrs(tmp_path):
+    """f.bin (owned by nobody, with a user xattr of its own) loses its header block to zeros.
+    `jam doctor --fix` (run as root) repairs it through a new stub swapped in: the name holds a
+    clean stub again with the same owner, mode, mtime, record and user xattr; no temporary
+    file is left; a second doctor is clean.
+    Guard (mutation-checked): ops/doctor._Doctor.rewrite's fchown of the new stub to the old
+    one's owner."""
+    t = make_tree(tmp_path)
+    p = t.root / "f.bin"
+    make_file(p, SIZE, seed=22)
+    os.setxattr(p, "user.mine", b"kept")
+    jam("stash", "f.bin", cwd=t.root)
+    if os.geteuid() == 0:
+        os.chown(p, NOBODY, NOBODY)
+    before = os.stat(p)
+    rec = os.getxattr(p, "user.jam")
+    _zero_header(p)
+    assert not p.read_bytes()[:HEADER_MAX].strip(b"\0")
+    out = json.loads(jam("doctor", "--fix", "--json", cwd=t.root, check=0).out)
+    assert ("bad-header", "f.bin", True) in {(c["kind"], c["path"], c["fixed"]) for c in out["problems"]}, out
+    after = os.stat(p)
+    assert after.st_ino != before.st_ino  # a new inode: nothing was written in place
+    assert (after.st_uid, after.st_gid, after.st_mode, after.st_mtime_ns, after.st_size) == \
+        (before.st_uid, before.st_gid, before.st_mode, before.st_mtime_ns, before.st_size)
+    assert os.getxattr(p, "user.jam") == rec and os.getxattr(p, "user.mine") == b"kept"
+    assert p.read_bytes()[:HEADER_MAX].strip(b"\0")  # a header again
+    assert sorted(os.listdir(t.root)) == [".jam", "f.bin"]
+    jam("doctor", cwd=t.root, check=0)
