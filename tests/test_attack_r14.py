@@ -164,7 +164,6 @@ def test_fix_never_claims_a_reupload_the_remote_does_not_hold(tmp_path, monkeypa
     Guard (mutation-checked): doctor._Doctor.reupload's ``self.holds(r, oid, size)`` (each copy
     hashed in place on its remote, else ``has``) before it counts as stored."""
     import jam_dir as jd
-
     from jam_core.model import Session
     from jam_core.ops.doctor import doctor
 
