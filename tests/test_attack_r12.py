@@ -522,12 +522,11 @@ def test_restore_never_makes_a_stub_in_a_directory_moved_out_of_the_root(tmp_pat
     assert sorted(os.listdir(outside / "docs")) == ["keep.txt"], os.listdir(outside / "docs")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sync's _remove renames and unlinks through a parent descriptor that "
-                   "followed its directory out of the root: a file deleted outside the root")
 def test_sync_never_removes_a_file_from_a_directory_moved_out_of_the_root(tmp_path, monkeypatch):
     """aaa deletes docs/one.txt; bbb's sync checks bbb's copy is the base version, then (as it
     takes its lease) the user moves docs/ out of the root to keep it. The file in the moved
-    directory must stay (invariant 7: nothing outside the root is touched)."""
+    directory must stay (invariant 7: nothing outside the root is touched).
+    Guard (mutation-checked): sync._remove, its _still_in checks before the rename aside and before the unlink."""
     from jam_core.history import sync as sync_mod
 
     t, a, b = two(tmp_path)

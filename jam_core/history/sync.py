@@ -278,10 +278,14 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
             out.kept.append((rel, "deleted there, open for writing here: kept"))
             return False
         try:
+            if not _still_in(tree, rel, dfd):  # its directory moved out of the root (invariant 7)
+                out.kept.append((rel, "deleted there; its directory moved meanwhile: kept"))
+                return False
             tmp = tmp_name()
             os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
             now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
             changed = not same_file(now, st, ctime=False) or not tree.intact(lease)
+            changed = changed or not _still_in(tree, rel, dfd)  # moved in that instant: it goes back
         finally:
             tree.unlease(lease)
         if changed:  # a rename moves the ctime: the inode, size, mtime; or opened for writing
