@@ -825,8 +825,9 @@ class _Doctor:
             what = (f"the {n} stub{'' if n == 1 else 's'} the catalog lists under it cannot be looked at, so "
                     "nothing proves they come back (their catalog rows are kept)") if n else \
                 "doctor could not look inside, so nothing proves the stubs there come back"
-            self.problem("unseen", d, f"{why}: {what}; make it readable (or unmount what hides it, or move the "
-                         ".jam away) and run `jam doctor` again")
+            todo = ("unmount it" if "mounted" in why else "move that .jam (or marker) away" if ".jam" in why
+                    else "make it readable and searchable (chmod u+rx)")
+            self.problem("unseen", d, f"{why}: {what}; {todo}, then run `jam doctor` again")
 
     def stub_inodes(self) -> set[int] | None:
         """The inodes the catalog recorded for stubs (None: read every file's xattr)."""
