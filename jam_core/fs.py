@@ -823,20 +823,38 @@ else:  # pragma: no cover - exercised on macOS only
 # ``user.jam.acl`` (an ACL set on the read-only stub itself would give write bits back). Nothing
 # else travels: ``security.*`` and ``trusted.*`` are not the user's to restore (a capability set
 # from a stub's metadata would be a privilege escalation), and names under ``user.jam`` are jam's.
+# A file with its own capabilities or ``trusted.*`` xattrs is therefore never stashed
+# (``NotCarried``): its stub could not bring them back.
 JAM_XATTRS = "user.jam"
 ACL_XATTR = "user.jam.acl"
 _ACLS = ("system.posix_acl_access",)
 _MAX_XATTR = 64 * 1024
 
 
+class NotCarried(Exception):
+    """The file has xattrs a stub cannot carry safely (``names``): it must stay local."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _not_carried(name: str) -> bool:
+    return name == "security.capability" or name.startswith("trusted.")
+
+
 def carried_xattrs(fd: int) -> dict[str, bytes]:
-    """The xattrs of the open file ``fd`` that its stub must carry, by name."""
+    """The xattrs of the open file ``fd`` that its stub must carry, by name. Raises NotCarried
+    for a file with capabilities (``security.capability``) or ``trusted.*`` xattrs."""
     out: dict[str, bytes] = {}
     acls: dict[str, bytes] = {}
     try:
         names = listxattr(fd)
     except OSError:
         return out
+    refused = [n for n in names if _not_carried(n)]
+    if refused:
+        raise NotCarried(refused)
     for name in names:
         try:
             if name.startswith("user.") and not (name == JAM_XATTRS or name.startswith(JAM_XATTRS + ".")):
@@ -848,6 +866,16 @@ def carried_xattrs(fd: int) -> dict[str, bytes]:
     if acls:
         out[ACL_XATTR] = _pack(acls)
     return out
+
+
+def drop_inherited_acl(fd: int) -> None:
+    """Remove the access ACL a new file ``fd`` inherited from its directory's default ACL: the
+    file jam makes in place of another gets exactly the ACL that one had (``restore_xattrs``)
+    or none, never one that lets in whom the original did not. Call before its fchmod."""
+    try:
+        removexattr(fd, _ACLS[0])
+    except OSError:
+        pass  # none (ENODATA), or no ACLs on this filesystem
 
 
 def restore_xattrs(src, dst_fd: int) -> None:

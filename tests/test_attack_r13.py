@@ -68,12 +68,11 @@ def other_disk(tmp_path):
 
 # -- a user's change in the last instant --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: a chmod between _swap's stat and its exchange is not seen: the stub "
-                   "records the old mode and checkout makes a file chmod'ed 600 world-readable again")
 def test_a_chmod_600_in_the_last_instant_before_the_swap_is_never_undone(tmp_path, monkeypatch):
     """The user makes a file private (chmod 600) just as jam exchanges it for its stub: the
     lease does not break on a chmod and the check after the exchange compares inode, size
-    and mtime only. The stub records 0644 and a checkout brings the file back world-readable."""
+    and mtime only. The stub records 0644 and a checkout brings the file back world-readable.
+    Guard (mutation-checked): stash._swap's post-exchange check ``held.st_mode != s.st0.st_mode``."""
     t = make_tree(tmp_path)
     f = t.root / "diary.txt"
     make_file(f, 200_000, seed=1)
@@ -171,9 +170,8 @@ def test_content_fetched_onto_another_disk_inside_the_root_is_durable_before_its
 
 # -- status: a wrong answer a user would trust -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: jam status adds st_blocks of every name: a hard-linked file's "
-                   "blocks are counted once per link in 'on this disk' (du and the budget count them once)")
 def test_status_counts_a_hard_linked_files_blocks_once_on_this_disk(tmp_path):
+    """Guard (mutation-checked): status._scan counts a file with st_nlink > 1 once per (st_dev, st_ino)."""
     t = make_tree(tmp_path)
     make_file(t.root / "a" / "movie.mkv", 4 << 20, seed=4)
     (t.root / "b").mkdir()
@@ -215,15 +213,13 @@ def _cap_net_bind_service() -> bytes:
     return (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a file's own capabilities (security.capability) and trusted.* "
-                   "xattrs are dropped without a word: stash carries only user.* xattrs and ACLs, and checkout "
-                   "brings the file back without them")
 @pytest.mark.parametrize("xattr_name", ["security.capability", "trusted.backup-tag"])
 def test_a_file_with_capabilities_keeps_them_or_stays_local(tmp_path, xattr_name):
     """`setcap cap_net_bind_service=ep server` (or a backup tool's trusted.* xattr) then `jam
     stash`: the stub cannot carry them safely (a stub's xattrs are writable by its owner), so
     the file must stay local with a reason; instead it is stashed and comes back from
-    checkout without them."""
+    checkout without them.
+    Guard (mutation-checked): fs.carried_xattrs raises NotCarried (_not_carried); stash skips the file."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     t = make_tree(tmp_path)
@@ -309,15 +305,14 @@ def test_the_disk_filling_up_as_stash_records_its_stubs_never_hides_what_was_sta
     assert stubs <= known or told, (stubs, known, res.output, res.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: in a setgid directory a new file takes the directory's group, not "
-                   "the process's: write_stub_aside and _restore_metadata skip the chown when the file's owner "
-                   "is (euid, egid), so a private file comes back owned by the directory's group")
 def test_a_private_file_in_a_setgid_directory_comes_back_with_its_own_group(tmp_path):
     """A shared project directory is setgid to group 3333 (`chmod g+s`); the user's file in it
     was made private: `chgrp` to the user's own group and mode 0640. Stash writes its stub as a
     new file in that directory (it takes group 3333) and skips the chown because the file's
     owner equals jam's own (euid, egid); checkout does the same, and the file comes back
-    group 3333 with mode 0640: readable by the whole project group."""
+    group 3333 with mode 0640: readable by the whole project group.
+    Guard (mutation-checked): write_stub_aside and checkout._restore_metadata compare the new
+    file's own fstat owner with the recorded one (not jam's ids) before the fchown."""
     t = make_tree(tmp_path)
     d = t.root / "project"
     d.mkdir()
@@ -335,12 +330,11 @@ def test_a_private_file_in_a_setgid_directory_comes_back_with_its_own_group(tmp_
     assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (os.getegid(), 0o640), (st.st_gid, oct(st.st_mode))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: keep_beside appends ' (stashed version)' without fitting NAME_MAX: "
-                   "a written-into stub with a long name can never get its stashed version back (File name too long)")
 def test_keep_both_fetches_the_stashed_version_of_a_stub_with_a_long_name(tmp_path):
     """A 250-byte name (valid: NAME_MAX is 255) whose stub was written into: `jam checkout
     --keep-both` is the way jam offers to get the stashed version back; it fails with "File
-    name too long" every time."""
+    name too long" every time.
+    Guard (mutation-checked): checkout.beside_name shortens the stem to fit NAME_MAX."""
     t = make_tree(tmp_path)
     name = "r" * 246 + ".txt"
     f = t.root / name
@@ -367,15 +361,13 @@ def _acl(uid: int) -> bytes:
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkout's content file inherits the directory's default ACL and "
-                   "_restore_metadata never removes it when the original had no ACL: a file comes back "
-                   "readable by a user the original never let in")
 def test_a_file_without_an_acl_in_a_directory_with_a_default_acl_comes_back_without_one(tmp_path):
     """A shared directory carries a default ACL granting user 4242 access to new files; the
     user's file in it has no ACL of its own (made before the default, or cleared with
     `setfacl -b`), mode 0640: user 4242 cannot read it. Checkout creates the content as a
     new file in that directory: it inherits the default ACL, and as the original had none to
-    restore, it stays: after the round trip user 4242 can read the file."""
+    restore, it stays: after the round trip user 4242 can read the file.
+    Guard (mutation-checked): checkout._restore_metadata calls fs.drop_inherited_acl before its fchmod."""
     t = make_tree(tmp_path)
     d = t.root / "shared"
     d.mkdir()
@@ -477,9 +469,6 @@ def test_ctrl_c_as_checkout_puts_back_a_file_saved_over_the_stub_never_deletes_i
     assert blake3.blake3(new).hexdigest() in _contents(t.root), "the file saved in the last instant is gone"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkout as root applies the setgid/setuid bits a stub's owner wrote "
-                   "into its user.jam xattr: a user outside group 3333 gets a setgid-3333 program of content of "
-                   "their choosing, which the kernel would never let them make")
 def test_checkout_as_root_never_makes_a_setgid_file_its_owner_could_not_make(tmp_path):
     """A user (uid 4321, not in group 3333) owns a directory of the project group 3333, setgid
     (files made in it take group 3333). The kernel never lets that user set the setgid bit on
@@ -488,7 +477,8 @@ def test_checkout_as_root_never_makes_a_setgid_file_its_owner_could_not_make(tmp
     user.jam record's mode to 02755 (a stub is metadata its owner writes), and wait for root's
     checkout (the cd hook in a root shell, a cron job): root creates the file with the
     stub's owner and group and applies the record's mode, setgid included (root has
-    CAP_FSETID). The user now runs a program with group 3333."""
+    CAP_FSETID). The user now runs a program with group 3333.
+    Guard (mutation-checked): checkout._allowed_mode drops a setgid bit outside the owner's groups."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     from dataclasses import replace
@@ -521,13 +511,12 @@ def test_checkout_as_root_never_makes_a_setgid_file_its_owner_could_not_make(tmp
     assert not (made[1] == 3333 and made[2]), f"a setgid-3333 file of user 4321: {made}, {oct(st.st_mode)}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: status settles every writable, non-sparse file as local from its stat: "
-                   "a stub smaller than a block made writable (chmod -R g+w) is counted local, not on remotes")
 def test_status_counts_a_small_stub_made_writable_as_a_stub(tmp_path):
     """`chmod -R g+w project` (a shared tree) makes every stub writable; a stub of a file
     smaller than one block is not sparse (its header fills its only block). Status's fast
     path takes it for a local file: it reports the stub as local and its bytes as on this
-    disk, though checkout (which reads the xattr) fetches it as the stub it is."""
+    disk, though checkout (which reads the xattr) fetches it as the stub it is.
+    Guard (mutation-checked): status._scan reads (look=ALWAYS) every name the catalog knows as a stub."""
     t = make_tree(tmp_path)
     make_file(t.root / "small.cfg", 3000, seed=15)
     assert _stash(t, ["small.cfg"]).done
@@ -634,15 +623,13 @@ def test_stashing_a_private_file_never_lets_another_local_user_read_it(tmp_path)
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a SIGTERM (timeout, systemd, a closed terminal's SIGHUP) between stash's "
-                   "exchange and its put-back kills jam outright: the file saved in the last instant stays at a hidden "
-                   ".jam-*.tmp name that doctor says to remove 'if it is not yours', the old stub at its name")
 def test_sigterm_as_stash_puts_back_a_file_saved_in_the_last_instant_leaves_the_save_at_its_name(tmp_path):
     """As the Ctrl-C test, with SIGTERM: `jam stash` runs in a child (the real CLI), the user
     saves over the file in the last instant before the exchange, and SIGTERM arrives as the
     exchange returns. jam installs no handler for it: the process dies with the user's save
     at jam's temporary name (hidden from every scan) and the stub of the old content at the
-    file's name."""
+    file's name.
+    Guard (mutation-checked): ops.common.ends_as_interrupt around stash (SIGTERM raises Terminated)."""
     import signal
 
     import blake3

@@ -19,11 +19,11 @@ from jam_core.fs import (
     Closer,
     DirFds,
     Filesystems,
+    drop_inherited_acl,
     exchange,
     fd_path,
     open_regular,
     open_regular_stat,
-    owner,
     raise_fd_limit,
     removexattr,
     rename_noreplace,
@@ -37,7 +37,7 @@ from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_fd, split_oid
 from jam_core.ops import pipeline
-from jam_core.ops.common import Result, collect
+from jam_core.ops.common import Result, collect, ends_as_interrupt
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, Entry
@@ -58,6 +58,11 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
     ``keep_both``: a stub that was written into keeps its bytes, and its stashed version is
     fetched beside it as ``NAME (stashed version)``.
     """
+    with ends_as_interrupt():  # a SIGTERM in the middle of a swap puts it back, as a Ctrl-C does
+        return _checkout(root, rels, pm, session, keep_both)
+
+
+def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep_both: bool) -> Result:
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
@@ -414,15 +419,35 @@ def _order(remotes: list[Remote], known: set[str]) -> list[Remote]:
 def _restore_metadata(w: _Want, stub_fd: int) -> None:
     """The original's owner, mode, xattrs (ACLs after the mode) and times, on the content."""
     rec, st = w.entry.record, w.entry.st
-    if (st.st_uid, st.st_gid) != owner():
+    new = os.fstat(w.fd)
+    if (new.st_uid, new.st_gid) != (st.st_uid, st.st_gid):  # a setgid directory gave it its group
         os.fchown(w.fd, st.st_uid, st.st_gid)
-    os.fchmod(w.fd, rec.mode)
+    drop_inherited_acl(w.fd)  # from the directory's default ACL: the original's own comes back below
+    os.fchmod(w.fd, _allowed_mode(rec.mode, st.st_uid, st.st_gid))
     try:
         restore_xattrs(stub_fd, w.fd)
     except ValueError as exc:
         raise JamError(f"hostile stub metadata: {exc}") from None
     removexattr(w.fd, TMP_MARK)
     os.utime(w.fd, ns=(st.st_atime_ns, rec.mtime_ns))
+
+
+def _allowed_mode(mode: int, uid: int, gid: int) -> int:
+    """The record's mode, less a setgid bit its owner could never have set. A stub's record is
+    its owner's to write; the kernel lets a user make a file setgid only in a group they are
+    in, but root's fchmod (a checkout as root: a root shell's cd hook, a cron job) would apply
+    it for them: a program of their choosing running with a group they are not in."""
+    if not mode & 0o2000 or uid == 0 or os.geteuid() != 0:  # not root: the kernel's own rule applies
+        return mode
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(uid)
+        if gid == pw.pw_gid or gid in os.getgrouplist(pw.pw_name, pw.pw_gid):
+            return mode
+    except (KeyError, OSError):
+        pass  # no such user: in no group
+    return mode & ~0o2000
 
 
 def swap_in(w: _Want) -> None:
@@ -478,6 +503,32 @@ def _put_back(w: _Want, content: int) -> None:
         exchange(w.dir_fd, w.tmp, w.name)
 
 
+def _name_max(dir_fd: int) -> int:
+    try:
+        return os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def beside_name(name: str, label: str, name_max: int = 255) -> str:
+    """``STEM (LABEL).EXT``, its stem shortened (whole characters) to fit ``name_max`` bytes:
+    a name of up to NAME_MAX bytes still gets its stashed version beside it. An extension too
+    long to keep is dropped with the stem's end."""
+    stem, dot, ext = name.rpartition(".")
+    if not stem:  # no extension (or a dotfile)
+        stem, dot, ext = name, "", ""
+    tail = f" ({label}){dot}{ext}"
+    size = len(os.fsencode(tail))
+    if size > name_max // 2:
+        stem, tail = name, f" ({label})"
+        size = len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
+    while len(encoded) + size > name_max:
+        stem = stem[:-1]
+        encoded = os.fsencode(stem)
+    return stem + tail
+
+
 def keep_beside(w: _Want) -> str:
     """Put the verified stashed version of a written-into stub beside it, under a new name
     (``NAME (stashed version)``, numbered if taken); the stub keeps its bytes. Returns the
@@ -487,12 +538,9 @@ def keep_beside(w: _Want) -> str:
         _restore_metadata(w, stub_fd)
     finally:
         os.close(stub_fd)
-    stem, dot, ext = w.name.rpartition(".")
-    if not stem:  # no extension (or a dotfile)
-        stem, dot, ext = w.name, "", ""
     for n in range(1, 1000):
         label = KEEP_BOTH_LABEL if n == 1 else f"{KEEP_BOTH_LABEL} {n}"
-        new = f"{stem} ({label}){dot}{ext}"
+        new = beside_name(w.name, label, _name_max(w.dir_fd))
         try:
             rename_noreplace(w.dir_fd, w.tmp, new)
         except FileExistsError:

@@ -93,3 +93,47 @@ def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> li
                 seen.add(e.rel)
                 out.append((e, e.rel == rel))
     return out
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while files are being swapped: raised like a Ctrl-C, so that what is
+    in the middle of an exchange is put back before jam ends (the CLI says "interrupted")."""
+
+
+class ends_as_interrupt:
+    """``with ends_as_interrupt():`` a SIGTERM or SIGHUP (a timeout, systemd, a closed
+    terminal) raises ``Terminated`` instead of killing the process outright between an
+    exchange and its check. Only in the main thread, and only for a signal nobody else
+    handles (its handler is the default); the handlers are put back on leaving."""
+
+    SIGNALS = ("SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None or signal.getsignal(sig) is not signal.SIG_DFL:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, _terminated)
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                pass
+
+
+def _terminated(signum, frame):
+    raise Terminated(signum)

@@ -5,9 +5,10 @@ blocking on a FIFO), take a read lease (a file open for writing is left alone), 
 it, let ``place`` choose remotes, let each remote's backend store and verify the object; once
 a batch is stored, write the stubs beside their files, make them durable (one syncfs of the
 root's filesystem, and of each other disk mounted inside it) and the remotes too (``sync``),
-and exchange each stub with its file in one atomic ``renameat2(RENAME_EXCHANGE)``, only if the file did not change meanwhile (size, mtime,
-inode, ctime, the lease). What was exchanged out is then checked: if it is not the inode that
-was hashed (a file saved over it in the last instant), it is exchanged back.
+and exchange each stub with its file in one atomic ``renameat2(RENAME_EXCHANGE)``, only if
+the file did not change meanwhile (size, mtime, inode, ctime, the lease). What was exchanged
+out is then checked: if it is not the inode that was hashed, unchanged (a file saved over it
+in the last instant, a chmod), it is exchanged back.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from jam_core.fs import (
     FileBusy,
     Filesystems,
     Leases,
+    NotCarried,
     NotTheFile,
     carried_xattrs,
+    drop_inherited_acl,
     exchange,
     fd_path,
     open_regular_stat,
-    owner,
     raise_fd_limit,
     same_file,
     syncfs,
@@ -44,7 +46,7 @@ from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.ops import pipeline
-from jam_core.ops.common import Result, collect
+from jam_core.ops.common import Result, collect, ends_as_interrupt
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry, new_stub_stamp
@@ -91,10 +93,11 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     makes the last swaps durable. ``changed_after_ns`` (a policy's plan): a file whose ctime is
     not before it changed after the plan looked at it, and stays.
     """
-    if session is None:  # one of its own: closed here (what backends left for it is cleaned up)
-        with Session() as own:
-            return _stash(root, rels, pm, own, explicit, changed_after_ns)
-    return _stash(root, rels, pm, session, explicit, changed_after_ns)
+    with ends_as_interrupt():  # a SIGTERM in the middle of a swap puts it back, as a Ctrl-C does
+        if session is None:  # one of its own: closed here (what backends left for it is cleaned up)
+            with Session() as own:
+                return _stash(root, rels, pm, own, explicit, changed_after_ns)
+        return _stash(root, rels, pm, session, explicit, changed_after_ns)
 
 
 def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool,
@@ -577,7 +580,11 @@ def _hash_and_place(root: Root, entry: Entry, dir_fd: int, leases: Leases, remot
         oid, size = hash_fd(fd, DEFAULT_ALGORITHM, session.progress, limit=st0.st_size)
         if size != st0.st_size or not same_file(os.fstat(fd), st0) or not leases.intact(fd):
             raise _Changed
-        xattrs = carried_xattrs(fd)
+        try:
+            xattrs = carried_xattrs(fd)
+        except NotCarried as exc:
+            raise Skip(f"has {exc} (capabilities or a trusted.* xattr), which a stub cannot carry "
+                       "safely (its metadata is its owner's to write); left local") from None
         targets = choose_remotes(root, pm, oid, size, remotes)
     except _Changed:
         leases.release(fd)
@@ -618,10 +625,14 @@ def write_stub_aside(s: Stored) -> str:
     tmp = tmp_name()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=s.dir_fd)
     try:
-        if (st0.st_uid, st0.st_gid) != owner():
+        new = os.fstat(fd)
+        s.stub_ino = new.st_ino
+        # Compared with what the new file got, not with jam's own ids: in a setgid directory it
+        # takes the directory's group.
+        if (new.st_uid, new.st_gid) != (st0.st_uid, st0.st_gid):
             os.fchown(fd, st0.st_uid, st0.st_gid)
+        drop_inherited_acl(fd)  # a directory's default ACL is not the file's
         write_stub(fd, s.record, s.name, st0.st_atime_ns, s.xattrs, durable=False)
-        s.stub_ino = os.fstat(fd).st_ino
     except BaseException:
         os.close(fd)
         _unlink_quietly(s.dir_fd, tmp)
@@ -653,8 +664,11 @@ def _swap(s: Stored, leases: Leases) -> bool:
             raise
         out = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
         held = os.fstat(s.fd)
+        # A chmod or chown in the last instant breaks no lease and moves no mtime: its mode and
+        # owner are checked too (the stub records them; a file made private stays so).
         if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
-                or held.st_mtime_ns != s.st0.st_mtime_ns or not leases.intact(s.fd)):
+                or held.st_mtime_ns != s.st0.st_mtime_ns or held.st_mode != s.st0.st_mode
+                or (held.st_uid, held.st_gid) != (s.st0.st_uid, s.st0.st_gid) or not leases.intact(s.fd)):
             exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
             return False
         leases.release(s.fd)

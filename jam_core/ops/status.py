@@ -8,10 +8,10 @@ from operator import attrgetter
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
 from jam_core.stub import LOST_XATTRS
 
-_size, _blocks = attrgetter("st_size"), attrgetter("st_blocks")
+_size, _blocks, _nlink = attrgetter("st_size"), attrgetter("st_blocks"), attrgetter("st_nlink")
 
 
 @dataclass
@@ -97,15 +97,32 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
     fsencode = os.fsencode
     get = known.get
     checked: list[tuple[bytes, str, os.stat_result]] = []  # read and found clean: stamps to record
+    linked: list[tuple[str, int, int, int]] = []  # (directory, st_dev, st_ino, bytes) of hard-linked files
     directories = result.directories
     problems = result.problems
+    stub_names: dict[str, set[str]] = {}  # by directory, the names the catalog knows as stubs
+    for key in known:
+        d, _, n = os.fsdecode(key).rpartition("/")
+        stub_names.setdefault(d or ".", set()).add(n)
 
     def each(d, base, names, stats):
         t = directories[d] = Tally()
         t.bytes = size_sum = sum(map(_size, stats))  # sums in C: no Python step per file
         t.disk_bytes = sum(map(_blocks, stats)) * 512
-        # the files the stat alone does not settle; the rest are writable and not sparse: local
-        odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
+        if stats and max(map(_nlink, stats)) > 1:  # a file's blocks are counted once, not once per name
+            for st in stats:
+                if st.st_nlink > 1:
+                    t.disk_bytes -= st.st_blocks * 512
+                    linked.append((d, st.st_dev, st.st_ino, st.st_blocks * 512))
+        # the files the stat alone does not settle; the rest are writable and not sparse: local.
+        # A name the catalog knows as a stub is read too: a stub smaller than a block fills
+        # it (not sparse), and `chmod -R g+w` makes it writable.
+        here = stub_names.get(d)
+        if here:
+            odd = [i for i, st in enumerate(stats)
+                   if names[i] in here or not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
+        else:
+            odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
         t.local = len(stats) - len(odd)
         t.local_bytes = size_sum - sum(stats[i].st_size for i in odd) if odd else size_sum
         if pins:
@@ -118,7 +135,8 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
             name, st = names[i], stats[i]
             key = dprefix + fsencode(name)
             stamp = get(key)
-            state, rec, problem = classify(base + name, st, QUICK, stamp=stamp, verify=True)
+            look = ALWAYS if here and name in here else QUICK  # the catalog's stubs: their xattr, whatever the stat
+            state, rec, problem = classify(base + name, st, look, stamp=stamp, verify=True)
             if state == STUB:
                 t.stubs += 1
                 t.stub_bytes += st.st_size
@@ -143,15 +161,22 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
         directories.clear()
         problems.clear()
         checked.clear()
+        linked.clear()
 
     def merge(found):
-        dirs, probs, stamps = found
+        dirs, probs, stamps, links = found
         directories.update(dirs)
         problems.extend(probs)
         checked.extend(stamps)
+        linked.extend(links)
 
     scan_shared(str(root.path), rel, on_error, each,
-                (fresh, lambda: (directories, problems, checked), merge))
+                (fresh, lambda: (directories, problems, checked, linked), merge))
+    counted = set()
+    for d, dev, ino, n in linked:  # each inode once, in the first directory found holding it (as du)
+        if (dev, ino) not in counted:
+            counted.add((dev, ino))
+            directories[d].disk_bytes += n
     total = result.total
     for t in directories.values():
         for k, v in t.__dict__.items():
