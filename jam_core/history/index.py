@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS chunks (recipe TEXT, cid TEXT, size INTEGER NOT NULL,
 
 
 MAX_CACHED = 256 << 20  # a snapshot's stored bytes at most (as fetch_snapshot refuses more)
+MEMO = 64 << 20  # snapshots' bytes an Index remembers (bytes_of)
 
 
 class HistoryError(JamError):
@@ -70,6 +71,7 @@ class Index:
     def __init__(self, root: Root, create: bool = True):
         self.root = root
         self.dir = history_dir(root)
+        self._memo: dict[str, bytes] = {}  # sid -> stored bytes read (bytes_of)
         if create:
             (self.dir / "objects").mkdir(parents=True, exist_ok=True)
         try:
@@ -207,6 +209,66 @@ class Index:
         return self.dir / "objects" / sid.replace(":", "-")
 
     def read_bytes(self, sid: str) -> bytes | None:
+        """The cached stored bytes of ``sid``, or None if not cached here (not yet verified). A
+        snapshot this history records whose cached bytes are gone (the cache emptied) is
+        fetched again from the root's remotes (verified against its id by ``parse`` on load)."""
+        data = self._cached(sid)
+        if data is None and self._stored_size(sid):
+            data = self._refill(sid)
+        return data
+
+    def bytes_of(self, sid: str, keep: bool = True) -> bytes | None:
+        """``read_bytes``, remembered for this Index's life (a snapshot's bytes never change:
+        its id is their hash), up to MEMO bytes in all; ``keep=False``: a walk's read, taken
+        from the memo if there but not added to it."""
+        data = self._memo.get(sid)
+        if data is not None:
+            return data
+        data = self.read_bytes(sid)
+        if data is not None and keep and len(data) <= MEMO:
+            while self._memo and sum(map(len, self._memo.values())) + len(data) > MEMO:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[sid] = data
+        return data
+
+    def size_of(self, sid: str) -> int:
+        """The stored size of snapshot ``sid`` (recorded when it was added; else read)."""
+        return self._stored_size(sid) or len(self.bytes_of(sid) or b"")
+
+    def _stored_size(self, sid: str) -> int:
+        """The stored size of a snapshot this history records (0: unknown)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (f"size:{sid}",)).fetchone()
+        try:
+            n = int(row[0]) if row is not None else 0
+        except (TypeError, ValueError):
+            return 0
+        if not 0 < n <= MAX_CACHED:
+            return 0
+        if self.db.execute("SELECT 1 FROM snapshots WHERE id = ?", (sid,)).fetchone() is None:
+            return 0
+        return n
+
+    def _refill(self, sid: str) -> bytes | None:
+        """Fetch ``sid`` again from the root's remotes into the cache (verified against its id);
+        None if none gives it back."""
+        from jam_core.history.clone import fetch_snapshot
+        from jam_core.history.snapshot import id_of
+        from jam_core.history.store import durable_remotes
+        from jam_core.manager import make_plugin_manager
+        from jam_core.model import Session
+
+        try:
+            with Session() as session:
+                data, _snap = fetch_snapshot(self.dir / "objects", durable_remotes(self.root), sid,
+                                             self._stored_size(sid), make_plugin_manager(), session)
+            if id_of(data) != sid:  # (parse verified it; never cached otherwise)
+                return None
+            self.save_bytes(sid, data)
+        except (JamError, OSError):
+            return None
+        return data
+
+    def _cached(self, sid: str) -> bytes | None:
         """The cached stored bytes of ``sid``, or None if not cached here (not yet verified).
         Only a regular file is read (opened without following a symlink, without waiting on a
         FIFO), at most MAX_CACHED bytes: anything else there is a one-line HistoryError."""
@@ -238,9 +300,10 @@ class Index:
 
     def load(self, sid: str) -> Snapshot:
         """The snapshot ``sid`` from the local cache, verified and validated."""
-        data = self.read_bytes(sid)
+        data = self.bytes_of(sid)
         if data is None:
-            raise HistoryError(f"snapshot {sid[:19]} is not in this root's cache ({self.dir / 'objects'})")
+            raise HistoryError(f"snapshot {sid[:19]} is not in this root's cache ({self.dir / 'objects'}) "
+                               "and no remote gave it back")
         return parse(data, expect=sid)
 
     def save_bytes(self, sid: str, stored: bytes) -> None:
@@ -270,6 +333,7 @@ class Index:
                             (snap.id, snap.time_ns, snap.machine, snap.host, snap.message, len(snap.items),
                              *counts, size))
             self.db.executemany("INSERT OR IGNORE INTO objects VALUES (?)", ((o,) for o in oids))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"size:{snap.id}", str(len(stored))))
             if make_head:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (snap.id,))
             self.db.execute("COMMIT")
@@ -297,6 +361,7 @@ class Index:
         try:
             self.db.executemany("DELETE FROM snapshots WHERE id = ?", ((s,) for s in sids))
             self.db.executemany("DELETE FROM pushed WHERE id = ?", ((s,) for s in sids))
+            self.db.executemany("DELETE FROM meta WHERE key = ?", ((f"size:{s}",) for s in sids))
             self.db.execute("DELETE FROM objects")
             self.db.executemany("INSERT OR IGNORE INTO objects VALUES (?)", ((o,) for o in union))
             self.db.execute("COMMIT")

@@ -431,7 +431,7 @@ def commit(root: Root, pm, message: str = "", rels: list[str] | None = None, ses
             else:
                 snap = Snapshot([head] if head else [], now_ns or time.time_ns(), socket.gethostname()[:255],
                                 machine, tree, message, pins, list(new.values()),
-                                parent_sizes=[len(ix.read_bytes(head) or b"")] if head else [])
+                                parent_sizes=[ix.size_of(head)] if head else [])
                 if parent is not None and snap.time_ns <= parent.time_ns:
                     snap.time_ns = parent.time_ns + 1
                 stored = encode(snap)
@@ -467,7 +467,7 @@ def _unchanged(ix: Index, head: str, items: dict[str, Item], pins: list[str]) ->
 
     from jam_core.history.snapshot import MAGIC, body, id_of, inflate
 
-    data = ix.read_bytes(head)
+    data = ix.bytes_of(head)
     if data is None or id_of(data) != head:
         return False
     try:
@@ -688,7 +688,7 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
             if todo:
                 recorder.before_store(remote, todo)
                 for sid in todo:
-                    data = ix.read_bytes(sid)
+                    data = ix.bytes_of(sid)
                     if data is None or id_of(data) != sid:
                         raise JamError(f"snapshot {sid[:19]}: its cached bytes are missing or corrupt "
                                        f"({ix.cache_path(sid)}); not sent")
@@ -707,7 +707,7 @@ def push(root: Root, pm, session: Session, ix: Index, recorder, remotes: list[Re
                         ix.record_pushed(sid, remote.name)
                 if head in going:
                     raise RemoteError(f"another root is removing snapshot {head[:19]} from it at this moment")
-            size = len(ix.read_bytes(head) or b"")
+            size = ix.size_of(head)
             if not size:
                 raise JamError(f"snapshot {head[:19]}: its cached bytes are missing ({ix.cache_path(head)})")
             if needed is None:

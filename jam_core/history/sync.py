@@ -115,11 +115,12 @@ class Graph:
         self._parents: dict[str, list[str]] = {}
 
     def known(self, sid: str) -> bool:
-        return sid in self.times and self.ix.read_bytes(sid) is not None
+        # (no read of its bytes to learn that: in the history, cached or to be fetched again)
+        return sid in self.times and (os.path.lexists(self.ix.cache_path(sid)) or self.ix._stored_size(sid) > 0)
 
     def parents(self, sid: str) -> list[str]:
         if sid not in self._parents:
-            data = self.ix.read_bytes(sid)
+            data = self.ix.bytes_of(sid, keep=False)
             self._parents[sid] = parents_of(data) if data is not None else []
         return self._parents[sid]
 
@@ -810,7 +811,7 @@ def _merge_one(root: Root, ix: Index, graph: Graph, ours_id: str, theirs_id: str
     snap = Snapshot([ours_id, theirs_id], max(time.time_ns(), ours.time_ns + 1, theirs.time_ns + 1),
                     socket.gethostname()[:255], machine_id(), ours.tree, "merge", sorted(pins),
                     sorted(merged.values(), key=lambda i: i.path),
-                    parent_sizes=[len(ix.read_bytes(ours_id) or b""), len(ix.read_bytes(theirs_id) or b"")])
+                    parent_sizes=[ix.size_of(ours_id), ix.size_of(theirs_id)])
     stored = encode(snap)
     from jam_core.history.snapshot import changes
 
