@@ -664,11 +664,13 @@ def _swap(s: Stored, leases: Leases) -> bool:
             raise
         out = os.stat(s.tmp, dir_fd=s.dir_fd, follow_symlinks=False)
         held = os.fstat(s.fd)
-        # A chmod or chown in the last instant breaks no lease and moves no mtime: its mode and
-        # owner are checked too (the stub records them; a file made private stays so).
+        # A chmod, chown or setfacl in the last instant breaks no lease and moves no mtime: the
+        # mode, owner and xattrs (ACLs) are checked too (the stub records them; a file made
+        # private stays so).
         if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
                 or held.st_mtime_ns != s.st0.st_mtime_ns or held.st_mode != s.st0.st_mode
-                or (held.st_uid, held.st_gid) != (s.st0.st_uid, s.st0.st_gid) or not leases.intact(s.fd)):
+                or (held.st_uid, held.st_gid) != (s.st0.st_uid, s.st0.st_gid) or not leases.intact(s.fd)
+                or _xattrs_now(s.fd) != s.xattrs):
             exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
             return False
         leases.release(s.fd)
@@ -679,6 +681,14 @@ def _swap(s: Stored, leases: Leases) -> bool:
     s.tmp = ""
     s.swapped = True  # its blocks are freed by the last close (``_release``)
     return True
+
+
+def _xattrs_now(fd: int) -> dict[str, bytes] | None:
+    """What the stub of ``fd`` would carry now (None: something it cannot carry)."""
+    try:
+        return carried_xattrs(fd)
+    except NotCarried:
+        return None
 
 
 def _put_back(s: Stored) -> None:
