@@ -39,15 +39,14 @@ def test_a_directory_that_can_be_listed_but_not_entered_is_never_all_well(nobody
     assert "all can come back" not in again.stdout, again.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a stub the catalog does not know, in a directory that can be "
-                   "listed but not searched, is passed over in silence (the walk's EACCES lstat is taken "
-                   "for a file that vanished): exit 0, all can come back")
 def test_an_unknown_stub_in_a_directory_listed_but_not_searchable_is_never_all_well(nobody_tree):
     """As above, but the catalog does not know `locked/g.bin` (copied in with `cp -a`, restored
     from a backup, a catalog rebuilt): no row makes doctor look again, so the only trace is the
     walk's own failed lstat (scan.py ``_scan_from``: ``except OSError: continue  # vanished``).
     A name that is listed but cannot be stat'ed is not a file that vanished: doctor must name
-    the directory (`unseen`) and exit 1, never answer "all can come back"."""
+    the directory (`unseen`) and exit 1, never answer "all can come back".
+    Guard (mutation-checked): ops/doctor._Doctor.look (the walk's tidy hook, called for every
+    directory): the first entry's lstat failing with anything but ENOENT makes the directory `unseen`."""
     t, env, as_nobody = nobody_tree
     make_file(t.root / "locked" / "g.bin", SIZE, seed=3)
     jam("stash", "locked/g.bin", cwd=t.root, env=env)

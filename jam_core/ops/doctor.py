@@ -45,6 +45,7 @@ from typing import NamedTuple, Sequence
 
 from jam_core.catalog import Catalog, CatalogDamaged
 from jam_core.errors import JamError, RemoteError, UsageError
+from jam_core.fs import TMP_PREFIX
 from jam_core.history import chunks
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root
@@ -677,6 +678,22 @@ class _Doctor:
                     "every byte back (`--deep --older-than 30d` from a weekly cron job reads everything monthly)")
 
     # -- leftovers in the tree -------------------------------------------------------------------
+    def look(self, fd: int, dir_rel: str, entries: list) -> list:
+        """Each directory's listing, before the walk stats its entries: a directory whose names
+        can be listed but not looked at (read but no search permission: every lstat fails with
+        EACCES, which the walk takes for files that vanished) is `unseen`; jam's temporary files
+        are tidied where a name looks like one."""
+        if entries:
+            try:  # cached in the entry: the walk's own lstat of it costs nothing more
+                entries[0].stat(follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    self.unseen.setdefault(dir_rel, [f"its names can be listed but not looked at ({exc.strerror})",
+                                                     0])
+            if TMP_PREFIX in "/".join([e.name for e in entries]):
+                return self.tidy(fd, dir_rel, entries)
+        return entries
+
     def tidy(self, fd: int, dir_rel: str, entries: list) -> list:
         from jam_core.scan import jam_temporaries
 
@@ -727,8 +744,8 @@ class _Doctor:
         sizes, named = self.local_sizes, set(self.rels)
         trusted = 0
         for r in self.rels:
-            for dname, base, names, stats in scan_stats(top, r, on_error=self.walk_error, tidy=self.tidy,
-                                                        tidy_tmps=True):
+            for dname, base, names, stats in scan_stats(top, r, on_error=self.walk_error, tidy=self.look,
+                                                        tidy_tmps=False):
                 prefix = "" if dname == "." else dname + "/"
                 for name, st in zip(names, stats, strict=True):
                     rel = prefix + name
