@@ -100,10 +100,7 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
     linked: list[tuple[str, int, int, int]] = []  # (directory, st_dev, st_ino, bytes) of hard-linked files
     directories = result.directories
     problems = result.problems
-    stub_names: dict[str, set[str]] = {}  # by directory, the names the catalog knows as stubs
-    for key in known:
-        d, _, n = os.fsdecode(key).rpartition("/")
-        stub_names.setdefault(d or ".", set()).add(n)
+    stub_dirs = {key.rpartition(b"/")[0] for key in known}  # the directories holding a stub the catalog knows
 
     def each(d, base, names, stats):
         t = directories[d] = Tally()
@@ -117,10 +114,11 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
         # the files the stat alone does not settle; the rest are writable and not sparse: local.
         # A name the catalog knows as a stub is read too: a stub smaller than a block fills
         # it (not sparse), and `chmod -R g+w` makes it writable.
-        here = stub_names.get(d)
-        if here:
-            odd = [i for i, st in enumerate(stats)
-                   if names[i] in here or not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
+        dkey = b"" if d == "." else fsencode(d)
+        if dkey in stub_dirs:
+            dprefix = dkey + b"/" if dkey else b""
+            odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)
+                   or dprefix + fsencode(names[i]) in known]
         else:
             odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
         t.local = len(stats) - len(odd)
@@ -130,12 +128,12 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
                 covered(n if d == "." else f"{d}/{n}", pins) for n in names)
         if not odd:
             return
-        dprefix = b"" if d == "." else fsencode(d) + b"/"
+        dprefix = dkey + b"/" if dkey else b""
         for i in odd:
             name, st = names[i], stats[i]
             key = dprefix + fsencode(name)
             stamp = get(key)
-            look = ALWAYS if here and name in here else QUICK  # the catalog's stubs: their xattr, whatever the stat
+            look = ALWAYS if stamp is not None else QUICK  # the catalog's stubs: their xattr, whatever the stat
             state, rec, problem = classify(base + name, st, look, stamp=stamp, verify=True)
             if state == STUB:
                 t.stubs += 1
