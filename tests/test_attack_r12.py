@@ -379,14 +379,13 @@ def _jam(cwd, env, *args, check: int | None = 0):
 
 
 # -- 1. removals that break a head's promise --------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: drop --from vault removes an object the head on vault needs (the local "
-                   "default's copy is counted): a clone from vault then lacks it")
 def test_drop_never_takes_from_a_remote_an_object_the_head_there_promises(tmp_path):
     """The laptop's root has the embedded `default` (its own disk) and `vault`. `jam commit`
     puts f.bin on vault (the head there promises a clone every byte); the user then stashes it
     and runs `jam drop --from vault f.bin` (the copy on `default` counts). The second computer's
     clone from vault can never fetch f.bin. Expected: drop keeps it (one line) while the head
-    there needs it."""
+    there needs it.
+    Guard (mutation-checked): copies._drop keeps what promised_on (the head on that remote) names."""
     env = _env(tmp_path, "aaa")
     root, vault = tmp_path / "root", tmp_path / "vault"
     root.mkdir()

@@ -606,10 +606,40 @@ def drop(root: Root, rels: Iterable[str], pm, src: str, session: Session | None 
     return result
 
 
+def promised_on(root: Root, remote: Remote) -> set[str]:
+    """The objects of the snapshot this root's head on ``remote`` names (``jam commit`` wrote it
+    there once the remote held every object of it: a clone from that remote alone finds every
+    byte of the last commit)."""
+    from jam_core.history.index import Index, exists
+    from jam_core.history.snapshot import FILE
+
+    if not exists(root):
+        return set()
+    with Index(root, create=False) as ix:
+        row = ix.db.execute("SELECT value FROM meta WHERE key = ?", (f"head:{remote.name}",)).fetchone()
+        if row is None:
+            return set()
+        snap = ix.load(row[0])
+    return {i.oid for i in snap.items if i.kind == FILE and i.size}
+
+
 def _drop(root: Root, cat: Catalog, pm, session: Session, remote: Remote, entries, result: Result,
-          pieces=None) -> None:
+          pieces=None, keep_promised: bool = True) -> None:
+    """Remove ``entries``' objects from ``remote`` through the guarded removal. Unless
+    ``keep_promised`` (a remote being forgotten): what the head of this tree on ``remote``
+    needs stays there, said (a clone from it must find every byte of the last commit)."""
     if not entries:
         return
+    if keep_promised:
+        promised = promised_on(root, remote)
+        for e in entries:
+            if e.record.oid in promised:
+                result.skipped.append((e.rel, f"not removed from {remote.name!r}: the last commit's head there needs "
+                                              f"it (a clone from {remote.name!r} finds every byte of it)"))
+                result.partly = True
+        entries = [e for e in entries if e.record.oid not in promised]
+        if not entries:
+            return
     wanted = {e.record.oid: e.record.size for e in entries}
     own = referenced(root, cat) | set(wanted)
     removed, refused = remove_copies(root, cat, pm, session, remote, wanted, own, pieces=pieces)
@@ -637,7 +667,8 @@ def move(root: Root, rels: Iterable[str], pm, src: str, dst: str, session: Sessi
         dest = _remote(root, dst)
         there = _copy(root, cat, dirs, rels, pm, dest, session, result, pieces)
         copied = Result()
-        _drop(root, cat, pm, session, source, there, copied, pieces)
+        _drop(root, cat, pm, session, source, there, copied, pieces, keep_promised=False)  # moved: the next
+        # commit completes ``src`` again for its head (the history index forgets it stored there)
         result.skipped += copied.skipped
         result.partly = result.partly or copied.partly
     return result
@@ -768,6 +799,6 @@ def move_off(root: Root, pm, src: str, dst: str, session: Session | None = None,
         if result.failed or result.aborted:
             return result
         dropped = Result()
-        _drop(root, cat, pm, session, source, on_src, dropped, pieces)
+        _drop(root, cat, pm, session, source, on_src, dropped, pieces, keep_promised=False)  # forgotten next
         result.skipped += dropped.skipped  # kept on src for another root: said, not a failure
     return result
