@@ -107,3 +107,53 @@ def test_a_file_with_an_acl_made_in_a_directory_with_a_default_acl_keeps_its_own
     assert _checkout(t, ["shared/own.txt"]).done
     assert _named_perm(os.getxattr(f, ACL)) == 4
     assert stat.S_IMODE(os.stat(f).st_mode) == mode
+
+
+def _save_over(dir_fd: int, name: str, data: bytes) -> None:
+    """What an editor does on save: write a new file, rename it over the name."""
+    fd = os.open(".f12-save", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(".f12-save", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _contents(top) -> set[str]:
+    return {b3(p) for p in top.rglob("*") if p.is_file() and not p.is_symlink() and ".jam" not in p.parts}
+
+
+@pytest.mark.parametrize("op", ["stash", "checkout"])
+def test_a_save_in_the_last_instant_whose_put_back_fails_is_never_unlinked(tmp_path, monkeypatch, op):
+    """The user saves over the file (or the stub) in the last instant before the exchange; the
+    check after it sees another inode and exchanges back, and that exchange fails (EIO). The
+    user's file is then at jam's temporary name: the cleanup must leave it there (doctor shows
+    it), never unlink it as the stub or the fetched content it thought was there.
+    Guard (mutation-checked): stash._put_back / checkout._put_back clear ``tmp`` when the
+    exchange back fails."""
+    import errno
+
+    import blake3
+
+    t = make_tree(tmp_path)
+    f = t.root / "notes.txt"
+    make_file(f, 200_000, seed=33)
+    if op == "checkout":
+        assert _stash(t, ["notes.txt"]).done
+    mod = stash_mod if op == "stash" else checkout_mod
+    new = os.urandom(150_000)
+    real = mod.exchange
+    calls = []
+
+    def save_exchange_then_fail(dir_fd, a, b):
+        calls.append(b)
+        if len(calls) == 1:
+            _save_over(dir_fd, "notes.txt", new)  # the editor, in the last instant
+            return real(dir_fd, a, b)
+        raise OSError(errno.EIO, "Input/output error")  # every exchange back
+
+    monkeypatch.setattr(mod, "exchange", save_exchange_then_fail)
+    res = _stash(t, ["notes.txt"]) if op == "stash" else _checkout(t, ["notes.txt"])
+    monkeypatch.undo()
+    assert len(calls) >= 2 and res.failed, res
+    assert blake3.blake3(new).hexdigest() in _contents(t.root), "the file saved in the last instant is gone"

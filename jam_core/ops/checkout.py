@@ -500,7 +500,11 @@ def _put_back(w: _Want, content: int) -> None:
     except OSError:
         return
     if at_tmp.st_ino != content:
-        exchange(w.dir_fd, w.tmp, w.name)
+        try:
+            exchange(w.dir_fd, w.tmp, w.name)
+        except OSError:
+            w.tmp = ""  # it cannot go back: left where it is (never unlinked), for `jam doctor` to show
+            raise
 
 
 def _name_max(dir_fd: int) -> int:

@@ -701,4 +701,8 @@ def _put_back(s: Stored) -> None:
     except OSError:
         return  # unlinked: the original, once checked (the swap was complete)
     if at_tmp.st_ino != s.stub_ino:
-        exchange(s.dir_fd, s.tmp, s.name)
+        try:
+            exchange(s.dir_fd, s.tmp, s.name)
+        except OSError:
+            s.tmp = ""  # it cannot go back: left where it is (never unlinked), for `jam doctor` to show
+            raise
