@@ -407,7 +407,7 @@ def test_drop_never_takes_from_a_remote_an_object_the_head_there_promises(tmp_pa
 def test_a_snapshot_corrupt_on_one_remote_is_fetched_from_the_other(tmp_path):
     """aaa's head is on vault and on vault2; the snapshot's bytes on vault rotted (same size).
     bbb (which uses both) must merge it from vault2, not give up on the first copy.
-    Guard (mutation-checked): clone.fetch_snapshot, a SnapshotError of one remote's copy goes on to the next."""
+    Guard (mutation-checked): store.fetch_snapshot, a SnapshotError of one remote's copy goes on to the next."""
     from jam_core.manager import make_plugin_manager
     from jam_core.ops.remotes import add_remote
     from jam_core.root import Root
@@ -494,7 +494,7 @@ def test_sync_never_makes_a_new_stub_in_a_directory_moved_out_of_the_root(tmp_pa
 def test_restore_never_makes_a_stub_in_a_directory_moved_out_of_the_root(tmp_path, monkeypatch):
     """`jam restore docs/gone.txt`: restore opens docs/ and makes the stub aside in it; in that
     instant the user moves docs/ out of the root. Nothing may be written there (invariant 7).
-    Guard (mutation-checked): restore._make, its clone.still_in check before the rename."""
+    Guard (mutation-checked): restore._make, its store.still_in check before the rename."""
     from jam_core.history import restore as restore_mod
     from jam_core.root import Root
 

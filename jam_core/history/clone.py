@@ -38,10 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import DIR_FLAGS, fd_path, rename_noreplace, syncfs
-from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError, machine_id, parse
-from jam_core.history.store import HEADS, REGISTRY, make_entry, read_heads
+from jam_core.errors import JamError, UsageError
+from jam_core.fs import DIR_FLAGS, rename_noreplace, syncfs
+from jam_core.history.snapshot import _TREE, FILE, Item, Snapshot, SnapshotError, machine_id
+from jam_core.history.store import HEADS, REGISTRY, fetch_snapshot, make_entry, read_heads, still_in
 from jam_core.model import Remote, Session
 from jam_core.root import Root
 from jam_core.scan import new_stub_stamp
@@ -63,10 +63,6 @@ class CloneResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.problems else 0
-
-
-class SnapshotAbsent(RemoteError):
-    """Every remote asked answered that it does not hold the snapshot (none failed)."""
 
 
 # -- reading a remote ----------------------------------------------------------------------------
@@ -97,42 +93,6 @@ def list_trees(remote: Remote, pm, session: Session) -> list[str]:
             finally:
                 os.close(fd)
     return sorted(found)
-
-
-def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, pm,
-                   session: Session) -> tuple[bytes, Snapshot]:
-    """The stored bytes of snapshot ``sid`` and the snapshot from the first of ``remotes`` that has it, verified
-    against its id and validated (``parse``). SnapshotError / RemoteError with one line."""
-    if not 0 < size <= (256 << 20):
-        raise SnapshotError(f"snapshot {sid[:19]}: impossible size {size}; refused")
-    errors = []
-    refused: SnapshotError | None = None
-    for remote in remotes:
-        fd = os.open(root_tmp, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                ok = pm.hook.fetch(remote=remote, oid=sid, dest=Path(fd_path(fd)), size=size, session=session)
-            except (JamError, OSError) as exc:
-                errors.append(f"{remote.name}: {describe(exc)}")
-                continue
-            if ok is not True:
-                errors.append(f"{remote.name}: not there")
-                continue
-            try:
-                if os.fstat(fd).st_size != size:
-                    raise SnapshotError(f"snapshot {sid[:19]} on remote {remote.name!r}: not {size} bytes; refused")
-                data = os.pread(fd, size + 1, 0)
-                return data, parse(data, expect=sid)  # verified and validated, or refused
-            except SnapshotError as exc:  # a copy damaged (or hostile) there: the next remote's may be whole
-                refused = refused or exc
-                errors.append(f"{remote.name}: {describe(exc)}")
-        finally:
-            os.close(fd)
-    if refused is not None:
-        raise refused
-    if errors and all(e.endswith(": not there") for e in errors):
-        raise SnapshotAbsent(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
-    raise RemoteError(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
 
 
 # -- making entries ------------------------------------------------------------------------------
@@ -173,26 +133,6 @@ class DirStack:
         for fd in self.fds:
             os.close(fd)
         self.fds, self.names = [], []
-
-
-def still_in(root_fd: int, rel: str, dfd: int) -> bool:
-    """Whether ``dfd`` is still the directory of ``rel`` in the root ``root_fd``: opened again
-    from the root by name (no symlink followed), the same inode. A descriptor follows its
-    directory wherever it is moved: asked right before an entry is renamed in through it."""
-    from jam_core.fs import open_dir
-
-    parent = rel.rpartition("/")[0]
-    if not parent:
-        return True
-    try:
-        fresh = open_dir(root_fd, parent)
-    except OSError:
-        return False
-    try:
-        a, b = os.fstat(fresh), os.fstat(dfd)
-    finally:
-        os.close(fresh)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def place(root: Root, items: list[Item], remotes_of, cat, problems: list[str],
@@ -674,11 +614,9 @@ def _refer(root: Root, pm, session: Session):
     every object of the snapshot it clones, so that no other root's removal (the first
     computer's ``jam gc --keep``) takes them from under it; and refuse if one is being removed
     there at this moment. Returns the recorder and the remote."""
-    from jam_core.history.index import kept_objects
-    from jam_core.ops.refs import Recorder
-
-    from jam_core.history.index import Index
+    from jam_core.history.index import Index, kept_objects
     from jam_core.history.store import absent
+    from jam_core.ops.refs import Recorder
 
     origin = root.remotes()[0]
     recorder = Recorder(root, pm, session)

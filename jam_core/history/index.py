@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS chunks (recipe TEXT, cid TEXT, size INTEGER NOT NULL,
 
 MAX_CACHED = 256 << 20  # a snapshot's stored bytes at most (as fetch_snapshot refuses more)
 MEMO = 64 << 20  # snapshots' bytes an Index remembers (bytes_of)
+REFILL = None  # (root, tmp dir, sid, size) -> stored bytes from the remotes: set by history.store
 
 
 class HistoryError(JamError):
@@ -249,19 +250,15 @@ class Index:
         return n
 
     def _refill(self, sid: str) -> bytes | None:
-        """Fetch ``sid`` again from the root's remotes into the cache (verified against its id);
-        None if none gives it back."""
-        from jam_core.history.clone import fetch_snapshot
+        """Fetch ``sid`` again from the root's remotes into the cache (``REFILL``, which
+        ``history.store`` provides: verified against its id); None if none gives it back."""
         from jam_core.history.snapshot import id_of
-        from jam_core.history.store import durable_remotes
-        from jam_core.manager import make_plugin_manager
-        from jam_core.model import Session
 
+        if REFILL is None:
+            return None
         try:
-            with Session() as session:
-                data, _snap = fetch_snapshot(self.dir / "objects", durable_remotes(self.root), sid,
-                                             self._stored_size(sid), make_plugin_manager(), session)
-            if id_of(data) != sid:  # (parse verified it; never cached otherwise)
+            data = REFILL(self.root, self.dir / "objects", sid, self._stored_size(sid))
+            if id_of(data) != sid:  # (verified there already; never cached otherwise)
                 return None
             self.save_bytes(sid, data)
         except (JamError, OSError):

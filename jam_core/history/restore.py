@@ -26,7 +26,7 @@ from jam_core.errors import JamError, UsageError, describe
 from jam_core.fs import DIR_FLAGS, rename_noreplace, syncfs
 from jam_core.history.index import Index, exists
 from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes
-from jam_core.history.store import make_entry, under
+from jam_core.history.store import make_entry, still_in, under
 from jam_core.root import CATALOG, Root, check_rel
 from jam_core.scan import LOCAL, STUB, classify, new_stub_stamp
 
@@ -384,8 +384,6 @@ def _make(root_fd: int, todo: list[Item], dest_of, stored, remotes_all, stamp: s
         tmp = ""
         try:
             tmp, rec = make_entry(dfd, name, i, tuple(stored.get(i.oid) or remotes_all), stamp, now_ns)
-            from jam_core.history.clone import still_in
-
             if not still_in(root_fd, dest, dfd):  # its directory moved out of the root meanwhile (invariant 7)
                 raise _Conflict(f"{dest}: its directory moved while it was being restored; nothing written there")
             try:

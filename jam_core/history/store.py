@@ -30,8 +30,20 @@ from pathlib import Path
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
 from jam_core.fs import NotTheFile, fd_path, open_regular, raise_fd_limit, same_file, tmp_name
+from jam_core.history import index as index_module
 from jam_core.history.index import Index
-from jam_core.history.snapshot import FILE, LINK, Item, Snapshot, changes, encode, machine_id, tree_name
+from jam_core.history.snapshot import (
+    FILE,
+    LINK,
+    Item,
+    Snapshot,
+    SnapshotError,
+    changes,
+    encode,
+    machine_id,
+    parse,
+    tree_name,
+)
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
 from jam_core.root import CATALOG, Root
@@ -657,6 +669,67 @@ def _upload(root: Root, pm, session: Session, batch: list[_Up], ix: Index, recor
     out.bytes += sum(s for o, s in newly.items() if o in ok)
 
 
+# -- reading snapshots back ---------------------------------------------------------------------
+class SnapshotAbsent(RemoteError):
+    """Every remote asked answered that it does not hold the snapshot (none failed)."""
+
+
+def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, pm,
+                   session: Session) -> tuple[bytes, Snapshot]:
+    """The stored bytes of snapshot ``sid`` and the snapshot from the first of ``remotes`` that has it, verified
+    against its id and validated (``parse``). SnapshotError / RemoteError with one line."""
+    if not 0 < size <= (256 << 20):
+        raise SnapshotError(f"snapshot {sid[:19]}: impossible size {size}; refused")
+    errors = []
+    refused: SnapshotError | None = None
+    for remote in remotes:
+        fd = os.open(root_tmp, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                ok = pm.hook.fetch(remote=remote, oid=sid, dest=Path(fd_path(fd)), size=size, session=session)
+            except (JamError, OSError) as exc:
+                errors.append(f"{remote.name}: {describe(exc)}")
+                continue
+            if ok is not True:
+                errors.append(f"{remote.name}: not there")
+                continue
+            try:
+                if os.fstat(fd).st_size != size:
+                    raise SnapshotError(f"snapshot {sid[:19]} on remote {remote.name!r}: not {size} bytes; refused")
+                data = os.pread(fd, size + 1, 0)
+                return data, parse(data, expect=sid)  # verified and validated, or refused
+            except SnapshotError as exc:  # a copy damaged (or hostile) there: the next remote's may be whole
+                refused = refused or exc
+                errors.append(f"{remote.name}: {describe(exc)}")
+        finally:
+            os.close(fd)
+    if refused is not None:
+        raise refused
+    if errors and all(e.endswith(": not there") for e in errors):
+        raise SnapshotAbsent(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
+    raise RemoteError(f"snapshot {sid[:19]}: no remote has it ({'; '.join(errors)[:300]})")
+
+
+def still_in(root_fd: int, rel: str, dfd: int) -> bool:
+    """Whether ``dfd`` is still the directory of ``rel`` in the root ``root_fd``: opened again
+    from the root by name (no symlink followed), the same inode. A descriptor follows its
+    directory wherever it is moved: asked right before an entry is renamed in through it."""
+    from jam_core.fs import open_dir
+
+    parent = rel.rpartition("/")[0]
+    if not parent:
+        return True
+    try:
+        fresh = open_dir(root_fd, parent)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(fresh), os.fstat(dfd)
+    finally:
+        os.close(fresh)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 # -- push --------------------------------------------------------------------------------------
 def write_head(remote: Remote, name: str, sid: str, size: int, pm, session: Session) -> None:
     """Replace this machine's head on ``remote`` (write_meta: atomic)."""
@@ -862,3 +935,16 @@ def read_heads(remote: Remote, tree: str, pm, session: Session) -> dict[str, tup
         if sid:
             out[name.rpartition("/")[2]] = sid
     return out
+
+
+def _refill(root: Root, tmp_dir: Path, sid: str, size: int) -> bytes:
+    """``Index.read_bytes``'s way back for a snapshot its cache lost: fetched from the root's
+    remotes (verified against its id, validated)."""
+    from jam_core.manager import make_plugin_manager
+
+    with Session() as session:
+        data, _snap = fetch_snapshot(tmp_dir, durable_remotes(root), sid, size, make_plugin_manager(), session)
+    return data
+
+
+index_module.REFILL = _refill

@@ -58,10 +58,17 @@ from dataclasses import dataclass, field
 
 from jam_core.errors import JamError, UsageError, describe
 from jam_core.fs import FileBusy, Leases, exchange, open_regular, same_file, tmp_name
-from jam_core.history.clone import MAX_CHAIN, SnapshotAbsent, fetch_snapshot, place
+from jam_core.history.clone import MAX_CHAIN, place
 from jam_core.history.index import Index
 from jam_core.history.snapshot import FILE, Item, Snapshot, SnapshotError, encode, machine_id, tree_name
-from jam_core.history.store import durable_remotes, known_here, read_heads, shared_id_problem
+from jam_core.history.store import (
+    SnapshotAbsent,
+    durable_remotes,
+    fetch_snapshot,
+    known_here,
+    read_heads,
+    shared_id_problem,
+)
 from jam_core.model import Session
 from jam_core.objects import is_valid_oid
 from jam_core.root import Root, check_rel

@@ -56,7 +56,7 @@ def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, no
         recorder = Recorder(root, pm, session)
         forgetting: set[str] = set()
         if rules is not None:
-            forgetting = _thin(root, rules, dry_run, out)
+            forgetting = _thin(root, rules, dry_run, out, pm, session)
         own = live_oids(root, cat) | referenced(root, cat, forgetting if dry_run else frozenset())
         reachable: list[Remote] = []
         for r in root.remotes():
@@ -74,7 +74,31 @@ def gc(root: Root, pm, dry_run: bool = False, session: Session | None = None, no
     return out
 
 
-def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult) -> set[str]:
+def _heads_of_mine(root: Root, pm, session: Session) -> dict[str, str]:
+    """{snapshot id: remote} that the remotes name now as this machine's head of this root's
+    tree (read live; a remote that cannot be read names nothing here: the index's record of
+    the head written there still counts)."""
+    from jam_core.history.snapshot import machine_id, tree_name
+    from jam_core.history.store import decode_head, durable_remotes, head_name, head_remotes
+
+    named: dict[str, str] = {}
+    try:
+        name = head_name(tree_name(root), machine_id())
+    except JamError:
+        return named
+    for r in head_remotes(durable_remotes(root)):
+        try:
+            data = pm.hook.read_meta(remote=r, name=name, session=session)
+        except (JamError, OSError):
+            continue
+        head = decode_head(bytes(data)) if data else None
+        if head is not None:
+            named.setdefault(head[0], r.name)
+    return named
+
+
+def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult, pm=None,
+          session: Session | None = None) -> set[str]:
     """Forget the snapshots ``rules`` do not keep (HEAD always stays, and so does every snapshot
     a remote names as this machine's head: ``head:<remote>`` in the index). Returns their ids."""
     from jam_core.history.index import Index, exists
@@ -88,8 +112,11 @@ def _thin(root: Root, rules: dict[str, int], dry_run: bool, out: GcResult) -> se
         # a clone from that remote fetches it and every object it names, so it stays
         named = {row[1]: row[0][5:] for row in ix.db.execute("SELECT key, value FROM meta WHERE key LIKE 'head:%'")}
         used = {r.name for r in root.remotes()}
+        named = {sid: r for sid, r in named.items() if r in used}
+        if forgotten and pm is not None:
+            named.update(_heads_of_mine(root, pm, session or Session()))
         for sid, remote in sorted(named.items()):
-            if sid in forgotten and remote in used:
+            if sid in forgotten:
                 del forgotten[sid]
                 kept[sid] = f"this machine's head on remote {remote!r}"
         out.snapshots_kept = sorted(kept.items())
