@@ -62,3 +62,35 @@ def test_a_lost_header_comes_back_through_a_new_stub_keeping_owner_and_xattrs(tm
     assert p.read_bytes()[:HEADER_MAX].strip(b"\0")  # a header again
     assert sorted(os.listdir(t.root)) == [".jam", "f.bin"]
     jam("doctor", cwd=t.root, check=0)
+
+
+def test_stubs_hidden_by_a_bind_mount_of_the_same_filesystem_are_never_forgotten(tmp_path):
+    """`sub/g.bin` is a stub; an empty directory of the same filesystem is then bind-mounted on
+    `sub` (the same st_dev: R14's tmpfs test does not reach this), hiding it. `--fix` must keep
+    its row (`unseen`, exit 1), and `jam gc` must not remove its only copy.
+    Guard (mutation-checked): ops/doctor._Doctor.probe_dir's mount-point test
+    (``_mount_points``, /proc/self/mountinfo)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a bind mount needs root and mount(8)")
+    t = make_tree(tmp_path)
+    make_file(t.root / "sub" / "g.bin", SIZE, seed=23)
+    make_file(t.root / "f.bin", SIZE, seed=24)
+    jam("stash", "f.bin", "sub/g.bin", cwd=t.root)
+    oid = record(t.root / "sub" / "g.bin").oid
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert os.stat(empty).st_dev == os.stat(t.root).st_dev
+    subprocess.run(["mount", "--bind", str(empty), str(t.root / "sub")], check=True)
+    try:
+        out = json.loads(jam("doctor", "--fix", "--json", cwd=t.root, check=1).out)
+        assert ("unseen", "sub", False) in {(c["kind"], c["path"], c["fixed"]) for c in out["problems"]}, out
+        jam("gc", cwd=t.root, check=None)
+    finally:
+        subprocess.run(["umount", str(t.root / "sub")], check=True)
+    assert _obj(t.remote, oid).is_file(), "gc removed the only copy of a stub hidden under a bind mount"
+    jam("checkout", "sub/g.bin", cwd=t.root)

@@ -823,8 +823,8 @@ class _Doctor:
                     return here, f"cannot be read ({exc.strerror})"
                 os.close(fd)
                 fd = nfd
-                if os.fstat(fd).st_dev != dev:
-                    return here, "a filesystem is mounted on it, hiding what was there"
+                if os.fstat(fd).st_dev != dev or os.path.join(self.real_top(), here) in self.mount_points():
+                    return here, "a filesystem is mounted on it, hiding what was there"  # (a bind mount: same dev)
                 try:
                     with os.scandir(fd) as it:
                         entries = list(it)
@@ -836,6 +836,18 @@ class _Doctor:
             return "", ""
         finally:
             os.close(fd)
+
+    def real_top(self) -> str:
+        if not hasattr(self, "_real_top"):
+            self._real_top = os.path.realpath(self.root.path)
+        return self._real_top
+
+    def mount_points(self) -> set[str]:
+        """Where filesystems are mounted (``/proc/self/mountinfo``; read once, only for rows
+        the walk did not see)."""
+        if not hasattr(self, "_mounts"):
+            self._mounts = _mount_points()
+        return self._mounts
 
     def report_unseen(self) -> None:
         for d, (why, n) in sorted(self.unseen.items()):
@@ -1474,6 +1486,21 @@ class _Known(NamedTuple):
     size: int
     mtime_ns: int
     stashed_at: str
+
+
+def _mount_points() -> set[str]:
+    """The mount points of this process's namespace (octal escapes of mountinfo undone)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read(1 << 24).splitlines()
+    except OSError:
+        return set()
+    out = set()
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            out.add(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])))
+    return out
 
 
 def _by_size(objects: dict[str, list[tuple[str, StubRecord]]]):
