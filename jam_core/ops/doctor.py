@@ -795,6 +795,8 @@ class _Doctor:
             why = self.probed[parent] = self.probe_dir(parent, DIR_FLAGS, _foreign)
         if why is None or why[0]:
             return why
+        if os.path.join(self.real_top(), rel) in self.mount_points():  # a file bind-mounted over the stub
+            return rel, "a file is mounted on it, hiding what was there"
         try:  # the directories are there and ours: the name itself (EACCES: listed, not searchable)
             os.stat(os.path.join(str(self.root.path), rel), follow_symlinks=False)
         except OSError as exc:
