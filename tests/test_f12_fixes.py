@@ -157,3 +157,33 @@ def test_a_save_in_the_last_instant_whose_put_back_fails_is_never_unlinked(tmp_p
     monkeypatch.undo()
     assert len(calls) >= 2 and res.failed, res
     assert blake3.blake3(new).hexdigest() in _contents(t.root), "the file saved in the last instant is gone"
+
+
+def test_the_daemons_fill_as_root_never_makes_a_setgid_file_its_owner_could_not_make(tmp_path):
+    """The daemon (root: fanotify needs it) fills a stub in place and applies its record's mode.
+    User 4321, not in group 3333, owns a stub of group 3333 (made in their setgid project
+    directory) whose record they set to mode 02755: the filled file must not be a setgid-3333
+    program. Guard (mutation-checked): worker.fill applies checkout._allowed_mode."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from jam_core.daemon.worker import fill
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    os.chown(proj, 4321, 3333)
+    os.chmod(proj, 0o2775)
+    data = os.urandom(10_000)
+    fd = os.open(proj / "tool", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchown(fd, 4321, -1)
+        assert os.fstat(fd).st_gid == 3333
+
+        class Rec:  # what fill reads of a stub's record
+            size, mode, mtime_ns = len(data), 0o2755, 1_000_000_000
+
+        fill(fd, memoryview(data), Rec)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert (st.st_gid, bool(st.st_mode & stat.S_ISGID)) != (3333, True), oct(st.st_mode)
+    assert st.st_mode & 0o777 == 0o755

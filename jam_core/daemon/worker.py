@@ -582,7 +582,7 @@ def fill(fd: int, content: memoryview | int, rec) -> None:
     mid-fill (``filling`` = 1: no reader was let in yet) leaves a stub that the next daemon fills
     again, never a file that reads as zeros; once the content is in (``filling`` = done) it is
     never filled over again, since answered readers may have written (see ``handle``)."""
-    from jam_core.ops.checkout import _copy_fd
+    from jam_core.ops.checkout import _allowed_mode, _copy_fd
 
     st = os.fstat(fd)
     setxattr(fd, FILLING, b"1")
@@ -595,7 +595,7 @@ def fill(fd: int, content: memoryview | int, rec) -> None:
             if n <= 0:
                 raise OSError(errno.EIO, "short write into the stub")
             off += n
-    os.fchmod(fd, rec.mode)
+    os.fchmod(fd, _allowed_mode(rec.mode, st.st_uid, st.st_gid))  # as checkout: no setgid the owner could not set
     try:
         acls = _unpack(getxattr(fd, ACL_XATTR))
     except OSError:
