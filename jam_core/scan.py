@@ -270,10 +270,13 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                 stats: list[os.stat_result] = []
                 subdirs = []
                 add_name, add_stat = names.append, stats.append
+                unsearchable = None
                 for e in entries:
                     try:
                         est = e.stat(follow_symlinks=False)
-                    except OSError:
+                    except OSError as exc:
+                        if exc.errno != errno.ENOENT and unsearchable is None:
+                            unsearchable = exc  # listed but not searchable (r without x): not "vanished"
                         continue  # vanished while we looked
                     kind = est.st_mode & fmt_mask
                     if kind == REG:
@@ -283,6 +286,8 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                         subdirs.append(e.name)
                         if (not prefix and e.name == JAM_DIR) or (est.st_dev, est.st_ino) in skip:
                             subdirs.pop()
+                if unsearchable is not None and on_error:
+                    on_error(prefix[:-1] or ".", unsearchable)
                 if nested and (JAM_DIR in subdirs or MARKER_NAME in names) and _foreign(fd, entries):
                     names, stats, subdirs = [], [], []  # (the names tell whether to look: no loop)
                 del entries

@@ -162,6 +162,8 @@ def test_gc_keep_never_collects_the_snapshot_a_remote_still_names_as_this_machin
     assert res.problems, "the head write failed"
     monkeypatch.undo()
     run(a, "gc", "--keep", "last 1", machine="aaa", check=None)
+    hexd = oid.partition(":")[2]
+    assert (t.remote / "objects" / "b3" / hexd[:2] / hexd).exists(), "the object the head on vault needs was collected"
     b = tmp_path / "b"
     res = run(tmp_path, "clone", str(t.remote), str(b), machine="bbb", check=None)
     assert res.returncode == 0, res.err

@@ -61,3 +61,17 @@ def test_an_unknown_stub_in_a_directory_listed_but_not_searchable_is_never_all_w
     os.chmod(t.root / "locked", 0o644)
     res = as_nobody("doctor", check=1)
     assert "all can come back" not in res.stdout, res.stdout
+
+
+def test_status_names_a_directory_it_can_list_but_not_enter(nobody_tree):
+    """`jam status` in a root whose `locked` (mode 644) holds a stub: the walk lists its names
+    but cannot stat one. Status must say it could not look there (a line on stderr naming
+    `locked`), not count it as empty and say nothing.
+    Guard (mutation-checked): scan._scan_from reports a directory whose entries fail to stat
+    with anything but ENOENT (``unsearchable``) through on_error."""
+    t, env, as_nobody = nobody_tree
+    make_file(t.root / "locked" / "g.bin", SIZE, seed=4)
+    jam("stash", "locked/g.bin", cwd=t.root, env=env)
+    os.chmod(t.root / "locked", 0o644)
+    res = as_nobody("status", check=0)
+    assert "locked" in res.stderr, (res.returncode, res.stdout, res.stderr)
