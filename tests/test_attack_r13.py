@@ -189,8 +189,8 @@ def test_a_setuid_file_of_another_user_comes_back_with_its_owner_and_every_mode_
     """Stashed and checked out by root, a file of another user (uid 4321, gid 8765, mode 4750)
     comes back with its owner, its group and its setuid bit: the stub carries the owner, and
     checkout's ``_restore_metadata`` chowns before it chmods (a chown clears setuid).
-    Mutation-checked: with ``checkout.owner`` patched to answer the file's owner (no chown),
-    the file comes back root's and this test fails."""
+    Guard (mutation-checked): ``_restore_metadata``'s fchown (without it the file comes back
+    root's and this test fails)."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     t = make_tree(tmp_path)
