@@ -261,7 +261,9 @@ def _requests(log: Path, under: str) -> dict[str, int]:
     from collections import Counter
 
     seen = Counter()
-    for m in re.finditer(r"HTTP REQUEST.*\n.*?DEBUG : (GET|PUT|HEAD|POST|DELETE) (\S+) HTTP", log.read_text()):
+    # the request line alone: rclone logs each request's lines as separate messages, and parallel
+    # transfers interleave them, so a request line need not follow its own "HTTP REQUEST" line
+    for m in re.finditer(r"DEBUG : (GET|PUT|HEAD|POST|DELETE) (\S+) HTTP/", log.read_text()):
         if m.group(2).split("?")[0].startswith(under):
             seen[m.group(1)] += 1
     return dict(seen)
