@@ -133,6 +133,24 @@ def open_dir(base_fd: int, rel: str) -> int:
         raise
 
 
+def same_dir(root_fd: int, rel_dir: str, fd: int) -> bool:
+    """Whether ``fd`` is still the directory ``rel_dir`` of the root ``root_fd`` ("" or "." is
+    the root itself): opened again from the root by name (no symlink followed), the same inode.
+    A kept descriptor follows its directory wherever it is moved or renamed: asked right before
+    a swap or a rename through ``fd``, so that nothing lands outside the root (invariant 7)."""
+    if rel_dir in ("", "."):
+        return True
+    try:
+        fresh = open_dir(root_fd, rel_dir)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(fresh), os.fstat(fd)
+    finally:
+        os.close(fresh)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def raise_fd_limit(want: int = 65536) -> int:
     """Lift the soft RLIMIT_NOFILE towards ``want`` (never past the hard limit): batches in
     flight hold descriptors per file. Returns the soft limit now."""
@@ -205,21 +223,8 @@ class DirFds:
         """True if ``rel_dir``, opened again from the root by name (no symlink followed), is the
         directory held open for it: not moved out of the root or replaced since it was opened (a
         kept descriptor follows its directory wherever it is moved). Asked right before swaps."""
-        rel_dir = rel_dir or "."
-        fd = self._fds.get(rel_dir)
-        if fd is None:
-            return False
-        if rel_dir == ".":
-            return True
-        try:
-            fresh = open_dir(self.root_fd, rel_dir)
-        except OSError:
-            return False
-        try:
-            a, b = os.fstat(fresh), os.fstat(fd)
-        finally:
-            os.close(fresh)
-        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        fd = self._fds.get(rel_dir or ".")
+        return fd is not None and same_dir(self.root_fd, rel_dir, fd)
 
     def hold(self, rel_dir: str) -> int:
         """``get``, and keep the descriptor open until the matching ``release``."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from jam_core.catalog import Catalog
 from jam_core.errors import JamError, RemoteError, UsageError, describe
-from jam_core.fs import NotTheFile, fd_path, open_regular, raise_fd_limit, same_file, tmp_name
+from jam_core.fs import NotTheFile, fd_path, open_regular, raise_fd_limit, same_dir, same_file, tmp_name
 from jam_core.history import index as index_module
 from jam_core.history.index import Index
 from jam_core.history.snapshot import (
@@ -711,23 +711,9 @@ def fetch_snapshot(root_tmp: Path, remotes: list[Remote], sid: str, size: int, p
 
 
 def still_in(root_fd: int, rel: str, dfd: int) -> bool:
-    """Whether ``dfd`` is still the directory of ``rel`` in the root ``root_fd``: opened again
-    from the root by name (no symlink followed), the same inode. A descriptor follows its
-    directory wherever it is moved: asked right before an entry is renamed in through it."""
-    from jam_core.fs import open_dir
-
-    parent = rel.rpartition("/")[0]
-    if not parent:
-        return True
-    try:
-        fresh = open_dir(root_fd, parent)
-    except OSError:
-        return False
-    try:
-        a, b = os.fstat(fresh), os.fstat(dfd)
-    finally:
-        os.close(fresh)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    """Whether ``dfd`` is still the directory of the entry ``rel`` (``fs.same_dir``): asked
+    right before an entry is renamed in through it."""
+    return same_dir(root_fd, rel.rpartition("/")[0], dfd)
 
 
 # -- push --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from jam_core.history.store import (
     known_here,
     read_heads,
     shared_id_problem,
+    still_in,
 )
 from jam_core.model import Session
 from jam_core.objects import is_valid_oid
@@ -286,14 +287,14 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
             out.kept.append((rel, "deleted there, open for writing here: kept"))
             return False
         try:
-            if not _still_in(tree, rel, dfd):  # its directory moved out of the root (invariant 7)
+            if not still_in(tree.root_fd, rel, dfd):  # its directory moved out of the root (invariant 7)
                 out.kept.append((rel, "deleted there; its directory moved meanwhile: kept"))
                 return False
             tmp = tmp_name()
             os.rename(name, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
             now = os.stat(tmp, dir_fd=dfd, follow_symlinks=False)
             changed = not same_file(now, st, ctime=False) or not tree.intact(lease)
-            changed = changed or not _still_in(tree, rel, dfd)  # moved in that instant: it goes back
+            changed = changed or not still_in(tree.root_fd, rel, dfd)  # moved in that instant: it goes back
         finally:
             tree.unlease(lease)
         if changed:  # a rename moves the ctime: the inode, size, mtime; or opened for writing
@@ -312,22 +313,6 @@ def _remove(tree: _Tree, rel: str, base: Item, out: SyncResult) -> bool:
     finally:
         if dfd is not None:
             os.close(dfd)
-
-
-def _still_in(tree: _Tree, rel: str, dfd: int) -> bool:
-    """Whether ``dfd`` is still the directory of ``rel`` in the root: opened again from the root
-    by name (no symlink followed), it is the same inode (a descriptor follows its directory
-    wherever it is moved: a swap through it must not land outside the root)."""
-    if "/" not in rel:
-        return True  # the root itself
-    fresh = tree.parent(rel)
-    if fresh is None:
-        return False
-    try:
-        a, b = os.fstat(fresh), os.fstat(dfd)
-    finally:
-        os.close(fresh)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _prune_dirs(tree: _Tree, gone: list[str]) -> None:
@@ -555,7 +540,7 @@ def _replace(root: Root, tree: _Tree, ix: Index, replaces, ours: Snapshot, merge
             merged[rel] = o[rel]
             return False
         try:
-            if not _still_in(tree, rel, dfd):  # its directory moved out of the root meanwhile (invariant 7)
+            if not still_in(tree.root_fd, rel, dfd):  # its directory moved out of the root meanwhile (invariant 7)
                 out.kept.append((rel, "its directory moved while being replaced: kept (sync again)"))
                 merged[rel] = o[rel]
                 return False
