@@ -655,18 +655,22 @@ class Closer:
     thread for a caller that closes nothing); each thread closes its share in one job, so the
     caller's thread is interrupted once per share, not once per file.
 
-    ``hold`` keeps descriptors open until ``flush`` (or ``stop``) hands them over: a stash
-    frees a batch's originals only once the next batch's stubs are created, because on ext4
+    ``hold`` keeps descriptors open until ``flush`` (or ``stop``) hands them over, and ``flush``
+    hands them over only once more than ``most`` files or ``most_bytes`` bytes are held: a stash
+    or a checkout frees what it removed when it ends, not batch by batch, because on ext4
     without a journal every new inode of a block group is searched for past the inodes freed
     there in the last minutes (a thousand frees made each of the next thousand creations scan
-    a thousand inodes)."""
+    a thousand inodes). The caps keep the descriptors within the process's limit and the space
+    held back to about one batch's."""
 
     THREADS = 4
     _close = staticmethod(os.close)  # what is done to each descriptor (tests hold it at the instant they need)
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = 0, most_bytes: int = 0) -> None:
         import queue
 
+        self.most, self.most_bytes = most, most_bytes
+        self._held_bytes = 0
         self._jobs: "queue.SimpleQueue[list[int] | None]" = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pending = 0  # jobs handed over and not finished
@@ -674,14 +678,18 @@ class Closer:
         self._idle = threading.Condition(self._lock)
         self._held: list[int] = []
 
-    def hold(self, fds: list[int]) -> None:
-        """Close every descriptor of ``fds`` after the next ``flush`` (at the latest ``stop``)."""
+    def hold(self, fds: list[int], nbytes: int = 0) -> None:
+        """Close every descriptor of ``fds`` (files of ``nbytes`` in all) after a ``flush`` that
+        finds more held than the caps, at the latest at ``stop``."""
         self._held.extend(fds)
+        self._held_bytes += nbytes
 
-    def flush(self) -> None:
-        """Hand over every descriptor held so far (``close_all``)."""
-        fds, self._held = self._held, []
-        self.close_all(fds)
+    def flush(self, at_once: bool = False) -> None:
+        """Hand over every descriptor held so far (``close_all``) if more than the caps are
+        held (or ``at_once``)."""
+        if at_once or len(self._held) > self.most or self._held_bytes > self.most_bytes:
+            fds, self._held, self._held_bytes = self._held, [], 0
+            self.close_all(fds)
 
     def close(self, fd: int) -> None:
         """Close ``fd`` soon; the caller must not use (or close) it again."""
@@ -727,7 +735,7 @@ class Closer:
     def stop(self) -> None:
         """Close what is held, wait for every close, then end the threads (the Closer may be
         used again)."""
-        self.flush()
+        self.flush(at_once=True)
         self.wait()
         for _ in self._threads:
             self._jobs.put(None)

@@ -296,11 +296,13 @@ def test_a_checkout_that_falls_back_to_a_second_remote_verifies_from_the_start(t
     assert b3(t.root / "f0") == sums["f0"]
 
 
-def test_a_batch_s_originals_are_freed_only_after_the_next_batch_s_stubs_are_created(tmp_path, monkeypatch):
-    """Batches of two: the originals of batch 1 are handed to the closer after batch 2's stubs
-    are written aside (the frees would make each of those creations scan past them) and before
-    its swaps (still overlapped with work), the last batch's at the end; every original is
-    closed before the stash returns."""
+@pytest.mark.parametrize("held", [100, 1])
+def test_originals_are_freed_at_the_end_or_once_too_many_after_the_next_batch_s_stubs(tmp_path, monkeypatch, held):
+    """Batches of two. With room to hold them (``closes_held``), every original is handed to
+    the closer once the last stub is swapped in: the frees would make each later creation of
+    a stub scan past them. With room for one only, batch 1's go after batch 2's stubs are
+    written aside and before its swaps (still overlapped with work), the last batch's at the
+    end. Every original is closed before the stash returns."""
     import jam_core.ops.pipeline as pipeline
 
     t = make_tree(tmp_path)
@@ -323,6 +325,7 @@ def test_a_batch_s_originals_are_freed_only_after_the_next_batch_s_stubs_are_cre
 
     closed = []
     monkeypatch.setattr(pipeline, "files_per_batch", lambda: 2)
+    monkeypatch.setattr(pipeline, "closes_held", lambda: held)
     monkeypatch.setattr(stash_mod, "write_stub_aside", aside)
     monkeypatch.setattr(stash_mod, "_swap", lambda s, leases: events.append(("swap", s.name)) or real_swap(s, leases))
     monkeypatch.setattr(Closer, "close_all", hand)
@@ -332,13 +335,48 @@ def test_a_batch_s_originals_are_freed_only_after_the_next_batch_s_stubs_are_cre
     monkeypatch.undo()
     assert len(res.done) == 4, res
     kinds = [k for k, _ in events]
-    # batch 1's originals go while batch 2 is swapped in (overlapped), batch 2's at the end
-    assert kinds == ["stub", "stub", "swap", "swap", "stub", "stub", "free", "free", "swap", "swap",
-                     "free", "free"], events
+    if held > 4:  # all at the end
+        assert kinds == ["stub", "stub", "swap", "swap", "stub", "stub", "swap", "swap"] + ["free"] * 4, events
+    else:  # batch 1's originals go while batch 2 is swapped in (overlapped), batch 2's at the end
+        assert kinds == ["stub", "stub", "swap", "swap", "stub", "stub", "free", "free", "swap", "swap",
+                         "free", "free"], events
     assert sorted(closed) == sorted(fd for k, fd in events if k == "free")
     assert all(is_stub(t.root / n) for n in sums)
     with Session() as s:
         assert len(checkout(Root(t.root), ["."], make_plugin_manager(), s).done) == 4
+    assert {n: b3(t.root / n) for n in sums} == sums
+
+
+def test_a_checkout_frees_the_old_stubs_once_its_last_file_is_in(tmp_path, monkeypatch):
+    """Batches of two: the old stubs a checkout swapped out are closed (freed) only once every
+    batch is in, not batch by batch (the frees would make each later creation scan past them
+    on ext4 without a journal), and all before the checkout returns."""
+    import jam_core.ops.checkout as checkout_mod
+    import jam_core.ops.pipeline as pipeline
+
+    t = make_tree(tmp_path)
+    sums = {}
+    for i in range(4):
+        p = t.root / f"f{i}"
+        make_file(p, 100_000, seed=960 + i)
+        sums[p.name] = b3(p)
+    with Session() as s:
+        assert len(stash(Root(t.root), ["."], make_plugin_manager(), s).done) == 4
+    events = []
+    real_hand, real_swap = Closer.close_all, checkout_mod._swap_batch
+
+    def hand(closer, fds):
+        events.extend(("free", fd) for fd in fds)
+        real_hand(closer, fds)
+
+    monkeypatch.setattr(pipeline, "files_per_batch", lambda: 2)
+    monkeypatch.setattr(Closer, "close_all", hand)
+    monkeypatch.setattr(checkout_mod, "_swap_batch", lambda *a, **k: events.append(("swaps", 0)) or real_swap(*a, **k))
+    with Session() as s:
+        res = checkout(Root(t.root), ["."], make_plugin_manager(), s)
+    monkeypatch.undo()
+    assert len(res.done) == 4, res
+    assert [k for k, _ in events] == ["swaps", "swaps"] + ["free"] * 4, events
     assert {n: b3(t.root / n) for n in sums} == sums
 
 

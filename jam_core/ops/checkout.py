@@ -90,7 +90,9 @@ def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep
 
         caches = [r for r in remotes if is_cache(r)]
         recorder = Recorder(root, pm, session) if todo and caches else None
-        closer = Closer()  # the old stubs' last closes free their blocks: waits on the disk, overlapped
+        # the old stubs' last closes free them (waits on the disk, overlapped), most of them once
+        # the checkout's last file is created (see Closer)
+        closer = Closer(most=pipeline.closes_held(), most_bytes=pipeline.BATCH_BYTES)
         disks = Filesystems(dirs.root_fd)  # the root's, and any other disk mounted inside it
         try:
             # While a worker fetches and verifies batch N, swap batch N-1 in.
@@ -218,7 +220,8 @@ def _drop_tmps(wants: list[_Want], dirs: DirFds, closer: Closer | None = None) -
                 w.dir_fd = -1  # may be closed from now on: never used again
     finally:
         if closer is not None:
-            closer.close_all(gone)
+            closer.hold(gone)
+            closer.flush()
 
 
 def _wants(batch: list[Entry], remotes: list[Remote], cat: Catalog, dirs: DirFds, result: Result,

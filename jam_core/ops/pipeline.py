@@ -21,6 +21,15 @@ def files_per_batch() -> int:
     return min(BATCH_FILES, fd_budget())
 
 
+def closes_held() -> int:
+    """How many removed files a run may keep open to free them at its end (``fs.Closer``): the
+    descriptors left once two batches in flight and the kept directories have theirs, halved
+    for everything else; 0 under a low limit (each batch's are then freed with the next)."""
+    from jam_core.fs import fd_budget, raise_fd_limit
+
+    return max(0, raise_fd_limit() - 64 - 6 * files_per_batch() - fd_budget()) // 2
+
+
 def batches(items: list, size_of) -> Iterable[list]:
     """Consecutive runs of at most ``files_per_batch()`` items and about BATCH_BYTES bytes."""
     most = files_per_batch()

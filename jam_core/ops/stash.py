@@ -138,7 +138,9 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
             except (JamError, OSError):
                 remotes.fixed = None  # each file will hear why
         leases = Leases()
-        closer = Closer()  # the originals' last closes free their blocks: waits on the disk, overlapped
+        # the originals' last closes free their blocks (waits on the disk, overlapped), most of
+        # them once the stash's last stub is created (see Closer)
+        closer = Closer(most=pipeline.closes_held(), most_bytes=pipeline.BATCH_BYTES)
         disks = Filesystems(dirs.root_fd)  # the root's, and any other disk mounted inside it
         unrecorded: set[str] = set()  # objects of stubs swapped in that the catalog could not record
         try:
@@ -206,9 +208,9 @@ def _free_space(remotes: list[Remote], pm, session: Session) -> dict[str, int | 
 def _release(hashed: list[Stored], leases: Leases, dirs: DirFds, closer: Closer | None = None) -> None:
     """Remove the stubs left aside, close every file and let its directory go. The close of an
     original swapped out (already unlinked) frees its blocks: ``closer`` does those in the
-    background, once the next batch's stubs are created (``_swap_batch`` flushes it) or at the
-    end of the stash."""
-    gone = []
+    background, at the end of the stash (or once too many are held, after the next batch's
+    stubs are created: ``_swap_batch`` flushes it)."""
+    gone, nbytes = [], 0
     try:
         for s in hashed:
             if s.tmp:
@@ -221,12 +223,13 @@ def _release(hashed: list[Stored], leases: Leases, dirs: DirFds, closer: Closer 
                 leases.release(s.fd)
                 if closer is not None and s.swapped:
                     gone.append(s.fd)
+                    nbytes += s.entry.st.st_blocks * 512
                 else:
                     os.close(s.fd)
                 s.fd = -1
     finally:
         if closer is not None:
-            closer.hold(gone)
+            closer.hold(gone, nbytes)
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:
@@ -387,7 +390,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             ready.append(s)
         except OSError as exc:
             result.failed.append((s.entry.rel, describe(exc)))
-    if closer is not None:  # the last batch's originals: freed now, beside this batch's syncfs and swaps
+    if closer is not None:  # the originals held so far: freed now if too many, beside this batch's syncfs and swaps
         closer.flush()
     if not ready:
         return
