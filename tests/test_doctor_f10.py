@@ -122,3 +122,56 @@ def test_a_stub_hidden_by_a_file_bind_mounted_over_it_is_never_forgotten(tmp_pat
         subprocess.run(["umount", str(t.root / "g.bin")], check=True)
     assert _obj(t.remote, oid).is_file(), "gc removed the only copy of a stub hidden under a bind mount"
     jam("checkout", "g.bin", cwd=t.root)
+
+
+def _moved_away(tmp_path, what: str):
+    """A root with the stubs `d/g.bin` and `f.bin`; ``what`` (`f.bin` or the directory `d`) is
+    moved out of the root with `mv` (xattrs kept) and a symlink to it left in its place."""
+    import shutil
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "d" / "g.bin", SIZE, seed=26)
+    make_file(t.root / "f.bin", SIZE, seed=27)
+    jam("stash", "f.bin", "d/g.bin", cwd=t.root)
+    oids = {rel: record(t.root / rel).oid for rel in ("f.bin", "d/g.bin")}
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    shutil.move(str(t.root / what), str(away / what))
+    os.symlink(away / what, t.root / what)
+    return t, oids, away
+
+
+def test_a_stub_moved_out_and_symlinked_back_keeps_its_content(tmp_path):
+    """`mv f.bin /elsewhere; ln -s /elsewhere/f.bin f.bin`: the stub lives on outside the root,
+    reached through the link. `doctor --fix` must not forget its row (`unseen`, exit 1, the
+    way back named), so `jam gc` keeps its only copy; moved back, it checks out.
+    Guard (mutation-checked): ops/doctor._Doctor.linked_away."""
+    t, oids, away = _moved_away(tmp_path, "f.bin")
+    out = json.loads(jam("doctor", "--fix", "--json", cwd=t.root, check=1).out)
+    found = {(c["kind"], c["path"]): c for c in out["problems"]}
+    assert ("unseen", "f.bin") in found and "symlink" in found["unseen", "f.bin"]["detail"], out
+    jam("gc", cwd=t.root, check=None)
+    assert _obj(t.remote, oids["f.bin"]).is_file(), "gc removed the content of a stub moved out and linked back"
+    os.unlink(t.root / "f.bin")
+    os.rename(away / "f.bin", t.root / "f.bin")
+    jam("checkout", "f.bin", cwd=t.root)
+    assert not (t.root / "f.bin").read_bytes().startswith(b"\0" * 64)
+
+
+def test_a_directory_of_stubs_moved_out_and_symlinked_back_keeps_their_content(tmp_path):
+    """The same through a directory: `mv d /elsewhere; ln -s /elsewhere/d d`."""
+    t, oids, _ = _moved_away(tmp_path, "d")
+    out = json.loads(jam("doctor", "--fix", "--json", cwd=t.root, check=1).out)
+    assert ("unseen", "d/g.bin") in {(c["kind"], c["path"]) for c in out["problems"]}, out
+    jam("gc", cwd=t.root, check=None)
+    assert _obj(t.remote, oids["d/g.bin"]).is_file()
+
+
+def test_a_symlink_to_anything_but_that_stub_lets_the_row_go(tmp_path):
+    """A symlink in place of the stub that leads to another file (not the stub, whose content
+    is then nowhere): the row is stale and --fix forgets it, as for a removed stub."""
+    t, oids, away = _moved_away(tmp_path, "f.bin")
+    os.unlink(away / "f.bin")
+    (away / "f.bin").write_bytes(b"something else\n")
+    out = json.loads(jam("doctor", "--fix", "--json", cwd=t.root, check=None).out)
+    assert ("catalog-stale", "f.bin", True) in {(c["kind"], c["path"], c["fixed"]) for c in out["problems"]}, out

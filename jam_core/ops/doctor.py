@@ -57,6 +57,7 @@ from jam_core.stub import (
     BadStub,
     StubRecord,
     open_checked,
+    read_record,
     record_from_block,
     rewrite_header,  # noqa: F401  (the in-place write doctor no longer makes; tests watch it)
     verify_clean,
@@ -793,7 +794,9 @@ class _Doctor:
             why = self.probed[parent]
         else:
             why = self.probed[parent] = self.probe_dir(parent, DIR_FLAGS, _foreign)
-        if why is None or why[0]:
+        if why is None:  # a directory on the way is gone (or a symlink now)
+            return self.linked_away(rel)
+        if why[0]:
             return why
         if os.path.join(self.real_top(), rel) in self.mount_points():  # a file bind-mounted over the stub
             return rel, "a file is mounted on it, hiding what was there"
@@ -802,7 +805,27 @@ class _Doctor:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return parent or ".", f"cannot be read ({exc.strerror})"
-        return None  # gone, or there and walked (a local file now: checked out by hand)
+        return self.linked_away(rel)  # None: gone, or there and walked (a local file now: checked out by hand)
+
+    def linked_away(self, rel: str) -> tuple[str, str] | None:
+        """Where ``rel`` (or a directory on its way) is now a symlink that leads out of the root
+        to this very stub (``mv`` elsewhere, ``ln -s`` back): (rel, why). Its row is kept: it
+        is what keeps the stub's object referenced, and forgotten, the next gc would remove
+        the content of a stub that still exists. None otherwise."""
+        path = os.path.join(str(self.root.path), rel)
+        if os.path.realpath(path) == os.path.abspath(path):
+            return None  # no symlink on the way
+        real = os.path.realpath(path)
+        top = os.path.realpath(str(self.root.path))
+        if real == top or real.startswith(top.rstrip("/") + "/"):
+            return None  # inside the root: the walk sees it there
+        try:
+            rec = read_record(real)
+        except (OSError, ValueError):
+            return None
+        if rec is None or rec.oid != self.stamps[rel][0]:
+            return None
+        return rel, f"a symlink stands where this stub was, to the stub now at {real} (outside the root)"
 
     def probe_dir(self, parent: str, dir_flags: int, foreign) -> tuple | None:
         """``hidden``'s look at the directories from the root down to ``parent``, each opened
@@ -853,6 +876,11 @@ class _Doctor:
 
     def report_unseen(self) -> None:
         for d, (why, n) in sorted(self.unseen.items()):
+            if why.startswith("a symlink stands"):
+                self.problem("unseen", d, f"{why}: jam cannot manage it there, and keeps its catalog row so that "
+                             "its content stays on the remotes; move the stub back in place of the symlink (or "
+                             "remove the symlink, and jam forgets it: `jam gc` may then remove its content)")
+                continue
             what = (f"the {n} stub{'' if n == 1 else 's'} the catalog lists under it cannot be looked at, so "
                     "nothing proves they come back (their catalog rows are kept)") if n else \
                 "doctor could not look inside, so nothing proves the stubs there come back"
