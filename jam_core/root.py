@@ -443,7 +443,8 @@ def _merge(into: dict, new: dict) -> None:
 def register_root(path: Path) -> None:
     """Add ``path`` to the roots list the shell hooks read (atomically rewritten). The list
     is bytes, one root per line, as the hooks compare $PWD: any path a file name can be,
-    except one with a newline (UsageError)."""
+    except one with a newline (UsageError). The longest paths come first: the hooks take the
+    first root that holds $PWD, which is then the nearest (a root inside another root)."""
     s = os.fsencode(path)
     if b"\n" in s:
         raise UsageError(f"{os.fsdecode(s)!r}: a jam root's path must not contain a newline "
@@ -454,9 +455,10 @@ def register_root(path: Path) -> None:
         roots = [line for line in f.read_bytes().split(b"\n") if line]
     except FileNotFoundError:
         roots = []
-    if s in roots:
+    wanted = sorted(roots if s in roots else roots + [s], key=lambda r: len(r.rstrip(b"/")), reverse=True)
+    if wanted == roots:
         return
-    roots.append(s)
+    roots = wanted
     tmp = f.with_name(f".roots.{os.getpid()}")
     tmp.write_bytes(b"".join(r + b"\n" for r in roots))
     os.replace(tmp, f)
