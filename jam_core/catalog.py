@@ -92,6 +92,25 @@ def _translate(exc: sqlite3.Error, path) -> CatalogError:
                     "then run `jam doctor --fix` to rebuild it from the tree")
 
 
+def not_regular(db_path) -> str | None:
+    """The first of an SQLite database's files (the db, its -wal, -shm and -journal) that is
+    there and not a regular file (a symlink planted in .jam), or None. SQLite opens them by
+    name, following symlinks: opened, jam would write into whatever such a link points at."""
+    import stat
+
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = f"{db_path}{suffix}"
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return p
+        if not stat.S_ISREG(st.st_mode):
+            return p
+    return None
+
+
 def _full(path) -> CatalogError:
     return CatalogError(f"no space left on the local disk for the catalog ({path}): free some space "
                     "and run the command again")
@@ -162,6 +181,10 @@ class Catalog:
 
     def __init__(self, db_path: Path):
         self.path = db_path
+        odd = not_regular(db_path)
+        if odd is not None:
+            raise CatalogDamaged(f"the catalog file {odd} is not a regular file (a symlink?); jam will not open "
+                                 "it: run `jam doctor --fix` to move it aside and rebuild the catalog from the tree")
         try:
             conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
         except sqlite3.Error as exc:

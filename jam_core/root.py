@@ -256,7 +256,17 @@ class Root:
     @contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
         """One writer per root: an exclusive flock on ``.jam/lock``, released on exit or death."""
-        fd = os.open(self.jam_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # never through a symlink planted in .jam: it would create a file wherever it points
+            fd = os.open(self.jam_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.jam_dir / LOCK} is a symlink; jam will not follow it (remove it: jam makes "
+                                 "its own)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"{self.jam_dir / LOCK} is not a regular file; remove it (jam makes its own)")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

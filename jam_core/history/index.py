@@ -75,6 +75,11 @@ class Index:
         self._memo: dict[str, bytes] = {}  # sid -> stored bytes read (bytes_of)
         if create:
             (self.dir / "objects").mkdir(parents=True, exist_ok=True)
+        from jam_core.catalog import not_regular
+
+        odd = not_regular(self.dir / DB)
+        if odd is not None:
+            raise HistoryError(f"{odd} is not a regular file (a symlink?); jam will not open it: move it away")
         try:
             self.db = sqlite3.connect(self.dir / DB, timeout=30, isolation_level=None)
             self.db.executescript(_SCHEMA)
