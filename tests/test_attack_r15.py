@@ -1,0 +1,278 @@
+"""R15: an attacker's review of the scans that must stay fast at a million files (`jam status`,
+`jam stash --auto [--dry-run]`, `jam doctor`) and of what they trust: the catalog's stamp (size,
+mtime, inode, ctime) that lets a scan count a stub without reading it. Each test breaks one
+thing on real files (real xattrs, a real dir remote, the real `jam` command). A test marked
+xfail(strict=True) is a hole found (its fix is in R15's report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from jam_core.manager import make_plugin_manager
+from jam_core.model import Session
+from jam_core.ops.stash import stash
+from jam_core.root import Root
+from tests.conftest import make_file
+from tests.safety_support import JAM, jam, make_tree, record
+
+SIZE = 100_000
+NOBODY = 65534
+
+
+def _doctor(cwd, *args, check, env=None) -> dict:
+    return json.loads(jam("doctor", "--json", *args, cwd=cwd, check=check, env=env).out)
+
+
+def _problems(out) -> list[tuple[str, str]]:
+    return [(c["kind"], c["path"]) for c in out["checks"] if c["status"] == "problem"]
+
+
+def _stash(root: Path, *rels: str) -> None:
+    with Session() as s:
+        res = stash(Root(root), list(rels), make_plugin_manager(), s)
+    assert sorted(r for r, _ in res.done) == sorted(rels), res
+
+
+def _deep(top: Path, levels: int, name: str = "dd") -> int:
+    """``levels`` nested directories ``name`` under ``top`` (made through descriptors: the path
+    is longer than PATH_MAX); returns a descriptor of the deepest one."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        try:
+            os.mkdir(name, dir_fd=fd)
+        except FileExistsError:
+            pass
+        nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _rmdeep(top: Path) -> None:
+    """Remove a tree of any depth (shutil.rmtree recurses once per level: RecursionError)."""
+    stack = [(os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW), -1, "")]
+    while stack:
+        fd, parent, name = stack[-1]
+        sub = None
+        for e in os.scandir(fd):
+            if e.is_dir(follow_symlinks=False):
+                sub = e.name
+                break
+            os.unlink(e.name, dir_fd=fd)
+        if sub is not None:
+            stack.append((os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), fd, sub))
+            continue
+        stack.pop()
+        os.close(fd)
+        if parent >= 0:
+            os.rmdir(name, dir_fd=parent)
+    os.rmdir(top)
+
+
+# -- 1. doctor gives up on a stub whose path is longer than PATH_MAX --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor opens an untrusted stub by its absolute path (e.path): a stub "
+                   "deeper than PATH_MAX aborts the whole doctor with 'File name too long'")
+def test_doctor_checks_a_stub_deeper_than_path_max(tmp_path):
+    """A stub 1,500 directories down (`dd/dd/.../deep.bin`, 4,500 bytes of path: deeper than
+    PATH_MAX). status, stash and checkout walk by directory descriptors and handle it; doctor
+    trusts it while the catalog's stamp holds. After a `chmod` (the ctime moves, so the stamp no
+    longer vouches) doctor must read it as it reads any stub (through the walk's descriptor)
+    and still give its report; today it stops at that stub with one line, `...deep.bin: File
+    name too long`, exit 1, and checks nothing else (`--deep` always does)."""
+    t = make_tree(tmp_path)
+    fd = _deep(t.root, 1500)
+    try:
+        try:
+            f = os.open("deep.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            os.write(f, os.urandom(SIZE))
+            os.close(f)
+            _stash(t.root, "dd/" * 1500 + "deep.bin")
+            assert os.stat("deep.bin", dir_fd=fd).st_mode & 0o222 == 0  # a stub now
+            os.chmod(f"/proc/self/fd/{fd}/deep.bin", 0o444)  # the same mode: only the ctime moves
+        finally:
+            os.close(fd)
+        res = jam("doctor", "--json", cwd=t.root, check=None)
+        assert res.returncode == 0, res.err[-300:]
+        assert json.loads(res.out)["summary"]["problem"] == 0
+    finally:
+        _rmdeep(t.root)  # (its .jam/stubdirs mirrors the depth too; pytest's own clean-up of tmp_path recurses per level)
+
+
+# -- 2. a failed `doctor --fix` of a zeroed header vouches for the stub -----------------------------------
+
+@pytest.fixture
+def as_nobody_tree():
+    """A root and its dir remote owned by ``nobody`` (uid 65534) in a directory that user can
+    reach, with its own HOME; ``run(*args, check)`` runs the real jam as that user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run jam as another user")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv is not installed")
+    base = Path(tempfile.mkdtemp(prefix="jam-r15-"))
+    os.chmod(base, 0o755)
+    home = base / "home"
+    env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
+               XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"))
+    (home / ".config").mkdir(parents=True)
+    t = make_tree(base)
+
+    def run(*args, check):
+        for d, _dirs, files in os.walk(base):  # what jam made as root so far is nobody's
+            for p in [d, *(os.path.join(d, f) for f in files)]:
+                if os.lstat(p).st_uid != NOBODY:  # (a chown moves the ctime: only where needed)
+                    os.lchown(p, NOBODY, NOBODY)
+        res = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", JAM,
+                              *args], cwd=t.root, capture_output=True, text=True, env=env)
+        assert "Traceback" not in res.stdout + res.stderr, res.stderr
+        assert check is None or res.returncode == check, (args, res.returncode, res.stdout[-3000:], res.stderr)
+        return res
+
+    yield t, run
+    for d, dirs, _files in os.walk(base):
+        for name in dirs:
+            os.chmod(os.path.join(d, name), 0o755)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix records a vouched stamp for a stub whose header it found "
+                   "zeroed but could not rewrite: later scans trust the silent-zeros stub unread")
+def test_a_zeroed_header_that_fix_could_not_rewrite_is_still_reported(as_nobody_tree):
+    """`photos/a.bin` is a stub whose first block was overwritten with zeros (its mode and mtime
+    put back): it now reads as a file of zeros (invariant 4). doctor finds it (`bad-header`).
+    `doctor --fix` cannot write a new header beside it: the user made `photos` read-only
+    (`chmod a-w`, common for an archive). The fix fails, and must not make things look fixed:
+    the next `jam doctor` must still report the zeroed header, and `jam status` must not count
+    it as a clean stub. Today --fix records the stamp (inode, ctime) of the broken stub as one
+    it read clean (ops/doctor.py check(): ``self.row(e.rel, rec, e.st, vouch=not lost)`` after
+    clean() returned True for a bad header), so every later scan trusts it unread: doctor says
+    "all can come back", exit 0, while the stub reads as zeros."""
+    t, run = as_nobody_tree
+    make_file(t.root / "photos" / "a.bin", SIZE, seed=1)
+    jam("stash", "photos/a.bin", cwd=t.root)
+    p = t.root / "photos" / "a.bin"
+    st = os.lstat(p)
+    os.chmod(p, 0o644)
+    with open(p, "r+b") as f:
+        f.write(b"\0" * 4096)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(p, st.st_mode)
+    assert not p.read_bytes().strip(b"\0")  # silent zeros
+    first = json.loads(run("doctor", "--json", check=1).stdout)
+    assert ("bad-header", "photos/a.bin") in _problems(first)
+    os.chmod(t.root / "photos", 0o555)
+    run("doctor", "--fix", check=1)  # cannot write beside it: not fixed
+    assert not p.read_bytes().strip(b"\0")
+    again = run("doctor", "--json", check=None)
+    assert ("bad-header", "photos/a.bin") in _problems(json.loads(again.stdout)), again.stdout
+    assert again.returncode == 1
+
+
+# -- 3. doctor after `mv` of a directory of identical stubs: quadratic --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor's catalog-moved matching rescans the list of stale paths of an "
+                   "object from its start for every moved stub: quadratic in the stubs sharing one id")
+def test_doctor_matches_moved_stubs_of_one_object_in_linear_time(tmp_path):
+    """1,500 stubs of the same content (a folder of identical renders, a test fixture copied
+    many times: one object, stored once) under `A`, then `mv A B`: every row of the catalog is
+    stale and every stub unknown, and doctor pairs them (`catalog-moved`). ops/doctor.py
+    check_catalog does ``next(p for p in cat_oids[oid] if p not in moved_from)`` for each moved
+    stub: the generator walks again past every path already paired, N*N/2 steps. Measured here
+    (`jam doctor` after `mv A B`): 5,000 stubs 0.5 s, 20,000 stubs 5.1 s (4.6 s in that line);
+    a million such stubs would take hours. The count of steps is the measure (no timing): it
+    must stay linear."""
+    import sys
+
+    from jam_core.ops import doctor as doctor_mod
+
+    n = 1500
+    t = make_tree(tmp_path)
+    root = Root(t.root)
+    with root.lock():
+        root.update_config(lambda own: own.setdefault("core", {}).__setitem__("min_size", "1"))
+    (t.root / "A").mkdir()
+    for i in range(n):
+        (t.root / "A" / f"f{i:05d}.txt").write_bytes(b"the same small file\n" * 8)
+    with Session() as s:
+        res = stash(Root(t.root), ["A"], make_plugin_manager(), s)
+    assert len(res.done) == n, res
+    os.rename(t.root / "A", t.root / "B")
+
+    steps = [0]
+    code = doctor_mod._Doctor.check_catalog.__code__
+    budget = 20 * n
+
+    def local(frame, event, arg):
+        if event == "line":
+            steps[0] += 1
+            if steps[0] > budget:
+                raise RuntimeError("quadratic")
+        return local
+
+    def tracer(frame, event, arg):  # only the generators made inside check_catalog
+        if frame.f_code.co_name == "<genexpr>" and frame.f_back is not None and frame.f_back.f_code is code:
+            return local
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with Session() as s:
+            out = doctor_mod.doctor(Root(t.root), ".", make_plugin_manager(), s)
+    except RuntimeError as exc:
+        assert str(exc) != "quadratic", f"more than {budget} steps to pair {n} moved stubs"
+        raise
+    finally:
+        sys.settrace(None)
+    moved = [p for p in out.problems if p.kind == "catalog-moved"]
+    assert len(moved) == n
+
+
+# -- 4. `jam stash --auto` lists a whole directory again for every file it was handed ---------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: stash walks each planned path alone, and each walk of one file "
+                   "lists its whole directory for leftovers (scan._scan_from clean=True -> _clean_dir): quadratic")
+def test_stash_auto_of_a_large_directory_lists_it_once(tmp_path, monkeypatch):
+    """The age policy nominates every file of `Downloads` (1,000 here; 20,000 is common).
+    `jam stash --auto` hands stash one path per file; ops/common.collect walks each alone, and
+    scan._scan_from, for a single file with ``clean=True``, calls ``_clean_dir(parent)``: a
+    full listing of the directory, every name tested by ``fs.is_jam_tmp``, once per file:
+    N*N tests. Measured here: 2,000 old small files `jam stash --auto` 3.7 s, 8,000 files
+    30 s, while `jam stash Downloads` of the same 8,000 takes 3.3 s; the profile has 80% of
+    the time in _clean_dir. The names tested are counted (no timing): linear, not N*N."""
+    import jam_core.scan as scan_mod
+    from jam_core.policy.plan import stash_auto
+
+    n = 1000
+    t = make_tree(tmp_path)
+    root = Root(t.root)
+    with root.lock():
+        root.update_config(lambda own: own.setdefault("core", {}).__setitem__("min_size", "1"))
+        root.update_config(lambda own: own.setdefault("policy", {}).__setitem__("age", {"older_than": "1d"}))
+    (t.root / "Downloads").mkdir()
+    for i in range(n):
+        p = t.root / "Downloads" / f"f{i:05d}.txt"
+        p.write_bytes(i.to_bytes(4, "little") * 50)
+        os.utime(p, (1577836800, 1577836800))
+    tested = [0]
+    real = scan_mod.is_jam_tmp
+    budget = 20 * n
+
+    def counting(name):
+        tested[0] += 1
+        if tested[0] > budget:
+            raise RuntimeError(f"more than {budget} names tested to stash {n} files")
+        return real(name)
+
+    monkeypatch.setattr(scan_mod, "is_jam_tmp", counting)
+    with Session() as s:
+        plan, res = stash_auto(Root(t.root), make_plugin_manager(), s)
+    assert len(plan.items) == n
+    assert len(res.done) == n, (res.failed[:3], res.skipped[:3])
