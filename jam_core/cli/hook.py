@@ -192,7 +192,12 @@ def run_hook_fetch(directory: str) -> int:
 
 
 def _say(message: str) -> None:
-    print(f"jam: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, escaped as everything jam prints of text it did not write (a
+    remote's message, a path): a terminal shows it and never acts on it (``show_text``; text
+    escaped already passes unchanged)."""
+    from jam_core.cli.common import show_text
+
+    print(f"jam: {show_text(message)}", file=sys.stderr, flush=True)
 
 
 def _needs_site(config) -> bool:
