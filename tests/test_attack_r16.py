@@ -360,3 +360,41 @@ def test_a_catalog_row_whose_path_is_no_name_does_not_turn_the_hook_off(stubbed,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "internal error" not in res.stderr, res.stderr
     assert all(_digest((root.path / r).read_bytes()) == d for r, d in content.items()), res.stderr
+
+
+# -- 7. the automatic commit the hook starts: imported from the root ------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: history/auto.spawn chdirs to the root and execs python with the "
+                   "hook's $PYTHONPATH: an empty entry imports a module planted in the root on cd")
+def test_the_commit_a_cd_starts_imports_nothing_from_the_root(jam_root, jam_bin, tmp_path):
+    """The hooks take care that a cd never imports code from the tree: the bootstrap refuses
+    $PYTHONPATH and the jam script is run from / ("whose empty or relative entries name the
+    working directory"). But with `[history] auto` due, that very hook-fetch starts `python -P -c
+    ... commit --auto` after os.chdir(ROOT) with the same environment: an empty entry of
+    $PYTHONPATH (`export PYTHONPATH=$PYTHONPATH:/opt/lib` with it unset gives ":/opt/lib") is the
+    root's top directory, ahead of site-packages, and a `click.py` left there (a synced or
+    downloaded tree) runs as the user on the next cd."""
+    import select
+
+    root = jam_root
+    _stash(root, ["data/f0"])
+    with open(root.config_path, "a") as f:
+        f.write('\n[history]\nauto = "1s"\n')
+    marker = tmp_path / "ran-planted-code"
+    (root.path / "click.py").write_text(
+        f"import sys\nopen({str(marker)!r}, 'w').close()\nprint('PLANTED CODE RAN', file=sys.stderr)\nraise SystemExit(3)\n")
+    env = dict(_env(), PYTHONPATH=":" + str(tmp_path / "opt-lib"))
+    text = subprocess.run([jam_bin, "hook", "bash"], env=_env(), capture_output=True, text=True, check=True).stdout
+    (tmp_path / "hook.bash").write_text(text)
+    res = subprocess.run(["bash", "--norc", "--noprofile", "-c", f"source {str(tmp_path / 'hook.bash')!r}; "
+                          f"cd {str(root.path / 'data')!r}; _jam_hook"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "fetched 1 file" in res.stderr, res.stderr
+    log = root.jam_dir / "auto-commit.log"
+    for _ in range(6000):  # the detached commit: 60 s at most, a deadline
+        if log.exists() and log.stat().st_size:
+            break
+        select.select([], [], [], 0.01)
+    assert log.exists() and log.stat().st_size, "the automatic commit said nothing"
+    assert not marker.exists(), "the commit the cd started ran ROOT/click.py: " + log.read_text()
