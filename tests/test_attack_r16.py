@@ -398,3 +398,40 @@ def test_the_commit_a_cd_starts_imports_nothing_from_the_root(jam_root, jam_bin,
         select.select([], [], [], 0.01)
     assert log.exists() and log.stat().st_size, "the automatic commit said nothing"
     assert not marker.exists(), "the commit the cd started ran ROOT/click.py: " + log.read_text()
+
+
+# -- 8. a stub written into keeps its directory in the index: a Python process on every cd ----------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a dirty stub keeps its catalog row (heal) and so its directory's mark "
+                   "in stubdirs: every cd there starts jam, which fetches nothing and says nothing")
+def test_a_stub_written_into_costs_one_hook_fetch_not_one_per_cd(jam_root, jam_bin, tmp_path):
+    """README: "A stale entry costs one `jam hook-fetch` that finds nothing and repairs it"; the
+    hook "starts jam only when the directory has stubs to fetch" (no Python process where
+    nothing needs fetching). A stub that was written into is never fetched (invariant 5), so
+    the plan finds nothing; heal keeps its row (it is still a stub), refresh keeps the mark, and
+    every later cd into that directory starts a Python process (~50-100 ms) that fetches
+    nothing and says nothing about the modified stub (`jam status` and `doctor` do)."""
+    root = jam_root
+    _stash(root, ["a/x", "a/y"])
+    x = root.path / "a/x"
+    x.chmod(0o644)
+    with open(x, "r+b") as f:  # written into after it was stashed
+        f.seek(10)
+        f.write(b"hello")
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.checkout import checkout
+
+    checkout(root, ["a/y"], make_plugin_manager())
+    modules = tmp_path / "modules"
+    env = dict(_env(), JAM_DEBUG_MODULES=str(modules))
+    text = subprocess.run([jam_bin, "hook", "bash"], env=_env(), capture_output=True, text=True, check=True).stdout
+    (tmp_path / "hook.bash").write_text(text)
+    a = str(root.path / "a")
+    res = subprocess.run(["bash", "--norc", "--noprofile", "-c",
+                          f"source {str(tmp_path / 'hook.bash')!r}; cd {a!r}; _jam_hook; cd ..; _jam_hook; "
+                          f"cd {a!r}; _jam_hook; cd ..; _jam_hook; cd {a!r}; _jam_hook"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    runs = modules.read_text().split().count("jam_core.hook.fetch") if modules.exists() else 0
+    assert runs <= 1, f"{runs} jam processes for 3 cds into a directory with nothing to fetch: {res.stderr!r}"
