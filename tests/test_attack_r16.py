@@ -435,3 +435,25 @@ def test_a_stub_written_into_costs_one_hook_fetch_not_one_per_cd(jam_root, jam_b
     assert res.returncode == 0, res.stderr
     runs = modules.read_text().split().count("jam_core.hook.fetch") if modules.exists() else 0
     assert runs <= 1, f"{runs} jam processes for 3 cds into a directory with nothing to fetch: {res.stderr!r}"
+
+
+# -- 9. a config mistake on the hook's path -----------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Root.remotes calls .items() on [remote] unchecked: `remote = \"...\"` "
+                   "in config.toml is an internal error (exit 1) on every cd, and the hook turns itself off")
+def test_a_remote_key_that_is_no_table_is_one_clear_line_not_an_internal_error(stubbed, jam_bin):
+    """A user writes `remote = "/mnt/backup"` at the top of ROOT/.jam/config.toml (as if that
+    were how to add one), in a root without a [remote.NAME] table of its own (its remotes in the
+    user's defaults, or none yet). The cd hook's fetch (and `jam checkout`) end in "internal error:
+    AttributeError: 'str' object has no attribute 'items' (run again with JAM_DEBUG=1...)",
+    exit 1, and the shells then say "the cd hook is off in this shell". A configuration error
+    is one line naming the file and the key (PRODUCT: exit 2 for usage or configuration errors;
+    the hook returns 0 after saying it), as [hook] mistakes already are."""
+    root, _ = stubbed
+    own = root.config_path.read_text().split("[remote.")[0]  # [core]: the remote goes to the user's defaults
+    root.config_path.write_text('remote = "/mnt/backup"\n' + own)
+    res = subprocess.run([jam_bin, "hook-fetch", "--", str(root.path / "data")], cwd=root.path, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert "internal error" not in res.stderr and res.returncode == 0, res.stderr
+    assert "config.toml" in res.stderr and "remote" in res.stderr, res.stderr
