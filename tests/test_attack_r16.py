@@ -5,7 +5,8 @@ Each test injects one hostile condition on real files and real shells (bash --no
 fish --no-config running the printed hook), or calls the hook's entry point
 (``jam_core.cli.hook.run_hook_fetch``) where the shell does not matter. A test marked
 xfail(strict=True) is a hole found by this review (its reason says which); the others pass
-thanks to the guard their docstring names.
+thanks to the guard their docstring names (the first four holes were fixed during the review:
+their tests stay as guards).
 """
 
 from __future__ import annotations
@@ -72,14 +73,13 @@ def _stash(root, rels: list[str], seed: int = 0) -> dict[str, str]:
 # -- 1. nested roots: the shells take the first root of the list, not the nearest ------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the shell hooks take the first listed root that contains $PWD, "
-                   "not the nearest: a root moved inside another and re-registered is never fetched on cd")
 @pytest.mark.parametrize("shell", SHELLS)
 def test_a_root_moved_inside_another_still_fetches_on_cd(shell, tmp_path, jam_bin):
     """The README's way back for a moved root: `mv` it, `jam init .` in it (put back on the roots
     list). Inside another root, the list then holds the outer root first; the hooks pick it,
     look at ITS index (which never lists a nested root's stubs) and start nothing: the inner
-    root's stubs stay stubs on every cd. `jam hook-fetch` there (find_root: the nearest) fetches them."""
+    root's stubs stay stubs on every cd. `jam hook-fetch` there (find_root: the nearest) fetches them.
+    (Found by R16, fixed in 1f37449: register_root writes the longest paths first.)"""
     outer, inner = tmp_path / "outer", tmp_path / "inner"
     outer.mkdir()
     inner.mkdir()
@@ -111,13 +111,12 @@ def _hook_fetch(directory: Path) -> int:
     return run_hook_fetch(str(directory))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Root.lock opens .jam/lock with O_CREAT through a symlink: a cd "
-                   "creates a file wherever a planted .jam/lock points (outside the root)")
 def test_a_symlinked_lock_creates_nothing_outside_the_root(stubbed, tmp_path):
     """Invariant 7/10: nothing is written outside a root or a remote; ROOT/.jam is input (the
     hooks already refuse a symlinked .jam/visits and replace a symlinked .jam/stubdirs). A
     `.jam/lock` planted as a symlink to a path outside: the cd hook's fetch (its fold, its
-    checkout) creates that file (as root: /etc/nologin would lock every other user out)."""
+    checkout) creates that file (as root: /etc/nologin would lock every other user out).
+    (Found by R16, fixed in 17483e3: Root.lock opens with O_NOFOLLOW.)"""
     root, content = stubbed
     target = tmp_path / "outside" / "created-by-jam"
     target.parent.mkdir()
@@ -128,12 +127,11 @@ def test_a_symlinked_lock_creates_nothing_outside_the_root(stubbed, tmp_path):
     assert not target.exists(), "a cd created a file outside the root through .jam/lock"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the catalog is opened with sqlite3.connect(path), following a "
-                   "symlinked .jam/catalog.db: a cd writes jam's tables into another program's database")
 def test_a_symlinked_catalog_writes_nothing_into_another_database(stubbed, tmp_path):
     """`.jam/catalog.db` planted as a symlink to another program's SQLite database (a browser's
     history, say): the cd hook's fetch opens it, switches it to WAL and creates jam's tables in
-    it. Nothing outside the root may be written; the catalog can be rebuilt from the tree."""
+    it. Nothing outside the root may be written; the catalog can be rebuilt from the tree.
+    (Found by R16, fixed in 17483e3: catalog.not_regular refuses it.)"""
     root, _ = stubbed
     other = tmp_path / "someone-elses.sqlite"
     db = sqlite3.connect(other)
@@ -153,13 +151,12 @@ def test_a_symlinked_catalog_writes_nothing_into_another_database(stubbed, tmp_p
 # -- 3. what the hook prints: `jam checkout` escapes text jam did not write, the hook did not ----------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook.py _fetch prints result.aborted (and run_hook_fetch a "
-                   "JamError/OSError) without show_text: a remote's text reaches the terminal raw on cd")
 def test_the_hook_escapes_a_remote_s_text_as_checkout_does(stubbed, jam_bin, capfd):
     """A remote's message (its location from the config, an SFTP server's or rclone's text)
     holding terminal escapes: `jam checkout` prints ``\\x1b`` (cli/common.report: show_text);
     the cd hook's fetch wrote the ESC byte itself to the terminal (here: set the window title,
-    clear the screen). Both paths must say the same, escaped."""
+    clear the screen). Both paths must say the same, escaped. (Found by R16, fixed in 8d17882:
+    hook._say goes through show_text.)"""
     root, _ = stubbed
     text = root.config_path.read_text()
     hostile = '/nowhere/gone\\u001b]2;pwned\\u0007\\u001b[2J'  # TOML escapes: ESC ] 2 ; pwned BEL ESC [ 2 J
