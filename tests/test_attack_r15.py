@@ -436,3 +436,32 @@ def test_stash_auto_never_stashes_a_file_the_policies_did_not_judge(tmp_path):
     with Session() as s:
         carry_out(Root(t.root), plan, pm, s)
     assert record(t.root / "photos" / "raw.bin") is None, "today's file was stashed on a plan made for another"
+
+
+# -- 8. a stub restored from a backup without holes is called written into --------------------------------
+
+@pytest.mark.xfail(strict=True, reason="BUG: stub.is_dirty's block rule calls a stub whose holes were filled with "
+                   "zeros (rsync -aX, cp --sparse=never, tar --xattrs) written into; its bytes are a clean stub's")
+def test_a_stub_restored_by_rsync_without_holes_is_clean(tmp_path):
+    """The user backs up `docs/` with `rsync -aX` (xattrs kept, no -S: holes are written as
+    zeros) and later restores it. Each stub comes back byte for byte (its header, then zeros),
+    with its `user.jam`, mode and mtime, only no longer sparse. status and doctor call it "a
+    stub written into after it was stashed" (stub.is_dirty: more blocks than a stub owns), and
+    checkout refuses to fetch it: nothing in `docs/` comes back but by `--keep-both`, one
+    extra file each. Nothing was written into it: when only the block count differs, the
+    bytes decide (stub.verify_clean), as they do for a stub whose mtime was put back."""
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        pytest.skip("rsync is not installed")
+    t = make_tree(tmp_path)
+    want = make_file(t.root / "docs" / "a.bin", 200_000, seed=9)
+    jam("stash", "docs/a.bin", cwd=t.root)
+    backup = tmp_path / "backup"
+    subprocess.run([rsync, "-aX", f"{t.root / 'docs'}/", f"{backup}/"], check=True)
+    shutil.rmtree(t.root / "docs")
+    subprocess.run([rsync, "-aX", f"{backup}/", f"{t.root / 'docs'}/"], check=True)
+    assert record(t.root / "docs" / "a.bin") is not None  # user.jam came back with it
+    st = json.loads(jam("status", "--json", cwd=t.root).out)
+    assert st["total"]["dirty"] == 0 and st["total"]["stubs"] == 1, st["problems"]
+    jam("checkout", "docs", cwd=t.root)
+    assert (t.root / "docs" / "a.bin").read_bytes() == want
