@@ -489,3 +489,38 @@ def test_a_fold_interrupted_before_its_catalog_write_loses_no_visit(jam_root, mo
     with Catalog(root.jam_dir / "catalog.db") as cat:
         uses = cat.uses()
     assert "work/notes.txt" in uses, "the visit of work/ was lost"
+
+
+# -- 11. a directory the user may enter but not list ----------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: hook-fetch's DIRECTORY is a click.Path that must be readable: a cd "
+                   "into an execute-only directory exits 2 and the shell turns the cd hook off for the session")
+def test_a_cd_into_a_directory_that_cannot_be_listed_keeps_the_hook_on(stubbed, jam_bin, tmp_path):
+    """A directory of mode 0311 (or 0711 of another user: enter, not list) inside a root. When the
+    hook runs jam there (here: config.toml edited, so newer than the index: any cd asks jam
+    once), `_plain_dir` hands the command to click, whose Path() refuses a directory it cannot
+    read: "Invalid value for 'DIRECTORY': ... is not readable", exit 2, and the shell says
+    "hook-fetch failed (exit 2); the cd hook is off in this shell". The next cd into a
+    directory with stubs fetches nothing, for the rest of the session. (Root ignores modes:
+    the shell runs without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH.)"""
+    root, content = stubbed
+    x = root.path / "x"
+    x.mkdir()
+    x.chmod(0o311)
+    index = root.jam_dir / "stubdirs"
+    with open(root.config_path, "a") as f:
+        f.write("\n[hook]\ndepth = 0\n")  # the user edits the config: the next cd asks jam once
+    t = index.stat().st_mtime_ns + 10**9
+    os.utime(root.config_path, ns=(t, t))
+    text = subprocess.run([jam_bin, "hook", "bash"], env=_env(), capture_output=True, text=True, check=True).stdout
+    (tmp_path / "hook.bash").write_text(text)
+    script = (f"source {str(tmp_path / 'hook.bash')!r}; cd {str(x)!r}; _jam_hook; "
+              f"cd {str(root.path / 'data')!r}; _jam_hook")
+    args = ["--norc", "--noprofile", "-c", script]
+    cmd = ["bash", *args]
+    if os.geteuid() == 0:  # capsh's `--`: the rest are /bin/bash's arguments
+        cmd = [require_tool("capsh"), "--drop=cap_dac_override,cap_dac_read_search", "--", *args]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert "is off in this shell" not in res.stderr, res.stderr
+    assert all(_digest((root.path / r).read_bytes()) == d for r, d in content.items()), res.stderr
