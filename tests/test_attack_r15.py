@@ -326,8 +326,9 @@ def test_stash_auto_keeps_a_stub_written_into_in_full(tmp_path):
 
 # -- 6. doctor's memory per stub: a million stubs do not fit in 1 GiB ---------------------------------------
 
-def _stub_tree(base: Path, n: int) -> Path:
-    """A root whose dir remote holds one object and whose `s/` holds ``n`` stubs of it, made as
+def _stub_tree(base: Path, n: int, spread: bool = False) -> Path:
+    """A root whose dir remote holds one object and whose `s/` holds ``n`` stubs of it (with
+    ``spread``, one stub in each of ``n`` directories `s/dNNNNNN/`), made as
     bench/bench_million.py makes them (jam's own record, header and xattr, catalog rows with
     their stamps)."""
     import time
@@ -353,10 +354,16 @@ def _stub_tree(base: Path, n: int) -> Path:
     try:
         for i in range(n):
             name = f"s{i:06d}.dat"
+            if spread:
+                os.close(dfd)
+                dfd = -1
+                (t.root / "s" / f"d{i:06d}").mkdir()
+                dfd = os.open(t.root / "s" / f"d{i:06d}", os.O_RDONLY | os.O_DIRECTORY)
+                name = f"d{i:06d}/{name}"
             rec = StubRecord(oid, len(data), 0o644, mtime, ("vault",), "2024-01-01T00:00:00Z")
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+            fd = os.open(name.rpartition("/")[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
             try:
-                os.write(fd, rec.header(name))
+                os.write(fd, rec.header(name.rpartition("/")[2]))
                 os.ftruncate(fd, len(data))
                 setxattr(fd, XATTR, rec.pack())
                 os.fchmod(fd, 0o444)
@@ -366,7 +373,8 @@ def _stub_tree(base: Path, n: int) -> Path:
                 os.close(fd)
             rows.append((f"s/{name}", oid, len(data), mtime, rec.stashed_at, st.st_ino, st.st_ctime_ns))
     finally:
-        os.close(dfd)
+        if dfd >= 0:
+            os.close(dfd)
     with Catalog(t.root / ".jam" / "catalog.db") as cat:
         cat.replace_stubs(rows)
         with cat.transaction():
@@ -509,3 +517,41 @@ def test_status_of_a_root_that_cannot_be_written(tmp_path):
         assert (total["stubs"], total["local"]) == (1, 1)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- 10. doctor after stubs were deleted from many folders: each folder's probe lists every ancestor ------
+
+@pytest.mark.xfail(strict=True, reason="BUG: doctor's hidden()/probe_dir lists every ancestor of each stale row's "
+                   "directory again (a cache per directory only): quadratic in the folders of one parent")
+def test_doctor_after_stubs_deleted_from_many_folders_lists_each_folder_once(tmp_path, monkeypatch):
+    """`albums/` holds a folder per album, a stub in each. The user deletes those stubs
+    (`find albums -name '*.raw' -delete`) and keeps the folders: every catalog row is stale.
+    For each stale row doctor asks ops/doctor.py hidden() why the walk did not see it; the
+    answer is cached per parent directory, but probe_dir opens and *lists* every ancestor from
+    the root down (`_foreign` on each listing), so `albums/` (N entries) is listed N times.
+    Measured here (`jam doctor` after deleting the stubs, folders kept): 5,000 folders 10 s,
+    20,000 folders 174 s (1 s before the deletion). The entries looked at are counted (no
+    timing): they must stay linear in the folders."""
+    import jam_core.scan as scan_mod
+    from jam_core.ops.doctor import doctor
+
+    n = 1000
+    path = _stub_tree(tmp_path, n, spread=True)
+    for d in (path / "s").iterdir():
+        for f in d.iterdir():
+            f.unlink()  # the folder stays
+    looked = [0]
+    real = scan_mod._foreign
+    budget = 20 * n
+
+    def counting(fd, entries):
+        entries = list(entries)
+        looked[0] += len(entries)
+        if looked[0] > budget:
+            raise RuntimeError(f"more than {budget} directory entries looked at for {n} stale rows")
+        return real(fd, entries)
+
+    monkeypatch.setattr(scan_mod, "_foreign", counting)
+    with Session() as s:
+        res = doctor(Root(path), ".", make_plugin_manager(), s)
+    assert len([p for p in res.problems if p.kind == "catalog-stale"]) == n
