@@ -50,7 +50,7 @@ from jam_core.ops.common import Result, collect, ends_as_interrupt
 from jam_core.ops.pipeline import batches
 from jam_core.root import CATALOG, Root
 from jam_core.scan import BAD, DIRTY, LOCAL, STUB, Entry, new_stub_stamp
-from jam_core.stub import HEADER_MAX, MAGIC, BadStub, StubRecord, record_from_block, write_stub
+from jam_core.stub import HEADER_MAX, MAGIC, XATTR, BadStub, StubRecord, record_from_block, write_stub
 
 
 class Skip(JamError):
@@ -567,6 +567,9 @@ def _hash_and_place(root: Root, entry: Entry, dir_fd: int, leases: Leases, remot
             leases.take(fd)
         except FileBusy as exc:
             raise Skip(f"{exc.strerror}; left local") from None
+        if _carries_record(fd):  # the scans read no xattr of a writable, non-sparse file
+            raise Skip("a stub that was written into (it still carries its record); jam keeps it as it is, and "
+                       "its stashed content on the remotes (see `jam doctor`, `jam checkout --keep-both`)")
         head = os.pread(fd, HEADER_MAX, 0)
         if head.startswith(MAGIC):
             try:
@@ -600,6 +603,17 @@ def _hash_and_place(root: Root, entry: Entry, dir_fd: int, leases: Leases, remot
     rec = StubRecord(oid=oid, size=size, mode=st0.st_mode & 0o7777, mtime_ns=st0.st_mtime_ns,
                      remotes=tuple(targets), stashed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return Stored(entry, st0, fd, dir_fd, rec, xattrs, targets)
+
+
+def _carries_record(fd: int) -> bool:
+    """Whether the open file still carries a stub's record (``user.jam``): a stub written into in
+    full, in place, looks like any file to a scan's stat. Stashed as one, its row would name
+    the new bytes and the stashed original's object would be left to gc (invariant 5)."""
+    try:
+        os.getxattr(fd, XATTR)
+    except OSError as exc:
+        return exc.errno not in (errno.ENODATA, errno.ENOTSUP)  # unreadable: not stashed either
+    return True
 
 
 AHEAD_MIN = 64 << 20  # from this size on, the backends may start copying while the core hashes
