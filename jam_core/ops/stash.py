@@ -82,7 +82,7 @@ class Stored:
 
 
 def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
-          explicit: bool = True, changed_after_ns: int | None = None) -> Result:
+          explicit: bool = True, changed_after_ns: int | None = None, judged: dict[str, int] | None = None) -> Result:
     """Stash files and directories (relative to the root). Holds the root's lock throughout.
 
     ``explicit=False`` (policies chose) applies the minimum size to named files too and, under
@@ -91,17 +91,18 @@ def stash(root: Root, rels: Iterable[str], pm, session: Session | None = None,
     offers it, else ``stash`` per file), write the stubs aside, make them durable (one syncfs)
     and the remotes (``sync``), then swap each file that did not change; one syncfs at the end
     makes the last swaps durable. ``changed_after_ns`` (a policy's plan): a file whose ctime is
-    not before it changed after the plan looked at it, and stays.
+    not before it changed after the plan looked at it, and stays; ``judged`` (the plan's
+    ``{path: inode}``): a file at a named path that is not the inode the plan judged stays.
     """
     with ends_as_interrupt():  # a SIGTERM in the middle of a swap puts it back, as a Ctrl-C does
         if session is None:  # one of its own: closed here (what backends left for it is cleaned up)
             with Session() as own:
-                return _stash(root, rels, pm, own, explicit, changed_after_ns)
-        return _stash(root, rels, pm, session, explicit, changed_after_ns)
+                return _stash(root, rels, pm, own, explicit, changed_after_ns, judged)
+        return _stash(root, rels, pm, session, explicit, changed_after_ns, judged)
 
 
 def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool,
-           changed_after_ns: int | None = None) -> Result:
+           changed_after_ns: int | None = None, judged: dict[str, int] | None = None) -> Result:
     result = Result()
     remotes = root.remotes()
     if not remotes:
@@ -119,6 +120,8 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 why = "pinned"
             if why is None and changed_after_ns is not None and entry.st.st_ctime_ns >= changed_after_ns:
                 why = "changed since the policies chose it; left for the next run"
+            if why is None and judged is not None and judged.get(entry.rel, -1) not in (0, entry.st.st_ino):
+                why = "not the file the policies chose (another one was moved there since); left for the next run"
             if why == "":
                 result.unchanged += 1
             elif why:

@@ -58,6 +58,7 @@ class Plan:
     local_bytes: int = 0
     candidates: int = 0
     began_ns: int = 0  # when the scan began: a file changed since (its ctime) is not stashed on this plan
+    inodes: dict[str, int] = field(default_factory=dict, repr=False)  # of the chosen files, as the scan saw them
 
     @property
     def bytes(self) -> int:
@@ -178,6 +179,8 @@ def plan_auto(root: Root, pm, keep: list | None = None) -> Plan:
         stubs = inv.stubs.sorted_records  # made only if a policy reads them (lru)
         nominations = ask(pm, root, records, STASH, (), inv.local_bytes, stubs) if records else []
         plan.items = merge(nominations, inv.candidates, plan.refused)
+        if plan.items:
+            plan.inodes = inv.candidates.inodes_of(i.path for i in plan.items)
         if keep is not None:
             keep += (inv, records, stubs, nominations)
     return plan
@@ -193,12 +196,13 @@ def stash_auto(root: Root, pm, session=None, dry_run: bool = False):
 
 def carry_out(root: Root, plan: Plan, pm, session=None):
     """Stash what a plan chose, as policies do: minimum size applies, pins are re-checked, and a
-    file changed since the plan's scan began is left for the next run (the policies chose its
-    old version)."""
+    file changed since the plan's scan began, or another one now at a chosen path (moved there
+    with its directory: a rename keeps the files' ctimes), is left for the next run (the
+    policies judged the one they saw)."""
     from jam_core.ops.stash import stash
 
     return stash(root, [i.path for i in plan.items], pm, session, explicit=False,
-                 changed_after_ns=plan.began_ns or None)
+                 changed_after_ns=plan.began_ns or None, judged=plan.inodes or None)
 
 
 def related(root: Root, pm, anchors: Sequence[str]) -> list[PlanItem]:

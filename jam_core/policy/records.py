@@ -59,10 +59,11 @@ class _Columns(Mapping):
 
 class Candidates(_Columns):
     """The local files policies may choose, held as parallel lists (path, size, mtime, atime,
-    last_used): a dry-run over 100,000 files makes a record only for a path asked for
-    (``Records.columns`` lets a policy choose on the lists)."""
+    last_used, inode): a dry-run over 100,000 files makes a record only for a path asked for
+    (``Records.columns`` lets a policy choose on the lists). The inode is what the stash of a
+    plan checks: the file at a chosen path is still the one judged."""
 
-    __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "_index")
+    __slots__ = ("paths", "sizes", "mtimes", "atimes", "lasts", "inos", "_index")
 
     def __init__(self, records: Iterable[FileRecord] = ()):
         self.paths: list[str] = []
@@ -70,17 +71,24 @@ class Candidates(_Columns):
         self.mtimes: list[float] = []
         self.atimes: list[float] = []
         self.lasts: list[float] = []
+        self.inos: list[int] = []
         self._index: dict[str, int] | None = None
         for r in records:
             self.add(r.path, r.size, r.mtime, r.atime, r.last_used)
 
-    def add(self, path: str, size: int, mtime: float, atime: float, last_used: float) -> None:
+    def add(self, path: str, size: int, mtime: float, atime: float, last_used: float, ino: int = 0) -> None:
         self.paths.append(path)
         self.sizes.append(size)
         self.mtimes.append(mtime)
         self.atimes.append(atime)
         self.lasts.append(last_used)
+        self.inos.append(ino)
         self._index = None
+
+    def inodes_of(self, paths: Iterable[str]) -> dict[str, int]:
+        """``{path: inode}`` of the candidates among ``paths`` (0: not known)."""
+        wanted = set(paths)
+        return {p: ino for p, ino in zip(self.paths, self.inos, strict=True) if p in wanted}
 
     def size_and_last(self, path: str) -> tuple[int, float] | None:
         """``(size, last_used)`` of a candidate, None if ``path`` is not one (no record made)."""
@@ -220,9 +228,9 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
     add_stub = stubs.add
     add_group = groups.append
     cands = inv.candidates
-    add_path, add_size, add_mtime, add_atime, add_last = (cands.paths.append, cands.sizes.append,
-                                                          cands.mtimes.append, cands.atimes.append,
-                                                          cands.lasts.append)
+    add_path, add_size, add_mtime, add_atime, add_last, add_ino = (
+        cands.paths.append, cands.sizes.append, cands.mtimes.append, cands.atimes.append, cands.lasts.append,
+        cands.inos.append)
     uses_get = uses.get if uses else None
     match = ignore.match_file if ignore is not None else None
     fsencode, stamp_of = os.fsencode, stamps.get
@@ -256,6 +264,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                     add_mtime(mtime)
                     add_atime(atime)
                     add_last(last)
+                    add_ino(st.st_ino)
                 elif st.st_nlink == 1:  # (not pinned, not ignored, local: a single link means too small)
                     small.append(name)
                 else:
@@ -270,7 +279,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             if state != LOCAL or st.st_nlink != 1 or size < lo:
                 add_group((_kept(state, st, False, False, min_size), prefix, [name]))
                 continue
-            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
+            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get), st.st_ino)
         if small:
             add_group((SMALL, prefix, small))
         local[0] += local_bytes
@@ -299,6 +308,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
                     add_mtime(mtime)
                     add_atime(atime)
                     add_last(last)
+                    add_ino(st.st_ino)
                     continue
                 state = LOCAL
             else:
@@ -317,10 +327,10 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
             if pinned or ignored or state != LOCAL or st.st_nlink != 1 or size < min_size or size == 0:
                 add_group((_kept(state, st, pinned, ignored, min_size), prefix, [name]))
                 continue
-            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get))
+            cands.add(rel, size, st.st_mtime, st.st_atime, _last_used(st, rel, atime_ok, uses_get), st.st_ino)
         local[0] += local_bytes
 
-    columns = (cands.paths, cands.sizes, cands.mtimes, cands.atimes, cands.lasts)
+    columns = (cands.paths, cands.sizes, cands.mtimes, cands.atimes, cands.lasts, cands.inos)
     stub_columns = stubs.columns()
 
     def fresh():  # in the helper process: only what it finds goes back
@@ -331,12 +341,12 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
         local[0] = 0
 
     def collect():  # in the helper: blobs, not objects (pickled and unpickled by one copy each)
-        return (_pack(columns, "qddd"), _pack(stub_columns, "qdddq"),
+        return (_pack(columns, "qdddq"), _pack(stub_columns, "qdddq"),
                 [(why, prefix, _SEP.join(names)) for why, prefix, names in groups], inv.problems, local[0])
 
     def merge(found):
         cols, more_stubs, more_kept, problems, more_local = found
-        for column, more in zip(columns, _unpack(cols, "qddd"), strict=True):
+        for column, more in zip(columns, _unpack(cols, "qdddq"), strict=True):
             column.extend(more)
         cands._index = None
         for column, more in zip(stub_columns, _unpack(more_stubs, "qdddq"), strict=True):
