@@ -203,8 +203,10 @@ def _remember(root: Root, checked: list[tuple[bytes, str, os.stat_result]]) -> N
 
 def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:
     """The pins, and the stubs the catalog knows under ``rel`` with their size, mtime, inode
-    and ctime."""
-    from jam_core.catalog import Catalog
+    and ctime. The catalog is a cache: one that cannot be opened (a root the user may read but
+    not write, another jam holding it) leaves status to read every possible stub; a damaged
+    one is said (`jam doctor --fix`)."""
+    from jam_core.catalog import Catalog, CatalogDamaged, CatalogError
     from jam_core.policy.pins import read_pins
     from jam_core.root import CATALOG
 
@@ -212,5 +214,10 @@ def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:
     db = root.jam_dir / CATALOG
     if not db.exists():
         return pins, {}
-    with Catalog(db) as cat:
-        return pins, cat.stub_stamps(rel)
+    try:
+        with Catalog(db) as cat:
+            return pins, cat.stub_stamps(rel)
+    except CatalogDamaged:
+        raise
+    except CatalogError:
+        return pins, {}
