@@ -720,3 +720,22 @@ def test_a_cd_into_a_directory_a_mount_hides_forgets_none_of_its_stubs(tmp_path,
     finally:
         subprocess.run(["umount", str(t.root / "sub")], check=True)
     assert _obj(t.remote, oid).is_file(), "gc removed the only copy of a stub hidden under a bind mount"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: hook/fetch.heal drops the row of a stub moved out of the root with a "
+                   "symlink left in its place (doctor keeps it since c8fef59): `jam gc` then removes its only copy")
+def test_a_cd_next_to_a_stub_moved_out_and_symlinked_back_keeps_its_content(tmp_path, jam_bin):
+    """`mv f.bin /elsewhere; ln -s /elsewhere/f.bin f.bin`: the stub lives on outside the root.
+    `jam doctor --fix` keeps its row (test_doctor_f10), so gc keeps its content. A cd into the
+    root (its index mark came from f.bin) finds no stub there and heals: _is_stub lstats the
+    name, a symlink, and the row goes; the next `jam gc` removes the only copy of the stub."""
+    from tests.safety_support import jam
+    from tests.test_attack_r14 import _obj
+    from tests.test_doctor_f10 import _moved_away
+
+    t, oids, away = _moved_away(tmp_path, "f.bin")
+    res = subprocess.run([jam_bin, "hook-fetch", "--", str(t.root)], cwd=t.root, env=_env(),
+                         capture_output=True, text=True, timeout=120)  # the cd into the root
+    assert res.returncode == 0, res.stderr
+    jam("gc", cwd=t.root, check=None)
+    assert _obj(t.remote, oids["f.bin"]).is_file(), "gc removed the content of a stub moved out and linked back"
