@@ -286,9 +286,6 @@ def _obj(remote: Path, oid: str) -> Path:
     return remote / "objects" / object_relpath(oid)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the policies' scan and stash's own classify take a writable, non-sparse "
-                   "file for local without reading user.jam: a stub written into in full is stashed, its row "
-                   "replaced, and gc removes the original's object")
 def test_stash_auto_keeps_a_stub_written_into_in_full(tmp_path):
     """`a.bin` is a stub (its content only on the remote). A tool run over the tree after
     `chmod -R u+w` rewrites it in place, in full, with what it read (the placeholder's
@@ -416,8 +413,6 @@ def test_doctor_memory_per_stub_fits_a_million_in_a_gibibyte(tmp_path):
 
 # -- 7. the plan's ctime check misses a file moved in with its directory ----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: carry_out checks only the ctime of what is at a planned path now: a "
-                   "file moved there with its directory (a rename keeps the files' ctimes) is stashed unjudged")
 def test_stash_auto_never_stashes_a_file_the_policies_did_not_judge(tmp_path):
     """The age policy chooses `photos/raw.bin` (not used for years). Between the plan and its
     carrying out (a large tree: seconds to minutes) the user swaps two folders: `photos` is
@@ -477,8 +472,6 @@ def test_a_stub_restored_by_rsync_without_holes_is_clean(tmp_path):
 
 # -- 9. status of a root the user may read but not write ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: status opens the catalog as a writer (WAL pragma, schema): on a root the "
-                   "user can read but not write it fails instead of scanning without the cache")
 def test_status_of_a_root_that_cannot_be_written(tmp_path):
     """A root the user can read but not write: a colleague's tree shared read-only, a backup
     disk mounted read-only, a filesystem snapshot. `jam status` only reads; the catalog is a
