@@ -214,8 +214,10 @@ def test_locked_catalog_is_one_line(stashed):
         holder.execute("PRAGMA locking_mode=EXCLUSIVE")
         holder.execute("BEGIN EXCLUSIVE")
         holder.execute("DELETE FROM uses")
-        res = jam("status", cwd=t.root, check=1)
+        res = jam("checkout", "a.bin", cwd=t.root, check=1)
         _one_line(res, "is locked by another jam process")
+        # status only reads, and the catalog is its cache: it reads every possible stub instead
+        assert json.loads(jam("status", "--json", cwd=t.root).out)["total"]["stubs"] == 1
     finally:
         holder.close()
     assert status_json(t.root)["total"]["stubs"] == 1

@@ -60,6 +60,7 @@ def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> li
     its reason. The caller holds the root's lock, so temporary files a killed jam provably
     left are removed on the way (see ``scan.scan_dirs``)."""
     seen: set[str] = set()
+    cleaned: set[str] = set()  # the directories whose leftovers are gone: each listed once, not per file named
     out = []
     for rel in rels:
         parent, _, name = rel.rpartition("/")
@@ -88,7 +89,11 @@ def collect(root: Root, dirs: DirFds, rels: Iterable[str], result: Result) -> li
         def on_error(r, exc):
             result.failed.append((r, exc.strerror or str(exc)))
 
-        for e in walk(str(root.path), rel, on_error, clean=True):
+        clean = True
+        if stat.S_ISREG(st.st_mode):  # its directory is listed for leftovers once, however many of its files are named
+            clean = (parent or ".") not in cleaned
+            cleaned.add(parent or ".")
+        for e in walk(str(root.path), rel, on_error, clean=clean):
             if e.rel not in seen:
                 seen.add(e.rel)
                 out.append((e, e.rel == rel))
