@@ -237,8 +237,6 @@ def test_doctor_matches_moved_stubs_of_one_object_in_linear_time(tmp_path):
 
 # -- 4. `jam stash --auto` lists a whole directory again for every file it was handed ---------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: stash walks each planned path alone, and each walk of one file "
-                   "lists its whole directory for leftovers (scan._scan_from clean=True -> _clean_dir): quadratic")
 def test_stash_auto_of_a_large_directory_lists_it_once(tmp_path, monkeypatch):
     """The age policy nominates every file of `Downloads` (1,000 here; 20,000 is common).
     `jam stash --auto` hands stash one path per file; ops/common.collect walks each alone, and
