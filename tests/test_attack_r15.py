@@ -667,8 +667,10 @@ def test_status_never_calls_a_stub_checked_out_meanwhile_written_into(tmp_path, 
     jam("stash", "photos/a.bin", cwd=t.root)
     os.rename(t.root / "photos", t.root / "pictures")  # no row names its path now: status reads it
     real = scan_mod.verify_clean_path
+    fired = []
 
     def checkout_lands_now(path, rec, st=None):
+        fired.append(path)
         (t.root / "pictures" / ".a.bin.fetched").write_bytes(want)  # what a checkout renames over the stub
         os.utime(t.root / "pictures" / ".a.bin.fetched", ns=(rec.mtime_ns, rec.mtime_ns))
         os.rename(t.root / "pictures" / ".a.bin.fetched", t.root / "pictures" / "a.bin")
@@ -676,6 +678,7 @@ def test_status_never_calls_a_stub_checked_out_meanwhile_written_into(tmp_path, 
 
     monkeypatch.setattr(scan_mod, "verify_clean_path", checkout_lands_now)
     res = status(Root(t.root))
+    assert fired, "the injection point (scan.verify_clean_path) was never reached: move it with the code"
     assert res.total.dirty == 0 and not res.problems, res.problems
 
 
@@ -700,13 +703,16 @@ def test_doctor_never_calls_a_file_removed_during_its_walk_bad_metadata(tmp_path
     os.chmod(t.root / "logs" / "a.log", 0o444)
     os.chmod(t.root / "logs" / "b.log", 0o444)
     real = doctor_mod.classify
+    fired = []
 
     def meanwhile(path, st, *args, **kwargs):
         if path.endswith("/a.log"):
+            fired.append(path)
             (t.root / "logs" / "b.log").unlink(missing_ok=True)  # removed by someone else, right now
         return real(path, st, *args, **kwargs)
 
     monkeypatch.setattr(doctor_mod, "classify", meanwhile)
     with Session() as s:
         res = doctor_mod.doctor(Root(t.root), ".", make_plugin_manager(), s)
+    assert fired, "the injection point (ops.doctor.classify) was never reached: move it with the code"
     assert not [(p.kind, p.path, p.detail) for p in res.problems if p.path.startswith("logs")]
