@@ -124,7 +124,10 @@ def groups(stubs: list[tuple[str, int]]):
 
 def heal(a: Arrival) -> None:
     """The index sent the hook here for nothing (stubs moved away, an interrupted checkout, a
-    new hook.depth): drop the catalog's stale rows for this scope and rebuild the index."""
+    new hook.depth): rebuild the index without the catalog's rows of this scope that are no
+    stub now. The rows stay: what keeps a stub's object from gc is never dropped on a cd's
+    look (a stub hidden under a mount, or moved out of the root with a symlink left, still
+    needs it); `jam doctor --fix` forgets a row once it proves the stub gone."""
     from jam_core.catalog import Catalog
     from jam_core.hook.index import refresh
     from jam_core.root import CATALOG
@@ -133,13 +136,14 @@ def heal(a: Arrival) -> None:
     base = "" if v.rel == "." else v.rel + "/"
     try:
         with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+            gone = set()
             for path in cat.stubs():
                 if not path.startswith(base) or not valid_rel(path):
                     continue  # a row that is no path inside the root: doctor reports it
                 below = path[len(base):].count("/")
                 if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
-                    cat.remove_stub(path)
-            refresh(root, cat)
+                    gone.add(path)
+            refresh(root, cat, leave_out=gone)
     except UsageError:
         pass  # another jam is working on this root; it refreshes the index when it is done
 

@@ -47,8 +47,8 @@ def wanted(stub_paths: Iterable[str], depth: int | None) -> set[str]:
 _warned = False
 
 
-def refresh(root: Root, cat=None) -> None:
-    """Make the index match the catalog's stubs and the current ``hook.depth``.
+def refresh(root: Root, cat=None, leave_out: set[str] = frozenset()) -> None:
+    """Make the index match the catalog's stubs (but ``leave_out``) and the current ``hook.depth``.
 
     Cheap when nothing changed (one query, a walk of the small mirror tree, no writes but the
     stamp). Errors in the config fall back to the defaults, and an index that cannot be
@@ -67,6 +67,8 @@ def refresh(root: Root, cat=None) -> None:
             stubs = c.stubs()
     else:
         stubs = cat.stubs()
+    if leave_out:
+        stubs = [p for p in stubs if p not in leave_out]
     try:
         sync(index_path(root), wanted(stubs, depth))
     except OSError as exc:
