@@ -120,8 +120,12 @@ def kick(root) -> int | None:
     """The cd hook's part: if ``[history] auto`` is set and due, start ``jam commit --auto``
     detached (its own session, stdin /dev/null, output to ``.jam/auto-commit.log``) and return
     its pid; else None. Never raises and never waits for the commit: a bad ``[history] auto``
-    is for ``jam commit --auto`` to report, not for the hook's fetch to trip on."""
+    is for ``jam commit --auto`` to report, not for the hook's fetch to trip on. Only for the
+    owner of the root's ``.jam``: another user's shell (``sudo -s`` keeping HOME) would leave
+    the history's files to that user, and the owner's commits would fail."""
     try:
+        if os.stat(root.jam_dir).st_uid != os.geteuid():
+            return None
         every = interval(root)
         if every is None or wait_left(root.jam_dir, every) > 0:
             return None
@@ -179,6 +183,8 @@ def spawn(root_path: str, jam_dir: str, after_exit: bool = True) -> int | None:
                 os.close(gate_r)
             os.chdir(root_path)
             env = {k: v for k, v in os.environ.items() if k not in ("JAM_DEBUG_MODULES", "JAM_BACKGROUND")}
+            if "PYTHONPATH" in env:  # an empty or relative entry would mean the root (the cwd): absolute ones only
+                env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep) if os.path.isabs(p))
             argv = command()
             os.execve(argv[0], argv, env)
         except BaseException:  # noqa: BLE001
