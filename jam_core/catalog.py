@@ -111,6 +111,13 @@ def not_regular(db_path) -> str | None:
     return None
 
 
+def _missing(db_path) -> bool:
+    """The catalog is gone but the root had stubs (its cd index, ``.jam/stubdirs``, exists): a
+    catalog made empty here would be taken for the truth (the index rebuilt from it would
+    forget every directory of stubs), so only doctor --fix makes it again, from the tree."""
+    return not os.path.lexists(db_path) and os.path.isdir(os.path.join(os.path.dirname(db_path), "stubdirs"))
+
+
 def _full(path) -> CatalogError:
     return CatalogError(f"no space left on the local disk for the catalog ({path}): free some space "
                     "and run the command again")
@@ -179,12 +186,17 @@ class Catalog:
     lock past ``BUSY_TIMEOUT``, a full disk) is raised as a one-line JamError saying what to
     do; a damaged file as :class:`CatalogDamaged`."""
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, rebuild: bool = False):
+        """``rebuild`` (doctor --fix, which fills it from the tree): a missing catalog of a root
+        that had stubs may be made anew; any other command refuses it (see ``_missing``)."""
         self.path = db_path
         odd = not_regular(db_path)
         if odd is not None:
             raise CatalogDamaged(f"the catalog file {odd} is not a regular file (a symlink?); jam will not open "
                                  "it: run `jam doctor --fix` to move it aside and rebuild the catalog from the tree")
+        if not rebuild and _missing(db_path):
+            raise CatalogDamaged(f"the catalog {db_path} is missing, and this root had stubs: run `jam doctor "
+                                 "--fix` to rebuild it from the tree")
         try:
             conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
         except sqlite3.Error as exc:

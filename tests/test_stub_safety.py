@@ -227,7 +227,8 @@ def test_full_disk_for_the_catalog_is_one_line(stashed):
     t, _ = stashed
     jamdir = t.root / ".jam"
     saved = {p.name: p.read_bytes() for p in jamdir.iterdir() if p.is_file() and not p.name.startswith("catalog.db")}
-    dirs = [p.name for p in jamdir.iterdir() if p.is_dir()]
+    # (not the cd index: a root that had stubs and lost its catalog is refused before any write)
+    dirs = [p.name for p in jamdir.iterdir() if p.is_dir() and p.name != "stubdirs"]
     with Catalog(jamdir / "catalog.db") as cat:
         rows = cat.stubs()
     assert rows

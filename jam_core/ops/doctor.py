@@ -604,10 +604,13 @@ def _open_catalog(root: Root, fix: bool, res: DoctorResult) -> Catalog | None:
         if not fix:
             res.add("stubs", PROBLEM, "catalog", shown, str(exc))
             return None
+    if not os.path.lexists(db):
+        res.add("stubs", PROBLEM, "catalog", shown, "missing: rebuilt from the tree", fixed=True)
+        return Catalog(db, rebuild=True)
     aside = _move_aside(db)
     res.add("stubs", PROBLEM, "catalog", shown, f"damaged: moved aside to {aside.name} and rebuilt from the tree",
             fixed=True)
-    return Catalog(db)
+    return Catalog(db, rebuild=True)
 
 
 def _move_aside(db: Path) -> Path:
