@@ -226,7 +226,11 @@ class Root:
 
     def remotes(self) -> list[Remote]:
         out = []
-        for name, table in sorted(self.config.get("remote", {}).items()):
+        tables = self.config.get("remote", {})
+        if not isinstance(tables, dict):
+            raise UsageError(f"{self.config_path}: 'remote' must be tables ([remote.NAME]); add a remote with "
+                             "`jam remote add NAME URL`")
+        for name, table in sorted(tables.items()):
             if not isinstance(table, dict) or "kind" not in table or "location" not in table:
                 raise UsageError(f"{self.config_path}: remote {name!r} needs kind and location")
             tier = table.get("tier", 0)
