@@ -206,8 +206,9 @@ def _leave_done(code: int) -> None:
 
 
 def _plain_dir(path: str) -> bool:
-    """What click's ``Path(file_okay=False)`` accepts without a word: a missing path or a
-    readable one that is not a regular file."""
+    """What click's ``Path(file_okay=False, readable=False)`` accepts without a word: a missing
+    path or one that is not a regular file (a directory one may enter but not list, too: a cd
+    there must not turn the hook off)."""
     import stat
 
     try:
@@ -216,7 +217,7 @@ def _plain_dir(path: str) -> bool:
         return True  # click lets a path it cannot stat through (exists=False)
     except ValueError:  # a NUL byte
         return False
-    return not stat.S_ISREG(st.st_mode) and os.access(path, os.R_OK)
+    return not stat.S_ISREG(st.st_mode)
 
 
 def _show_modules() -> None:

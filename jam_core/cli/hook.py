@@ -164,7 +164,7 @@ def register(group) -> None:
         click.echo(render(shell, jam_bin or jam_executable(), str(roots_file()), python, boot), nl=False)
 
     @group.command("hook-fetch", hidden=True)
-    @click.argument("directory", type=click.Path(file_okay=False))
+    @click.argument("directory", type=click.Path(file_okay=False, readable=False))
     def hook_fetch(directory: str) -> None:
         """What the cd hook runs when DIRECTORY has stubs (see run_hook_fetch)."""
         sys.exit(run_hook_fetch(directory))
