@@ -550,8 +550,6 @@ def test_doctor_after_stubs_deleted_from_many_folders_lists_each_folder_once(tmp
 
 # -- 11. stubs moved to another root: that root's doctor --fix adopts them, the first root's gc removes them
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix adds a stub the catalog did not know but publishes no refs "
-                   "for it: another root's gc removes its object (the adopting root's refs predate it)")
 def test_stubs_moved_to_another_root_and_adopted_by_doctor_fix_survive_the_first_roots_gc(tmp_path):
     """Two roots of one user share a dir remote (as every root shares the embedded default).
     `A/photos/p.bin` is a stub; `B` stashed a file of its own earlier (its refs are on the

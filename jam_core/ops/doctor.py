@@ -655,6 +655,7 @@ class _Doctor:
         # directories doctor could not look into: {dir: [why, stubs the catalog lists there]}
         self.unseen: dict[str, list] = {}
         self.probed: dict[str, tuple[str, str] | None] = {}  # dir of a catalog row -> why unseen
+        self.adopted: set[str] = set()  # objects of stubs --fix adds that the catalog did not know
 
     def problem(self, kind: str, rel: str, detail: str, fixed: bool = False) -> Problem:
         self.reported.add(rel)
@@ -1157,6 +1158,7 @@ class _Doctor:
             else:
                 f = self.problem("catalog-unknown", rel, "a stub the catalog does not know: policies and the cd "
                                  "hook cannot see it; `jam doctor --fix` adds it")
+                self.adopted.add(oid)
             f.fixed = self.fix
         for p in orphans:
             if p in moved_from:
@@ -1167,6 +1169,10 @@ class _Doctor:
 
     def save_catalog(self) -> None:
         cat = self.cat
+        if self.rebuilt:  # every row is new to this catalog
+            self.adopted.update(r[1] for r in self.rows)
+        if self.adopted:
+            self.publish_refs()
         if self.rels == ["."]:
             cat.replace_stubs(self.rows)
         else:
@@ -1175,6 +1181,33 @@ class _Doctor:
         with cat.transaction():
             for oid, name, size in self.locations:
                 cat.record_location(oid, name, size)
+
+    def publish_refs(self) -> None:
+        """Stubs --fix adds that the catalog did not know (moved in from another root, copied by
+        hand) are this root's from now on: its refs on its remotes must list their objects, as a
+        stash's do, before its catalog says so. Else the root they came from, once it forgets
+        them, may remove their only copy in its `jam gc`, and nothing here would say so
+        (invariants 6 and 12). A remote whose refs cannot be written is a problem."""
+        from jam_core.ops.refs import Recorder, referenced
+
+        try:
+            recorder = Recorder(self.root, self.pm, self.session)
+            oids = referenced(self.root, self.cat) | self.adopted
+        except (JamError, OSError) as exc:
+            self.problem("refs", ".", f"the stubs added to the catalog are not recorded in this root's refs on "
+                         f"its remotes ({exc}): another root's `jam gc` may remove their content; run "
+                         "`jam doctor --fix` again")
+            return
+        for r in self.remotes:
+            why = self.unusable.get(r.name)
+            if why is None:
+                lines = recorder.publish(oids, [r])
+                if not lines:
+                    continue
+                why = lines[0]
+            self.problem("refs", r.name, f"this root's refs could not be written on remote {r.name!r} ({why}): the "
+                         "stubs added to the catalog are not listed there, and another root's `jam gc` may remove "
+                         "their content; run `jam doctor --fix` again once it can be written")
 
     # -- objects on remotes -----------------------------------------------------------------------
     def list_remotes(self) -> dict[str, dict[str, int] | None]:
