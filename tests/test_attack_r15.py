@@ -143,8 +143,6 @@ def as_nobody_tree():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor --fix records a vouched stamp for a stub whose header it found "
-                   "zeroed but could not rewrite: later scans trust the silent-zeros stub unread")
 def test_a_zeroed_header_that_fix_could_not_rewrite_is_still_reported(as_nobody_tree):
     """`photos/a.bin` is a stub whose first block was overwritten with zeros (its mode and mtime
     put back): it now reads as a file of zeros (invariant 4). doctor finds it (`bad-header`).

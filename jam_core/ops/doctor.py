@@ -928,11 +928,14 @@ class _Doctor:
                              "`jam doctor --fix` restores them from its header")
             if self.fix:
                 p.fixed = self.restore_xattr(e, rec)
-        elif not self.clean(e, rec):
-            return
+            vouch = False
+        else:
+            vouch = self.clean(e, rec)
+            if vouch is None:  # dirty: reported, its row kept
+                return
         self.res.stubs += 1
-        if not lost or self.fix:  # clean (its bytes checked after e.st was taken), or its xattrs restored just now
-            self.rows.append(self.row(e.rel, rec, e.st, vouch=not lost))
+        if not lost or self.fix:  # a stub, or its xattrs restored just now
+            self.rows.append(self.row(e.rel, rec, e.st, vouch=vouch))
         self.need(e.rel, rec)
 
     def need(self, rel: str, rec: StubRecord) -> None:
@@ -997,13 +1000,16 @@ class _Doctor:
         finally:
             os.close(fd)
 
-    def clean(self, e: Entry, rec: StubRecord) -> bool:
+    def clean(self, e: Entry, rec: StubRecord) -> bool | None:
         """A stub with a good xattr whose stat looks untouched: are its bytes a stub's? If not,
         its header is repairable when it was lost to zeros, or damaged with no write through
-        the filesystem (the catalog's inode and ctime still match); else it is dirty."""
+        the filesystem (the catalog's inode and ctime still match); else it is dirty (None).
+        True only if its bytes were read clean after e.st was taken, or its header written
+        again: its stamp may then vouch for it. False for a stub left as it was (a bad header
+        --fix did not repair: vouched for, every later scan would trust its zeros unread)."""
         fd = open_checked(e.path, e.st)
         if fd is None:
-            return True  # gone or replaced since the scan: not this run's business
+            return False  # gone or replaced since the scan: not this run's business (nothing read)
         try:
             if verify_clean(fd, rec):
                 return True
@@ -1018,13 +1024,13 @@ class _Doctor:
             self.keep_row(e, rec)
             self.problem("dirty", e.rel, "written into after it was stashed (its size and mtime were put back); "
                          "jam will not fetch over it: " + keep_both_hint(e.rel))
-            return False
+            return None
         what = "lost (zeros)" if zeros else "damaged, with no write since the stub was made"
         p = self.problem("bad-header", e.rel, f"its header block is {what}; "
                          "`jam doctor --fix` writes it again from user.jam")
         if self.fix:
             p.fixed = self.rewrite(e, rec)
-        return True
+        return p.fixed
 
     def rewrite(self, e: Entry, rec: StubRecord) -> bool:
         """Give the stub a header again, never in place: a new stub (the same record, owner,
