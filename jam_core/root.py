@@ -116,6 +116,10 @@ def valid_rel(path: object) -> bool:
     return True
 
 
+class RootBusy(UsageError):
+    """Another jam process holds the root's lock (``Root.lock(wait=False)``)."""
+
+
 class Root:
     """A tree jam manages. ``Root.find(path)`` or ``Root.init(path)``; cheap to construct."""
 
@@ -276,7 +280,7 @@ class Root:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not wait:
-                    raise UsageError(f"another jam process is working on {self.path}") from None
+                    raise RootBusy(f"another jam process is working on {self.path}") from None
                 # always (from cron or a pipe too): a wait without a word looks like a hang
                 try:
                     if sys.stderr is not None:

@@ -230,12 +230,12 @@ def _arrived(a) -> int:
     from jam_core.history.auto import kick
     from jam_core.hook.fetch import count_visit, heal, leave
 
-    kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
     background = a.settings.background
     if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
         background = os.environ["JAM_BACKGROUND"] == "1"
     v = a.visit
     if not v.stubs:
+        kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
         heal(a)
         count_visit(a)
         return 0
@@ -248,10 +248,12 @@ def _arrived(a) -> int:
         _say(f"{n} stub{'s' if n != 1 else ''} ({human(v.bytes)}) {'in ' if where != 'here' else ''}{where}, "
              f"more than hook.max_fetch ({human(a.settings.max_fetch)}); get them with: jam checkout "
              + ("." if where == "here" else _shell_word(a.path)))
+        kick(a.root)
         count_visit(a)
         return 0
     if _needs_site(a.root.config):
-        return EXIT_BOOT  # the hook runs the jam script, which fetches them
+        return EXIT_BOOT  # the hook runs the jam script, which fetches them (and kicks the commit)
+    kick(a.root)  # after the hand-over: it starts once this process ends, never before its fetch
     if background:
         leave(a)  # no SQLite connection crosses a fork
         if os.fork() != 0:

@@ -14,7 +14,7 @@ from jam_core.hook.settings import HookSettings, settings
 from jam_core.hook.visit import Visit, plan, record_visit
 from jam_core.ops.checkout import checkout
 from jam_core.ops.common import Result
-from jam_core.root import Root, abspath, find_root, valid_rel
+from jam_core.root import Root, RootBusy, abspath, find_root, valid_rel
 from jam_core.scan import DIRTY, STUB, classify
 
 GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
@@ -95,10 +95,17 @@ def count_visit(a: Arrival) -> None:
 
 
 def fetch(a: Arrival, pm, session) -> Result:
-    """Check out the visit's stubs in groups, then record the visit as use."""
+    """Check out the visit's stubs in groups, then record the visit as use. Never waits for
+    another jam working on the root (an automatic commit this hook started, a long stash): the
+    stubs are left for the next cd, and the hook says so."""
     result = Result()
     for group in groups(a.visit.stubs):
-        r = checkout(a.root, group, pm, session)
+        try:
+            r = checkout(a.root, group, pm, session, wait=False)
+        except RootBusy:
+            result.aborted = (f"another jam process is working on {a.root.path}; the stubs here are left for the "
+                              "next cd (or `jam checkout`)")
+            break
         result.done += r.done
         result.failed += r.failed
         result.skipped += r.skipped

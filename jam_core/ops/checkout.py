@@ -47,8 +47,9 @@ KEEP_BOTH_LABEL = "stashed version"
 
 
 def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None,
-             keep_both: bool = False) -> Result:
-    """Check out files and directories (relative to the root). Holds the root's lock.
+             keep_both: bool = False, wait: bool = True) -> Result:
+    """Check out files and directories (relative to the root). Holds the root's lock (with
+    ``wait=False``, the cd hook's: UsageError at once if another jam holds it).
 
     Files go in batches: each batch is fetched aside (``fetch_many`` where a backend offers
     it, else ``fetch`` per file; the next remote for what one remote could not give) and
@@ -59,15 +60,16 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
     fetched beside it as ``NAME (stashed version)``.
     """
     with ends_as_interrupt():  # a SIGTERM in the middle of a swap puts it back, as a Ctrl-C does
-        return _checkout(root, rels, pm, session, keep_both)
+        return _checkout(root, rels, pm, session, keep_both, wait)
 
 
-def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep_both: bool) -> Result:
+def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep_both: bool,
+              wait: bool = True) -> Result:
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
     raise_fd_limit()  # batches hold descriptors per file and directory: as many as allowed
-    with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
+    with root.lock(wait=wait), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         todo = []
         for entry, _named in collect(root, dirs, rels, result):
             if entry.state == LOCAL:
