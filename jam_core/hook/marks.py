@@ -180,7 +180,9 @@ def fold(root: Root, now: float | None = None, recorded: set[str] | None = None)
 def _fold(root: Root, now: float, recorded: set[str] | None = None) -> int:
     """Under the lock. Every step goes through descriptors of ``.jam``, ``visits`` and
     ``visits.folding``, opened without following a symlink and checked to be ours: a mark is
-    moved, read (lstat) and removed, never opened or followed."""
+    moved, read (lstat) and removed, never opened or followed. The marks are removed only once
+    their uses are committed: an interrupted fold leaves them in ``visits.folding``, and the
+    next fold reads them again (a use recorded twice is the same use)."""
     jam = _open_jam(root)
     if jam is None:
         return 0
@@ -193,7 +195,10 @@ def _fold(root: Root, now: float, recorded: set[str] | None = None) -> int:
             if folding is None:
                 return 0
             try:
-                visits = _collect(root, marks, folding, now)
+                visits, read = _collect(root, marks, folding, now)
+                n = _record(root, visits, recorded)
+                for name, st in read:
+                    _remove(name, folding, st)
             finally:
                 os.close(folding)
             try:
@@ -204,10 +209,10 @@ def _fold(root: Root, now: float, recorded: set[str] | None = None) -> int:
             os.close(marks)
     finally:
         os.close(jam)
-    return _record(root, visits, recorded)
+    return n
 
 
-def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, float]:
+def _collect(root: Root, marks: int, folding: int, now: float) -> tuple[dict[str, float], list]:
     # Move each mark aside, then read its time: a shell that opened it before the move has
     # already dated it; one that comes after makes a new mark for the next fold.
     try:
@@ -220,6 +225,7 @@ def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, floa
         except OSError:
             pass
     visits: dict[str, float] = {}
+    read = []  # (name, lstat) of every entry looked at: removed once the uses are recorded
     for name in os.listdir(folding):
         try:
             st = os.lstat(name, dir_fd=folding)
@@ -230,8 +236,8 @@ def _collect(root: Root, marks: int, folding: int, now: float) -> dict[str, floa
             rel = _resolve(root, rel)
             if rel is not None:
                 visits[rel] = max(visits.get(rel, 0.0), st.st_mtime)
-        _remove(name, folding, st)
-    return visits
+        read.append((name, st))
+    return visits, read
 
 
 def _record(root: Root, visits: dict[str, float], recorded: set[str] | None = None) -> int:
