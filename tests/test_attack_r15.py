@@ -78,8 +78,6 @@ def _rmdeep(top: Path) -> None:
 
 # -- 1. doctor gives up on a stub whose path is longer than PATH_MAX --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor opens an untrusted stub by its absolute path (e.path): a stub "
-                   "deeper than PATH_MAX aborts the whole doctor with 'File name too long'")
 def test_doctor_checks_a_stub_deeper_than_path_max(tmp_path):
     """A stub 1,500 directories down (`dd/dd/.../deep.bin`, 4,500 bytes of path: deeper than
     PATH_MAX). status, stash and checkout walk by directory descriptors and handle it; doctor

@@ -776,7 +776,9 @@ class _Doctor:
                         continue
                     else:
                         state, rec, problem = classify(base + name, st, ALWAYS)
-                    self.check(Entry(rel, top + rel, st, state, rec, problem, dname))
+                    # its path through the walk's directory descriptor (valid while check runs): an
+                    # absolute path fails past PATH_MAX, and names whatever stands there by then
+                    self.check(Entry(rel, base + name, st, state, rec, problem, dname))
         self.res.stubs += trusted
 
     def walk_error(self, rel: str, exc: OSError) -> None:
