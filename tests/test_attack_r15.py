@@ -613,8 +613,6 @@ def test_status_after_mv_of_a_folder_of_stubs_stops_reading_them(tmp_path, monke
 
 # -- 13. a catalog row whose path holds a NUL byte: doctor (and --fix, the repair) stop with an internal error
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor passes a catalog row's path to os.stat/os.open unvalidated: a "
-                   "NUL byte in it is 'internal error: ValueError: embedded null byte', and --fix cannot repair it")
 def test_doctor_fix_repairs_a_catalog_row_with_a_nul_in_its_path(tmp_path):
     """The catalog is an index the tree can rebuild, and what is read from it is validated
     before use (invariant 7). A damaged row (a flipped byte on a bad disk, a half-written

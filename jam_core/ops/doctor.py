@@ -48,7 +48,7 @@ from jam_core.errors import JamError, RemoteError, UsageError
 from jam_core.fs import TMP_PREFIX
 from jam_core.history import chunks
 from jam_core.model import Remote, Session
-from jam_core.root import CATALOG, JAM_DIR, Root
+from jam_core.root import CATALOG, JAM_DIR, Root, valid_rel
 from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_stats
 from jam_core.stub import (
     HEADER_MAX,
@@ -520,7 +520,6 @@ def _index_wanted(root: Root, cat: Catalog, catrows: dict[str, tuple] | None = N
     checks, not 100,000)."""
     from jam_core.hook.index import wanted
     from jam_core.hook.settings import DEFAULT_DEPTH, settings
-    from jam_core.root import valid_rel
 
     try:
         depth = settings(root).depth
@@ -1141,6 +1140,11 @@ class _Doctor:
         seen = {row[0] for row in self.rows}
         orphans = []
         for p in sorted(known.keys() - seen - self.reported):
+            if not valid_rel(p):  # a damaged row (a NUL, "..", an absolute path): never probed, --fix forgets it
+                self.reported.add(p)
+                self.res.add("stubs", PROBLEM, "catalog-stale", p, "the catalog lists a path no file can have "
+                             "(a damaged row); `jam doctor --fix` forgets it", fixed=self.fix)
+                continue
             hidden = self.hidden(p)
             if hidden is None:
                 orphans.append(p)
