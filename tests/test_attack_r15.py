@@ -508,8 +508,6 @@ def test_status_of_a_root_that_cannot_be_written(tmp_path):
 
 # -- 10. doctor after stubs were deleted from many folders: each folder's probe lists every ancestor ------
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor's hidden()/probe_dir lists every ancestor of each stale row's "
-                   "directory again (a cache per directory only): quadratic in the folders of one parent")
 def test_doctor_after_stubs_deleted_from_many_folders_lists_each_folder_once(tmp_path, monkeypatch):
     """`albums/` holds a folder per album, a stub in each. The user deletes those stubs
     (`find albums -name '*.raw' -delete`) and keeps the folders: every catalog row is stale.

@@ -835,7 +835,10 @@ class _Doctor:
     def probe_dir(self, parent: str, dir_flags: int, foreign) -> tuple | None:
         """``hidden``'s look at the directories from the root down to ``parent``, each opened
         by descriptor without following a symlink: (dir, why) if one hides what is below it,
-        ("", "") when all are there and ours, None when one is gone."""
+        ("", "") when all are there and ours, None when one is gone. Each directory is looked at
+        once per run (``probed``, the answer for the directories down to it): a folder of N
+        folders of stale rows is listed once, not once per folder."""
+        probed = self.probed
         try:
             fd = os.open(self.root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -853,6 +856,10 @@ class _Doctor:
                     return here, f"cannot be read ({exc.strerror})"
                 os.close(fd)
                 fd = nfd
+                if here in probed:  # looked at already (and all above it): opened only to go on down
+                    if probed[here] == ("", ""):
+                        continue
+                    return probed[here]
                 if os.fstat(fd).st_dev != dev or os.path.join(self.real_top(), here) in self.mount_points():
                     return here, "a filesystem is mounted on it, hiding what was there"  # (a bind mount: same dev)
                 try:
@@ -863,6 +870,7 @@ class _Doctor:
                 if foreign(fd, entries):
                     return here, "it holds a .jam directory (or a remote's marker): every walk skips it as " \
                                  "another root's"
+                probed[here] = ("", "")
             return "", ""
         finally:
             os.close(fd)
