@@ -1163,14 +1163,15 @@ class _Doctor:
             self.reported.add(p)
             self.rows.append((p, *known[p][:5], None))
         cat_oids: dict[str, list[str]] = {}
-        for p in orphans:
+        for p in reversed(orphans):  # each object's stale paths, the first last: popped in order, once each
             cat_oids.setdefault(known[p][0], []).append(p)
         moved_from: set[str] = set()
         for row in [row for row in self.rows if row[0] not in known]:
             rel, oid = row[0], row[1]
             if rel in self.reported:
                 continue
-            src = next((p for p in cat_oids.get(oid, ()) if p not in moved_from), None)
+            stale = cat_oids.get(oid)
+            src = stale.pop() if stale else None  # never a scan from the first again: linear in the stubs
             if src is not None:
                 moved_from.add(src)
                 f = self.problem("catalog-moved", rel, f"moved (from {src}) without jam: the catalog still has "
