@@ -17,8 +17,6 @@ from jam_core.ops.common import Result
 from jam_core.root import Root, RootBusy, abspath, find_root, valid_rel
 from jam_core.scan import DIRTY, STUB, classify
 
-GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # one checkout per group: Ctrl-C keeps the groups done
-
 
 class Arrival:
     """A visit the hook reported: the root, the directory (real path), what it covers.
@@ -94,37 +92,57 @@ def count_visit(a: Arrival) -> None:
         record_visit(a.root, a.visit)
 
 
+GROUP_FILES, GROUP_BYTES = 32, 64 << 20  # the first group; each next one holds twice as many files
+
+
 def fetch(a: Arrival, pm, session) -> Result:
-    """Check out the visit's stubs in groups, then record the visit as use. Never waits for
-    another jam working on the root (an automatic commit this hook started, a long stash): the
-    stubs are left for the next cd, and the hook says so."""
+    """Check out the visit's stubs in groups (a Ctrl-C keeps the groups done; the first is small,
+    each next one twice as large, so many stubs cost a few checkouts), rebuild the cd index
+    once, then record the visit as use. Never waits for another jam working on the root (an
+    automatic commit this hook started, a long stash): the stubs are left for the next cd, and
+    the hook says so."""
     result = Result()
-    for group in groups(a.visit.stubs):
-        try:
-            r = checkout(a.root, group, pm, session, wait=False)
-        except RootBusy:
-            result.aborted = (f"another jam process is working on {a.root.path}; the stubs here are left for the "
-                              "next cd (or `jam checkout`)")
-            break
-        result.done += r.done
-        result.failed += r.failed
-        result.skipped += r.skipped
-        if r.aborted:
-            result.aborted = r.aborted
-            break
+    try:
+        for group in groups(a.visit.stubs):
+            r = checkout(a.root, group, pm, session, wait=False, index=False)
+            result.done += r.done
+            result.failed += r.failed
+            result.skipped += r.skipped
+            if r.aborted:
+                result.aborted = r.aborted
+                break
+    except RootBusy:
+        result.aborted = (f"another jam process is working on {a.root.path}; the stubs here are left for the "
+                          "next cd (or `jam checkout`)")
+    finally:
+        if result.done:
+            _refresh(a.root)
     count_visit(a)
     return result
 
 
+def _refresh(root: Root) -> None:
+    """The cd hooks' index after the groups' checkouts (under the lock, never waiting for it:
+    another jam rebuilds it when it is done)."""
+    from jam_core.errors import JamError
+    from jam_core.hook.index import refresh
+
+    try:
+        with root.lock(wait=False):
+            refresh(root)
+    except (JamError, OSError):
+        pass
+
+
 def groups(stubs: list[tuple[str, int]]):
     group: list[str] = []
-    size = 0
+    size, most = 0, GROUP_FILES
     for rel, n in stubs:
         group.append(rel)
         size += n
-        if len(group) >= GROUP_FILES or size >= GROUP_BYTES:
+        if len(group) >= most or size >= GROUP_BYTES:
             yield group
-            group, size = [], 0
+            group, size, most = [], 0, most * 2
     if group:
         yield group
 

@@ -47,9 +47,10 @@ KEEP_BOTH_LABEL = "stashed version"
 
 
 def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None,
-             keep_both: bool = False, wait: bool = True) -> Result:
+             keep_both: bool = False, wait: bool = True, index: bool = True) -> Result:
     """Check out files and directories (relative to the root). Holds the root's lock (with
-    ``wait=False``, the cd hook's: UsageError at once if another jam holds it).
+    ``wait=False``, the cd hook's: RootBusy at once if another jam holds it). ``index=False``:
+    the cd hooks' index is not rebuilt at the end (a caller checking out in groups does it once).
 
     Files go in batches: each batch is fetched aside (``fetch_many`` where a backend offers
     it, else ``fetch`` per file; the next remote for what one remote could not give) and
@@ -60,11 +61,11 @@ def checkout(root: Root, rels: Iterable[str], pm, session: Session | None = None
     fetched beside it as ``NAME (stashed version)``.
     """
     with ends_as_interrupt():  # a SIGTERM in the middle of a swap puts it back, as a Ctrl-C does
-        return _checkout(root, rels, pm, session, keep_both, wait)
+        return _checkout(root, rels, pm, session, keep_both, wait, index)
 
 
 def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep_both: bool,
-              wait: bool = True) -> Result:
+              wait: bool = True, index: bool = True) -> Result:
     result = Result()
     session = session or Session()
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
@@ -118,7 +119,8 @@ def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep
                 result.aborted = result.aborted or f"the files may not be on the disk yet: {describe(exc)}"
             finally:
                 disks.close()
-            refresh_stubdirs(root, cat)  # the index the cd hooks read
+            if index:
+                refresh_stubdirs(root, cat)  # the index the cd hooks read
             if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
                 by_name = {r.name: r for r in remotes}
                 from jam_core.ops.refs import referenced
