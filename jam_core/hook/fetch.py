@@ -20,8 +20,8 @@ from jam_core.scan import DIRTY, STUB, classify
 
 class Arrival:
     """A visit the hook reported: the root, the directory (real path), what it covers.
-    ``counted``: the fold at arrival already recorded this directory's visit as use (the
-    shell's mark for this very ``cd``), so it need not be recorded a second time."""
+    ``counted``: this visit is recorded as use already (``count_visit``), not to be recorded
+    a second time."""
 
     __slots__ = ("root", "path", "visit", "settings", "counted", "held")
 
@@ -63,7 +63,8 @@ def leave(a: Arrival | None) -> None:
 
 def arrive(directory: str) -> Arrival | None:
     """Where a ``cd`` landed, and what a fetch there would cover. None outside every root and
-    inside ``.jam``. The visit marks the hooks left are folded into the catalog's uses first."""
+    inside ``.jam``. The visit marks the hooks left are folded into the catalog's uses only once
+    the visit's own stubs are fetched (``count_visit``): a cd never waits for them first."""
     # The real directory (a symlink inside the root leads to where it points; the plan then
     # walks from the root's descriptor and follows none).
     path = abspath(os.path.realpath(abspath(directory)))
@@ -75,11 +76,9 @@ def arrive(directory: str) -> Arrival | None:
         return None
     held = hold_catalog(root)
     try:
-        folded: set[str] = set()
-        fold(root, recorded=folded)
         hs = settings(root)
         rel = root.rel(path)
-        return Arrival(root, str(path), plan(root, rel, hs), hs, counted=rel in folded, held=held)
+        return Arrival(root, str(path), plan(root, rel, hs), hs, held=held)
     except BaseException:
         if held is not None:
             held.close()
@@ -87,8 +86,13 @@ def arrive(directory: str) -> Arrival | None:
 
 
 def count_visit(a: Arrival) -> None:
-    """Record the visit as use of every file in its scope, unless the fold already did."""
-    if not a.counted:
+    """Fold the marks the shells left into the catalog's uses (each visited directory scanned),
+    then record this visit as use of every file in its scope, unless the fold already did (the
+    shell's mark for this very ``cd``)."""
+    folded: set[str] = set()
+    fold(a.root, recorded=folded)
+    if not a.counted and a.visit.rel not in folded:
+        a.counted = True
         record_visit(a.root, a.visit)
 
 
