@@ -234,15 +234,19 @@ def _arrived(a) -> int:
     if os.environ.get("JAM_BACKGROUND", "") in ("0", "1"):
         background = os.environ["JAM_BACKGROUND"] == "1"
     v = a.visit
-    if not v.stubs:
-        kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
-        heal(a)
-        count_visit(a)
-        return 0
     # The jam script runs from / (the hooks' fallback); an exported JAM_HOOK_CWD means nothing elsewhere.
     shell_cwd = os.environ.get(ENV_HOOK_CWD) if os.getcwd() == "/" else None
     cwd = os.path.realpath(shell_cwd) if shell_cwd else os.path.abspath(os.getcwd())
     where = "here" if cwd == a.path else show_path(a.path)
+    if not v.stubs:
+        if v.dirty:  # said once: heal leaves such a directory out of the index
+            _say(f"{v.dirty} stub{'s' if v.dirty != 1 else ''} {'in ' if where != 'here' else ''}{where}"
+                 " written into after stashing, left as is (`jam checkout --keep-both PATH` fetches the stashed "
+                 "version beside it; see `jam status`)")
+        kick(a.root)  # [history] auto: a detached `jam commit --auto` when due (one stat when not)
+        heal(a)
+        count_visit(a)
+        return 0
     n = len(v.stubs)
     if v.bytes > a.settings.max_fetch:
         _say(f"{n} stub{'s' if n != 1 else ''} ({human(v.bytes)}) {'in ' if where != 'here' else ''}{where}, "

@@ -15,7 +15,7 @@ from jam_core.hook.visit import Visit, plan, record_visit
 from jam_core.ops.checkout import checkout
 from jam_core.ops.common import Result
 from jam_core.root import Root, RootBusy, abspath, find_root, valid_rel
-from jam_core.scan import DIRTY, STUB, classify
+from jam_core.scan import STUB, classify
 
 
 class Arrival:
@@ -170,16 +170,18 @@ def heal(a: Arrival) -> None:
                 if not path.startswith(base) or not valid_rel(path):
                     continue  # a row that is no path inside the root: doctor reports it
                 below = path[len(base):].count("/")
-                if (hs.depth is None or below <= hs.depth) and not _is_stub(root.abs(path)):
+                if (hs.depth is None or below <= hs.depth) and not _fetchable(root.abs(path)):
                     gone.add(path)
             refresh(root, cat, leave_out=gone)
     except UsageError:
         pass  # another jam is working on this root; it refreshes the index when it is done
 
 
-def _is_stub(path) -> bool:
+def _fetchable(path) -> bool:
+    """A clean stub: what a cd fetches. A stub written into is never fetched over (invariant 5):
+    left out of the index, it costs no process on every cd (the hook says so once)."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return classify(str(path), st)[0] in (STUB, DIRTY)
+    return classify(str(path), st)[0] == STUB
