@@ -555,14 +555,41 @@ def _child(conn, fields: list[bytes], fds: list[int], client: int) -> None:
     os._exit(code)
 
 
+_IOPRIO = {"x86_64": (251, 252), "aarch64": (30, 31)}  # (ioprio_set, ioprio_get) syscall numbers
+
+
+def _take_ioprio(pid: int) -> bool:
+    """This process's I/O scheduling class and level those of ``pid`` (ioprio_get/ioprio_set,
+    which Python does not wrap). True when done, or where the syscalls are not known here."""
+    nums = _IOPRIO.get(os.uname().machine)
+    if nums is None:
+        return True
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    who_process = 1  # IOPRIO_WHO_PROCESS
+    want = libc.syscall(nums[1], who_process, pid)
+    if want < 0:
+        return False
+    if libc.syscall(nums[1], who_process, 0) != want and libc.syscall(nums[0], who_process, 0, want) != 0:
+        return False
+    return True
+
+
 def _take_process(pid: int) -> bool:
-    """Make this process's resource limits and scheduling (nice value, CPUs, OOM score
-    adjustment) those of process ``pid`` (the client, read from the kernel, never from its
-    request: a client at nice 19 or under a low hard limit cannot shed it by claiming others).
-    False if one cannot be had here (a lower nice or a higher hard limit needs a privilege)."""
+    """Make this process's resource limits and scheduling (nice value, scheduling policy, I/O
+    class, CPUs, OOM score adjustment) those of process ``pid`` (the client, read from the
+    kernel, never from its request: a client at nice 19, `chrt -i` or `ionice -c3`, or under a
+    low hard limit cannot shed it by claiming others). False if one cannot be had here (a lower
+    nice, a real-time policy or a higher hard limit needs a privilege)."""
     import resource
 
     try:
+        policy, param = os.sched_getscheduler(pid), os.sched_getparam(pid)
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
+        if not _take_ioprio(pid):
+            return False
         for n in _limit_numbers(resource):
             want = resource.prlimit(pid, n)
             if resource.getrlimit(n) != want:
