@@ -251,8 +251,6 @@ def _served_control(warm, root, preexec_fn=None) -> None:
     _control(warm, root, preexec_fn=preexec_fn)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook_server._take_process takes rlimits, nice, affinity and OOM "
-                   "score from the client but not its I/O priority: the first shell's `ionice -c3` is every fetch's")
 def test_the_first_shell_s_io_class_is_not_every_later_fetch_s(stubbed, warm, tmp_path):
     """The first cd ran in a shell under `ionice -c3` (a backup's shell, a batch job): the server
     keeps the idle I/O class and so does every child it forks, so each later fetch, from any
@@ -270,8 +268,6 @@ def test_the_first_shell_s_io_class_is_not_every_later_fetch_s(stubbed, warm, tm
     assert prio == _ioprio(os.getpid()), f"the fetch ran at I/O priority {prio:#x}, its shell at {_ioprio(os.getpid()):#x}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook_server._take_process does not take the client's scheduling "
-                   "policy: the first shell's SCHED_IDLE (chrt -i) is every later fetch's")
 def test_the_first_shell_s_scheduling_policy_is_not_every_later_fetch_s(stubbed, warm, tmp_path):
     """As the nice value (fixed), the scheduling policy is inherited from the server: a first cd
     from a shell under `chrt -i 0` makes every later fetch SCHED_IDLE (it runs only when a CPU
@@ -292,8 +288,6 @@ def test_the_first_shell_s_scheduling_policy_is_not_every_later_fetch_s(stubbed,
 _FLOCK = "73"  # x86_64 syscall number of flock(2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the hook's checkout takes the root's lock with wait=True: a cd "
-                   "waits for the whole of another jam's work (the automatic commit the previous cd started)")
 def test_a_cd_does_not_wait_for_the_automatic_commit_it_started(stubbed, jam_bin, tmp_path):
     """README: the cd hook starts `jam commit --auto` detached, "the prompt never waits for it".
     But the commit holds ROOT/.jam/lock while it walks and uploads (history/store.commit): the
@@ -362,8 +356,6 @@ def test_a_catalog_row_whose_path_is_no_name_does_not_turn_the_hook_off(stubbed,
 # -- 7. the automatic commit the hook starts: imported from the root ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: history/auto.spawn chdirs to the root and execs python with the "
-                   "hook's $PYTHONPATH: an empty entry imports a module planted in the root on cd")
 def test_the_commit_a_cd_starts_imports_nothing_from_the_root(jam_root, jam_bin, tmp_path):
     """The hooks take care that a cd never imports code from the tree: the bootstrap refuses
     $PYTHONPATH and the jam script is run from / ("whose empty or relative entries name the
@@ -400,8 +392,6 @@ def test_the_commit_a_cd_starts_imports_nothing_from_the_root(jam_root, jam_bin,
 # -- 8. a stub written into keeps its directory in the index: a Python process on every cd ----------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a dirty stub keeps its catalog row (heal) and so its directory's mark "
-                   "in stubdirs: every cd there starts jam, which fetches nothing and says nothing")
 def test_a_stub_written_into_costs_one_hook_fetch_not_one_per_cd(jam_root, jam_bin, tmp_path):
     """README: "A stale entry costs one `jam hook-fetch` that finds nothing and repairs it"; the
     hook "starts jam only when the directory has stubs to fetch" (no Python process where
@@ -437,8 +427,6 @@ def test_a_stub_written_into_costs_one_hook_fetch_not_one_per_cd(jam_root, jam_b
 # -- 9. a config mistake on the hook's path -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Root.remotes calls .items() on [remote] unchecked: `remote = \"...\"` "
-                   "in config.toml is an internal error (exit 1) on every cd, and the hook turns itself off")
 def test_a_remote_key_that_is_no_table_is_one_clear_line_not_an_internal_error(stubbed, jam_bin):
     """A user writes `remote = "/mnt/backup"` at the top of ROOT/.jam/config.toml (as if that
     were how to add one), in a root without a [remote.NAME] table of its own (its remotes in the
@@ -459,8 +447,6 @@ def test_a_remote_key_that_is_no_table_is_one_clear_line_not_an_internal_error(s
 # -- 10. a visit mark folded when the fold is interrupted ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: marks._collect unlinks each mark from visits.folding before _record "
-                   "commits its use: a Ctrl-C (or a kill) in between loses the visit for the LRU policy")
 def test_a_fold_interrupted_before_its_catalog_write_loses_no_visit(jam_root, monkeypatch):
     """hook/marks.py: marks are moved to visits.folding first "so no visit is lost". But
     _collect removes every mark as soon as it has read its time, and the uses are written only
@@ -494,8 +480,6 @@ def test_a_fold_interrupted_before_its_catalog_write_loses_no_visit(jam_root, mo
 # -- 11. a directory the user may enter but not list ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook-fetch's DIRECTORY is a click.Path that must be readable: a cd "
-                   "into an execute-only directory exits 2 and the shell turns the cd hook off for the session")
 def test_a_cd_into_a_directory_that_cannot_be_listed_keeps_the_hook_on(stubbed, jam_bin, tmp_path):
     """A directory of mode 0311 (or 0711 of another user: enter, not list) inside a root. When the
     hook runs jam there (here: config.toml edited, so newer than the index: any cd asks jam
@@ -529,8 +513,6 @@ def test_a_cd_into_a_directory_that_cannot_be_listed_keeps_the_hook_on(stubbed, 
 # -- 12. the prompt waits for the fold of every visit since the last fetch --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: arrive() folds every visit mark (a scan of each visited directory) "
-                   "before the fetch: after many cds without stubs, the next cd that fetches waits for all of them")
 def test_a_cd_that_fetches_does_not_first_scan_every_directory_visited_since(jam_root, monkeypatch):
     """PRODUCT: a cd that fetches a few small stubs takes < 75 ms more than one with nothing to
     fetch. The shells leave a mark per directory visited; they are folded (each visited
@@ -574,8 +556,6 @@ def test_a_cd_that_fetches_does_not_first_scan_every_directory_visited_since(jam
 # -- 13. the cd's fetch of many small stubs: the index rebuilt once per group of 32 ------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook/fetch.fetch runs one checkout per group of 32 files, and each "
-                   "rebuilds the stubdirs index from the whole catalog: a cd is ~3x slower than `jam checkout .`")
 def test_a_cd_fetching_many_small_stubs_rebuilds_the_index_once(jam_root, monkeypatch):
     """The cd hook's path is built to be fast, yet for a directory of many small stubs it is
     slower than `jam checkout .`: hook/fetch.fetch cuts the visit in groups of 32 files (so that
@@ -612,8 +592,6 @@ def test_a_cd_fetching_many_small_stubs_rebuilds_the_index_once(jam_root, monkey
 # -- 14. root's shell in a user's tree: the automatic commit the cd starts runs as root --------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: history/auto.kick starts `jam commit --auto` as whoever cds (root in "
-                   "a sudo shell keeping HOME): root-owned history/stamp files then break the owner's own commits")
 def test_a_root_shell_s_cd_leaves_the_owner_s_history_writable(jam_root, jam_bin, tmp_path):
     """`sudo -s` keeping HOME (or `sudo -E`) runs the user's ~/.bashrc, hook included, as root,
     with the user's roots list. A cd there into the user's tree with `[history] auto` due starts
@@ -688,8 +666,6 @@ def test_a_missing_catalog_does_not_empty_the_cd_hook_s_index(jam_root, jam_bin,
 # -- 16. heal forgets stubs a mount hides, as doctor --fix no longer does ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook/fetch.heal drops the rows of stubs it cannot see (lstat by path), "
-                   "also when a mount hides them: `jam gc` then removes their only copy (doctor keeps such rows: F10)")
 def test_a_cd_into_a_directory_a_mount_hides_forgets_none_of_its_stubs(tmp_path, jam_bin):
     """F10 made `jam doctor --fix` keep the rows of stubs hidden by a bind mount (the walk sees the
     empty directory mounted over them), because `jam gc` trusts those rows. The cd hook's heal
@@ -722,8 +698,6 @@ def test_a_cd_into_a_directory_a_mount_hides_forgets_none_of_its_stubs(tmp_path,
     assert _obj(t.remote, oid).is_file(), "gc removed the only copy of a stub hidden under a bind mount"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: hook/fetch.heal drops the row of a stub moved out of the root with a "
-                   "symlink left in its place (doctor keeps it since c8fef59): `jam gc` then removes its only copy")
 def test_a_cd_next_to_a_stub_moved_out_and_symlinked_back_keeps_its_content(tmp_path, jam_bin):
     """`mv f.bin /elsewhere; ln -s /elsewhere/f.bin f.bin`: the stub lives on outside the root.
     `jam doctor --fix` keeps its row (test_doctor_f10), so gc keeps its content. A cd into the
