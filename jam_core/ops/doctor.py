@@ -254,9 +254,7 @@ def _checks(res: DoctorResult, root: Root, pm, session: Session, remotes: list[R
         reachable = _check_remotes(res, root, pm, session, remotes, fix)
         cat = _open_catalog(root, fix, res)
         rebuilt = any(f.kind == "catalog" for f in res.findings)  # new and empty: the scan fills it
-        # the one query of the stub table; paths decoded once (undecodable bytes kept as surrogates)
-        catrows = {p.decode("utf-8", "surrogateescape"): v for p, v in cat.stub_rows().items()} \
-            if cat is not None else {}
+        catrows = _catalog_rows(cat) if cat is not None else {}
         stale_index = None if rebuilt else _hook_index(res, root, cat, catrows)
         try:
             d = _Doctor(root, pm, session, remotes, reachable, res, deep, fix, cat, rels,
@@ -743,7 +741,7 @@ class _Doctor:
 
         top = str(self.root.path).rstrip("/") + "/"
         catrows = {} if self.deep else self.stamps
-        get, rows, objects, new = catrows.get, self.rows, self.objects, tuple.__new__
+        get, new = catrows.get, tuple.__new__
         inodes = self.stub_inodes()
         sizes, named = self.local_sizes, set(self.rels)
         trusted = 0
@@ -758,11 +756,9 @@ class _Doctor:
                         state, rec, problem = classify(base + name, st, ALWAYS, stamp=(row[1], row[2], row[4], row[5]))
                         if state == STUB and rec is None:  # the stamp vouches: counted, kept, object needed
                             trusted += 1
-                            rows.append((rel, *row[:6]))
-                            need = objects.get(row[0])
-                            if need is None:
-                                need = objects[row[0]] = []
-                            need.append((rel, new(_Known, row[:4])))
+                            # marked in place (its row stays as it is, its object is needed: see
+                            # trusted_rows): nothing kept per stub but the row already held
+                            catrows[rel] = new(_Trusted, row)
                             continue
                     elif (inodes is not None and st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size
                           and st.st_ino not in inodes and rel not in named):
@@ -779,6 +775,16 @@ class _Doctor:
                     # absolute path fails past PATH_MAX, and names whatever stands there by then
                     self.check(Entry(rel, base + name, st, state, rec, problem, dname))
         self.res.stubs += trusted
+        objects = self.objects
+        for rel, row in self.trusted_rows():  # the catalog's own path strings: no copy per stub
+            need = objects.get(row.oid)
+            if need is None:
+                need = objects[row.oid] = []
+            need.append((rel, row))
+
+    def trusted_rows(self):
+        """``(path, row)`` of each stub the walk found as its catalog row's stamp says."""
+        return ((p, v) for p, v in self.stamps.items() if type(v) is _Trusted)
 
     def walk_error(self, rel: str, exc: OSError) -> None:
         """A directory the walk could not open or list: its stubs cannot be proven."""
@@ -1147,7 +1153,8 @@ class _Doctor:
         known = self.stamps
         seen = {row[0] for row in self.rows}
         orphans = []
-        for p in sorted(known.keys() - seen - self.reported):
+        for p in sorted(p for p, v in known.items()
+                        if type(v) is not _Trusted and p not in seen and p not in self.reported):
             if not valid_rel(p):  # a damaged row (a NUL, "..", an absolute path): never probed, --fix forgets it
                 self.reported.add(p)
                 self.res.add("stubs", PROBLEM, "catalog-stale", p, "the catalog lists a path no file can have "
@@ -1194,11 +1201,12 @@ class _Doctor:
             self.adopted.update(r[1] for r in self.rows)
         if self.adopted:
             self.publish_refs()
+        rows = self.rows + [(p, *v) for p, v in self.trusted_rows()]
         if self.rels == ["."]:
-            cat.replace_stubs(self.rows)
+            cat.replace_stubs(rows)
         else:
-            seen = {r[0] for r in self.rows}
-            cat.upsert_stubs(self.rows, [p for p in self.stamps if p not in seen])
+            seen = {r[0] for r in rows}
+            cat.upsert_stubs(rows, [p for p in self.stamps if p not in seen])
         with cat.transaction():
             for oid, name, size in self.locations:
                 cat.record_location(oid, name, size)
@@ -1566,13 +1574,40 @@ class _Doctor:
                              "by doctor")
 
 
-class _Known(NamedTuple):
-    """What doctor needs of a stub the catalog's stamp vouches for (its catalog row)."""
+class _Row(NamedTuple):
+    """A stub's catalog row, as read (validated before use); what doctor needs of a stub the
+    catalog's stamp vouches for (``rec.oid``, ``rec.size`` as a StubRecord's)."""
 
     oid: str
     size: int
     mtime_ns: int
     stashed_at: str
+    ino: int | None
+    ctime_ns: int | None
+
+
+class _Trusted(_Row):
+    """The row of a stub the walk found as its stamp says (marked in place of its ``_Row``)."""
+
+    __slots__ = ()
+
+
+def _catalog_rows(cat: Catalog) -> dict[str, _Row]:
+    """The one query of the stub table: ``{path: _Row}``, paths decoded once (undecodable bytes
+    kept as surrogates). A million rows are held at once: the query's dict is emptied as it
+    is decoded, and the ids and stash times many rows share are held once (a stash's stubs
+    share its time, copies of a file their id), about a third of a row's memory."""
+    raw = cat.stub_rows()
+    out: dict[str, _Row] = {}
+    same: dict[str, str] = {}
+    new, one, pop = tuple.__new__, same.setdefault, raw.popitem
+    while raw:
+        p, (oid, size, mtime_ns, stashed_at, ino, ctime_ns) = pop()
+        if type(stashed_at) is str:
+            stashed_at = one(stashed_at, stashed_at)
+        out[p.decode("utf-8", "surrogateescape")] = new(_Row, (one(oid, oid) if type(oid) is str else oid, size,
+                                                               mtime_ns, stashed_at, ino, ctime_ns))
+    return out
 
 
 def _mount_points() -> set[str]:
