@@ -70,6 +70,13 @@ def may_be_copy(st: os.stat_result) -> bool:
     return st.st_size >= SHORTEST_HEADER and (not st.st_mode & 0o222 or st.st_blocks * 512 < st.st_size)
 
 
+# What classify says of a file that vanished since the walk's lstat (removed, or its name given
+# to another file: ENOENT, ESTALE on NFS): no finding. It was listed, so it is counted as what
+# the walk's stat alone makes it, a local file; operations reopen every file they act on.
+GONE = (LOCAL, None, "")
+_GONE = (errno.ENOENT, errno.ESTALE)
+
+
 def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | None = None,
              verify: bool = False) -> tuple[str, StubRecord | None, str]:
     """(state, record, problem) of a regular file from its lstat: the one place that decides
@@ -106,6 +113,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     try:
         raw = getxattr(path, XATTR, follow_symlinks=False)
     except OSError as exc:
+        if exc.errno in _GONE:
+            return GONE  # removed (or replaced) since the walk's lstat: not there to report
         if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
             return BAD, None, exc.strerror or str(exc)
         if look != LIKELY and not may_be_copy(st):

@@ -372,8 +372,8 @@ def _stub_tree(base: Path, n: int, spread: bool = False) -> Path:
     return t.root
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor's walk holds a stat result per entry of the directory it lists "
-                   "(scan._scan_from, ~800 B each) over its ~450 B/stub of catalog rows: ~1.2 KB per stub")
+@pytest.mark.xfail(strict=True, reason="BUG: doctor holds ~1.6 KB per stub (catalog rows fetched whole, decoded again, "
+                   "rows, objects and _Known tuples per stub): a million stubs need ~1.6 GB, over the 1 GiB goal")
 def test_doctor_memory_per_stub_fits_a_million_in_a_gibibyte(tmp_path):
     """PRODUCT.md: 1,000,000 files work in under 1 GiB of memory, i.e. under 1 KiB per file in
     all. A tree whose files are mostly stubs is what jam is for (bench_million.py's tree has one
@@ -673,8 +673,6 @@ def test_status_never_calls_a_stub_checked_out_meanwhile_written_into(tmp_path, 
 
 # -- 15. a file deleted while doctor walks its directory is "bad metadata" ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: scan.classify takes any getxattr error but ENODATA/ENOTSUP for BAD: a file "
-                   "removed between the walk's lstat and its xattr read is 'bad-metadata' (doctor exits 1)")
 def test_doctor_never_calls_a_file_removed_during_its_walk_bad_metadata(tmp_path, monkeypatch):
     """The walk lists and lstat()s a whole directory, then doctor classifies its files one by
     one (an xattr read each): for a large directory the window lasts seconds. A build or a
