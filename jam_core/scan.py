@@ -78,7 +78,7 @@ _GONE = (errno.ENOENT, errno.ESTALE)
 
 
 def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | None = None,
-             verify: bool = False) -> tuple[str, StubRecord | None, str]:
+             verify: bool = False, again: bool = True) -> tuple[str, StubRecord | None, str]:
     """(state, record, problem) of a regular file from its lstat: the one place that decides
     what a file is.
 
@@ -94,7 +94,8 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
     it is a clean stub without reading anything (its record is then None). Otherwise, with
     ``verify``, a stub whose stat looks clean is judged by its bytes (``stub.verify_clean``):
-    a stub edited with its mtime put back is DIRTY.
+    a stub edited with its mtime put back is DIRTY. A file that is no longer the one of ``st``
+    when its bytes are read is classified again from a new lstat; one that vanished is ``GONE``.
 
     A file with no ``user.jam`` whose first block is a valid jam header (size matching) is a
     stub that lost its xattrs (a plain ``cp``): STUB, or DIRTY if its bytes are not exactly a
@@ -127,6 +128,17 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     if is_dirty(st, rec):
         return DIRTY, rec, ""
     if verify and not verify_clean_path(path, rec, st):
+        # Not a clean stub's bytes, or not the file of ``st`` any more (gone, replaced, written
+        # since: a checkout's swap landed meanwhile): only the first is DIRTY. What is there now
+        # is classified instead, once (one that changed again meanwhile is being written: DIRTY).
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return GONE
+        if again and (now.st_ino, now.st_dev, now.st_ctime_ns) != (st.st_ino, st.st_dev, st.st_ctime_ns):
+            if not stat.S_ISREG(now.st_mode):
+                return GONE
+            return classify(path, now, look, stamp, verify, again=False)
         return DIRTY, rec, ""
     return STUB, rec, ""
 

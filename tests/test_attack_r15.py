@@ -636,8 +636,6 @@ def test_doctor_fix_repairs_a_catalog_row_with_a_nul_in_its_path(tmp_path):
 
 # -- 14. a stub checked out while status looks at it is reported "written into" ----------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: scan.classify(verify=True) takes 'the file is gone or replaced since the "
-                   "lstat' (verify_clean_path False) for DIRTY: status says a stub being checked out was written into")
 def test_status_never_calls_a_stub_checked_out_meanwhile_written_into(tmp_path, monkeypatch):
     """`jam status` runs while a `jam checkout` (the cd hook, the TUI's own worker) swaps a stub
     for its content. The stub's catalog row cannot vouch for it (its folder was renamed), so
