@@ -27,13 +27,13 @@ from jam_core.fs import (  # noqa: F401
 from jam_core.objects import MARKER_NAME, parse_marker
 from jam_core.root import JAM_DIR
 from jam_core.stub import (
-    HEADER_MAX,
     LOST_XATTRS,
     XATTR,
     BadStub,
     StubRecord,
     is_dirty,
     may_be_stub,
+    only_blocks_differ,
     read_record,
     record_from_copy,
     verify_clean_path,
@@ -94,8 +94,10 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     ctime_ns): when the stat still matches it, nothing touched the inode since jam made it, and
     it is a clean stub without reading anything (its record is then None). Otherwise, with
     ``verify``, a stub whose stat looks clean is judged by its bytes (``stub.verify_clean``):
-    a stub edited with its mtime put back is DIRTY. A file that is no longer the one of ``st``
-    when its bytes are read is classified again from a new lstat; one that vanished is ``GONE``.
+    a stub edited with its mtime put back is DIRTY. A stub whose stat differs only by its
+    block count (``stub.only_blocks_differ``: restored without holes) is judged by its bytes
+    whatever ``verify`` says. A file that is no longer the one of ``st`` when its bytes are
+    read is classified again from a new lstat; one that vanished is ``GONE``.
 
     A file with no ``user.jam`` whose first block is a valid jam header (size matching) is a
     stub that lost its xattrs (a plain ``cp``): STUB, or DIRTY if its bytes are not exactly a
@@ -108,9 +110,11 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
             return LOCAL, None, ""
     elif look == QUICK and writable and st.st_blocks * 512 >= st.st_size:
         return LOCAL, None, ""
-    if (stamp is not None and not writable and stamp == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-            and st.st_blocks * 512 <= HEADER_MAX):
-        return STUB, None, ""  # the catalog's stub, untouched since (same inode and ctime)
+    if stamp is not None and not writable and stamp == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns):
+        # The catalog's stub, untouched since (same inode and ctime). A stamp is recorded only
+        # from a stat taken before the stub's bytes were found clean, and any write changes the
+        # ctime: whatever its block count (a stub restored without holes owns all its blocks).
+        return STUB, None, ""
     try:
         raw = getxattr(path, XATTR, follow_symlinks=False)
     except OSError as exc:
@@ -126,7 +130,9 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     except BadStub as exc:
         return BAD, None, str(exc)
     if is_dirty(st, rec):
-        return DIRTY, rec, ""
+        if not only_blocks_differ(st, rec):
+            return DIRTY, rec, ""
+        verify = True  # only its block count says written into (holes filled with zeros?): its bytes decide
     if verify and not verify_clean_path(path, rec, st):
         # Not a clean stub's bytes, or not the file of ``st`` any more (gone, replaced, written
         # since: a checkout's swap landed meanwhile): only the first is DIRTY. What is there now

@@ -177,7 +177,20 @@ def is_dirty(st: os.stat_result, rec: StubRecord) -> bool:
 
 def _stat_dirty(st: os.stat_result, size: int, mtime_ns: int) -> bool:
     """The stat rule, in one place: another size or mtime, or more blocks than a stub owns."""
-    return st.st_size != size or st.st_mtime_ns != mtime_ns or st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize)
+    return st.st_size != size or st.st_mtime_ns != mtime_ns or _more_blocks(st)
+
+
+def _more_blocks(st: os.stat_result) -> bool:
+    return st.st_blocks * 512 > 2 * max(HEADER_MAX, st.st_blksize)
+
+
+def only_blocks_differ(st: os.stat_result, rec: StubRecord) -> bool:
+    """``is_dirty`` says so by the block count alone: the size and mtime are the record's and
+    the write bits still cleared. A stub whose holes were filled with zeros (restored by
+    ``rsync -aX`` without ``-S``, ``cp --sparse=never``, ``tar --xattrs``) looks so and is
+    clean; one written into with its mtime put back looks the same: only its bytes
+    (``verify_clean``) tell them apart."""
+    return st.st_size == rec.size and st.st_mtime_ns == rec.mtime_ns and not st.st_mode & 0o222 and _more_blocks(st)
 
 
 def write_stub(fd: int, rec: StubRecord, name: str, atime_ns: int, extra_xattrs: dict[str, bytes] | None = None,
