@@ -582,8 +582,6 @@ def test_stubs_moved_to_another_root_and_adopted_by_doctor_fix_survive_the_first
 
 # -- 12. after `mv` of a folder of stubs, every status reads every one of them, forever ---------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: status stamps only stubs whose catalog row has their path: stubs under "
-                   "a renamed folder are opened and read again by every status (until a doctor --fix)")
 def test_status_after_mv_of_a_folder_of_stubs_stops_reading_them(tmp_path, monkeypatch):
     """`jam stash photos`, then `mv photos pictures` (the catalog's docstring: a `mv` of a stub
     costs nothing but a scan). The first status after it must read each stub (no row names

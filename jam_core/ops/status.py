@@ -74,7 +74,8 @@ def status(root: Root, rel: str = ".") -> Status:
     matches the stamp recorded when jam made it (size, mtime, inode, ctime) is counted without
     reading anything. Any other possible stub is read and its bytes checked; one found clean
     whose catalog row names the same content gets its stamp recorded (``_remember``), so the
-    next status trusts it without reading it again."""
+    next status trusts it without reading it again. A stub no row names by its path (moved
+    with ``mv``) is matched to its row by inode."""
     result = Status(root=str(root.path), path=rel)
 
     def on_error(r, exc):
@@ -101,6 +102,7 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
     directories = result.directories
     problems = result.problems
     stub_dirs = {key.rpartition(b"/")[0] for key in known}  # the directories holding a stub the catalog knows
+    moved: list[dict[int, bytes] | None] = [None]  # {inode: the row's path} of the known stubs, made when needed
 
     def each(d, base, names, stats):
         t = directories[d] = Tally()
@@ -133,6 +135,17 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
             name, st = names[i], stats[i]
             key = dprefix + fsencode(name)
             stamp = get(key)
+            if stamp is None and known and not st.st_mode & 0o222:
+                # No row names this path: a stub moved with `mv` (of itself or of a directory
+                # above it) keeps its inode, and its row, at the old path, keeps its stamp
+                # (ctime included, unless the stub itself was renamed). The stamp vouches for
+                # that inode alone, wherever it is now; a stub read and found clean here has
+                # its stamp recorded on that row, so the next status trusts it unread.
+                if moved[0] is None:
+                    moved[0] = {v[2]: k for k, v in known.items() if v[2] is not None}
+                row = moved[0].get(st.st_ino)
+                if row is not None:
+                    key, stamp = row, known[row]
             look = ALWAYS if stamp is not None else QUICK  # the catalog's stubs: their xattr, whatever the stat
             state, rec, problem = classify(base + name, st, look, stamp=stamp, verify=True)
             if state == STUB:
