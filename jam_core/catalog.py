@@ -62,6 +62,13 @@ def _s(path: bytes) -> str:
     return os.fsdecode(path)
 
 
+# Rows jam wrote have a path that is bytes (``_b``); SQLite keeps any type in a BLOB column, and
+# the catalog is input (invariant 7): a row whose path is anything else (an integer, text, NULL:
+# damage, another tool) names no file, so the readers leave it out (``odd_stub_paths`` lists it
+# for doctor, ``forget_odd_stubs`` drops it).
+_NAMED = "typeof(path) = 'blob'"
+
+
 class CatalogError(JamError, sqlite3.Error):
     """A catalog that cannot be used, said in one line. Also an ``sqlite3.Error``, so code
     that already falls back on those (a damaged catalog is only a cache) keeps doing so."""
@@ -254,13 +261,14 @@ class Catalog:
         self.db.executemany("DELETE FROM stubs WHERE path = ?", [(_b(p),) for p in paths])
 
     def stubs(self) -> dict[str, tuple[str, int]]:
-        return {_s(p): (oid, size) for p, oid, size in self.db.execute("SELECT path, oid, size FROM stubs")}
+        rows = self.db.execute(f"SELECT path, oid, size FROM stubs WHERE {_NAMED}")
+        return {_s(p): (oid, size) for p, oid, size in rows}
 
     def stub_stats(self, under: str = ".") -> dict[bytes, tuple[int, int]]:
         """``{path (bytes): (size, mtime_ns)}`` of the stubs at or under ``under``: what a scan
         needs to recognise an unchanged stub from its stat alone."""
         if under == ".":
-            rows = self.db.execute("SELECT path, size, mtime_ns FROM stubs")
+            rows = self.db.execute(f"SELECT path, size, mtime_ns FROM stubs WHERE {_NAMED}")
         else:
             prefix = _b(under)
             rows = self.db.execute("SELECT path, size, mtime_ns FROM stubs WHERE path = ? OR "
@@ -299,10 +307,19 @@ class Catalog:
         """Rows of the stubs table at or under ``under`` (a path relative to the root)."""
         sql = f"SELECT {columns} FROM stubs"
         if under == ".":
-            return self.db.execute(sql)
-        prefix = _b(under)
+            return self.db.execute(sql + f" WHERE {_NAMED}")
+        prefix = _b(under)  # (only blobs compare equal to, or between, two blobs)
         return self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
                                (prefix, prefix + b"/", prefix + b"0"))
+
+    def odd_stub_paths(self) -> list:
+        """The paths, as stored, of the stub rows the readers leave out (``_NAMED``): for doctor
+        to report."""
+        return [p for (p,) in self.db.execute(f"SELECT path FROM stubs WHERE NOT {_NAMED}")]
+
+    def forget_odd_stubs(self) -> int:
+        """Drop the stub rows whose path is no name (``odd_stub_paths``); how many."""
+        return self.db.execute(f"DELETE FROM stubs WHERE NOT {_NAMED}").rowcount
 
     def replace_stubs(self, rows: Iterable[tuple]) -> None:
         """Replace the stub table with a fresh scan's rows (path, oid, size, mtime_ns, stashed_at
@@ -389,10 +406,10 @@ class Catalog:
                             "last_used = max(last_used, excluded.last_used)", [(_b(p), when) for p in paths])
 
     def uses(self) -> dict[str, float]:
-        return {_s(p): t for p, t in self.db.execute("SELECT path, last_used FROM uses")}
+        return {_s(p): t for p, t in self.db.execute(f"SELECT path, last_used FROM uses WHERE {_NAMED}")}
 
     def pins(self) -> set[str]:
-        return {_s(p) for (p,) in self.db.execute("SELECT path FROM pins")}
+        return {_s(p) for (p,) in self.db.execute(f"SELECT path FROM pins WHERE {_NAMED}")}
 
     def pin(self, paths: Iterable[str]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO pins VALUES (?)", [(_b(p),) for p in paths])

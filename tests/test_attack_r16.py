@@ -332,8 +332,6 @@ def test_a_cd_does_not_wait_for_the_automatic_commit_it_started(stubbed, jam_bin
 # -- 6. a catalog row that is not what the schema says -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: catalog._s decodes a stub row's path without checking its type: a "
-                   "row whose path is an integer crashes hook-fetch (and doctor --fix), the cd hook turns itself off")
 def test_a_catalog_row_whose_path_is_no_name_does_not_turn_the_hook_off(stubbed, jam_bin):
     """The catalog is input (invariant 7) and only a cache: SQLite keeps any type in the BLOB
     column ``stubs.path``. One row whose path is the integer 42 and every `jam hook-fetch` is
