@@ -653,6 +653,7 @@ class _Doctor:
         self.unseen: dict[str, list] = {}
         self.probed: dict[str, tuple[str, str] | None] = {}  # dir of a catalog row -> why unseen
         self.adopted: set[str] = set()  # objects of stubs --fix adds that the catalog did not know
+        self.unknown: dict[str, Problem] = {}  # those stubs (catalog-unknown): path -> finding
 
     def problem(self, kind: str, rel: str, detail: str, fixed: bool = False) -> Problem:
         self.reported.add(rel)
@@ -1187,6 +1188,7 @@ class _Doctor:
                 f = self.problem("catalog-unknown", rel, "a stub the catalog does not know: policies and the cd "
                                  "hook cannot see it; `jam doctor --fix` adds it")
                 self.adopted.add(oid)
+                self.unknown[rel] = f
             f.fixed = self.fix
         for p in orphans:
             if p in moved_from:
@@ -1199,9 +1201,15 @@ class _Doctor:
         cat = self.cat
         if self.rebuilt:  # every row is new to this catalog
             self.adopted.update(r[1] for r in self.rows)
-        if self.adopted:
-            self.publish_refs()
-        rows = self.rows + [(p, *v) for p, v in self.trusted_rows()]
+        rows = self.rows
+        if self.adopted and not self.publish_refs() and self.unknown:
+            # not listed in the refs: not added either, so that they stay reported and the next
+            # --fix records them (added, nothing would ever write their refs again)
+            rows = [r for r in rows if r[0] not in self.unknown]
+            for f in self.unknown.values():
+                f.fixed = False
+                f.detail += " (not added: this root's refs could not be written, see `refs`)"
+        rows = rows + [(p, *v) for p, v in self.trusted_rows()]
         if self.rels == ["."]:
             cat.replace_stubs(rows)
         else:
@@ -1211,22 +1219,23 @@ class _Doctor:
             for oid, name, size in self.locations:
                 cat.record_location(oid, name, size)
 
-    def publish_refs(self) -> None:
+    def publish_refs(self) -> bool:
         """Stubs --fix adds that the catalog did not know (moved in from another root, copied by
         hand) are this root's from now on: its refs on its remotes must list their objects, as a
         stash's do, before its catalog says so. Else the root they came from, once it forgets
         them, may remove their only copy in its `jam gc`, and nothing here would say so
-        (invariants 6 and 12). A remote whose refs cannot be written is a problem."""
+        (invariants 6 and 12). A remote whose refs cannot be written is a problem (False)."""
         from jam_core.ops.refs import Recorder, referenced
 
         try:
             recorder = Recorder(self.root, self.pm, self.session)
             oids = referenced(self.root, self.cat) | self.adopted
         except (JamError, OSError) as exc:
-            self.problem("refs", ".", f"the stubs added to the catalog are not recorded in this root's refs on "
-                         f"its remotes ({exc}): another root's `jam gc` may remove their content; run "
+            self.problem("refs", ".", f"the stubs the catalog did not know are not recorded in this root's refs "
+                         f"on its remotes ({exc}): another root's `jam gc` could remove their content; run "
                          "`jam doctor --fix` again")
-            return
+            return False
+        ok = True
         for r in self.remotes:
             why = self.unusable.get(r.name)
             if why is None:
@@ -1234,9 +1243,11 @@ class _Doctor:
                 if not lines:
                     continue
                 why = lines[0]
+            ok = False
             self.problem("refs", r.name, f"this root's refs could not be written on remote {r.name!r} ({why}): the "
-                         "stubs added to the catalog are not listed there, and another root's `jam gc` may remove "
-                         "their content; run `jam doctor --fix` again once it can be written")
+                         "stubs the catalog did not know are not listed there (another root's `jam gc` could remove "
+                         "their content); run `jam doctor --fix` again once it can be written")
+        return ok
 
     # -- objects on remotes -----------------------------------------------------------------------
     def list_remotes(self) -> dict[str, dict[str, int] | None]:
