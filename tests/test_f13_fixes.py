@@ -62,3 +62,40 @@ def test_a_symlinked_lock_is_refused_and_creates_nothing(tree, tmp_path):
     assert not target.exists()
     os.unlink(lock)
     jam("checkout", "d", cwd=tree.root)
+
+
+def test_a_checkout_of_a_few_files_sets_their_marks_without_reading_every_row(tmp_path, monkeypatch):
+    """The cd index after a checkout of one file of a root with stubs in several directories:
+    only the marks that file can move are set again (one indexed query each), never a read of
+    every catalog row (a million-stub root paid seconds per cd); the marks are those a whole
+    rebuild makes. Guard (mutation-checked): hook.index._refresh_some."""
+    from jam_core.catalog import Catalog
+    from jam_core.hook.index import index_path, refresh
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.checkout import checkout
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path)
+    for rel in ("a/x", "a/y", "b/z", "b/é/w", "c/v"):
+        make_file(t.root / rel, 70_000, seed=len(rel))
+    root = Root(t.root)
+    assert len(stash(root, ["a", "b", "c"], make_plugin_manager()).done) == 5
+
+    def marks():
+        out = set()
+        for d, _dirs, _files in os.walk(index_path(root)):
+            if os.stat(d).st_mode & 0o1000:
+                out.add(os.path.relpath(d, index_path(root)))
+        return out
+
+    assert marks() == {"a", "b", "b/é", "c"}
+    monkeypatch.setattr(Catalog, "stubs", lambda self: pytest.fail("every row read for a checkout of a few files"))
+    assert sorted(r for r, _ in checkout(root, ["a/x", "c/v", "b/é/w"], make_plugin_manager()).done) == [
+        "a/x", "b/é/w", "c/v"]
+    assert marks() == {"a", "b"}
+    assert not (t.root / ".jam" / "stubdirs" / "c").exists()  # a leaf fetched whole goes
+    monkeypatch.undo()
+    with Catalog(t.root / ".jam" / "catalog.db") as cat:
+        refresh(root, cat)  # the whole rebuild agrees
+    assert marks() == {"a", "b"}

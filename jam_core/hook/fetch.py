@@ -120,20 +120,22 @@ def fetch(a: Arrival, pm, session) -> Result:
                           "next cd (or `jam checkout`)")
     finally:
         if result.done:
-            _refresh(a.root)
+            _refresh(a.root, [rel for rel, _ in result.done])
     count_visit(a)
     return result
 
 
-def _refresh(root: Root) -> None:
-    """The cd hooks' index after the groups' checkouts (under the lock, never waiting for it:
-    another jam rebuilds it when it is done)."""
+def _refresh(root: Root, changed: list[str]) -> None:
+    """The cd hooks' index after the groups' checkouts of ``changed`` (under the lock, never
+    waiting for it: another jam rebuilds it when it is done)."""
+    from jam_core.catalog import Catalog
     from jam_core.errors import JamError
     from jam_core.hook.index import refresh
+    from jam_core.root import CATALOG
 
     try:
-        with root.lock(wait=False):
-            refresh(root)
+        with root.lock(wait=False), Catalog(root.jam_dir / CATALOG) as cat:
+            refresh(root, cat, changed=changed)
     except (JamError, OSError):
         pass
 

@@ -47,18 +47,31 @@ def wanted(stub_paths: Iterable[str], depth: int | None) -> set[str]:
 _warned = False
 
 
-def refresh(root: Root, cat=None, leave_out: set[str] = frozenset()) -> None:
+CHANGED_MOST = 4096  # more files changed than this: the whole index is rebuilt (one query of every row)
+
+
+def refresh(root: Root, cat=None, leave_out: set[str] = frozenset(), changed: list[str] | None = None) -> None:
     """Make the index match the catalog's stubs (but ``leave_out``) and the current ``hook.depth``.
 
     Cheap when nothing changed (one query, a walk of the small mirror tree, no writes but the
-    stamp). Errors in the config fall back to the defaults, and an index that cannot be
-    written is said once on stderr: the index must never block a stash.
+    stamp). ``changed`` (the files a stash or checkout just made stubs or brought back, at
+    most CHANGED_MOST): only the marks those can move are set again, each from one indexed
+    query of the catalog, so fetching three stubs of a root of a million costs no read of the
+    other rows (the whole index is rebuilt when it is missing or older than config.toml, whose
+    hook.depth it follows). Errors in the config fall back to the defaults, and an index that
+    cannot be written is said once on stderr: the index must never block a stash.
     """
     global _warned
     try:
         depth = settings(root).depth
     except UsageError:
         depth = DEFAULT_DEPTH
+    if changed is not None and cat is not None and not leave_out and len(changed) <= CHANGED_MOST:
+        try:
+            if _refresh_some(root, cat, changed, depth):
+                return
+        except OSError:
+            pass  # the whole index, below
     if cat is None:
         from jam_core.catalog import Catalog
         from jam_core.root import CATALOG
@@ -80,6 +93,80 @@ def refresh(root: Root, cat=None, leave_out: set[str] = frozenset()) -> None:
                   f"{exc.strerror or exc}", file=sys.stderr)
 
 
+
+
+def _refresh_some(root: Root, cat, changed: list[str], depth: int | None) -> bool:
+    """Set again the marks the files ``changed`` can move (their directories, and the ones up
+    to ``depth`` levels above): a mark stays where the catalog still has a stub within depth
+    below it. Directories left unmarked stay in the mirror (the next whole rebuild removes
+    them; a hook only reads the mark). False when the whole index must be rebuilt instead (it
+    is missing, or older than config.toml)."""
+    base = index_path(root)
+    jam = os.open(os.path.dirname(base), DIR_FLAGS)
+    try:
+        try:
+            top = os.open(os.path.basename(base), DIR_FLAGS, dir_fd=jam)
+        except OSError:
+            return False
+        try:
+            if os.fstat(top).st_mtime_ns < os.stat(CONFIG, dir_fd=jam, follow_symlinks=False).st_mtime_ns:
+                return False  # hook.depth may have changed: every mark is decided again
+        except OSError:
+            pass
+        try:
+            dirs = wanted([p for p in changed if valid_rel(p)], depth)
+            for d in sorted(dirs):
+                _set_mark(top, d, _has_stub_within(cat, d, depth))
+            _stamp(top, jam)
+        finally:
+            os.close(top)
+    finally:
+        os.close(jam)
+    return True
+
+
+def _has_stub_within(cat, d: str, depth: int | None) -> bool:
+    """Whether the catalog has a stub in ``d`` ("" = the root) or up to ``depth`` levels below
+    it (one range query on the path index, stopped at the first)."""
+    prefix = os.fsencode(d) + b"/" if d else b""
+    where = "typeof(path) = 'blob' AND path >= ?"
+    args: list = [prefix]
+    if d:
+        where += " AND path < ?"
+        args.append(os.fsencode(d) + b"0")  # '0' follows '/'
+    if depth is not None:  # no more than depth slashes after the prefix
+        rest = "CAST(substr(path, ?) AS TEXT)"  # bytes counted as bytes: a name need not be UTF-8
+        where += f" AND length(CAST({rest} AS BLOB)) - length(CAST(replace({rest}, '/', '') AS BLOB)) <= ?"
+        args += [len(prefix) + 1, len(prefix) + 1, depth]
+    return cat.db.execute(f"SELECT 1 FROM stubs WHERE {where} LIMIT 1", args).fetchone() is not None
+
+
+def _set_mark(top: int, d: str, marked: bool) -> None:
+    """The mirror of ``d`` (made, with its parents, when it is to be marked; never through a
+    symlink) carries the mark or not; unmarked, it goes if it is empty, and so do the
+    unmarked parents it leaves empty (the common case, a directory fetched whole: a leaf)."""
+    parts = d.split("/") if d else []
+    chain = [os.dup(top)]  # the descriptors from the top down to d's mirror
+    try:
+        for part in parts:
+            try:
+                chain.append(_open_dir(part, chain[-1], create=marked))
+            except FileNotFoundError:
+                return  # not in the mirror and not to be marked: nothing to clear
+        mode = 0o755 | (MARK if marked else 0)
+        if stat.S_IMODE(os.fstat(chain[-1]).st_mode) != mode:
+            os.fchmod(chain[-1], mode)
+        if not marked:
+            for i in range(len(parts), 0, -1):
+                if i < len(parts) and os.fstat(chain[i]).st_mode & MARK:
+                    break  # a parent still marked stays
+                try:
+                    os.rmdir(parts[i - 1], dir_fd=chain[i - 1])  # only an empty one goes
+                except OSError:
+                    break
+    finally:
+        for fd in chain:
+            os.close(fd)
 
 
 def _open_dir(name: str, dir_fd: int | None, create: bool = False) -> int:

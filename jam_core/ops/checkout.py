@@ -120,7 +120,7 @@ def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep
             finally:
                 disks.close()
             if index:
-                refresh_stubdirs(root, cat)  # the index the cd hooks read
+                refresh_stubdirs(root, cat, changed=[rel for rel, _ in result.done])  # the index the cd hooks read
             if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
                 by_name = {r.name: r for r in remotes}
                 from jam_core.ops.refs import referenced

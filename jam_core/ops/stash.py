@@ -170,7 +170,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 if result.done:
                     _settle(disks, result)
                 disks.close()
-            refresh_stubdirs(root, cat)  # the index the cd hooks read
+            refresh_stubdirs(root, cat, changed=[rel for rel, _ in result.done])  # the index the cd hooks read
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
                 from jam_core.ops.refs import referenced
