@@ -1,9 +1,11 @@
-"""doctor --fix adopting stubs the catalog did not know (R15): their objects are recorded in the
-root's refs on its remotes, and a remote whose refs cannot be written says so and adopts nothing."""
+"""doctor follow-ups of R15: --fix adopting stubs the catalog did not know records their objects
+in the root's refs on its remotes (a remote whose refs cannot be written says so, and nothing is
+adopted); a catalog row whose path is no name is reported and forgotten by --fix."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 
 import pytest
@@ -55,3 +57,23 @@ def test_doctor_fix_adopts_a_stub_only_once_its_refs_are_written(tmp_path):
     assert ("catalog-unknown", "photos/p.bin", True) in problems and code == 0, problems
     rid = Root(b).own_config()["core"]["id"]
     assert read_record(str(b / "photos" / "p.bin")).oid in decode((refs / rid).read_bytes())[1]
+
+
+def test_doctor_reports_and_fix_forgets_a_catalog_row_whose_path_is_no_name(tmp_path):
+    """SQLite keeps any type in stubs.path: a row whose path is the integer 42 is left out by
+    every reader (catalog.py), so only doctor can say it is there: `catalog-stale` (exit 1), and
+    `doctor --fix` drops it, even one given a path; the next doctor is clean."""
+    t = make_tree(tmp_path)
+    make_file(t.root / "a.bin", SIZE, seed=23)
+    jam("stash", "a.bin", cwd=t.root)
+    db = sqlite3.connect(t.root / ".jam" / "catalog.db")
+    with db:
+        db.execute("INSERT INTO stubs (path, oid, size, mtime_ns, stashed_at) VALUES (42, ?, 1, 0, 'x')",
+                   ("b3:" + "0" * 64,))
+    db.close()
+    assert _checks(t.root) == (1, [("catalog-stale", "42", False)])
+    jam("doctor", "--fix", "a.bin", cwd=t.root)  # (a whole --fix rewrites the table: a named path's, not)
+    assert _checks(t.root) == (0, [])
+    db = sqlite3.connect(t.root / ".jam" / "catalog.db")
+    assert db.execute("SELECT count(*) FROM stubs").fetchone() == (1,)
+    db.close()

@@ -649,6 +649,7 @@ class _Doctor:
         self.leftovers = 0
         self.foreign_tmps = 0
         self.rebuilt = False
+        self.odd: list = []  # catalog rows whose path is no name (reported; --fix forgets them)
         # directories doctor could not look into: {dir: [why, stubs the catalog lists there]}
         self.unseen: dict[str, list] = {}
         self.probed: dict[str, tuple[str, str] | None] = {}  # dir of a catalog row -> why unseen
@@ -1151,6 +1152,10 @@ class _Doctor:
     def check_catalog(self) -> None:
         if self.cat is None or self.rebuilt:
             return
+        self.odd = self.cat.odd_stub_paths()  # rows whose path is no name at all (42, NULL, text): not read
+        for p in self.odd:
+            self.res.add("stubs", PROBLEM, "catalog-stale", repr(p), "the catalog has a row whose path is no name "
+                         "(a damaged row); `jam doctor --fix` forgets it", fixed=self.fix)
         known = self.stamps
         seen = {row[0] for row in self.rows}
         orphans = []
@@ -1216,6 +1221,8 @@ class _Doctor:
             seen = {r[0] for r in rows}
             cat.upsert_stubs(rows, [p for p in self.stamps if p not in seen])
         with cat.transaction():
+            if self.odd:
+                cat.forget_odd_stubs()
             for oid, name, size in self.locations:
                 cat.record_location(oid, name, size)
 
