@@ -20,7 +20,10 @@ Cases (median of ``--repeat`` runs, warm cache):
     nothing changed (every stub trusted from its stat, nothing opened);
   * jam stash --auto --dry-run with the age policy (older_than 300d, min_size 1: about a
     quarter of the local files are nominated and printed);
-  * jam doctor (no --deep).
+  * jam doctor (no --deep);
+  * the cd hook's fetch in this root: ``jam hook-fetch`` of a directory holding 3 stubs of 64
+    KiB (stashed again before each run): what a cd that fetches pays at this size over one
+    that starts nothing (the hook's own test is a builtin ``stat``), index update included.
 
     .venv/bin/python bench/bench_million.py              # 100,000 files
     .venv/bin/python bench/bench_million.py --million    # 1,000,000 files (a few minutes to build)
@@ -165,6 +168,22 @@ def line(name: str, ours: tuple, peer: tuple) -> str:
             f"ratio {cpu / cf:5.2f}x   peak RSS {rss / 2**20:6.1f} MiB  ({out / 2**20:.1f} MiB out)")
 
 
+def cd_fetch(root: Path, env: dict, repeat: int) -> None:
+    """The cd hook's fetch of 3 small stubs in the big root (a cd with nothing to fetch starts
+    no process); the stash before each run (3 files, the index updated) is timed too."""
+    here = root / "cd-here"
+    here.mkdir(exist_ok=True)
+    for i in range(3):
+        (here / f"f{i}").write_bytes(os.urandom(64 << 10))
+    stashes, fetches = [], []
+    for _ in range(max(repeat, 3)):
+        stashes.append(timed([JAM, "stash", "cd-here"], cwd=root, env=env)[0])
+        fetches.append(timed([JAM, "hook-fetch", str(here)], cwd=here, env=dict(env, JAM_BACKGROUND="0"))[0])
+    m = statistics.median
+    print(f"{'cd fetch of 3 stubs of 64 KiB':<34} {m(fetches) * 1000:7.1f} ms more than a cd with nothing to fetch "
+          f"(goal < 75 ms); the stash of the 3 before it: {m(stashes) * 1000:.1f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--million", action="store_true", default=os.environ.get("JAM_BENCH_MILLION") == "1",
@@ -175,7 +194,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", metavar="DIR", help="build into DIR (kept) or reuse the tree already there")
-    ap.add_argument("--skip", default="", help="comma-separated cases to skip: status,first,dry-run,doctor")
+    ap.add_argument("--skip", default="", help="comma-separated cases to skip: status,first,dry-run,doctor,cd")
     args = ap.parse_args()
     nfiles = args.files or (1_000_000 if args.million else 100_000)
     skip = set(filter(None, args.skip.split(",")))
@@ -226,6 +245,8 @@ def main() -> None:
             case("stash --auto --dry-run (age)", [JAM, "stash", "--auto", "--dry-run"])
         if "doctor" not in skip:
             case("doctor", [JAM, "doctor"], ok=(0, 1), repeat=1 if nfiles > 200_000 else args.repeat)
+        if "cd" not in skip:
+            cd_fetch(root, env, args.repeat)
         worst = max(r[1][1] for r in rows) if rows else 0
         print(f"peak RSS of any jam command: {worst / 2**20:.1f} MiB ({'under' if worst < GIB else 'OVER'} 1 GiB)")
     finally:
