@@ -21,6 +21,7 @@ from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
 from tests.safety_support import JAM, jam, make_tree, record
+from tests.test_attack_r14 import nobody_tree  # noqa: F401  (the fixture)
 
 SIZE = 100_000
 NOBODY = 65534
@@ -107,38 +108,11 @@ def test_doctor_checks_a_stub_deeper_than_path_max(tmp_path):
 # -- 2. a failed `doctor --fix` of a zeroed header vouches for the stub -----------------------------------
 
 @pytest.fixture
-def as_nobody_tree():
-    """A root and its dir remote owned by ``nobody`` (uid 65534) in a directory that user can
-    reach, with its own HOME; ``run(*args, check)`` runs the real jam as that user."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run jam as another user")
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv is not installed")
-    base = Path(tempfile.mkdtemp(prefix="jam-r15-"))
-    os.chmod(base, 0o755)
-    home = base / "home"
-    env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
-               XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"))
-    (home / ".config").mkdir(parents=True)
-    t = make_tree(base)
-
-    def run(*args, check):
-        for d, _dirs, files in os.walk(base):  # what jam made as root so far is nobody's
-            for p in [d, *(os.path.join(d, f) for f in files)]:
-                if os.lstat(p).st_uid != NOBODY:  # (a chown moves the ctime: only where needed)
-                    os.lchown(p, NOBODY, NOBODY)
-        res = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", JAM,
-                              *args], cwd=t.root, capture_output=True, text=True, env=env)
-        assert "Traceback" not in res.stdout + res.stderr, res.stderr
-        assert check is None or res.returncode == check, (args, res.returncode, res.stdout[-3000:], res.stderr)
-        return res
-
-    yield t, run
-    for d, dirs, _files in os.walk(base):
-        for name in dirs:
-            os.chmod(os.path.join(d, name), 0o755)
-    shutil.rmtree(base, ignore_errors=True)
+def as_nobody_tree(nobody_tree):
+    """test_attack_r14's root and dir remote owned by ``nobody``; ``run(*args, check)`` runs the
+    real jam as that user."""
+    t, _env, run = nobody_tree
+    return t, run
 
 
 def test_a_zeroed_header_that_fix_could_not_rewrite_is_still_reported(as_nobody_tree):

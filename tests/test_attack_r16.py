@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_file, require_tool
+from tests.test_attack_hookserver import _of_fetch
 
 SHELLS = ["bash", "zsh", "fish"]
 FLAGS = {"bash": ["--norc", "--noprofile", "-c"], "zsh": ["-f", "-c"], "fish": ["--no-config", "-c"]}
@@ -207,42 +208,6 @@ def _idle_io() -> None:
 def _idle_cpu() -> None:
     """(preexec_fn) `chrt -i 0`: this process scheduled SCHED_IDLE."""
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
-def _of_fetch(warm, root, server, tmp_path, read, preexec_fn=None):
-    """``read(pid)`` of whatever fetches root/data (the server's child or the client itself), at
-    an instant made to last: it opens $JAM_DEBUG_MODULES, a FIFO, once the fetch is done."""
-    import select
-
-    from tests.test_attack_hookserver import OPENAT, _reap, _state
-
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    client = subprocess.Popen(
-        warm.command(root.path / "data"), env=dict(warm.env, JAM_DEBUG_MODULES=str(fifo)),
-        cwd=root.path / "data", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=preexec_fn,
-    )
-    try:
-        where, value = None, None
-        for _ in range(6000):  # 60 s at most, a deadline
-            kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-            for pid in [int(k) for k in kids] + [client.pid]:
-                try:
-                    if _state(pid) == "S" and Path(f"/proc/{pid}/syscall").read_text().split()[0] == OPENAT:
-                        where, value = pid, read(pid)
-                except (OSError, IndexError):
-                    pass
-            if where or client.poll() is not None:
-                break
-            select.select([], [], [], 0.01)
-        assert where, "nobody reached the FIFO"
-        with open(fifo, "rb") as f:  # let it finish
-            f.read()
-        assert client.wait(timeout=60) == 0, client.stderr.read()
-        return where, value
-    finally:
-        _reap(client)
 
 
 def _served_control(warm, root, preexec_fn=None) -> None:
