@@ -99,3 +99,27 @@ def test_a_checkout_of_a_few_files_sets_their_marks_without_reading_every_row(tm
     with Catalog(t.root / ".jam" / "catalog.db") as cat:
         refresh(root, cat)  # the whole rebuild agrees
     assert marks() == {"a", "b"}
+
+
+def test_a_run_killed_before_its_index_refresh_is_caught_up_by_the_next_one(tmp_path):
+    """A stash killed after its swaps and catalog rows, before its refresh: the cd index lacks
+    `a`'s mark, and `.jam/stubdirs.stale` (hook.index.begin) is left. The next run, a stash of
+    another directory only, rebuilds the whole index: `a` is marked again (a run that changes
+    a few files would otherwise set only their marks). Guard (mutation-checked): the ``behind``
+    of ops/stash.py (index.begin's answer)."""
+    from jam_core.hook.index import STALE, index_path
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.stash import stash
+    from jam_core.root import Root
+
+    t = make_tree(tmp_path)
+    make_file(t.root / "a" / "x", 70_000, seed=1)
+    make_file(t.root / "b" / "y", 70_000, seed=2)
+    root = Root(t.root)
+    assert len(stash(root, ["a"], make_plugin_manager()).done) == 1
+    mark = os.path.join(index_path(root), "a")
+    os.chmod(mark, 0o755)  # what the killed run's refresh never got to set
+    (t.root / ".jam" / STALE).touch()
+    assert len(stash(root, ["b"], make_plugin_manager()).done) == 1
+    assert os.stat(mark).st_mode & 0o1000, "a's stubs are never fetched on cd"
+    assert not (t.root / ".jam" / STALE).exists()

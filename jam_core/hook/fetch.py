@@ -105,7 +105,10 @@ def fetch(a: Arrival, pm, session) -> Result:
     once, then record the visit as use. Never waits for another jam working on the root (an
     automatic commit this hook started, a long stash): the stubs are left for the next cd, and
     the hook says so."""
+    from jam_core.hook.index import begin
+
     result = Result()
+    behind = begin(a.root)  # a killed run left the index behind: all of it, at the end
     try:
         for group in groups(a.visit.stubs):
             r = checkout(a.root, group, pm, session, wait=False, index=False)
@@ -119,13 +122,13 @@ def fetch(a: Arrival, pm, session) -> Result:
         result.aborted = (f"another jam process is working on {a.root.path}; the stubs here are left for the "
                           "next cd (or `jam checkout`)")
     finally:
-        if result.done:
-            _refresh(a.root, [rel for rel, _ in result.done])
+        # the index: the marks these checkouts moved (all if behind); none moved, it is as it was
+        _refresh(a.root, None if behind else [rel for rel, _ in result.done])
     count_visit(a)
     return result
 
 
-def _refresh(root: Root, changed: list[str]) -> None:
+def _refresh(root: Root, changed: list[str] | None) -> None:
     """The cd hooks' index after the groups' checkouts of ``changed`` (under the lock, never
     waiting for it: another jam rebuilds it when it is done)."""
     from jam_core.catalog import Catalog

@@ -48,6 +48,31 @@ _warned = False
 
 
 CHANGED_MOST = 4096  # more files changed than this: the whole index is rebuilt (one query of every row)
+STALE = "stubdirs.stale"  # in ROOT/.jam while a stash or checkout may change stubs the index does not show yet
+
+
+def begin(root: Root) -> bool:
+    """Before a stash or checkout changes stubs (under the root's lock): mark the index as
+    possibly behind the catalog until ``refresh`` has followed it. True if the mark was there
+    already: a run killed before its refresh left the index behind, so the next refresh must
+    be a whole one (a run that changes only a few files would otherwise set only their marks)."""
+    jam = os.path.join(root.path, JAM_DIR)
+    try:
+        os.close(os.open(os.path.join(jam, STALE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+        return False
+    except FileExistsError:
+        return True
+    except OSError:
+        return True  # cannot be marked (a read-only .jam): the whole index at the end
+
+
+def _followed(root: Root) -> None:
+    """The index follows the catalog again: the mark of ``begin`` goes."""
+    try:
+        os.unlink(os.path.join(root.path, JAM_DIR, STALE))
+    except OSError:
+        pass
 
 
 def refresh(root: Root, cat=None, leave_out: set[str] = frozenset(), changed: list[str] | None = None) -> None:
@@ -69,6 +94,7 @@ def refresh(root: Root, cat=None, leave_out: set[str] = frozenset(), changed: li
     if changed is not None and cat is not None and not leave_out and len(changed) <= CHANGED_MOST:
         try:
             if _refresh_some(root, cat, changed, depth):
+                _followed(root)
                 return
         except OSError:
             pass  # the whole index, below
@@ -84,6 +110,8 @@ def refresh(root: Root, cat=None, leave_out: set[str] = frozenset(), changed: li
         stubs = [p for p in stubs if p not in leave_out]
     try:
         sync(index_path(root), wanted(stubs, depth))
+        if not leave_out:
+            _followed(root)
     except OSError as exc:
         if not _warned:
             import sys

@@ -33,6 +33,7 @@ from jam_core.fs import (
     syncfs,
     tmp_name,
 )
+from jam_core.hook.index import begin as begin_index
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import hash_fd, split_oid
@@ -71,6 +72,7 @@ def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep
     remotes = sorted(root.remotes(), key=lambda r: (r.tier, r.name))
     raise_fd_limit()  # batches hold descriptors per file and directory: as many as allowed
     with root.lock(wait=wait), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
+        behind = begin_index(root) if index else False  # a killed run left the index behind: all of it, at the end
         todo = []
         for entry, _named in collect(root, dirs, rels, result):
             if entry.state == LOCAL:
@@ -120,7 +122,8 @@ def _checkout(root: Root, rels: Iterable[str], pm, session: Session | None, keep
             finally:
                 disks.close()
             if index:
-                refresh_stubdirs(root, cat, changed=[rel for rel, _ in result.done])  # the index the cd hooks read
+                # the index the cd hooks read: the marks this run can have moved (all if behind)
+                refresh_stubdirs(root, cat, changed=None if behind else [rel for rel, _ in result.done])
             if recorder is not None and recorder.pending:  # what landed on a cache is referenced there
                 by_name = {r.name: r for r in remotes}
                 from jam_core.ops.refs import referenced

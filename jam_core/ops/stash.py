@@ -42,6 +42,7 @@ from jam_core.fs import (
     syncfs,
     tmp_name,
 )
+from jam_core.hook.index import begin as begin_index
 from jam_core.hook.index import refresh as refresh_stubdirs
 from jam_core.model import Remote, Session
 from jam_core.objects import DEFAULT_ALGORITHM, hash_fd
@@ -112,6 +113,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
     with root.lock(), Catalog(root.jam_dir / CATALOG) as cat, DirFds(root.path) as dirs:
         from jam_core.policy.pins import covered, read_pins
 
+        behind = begin_index(root)  # a killed run left the cd index behind: all of it, at the end
         pins = set() if explicit else read_pins(root)
         todo = []
         for entry, named in collect(root, dirs, rels, result):
@@ -170,7 +172,8 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 if result.done:
                     _settle(disks, result)
                 disks.close()
-            refresh_stubdirs(root, cat, changed=[rel for rel, _ in result.done])  # the index the cd hooks read
+            # the index the cd hooks read: the marks this run can have moved (all if behind)
+            refresh_stubdirs(root, cat, changed=None if behind else [rel for rel, _ in result.done])
             if recorder is not None and recorder.pending:
                 used = [r for r in remotes if r.name in recorder.pending]
                 from jam_core.ops.refs import referenced
