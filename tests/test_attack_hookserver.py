@@ -39,7 +39,7 @@ import pytest
 
 from tests.conftest import make_file
 from tests.safety_support import held_fds
-from tests.test_hook_server import hook_server_file
+from tests.test_hook_server import hook_server_file, settled
 
 
 def _digest(data: bytes) -> str:
@@ -694,13 +694,7 @@ def _copy_code(warm: Warm) -> Path:
     shutil.copytree(core / "jam_core", code / "jam_core", ignore=ignore)
     keep = [p for p in warm.paths if not (Path(p) / "jam_core").is_dir() and not (Path(p) / "jam_dir").is_dir()]
     warm.paths = keep + [str(code)]
-    # A server takes a module changed less than 20 ms before it started for one changed while
-    # it imported it (hook_server._began_ns) and leaves: the copy must be older than that when
-    # the test starts one (waited for on the clock, not for a fixed time).
-    newest = max(os.lstat(p).st_ctime_ns for p in code.rglob("*"))
-    while time.time_ns() < newest + 30_000_000:
-        select.select([], [], [], 0.005)
-    return code
+    return settled(code)
 
 
 def _upgrade(path: Path) -> None:
