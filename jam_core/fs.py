@@ -19,6 +19,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from typing import Callable
 
 from jam_core.units import LazyRe
 
@@ -489,6 +490,12 @@ class Leases:
     a notice the thread looks every ``IDLE`` seconds anyway; where a descriptor's notice cannot
     be directed to the thread, it looks every ``POLL`` seconds (the old way: a fcntl per held
     lease, which cost more than the stash itself for batches of small files).
+
+    A backend whose remote shares the file's filesystem may make the leased file itself its
+    object, a hard link instead of a copy (``adopt``). The lease is what makes that safe: no
+    program can write into the file while it is held, and before any lease is let go (broken
+    by a writer, released because the file was not swapped) the backend's ``settle(False)``
+    gives its object an inode of its own again, while the writer still waits.
     """
 
     POLL = 0.02
@@ -504,6 +511,9 @@ class Leases:
         self._tid = 0  # the thread's id once it blocks SIGURG; -1: it cannot wait for signals
         self._ready = threading.Event()
         self.notices = 0  # how many break notices woke the thread (tests read it)
+        # leased files a backend adopted (``adopt``): fd -> (its stat once linked, settle)
+        self._adopted: dict[int, tuple[os.stat_result, Callable[[bool], None]]] = {}
+        self._refused: set[int] = set()  # fds no backend may adopt (``refuse``)
 
     def take(self, fd: int) -> bool:
         """Lease ``fd`` (opened read-only). False where leases are not supported at all (then
@@ -570,7 +580,58 @@ class Leases:
         except OSError:
             return False
 
-    def release(self, fd: int) -> None:
+    def adopt(self, source: str, link: Callable[[], None], settle: Callable[[bool], None]) -> bool:
+        """Let a backend make the leased file at ``source`` (``fd_path(fd)``) its object by a
+        hard link: ``link()`` makes it, under this lock, only while the lease is intact, the file
+        has no other name and is the caller's own (so no other name can write into the object).
+        ``settle(kept)`` is called once, before the lease is let go: ``kept`` only if the file
+        was swapped for its stub and the object is its one name left. True if ``link()`` was
+        made; False (nothing done) otherwise, and the backend copies the file as usual."""
+        import fcntl
+
+        prefix = "/proc/self/fd/"
+        text = str(source)
+        if not (text.startswith(prefix) and text[len(prefix):].isdigit()):
+            return False
+        fd = int(text[len(prefix):])
+        with self._lock:
+            if fd not in self._held or fd in self._adopted or fd in self._refused:
+                return False
+            try:
+                st = os.fstat(fd)
+                if (fcntl.fcntl(fd, F_GETLEASE) != F_RDLCK or st.st_nlink != 1 or st.st_uid != os.geteuid()
+                        or not stat.S_ISREG(st.st_mode)):
+                    return False
+                link()
+            except OSError:
+                return False
+            try:
+                self._adopted[fd] = (os.fstat(fd), settle)  # the link moved its ctime and link count
+            except OSError:
+                self._adopted[fd] = (st, settle)  # cannot happen on an open fd; the swap then refuses
+        return True
+
+    def refuse(self, fd: int) -> None:
+        """No backend may adopt ``fd`` (equal files share what is stored for it)."""
+        with self._lock:
+            self._refused.add(fd)
+
+    def adopted(self, fd: int) -> os.stat_result | None:
+        """The stat of ``fd`` once a backend adopted it (``adopt``), None if none did."""
+        with self._lock:
+            got = self._adopted.get(fd)
+        return None if got is None else got[0]
+
+    def _settle(self, fd: int, kept: bool) -> None:
+        got = self._adopted.pop(fd, None)
+        if got is not None:
+            try:
+                got[1](kept)
+            except Exception:  # the backend's own recovery (its next command) takes it from here
+                pass
+
+    def release(self, fd: int, kept: bool = False) -> None:
+        """Let the lease on ``fd`` go; first, if a backend adopted the file, ``settle(kept)``."""
         import fcntl
 
         with self._lock:
@@ -578,6 +639,8 @@ class Leases:
             self._held.discard(fd)
             self._broken.discard(fd)
             self._undirected.discard(fd)
+            self._refused.discard(fd)  # the number may be reused by the next file opened
+            self._settle(fd, kept)  # under the lock: a break seen meanwhile waits for it
         if held:
             try:
                 fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
@@ -618,6 +681,7 @@ class Leases:
                 self._held.discard(fd)
                 self._undirected.discard(fd)
                 self._broken.add(fd)
+                self._settle(fd, False)  # an adopted file's object gets its own inode before the writer goes on
                 try:
                     fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
                 except OSError:
@@ -771,21 +835,22 @@ def _host() -> str:
     return _HOST[0]
 
 
-def part_name() -> str:
-    """A temporary object name that says who wrote it: ``<host>.<pid>.<random>.part``."""
-    return f"{_host()}.{_pid()}.{random_hex(8)}{PART_SUFFIX}"
+def part_name(suffix: str = PART_SUFFIX) -> str:
+    """A temporary object name that says who wrote it: ``<host>.<pid>.<random>.part`` (or
+    another ``suffix`` for a backend's other temporary files)."""
+    return f"{_host()}.{_pid()}.{random_hex(8)}{suffix}"
 
 
-def part_is_stale(name: str, mtime: float, now: float) -> bool:
+def part_is_stale(name: str, mtime: float, now: float, suffix: str = PART_SUFFIX) -> bool:
     """True if ``tmp/name`` on a remote is an upload no living jam is still writing.
 
     Only names jam makes qualify (``part_name()``, or the bare ``<hex>.part`` of older
     versions). Ours from a dead process on this host: stale at once; anything else: when
     older than PART_MAX_AGE.
     """
-    if not name.endswith(PART_SUFFIX):
+    if not name.endswith(suffix):
         return False
-    fields = name[: -len(PART_SUFFIX)].split(".")
+    fields = name[: -len(suffix)].split(".")
     if len(fields) == 3 and fields[1].isdigit() and fields[0] == _host():
         pid = int(fields[1])
         if pid != os.getpid() and not _alive(pid):

@@ -89,9 +89,31 @@ def stash(remote: Remote, oid: str, source: Path, size: int, session: Session) -
         hashed and holds open, so that a name swapped meanwhile cannot redirect the read: open
         it as a path (following it, no ``O_NOFOLLOW``), and use it only for reading.
     :param size: the expected size of ``source``.
-    :param session: per-command state (connections, progress).
+    :param session: per-command state (connections, progress). Where the remote shares the
+        file's filesystem, a backend may make the file itself the object by a hard link
+        instead of a copy, through ``session.adopt(source, link, settle)`` only (it links
+        only while the core's lease keeps every writer out; see ``Session.adopt``). What a
+        command killed meanwhile leaves linked is the backend's to undo (``recover``).
     :return: ``True`` once stored and verified; raise :class:`jam_core.errors.RemoteError`
         on failure.
+    """
+
+
+@hookspec(firstresult=True)
+def recover(remote: Remote, session: Session) -> bool | None:
+    """Optional: undo what a killed command left half done on ``remote``, now.
+
+    Called by ``stash`` once per command and remote, before it looks at any file (keep it cheap:
+    a remote with nothing to undo should cost one listing, no connection if none is open yet
+    is better still). A stash killed after its backend adopted a file (``Session.adopt``)
+    leaves the file's inode linked as an object (the file then looks hard-linked, and is left
+    alone): the backend gives every such object an inode of its own (a verified copy), or
+    removes it where the file changed since, and removes its stale uploads. A backend also does
+    this on its own before its first upload of a command.
+
+    :param remote: a configured remote (answer ``None`` for other kinds).
+    :param session: per-command state.
+    :return: ``True`` when done.
     """
 
 

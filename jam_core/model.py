@@ -67,6 +67,9 @@ class Session:
     ``progress(nbytes)`` as content moves; the core calls ``begin(total)`` once it knows how
     many bytes a command will move and ``file_done(size)`` after each file, so the display is
     right even for a backend that reports nothing (or an object that was already there).
+
+    ``adopt`` lets a backend make a file being stashed its object by a hard link, where the
+    stash allows it (``adoption``: the stash's leases, see ``jam_core.fs.Leases.adopt``).
     """
 
     def __init__(self, progress: Callable[[int], None] | None = None,
@@ -78,6 +81,17 @@ class Session:
         self._done = 0
         self._lock = threading.RLock()
         self._closers: list[Callable[[], None]] = []
+        self.adoption = None  # set by stash while it holds leases (fs.Leases); None: no adoption
+
+    def adopt(self, source, link: Callable[[], None], settle: Callable[[bool], None]) -> bool:
+        """For a backend's ``stash``: make ``source`` (the ``/proc/self/fd/N`` the core passed)
+        the object itself. ``link()`` links it into place (it runs only while the file is
+        leased, has no other name and is the caller's own); ``settle(kept)`` runs once before
+        the lease goes: ``kept`` if the file became a stub (seal the object), else the object
+        must stop sharing the file's inode (a writer waits for that). True if linked: the
+        object is stored and verified (the file is unchanged since the core hashed it)."""
+        gate = self.adoption
+        return gate is not None and gate.adopt(source, link, settle)
 
     def progress(self, n: int) -> None:
         """Count ``n`` bytes moved; safe to call from a backend's transfer threads."""

@@ -50,6 +50,15 @@ def make_tree(base: Path, name: str = "root") -> Tree:
     return Tree(path, remote)
 
 
+def on_another_disk(monkeypatch) -> None:
+    """The dir remotes of these tests share the root's disk, where a stash links each file into
+    the remote (adopts it) instead of copying it. For a test of the copy path, as if the remote
+    were on another disk: the backend never adopts."""
+    import jam_dir
+
+    monkeypatch.setattr(jam_dir, "_may_adopt", lambda *a, **k: False)
+
+
 def stashed_big(tmp_path: Path, seed: int) -> tuple["Tree", str]:
     """A tree whose file ``big`` (BIG bytes) was stashed through the real stash; returns the
     tree and the file's b3sum."""

@@ -37,7 +37,7 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import BIG, b3, is_stub, make_tree, record, stashed_big
+from tests.safety_support import BIG, b3, is_stub, make_tree, on_another_disk, record, stashed_big
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,6 +104,7 @@ import os, signal, sys
 import jam_core.ops.stash as sm
 sm.AHEAD_MIN = 9 << 20  # the hook's threshold, lowered for a small file
 import jam_dir
+jam_dir._may_adopt = lambda *a, **k: False  # as on another disk: copied, not linked
 from jam_core.manager import make_plugin_manager
 from jam_core.model import Session
 from jam_core.root import Root
@@ -384,6 +385,7 @@ def test_a_copy_ahead_that_fills_the_remote_leaves_no_part_and_the_stash_copies_
     import jam_dir
 
     monkeypatch.setattr(stash_mod, "AHEAD_MIN", 9 << 20)
+    on_another_disk(monkeypatch)
     t = make_tree(tmp_path)
     make_file(t.root / "big", BIG, seed=29)
     want = b3(t.root / "big")
@@ -490,6 +492,7 @@ def test_a_write_during_the_copy_after_its_bytes_were_hashed_is_not_vouched_for(
 def test_a_write_into_the_remotes_part_during_the_copy_never_becomes_the_object(tmp_path, monkeypatch):
     import jam_dir
 
+    on_another_disk(monkeypatch)
     t = make_tree(tmp_path)
     make_file(t.root / "big", BIG, seed=43)
     want = b3(t.root / "big")

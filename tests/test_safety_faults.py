@@ -25,7 +25,17 @@ from jam_core.objects import object_relpath
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import b3, fingerprint, is_stub, jam, make_tree, objects_verify, record, status_json
+from tests.safety_support import (
+    b3,
+    fingerprint,
+    is_stub,
+    jam,
+    make_tree,
+    objects_verify,
+    on_another_disk,
+    record,
+    status_json,
+)
 
 
 def stashed_tree(tmp_path, n=1, size=300_000):
@@ -318,6 +328,7 @@ def test_dir_backend_write_failure_leaves_the_file_local(tmp_path, monkeypatch, 
     fp = fingerprint(t.root / "f0")
     remote = str(t.remote)
 
+    on_another_disk(monkeypatch)
     if fail_at == "copy":
         def no_space(*a, **kw):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

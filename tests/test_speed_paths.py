@@ -26,7 +26,7 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import b3, fingerprint, is_stub, make_tree, objects_verify
+from tests.safety_support import b3, fingerprint, is_stub, make_tree, objects_verify, on_another_disk
 
 
 def _tree(tmp_path, n=3, size=100_000):
@@ -42,7 +42,9 @@ def _no_jam_tmp(d) -> bool:
 
 def test_a_failed_syncfs_swaps_nothing_in_a_stash(tmp_path, monkeypatch):
     """The batch's stubs are written aside before the one syncfs; if it fails, no file is
-    swapped for its stub and the stubs aside are gone."""
+    swapped for its stub and the stubs aside are gone. (Copied: a remote on the file's own
+    disk links it, which moves its ctime: tests/test_adopt.py.)"""
+    on_another_disk(monkeypatch)
     t = _tree(tmp_path)
     fps = {n: fingerprint(t.root / n) for n in ("f0", "f1", "f2")}
     calls = []
@@ -82,6 +84,7 @@ def test_a_failed_remote_sync_swaps_nothing(tmp_path, monkeypatch):
     written aside: failing, it still leaves every file as it was."""
     import jam_dir
 
+    on_another_disk(monkeypatch)
     t = _tree(tmp_path)
     fps = {n: fingerprint(t.root / n) for n in ("f0", "f1", "f2")}
 
@@ -155,6 +158,7 @@ def test_a_change_in_the_middle_of_the_copy_is_caught_without_reading_it_back(tm
     injected into what the copy wrote. The source itself is not read back.)"""
     import jam_dir
 
+    on_another_disk(monkeypatch)
     t = make_tree(tmp_path)
     make_file(t.root / "big", 12 << 20, seed=9)
     fd = os.open(t.root / "big", os.O_RDONLY)

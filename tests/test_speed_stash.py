@@ -19,7 +19,7 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import b3, is_stub, make_tree, objects_verify
+from tests.safety_support import b3, is_stub, make_tree, objects_verify, on_another_disk
 
 
 def _deleted_fds_under(top, deleted_only: bool = True) -> list[str]:
@@ -189,6 +189,7 @@ def test_a_large_sparse_file_is_copied_in_the_kernel_holes_kept_and_verified(tmp
     keeps its holes on the remote, and verifies; it checks out identical."""
     import jam_dir
 
+    on_another_disk(monkeypatch)
     t = make_tree(tmp_path)
     p = t.root / "sparse.img"
     with open(p, "wb") as f:

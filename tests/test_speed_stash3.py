@@ -20,7 +20,7 @@ from jam_core.ops.checkout import checkout
 from jam_core.ops.stash import stash
 from jam_core.root import Root
 from tests.conftest import make_file
-from tests.safety_support import BIG, b3, is_stub, make_tree, record, stashed_big
+from tests.safety_support import BIG, b3, is_stub, make_tree, on_another_disk, record, stashed_big
 
 
 def test_a_corrupt_large_object_is_still_refused(tmp_path):
@@ -158,6 +158,7 @@ def _ahead_tree(tmp_path, monkeypatch):
     import jam_core.ops.stash as stash_mod
 
     monkeypatch.setattr(stash_mod, "AHEAD_MIN", 9 << 20)  # the hook's threshold, lowered for a small test
+    on_another_disk(monkeypatch)
     t = make_tree(tmp_path)
     make_file(t.root / "big", BIG, seed=41)
     return t, b3(t.root / "big")

@@ -116,6 +116,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
         behind = begin_index(root)  # a killed run left the cd index behind: all of it, at the end
         pins = set() if explicit else read_pins(root)
         todo = []
+        _recover(remotes, pm, session)
         for entry, named in collect(root, dirs, rels, result):
             why = _skip_reason(entry, named and explicit, min_size)
             if why is None and pins and covered(entry.rel, pins):
@@ -143,6 +144,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
             except (JamError, OSError):
                 remotes.fixed = None  # each file will hear why
         leases = Leases()
+        session.adoption = leases  # a remote on the file's own disk may link it, not copy it
         # the originals' last closes free their blocks (waits on the disk, overlapped), most of
         # them once the stash's last stub is created (see Closer)
         closer = Closer(most=pipeline.closes_held(), most_bytes=pipeline.BATCH_BYTES)
@@ -161,6 +163,7 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 cleanup=lambda hashed: _release(hashed, leases, dirs, closer),
             )
         finally:
+            session.adoption = None
             leases.close()
             # Every original closed (its space free) before the stash returns, and before the
             # last syncfs, which then writes the frees too: on ext4 without a journal, inodes
@@ -181,6 +184,18 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 for problem in recorder.publish(referenced(root, cat) | unrecorded, used):
                     result.skipped.append((".", problem))
     return result
+
+
+def _recover(remotes: list[Remote], pm, session: Session) -> None:
+    """Before anything is looked at, let each remote undo what a killed command left on it
+    (``recover``): the objects a killed stash adopted and never settled (their files would look
+    hard-linked), its stale uploads. Cheap where there is nothing (one listing of a dir remote's
+    tmp/); a backend without it is not asked anything."""
+    for remote in remotes:
+        try:
+            pm.hook.recover(remote=remote, session=session)
+        except (JamError, OSError):
+            pass  # its next upload tries again; a file it left linked is said to be hard-linked
 
 
 def _settle(disks: Filesystems, result: Result) -> None:
@@ -352,6 +367,11 @@ def store_on(remote: Remote, items: list[Stored], pm, session: Session) -> Itera
     by_oid: dict[str, list[Stored]] = {}
     for s in items:
         by_oid.setdefault(s.record.oid, []).append(s)  # equal content is stored once
+    gate = session.adoption
+    if gate is not None:  # the others would be swapped on an object still another file's inode: copied
+        for group in by_oid.values():
+            if len(group) > 1:
+                gate.refuse(group[0].fd)
     unique = [(oid, Path(fd_path(group[0].fd)), group[0].record.size) for oid, group in by_oid.items()]
     many = pm.hook.stash_many(remote=remote, items=unique, session=session)
     if many is not None:
@@ -675,7 +695,11 @@ def _swap(s: Stored, leases: Leases) -> bool:
         now = os.stat(s.name, dir_fd=s.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if not same_file(now, s.st0) or not leases.intact(s.fd):
+    # A backend that adopted the file (linked it as its object: Leases.adopt) moved its ctime
+    # and link count: what it saw then is what must still be there. Any other name made since
+    # (a hard link) could write into the object: no swap.
+    want = leases.adopted(s.fd) or s.st0
+    if not same_file(now, want) or now.st_nlink != want.st_nlink or not leases.intact(s.fd):
         return False
     try:
         try:
@@ -692,16 +716,18 @@ def _swap(s: Stored, leases: Leases) -> bool:
         # private stays so).
         if ((out.st_ino, out.st_dev) != (held.st_ino, held.st_dev) or held.st_size != s.st0.st_size
                 or held.st_mtime_ns != s.st0.st_mtime_ns or held.st_mode != s.st0.st_mode
-                or (held.st_uid, held.st_gid) != (s.st0.st_uid, s.st0.st_gid) or not leases.intact(s.fd)
-                or _xattrs_now(s.fd) != s.xattrs):
+                or (held.st_uid, held.st_gid) != (s.st0.st_uid, s.st0.st_gid) or held.st_nlink != want.st_nlink
+                or not leases.intact(s.fd) or _xattrs_now(s.fd) != s.xattrs):
             exchange(s.dir_fd, s.tmp, s.name)  # put back what was there: the stub returns to tmp
             return False
-        leases.release(s.fd)
         os.unlink(s.tmp, dir_fd=s.dir_fd)  # the original: its content is on the remotes
     except BaseException:
         _put_back(s)  # interrupted (Ctrl-C) in the middle: what was at the name returns to it
         raise
     s.tmp = ""
+    # Let the lease go only now that the original has no name in the tree (a writer could open
+    # it by its temporary name). An adopted original must be its object's one name left.
+    leases.release(s.fd, kept=want is not s.st0 and os.fstat(s.fd).st_nlink == 1)
     s.swapped = True  # its blocks are freed by the last close (``_release``)
     return True
 

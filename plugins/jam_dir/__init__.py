@@ -211,7 +211,15 @@ def has(remote, oid, size):
         raise _oserror(remote, f"look for {oid}", exc, item=False) from None
     finally:
         os.close(dfd)
-    return stat.S_ISREG(st.st_mode) and st.st_size == size
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and not _unsealed(st)
+
+
+def _unsealed(st: os.stat_result) -> bool:
+    """An object that still shares its inode with a writable file elsewhere: a file adopted
+    (``_adopt``) whose stash has not settled it, or was killed before it could. Never trusted as
+    a copy: the file's other name could still write into it. Sealed objects have one name and no
+    write permission (a copy made read-only, an adopted file once swapped)."""
+    return st.st_nlink > 1 and bool(st.st_mode & 0o222)
 
 
 _ALGOS = ("b3", "sha256")
@@ -551,12 +559,221 @@ def _clean_parts(remote, base: Path, session) -> None:
         for e in entries:
             try:
                 st = os.stat(e.name, dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and _PART.match(e.name) and part_is_stale(e.name, st.st_mtime, now):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if _PART.match(e.name) and part_is_stale(e.name, st.st_mtime, now):
                     os.unlink(e.name, dir_fd=fd)
+                elif _ADOPTS.match(e.name) and part_is_stale(e.name, st.st_mtime, now, suffix=_ADOPT_SUFFIX):
+                    _recover_adoptions(base, fd, e.name)
             except OSError:
                 continue  # gone meanwhile, or not ours to remove
     finally:
         os.close(fd)
+
+
+@hookimpl
+def recover(remote, session):
+    if remote.kind != KIND:
+        return None
+    try:
+        _clean_parts(remote, _session_base(remote, session), session)
+    except (OSError, JamError):
+        return False
+    return True
+
+
+# -- adoption: the file itself as the object, where the remote shares its filesystem -----------
+# A file stashed to a remote on its own filesystem is hard-linked into objects/, not copied
+# (git-annex moves it): no byte is written, no block freed. The core's lease keeps every writer
+# out from its hash until the swap; ``settle`` then seals the object (read-only, its one name
+# left), or, if the file stays (changed, or a writer came), gives the object an inode of its own
+# while the writer waits. Each command lists the objects it adopted in ``tmp/<host>.<pid>.<hex>
+# .adopt``: the list of a killed command is undone by the next (``_recover_adoptions``).
+_ADOPT_SUFFIX = ".adopt"
+_ADOPTS = re.compile(r"\A[A-Za-z0-9_-]{1,64}\.[0-9]{1,10}\.[0-9a-f]{16}\.adopt\Z")
+_ADOPT_LOG = "jam_dir.adopt_log"  # session.cache key: (remote name) -> this command's list
+_ADOPTED = "jam_dir.adopted"  # session.cache key (with the remote's name): {(dev, ino): settled (Event)}
+_SETTLE_WAIT = 120.0  # at most, for an equal file's adoption to settle (then copied over it)
+
+
+def _settling(remote, st: os.stat_result, session) -> bool:
+    """Whether the object of ``st`` is a file this command adopted and has not settled (an
+    equal file of an earlier batch, not yet swapped): if so, wait until it is (sealed as a stub's
+    object, or made a copy of its own) and True: look at the object again. An equal file never
+    keeps an object that is still another file's inode; the batch that adopted it is swapped
+    by the main thread while this one is stored."""
+    settled = session.cache.get((_ADOPTED, remote.name), {}).get((st.st_dev, st.st_ino))
+    if settled is None:
+        return False
+    settled.wait(_SETTLE_WAIT)
+    return True
+
+
+def _may_adopt(remote, base: Path, st: os.stat_result, session) -> bool:
+    """Whether ``_adopt`` may link the file of ``st``: the stash offers it, the remote is on the
+    file's filesystem, and the file has no other name and is the caller's own."""
+    if getattr(session, "adoption", None) is None or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    key = ("jam_dir.dev", remote.name)
+    dev = session.cache.get(key)
+    if dev is None:
+        dev = session.cache[key] = os.stat(base / "objects").st_dev
+    return dev == st.st_dev
+
+
+def _adopt_log(remote, base: Path, session) -> int:
+    """This command's list of adopted objects on ``remote`` (created on first use; removed
+    when the session closes, after every adoption of the command was settled)."""
+    logs = session.cache.setdefault(_ADOPT_LOG, {})
+    fd = logs.get(remote.name)
+    if fd is None:
+        path = base / "tmp" / part_name(_ADOPT_SUFFIX)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            _mkdirs_below(base, path.parent)
+            fd = os.open(path, flags, 0o600)
+        logs[remote.name] = fd
+
+        def done(fd=fd, path=path):
+            os.close(fd)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        session.on_close(done)
+    return fd
+
+
+def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
+    """Store ``source`` as ``oid`` by linking it into place (``Session.adopt``), not copying it.
+    False where that cannot be (another filesystem, another name, a writer, a link refused):
+    the caller copies it."""
+    try:
+        st = os.stat(source)
+        if st.st_size != size or not _may_adopt(remote, base, st, session):
+            return False
+        os.write(_adopt_log(remote, base, session), f"{oid}\n".encode())  # before the link: undone if killed
+        try:
+            dfd, name = _object_dirfd(base, oid)
+        except _SymlinkedDir:
+            return False
+        except FileNotFoundError:
+            _mkdirs_below(base, base / "objects" / object_relpath(oid).rpartition("/")[0])
+            dfd, name = _object_dirfd(base, oid)
+    except OSError:
+        return False
+    ident = (st.st_dev, st.st_ino)
+    # An equal file of a later batch waits for this one to settle (``_settling``).
+    import threading
+
+    in_flight = session.cache.setdefault((_ADOPTED, remote.name), {})
+
+    def link() -> None:
+        os.link(source, name, dst_dir_fd=dfd, follow_symlinks=True)  # never over an object there
+        in_flight[ident] = threading.Event()
+
+    def settle(kept: bool) -> None:
+        try:
+            if kept:  # a stub now: the object is its one name, sealed as a copy would be
+                os.chmod(source, 0o444)
+            else:
+                _unshare(base, oid, ident)
+        finally:
+            done = in_flight.pop(ident, None)
+            if done is not None:
+                done.set()
+
+    try:
+        return session.adopt(source, link, settle)
+    finally:
+        os.close(dfd)
+
+
+def _unshare(base: Path, oid: str, ident: tuple[int, int]) -> None:
+    """If the object ``oid`` is the inode ``ident`` (an adopted file that keeps its name), give
+    it an inode of its own: a copy, verified against ``oid``, renamed over it. Content that no
+    longer hashes to ``oid`` (written since) is removed instead: no stub can name it."""
+    try:
+        fd, st = _open_object(base, oid)
+    except OSError:
+        return
+    tmp = None
+    try:
+        if (st.st_dev, st.st_ino) != ident:
+            return  # another inode is there now (a copy made meanwhile): nothing of ours
+        tmp = base / "tmp" / part_name()
+        dst = _new_part(base, tmp)
+        try:
+            got = _copy_hashing(fd, dst, st.st_size, oid.split(":")[0], lambda n: None)
+        finally:
+            os.close(dst)
+        if got == (oid, st.st_size):
+            os.rename(tmp, base / "objects" / object_relpath(oid))
+            tmp = None
+        else:
+            _remove_if(base, oid, ident)
+    finally:
+        os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_if(base: Path, oid: str, ident: tuple[int, int]) -> None:
+    """Remove the object ``oid`` only if it is the inode ``ident``: moved aside first, so that a
+    copy another command renamed into place meanwhile is put back, never removed."""
+    dfd, name = _object_dirfd(base, oid)
+    aside = base / "tmp" / part_name()
+    try:
+        os.rename(name, aside, src_dir_fd=dfd)
+        st = os.stat(aside, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != ident:
+            try:
+                os.link(aside, name, dst_dir_fd=dfd)
+            except FileExistsError:
+                pass
+        aside.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _recover_adoptions(base: Path, tmp_fd: int, log: str) -> None:
+    """Undo the adoptions a killed command listed in ``tmp/LOG``: each object it names that is
+    not sealed gets an inode of its own (``_unshare``) or, alone but writable (killed between
+    its swap and its seal), is sealed once it verifies. Then the list goes."""
+    with open(os.open(log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp_fd), "rb") as f:
+        oids = f.read(1 << 24).split()
+    for raw in dict.fromkeys(oids):
+        oid = raw.decode("ascii", "replace")
+        algo, _, hexpart = oid.partition(":")
+        if algo not in _ALGOS or not _HEX64.match(hexpart):
+            continue
+        try:
+            fd, st = _open_object(base, oid)
+        except OSError:
+            continue
+        try:
+            if not st.st_mode & 0o222 and st.st_nlink == 1:
+                continue  # sealed
+            if st.st_nlink > 1:
+                os.close(fd)
+                fd = -1
+                _unshare(base, oid, (st.st_dev, st.st_ino))
+            elif hash_fd(fd, algo) == (oid, st.st_size):
+                os.fchmod(fd, 0o444)
+            else:
+                _remove_if(base, oid, (st.st_dev, st.st_ino))
+        except OSError:
+            continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    os.unlink(log, dir_fd=tmp_fd)
 
 
 def _new_part(base: Path, tmp: Path) -> int:
@@ -643,6 +860,9 @@ def stash_ahead(remote, source, size, session):
         return False
     try:
         st = os.fstat(src)
+        if _may_adopt(remote, base, st, session):  # linked, not copied: nothing to start
+            os.close(src)
+            return False
         tmp = base / "tmp" / part_name()
         dst = _new_part(base, tmp)
     except OSError:
@@ -701,20 +921,27 @@ def stash(remote, oid, source, size, session):
             return True
         try:
             fd, _st = _open_object(base, oid)
+            if _settling(remote, _st, session):  # an equal file's adoption by this command: once settled
+                os.close(fd)
+                fd, _st = _open_object(base, oid)
         except _SymlinkedDir as exc:  # what is stored beyond it would be another place's copy
             raise RemoteError(f"remote {remote.name!r} ({remote.location}): {exc.filename} is a symlink "
                               f"or not a directory; {oid} not stored there") from None
         except FileNotFoundError:
             pass
         else:
-            # Already stored (equal content elsewhere in the tree): keep it if it still verifies.
+            # Already stored (equal content elsewhere in the tree): keep it if it still verifies
+            # and is no other file's inode (then a copy is renamed over it, below).
             try:
-                got, got_size = hash_fd(fd, algorithm)
+                got, got_size = ("", -1) if _unsealed(_st) else hash_fd(fd, algorithm)
             finally:
                 os.close(fd)
             if got == oid and got_size == size:
                 session.cache.setdefault(_PENDING, {})[remote.name] = remote
                 return True
+        if _adopt(remote, base, oid, source, size, session):
+            session.cache.setdefault(_PENDING, {})[remote.name] = remote
+            return True
         tmp = base / "tmp" / part_name()
         try:
             src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
