@@ -492,10 +492,11 @@ class Leases:
     lease, which cost more than the stash itself for batches of small files).
 
     A backend whose remote shares the file's filesystem may make the leased file itself its
-    object, a hard link instead of a copy (``adopt``). The lease is what makes that safe: no
-    program can write into the file while it is held, and before any lease is let go (broken
-    by a writer, released because the file was not swapped) the backend's ``settle(False)``
-    gives its object an inode of its own again, while the writer still waits.
+    object, a hard link instead of a copy (``adopt``, linked by ``link`` just before the swap).
+    The lease is what makes that safe: no program can write into the file while it is held,
+    and before any lease is let go (broken by a writer, released because the file was not
+    swapped) the backend's ``settle(False)`` gives its object an inode of its own again, while
+    the writer still waits.
     """
 
     POLL = 0.02
@@ -514,6 +515,7 @@ class Leases:
         # leased files a backend adopted (``adopt``): fd -> (its stat once linked, settle)
         self._adopted: dict[int, tuple[os.stat_result, Callable[[bool], None]]] = {}
         self._refused: set[int] = set()  # fds no backend may adopt (``refuse``)
+        self._pending: dict[int, tuple[Callable[[], bool], Callable[[bool], None]]] = {}  # adopted, not linked yet
 
     def take(self, fd: int) -> bool:
         """Lease ``fd`` (opened read-only). False where leases are not supported at all (then
@@ -580,13 +582,15 @@ class Leases:
         except OSError:
             return False
 
-    def adopt(self, source: str, link: Callable[[], None], settle: Callable[[bool], None]) -> bool:
+    def adopt(self, source: str, link: Callable[[], bool], settle: Callable[[bool], None]) -> bool:
         """Let a backend make the leased file at ``source`` (``fd_path(fd)``) its object by a
-        hard link: ``link()`` makes it, under this lock, only while the lease is intact, the file
-        has no other name and is the caller's own (so no other name can write into the object).
-        ``settle(kept)`` is called once, before the lease is let go: ``kept`` only if the file
-        was swapped for its stub and the object is its one name left. True if ``link()`` was
-        made; False (nothing done) otherwise, and the backend copies the file as usual."""
+        hard link, later: the core calls ``link()`` (``link``) only once the batch's stubs are
+        durable, just before the swaps, so a stash that fails before them leaves the file as it
+        was (a link moves its ctime). True if the file is leased, has no other name and is the
+        caller's own (so no other name can write into the object); False (the backend copies
+        it as usual) otherwise. ``settle(kept)`` is called once a link was made, before the
+        lease is let go: ``kept`` only if the file was swapped for its stub and the object is
+        its one name left."""
         import fcntl
 
         prefix = "/proc/self/fd/"
@@ -595,21 +599,44 @@ class Leases:
             return False
         fd = int(text[len(prefix):])
         with self._lock:
-            if fd not in self._held or fd in self._adopted or fd in self._refused:
+            if fd not in self._held or fd in self._adopted or fd in self._pending or fd in self._refused:
                 return False
             try:
                 st = os.fstat(fd)
                 if (fcntl.fcntl(fd, F_GETLEASE) != F_RDLCK or st.st_nlink != 1 or st.st_uid != os.geteuid()
                         or not stat.S_ISREG(st.st_mode)):
                     return False
-                link()
             except OSError:
                 return False
-            try:
-                self._adopted[fd] = (os.fstat(fd), settle)  # the link moved its ctime and link count
-            except OSError:
-                self._adopted[fd] = (st, settle)  # cannot happen on an open fd; the swap then refuses
+            self._pending[fd] = (link, settle)
         return True
+
+    def link(self, fd: int) -> bool | None:
+        """Make the link a backend's ``adopt`` asked for ``fd``: None if none did; True once
+        linked (or the object was already there, verified: no link); False if the file is no
+        longer the one hashed (its lease broken, another name), then there is no object for it.
+        Raises what ``link()`` raised (no object either)."""
+        import fcntl
+
+        with self._lock:
+            got = self._pending.pop(fd, None)
+            if got is None:
+                return None
+            link, settle = got
+            try:
+                intact = fcntl.fcntl(fd, F_GETLEASE) == F_RDLCK and fd in self._held and os.fstat(fd).st_nlink == 1
+            except OSError:
+                intact = False
+            if not intact:
+                return False
+            if link():  # under this lock: a break seen meanwhile waits for its settle
+                self._adopted[fd] = (os.fstat(fd), settle)  # the link moved its ctime and link count
+        return True
+
+    def pending(self) -> bool:
+        """Whether a backend adopted a file not linked yet (``link``)."""
+        with self._lock:
+            return bool(self._pending)
 
     def refuse(self, fd: int) -> None:
         """No backend may adopt ``fd`` (equal files share what is stored for it)."""
@@ -640,6 +667,7 @@ class Leases:
             self._broken.discard(fd)
             self._undirected.discard(fd)
             self._refused.discard(fd)  # the number may be reused by the next file opened
+            self._pending.pop(fd, None)  # never linked: nothing to undo
             self._settle(fd, kept)  # under the lock: a break seen meanwhile waits for it
         if held:
             try:
@@ -681,6 +709,7 @@ class Leases:
                 self._held.discard(fd)
                 self._undirected.discard(fd)
                 self._broken.add(fd)
+                self._pending.pop(fd, None)  # not linked yet: never will be
                 self._settle(fd, False)  # an adopted file's object gets its own inode before the writer goes on
                 try:
                     fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)

@@ -83,13 +83,15 @@ class Session:
         self._closers: list[Callable[[], None]] = []
         self.adoption = None  # set by stash while it holds leases (fs.Leases); None: no adoption
 
-    def adopt(self, source, link: Callable[[], None], settle: Callable[[bool], None]) -> bool:
+    def adopt(self, source, link: Callable[[], bool], settle: Callable[[bool], None]) -> bool:
         """For a backend's ``stash``: make ``source`` (the ``/proc/self/fd/N`` the core passed)
-        the object itself. ``link()`` links it into place (it runs only while the file is
-        leased, has no other name and is the caller's own); ``settle(kept)`` runs once before
-        the lease goes: ``kept`` if the file became a stub (seal the object), else the object
-        must stop sharing the file's inode (a writer waits for that). True if linked: the
-        object is stored and verified (the file is unchanged since the core hashed it)."""
+        the object itself. True if the file may be (leased, no other name, the caller's own):
+        the backend answers stored. The core calls ``link()`` later, once the batch's stubs are
+        durable and just before its swaps, only while the file is still unchanged: it links the
+        file into place and answers True, or False where a verified object is there already (no
+        link), or raises OSError (the file then stays local). ``settle(kept)`` runs once after a
+        link, before the lease goes: ``kept`` if the file became a stub (seal the object), else
+        the object must stop sharing the file's inode (a writer waits for that)."""
         gate = self.adoption
         return gate is not None and gate.adopt(source, link, settle)
 

@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from jam_core import hookimpl
 from tests.conftest import make_file
 from tests.safety_support import b3, is_stub, jam, make_tree, objects_verify, record, status_json
@@ -66,8 +68,8 @@ def test_a_file_stashed_to_a_remote_on_its_own_disk_becomes_the_object_itself(tm
 
 
 class _AtSync:
-    """Runs ``fn`` once, when the core asks the remotes to sync: after the backend stored (linked)
-    the batch, before any file is swapped."""
+    """Runs ``fn`` once, when the core asks the remotes to sync: after the backend stored the
+    batch, before the files it adopts are linked (and swapped)."""
 
     def __init__(self, fn):
         self.fn, self.done = fn, False
@@ -80,7 +82,41 @@ class _AtSync:
         return None  # the dir backend's own sync runs too
 
 
-def test_a_writer_that_opens_the_file_between_the_link_and_the_swap_never_writes_into_the_object(tmp_path):
+def _before_swap(monkeypatch, fn) -> None:
+    """Runs ``fn`` once, just before the first swap: the batch's adopted files are linked (their
+    objects in place and durable), none is swapped yet."""
+    import jam_core.ops.stash as stash_mod
+
+    real, done = stash_mod._swap, []
+
+    def swap(s, leases):
+        if not done:
+            done.append(1)
+            fn()
+        return real(s, leases)
+
+    monkeypatch.setattr(stash_mod, "_swap", swap)
+
+
+def test_a_writer_that_opens_the_file_before_the_link_keeps_it_local_and_untouched_by_jam(tmp_path):
+    t = make_tree(tmp_path)
+    path = t.root / "a"
+    make_file(path, SIZE, seed=14)
+    st = os.stat(path)
+
+    def writer():
+        subprocess.run([sys.executable, "-c", f"f = open({str(path)!r}, 'r+b'); f.write(b'EVIL'); f.close()"],
+                       check=True, timeout=60)
+
+    res = _stash(t, ["a"], _AtSync(writer))
+
+    assert res.done == [] and not is_stub(path) and path.read_bytes()[:4] == b"EVIL", res
+    assert os.stat(path).st_nlink == 1 and os.stat(path).st_ino == st.st_ino
+    assert _objects(t) == [], "an object was stored for a file that changed before its link"
+
+
+def test_a_writer_that_opens_the_file_between_the_link_and_the_swap_never_writes_into_the_object(tmp_path,
+                                                                                                  monkeypatch):
     t = make_tree(tmp_path)
     path = t.root / "a"
     make_file(path, SIZE, seed=2)
@@ -94,7 +130,8 @@ def test_a_writer_that_opens_the_file_between_the_link_and_the_swap_never_writes
         objects_verify(t.remote)
         assert _objects(t), "nothing was stored"
 
-    res = _stash(t, ["a"], _AtSync(writer))
+    _before_swap(monkeypatch, writer)
+    res = _stash(t, ["a"])
 
     assert res.done == [] and not is_stub(path), res
     assert path.read_bytes()[:4] == b"EVIL" and os.stat(path).st_ino == ino
@@ -104,12 +141,17 @@ def test_a_writer_that_opens_the_file_between_the_link_and_the_swap_never_writes
     assert [b3(p) for p in _objects(t)] == [digest]
 
 
-def test_a_hard_link_made_before_the_swap_keeps_the_file_local(tmp_path):
+@pytest.mark.parametrize("when", ["before the link", "after the link"])
+def test_a_hard_link_made_before_the_swap_keeps_the_file_local(tmp_path, monkeypatch, when):
     t = make_tree(tmp_path)
     path, other = t.root / "a", tmp_path / "other"
     make_file(path, SIZE, seed=3)
 
-    res = _stash(t, ["a"], _AtSync(lambda: os.link(path, other)))
+    if when == "after the link":
+        _before_swap(monkeypatch, lambda: os.link(path, other))
+        res = _stash(t, ["a"])
+    else:
+        res = _stash(t, ["a"], _AtSync(lambda: os.link(path, other)))
 
     assert res.done == [] and not is_stub(path), "stashed a file that had gained another name"
     with open(other, "r+b") as f:
@@ -157,21 +199,16 @@ def _killed_stash(t, when: str) -> None:
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from jam_core import hookimpl
+        import jam_core.ops.stash as stash_mod
         from jam_core.fs import Leases
         from jam_core.manager import make_plugin_manager
         from jam_core.model import Session
         from jam_core.ops.stash import stash
         from jam_core.root import Root
 
-        class Kill:
-            @hookimpl
-            def sync(self, remote, session):
-                os.kill(os.getpid(), signal.SIGKILL)
-
         pm = make_plugin_manager()
-        if {when!r} == "linked":
-            pm.register(Kill(), name="kill")
+        if {when!r} == "linked":  # the first swap's start: the link made and durable
+            stash_mod._swap = lambda s, leases: os.kill(os.getpid(), signal.SIGKILL)
         else:
             real = Leases.release
             def release(self, fd, kept=False):
@@ -291,10 +328,9 @@ def test_equal_files_in_one_stash_share_one_sealed_object(tmp_path):
     assert b3(t.root / "a") == b3(t.root / "b") == digest
 
 
-def test_an_equal_file_that_kept_the_adopted_object_survives_a_writer_of_the_adopted_one(tmp_path):
-    """``a`` is adopted; ``b``, equal, keeps that object as its own; then a writer opens ``a``
-    before its swap. ``a`` stays local with the writer's bytes, and ``b`` (a stub) still checks
-    out: the object was given an inode of its own before the writer went on."""
+def test_an_equal_file_keeps_its_object_when_a_writer_comes_for_the_other(tmp_path, monkeypatch):
+    """``a`` and ``b`` are equal and stored once; a writer opens ``a`` before its swap. ``a``
+    stays local with the writer's bytes, and ``b`` (a stub) still checks out."""
     t = make_tree(tmp_path)
     a, b = t.root / "a", t.root / "b"
     make_file(a, SIZE, seed=11)
@@ -305,7 +341,8 @@ def test_an_equal_file_that_kept_the_adopted_object_survives_a_writer_of_the_ado
         subprocess.run([sys.executable, "-c", f"f = open({str(a)!r}, 'r+b'); f.write(b'EVIL'); f.close()"],
                        check=True, timeout=60)
 
-    res = _stash(t, ["a", "b"], _AtSync(writer))
+    _before_swap(monkeypatch, writer)
+    res = _stash(t, ["a", "b"])
 
     assert [r for r, _ in res.done] == ["b"] and not is_stub(a), res
     assert a.read_bytes()[:4] == b"EVIL"
@@ -336,7 +373,8 @@ def test_equal_files_never_share_an_object_that_is_still_one_of_them(tmp_path, m
         subprocess.run([sys.executable, "-c", f"f = open({str(a)!r}, 'r+b'); f.write(b'EVIL'); f.close()"],
                        check=True, timeout=60)
 
-    res = _stash(t, ["a", "b"], _AtSync(writer))
+    _before_swap(monkeypatch, writer)
+    res = _stash(t, ["a", "b"])
     monkeypatch.undo()
 
     assert not is_stub(a) and a.read_bytes()[:4] == b"EVIL", res
@@ -346,11 +384,13 @@ def test_equal_files_never_share_an_object_that_is_still_one_of_them(tmp_path, m
 
 
 def test_an_equal_file_of_a_later_batch_waits_for_the_adopted_one_and_both_are_stashed(tmp_path, monkeypatch):
-    """One file per batch: ``a``'s batch adopts it; ``b``'s batch, stored while ``a``'s is being
-    swapped, finds the object still ``a``'s unsettled inode. It waits for ``a`` to settle
-    (never copying over an object ``a`` is about to be swapped on), then keeps it."""
+    """One file per batch: ``a``'s batch adopts it; ``b`` (which cannot be adopted) is stored
+    while ``a`` is linked but not swapped, and finds the object still ``a``'s unsettled inode. It
+    waits for ``a`` to settle (never copying over an object ``a`` is about to be swapped on),
+    then keeps it."""
     import threading
 
+    import jam_dir
     from jam_core.ops import pipeline
 
     monkeypatch.setattr(pipeline, "BATCH_FILES", 1)
@@ -358,21 +398,36 @@ def test_an_equal_file_of_a_later_batch_waits_for_the_adopted_one_and_both_are_s
     a, b = t.root / "a", t.root / "b"
     make_file(a, SIZE, seed=13)
     b.write_bytes(a.read_bytes())
-    digest, ino = b3(a), os.stat(a).st_ino
-    b_stored = threading.Event()
+    digest, ino, b_ino = b3(a), os.stat(a).st_ino, os.stat(b).st_ino
+    a_linked, b_saw_it = threading.Event(), threading.Event()
 
-    class Order(_AtSync):  # a's batch is swapped only once b's store has begun
+    real_may = jam_dir._may_adopt  # b cannot be adopted (as if it were another user's): b is copied
+    monkeypatch.setattr(jam_dir, "_may_adopt", lambda remote, base, st, session: st.st_ino != b_ino
+                        and real_may(remote, base, st, session))
+    real_open = jam_dir._open_object
+
+    def open_object(base, oid):  # b's store, in the worker: it has seen a's object
+        got = real_open(base, oid)
+        if a_linked.is_set() and threading.current_thread() is not threading.main_thread():
+            b_saw_it.set()
+        return got
+
+    monkeypatch.setattr(jam_dir, "_open_object", open_object)
+
+    class Order:  # b's store begins once a is linked
         calls = 0
 
         @hookimpl(hookwrapper=True)
         def stash(self, remote, oid):
             Order.calls += 1
             if Order.calls == 2:
-                b_stored.set()
+                a_linked.wait(30)
             yield
 
-    res = _stash(t, ["a", "b"], Order(lambda: b_stored.wait(30)))
+    _before_swap(monkeypatch, lambda: a_linked.set() or b_saw_it.wait(30))
+    res = _stash(t, ["a", "b"], Order())
 
+    assert b_saw_it.is_set()
     assert sorted(r for r, _ in res.done) == ["a", "b"], res
     obj = os.stat(_object(t, a))
     assert obj.st_ino == ino and obj.st_nlink == 1 and obj.st_mode & 0o222 == 0
@@ -380,10 +435,12 @@ def test_an_equal_file_of_a_later_batch_waits_for_the_adopted_one_and_both_are_s
     assert b3(a) == b3(b) == digest
 
 
-def test_a_failed_syncfs_after_the_link_leaves_every_file_local_and_apart_from_the_objects(tmp_path, monkeypatch):
-    """The batch's syncfs fails after the remote linked its files: none is swapped, each keeps
-    its bytes, inode, mode and mtime and its one name, and no object is one of them. (Only the
-    ctime moves: the link and its undo are changes of the inode.)"""
+@pytest.mark.parametrize("failing", ["the stubs' syncfs", "the links' syncfs"])
+def test_a_failed_syncfs_leaves_every_file_local_and_apart_from_the_objects(tmp_path, monkeypatch, failing):
+    """A batch's syncfs fails: none is swapped, each file keeps its bytes, inode, mode, mtime and
+    its one name, and no object is one of them. The files are linked into the remote only after
+    the stubs' syncfs: when that one fails even their ctimes are as they were (after the links,
+    only the ctime moves: a link and its undo are changes of the inode)."""
     import errno
 
     import jam_core.ops.stash as stash_mod
@@ -393,9 +450,14 @@ def test_a_failed_syncfs_after_the_link_leaves_every_file_local_and_apart_from_t
     for i, n in enumerate(names):
         make_file(t.root / n, SIZE, seed=20 + i)
     before = {n: (os.stat(t.root / n), b3(t.root / n)) for n in names}
+    calls = []
+    real = stash_mod.syncfs
 
     def failing_syncfs(fd):
-        raise OSError(errno.EIO, "I/O error")
+        calls.append(fd)
+        if len(calls) == (1 if failing == "the stubs' syncfs" else 2):
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd)
 
     monkeypatch.setattr(stash_mod, "syncfs", failing_syncfs)
     res = _stash(t, list(names))
@@ -408,4 +470,6 @@ def test_a_failed_syncfs_after_the_link_leaves_every_file_local_and_apart_from_t
         assert not is_stub(t.root / n) and b3(t.root / n) == digest
         assert (now.st_ino, now.st_mode, now.st_mtime_ns, now.st_nlink) == (st.st_ino, st.st_mode, st.st_mtime_ns, 1)
         assert now.st_ino not in inodes
+        if failing == "the stubs' syncfs":
+            assert now.st_ctime_ns == st.st_ctime_ns, "a stash that failed before the links touched the file"
     objects_verify(t.remote)

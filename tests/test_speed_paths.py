@@ -42,9 +42,8 @@ def _no_jam_tmp(d) -> bool:
 
 def test_a_failed_syncfs_swaps_nothing_in_a_stash(tmp_path, monkeypatch):
     """The batch's stubs are written aside before the one syncfs; if it fails, no file is
-    swapped for its stub and the stubs aside are gone. (Copied: a remote on the file's own
-    disk links it, which moves its ctime: tests/test_adopt.py.)"""
-    on_another_disk(monkeypatch)
+    swapped for its stub and the stubs aside are gone (a remote on the files' own disk links
+    them only after it: they are untouched)."""
     t = _tree(tmp_path)
     fps = {n: fingerprint(t.root / n) for n in ("f0", "f1", "f2")}
     calls = []
@@ -84,7 +83,6 @@ def test_a_failed_remote_sync_swaps_nothing(tmp_path, monkeypatch):
     written aside: failing, it still leaves every file as it was."""
     import jam_dir
 
-    on_another_disk(monkeypatch)
     t = _tree(tmp_path)
     fps = {n: fingerprint(t.root / n) for n in ("f0", "f1", "f2")}
 

@@ -425,6 +425,7 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
             syncfs(fd)
         for remote in remotes:
             pm.hook.sync(remote=remote, session=session)
+        ready = _link_adopted(ready, leases, disks, result)
     except (RemoteError, OSError) as exc:
         result.aborted = describe(exc)
         return  # the stubs written aside are removed by _release
@@ -437,6 +438,32 @@ def _swap_batch(root: Root, batch: list[Stored], remotes, pm, session, cat: Cata
     except sqlite3.Error as exc:  # the commit (or the BEGIN): none of this batch's rows may be recorded
         unrecorded.update(made)
         _not_recorded(result, exc, len(made))
+
+
+def _link_adopted(ready: list[Stored], leases: Leases, disks: Filesystems, result: Result) -> list[Stored]:
+    """The files a remote on their own disk adopts are linked into it only now, once everything
+    else of the batch is durable: a stash that failed before leaves them as they were. One more
+    syncfs makes the links durable before any swap (the object before its stub). Returns the
+    files still to swap: one whose link could not be made (changed, or refused) stays local."""
+    if not leases.pending():
+        return ready
+    out, linked = [], False
+    for s in ready:
+        try:
+            got = leases.link(s.fd)
+        except (JamError, OSError) as exc:  # no object for it: neither linked nor copied
+            result.failed.append((s.entry.rel, f"{describe(exc)}; left local"))
+            continue
+        if got is False:
+            result.skipped.append((s.entry.rel, "changed while it was being stashed; left local"))
+            result.partly = True
+            continue
+        linked = linked or got is True
+        out.append(s)
+    if linked:
+        for fd in disks.of(s.dir_fd for s in out):
+            syncfs(fd)
+    return out
 
 
 def _not_recorded(result: Result, exc: Exception, n: int) -> None:

@@ -656,14 +656,7 @@ def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
         st = os.stat(source)
         if st.st_size != size or not _may_adopt(remote, base, st, session):
             return False
-        os.write(_adopt_log(remote, base, session), f"{oid}\n".encode())  # before the link: undone if killed
-        try:
-            dfd, name = _object_dirfd(base, oid)
-        except _SymlinkedDir:
-            return False
-        except FileNotFoundError:
-            _mkdirs_below(base, base / "objects" / object_relpath(oid).rpartition("/")[0])
-            dfd, name = _object_dirfd(base, oid)
+        log = _adopt_log(remote, base, session)
     except OSError:
         return False
     ident = (st.st_dev, st.st_ino)
@@ -672,9 +665,32 @@ def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
 
     in_flight = session.cache.setdefault((_ADOPTED, remote.name), {})
 
-    def link() -> None:
-        os.link(source, name, dst_dir_fd=dfd, follow_symlinks=True)  # never over an object there
-        in_flight[ident] = threading.Event()
+    def link() -> bool:  # by the core, just before the swap (Leases.link)
+        os.write(log, f"{oid}\n".encode())  # before the link: a killed command's is undone
+        try:
+            dfd, name = _object_dirfd(base, oid)
+        except FileNotFoundError as exc:
+            if isinstance(exc, _SymlinkedDir):
+                raise OSError(errno.ELOOP, f"{exc.filename} is a symlink or not a directory") from None
+            _mkdirs_below(base, base / "objects" / object_relpath(oid).rpartition("/")[0])
+            dfd, name = _object_dirfd(base, oid)
+        in_flight[ident] = threading.Event()  # before the object appears: an equal file waits for it
+        try:
+            os.link(source, name, dst_dir_fd=dfd, follow_symlinks=True)  # never over an object there
+        except BaseException as exc:
+            in_flight.pop(ident).set()
+            if not isinstance(exc, OSError):
+                raise
+        else:
+            return True
+        finally:
+            os.close(dfd)
+        # Stored meanwhile (kept if it verifies), or the link refused: a copy, as anywhere else
+        try:
+            _store_copy_unless_held(remote, base, oid, source, size)
+        except OSError as exc:
+            raise _oserror(remote, f"store {oid}", exc) from None
+        return False
 
     def settle(kept: bool) -> None:
         try:
@@ -687,10 +703,22 @@ def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
             if done is not None:
                 done.set()
 
+    return session.adopt(source, link, settle)
+
+
+def _store_copy_unless_held(remote, base: Path, oid: str, source, size: int) -> None:
+    """Keep the object ``oid`` if it is sealed and verifies, else copy ``source`` over it."""
     try:
-        return session.adopt(source, link, settle)
+        fd, st = _open_object(base, oid)
+    except FileNotFoundError:
+        fd, st = -1, None
+    try:
+        if st is not None and not _unsealed(st) and hash_fd(fd, oid.split(":")[0]) == (oid, size):
+            return
     finally:
-        os.close(dfd)
+        if fd >= 0:
+            os.close(fd)
+    _store_copy(remote, base, oid, source, size, lambda n: None)
 
 
 def _unshare(base: Path, oid: str, ident: tuple[int, int]) -> None:
@@ -911,7 +939,6 @@ def stash(remote, oid, source, size, session):
     if remote.kind != KIND:
         return None
     algorithm = oid.split(":")[0]
-    tmp = None
     try:
         base = _session_base(remote, session)
         _clean_parts(remote, base, session)
@@ -939,43 +966,49 @@ def stash(remote, oid, source, size, session):
             if got == oid and got_size == size:
                 session.cache.setdefault(_PENDING, {})[remote.name] = remote
                 return True
-        if _adopt(remote, base, oid, source, size, session):
-            session.cache.setdefault(_PENDING, {})[remote.name] = remote
-            return True
-        tmp = base / "tmp" / part_name()
-        try:
-            src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
-            try:
-                dst = _new_part(base, tmp)
-                try:
-                    if size >= _BIG:
-                        got, got_size = _copy_verifying(src, dst, size, algorithm, session.progress)
-                    else:
-                        got, got_size = _copy_hashing(src, dst, size, algorithm, session.progress)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-            if got != oid or got_size != size:
-                raise IntegrityError(
-                    f"{source}: content changed while it was stored on {remote.name!r}; left local"
-                )
-            try:
-                os.rename(tmp, final)
-            except FileNotFoundError:
-                _mkdirs_below(base, final.parent)
-                os.rename(tmp, final)
-            tmp = None  # renamed: nothing left to remove (a failed unlink per object saved)
-            session.cache.setdefault(_PENDING, {})[remote.name] = remote
-        finally:
-            if tmp is not None:
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError:
-                    pass
+        if not _adopt(remote, base, oid, source, size, session):
+            _store_copy(remote, base, oid, source, size, session.progress)
+        session.cache.setdefault(_PENDING, {})[remote.name] = remote
     except OSError as exc:
         raise _oserror(remote, f"store {oid}", exc) from None
     return True
+
+
+def _store_copy(remote, base: Path, oid: str, source, size: int, progress) -> None:
+    """Copy ``source`` to a part, verify it hashes to ``oid``, rename it into place (over
+    whatever is there: an object that did not verify)."""
+    algorithm = oid.split(":")[0]
+    final = base / "objects" / object_relpath(oid)
+    tmp = base / "tmp" / part_name()
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # may be /proc/self/fd/N: follow it
+        try:
+            dst = _new_part(base, tmp)
+            try:
+                if size >= _BIG:
+                    got, got_size = _copy_verifying(src, dst, size, algorithm, progress)
+                else:
+                    got, got_size = _copy_hashing(src, dst, size, algorithm, progress)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        if got != oid or got_size != size:
+            raise IntegrityError(
+                f"{source}: content changed while it was stored on {remote.name!r}; left local"
+            )
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            _mkdirs_below(base, final.parent)
+            os.rename(tmp, final)
+        tmp = None  # renamed: nothing left to remove (a failed unlink per object saved)
+    finally:
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 @hookimpl
