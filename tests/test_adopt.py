@@ -42,6 +42,14 @@ def _stash(t, rels, plugin=None):
         return stash(Root(t.root), rels, pm, s)
 
 
+def _one_file(tmp_path, seed: int):
+    """A tree with one file ``a`` of SIZE bytes: (tree, its path, its b3sum)."""
+    t = make_tree(tmp_path)
+    path = t.root / "a"
+    make_file(path, SIZE, seed=seed)
+    return t, path, b3(path)
+
+
 def _objects(t) -> list[Path]:
     return [p for p in (t.objects / "b3").rglob("*") if p.is_file()] if (t.objects / "b3").exists() else []
 
@@ -117,10 +125,7 @@ def test_a_writer_that_opens_the_file_before_the_link_keeps_it_local_and_untouch
 
 def test_a_writer_that_opens_the_file_between_the_link_and_the_swap_never_writes_into_the_object(tmp_path,
                                                                                                   monkeypatch):
-    t = make_tree(tmp_path)
-    path = t.root / "a"
-    make_file(path, SIZE, seed=2)
-    digest = b3(path)
+    t, path, digest = _one_file(tmp_path, seed=2)
     ino = os.stat(path).st_ino
 
     def writer():  # a real process: its open(O_RDWR) waits for the lease, then it writes
@@ -225,10 +230,7 @@ def _killed_stash(t, when: str) -> None:
 
 
 def test_a_stash_killed_after_the_link_is_undone_and_finished_by_the_next(tmp_path):
-    t = make_tree(tmp_path)
-    path = t.root / "a"
-    make_file(path, SIZE, seed=5)
-    digest = b3(path)
+    t, path, digest = _one_file(tmp_path, seed=5)
 
     _killed_stash(t, "linked")
 
@@ -246,10 +248,7 @@ def test_a_stash_killed_after_the_link_is_undone_and_finished_by_the_next(tmp_pa
 
 
 def test_a_file_changed_after_a_killed_link_never_leaves_its_bytes_under_the_old_name(tmp_path):
-    t = make_tree(tmp_path)
-    path = t.root / "a"
-    make_file(path, SIZE, seed=6)
-    old = b3(path)
+    t, path, old = _one_file(tmp_path, seed=6)
 
     _killed_stash(t, "linked")
     with open(path, "r+b") as f:  # edited in place: the same inode the object still is
@@ -266,10 +265,7 @@ def test_a_file_changed_after_a_killed_link_never_leaves_its_bytes_under_the_old
 
 
 def test_a_stash_killed_after_the_swap_leaves_a_stub_whose_object_is_sealed_by_the_next_stash(tmp_path):
-    t = make_tree(tmp_path)
-    path = t.root / "a"
-    make_file(path, SIZE, seed=7)
-    digest = b3(path)
+    t, path, digest = _one_file(tmp_path, seed=7)
 
     _killed_stash(t, "swapped")
 
