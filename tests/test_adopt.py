@@ -469,3 +469,24 @@ def test_a_failed_syncfs_leaves_every_file_local_and_apart_from_the_objects(tmp_
         if failing == "the stubs' syncfs":
             assert now.st_ctime_ns == st.st_ctime_ns, "a stash that failed before the links touched the file"
     objects_verify(t.remote)
+
+
+def test_a_stub_a_killed_stash_swapped_before_its_catalog_commit_is_recorded_by_the_next(tmp_path):
+    """Killed between its swap and its catalog's commit, a stash leaves a stub the catalog does
+    not know (policies and the cd hook cannot see it). Running the stash again records it, its
+    object listed in this root's refs: `jam doctor` finds nothing to fix."""
+    import sqlite3
+
+    t, path, digest = _one_file(tmp_path, seed=15)
+    jam("stash", "a", cwd=t.root)
+    with sqlite3.connect(t.root / ".jam" / "catalog.db") as db:  # the state such a kill leaves
+        db.execute("DELETE FROM stubs")
+    assert "catalog-unknown" in jam("doctor", cwd=t.root, check=1).out
+
+    jam("stash", "a", cwd=t.root)
+
+    jam("doctor", cwd=t.root)
+    rid = next(p for p in (t.remote / "meta" / "refs").iterdir() if "." not in p.name)
+    assert record(path).oid.split(":")[1] in rid.read_text() or record(path).oid in rid.read_text()
+    jam("checkout", "a", cwd=t.root)
+    assert b3(path) == digest

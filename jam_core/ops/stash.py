@@ -115,9 +115,11 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
 
         behind = begin_index(root)  # a killed run left the cd index behind: all of it, at the end
         pins = set() if explicit else read_pins(root)
-        todo = []
+        todo, stubs = [], []
         _recover(remotes, pm, session)
         for entry, named in collect(root, dirs, rels, result):
+            if entry.state == STUB and entry.record is not None:
+                stubs.append(entry)
             why = _skip_reason(entry, named and explicit, min_size)
             if why is None and pins and covered(entry.rel, pins):
                 why = "pinned"
@@ -135,7 +137,10 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
         from jam_core.ops.refs import Recorder
         from jam_core.placement import Candidates, copies_of
 
-        recorder = Recorder(root, pm, session) if todo else None
+        unknown = _unknown(cat, stubs)
+        recorder = Recorder(root, pm, session) if todo or unknown else None
+        if unknown:
+            _record_unknown(root, cat, unknown, remotes, pm, session, recorder, result)
         remotes = Candidates(remotes, copies_of(root.config), _free_space(remotes, pm, session) if todo else {})
         remotes.fixed = [] if _placement_is_fixed(pm, remotes) else None  # see choose_remotes
         if remotes.fixed is not None and any(e.st.st_size >= AHEAD_MIN for e in todo):
@@ -184,6 +189,48 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 for problem in recorder.publish(referenced(root, cat) | unrecorded, used):
                     result.skipped.append((".", problem))
     return result
+
+
+def _unknown(cat: Catalog, stubs: list[Entry]) -> list[Entry]:
+    """The stubs met that the catalog has no row for (a stash killed between its swaps and its
+    catalog's commit; a stub copied in by hand): one query per 500."""
+    out = []
+    for i in range(0, len(stubs), 500):
+        chunk = stubs[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        known = {bytes(p) for (p,) in cat.db.execute(f"SELECT path FROM stubs WHERE path IN ({marks})",
+                                                     [os.fsencode(e.rel) for e in chunk])}
+        out += [e for e in chunk if os.fsencode(e.rel) not in known]
+    return out
+
+
+def _record_unknown(root: Root, cat: Catalog, unknown: list[Entry], remotes: list[Remote], pm, session: Session,
+                    recorder, result: Result) -> None:
+    """Record in the catalog the stubs it does not know, as `jam doctor --fix` would: this
+    root's refs on their remotes list their objects first (a pending list now, the full refs
+    when the stash ends), so that no other root's gc takes them for unused. A remote whose refs
+    cannot be written: those stubs stay unknown (doctor says so)."""
+    from jam_core.ops.remotes import ensure_identity
+
+    by_name = {r.name: r for r in remotes}
+    ok: dict[str, bool] = {}
+    for name in {n for e in unknown for n in e.record.remotes}:
+        remote = by_name.get(name)
+        try:
+            if remote is not None:
+                ensure_identity(root, remote, pm, session)  # never refs written on another drive
+                recorder.before_store(remote, sorted({e.record.oid for e in unknown if name in e.record.remotes}))
+                ok[name] = True
+        except (JamError, OSError):
+            ok[name] = False
+    rows = [e for e in unknown if all(ok.get(n, True) for n in e.record.remotes)]
+    try:
+        with cat.transaction():
+            for e in rows:
+                rec = e.record
+                cat.add_stub(e.rel, rec.oid, rec.size, rec.mtime_ns, rec.stashed_at, rec.remotes)
+    except sqlite3.Error as exc:
+        result.skipped.append((".", f"the catalog cannot record {len(rows)} stub(s) it did not know: {describe(exc)}"))
 
 
 def _recover(remotes: list[Remote], pm, session: Session) -> None:
