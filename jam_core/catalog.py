@@ -312,6 +312,31 @@ class Catalog:
         return self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
                                (prefix, prefix + b"/", prefix + b"0"))
 
+    def known_paths(self, paths: list[str]) -> set[str]:
+        """Which of ``paths`` have a stub row (one query per 500)."""
+        out: set[str] = set()
+        for i in range(0, len(paths), 500):
+            chunk = paths[i:i + 500]
+            rows = self.db.execute(f"SELECT path FROM stubs WHERE path IN ({','.join('?' * len(chunk))})",
+                                   [_b(p) for p in chunk])
+            out.update(_s(p) for (p,) in rows)
+        return out
+
+    def has_stub_within(self, d: str, depth: int | None) -> bool:
+        """Whether a stub row lies in the directory ``d`` ("" = the root) or up to ``depth``
+        levels below it (one range query on the path index, stopped at the first)."""
+        prefix = _b(d) + b"/" if d else b""
+        where = f"{_NAMED} AND path >= ?"
+        args: list = [prefix]
+        if d:
+            where += " AND path < ?"
+            args.append(_b(d) + b"0")  # '0' follows '/'
+        if depth is not None:  # no more than depth slashes after the prefix
+            rest = "CAST(substr(path, ?) AS TEXT)"  # bytes counted as bytes: a name need not be UTF-8
+            where += f" AND length(CAST({rest} AS BLOB)) - length(CAST(replace({rest}, '/', '') AS BLOB)) <= ?"
+            args += [len(prefix) + 1, len(prefix) + 1, depth]
+        return self.db.execute(f"SELECT 1 FROM stubs WHERE {where} LIMIT 1", args).fetchone() is not None
+
     def odd_stub_paths(self) -> list:
         """The paths, as stored, of the stub rows the readers leave out (``_NAMED``): for doctor
         to report."""

@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from jam_core.units import LazyRe
 

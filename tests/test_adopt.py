@@ -490,3 +490,26 @@ def test_a_stub_a_killed_stash_swapped_before_its_catalog_commit_is_recorded_by_
     assert record(path).oid.split(":")[1] in rid.read_text() or record(path).oid in rid.read_text()
     jam("checkout", "a", cwd=t.root)
     assert b3(path) == digest
+
+
+def test_a_stash_recovers_nothing_on_a_location_that_is_not_its_remote(tmp_path):
+    """Another remote's directory now sits at the remote's location (another drive mounted
+    there). The recovery each stash starts with must not touch it: a dead jam's upload left in
+    its tmp/ stays (the upload path would refuse that location anyway, by its marker)."""
+    import shutil
+
+    from jam_core.fs import _host
+
+    t = make_tree(tmp_path)
+    other = make_tree(tmp_path, "other")
+    shutil.rmtree(t.remote)
+    os.rename(other.remote, t.remote)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    part = t.remote / "tmp" / f"{_host()}.{dead.pid}.{'0' * 16}.part"
+    part.write_bytes(b"")
+    (t.root / "d").mkdir()
+
+    jam("stash", "d", cwd=t.root)
+
+    assert part.exists(), "a stash cleaned another remote's tmp/"

@@ -144,29 +144,13 @@ def _refresh_some(root: Root, cat, changed: list[str], depth: int | None) -> boo
         try:
             dirs = wanted([p for p in changed if valid_rel(p)], depth)
             for d in sorted(dirs):
-                _set_mark(top, d, _has_stub_within(cat, d, depth))
+                _set_mark(top, d, cat.has_stub_within(d, depth))
             _stamp(top, jam)
         finally:
             os.close(top)
     finally:
         os.close(jam)
     return True
-
-
-def _has_stub_within(cat, d: str, depth: int | None) -> bool:
-    """Whether the catalog has a stub in ``d`` ("" = the root) or up to ``depth`` levels below
-    it (one range query on the path index, stopped at the first)."""
-    prefix = os.fsencode(d) + b"/" if d else b""
-    where = "typeof(path) = 'blob' AND path >= ?"
-    args: list = [prefix]
-    if d:
-        where += " AND path < ?"
-        args.append(os.fsencode(d) + b"0")  # '0' follows '/'
-    if depth is not None:  # no more than depth slashes after the prefix
-        rest = "CAST(substr(path, ?) AS TEXT)"  # bytes counted as bytes: a name need not be UTF-8
-        where += f" AND length(CAST({rest} AS BLOB)) - length(CAST(replace({rest}, '/', '') AS BLOB)) <= ?"
-        args += [len(prefix) + 1, len(prefix) + 1, depth]
-    return cat.db.execute(f"SELECT 1 FROM stubs WHERE {where} LIMIT 1", args).fetchone() is not None
 
 
 def _set_mark(top: int, d: str, marked: bool) -> None:

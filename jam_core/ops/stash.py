@@ -137,7 +137,9 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
         from jam_core.ops.refs import Recorder
         from jam_core.placement import Candidates, copies_of
 
-        unknown = _unknown(cat, stubs)
+        # stubs the catalog has no row for (a stash killed between its swaps and its commit)
+        known = cat.known_paths([e.rel for e in stubs]) if stubs else set()
+        unknown = [e for e in stubs if e.rel not in known]
         recorder = Recorder(root, pm, session) if todo or unknown else None
         if unknown:
             _record_unknown(root, cat, unknown, remotes, pm, session, recorder, result)
@@ -189,19 +191,6 @@ def _stash(root: Root, rels: Iterable[str], pm, session: Session, explicit: bool
                 for problem in recorder.publish(referenced(root, cat) | unrecorded, used):
                     result.skipped.append((".", problem))
     return result
-
-
-def _unknown(cat: Catalog, stubs: list[Entry]) -> list[Entry]:
-    """The stubs met that the catalog has no row for (a stash killed between its swaps and its
-    catalog's commit; a stub copied in by hand): one query per 500."""
-    out = []
-    for i in range(0, len(stubs), 500):
-        chunk = stubs[i:i + 500]
-        marks = ",".join("?" * len(chunk))
-        known = {bytes(p) for (p,) in cat.db.execute(f"SELECT path FROM stubs WHERE path IN ({marks})",
-                                                     [os.fsencode(e.rel) for e in chunk])}
-        out += [e for e in chunk if os.fsencode(e.rel) not in known]
-    return out
 
 
 def _record_unknown(root: Root, cat: Catalog, unknown: list[Entry], remotes: list[Remote], pm, session: Session,

@@ -576,7 +576,11 @@ def recover(remote, session):
     if remote.kind != KIND:
         return None
     try:
-        _clean_parts(remote, _session_base(remote, session), session)
+        base = _session_base(remote, session)
+        recorded = remote.options.get("id")
+        if not recorded or _read_marker(remote, base) != recorded:
+            return False  # not the remote that was added (another drive, an empty mount point): untouched
+        _clean_parts(remote, base, session)
     except (OSError, JamError):
         return False
     return True
