@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -60,6 +61,9 @@ def _b(path: str) -> bytes:
 
 def _s(path: bytes) -> str:
     return os.fsdecode(path)
+
+
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # (what _s does)
 
 
 # Rows jam wrote have a path that is bytes (``_b``); SQLite keeps any type in a BLOB column, and
@@ -303,12 +307,32 @@ class Catalog:
         rows = self._stubs_under("path, oid, size, mtime_ns, stashed_at, ino, ctime_ns", under)
         return {r[0]: r[1:] for r in rows}
 
-    def _stubs_under(self, columns: str, under: str):
-        """Rows of the stubs table at or under ``under`` (a path relative to the root)."""
+    def stamps_by_dir(self, under: str = ".", children: bool = False) -> dict[str, dict[str, tuple]]:
+        """The stamps of ``stub_stamps`` by directory, as a walk meets them: ``{directory:
+        {name: (size, mtime_ns, ino, ctime_ns)}}`` (str, surrogate-escaped as ``os.scandir``
+        names them; the top is "."). ``children``: only the stubs directly in ``under``, none
+        further below (a shared walk loads each directory it hands out as it enters it)."""
+        out: dict[str, dict[str, tuple]] = {}
+        decode, enc, err = bytes.decode, _FS_ENCODING, _FS_ERRORS
+        for row in self._stubs_under("path, size, mtime_ns, ino, ctime_ns", under, children):
+            d, _, name = decode(row[0], enc, err).rpartition("/")
+            here = out.get(d or ".")
+            if here is None:
+                here = out[d or "."] = {}
+            here[name] = row[1:]
+        return out
+
+    def _stubs_under(self, columns: str, under: str, children: bool = False):
+        """Rows of the stubs table at or under ``under`` (a path relative to the root); with
+        ``children``, only those directly in it (the test runs in SQLite: no row below is
+        fetched)."""
         sql = f"SELECT {columns} FROM stubs"
         if under == ".":
-            return self.db.execute(sql + f" WHERE {_NAMED}")
+            return self.db.execute(sql + f" WHERE {_NAMED}" + (" AND instr(path, x'2f') = 0" if children else ""))
         prefix = _b(under)  # (only blobs compare equal to, or between, two blobs)
+        if children:
+            return self.db.execute(sql + " WHERE path >= ? AND path < ? AND instr(substr(path, ?), x'2f') = 0",
+                                   (prefix + b"/", prefix + b"0", len(prefix) + 2))
         return self.db.execute(sql + " WHERE path = ? OR (path >= ? AND path < ?)",
                                (prefix, prefix + b"/", prefix + b"0"))
 

@@ -7,10 +7,10 @@ import errno
 import gc
 import os
 import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Iterator
 
 from jam_core.fs import (  # noqa: F401
     DIR_FLAGS,
@@ -110,7 +110,7 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
             return LOCAL, None, ""
     elif look == QUICK and writable and st.st_blocks * 512 >= st.st_size:
         return LOCAL, None, ""
-    if stamp is not None and not writable and stamp == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns):
+    if stamp is not None and not writable and stamp == stamp_of(st):
         # The catalog's stub, untouched since (same inode and ctime). A stamp is recorded only
         # from a stat taken before the stub's bytes were found clean, and any write changes the
         # ctime: whatever its block count (a stub restored without holes owns all its blocks).
@@ -147,6 +147,24 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
             return classify(path, now, look, stamp, verify, again=False)
         return DIRTY, rec, ""
     return STUB, rec, ""
+
+
+def stamp_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What the catalog's stamp of a stub is compared with: a read-only file whose lstat gives
+    the stamp recorded when jam made the stub (``classify``) was not touched since."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def untouched(stamps: dict[str, tuple], names: list[str], stats: list[os.stat_result], which) -> set[int]:
+    """Of the files ``which`` (indices into ``names`` and their ``stats``, one directory's), the
+    ones ``classify`` would call clean stubs from their stamp alone (in ``stamps``, by name),
+    found in one pass over the directory."""
+    out = set()
+    for i in which:
+        stamp = stamps.get(names[i])
+        if stamp is not None and not stats[i].st_mode & 0o222 and stamp == stamp_of(stats[i]):
+            out.add(i)
+    return out
 
 
 def new_stub_stamp(dir_fd: int, name: str, made: StubRecord) -> tuple[int, int | None]:
@@ -347,27 +365,46 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
 
 # -- one walk shared with a helper process -------------------------------------------------------
 
+@dataclass(slots=True)
+class Share:
+    """What a walk shared with a helper process needs of its caller (``scan_shared``)."""
+
+    fresh: Callable[[], None]  # in the helper, first: forget what this process had found
+    collect: Callable[[], object]  # in the helper, last: what it found (picklable)
+    merge: Callable[[object], None]  # here: take in what the helper found
+    # (unit, whole) in the process about to walk the directory ``unit`` ("." for the root's own
+    # files): all of it (``whole``), or only its own files (its directories are handed out)
+    enter: Callable[[str, bool], None] | None = None
+    before_fork: Callable[[], None] | None = None  # closes what a fork must not share (a database)
+
+
 SHARE_AFTER = 5_000  # files walked before the rest of a large tree is shared with a helper (~40 ms)
 OPEN_UP = 8  # a lone directory to share is opened up (its subdirectories shared) this deep at most
 
 
-def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int | None = None) -> None:
+def scan_shared(root_path: str, rel: str, on_error, each, share: Share | None = None,
+                after: int | None = None) -> None:
     """``each(dir_rel, base, names, lstats)`` for every directory ``scan_stats(root_path, rel,
     on_error, ordered=False)`` yields, in no particular order.
 
     A large tree is walked by two processes on two cores: once ``after`` files were walked,
     the root's top-level directories not yet walked are shared with one forked helper, each
-    process taking the next one from a pipe as it is done. ``share`` is ``(fresh, collect,
-    merge)``: the helper calls ``fresh()`` to forget what this process had found (``each``
-    adds to the same objects), then sends ``collect()`` (picklable) back when it is done;
-    this process hands it to ``merge``. If the helper fails, the directories it took are
+    process taking the next one from a pipe as it is done. The helper calls ``share.fresh()``
+    to forget what this process had found (``each`` adds to the same objects), then sends
+    ``share.collect()`` (picklable) back when it is done; this process hands it to
+    ``share.merge``. If the helper fails, the directories it took are
     walked again here (its findings are dropped whole). Only the whole root is shared, and
     only from a process with one thread (a fork copies no other thread); the helper runs the
     same walk (directory descriptors, no symlink followed, nested roots and remotes skipped)
-    and only reads: it writes nothing but its findings, and leaves with ``os._exit``."""
+    and only reads: it writes nothing but its findings, and leaves with ``os._exit``.
+    ``share.enter`` is told of each part of the tree before it is walked, in the process that
+    walks it (what it needs of that part can be loaded there, on two cores)."""
     if after is None:
         after = SHARE_AFTER
+    enter = share.enter if share is not None else None
     if share is None or rel != "." or not hasattr(os, "fork") or _threads() != 1:
+        if enter is not None:
+            enter(rel, True)
         for item in scan_stats(root_path, rel, on_error, ordered=False):
             each(*item)
         return
@@ -380,6 +417,8 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
     try:
         skip = _remote_dirs(root_fd)
         seen = 0
+        if enter is not None:
+            enter(".", False)
         for item in _scan_from(root_fd, ".", on_error, False, False, depth=0, skip=skip):
             each(*item)  # the root's own files; its directories are the units shared
             seen += len(item[2])
@@ -390,12 +429,12 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
                 # One directory left to share: walk its own files here and share what is in it
                 # (a root whose content sits under one directory still takes two cores).
                 inside: list[str] = []
-                for item in _walk_unit(root_fd, units[i], on_error, skip, inside):
+                for item in _walk_unit(root_fd, units[i], on_error, skip, inside, enter):
                     each(*item)
                     seen += len(item[2])
                 units[i + 1:i + 1] = inside
             else:
-                for item in _walk_unit(root_fd, units[i], on_error, skip):
+                for item in _walk_unit(root_fd, units[i], on_error, skip, enter=enter):
                     each(*item)
                     seen += len(item[2])
             i += 1
@@ -405,15 +444,18 @@ def scan_shared(root_path: str, rel: str, on_error, each, share=None, after: int
         os.close(root_fd)
 
 
-def _walk_unit(root_fd: int, unit: str, on_error, skip: set, inside: list | None = None):
+def _walk_unit(root_fd: int, unit: str, on_error, skip: set, inside: list | None = None, enter=None):
     """The walk of one directory of the root, as the whole walk would have gone through it:
     one replaced since it was listed (now a file, a symlink, gone) is passed over quietly.
     With ``inside``, only the directory's own files: the directories the walk would enter next
-    are added to ``inside`` instead (as one walk would find them: no nested root, no remote)."""
+    are added to ``inside`` instead (as one walk would find them: no nested root, no remote).
+    ``enter(unit, whole)`` is called first."""
     def quiet(rel, exc):
         if not (rel == unit and getattr(exc, "errno", None) in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)):
             on_error(rel, exc)
 
+    if enter is not None:
+        enter(unit, inside is None)
     parent = unit.rpartition("/")[0] or "."
     for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip,
                            depth=None if inside is None else 0, below=inside):
@@ -449,11 +491,11 @@ def _top_dirs(root_fd: int, skip: set) -> list[str]:
 _UNIT = 4  # bytes per unit number in the pipe: one read is one unit, whole (< PIPE_BUF)
 
 
-def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) -> None:
+def _shared(root_fd: int, units: list[str], on_error, each, share: Share, skip: set) -> None:
     import pickle
     import signal
 
-    fresh, collect, merge = share
+    fresh, collect, merge, enter = share.fresh, share.collect, share.merge, share.enter
     if len(units) * _UNIT > 60_000:  # more than a pipe holds at once: the helper takes every other one
         queue = None
     else:
@@ -462,6 +504,8 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
         os.close(wq)
         queue = rq
     rr, wr = os.pipe()
+    if share.before_fork is not None:
+        share.before_fork()
     pid = os.fork()
     if pid == 0:  # the helper: walk, send what was found, leave without running anything else
         code = 1
@@ -470,7 +514,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
             fresh()
             done = []
             for i in _take(queue, len(units), 1):
-                for item in _walk_unit(root_fd, units[i], on_error, skip):
+                for item in _walk_unit(root_fd, units[i], on_error, skip, enter=enter):
                     each(*item)
                 done.append(i)
             data = memoryview(pickle.dumps((done, collect()), protocol=pickle.HIGHEST_PROTOCOL))
@@ -483,7 +527,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
     mine: list[int] = []
     try:
         for i in _take(queue, len(units), 0):
-            for item in _walk_unit(root_fd, units[i], on_error, skip):
+            for item in _walk_unit(root_fd, units[i], on_error, skip, enter=enter):
                 each(*item)
             mine.append(i)
         chunks = []
@@ -501,7 +545,7 @@ def _shared(root_fd: int, units: list[str], on_error, each, share, skip: set) ->
                 merge(found)
         left = set(range(len(units))) - set(mine) - set(done)
         for i in sorted(left):  # the helper failed: its share is walked here
-            for item in _walk_unit(root_fd, units[i], on_error, skip):
+            for item in _walk_unit(root_fd, units[i], on_error, skip, enter=enter):
                 each(*item)
     finally:
         os.close(rr)

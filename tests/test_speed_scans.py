@@ -315,3 +315,97 @@ def test_a_top_directory_swapped_for_a_file_mid_walk_changes_nothing_else(jam_ro
     assert res.directories["."].files == 1 and res.directories["."].bytes == 3000  # top.txt
     assert not [p for p, _ in res.problems if p.startswith(("d0", "d1"))], res.problems
     assert sorted(res.directories) == [".", "d2"]
+
+
+@pytest.fixture
+def reads_log(monkeypatch, tmp_path):
+    """The files whose xattr the scan reads, from any process (a file appended to): ``reads(root)``
+    lists them relative to ``root``, ``reads.reset()`` forgets them."""
+    log = tmp_path / "reads"
+    real = scan_mod.getxattr
+
+    def logged(path, *a, **kw):
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, os.fsencode(os.path.realpath(path)) + b"\n")
+        finally:
+            os.close(fd)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(scan_mod, "getxattr", logged)
+
+    def reads(root) -> list[str]:
+        seen = log.read_bytes().decode(errors="surrogateescape").split("\n") if log.exists() else []
+        return [os.path.relpath(p, root.path) for p in seen if p]
+
+    reads.reset = lambda: log.unlink(missing_ok=True)
+    return reads
+
+
+@pytest.mark.parametrize("under", ["", "home/me/"])
+def test_a_shared_status_trusts_the_stamps_in_both_processes(jam_root, runner, shared, reads_log, under):
+    """Each process loads the catalog's stamps of the directories it walks: with two, no
+    untouched stub is read by either (only the one written into and the copy with no xattrs
+    are), and the tallies are those of one walk. With everything under one directory, the
+    directories opened up are loaded for their own files alone, their subdirectories whole."""
+    from jam_core.ops.status import status
+
+    _tree(jam_root, runner, under=under)
+    make_file(jam_root.path / "top.bin", SIZE, 98)
+    _stash(runner, "top.bin")
+    shared(False)
+    reads_log.reset()
+    alone = _status_view(status(jam_root))
+    assert sorted(reads_log(jam_root)) == [f"{under}d4/lost.bin", f"{under}d5/s.bin"]
+    shared(True)
+    reads_log.reset()
+    both = status(jam_root)
+    assert len(shared.walkers()) == 2, "a helper walked part of the root"
+    assert _status_view(both) == alone
+    assert both.total.stubs == 7 and both.total.dirty == 1  # (the copy with no xattrs is a stub too)
+    assert sorted(reads_log(jam_root)) == [f"{under}d4/lost.bin", f"{under}d5/s.bin"]
+
+
+def test_stubs_moved_into_both_shares_are_found_by_their_inodes(jam_root, runner, shared, reads_log):
+    """Stubs moved (`mv`) from the root's top into every directory keep their rows at the old
+    paths: whichever process walks them finds the row by inode, reads the stub once, and the new
+    stamp lands on that row; the next status (shared again) trusts them unread. Both count what
+    one walk counts."""
+    from jam_core.ops.status import status
+
+    _tree(jam_root, runner)
+    for k in range(6):
+        make_file(jam_root.path / f"m{k}.bin", SIZE, 70 + k)
+    _stash(runner, *[f"m{k}.bin" for k in range(6)])
+    for k in range(6):
+        os.rename(jam_root.path / f"m{k}.bin", jam_root.path / f"d{k}" / f"m{k}.bin")
+    shared(True)
+    reads_log.reset()
+    first = status(jam_root)
+    assert len(shared.walkers()) == 2
+    assert {f"d{k}/m{k}.bin" for k in range(6)} <= set(reads_log(jam_root))
+    assert first.total.stubs == 12 and not [p for p, _ in first.problems if "/m" in p]
+    reads_log.reset()
+    again = status(jam_root)
+    assert _status_view(again) == _status_view(first)
+    assert sorted(reads_log(jam_root)) == ["d4/lost.bin", "d5/s.bin"]
+    shared(False)
+    assert _status_view(status(jam_root)) == _status_view(first)
+
+
+def test_the_catalog_gives_a_walk_its_stamps_by_directory(jam_root):
+    """``stamps_by_dir``: the top's own stubs, a directory's own (``children``) or all below it,
+    as the walk names them (a name that is not UTF-8 included), and never a neighbour whose
+    name only starts alike (``d1`` is not ``d10``)."""
+    from jam_core.catalog import Catalog
+
+    odd = os.fsdecode(b"caf\xe9.bin")
+    rows = [(p, "b3:" + "0" * 64, 1, 2, "2024-01-01T00:00:00Z", 3, 4)
+            for p in ("top.bin", "d1/a.bin", "d1/x/b.bin", "d10/c.bin", f"d1/{odd}", "d1/x/y/z.bin")]
+    with Catalog(jam_root.jam_dir / CATALOG) as cat:
+        cat.replace_stubs(rows)
+        assert cat.stamps_by_dir(".", children=True) == {".": {"top.bin": (1, 2, 3, 4)}}
+        assert cat.stamps_by_dir("d1", children=True) == {"d1": {"a.bin": (1, 2, 3, 4), odd: (1, 2, 3, 4)}}
+        whole = cat.stamps_by_dir("d1")
+        assert sorted((d, sorted(n)) for d, n in whole.items()) == [
+            ("d1", sorted(["a.bin", odd])), ("d1/x", ["b.bin"]), ("d1/x/y", ["z.bin"])]
+        assert set(cat.stamps_by_dir()) == {".", "d1", "d1/x", "d1/x/y", "d10"}

@@ -8,7 +8,7 @@ from operator import attrgetter
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, QUICK, STUB, Share, classify, gc_paused, scan_shared, untouched
 from jam_core.stub import LOST_XATTRS
 
 _size, _blocks, _nlink = attrgetter("st_size"), attrgetter("st_blocks"), attrgetter("st_nlink")
@@ -81,28 +81,29 @@ def status(root: Root, rel: str = ".") -> Status:
     def on_error(r, exc):
         result.problems.append((r, exc.strerror or str(exc)))
 
-    pins, known = _from_catalog(root, rel)
+    pins, stamps = _from_catalog(root, rel)
     result.pins = sorted(pins)
-    with gc_paused():
-        checked = _scan(root, rel, result, pins, known, on_error)
+    try:
+        with gc_paused():
+            checked = _scan(root, rel, result, pins, stamps, on_error)
+    finally:
+        stamps.close()
     if checked:
         _remember(root, checked)
     return result
 
 
-def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[bytes, tuple], on_error) -> list:
+def _scan(root: Root, rel: str, result: Status, pins: set[str], stamps: "_Stamps", on_error) -> list:
     """The tallies of one scan into ``result``; returns the stubs read and found clean whose
     catalog row has no matching stamp (what ``_remember`` records). A large root is walked by
-    two processes (``scan.scan_shared``): the helper's tallies, problems and stubs to stamp
-    come back to this one."""
+    two processes (``scan.scan_shared``), each loading the catalog's stamps of the directories
+    it walks: the helper's tallies, problems and stubs to stamp come back to this one."""
     fsencode = os.fsencode
-    get = known.get
     checked: list[tuple[bytes, str, os.stat_result]] = []  # read and found clean: stamps to record
     linked: list[tuple[str, int, int, int]] = []  # (directory, st_dev, st_ino, bytes) of hard-linked files
     directories = result.directories
     problems = result.problems
-    stub_dirs = {key.rpartition(b"/")[0] for key in known}  # the directories holding a stub the catalog knows
-    moved: list[dict[int, bytes] | None] = [None]  # {inode: the row's path} of the known stubs, made when needed
+    known = stamps.dirs  # {directory: {name: stamp}} of the stubs the catalog knows, loaded as walked
 
     def each(d, base, names, stats):
         t = directories[d] = Tally()
@@ -116,11 +117,10 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
         # the files the stat alone does not settle; the rest are writable and not sparse: local.
         # A name the catalog knows as a stub is read too: a stub smaller than a block fills
         # it (not sparse), and `chmod -R g+w` makes it writable.
-        dkey = b"" if d == "." else fsencode(d)
-        if dkey in stub_dirs:
-            dprefix = dkey + b"/" if dkey else b""
+        here = known.get(d)
+        if here:
             odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)
-                   or dprefix + fsencode(names[i]) in known]
+                   or names[i] in here]
         else:
             odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
         t.local = len(stats) - len(odd)
@@ -130,29 +130,34 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
                 covered(n if d == "." else f"{d}/{n}", pins) for n in names)
         if not odd:
             return
-        dprefix = dkey + b"/" if dkey else b""
+        clean = untouched(here, names, stats, odd) if here else ()  # the catalog's stubs, untouched since
+        if clean:
+            t.stubs += len(clean)
+            t.stub_bytes += sum(stats[i].st_size for i in clean)
+            if len(clean) == len(odd):
+                return
         for i in odd:
+            if i in clean:
+                continue
             name, st = names[i], stats[i]
-            key = dprefix + fsencode(name)
-            stamp = get(key)
-            if stamp is None and known and not st.st_mode & 0o222:
+            rel_path = name if d == "." else f"{d}/{name}"
+            key = stamp = None
+            if here:
+                stamp = here.get(name)
+            if stamp is None and not st.st_mode & 0o222:
                 # No row names this path: a stub moved with `mv` (of itself or of a directory
                 # above it) keeps its inode, and its row, at the old path, keeps its stamp
                 # (ctime included, unless the stub itself was renamed). The stamp vouches for
                 # that inode alone, wherever it is now; a stub read and found clean here has
                 # its stamp recorded on that row, so the next status trusts it unread.
-                if moved[0] is None:
-                    moved[0] = {v[2]: k for k, v in known.items() if v[2] is not None}
-                row = moved[0].get(st.st_ino)
-                if row is not None:
-                    key, stamp = row, known[row]
+                key, stamp = stamps.moved(st.st_ino)
             look = ALWAYS if stamp is not None else QUICK  # the catalog's stubs: their xattr, whatever the stat
             state, rec, problem = classify(base + name, st, look, stamp=stamp, verify=True)
             if state == STUB:
                 t.stubs += 1
                 t.stub_bytes += st.st_size
                 if rec is not None and stamp is not None and not problem:
-                    checked.append((key, rec.oid, st))
+                    checked.append((key or fsencode(rel_path), rec.oid, st))
             elif state == LOCAL:
                 t.local += 1
                 t.local_bytes += st.st_size
@@ -161,7 +166,6 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
             else:
                 t.bad += 1
             if state in (DIRTY, BAD) or problem:
-                rel_path = name if d == "." else f"{d}/{name}"
                 if state == DIRTY:
                     problem = "stub written into after stashing" + (f" ({problem})" if problem else "")
                 elif problem == LOST_XATTRS:
@@ -182,7 +186,7 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], known: dict[byte
         linked.extend(links)
 
     scan_shared(str(root.path), rel, on_error, each,
-                (fresh, lambda: (directories, problems, checked, linked), merge))
+                Share(fresh, lambda: (directories, problems, checked, linked), merge, stamps.enter, stamps.close))
     counted = set()
     for d, dev, ino, n in linked:  # each inode once, in the first directory found holding it (as du)
         if (dev, ino) not in counted:
@@ -214,23 +218,64 @@ def _remember(root: Root, checked: list[tuple[bytes, str, os.stat_result]]) -> N
         pass
 
 
-def _from_catalog(root: Root, rel: str) -> tuple[set[str], dict[bytes, tuple]]:
-    """The pins, and the stubs the catalog knows under ``rel`` with their size, mtime, inode
-    and ctime. The catalog is a cache: one that cannot be opened (a root the user may read but
-    not write, another jam holding it) leaves status to read every possible stub; a damaged
-    one is said (`jam doctor --fix`)."""
-    from jam_core.catalog import Catalog, CatalogDamaged, CatalogError
+def _from_catalog(root: Root, rel: str) -> tuple[set[str], "_Stamps"]:
+    """The pins, and what loads the stamps of the stubs the catalog knows (``_Stamps``)."""
     from jam_core.policy.pins import read_pins
     from jam_core.root import CATALOG
 
     pins = read_pins(root)  # ROOT/.jam/pins: pins survive a rebuilt catalog
     db = root.jam_dir / CATALOG
-    if not db.exists():
-        return pins, {}
-    try:
-        with Catalog(db) as cat:
-            return pins, cat.stub_stamps(rel)
-    except CatalogDamaged:
-        raise
-    except CatalogError:
-        return pins, {}
+    return pins, _Stamps(db if db.exists() else None)
+
+
+class _Stamps:
+    """The stamps (size, mtime, inode, ctime) of the stubs the catalog knows, loaded a part of
+    the tree at a time (``enter``) by the process about to walk it: a shared walk's helper
+    opens a connection of its own (``close`` runs before the fork: no connection crosses it).
+    The catalog is a cache: one that cannot be opened (a root the user may read but not write,
+    another jam holding it) leaves status to read every possible stub; a damaged one is said
+    (`jam doctor --fix`)."""
+
+    def __init__(self, db):
+        self.db = db  # None: no catalog (or none that can be read): every possible stub is read
+        self.cat = None
+        self.dirs: dict[str, dict[str, tuple]] = {}
+        self.by_ino: dict[int, tuple[bytes, tuple]] | None = None
+
+    def _read(self, query):
+        """``query(catalog)``, or None if there is no catalog that can be read."""
+        from jam_core.catalog import Catalog, CatalogDamaged, CatalogError
+
+        if self.db is None:
+            return None
+        try:
+            if self.cat is None:
+                self.cat = Catalog(self.db)
+            return query(self.cat)
+        except CatalogDamaged:
+            raise
+        except CatalogError:
+            self.close()
+            self.db = None
+            return None
+
+    def enter(self, part: str, whole: bool) -> None:
+        found = self._read(lambda cat: cat.stamps_by_dir(part, children=not whole))
+        if found:
+            self.dirs.update(found)
+
+    def moved(self, ino: int) -> tuple[bytes | None, tuple | None]:
+        """(the row's path, its stamp) of the stub the catalog knows by inode ``ino`` (the
+        whole catalog's, loaded once when first asked), or (None, None)."""
+        if self.by_ino is None:
+            rows = self._read(lambda cat: cat.stub_stamps())
+            self.by_ino = {v[2]: (k, v) for k, v in rows.items() if v[2] is not None} if rows else {}
+        return self.by_ino.get(ino, (None, None))
+
+    def close(self) -> None:
+        cat, self.cat = self.cat, None
+        if cat is not None:
+            try:
+                cat.close()
+            except Exception:  # noqa: BLE001 (only read from: nothing to lose)
+                pass

@@ -20,7 +20,7 @@ from jam_core.errors import UsageError
 from jam_core.model import FileRecord
 from jam_core.policy.pins import covered, read_pins
 from jam_core.root import CATALOG, Root
-from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, classify, gc_paused, scan_shared
+from jam_core.scan import BAD, DIRTY, LOCAL, QUICK, STUB, Share, classify, gc_paused, scan_shared
 
 IGNORE_FILE = ".jamignore"
 IGNORE_MAX = 16 << 20  # as the pins file's cap
@@ -356,7 +356,7 @@ def _scan(root: Root, inv: Inventory, uses: dict[str, float], pins: set[str], ig
         inv.problems.extend(problems)
         local[0] += more_local
 
-    scan_shared(str(root.path), ".", on_error, each, (fresh, collect, merge))
+    scan_shared(str(root.path), ".", on_error, each, Share(fresh, collect, merge))
     inv.local_bytes += local[0]
 
 
