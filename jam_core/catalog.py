@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from jam_core.errors import JamError
 
@@ -176,6 +176,16 @@ class _Db:
     def execute(self, sql: str, params=()) -> _Rows:
         return self._run(self.conn.execute, sql, params)
 
+    def stream(self, sql: str, params=(), size: int = 4096) -> Iterator[tuple]:
+        """The rows of a query as they are read, ``size`` at a time (a million rows never held
+        at once as a list), errors turned into one-line JamErrors as by ``execute``."""
+        try:
+            cur = self.conn.execute(sql, params)
+            while rows := cur.fetchmany(size):
+                yield from rows
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
     def executemany(self, sql: str, rows) -> _Rows:
         return self._run(self.conn.executemany, sql, rows)
 
@@ -306,6 +316,12 @@ class Catalog:
         are as stored: validate them before use."""
         rows = self._stubs_under("path, oid, size, mtime_ns, stashed_at, ino, ctime_ns", under)
         return {r[0]: r[1:] for r in rows}
+
+    def each_stub_row(self) -> Iterator[tuple]:
+        """The rows of ``stub_rows`` (every stub), ``(path, oid, size, mtime_ns, stashed_at, ino,
+        ctime_ns)``, one at a time as they are read: what holds a million of them in a form of
+        its own needs no second copy while it builds it."""
+        return self.db.stream(f"SELECT path, oid, size, mtime_ns, stashed_at, ino, ctime_ns FROM stubs WHERE {_NAMED}")
 
     def stamps_by_dir(self, under: str = ".", children: bool = False) -> dict[str, dict[str, tuple]]:
         """The stamps of ``stub_stamps`` by directory, as a walk meets them: ``{directory:

@@ -203,7 +203,7 @@ def scan_dirs(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tru
 
 
 def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = True, clean: bool = False,
-               tidy=None, depth: int | None = None, tidy_tmps: bool = False):
+               tidy=None, depth: int | None = None, tidy_tmps: bool = False, chunk: int | None = None):
     """The one walk. Yield ``(dir_rel, base, names, lstats)`` for every directory under
     ``rel`` that holds regular files (jam's temporary files left out): two parallel lists, no
     object per file but its lstat. A single file yields its directory with that one file.
@@ -223,6 +223,9 @@ def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tr
     first and returns what is left of it (it may report and remove jam's temporary files);
     with ``tidy_tmps`` only the directories where a name looks like one of jam's temporary
     files are shown to it (one test per directory on the joined names, not a call per entry).
+    ``chunk``: a directory's files come in parts of at most that many (the same directory
+    yielded again for each part): a directory of a million files never holds a million stat
+    results at once (its listing, a name each, is still held).
     """
     try:
         root_fd = os.open(root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -231,7 +234,7 @@ def scan_stats(root_path: str, rel: str = ".", on_error=None, ordered: bool = Tr
             on_error(rel, exc)
         return
     try:
-        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy, depth, tidy_tmps)
+        yield from _scan_from(root_fd, rel, on_error, ordered, clean, tidy, depth, tidy_tmps, chunk=chunk)
     finally:
         os.close(root_fd)
 
@@ -256,7 +259,7 @@ _name = attrgetter("name")
 
 def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tidy=None,
                depth: int | None = None, tidy_tmps: bool = False, skip: set | None = None,
-               below: list | None = None):
+               below: list | None = None, chunk: int | None = None):
     if rel == ".":
         start_fd, prefix = os.dup(root_fd), ""
     else:
@@ -311,12 +314,14 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     entries = _clean_entries(fd, entries)
                 if touch and tidy is not None:
                     entries = tidy(fd, prefix[:-1] or ".", entries)
+                if nested and _may_be_foreign(entries) and _foreign(fd, entries):
+                    entries = []  # another root or a remote: none of it is walked
                 names: list[str] = []
                 stats: list[os.stat_result] = []
                 subdirs = []
                 add_name, add_stat = names.append, stats.append
                 unsearchable = None
-                for e in entries:
+                for e in entries if chunk is None else _let_go(entries):
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError as exc:
@@ -327,19 +332,20 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                     if kind == REG:
                         add_name(e.name)
                         add_stat(est)
+                        if chunk is not None and len(names) >= chunk:  # a part of a large directory
+                            names, stats = _without_tmps(names, stats)
+                            if names:
+                                yield prefix[:-1] or ".", fd_path(fd) + "/", names, stats
+                            names, stats = [], []
+                            add_name, add_stat = names.append, stats.append
                     elif kind == DIR:
                         subdirs.append(e.name)
                         if (not prefix and e.name == JAM_DIR) or (est.st_dev, est.st_ino) in skip:
                             subdirs.pop()
                 if unsearchable is not None and on_error:
                     on_error(prefix[:-1] or ".", unsearchable)
-                if nested and (JAM_DIR in subdirs or MARKER_NAME in names) and _foreign(fd, entries):
-                    names, stats, subdirs = [], [], []  # (the names tell whether to look: no loop)
                 del entries
-                if names and TMP_PREFIX in "/".join(names):  # one test per directory ("/" is in no name)
-                    keep = [i for i, n in enumerate(names) if not is_jam_tmp(n)]
-                    if len(keep) != len(names):
-                        names, stats = [names[i] for i in keep], [stats[i] for i in keep]
+                names, stats = _without_tmps(names, stats)
                 if below is not None and level == 0:  # the directories the walk would enter next
                     below.extend(prefix + n for n in subdirs)
                 frame[2] = iter(subdirs if depth is None or level < depth else ())
@@ -596,6 +602,28 @@ def _remote_dirs(root_fd: int) -> set[tuple[int, int]]:
                 continue
             out.add((st.st_dev, st.st_ino))
     return out
+
+
+def _let_go(entries: list):
+    """The entries in order, each let go (with the lstat it caches) once the next is asked for."""
+    entries.reverse()
+    while entries:
+        yield entries.pop()
+
+
+def _may_be_foreign(entries) -> bool:
+    """Does the listing name what ``_foreign`` looks at (one test per directory, no call per entry)?"""
+    return any(e.name == JAM_DIR or e.name == MARKER_NAME for e in entries)
+
+
+def _without_tmps(names: list[str], stats: list) -> tuple[list[str], list]:
+    """The files of a directory but jam's temporary ones (one test on the joined names: "/" is
+    in no name)."""
+    if names and TMP_PREFIX in "/".join(names):
+        keep = [i for i, n in enumerate(names) if not is_jam_tmp(n)]
+        if len(keep) != len(names):
+            return [names[i] for i in keep], [stats[i] for i in keep]
+    return names, stats
 
 
 def _foreign(fd: int, entries) -> bool:

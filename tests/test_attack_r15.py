@@ -346,8 +346,6 @@ def _stub_tree(base: Path, n: int, spread: bool = False) -> Path:
     return t.root
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: doctor's walk holds a stat result per entry of the directory it lists "
-                   "(scan._scan_from, ~800 B each) over its ~450 B/stub of catalog rows: ~1.2 KB per stub")
 def test_doctor_memory_per_stub_fits_a_million_in_a_gibibyte(tmp_path):
     """PRODUCT.md: 1,000,000 files work in under 1 GiB of memory, i.e. under 1 KiB per file in
     all. A tree whose files are mostly stubs is what jam is for (bench_million.py's tree has one

@@ -247,3 +247,39 @@ def test_dry_run_trusts_stamped_stubs_and_reads_the_rest(jam_root, runner, monke
     inv = inventory(jam_root)
     assert sorted(inv.stubs) == sorted(f"d/{n}" for n in names)
     assert len(reads.xattrs) == 1 and reads.xattrs[0].endswith(names[2])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_large_directory_comes_in_parts_that_add_up_to_one_walk(jam_root, ordered):
+    """``scan_stats(chunk=N)`` (doctor's walk: a million files in one directory never held as a
+    million lstats): the same directory comes in parts of at most N files, in order when
+    ordered, that add up to exactly what one walk yields: jam's temporary files left out of
+    every part, a nested root's files in none."""
+    from jam_core.scan import scan_stats
+
+    for i in range(23):
+        make_file(jam_root.path / "big" / f"f{i:03d}", 10, i)
+    make_file(jam_root.path / "big" / ".jam-0123456789abcdef.tmp", 10, 99)  # in the middle of the order
+    make_file(jam_root.path / "big" / "zz" / "inner.bin", 10, 98)
+    make_file(jam_root.path / "nested" / "n.bin", 10, 97)
+    (jam_root.path / "nested" / ".jam").mkdir()
+    top = str(jam_root.path)
+
+    def walk(chunk):
+        return [(d, names, [(st.st_ino, st.st_size) for st in stats])
+                for d, _, names, stats in scan_stats(top, ".", ordered=ordered, chunk=chunk)]
+
+    whole = walk(None)
+    parts = walk(5)
+    sizes = [len(n) for d, n, _ in parts if d == "big"]
+    assert len(sizes) == 5 and max(sizes) == 5 and sum(sizes) == 23, sizes  # (24 listed, 23 but the temporary)
+    joined: dict[str, tuple[list, list]] = {}
+    for d, names, stats in parts:
+        joined.setdefault(d, ([], []))
+        joined[d][0].extend(names)
+        joined[d][1].extend(stats)
+    assert {d: (sorted(n), sorted(s)) for d, (n, s) in joined.items()} == {
+        d: (sorted(n), sorted(s)) for d, n, s in whole}
+    assert set(joined) == {"big", "big/zz"} and len(joined["big"][0]) == 23
+    if ordered:
+        assert joined["big"][0] == sorted(joined["big"][0])

@@ -69,6 +69,7 @@ TITLES = {"setup": "Set-up", "stubs": "Stubs", "leftovers": "Leftovers", "scrub"
 OK, INFO, WARNING, PROBLEM = "ok", "info", "warning", "problem"
 LOW_SPACE_GB = 1.0  # a remote with less free space than this is a warning
 HYDRATION_KERNEL = (6, 14)
+WALK_CHUNK = 1024  # files of one directory stat-ed at a time (a million in one: not a million stat results held)
 
 
 @dataclass
@@ -640,7 +641,7 @@ class _Doctor:
         # them (what the tree is compared with, what unused objects are told by), and those under
         # the paths checked (``catrows`` is read once by doctor(): no second query)
         if catrows is None:
-            catrows = {os.fsdecode(p): v for p, v in cat.stub_rows().items()} if cat is not None else {}
+            catrows = _catalog_rows(cat) if cat is not None else {}
         self.all_rows = catrows
         self.stamps = catrows if rels == ["."] else {p: v for p, v in catrows.items() if _under(p, rels)}
         self.objects: dict[str, list[tuple[str, StubRecord]]] = {}  # oid -> stubs needing it
@@ -749,7 +750,7 @@ class _Doctor:
         trusted = 0
         for r in self.rels:
             for dname, base, names, stats in scan_stats(top, r, on_error=self.walk_error, tidy=self.look,
-                                                        tidy_tmps=False):
+                                                        tidy_tmps=False, chunk=WALK_CHUNK):
                 prefix = "" if dname == "." else dname + "/"
                 for name, st in zip(names, stats, strict=True):
                     rel = prefix + name
@@ -1613,14 +1614,12 @@ class _Trusted(_Row):
 def _catalog_rows(cat: Catalog) -> dict[str, _Row]:
     """The one query of the stub table: ``{path: _Row}``, paths decoded once (undecodable bytes
     kept as surrogates). A million rows are held at once: the query's dict is emptied as it
-    is decoded, and the ids and stash times many rows share are held once (a stash's stubs
+    is read (never a list of them all), and the ids and stash times many rows share are held once (a stash's stubs
     share its time, copies of a file their id), about a third of a row's memory."""
-    raw = cat.stub_rows()
     out: dict[str, _Row] = {}
     same: dict[str, str] = {}
-    new, one, pop = tuple.__new__, same.setdefault, raw.popitem
-    while raw:
-        p, (oid, size, mtime_ns, stashed_at, ino, ctime_ns) = pop()
+    new, one = tuple.__new__, same.setdefault
+    for p, oid, size, mtime_ns, stashed_at, ino, ctime_ns in cat.each_stub_row():
         if type(stashed_at) is str:
             stashed_at = one(stashed_at, stashed_at)
         out[p.decode("utf-8", "surrogateescape")] = new(_Row, (one(oid, oid) if type(oid) is str else oid, size,
