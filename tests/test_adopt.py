@@ -75,6 +75,23 @@ def test_a_file_stashed_to_a_remote_on_its_own_disk_becomes_the_object_itself(tm
     objects_verify(t.remote)
 
 
+def test_an_adopted_object_holds_content_only_and_the_stub_brings_the_xattrs_back(tmp_path):
+    """The file's own xattrs (a download's origin URL) go with its stub, not with the object on
+    the remote: the object has none, as a copy would, and checkout brings them back."""
+    t, path, digest = _one_file(tmp_path, seed=9)
+    os.setxattr(path, "user.xdg.origin.url", b"https://example.org/a")
+    before = os.stat(path)
+
+    jam("stash", "a", cwd=t.root)
+
+    obj = _object(t, path)
+    assert os.stat(obj).st_ino == before.st_ino, "copied, not adopted"
+    assert not [n for n in os.listxattr(obj) if n.startswith("user.")], os.listxattr(obj)
+    assert os.stat(obj).st_mode & 0o7777 == 0o444
+    jam("checkout", "a", cwd=t.root)
+    assert b3(path) == digest and os.getxattr(path, "user.xdg.origin.url") == b"https://example.org/a"
+
+
 class _AtSync:
     """Runs ``fn`` once, when the core asks the remotes to sync: after the backend stored the
     batch, before the files it adopts are linked (and swapped)."""
@@ -266,6 +283,7 @@ def test_a_file_changed_after_a_killed_link_never_leaves_its_bytes_under_the_old
 
 def test_a_stash_killed_after_the_swap_leaves_a_stub_whose_object_is_sealed_by_the_next_stash(tmp_path):
     t, path, digest = _one_file(tmp_path, seed=7)
+    os.setxattr(path, "user.tag", b"kept by the stub")
 
     _killed_stash(t, "swapped")
 
@@ -273,9 +291,10 @@ def test_a_stash_killed_after_the_swap_leaves_a_stub_whose_object_is_sealed_by_t
     jam("stash", "a", cwd=t.root)  # nothing to stash: it still settles what the killed one left
     obj = os.stat(_object(t, path))
     assert obj.st_nlink == 1 and obj.st_mode & 0o222 == 0, "the killed stash's object is still writable"
+    assert "user.tag" not in os.listxattr(_object(t, path)), "the sealed object kept the file's xattrs"
     assert not list((t.remote / "tmp").iterdir()), "the killed stash's list (or an upload) was left"
     jam("checkout", "a", cwd=t.root)
-    assert b3(path) == digest
+    assert b3(path) == digest and os.getxattr(path, "user.tag") == b"kept by the stub"
 
 
 def test_two_remotes_on_one_disk_hold_two_copies_not_one_inode(tmp_path):

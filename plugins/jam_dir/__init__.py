@@ -699,6 +699,7 @@ def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
     def settle(kept: bool) -> None:
         try:
             if kept:  # a stub now: the object is its one name, sealed as a copy would be
+                _drop_own_xattrs(source)
                 os.chmod(source, 0o444)
             else:
                 _unshare(base, oid, ident)
@@ -708,6 +709,25 @@ def _adopt(remote, base: Path, oid: str, source, size: int, session) -> bool:
                 done.set()
 
     return session.adopt(source, link, settle)
+
+
+def _drop_own_xattrs(path: str | int) -> None:
+    """An adopted object holds content only, as a copy does: the file's own ``user.*`` xattrs
+    (a download's origin URL, a tag) went with its stub, which carries them back. Removed
+    before it is made read-only (a ``user.*`` xattr needs write permission to be removed);
+    one that cannot be removed stays (the object's bytes are what counts)."""
+    from jam_core.fs import listxattr, removexattr
+
+    try:
+        names = listxattr(path)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("user."):
+            try:
+                removexattr(path, name)
+            except OSError:
+                pass
 
 
 def _store_copy_unless_held(remote, base: Path, oid: str, source, size: int) -> None:
@@ -797,6 +817,7 @@ def _recover_adoptions(base: Path, tmp_fd: int, log: str) -> None:
                 fd = -1
                 _unshare(base, oid, (st.st_dev, st.st_ino))
             elif hash_fd(fd, algo) == (oid, st.st_size):
+                _drop_own_xattrs(fd)
                 os.fchmod(fd, 0o444)
             else:
                 _remove_if(base, oid, (st.st_dev, st.st_ino))
