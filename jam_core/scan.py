@@ -371,17 +371,21 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
 
 # -- one walk shared with a helper process -------------------------------------------------------
 
-@dataclass(slots=True)
 class Share:
-    """What a walk shared with a helper process needs of its caller (``scan_shared``)."""
+    """What a walk shared with a helper process needs of its caller (``scan_shared``). A plain
+    class: a dataclass would cost the cd hook, which imports this module, its generated code."""
 
-    fresh: Callable[[], None]  # in the helper, first: forget what this process had found
-    collect: Callable[[], object]  # in the helper, last: what it found (picklable)
-    merge: Callable[[object], None]  # here: take in what the helper found
-    # (unit, whole) in the process about to walk the directory ``unit`` ("." for the root's own
-    # files): all of it (``whole``), or only its own files (its directories are handed out)
-    enter: Callable[[str, bool], None] | None = None
-    before_fork: Callable[[], None] | None = None  # closes what a fork must not share (a database)
+    __slots__ = ("fresh", "collect", "merge", "enter", "before_fork")
+
+    def __init__(self, fresh: Callable[[], None], collect: Callable[[], object], merge: Callable[[object], None],
+                 enter: Callable[[str, bool], None] | None = None, before_fork: Callable[[], None] | None = None):
+        self.fresh = fresh  # in the helper, first: forget what this process had found
+        self.collect = collect  # in the helper, last: what it found (picklable)
+        self.merge = merge  # here: take in what the helper found
+        # (unit, whole) in the process about to walk the directory ``unit`` ("." for the root's
+        # own files): all of it (``whole``), or only its own files (its directories handed out)
+        self.enter = enter
+        self.before_fork = before_fork  # closes what a fork must not share (a database connection)
 
 
 SHARE_AFTER = 5_000  # files walked before the rest of a large tree is shared with a helper (~40 ms)
