@@ -321,7 +321,7 @@ def _scan_from(root_fd: int, rel: str, on_error, ordered: bool, clean: bool, tid
                 subdirs = []
                 add_name, add_stat = names.append, stats.append
                 unsearchable = None
-                for e in entries if chunk is None else _let_go(entries):
+                for e in entries if chunk is None or len(entries) <= chunk else _let_go(entries):
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError as exc:
@@ -388,6 +388,7 @@ class Share:
         self.before_fork = before_fork  # closes what a fork must not share (a database connection)
 
 
+PART = 1_024  # a directory's files handed to ``each`` at most this many at a time (see scan_stats' chunk)
 SHARE_AFTER = 5_000  # files walked before the rest of a large tree is shared with a helper (~40 ms)
 OPEN_UP = 8  # a lone directory to share is opened up (its subdirectories shared) this deep at most
 
@@ -395,7 +396,8 @@ OPEN_UP = 8  # a lone directory to share is opened up (its subdirectories shared
 def scan_shared(root_path: str, rel: str, on_error, each, share: Share | None = None,
                 after: int | None = None) -> None:
     """``each(dir_rel, base, names, lstats)`` for every directory ``scan_stats(root_path, rel,
-    on_error, ordered=False)`` yields, in no particular order.
+    on_error, ordered=False)`` yields, in no particular order; a directory of more than
+    ``PART`` files comes in parts (``each`` adds up what it is given for a directory).
 
     A large tree is walked by two processes on two cores: once ``after`` files were walked,
     the root's top-level directories not yet walked are shared with one forked helper, each
@@ -415,7 +417,7 @@ def scan_shared(root_path: str, rel: str, on_error, each, share: Share | None = 
     if share is None or rel != "." or not hasattr(os, "fork") or _threads() != 1:
         if enter is not None:
             enter(rel, True)
-        for item in scan_stats(root_path, rel, on_error, ordered=False):
+        for item in scan_stats(root_path, rel, on_error, ordered=False, chunk=PART):
             each(*item)
         return
     try:
@@ -429,7 +431,7 @@ def scan_shared(root_path: str, rel: str, on_error, each, share: Share | None = 
         seen = 0
         if enter is not None:
             enter(".", False)
-        for item in _scan_from(root_fd, ".", on_error, False, False, depth=0, skip=skip):
+        for item in _scan_from(root_fd, ".", on_error, False, False, depth=0, skip=skip, chunk=PART):
             each(*item)  # the root's own files; its directories are the units shared
             seen += len(item[2])
         units = _top_dirs(root_fd, skip)
@@ -467,7 +469,7 @@ def _walk_unit(root_fd: int, unit: str, on_error, skip: set, inside: list | None
     if enter is not None:
         enter(unit, inside is None)
     parent = unit.rpartition("/")[0] or "."
-    for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip,
+    for item in _scan_from(root_fd, unit, quiet if on_error else None, False, False, skip=skip, chunk=PART,
                            depth=None if inside is None else 0, below=inside):
         if item[0] != parent:  # (a file there now: not a directory any more)
             yield item

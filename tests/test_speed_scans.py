@@ -409,3 +409,23 @@ def test_the_catalog_gives_a_walk_its_stamps_by_directory(jam_root):
         assert sorted((d, sorted(n)) for d, n in whole.items()) == [
             ("d1", sorted(["a.bin", odd])), ("d1/x", ["b.bin"]), ("d1/x/y", ["z.bin"])]
         assert set(cat.stamps_by_dir()) == {".", "d1", "d1/x", "d1/x/y", "d10"}
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_a_directory_walked_in_parts_is_counted_as_one(jam_root, runner, shared, monkeypatch, sharing):
+    """A directory of more files than ``scan.PART`` reaches status and the dry-run in parts (a
+    million files in one directory never held as a million lstats): the tallies, problems and
+    plan are those of the directory in one part, by one walk or two."""
+    from jam_core.manager import make_plugin_manager
+    from jam_core.ops.status import status
+    from jam_core.policy.plan import plan_auto
+
+    _tree(jam_root, runner)
+    jam_root.update_config(lambda c: c.setdefault("policy", {}).__setitem__("age", {"older_than": "30d"}))
+    shared(sharing)
+    whole = (_status_view(status(jam_root)), plan_auto(jam_root, make_plugin_manager()).to_json())
+    monkeypatch.setattr(scan_mod, "PART", 2)
+    shared(sharing)
+    parts = (_status_view(status(jam_root)), plan_auto(jam_root, make_plugin_manager()).to_json())
+    assert parts == whole
+    assert whole[0][0].files == 32 and whole[0][0].local == 25

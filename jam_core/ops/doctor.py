@@ -49,7 +49,7 @@ from jam_core.fs import TMP_PREFIX
 from jam_core.history import chunks
 from jam_core.model import Remote, Session
 from jam_core.root import CATALOG, JAM_DIR, Root, valid_rel
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, STUB, Entry, classify, scan_stats
+from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, PART, STUB, Entry, classify, scan_stats
 from jam_core.stub import (
     HEADER_MAX,
     LOST_XATTRS,
@@ -69,7 +69,6 @@ TITLES = {"setup": "Set-up", "stubs": "Stubs", "leftovers": "Leftovers", "scrub"
 OK, INFO, WARNING, PROBLEM = "ok", "info", "warning", "problem"
 LOW_SPACE_GB = 1.0  # a remote with less free space than this is a warning
 HYDRATION_KERNEL = (6, 14)
-WALK_CHUNK = 1024  # files of one directory stat-ed at a time (a million in one: not a million stat results held)
 
 
 @dataclass
@@ -750,7 +749,7 @@ class _Doctor:
         trusted = 0
         for r in self.rels:
             for dname, base, names, stats in scan_stats(top, r, on_error=self.walk_error, tidy=self.look,
-                                                        tidy_tmps=False, chunk=WALK_CHUNK):
+                                                        tidy_tmps=False, chunk=PART):
                 prefix = "" if dname == "." else dname + "/"
                 for name, st in zip(names, stats, strict=True):
                     rel = prefix + name

@@ -105,10 +105,13 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], stamps: "_Stamps
     problems = result.problems
     known = stamps.dirs  # {directory: {name: stamp}} of the stubs the catalog knows, loaded as walked
 
-    def each(d, base, names, stats):
-        t = directories[d] = Tally()
-        t.bytes = size_sum = sum(map(_size, stats))  # sums in C: no Python step per file
-        t.disk_bytes = sum(map(_blocks, stats)) * 512
+    def each(d, base, names, stats):  # (a large directory comes in parts: each adds to its tally)
+        t = directories.get(d)
+        if t is None:
+            t = directories[d] = Tally()
+        size_sum = sum(map(_size, stats))  # sums in C: no Python step per file
+        t.bytes += size_sum
+        t.disk_bytes += sum(map(_blocks, stats)) * 512
         if stats and max(map(_nlink, stats)) > 1:  # a file's blocks are counted once, not once per name
             for st in stats:
                 if st.st_nlink > 1:
@@ -123,8 +126,8 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], stamps: "_Stamps
                    or names[i] in here]
         else:
             odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)]
-        t.local = len(stats) - len(odd)
-        t.local_bytes = size_sum - sum(stats[i].st_size for i in odd) if odd else size_sum
+        t.local += len(stats) - len(odd)
+        t.local_bytes += size_sum - sum(stats[i].st_size for i in odd) if odd else size_sum
         if pins:
             t.pinned += len(names) if covered(d, pins) else sum(
                 covered(n if d == "." else f"{d}/{n}", pins) for n in names)
