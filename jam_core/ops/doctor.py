@@ -1612,9 +1612,10 @@ class _Trusted(_Row):
 
 def _catalog_rows(cat: Catalog) -> dict[str, _Row]:
     """The one query of the stub table: ``{path: _Row}``, paths decoded once (undecodable bytes
-    kept as surrogates). A million rows are held at once: the query's dict is emptied as it
-    is read (never a list of them all), and the ids and stash times many rows share are held once (a stash's stubs
-    share its time, copies of a file their id), about a third of a row's memory."""
+    kept as surrogates). A million rows are held at once: each is taken as the query reads it
+    (never a list of them all beside), and the ids and stash times many rows share are held
+    once (a stash's stubs share its time, copies of a file their id), about a third of a row's
+    memory."""
     out: dict[str, _Row] = {}
     same: dict[str, str] = {}
     new, one = tuple.__new__, same.setdefault
