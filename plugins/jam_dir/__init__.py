@@ -716,16 +716,16 @@ def _drop_own_xattrs(path: str | int) -> None:
     (a download's origin URL, a tag) went with its stub, which carries them back. Removed
     before it is made read-only (a ``user.*`` xattr needs write permission to be removed);
     one that cannot be removed stays (the object's bytes are what counts)."""
-    from jam_core.fs import listxattr, removexattr
-
+    if not hasattr(os, "listxattr"):  # (no xattr calls in the os module: not Linux)
+        return
     try:
-        names = listxattr(path)
+        names = os.listxattr(path)
     except OSError:
         return
     for name in names:
         if name.startswith("user."):
             try:
-                removexattr(path, name)
+                os.removexattr(path, name)
             except OSError:
                 pass
 
