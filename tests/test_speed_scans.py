@@ -429,3 +429,28 @@ def test_a_directory_walked_in_parts_is_counted_as_one(jam_root, runner, shared,
     parts = (_status_view(status(jam_root)), plan_auto(jam_root, make_plugin_manager()).to_json())
     assert parts == whole
     assert whole[0][0].files == 32 and whole[0][0].local == 25
+
+
+def test_no_catalog_connection_crosses_the_helpers_fork(jam_root, runner, shared, monkeypatch):
+    """SQLite forbids carrying an open connection across fork(): status closes the one it read
+    the top's stamps with before the helper is forked (``Share.before_fork``), and each process
+    opens its own for the directories it walks."""
+    import jam_core.ops.status as status_mod
+
+    made, open_at_fork = [], []
+    real_init, real_fork = status_mod._Stamps.__init__, os.fork
+
+    def init(self, db):
+        real_init(self, db)
+        made.append(self)
+
+    def fork():
+        open_at_fork.append([s.cat is not None for s in made])
+        return real_fork()
+    monkeypatch.setattr(status_mod._Stamps, "__init__", init)
+    monkeypatch.setattr(os, "fork", fork)
+    _tree(jam_root, runner)
+    shared(True)
+    res = status_mod.status(jam_root)
+    assert len(shared.walkers()) == 2 and res.total.stubs == 6
+    assert open_at_fork == [[False]], open_at_fork
