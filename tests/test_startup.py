@@ -1,15 +1,19 @@
-"""What `jam --version` and the cd hook's `jam hook-fetch DIR` load: only what they need.
+"""What `jam --version`, the cd hook's `jam hook-fetch DIR` and `jam status` load: only what
+they need.
 
 The hook's path to its first byte must not import click, paramiko, textual or rich, nor scan
 every installed distribution for entry points (importlib.metadata) when the built-in dir
 backend is all the root needs; a root whose remote or policy comes from a third-party plugin
 still gets its plugins. Each test runs the real `jam` console script in a subprocess on real
 files and checks both what was imported (``$JAM_DEBUG_MODULES``) and that the bytes are back.
-Behaviour only: no timings here (bench/bench_hook.py measures them).
+The plain `jam status [--json] [PATH]` starts without click too (a scan people run on large
+trees) and must say exactly what the click command says, errors included.
+Behaviour only: no timings here (bench/bench_hook.py and bench/bench_core.py measure them).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -238,6 +242,104 @@ def test_an_internal_error_on_the_fast_path_is_one_line_and_exit_1(tmp_path, mon
     monkeypatch.setenv("JAM_DEBUG", "1")
     with pytest.raises(RuntimeError):
         cli._fast(["hook-fetch", "--", str(tmp_path)])
+
+
+def _status_root(tmp_path: Path, jam_bin: str, env: dict):
+    """A root with local files, stubs, a stub written into (a problem on stderr), a pin and a
+    directory whose name starts with a dash."""
+    root, _ = make_root(tmp_path)
+    stash(jam_bin, env, root.path / "d")
+    make_file(root.path / "-dash" / "x", 5000)
+    make_file(root.path / "e" / "y", 7000)
+    os.chmod(root.path / "d" / "f1", 0o644)
+    with open(root.path / "d" / "f1", "r+b") as f:
+        f.write(b"my edits")
+    res = subprocess.run([jam_bin, "pin", "e"], cwd=root.path, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.mark.parametrize("args", [[], ["--json"], [".", "--json"], ["--json", "d"], ["--", "-dash"], ["e"]])
+def test_plain_status_imports_no_click_and_says_what_click_said(jam_bin, env, runner, tmp_path, monkeypatch, args):
+    from jam_core.cli import main
+
+    root = _status_root(tmp_path, jam_bin, env)
+    listing = tmp_path / "modules.txt"
+    res = subprocess.run([jam_bin, "status", *args], cwd=root.path, env=dict(env, JAM_DEBUG_MODULES=str(listing)),
+                         capture_output=True, text=True, timeout=60)
+    assert "click" not in set(listing.read_text().split())
+    monkeypatch.chdir(root.path)
+    clicked = runner.invoke(main, ["status", *args], catch_exceptions=False, prog_name="jam")
+    assert (res.returncode, res.stdout, res.stderr) == (clicked.exit_code, clicked.stdout, clicked.stderr)
+    assert res.returncode == 0 and res.stdout
+    if "d" in args or not args or args == [".", "--json"] or args == ["--json"]:
+        assert "f1" in res.stdout + res.stderr and "written into" in res.stdout + res.stderr  # the problem
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--help"], 0, "Usage: jam status"),
+    (["a", "b"], 2, "unexpected extra argument"),
+    (["--bogus"], 2, "No such option '--bogus'"),
+    (["-dash"], 2, "No such option"),
+    ([""], 2, "no such file or directory"),
+    (["--json", "--json"], 0, '"total"'),
+    (["nowhere"], 2, "nowhere: no such file or directory"),
+    (["--", "--json"], 2, "--json: no such file or directory"),
+])
+def test_other_forms_of_status_say_what_click_says(jam_bin, env, runner, tmp_path, monkeypatch, args, code, says):
+    from jam_core.cli import main
+
+    root = _status_root(tmp_path, jam_bin, env)
+    res = subprocess.run([jam_bin, "status", *args], cwd=root.path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    monkeypatch.chdir(root.path)
+    clicked = runner.invoke(main, ["status", *args], catch_exceptions=False, prog_name="jam")
+    assert (res.returncode, res.stdout, res.stderr) == (clicked.exit_code, clicked.stdout, clicked.stderr)
+    assert res.returncode == code and says in res.stdout + res.stderr and "Traceback" not in res.stderr
+
+
+def test_status_outside_a_root_is_one_line_exit_2_on_both_paths(jam_bin, runner, tmp_path, monkeypatch):
+    from jam_core.cli import main
+
+    res = subprocess.run([jam_bin, "status", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == [f"jam: {tmp_path} is not inside a jam root (run `jam init` in the tree's "
+                                       "top directory)"]
+    clicked = runner.invoke(main, ["status", str(tmp_path)])
+    assert (clicked.exit_code, clicked.stderr) == (2, res.stderr)
+
+
+@pytest.mark.parametrize("exc, code, says", [
+    (KeyError("surprise"), 1, "jam: internal error: KeyError: 'surprise' (run again with JAM_DEBUG=1 to see where)"),
+    (OSError(errno.ENOSPC, "No space left on device"), 1, "jam: no space left on the local disk; free some space "
+     "and run the command again"),
+    (OSError(errno.EACCES, "Permission denied", "/r/x"), 1, "jam: /r/x: Permission denied"),
+    (KeyboardInterrupt(), 130, "jam: interrupted; nothing was lost (files not yet done are as they were)"),
+])
+def test_an_error_of_the_plain_status_is_said_as_the_click_group_says_it(runner, tmp_path, monkeypatch, capsys,
+                                                                        exc, code, says):
+    import jam_core.cli as cli
+    import jam_core.ops.status
+    from jam_core.cli import main
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    _status_tree = tmp_path / "root"
+    _status_tree.mkdir()
+    from jam_core.root import Root
+
+    Root.init(_status_tree)
+    monkeypatch.chdir(_status_tree)
+    monkeypatch.setattr(jam_core.ops.status, "status", fail)
+    assert cli._fast(["status"]) == code
+    assert capsys.readouterr().err.splitlines() == [says]
+    clicked = runner.invoke(main, ["status"])
+    assert (clicked.exit_code, clicked.stderr.splitlines()) == (code, [says])
+    if not isinstance(exc, KeyboardInterrupt):
+        monkeypatch.setenv("JAM_DEBUG", "1")
+        with pytest.raises(type(exc)):
+            cli._fast(["status"])
 
 
 def _uses(root) -> dict[str, float]:

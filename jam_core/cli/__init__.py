@@ -2,11 +2,13 @@
 
 ``main`` is both the console script's entry (``jam = jam_core.cli:main``) and the click group
 every command registers on (``@main.command()``, ``CliRunner().invoke(main, ...)``). The group
-(jam_core/cli/app.py) is built on first use, so this module imports no click: ``jam --version``
-and the cd hook's ``jam hook-fetch [--] DIR`` are answered without it. On the hook's path only
-what the fetch needs loads (the plugin manager with the built-in dir backend alone when every
-remote of the root is a ``dir`` one; see jam_core/cli/hook.py). Any other command line, and any
-form of these two that is not exactly the plain one, goes to click.
+(jam_core/cli/app.py) is built on first use, so this module imports no click: ``jam --version``,
+the cd hook's ``jam hook-fetch [--] DIR`` and ``jam status [--json] [PATH]`` (a scan people run
+on large trees: click and what it imports are a quarter of a small one's time) are answered
+without it. On the hook's path only what the fetch needs loads (the plugin manager with the
+built-in dir backend alone when every remote of the root is a ``dir`` one; see
+jam_core/cli/hook.py). Any other command line, and any form of these that is not exactly the
+plain one, goes to click; errors are said by ``failed`` either way.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ main = _Main()
 
 
 def _fast(args: list[str]) -> int | None:
-    """The exit code of ``jam --version`` / ``jam -V`` and of the hook's ``jam hook-fetch [--]
-    DIR``, answered without click; None for any other command line (click parses it)."""
+    """The exit code of ``jam --version`` / ``jam -V``, of the hook's ``jam hook-fetch [--]
+    DIR`` and of the plain ``jam status``, answered without click; None for any other command
+    line (click parses it)."""
     if args == ["--version"] or args == ["-V"]:
         try:
             sys.stdout.write(f"jam, version {__version__}\n")  # what click's version_option prints
@@ -96,6 +99,9 @@ def _fast(args: list[str]) -> int | None:
             _quiet_stdout()
             return EXIT_PIPE
         return 0
+    if args[:1] == ["status"]:
+        form = _plain_status(args[1:])
+        return None if form is None else _run(form)
     if args[:1] != ["hook-fetch"]:
         return None
     rest = args[1:]
@@ -127,6 +133,69 @@ def _fast(args: list[str]) -> int | None:
         _show_modules()
         if was:
             gc.enable()
+
+
+def _plain_status(args: list[str]):
+    """``jam status [--json] [PATH]`` (in any order, ``--`` before a PATH that starts with a
+    dash) as the work to run, or None for any other form (``--help``, an unknown option, two
+    paths: click says what it says for them)."""
+    as_json, paths, options = False, [], True
+    for a in args:
+        if options and a == "--":
+            options = False
+        elif options and a == "--json" and not as_json:
+            as_json = True
+        elif (options and a.startswith("-")) or not a or paths:
+            return None
+        else:
+            paths.append(a)
+
+    def work() -> None:
+        from jam_core.cli.status import show_status
+
+        show_status(paths[0] if paths else ".", as_json)
+
+    return work
+
+
+def _run(work) -> int:
+    """Run a command's ``work`` outside click, its errors said as the click group says them."""
+    try:
+        work()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return 0
+    except (Exception, KeyboardInterrupt) as exc:
+        code = failed(exc)
+        if code is None:
+            raise
+        return code
+    finally:
+        _show_modules()
+
+
+def failed(exc: BaseException) -> int | None:
+    """A command's error as jam shows it, whichever way the command ran (the click group's
+    ``JamGroup.invoke``, or ``_run``): one ``jam: `` line on stderr and the exit code to leave
+    with. JamErrors carry their own message and code; a closed stdout (``jam status | head
+    -1``) ends quietly; a full disk and a damaged or locked catalog say what to do; a plugin's
+    hook that raises is named; anything else is one line. None: raise it (``JAM_DEBUG=1``
+    shows the traceback)."""
+    from jam_core.cli.common import show_text
+    from jam_core.errors import JamError
+
+    if isinstance(exc, JamError):
+        line, code = show_text(exc), exc.exit_code
+    elif isinstance(exc, KeyboardInterrupt):
+        line, code = "interrupted; nothing was lost (files not yet done are as they were)", 130
+    elif isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+        _quiet_stdout()
+        return EXIT_PIPE
+    elif not isinstance(exc, Exception) or os.environ.get("JAM_DEBUG"):
+        return None
+    else:
+        line, code = show_text(_os_error(exc) if isinstance(exc, OSError) else _unexpected(exc)), 1
+    print(f"jam: {line}", file=sys.stderr, flush=True)
+    return code
 
 
 def boot() -> None:

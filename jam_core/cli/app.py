@@ -2,21 +2,18 @@
 every error into one line on stderr and its exit code.
 
 Built on first use by ``jam_core.cli.main`` (see jam_core/cli/__init__.py): ``jam --version``
-and the cd hook's ``jam hook-fetch DIR`` never import click.
+the cd hook's ``jam hook-fetch DIR`` and the plain ``jam status [--json] [PATH]`` never import
+click.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
 
 import click
 
 from jam_core import __version__
-from jam_core.cli import EXIT_PIPE, _os_error, _quiet_stdout, _unexpected
-from jam_core.cli.common import show_text
-from jam_core.errors import JamError
+from jam_core.cli import failed
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -52,10 +49,8 @@ def _usage(exc: click.UsageError) -> click.UsageError:
 class JamGroup(click.Group):
     """Turns every error into one line on stderr and its exit code; never a traceback.
 
-    JamErrors carry their own message and code. The rest is the backstop: a closed stdout
-    (``jam status | head -1``) ends quietly, a full disk and a damaged or locked catalog say
-    what to do, a plugin's hook that raises is named, anything else is one line (the
-    traceback with ``JAM_DEBUG=1``)."""
+    Every error but click's own is said by ``jam_core.cli.failed`` (the commands answered
+    without click say theirs the same way)."""
 
     def parse_args(self, ctx, args):
         try:
@@ -70,27 +65,13 @@ class JamGroup(click.Group):
             return out
         except click.UsageError as exc:  # a subcommand's: unknown option, argument too many...
             raise _usage(exc) from None
-        except JamError as exc:
-            click.echo(f"jam: {show_text(exc)}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("jam: interrupted; nothing was lost (files not yet done are as they were)", err=True)
-            ctx.exit(130)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:
-                _quiet_stdout()
-                ctx.exit(EXIT_PIPE)
-            if os.environ.get("JAM_DEBUG"):
+        except (Exception, KeyboardInterrupt) as exc:
+            code = failed(exc)
+            if code is None:
                 raise
-            click.echo(f"jam: {show_text(_os_error(exc))}", err=True)
-            ctx.exit(1)
-        except Exception as exc:
-            if os.environ.get("JAM_DEBUG"):
-                raise
-            click.echo(f"jam: {show_text(_unexpected(exc))}", err=True)
-            ctx.exit(1)
+            ctx.exit(code)
 
 
 @click.group("main", cls=JamGroup, context_settings=CONTEXT, invoke_without_command=True)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from jam_core.cli import main
-from jam_core.cli.common import human, plugin_manager, plural, report, root_and_rels, session, show_path, show_text
+from jam_core.cli.common import plugin_manager, report, root_and_rels, session, show_path
 
 
 @main.command()
@@ -110,28 +108,9 @@ def checkout(paths: tuple[str, ...], related: bool, keep_both: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(path: str, as_json: bool) -> None:
     """Per directory and in total: files local and stubbed, true bytes and bytes on disk."""
-    from jam_core.ops.status import status as do_status
+    from jam_core.cli.status import show_status
 
-    root, (rel,) = root_and_rels([path])
-    st = do_status(root, rel)
-    if as_json:
-        click.echo(json.dumps(st.to_json(), indent=2))
-        return
-    rows = [(show_path(d), t) for d, t in sorted(st.directories.items())]
-    width = max([len(d) for d, _ in rows] + [9])
-    click.echo(f"{'directory':<{width}}  {'local':>7} {'stubs':>7} {'size':>10} {'on disk':>10}")
-    for d, t in rows:
-        extra = f"  ({plural(t.dirty, 'modified stub')})" if t.dirty else ""
-        extra += f"  ({t.pinned} pinned)" if t.pinned else ""
-        click.echo(f"{d:<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}{extra}")
-    t = st.total
-    click.echo(f"{'total':<{width}}  {t.local:>7} {t.stubs:>7} {human(t.bytes):>10} {human(t.disk_bytes):>10}")
-    click.echo(f"{human(t.stub_bytes)} on remotes, {human(t.disk_bytes)} on this disk, "
-               f"root {show_path(str(root.path))}")
-    if st.pins:
-        click.echo(f"{plural(t.pinned, 'file')} pinned by: {', '.join(show_path(p) for p in st.pins)}")
-    for rel, why in st.problems[:20]:
-        click.echo(f"jam: {show_path(rel)}: {show_text(why)}", err=True)
+    show_status(path, as_json)
 
 
 @main.command()
