@@ -338,6 +338,19 @@ class Catalog:
             here[name] = row[1:]
         return out
 
+    def stamps_of(self, names: list[str]) -> dict[str, tuple]:
+        """``{name: (size, mtime_ns, ino, ctime_ns)}`` of the stubs named ``names`` at the top of
+        the root (looked up by name, 500 at a time: the stubs directly in the root are found by
+        no range of the primary key, and asking for every row without a "/" reads the whole
+        table)."""
+        out: dict[str, tuple] = {}
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows = self.db.execute("SELECT path, size, mtime_ns, ino, ctime_ns FROM stubs WHERE path IN "
+                                   f"({','.join('?' * len(chunk))})", [_b(n) for n in chunk])
+            out.update((_s(r[0]), r[1:]) for r in rows)
+        return out
+
     def _stubs_under(self, columns: str, under: str, children: bool = False):
         """Rows of the stubs table at or under ``under`` (a path relative to the root); with
         ``children``, only those directly in it (the test runs in SQLite: no row below is

@@ -283,3 +283,33 @@ def test_a_large_directory_comes_in_parts_that_add_up_to_one_walk(jam_root, orde
     assert set(joined) == {"big", "big/zz"} and len(joined["big"][0]) == 23
     if ordered:
         assert joined["big"][0] == sorted(joined["big"][0])
+
+
+@pytest.mark.parametrize("others", [0, 1500])
+def test_the_roots_own_stubs_are_known_by_name(jam_root, runner, monkeypatch, others):
+    """The rows of the stubs directly in the root lie all over the catalog's order: status finds
+    them by the names it walks (a few), or all at once (a root of more files than one part of a
+    walk). Either way a small stub made writable (not sparse: only its row says it is a stub)
+    is counted as a stub, and a repeated status opens none of the untouched ones.
+    Mutation-checked: with either way answering nothing, the writable stub is counted local."""
+    from jam_core.cli import main
+    from jam_core.ops.status import status
+    from jam_core.scan import PART
+
+    big = [f"top{i}.bin" for i in range(3)]
+    for i, name in enumerate(big):
+        make_file(jam_root.path / name, SIZE, i)
+    make_file(jam_root.path / "small.cfg", 3000, 9)
+    res = runner.invoke(main, ["stash", *big, "small.cfg"])
+    assert res.exit_code == 0 and "stashed 4 files" in res.output, res.output + res.stderr
+    os.chmod(jam_root.path / "small.cfg", 0o664)
+    for i in range(others):
+        (jam_root.path / f"other{i:05d}").write_bytes(b"x")
+    assert others == 0 or others > PART  # (the root's listing then comes in parts)
+    first = status(jam_root)
+    assert (first.total.stubs, first.total.local, first.total.stub_bytes) == (4, others, 3 * SIZE + 3000)
+    reads = Reads(monkeypatch, big)
+    second = status(jam_root)
+    assert (second.total.stubs, second.total.local) == (4, others) and not second.problems
+    assert not reads.opens and not reads.xattrs, (reads.opens, reads.xattrs)
+    assert reads.headers == 1  # the writable one alone is checked again (a writable stub is never trusted)

@@ -8,7 +8,20 @@ from operator import attrgetter
 
 from jam_core.policy.pins import covered
 from jam_core.root import Root
-from jam_core.scan import ALWAYS, BAD, DIRTY, LOCAL, QUICK, STUB, Share, classify, gc_paused, scan_shared, untouched
+from jam_core.scan import (
+    ALWAYS,
+    BAD,
+    DIRTY,
+    LOCAL,
+    PART,
+    QUICK,
+    STUB,
+    Share,
+    classify,
+    gc_paused,
+    scan_shared,
+    untouched,
+)
 from jam_core.stub import LOST_XATTRS
 
 _size, _blocks, _nlink = attrgetter("st_size"), attrgetter("st_blocks"), attrgetter("st_nlink")
@@ -120,7 +133,7 @@ def _scan(root: Root, rel: str, result: Status, pins: set[str], stamps: "_Stamps
         # the files the stat alone does not settle; the rest are writable and not sparse: local.
         # A name the catalog knows as a stub is read too: a stub smaller than a block fills
         # it (not sparse), and `chmod -R g+w` makes it writable.
-        here = known.get(d)
+        here = stamps.top(names) if d == "." and stamps.at_top else known.get(d)
         if here:
             odd = [i for i, st in enumerate(stats) if not (st.st_mode & 0o222 and st.st_blocks * 512 >= st.st_size)
                    or names[i] in here]
@@ -244,6 +257,7 @@ class _Stamps:
         self.cat = None
         self.dirs: dict[str, dict[str, tuple]] = {}
         self.by_ino: dict[int, tuple[bytes, tuple]] | None = None
+        self.at_top = False  # the root's own files are walked here: their stamps come from ``top``
 
     def _read(self, query):
         """``query(catalog)``, or None if there is no catalog that can be read."""
@@ -263,9 +277,24 @@ class _Stamps:
             return None
 
     def enter(self, part: str, whole: bool) -> None:
+        if part == "." and not whole:  # the root's own files: looked up by name as they come (``top``)
+            self.at_top = True
+            return
         found = self._read(lambda cat: cat.stamps_by_dir(part, children=not whole))
         if found:
             self.dirs.update(found)
+
+    def top(self, names: list[str]) -> dict[str, tuple]:
+        """The stamps of the files ``names`` directly in the root (a part of its listing), by
+        name: the rows of a root's own files lie all over the catalog's order. A part as large
+        as a walk hands out (a root of many files) loads every one of the root's own at once."""
+        here = self.dirs.setdefault(".", {})
+        if len(names) < PART:
+            here.update(self._read(lambda cat: cat.stamps_of(names)) or ())
+        else:
+            here.update((self._read(lambda cat: cat.stamps_by_dir(".", children=True)) or {}).get(".", ()))
+            self.at_top = False  # all of them are in self.dirs now
+        return here
 
     def moved(self, ino: int) -> tuple[bytes | None, tuple | None]:
         """(the row's path, its stamp) of the stub the catalog knows by inode ``ino`` (the
