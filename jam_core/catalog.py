@@ -11,8 +11,8 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from jam_core.errors import JamError
 

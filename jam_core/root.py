@@ -7,9 +7,9 @@ import fcntl
 import os
 import stat
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from jam_core.errors import UsageError
 from jam_core.fs import setxattr

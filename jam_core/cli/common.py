@@ -7,8 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 from jam_core.units import human  # noqa: F401  (the CLI's sizes)
 

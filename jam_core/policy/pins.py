@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from jam_core.errors import UsageError
 from jam_core.root import CATALOG, Root, check_rel
