@@ -149,10 +149,10 @@ def classify(path: str, st: os.stat_result, look: str = LIKELY, stamp: tuple | N
     return STUB, rec, ""
 
 
-def stamp_of(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What the catalog's stamp of a stub is compared with: a read-only file whose lstat gives
-    the stamp recorded when jam made the stub (``classify``) was not touched since."""
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+# What the catalog's stamp of a stub is compared with, ``stamp_of(lstat)``: (size, mtime_ns, ino,
+# ctime_ns). A read-only file whose lstat gives the stamp recorded when jam made the stub
+# (``classify``) was not touched since. (An attrgetter: the tuple is made in C, once a stub.)
+stamp_of = attrgetter("st_size", "st_mtime_ns", "st_ino", "st_ctime_ns")
 
 
 def untouched(stamps: dict[str, tuple], names: list[str], stats: list[os.stat_result], which) -> set[int]:
