@@ -58,7 +58,7 @@ def _catalog_ok(root) -> None:
 def test_a_dry_run_leaves_without_teardown_and_its_output_is_whole(jam_bin, jam_root, runner, tmp_path, files):
     """``jam stash --auto --dry-run`` written to a file and to a pipe is the same, complete
     plan the in-process command prints; the interpreter's teardown did not run (an atexit
-    handler planted through sitecustomize never fires), while ``jam status`` still ends the
+    handler planted through sitecustomize never fires), while ``jam remote list`` still ends the
     usual way; the catalog is intact afterwards."""
     from jam_core.cli import main
 
@@ -82,9 +82,9 @@ def test_a_dry_run_leaves_without_teardown_and_its_output_is_whole(jam_bin, jam_
     assert piped.stdout == expected.output, "the plan written to a pipe differs"
     assert not marker.exists(), "the finished dry-run went through the interpreter's teardown"
 
-    status = subprocess.run([jam_bin, "status"], capture_output=True, text=True, env=env, cwd=jam_root.path,
+    listed = subprocess.run([jam_bin, "remote", "list"], capture_output=True, text=True, env=env, cwd=jam_root.path,
                             timeout=120)
-    assert status.returncode == 0, status.stderr
+    assert listed.returncode == 0, listed.stderr
     assert marker.read_text() == "teardown\n"  # (the planted handler does fire where jam ends the usual way)
     _catalog_ok(jam_root)
 
