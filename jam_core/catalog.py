@@ -343,13 +343,15 @@ class Catalog:
         the root (looked up by name, 500 at a time: the stubs directly in the root are found by
         no range of the primary key, and asking for every row without a "/" reads the whole
         table)."""
-        out: dict[str, tuple] = {}
-        for i in range(0, len(names), 500):
-            chunk = names[i:i + 500]
-            rows = self.db.execute("SELECT path, size, mtime_ns, ino, ctime_ns FROM stubs WHERE path IN "
-                                   f"({','.join('?' * len(chunk))})", [_b(n) for n in chunk])
-            out.update((_s(r[0]), r[1:]) for r in rows)
-        return out
+        rows = self._where_in("SELECT path, size, mtime_ns, ino, ctime_ns FROM stubs", "path", [_b(n) for n in names])
+        return {_s(r[0]): r[1:] for r in rows}
+
+    def _where_in(self, select: str, column: str, keys: list):
+        """The rows of ``select`` whose ``column`` is one of ``keys``: one query per 500 keys
+        (SQLite's limit on bound parameters)."""
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            yield from self.db.execute(f"{select} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
 
     def _stubs_under(self, columns: str, under: str, children: bool = False):
         """Rows of the stubs table at or under ``under`` (a path relative to the root); with
@@ -367,13 +369,7 @@ class Catalog:
 
     def known_paths(self, paths: list[str]) -> set[str]:
         """Which of ``paths`` have a stub row (one query per 500)."""
-        out: set[str] = set()
-        for i in range(0, len(paths), 500):
-            chunk = paths[i:i + 500]
-            rows = self.db.execute(f"SELECT path FROM stubs WHERE path IN ({','.join('?' * len(chunk))})",
-                                   [_b(p) for p in chunk])
-            out.update(_s(p) for (p,) in rows)
-        return out
+        return {_s(p) for (p,) in self._where_in("SELECT path FROM stubs", "path", [_b(p) for p in paths])}
 
     def has_stub_within(self, d: str, depth: int | None) -> bool:
         """Whether a stub row lies in the directory ``d`` ("" = the root) or up to ``depth``
@@ -413,12 +409,8 @@ class Catalog:
         """The remotes known to hold each of ``oids`` (one query for a whole batch)."""
         oids = list(set(oids))
         out: dict[str, set[str]] = {oid: set() for oid in oids}
-        for i in range(0, len(oids), 500):  # SQLite's limit on bound parameters
-            chunk = oids[i:i + 500]
-            rows = self.db.execute(f"SELECT oid, remote FROM locations WHERE oid IN ({','.join('?' * len(chunk))})",
-                                   chunk)
-            for oid, remote in rows:
-                out[oid].add(remote)
+        for oid, remote in self._where_in("SELECT oid, remote FROM locations", "oid", oids):
+            out[oid].add(remote)
         return out
 
     def record_location(self, oid: str, remote: str, size: int) -> None:

@@ -64,19 +64,19 @@ class _Main:
         if not args and not kwargs:
             import gc
 
-            short = sys.argv[1:2] == ["status"]
-            if short:
+            first = sys.argv[1:2]
+            if first == ["status"]:
                 # A short process whose scan turns the collector off anyway (scan.gc_paused):
                 # turned back on after it, its first collection would walk every object the
                 # scan left (~5 ms after 100,000 files) just before the process ends.
                 gc.disable()
             code = _fast(sys.argv[1:])
             if code is not None:
-                if sys.argv[1:2] in (["hook-fetch"], ["status"]):
+                if first in (["hook-fetch"], ["status"]):
                     _leave(code)  # (nothing is left open: no teardown to wait for)
                 sys.exit(code)
-            if short:
-                gc.enable()
+            if first == ["status"]:
+                gc.enable()  # (a form of status that click answers)
             global _SCRIPT
             _SCRIPT = True
             try:
